@@ -1,0 +1,32 @@
+# jetpipe: two commands set everything up on a fresh machine that has Python 3.11.
+#   make demo   venv + install + a real 200-image job on an embedded NATS/Redis/SQLite stack
+#   make test   venv + install + the whole suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean install
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python cli.py demo --images $${IMAGES:-200}
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $${PYTEST_ARGS:-}
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf .pipeline .pytest_cache .ruff_cache *.egg-info

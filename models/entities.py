@@ -1,0 +1,138 @@
+"""Tables: pipelines and algorithms, images, jobs and their per-image outcomes, results, and job logs."""
+
+from __future__ import annotations
+
+import peewee
+
+from models.db import BaseModel, JSONField, utcnow
+
+
+class JobStatus:
+    CREATED = "CREATED"
+    PENDING = "PENDING"
+    STARTED = "STARTED"
+    CANCELING = "CANCELING"
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+    REVOKED = "REVOKED"
+
+    TERMINAL = (SUCCESS, FAILURE, REVOKED)
+    RUNNING = (CREATED, PENDING, STARTED, CANCELING)
+    ALL = RUNNING + TERMINAL
+
+
+class DispatchMode:
+    ASYNC_API = "async_api"  # tasks go through NATS to external processing services
+    INTERNAL = "internal"    # the worker runs the pipeline's Python handler itself
+    ALL = (ASYNC_API, INTERNAL)
+
+
+class ImageStatus:
+    PENDING = "pending"
+    PROCESSED = "processed"
+    FAILED = "failed"
+
+
+class Pipeline(BaseModel):
+    slug = peewee.CharField(max_length=100, unique=True)
+    name = peewee.CharField(max_length=255)
+    created_at = peewee.DateTimeField(default=utcnow)
+
+
+class Algorithm(BaseModel):
+    pipeline = peewee.ForeignKeyField(Pipeline, backref="algorithms", on_delete="CASCADE")
+    key = peewee.CharField(max_length=100)
+    name = peewee.CharField(max_length=255)
+    task_type = peewee.CharField(max_length=20)  # detection | classification
+
+    class Meta:
+        indexes = ((("pipeline", "key"), True),)
+
+
+class SourceImage(BaseModel):
+    url = peewee.TextField(unique=True)
+    created_at = peewee.DateTimeField(default=utcnow)
+
+
+class Job(BaseModel):
+    name = peewee.CharField(max_length=255)
+    pipeline = peewee.ForeignKeyField(Pipeline, backref="jobs", on_delete="RESTRICT")
+    dispatch_mode = peewee.CharField(max_length=20, default=DispatchMode.ASYNC_API)
+    status = peewee.CharField(max_length=20, default=JobStatus.CREATED, index=True)
+    progress = JSONField(default=dict)
+    total_images = peewee.IntegerField(default=0)
+    error = peewee.TextField(null=True)  # why the job failed or was revoked
+    created_at = peewee.DateTimeField(default=utcnow)
+    updated_at = peewee.DateTimeField(default=utcnow)
+    started_at = peewee.DateTimeField(null=True)
+    dispatched_at = peewee.DateTimeField(null=True)  # every task published; failures are deferred from here
+    dispatch_cursor = peewee.IntegerField(default=0)  # JobImage.id up to which tasks are published
+    finished_at = peewee.DateTimeField(null=True)
+    last_progress_at = peewee.DateTimeField(null=True)
+    cleaned_up_at = peewee.DateTimeField(null=True)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in JobStatus.TERMINAL
+
+
+class JobImage(BaseModel):
+    job = peewee.ForeignKeyField(Job, backref="images", on_delete="CASCADE")
+    image = peewee.ForeignKeyField(SourceImage, on_delete="CASCADE")
+    status = peewee.CharField(max_length=12, default=ImageStatus.PENDING)
+    detections = peewee.IntegerField(default=0)
+    classifications = peewee.IntegerField(default=0)
+    error = peewee.TextField(null=True)
+    updated_at = peewee.DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = (
+            (("job", "image"), True),  # one outcome per image per job
+            (("job", "status"), False),
+        )
+
+
+class Detection(BaseModel):
+    image = peewee.ForeignKeyField(SourceImage, backref="detections", on_delete="CASCADE")
+    algorithm = peewee.ForeignKeyField(Algorithm, on_delete="CASCADE")
+    #: "x1,y1,x2,y2" with fixed precision, or "" for the "processed, nothing found" marker. Backs dedupe.
+    bbox_key = peewee.CharField(max_length=100)
+    x1 = peewee.FloatField(null=True)
+    y1 = peewee.FloatField(null=True)
+    x2 = peewee.FloatField(null=True)
+    y2 = peewee.FloatField(null=True)
+    score = peewee.FloatField(null=True)
+    crop_url = peewee.TextField(null=True)
+    job = peewee.ForeignKeyField(Job, null=True, on_delete="SET NULL")  # the job that first saved it
+    created_at = peewee.DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("image", "algorithm", "bbox_key"), True),)
+
+    @property
+    def is_null_marker(self) -> bool:
+        return self.bbox_key == ""
+
+
+class Classification(BaseModel):
+    detection = peewee.ForeignKeyField(Detection, backref="classifications", on_delete="CASCADE")
+    algorithm = peewee.ForeignKeyField(Algorithm, on_delete="CASCADE")
+    taxon = peewee.CharField(max_length=255)
+    score = peewee.FloatField()
+    scores = JSONField(null=True)
+    labels = JSONField(null=True)
+    terminal = peewee.BooleanField(default=True)
+    created_at = peewee.DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("detection", "algorithm"), True),)
+
+
+class JobLog(BaseModel):
+    job = peewee.ForeignKeyField(Job, backref="logs", on_delete="CASCADE")
+    level = peewee.CharField(max_length=10)
+    message = peewee.TextField()
+    created_at = peewee.DateTimeField(default=utcnow, index=True)
+
+
+ALL_MODELS = (Pipeline, Algorithm, SourceImage, Job, JobImage, Detection, Classification, JobLog)

@@ -1,0 +1,42 @@
+"""Named crash points for fault-injection tests. They do nothing unless an environment variable arms them.
+
+    PIPELINE_CRASH_AT=after_db_save        SIGKILL this process the first time that point is reached
+    PIPELINE_CRASH_AT=mid_publish PIPELINE_CRASH_SKIP=3
+                                           ... the 4th time instead (let 3 hits pass first)
+
+Points (docs/processing-lifecycle.md says what recovers each one):
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+log = logging.getLogger(__name__)
+
+#: Every crash point that production code passes through.
+POINTS = (
+    # process_pipeline_result
+    "after_validation", "after_db_save", "after_redis_update", "after_progress", "before_ack", "after_ack",
+    # run_job
+    "mid_publish", "after_publish",
+)
+
+_hits: dict[str, int] = {}
+
+
+def crash_point(name: str, **context) -> None:
+    """SIGKILL this process here if PIPELINE_CRASH_AT names this point (after PIPELINE_CRASH_SKIP hits)."""
+    armed = os.environ.get("PIPELINE_CRASH_AT")
+    if armed != name:
+        return
+    skip = int(os.environ.get("PIPELINE_CRASH_SKIP", "0"))
+    _hits[name] = _hits.get(name, 0) + 1
+    if _hits[name] <= skip:
+        return
+    details = " ".join(f"{k}={v}" for k, v in context.items())
+    log.critical("crash point %s reached: SIGKILL pid=%s %s", name, os.getpid(), details)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,42 @@
+"""One error hierarchy for jetpipe. A docstring is the default message."""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """jetpipe error."""
+
+    def __init__(self, message: str | None = None):
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class ConfigError(PipelineError):
+    """Invalid configuration."""
+
+
+class UserInputError(PipelineError):
+    """Invalid input from a person or a file (the CLI prints it as one line and exits non-zero)."""
+
+
+class NotFound(UserInputError):
+    """No such object."""
+
+
+class BadResult(PipelineError):
+    """A result message is malformed or does not belong to its job; it can never succeed."""
+
+    def __init__(self, message: str, *, image_ids: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.image_ids = image_ids
+
+
+class TransientError(PipelineError):
+    """A dependency (Redis, NATS, the database) could not be reached; retry later."""
+
+
+class StateMissing(PipelineError):
+    """The job's Redis state does not exist (Redis flushed or restarted, or the job was cleaned up)."""
+
+
+class CrashPointHit(BaseException):
+    """Raised nowhere: crash points SIGKILL the process. Exists to name the concept in docs and logs."""

@@ -1,0 +1,142 @@
+"""Per-job state in Redis: the atomic index of pending images and the job's counters.
+
+Redis is an index, not the source of truth: everything here can be rebuilt from JobImage rows
+(`load(..., force=True)`), and losing it never loses or fails a job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable
+from importlib import resources
+
+import redis
+
+from pipeline import names
+from pipeline.errors import StateMissing, TransientError
+
+log = logging.getLogger(__name__)
+
+#: Job state outlives any sane job; every update refreshes it.
+STATE_TTL_S = 7 * 24 * 3600
+#: Ids sent to Redis per SADD when loading a job's state.
+LOAD_CHUNK = 5000
+
+
+def _script_text(name: str) -> str:
+    return resources.files("pipeline").joinpath("lua", name).read_text()
+
+
+_SCRIPTS = {name: _script_text(f"{name}.lua") for name in ("record_outcomes", "snapshot", "load_begin",
+                                                            "load_finish")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What one image contributes when its outcome is recorded."""
+
+    image_id: str
+    failed: bool = False
+    captures: int = 1
+    detections: int = 0
+    classifications: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """A job's counters at one instant. `processed` counts processed and failed images alike."""
+
+    total: int
+    remaining: int
+    failed: int
+    captures: int
+    detections: int
+    classifications: int
+    newly_removed: tuple[str, ...] = ()
+
+    @property
+    def processed(self) -> int:
+        return self.total - self.remaining
+
+    @property
+    def complete(self) -> bool:
+        return self.remaining == 0
+
+    @classmethod
+    def from_reply(cls, reply: list) -> Snapshot:
+        total, remaining, failed, captures, detections, classifications = (int(x) for x in reply[1:7])
+        return cls(total, remaining, failed, captures, detections, classifications,
+                   tuple(str(x) for x in reply[7:]))
+
+
+def connect_redis(url: str) -> redis.Redis:
+    """A Redis client that fails fast (5 s) instead of hanging when the server is gone."""
+    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5,
+                                health_check_interval=30, retry_on_timeout=False)
+
+
+class JobState:
+    """Atomic per-job state operations on one Redis server. Every Redis failure raises TransientError."""
+
+    def __init__(self, client: redis.Redis):
+        self.client = client
+        self._scripts = {name: client.register_script(text) for name, text in _SCRIPTS.items()}
+
+    def _run(self, script: str, job_id: int, args: Iterable = ()) -> object:
+        try:
+            return self._scripts[script](keys=names.job_keys(job_id), args=list(args))
+        except redis.RedisError as exc:
+            raise TransientError(f"redis unavailable for job {job_id}: {exc}") from exc
+
+    def load(self, job_id: int, *, pending_ids: Iterable[str], failed_ids: Iterable[str] = (),
+             total: int, captures: int = 0, detections: int = 0, classifications: int = 0,
+             force: bool = False) -> bool:
+        """Load a job's state from the database's view of it; False if a complete state already existed.
+
+        Without `force` this is idempotent: a retried run_job finds the state ready and changes nothing.
+        """
+        if not self._run("load_begin", job_id, ["force" if force else ""]):
+            return False
+        pending_key, failed_key, _ = names.job_keys(job_id)
+        try:
+            for key, ids in ((pending_key, pending_ids), (failed_key, failed_ids)):
+                chunk: list[str] = []
+                for image_id in ids:
+                    chunk.append(str(image_id))
+                    if len(chunk) >= LOAD_CHUNK:
+                        self.client.sadd(key, *chunk)
+                        chunk = []
+                if chunk:
+                    self.client.sadd(key, *chunk)
+        except redis.RedisError as exc:
+            raise TransientError(f"redis unavailable while loading job {job_id}: {exc}") from exc
+        self._run("load_finish", job_id, [STATE_TTL_S, total, captures, detections, classifications])
+        return True
+
+    def record(self, job_id: int, outcomes: Iterable[Outcome]) -> Snapshot:
+        """Count each image's outcome once (atomic gate); raises StateMissing if the job has no state."""
+        args: list = [STATE_TTL_S]
+        for o in outcomes:
+            args += [o.image_id, int(o.failed), o.captures, o.detections, o.classifications]
+        reply = self._run("record_outcomes", job_id, args)
+        if int(reply[0]) < 0:
+            raise StateMissing(f"no Redis state for job {job_id}")
+        return Snapshot.from_reply(reply)
+
+    def snapshot(self, job_id: int) -> Snapshot | None:
+        """The job's counters, or None if it has no state in Redis."""
+        reply = self._run("snapshot", job_id)
+        return None if int(reply[0]) < 0 else Snapshot.from_reply(reply)
+
+    def pending_ids(self, job_id: int) -> set[str]:
+        try:
+            return set(self.client.smembers(names.job_pending_key(job_id)))
+        except redis.RedisError as exc:
+            raise TransientError(f"redis unavailable for job {job_id}: {exc}") from exc
+
+    def delete(self, job_id: int) -> None:
+        try:
+            self.client.delete(*names.job_keys(job_id))
+        except redis.RedisError as exc:
+            raise TransientError(f"redis unavailable for job {job_id}: {exc}") from exc

@@ -1,0 +1,98 @@
+"""Every Redis key, NATS stream/subject/consumer and header name jetpipe uses. Nothing spells one inline.
+
+The NATS names are the public wire contract of ARCHITECTURE.md §3: processing services depend on them.
+"""
+
+from __future__ import annotations
+
+# ---- NATS streams (public) ------------------------------------------------------------------------
+TASKS_STREAM = "PIPELINE_TASKS"
+RESULTS_STREAM = "PIPELINE_RESULTS"
+ADVISORIES_STREAM = "PIPELINE_ADVISORIES"
+
+TASKS_SUBJECTS = "pipeline.tasks.>"
+RESULTS_SUBJECTS = "pipeline.results.>"
+MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{TASKS_STREAM}.>"
+TERMINATED_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.{TASKS_STREAM}.>"
+
+#: Durable consumer shared by every worker's results bridge.
+RESULTS_BRIDGE_CONSUMER = "results-bridge"
+#: Durable consumer through which workers read captured advisories.
+ADVISORIES_CONSUMER = "advisories-reader"
+
+# ---- NATS headers (public) ------------------------------------------------------------------------
+HDR_MSG_ID = "Nats-Msg-Id"
+HDR_JOB_ID = "Pipeline-Job-Id"
+HDR_IMAGE_ID = "Pipeline-Image-Id"
+HDR_TASK_REPLY = "Pipeline-Task-Reply"
+
+
+def task_subject(pipeline_slug: str, job_id: int) -> str:
+    return f"pipeline.tasks.{pipeline_slug}.{job_id}"
+
+
+def task_subject_prefix(pipeline_slug: str) -> str:
+    """Filter-subject prefix of every job consumer of one pipeline."""
+    return f"pipeline.tasks.{pipeline_slug}."
+
+
+def result_subject(job_id: int) -> str:
+    return f"pipeline.results.{job_id}"
+
+
+def job_consumer(job_id: int) -> str:
+    return f"job-{job_id}"
+
+
+def job_id_from_consumer(name: str) -> int | None:
+    prefix = "job-"
+    if name.startswith(prefix) and name[len(prefix):].isdigit():
+        return int(name[len(prefix):])
+    return None
+
+
+def job_id_from_result_subject(subject: str) -> int | None:
+    parts = subject.split(".")
+    if len(parts) == 3 and parts[:2] == ["pipeline", "results"] and parts[2].isdigit():
+        return int(parts[2])
+    return None
+
+
+def task_msg_id(job_id: int, image_id: str) -> str:
+    return f"{job_id}:{image_id}"
+
+
+# ---- Redis keys -------------------------------------------------------------------------------------
+REDIS_PREFIX = "jetpipe"
+
+
+def job_pending_key(job_id: int) -> str:
+    """SET of image ids whose outcome has not been counted yet."""
+    return f"{REDIS_PREFIX}:job:{job_id}:pending"
+
+
+def job_failed_key(job_id: int) -> str:
+    """SET of image ids counted as failed."""
+    return f"{REDIS_PREFIX}:job:{job_id}:failed"
+
+
+def job_counts_key(job_id: int) -> str:
+    """HASH total, captures, detections, classifications, ready (1 once fully initialised)."""
+    return f"{REDIS_PREFIX}:job:{job_id}:counts"
+
+
+def job_keys(job_id: int) -> tuple[str, str, str]:
+    return job_pending_key(job_id), job_failed_key(job_id), job_counts_key(job_id)
+
+
+def crash_delivery_key(message_id: str) -> str:
+    """Counter of deliveries of one Dramatiq message (poison-message guard)."""
+    return f"{REDIS_PREFIX}:deliveries:{message_id}"
+
+
+#: Dramatiq namespace for the broker's keys.
+DRAMATIQ_NAMESPACE = "jetpipe-dramatiq"
+
+# ---- Dramatiq queues --------------------------------------------------------------------------------
+JOBS_QUEUE = "jobs"
+RESULTS_QUEUE = "results"

@@ -1,0 +1,159 @@
+"""Progress rules: monotone stages and counters, the strict failure threshold, one terminal transition.
+
+Invariants (ARCHITECTURE.md §4):
+  4. progress never goes backwards (max() per stage and per counter); a stage with FAILURE keeps it;
+  5. exactly one terminal transition, by a guarded UPDATE; nothing resurrects a terminal job;
+  6. a job ends FAILURE iff failed/total > threshold (strict), once every image is processed or failed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+
+from models import Job, JobStatus, for_update, utcnow, write_transaction
+from pipeline.jobstate import Snapshot
+
+log = logging.getLogger(__name__)
+
+STAGES = ("collect", "process", "results")
+#: At most this many ids are spelled out in one `progress.errors` entry.
+ERROR_IDS_SHOWN = 10
+#: At most this many entries are kept in `progress.errors` (the oldest are dropped first).
+ERRORS_KEPT = 50
+
+
+def initial_progress(total: int = 0) -> dict:
+    return {
+        "summary": {"status": JobStatus.CREATED, "progress": 0.0},
+        "stages": {
+            "collect": {"status": JobStatus.CREATED, "progress": 0.0, "total": total},
+            "process": {"status": JobStatus.CREATED, "progress": 0.0, "processed": 0, "remaining": total,
+                        "failed": 0},
+            "results": {"status": JobStatus.CREATED, "progress": 0.0, "captures": 0, "detections": 0,
+                        "classifications": 0},
+        },
+        "errors": [],
+    }
+
+
+def failed_for_good(failed: int, total: int, threshold: float) -> bool:
+    """True iff failed/total is strictly above the threshold (5 of 10 at 0.5 is not a failure)."""
+    return total > 0 and failed / total > threshold
+
+
+def final_status(snapshot: Snapshot, threshold: float) -> str:
+    return JobStatus.FAILURE if failed_for_good(snapshot.failed, snapshot.total, threshold) else JobStatus.SUCCESS
+
+
+def merge(progress: dict, snapshot: Snapshot, *, threshold: float, job_id: int) -> dict:
+    """`progress` advanced by `snapshot` without ever going backwards; returns a new dict."""
+    merged = copy.deepcopy(progress) if progress else initial_progress(snapshot.total)
+    stages = merged.setdefault("stages", initial_progress(snapshot.total)["stages"])
+    total = max(snapshot.total, stages["collect"].get("total", 0))
+    fraction = 1.0 if total == 0 else snapshot.processed / total
+    doomed = failed_for_good(snapshot.failed, total, threshold)
+    complete_status = JobStatus.FAILURE if doomed else JobStatus.SUCCESS
+
+    process = stages["process"]
+    process["processed"] = max(process.get("processed", 0), snapshot.processed)
+    process["failed"] = max(process.get("failed", 0), snapshot.failed)
+    process["remaining"] = max(total - process["processed"], 0)
+    results = stages["results"]
+    for counter in ("captures", "detections", "classifications"):
+        results[counter] = max(results.get(counter, 0), getattr(snapshot, counter))
+
+    for name in ("process", "results"):
+        stage = stages[name]
+        before = stage.get("progress", 0.0)
+        stage["progress"] = max(before, fraction)
+        if stage["progress"] >= 1.0 and fraction < 1.0 and before >= 1.0:
+            log.warning("job=%s stage %r progress lifted to 100%% by max() guard: this worker computed "
+                        "%.1f%%, the database had %.1f%%", job_id, name, fraction * 100, before * 100)
+        if stage.get("status") == JobStatus.FAILURE:
+            continue  # sticky: a stage that failed keeps FAILURE
+        if stage["progress"] >= 1.0:
+            stage["status"] = complete_status
+        else:
+            stage["status"] = JobStatus.FAILURE if doomed else JobStatus.STARTED
+    merged["summary"]["progress"] = round(sum(stages[s]["progress"] for s in STAGES) / len(STAGES), 4)
+    return merged
+
+
+def format_ids(ids) -> str:
+    """`[first 10 ids, sorted] ... and N more`: how a list of image ids appears in `progress.errors`."""
+    ordered = sorted(ids, key=lambda i: (len(str(i)), str(i)))
+    shown = [str(i) for i in ordered[:ERROR_IDS_SHOWN]]
+    text = "[" + ", ".join(repr(i) for i in shown) + "]"
+    if len(ordered) > ERROR_IDS_SHOWN:
+        text += f" ... and {len(ordered) - ERROR_IDS_SHOWN} more"
+    return text
+
+
+def add_error(progress: dict, message: str) -> None:
+    errors = progress.setdefault("errors", [])
+    errors.append(message)
+    del errors[:-ERRORS_KEPT]
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgressWrite:
+    """What `write_progress` did: the job's status after it, and whether this call ended the job."""
+
+    status: str
+    finished_now: bool
+
+
+def write_progress(job_id: int, snapshot: Snapshot, *, threshold: float) -> ProgressWrite:
+    """Merge `snapshot` into the job's progress under a row lock; end the job if every image is counted.
+
+    A terminal job is left untouched (a late result changes no counter or status).
+    """
+    now = utcnow()
+    with write_transaction():
+        job = for_update(Job.select(Job.id, Job.status, Job.progress).where(Job.id == job_id)).get_or_none()
+        if job is None or job.status in JobStatus.TERMINAL:
+            return ProgressWrite(job.status if job else JobStatus.REVOKED, False)
+        progress = merge(job.progress, snapshot, threshold=threshold, job_id=job_id)
+        changes = {Job.progress: progress, Job.updated_at: now, Job.last_progress_at: now}
+        final = final_status(snapshot, threshold) if snapshot.complete else None
+        if final is None or job.status == JobStatus.CANCELING:
+            progress["summary"]["status"] = job.status
+            Job.update(changes).where(Job.id == job_id).execute()
+            return ProgressWrite(job.status, False)
+        progress["summary"]["status"] = final
+        changes.update({Job.status: final, Job.finished_at: now})
+        if final == JobStatus.FAILURE:
+            changes[Job.error] = (f"{snapshot.failed} of {snapshot.total} images failed "
+                                  f"(threshold {threshold:.0%})")
+        done = Job.update(changes).where(
+            (Job.id == job_id) & (Job.status.in_(JobStatus.RUNNING))).execute()
+    if done:
+        log.info("job=%s finished %s: processed=%s failed=%s detections=%s", job_id, final,
+                 snapshot.processed, snapshot.failed, snapshot.detections)
+    return ProgressWrite(final if done else JobStatus.REVOKED, bool(done))
+
+
+def transition(job_id: int, to_status: str, *, allowed_from=JobStatus.RUNNING, error: str | None = None,
+               summary_status: bool = True) -> bool:
+    """Guarded status change: `UPDATE ... WHERE id=? AND status IN (allowed_from)`; True if it happened."""
+    now = utcnow()
+    with write_transaction():
+        job = for_update(Job.select(Job.id, Job.status, Job.progress).where(Job.id == job_id)).get_or_none()
+        if job is None or job.status not in allowed_from:
+            return False
+        changes = {Job.status: to_status, Job.updated_at: now}
+        if summary_status:
+            progress = job.progress or initial_progress()
+            progress.setdefault("summary", {})["status"] = to_status
+            changes[Job.progress] = progress
+        if to_status in JobStatus.TERMINAL:
+            changes[Job.finished_at] = now
+        if to_status == JobStatus.STARTED:
+            changes[Job.started_at] = now
+        if error is not None:
+            changes[Job.error] = error
+        done = Job.update(changes).where(
+            (Job.id == job_id) & (Job.status.in_(tuple(allowed_from)))).execute()
+    return bool(done)

@@ -1,0 +1,164 @@
+"""Saving results: one database transaction per result message, idempotent by unique constraints.
+
+A replayed or concurrently duplicated result inserts nothing twice (INSERT ... ON CONFLICT DO NOTHING on
+the unique keys of Detection and Classification) and changes a JobImage's outcome only while it is still
+pending, mirroring the Redis gate. The per-image counts returned come from the result itself, so every
+replay reports the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+from models import (
+    Algorithm,
+    Classification,
+    Detection,
+    ImageStatus,
+    Job,
+    JobImage,
+    for_update,
+    utcnow,
+    write_transaction,
+)
+from pipeline.errors import BadResult
+from pipeline.jobstate import Outcome
+from pipeline.schemas import SuccessResult
+
+log = logging.getLogger(__name__)
+
+_algorithms: dict[int, dict[str, Algorithm]] = {}
+
+
+def pipeline_algorithms(pipeline_id: int, *, refresh: bool = False) -> dict[str, Algorithm]:
+    """The pipeline's declared algorithms by key (cached per process; refreshed on a miss)."""
+    if refresh or pipeline_id not in _algorithms:
+        _algorithms[pipeline_id] = {a.key: a for a in Algorithm.select().where(Algorithm.pipeline == pipeline_id)}
+    return _algorithms[pipeline_id]
+
+
+def _resolve_algorithms(job: Job, keys: set[str], image_ids: tuple[str, ...]) -> dict[str, Algorithm]:
+    known = pipeline_algorithms(job.pipeline_id)
+    if not keys <= known.keys():
+        known = pipeline_algorithms(job.pipeline_id, refresh=True)
+    undeclared = sorted(keys - known.keys())
+    if undeclared:
+        raise BadResult(f"result names undeclared algorithm(s) {undeclared} for pipeline "
+                        f"{job.pipeline.slug!r}", image_ids=image_ids)
+    return known
+
+
+def _job_images(job_id: int, image_ids) -> dict[str, JobImage]:
+    """The job's rows for these images, locked until the transaction ends (the outcome arbiter)."""
+    numeric = [int(i) for i in image_ids if str(i).isdigit()]
+    return {str(r.image_id): r for r in for_update(JobImage.select(
+        JobImage.id, JobImage.image, JobImage.status, JobImage.detections, JobImage.classifications)
+        .where((JobImage.job == job_id) & (JobImage.image.in_(numeric))))}
+
+
+def _settled_outcome(row: JobImage) -> Outcome:
+    """The outcome an image already has in the database; a replay or late result reports this one."""
+    if row.status == ImageStatus.FAILED:
+        return Outcome(str(row.image_id), failed=True, captures=0)
+    return Outcome(str(row.image_id), captures=1, detections=row.detections,
+                   classifications=row.classifications)
+
+
+def _rows_of(job: Job, image_ids: tuple[str, ...]) -> dict[str, JobImage]:
+    rows = _job_images(job.id, image_ids)
+    missing = [i for i in image_ids if i not in rows]
+    if missing:
+        raise BadResult(f"images {missing} are not part of job {job.id}",
+                        image_ids=tuple(i for i in image_ids if i in rows))
+    return rows
+
+
+def save_result(job: Job, result: SuccessResult) -> list[Outcome]:
+    """Write a success result's detections, classifications and image outcomes; returns per-image counts."""
+    image_ids = tuple(dict.fromkeys(img.id for img in result.source_images))
+    if result.pipeline != job.pipeline.slug:
+        raise BadResult(f"result is for pipeline {result.pipeline!r}, job {job.id} runs "
+                        f"{job.pipeline.slug!r}", image_ids=image_ids)
+    keys = {d.algorithm.key for d in result.detections}
+    keys |= {c.algorithm.key for d in result.detections for c in d.classifications}
+    algorithms = _resolve_algorithms(job, keys, image_ids)
+    bad_types = sorted({d.algorithm.key for d in result.detections
+                        if algorithms[d.algorithm.key].task_type != "detection"})
+    if bad_types:
+        raise BadResult(f"algorithm(s) {bad_types} are not detection algorithms", image_ids=image_ids)
+    marker = next((a for a in algorithms.values() if a.task_type == "detection"), None) or next(
+        (a for a in pipeline_algorithms(job.pipeline_id).values() if a.task_type == "detection"), None)
+
+    # Deduplicate within the message the way the database will (same image, algorithm, box).
+    detections: dict[tuple[str, str, str], object] = {}
+    for det in result.detections:
+        detections.setdefault((det.source_image_id, det.algorithm.key, det.bbox.key() if det.bbox else ""), det)
+    for image_id in image_ids:  # "processed, nothing found" marker for images without any detection
+        if marker and not any(k[0] == image_id for k in detections):
+            detections[(image_id, marker.key, "")] = None
+
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    now = utcnow()
+    with write_transaction():
+        rows = _rows_of(job, image_ids)
+        det_rows = []
+        for (image_id, algo_key, bbox_key), det in detections.items():
+            box = det.bbox if det is not None else None
+            det_rows.append({
+                "image": int(image_id), "algorithm": algorithms.get(algo_key, marker).id, "bbox_key": bbox_key,
+                "x1": box.x1 if box else None, "y1": box.y1 if box else None,
+                "x2": box.x2 if box else None, "y2": box.y2 if box else None,
+                "score": det.score if det is not None else None,
+                "crop_url": det.crop_image_url if det is not None else None, "job": job.id, "created_at": now,
+            })
+            if box is not None:
+                counts[image_id][0] += 1
+        if det_rows:
+            Detection.insert_many(det_rows).on_conflict_ignore().execute()
+        classified = [(k, d) for k, d in detections.items() if d is not None and d.classifications]
+        if classified:
+            ids = {(str(r.image_id), r.algorithm_id, r.bbox_key): r.id for r in Detection.select(
+                Detection.id, Detection.image, Detection.algorithm, Detection.bbox_key)
+                .where(Detection.image.in_([int(i) for i in image_ids]))}
+            cls_rows = []
+            for (image_id, algo_key, bbox_key), det in classified:
+                detection_id = ids[(image_id, algorithms[algo_key].id, bbox_key)]
+                seen_algorithms = set()
+                for c in det.classifications:
+                    if c.algorithm.key in seen_algorithms:
+                        continue  # one classification per detection and algorithm
+                    seen_algorithms.add(c.algorithm.key)
+                    cls_rows.append({"detection": detection_id, "algorithm": algorithms[c.algorithm.key].id,
+                                     "taxon": c.taxon, "score": c.score, "scores": list(c.scores),
+                                     "labels": list(c.labels), "terminal": c.terminal, "created_at": now})
+                    if bbox_key:
+                        counts[image_id][1] += 1
+            Classification.insert_many(cls_rows).on_conflict_ignore().execute()
+        for image_id in image_ids:
+            n_det, n_cls = counts[image_id]
+            JobImage.update(status=ImageStatus.PROCESSED, detections=n_det, classifications=n_cls,
+                            error=None, updated_at=now).where(
+                (JobImage.id == rows[image_id].id) & (JobImage.status == ImageStatus.PENDING)).execute()
+    return [Outcome(i, captures=1, detections=counts[i][0], classifications=counts[i][1])
+            if rows[i].status == ImageStatus.PENDING else _settled_outcome(rows[i]) for i in image_ids]
+
+
+def fail_images(job_id: int, image_ids, reason: str) -> list[Outcome]:
+    """Mark still-pending images of the job failed with `reason`; returns each image's settled outcome.
+
+    An image that already has an outcome keeps it (a saved success is never turned into a failure), and
+    its outcome is returned as it stands, so the Redis gate counts what the database holds. Ids that are
+    not part of the job are ignored.
+    """
+    wanted = list(dict.fromkeys(str(i) for i in image_ids))
+    if not wanted:
+        return []
+    with write_transaction():
+        rows = _job_images(job_id, wanted)
+        pending = [r.id for r in rows.values() if r.status == ImageStatus.PENDING]
+        if pending:
+            JobImage.update(status=ImageStatus.FAILED, error=reason[:2000], updated_at=utcnow()).where(
+                JobImage.id.in_(pending)).execute()
+    return [Outcome(i, failed=True, captures=0) if rows[i].status == ImageStatus.PENDING
+            else _settled_outcome(rows[i]) for i in wanted if i in rows]

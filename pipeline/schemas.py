@@ -1,0 +1,156 @@
+"""Wire schemas of ARCHITECTURE.md §3 (tasks, results, pipeline registration), validated with msgspec."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from pipeline.errors import BadResult, UserInputError
+
+
+class Task(msgspec.Struct, frozen=True):
+    """One image to process: the body of a message on `pipeline.tasks.<pipeline>.<job_id>`."""
+
+    job_id: int
+    image_id: str
+    image_url: str
+    pipeline: str
+
+
+class BBox(msgspec.Struct, frozen=True):
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+    def key(self) -> str:
+        """Canonical text of the box; the dedupe key of a detection (with image and algorithm)."""
+        return ",".join(f"{v:.2f}" for v in (self.x1, self.y1, self.x2, self.y2))
+
+
+class AlgorithmRef(msgspec.Struct, frozen=True):
+    key: str
+    name: str = ""
+
+
+class ClassificationOut(msgspec.Struct, frozen=True):
+    taxon: str
+    algorithm: AlgorithmRef
+    scores: list[float] = []
+    labels: list[str] = []
+    terminal: bool = True
+
+    @property
+    def score(self) -> float:
+        return max(self.scores) if self.scores else 0.0
+
+
+class DetectionOut(msgspec.Struct, frozen=True):
+    source_image_id: str
+    algorithm: AlgorithmRef
+    bbox: BBox | None = None  # None: "processed, nothing found"
+    score: float | None = None
+    crop_image_url: str | None = None
+    classifications: list[ClassificationOut] = []
+
+
+class SourceImageRef(msgspec.Struct, frozen=True):
+    id: str
+    url: str = ""
+
+
+class SuccessResult(msgspec.Struct, frozen=True):
+    pipeline: str
+    source_images: list[SourceImageRef]
+    detections: list[DetectionOut] = []
+    total_time: float | None = None
+
+
+class ErrorResult(msgspec.Struct, frozen=True):
+    error: str
+    image_id: str | None = None
+
+
+Result = SuccessResult | ErrorResult
+
+_json = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+
+
+def _coerce_ids(data: dict) -> dict:
+    """Accept integer image ids (`"id": 345`) as the strings the contract specifies."""
+    for image in data.get("source_images") or []:
+        if isinstance(image, dict) and isinstance(image.get("id"), int):
+            image["id"] = str(image["id"])
+    for det in data.get("detections") or []:
+        if isinstance(det, dict) and isinstance(det.get("source_image_id"), int):
+            det["source_image_id"] = str(det["source_image_id"])
+    if isinstance(data.get("image_id"), int):
+        data["image_id"] = str(data["image_id"])
+    return data
+
+
+def decode_result(body: bytes) -> Result:
+    """The result in `body`; raises BadResult with a precise reason when it is not one."""
+    try:
+        data = _json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise BadResult(f"result is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadResult(f"result must be a JSON object, got {type(data).__name__}")
+    data = _coerce_ids(data)
+    kind = ErrorResult if "error" in data else SuccessResult
+    try:
+        result = msgspec.convert(data, kind)
+    except msgspec.ValidationError as exc:
+        image_id = data.get("image_id") if kind is ErrorResult else None
+        raise BadResult(f"result does not match the {kind.__name__} schema: {exc}",
+                        image_ids=(str(image_id),) if image_id else ()) from None
+    if isinstance(result, SuccessResult):
+        if not result.source_images:
+            raise BadResult("success result lists no source_images")
+        known = {image.id for image in result.source_images}
+        strays = sorted({d.source_image_id for d in result.detections} - known)
+        if strays:
+            raise BadResult(f"detections name images not in source_images: {strays}",
+                            image_ids=tuple(sorted(known)))
+    return result
+
+
+def encode(obj: msgspec.Struct) -> bytes:
+    return _encoder.encode(obj)
+
+
+def decode_task(body: bytes) -> Task:
+    return msgspec.json.decode(body, type=Task)
+
+
+class AlgorithmSpec(msgspec.Struct, frozen=True):
+    key: str
+    name: str
+    task_type: Literal["detection", "classification"]
+
+
+class PipelineSpec(msgspec.Struct, frozen=True):
+    """A pipeline registration file (`cli.py pipeline register FILE.json`)."""
+
+    slug: str
+    name: str
+    algorithms: list[AlgorithmSpec]
+
+
+def decode_pipeline_spec(body: bytes, *, source: str) -> PipelineSpec:
+    try:
+        spec = msgspec.json.decode(body, type=PipelineSpec)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise UserInputError(f"{source}: not a valid pipeline file: {exc}") from None
+    if not spec.slug or not all(c.isalnum() or c in "-_" for c in spec.slug):
+        raise UserInputError(f"{source}: slug {spec.slug!r} must be letters, digits, '-' or '_' "
+                             "(it becomes a NATS subject token)")
+    if not any(a.task_type == "detection" for a in spec.algorithms):
+        raise UserInputError(f"{source}: a pipeline needs at least one detection algorithm")
+    keys = [a.key for a in spec.algorithms]
+    if len(set(keys)) != len(keys):
+        raise UserInputError(f"{source}: algorithm keys must be unique, got {keys}")
+    return spec

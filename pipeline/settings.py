@@ -1,0 +1,122 @@
+"""Configuration read once from the environment (ARCHITECTURE.md §6)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+from pipeline.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    env: str
+    default: str
+    help: str
+
+
+#: Every environment variable jetpipe reads, with its default and meaning (shown in `cli.py --help`).
+OPTIONS: dict[str, Option] = {
+    "database_url": Option("PIPELINE_DATABASE_URL", "sqlite:///pipeline.db",
+                           "peewee database URL: sqlite:///path or postgresql://user@host/db"),
+    "redis_url": Option("PIPELINE_REDIS_URL", "redis://127.0.0.1:6379/0",
+                        "Redis for job state and the Dramatiq broker"),
+    "nats_url": Option("PIPELINE_NATS_URL", "nats://127.0.0.1:4222", "NATS server with JetStream"),
+    "nats_max_deliver": Option("PIPELINE_NATS_MAX_DELIVER", "2",
+                               "deliveries of one task before JetStream gives up on it"),
+    "nats_task_ttr": Option("PIPELINE_NATS_TASK_TTR", "30",
+                            "seconds a processing service has per task before redelivery (ack_wait)"),
+    "stalled_jobs_max_minutes": Option("PIPELINE_STALLED_JOBS_MAX_MINUTES", "10",
+                                       "idle minutes before a running job's pending images count as lost"),
+    "failure_threshold": Option("PIPELINE_FAILURE_THRESHOLD", "0.5",
+                                "a job fails iff failed/total is strictly greater than this"),
+    "health_check_seconds": Option("PIPELINE_HEALTH_CHECK_SECONDS", "60",
+                                   "seconds between two jobs_health_check runs"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    database_url: str
+    redis_url: str
+    nats_url: str
+    nats_max_deliver: int
+    nats_task_ttr: float  # seconds
+    stalled_jobs_max_minutes: float
+    failure_threshold: float
+    health_check_seconds: float
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Settings from `environ` (default: os.environ); raises ConfigError naming a bad variable."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for field in dataclasses.fields(cls):
+            option = OPTIONS[field.name]
+            raw = environ.get(option.env, option.default).strip()
+            values[field.name] = _convert(option.env, raw, field.type)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.nats_max_deliver < 1:
+            raise ConfigError("PIPELINE_NATS_MAX_DELIVER must be at least 1")
+        if self.nats_task_ttr <= 0:
+            raise ConfigError("PIPELINE_NATS_TASK_TTR must be a positive number of seconds")
+        if not 0 <= self.failure_threshold < 1:
+            raise ConfigError("PIPELINE_FAILURE_THRESHOLD must be in [0, 1)")
+        if self.health_check_seconds <= 0 or self.stalled_jobs_max_minutes <= 0:
+            raise ConfigError("PIPELINE_HEALTH_CHECK_SECONDS and PIPELINE_STALLED_JOBS_MAX_MINUTES must be > 0")
+        for name in ("database_url", "redis_url", "nats_url"):
+            url = getattr(self, name)
+            if "://" not in url:
+                raise ConfigError(f"{OPTIONS[name].env} is not a URL: {redact(url)!r}")
+
+    def with_overrides(self, **changes) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> dict[str, str]:
+        """Every setting by environment name, with secrets in URLs masked (safe to log or print)."""
+        return {OPTIONS[f.name].env: redact(str(getattr(self, f.name))) for f in dataclasses.fields(self)}
+
+
+def _convert(env: str, raw: str, kind) -> object:
+    kind = {"int": int, "float": float, "str": str}.get(kind, kind) if isinstance(kind, str) else kind
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"{env}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def redact(url: str) -> str:
+    """The URL with any password or token replaced by ***; never log a URL without this."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if not parts.netloc or "@" not in parts.netloc:
+        return url
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user = userinfo.split(":", 1)[0]
+    masked = f"{user}:***" if ":" in userinfo else "***"
+    return urlunsplit(parts._replace(netloc=f"{masked}@{host}"))
+
+
+_current: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    global _current
+    if _current is None:
+        _current = Settings.from_env()
+    return _current
+
+
+def set_settings(settings: Settings | None) -> None:
+    """Replace the process-wide settings (tests, and CLI options that override the environment)."""
+    global _current
+    _current = settings

@@ -1,0 +1,298 @@
+"""The JetStream task queue: streams, per-job durable consumers, publishing tasks, ACK and TERM.
+
+One `TaskQueue` holds one long-lived NATS connection; a process has one (reference/nats.md §0.6: no
+connection per ACK, no subscribe/fetch/unsubscribe per request). Its methods are coroutines;
+`SyncTaskQueue` runs them on the process's event loop for sync callers such as Dramatiq actors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import logging
+from collections.abc import Iterable
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from pipeline import names
+from pipeline.aio import LoopRunner
+from pipeline.errors import TransientError
+from pipeline.schemas import Task
+from pipeline.settings import redact
+
+log = logging.getLogger(__name__)
+
+#: Tasks published concurrently per round trip burst (reference/nats.md §3: ~10k msg/s on 2 cores).
+PUBLISH_CHUNK = 500
+#: Nats-Msg-Id dedupe window: a run_job retried within it republishes nothing.
+DUPLICATE_WINDOW_S = 20 * 60
+#: Outstanding un-acked deliveries per job consumer before JetStream stops handing out more.
+MAX_ACK_PENDING = 10_000
+#: Stream max_age: none on tasks/results (an expired task would vanish silently, reference/nats.md §2.1).
+ADVISORY_MAX_AGE_S = 7 * 24 * 3600
+#: Timeout of one JetStream API call or publish, seconds.
+API_TIMEOUT_S = 10.0
+
+_encoder = msgspec.json.Encoder()
+
+NATS_FAILURES = (nats.errors.Error, asyncio.TimeoutError, TimeoutError, OSError)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsumerState:
+    """A job consumer's counters, or why they could not be read (`error`); reading never raises."""
+
+    exists: bool
+    num_pending: int = 0
+    num_ack_pending: int = 0
+    num_redelivered: int = 0
+    num_delivered: int = 0
+    last_active: dt.datetime | None = None
+    error: str | None = None
+
+    @property
+    def reachable(self) -> bool:
+        return self.error is None
+
+    def describe(self) -> str:
+        if self.error:
+            return f"unreachable ({self.error})"
+        if not self.exists:
+            return "no consumer"
+        return (f"num_pending={self.num_pending} num_ack_pending={self.num_ack_pending} "
+                f"num_redelivered={self.num_redelivered}")
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConsumer:
+    job_id: int
+    consumer: str
+    filter_subject: str
+
+
+async def connect_nats(url: str, *, name: str, connect_timeout_s: float = 10.0,
+                       reconnect: bool = True) -> nats.NATS:
+    """A NATS connection that reconnects forever once up, but fails within `connect_timeout_s` at first."""
+
+    async def quiet_error(exc: Exception) -> None:
+        log.warning("nats connection problem (%s): %s", redact(url), exc)
+
+    async def disconnected() -> None:
+        log.warning("nats disconnected from %s", redact(url))
+
+    async def reconnected() -> None:
+        log.info("nats reconnected to %s", redact(url))
+
+    try:
+        return await asyncio.wait_for(nats.connect(
+            url, name=name, connect_timeout=2, reconnect_time_wait=0.5,
+            max_reconnect_attempts=-1 if reconnect else 0, allow_reconnect=reconnect,
+            ping_interval=10, max_outstanding_pings=3,
+            error_cb=quiet_error, disconnected_cb=disconnected, reconnected_cb=reconnected,
+        ), connect_timeout_s)
+    except NATS_FAILURES as exc:
+        raise TransientError(f"cannot connect to NATS at {redact(url)}: {exc or type(exc).__name__}") from exc
+
+
+class TaskQueue:
+    """JetStream operations of jetpipe over one connection."""
+
+    def __init__(self, nc: nats.NATS):
+        self.nc = nc
+        self.js = nc.jetstream(timeout=API_TIMEOUT_S)
+
+    @classmethod
+    async def connect(cls, url: str, *, name: str = "jetpipe") -> TaskQueue:
+        return cls(await connect_nats(url, name=name))
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            try:
+                await asyncio.wait_for(self.nc.drain(), 5)
+            except NATS_FAILURES:
+                await self.nc.close()
+
+    # ---- streams ------------------------------------------------------------------------------------
+    async def ensure_streams(self) -> None:
+        """Create the three streams of the wire contract if missing (existing ones are left as they are)."""
+        wanted = [
+            StreamConfig(name=names.TASKS_STREAM, subjects=[names.TASKS_SUBJECTS],
+                         retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
+                         duplicate_window=DUPLICATE_WINDOW_S, discard=DiscardPolicy.OLD, allow_direct=True),
+            StreamConfig(name=names.RESULTS_STREAM, subjects=[names.RESULTS_SUBJECTS],
+                         retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
+                         duplicate_window=120),
+            StreamConfig(name=names.ADVISORIES_STREAM,
+                         subjects=[names.MAX_DELIVERIES_ADVISORY, names.TERMINATED_ADVISORY],
+                         retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
+                         max_age=ADVISORY_MAX_AGE_S),
+        ]
+        for config in wanted:
+            try:
+                await self.js.stream_info(config.name)
+            except nats.js.errors.NotFoundError:
+                try:
+                    await self.js.add_stream(config)
+                    log.info("created stream %s subjects=%s", config.name, config.subjects)
+                except nats.js.errors.BadRequestError as exc:  # created concurrently by another process
+                    if "already in use" not in str(exc):
+                        raise
+
+    # ---- job consumers ------------------------------------------------------------------------------
+    async def ensure_job_consumer(self, job_id: int, pipeline_slug: str, *, max_deliver: int,
+                                  ack_wait_s: float) -> ConsumerConfig:
+        """Create the job's durable consumer, or check an existing one; returns the config the server holds.
+
+        `add_consumer` silently *updates* an existing consumer (reference/nats.md §2.1), so an existing
+        consumer is read, not re-added, and a mismatch is logged as a warning.
+        """
+        name = names.job_consumer(job_id)
+        wanted = ConsumerConfig(
+            durable_name=name, filter_subject=names.task_subject(pipeline_slug, job_id),
+            ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=ack_wait_s,
+            max_deliver=max_deliver, max_ack_pending=MAX_ACK_PENDING,
+        )
+        try:
+            info = await self.js.consumer_info(names.TASKS_STREAM, name)
+            created = False
+        except nats.js.errors.NotFoundError:
+            info = await self.js.add_consumer(names.TASKS_STREAM, wanted)
+            created = True
+        got = info.config
+        summary = (f"max_deliver={got.max_deliver} ack_wait={got.ack_wait}s max_ack_pending={got.max_ack_pending} "
+                   f"filter={got.filter_subject} inactive_threshold={got.inactive_threshold}")
+        mismatch = (got.max_deliver != max_deliver or abs((got.ack_wait or 0) - ack_wait_s) > 1e-3
+                    or got.filter_subject != wanted.filter_subject)
+        if mismatch:
+            log.warning("job=%s consumer %s exists with different settings: %s (wanted max_deliver=%s "
+                        "ack_wait=%ss)", job_id, name, summary, max_deliver, ack_wait_s)
+        else:
+            log.info("job=%s consumer %s %s: %s", job_id, name, "created" if created else "reused", summary)
+        return got
+
+    async def delete_job_consumer(self, job_id: int, pipeline_slug: str) -> None:
+        """Remove the job's consumer and any of its tasks still in the stream (idempotent)."""
+        try:
+            await self.js.delete_consumer(names.TASKS_STREAM, names.job_consumer(job_id))
+        except nats.js.errors.NotFoundError:
+            pass
+        try:
+            await self.js.purge_stream(names.TASKS_STREAM, subject=names.task_subject(pipeline_slug, job_id))
+        except nats.js.errors.NotFoundError:
+            pass
+
+    async def consumer_state(self, job_id: int) -> ConsumerState:
+        """The job consumer's counters; never raises (an outage comes back as `error`)."""
+        try:
+            info = await self.js.consumer_info(names.TASKS_STREAM, names.job_consumer(job_id),
+                                               timeout=API_TIMEOUT_S)
+        except nats.js.errors.NotFoundError:
+            return ConsumerState(exists=False)
+        except Exception as exc:  # noqa: BLE001 - "never raises" is the contract
+            return ConsumerState(exists=False, error=f"{type(exc).__name__}: {exc}"[:200])
+        delivered = info.delivered
+        return ConsumerState(
+            exists=True, num_pending=info.num_pending or 0, num_ack_pending=info.num_ack_pending or 0,
+            num_redelivered=info.num_redelivered or 0,
+            num_delivered=delivered.consumer_seq if delivered else 0,
+            last_active=delivered.last_active if delivered else None,
+        )
+
+    async def job_consumers(self, pipeline_slug: str | None = None) -> list[JobConsumer]:
+        """Every job consumer on the tasks stream (of one pipeline if given), oldest job first."""
+        prefix = names.task_subject_prefix(pipeline_slug) if pipeline_slug else "pipeline.tasks."
+        found: list[JobConsumer] = []
+        offset = 0
+        while True:
+            page = await self.js.consumers_info(names.TASKS_STREAM, offset=offset)
+            for info in page:
+                job_id = names.job_id_from_consumer(info.name)
+                subject = info.config.filter_subject or ""
+                if job_id is not None and subject.startswith(prefix):
+                    found.append(JobConsumer(job_id, info.name, subject))
+            if len(page) < 256:
+                break
+            offset += len(page)
+        return sorted(found, key=lambda c: c.job_id)
+
+    # ---- tasks --------------------------------------------------------------------------------------
+    async def publish_tasks(self, tasks: Iterable[Task], *, chunk: int = PUBLISH_CHUNK) -> int:
+        """Publish tasks concurrently in chunks, deduplicated by `Nats-Msg-Id`; returns how many were new."""
+        batch: list[Task] = []
+        new = 0
+        for task in tasks:
+            batch.append(task)
+            if len(batch) >= chunk:
+                new += await self._publish_chunk(batch)
+                batch = []
+        if batch:
+            new += await self._publish_chunk(batch)
+        return new
+
+    async def _publish_chunk(self, batch: list[Task]) -> int:
+        acks = await asyncio.gather(*(
+            self.js.publish(names.task_subject(t.pipeline, t.job_id), _encoder.encode(t),
+                            stream=names.TASKS_STREAM, headers=task_headers(t))
+            for t in batch))
+        return sum(1 for a in acks if not a.duplicate)
+
+    async def ack(self, reply_subject: str) -> bool:
+        """ACK a task by its reply subject and wait for the server; False if the consumer is gone."""
+        try:
+            await self.nc.request(reply_subject, b"+ACK", timeout=5)
+        except nats.errors.NoRespondersError:
+            return False  # consumer or stream deleted: nothing is left to acknowledge
+        return True
+
+    async def ack_many(self, reply_subjects: Iterable[str]) -> None:
+        await asyncio.gather(*(self.ack(r) for r in reply_subjects))
+
+    async def term(self, reply_subject: str, reason: str) -> None:
+        """Stop redelivery of a task for good; `reason` (naming the image) reaches the MSG_TERMINATED advisory."""
+        await self.nc.publish(reply_subject, f"+TERM {reason}"[:1000].encode())
+        await self.nc.flush(timeout=5)
+
+
+def task_headers(task: Task) -> dict[str, str]:
+    return {names.HDR_MSG_ID: names.task_msg_id(task.job_id, task.image_id),
+            names.HDR_JOB_ID: str(task.job_id), names.HDR_IMAGE_ID: task.image_id}
+
+
+class SyncTaskQueue:
+    """TaskQueue for sync callers: every coroutine method runs on `runner`'s loop and maps NATS outages
+    to TransientError. Usage: `queue.ack(reply)` instead of `await queue.ack(reply)`."""
+
+    def __init__(self, queue: TaskQueue, runner: LoopRunner, *, timeout_s: float = 60.0):
+        self.queue = queue
+        self.runner = runner
+        self.timeout_s = timeout_s
+
+    @classmethod
+    def connect(cls, url: str, runner: LoopRunner, *, name: str = "jetpipe") -> SyncTaskQueue:
+        return cls(runner.run(TaskQueue.connect(url, name=name), timeout=30), runner)
+
+    def __getattr__(self, attr: str):
+        method = getattr(self.queue, attr)
+        if not asyncio.iscoroutinefunction(method):
+            return method
+
+        def call(*args, **kwargs):
+            try:
+                return self.runner.run(method(*args, **kwargs), timeout=self.timeout_s)
+            except NATS_FAILURES as exc:
+                raise TransientError(f"nats: {attr} failed: {exc or type(exc).__name__}") from exc
+
+        return call
