@@ -25,7 +25,7 @@ LOAD_CHUNK = 5000
 
 
 def _script_text(name: str) -> str:
-    return resources.files("pipeline").joinpath("lua", name).read_text()
+    return resources.files("pipeline").joinpath("lua").joinpath(name).read_text()
 
 
 _SCRIPTS = {name: _script_text(f"{name}.lua") for name in ("record_outcomes", "snapshot", "load_begin",

@@ -96,3 +96,24 @@ DRAMATIQ_NAMESPACE = "jetpipe-dramatiq"
 # ---- Dramatiq queues --------------------------------------------------------------------------------
 JOBS_QUEUE = "jobs"
 RESULTS_QUEUE = "results"
+
+
+def parse_ack_subject(reply: str) -> tuple[str, str, int, int] | None:
+    """(stream, consumer, num_delivered, stream_seq) of a JetStream ACK subject (v1 or v2), else None."""
+    tokens = reply.split(".")
+    if tokens[:2] != ["$JS", "ACK"]:
+        return None
+    try:
+        if len(tokens) == 9:
+            return tokens[2], tokens[3], int(tokens[4]), int(tokens[5])
+        if len(tokens) >= 11:
+            return tokens[4], tokens[5], int(tokens[6]), int(tokens[7])
+    except ValueError:
+        return None
+    return None
+
+
+def reply_belongs_to_job(reply: str, job_id: int) -> bool:
+    """True iff `reply` is an ACK subject of the job's own consumer on the tasks stream."""
+    parsed = parse_ack_subject(reply)
+    return parsed is not None and parsed[0] == TASKS_STREAM and parsed[1] == job_consumer(job_id)

@@ -119,11 +119,14 @@ class TaskQueue:
         return cls(await connect_nats(url, name=name))
 
     async def close(self) -> None:
-        if not self.nc.is_closed:
-            try:
-                await asyncio.wait_for(self.nc.drain(), 5)
-            except NATS_FAILURES:
-                await self.nc.close()
+        """Flush buffered publishes and ACKs, then close (no drain: pull subscriptions hold no work)."""
+        if self.nc.is_closed:
+            return
+        try:
+            await self.nc.flush(timeout=2)
+        except NATS_FAILURES:
+            pass
+        await self.nc.close()
 
     # ---- streams ------------------------------------------------------------------------------------
     async def ensure_streams(self) -> None:
@@ -259,6 +262,17 @@ class TaskQueue:
 
     async def ack_many(self, reply_subjects: Iterable[str]) -> None:
         await asyncio.gather(*(self.ack(r) for r in reply_subjects))
+
+    async def image_of_task(self, reply_subject: str) -> str | None:
+        """The image id of the task behind an ACK subject, read from the stream (None if gone or unknown)."""
+        parsed = names.parse_ack_subject(reply_subject)
+        if parsed is None or parsed[0] != names.TASKS_STREAM:
+            return None
+        try:
+            msg = await self.js.get_msg(names.TASKS_STREAM, parsed[3])
+        except nats.js.errors.NotFoundError:
+            return None
+        return (msg.headers or {}).get(names.HDR_IMAGE_ID)
 
     async def term(self, reply_subject: str, reason: str) -> None:
         """Stop redelivery of a task for good; `reason` (naming the image) reaches the MSG_TERMINATED advisory."""

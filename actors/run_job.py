@@ -1,0 +1,64 @@
+"""`run_job`: collect -> load Redis state -> publish tasks -> mark dispatched (or run internally)."""
+
+from __future__ import annotations
+
+import logging
+
+import dramatiq
+
+from models import DispatchMode, JobStatus, utcnow
+from pipeline import broker as _broker  # noqa: F401 - sets the broker before the actor is declared
+from pipeline import jobs, names, progress
+from pipeline.handling import load_job
+from pipeline.internal import run_internal
+from pipeline.joblog import job_log
+from pipeline.jobstate import Snapshot
+from pipeline.runtime import get_runtime
+
+log = logging.getLogger(__name__)
+
+
+@dramatiq.actor(queue_name=names.JOBS_QUEUE, max_retries=3, min_backoff=2_000, max_backoff=30_000,
+                time_limit=6 * 3600 * 1000)
+def run_job(job_id: int) -> None:
+    """Start a job: publish a task per image to JetStream (async_api) or process them here (internal)."""
+    execute(get_runtime(), job_id)
+
+
+def execute(runtime, job_id: int) -> str:
+    """The body of run_job; safe to retry at any point. Returns the job's status when it returns."""
+    job = load_job(job_id)
+    if job is None:
+        log.error("job=%s run_job: no such job; nothing to do", job_id)
+        return "MISSING"
+    if job.status in JobStatus.TERMINAL or job.status == JobStatus.CANCELING:
+        job_log(job_id, logging.INFO, f"run_job: job is {job.status}; nothing to do")
+        return job.status
+    if progress.transition(job_id, JobStatus.STARTED, allowed_from=(JobStatus.CREATED, JobStatus.PENDING)):
+        job_log(job_id, logging.INFO, f"job STARTED: {job.total_images} image(s), mode {job.dispatch_mode}")
+    job = load_job(job_id)
+    _mark_collected(job)
+    if job.total_images == 0:
+        written = progress.write_progress(job_id, Snapshot(0, 0, 0, 0, 0, 0),
+                                          threshold=runtime.settings.failure_threshold)
+        job_log(job_id, logging.INFO, f"no images: job finished {written.status} at once")
+        return written.status
+    if job.dispatch_mode == DispatchMode.INTERNAL:
+        return run_internal(runtime, job)
+    if jobs.load_state_from_db(runtime.state, job_id):
+        log.info("job=%s Redis state initialised: %s pending", job_id, job.total_images)
+    if job.dispatched_at is None:
+        jobs.dispatch(runtime, job)
+    return job.status
+
+
+def _mark_collected(job) -> None:
+    """Collect stage: the job's images are its JobImage rows, counted when the job was created."""
+    stage = job.progress.get("stages", {}).get("collect", {})
+    if stage.get("status") == JobStatus.SUCCESS:
+        return
+    p = job.progress or progress.initial_progress(job.total_images)
+    p["stages"]["collect"].update(status=JobStatus.SUCCESS, progress=1.0, total=job.total_images)
+    p["summary"]["status"] = JobStatus.STARTED
+    type(job).update(progress=p, updated_at=utcnow()).where(
+        (type(job).id == job.id) & (type(job).status.in_(JobStatus.RUNNING))).execute()

@@ -1,0 +1,410 @@
+"""jetpipe command line: `python cli.py COMMAND --help`."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+import peewee
+from rich.console import Console
+
+RET_OK = 0           # success (for watch/demo: the job ended SUCCESS)
+RET_ERROR = 1        # bad input or a failed operation; one readable line on stderr
+RET_USAGE = 2        # wrong command-line usage (click)
+RET_UNAVAILABLE = 3  # a dependency (database, Redis, NATS) could not be reached
+RET_JOB_FAILED = 4   # watch/demo: the job ended FAILURE or REVOKED, or did not end in time
+
+STACK_DIR = Path(".pipeline")
+STACK_FILE = STACK_DIR / "stack.json"
+
+
+def _env_help() -> str:
+    from pipeline.settings import OPTIONS
+
+    lines = [f"  {o.env:<36} {o.help} (default: {o.default})" for o in OPTIONS.values()]
+    return "\n".join(lines)
+
+
+EPILOG = f"""\b
+Examples:
+  python cli.py up                      # embedded NATS + Redis under .pipeline/, prints exports
+  python cli.py init-db
+  python cli.py pipeline register moth-demo.json
+  python cli.py enqueue-job --pipeline moth-demo --images-dir ./traps --name "night 12"
+  python cli.py watch 1                 # progress bar until the job ends
+  dramatiq pipeline.actors              # a worker (runs the results bridge too)
+  python cli.py process --pipeline moth-demo   # the reference processing service
+  python cli.py demo                    # everything above, self-contained, 200 images
+
+\b
+Exit codes:
+  {RET_OK} ok (watch/demo: job SUCCESS)     {RET_ERROR} bad input or failed operation
+  {RET_USAGE} usage error                        {RET_UNAVAILABLE} database, Redis or NATS unreachable
+  {RET_JOB_FAILED} watch/demo: job FAILURE, REVOKED or not finished in time
+
+\b
+Environment (read once at start):
+{_env_help()}
+"""
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = RET_ERROR):
+    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def handles_errors(fn):
+    """Turn every expected failure into one readable line and an exit code (never a traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import redis
+
+        from pipeline.errors import ConfigError, PipelineError, TransientError, UserInputError
+        from pipeline.settings import redact
+
+        try:
+            return fn(*args, **kwargs)
+        except (UserInputError, ConfigError) as exc:
+            fail(str(exc))
+        except TransientError as exc:
+            fail(str(exc), RET_UNAVAILABLE)
+        except redis.RedisError as exc:
+            fail(f"Redis unavailable: {exc}", RET_UNAVAILABLE)
+        except peewee.OperationalError as exc:
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "no such table" in text or "does not exist" in text:
+                fail(f"database is not initialised ({text}): run `python cli.py init-db`")
+            fail(f"database unavailable: {redact(text)}", RET_UNAVAILABLE)
+        except PipelineError as exc:
+            fail(str(exc))
+
+    return wrapper
+
+
+def runtime():
+    from pipeline.runtime import get_runtime
+
+    return get_runtime()
+
+
+def bind_db():
+    import models
+    from pipeline.settings import get_settings
+
+    models.bind(get_settings().database_url)
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """jetpipe: run asynchronous ML jobs over many images, reliably."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+@main.command("init-db")
+@handles_errors
+def init_db() -> None:
+    """Create the database tables (idempotent)."""
+    import models
+    from pipeline.settings import get_settings, redact
+
+    bind_db()
+    models.create_schema()
+    console.print(f"database ready: {redact(get_settings().database_url)}")
+
+
+# ---- pipelines -----------------------------------------------------------------------------------------
+@main.group()
+def pipeline() -> None:
+    """Register and list pipelines."""
+
+
+@pipeline.command("register")
+@click.argument("file", type=click.Path(dir_okay=False))
+@handles_errors
+def pipeline_register(file: str) -> None:
+    """Register (or update) a pipeline and its algorithms from a JSON FILE."""
+    from pipeline.errors import UserInputError
+    from pipeline.registry import register_pipeline
+    from pipeline.schemas import decode_pipeline_spec
+
+    try:
+        body = Path(file).read_bytes()
+    except OSError as exc:
+        raise UserInputError(f"cannot read {file}: {exc.strerror}") from None
+    bind_db()
+    spec = decode_pipeline_spec(body, source=file)
+    created = register_pipeline(spec)
+    console.print(f"pipeline {spec.slug} {'registered' if created else 'updated'} "
+                  f"with {len(spec.algorithms)} algorithm(s)")
+
+
+@pipeline.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handles_errors
+def pipeline_list(as_json: bool) -> None:
+    """List registered pipelines and their algorithms."""
+    from rich.table import Table
+
+    from pipeline.registry import list_pipelines
+
+    bind_db()
+    rows = list_pipelines()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("slug", "name", "algorithms")
+    for p in rows:
+        table.add_row(p["slug"], p["name"], ", ".join(f"{a['key']} ({a['task_type']})" for a in p["algorithms"]))
+    console.print(table)
+
+
+# ---- jobs -------------------------------------------------------------------------------------------------
+@main.command("enqueue-job")
+@click.option("--pipeline", "pipeline_slug", required=True, help="Slug of a registered pipeline.")
+@click.option("--images-dir", type=click.Path(file_okay=False), help="Every image file in this directory.")
+@click.option("--images-file", type=click.Path(dir_okay=False), help="A file listing one URL or path per line.")
+@click.option("--name", help="A name for the job.")
+@click.option("--limit", type=int, help="Take at most this many images.")
+@click.option("--dispatch-mode", type=click.Choice(["async_api", "internal"]), default="async_api",
+              show_default=True, help="async_api: external services via NATS; internal: the worker runs it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
+@click.argument("urls", nargs=-1)
+@handles_errors
+def enqueue_job(pipeline_slug, images_dir, images_file, name, limit, dispatch_mode, as_json, urls) -> None:
+    """Create a job over images and start it; prints the job id.
+
+    Images come from --images-dir, --images-file and/or URL arguments (file://, http://, https://).
+    """
+    import itertools
+
+    from models import Job
+    from pipeline.errors import UserInputError
+    from pipeline.jobs import create_job, image_urls_from_dir, image_urls_from_file, start_job
+
+    sources = []
+    if images_dir:
+        sources.append(image_urls_from_dir(images_dir))
+    if images_file:
+        sources.append(image_urls_from_file(images_file))
+    if urls:
+        sources.append(urls)
+    if not sources:
+        raise UserInputError("no images given: use --images-dir, --images-file or URL arguments")
+    rt = runtime()
+    job = create_job(pipeline_slug, itertools.chain(*sources), name=name, limit=limit, dispatch_mode=dispatch_mode)
+    start_job(rt, job)
+    job = Job.get_by_id(job.id)
+    if as_json:
+        from pipeline.report import get_job, job_summary
+
+        click.echo(json.dumps(job_summary(get_job(job.id)), indent=2))
+    else:
+        console.print(f"job {job.id} queued: {job.total_images} image(s), pipeline {pipeline_slug}, "
+                      f"mode {dispatch_mode}")
+
+
+@main.command("jobs")
+@click.option("--status", "statuses", multiple=True, help="Only jobs with this status (repeatable).")
+@click.option("--pipeline", "pipeline_slug", help="Only jobs of this pipeline.")
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@handles_errors
+def jobs_cmd(statuses, pipeline_slug, limit, as_json) -> None:
+    """List recent jobs."""
+    from models import Job, Pipeline
+    from pipeline.report import job_summary, render_jobs
+
+    bind_db()
+    query = Job.select(Job, Pipeline).join(Pipeline).order_by(Job.id.desc()).limit(limit)
+    if statuses:
+        query = query.where(Job.status.in_([s.upper() for s in statuses]))
+    if pipeline_slug:
+        query = query.where(Pipeline.slug == pipeline_slug)
+    rows = [job_summary(j) for j in query]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        render_jobs(console, rows)
+
+
+def _job_or_fail(job_id: int):
+    from pipeline.errors import NotFound
+    from pipeline.report import get_job
+
+    job = get_job(job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    return job
+
+
+@main.command("status")
+@click.argument("job_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@handles_errors
+def status(job_id: int, as_json: bool) -> None:
+    """Show a job's status, stages, counters, throughput and failed images."""
+    from pipeline.report import failed_images, job_summary, render_status
+
+    bind_db()
+    summary = job_summary(_job_or_fail(job_id))
+    failures = failed_images(job_id)
+    if as_json:
+        click.echo(json.dumps({**summary, "failed_images": failures}, indent=2))
+    else:
+        render_status(console, summary, failures)
+
+
+@main.command("watch")
+@click.argument("job_id", type=int)
+@click.option("--timeout", type=float, help="Give up after this many seconds (exit 4).")
+@handles_errors
+def watch(job_id: int, timeout: float | None) -> None:
+    """Show a live progress bar until the job ends; exit 0 iff it ends SUCCESS."""
+    from models import JobStatus
+    from pipeline.report import watch as watch_job
+
+    bind_db()
+    _job_or_fail(job_id)
+    job = watch_job(console, job_id, timeout_s=timeout)
+    console.print(f"job {job_id}: {job.status}" + (f" ({job.error})" if job.error else ""))
+    sys.exit(RET_OK if job.status == JobStatus.SUCCESS else RET_JOB_FAILED)
+
+
+@main.command("logs")
+@click.argument("job_id", type=int)
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until the job ends.")
+@click.option("--json", "as_json", is_flag=True)
+@handles_errors
+def logs(job_id: int, follow: bool, as_json: bool) -> None:
+    """Print a job's log."""
+    import time
+
+    from models import JobStatus
+    from pipeline.report import get_job, job_logs
+
+    bind_db()
+    _job_or_fail(job_id)
+    last = 0
+    while True:
+        for line in job_logs(job_id, after_id=last):
+            last = line.id
+            if as_json:
+                click.echo(json.dumps({"at": line.created_at.isoformat(), "level": line.level,
+                                       "message": line.message}))
+            else:
+                click.echo(f"{line.created_at:%Y-%m-%d %H:%M:%S} {line.level:<7} {line.message}")
+        if not follow or get_job(job_id).status in JobStatus.TERMINAL:
+            return
+        time.sleep(0.5)
+
+
+@main.command("cancel")
+@click.argument("job_id", type=int)
+@handles_errors
+def cancel(job_id: int) -> None:
+    """Cancel a job: its tasks leave NATS, its state is cleaned up, and it ends REVOKED."""
+    from pipeline.jobs import cancel as cancel_job
+
+    rt = runtime()
+    final = cancel_job(rt, job_id)
+    console.print(f"job {job_id}: {final}")
+
+
+# ---- processing service -------------------------------------------------------------------------------
+@main.command("process")
+@click.option("--pipeline", "pipeline_slug", required=True, help="Pipeline whose tasks to process.")
+@click.option("--concurrency", type=int, default=4, show_default=True, help="Tasks processed at once.")
+@handles_errors
+def process(pipeline_slug: str, concurrency: int) -> None:
+    """Run the reference processing service for a pipeline with a built-in model (moth-demo)."""
+    from pipeline.errors import UserInputError
+    from pipeline.handlers import HANDLERS, get_handler
+    from pipeline.sdk import ProcessingService
+    from pipeline.settings import get_settings
+
+    handler = get_handler(pipeline_slug)
+    if handler is None:
+        raise UserInputError(f"no built-in model for pipeline {pipeline_slug!r} (have: {', '.join(HANDLERS)})")
+    if concurrency < 1:
+        raise UserInputError("--concurrency must be at least 1")
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    service = ProcessingService(pipeline_slug, handler, nats_url=get_settings().nats_url, concurrency=concurrency)
+
+    async def serve():
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, service.stop)
+        await service.run()
+
+    asyncio.run(serve())
+    console.print(f"service stopped: {service.processed} processed, {service.failed} failed")
+
+
+# ---- development stack ----------------------------------------------------------------------------------
+@main.command("up")
+@handles_errors
+def up() -> None:
+    """Start an embedded NATS (JetStream) + Redis for development, data under .pipeline/."""
+    from pipeline.devstack import DevStack
+
+    if STACK_FILE.exists():
+        stack = json.loads(STACK_FILE.read_text())
+        console.print("stack already up (run `python cli.py down` first); its environment:")
+    else:
+        dev = DevStack.create(STACK_DIR.resolve(), persist=True, detach=True).start()
+        stack = {"env": dev.env(), "pids": [dev.nats.proc.pid, dev.redis.proc.pid]}
+        STACK_FILE.write_text(json.dumps(stack, indent=2))
+        console.print(f"NATS {dev.nats_url} and Redis {dev.redis_url} running (data in {STACK_DIR}/)")
+    for key, value in stack["env"].items():
+        click.echo(f"export {key}={value}")
+
+
+@main.command("down")
+@handles_errors
+def down() -> None:
+    """Stop the stack started by `up` (its data stays in .pipeline/)."""
+    from pipeline.devstack import stop_pid
+
+    if not STACK_FILE.exists():
+        console.print("no stack is up")
+        return
+    stack = json.loads(STACK_FILE.read_text())
+    stopped = sum(stop_pid(pid) for pid in stack["pids"])
+    STACK_FILE.unlink()
+    console.print(f"stopped {stopped} server(s)")
+
+
+@main.command("demo")
+@click.option("--images", type=int, default=200, show_default=True, help="Synthetic images in the job.")
+@click.option("--keep", is_flag=True, help="Keep the temporary directory (images, database, logs).")
+@click.option("--timeout", type=float, default=600, show_default=True, help="Seconds to wait for the job.")
+@handles_errors
+def demo(images: int, keep: bool, timeout: float) -> None:
+    """Self-contained demo: embedded stack, a worker, the reference service, one real job to the end.
+
+    Exits 0 only if the job ends SUCCESS and its detections equal the generated ground truth.
+    """
+    from pipeline.demo import run_demo
+    from pipeline.errors import UserInputError
+
+    if images < 1:
+        raise UserInputError("--images must be at least 1")
+    ok = run_demo(console, images=images, keep=keep, timeout_s=timeout, project_dir=Path(__file__).resolve().parent)
+    sys.exit(RET_OK if ok else RET_JOB_FAILED)
+
+
+if __name__ == "__main__":
+    main(prog_name=os.environ.get("JETPIPE_PROG", "python cli.py"))

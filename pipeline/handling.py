@@ -1,0 +1,135 @@
+"""Handling one result message, in the order of invariant 1:
+
+    validate -> save to DB (idempotent) -> atomic Redis update -> progress written -> ACK the task
+
+A crash anywhere before the ACK leads to redelivery, and the replay converges to the same rows and the
+same counters: the save is idempotent, the Redis gate counts an image once, progress is monotone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from models import Job, JobStatus, Pipeline
+from pipeline import jobs, names, progress
+from pipeline.crashpoints import crash_point
+from pipeline.errors import BadResult, StateMissing
+from pipeline.joblog import job_log
+from pipeline.jobstate import Outcome, Snapshot
+from pipeline.results import fail_images, save_result
+from pipeline.schemas import ErrorResult, Result, decode_result
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Handled:
+    """What handling one result did (for the caller's log line and for tests)."""
+
+    action: str  # counted | late | failed | rejected | unknown_job | left_pending
+    job_status: str | None = None
+    snapshot: Snapshot | None = None
+
+
+def load_job(job_id: int) -> Job | None:
+    return Job.select(Job, Pipeline).join(Pipeline).where(Job.id == job_id).get_or_none()
+
+
+def count_outcomes(runtime, job: Job, outcomes: list[Outcome]) -> tuple[Snapshot | None, progress.ProgressWrite]:
+    """Redis gate then progress for outcomes already saved in the database (steps 3 and 4 of invariant 1)."""
+    if job.status in JobStatus.TERMINAL:
+        return None, progress.ProgressWrite(job.status, False)
+    state = runtime.state
+    try:
+        snapshot = state.record(job.id, outcomes)
+    except StateMissing:
+        # Redis lost this running job's state: rebuild it from the database (which already holds this
+        # result), then count again; an image the rebuild saw as settled is not counted twice.
+        jobs.load_state_from_db(state, job.id, force=True)
+        log.warning("job=%s Redis state was missing; rebuilt from the database", job.id)
+        snapshot = state.record(job.id, outcomes)
+    crash_point("after_redis_update", job=job.id)
+    written = progress.write_progress(job.id, snapshot, threshold=runtime.settings.failure_threshold)
+    crash_point("after_progress", job=job.id)
+    return snapshot, written
+
+
+def apply_result(runtime, job: Job, result: Result) -> tuple[Snapshot | None, progress.ProgressWrite, list[Outcome]]:
+    """Save then count one decoded result; raises BadResult for data that can never be saved."""
+    if isinstance(result, ErrorResult):
+        outcomes = fail_images(job.id, [result.image_id], f"processing service error: {result.error}")
+        if not outcomes:
+            raise BadResult(f"error result names image {result.image_id!r}, which is not part of job {job.id}")
+    else:
+        outcomes = save_result(job, result)
+    crash_point("after_db_save", job=job.id)
+    snapshot, written = count_outcomes(runtime, job, outcomes)
+    return snapshot, written, outcomes
+
+
+def finish(runtime, job: Job, written: progress.ProgressWrite) -> None:
+    """After this process made the terminal transition: log it and clean up, once."""
+    if not written.finished_now:
+        return
+    job_log(job.id, logging.INFO, f"job finished {written.status}")
+    if job.dispatch_mode == "async_api":
+        jobs.cleanup(runtime, job.id, job.pipeline.slug)
+
+
+def fail_bad_result(runtime, job: Job, exc: BadResult, reply: str | None) -> Handled:
+    """Invariant 10: fail each affected image with the reason and TERM its task; other images go on."""
+    image_ids = list(exc.image_ids)
+    if not image_ids and reply:
+        image_id = runtime.tasks.image_of_task(reply)
+        if image_id:
+            image_ids = [image_id]
+    reason = f"bad result: {exc}"
+    for image_id in image_ids or [None]:
+        job_log(job.id, logging.ERROR, reason, image_id=image_id)
+    written = progress.ProgressWrite(job.status, False)
+    snapshot = None
+    if image_ids:
+        outcomes = fail_images(job.id, image_ids, reason)
+        snapshot, written = count_outcomes(runtime, job, outcomes)
+    if reply:
+        runtime.tasks.term(reply, f"image={','.join(image_ids) or '?'} {reason}"[:300])
+    finish(runtime, job, written)
+    return Handled("failed" if image_ids else "left_pending", written.status, snapshot)
+
+
+def handle_result_message(runtime, job_id: int, body: bytes, reply: str | None) -> Handled:
+    """Handle one result message from `pipeline.results.<job_id>` whose task replies on `reply`."""
+    job = load_job(job_id)
+    if job is None:
+        log.error("job=%s result for an unknown job; its task is terminated", job_id)
+        if reply and names.reply_belongs_to_job(reply, job_id):
+            runtime.tasks.term(reply, f"unknown job {job_id}")
+        return Handled("unknown_job")
+    if reply is not None and not names.reply_belongs_to_job(reply, job_id):
+        # Never ACK someone else's task: the result is dropped, the image's own task will be redelivered.
+        job_log(job_id, logging.ERROR, f"result rejected: {names.HDR_TASK_REPLY} {reply!r} is not a task of "
+                                       f"consumer {names.job_consumer(job_id)}")
+        return Handled("rejected", job.status)
+    try:
+        result = decode_result(body)
+        crash_point("after_validation", job=job_id)
+        if isinstance(result, ErrorResult) and result.image_id is None:
+            job_log(job_id, logging.WARNING, f"error result without image_id ({result.error!r}); "
+                                             "not ACKed: the task will be redelivered, then reconciled")
+            return Handled("left_pending", job.status)
+        snapshot, written, outcomes = apply_result(runtime, job, result)
+    except BadResult as exc:
+        return fail_bad_result(runtime, job, exc, reply)
+    if isinstance(result, ErrorResult):
+        job_log(job_id, logging.WARNING, f"image failed: {result.error}", image_id=result.image_id)
+    crash_point("before_ack", job=job_id)
+    if reply:
+        runtime.tasks.ack(reply)
+    crash_point("after_ack", job=job_id)
+    finish(runtime, job, written)
+    action = "late" if snapshot is None else "counted"
+    if snapshot is None:
+        log.info("job=%s late result for a %s job saved (images %s); counters unchanged", job_id, job.status,
+                 ",".join(o.image_id for o in outcomes))
+    return Handled(action, written.status, snapshot)

@@ -1,0 +1,43 @@
+"""`internal` dispatch mode: the worker runs the pipeline's Python handler on every image itself.
+
+Results go through the same save -> Redis gate -> progress path as NATS results; there is no task to
+ACK. Failures in this mode are never deferred: an image whose handler raises is failed with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from models import Job
+from pipeline import handling, jobs
+from pipeline.errors import BadResult, UserInputError
+from pipeline.handlers import get_handler
+from pipeline.joblog import job_log
+from pipeline.schemas import ErrorResult
+
+log = logging.getLogger(__name__)
+
+
+def run_internal(runtime, job: Job) -> str:
+    """Process every pending image of `job` in this process; returns the job's status afterwards."""
+    handler = get_handler(job.pipeline.slug)
+    if handler is None:
+        raise UserInputError(f"pipeline {job.pipeline.slug!r} has no built-in handler for internal mode")
+    jobs.load_state_from_db(runtime.state, job.id)
+    status = job.status
+    for _, task in jobs.pending_tasks(job, after_id=0):
+        try:
+            result = handler(task)
+        except Exception as exc:  # noqa: BLE001 - a handler failure fails that image only
+            result = ErrorResult(error=f"{type(exc).__name__}: {exc}", image_id=task.image_id)
+            job_log(job.id, logging.WARNING, f"image failed: {result.error}", image_id=task.image_id)
+        try:
+            _, written, _ = handling.apply_result(runtime, job, result)
+        except BadResult as exc:
+            written = handling.fail_bad_result(runtime, job, BadResult(str(exc), image_ids=(task.image_id,)),
+                                               None)
+            status = written.job_status
+            continue
+        status = written.status
+        handling.finish(runtime, job, written)
+    return status

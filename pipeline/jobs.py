@@ -1,0 +1,237 @@
+"""Job lifecycle: create a job from image URLs, load its Redis state from the database, dispatch its
+tasks to JetStream, cancel it, and clean up after its one terminal transition."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from urllib.parse import urlsplit
+
+import peewee
+
+from models import (
+    DispatchMode,
+    ImageStatus,
+    Job,
+    JobImage,
+    JobStatus,
+    Pipeline,
+    SourceImage,
+    database,
+    utcnow,
+)
+from pipeline import names, progress
+from pipeline.crashpoints import crash_point
+from pipeline.errors import NotFound, TransientError, UserInputError
+from pipeline.joblog import job_log
+from pipeline.jobstate import JobState
+from pipeline.schemas import Task
+
+log = logging.getLogger(__name__)
+
+#: Rows read from the database and published per round of run_job (also the resume checkpoint).
+DISPATCH_CHUNK = 5000
+#: Image URLs inserted per statement when a job is created.
+CREATE_CHUNK = 1000
+URL_SCHEMES = ("file", "http", "https")
+
+
+def check_url(url: str) -> str:
+    """`url` if it is a usable image URL; raises UserInputError saying why not."""
+    parts = urlsplit(url)
+    if parts.scheme not in URL_SCHEMES:
+        raise UserInputError(f"not an image URL (want file://, http:// or https://): {url!r}")
+    if parts.scheme == "file" and not parts.path:
+        raise UserInputError(f"file URL without a path: {url!r}")
+    if parts.scheme in ("http", "https") and not parts.hostname:
+        raise UserInputError(f"URL without a host: {url!r}")
+    return url
+
+
+def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = None, limit: int | None = None,
+               dispatch_mode: str = DispatchMode.ASYNC_API) -> Job:
+    """A new CREATED job over `urls` (streamed, deduplicated); all or nothing: bad input leaves no row."""
+    pipeline = Pipeline.get_or_none(Pipeline.slug == pipeline_slug)
+    if pipeline is None:
+        known = ", ".join(p.slug for p in Pipeline.select(Pipeline.slug).order_by(Pipeline.slug)) or "none"
+        raise NotFound(f"unknown pipeline {pipeline_slug!r} (registered: {known})")
+    if dispatch_mode not in DispatchMode.ALL:
+        raise UserInputError(f"unknown dispatch mode {dispatch_mode!r} (use {' or '.join(DispatchMode.ALL)})")
+    if limit is not None and limit < 1:
+        raise UserInputError("--limit must be at least 1")
+    with database.atomic():
+        job = Job.create(name=name or f"{pipeline_slug} job", pipeline=pipeline, dispatch_mode=dispatch_mode,
+                         progress=progress.initial_progress())
+        total = 0
+        for chunk in _chunks(_limited(urls, limit), CREATE_CHUNK):
+            chunk = list(dict.fromkeys(check_url(u) for u in chunk))
+            SourceImage.insert_many([{"url": u} for u in chunk]).on_conflict_ignore().execute()
+            ids = [r.id for r in SourceImage.select(SourceImage.id).where(SourceImage.url.in_(chunk))]
+            total += JobImage.insert_many([{"job": job.id, "image": i} for i in ids]).on_conflict_ignore() \
+                .as_rowcount().execute()
+        if total == 0:
+            raise UserInputError("no images: the job would be empty")
+        job.total_images = total
+        job.progress = progress.initial_progress(total)
+        job.save(only=[Job.total_images, Job.progress])
+    log.info("job=%s created: pipeline=%s images=%s mode=%s", job.id, pipeline_slug, total, dispatch_mode)
+    return job
+
+
+def _limited(urls: Iterable[str], limit: int | None) -> Iterator[str]:
+    for n, url in enumerate(urls):
+        if limit is not None and n >= limit:
+            return
+        url = url.strip()
+        if url:
+            yield url
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def image_urls_from_dir(directory: str) -> list[str]:
+    """file:// URLs of the images in `directory`, sorted by name."""
+    if not os.path.isdir(directory):
+        raise UserInputError(f"--images-dir {directory!r} is not a directory")
+    exts = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+    files = sorted(f for f in os.listdir(directory) if f.lower().endswith(exts))
+    return [f"file://{os.path.abspath(os.path.join(directory, f))}" for f in files]
+
+
+def image_urls_from_file(path: str) -> Iterator[str]:
+    """URLs (or local paths) listed one per line in `path`; blank lines and #comments are skipped."""
+    try:
+        handle = open(path, encoding="utf-8")
+    except OSError as exc:
+        raise UserInputError(f"cannot read --images-file {path!r}: {exc.strerror}") from None
+    with handle:
+        try:
+            for line in handle:
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    yield line if "://" in line else f"file://{os.path.abspath(line)}"
+        except UnicodeDecodeError:
+            raise UserInputError(f"--images-file {path!r} is not UTF-8 text") from None
+
+
+# ---- Redis state from the database ---------------------------------------------------------------------
+def load_state_from_db(state: JobState, job_id: int, *, force: bool = False) -> bool:
+    """Load the job's Redis state from its JobImage rows; False if a complete state existed (no force)."""
+    rows = JobImage.select().where(JobImage.job == job_id)
+    total = rows.count()
+    agg = (JobImage.select(peewee.fn.COUNT(JobImage.id), peewee.fn.SUM(JobImage.detections),
+                           peewee.fn.SUM(JobImage.classifications))
+           .where((JobImage.job == job_id) & (JobImage.status == ImageStatus.PROCESSED)).tuples().get())
+
+    def ids(status: str) -> Iterator[str]:
+        query = (JobImage.select(JobImage.image).where((JobImage.job == job_id) & (JobImage.status == status))
+                 .tuples().iterator())
+        return (str(image_id) for (image_id,) in query)
+
+    return state.load(job_id, pending_ids=ids(ImageStatus.PENDING), failed_ids=ids(ImageStatus.FAILED),
+                      total=total, captures=agg[0] or 0, detections=agg[1] or 0, classifications=agg[2] or 0,
+                      force=force)
+
+
+# ---- dispatch -------------------------------------------------------------------------------------------
+def pending_tasks(job: Job, *, after_id: int) -> Iterator[tuple[int, Task]]:
+    """(JobImage.id, Task) of the job's pending images after `after_id`, in id order, streamed."""
+    query = (JobImage.select(JobImage.id, JobImage.image, SourceImage.url).join(SourceImage)
+             .where((JobImage.job == job.id) & (JobImage.status == ImageStatus.PENDING) & (JobImage.id > after_id))
+             .order_by(JobImage.id).tuples().iterator())
+    slug = job.pipeline.slug
+    for row_id, image_id, url in query:
+        yield row_id, Task(job_id=job.id, image_id=str(image_id), image_url=url, pipeline=slug)
+
+
+def dispatch(runtime, job: Job) -> int:
+    """Publish the job's pending tasks from its checkpoint on, then mark it dispatched; returns tasks sent.
+
+    Resumable: the checkpoint (`dispatch_cursor`) advances after each published chunk, and a chunk
+    republished after a crash is deduplicated by its `Nats-Msg-Id`s.
+    """
+    settings = runtime.settings
+    tasks = runtime.tasks
+    accepted = tasks.ensure_job_consumer(job.id, job.pipeline.slug, max_deliver=settings.nats_max_deliver,
+                                         ack_wait_s=settings.nats_task_ttr)
+    job_log(job.id, logging.INFO, f"consumer {names.job_consumer(job.id)} ready: max_deliver="
+                                  f"{accepted.max_deliver} ack_wait={accepted.ack_wait}s")
+    sent = new = 0
+    cursor = job.dispatch_cursor
+    for chunk in _chunks(pending_tasks(job, after_id=cursor), DISPATCH_CHUNK):
+        new += tasks.publish_tasks([task for _, task in chunk])
+        sent += len(chunk)
+        cursor = chunk[-1][0]
+        Job.update(dispatch_cursor=cursor, updated_at=utcnow()).where(Job.id == job.id).execute()
+        crash_point("mid_publish", job=job.id, sent=sent)
+    crash_point("after_publish", job=job.id, sent=sent)
+    Job.update(dispatched_at=utcnow(), updated_at=utcnow()).where(Job.id == job.id).execute()
+    job_log(job.id, logging.INFO, f"dispatched {sent} task(s) ({new} new) to "
+                                  f"{names.task_subject(job.pipeline.slug, job.id)}")
+    return sent
+
+
+# ---- cleanup and cancel ---------------------------------------------------------------------------------
+def cleanup(runtime, job_id: int, pipeline_slug: str) -> bool:
+    """Remove the job's NATS consumer (and leftover tasks) and Redis state; True if both went.
+
+    Runs once, after the job's terminal transition; a failure is logged and left to the zombie sweep.
+    """
+    ok = True
+    try:
+        runtime.tasks.delete_job_consumer(job_id, pipeline_slug)
+    except TransientError as exc:
+        ok = False
+        log.warning("job=%s cleanup: NATS consumer not removed (%s); the zombie sweep will retry", job_id, exc)
+    try:
+        runtime.state.delete(job_id)
+    except TransientError as exc:
+        ok = False
+        log.warning("job=%s cleanup: Redis state not removed (%s); the zombie sweep will retry", job_id, exc)
+    if ok:
+        Job.update(cleaned_up_at=utcnow()).where(Job.id == job_id).execute()
+        log.info("job=%s cleaned up: consumer %s and Redis state removed", job_id, names.job_consumer(job_id))
+    return ok
+
+
+def cancel(runtime, job_id: int) -> str:
+    """Cancel a job: CANCELING, then clean up, then REVOKED; returns the job's final status."""
+    job = Job.get_or_none(Job.id == job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    if job.status in JobStatus.TERMINAL:
+        return job.status
+    progress.transition(job_id, JobStatus.CANCELING, allowed_from=(JobStatus.CREATED, JobStatus.PENDING,
+                                                                   JobStatus.STARTED))
+    job_log(job_id, logging.INFO, "cancel requested: status CANCELING")
+    if job.dispatch_mode == DispatchMode.ASYNC_API:
+        cleanup(runtime, job_id, job.pipeline.slug)
+    if progress.transition(job_id, JobStatus.REVOKED, allowed_from=(JobStatus.CANCELING,),
+                           error="canceled by operator"):
+        job_log(job_id, logging.INFO, "job REVOKED (canceled); its tasks were removed from NATS")
+    return Job.get_by_id(job_id).status
+
+
+def start_job(runtime, job: Job) -> None:
+    """Queue run_job for a CREATED job (status PENDING); if the queue is unreachable the job is removed."""
+    import redis
+
+    from actors.run_job import run_job  # late: importing actors sets up the Dramatiq broker
+
+    progress.transition(job.id, JobStatus.PENDING, allowed_from=(JobStatus.CREATED,))
+    try:
+        run_job.send(job.id)
+    except redis.RedisError as exc:
+        job.delete_instance(recursive=True)
+        raise TransientError(f"could not queue the job (Redis unavailable: {exc}); nothing was created") from exc
+    log.info("job=%s queued for run_job", job.id)

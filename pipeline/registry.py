@@ -1,0 +1,32 @@
+"""Pipeline registration: a pipeline and the algorithms results may name (anything else is bad data)."""
+
+from __future__ import annotations
+
+from models import Algorithm, Pipeline, database
+from pipeline.schemas import PipelineSpec
+
+
+def register_pipeline(spec: PipelineSpec) -> bool:
+    """Create or update the pipeline and upsert its algorithms; True if the pipeline is new.
+
+    Algorithms are never deleted: results already saved may reference them.
+    """
+    with database.atomic():
+        pipeline, created = Pipeline.get_or_create(slug=spec.slug, defaults={"name": spec.name})
+        if not created and pipeline.name != spec.name:
+            pipeline.name = spec.name
+            pipeline.save()
+        for algo in spec.algorithms:
+            Algorithm.insert(pipeline=pipeline, key=algo.key, name=algo.name, task_type=algo.task_type).on_conflict(
+                conflict_target=[Algorithm.pipeline, Algorithm.key],
+                update={Algorithm.name: algo.name, Algorithm.task_type: algo.task_type}).execute()
+    return created
+
+
+def list_pipelines() -> list[dict]:
+    out = []
+    for p in Pipeline.select().order_by(Pipeline.slug):
+        algos = Algorithm.select().where(Algorithm.pipeline == p).order_by(Algorithm.id)
+        out.append({"slug": p.slug, "name": p.name,
+                    "algorithms": [{"key": a.key, "name": a.name, "task_type": a.task_type} for a in algos]})
+    return out

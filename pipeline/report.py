@@ -1,0 +1,115 @@
+"""What operators see about jobs: plain dicts for `--json`, and rich tables and progress bars for people."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from models import ImageStatus, Job, JobImage, JobLog, JobStatus, Pipeline, utcnow
+
+STATUS_STYLE = {JobStatus.SUCCESS: "green", JobStatus.FAILURE: "red", JobStatus.REVOKED: "yellow",
+                JobStatus.STARTED: "cyan", JobStatus.CANCELING: "yellow"}
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat(timespec="seconds") + "Z" if value else None
+
+
+def job_summary(job: Job) -> dict:
+    """The job as a JSON-ready dict: status, stages, counters, timing, errors."""
+    stages = (job.progress or {}).get("stages", {})
+    process, results = stages.get("process", {}), stages.get("results", {})
+    end = job.finished_at or utcnow()
+    elapsed = (end - job.started_at).total_seconds() if job.started_at else None
+    processed = process.get("processed", 0)
+    rate = processed / elapsed if elapsed and elapsed > 0 else None
+    remaining = process.get("remaining", job.total_images)
+    return {
+        "id": job.id, "name": job.name, "pipeline": job.pipeline.slug, "dispatch_mode": job.dispatch_mode,
+        "status": job.status, "error": job.error, "total_images": job.total_images,
+        "processed": processed, "failed": process.get("failed", 0), "remaining": remaining,
+        "captures": results.get("captures", 0), "detections": results.get("detections", 0),
+        "classifications": results.get("classifications", 0),
+        "progress": (job.progress or {}).get("summary", {}).get("progress", 0.0),
+        "stages": stages, "errors": (job.progress or {}).get("errors", []),
+        "created_at": _iso(job.created_at), "started_at": _iso(job.started_at),
+        "dispatched_at": _iso(job.dispatched_at), "finished_at": _iso(job.finished_at),
+        "last_progress_at": _iso(job.last_progress_at),
+        "elapsed_s": round(elapsed, 2) if elapsed is not None else None,
+        "images_per_s": round(rate, 2) if rate else None,
+        "eta_s": round(remaining / rate, 1) if rate and job.status not in JobStatus.TERMINAL else None,
+    }
+
+
+def get_job(job_id: int) -> Job | None:
+    return Job.select(Job, Pipeline).join(Pipeline).where(Job.id == job_id).get_or_none()
+
+
+def failed_images(job_id: int, limit: int = 20) -> list[dict]:
+    rows = (JobImage.select(JobImage.image, JobImage.error)
+            .where((JobImage.job == job_id) & (JobImage.status == ImageStatus.FAILED))
+            .order_by(JobImage.image).limit(limit))
+    return [{"image_id": str(r.image_id), "error": r.error} for r in rows]
+
+
+def render_status(console: Console, summary: dict, failures: list[dict]) -> None:
+    style = STATUS_STYLE.get(summary["status"], "white")
+    console.print(f"[bold]Job {summary['id']}[/bold] {summary['name']!r}  pipeline={summary['pipeline']}  "
+                  f"mode={summary['dispatch_mode']}  status=[{style}]{summary['status']}[/{style}]")
+    table = Table("stage", "status", "progress", "counters")
+    for name, stage in summary["stages"].items():
+        counters = ", ".join(f"{k}={v}" for k, v in stage.items() if k not in ("status", "progress"))
+        table.add_row(name, stage.get("status", ""), f"{stage.get('progress', 0) * 100:.1f}%", counters)
+    console.print(table)
+    timing = [f"elapsed {summary['elapsed_s']} s" if summary["elapsed_s"] is not None else "not started"]
+    if summary["images_per_s"]:
+        timing.append(f"{summary['images_per_s']} images/s")
+    if summary["eta_s"] is not None:
+        timing.append(f"ETA {summary['eta_s']} s")
+    console.print("  ".join(timing))
+    if summary["error"]:
+        console.print(f"[red]reason:[/red] {summary['error']}")
+    for entry in summary["errors"][-5:]:
+        console.print(f"[yellow]error:[/yellow] {entry}")
+    if failures:
+        failed = Table("failed image", "reason", title=f"failed images (first {len(failures)})")
+        for f in failures:
+            failed.add_row(f["image_id"], f["error"] or "")
+        console.print(failed)
+
+
+def render_jobs(console: Console, jobs: list[dict]) -> None:
+    table = Table("id", "name", "pipeline", "status", "images", "processed", "failed", "detections", "created")
+    for j in jobs:
+        style = STATUS_STYLE.get(j["status"], "white")
+        table.add_row(str(j["id"]), j["name"], j["pipeline"], f"[{style}]{j['status']}[/{style}]",
+                      str(j["total_images"]), str(j["processed"]), str(j["failed"]), str(j["detections"]),
+                      j["created_at"] or "")
+    console.print(table)
+
+
+def job_logs(job_id: int, *, after_id: int = 0, limit: int | None = None) -> list[JobLog]:
+    query = JobLog.select().where((JobLog.job == job_id) & (JobLog.id > after_id)).order_by(JobLog.id)
+    return list(query.limit(limit) if limit else query)
+
+
+def watch(console: Console, job_id: int, *, poll_s: float = 0.5, timeout_s: float | None = None) -> Job:
+    """Show a live progress bar until the job is terminal (or `timeout_s` passes); returns the job."""
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    job = get_job(job_id)
+    with Progress(TextColumn("[bold]job {task.fields[job]}[/bold] {task.fields[status]}"), BarColumn(),
+                  MofNCompleteColumn(), TextColumn("failed {task.fields[failed]}  detections {task.fields[det]}"),
+                  TimeElapsedColumn(), console=console, transient=False) as bar:
+        task = bar.add_task("job", total=max(job.total_images, 1), job=job_id, status=job.status, failed=0, det=0)
+        while True:
+            job = get_job(job_id)
+            s = job_summary(job)
+            bar.update(task, completed=s["processed"] if job.total_images else 1, status=s["status"],
+                       failed=s["failed"], det=s["detections"])
+            if job.status in JobStatus.TERMINAL or (deadline and time.monotonic() > deadline):
+                return job
+            time.sleep(poll_s)

@@ -1,0 +1,82 @@
+"""The per-process runtime: settings, database binding, Redis job state and the one NATS connection.
+
+Inside a Dramatiq worker the `WorkerResources` middleware starts it on the AsyncIO middleware's event
+loop in `before_worker_boot`. Elsewhere (CLI, tests) `get_runtime()` starts one on a loop thread of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import models
+from pipeline.aio import LoopRunner, LoopThread
+from pipeline.jobstate import JobState, connect_redis
+from pipeline.settings import Settings, get_settings
+from pipeline.taskqueue import SyncTaskQueue
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Connections one process needs; NATS is connected on first use (many commands never need it)."""
+
+    def __init__(self, settings: Settings, *, runner: LoopRunner | None = None, name: str = "jetpipe"):
+        self.settings = settings
+        self.name = name
+        self._own_loop = runner is None
+        self.runner = runner or LoopThread(name=f"{name}-loop")
+        models.bind(settings.database_url)
+        self.redis = connect_redis(settings.redis_url)
+        self.state = JobState(self.redis)
+        self._tasks: SyncTaskQueue | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def tasks(self) -> SyncTaskQueue:
+        """The NATS task queue of this process (connected, streams ensured, on first use)."""
+        with self._lock:
+            if self._tasks is None:
+                tasks = SyncTaskQueue.connect(self.settings.nats_url, self.runner, name=self.name)
+                tasks.ensure_streams()
+                self._tasks = tasks
+            return self._tasks
+
+    @property
+    def nats_connected(self) -> bool:
+        return self._tasks is not None
+
+    def close(self) -> None:
+        if self._tasks is not None:
+            try:
+                self._tasks.close()
+            except Exception as exc:  # noqa: BLE001 - closing must not mask the reason we are closing
+                log.warning("closing NATS connection failed: %s", exc)
+            self._tasks = None
+        self.redis.close()
+        if self._own_loop and isinstance(self.runner, LoopThread):
+            self.runner.stop()
+        db = models.database.obj
+        if db is not None and not db.is_closed():
+            db.close()
+
+
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime() -> Runtime:
+    """This process's runtime, started from the environment's settings on first use."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = Runtime(get_settings())
+        return _runtime
+
+
+def set_runtime(runtime: Runtime | None) -> Runtime | None:
+    """Install `runtime` as this process's runtime; returns the previous one (the caller closes it)."""
+    global _runtime
+    with _runtime_lock:
+        previous, _runtime = _runtime, runtime
+        return previous

@@ -1,0 +1,203 @@
+"""Processing-service SDK: pull a pipeline's tasks across its active jobs, run a model, publish results.
+
+    service = ProcessingService("moth-demo", handler, nats_url="nats://...")
+    asyncio.run(service.run())
+
+What it does for the service author (ARCHITECTURE.md §3):
+- finds work by listing the consumers of PIPELINE_TASKS filtered on `pipeline.tasks.<slug>.<job_id>`,
+  keeps one long-lived pull subscription per job (never subscribe/fetch/unsubscribe per request:
+  that loses deliveries, reference/nats.md §0.6), and pulls from the jobs round-robin;
+- fetches only as many tasks as it has free slots, so no task's ack_wait runs while it waits in a buffer;
+- sends `+WPI` (in progress) every ack_wait/3 while the handler runs;
+- publishes the result on `pipeline.results.<job_id>` with `Pipeline-Task-Reply`; never ACKs the task;
+- turns any exception from the handler into an error result for that image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import logging
+import time
+from collections.abc import Callable
+
+import msgspec
+import nats.errors
+import nats.js.errors
+
+from pipeline import names
+from pipeline.schemas import ErrorResult, Result, Task, decode_task, encode
+from pipeline.taskqueue import NATS_FAILURES, TaskQueue
+
+log = logging.getLogger(__name__)
+
+#: Seconds between two listings of the pipeline's job consumers.
+REFRESH_S = 1.0
+#: Seconds one fetch waits on one job when it has no task ready.
+FETCH_TIMEOUT_S = 0.5
+#: Attempts to publish one result before leaving the task to redelivery.
+PUBLISH_ATTEMPTS = 5
+
+
+class ProcessingService:
+    """A processing service for one pipeline. `handler(task) -> SuccessResult | ErrorResult` (sync or async)."""
+
+    def __init__(self, pipeline: str, handler: Callable[[Task], Result], *, nats_url: str,
+                 concurrency: int = 4, name: str | None = None):
+        self.pipeline = pipeline
+        self.handler = handler
+        self.nats_url = nats_url
+        self.concurrency = concurrency
+        self.name = name or f"{pipeline}-service"
+        self.processed = 0
+        self.failed = 0
+        self.stopping = asyncio.Event()
+        self._subs: dict[int, object] = {}
+        self._ack_wait: dict[int, float] = {}
+        self._free = concurrency  # slots not running a task (only touched on the event loop)
+        self._slot_freed = asyncio.Event()
+        self._inflight: set[asyncio.Task] = set()
+        self._executor = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix=self.name)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def run(self) -> None:
+        """Process tasks until `stop()`; survives NATS outages (reconnects and carries on)."""
+        queue = await TaskQueue.connect(self.nats_url, name=self.name)
+        log.info("service %s pulling pipeline %s with %s slot(s)", self.name, self.pipeline, self.concurrency)
+        try:
+            await self._loop(queue)
+        finally:
+            if self._inflight:
+                await asyncio.wait(self._inflight, timeout=30)
+            await queue.close()
+            self._executor.shutdown(wait=False)
+
+    async def _loop(self, queue: TaskQueue) -> None:
+        next_refresh = 0.0
+        while not self.stopping.is_set():
+            try:
+                if time.monotonic() >= next_refresh:
+                    await self._refresh(queue)
+                    next_refresh = time.monotonic() + REFRESH_S
+                if not self._subs:
+                    await self._wait(REFRESH_S)
+                    continue
+                got_any = False
+                for job_id in sorted(self._subs):  # round-robin: every job gets a fetch per cycle
+                    if self.stopping.is_set():
+                        break
+                    got_any |= await self._pull(queue, job_id)
+                if not got_any:
+                    await self._wait(0.05)
+            except NATS_FAILURES as exc:
+                log.warning("service %s: NATS problem (%s); retrying", self.name, exc or type(exc).__name__)
+                await self._wait(1.0)
+
+    async def _refresh(self, queue: TaskQueue) -> None:
+        consumers = {c.job_id: c for c in await queue.job_consumers(self.pipeline)}
+        for job_id in list(self._subs):
+            if job_id not in consumers:
+                sub = self._subs.pop(job_id)
+                self._ack_wait.pop(job_id, None)
+                await sub.unsubscribe()
+                log.info("service %s: job %s is gone; stopped pulling it", self.name, job_id)
+        for job_id, consumer in consumers.items():
+            if job_id not in self._subs:
+                info = await queue.js.consumer_info(names.TASKS_STREAM, consumer.consumer)
+                self._ack_wait[job_id] = info.config.ack_wait or 30.0
+                self._subs[job_id] = await queue.js.pull_subscribe_bind(consumer.consumer, stream=names.TASKS_STREAM)
+                log.info("service %s: pulling job %s", self.name, job_id)
+
+    async def _pull(self, queue: TaskQueue, job_id: int) -> bool:
+        """Fetch as many of the job's tasks as there are free slots and start them; True if any came."""
+        while self._free == 0 and not self.stopping.is_set():
+            self._slot_freed.clear()
+            await self._wait_for(self._slot_freed, REFRESH_S)
+        if self._free == 0 or job_id not in self._subs:
+            return False
+        try:
+            msgs = await self._subs[job_id].fetch(self._free, timeout=FETCH_TIMEOUT_S)
+        except (TimeoutError, nats.errors.TimeoutError):
+            return False
+        except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):
+            # the job's consumer was deleted (job finished or canceled): stop pulling it
+            sub = self._subs.pop(job_id, None)
+            self._ack_wait.pop(job_id, None)
+            if sub is not None:
+                await sub.unsubscribe()
+            log.info("service %s: job %s consumer is gone; stopped pulling it", self.name, job_id)
+            return False
+        self._free -= len(msgs)
+        for msg in msgs:
+            task = asyncio.create_task(self._process(queue, job_id, msg))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+        return bool(msgs)
+
+    async def _process(self, queue: TaskQueue, job_id: int, msg) -> None:
+        try:
+            heartbeat = asyncio.create_task(self._keep_alive(msg, self._ack_wait.get(job_id, 30.0)))
+            try:
+                result = await self._run_handler(msg)
+            finally:
+                heartbeat.cancel()
+            await self._publish(queue, job_id, msg.reply, result)
+        except Exception as exc:  # noqa: BLE001 - one task's trouble must not stop the service
+            log.warning("service %s: job=%s task left to redelivery: %s", self.name, job_id, exc)
+        finally:
+            self._free += 1
+            self._slot_freed.set()
+
+    async def _run_handler(self, msg) -> Result:
+        headers = msg.headers or {}
+        image_id = headers.get(names.HDR_IMAGE_ID)
+        try:
+            task = decode_task(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return ErrorResult(error=f"malformed task: {exc}", image_id=image_id)
+        try:
+            if inspect.iscoroutinefunction(self.handler):
+                result = await self.handler(task)
+            else:
+                result = await asyncio.get_running_loop().run_in_executor(self._executor, self.handler, task)
+        except Exception as exc:  # noqa: BLE001 - any model failure becomes that image's error result
+            self.failed += 1
+            log.info("service %s: job=%s image=%s failed: %s", self.name, task.job_id, task.image_id, exc)
+            return ErrorResult(error=f"{type(exc).__name__}: {exc}", image_id=task.image_id)
+        self.processed += 1
+        return result
+
+    async def _keep_alive(self, msg, ack_wait_s: float) -> None:
+        while True:
+            await asyncio.sleep(max(ack_wait_s / 3, 0.2))
+            try:
+                await msg.in_progress()
+            except Exception:  # noqa: BLE001 - a lost +WPI only risks a redelivery
+                return
+
+    async def _publish(self, queue: TaskQueue, job_id: int, reply: str, result: Result) -> None:
+        body = encode(result)
+        for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+            try:
+                await queue.js.publish(names.result_subject(job_id), body, stream=names.RESULTS_STREAM,
+                                       headers={names.HDR_TASK_REPLY: reply})
+                return
+            except NATS_FAILURES as exc:
+                if attempt == PUBLISH_ATTEMPTS:
+                    raise
+                log.warning("service %s: job=%s publishing result failed (%s); retry %s", self.name, job_id,
+                            exc or type(exc).__name__, attempt)
+                await asyncio.sleep(0.5 * attempt)
+
+    async def _wait(self, seconds: float) -> None:
+        await self._wait_for(self.stopping, seconds)
+
+    @staticmethod
+    async def _wait_for(event: asyncio.Event, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(event.wait(), seconds)
+        except TimeoutError:
+            pass
