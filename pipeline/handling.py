@@ -69,11 +69,15 @@ def apply_result(runtime, job: Job, result: Result) -> tuple[Snapshot | None, pr
 
 
 def finish(runtime, job: Job, written: progress.ProgressWrite) -> None:
-    """After this process made the terminal transition: log it and clean up, once."""
-    if not written.finished_now:
-        return
-    job_log(job.id, logging.INFO, f"job finished {written.status}")
-    if job.dispatch_mode == "async_api":
+    """After the terminal transition: log it (if this call made it) and clean up the job's resources.
+
+    Cleanup is idempotent; it also runs when a redelivered result finds its job ended but not yet
+    cleaned up (the process that ended the job died before its cleanup).
+    """
+    if written.finished_now:
+        job_log(job.id, logging.INFO, f"job finished {written.status}")
+    ended = written.finished_now or (job.status in JobStatus.TERMINAL and job.cleaned_up_at is None)
+    if ended and job.dispatch_mode == "async_api":
         jobs.cleanup(runtime, job.id, job.pipeline.slug)
 
 

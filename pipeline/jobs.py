@@ -30,8 +30,6 @@ from pipeline.schemas import Task
 
 log = logging.getLogger(__name__)
 
-#: Rows read from the database and published per round of run_job (also the resume checkpoint).
-DISPATCH_CHUNK = 5000
 #: Image URLs inserted per statement when a job is created.
 CREATE_CHUNK = 1000
 URL_SCHEMES = ("file", "http", "https")
@@ -168,7 +166,7 @@ def dispatch(runtime, job: Job) -> int:
                                   f"{accepted.max_deliver} ack_wait={accepted.ack_wait}s")
     sent = new = 0
     cursor = job.dispatch_cursor
-    for chunk in _chunks(pending_tasks(job, after_id=cursor), DISPATCH_CHUNK):
+    for chunk in _chunks(pending_tasks(job, after_id=cursor), settings.dispatch_chunk):
         new += tasks.publish_tasks([task for _, task in chunk])
         sent += len(chunk)
         cursor = chunk[-1][0]

@@ -34,6 +34,8 @@ OPTIONS: dict[str, Option] = {
                                 "a job fails iff failed/total is strictly greater than this"),
     "health_check_seconds": Option("PIPELINE_HEALTH_CHECK_SECONDS", "60",
                                    "seconds between two jobs_health_check runs"),
+    "dispatch_chunk": Option("PIPELINE_DISPATCH_CHUNK", "5000",
+                             "tasks run_job reads and publishes per round (its resume checkpoint)"),
 }
 
 
@@ -47,6 +49,7 @@ class Settings:
     stalled_jobs_max_minutes: float
     failure_threshold: float
     health_check_seconds: float
+    dispatch_chunk: int
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -62,6 +65,8 @@ class Settings:
         return settings
 
     def validate(self) -> None:
+        if self.dispatch_chunk < 1:
+            raise ConfigError("PIPELINE_DISPATCH_CHUNK must be at least 1")
         if self.nats_max_deliver < 1:
             raise ConfigError("PIPELINE_NATS_MAX_DELIVER must be at least 1")
         if self.nats_task_ttr <= 0:
@@ -77,6 +82,10 @@ class Settings:
 
     def with_overrides(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    def to_env(self) -> dict[str, str]:
+        """Every setting as the environment variables that reproduce it (secrets included: not for logs)."""
+        return {OPTIONS[f.name].env: str(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def describe(self) -> dict[str, str]:
         """Every setting by environment name, with secrets in URLs masked (safe to log or print)."""

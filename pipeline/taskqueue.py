@@ -220,7 +220,10 @@ class TaskQueue:
         found: list[JobConsumer] = []
         offset = 0
         while True:
-            page = await self.js.consumers_info(names.TASKS_STREAM, offset=offset)
+            try:
+                page = await self.js.consumers_info(names.TASKS_STREAM, offset=offset)
+            except nats.js.errors.NotFoundError:
+                return []  # no stream yet: no worker has started, so there is no job either
             for info in page:
                 job_id = names.job_id_from_consumer(info.name)
                 subject = info.config.filter_subject or ""

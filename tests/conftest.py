@@ -1,0 +1,262 @@
+"""Fixtures: real nats-server and redis-server from the virtualenv on free ports, a fresh database per
+test (SQLite always, PostgreSQL too where the server is reachable), worker and service factories."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+# The environment must not leak into tests: they configure everything explicitly.
+for _key in [k for k in os.environ if k.startswith("PIPELINE_")]:
+    del os.environ[_key]
+
+import models  # noqa: E402
+from pipeline.devstack import DevStack  # noqa: E402
+from pipeline.settings import Settings, set_settings  # noqa: E402
+
+PROJECT = Path(__file__).resolve().parents[1]
+PG_ADMIN_URL = os.environ.get("JETPIPE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _postgres_reachable() -> bool:
+    try:
+        import psycopg2
+
+        psycopg2.connect(PG_ADMIN_URL, connect_timeout=2).close()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+POSTGRES = _postgres_reachable()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """One NATS + Redis for the session (tests that kill servers make their own with `make_stack`)."""
+    dev = DevStack.create(tmp_path_factory.mktemp("stack")).start()
+    os.environ["PIPELINE_REDIS_URL"] = dev.redis_url  # the in-process Dramatiq broker sends here
+    os.environ["PIPELINE_NATS_URL"] = dev.nats_url
+    yield dev
+    dev.stop()
+
+
+@pytest.fixture
+def make_stack(tmp_path):
+    """Factory of private NATS + Redis stacks, for tests that stop or restart them."""
+    made = []
+
+    def make() -> DevStack:
+        dev = DevStack.create(tmp_path / f"stack{len(made)}").start()
+        made.append(dev)
+        return dev
+
+    yield make
+    for dev in made:
+        dev.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_database():
+    """A PostgreSQL database for this session (dropped at the end), or None where unreachable."""
+    if not POSTGRES:
+        yield None
+        return
+    import psycopg2
+
+    name = f"jetpipe_test_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(PG_ADMIN_URL)
+    admin.autocommit = True
+    admin.cursor().execute(f"CREATE DATABASE {name}")
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    yield url
+    db = models.database.obj
+    if db is not None and not db.is_closed():
+        db.close()
+    admin.cursor().execute(
+        f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()")
+    admin.cursor().execute(f"DROP DATABASE IF EXISTS {name}")
+    admin.close()
+
+
+def _db_params():
+    return ["sqlite", pytest.param("postgres", marks=[pytest.mark.postgres, pytest.mark.skipif(
+        not POSTGRES, reason="PostgreSQL not reachable")])]
+
+
+@pytest.fixture(params=_db_params())
+def db_url(request, tmp_path, pg_database):
+    """A fresh, initialised database: a SQLite file, or the session's PostgreSQL database truncated."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'pipeline.db'}"
+        models.bind(url)
+        models.create_schema()
+    else:
+        url = pg_database
+        models.bind(url)
+        models.create_schema()
+        tables = ", ".join(m._meta.table_name for m in models.ALL_MODELS)
+        models.database.execute_sql(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
+    yield url
+    db = models.database.obj
+    if db is not None and not db.is_closed():
+        db.close()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    url = f"sqlite:///{tmp_path / 'pipeline.db'}"
+    models.bind(url)
+    models.create_schema()
+    return url
+
+
+def clean_servers(dev: DevStack) -> None:
+    """Empty Redis and delete jetpipe's streams, so every test starts from nothing."""
+    import nats
+    import redis
+
+    redis.Redis.from_url(dev.redis_url).flushall()
+
+    async def drop():
+        nc = await nats.connect(dev.nats_url)
+        js = nc.jetstream()
+        for name in ("PIPELINE_TASKS", "PIPELINE_RESULTS", "PIPELINE_ADVISORIES"):
+            try:
+                await js.delete_stream(name)
+            except Exception:  # noqa: BLE001 - not there yet
+                pass
+        await nc.close()
+
+    asyncio.run(drop())
+
+
+def make_settings(db_url: str, dev: DevStack, **overrides) -> Settings:
+    env = {"PIPELINE_DATABASE_URL": db_url, "PIPELINE_REDIS_URL": dev.redis_url, "PIPELINE_NATS_URL": dev.nats_url}
+    env.update({k: str(v) for k, v in overrides.items()})
+    return Settings.from_env(env)
+
+
+@pytest.fixture
+def settings(db_url, stack):
+    clean_servers(stack)
+    s = make_settings(db_url, stack)
+    set_settings(s)
+    yield s
+    set_settings(None)
+
+
+@pytest.fixture
+def runtime(settings):
+    """The process runtime on the test's database and the session's NATS and Redis."""
+    from pipeline.runtime import Runtime, set_runtime
+
+    rt = Runtime(settings, name="jetpipe-test")
+    set_runtime(rt)
+    yield rt
+    set_runtime(None)
+    rt.close()
+
+
+@pytest.fixture
+def moth_pipeline(db_url):
+    """The moth-demo pipeline, registered."""
+    import json
+
+    from pipeline import moth
+    from pipeline.registry import register_pipeline
+    from pipeline.schemas import decode_pipeline_spec
+
+    register_pipeline(decode_pipeline_spec(json.dumps(moth.PIPELINE_SPEC).encode(), source="test"))
+    return moth.SLUG
+
+
+@pytest.fixture(scope="session")
+def trap_images(tmp_path_factory):
+    """50 synthetic trap images with ground truth: (directory, truth)."""
+    from pipeline import moth
+
+    directory = tmp_path_factory.mktemp("traps")
+    truth = moth.generate_images(str(directory), 50, seed=11)
+    return directory, truth
+
+
+def subprocess_env(settings: Settings, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    env.update(settings.to_env())
+    env["PIPELINE_LOG_LEVEL"] = "INFO"
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+@pytest.fixture
+def worker_factory(tmp_path):
+    """Start `dramatiq pipeline.actors` subprocesses; all are killed at teardown. Logs in tmp_path."""
+    procs: list[subprocess.Popen] = []
+
+    def start(settings: Settings, *, processes: int = 1, threads: int = 4, **env) -> subprocess.Popen:
+        log = open(tmp_path / f"worker{len(procs)}.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "dramatiq", "pipeline.actors", "-p", str(processes),
+                                 "-t", str(threads)], cwd=PROJECT, env=subprocess_env(settings, **env),
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)  # own group: teardown kills master and children
+        procs.append(proc)
+        return proc
+
+    start.logs = lambda: "\n".join((tmp_path / f"worker{i}.log").read_text(errors="replace")
+                                   for i in range(len(procs)))
+    yield start
+    for proc in procs:
+        kill_group(proc)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and every process of its group (a dramatiq master and its worker children)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+@pytest.fixture
+def service_factory():
+    """Run processing services in this process (on their own loop thread); stopped at teardown."""
+    from pipeline.aio import LoopThread
+    from pipeline.sdk import ProcessingService
+
+    loop = LoopThread(name="test-service")
+    running = []
+
+    def start(settings: Settings, pipeline: str, handler, *, concurrency: int = 4) -> ProcessingService:
+        service = ProcessingService(pipeline, handler, nats_url=settings.nats_url, concurrency=concurrency)
+        running.append((service, loop.spawn(service.run())))
+        return service
+
+    yield start
+    for service, future in running:
+        loop.loop.call_soon_threadsafe(service.stop)
+        try:
+            future.result(timeout=20)
+        except Exception:  # noqa: BLE001
+            pass
+    loop.stop()
+
+
+def wait_for(predicate, *, timeout_s: float = 60, interval_s: float = 0.1, message: str = "condition"):
+    """Poll `predicate` until it returns a truthy value; fail the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    pytest.fail(f"timed out after {timeout_s} s waiting for {message}")

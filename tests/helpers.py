@@ -1,0 +1,82 @@
+"""Test helpers: jobs over fake images, pulling real tasks from JetStream, building result bodies."""
+
+from __future__ import annotations
+
+import json
+
+import nats
+import nats.errors
+
+from models import Job
+from pipeline import names
+from pipeline.jobs import create_job
+from pipeline.schemas import Task, decode_task
+
+DET = {"key": "blob-detector-v1", "name": "Dark blob detector"}
+CLS = {"key": "moth-shape-v1", "name": "Moth family"}
+
+
+def fake_job(pipeline: str, n: int, *, prefix: str = "file:///nowhere/img", **kwargs) -> Job:
+    return create_job(pipeline, [f"{prefix}-{i}.png" for i in range(n)], **kwargs)
+
+
+def dispatch(runtime, job_id: int) -> None:
+    from actors.run_job import execute
+
+    execute(runtime, job_id)
+
+
+def pull_tasks(runtime, job_id: int, count: int, *, timeout_s: float = 5.0) -> list[tuple[Task, str]]:
+    """Pull up to `count` of the job's tasks like a processing service would: (task, reply subject)."""
+
+    async def pull():
+        nc = await nats.connect(runtime.settings.nats_url)
+        js = nc.jetstream()
+        sub = await js.pull_subscribe_bind(names.job_consumer(job_id), stream=names.TASKS_STREAM)
+        got = []
+        while len(got) < count:
+            try:
+                msgs = await sub.fetch(count - len(got), timeout=timeout_s)
+            except nats.errors.TimeoutError:
+                break
+            got += [(decode_task(m.data), m.reply) for m in msgs]
+        await nc.close()
+        return got
+
+    return runtime.runner.run(pull(), timeout=timeout_s + 10)
+
+
+def success_body(task: Task, *, boxes: int = 2, classified: bool = True, pipeline: str | None = None,
+                 detector: dict = DET) -> bytes:
+    detections = []
+    for b in range(boxes):
+        det = {"source_image_id": task.image_id, "algorithm": detector,
+               "bbox": {"x1": 10.0 * b, "y1": 5.0, "x2": 10.0 * b + 8, "y2": 13.0}, "score": 0.9,
+               "crop_image_url": None, "classifications": []}
+        if classified:
+            det["classifications"] = [{"taxon": "Noctuidae", "scores": [0.8, 0.1, 0.1],
+                                       "labels": ["Noctuidae", "Geometridae", "Tortricidae"], "algorithm": CLS,
+                                       "terminal": True}]
+        detections.append(det)
+    if not detections:
+        detections = [{"source_image_id": task.image_id, "algorithm": detector, "bbox": None}]
+    return json.dumps({"pipeline": pipeline or task.pipeline, "total_time": 0.1,
+                       "source_images": [{"id": task.image_id, "url": task.image_url}],
+                       "detections": detections}).encode()
+
+
+def error_body(image_id: str | None, why: str = "model exploded") -> bytes:
+    return json.dumps({"error": why, "image_id": image_id}).encode()
+
+
+def stream_count(runtime, job_id: int, pipeline: str) -> int:
+    """Messages of the job still in PIPELINE_TASKS (un-acked tasks)."""
+
+    js = runtime.tasks.queue.js  # connect (via the loop) before running on it
+
+    async def count():
+        info = await js.stream_info(names.TASKS_STREAM,
+                                                        subjects_filter=names.task_subject(pipeline, job_id))
+        return sum((info.state.subjects or {}).values())
+
+    return runtime.runner.run(count(), timeout=10)

@@ -1,0 +1,57 @@
+"""Crash-point matrix: a real worker SIGKILLed at each named point of result handling and run_job during
+a 20-image job; a fresh worker finishes it. Invariant 1 (ACK last) and 2 (exact counters) under crashes.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from models import Detection, Job, JobImage, JobStatus
+from pipeline import moth
+from pipeline.jobs import create_job, image_urls_from_dir, start_job
+from tests.conftest import make_settings, wait_for
+from tests.helpers import stream_count
+
+pytestmark = pytest.mark.slow
+
+RESULT_POINTS = ["after_validation", "after_db_save", "after_redis_update", "after_progress", "before_ack",
+                 "after_ack"]
+RUN_JOB_POINTS = ["mid_publish", "after_publish"]
+
+
+@pytest.mark.parametrize("point", RESULT_POINTS + RUN_JOB_POINTS)
+def test_a_worker_killed_at_a_crash_point_converges(point, runtime, db_url, stack, moth_pipeline, trap_images,
+                                                     worker_factory, service_factory):
+    # Given quick redelivery (ack_wait 3 s) and run_job publishing 4 tasks per round
+    settings = make_settings(db_url, stack, PIPELINE_NATS_TASK_TTR=3, PIPELINE_NATS_MAX_DELIVER=10,
+                             PIPELINE_DISPATCH_CHUNK=4)
+    directory, truth = trap_images
+    urls = image_urls_from_dir(str(directory))[:20]
+    expected = sum(len(truth[u.rsplit("/", 1)[1]]) for u in urls)
+    # and a worker armed to SIGKILL itself at `point` (result points: on the 6th pass, mid-job)
+    skip = 1 if point == "mid_publish" else 0 if point in RUN_JOB_POINTS else 5
+    crashing = worker_factory(settings, PIPELINE_CRASH_AT=point, PIPELINE_CRASH_SKIP=skip)
+    service_factory(settings, moth.SLUG, moth.process_task)
+    job = create_job(moth.SLUG, urls, name=f"crash at {point}")
+    start_job(runtime, job)
+
+    # When the worker dies at that point
+    wait_for(lambda: crashing.poll() is not None, timeout_s=60, message=f"worker to crash at {point}")
+    assert f"crash point {point} reached" in worker_factory.logs()
+    # and a fresh worker takes over
+    worker_factory(settings)
+    job = wait_for(lambda: (j := Job.get_by_id(job.id)).status in JobStatus.TERMINAL and j.cleaned_up_at and j,
+                   timeout_s=120, message="job to finish and clean up")
+
+    # Then the job is SUCCESS with counters equal to the ground truth, and nothing is left behind
+    stages = job.progress["stages"]
+    assert job.status == JobStatus.SUCCESS, worker_factory.logs()[-4000:]
+    assert (stages["process"]["processed"], stages["process"]["failed"]) == (20, 0)
+    assert stages["results"]["detections"] == expected
+    assert stages["results"]["classifications"] == expected
+    assert stages["results"]["captures"] == 20
+    real = Detection.select().join(JobImage, on=(Detection.image == JobImage.image)).where(
+        (JobImage.job == job.id) & (Detection.bbox_key != ""))
+    assert real.count() == expected  # no duplicate rows
+    assert stream_count(runtime, job.id, moth.SLUG) == 0
+    assert runtime.redis.keys(f"jetpipe:job:{job.id}:*") == []

@@ -1,0 +1,125 @@
+"""Whole-system tests: a real `dramatiq pipeline.actors` worker subprocess, real NATS and Redis, and a
+processing service (the SDK's reference service, or one written only from ARCHITECTURE.md §3)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+
+import nats
+import nats.errors
+import nats.js.errors
+import pytest
+
+from models import Classification, Detection, Job, JobImage, JobStatus
+from pipeline import moth
+from pipeline.aio import LoopThread
+from pipeline.jobs import create_job, image_urls_from_dir, start_job
+from tests.conftest import wait_for
+from tests.helpers import stream_count
+
+pytestmark = pytest.mark.slow
+
+
+def finished(job_id: int) -> Job | None:
+    job = Job.get_by_id(job_id)
+    return job if job.status in JobStatus.TERMINAL else None
+
+
+def saved_taxa(job_id: int) -> Counter:
+    query = (Classification.select(Classification.taxon).join(Detection)
+             .join(JobImage, on=(Detection.image == JobImage.image))
+             .where((JobImage.job == job_id) & (Detection.bbox_key != "")).tuples())
+    return Counter(t for (t,) in query)
+
+
+def test_fifty_images_run_to_success_with_exact_counts(runtime, moth_pipeline, trap_images, worker_factory,
+                                                       service_factory):
+    # Given a worker process and the reference processing service
+    directory, truth = trap_images
+    expected = moth.summarize_truth(truth)
+    worker_factory(runtime.settings)
+    service_factory(runtime.settings, moth.SLUG, moth.process_task)
+    # When a 50-image job is enqueued
+    job = create_job(moth.SLUG, image_urls_from_dir(str(directory)), name="e2e")
+    start_job(runtime, job)
+    job = wait_for(lambda: finished(job.id), timeout_s=90, message="job to finish")
+    # Then it is SUCCESS and every count equals the ground truth
+    stages = job.progress["stages"]
+    assert job.status == JobStatus.SUCCESS, worker_factory.logs()[-3000:]
+    assert stages["process"]["processed"] == 50 and stages["process"]["failed"] == 0
+    assert stages["results"]["detections"] == expected["detections"]
+    assert stages["results"]["classifications"] == expected["detections"]
+    assert stages["results"]["captures"] == 50
+    assert dict(saved_taxa(job.id)) == expected["taxa"]
+    assert stream_count(runtime, job.id, moth.SLUG) == 0
+    assert runtime.redis.keys(f"jetpipe:job:{job.id}:*") == []
+
+
+async def raw_service(nats_url: str, pipeline: str, stop: asyncio.Event, answer) -> int:
+    """A processing service written only from ARCHITECTURE.md §3, with raw nats-py and no SDK."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    subs, done = {}, 0
+    while not stop.is_set():
+        try:
+            consumers = await js.consumers_info("PIPELINE_TASKS")
+        except nats.js.errors.NotFoundError:  # no worker has created the streams yet
+            await asyncio.sleep(0.2)
+            continue
+        for info in consumers:
+            subject = info.config.filter_subject or ""
+            if subject.startswith(f"pipeline.tasks.{pipeline}.") and info.name not in subs:
+                subs[info.name] = await js.pull_subscribe_bind(info.name, stream="PIPELINE_TASKS")
+        for name, sub in list(subs.items()):
+            try:
+                msgs = await sub.fetch(10, timeout=0.3)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except Exception:  # noqa: BLE001 - consumer deleted: the job is over
+                del subs[name]
+                continue
+            for msg in msgs:
+                task = json.loads(msg.data)
+                assert msg.headers["Nats-Msg-Id"] == f"{task['job_id']}:{task['image_id']}"
+                assert msg.headers["Pipeline-Image-Id"] == task["image_id"]
+                await msg.in_progress()
+                await js.publish(f"pipeline.results.{task['job_id']}", json.dumps(answer(task)).encode(),
+                                 headers={"Pipeline-Task-Reply": msg.reply})
+                done += 1
+        await asyncio.sleep(0.05)
+    await nc.close()
+    return done
+
+
+def test_a_service_written_from_the_wire_contract_alone_completes_a_job(runtime, moth_pipeline, worker_factory):
+    def answer(task):
+        n = int(task["image_id"])
+        if n % 7 == 0:
+            return {"error": "could not read image", "image_id": task["image_id"]}
+        return {"pipeline": task["pipeline"], "source_images": [{"id": task["image_id"], "url": task["image_url"]}],
+                "total_time": 0.01, "detections": [
+                    {"source_image_id": task["image_id"], "bbox": {"x1": 1, "y1": 2, "x2": 30, "y2": 40},
+                     "algorithm": {"key": "blob-detector-v1", "name": "det"}, "score": 0.9, "crop_image_url": None,
+                     "classifications": [{"taxon": "Noctuidae", "scores": [0.9, 0.05, 0.05],
+                                          "labels": list(moth.TAXA),
+                                          "algorithm": {"key": "moth-shape-v1", "name": "cls"}, "terminal": True}]}]}
+
+    worker_factory(runtime.settings)
+    loop = LoopThread()
+    stop = asyncio.Event()
+    service = loop.spawn(raw_service(runtime.settings.nats_url, moth.SLUG, stop, answer))
+    try:
+        job = create_job(moth.SLUG, [f"https://example.invalid/img-{i}.jpg" for i in range(30)], name="raw")
+        start_job(runtime, job)
+        job = wait_for(lambda: finished(job.id), timeout_s=60, message="job to finish")
+    finally:
+        loop.loop.call_soon_threadsafe(stop.set)
+        service.result(timeout=10)
+        loop.stop()
+    failed = sum(1 for r in JobImage.select() if int(r.image_id) % 7 == 0)
+    stages = job.progress["stages"]
+    assert job.status == JobStatus.SUCCESS
+    assert (stages["process"]["processed"], stages["process"]["failed"]) == (30, failed)
+    assert stages["results"]["detections"] == 30 - failed

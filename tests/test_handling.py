@@ -1,0 +1,133 @@
+"""Handling result messages against real NATS, Redis and the database (invariants 1, 2, 5, 9, 10)."""
+
+from __future__ import annotations
+
+from models import Detection, ImageStatus, Job, JobImage, JobLog, JobStatus
+from pipeline import names
+from pipeline.handling import handle_result_message
+from tests.helpers import dispatch, error_body, fake_job, pull_tasks, stream_count, success_body
+
+
+def counters(job_id):
+    job = Job.get_by_id(job_id)
+    s = job.progress["stages"]
+    return (job.status, s["process"]["processed"], s["process"]["failed"], s["results"]["detections"],
+            s["results"]["classifications"], s["results"]["captures"])
+
+
+def test_a_job_completes_when_every_result_is_handled(runtime, moth_pipeline):
+    # Given a dispatched 5-image job whose tasks a service pulled
+    job = fake_job(moth_pipeline, 5)
+    dispatch(runtime, job.id)
+    tasks = pull_tasks(runtime, job.id, 5)
+    assert len(tasks) == 5
+    # When every result is handled
+    for task, reply in tasks:
+        handle_result_message(runtime, job.id, success_body(task, boxes=2), reply)
+    # Then the job is SUCCESS with exact counts, its tasks are gone from NATS, its state is cleaned up
+    assert counters(job.id) == (JobStatus.SUCCESS, 5, 0, 10, 10, 5)
+    assert runtime.tasks.consumer_state(job.id).exists is False
+    assert stream_count(runtime, job.id, moth_pipeline) == 0
+    assert runtime.state.snapshot(job.id) is None
+    assert Job.get_by_id(job.id).cleaned_up_at is not None
+
+
+def test_the_same_result_delivered_three_times_leaves_counts_exact(runtime, moth_pipeline):
+    job = fake_job(moth_pipeline, 3)
+    dispatch(runtime, job.id)
+    (task, reply), *rest = pull_tasks(runtime, job.id, 3)
+    for _ in range(3):
+        handle_result_message(runtime, job.id, success_body(task, boxes=4), reply)
+    assert counters(job.id) == (JobStatus.STARTED, 1, 0, 4, 4, 1)
+    assert Detection.select().count() == 4
+
+
+def test_the_task_is_acked_only_after_counting(runtime, moth_pipeline):
+    # Given a pulled task whose result has not been handled: it is still in the stream
+    job = fake_job(moth_pipeline, 2)
+    dispatch(runtime, job.id)
+    [(task, reply)] = pull_tasks(runtime, job.id, 1)
+    assert stream_count(runtime, job.id, moth_pipeline) == 2
+    # When the result is handled, the task is acked (removed from the WorkQueue stream)
+    handle_result_message(runtime, job.id, success_body(task), reply)
+    assert stream_count(runtime, job.id, moth_pipeline) == 1
+    assert runtime.state.snapshot(job.id).processed == 1
+
+
+def test_error_results_fail_the_image_and_the_threshold_is_strict(runtime, moth_pipeline):
+    # 5 of 10 failed is still SUCCESS
+    job = fake_job(moth_pipeline, 10)
+    dispatch(runtime, job.id)
+    for n, (task, reply) in enumerate(pull_tasks(runtime, job.id, 10)):
+        body = error_body(task.image_id) if n < 5 else success_body(task)
+        handle_result_message(runtime, job.id, body, reply)
+    assert counters(job.id)[:3] == (JobStatus.SUCCESS, 10, 5)
+    failed = JobImage.select().where(JobImage.status == ImageStatus.FAILED)
+    assert {r.error for r in failed} == {"processing service error: model exploded"}
+
+
+def test_six_of_ten_failed_is_failure(runtime, moth_pipeline):
+    job = fake_job(moth_pipeline, 10)
+    dispatch(runtime, job.id)
+    for n, (task, reply) in enumerate(pull_tasks(runtime, job.id, 10)):
+        handle_result_message(runtime, job.id, error_body(task.image_id) if n < 6 else success_body(task), reply)
+    job = Job.get_by_id(job.id)
+    assert (job.status, job.error) == (JobStatus.FAILURE, "6 of 10 images failed (threshold 50%)")
+
+
+def test_a_reply_subject_of_another_job_is_never_acked(runtime, moth_pipeline):
+    # Given two jobs, and a result for job A that carries job B's task reply subject
+    a, b = fake_job(moth_pipeline, 1), fake_job(moth_pipeline, 1, prefix="file:///b")
+    dispatch(runtime, a.id)
+    dispatch(runtime, b.id)
+    [(task_a, _)] = pull_tasks(runtime, a.id, 1)
+    [(_, reply_b)] = pull_tasks(runtime, b.id, 1)
+    handled = handle_result_message(runtime, a.id, success_body(task_a), reply_b)
+    # Then it is rejected: B's task stays un-acked, A's image stays pending, the job log says why
+    assert handled.action == "rejected"
+    assert stream_count(runtime, b.id, moth_pipeline) == 1
+    assert runtime.state.snapshot(a.id).remaining == 1
+    assert JobLog.select().where(JobLog.message.contains("is not a task of consumer job-1")).count() == 1
+
+
+def test_malformed_json_fails_that_image_terminates_its_task_and_others_proceed(runtime, moth_pipeline):
+    job = fake_job(moth_pipeline, 2)
+    dispatch(runtime, job.id)
+    (task1, reply1), (task2, reply2) = pull_tasks(runtime, job.id, 2)
+    handled = handle_result_message(runtime, job.id, b"{not json", reply1)
+    assert handled.action == "failed"
+    row = JobImage.get(JobImage.image == int(task1.image_id))
+    assert row.status == ImageStatus.FAILED and "not valid JSON" in row.error
+    assert stream_count(runtime, job.id, moth_pipeline) == 1  # its task was terminated (deleted)
+    handle_result_message(runtime, job.id, success_body(task2), reply2)
+    assert counters(job.id)[:3] == (JobStatus.SUCCESS, 2, 1)
+
+
+def test_a_result_after_the_job_ended_is_saved_without_changing_counters(runtime, moth_pipeline):
+    job = fake_job(moth_pipeline, 2)
+    dispatch(runtime, job.id)
+    (task1, reply1), (task2, _) = pull_tasks(runtime, job.id, 2)
+    from pipeline.jobs import cancel
+
+    handle_result_message(runtime, job.id, success_body(task1, boxes=1), reply1)
+    assert cancel(runtime, job.id) == JobStatus.REVOKED
+    handled = handle_result_message(runtime, job.id, success_body(task2, boxes=3), None)
+    assert handled.action == "late"
+    assert Detection.select().where(Detection.image == int(task2.image_id)).count() == 3
+    assert counters(job.id) == (JobStatus.REVOKED, 1, 0, 1, 1, 1)
+
+
+def test_lost_redis_state_is_rebuilt_from_the_database(runtime, moth_pipeline):
+    job = fake_job(moth_pipeline, 3)
+    dispatch(runtime, job.id)
+    tasks = pull_tasks(runtime, job.id, 3)
+    handle_result_message(runtime, job.id, success_body(tasks[0][0], boxes=2), tasks[0][1])
+    runtime.redis.flushall()  # Redis restarted without persistence
+    for task, reply in tasks:  # includes a replay of the first result
+        handle_result_message(runtime, job.id, success_body(task, boxes=2), reply)
+    assert counters(job.id) == (JobStatus.SUCCESS, 3, 0, 6, 6, 3)
+
+
+def test_result_for_unknown_job_is_dropped(runtime, moth_pipeline):
+    handled = handle_result_message(runtime, 4242, b"{}", f"$JS.ACK.{names.TASKS_STREAM}.job-4242.1.1.1.1.0")
+    assert handled.action == "unknown_job"

@@ -1,0 +1,122 @@
+"""Result saving (invariant 3) and the guarded terminal transition (invariant 5), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import models
+from models import Classification, Detection, ImageStatus, Job, JobImage, JobStatus
+from pipeline import progress
+from pipeline.errors import BadResult
+from pipeline.jobstate import Snapshot
+from pipeline.results import fail_images, save_result
+from pipeline.schemas import Task, decode_result
+from tests.helpers import fake_job, success_body
+
+
+def task_of(job: Job, n: int = 0) -> Task:
+    row = JobImage.select().where(JobImage.job == job.id).order_by(JobImage.id).offset(n).get()
+    return Task(job.id, str(row.image_id), row.image.url, job.pipeline.slug)
+
+
+def test_saving_the_same_result_three_times_creates_each_row_once(db_url, moth_pipeline):
+    job = fake_job(moth_pipeline, 3)
+    task = task_of(job)
+    result = decode_result(success_body(task, boxes=3))
+    outcomes = [save_result(job, result) for _ in range(3)]
+    assert Detection.select().count() == 3
+    assert Classification.select().count() == 3
+    assert outcomes[0] == outcomes[1] == outcomes[2]  # a replay reports the same counts
+    assert (outcomes[0][0].detections, outcomes[0][0].classifications) == (3, 3)
+    row = JobImage.get(JobImage.job == job.id, JobImage.image == int(task.image_id))
+    assert (row.status, row.detections, row.classifications) == (ImageStatus.PROCESSED, 3, 3)
+
+
+def test_concurrent_duplicate_deliveries_create_no_duplicate_rows(db_url, moth_pipeline):
+    # Given one image's result delivered to 6 workers at the same moment
+    job = fake_job(moth_pipeline, 1)
+    result = decode_result(success_body(task_of(job), boxes=4))
+    barrier = threading.Barrier(6)
+    errors = []
+
+    def deliver():
+        try:
+            barrier.wait()
+            with models.database.connection_context():
+                save_result(Job.get_by_id(job.id), result)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=deliver) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Then the database holds each detection and classification once
+    assert errors == []
+    assert Detection.select().count() == 4
+    assert Classification.select().count() == 4
+
+
+def test_nothing_found_marker_is_saved_but_not_counted(db_url, moth_pipeline):
+    job = fake_job(moth_pipeline, 1)
+    [outcome] = save_result(job, decode_result(success_body(task_of(job), boxes=0)))
+    assert (outcome.detections, outcome.captures) == (0, 1)
+    assert [d.bbox_key for d in Detection.select()] == [""]
+
+
+def test_undeclared_algorithm_is_bad_data(db_url, moth_pipeline):
+    job = fake_job(moth_pipeline, 1)
+    task = task_of(job)
+    body = success_body(task, detector={"key": "yolo-v99", "name": "?"})
+    with pytest.raises(BadResult, match=r"undeclared algorithm\(s\) \['yolo-v99'\]") as info:
+        save_result(job, decode_result(body))
+    assert info.value.image_ids == (task.image_id,)
+    assert Detection.select().count() == 0
+
+
+def test_image_outside_the_job_is_bad_data(db_url, moth_pipeline):
+    job = fake_job(moth_pipeline, 1)
+    stray = Task(job.id, "999999", "file:///x.png", moth_pipeline)
+    with pytest.raises(BadResult, match="not part of job"):
+        save_result(job, decode_result(success_body(stray)))
+
+
+def test_database_is_the_arbiter_a_saved_success_is_never_turned_into_a_failure(db_url, moth_pipeline):
+    job = fake_job(moth_pipeline, 1)
+    task = task_of(job)
+    save_result(job, decode_result(success_body(task, boxes=2)))
+    [outcome] = fail_images(job.id, [task.image_id], "late error")
+    assert (outcome.failed, outcome.detections) == (False, 2)
+    assert JobImage.get(JobImage.job == job.id).status == ImageStatus.PROCESSED
+
+
+def test_late_update_cannot_resurrect_a_revoked_job(db_url, moth_pipeline):
+    job = fake_job(moth_pipeline, 2)
+    assert progress.transition(job.id, JobStatus.REVOKED, error="canceled")
+    written = progress.write_progress(job.id, Snapshot(2, 0, 0, 2, 4, 4), threshold=0.5)
+    job = Job.get_by_id(job.id)
+    assert (written.finished_now, job.status, job.progress["summary"]["status"]) == (False, "REVOKED", "REVOKED")
+    assert not progress.transition(job.id, JobStatus.SUCCESS)
+
+
+def test_exactly_one_of_many_concurrent_completions_makes_the_transition(db_url, moth_pipeline):
+    job = fake_job(moth_pipeline, 2)
+    progress.transition(job.id, JobStatus.STARTED)
+    barrier = threading.Barrier(5)
+    finished = []
+
+    def complete():
+        barrier.wait()
+        with models.database.connection_context():
+            finished.append(progress.write_progress(job.id, Snapshot(2, 0, 0, 2, 0, 0), threshold=0.5).finished_now)
+
+    threads = [threading.Thread(target=complete) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert finished.count(True) == 1
+    assert Job.get_by_id(job.id).status == JobStatus.SUCCESS
