@@ -37,20 +37,30 @@ def load_job(job_id: int) -> Job | None:
 
 
 def count_outcomes(runtime, job: Job, outcomes: list[Outcome]) -> tuple[Snapshot | None, progress.ProgressWrite]:
-    """Redis gate then progress for outcomes already saved in the database (steps 3 and 4 of invariant 1)."""
+    """Redis gate then progress for outcomes already saved in the database (steps 3 and 4 of invariant 1).
+
+    Returns (None, ...) for a job that has ended: a late result changes no counter.
+    """
     if job.status in JobStatus.TERMINAL:
         return None, progress.ProgressWrite(job.status, False)
     state = runtime.state
+    rebuilt = False
     try:
         snapshot = state.record(job.id, outcomes)
     except StateMissing:
+        status = Job.select(Job.status).where(Job.id == job.id).scalar()
+        if status in JobStatus.TERMINAL:  # it ended (and was cleaned up) while this result was in flight
+            return None, progress.ProgressWrite(status, False)
         # Redis lost this running job's state: rebuild it from the database (which already holds this
         # result), then count again; an image the rebuild saw as settled is not counted twice.
         jobs.load_state_from_db(state, job.id, force=True)
         log.warning("job=%s Redis state was missing; rebuilt from the database", job.id)
+        rebuilt = True
         snapshot = state.record(job.id, outcomes)
     crash_point("after_redis_update", job=job.id)
     written = progress.write_progress(job.id, snapshot, threshold=runtime.settings.failure_threshold)
+    if rebuilt and written.status in JobStatus.TERMINAL and not written.finished_now:
+        state.delete(job.id)  # the job ended during the rebuild: leave no state behind for it
     crash_point("after_progress", job=job.id)
     return snapshot, written
 

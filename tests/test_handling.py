@@ -131,3 +131,21 @@ def test_lost_redis_state_is_rebuilt_from_the_database(runtime, moth_pipeline):
 def test_result_for_unknown_job_is_dropped(runtime, moth_pipeline):
     handled = handle_result_message(runtime, 4242, b"{}", f"$JS.ACK.{names.TASKS_STREAM}.job-4242.1.1.1.1.0")
     assert handled.action == "unknown_job"
+
+
+def test_a_result_in_flight_when_the_job_ended_does_not_recreate_its_state(runtime, moth_pipeline):
+    # Given a worker that loaded the job while it was still running
+    from pipeline.handling import count_outcomes, load_job
+    from pipeline.jobstate import Outcome
+
+    job = fake_job(moth_pipeline, 2)
+    dispatch(runtime, job.id)
+    stale = load_job(job.id)
+    # When the job ends and is cleaned up before that worker counts its (duplicate) result
+    for task, reply in pull_tasks(runtime, job.id, 2):
+        handle_result_message(runtime, job.id, success_body(task), reply)
+    assert Job.get_by_id(job.id).status == JobStatus.SUCCESS
+    snapshot, written = count_outcomes(runtime, stale, [Outcome("1", detections=2, classifications=2)])
+    # Then nothing is counted and no Redis state is resurrected for the finished job
+    assert snapshot is None and written.status == JobStatus.SUCCESS
+    assert runtime.redis.keys(f"jetpipe:job:{job.id}:*") == []

@@ -1,0 +1,148 @@
+"""The CLI speaks to people: every bad input gives one readable line, a non-zero exit, no traceback, and
+leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import models
+from models import Job
+from tests.conftest import PROJECT
+
+
+@pytest.fixture
+def cli(tmp_path, stack):
+    """Run `python cli.py ARGS` against a fresh SQLite database and the session's NATS and Redis."""
+    env = {"PIPELINE_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}", "PIPELINE_REDIS_URL": stack.redis_url,
+           "PIPELINE_NATS_URL": stack.nats_url, "PATH": "/usr/bin:/bin", "COLUMNS": "200"}
+
+    def run(*args, expect: int = 0, **extra_env) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "cli.py", *args], cwd=PROJECT, env={**env, **extra_env},
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == expect, f"exit {proc.returncode}: {proc.stdout}\n{proc.stderr}"
+        assert "Traceback" not in proc.stderr
+        return proc
+
+    run.db_url = env["PIPELINE_DATABASE_URL"]
+    return run
+
+
+@pytest.fixture
+def ready(cli, tmp_path):
+    """Schema created and moth-demo registered."""
+    from pipeline import moth
+
+    cli("init-db")
+    spec = tmp_path / "moth.json"
+    spec.write_text(json.dumps(moth.PIPELINE_SPEC))
+    cli("pipeline", "register", str(spec))
+    return cli
+
+
+def one_error_line(proc) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def job_rows(db_url: str) -> int:
+    models.bind(db_url)
+    with models.database.connection_context():
+        return Job.select().count()
+
+
+def test_help_lists_commands_settings_and_exit_codes(cli):
+    out = cli("--help").stdout
+    for command in ("init-db", "pipeline", "enqueue-job", "jobs", "status", "watch", "logs", "cancel",
+                    "process", "up", "down", "demo"):
+        assert f"  {command}" in out
+    assert "PIPELINE_NATS_MAX_DELIVER" in out and "(default: 2)" in out
+    assert "PIPELINE_FAILURE_THRESHOLD" in out and "(default: 0.5)" in out
+    assert "database, Redis or NATS unreachable" in out
+
+
+def test_init_db_is_idempotent(cli):
+    cli("init-db")
+    assert "database ready" in cli("init-db").stdout
+
+
+def test_commands_before_init_db_say_what_to_do(cli):
+    assert "run `python cli.py init-db`" in one_error_line(cli("status", "1", expect=1))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not a valid pipeline file"),
+    ('{"slug": "p", "name": "P", "algorithms": [{"key": "c", "name": "C", "task_type": "classification"}]}',
+     "needs at least one detection algorithm"),
+    ('{"slug": "a.b", "name": "P", "algorithms": []}', "must be letters, digits"),
+])
+def test_bad_pipeline_file(cli, tmp_path, content, message):
+    cli("init-db")
+    spec = tmp_path / "p.json"
+    spec.write_text(content)
+    assert message in one_error_line(cli("pipeline", "register", str(spec), expect=1))
+
+
+def test_missing_pipeline_file(cli):
+    cli("init-db")
+    assert "cannot read" in one_error_line(cli("pipeline", "register", "/no/such.json", expect=1))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pipeline", "nope", "file:///a.png"], "unknown pipeline 'nope' (registered: moth-demo)"),
+    (["--pipeline", "moth-demo"], "no images given"),
+    (["--pipeline", "moth-demo", "--images-file", "/no/such/list.txt"], "cannot read --images-file"),
+    (["--pipeline", "moth-demo", "--images-dir", "/no/such/dir"], "is not a directory"),
+    (["--pipeline", "moth-demo", "file:///ok.png", "ftp://host/x.png"], "not an image URL"),
+    (["--pipeline", "moth-demo", "https:///nohost.png"], "URL without a host"),
+    (["--pipeline", "moth-demo", "--limit", "0", "file:///a.png"], "--limit must be at least 1"),
+])
+def test_bad_enqueue_input_leaves_no_job(ready, args, message):
+    assert message in one_error_line(ready("enqueue-job", *args, expect=1))
+    assert job_rows(ready.db_url) == 0
+
+
+def test_empty_image_directory(ready, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no images" in one_error_line(ready("enqueue-job", "--pipeline", "moth-demo", "--images-dir", str(empty),
+                                               expect=1))
+    assert job_rows(ready.db_url) == 0
+
+
+def test_redis_unreachable_when_enqueuing_exits_3_and_leaves_no_job(ready):
+    proc = ready("enqueue-job", "--pipeline", "moth-demo", "file:///a.png", expect=3,
+                 PIPELINE_REDIS_URL="redis://127.0.0.1:1/0")
+    assert "could not queue the job" in one_error_line(proc)
+    assert job_rows(ready.db_url) == 0
+
+
+def test_enqueue_json_then_status_and_jobs(ready, tmp_path):
+    listing = tmp_path / "images.txt"
+    listing.write_text("# traps\nfile:///traps/1.png\n\nfile:///traps/2.png\n/traps/3.png\n")
+    job = json.loads(ready("enqueue-job", "--pipeline", "moth-demo", "--images-file", str(listing), "--json",
+                           "--name", "night 1").stdout)
+    assert (job["id"], job["total_images"], job["status"], job["name"]) == (1, 3, "PENDING", "night 1")
+    status = json.loads(ready("status", "1", "--json").stdout)
+    assert status["stages"]["collect"]["total"] == 3 and status["failed_images"] == []
+    assert "night 1" in ready("jobs").stdout
+    assert json.loads(ready("jobs", "--status", "pending", "--json").stdout)[0]["id"] == 1
+
+
+def test_unknown_job_ids(ready):
+    for command in ("status", "watch", "logs", "cancel"):
+        assert "no job 42" in one_error_line(ready(command, "42", expect=1))
+
+
+def test_bad_setting_is_one_line(cli):
+    proc = cli("status", "1", expect=1, PIPELINE_NATS_MAX_DELIVER="lots")
+    assert "PIPELINE_NATS_MAX_DELIVER='lots' is not a valid int" in one_error_line(proc)
+
+
+def test_process_refuses_a_pipeline_without_a_model(cli):
+    assert "no built-in model for pipeline 'other'" in one_error_line(cli("process", "--pipeline", "other", expect=1))

@@ -1,0 +1,72 @@
+"""run_job: collect -> load state -> publish -> dispatched; retries are safe; internal mode."""
+
+from __future__ import annotations
+
+import logging
+
+from models import ImageStatus, Job, JobImage, JobLog, JobStatus, Pipeline
+from pipeline import moth, names
+from pipeline.handling import handle_result_message
+from pipeline.jobs import create_job, image_urls_from_dir
+from tests.helpers import dispatch, fake_job, pull_tasks, stream_count, success_body
+
+
+def test_a_job_with_zero_images_finishes_at_once(runtime, moth_pipeline):
+    job = Job.create(name="empty", pipeline=Pipeline.get(slug=moth_pipeline), total_images=0)
+    dispatch(runtime, job.id)
+    job = Job.get_by_id(job.id)
+    assert job.status == JobStatus.SUCCESS and job.finished_at is not None
+    assert runtime.tasks.consumer_state(job.id).exists is False
+
+
+def test_dispatch_publishes_one_task_per_image_with_contract_headers(runtime, moth_pipeline):
+    job = fake_job(moth_pipeline, 7)
+    dispatch(runtime, job.id)
+    job = Job.get_by_id(job.id)
+    assert job.status == JobStatus.STARTED and job.dispatched_at is not None
+    assert stream_count(runtime, job.id, moth_pipeline) == 7
+    state = runtime.tasks.consumer_state(job.id)
+    assert (state.exists, state.num_pending) == (True, 7)
+    tasks = pull_tasks(runtime, job.id, 7)
+    assert sorted(int(t.image_id) for t, _ in tasks) == list(range(1, 8))
+    assert all(t.pipeline == moth_pipeline and t.job_id == job.id for t, _ in tasks)
+
+
+def test_a_retried_run_job_resets_nothing_and_publishes_nothing_twice(runtime, moth_pipeline):
+    # Given a dispatched job with one result counted
+    job = fake_job(moth_pipeline, 4)
+    dispatch(runtime, job.id)
+    [(task, reply)] = pull_tasks(runtime, job.id, 1)
+    handle_result_message(runtime, job.id, success_body(task, boxes=3), reply)
+    # When run_job runs again, even with its dispatch checkpoint lost
+    Job.update(dispatched_at=None, dispatch_cursor=0).where(Job.id == job.id).execute()
+    dispatch(runtime, job.id)
+    # Then counters are intact and the stream holds no duplicate task (Nats-Msg-Id dedupe)
+    snap = runtime.state.snapshot(job.id)
+    assert (snap.processed, snap.detections) == (1, 3)
+    assert stream_count(runtime, job.id, moth_pipeline) == 3
+    assert JobLog.select().where(JobLog.message.contains("dispatched 3 task(s) (0 new)")).count() == 1
+
+
+def test_an_existing_consumer_with_other_settings_is_reported(runtime, moth_pipeline, caplog):
+    job = fake_job(moth_pipeline, 1)
+    runtime.tasks.ensure_job_consumer(job.id, moth_pipeline, max_deliver=5, ack_wait_s=10)
+    with caplog.at_level(logging.WARNING):
+        dispatch(runtime, job.id)
+    assert f"job={job.id} consumer job-{job.id} exists with different settings: max_deliver=5" in caplog.text
+    assert names.job_consumer(job.id) in caplog.text
+
+
+def test_internal_mode_runs_the_model_in_the_worker(runtime, moth_pipeline, trap_images, tmp_path):
+    directory, truth = trap_images
+    urls = image_urls_from_dir(str(directory))[:10] + [f"file://{tmp_path}/missing.png"]
+    job = create_job(moth.SLUG, urls, dispatch_mode="internal")
+    dispatch(runtime, job.id)
+    job = Job.get_by_id(job.id)
+    expected = sum(len(truth[u.rsplit("/", 1)[1]]) for u in urls[:10])
+    stages = job.progress["stages"]
+    assert job.status == JobStatus.SUCCESS
+    assert (stages["process"]["processed"], stages["process"]["failed"]) == (11, 1)
+    assert stages["results"]["detections"] == expected
+    missing = JobImage.get(JobImage.status == ImageStatus.FAILED)
+    assert "ImageUnreadable" in missing.error and "missing.png" in missing.error

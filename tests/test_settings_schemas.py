@@ -1,0 +1,65 @@
+"""Settings from the environment and wire schemas: defaults, validation, secrets never shown."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import names
+from pipeline.errors import BadResult, ConfigError
+from pipeline.schemas import ErrorResult, SuccessResult, decode_result
+from pipeline.settings import Settings, redact
+
+
+def test_defaults_match_the_architecture():
+    s = Settings.from_env({})
+    assert (s.nats_max_deliver, s.nats_task_ttr, s.stalled_jobs_max_minutes, s.failure_threshold,
+            s.health_check_seconds, s.database_url) == (2, 30, 10, 0.5, 60, "sqlite:///pipeline.db")
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"PIPELINE_NATS_MAX_DELIVER": "0"}, "at least 1"),
+    ({"PIPELINE_FAILURE_THRESHOLD": "1.5"}, "in [0, 1)"),
+    ({"PIPELINE_NATS_TASK_TTR": "soon"}, "not a valid float"),
+    ({"PIPELINE_REDIS_URL": "localhost"}, "is not a URL"),
+])
+def test_bad_settings_name_the_variable(env, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        Settings.from_env(env)
+
+
+def test_secrets_in_urls_are_masked():
+    assert redact("redis://:hunter2@cache:6379/0") == "redis://:***@cache:6379/0"
+    assert redact("postgresql://app:s3cret@db/jobs") == "postgresql://app:***@db/jobs"
+    assert redact("nats://tok3n@nats:4222") == "nats://***@nats:4222"
+    described = Settings.from_env({"PIPELINE_DATABASE_URL": "postgresql://app:s3cret@db/jobs"}).describe()
+    assert "s3cret" not in str(described)
+
+
+def test_results_decode_by_shape():
+    assert isinstance(decode_result(b'{"error": "x", "image_id": 3}'), ErrorResult)
+    ok = decode_result(b'{"pipeline": "p", "source_images": [{"id": "3"}], "detections": []}')
+    assert isinstance(ok, SuccessResult) and ok.source_images[0].id == "3"
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"[]", "must be a JSON object"),
+    (b'{"pipeline": "p", "source_images": []}', "lists no source_images"),
+    (b'{"pipeline": "p", "source_images": [{"id": "1"}], "detections": [{"source_image_id": "2", '
+     b'"algorithm": {"key": "d"}}]}', "not in source_images"),
+    (b'{"pipeline": "p", "source_images": [{"id": "1"}], "detections": [{"source_image_id": "1", '
+     b'"algorithm": {"key": "d"}, "bbox": {"x1": "left"}}]}', "SuccessResult schema"),
+])
+def test_bad_results_say_why(body, message):
+    with pytest.raises(BadResult, match=message):
+        decode_result(body)
+
+
+def test_ack_subjects_are_bound_to_their_job():
+    v1 = "$JS.ACK.PIPELINE_TASKS.job-12.1.42.42.1713000000000000000.3"
+    v2 = "$JS.ACK._.ACCHASH.PIPELINE_TASKS.job-12.2.42.43.1713000000000000000.3.abc"
+    assert names.parse_ack_subject(v1) == ("PIPELINE_TASKS", "job-12", 1, 42)
+    assert names.parse_ack_subject(v2) == ("PIPELINE_TASKS", "job-12", 2, 42)
+    assert names.reply_belongs_to_job(v1, 12) and names.reply_belongs_to_job(v2, 12)
+    assert not names.reply_belongs_to_job(v1, 1)
+    assert not names.reply_belongs_to_job("$JS.ACK.OTHER.job-12.1.42.42.1.3", 12)
+    assert not names.reply_belongs_to_job("_INBOX.abc", 12)
