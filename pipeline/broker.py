@@ -23,7 +23,9 @@ from dramatiq.middleware import (
 )
 
 from pipeline import names
+from pipeline.deferred_failure import DeferredFailure
 from pipeline.middleware import WorkerResources
+from pipeline.poison import PoisonGuard
 from pipeline.settings import Settings, get_settings
 
 #: A worker silent this long (ms) is presumed dead and its unacked messages are requeued.
@@ -44,6 +46,7 @@ def make_broker(settings: Settings, *, worker_resources: bool = True) -> RedisBr
     """A RedisBroker for `settings` with jetpipe's middleware, in this order (before-hooks run top-down):"""
     middleware = [
         AsyncIO(),  # first: its event-loop thread exists before WorkerResources connects NATS on it
+        PoisonGuard(),  # before anything runs the message: dead-letter one that keeps killing workers
         AgeLimit(),
         TimeLimit(time_limit=DEFAULT_TIME_LIMIT_MS),
         ShutdownNotifications(),
@@ -52,6 +55,7 @@ def make_broker(settings: Settings, *, worker_resources: bool = True) -> RedisBr
         Retries(max_retries=DEFAULT_MAX_RETRIES, min_backoff=DEFAULT_MIN_BACKOFF_MS,
                 max_backoff=DEFAULT_MAX_BACKOFF_MS),
         CurrentMessage(),
+        DeferredFailure(),  # after_nack of run_job: the one place a job fails because run_job raised
     ]
     if worker_resources:
         middleware.append(WorkerResources())  # runtime + results bridge per worker process

@@ -3,6 +3,7 @@
     PIPELINE_CRASH_AT=after_db_save        SIGKILL this process the first time that point is reached
     PIPELINE_CRASH_AT=mid_publish PIPELINE_CRASH_SKIP=3
                                            ... the 4th time instead (let 3 hits pass first)
+    PIPELINE_RAISE_AT=after_dispatch       raise InjectedFault there, every time (an ordinary bug)
 
 Points (docs/processing-lifecycle.md says what recovers each one):
 """
@@ -20,14 +21,21 @@ POINTS = (
     # process_pipeline_result
     "after_validation", "after_db_save", "after_redis_update", "after_progress", "before_ack", "after_ack",
     # run_job
-    "mid_publish", "after_publish",
+    "mid_publish", "after_publish", "after_dispatch",
 )
+
+
+class InjectedFault(RuntimeError):
+    """A failure injected by PIPELINE_RAISE_AT (fault-injection tests only)."""
 
 _hits: dict[str, int] = {}
 
 
 def crash_point(name: str, **context) -> None:
-    """SIGKILL this process here if PIPELINE_CRASH_AT names this point (after PIPELINE_CRASH_SKIP hits)."""
+    """SIGKILL this process here if PIPELINE_CRASH_AT names this point (after PIPELINE_CRASH_SKIP hits);
+    raise InjectedFault if PIPELINE_RAISE_AT names it."""
+    if os.environ.get("PIPELINE_RAISE_AT") == name:
+        raise InjectedFault(f"fault injected at {name}")
     armed = os.environ.get("PIPELINE_CRASH_AT")
     if armed != name:
         return

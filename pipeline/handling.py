@@ -14,7 +14,7 @@ import logging
 from models import Job, JobStatus, Pipeline
 from pipeline import jobs, names, progress
 from pipeline.crashpoints import crash_point
-from pipeline.errors import BadResult, StateMissing
+from pipeline.errors import BadResult, StateMissing, TransientError
 from pipeline.joblog import job_log
 from pipeline.jobstate import Outcome, Snapshot
 from pipeline.results import fail_images, save_result
@@ -112,6 +112,17 @@ def fail_bad_result(runtime, job: Job, exc: BadResult, reply: str | None) -> Han
     return Handled("failed" if image_ids else "left_pending", written.status, snapshot)
 
 
+def _image_ids(body: bytes) -> list[str]:
+    """The image ids a result names, for log lines (empty if it cannot be decoded)."""
+    try:
+        result = decode_result(body)
+    except BadResult:
+        return []
+    if isinstance(result, ErrorResult):
+        return [result.image_id] if result.image_id else []
+    return [image.id for image in result.source_images]
+
+
 def handle_result_message(runtime, job_id: int, body: bytes, reply: str | None) -> Handled:
     """Handle one result message from `pipeline.results.<job_id>` whose task replies on `reply`."""
     job = load_job(job_id)
@@ -135,11 +146,20 @@ def handle_result_message(runtime, job_id: int, body: bytes, reply: str | None) 
         snapshot, written, outcomes = apply_result(runtime, job, result)
     except BadResult as exc:
         return fail_bad_result(runtime, job, exc, reply)
+    except TransientError as exc:
+        log.warning("job=%s image=%s transient error, task not ACKed, will retry: %s", job_id,
+                    ",".join(_image_ids(body)) or "?", exc)
+        raise
     if isinstance(result, ErrorResult):
         job_log(job_id, logging.WARNING, f"image failed: {result.error}", image_id=result.image_id)
     crash_point("before_ack", job=job_id)
     if reply:
-        runtime.tasks.ack(reply)
+        try:
+            runtime.tasks.ack(reply)
+        except TransientError as exc:
+            log.warning("job=%s image=%s ACK failed, will retry (the result is saved and counted): %s",
+                        job_id, ",".join(o.image_id for o in outcomes), exc)
+            raise
     crash_point("after_ack", job=job_id)
     finish(runtime, job, written)
     action = "late" if snapshot is None else "counted"

@@ -176,6 +176,7 @@ def dispatch(runtime, job: Job) -> int:
     Job.update(dispatched_at=utcnow(), updated_at=utcnow()).where(Job.id == job.id).execute()
     job_log(job.id, logging.INFO, f"dispatched {sent} task(s) ({new} new) to "
                                   f"{names.task_subject(job.pipeline.slug, job.id)}")
+    crash_point("after_dispatch", job=job.id)
     return sent
 
 

@@ -31,6 +31,7 @@ class WorkerResources(dramatiq.Middleware):
         self.runtime: Runtime | None = None
         self.bridge: ResultsBridge | None = None
         self._bridge_future = None
+        self._previous: Runtime | None = None
 
     def before_worker_boot(self, broker, worker):
         loop_thread = get_event_loop_thread()
@@ -39,9 +40,7 @@ class WorkerResources(dramatiq.Middleware):
         settings = get_settings()
         runtime = Runtime(settings, runner=LoopRunner(loop_thread.loop), name=f"jetpipe-worker-{os.getpid()}")
         self.runtime = runtime
-        previous = set_runtime(runtime)
-        if previous is not None:
-            previous.close()
+        self._previous = set_runtime(runtime)
         log.info("worker %s up: %s", os.getpid(), " ".join(f"{k}={v}" for k, v in settings.describe().items()))
         try:
             runtime.tasks  # connect now: a worker that cannot reach NATS says so at boot  # noqa: B018
@@ -64,7 +63,7 @@ class WorkerResources(dramatiq.Middleware):
             except Exception as exc:  # noqa: BLE001
                 log.warning("results bridge did not stop cleanly: %s", exc)
         if self.runtime is not None:
-            set_runtime(None)
+            set_runtime(self._previous)
             self.runtime.close()
 
     def before_process_message(self, broker, message):

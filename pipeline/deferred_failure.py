@@ -1,0 +1,56 @@
+"""Deferred failure (invariant 7): what happens when `run_job` fails for good (after its retries).
+
+It is decided here and only here, in `after_nack`, which Dramatiq calls exactly once per dead-lettered
+message and never for an attempt that will be retried (reference/dramatiq.md §1.5). No other hook marks
+a job failed because its run_job raised, so nothing later can undo a deferral.
+
+- An `async_api` job whose tasks were all dispatched is not failed: its results decide. We log
+  `run_job raised but async processing is in-flight; deferring FAILURE to async progress handler`.
+- A job that failed before dispatching (nothing or only part of it published), and any `internal` job,
+  becomes FAILURE at once, and its NATS consumer and Redis state are cleaned up.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import dramatiq
+
+from models import DispatchMode, JobStatus
+from pipeline import jobs, progress
+from pipeline.joblog import job_log
+
+log = logging.getLogger(__name__)
+
+DEFERRAL_MESSAGE = "run_job raised but async processing is in-flight; deferring FAILURE to async progress handler"
+
+
+def fail_or_defer(runtime, job_id: int, reason: str) -> str:
+    """Apply invariant 7 to a job whose run_job failed for good; returns deferred | failed | ignored."""
+    from pipeline.handling import load_job
+
+    job = load_job(job_id)
+    if job is None or job.status in JobStatus.TERMINAL:
+        return "ignored"
+    if job.dispatch_mode == DispatchMode.ASYNC_API and job.dispatched_at is not None:
+        job_log(job_id, logging.WARNING, f"{DEFERRAL_MESSAGE}: {reason}", logger=log)
+        return "deferred"
+    when = "before dispatching its tasks" if job.dispatch_mode == DispatchMode.ASYNC_API else "in internal mode"
+    if progress.transition(job_id, JobStatus.FAILURE, error=f"run_job failed {when}: {reason}"):
+        job_log(job_id, logging.ERROR, f"job FAILURE: run_job failed {when}: {reason}", logger=log)
+        if job.dispatch_mode == DispatchMode.ASYNC_API:
+            jobs.cleanup(runtime, job_id, job.pipeline.slug)
+    return "failed"
+
+
+class DeferredFailure(dramatiq.Middleware):
+    """On run_job's final failure, fail the job or defer to its results (see the module docstring)."""
+
+    def after_nack(self, broker, message):
+        if message.actor_name != "run_job" or not message.args:
+            return
+        from pipeline.runtime import get_runtime
+
+        exc = getattr(message, "_exception", None)  # set by the worker for this delivery's failure
+        reason = f"{type(exc).__name__}: {exc}" if exc is not None else "dead-lettered"
+        fail_or_defer(get_runtime(), int(message.args[0]), reason)

@@ -1,0 +1,216 @@
+"""Failure paths (issue 3): deferred failure (invariant 7), poison messages, transient outages, cancel,
+bad results terminated. Real Dramatiq workers on the real Redis broker, real NATS."""
+
+from __future__ import annotations
+
+import logging
+
+import dramatiq
+import pytest
+
+from models import Job, JobImage, JobLog, JobStatus
+from pipeline import names
+from pipeline.deferred_failure import DEFERRAL_MESSAGE
+from pipeline.errors import TransientError
+from pipeline.handling import handle_result_message
+from pipeline.jobs import cancel, start_job
+from pipeline.registry import register_pipeline
+from pipeline.runtime import Runtime, get_runtime, set_runtime
+from pipeline.schemas import PipelineSpec, decode_result
+from tests.conftest import make_settings, wait_for
+from tests.helpers import dispatch, fake_job, pull_tasks, stream_count, success_body
+
+
+@pytest.fixture
+def inproc_worker(runtime):
+    """A Dramatiq Worker in this process on jetpipe's broker (with all its middleware)."""
+    from pipeline.actors import broker
+
+    worker = dramatiq.Worker(broker, worker_timeout=100, worker_threads=4)
+    worker.start()
+    yield worker
+    worker.stop()
+
+
+def echo_handler(task):
+    return decode_result(success_body(task, boxes=1))
+
+
+def log_lines(job_id: int, text: str) -> int:
+    return JobLog.select().where((JobLog.job == job_id) & JobLog.message.contains(text)).count()
+
+
+def test_dispatched_async_job_defers_failure_and_its_results_decide(
+        inproc_worker, runtime, moth_pipeline, monkeypatch, service_factory):
+    # Given run_job fails for good right after dispatching every task
+    from actors.run_job import run_job
+
+    monkeypatch.setenv("PIPELINE_RAISE_AT", "after_dispatch")
+    job = fake_job(moth_pipeline, 6)
+    run_job.send_with_options(args=(job.id,), max_retries=0)
+    # Then the job is not failed: it stays STARTED and says why
+    wait_for(lambda: log_lines(job.id, DEFERRAL_MESSAGE), timeout_s=30, message="deferral log line")
+    assert Job.get_by_id(job.id).status == JobStatus.STARTED
+    assert log_lines(job.id, "InjectedFault: fault injected at after_dispatch") == 1
+    # When a processing service delivers every result
+    service_factory(runtime.settings, moth_pipeline, echo_handler)
+    job = wait_for(lambda: (j := Job.get_by_id(job.id)).status in JobStatus.TERMINAL and j, timeout_s=30,
+                   message="job to finish")
+    # Then the results decided: SUCCESS, and nothing afterwards turned it into FAILURE
+    assert (job.status, job.error) == (JobStatus.SUCCESS, None)
+    inproc_worker.join()
+    assert Job.get_by_id(job.id).status == JobStatus.SUCCESS
+    assert log_lines(job.id, DEFERRAL_MESSAGE) == 1
+
+
+def test_async_job_failing_before_dispatch_fails_at_once_with_cleanup(inproc_worker, runtime, moth_pipeline,
+                                                                     monkeypatch):
+    from actors.run_job import run_job
+
+    monkeypatch.setenv("PIPELINE_RAISE_AT", "mid_publish")
+    job = fake_job(moth_pipeline, 6)
+    run_job.send_with_options(args=(job.id,), max_retries=0)
+    job = wait_for(lambda: (j := Job.get_by_id(job.id)).status == JobStatus.FAILURE and j.cleaned_up_at and j,
+                   timeout_s=30, message="job FAILURE with cleanup")
+    assert job.error == "run_job failed before dispatching its tasks: InjectedFault: fault injected at mid_publish"
+    rt = get_runtime()
+    assert rt.tasks.consumer_state(job.id).exists is False
+    assert stream_count(rt, job.id, moth_pipeline) == 0  # tasks already published were purged
+    assert rt.redis.keys(f"jetpipe:job:{job.id}:*") == []
+    assert log_lines(job.id, DEFERRAL_MESSAGE) == 0
+
+
+@pytest.mark.parametrize("dispatched", [False, True])
+def test_internal_jobs_are_never_deferred(inproc_worker, runtime, moth_pipeline, dispatched):
+    # Given an internal-mode job of a pipeline with no built-in handler (run_job will raise)
+    from actors.run_job import run_job
+    from pipeline.schemas import AlgorithmSpec
+
+    register_pipeline(PipelineSpec("remote-only", "R", [AlgorithmSpec("d", "D", "detection")]))
+    job = fake_job("remote-only", 3, dispatch_mode="internal")
+    if dispatched:  # even one that looks dispatched
+        Job.update(dispatched_at=Job.created_at).where(Job.id == job.id).execute()
+    run_job.send_with_options(args=(job.id,), max_retries=0)
+    job = wait_for(lambda: (j := Job.get_by_id(job.id)).status == JobStatus.FAILURE and j, timeout_s=30,
+                   message="job FAILURE")
+    assert "run_job failed in internal mode: UserInputError" in job.error
+    assert log_lines(job.id, DEFERRAL_MESSAGE) == 0
+
+
+def test_a_message_that_keeps_killing_workers_is_dead_lettered(inproc_worker, runtime, moth_pipeline):
+    # Given a result message redelivered after killing its worker (Dramatiq requeues the same message id)
+    from actors.results import process_pipeline_result
+    from pipeline.actors import broker
+
+    job = fake_job(moth_pipeline, 1)
+    message = process_pipeline_result.message(job.id, "{}", None)
+    for _ in range(4):  # the first delivery plus three crash redeliveries
+        broker.enqueue(message)
+        broker.join(names.RESULTS_QUEUE, timeout=10_000)
+        inproc_worker.join()
+    # Then the fourth delivery is dead-lettered with the reason in the job log
+    assert log_lines(job.id, f"poison message: process_pipeline_result message {message.message_id} "
+                             "killed its worker 3 time(s); dead-lettered") == 1
+    dead = broker.client.zrange(f"{names.DRAMATIQ_NAMESPACE}:{names.RESULTS_QUEUE}.XQ", 0, -1)
+    assert len(dead) == 1
+
+
+def test_ordinary_retries_are_not_mistaken_for_crashes(inproc_worker, runtime, moth_pipeline):
+    from actors.results import process_pipeline_result
+    from pipeline.actors import broker
+
+    job = fake_job(moth_pipeline, 1)
+    message = process_pipeline_result.message(job.id, "{}", None)
+    for retries in range(5):  # five attempts scheduled by Retries, no crash
+        broker.enqueue(message.copy(options={**message.options, "retries": retries}))
+        broker.join(names.RESULTS_QUEUE, timeout=10_000)
+        inproc_worker.join()
+    assert log_lines(job.id, "poison message") == 0
+
+
+@pytest.fixture
+def private_runtime(make_stack, db_url, moth_pipeline):
+    """A runtime on servers of its own, which the test may stop and restart."""
+    dev = make_stack()
+    rt = Runtime(make_settings(db_url, dev), name="jetpipe-outage")
+    previous = set_runtime(rt)
+    yield rt, dev
+    set_runtime(previous)
+    rt.close()
+
+
+def test_redis_outage_during_handling_retries_and_never_acks_early(private_runtime, caplog):
+    rt, dev = private_runtime
+    job = fake_job("moth-demo", 2)
+    dispatch(rt, job.id)
+    (task, reply), (task2, reply2) = pull_tasks(rt, job.id, 2)
+    # When Redis is down while a result is handled
+    dev.redis.stop()
+    with caplog.at_level(logging.WARNING), pytest.raises(TransientError):
+        handle_result_message(rt, job.id, success_body(task, boxes=2), reply)
+    # Then the task is not ACKed, the job did not fail, and the log names job and image
+    assert stream_count(rt, job.id, "moth-demo") == 2
+    assert Job.get_by_id(job.id).status == JobStatus.STARTED
+    assert f"job={job.id} image={task.image_id} transient error, task not ACKed" in caplog.text
+    # When Redis comes back (empty: it kept nothing) and the retry runs
+    dev.redis.start()
+    handle_result_message(rt, job.id, success_body(task, boxes=2), reply)
+    handle_result_message(rt, job.id, success_body(task2, boxes=1), reply2)
+    # Then the state was rebuilt from the database and counts are exact
+    job = Job.get_by_id(job.id)
+    assert (job.status, job.progress["stages"]["results"]["detections"]) == (JobStatus.SUCCESS, 3)
+    assert stream_count(rt, job.id, "moth-demo") == 0
+
+
+def test_nats_outage_at_ack_time_retries_without_double_counting(private_runtime, caplog):
+    rt, dev = private_runtime
+    job = fake_job("moth-demo", 2)
+    dispatch(rt, job.id)
+    (task, reply), _ = pull_tasks(rt, job.id, 2)
+    rt.tasks.timeout_s = 8  # fail the ACK quickly while NATS is down
+    dev.nats.stop()
+    with caplog.at_level(logging.WARNING), pytest.raises(TransientError):
+        handle_result_message(rt, job.id, success_body(task, boxes=2), reply)
+    assert f"job={job.id} image={task.image_id} ACK failed, will retry" in caplog.text
+    dev.nats.start()
+    wait_for(lambda: rt.tasks.queue.nc.is_connected, timeout_s=15, message="NATS reconnect")
+    handle_result_message(rt, job.id, success_body(task, boxes=2), reply)
+    snap = rt.state.snapshot(job.id)
+    assert (snap.processed, snap.detections) == (1, 2)
+    assert stream_count(rt, job.id, "moth-demo") == 1
+
+
+def test_cancel_revokes_removes_tasks_and_later_results_change_nothing(runtime, moth_pipeline):
+    job = fake_job(moth_pipeline, 4)
+    dispatch(runtime, job.id)
+    [(task, reply)] = pull_tasks(runtime, job.id, 1)
+    assert cancel(runtime, job.id) == JobStatus.REVOKED
+    assert runtime.tasks.consumer_state(job.id).exists is False
+    assert stream_count(runtime, job.id, moth_pipeline) == 0  # services receive nothing more
+    handled = handle_result_message(runtime, job.id, success_body(task, boxes=5), reply)
+    job = Job.get_by_id(job.id)
+    assert (handled.action, job.status, job.progress["stages"]["results"]["detections"]) == ("late", "REVOKED", 0)
+    assert cancel(runtime, job.id) == JobStatus.REVOKED  # idempotent
+
+
+def test_undeclared_algorithm_fails_the_image_and_terminates_its_task(runtime, moth_pipeline):
+    job = fake_job(moth_pipeline, 2)
+    dispatch(runtime, job.id)
+    (task, reply), (task2, reply2) = pull_tasks(runtime, job.id, 2)
+    handle_result_message(runtime, job.id, success_body(task, detector={"key": "yolo", "name": "?"}), reply)
+    row = JobImage.get(JobImage.image == int(task.image_id))
+    assert row.status == "failed" and "undeclared algorithm(s) ['yolo']" in row.error
+    assert stream_count(runtime, job.id, moth_pipeline) == 1  # its task was terminated, not left to retry
+    handle_result_message(runtime, job.id, success_body(task2), reply2)
+    assert Job.get_by_id(job.id).status == JobStatus.SUCCESS
+
+
+def test_an_enqueued_job_runs_through_an_in_process_worker(inproc_worker, runtime, moth_pipeline,
+                                                         service_factory):
+    service_factory(runtime.settings, moth_pipeline, echo_handler)
+    job = fake_job(moth_pipeline, 5)
+    start_job(runtime, job)
+    job = wait_for(lambda: (j := Job.get_by_id(job.id)).status in JobStatus.TERMINAL and j, timeout_s=30,
+                   message="job to finish")
+    assert job.status == JobStatus.SUCCESS
+    assert job.progress["stages"]["results"]["detections"] == 5
