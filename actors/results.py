@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import dramatiq
+import peewee
 
 from pipeline import broker as _broker  # noqa: F401 - sets the broker before the actor is declared
 from pipeline import names
@@ -28,9 +29,8 @@ def process_pipeline_result(job_id: int, body: str, reply: str | None) -> None:
     """Handle a result published on `pipeline.results.<job_id>` for the task replying on `reply`."""
     try:
         handled = handle_result_message(get_runtime(), job_id, body.encode("utf-8"), reply)
-    except (TransientError, StateMissing) as exc:
-        log.warning("job=%s result handling hit an outage (%s); retrying with backoff, task not ACKed",
-                    job_id, exc)
+    except (peewee.OperationalError, peewee.InterfaceError) as exc:
+        log.warning("job=%s database unavailable, task not ACKed, will retry: %s", job_id, exc)
         raise
     log.debug("job=%s result handled: %s", job_id, handled.action)
 

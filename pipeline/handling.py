@@ -124,7 +124,20 @@ def _image_ids(body: bytes) -> list[str]:
 
 
 def handle_result_message(runtime, job_id: int, body: bytes, reply: str | None) -> Handled:
-    """Handle one result message from `pipeline.results.<job_id>` whose task replies on `reply`."""
+    """Handle one result message from `pipeline.results.<job_id>` whose task replies on `reply`.
+
+    Raises TransientError (logged here with job and image ids) when Redis or NATS is unreachable; the
+    task is then not ACKed and the caller retries.
+    """
+    try:
+        return _handle(runtime, job_id, body, reply)
+    except TransientError as exc:
+        log.warning("job=%s image=%s transient error, task not ACKed, will retry: %s", job_id,
+                    ",".join(_image_ids(body)) or "?", exc)
+        raise
+
+
+def _handle(runtime, job_id: int, body: bytes, reply: str | None) -> Handled:
     job = load_job(job_id)
     if job is None:
         log.error("job=%s result for an unknown job; its task is terminated", job_id)
@@ -146,24 +159,15 @@ def handle_result_message(runtime, job_id: int, body: bytes, reply: str | None) 
         snapshot, written, outcomes = apply_result(runtime, job, result)
     except BadResult as exc:
         return fail_bad_result(runtime, job, exc, reply)
-    except TransientError as exc:
-        log.warning("job=%s image=%s transient error, task not ACKed, will retry: %s", job_id,
-                    ",".join(_image_ids(body)) or "?", exc)
-        raise
     if isinstance(result, ErrorResult):
         job_log(job_id, logging.WARNING, f"image failed: {result.error}", image_id=result.image_id)
     crash_point("before_ack", job=job_id)
     if reply:
-        try:
-            runtime.tasks.ack(reply)
-        except TransientError as exc:
-            log.warning("job=%s image=%s ACK failed, will retry (the result is saved and counted): %s",
-                        job_id, ",".join(o.image_id for o in outcomes), exc)
-            raise
+        runtime.tasks.ack(reply)
     crash_point("after_ack", job=job_id)
     finish(runtime, job, written)
-    action = "late" if snapshot is None else "counted"
     if snapshot is None:
         log.info("job=%s late result for a %s job saved (images %s); counters unchanged", job_id, job.status,
                  ",".join(o.image_id for o in outcomes))
-    return Handled(action, written.status, snapshot)
+        return Handled("late", written.status, None)
+    return Handled("counted", written.status, snapshot)

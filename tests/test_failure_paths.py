@@ -171,7 +171,7 @@ def test_nats_outage_at_ack_time_retries_without_double_counting(private_runtime
     dev.nats.stop()
     with caplog.at_level(logging.WARNING), pytest.raises(TransientError):
         handle_result_message(rt, job.id, success_body(task, boxes=2), reply)
-    assert f"job={job.id} image={task.image_id} ACK failed, will retry" in caplog.text
+    assert f"job={job.id} image={task.image_id} transient error, task not ACKed" in caplog.text
     dev.nats.start()
     wait_for(lambda: rt.tasks.queue.nc.is_connected, timeout_s=15, message="NATS reconnect")
     handle_result_message(rt, job.id, success_body(task, boxes=2), reply)
@@ -214,3 +214,22 @@ def test_an_enqueued_job_runs_through_an_in_process_worker(inproc_worker, runtim
                    message="job to finish")
     assert job.status == JobStatus.SUCCESS
     assert job.progress["stages"]["results"]["detections"] == 5
+
+
+def test_an_image_the_reference_service_cannot_read_is_failed_and_the_rest_proceed(
+        inproc_worker, runtime, moth_pipeline, trap_images, tmp_path, service_factory):
+    from pipeline import moth
+    from pipeline.jobs import create_job, image_urls_from_dir
+
+    directory, _ = trap_images
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"this is not a png")
+    urls = image_urls_from_dir(str(directory))[:4] + [f"file://{broken}"]
+    service_factory(runtime.settings, moth.SLUG, moth.process_task)
+    job = create_job(moth.SLUG, urls)
+    start_job(runtime, job)
+    job = wait_for(lambda: (j := Job.get_by_id(job.id)).status in JobStatus.TERMINAL and j, timeout_s=30,
+                   message="job to finish")
+    assert (job.status, job.progress["stages"]["process"]["failed"]) == (JobStatus.SUCCESS, 1)
+    failed = JobImage.get(JobImage.status == "failed")
+    assert failed.error.startswith("processing service error: ImageUnreadable: cannot read image file://")
