@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import click
+import nats.js.errors
 import peewee
 from rich.console import Console
 
@@ -42,6 +43,8 @@ Examples:
   dramatiq pipeline.actors              # a worker (runs the results bridge too)
   python cli.py process --pipeline moth-demo   # the reference processing service
   python cli.py demo                    # everything above, self-contained, 200 images
+  python cli.py health                  # dependencies, workers, services, running jobs (exit 0/1/2)
+  python cli.py health --run            # run one jobs_health_check now
 
 \b
 Exit codes:
@@ -351,6 +354,164 @@ def process(pipeline_slug: str, concurrency: int) -> None:
 
     asyncio.run(serve())
     console.print(f"service stopped: {service.processed} processed, {service.failed} failed")
+
+
+# ---- health and chaos ------------------------------------------------------------------------------------
+@main.command("health")
+@click.option("--run", "run_now", is_flag=True, help="Run one jobs_health_check here, now, and print its result.")
+@click.option("--json", "as_json", is_flag=True)
+@handles_errors
+def health(run_now: bool, as_json: bool) -> None:
+    """Check NATS, Redis, the database, workers, processing services and running jobs.
+
+    \b
+    Exit codes: 0 healthy, 1 degraded (needs attention), 2 a dependency is unreachable.
+    """
+    from pipeline.settings import get_settings
+
+    if run_now:
+        from pipeline.health import run_health_check
+
+        report = run_health_check(runtime())
+        if as_json:
+            click.echo(json.dumps(report, indent=2))
+        else:
+            _render_check(report)
+        return
+    from pipeline.aio import LoopThread
+    from pipeline.health_report import build_report
+
+    loop = LoopThread(name="jetpipe-health")
+    try:
+        code, report = build_report(get_settings(), loop)
+    finally:
+        loop.stop()
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+    else:
+        _render_health(report)
+    sys.exit(code)
+
+
+def _render_check(report: dict) -> None:
+    from rich.table import Table
+
+    table = Table("sub-check", "checked", "fixed", "unfixable", "jobs", title=f"jobs_health_check at {report['at']}")
+    for name in ("lost_images", "state_rebuild", "stale_jobs", "zombies"):
+        sub = report[name]
+        jobs = ", ".join(f"{k}:{v}" for k, v in sub.get("jobs", {}).items()) or sub.get("error", "")
+        table.add_row(name, str(sub["checked"]), str(sub["fixed"]), str(sub["unfixable"]), jobs)
+    console.print(table)
+    for name in ("lost_images", "state_rebuild", "stale_jobs", "zombies"):
+        for note in report[name].get("notes", []):
+            console.print(f"[yellow]note:[/yellow] {note}")
+
+
+def _render_health(report: dict) -> None:
+    from rich.table import Table
+
+    style = {"healthy": "green", "degraded": "yellow", "unreachable": "red"}[report["status"]]
+    console.print(f"jetpipe is [{style}]{report['status']}[/{style}] ({report['at']})")
+    deps = Table("dependency", "reachable", "version", "url / error")
+    for name, dep in report["dependencies"].items():
+        extra = " (JetStream on)" if dep.get("jetstream") else (" (JetStream OFF)" if "jetstream" in dep else "")
+        deps.add_row(name, "yes" if dep["reachable"] else "[red]NO[/red]", str(dep.get("version") or "") + extra,
+                     dep.get("error") or dep.get("url", ""))
+    console.print(deps)
+    console.print(f"live Dramatiq worker processes: {report['workers'] if report['workers'] is not None else '?'}")
+    for slug, seen in report["pipelines"].items():
+        console.print(f"pipeline {slug}: last task delivery {seen['last_delivery'] or 'never'}, "
+                      f"{seen['tasks_waiting']} task(s) waiting")
+    if report["jobs"]:
+        jobs = Table("job", "pipeline", "status", "processed", "failed", "idle s", "consumer")
+        for j in report["jobs"]:
+            c = j["consumer"]
+            counters = (f"pending={c['num_pending']} ack_pending={c['num_ack_pending']} "
+                        f"redelivered={c['num_redelivered']}") if c else ""
+            jobs.add_row(str(j["id"]), j["pipeline"], j["status"], f"{j['processed']}/{j['total']}", str(j["failed"]),
+                         str(j["idle_s"]), counters)
+        console.print(jobs)
+    last = report["last_health_check"]
+    if last:
+        parts = [f"{k} {v.get('checked', 0)}/{v.get('fixed', 0)}/{v.get('unfixable', 0)}"
+                 for k, v in last.items() if isinstance(v, dict)]
+        console.print(f"last health check {last['at']} (checked/fixed/unfixable): " + ", ".join(parts))
+    else:
+        console.print("no health check has run yet (workers run one every PIPELINE_HEALTH_CHECK_SECONDS)")
+    for problem in report["problems"]:
+        console.print(f"[yellow]problem:[/yellow] {problem}")
+
+
+@main.group()
+def chaos() -> None:
+    """Break things on purpose (on a stack you own) to see jetpipe recover. See docs/chaos-scenarios.md."""
+
+
+@chaos.command("flush")
+@click.argument("target", type=click.Choice(["redis", "nats"]))
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@handles_errors
+def chaos_flush(target: str, yes: bool) -> None:
+    """FLUSHALL Redis, or delete jetpipe's NATS streams (tasks, results, advisories)."""
+    from pipeline import chaos as tools
+    from pipeline.settings import get_settings, redact
+
+    settings = get_settings()
+    url = settings.redis_url if target == "redis" else settings.nats_url
+    if not yes:
+        click.confirm(f"Really destroy all {target} data at {redact(url)}?", abort=True)
+    if target == "redis":
+        tools.flush_redis(url)
+        console.print(f"flushed Redis at {redact(url)}: job state and queued Dramatiq messages are gone")
+    else:
+        deleted = asyncio.run(tools.flush_nats(url))
+        console.print(f"deleted NATS stream(s): {', '.join(deleted) or 'none existed'}")
+
+
+@chaos.command("exhaust-max-deliver")
+@click.option("--job-id", type=int, required=True)
+@click.option("--image-ids", required=True, help="Comma-separated image ids whose tasks to exhaust.")
+@click.option("--ensure-stream", "pipeline_slug", metavar="PIPELINE", default=None,
+              help="Create the streams and the job consumer for this pipeline first, if missing.")
+@click.option("--json", "as_json", is_flag=True)
+@handles_errors
+def chaos_exhaust(job_id: int, image_ids: str, pipeline_slug: str | None, as_json: bool) -> None:
+    """Pull the tasks of these images until JetStream gives up on them, never ACKing; print the counters.
+
+    Other tasks fetched meanwhile are NAKed at once, which uses one of their deliveries.
+    """
+    from pipeline import chaos as tools
+    from pipeline.errors import UserInputError
+    from pipeline.settings import get_settings
+
+    ids = {i.strip() for i in image_ids.split(",") if i.strip()}
+    if not ids:
+        raise UserInputError("--image-ids is empty")
+    settings = get_settings()
+    try:
+        out = asyncio.run(tools.exhaust_max_deliver(settings.nats_url, job_id, ids, pipeline=pipeline_slug,
+                                                    max_deliver=settings.nats_max_deliver,
+                                                    ack_wait_s=settings.nats_task_ttr))
+    except nats.js.errors.NotFoundError:
+        raise UserInputError(f"job {job_id} has no consumer (use --ensure-stream PIPELINE)") from None
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+    else:
+        console.print(f"deliveries: {out['deliveries']}  (non-target NAKs: {out['non_target_naks']})")
+        console.print(f"consumer job-{job_id}: num_pending={out['num_pending']} "
+                      f"num_ack_pending={out['num_ack_pending']} num_redelivered={out['num_redelivered']}")
+
+
+@chaos.command("kill-worker")
+@handles_errors
+def chaos_kill_worker() -> None:
+    """SIGKILL one Dramatiq worker process (its master then exits: a supervisor must restart it)."""
+    from pipeline import chaos as tools
+
+    pid = tools.kill_worker()
+    if pid is None:
+        fail("no `dramatiq pipeline.actors` worker process is running")
+    console.print(f"SIGKILLed worker process {pid}")
 
 
 # ---- development stack ----------------------------------------------------------------------------------

@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 import os
 
-from actors import process_pipeline_result, run_job  # noqa: E402,I001
+from actors import jobs_health_check, process_pipeline_result, process_task_advisory, run_job  # noqa: E402,I001
 from pipeline.broker import broker  # noqa: F401 - must come first
 
 logging.basicConfig(level=os.environ.get("PIPELINE_LOG_LEVEL", "INFO"),
                     format="%(asctime)s %(levelname)s %(process)d %(name)s %(message)s")
 
-__all__ = ["broker", "process_pipeline_result", "run_job"]
+__all__ = ["broker", "jobs_health_check", "process_pipeline_result", "process_task_advisory", "run_job"]

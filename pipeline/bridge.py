@@ -1,14 +1,19 @@
-"""The results bridge: PIPELINE_RESULTS -> `process_pipeline_result` Dramatiq messages, inside each worker.
+"""The bridge: JetStream -> Dramatiq, inside each worker process.
 
-Every worker process runs one bridge on its event loop, all sharing the durable consumer `results-bridge`
-(JetStream hands each result message to one of them). A result message is ACKed only after its Dramatiq
-message was sent, so a crash in between re-sends it (at-least-once; handling is idempotent). The bridge
-pauses pulling while the results queue holds more than `max_in_flight` messages (bounded in flight).
+Two routes, each a durable pull consumer shared by every worker (JetStream hands each message to one):
+- `PIPELINE_RESULTS` -> `process_pipeline_result(job_id, body, reply)`;
+- `PIPELINE_ADVISORIES` (MAX_DELIVERIES and MSG_TERMINATED of tasks) -> `process_task_advisory(body)`,
+  the fast path that fails a lost image within seconds.
+
+A message is ACKed on its stream only after its Dramatiq message was sent, so a crash in between re-sends
+it (at-least-once; both actors are idempotent). The bridge pauses pulling while Dramatiq's results queue
+holds more than `max_in_flight` messages (bounded in flight).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -20,23 +25,46 @@ from pipeline import names
 
 log = logging.getLogger(__name__)
 
-#: Result messages pulled per fetch.
+#: Messages pulled per fetch.
 FETCH_BATCH = 200
 #: Seconds one fetch waits for messages when the stream is empty.
-FETCH_TIMEOUT_S = 1.0
-#: Seconds JetStream waits for the bridge's ACK of a result message before redelivering it.
-RESULT_ACK_WAIT_S = 60
+FETCH_TIMEOUT_S = 0.5
+#: Seconds JetStream waits for the bridge's ACK of a message before redelivering it.
+BRIDGE_ACK_WAIT_S = 60
 #: Results queued in Dramatiq (not yet handled) above which the bridge stops pulling.
 MAX_IN_FLIGHT = 2000
 
 
-class ResultsBridge:
-    """Pulls result messages and hands them to `send_batch` (sync; runs in a thread)."""
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """Messages of `stream` (via durable `consumer`) become Dramatiq messages through `send_batch`.
 
-    def __init__(self, js, *, send_batch: Callable[[list[tuple[int, str, str | None]]], None],
-                 queue_depth: Callable[[], int], max_in_flight: int = MAX_IN_FLIGHT):
+    `to_args(msg)` gives the actor's arguments, or None for a message that can never be handled (it is
+    terminated and logged).
+    """
+
+    stream: str
+    consumer: str
+    filter_subject: str | None
+    to_args: Callable[[object], tuple | None]
+    send_batch: Callable[[list[tuple]], None]
+
+
+def result_args(msg) -> tuple | None:
+    job_id = names.job_id_from_result_subject(msg.subject)
+    if job_id is None:
+        return None
+    return job_id, msg.data.decode("utf-8", errors="replace"), (msg.headers or {}).get(names.HDR_TASK_REPLY)
+
+
+def advisory_args(msg) -> tuple | None:
+    return (msg.data.decode("utf-8", errors="replace"),)
+
+
+class Bridge:
+    def __init__(self, js, routes: list[Route], *, queue_depth: Callable[[], int], max_in_flight: int = MAX_IN_FLIGHT):
         self.js = js
-        self.send_batch = send_batch
+        self.routes = routes
         self.queue_depth = queue_depth
         self.max_in_flight = max_in_flight
         self._stopping = asyncio.Event()
@@ -45,64 +73,64 @@ class ResultsBridge:
     def stop(self) -> None:
         self._stopping.set()
 
-    async def _subscribe(self):
-        config = ConsumerConfig(durable_name=names.RESULTS_BRIDGE_CONSUMER, filter_subject=names.RESULTS_SUBJECTS,
+    async def _subscribe(self, route: Route):
+        config = ConsumerConfig(durable_name=route.consumer, filter_subject=route.filter_subject,
                                 ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-                                ack_wait=RESULT_ACK_WAIT_S, max_ack_pending=20_000)
+                                ack_wait=BRIDGE_ACK_WAIT_S, max_ack_pending=20_000)
         try:
-            await self.js.consumer_info(names.RESULTS_STREAM, names.RESULTS_BRIDGE_CONSUMER)
+            await self.js.consumer_info(route.stream, route.consumer)
         except nats.js.errors.NotFoundError:
             try:
-                await self.js.add_consumer(names.RESULTS_STREAM, config)
+                await self.js.add_consumer(route.stream, config)
             except nats.js.errors.BadRequestError:
                 pass  # created concurrently by another worker
-        return await self.js.pull_subscribe_bind(names.RESULTS_BRIDGE_CONSUMER, stream=names.RESULTS_STREAM)
+        sub = await self.js.pull_subscribe_bind(route.consumer, stream=route.stream)
+        log.info("bridge pulling %s via consumer %s", route.stream, route.consumer)
+        return sub
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        sub = None
+        subs: dict[str, object] = {}
         while not self._stopping.is_set():
             try:
-                if sub is None:
-                    sub = await self._subscribe()
-                    log.info("results bridge pulling %s via consumer %s", names.RESULTS_STREAM,
-                             names.RESULTS_BRIDGE_CONSUMER)
                 depth = await loop.run_in_executor(None, self.queue_depth)
                 if depth > self.max_in_flight:
                     await self._sleep(0.2)
                     continue
-                try:
-                    msgs = await sub.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S)
-                except (TimeoutError, nats.errors.TimeoutError):
-                    continue
-                await self._forward(loop, msgs)
+                for route in self.routes:
+                    if route.consumer not in subs:
+                        subs[route.consumer] = await self._subscribe(route)
+                    try:
+                        msgs = await subs[route.consumer].fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S)
+                    except (nats.errors.TimeoutError, TimeoutError):
+                        continue
+                    await self._forward(loop, route, msgs)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the bridge must outlive NATS/Redis outages
-                log.warning("results bridge: %s: %s; retrying in 1 s", type(exc).__name__, exc)
-                if isinstance(exc, nats.js.errors.NotFoundError):
-                    sub = None  # consumer or stream lost (NATS restarted without its store): re-create
+                log.warning("bridge: %s: %s; retrying in 1 s", type(exc).__name__, exc)
+                if isinstance(exc, nats.js.errors.NotFoundError | nats.js.errors.ServiceUnavailableError):
+                    subs.clear()  # consumer or stream lost (NATS restarted without its store): re-create
                 await self._sleep(1.0)
-        log.info("results bridge stopped after forwarding %s result message(s)", self.forwarded)
+        log.info("bridge stopped after forwarding %s message(s)", self.forwarded)
 
-    async def _forward(self, loop, msgs) -> None:
+    async def _forward(self, loop, route: Route, msgs) -> None:
         batch, ackable = [], []
         for msg in msgs:
-            job_id = names.job_id_from_result_subject(msg.subject)
-            if job_id is None:
-                log.error("results bridge: dropping message on unexpected subject %r", msg.subject)
+            args = route.to_args(msg)
+            if args is None:
+                log.error("bridge: dropping message on unexpected subject %r", msg.subject)
                 await msg.term()
                 continue
-            reply = (msg.headers or {}).get(names.HDR_TASK_REPLY)
-            batch.append((job_id, msg.data.decode("utf-8", errors="replace"), reply))
+            batch.append(args)
             ackable.append(msg)
         if not batch:
             return
         try:
-            await loop.run_in_executor(None, self.send_batch, batch)
+            await loop.run_in_executor(None, route.send_batch, batch)
         except Exception as exc:  # noqa: BLE001
-            log.warning("results bridge: could not enqueue %s result(s) (%s); they will be redelivered",
-                        len(batch), exc)
+            log.warning("bridge: could not enqueue %s message(s) from %s (%s); they will be redelivered",
+                        len(batch), route.stream, exc)
             for msg in ackable:
                 await msg.nak(delay=2)
             return

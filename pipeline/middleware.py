@@ -1,4 +1,4 @@
-"""Worker middleware: the per-process runtime (NATS connection, Redis, database) and the results bridge.
+"""Worker middleware: the per-process runtime (NATS connection, Redis, database), the bridge, the scheduler.
 
 Placed after Dramatiq's AsyncIO middleware, so `before_worker_boot` finds the event loop running and
 resources exist before the first message is processed (reference/dramatiq.md §1.1, §1.7).
@@ -6,6 +6,7 @@ resources exist before the first message is processed (reference/dramatiq.md §1
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
@@ -15,49 +16,83 @@ from dramatiq.asyncio import get_event_loop_thread
 import models
 from pipeline import names
 from pipeline.aio import LoopRunner
-from pipeline.bridge import ResultsBridge
+from pipeline.bridge import Bridge, Route, advisory_args, result_args
 from pipeline.errors import TransientError
 from pipeline.runtime import Runtime, set_runtime
+from pipeline.scheduler import SlotScheduler
 from pipeline.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 
 class WorkerResources(dramatiq.Middleware):
-    """Starts the runtime and the results bridge in each worker process; stops them on shutdown."""
+    """Starts the runtime, the bridge and the health-check scheduler in each worker process."""
 
-    def __init__(self, *, bridge: bool = True):
+    def __init__(self, *, bridge: bool = True, scheduler: bool = True):
         self.bridge_enabled = bridge
+        self.scheduler_enabled = scheduler
         self.runtime: Runtime | None = None
-        self.bridge: ResultsBridge | None = None
+        self.bridge: Bridge | None = None
+        self.scheduler: SlotScheduler | None = None
         self._bridge_future = None
         self._previous: Runtime | None = None
+        self._stopping = False
 
     def before_worker_boot(self, broker, worker):
         loop_thread = get_event_loop_thread()
         if loop_thread is None:
             raise RuntimeError("WorkerResources needs the AsyncIO middleware before it in the middleware list")
+        self._stopping = False  # one middleware instance may serve successive Worker instances
+        self.bridge = self.scheduler = self._bridge_future = None
         settings = get_settings()
         runtime = Runtime(settings, runner=LoopRunner(loop_thread.loop), name=f"jetpipe-worker-{os.getpid()}")
         self.runtime = runtime
         self._previous = set_runtime(runtime)
         log.info("worker %s up: %s", os.getpid(), " ".join(f"{k}={v}" for k, v in settings.describe().items()))
-        try:
-            runtime.tasks  # connect now: a worker that cannot reach NATS says so at boot  # noqa: B018
-        except TransientError as exc:
-            log.error("worker %s: %s; actors will retry until NATS is reachable", os.getpid(), exc)
-            return
         if self.bridge_enabled:
-            from actors.results import send_results  # late: actors import the broker, which imports us
+            self._bridge_future = runtime.runner.spawn(self._run_bridge(runtime, broker))
+        if self.scheduler_enabled:
+            from actors.health import jobs_health_check  # late: actors import the broker, which imports us
 
-            queue_key = f"{names.DRAMATIQ_NAMESPACE}:{names.RESULTS_QUEUE}"
-            self.bridge = ResultsBridge(runtime.tasks.queue.js, send_batch=send_results,
-                                        queue_depth=lambda: broker.client.llen(queue_key))
-            self._bridge_future = runtime.runner.spawn(self.bridge.run())
+            self.scheduler = SlotScheduler(
+                runtime.redis, "jobs_health_check", settings.health_check_seconds,
+                lambda slot: jobs_health_check.send_with_options(
+                    args=(slot,), max_age=int(settings.health_check_seconds * 1000)))
+            self.scheduler.start()
+
+    async def _run_bridge(self, runtime: Runtime, broker) -> None:
+        """Connect (retrying while NATS is down), then run the bridge until shutdown."""
+        # late imports: the actors import the broker, which imports this module
+        from actors.advisories import send_advisories
+        from actors.results import send_results
+
+        while not self._stopping:
+            try:
+                queue = await runtime.connect_tasks()
+                break
+            except TransientError as exc:
+                log.error("worker %s: %s; the bridge retries in 2 s", os.getpid(), exc)
+                await asyncio.sleep(2)
+        else:
+            return
+        routes = [
+            Route(names.RESULTS_STREAM, names.RESULTS_BRIDGE_CONSUMER, names.RESULTS_SUBJECTS, result_args,
+                  send_results),
+            Route(names.ADVISORIES_STREAM, names.ADVISORIES_CONSUMER, None, advisory_args, send_advisories),
+        ]
+        queue_key = f"{names.DRAMATIQ_NAMESPACE}:{names.RESULTS_QUEUE}"
+        self.bridge = Bridge(queue.queue.js, routes, queue_depth=lambda: broker.client.llen(queue_key))
+        if self._stopping:
+            return
+        await self.bridge.run()
 
     def before_worker_shutdown(self, broker, worker):
-        if self.bridge is not None:
-            self.runtime.runner.loop.call_soon_threadsafe(self.bridge.stop)
+        self._stopping = True
+        if self.scheduler is not None:
+            self.scheduler.stop()
+        if self._bridge_future is not None:
+            if self.bridge is not None:
+                self.runtime.runner.loop.call_soon_threadsafe(self.bridge.stop)
             try:
                 self._bridge_future.result(timeout=10)
             except Exception as exc:  # noqa: BLE001

@@ -117,3 +117,17 @@ def reply_belongs_to_job(reply: str, job_id: int) -> bool:
     """True iff `reply` is an ACK subject of the job's own consumer on the tasks stream."""
     parsed = parse_ack_subject(reply)
     return parsed is not None and parsed[0] == TASKS_STREAM and parsed[1] == job_consumer(job_id)
+
+
+def periodic_slot_key(name: str, slot: int) -> str:
+    """Claimed by the one scheduler that sends `name` for time slot `slot` (leaderless, SET NX)."""
+    return f"{REDIS_PREFIX}:periodic:{name}:{slot}"
+
+
+def periodic_lock_key(name: str) -> str:
+    """Held while one run of `name` is in progress (no overlapping runs)."""
+    return f"{REDIS_PREFIX}:lock:{name}"
+
+
+#: JSON of the last jobs_health_check result, for `cli.py health`.
+HEALTH_LAST_KEY = f"{REDIS_PREFIX}:health:last"

@@ -13,7 +13,7 @@ import models
 from pipeline.aio import LoopRunner, LoopThread
 from pipeline.jobstate import JobState, connect_redis
 from pipeline.settings import Settings, get_settings
-from pipeline.taskqueue import SyncTaskQueue
+from pipeline.taskqueue import SyncTaskQueue, TaskQueue
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,20 @@ class Runtime:
                 tasks.ensure_streams()
                 self._tasks = tasks
             return self._tasks
+
+    async def connect_tasks(self) -> SyncTaskQueue:
+        """The task queue, connected from a coroutine already running on this runtime's loop.
+
+        (The `tasks` property would deadlock there: it waits for the loop it is running on.)
+        """
+        if self._tasks is None:
+            queue = await TaskQueue.connect(self.settings.nats_url, name=self.name)
+            await queue.ensure_streams()
+            if self._tasks is None:
+                self._tasks = SyncTaskQueue(queue, self.runner)
+            else:
+                await queue.close()
+        return self._tasks
 
     @property
     def nats_connected(self) -> bool:

@@ -93,7 +93,7 @@ class ProcessingService:
                 if not got_any:
                     await self._wait(0.05)
             except NATS_FAILURES as exc:
-                log.warning("service %s: NATS problem (%s); retrying", self.name, exc or type(exc).__name__)
+                log.warning("service %s: NATS problem (%s); retrying", self.name, str(exc) or type(exc).__name__)
                 await self._wait(1.0)
 
     async def _refresh(self, queue: TaskQueue) -> None:
@@ -189,7 +189,7 @@ class ProcessingService:
                 if attempt == PUBLISH_ATTEMPTS:
                     raise
                 log.warning("service %s: job=%s publishing result failed (%s); retry %s", self.name, job_id,
-                            exc or type(exc).__name__, attempt)
+                            str(exc) or type(exc).__name__, attempt)
                 await asyncio.sleep(0.5 * attempt)
 
     async def _wait(self, seconds: float) -> None:

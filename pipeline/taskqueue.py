@@ -90,21 +90,27 @@ async def connect_nats(url: str, *, name: str, connect_timeout_s: float = 10.0,
     async def quiet_error(exc: Exception) -> None:
         log.warning("nats connection problem (%s): %s", redact(url), exc)
 
+    connection: list[nats.NATS] = []
+
     async def disconnected() -> None:
+        if connection and connection[0].is_closed:
+            return  # our own close(), not an outage
         log.warning("nats disconnected from %s", redact(url))
 
     async def reconnected() -> None:
         log.info("nats reconnected to %s", redact(url))
 
     try:
-        return await asyncio.wait_for(nats.connect(
+        nc = await asyncio.wait_for(nats.connect(
             url, name=name, connect_timeout=2, reconnect_time_wait=0.5,
             max_reconnect_attempts=-1 if reconnect else 0, allow_reconnect=reconnect,
             ping_interval=10, max_outstanding_pings=3,
             error_cb=quiet_error, disconnected_cb=disconnected, reconnected_cb=reconnected,
         ), connect_timeout_s)
+        connection.append(nc)
+        return nc
     except NATS_FAILURES as exc:
-        raise TransientError(f"cannot connect to NATS at {redact(url)}: {exc or type(exc).__name__}") from exc
+        raise TransientError(f"cannot connect to NATS at {redact(url)}: {str(exc) or type(exc).__name__}") from exc
 
 
 class TaskQueue:
@@ -271,11 +277,22 @@ class TaskQueue:
         parsed = names.parse_ack_subject(reply_subject)
         if parsed is None or parsed[0] != names.TASKS_STREAM:
             return None
+        return await self.image_of_seq(parsed[3])
+
+    async def image_of_seq(self, stream_seq: int) -> str | None:
+        """The image id of the task at `stream_seq` of the tasks stream (None if it is gone)."""
         try:
-            msg = await self.js.get_msg(names.TASKS_STREAM, parsed[3])
+            msg = await self.js.get_msg(names.TASKS_STREAM, stream_seq)
         except nats.js.errors.NotFoundError:
             return None
         return (msg.headers or {}).get(names.HDR_IMAGE_ID)
+
+    async def delete_task(self, stream_seq: int) -> None:
+        """Remove one task from the stream (one JetStream gave up on); idempotent."""
+        try:
+            await self.js.delete_msg(names.TASKS_STREAM, stream_seq)
+        except nats.js.errors.NotFoundError:
+            pass
 
     async def term(self, reply_subject: str, reason: str) -> None:
         """Stop redelivery of a task for good; `reason` (naming the image) reaches the MSG_TERMINATED advisory."""
@@ -310,6 +327,6 @@ class SyncTaskQueue:
             try:
                 return self.runner.run(method(*args, **kwargs), timeout=self.timeout_s)
             except NATS_FAILURES as exc:
-                raise TransientError(f"nats: {attr} failed: {exc or type(exc).__name__}") from exc
+                raise TransientError(f"nats: {attr} failed: {str(exc) or type(exc).__name__}") from exc
 
         return call

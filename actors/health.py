@@ -1,0 +1,38 @@
+"""`jobs_health_check`: the periodic actor (sent once per slot by the in-worker scheduler)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import dramatiq
+
+from pipeline import broker as _broker  # noqa: F401 - sets the broker before the actor is declared
+from pipeline import names
+from pipeline.health import run_health_check
+from pipeline.runtime import get_runtime
+
+log = logging.getLogger(__name__)
+
+#: A health check running longer than this (ms) is stopped; its lock expires with it.
+TIME_LIMIT_MS = 5 * 60 * 1000
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@dramatiq.actor(queue_name=names.JOBS_QUEUE, max_retries=0, time_limit=TIME_LIMIT_MS)
+def jobs_health_check(slot: int | None = None) -> None:
+    """One health check; skipped if another one is still running (no overlapping runs)."""
+    runtime = get_runtime()
+    token = uuid.uuid4().hex
+    lock = names.periodic_lock_key("jobs_health_check")
+    if not runtime.redis.set(lock, token, nx=True, px=TIME_LIMIT_MS):
+        log.info("jobs_health_check slot=%s skipped: another run is in progress", slot)
+        return
+    try:
+        run_health_check(runtime)
+    finally:
+        runtime.redis.eval(_RELEASE, 1, lock, token)

@@ -1,0 +1,309 @@
+"""`jobs_health_check`: keep every job moving toward its terminal state.
+
+Sub-checks run in this order, each isolated (one raising does not stop the others), each reporting
+`{checked, fixed, unfixable}`:
+
+1. lost_images   running async jobs idle past PIPELINE_STALLED_JOBS_MAX_MINUTES whose remaining tasks
+                 JetStream gave up on: those images become failed (invariant 8). Tasks never delivered
+                 (no processing service) are not lost: the job waits and the check says why.
+2. state_rebuild a running job whose Redis state is missing gets it rebuilt from its JobImage rows; one
+                 whose NATS consumer is missing (NATS lost its store) gets its pending tasks re-dispatched;
+                 a job whose run_job message was lost is started again.
+3. stale_jobs    the reaper: REVOKEs jobs no check can move (internal jobs whose worker is gone, jobs
+                 stuck undispatched, cancels that did not finish) — never an async job whose NATS or Redis
+                 check failed this tick (an outage is not a stuck job, invariant 9).
+4. zombies       consumers and Redis keys of ended or deleted jobs, after a grace period.
+
+Cost grows with the number of candidate jobs, never with the number of images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import time
+
+import peewee
+import redis
+
+from models import DispatchMode, Job, JobStatus, Pipeline, for_update, utcnow, write_transaction
+from pipeline import jobs, names, progress
+from pipeline.errors import TransientError
+from pipeline.handling import finish
+from pipeline.joblog import job_log
+from pipeline.lost import append_error, fail_lost
+
+log = logging.getLogger(__name__)
+
+#: An ended job's consumer and Redis keys are removed this long after it ended (seconds).
+ZOMBIE_GRACE_S = 5 * 60
+#: A PENDING job whose run_job has not started after this long is sent again (seconds).
+RESTART_PENDING_AFTER_S = 2 * 60
+#: A CANCELING job idle this long has its cancel finished by the reaper (seconds).
+FINISH_CANCEL_AFTER_S = 60
+
+
+@dataclasses.dataclass
+class CheckResult:
+    checked: int = 0
+    fixed: int = 0
+    unfixable: int = 0
+    jobs: dict[int, str] = dataclasses.field(default_factory=dict)  # per-job outcome
+    notes: list[str] = dataclasses.field(default_factory=list)  # what an operator should know
+
+    def as_dict(self) -> dict:
+        return {"checked": self.checked, "fixed": self.fixed, "unfixable": self.unfixable,
+                "jobs": {str(k): v for k, v in self.jobs.items()}, "notes": self.notes}
+
+
+def _activity(job: Job) -> dt.datetime:
+    """When the job last showed life: its last progress, else its dispatch, else its last update."""
+    return job.last_progress_at or job.dispatched_at or job.updated_at or job.created_at
+
+
+class HealthCheck:
+    """One tick of the health check over `runtime`'s database, Redis and NATS."""
+
+    def __init__(self, runtime, *, now: dt.datetime | None = None):
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.now = now or utcnow()
+        self.cutoff = self.now - dt.timedelta(minutes=self.settings.stalled_jobs_max_minutes)
+        self.unreachable_jobs: set[int] = set()  # NATS or Redis check failed this tick: never reaped
+
+    def run(self) -> dict:
+        started = time.monotonic()
+        report = {"at": self.now.isoformat(timespec="seconds") + "Z"}
+        for name in ("lost_images", "state_rebuild", "stale_jobs", "zombies"):
+            try:
+                report[name] = getattr(self, name)().as_dict()
+            except Exception as exc:  # noqa: BLE001 - isolation: one sub-check failing stops no other
+                log.exception("jobs_health_check: sub-check %s raised", name)
+                report[name] = {"checked": 0, "fixed": 0, "unfixable": 1, "error": f"{type(exc).__name__}: {exc}"}
+        report["duration_s"] = round(time.monotonic() - started, 3)
+        return report
+
+    def _running_async(self):
+        return (Job.select(Job, Pipeline).join(Pipeline)
+                .where((Job.status == JobStatus.STARTED) & (Job.dispatch_mode == DispatchMode.ASYNC_API)
+                       & Job.dispatched_at.is_null(False)))
+
+    # ---- 1. lost images -------------------------------------------------------------------------------
+    def lost_images(self) -> CheckResult:
+        result = CheckResult()
+        idle_since = peewee.fn.COALESCE(Job.last_progress_at, Job.dispatched_at)
+        for job in self._running_async().where(idle_since < self.cutoff).order_by(Job.id):
+            result.checked += 1
+            outcome = self._reconcile(job, result)
+            result.jobs[job.id] = outcome
+            if outcome in ("marked_failed", "finalized"):
+                result.fixed += 1
+            elif outcome in ("error", "state_disappeared", "no_consumer"):
+                result.unfixable += 1
+                self.unreachable_jobs.add(job.id)
+        return result
+
+    def _reconcile(self, job: Job, result: CheckResult) -> str:
+        consumer = self.runtime.tasks.consumer_state(job.id)
+        if not consumer.reachable:
+            log.warning("job=%s lost_images: NATS unreachable (%s); unfixable this tick", job.id, consumer.error)
+            return "error"
+        try:
+            snapshot = self.runtime.state.snapshot(job.id)
+            pending = sorted(self.runtime.state.pending_ids(job.id)) if snapshot else []
+        except TransientError as exc:
+            log.warning("job=%s lost_images: Redis unreachable (%s); unfixable this tick", job.id, exc)
+            return "error"
+        if snapshot is None:
+            return "state_disappeared"  # state_rebuild restores it; the next tick decides
+        if not pending:  # every image counted, but the job never ended (its last progress write was lost)
+            written = progress.write_progress(job.id, snapshot, threshold=self.settings.failure_threshold)
+            finish(self.runtime, job, written)
+            return "finalized"
+        if not consumer.exists:
+            return "no_consumer"  # state_rebuild re-dispatches its tasks
+        if consumer.num_pending > 0:
+            waited = int((self.now - _activity(job)).total_seconds() // 60)
+            result.notes.append(f"job {job.id}: no processing service has pulled tasks for pipeline "
+                                f"{job.pipeline.slug} for {waited} min ({consumer.num_pending} task(s) waiting)")
+            return "waiting"
+        # Exhausted tasks can sit in num_ack_pending until someone pulls (reference/nats.md §0.1), so
+        # "lost" means: nothing left to deliver, and no delivery for longer than all retries could take.
+        window = dt.timedelta(seconds=self.settings.nats_task_ttr * (self.settings.nats_max_deliver + 1))
+        last_active = consumer.last_active.replace(tzinfo=None) if consumer.last_active else None
+        if last_active is not None and self.now - last_active < window:
+            return "busy"
+        with write_transaction():  # re-validate under the row lock: a result may have just arrived
+            fresh = for_update(Job.select(Job.status, Job.last_progress_at, Job.dispatched_at)
+                               .where(Job.id == job.id)).get()
+        if fresh.status != JobStatus.STARTED or _activity(fresh) >= self.cutoff:
+            return "raced"
+        reason = (f"lost: no result after JetStream gave up delivering its task (job idle past "
+                  f"{self.settings.stalled_jobs_max_minutes:g} min)")
+        append_error(job.id, f"jobs_health_check: marked {len(pending)} image(s) as failed (job idle past cutoff; "
+                             f"NATS consumer {consumer.describe()}). IDs: {progress.format_ids(pending)}")
+        outcomes, status = fail_lost(self.runtime, job, pending, reason)
+        failed = [o.image_id for o in outcomes if o.failed]
+        job_log(job.id, logging.WARNING, f"jobs_health_check: marked {len(failed)} image(s) as failed, job now "
+                                         f"{status}; NATS consumer {consumer.describe()}; IDs: {', '.join(failed)}")
+        return "marked_failed"
+
+    # ---- 2. state rebuild ----------------------------------------------------------------------------
+    def state_rebuild(self) -> CheckResult:
+        result = CheckResult()
+        restart_before = self.now - dt.timedelta(seconds=RESTART_PENDING_AFTER_S)
+        for job in Job.select().where((Job.status == JobStatus.PENDING) & (Job.updated_at < restart_before)):
+            result.checked += 1
+            from actors.run_job import run_job
+
+            run_job.send(job.id)  # its message was lost (e.g. Redis flushed); run_job is idempotent
+            Job.update(updated_at=self.now).where(Job.id == job.id).execute()
+            job_log(job.id, logging.WARNING, "jobs_health_check: run_job never started; sent it again")
+            result.fixed += 1
+            result.jobs[job.id] = "restarted"
+        for job in self._running_async().order_by(Job.id):
+            result.checked += 1
+            try:
+                outcome = self._rebuild(job)
+            except TransientError as exc:
+                log.warning("job=%s state_rebuild: %s; unfixable this tick", job.id, exc)
+                outcome = "error"
+            result.jobs[job.id] = outcome
+            if outcome in ("redis_rebuilt", "redispatched"):
+                result.fixed += 1
+            elif outcome == "error":
+                result.unfixable += 1
+                self.unreachable_jobs.add(job.id)
+        return result
+
+    def _rebuild(self, job: Job) -> str:
+        state = self.runtime.state
+        if state.snapshot(job.id) is None:
+            if Job.select(Job.status).where(Job.id == job.id).scalar() != JobStatus.STARTED:
+                return "ended"
+            jobs.load_state_from_db(state, job.id, force=True)
+            job_log(job.id, logging.WARNING, "jobs_health_check: Redis state was missing; rebuilt from the database")
+            return "redis_rebuilt"
+        consumer = self.runtime.tasks.consumer_state(job.id)
+        if not consumer.reachable:
+            raise TransientError(f"NATS unreachable: {consumer.error}")
+        if consumer.exists or not state.pending_ids(job.id):
+            return "ok"
+        if Job.select(Job.status).where(Job.id == job.id).scalar() != JobStatus.STARTED:
+            return "ended"
+        # NATS lost the consumer and its tasks (flushed, or restarted without its store): publish again.
+        Job.update(dispatch_cursor=0).where(Job.id == job.id).execute()
+        job.dispatch_cursor = 0
+        sent = jobs.dispatch(self.runtime, job)
+        job_log(job.id, logging.WARNING, f"jobs_health_check: NATS consumer was missing; re-dispatched {sent} "
+                                         "pending task(s)")
+        return "redispatched"
+
+    # ---- 3. stale jobs (the reaper) -------------------------------------------------------------------
+    def stale_jobs(self) -> CheckResult:
+        result = CheckResult()
+        cancel_before = self.now - dt.timedelta(seconds=FINISH_CANCEL_AFTER_S)
+        query = (Job.select(Job, Pipeline).join(Pipeline)
+                 .where(Job.status.in_((JobStatus.STARTED, JobStatus.CANCELING))).order_by(Job.id))
+        for job in query:
+            if job.status == JobStatus.CANCELING:
+                if job.updated_at >= cancel_before:
+                    continue
+                result.checked += 1
+                jobs.cancel(self.runtime, job.id)
+                result.fixed += 1
+                result.jobs[job.id] = "cancel_finished"
+                continue
+            if _activity(job) >= self.cutoff:
+                continue
+            result.checked += 1
+            if job.id in self.unreachable_jobs:
+                result.unfixable += 1
+                result.jobs[job.id] = "skipped_unreachable"
+                continue
+            outcome = self._reap(job)
+            result.jobs[job.id] = outcome
+            if outcome in ("revoked", "finalized"):
+                result.fixed += 1
+            elif outcome == "error":
+                result.unfixable += 1
+        return result
+
+    def _reap(self, job: Job) -> str:
+        idle = int((self.now - _activity(job)).total_seconds() // 60)
+        if job.dispatch_mode == DispatchMode.ASYNC_API and job.dispatched_at is not None:
+            try:
+                snapshot = self.runtime.state.snapshot(job.id)
+            except TransientError:
+                return "error"
+            if snapshot is not None and snapshot.complete:
+                written = progress.write_progress(job.id, snapshot, threshold=self.settings.failure_threshold)
+                finish(self.runtime, job, written)
+                return "finalized"
+            return "left_to_reconciliation"  # waiting for a service, or lost images: never revoked
+        why = ("its worker is gone" if job.dispatch_mode == DispatchMode.INTERNAL
+               else "run_job stopped before dispatching its tasks")
+        if progress.transition(job.id, JobStatus.REVOKED, allowed_from=(JobStatus.STARTED,),
+                               error=f"jobs_health_check: no progress for {idle} min; {why}"):
+            job_log(job.id, logging.ERROR, f"jobs_health_check: REVOKED after {idle} min without progress; {why}")
+            if job.dispatch_mode == DispatchMode.ASYNC_API:
+                jobs.cleanup(self.runtime, job.id, job.pipeline.slug)
+            return "revoked"
+        return "raced"
+
+    # ---- 4. zombies -------------------------------------------------------------------------------------
+    def zombies(self) -> CheckResult:
+        result = CheckResult()
+        ended_before = self.now - dt.timedelta(seconds=ZOMBIE_GRACE_S)
+
+        def is_zombie(job_id: int) -> tuple[bool, Job | None]:
+            job = Job.select(Job, Pipeline).join(Pipeline).where(Job.id == job_id).get_or_none()
+            if job is None:
+                return True, None
+            return job.status in JobStatus.TERMINAL and (job.finished_at or job.updated_at) < ended_before, job
+
+        try:
+            consumers = self.runtime.tasks.job_consumers()
+        except TransientError as exc:
+            result.unfixable += 1
+            result.notes.append(f"NATS unreachable: {exc}")
+            consumers = []
+        for consumer in consumers:
+            result.checked += 1
+            zombie, job = is_zombie(consumer.job_id)
+            if zombie:
+                slug = consumer.filter_subject.split(".")[2]
+                self.runtime.tasks.delete_job_consumer(consumer.job_id, slug)
+                log.info("job=%s zombies: removed consumer %s of an ended or deleted job", consumer.job_id,
+                         consumer.consumer)
+                result.fixed += 1
+                result.jobs[consumer.job_id] = "consumer_removed"
+        try:
+            for key in self.runtime.redis.scan_iter(match=f"{names.REDIS_PREFIX}:job:*:counts", count=500):
+                job_id = int(key.split(":")[2])
+                result.checked += 1
+                zombie, _ = is_zombie(job_id)
+                if zombie:
+                    self.runtime.state.delete(job_id)
+                    log.info("job=%s zombies: removed Redis state of an ended or deleted job", job_id)
+                    result.fixed += 1
+                    result.jobs[job_id] = "redis_removed"
+        except (TransientError, redis.RedisError) as exc:
+            result.unfixable += 1
+            result.notes.append(f"Redis unreachable: {exc}")
+        return result
+
+
+def run_health_check(runtime, *, now: dt.datetime | None = None) -> dict:
+    """Run one health check and store its report for `cli.py health`; returns the report."""
+    report = HealthCheck(runtime, now=now).run()
+    try:
+        runtime.redis.set(names.HEALTH_LAST_KEY, json.dumps(report), ex=7 * 24 * 3600)
+    except Exception as exc:  # noqa: BLE001 - the report is informative; the fixes already happened
+        log.warning("jobs_health_check: could not store its report: %s", exc)
+    summary = " ".join(f"{k}={v.get('checked', 0)}/{v.get('fixed', 0)}/{v.get('unfixable', 0)}"
+                       for k, v in report.items() if isinstance(v, dict))
+    log.info("jobs_health_check done in %ss (checked/fixed/unfixable): %s", report["duration_s"], summary)
+    return report

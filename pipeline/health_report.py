@@ -1,0 +1,148 @@
+"""`cli.py health`: is jetpipe healthy right now, and if not, why. Read-only.
+
+Exit status: 0 healthy, 1 degraded (something needs attention), 2 a dependency is unreachable.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+
+import peewee
+import redis
+
+import models
+from models import DispatchMode, Job, JobStatus, Pipeline, utcnow
+from pipeline import names
+from pipeline.broker import HEARTBEAT_TIMEOUT_MS
+from pipeline.jobstate import connect_redis
+from pipeline.settings import Settings, redact
+from pipeline.taskqueue import NATS_FAILURES, TaskQueue, connect_nats
+
+HEALTHY, DEGRADED, UNREACHABLE = 0, 1, 2
+
+
+async def _nats_facts(settings: Settings) -> tuple[dict, dict[int, dict]]:
+    """Server facts and the consumer counters of every job consumer (one connection, fails fast)."""
+    nc = await connect_nats(settings.nats_url, name="jetpipe-health", connect_timeout_s=3, reconnect=False)
+    try:
+        queue = TaskQueue(nc)
+        js_ok, js_error = True, None
+        try:
+            await queue.js.account_info()
+        except NATS_FAILURES as exc:
+            js_ok, js_error = False, str(exc)
+        facts = {"reachable": True, "url": redact(settings.nats_url), "version": nc._server_info.get("version"),
+                 "jetstream": js_ok, **({"error": f"JetStream: {js_error}"} if js_error else {})}
+        consumers = {}
+        for consumer in (await queue.job_consumers()) if js_ok else []:
+            state = await queue.consumer_state(consumer.job_id)
+            consumers[consumer.job_id] = {"num_pending": state.num_pending, "num_ack_pending": state.num_ack_pending,
+                                          "num_redelivered": state.num_redelivered,
+                                          "last_delivery": state.last_active.replace(tzinfo=None)
+                                          if state.last_active else None}
+        return facts, consumers
+    finally:
+        await nc.close()
+
+
+def build_report(settings: Settings, runner) -> tuple[int, dict]:
+    now = utcnow()
+    deps: dict[str, dict] = {}
+    problems: list[str] = []
+
+    try:
+        db = models.bind(settings.database_url)
+        db.connect(reuse_if_open=True)
+        version = db.execute_sql("select version()" if models.is_postgres() else "select sqlite_version()").fetchone()
+        deps["database"] = {"reachable": True, "url": redact(settings.database_url), "version": version[0]}
+    except peewee.PeeweeException as exc:
+        deps["database"] = {"reachable": False, "url": redact(settings.database_url), "error": str(exc).strip()}
+
+    client = connect_redis(settings.redis_url)
+    workers = None
+    last_check = None
+    try:
+        deps["redis"] = {"reachable": True, "url": redact(settings.redis_url),
+                         "version": client.info("server")["redis_version"]}
+        beats = client.zrangebyscore(f"{names.DRAMATIQ_NAMESPACE}:__heartbeats__",
+                                     time.time() * 1000 - HEARTBEAT_TIMEOUT_MS, "+inf")  # epoch-ms scores
+        workers = len(beats)
+        raw = client.get(names.HEALTH_LAST_KEY)
+        last_check = json.loads(raw) if raw else None
+    except redis.RedisError as exc:
+        deps["redis"] = {"reachable": False, "url": redact(settings.redis_url), "error": str(exc)}
+    finally:
+        client.close()
+
+    consumers: dict[int, dict] = {}
+    try:
+        deps["nats"], consumers = runner.run(_nats_facts(settings), timeout=30)
+        if not deps["nats"]["jetstream"]:
+            problems.append("NATS is up but JetStream is not enabled")
+    except Exception as exc:  # noqa: BLE001 - unreachable, whatever the way
+        deps["nats"] = {"reachable": False, "url": redact(settings.nats_url), "error": str(exc) or type(exc).__name__}
+
+    jobs_out, pipelines = [], {}
+    if deps["database"]["reachable"]:
+        try:
+            running = (Job.select(Job, Pipeline).join(Pipeline).where(Job.status.in_(JobStatus.RUNNING))
+                       .order_by(Job.id))
+            for job in running:
+                jobs_out.append(_job_line(job, consumers.get(job.id), now, settings, problems, pipelines))
+        except peewee.PeeweeException as exc:
+            text = str(exc).strip()
+            if "no such table" in text or "does not exist" in text:
+                problems.append(f"database is not initialised ({text}): run `python cli.py init-db`")
+            else:
+                deps["database"] = {**deps["database"], "reachable": False, "error": text}
+    if workers == 0 and jobs_out:
+        problems.append(f"{len(jobs_out)} job(s) running but no live Dramatiq worker "
+                        "(start `dramatiq pipeline.actors`)")
+    if last_check:
+        for name, sub in last_check.items():
+            if isinstance(sub, dict) and sub.get("error"):
+                problems.append(f"last health check: {name} raised {sub['error']}")
+
+    report = {"at": now.isoformat(timespec="seconds") + "Z", "dependencies": deps, "workers": workers,
+              "pipelines": pipelines, "jobs": jobs_out, "last_health_check": last_check, "problems": problems}
+    if not all(d["reachable"] for d in deps.values()):
+        status = UNREACHABLE
+    elif problems:
+        status = DEGRADED
+    else:
+        status = HEALTHY
+    report["status"] = {HEALTHY: "healthy", DEGRADED: "degraded", UNREACHABLE: "unreachable"}[status]
+    return status, report
+
+
+def _job_line(job: Job, consumer: dict | None, now: dt.datetime, settings: Settings, problems: list[str],
+              pipelines: dict) -> dict:
+    stages = (job.progress or {}).get("stages", {})
+    activity = job.last_progress_at or job.dispatched_at or job.updated_at
+    line = {"id": job.id, "pipeline": job.pipeline.slug, "status": job.status, "mode": job.dispatch_mode,
+            "total": job.total_images, "processed": stages.get("process", {}).get("processed", 0),
+            "failed": stages.get("process", {}).get("failed", 0),
+            "idle_s": round((now - activity).total_seconds()) if activity else None, "consumer": None}
+    if job.dispatch_mode != DispatchMode.ASYNC_API or job.dispatched_at is None:
+        return line
+    if consumer is None:
+        return line
+    last = consumer["last_delivery"]
+    line["consumer"] = {k: (v.isoformat(timespec="seconds") + "Z" if isinstance(v, dt.datetime) else v)
+                        for k, v in consumer.items()}
+    seen = pipelines.setdefault(job.pipeline.slug, {"last_delivery": None, "tasks_waiting": 0})
+    seen["tasks_waiting"] += consumer["num_pending"]
+    if last and (seen["last_delivery"] is None or last.isoformat() > seen["last_delivery"]):
+        seen["last_delivery"] = last.isoformat(timespec="seconds") + "Z"
+    waiting_since = max(filter(None, [last, job.dispatched_at]))
+    waited = (now - waiting_since).total_seconds()
+    if consumer["num_pending"] > 0 and waited > settings.nats_task_ttr:
+        problems.append(f"job {job.id} waits: no processing service has pulled tasks for pipeline "
+                        f"{job.pipeline.slug} for {_duration(waited)} ({consumer['num_pending']} task(s) waiting)")
+    return line
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"

@@ -1,0 +1,88 @@
+"""Lost images (invariant 8): an image whose task JetStream gave up on becomes failed, with a reason.
+
+Both paths end here: the MAX_DELIVERIES / MSG_TERMINATED advisory (fast, seconds) and the periodic
+`lost_images` check (safety net, for jobs idle past PIPELINE_STALLED_JOBS_MAX_MINUTES). Failing goes
+through the database arbiter and the same atomic Redis gate as results, so a late result and the
+reconciler can never both count an image, and duplicate advisories change nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from models import Job, JobStatus, for_update, write_transaction
+from pipeline import names, progress
+from pipeline.handling import count_outcomes, finish, load_job
+from pipeline.joblog import job_log
+from pipeline.jobstate import Outcome
+from pipeline.results import fail_images
+
+log = logging.getLogger(__name__)
+
+
+def append_error(job_id: int, message: str) -> None:
+    """Add an entry to the job's `progress.errors` under a row lock (never clobbers a concurrent write)."""
+    with write_transaction():
+        job = for_update(Job.select(Job.id, Job.progress).where(Job.id == job_id)).get_or_none()
+        if job is None:
+            return
+        p = job.progress or progress.initial_progress()
+        progress.add_error(p, message)
+        Job.update(progress=p).where(Job.id == job_id).execute()
+
+
+def fail_lost(runtime, job: Job, image_ids: list[str], reason: str) -> tuple[list[Outcome], str]:
+    """Fail the still-pending `image_ids` of a running job with `reason`, count them, end the job if done.
+
+    Returns the settled outcomes and the job's status afterwards.
+    """
+    outcomes = fail_images(job.id, image_ids, reason)
+    if not outcomes:
+        return [], job.status
+    _, written = count_outcomes(runtime, job, outcomes)
+    finish(runtime, job, written)
+    return outcomes, written.status
+
+
+def _image_from_term_reason(reason: str | None) -> str | None:
+    """Our TERMs say `image=<id> ...`; the task itself is gone from a WorkQueue stream after a TERM."""
+    if reason and reason.startswith("image="):
+        first = reason.split(" ", 1)[0][len("image="):]
+        return first.split(",")[0] if first and first != "?" else None
+    return None
+
+
+def handle_advisory(runtime, body: str) -> str:
+    """Fail the image behind a MAX_DELIVERIES or MSG_TERMINATED advisory; returns what was done."""
+    try:
+        advisory = json.loads(body)
+        job_id = names.job_id_from_consumer(advisory["consumer"])
+        stream_seq = int(advisory["stream_seq"])
+        kind = advisory.get("type", "")
+    except (ValueError, KeyError, TypeError):
+        log.error("advisory dropped: not a JetStream consumer advisory: %.200s", body)
+        return "malformed"
+    if job_id is None or advisory.get("stream") != names.TASKS_STREAM:
+        return "not_ours"
+    job = load_job(job_id)
+    if job is None or job.status in JobStatus.TERMINAL:
+        return "job_ended"
+    if kind.endswith("max_deliver"):
+        image_id = runtime.tasks.image_of_seq(stream_seq)
+        reason = (f"lost: JetStream gave up after {advisory.get('deliveries', '?')} deliveries "
+                  f"(max_deliver={runtime.settings.nats_max_deliver}) without a result")
+    else:
+        image_id = _image_from_term_reason(advisory.get("reason"))
+        reason = f"task terminated: {advisory.get('reason') or 'no reason given'}"
+    if image_id is None:
+        log.warning("job=%s advisory for stream_seq=%s names no image we can find; left to the periodic check",
+                    job_id, stream_seq)
+        return "unknown_image"
+    outcomes, status = fail_lost(runtime, job, [image_id], reason)
+    if kind.endswith("max_deliver"):
+        runtime.tasks.delete_task(stream_seq)  # nothing will ever deliver it again: leave nothing in NATS
+    if any(o.failed for o in outcomes):
+        job_log(job_id, logging.WARNING, f"image failed: {reason}", image_id=image_id)
+        return "failed"
+    return "already_settled"
