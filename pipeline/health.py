@@ -130,8 +130,9 @@ class HealthCheck:
                                 f"{job.pipeline.slug} for {waited} min ({consumer.num_pending} task(s) waiting)")
             return "waiting"
         # Exhausted tasks can sit in num_ack_pending until someone pulls (reference/nats.md §0.1), so
-        # "lost" means: nothing left to deliver, and no delivery for longer than all retries could take.
-        window = dt.timedelta(seconds=self.settings.nats_task_ttr * (self.settings.nats_max_deliver + 1))
+        # "lost" means: nothing left to deliver, and no delivery (or give-up) for two ack_waits, whereas
+        # an un-acked task with deliveries left would have been redelivered within one.
+        window = dt.timedelta(seconds=2 * self.settings.nats_task_ttr)
         last_active = consumer.last_active.replace(tzinfo=None) if consumer.last_active else None
         if last_active is not None and self.now - last_active < window:
             return "busy"

@@ -43,6 +43,8 @@ DUPLICATE_WINDOW_S = 20 * 60
 MAX_ACK_PENDING = 10_000
 #: Stream max_age: none on tasks/results (an expired task would vanish silently, reference/nats.md §2.1).
 ADVISORY_MAX_AGE_S = 7 * 24 * 3600
+#: JetStream API error code for "no message found" (deleting a message that is already gone).
+NO_MESSAGE_FOUND = 10057
 #: Timeout of one JetStream API call or publish, seconds.
 API_TIMEOUT_S = 10.0
 
@@ -293,6 +295,9 @@ class TaskQueue:
             await self.js.delete_msg(names.TASKS_STREAM, stream_seq)
         except nats.js.errors.NotFoundError:
             pass
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != NO_MESSAGE_FOUND:  # already gone (acked, purged by cleanup): nothing to do
+                raise
 
     async def term(self, reply_subject: str, reason: str) -> None:
         """Stop redelivery of a task for good; `reason` (naming the image) reaches the MSG_TERMINATED advisory."""

@@ -1,0 +1,337 @@
+"""jobs_health_check against real NATS, Redis and the database: lost images (invariant 8), outages
+(invariant 9), state rebuild, the reaper, zombies, the advisory fast path, and the scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import time
+
+import nats
+import pytest
+
+from models import Detection, Job, JobImage, JobStatus, Pipeline, utcnow
+from pipeline import names
+from pipeline.handling import handle_result_message, load_job
+from pipeline.health import CheckResult, HealthCheck, run_health_check
+from pipeline.jobs import cancel
+from pipeline.lost import handle_advisory
+from pipeline.runtime import Runtime, set_runtime
+from pipeline.scheduler import SlotScheduler
+from tests.conftest import make_settings
+from tests.helpers import dispatch, error_body, fake_job, pull_tasks, stream_count, success_body
+
+
+@pytest.fixture
+def quick(db_url, stack, moth_pipeline):
+    """A runtime whose tasks give up fast: ack_wait 1 s, max_deliver 1 (exhausted 1 s after delivery)."""
+    from tests.conftest import clean_servers
+
+    clean_servers(stack)
+    rt = Runtime(make_settings(db_url, stack, PIPELINE_NATS_TASK_TTR=1, PIPELINE_NATS_MAX_DELIVER=1))
+    previous = set_runtime(rt)
+    yield rt
+    set_runtime(previous)
+    rt.close()
+
+
+def make_idle(job_id: int, minutes: float = 11) -> None:
+    past = utcnow() - dt.timedelta(minutes=minutes)
+    Job.update(last_progress_at=past, dispatched_at=past, updated_at=past).where(Job.id == job_id).execute()
+
+
+def run_job_with(rt, n: int, *, processed: int, errors: int) -> tuple[Job, list[str]]:
+    """Dispatch n images, pull them all, answer `processed` successes and `errors` error results; the
+    rest are never answered (lost). Returns the job and the lost image ids."""
+    job = fake_job("moth-demo", n)
+    dispatch(rt, job.id)
+    tasks = sorted(pull_tasks(rt, job.id, n), key=lambda t: int(t[0].image_id))
+    for task, reply in tasks[:processed]:
+        handle_result_message(rt, job.id, success_body(task, boxes=1), reply)
+    for task, reply in tasks[processed:processed + errors]:
+        handle_result_message(rt, job.id, error_body(task.image_id), reply)
+    return job, [t.image_id for t, _ in tasks[processed + errors:]]
+
+
+def test_twenty_images_fifteen_processed_three_errors_two_lost_is_success(quick):
+    job, lost = run_job_with(quick, 20, processed=15, errors=3)
+    time.sleep(3.2)  # JetStream gave up (1 s), then two ack_waits of silence
+    make_idle(job.id)
+    report = run_health_check(quick)
+    job = Job.get_by_id(job.id)
+    assert report["lost_images"]["jobs"] == {str(job.id): "marked_failed"}
+    assert (report["lost_images"]["fixed"], report["stale_jobs"]["fixed"]) == (1, 0)
+    assert (job.status, job.progress["stages"]["process"]["failed"]) == (JobStatus.SUCCESS, 5)
+    assert {r.error.split(":")[0] for r in JobImage.select().where(JobImage.image.in_([int(i) for i in lost]))} \
+        == {"lost"}
+
+
+def test_ten_images_three_processed_seven_lost_is_failure(quick):
+    job, _ = run_job_with(quick, 10, processed=3, errors=0)
+    time.sleep(3.2)
+    make_idle(job.id)
+    run_health_check(quick)
+    job = Job.get_by_id(job.id)
+    assert (job.status, job.progress["stages"]["process"]["failed"]) == (JobStatus.FAILURE, 7)
+
+
+def test_the_diagnostic_lists_ten_ids_and_counts_the_rest(quick):
+    job, lost = run_job_with(quick, 30, processed=4, errors=1)
+    time.sleep(3.2)
+    make_idle(job.id)
+    run_health_check(quick)
+    [entry] = Job.get_by_id(job.id).progress["errors"]
+    assert entry.startswith("jobs_health_check: marked 25 image(s) as failed (job idle past cutoff; "
+                            "NATS consumer num_pending=0 num_ack_pending=")
+    assert entry.endswith("... and 15 more")
+    assert f"'{lost[0]}'" in entry and f"'{lost[-1]}'" not in entry
+
+
+def test_tasks_never_delivered_are_not_lost_and_the_job_waits(quick):
+    job = fake_job("moth-demo", 4)
+    dispatch(quick, job.id)  # no processing service ever pulls
+    make_idle(job.id, minutes=30)
+    report = run_health_check(quick)
+    assert report["lost_images"]["jobs"] == {str(job.id): "waiting"}
+    assert report["stale_jobs"]["jobs"] == {str(job.id): "left_to_reconciliation"}
+    assert "no processing service has pulled tasks for pipeline moth-demo for 30 min (4 task(s) waiting)" in \
+        report["lost_images"]["notes"][0]
+    job = Job.get_by_id(job.id)
+    assert (job.status, job.progress["stages"]["process"]["failed"]) == (JobStatus.STARTED, 0)
+
+
+def test_a_job_that_made_progress_after_selection_is_raced_not_failed(quick):
+    job, _ = run_job_with(quick, 3, processed=1, errors=0)
+    time.sleep(3.2)
+    make_idle(job.id)
+    stale = load_job(job.id)  # selected as idle ...
+    Job.update(last_progress_at=utcnow()).where(Job.id == job.id).execute()  # ... then a result arrived
+    assert HealthCheck(quick)._reconcile(stale, CheckResult()) == "raced"
+    assert quick.state.snapshot(job.id).failed == 0
+
+
+def test_a_late_result_after_reconciliation_is_saved_without_double_counting(quick):
+    job, lost = run_job_with(quick, 4, processed=2, errors=0)
+    time.sleep(3.2)
+    make_idle(job.id)
+    run_health_check(quick)
+    assert Job.get_by_id(job.id).status == JobStatus.SUCCESS
+    from pipeline.schemas import Task
+
+    late = Task(job.id, lost[0], "file:///late.png", "moth-demo")
+    handled = handle_result_message(quick, job.id, success_body(late, boxes=3), None)
+    job = Job.get_by_id(job.id)
+    assert handled.action == "late"
+    assert Detection.select().where(Detection.image == int(lost[0])).count() == 3  # detections kept
+    assert (job.progress["stages"]["process"]["failed"], job.progress["stages"]["results"]["detections"]) == (2, 2)
+
+
+def test_nats_unreachable_during_a_tick_revokes_nothing(make_stack, db_url, moth_pipeline):
+    dev = make_stack()
+    rt = Runtime(make_settings(db_url, dev))
+    previous = set_runtime(rt)
+    try:
+        job = fake_job("moth-demo", 3)
+        dispatch(rt, job.id)
+        make_idle(job.id, minutes=60)
+        dev.nats.stop()
+        rt.tasks.timeout_s = 15
+        report = run_health_check(rt)
+        assert report["lost_images"]["jobs"] == {str(job.id): "error"}
+        assert report["stale_jobs"]["jobs"] == {str(job.id): "skipped_unreachable"}
+        assert Job.get_by_id(job.id).status == JobStatus.STARTED
+    finally:
+        set_runtime(previous)
+        rt.close()
+
+
+def test_redis_unreachable_during_a_tick_revokes_nothing(make_stack, db_url, moth_pipeline):
+    dev = make_stack()
+    rt = Runtime(make_settings(db_url, dev))
+    previous = set_runtime(rt)
+    try:
+        job = fake_job("moth-demo", 3)
+        dispatch(rt, job.id)
+        make_idle(job.id, minutes=60)
+        dev.redis.stop()
+        report = run_health_check(rt)
+        assert report["stale_jobs"]["jobs"] == {str(job.id): "skipped_unreachable"}
+        assert Job.get_by_id(job.id).status == JobStatus.STARTED
+    finally:
+        set_runtime(previous)
+        rt.close()
+
+
+def test_missing_redis_state_is_rebuilt_and_the_job_completes_exactly(runtime, moth_pipeline):
+    job = fake_job(moth_pipeline, 4)
+    dispatch(runtime, job.id)
+    tasks = pull_tasks(runtime, job.id, 4)
+    for task, reply in tasks[:2]:
+        handle_result_message(runtime, job.id, success_body(task, boxes=2), reply)
+    runtime.redis.flushall()
+    report = run_health_check(runtime)
+    assert report["state_rebuild"]["jobs"] == {str(job.id): "redis_rebuilt"}
+    assert runtime.state.snapshot(job.id).processed == 2
+    for task, reply in tasks:
+        handle_result_message(runtime, job.id, success_body(task, boxes=2), reply)
+    job = Job.get_by_id(job.id)
+    assert (job.status, job.progress["stages"]["results"]["detections"]) == (JobStatus.SUCCESS, 8)
+
+
+def test_lost_nats_tasks_are_dispatched_again(runtime, moth_pipeline, stack):
+    job = fake_job(moth_pipeline, 3)
+    dispatch(runtime, job.id)
+    [(task, reply)] = pull_tasks(runtime, job.id, 1)
+    handle_result_message(runtime, job.id, success_body(task), reply)
+    from pipeline import chaos
+
+    asyncio.run(chaos.flush_nats(stack.nats_url))  # the streams, consumers and tasks are gone
+    report = run_health_check(runtime)
+    assert report["state_rebuild"]["jobs"] == {str(job.id): "redispatched"}
+    assert stream_count(runtime, job.id, moth_pipeline) == 2  # only the pending images
+    for task, reply in pull_tasks(runtime, job.id, 2):
+        handle_result_message(runtime, job.id, success_body(task), reply)
+    assert Job.get_by_id(job.id).status == JobStatus.SUCCESS
+
+
+def test_the_reaper_revokes_only_what_no_check_can_move(runtime, moth_pipeline):
+    internal = fake_job(moth_pipeline, 2, prefix="file:///i", dispatch_mode="internal")
+    undispatched = fake_job(moth_pipeline, 2, prefix="file:///u")
+    waiting = fake_job(moth_pipeline, 2, prefix="file:///w")
+    dispatch(runtime, waiting.id)
+    for job in (internal, undispatched):
+        Job.update(status=JobStatus.STARTED).where(Job.id == job.id).execute()
+    for job in (internal, undispatched, waiting):
+        make_idle(job.id)
+    Job.update(dispatched_at=None).where(Job.id.in_([internal.id, undispatched.id])).execute()
+    report = run_health_check(runtime)
+    assert report["stale_jobs"]["jobs"] == {str(internal.id): "revoked", str(undispatched.id): "revoked",
+                                            str(waiting.id): "left_to_reconciliation"}
+    assert "its worker is gone" in Job.get_by_id(internal.id).error
+    assert "run_job stopped before dispatching" in Job.get_by_id(undispatched.id).error
+    assert Job.get_by_id(waiting.id).status == JobStatus.STARTED
+
+
+def test_a_stuck_cancel_is_finished(runtime, moth_pipeline):
+    job = fake_job(moth_pipeline, 2)
+    dispatch(runtime, job.id)
+    Job.update(status=JobStatus.CANCELING, updated_at=utcnow() - dt.timedelta(minutes=5)).where(
+        Job.id == job.id).execute()
+    report = run_health_check(runtime)
+    assert report["stale_jobs"]["jobs"] == {str(job.id): "cancel_finished"}
+    assert Job.get_by_id(job.id).status == JobStatus.REVOKED
+    assert runtime.tasks.consumer_state(job.id).exists is False
+
+
+def test_zombie_consumers_and_keys_are_removed_after_the_grace_period(runtime, moth_pipeline):
+    ended = fake_job(moth_pipeline, 2, prefix="file:///e")
+    recent = fake_job(moth_pipeline, 2, prefix="file:///r")
+    for job in (ended, recent):
+        dispatch(runtime, job.id)
+        Job.update(status=JobStatus.SUCCESS, finished_at=utcnow()).where(Job.id == job.id).execute()
+    Job.update(finished_at=utcnow() - dt.timedelta(minutes=10)).where(Job.id == ended.id).execute()
+    runtime.state.load(999, pending_ids=["1"], total=1)  # state of a job that no longer exists
+    report = run_health_check(runtime)
+    assert report["zombies"]["jobs"] == {str(ended.id): "redis_removed", "999": "redis_removed"} or \
+        report["zombies"]["jobs"] == {str(ended.id): "consumer_removed", "999": "redis_removed"}
+    assert runtime.tasks.consumer_state(ended.id).exists is False
+    assert runtime.tasks.consumer_state(recent.id).exists is True
+    assert runtime.redis.keys(f"jetpipe:job:{ended.id}:*") == [] and runtime.redis.keys("jetpipe:job:999:*") == []
+
+
+def test_one_sub_check_raising_does_not_stop_the_others(runtime, moth_pipeline):
+    class BrokenLostImages(HealthCheck):
+        def lost_images(self):
+            raise RuntimeError("boom")
+
+    job = fake_job(moth_pipeline, 1, dispatch_mode="internal")
+    Job.update(status=JobStatus.STARTED).where(Job.id == job.id).execute()
+    make_idle(job.id)
+    report = BrokenLostImages(runtime).run()
+    assert report["lost_images"] == {"checked": 0, "fixed": 0, "unfixable": 1, "error": "RuntimeError: boom"}
+    assert report["stale_jobs"]["jobs"] == {str(job.id): "revoked"}
+
+
+def read_advisories(rt, count: int, timeout_s: float = 10) -> list[str]:
+    async def read():
+        nc = await nats.connect(rt.settings.nats_url)
+        js = nc.jetstream()
+        sub = await js.pull_subscribe(">", durable="test-reader", stream=names.ADVISORIES_STREAM)
+        got, deadline = [], time.monotonic() + timeout_s
+        while len(got) < count and time.monotonic() < deadline:
+            try:
+                got += [m.data.decode() for m in await sub.fetch(count - len(got), timeout=1)]
+            except (nats.errors.TimeoutError, TimeoutError):
+                pass
+        await nc.close()
+        return got
+
+    return rt.runner.run(read(), timeout=timeout_s + 10)
+
+
+def test_max_deliveries_advisory_fails_the_image_idempotently(quick):
+    job = fake_job("moth-demo", 5)
+    dispatch(quick, job.id)
+    tasks = pull_tasks(quick, job.id, 5)
+    for task, reply in tasks[:3]:
+        handle_result_message(quick, job.id, success_body(task), reply)
+    # the other two are never answered: with max_deliver=1, JetStream gives up after ack_wait (1 s)
+    advisories = read_advisories(quick, 2)
+    assert len(advisories) == 2 and all("max_deliver" in json.loads(a)["type"] for a in advisories)
+    assert [handle_advisory(quick, a) for a in advisories] == ["failed", "failed"]
+    assert [handle_advisory(quick, a) for a in advisories] == ["job_ended", "job_ended"]  # duplicates
+    job = Job.get_by_id(job.id)
+    assert (job.status, job.progress["stages"]["process"]["failed"]) == (JobStatus.SUCCESS, 2)
+    assert stream_count(quick, job.id, "moth-demo") == 0
+    errors = {r.error for r in JobImage.select().where(JobImage.status == "failed")}
+    assert errors == {"lost: JetStream gave up after 1 deliveries (max_deliver=1) without a result"}
+
+
+def test_an_advisory_for_an_image_that_succeeded_changes_nothing(quick):
+    job = fake_job("moth-demo", 2)
+    dispatch(quick, job.id)
+    tasks = {t.image_id: (t, r) for t, r in pull_tasks(quick, job.id, 2)}
+    [advisory, _] = read_advisories(quick, 2)
+    image_id = quick.tasks.image_of_seq(json.loads(advisory)["stream_seq"])
+    # the result for that very task arrives late, after JetStream gave up (late ACKs are accepted and
+    # delete the task), and only then is the advisory handled
+    task, reply = tasks[image_id]
+    handle_result_message(quick, job.id, success_body(task, boxes=2), reply)
+    assert handle_advisory(quick, advisory) in ("already_settled", "unknown_image")
+    snap = quick.state.snapshot(job.id)
+    assert (snap.processed, snap.failed, snap.detections) == (1, 0, 2)
+
+
+def test_cancel_of_a_terminal_job_changes_nothing(runtime, moth_pipeline):
+    job = Job.create(name="x", pipeline=Pipeline.get(slug=moth_pipeline), status=JobStatus.SUCCESS)
+    assert cancel(runtime, job.id) == JobStatus.SUCCESS
+
+
+def test_two_schedulers_send_once_per_slot(stack):
+    import redis
+
+    client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    client.flushall()
+    now = [1_000_000.0]
+    sent: list[tuple[str, int]] = []
+    a = SlotScheduler(client, "probe", 10, lambda slot: sent.append(("a", slot)), clock=lambda: now[0])
+    b = SlotScheduler(client, "probe", 10, lambda slot: sent.append(("b", slot)), clock=lambda: now[0])
+    b.identity = "other-host:1"
+    for _ in range(40):  # 40 ticks each, 2.5 s apart: 10 slots
+        a.tick()
+        b.tick()
+        now[0] += 2.5
+    slots = [slot for _, slot in sent]
+    assert len(slots) == len(set(slots)) == 10
+    assert {who for who, _ in sent} <= {"a", "b"}
+
+
+def test_overlapping_health_checks_are_skipped(runtime, caplog):
+    from actors.health import jobs_health_check
+
+    runtime.redis.set(names.periodic_lock_key("jobs_health_check"), "someone-else", px=60_000)
+    with caplog.at_level("INFO"):
+        jobs_health_check.fn(7)
+    assert "jobs_health_check slot=7 skipped: another run is in progress" in caplog.text
+    assert runtime.redis.get(names.HEALTH_LAST_KEY) is None
