@@ -503,12 +503,13 @@ def chaos_exhaust(job_id: int, image_ids: str, pipeline_slug: str | None, as_jso
 
 
 @chaos.command("kill-worker")
+@click.option("--master", type=int, help="Only a worker of this `dramatiq` master process.")
 @handles_errors
-def chaos_kill_worker() -> None:
+def chaos_kill_worker(master: int | None) -> None:
     """SIGKILL one Dramatiq worker process (its master then exits: a supervisor must restart it)."""
     from pipeline import chaos as tools
 
-    pid = tools.kill_worker()
+    pid = tools.kill_worker(master)
     if pid is None:
         fail("no `dramatiq pipeline.actors` worker process is running")
     console.print(f"SIGKILLed worker process {pid}")

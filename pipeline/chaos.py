@@ -85,8 +85,9 @@ async def exhaust_max_deliver(url: str, job_id: int, image_ids: set[str], *, pip
         await queue.close()
 
 
-def worker_pids() -> list[int]:
-    """Pids of Dramatiq worker processes of `dramatiq pipeline.actors` (children, not the master)."""
+def worker_pids(master: int | None = None) -> list[int]:
+    """Pids of Dramatiq worker processes of `dramatiq pipeline.actors` (children, not the master);
+    only those of one master process if `master` is given."""
     procs = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -100,12 +101,12 @@ def worker_pids() -> list[int]:
             continue
         if b"pipeline.actors" in cmd and any(b"dramatiq" in part for part in cmd):
             procs[int(entry)] = ppid
-    return sorted(pid for pid, ppid in procs.items() if ppid in procs)
+    return sorted(pid for pid, ppid in procs.items() if ppid in procs and master in (None, ppid))
 
 
-def kill_worker() -> int | None:
-    """SIGKILL one Dramatiq worker process; returns its pid (None if none runs)."""
-    pids = worker_pids()
+def kill_worker(master: int | None = None) -> int | None:
+    """SIGKILL one Dramatiq worker process (of `master`, if given); returns its pid (None if none runs)."""
+    pids = worker_pids(master)
     if not pids:
         return None
     os.kill(pids[0], signal.SIGKILL)

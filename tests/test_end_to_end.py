@@ -58,7 +58,8 @@ def test_fifty_images_run_to_success_with_exact_counts(runtime, moth_pipeline, t
 
 
 async def raw_service(nats_url: str, pipeline: str, stop: asyncio.Event, answer) -> int:
-    """A processing service written only from ARCHITECTURE.md §3, with raw nats-py and no SDK."""
+    """A processing service written only from ARCHITECTURE.md §3, with raw nats-py and no SDK.
+    `answer(task)` returns the result to publish, or None to drop the task."""
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     subs, done = {}, 0
@@ -84,8 +85,11 @@ async def raw_service(nats_url: str, pipeline: str, stop: asyncio.Event, answer)
                 task = json.loads(msg.data)
                 assert msg.headers["Nats-Msg-Id"] == f"{task['job_id']}:{task['image_id']}"
                 assert msg.headers["Pipeline-Image-Id"] == task["image_id"]
+                result = answer(task)
+                if result is None:  # this service drops the task: no result, no +WPI
+                    continue
                 await msg.in_progress()
-                await js.publish(f"pipeline.results.{task['job_id']}", json.dumps(answer(task)).encode(),
+                await js.publish(f"pipeline.results.{task['job_id']}", json.dumps(result).encode(),
                                  headers={"Pipeline-Task-Reply": msg.reply})
                 done += 1
         await asyncio.sleep(0.05)

@@ -1,0 +1,201 @@
+"""Chaos scenarios (docs/chaos-scenarios.md) with real servers, `dramatiq pipeline.actors` worker
+subprocesses and jobs enqueued through the CLI, as an operator would. Scenarios F (NATS unreachable
+during a health tick) and G (late result after reconciliation) are in test_health.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+
+from models import Job, JobImage, JobStatus
+from pipeline import chaos, moth
+from pipeline.aio import LoopThread
+from pipeline.runtime import Runtime, set_runtime
+from pipeline.schemas import Task, encode
+from tests.conftest import PROJECT, make_settings, subprocess_env, wait_for
+from tests.test_end_to_end import raw_service
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def chaos_env(make_stack, db_url, moth_pipeline, trap_images):
+    """Private NATS + Redis (the test may break them), and a way to enqueue jobs through the CLI."""
+    dev = make_stack()
+
+    def settings(**overrides):
+        return make_settings(db_url, dev, **overrides)
+
+    base = settings(PIPELINE_NATS_TASK_TTR=3, PIPELINE_NATS_MAX_DELIVER=3)
+    rt = Runtime(base, name="jetpipe-chaos-test")
+    previous = set_runtime(rt)
+
+    def enqueue(s, urls) -> int:
+        proc = subprocess.run([sys.executable, "cli.py", "enqueue-job", "--pipeline", moth.SLUG, "--json", *urls],
+                              cwd=PROJECT, env=subprocess_env(s), capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)["id"]
+
+    def cli(s, *args) -> subprocess.CompletedProcess:
+        env = {**subprocess_env(s), "COLUMNS": "200"}
+        return subprocess.run([sys.executable, "cli.py", *args], cwd=PROJECT, env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    directory, truth = trap_images
+    urls = [f"file://{directory}/{name}" for name in sorted(truth)]
+    yield type("ChaosEnv", (), {"dev": dev, "settings": staticmethod(settings), "base": base, "rt": rt,
+                                "enqueue": staticmethod(enqueue), "cli": staticmethod(cli), "urls": urls,
+                                "truth": truth})
+    set_runtime(previous)
+    rt.close()
+
+
+def slow_moth(task):
+    time.sleep(0.05)
+    return moth.process_task(task)
+
+
+def finished(job_id: int):
+    job = Job.get_by_id(job_id)
+    return job if job.status in JobStatus.TERMINAL else None
+
+
+def processed(job_id: int) -> int:
+    return Job.get_by_id(job_id).progress["stages"]["process"]["processed"]
+
+
+def assert_exact(env, job: Job, n: int) -> None:
+    expected = sum(len(env.truth[u.rsplit("/", 1)[1]]) for u in env.urls[:n])
+    stages = job.progress["stages"]
+    assert job.status == JobStatus.SUCCESS
+    assert (stages["process"]["processed"], stages["process"]["failed"]) == (n, 0)
+    assert (stages["results"]["detections"], stages["results"]["captures"]) == (expected, n)
+
+
+def test_a_redis_flush_mid_job_still_completes_with_exact_counts(chaos_env, worker_factory, service_factory):
+    env = chaos_env
+    worker_factory(env.base)
+    service_factory(env.base, moth.SLUG, slow_moth, concurrency=2)
+    job_id = env.enqueue(env.base, env.urls[:40])
+    wait_for(lambda: processed(job_id) >= 10, timeout_s=60, message="job to be under way")
+    chaos.flush_redis(env.base.redis_url)  # job state, queued results, heartbeats: all gone
+    job = wait_for(lambda: finished(job_id), timeout_s=120, message="job to finish after the flush")
+    assert_exact(env, job, 40)
+
+
+def test_a_nats_restart_mid_job_still_completes(chaos_env, worker_factory, service_factory):
+    env = chaos_env
+    worker_factory(env.base)
+    service_factory(env.base, moth.SLUG, slow_moth, concurrency=2)
+    job_id = env.enqueue(env.base, env.urls[:40])
+    wait_for(lambda: processed(job_id) >= 10, timeout_s=60, message="job to be under way")
+    env.dev.nats.restart()  # SIGTERM, then the same port and store
+    job = wait_for(lambda: finished(job_id), timeout_s=120, message="job to finish after the restart")
+    assert_exact(env, job, 40)
+
+
+def test_a_killed_worker_is_replaced_and_the_job_completes_within_a_minute(chaos_env, worker_factory,
+                                                                          service_factory):
+    env = chaos_env
+    master = worker_factory(env.base)
+    service_factory(env.base, moth.SLUG, slow_moth, concurrency=2)
+    job_id = env.enqueue(env.base, env.urls[:40])
+    wait_for(lambda: processed(job_id) >= 10, timeout_s=60, message="job to be under way")
+    wait_for(lambda: chaos.worker_pids(master.pid), timeout_s=10, message="worker process")
+    assert chaos.kill_worker(master.pid)
+    killed_at = time.monotonic()
+    master.wait(30)  # the dramatiq master exits when a worker dies; a supervisor starts it again:
+    worker_factory(env.base)
+    job = wait_for(lambda: finished(job_id), timeout_s=60, message="job to finish within 60 s of the kill")
+    assert time.monotonic() - killed_at < 60
+    assert_exact(env, job, 40)
+
+
+def test_images_exhausting_max_deliver_are_failed_within_seconds(chaos_env, worker_factory):
+    # Given ack_wait 2 s, max_deliver 2, and a service that keeps pulling but drops 3 images' tasks
+    env = chaos_env
+    s = env.settings(PIPELINE_NATS_TASK_TTR=2, PIPELINE_NATS_MAX_DELIVER=2)
+    worker_factory(s)
+    urls = env.urls[:12]
+    dropped = {u.rsplit("/", 1)[1] for u in urls[:3]}
+
+    def answer(task):
+        if task["image_url"].rsplit("/", 1)[1] in dropped:
+            return None
+        return json.loads(encode(moth.process_task(Task(**task))))
+
+    loop = LoopThread()
+    stop = asyncio.Event()
+    service = loop.spawn(raw_service(s.nats_url, moth.SLUG, stop, answer))
+    try:
+        started = time.monotonic()
+        job_id = env.enqueue(s, urls)
+        job = wait_for(lambda: finished(job_id), timeout_s=60, message="job to finish")
+        elapsed = time.monotonic() - started
+    finally:
+        loop.loop.call_soon_threadsafe(stop.set)
+        service.result(timeout=10)
+        loop.stop()
+    # Then JetStream gave up after 2 deliveries (~4 s) and the fast path failed them within ack_wait + 10 s
+    assert elapsed < 2 * 2 + 2 + 10, elapsed
+    assert (job.status, job.progress["stages"]["process"]["failed"]) == (JobStatus.SUCCESS, 3)
+    reasons = {r.error for r in JobImage.select().where((JobImage.job == job_id) & (JobImage.status == "failed"))}
+    assert reasons == {"lost: JetStream gave up after 2 deliveries (max_deliver=2) without a result"}
+
+
+def test_with_no_service_nothing_is_failed_and_health_says_why(chaos_env, worker_factory, service_factory):
+    # Given workers checking health every second with a 3 s idle cutoff, and no processing service
+    env = chaos_env
+    s = env.settings(PIPELINE_NATS_TASK_TTR=1, PIPELINE_HEALTH_CHECK_SECONDS=1,
+                     PIPELINE_STALLED_JOBS_MAX_MINUTES=0.05)
+    worker_factory(s)
+    assert env.cli(s, "health").returncode == 0  # healthy: nothing waits yet
+    job_id = env.enqueue(s, env.urls[:5])
+    # When several health checks have run past the cutoff
+    time.sleep(8)
+    last = json.loads(redis.Redis.from_url(s.redis_url).get("jetpipe:health:last"))
+    assert last["lost_images"]["jobs"] == {str(job_id): "waiting"}
+    # Then nothing was failed or revoked, and `health` is degraded and says why
+    job = Job.get_by_id(job_id)
+    assert (job.status, job.progress["stages"]["process"]["failed"]) == (JobStatus.STARTED, 0)
+    report = env.cli(s, "health")
+    assert report.returncode == 1, report.stdout + report.stderr
+    assert f"job {job_id} waits: no processing service has pulled tasks for pipeline moth-demo" in report.stdout
+    # When the service comes back, the job completes and health is healthy again
+    service_factory(s, moth.SLUG, moth.process_task)
+    wait_for(lambda: finished(job_id), timeout_s=60, message="job to finish once a service pulls")
+    assert env.cli(s, "health").returncode == 0
+
+
+def test_health_exits_2_when_a_dependency_is_unreachable(chaos_env):
+    env = chaos_env
+    env.dev.redis.stop()
+    proc = env.cli(env.base, "health", "--json")
+    assert proc.returncode == 2
+    report = json.loads(proc.stdout)
+    assert report["dependencies"]["redis"]["reachable"] is False
+    assert report["dependencies"]["nats"]["reachable"] is True
+
+
+def test_chaos_exhaust_max_deliver_reports_the_consumer(chaos_env):
+    env = chaos_env
+    s = env.settings(PIPELINE_NATS_TASK_TTR=1, PIPELINE_NATS_MAX_DELIVER=2)
+    job_id = env.enqueue(s, env.urls[:3])  # no worker: dispatch it here
+    from tests.helpers import dispatch
+
+    env.rt.settings = s
+    dispatch(env.rt, job_id)
+    image = str(JobImage.select().where(JobImage.job == job_id).order_by(JobImage.id).first().image_id)
+    proc = env.cli(s, "chaos", "exhaust-max-deliver", "--job-id", str(job_id), "--image-ids", image, "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["deliveries"] == {image: 2}
+    assert out["num_redelivered"] >= 1
+    missing = env.cli(s, "chaos", "exhaust-max-deliver", "--job-id", "999", "--image-ids", "1")
+    assert missing.returncode == 1 and "has no consumer" in missing.stderr
