@@ -326,6 +326,92 @@ def cancel(job_id: int) -> None:
     console.print(f"job {job_id}: {final}")
 
 
+@main.command("failures")
+@click.argument("job_id", type=int)
+@click.option("--limit", type=int, help="Show at most this many.")
+@click.option("--json", "as_json", is_flag=True)
+@handles_errors
+def failures(job_id: int, limit: int | None, as_json: bool) -> None:
+    """List a job's failed images with the reason each one failed."""
+    from rich.table import Table
+
+    from pipeline.jobs import failed_image_rows
+
+    bind_db()
+    _job_or_fail(job_id)
+    rows = [{"image_id": str(i), "url": url, "reason": why} for i, url, why in failed_image_rows(job_id, limit=limit)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("image", "url", "reason", title=f"job {job_id}: {len(rows)} failed image(s)")
+    for r in rows:
+        table.add_row(r["image_id"], r["url"], r["reason"] or "")
+    console.print(table)
+
+
+@main.command("retry-failed")
+@click.argument("job_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@handles_errors
+def retry_failed_cmd(job_id: int, as_json: bool) -> None:
+    """Enqueue a new job made of the failed images of an ended job; prints the new job id."""
+    from pipeline.jobs import retry_failed, start_job
+
+    rt = runtime()
+    job = retry_failed(job_id)
+    start_job(rt, job)
+    if as_json:
+        click.echo(json.dumps({"id": job.id, "retry_of": job_id, "total_images": job.total_images}))
+    else:
+        console.print(f"job {job.id} queued: the {job.total_images} failed image(s) of job {job_id}")
+
+
+@main.group()
+def dlq() -> None:
+    """Dramatiq's dead-letter queues: messages that failed for good."""
+
+
+@dlq.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@handles_errors
+def dlq_list(as_json: bool) -> None:
+    """List dead messages (actor, arguments, when, last error)."""
+    from rich.table import Table
+
+    from pipeline.dlq import list_dead
+
+    rows = [d.as_dict() for d in list_dead(runtime().redis)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("id", "queue", "actor", "args", "died at", "retries", "last error",
+                  title=f"{len(rows)} dead message(s)")
+    for r in rows:
+        table.add_row(r["id"], r["queue"], r["actor"], json.dumps(r["args"])[:60], r["died_at"], str(r["retries"]),
+                      r["last_error"] or "")
+    console.print(table)
+
+
+@dlq.command("replay")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "replay_all", is_flag=True, help="Replay every dead message.")
+@handles_errors
+def dlq_replay(ids: tuple[str, ...], replay_all: bool) -> None:
+    """Send dead messages again (by id from `dlq list`, or --all) with a fresh retry budget."""
+    from pipeline.dlq import replay
+    from pipeline.errors import UserInputError
+
+    if not ids and not replay_all:
+        raise UserInputError("name the messages to replay (ids from `dlq list`) or pass --all")
+    from pipeline.actors import broker
+
+    done = replay(broker, runtime().redis, None if replay_all else set(ids))
+    missing = set(ids) - {d.redis_id for d in done} - {d.message.message_id for d in done}
+    console.print(f"replayed {len(done)} message(s)")
+    if missing:
+        fail(f"not in any dead-letter queue: {', '.join(sorted(missing))}")
+
+
 # ---- processing service -------------------------------------------------------------------------------
 @main.command("process")
 @click.option("--pipeline", "pipeline_slug", required=True, help="Pipeline whose tasks to process.")

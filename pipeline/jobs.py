@@ -235,3 +235,24 @@ def start_job(runtime, job: Job) -> None:
         job.delete_instance(recursive=True)
         raise TransientError(f"could not queue the job (Redis unavailable: {exc}); nothing was created") from exc
     log.info("job=%s queued for run_job", job.id)
+
+
+def failed_image_rows(job_id: int, *, limit: int | None = None):
+    """(image id, url, reason) of the job's failed images, by image id, streamed."""
+    query = (JobImage.select(JobImage.image, SourceImage.url, JobImage.error).join(SourceImage)
+             .where((JobImage.job == job_id) & (JobImage.status == ImageStatus.FAILED)).order_by(JobImage.image))
+    return (query.limit(limit) if limit else query).tuples().iterator()
+
+
+def retry_failed(job_id: int) -> Job:
+    """A new CREATED job over the failed images of an ended job (same pipeline and dispatch mode)."""
+    job = Job.select(Job, Pipeline).join(Pipeline).where(Job.id == job_id).get_or_none()
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    if job.status not in JobStatus.TERMINAL:
+        raise UserInputError(f"job {job_id} is still {job.status}: retry its failed images once it has ended")
+    if not JobImage.select().where((JobImage.job == job_id) & (JobImage.status == ImageStatus.FAILED)).exists():
+        raise UserInputError(f"job {job_id} has no failed images")
+    urls = (url for _, url, _ in failed_image_rows(job_id))
+    return create_job(job.pipeline.slug, urls, name=f"retry of job {job_id} ({job.name})",
+                      dispatch_mode=job.dispatch_mode)

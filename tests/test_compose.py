@@ -1,0 +1,114 @@
+"""docker-compose.yml is checked against the code, and its services are brought up from the same
+commands outside Docker (the venv's nats-server and redis-server, the local PostgreSQL) to run a job."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import yaml
+
+from pipeline import moth
+from pipeline.devstack import Server, binary, free_port
+from pipeline.settings import OPTIONS
+from tests.conftest import POSTGRES, PROJECT, kill_group, wait_for
+
+COMPOSE = yaml.safe_load((PROJECT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+
+
+def test_compose_declares_the_whole_stack():
+    assert {"nats", "redis", "postgres", "init", "worker", "service"} <= set(SERVICES)
+    assert SERVICES["worker"]["command"][:2] == ["dramatiq", "pipeline.actors"]
+    assert SERVICES["worker"]["restart"] == "unless-stopped"  # the dramatiq master exits when a child dies
+    assert SERVICES["service"]["command"][:3] == ["python", "cli.py", "process"]
+    assert "--appendonly" in SERVICES["redis"]["command"]
+    assert re.match(r"nats:2\.(1\d|[2-9]\d)", SERVICES["nats"]["image"])  # >= 2.10
+    for name in ("nats", "redis", "postgres"):
+        assert "healthcheck" in SERVICES[name]
+
+
+def test_compose_environment_names_are_real_settings():
+    known = {o.env for o in OPTIONS.values()}
+    for name in ("init", "worker", "service", "cli"):
+        env = SERVICES[name]["environment"]
+        assert set(env) <= known, set(env) - known
+        assert {"PIPELINE_DATABASE_URL", "PIPELINE_REDIS_URL", "PIPELINE_NATS_URL"} <= set(env)
+    defaults = {o.env: o.default for o in OPTIONS.values()}
+    for key, value in SERVICES["worker"]["environment"].items():
+        if not key.endswith("_URL"):
+            assert float(value) == float(defaults[key]), key  # documented defaults, spelled out
+
+
+def test_docker_compose_accepts_the_file():
+    docker = shutil.which("docker")
+    if not docker or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
+        pytest.skip("the docker compose plugin is not installed here")
+    proc = subprocess.run([docker, "compose", "-f", str(PROJECT / "docker-compose.yml"), "config", "-q"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not POSTGRES, reason="PostgreSQL not reachable")
+def test_the_compose_commands_run_a_job_outside_docker(tmp_path, pg_database, trap_images):
+    # Given the compose services started from their own commands, with local ports and paths
+    nats_port, http_port = free_port(), free_port()
+    conf = (PROJECT / "deploy" / "nats.conf").read_text()
+    conf = conf.replace("0.0.0.0:4222", f"127.0.0.1:{nats_port}").replace("0.0.0.0:8222", f"127.0.0.1:{http_port}")
+    conf = conf.replace("/data/jetstream", str(tmp_path / "jetstream"))
+    (tmp_path / "nats.conf").write_text(conf)
+    nats_cmd = [binary("nats-server"), *SERVICES["nats"]["command"]]
+    nats_cmd[nats_cmd.index("/etc/nats/nats.conf")] = str(tmp_path / "nats.conf")
+    redis_port = free_port()
+    redis_cmd = [binary("redis-server"), *SERVICES["redis"]["command"][1:], "--port", str(redis_port),
+                 "--bind", "127.0.0.1", "--dir", str(tmp_path)]
+    servers = [Server("nats", nats_cmd, nats_port, tmp_path / "nats.log").start(),
+               Server("redis", redis_cmd, redis_port, tmp_path / "redis.log").start()]
+    env = {**{k: str(v) for k, v in SERVICES["worker"]["environment"].items()},
+           "PIPELINE_DATABASE_URL": pg_database, "PIPELINE_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+           "PIPELINE_NATS_URL": f"nats://127.0.0.1:{nats_port}", "PATH": f"{sys.prefix}/bin:/usr/bin:/bin"}
+    procs = []
+    try:
+        # the server honours the config file: JetStream syncs every write
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/varz", timeout=5) as response:
+            varz = json.loads(response.read())
+        assert varz["jetstream"]["config"]["sync_always"] is True
+        init = subprocess.run(SERVICES["init"]["command"], cwd=PROJECT, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert init.returncode == 0, init.stderr
+        for name in ("worker", "service"):
+            log = open(tmp_path / f"{name}.log", "ab")
+            procs.append(subprocess.Popen(
+                [c.replace("python", sys.executable, 1) if c == "python" else c for c in SERVICES[name]["command"]],
+                cwd=PROJECT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        # When a job is enqueued through the CLI
+        directory, truth = trap_images
+        urls = [f"file://{directory}/{n}" for n in sorted(truth)[:20]]
+        enqueue = subprocess.run([sys.executable, "cli.py", "enqueue-job", "--pipeline", moth.SLUG, "--json", *urls],
+                                 cwd=PROJECT, env=env, capture_output=True, text=True, timeout=60)
+        assert enqueue.returncode == 0, enqueue.stderr
+        job_id = json.loads(enqueue.stdout)["id"]
+
+        # Then it ends SUCCESS with the ground truth's detections
+        def status():
+            out = subprocess.run([sys.executable, "cli.py", "status", str(job_id), "--json"], cwd=PROJECT, env=env,
+                                 capture_output=True, text=True, timeout=60)
+            data = json.loads(out.stdout)
+            return data if data["status"] in ("SUCCESS", "FAILURE", "REVOKED") else None
+
+        final = wait_for(status, timeout_s=90, interval_s=0.5, message="the job to finish")
+        expected = sum(len(truth[u.rsplit("/", 1)[1]]) for u in urls)
+        assert (final["status"], final["detections"], final["processed"]) == ("SUCCESS", expected, 20)
+    finally:
+        for proc in procs:
+            kill_group(proc)
+        for server in servers:
+            server.stop()
+        time.sleep(0.1)
