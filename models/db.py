@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import peewee
+from playhouse.pool import PooledPostgresqlDatabase, PooledSqliteDatabase
 
 from pipeline.errors import ConfigError
 
@@ -14,6 +15,10 @@ database = peewee.DatabaseProxy()
 
 #: Seconds a SQLite writer waits for the lock before raising "database is locked".
 SQLITE_BUSY_TIMEOUT_S = 30
+#: Connections one process keeps at most (Dramatiq threads + bridge + scheduler, with room to spare).
+POOL_MAX_CONNECTIONS = 32
+#: Seconds an idle pooled connection is kept before it is replaced by a fresh one.
+POOL_STALE_S = 300
 
 
 def utcnow() -> dt.datetime:
@@ -27,9 +32,9 @@ def make_database(url: str) -> peewee.Database:
     if parts.scheme == "sqlite":
         path = unquote(url.split("://", 1)[1])
         path = path[1:] if path.startswith("/") else path  # sqlite:///rel.db -> rel.db, sqlite:////abs -> /abs
-        return peewee.SqliteDatabase(
+        return PooledSqliteDatabase(
             path or ":memory:",
-            timeout=SQLITE_BUSY_TIMEOUT_S,
+            max_connections=POOL_MAX_CONNECTIONS, stale_timeout=POOL_STALE_S, timeout=SQLITE_BUSY_TIMEOUT_S,
             pragmas={
                 "journal_mode": "wal",  # readers never block the writer
                 "busy_timeout": SQLITE_BUSY_TIMEOUT_S * 1000,
@@ -39,13 +44,16 @@ def make_database(url: str) -> peewee.Database:
             check_same_thread=False,
         )
     if parts.scheme in ("postgres", "postgresql"):
-        return peewee.PostgresqlDatabase(
+        extra = {k: v[-1] for k, v in parse_qs(parts.query).items()}  # e.g. ?sslmode=require&connect_timeout=5
+        return PooledPostgresqlDatabase(
             (parts.path or "/").lstrip("/") or "postgres",
             user=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
             host=parts.hostname or "127.0.0.1",
             port=parts.port or 5432,
             autorollback=True,
+            max_connections=POOL_MAX_CONNECTIONS, stale_timeout=POOL_STALE_S, timeout=30,
+            **{"connect_timeout": 10, **extra},
         )
     raise ConfigError(f"unsupported database URL scheme {parts.scheme!r} (use sqlite:/// or postgresql://)")
 

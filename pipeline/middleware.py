@@ -11,6 +11,7 @@ import logging
 import os
 
 import dramatiq
+import peewee
 from dramatiq.asyncio import get_event_loop_thread
 
 import models
@@ -103,6 +104,19 @@ class WorkerResources(dramatiq.Middleware):
 
     def before_process_message(self, broker, message):
         models.database.connect(reuse_if_open=True)
+
+    def after_process_message(self, broker, message, *, result=None, exception=None):
+        """Give the thread's connection back to the pool; drop it instead if the database failed it."""
+        db = models.database.obj
+        if db is None or db.is_closed():
+            return
+        if isinstance(exception, peewee.OperationalError | peewee.InterfaceError):
+            db.manual_close()  # a broken connection (database restarted): the retry gets a fresh one
+        else:
+            db.close()
+
+    def after_skip_message(self, broker, message):
+        self.after_process_message(broker, message)
 
     def before_worker_thread_shutdown(self, broker, thread):
         db = models.database.obj

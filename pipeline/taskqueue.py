@@ -207,6 +207,8 @@ class TaskQueue:
 
     async def consumer_state(self, job_id: int) -> ConsumerState:
         """The job consumer's counters; never raises (an outage comes back as `error`)."""
+        if not self.nc.is_connected:  # reconnecting: answer now instead of waiting out a timeout
+            return ConsumerState(exists=False, error="not connected to NATS")
         try:
             info = await self.js.consumer_info(names.TASKS_STREAM, names.job_consumer(job_id),
                                                timeout=API_TIMEOUT_S)
@@ -225,6 +227,8 @@ class TaskQueue:
     async def job_consumers(self, pipeline_slug: str | None = None) -> list[JobConsumer]:
         """Every job consumer on the tasks stream (of one pipeline if given), oldest job first."""
         prefix = names.task_subject_prefix(pipeline_slug) if pipeline_slug else "pipeline.tasks."
+        if not self.nc.is_connected:
+            raise nats.errors.ConnectionClosedError("not connected to NATS")
         found: list[JobConsumer] = []
         offset = 0
         while True:

@@ -4,6 +4,7 @@ bad results terminated. Real Dramatiq workers on the real Redis broker, real NAT
 from __future__ import annotations
 
 import logging
+import time
 
 import dramatiq
 import pytest
@@ -233,3 +234,38 @@ def test_an_image_the_reference_service_cannot_read_is_failed_and_the_rest_proce
     assert (job.status, job.progress["stages"]["process"]["failed"]) == (JobStatus.SUCCESS, 1)
     failed = JobImage.get(JobImage.status == "failed")
     assert failed.error.startswith("processing service error: ImageUnreadable: cannot read image file://")
+
+
+def test_workers_survive_postgres_dropping_their_connections(inproc_worker, runtime, moth_pipeline, db_url,
+                                                             service_factory):
+    if not db_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only: the server terminates the worker's connections")
+    import peewee
+    import psycopg2
+
+    import models
+    from tests.conftest import PG_ADMIN_URL
+
+    def status():
+        try:
+            return (j := Job.get_by_id(job.id)).status in JobStatus.TERMINAL and j
+        except (peewee.OperationalError, peewee.InterfaceError):
+            models.database.manual_close()  # this test's own connection was terminated too
+            return None
+
+    service_factory(runtime.settings, moth_pipeline, echo_handler)
+    job = fake_job(moth_pipeline, 30)
+    start_job(runtime, job)
+    admin = psycopg2.connect(PG_ADMIN_URL)
+    admin.autocommit = True
+    killed = 0
+    for _ in range(6):  # the database drops every connection of the job's workers, again and again
+        cursor = admin.cursor()
+        cursor.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                       "WHERE datname = %s AND pid <> pg_backend_pid()", (db_url.rsplit("/", 1)[1],))
+        killed += cursor.fetchone()[0]
+        time.sleep(0.2)
+    admin.close()
+    job = wait_for(status, timeout_s=60, message="job to finish")
+    assert killed > 0
+    assert (job.status, job.progress["stages"]["results"]["detections"]) == (JobStatus.SUCCESS, 30)

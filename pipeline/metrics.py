@@ -1,0 +1,98 @@
+"""Prometheus metrics: Dramatiq's own plus jetpipe's, served by each `dramatiq pipeline.actors` instance.
+
+Dramatiq's Prometheus middleware keeps every worker process's metrics in a multiprocess directory and
+forks one HTTP exposition server (on PIPELINE_METRICS_PORT) that serves them all. jetpipe's metrics are
+created in the worker processes after that middleware's `after_process_boot`, so they land in the same
+directory and are served by the same endpoint:
+
+    jetpipe_images_total{pipeline, outcome}        images counted once (outcome: processed | failed)
+    jetpipe_result_handling_seconds                time to handle one result message
+    jetpipe_lost_images_total{path}                images failed as lost (path: advisory | periodic)
+    jetpipe_advisories_total{outcome}              MAX_DELIVERIES / MSG_TERMINATED advisories handled
+    jetpipe_health_check_jobs_total{check, result} jobs checked / fixed / unfixable per sub-check
+    jetpipe_jobs{status}                           jobs per status at the last health check
+    jetpipe_bridge_lag_seconds                     result published -> handed to Dramatiq
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+
+from pipeline.settings import Settings
+
+_lock = threading.Lock()
+_metrics = None
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+def configure_exposition(settings: Settings) -> bool:
+    """Point Dramatiq's exposition server at PIPELINE_METRICS_PORT; False if metrics are off (port 0).
+
+    Must run before `dramatiq.middleware.prometheus` is imported: it reads these at import.
+    """
+    if settings.metrics_port == 0:
+        return False
+    os.environ.setdefault("dramatiq_prom_port", str(settings.metrics_port))
+    os.environ.setdefault("dramatiq_prom_db", os.path.join(tempfile.gettempdir(),
+                                                           f"jetpipe-metrics-{settings.metrics_port}"))
+    return True
+
+
+class _Metrics:
+    def __init__(self):
+        import prometheus_client as prom  # late: after Dramatiq set the multiprocess directory
+
+        self.images = prom.Counter("jetpipe_images", "Images whose outcome was counted (once per image).",
+                                   ["pipeline", "outcome"])
+        self.result_seconds = prom.Histogram("jetpipe_result_handling_seconds",
+                                             "Seconds to handle one result message.", buckets=LATENCY_BUCKETS)
+        self.lost_images = prom.Counter("jetpipe_lost_images", "Images failed because their task was lost.",
+                                        ["path"])
+        self.advisories = prom.Counter("jetpipe_advisories", "Task advisories handled, by outcome.", ["outcome"])
+        self.health_jobs = prom.Counter("jetpipe_health_check_jobs", "Jobs seen by each health-check sub-check.",
+                                        ["check", "result"])
+        self.jobs = prom.Gauge("jetpipe_jobs", "Jobs per status at the last health check.", ["status"],
+                               multiprocess_mode="mostrecent")
+        self.bridge_lag = prom.Histogram("jetpipe_bridge_lag_seconds",
+                                         "Seconds from a result's publication to its Dramatiq message.",
+                                         buckets=LATENCY_BUCKETS)
+
+
+def metrics() -> _Metrics:
+    """The process's metrics (created on first use)."""
+    global _metrics
+    with _lock:
+        if _metrics is None:
+            _metrics = _Metrics()
+        return _metrics
+
+
+def make_middleware():
+    """Dramatiq's Prometheus middleware, inert until process boot (in-process test workers never boot)."""
+    from dramatiq.middleware.prometheus import Prometheus
+
+    class WorkerMetrics(Prometheus):
+        booted = False
+
+        def after_process_boot(self, broker):
+            super().after_process_boot(broker)
+            self.booted = True
+
+        def _guard(name):  # noqa: N805 - builds the guarded hooks below
+            def hook(self, *args, **kwargs):
+                if self.booted:
+                    return getattr(Prometheus, name)(self, *args, **kwargs)
+            return hook
+
+        after_worker_shutdown = _guard("after_worker_shutdown")
+        after_nack = _guard("after_nack")
+        after_enqueue = _guard("after_enqueue")
+        before_delay_message = _guard("before_delay_message")
+        before_process_message = _guard("before_process_message")
+        after_process_message = _guard("after_process_message")
+        after_skip_message = _guard("after_skip_message")
+
+    return WorkerMetrics()
