@@ -10,6 +10,7 @@ from pipeline import broker as _broker  # noqa: F401 - sets the broker before th
 from pipeline import names
 from pipeline.errors import StateMissing, TransientError
 from pipeline.lost import handle_advisory
+from pipeline.metrics import metrics
 from pipeline.runtime import get_runtime
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,9 @@ def _retry_when(retries: int, exc: BaseException) -> bool:
 def process_task_advisory(body: str) -> None:
     """Fail the image whose task JetStream gave up on (idempotent: duplicates change nothing)."""
     outcome = handle_advisory(get_runtime(), body)
+    metrics().advisories.labels(outcome).inc()
+    if outcome == "failed":
+        metrics().lost_images.labels("advisory").inc()
     log.debug("advisory handled: %s", outcome)
 
 

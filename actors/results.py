@@ -11,6 +11,7 @@ from pipeline import broker as _broker  # noqa: F401 - sets the broker before th
 from pipeline import names
 from pipeline.errors import StateMissing, TransientError
 from pipeline.handling import handle_result_message
+from pipeline.metrics import metrics
 from pipeline.runtime import get_runtime
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,8 @@ def _retry_when(retries: int, exc: BaseException) -> bool:
 def process_pipeline_result(job_id: int, body: str, reply: str | None) -> None:
     """Handle a result published on `pipeline.results.<job_id>` for the task replying on `reply`."""
     try:
-        handled = handle_result_message(get_runtime(), job_id, body.encode("utf-8"), reply)
+        with metrics().result_seconds.time():
+            handled = handle_result_message(get_runtime(), job_id, body.encode("utf-8"), reply)
     except (peewee.OperationalError, peewee.InterfaceError) as exc:
         log.warning("job=%s database unavailable, task not ACKed, will retry: %s", job_id, exc)
         raise

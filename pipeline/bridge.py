@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 
 import nats.errors
@@ -22,6 +23,7 @@ import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from pipeline import names
+from pipeline.metrics import metrics
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +139,10 @@ class Bridge:
         for msg in ackable:
             await msg.ack()
         self.forwarded += len(ackable)
+        now = time.time()
+        lag = metrics().bridge_lag
+        for msg in ackable:
+            lag.observe(max(0.0, now - msg.metadata.timestamp.timestamp()))
 
     async def _sleep(self, seconds: float) -> None:
         try:

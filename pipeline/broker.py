@@ -22,7 +22,7 @@ from dramatiq.middleware import (
     TimeLimit,
 )
 
-from pipeline import names
+from pipeline import metrics, names
 from pipeline.deferred_failure import DeferredFailure
 from pipeline.middleware import WorkerResources
 from pipeline.poison import PoisonGuard
@@ -59,6 +59,8 @@ def make_broker(settings: Settings, *, worker_resources: bool = True) -> RedisBr
     ]
     if worker_resources:
         middleware.append(WorkerResources())  # runtime + results bridge per worker process
+    if metrics.configure_exposition(settings):
+        middleware.insert(1, metrics.make_middleware())  # early: times whole messages, counts rejects
     return RedisBroker(url=settings.redis_url, namespace=names.DRAMATIQ_NAMESPACE, middleware=middleware,
                        heartbeat_timeout=HEARTBEAT_TIMEOUT_MS, maintenance_chance=MAINTENANCE_CHANCE,
                        dead_message_ttl=DEAD_MESSAGE_TTL_MS)

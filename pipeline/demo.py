@@ -63,7 +63,7 @@ def run_demo(console: Console, *, images: int, keep: bool, timeout_s: float, pro
     try:
         console.print(f"[bold]jetpipe demo[/bold] in {root}")
         stack.start()
-        env = {**os.environ, **stack.env(), "PIPELINE_LOG_LEVEL": "INFO"}
+        env = {**os.environ, **stack.env(), "PIPELINE_LOG_LEVEL": "INFO", "PIPELINE_METRICS_PORT": "0"}
         os.environ.update(stack.env())
         settings = Settings.from_env(env)
         set_settings(settings)

@@ -17,6 +17,7 @@ from pipeline.crashpoints import crash_point
 from pipeline.errors import BadResult, StateMissing, TransientError
 from pipeline.joblog import job_log
 from pipeline.jobstate import Outcome, Snapshot
+from pipeline.metrics import metrics
 from pipeline.results import fail_images, save_result
 from pipeline.schemas import ErrorResult, Result, decode_result
 
@@ -58,11 +59,20 @@ def count_outcomes(runtime, job: Job, outcomes: list[Outcome]) -> tuple[Snapshot
         rebuilt = True
         snapshot = state.record(job.id, outcomes)
     crash_point("after_redis_update", job=job.id)
+    _count_metrics(job, outcomes, snapshot)
     written = progress.write_progress(job.id, snapshot, threshold=runtime.settings.failure_threshold)
     if rebuilt and written.status in JobStatus.TERMINAL and not written.finished_now:
         state.delete(job.id)  # the job ended during the rebuild: leave no state behind for it
     crash_point("after_progress", job=job.id)
     return snapshot, written
+
+
+def _count_metrics(job: Job, outcomes: list[Outcome], snapshot: Snapshot) -> None:
+    newly = set(snapshot.newly_removed)
+    images = metrics().images
+    for outcome in outcomes:
+        if outcome.image_id in newly:
+            images.labels(job.pipeline.slug, "failed" if outcome.failed else "processed").inc()
 
 
 def apply_result(runtime, job: Job, result: Result) -> tuple[Snapshot | None, progress.ProgressWrite, list[Outcome]]:

@@ -34,6 +34,7 @@ from pipeline.errors import TransientError
 from pipeline.handling import finish
 from pipeline.joblog import job_log
 from pipeline.lost import append_error, fail_lost
+from pipeline.metrics import metrics
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,7 @@ class HealthCheck:
                              f"NATS consumer {consumer.describe()}). IDs: {progress.format_ids(pending)}")
         outcomes, status = fail_lost(self.runtime, job, pending, reason)
         failed = [o.image_id for o in outcomes if o.failed]
+        metrics().lost_images.labels("periodic").inc(len(failed))
         job_log(job.id, logging.WARNING, f"jobs_health_check: marked {len(failed)} image(s) as failed, job now "
                                          f"{status}; NATS consumer {consumer.describe()}; IDs: {', '.join(failed)}")
         return "marked_failed"
@@ -297,9 +299,21 @@ class HealthCheck:
         return result
 
 
+def _export(report: dict) -> None:
+    m = metrics()
+    for check, sub in report.items():
+        if isinstance(sub, dict):
+            for result in ("checked", "fixed", "unfixable"):
+                m.health_jobs.labels(check, result).inc(sub.get(result, 0))
+    counts = dict(Job.select(Job.status, peewee.fn.COUNT(Job.id)).group_by(Job.status).tuples())
+    for status in JobStatus.ALL:
+        m.jobs.labels(status).set(counts.get(status, 0))
+
+
 def run_health_check(runtime, *, now: dt.datetime | None = None) -> dict:
     """Run one health check and store its report for `cli.py health`; returns the report."""
     report = HealthCheck(runtime, now=now).run()
+    _export(report)
     try:
         runtime.redis.set(names.HEALTH_LAST_KEY, json.dumps(report), ex=7 * 24 * 3600)
     except Exception as exc:  # noqa: BLE001 - the report is informative; the fixes already happened

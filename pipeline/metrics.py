@@ -35,9 +35,8 @@ def configure_exposition(settings: Settings) -> bool:
     """
     if settings.metrics_port == 0:
         return False
-    os.environ.setdefault("dramatiq_prom_port", str(settings.metrics_port))
-    os.environ.setdefault("dramatiq_prom_db", os.path.join(tempfile.gettempdir(),
-                                                           f"jetpipe-metrics-{settings.metrics_port}"))
+    os.environ["dramatiq_prom_port"] = str(settings.metrics_port)
+    os.environ["dramatiq_prom_db"] = os.path.join(tempfile.gettempdir(), f"jetpipe-metrics-{settings.metrics_port}")
     return True
 
 
@@ -77,6 +76,10 @@ def make_middleware():
     class WorkerMetrics(Prometheus):
         booted = False
 
+        @property
+        def forks(self):
+            return [run_exposition_server]  # ours: it reads PIPELINE_METRICS_PORT in the forked process
+
         def after_process_boot(self, broker):
             super().after_process_boot(broker)
             self.booted = True
@@ -96,3 +99,42 @@ def make_middleware():
         after_skip_message = _guard("after_skip_message")
 
     return WorkerMetrics()
+
+
+def _remove_dead_process_files(directory: str) -> None:
+    """Drop metric files of processes that no longer run (a restarted worker starts from zero)."""
+    for name in os.listdir(directory):
+        pid = name.rsplit("_", 1)[-1].split(".", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            os.remove(os.path.join(directory, name))
+        except PermissionError:
+            pass
+
+
+def run_exposition_server() -> int:
+    """Serve every worker process's metrics over HTTP; run by the `dramatiq` master as a fork process."""
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    settings = Settings.from_env()
+    configure_exposition(settings)
+    directory = os.environ["dramatiq_prom_db"]
+    os.makedirs(directory, exist_ok=True)
+    _remove_dead_process_files(directory)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    import prometheus_client as prom
+    from prometheus_client import multiprocess
+
+    registry = prom.CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, *args):  # one line per scrape would drown the worker log
+            pass
+
+    host = os.environ.get("dramatiq_prom_host", "0.0.0.0")
+    make_server(host, settings.metrics_port, prom.make_wsgi_app(registry), handler_class=QuietHandler).serve_forever()
+    return 0

@@ -36,6 +36,8 @@ OPTIONS: dict[str, Option] = {
                                    "seconds between two jobs_health_check runs"),
     "dispatch_chunk": Option("PIPELINE_DISPATCH_CHUNK", "5000",
                              "tasks run_job reads and publishes per round (its resume checkpoint)"),
+    "metrics_port": Option("PIPELINE_METRICS_PORT", "9191",
+                           "port of the workers' Prometheus endpoint (0: no metrics)"),
 }
 
 
@@ -50,6 +52,7 @@ class Settings:
     failure_threshold: float
     health_check_seconds: float
     dispatch_chunk: int
+    metrics_port: int
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -155,7 +155,8 @@ def clean_servers(dev: DevStack) -> None:
 
 
 def make_settings(db_url: str, dev: DevStack, **overrides) -> Settings:
-    env = {"PIPELINE_DATABASE_URL": db_url, "PIPELINE_REDIS_URL": dev.redis_url, "PIPELINE_NATS_URL": dev.nats_url}
+    env = {"PIPELINE_DATABASE_URL": db_url, "PIPELINE_REDIS_URL": dev.redis_url, "PIPELINE_NATS_URL": dev.nats_url,
+           "PIPELINE_METRICS_PORT": "0"}  # no shared :9191 between test workers; test_compose scrapes its own
     env.update({k: str(v) for k, v in overrides.items()})
     return Settings.from_env(env)
 

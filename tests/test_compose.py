@@ -71,8 +71,9 @@ def test_the_compose_commands_run_a_job_outside_docker(tmp_path, pg_database, tr
                  "--bind", "127.0.0.1", "--dir", str(tmp_path)]
     servers = [Server("nats", nats_cmd, nats_port, tmp_path / "nats.log").start(),
                Server("redis", redis_cmd, redis_port, tmp_path / "redis.log").start()]
+    metrics_port = free_port()
     env = {**{k: str(v) for k, v in SERVICES["worker"]["environment"].items()},
-           "PIPELINE_DATABASE_URL": pg_database, "PIPELINE_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+           "PIPELINE_METRICS_PORT": str(metrics_port), "PIPELINE_DATABASE_URL": pg_database, "PIPELINE_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
            "PIPELINE_NATS_URL": f"nats://127.0.0.1:{nats_port}", "PATH": f"{sys.prefix}/bin:/usr/bin:/bin"}
     procs = []
     try:
@@ -106,6 +107,12 @@ def test_the_compose_commands_run_a_job_outside_docker(tmp_path, pg_database, tr
         final = wait_for(status, timeout_s=90, interval_s=0.5, message="the job to finish")
         expected = sum(len(truth[u.rsplit("/", 1)[1]]) for u in urls)
         assert (final["status"], final["detections"], final["processed"]) == ("SUCCESS", expected, 20)
+        # and the workers' metrics endpoint shows the job's images
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+            exposition = response.read().decode()
+        assert 'jetpipe_images_total{outcome="processed",pipeline="moth-demo"} 20.0' in exposition
+        assert "jetpipe_result_handling_seconds_count" in exposition
+        assert 'dramatiq_messages_total{actor_name="process_pipeline_result",queue_name="results"}' in exposition
     finally:
         for proc in procs:
             kill_group(proc)
