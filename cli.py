@@ -430,7 +430,9 @@ def process(pipeline_slug: str, concurrency: int) -> None:
     if concurrency < 1:
         raise UserInputError("--concurrency must be at least 1")
     logging.getLogger("pipeline").setLevel(logging.INFO)
-    service = ProcessingService(pipeline_slug, handler, nats_url=get_settings().nats_url, concurrency=concurrency)
+    settings = get_settings()
+    service = ProcessingService(pipeline_slug, handler, nats_url=settings.nats_url, concurrency=concurrency,
+                                nats_creds=settings.nats_creds, nats_tls_ca=settings.nats_tls_ca)
 
     async def serve():
         loop = asyncio.get_running_loop()
@@ -550,7 +552,7 @@ def chaos_flush(target: str, yes: bool) -> None:
         tools.flush_redis(url)
         console.print(f"flushed Redis at {redact(url)}: job state and queued Dramatiq messages are gone")
     else:
-        deleted = asyncio.run(tools.flush_nats(url))
+        deleted = asyncio.run(tools.flush_nats(url, **settings.nats_options()))
         console.print(f"deleted NATS stream(s): {', '.join(deleted) or 'none existed'}")
 
 
@@ -577,7 +579,7 @@ def chaos_exhaust(job_id: int, image_ids: str, pipeline_slug: str | None, as_jso
     try:
         out = asyncio.run(tools.exhaust_max_deliver(settings.nats_url, job_id, ids, pipeline=pipeline_slug,
                                                     max_deliver=settings.nats_max_deliver,
-                                                    ack_wait_s=settings.nats_task_ttr))
+                                                    ack_wait_s=settings.nats_task_ttr, **settings.nats_options()))
     except nats.js.errors.NotFoundError:
         raise UserInputError(f"job {job_id} has no consumer (use --ensure-stream PIPELINE)") from None
     if as_json:

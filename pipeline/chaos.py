@@ -24,9 +24,9 @@ def flush_redis(url: str) -> None:
     redis.Redis.from_url(url).flushall()
 
 
-async def flush_nats(url: str) -> list[str]:
+async def flush_nats(url: str, **security) -> list[str]:
     """Delete jetpipe's three streams (tasks, results, advisories and every consumer on them)."""
-    queue = await TaskQueue.connect(url, name="jetpipe-chaos")
+    queue = await TaskQueue.connect(url, name="jetpipe-chaos", **security)
     deleted = []
     try:
         for stream in (names.TASKS_STREAM, names.RESULTS_STREAM, names.ADVISORIES_STREAM):
@@ -41,14 +41,15 @@ async def flush_nats(url: str) -> list[str]:
 
 
 async def exhaust_max_deliver(url: str, job_id: int, image_ids: set[str], *, pipeline: str | None = None,
-                              max_deliver: int = 2, ack_wait_s: float = 30.0, timeout_s: float = 600) -> dict:
+                              max_deliver: int = 2, ack_wait_s: float = 30.0, timeout_s: float = 600,
+                              **security) -> dict:
     """Drive the tasks of `image_ids` through max_deliver without ACK; return the consumer's counters.
 
     Other tasks fetched on the way are NAKed at once (each NAK uses one of that task's deliveries). With
     `pipeline` given, the streams and the job consumer are created first if missing (`--ensure-stream`).
     A last pull after the final ack_wait makes the server emit MAX_DELIVERIES (reference/nats.md §0.1).
     """
-    queue = await TaskQueue.connect(url, name="jetpipe-chaos")
+    queue = await TaskQueue.connect(url, name="jetpipe-chaos", **security)
     try:
         if pipeline:
             await queue.ensure_streams()

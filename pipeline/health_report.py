@@ -25,7 +25,8 @@ HEALTHY, DEGRADED, UNREACHABLE = 0, 1, 2
 
 async def _nats_facts(settings: Settings) -> tuple[dict, dict[int, dict]]:
     """Server facts and the consumer counters of every job consumer (one connection, fails fast)."""
-    nc = await connect_nats(settings.nats_url, name="jetpipe-health", connect_timeout_s=3, reconnect=False)
+    nc = await connect_nats(settings.nats_url, name="jetpipe-health", connect_timeout_s=3, reconnect=False,
+                            **settings.nats_options())
     try:
         queue = TaskQueue(nc)
         js_ok, js_error = True, None

@@ -98,18 +98,23 @@ def job_logs(job_id: int, *, after_id: int = 0, limit: int | None = None) -> lis
 
 
 def watch(console: Console, job_id: int, *, poll_s: float = 0.5, timeout_s: float | None = None) -> Job:
-    """Show a live progress bar until the job is terminal (or `timeout_s` passes); returns the job."""
+    """Live progress bars (one per stage) until the job is terminal or `timeout_s` passes; returns the job."""
     deadline = time.monotonic() + timeout_s if timeout_s else None
     job = get_job(job_id)
-    with Progress(TextColumn("[bold]job {task.fields[job]}[/bold] {task.fields[status]}"), BarColumn(),
-                  MofNCompleteColumn(), TextColumn("failed {task.fields[failed]}  detections {task.fields[det]}"),
-                  TimeElapsedColumn(), console=console, transient=False) as bar:
-        task = bar.add_task("job", total=max(job.total_images, 1), job=job_id, status=job.status, failed=0, det=0)
+    total = max(job.total_images, 1)
+    columns = (TextColumn("[bold]{task.description:<8}[/bold]"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bars:
+        stages = {name: bars.add_task(name, total=total, info="") for name in ("collect", "process", "results")}
         while True:
             job = get_job(job_id)
             s = job_summary(job)
-            bar.update(task, completed=s["processed"] if job.total_images else 1, status=s["status"],
-                       failed=s["failed"], det=s["detections"])
+            collect = s["stages"].get("collect", {})
+            bars.update(stages["collect"], completed=total if collect.get("status") == "SUCCESS" else 0,
+                        info=f"job {job_id} {s['status']}")
+            bars.update(stages["process"], completed=s["processed"], info=f"failed {s['failed']}")
+            bars.update(stages["results"], completed=s["captures"],
+                        info=f"detections {s['detections']}  classifications {s['classifications']}")
             if job.status in JobStatus.TERMINAL or (deadline and time.monotonic() > deadline):
                 return job
             time.sleep(poll_s)

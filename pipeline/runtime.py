@@ -37,7 +37,8 @@ class Runtime:
         """The NATS task queue of this process (connected, streams ensured, on first use)."""
         with self._lock:
             if self._tasks is None:
-                tasks = SyncTaskQueue.connect(self.settings.nats_url, self.runner, name=self.name)
+                tasks = SyncTaskQueue.connect(self.settings.nats_url, self.runner, name=self.name,
+                                              **self.settings.nats_options())
                 tasks.ensure_streams()
                 self._tasks = tasks
             return self._tasks
@@ -48,7 +49,7 @@ class Runtime:
         (The `tasks` property would deadlock there: it waits for the loop it is running on.)
         """
         if self._tasks is None:
-            queue = await TaskQueue.connect(self.settings.nats_url, name=self.name)
+            queue = await TaskQueue.connect(self.settings.nats_url, name=self.name, **self.settings.nats_options())
             await queue.ensure_streams()
             if self._tasks is None:
                 self._tasks = SyncTaskQueue(queue, self.runner)

@@ -44,10 +44,11 @@ class ProcessingService:
     """A processing service for one pipeline. `handler(task) -> SuccessResult | ErrorResult` (sync or async)."""
 
     def __init__(self, pipeline: str, handler: Callable[[Task], Result], *, nats_url: str,
-                 concurrency: int = 4, name: str | None = None):
+                 concurrency: int = 4, name: str | None = None, nats_creds: str = "", nats_tls_ca: str = ""):
         self.pipeline = pipeline
         self.handler = handler
         self.nats_url = nats_url
+        self.nats_security = {"creds": nats_creds, "tls_ca": nats_tls_ca}
         self.concurrency = concurrency
         self.name = name or f"{pipeline}-service"
         self.processed = 0
@@ -65,7 +66,7 @@ class ProcessingService:
 
     async def run(self) -> None:
         """Process tasks until `stop()`; survives NATS outages (reconnects and carries on)."""
-        queue = await TaskQueue.connect(self.nats_url, name=self.name)
+        queue = await TaskQueue.connect(self.nats_url, name=self.name, **self.nats_security)
         log.info("service %s pulling pipeline %s with %s slot(s)", self.name, self.pipeline, self.concurrency)
         try:
             await self._loop(queue)

@@ -38,6 +38,8 @@ OPTIONS: dict[str, Option] = {
                              "tasks run_job reads and publishes per round (its resume checkpoint)"),
     "metrics_port": Option("PIPELINE_METRICS_PORT", "9191",
                            "port of the workers' Prometheus endpoint (0: no metrics)"),
+    "nats_creds": Option("PIPELINE_NATS_CREDS", "", "NATS credentials file (JWT + NKey), if the server wants one"),
+    "nats_tls_ca": Option("PIPELINE_NATS_TLS_CA", "", "CA bundle that signed the NATS server's TLS certificate"),
 }
 
 
@@ -53,6 +55,8 @@ class Settings:
     health_check_seconds: float
     dispatch_chunk: int
     metrics_port: int
+    nats_creds: str
+    nats_tls_ca: str
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -78,10 +82,18 @@ class Settings:
             raise ConfigError("PIPELINE_FAILURE_THRESHOLD must be in [0, 1)")
         if self.health_check_seconds <= 0 or self.stalled_jobs_max_minutes <= 0:
             raise ConfigError("PIPELINE_HEALTH_CHECK_SECONDS and PIPELINE_STALLED_JOBS_MAX_MINUTES must be > 0")
+        for name in ("nats_creds", "nats_tls_ca"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"{OPTIONS[name].env}: no such file {path!r}")
         for name in ("database_url", "redis_url", "nats_url"):
             url = getattr(self, name)
             if "://" not in url:
                 raise ConfigError(f"{OPTIONS[name].env} is not a URL: {redact(url)!r}")
+
+    def nats_options(self) -> dict[str, str]:
+        """Connection options beyond the URL (which carries user/password or token, and tls://)."""
+        return {"creds": self.nats_creds, "tls_ca": self.nats_tls_ca}
 
     def with_overrides(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)

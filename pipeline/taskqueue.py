@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import logging
+import ssl
 from collections.abc import Iterable
 
 import msgspec
@@ -85,9 +86,18 @@ class JobConsumer:
     filter_subject: str
 
 
-async def connect_nats(url: str, *, name: str, connect_timeout_s: float = 10.0,
-                       reconnect: bool = True) -> nats.NATS:
-    """A NATS connection that reconnects forever once up, but fails within `connect_timeout_s` at first."""
+async def connect_nats(url: str, *, name: str, connect_timeout_s: float = 10.0, reconnect: bool = True,
+                       creds: str = "", tls_ca: str = "") -> nats.NATS:
+    """A NATS connection that reconnects forever once up, but fails within `connect_timeout_s` at first.
+
+    Credentials: user/password or token in the URL, or a `creds` file; TLS: a `tls://` URL, and `tls_ca`
+    for a private CA.
+    """
+    security: dict = {}
+    if creds:
+        security["user_credentials"] = creds
+    if tls_ca:
+        security["tls"] = ssl.create_default_context(cafile=tls_ca)
 
     async def quiet_error(exc: Exception) -> None:
         log.warning("nats connection problem (%s): %s", redact(url), exc)
@@ -107,7 +117,7 @@ async def connect_nats(url: str, *, name: str, connect_timeout_s: float = 10.0,
             url, name=name, connect_timeout=2, reconnect_time_wait=0.5,
             max_reconnect_attempts=-1 if reconnect else 0, allow_reconnect=reconnect,
             ping_interval=10, max_outstanding_pings=3,
-            error_cb=quiet_error, disconnected_cb=disconnected, reconnected_cb=reconnected,
+            error_cb=quiet_error, disconnected_cb=disconnected, reconnected_cb=reconnected, **security,
         ), connect_timeout_s)
         connection.append(nc)
         return nc
@@ -123,8 +133,8 @@ class TaskQueue:
         self.js = nc.jetstream(timeout=API_TIMEOUT_S)
 
     @classmethod
-    async def connect(cls, url: str, *, name: str = "jetpipe") -> TaskQueue:
-        return cls(await connect_nats(url, name=name))
+    async def connect(cls, url: str, *, name: str = "jetpipe", creds: str = "", tls_ca: str = "") -> TaskQueue:
+        return cls(await connect_nats(url, name=name, creds=creds, tls_ca=tls_ca))
 
     async def close(self) -> None:
         """Flush buffered publishes and ACKs, then close (no drain: pull subscriptions hold no work)."""
@@ -324,8 +334,8 @@ class SyncTaskQueue:
         self.timeout_s = timeout_s
 
     @classmethod
-    def connect(cls, url: str, runner: LoopRunner, *, name: str = "jetpipe") -> SyncTaskQueue:
-        return cls(runner.run(TaskQueue.connect(url, name=name), timeout=30), runner)
+    def connect(cls, url: str, runner: LoopRunner, *, name: str = "jetpipe", **security) -> SyncTaskQueue:
+        return cls(runner.run(TaskQueue.connect(url, name=name, **security), timeout=30), runner)
 
     def __getattr__(self, attr: str):
         method = getattr(self.queue, attr)
