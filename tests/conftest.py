@@ -79,6 +79,19 @@ def make_stack(tmp_path):
         dev.stop()
 
 
+@pytest.fixture
+def private_runtime(make_stack, db_url, moth_pipeline):
+    """(runtime, stack): a runtime on NATS and Redis servers of its own, which the test may stop."""
+    from pipeline.runtime import Runtime, set_runtime
+
+    dev = make_stack()
+    rt = Runtime(make_settings(db_url, dev), name="jetpipe-outage")
+    previous = set_runtime(rt)
+    yield rt, dev
+    set_runtime(previous)
+    rt.close()
+
+
 @pytest.fixture(scope="session")
 def pg_database():
     """A PostgreSQL database for this session (dropped at the end), or None where unreachable."""

@@ -32,7 +32,7 @@ def chaos_env(make_stack, db_url, moth_pipeline, trap_images):
     def settings(**overrides):
         return make_settings(db_url, dev, **overrides)
 
-    base = settings(PIPELINE_NATS_TASK_TTR=3, PIPELINE_NATS_MAX_DELIVER=3)
+    base = settings(PIPELINE_NATS_TASK_TTR=5, PIPELINE_NATS_MAX_DELIVER=5)  # headroom on a loaded 2-core box
     rt = Runtime(base, name="jetpipe-chaos-test")
     previous = set_runtime(rt)
 
@@ -78,12 +78,18 @@ def assert_exact(env, job: Job, n: int) -> None:
     assert (stages["results"]["detections"], stages["results"]["captures"]) == (expected, n)
 
 
-def test_a_redis_flush_mid_job_still_completes_with_exact_counts(chaos_env, worker_factory, service_factory):
-    env = chaos_env
-    worker_factory(env.base)
+def job_under_way(env, worker_factory, service_factory):
+    """A worker, the reference service (slowed down) and a 40-image job a quarter done: (worker, job id)."""
+    worker = worker_factory(env.base)
     service_factory(env.base, moth.SLUG, slow_moth, concurrency=2)
     job_id = env.enqueue(env.base, env.urls[:40])
     wait_for(lambda: processed(job_id) >= 10, timeout_s=60, message="job to be under way")
+    return worker, job_id
+
+
+def test_a_redis_flush_mid_job_still_completes_with_exact_counts(chaos_env, worker_factory, service_factory):
+    env = chaos_env
+    _, job_id = job_under_way(env, worker_factory, service_factory)
     chaos.flush_redis(env.base.redis_url)  # job state, queued results, heartbeats: all gone
     job = wait_for(lambda: finished(job_id), timeout_s=120, message="job to finish after the flush")
     assert_exact(env, job, 40)
@@ -91,10 +97,7 @@ def test_a_redis_flush_mid_job_still_completes_with_exact_counts(chaos_env, work
 
 def test_a_nats_restart_mid_job_still_completes(chaos_env, worker_factory, service_factory):
     env = chaos_env
-    worker_factory(env.base)
-    service_factory(env.base, moth.SLUG, slow_moth, concurrency=2)
-    job_id = env.enqueue(env.base, env.urls[:40])
-    wait_for(lambda: processed(job_id) >= 10, timeout_s=60, message="job to be under way")
+    _, job_id = job_under_way(env, worker_factory, service_factory)
     env.dev.nats.restart()  # SIGTERM, then the same port and store
     job = wait_for(lambda: finished(job_id), timeout_s=120, message="job to finish after the restart")
     assert_exact(env, job, 40)
@@ -103,10 +106,7 @@ def test_a_nats_restart_mid_job_still_completes(chaos_env, worker_factory, servi
 def test_a_killed_worker_is_replaced_and_the_job_completes_within_a_minute(chaos_env, worker_factory,
                                                                           service_factory):
     env = chaos_env
-    master = worker_factory(env.base)
-    service_factory(env.base, moth.SLUG, slow_moth, concurrency=2)
-    job_id = env.enqueue(env.base, env.urls[:40])
-    wait_for(lambda: processed(job_id) >= 10, timeout_s=60, message="job to be under way")
+    master, job_id = job_under_way(env, worker_factory, service_factory)
     wait_for(lambda: chaos.worker_pids(master.pid), timeout_s=10, message="worker process")
     assert chaos.kill_worker(master.pid)
     killed_at = time.monotonic()

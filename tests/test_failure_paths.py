@@ -16,9 +16,9 @@ from pipeline.errors import TransientError
 from pipeline.handling import handle_result_message
 from pipeline.jobs import cancel, start_job
 from pipeline.registry import register_pipeline
-from pipeline.runtime import Runtime, get_runtime, set_runtime
+from pipeline.runtime import get_runtime
 from pipeline.schemas import PipelineSpec, decode_result
-from tests.conftest import make_settings, wait_for
+from tests.conftest import wait_for
 from tests.helpers import dispatch, fake_job, pull_tasks, stream_count, success_body
 
 
@@ -127,17 +127,6 @@ def test_ordinary_retries_are_not_mistaken_for_crashes(inproc_worker, runtime, m
         broker.join(names.RESULTS_QUEUE, timeout=10_000)
         inproc_worker.join()
     assert log_lines(job.id, "poison message") == 0
-
-
-@pytest.fixture
-def private_runtime(make_stack, db_url, moth_pipeline):
-    """A runtime on servers of its own, which the test may stop and restart."""
-    dev = make_stack()
-    rt = Runtime(make_settings(db_url, dev), name="jetpipe-outage")
-    previous = set_runtime(rt)
-    yield rt, dev
-    set_runtime(previous)
-    rt.close()
 
 
 def test_redis_outage_during_handling_retries_and_never_acks_early(private_runtime, caplog):

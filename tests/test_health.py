@@ -127,40 +127,17 @@ def test_a_late_result_after_reconciliation_is_saved_without_double_counting(qui
     assert (job.progress["stages"]["process"]["failed"], job.progress["stages"]["results"]["detections"]) == (2, 2)
 
 
-def test_nats_unreachable_during_a_tick_revokes_nothing(make_stack, db_url, moth_pipeline):
-    dev = make_stack()
-    rt = Runtime(make_settings(db_url, dev))
-    previous = set_runtime(rt)
-    try:
-        job = fake_job("moth-demo", 3)
-        dispatch(rt, job.id)
-        make_idle(job.id, minutes=60)
-        dev.nats.stop()
-        rt.tasks.timeout_s = 15
-        report = run_health_check(rt)
-        assert report["lost_images"]["jobs"] == {str(job.id): "error"}
-        assert report["stale_jobs"]["jobs"] == {str(job.id): "skipped_unreachable"}
-        assert Job.get_by_id(job.id).status == JobStatus.STARTED
-    finally:
-        set_runtime(previous)
-        rt.close()
-
-
-def test_redis_unreachable_during_a_tick_revokes_nothing(make_stack, db_url, moth_pipeline):
-    dev = make_stack()
-    rt = Runtime(make_settings(db_url, dev))
-    previous = set_runtime(rt)
-    try:
-        job = fake_job("moth-demo", 3)
-        dispatch(rt, job.id)
-        make_idle(job.id, minutes=60)
-        dev.redis.stop()
-        report = run_health_check(rt)
-        assert report["stale_jobs"]["jobs"] == {str(job.id): "skipped_unreachable"}
-        assert Job.get_by_id(job.id).status == JobStatus.STARTED
-    finally:
-        set_runtime(previous)
-        rt.close()
+@pytest.mark.parametrize("outage", ["nats", "redis"])
+def test_an_unreachable_dependency_during_a_tick_revokes_nothing(private_runtime, outage):
+    rt, dev = private_runtime
+    job = fake_job("moth-demo", 3)
+    dispatch(rt, job.id)
+    make_idle(job.id, minutes=60)
+    getattr(dev, outage).stop()
+    report = run_health_check(rt)
+    assert report["lost_images"]["jobs"] == {str(job.id): "error"}
+    assert report["stale_jobs"]["jobs"] == {str(job.id): "skipped_unreachable"}
+    assert Job.get_by_id(job.id).status == JobStatus.STARTED
 
 
 def test_missing_redis_state_is_rebuilt_and_the_job_completes_exactly(runtime, moth_pipeline):
