@@ -7,7 +7,7 @@ import json
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import peewee
-from playhouse.pool import PooledPostgresqlDatabase, PooledSqliteDatabase
+from playhouse.pool import PooledPostgresqlDatabase
 
 from pipeline.errors import ConfigError
 
@@ -32,9 +32,11 @@ def make_database(url: str) -> peewee.Database:
     if parts.scheme == "sqlite":
         path = unquote(url.split("://", 1)[1])
         path = path[1:] if path.startswith("/") else path  # sqlite:///rel.db -> rel.db, sqlite:////abs -> /abs
-        return PooledSqliteDatabase(
+        # Not pooled: a pooled sqlite3 connection moves between threads, and one worker segfaulted so in
+        # testing. Per-thread connections are cheap to open (a local file); PostgreSQL is pooled.
+        return peewee.SqliteDatabase(
             path or ":memory:",
-            max_connections=POOL_MAX_CONNECTIONS, stale_timeout=POOL_STALE_S, timeout=SQLITE_BUSY_TIMEOUT_S,
+            timeout=SQLITE_BUSY_TIMEOUT_S,
             pragmas={
                 "journal_mode": "wal",  # readers never block the writer
                 "busy_timeout": SQLITE_BUSY_TIMEOUT_S * 1000,

@@ -110,8 +110,8 @@ class WorkerResources(dramatiq.Middleware):
         db = models.database.obj
         if db is None or db.is_closed():
             return
-        if isinstance(exception, peewee.OperationalError | peewee.InterfaceError):
-            db.manual_close()  # a broken connection (database restarted): the retry gets a fresh one
+        if isinstance(exception, peewee.OperationalError | peewee.InterfaceError) and hasattr(db, "manual_close"):
+            db.manual_close()  # a broken pooled connection (database restarted): the retry gets a fresh one
         else:
             db.close()
 

@@ -222,6 +222,7 @@ def subprocess_env(settings: Settings, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
     env.update(settings.to_env())
     env["PIPELINE_LOG_LEVEL"] = "INFO"
+    env["PYTHONFAULTHANDLER"] = "1"  # a native crash in a worker leaves its traceback in the log
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
