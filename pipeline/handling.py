@@ -49,14 +49,14 @@ def count_outcomes(runtime, job: Job, outcomes: list[Outcome]) -> tuple[Snapshot
     try:
         snapshot = state.record(job.id, outcomes)
     except StateMissing:
+        # Redis lost this running job's state: rebuild it from the database (which already holds this
+        # result), then count again; an image the rebuild saw as settled is not counted twice.
+        rebuilt = jobs.rebuild_state(state, job.id)
+        if rebuilt:
+            log.warning("job=%s Redis state was missing; rebuilt from the database", job.id)
         status = Job.select(Job.status).where(Job.id == job.id).scalar()
         if status in JobStatus.TERMINAL:  # it ended (and was cleaned up) while this result was in flight
             return None, progress.ProgressWrite(status, False)
-        # Redis lost this running job's state: rebuild it from the database (which already holds this
-        # result), then count again; an image the rebuild saw as settled is not counted twice.
-        jobs.load_state_from_db(state, job.id, force=True)
-        log.warning("job=%s Redis state was missing; rebuilt from the database", job.id)
-        rebuilt = True
         snapshot = state.record(job.id, outcomes)
     crash_point("after_redis_update", job=job.id)
     _count_metrics(job, outcomes, snapshot)

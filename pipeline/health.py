@@ -184,9 +184,9 @@ class HealthCheck:
     def _rebuild(self, job: Job) -> str:
         state = self.runtime.state
         if state.snapshot(job.id) is None:
-            if Job.select(Job.status).where(Job.id == job.id).scalar() != JobStatus.STARTED:
-                return "ended"
-            jobs.load_state_from_db(state, job.id, force=True)
+            if not jobs.rebuild_state(state, job.id):
+                return "ended" if Job.select(Job.status).where(Job.id == job.id).scalar() != JobStatus.STARTED \
+                    else "ok"
             job_log(job.id, logging.WARNING, "jobs_health_check: Redis state was missing; rebuilt from the database")
             return "redis_rebuilt"
         consumer = self.runtime.tasks.consumer_state(job.id)

@@ -8,8 +8,6 @@ import os
 from collections.abc import Iterable, Iterator
 from urllib.parse import urlsplit
 
-import peewee
-
 from models import (
     DispatchMode,
     ImageStatus,
@@ -124,21 +122,25 @@ def image_urls_from_file(path: str) -> Iterator[str]:
 
 # ---- Redis state from the database ---------------------------------------------------------------------
 def load_state_from_db(state: JobState, job_id: int, *, force: bool = False) -> bool:
-    """Load the job's Redis state from its JobImage rows; False if a complete state existed (no force)."""
-    rows = JobImage.select().where(JobImage.job == job_id)
-    total = rows.count()
-    agg = (JobImage.select(peewee.fn.COUNT(JobImage.id), peewee.fn.SUM(JobImage.detections),
-                           peewee.fn.SUM(JobImage.classifications))
-           .where((JobImage.job == job_id) & (JobImage.status == ImageStatus.PROCESSED)).tuples().get())
+    """Load the job's Redis state from its JobImage rows; False if a complete state existed (no force).
 
-    def ids(status: str) -> Iterator[str]:
-        query = (JobImage.select(JobImage.image).where((JobImage.job == job_id) & (JobImage.status == status))
-                 .tuples().iterator())
-        return (str(image_id) for (image_id,) in query)
+    One streamed query gives pending ids, failed ids and the counters from a single consistent read.
+    """
+    rows = (JobImage.select(JobImage.image, JobImage.status, JobImage.detections, JobImage.classifications)
+            .where(JobImage.job == job_id).tuples().iterator())
+    return state.load(job_id, ((str(i), status, d, c) for i, status, d, c in rows), force=force)
 
-    return state.load(job_id, pending_ids=ids(ImageStatus.PENDING), failed_ids=ids(ImageStatus.FAILED),
-                      total=total, captures=agg[0] or 0, detections=agg[1] or 0, classifications=agg[2] or 0,
-                      force=force)
+
+def rebuild_state(state: JobState, job_id: int) -> bool:
+    """Rebuild a running job's missing Redis state from the database, once however many ask at the same
+    time; False if it was not needed (another process rebuilt it, or the job has ended)."""
+    with state.rebuild_lock(job_id):
+        if state.snapshot(job_id) is not None:
+            return False  # rebuilt by whoever held the lock before us
+        if Job.select(Job.status).where(Job.id == job_id).scalar() != JobStatus.STARTED:
+            return False
+        load_state_from_db(state, job_id, force=True)
+        return True
 
 
 # ---- dispatch -------------------------------------------------------------------------------------------

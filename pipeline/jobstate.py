@@ -6,8 +6,11 @@ Redis is an index, not the source of truth: everything here can be rebuilt from 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import time
+import uuid
 from collections.abc import Iterable
 from importlib import resources
 
@@ -30,6 +33,13 @@ def _script_text(name: str) -> str:
 
 _SCRIPTS = {name: _script_text(f"{name}.lua") for name in ("record_outcomes", "snapshot", "load_begin",
                                                             "load_finish")}
+
+
+#: Delete a lock only if this holder's token still owns it.
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +92,7 @@ class JobState:
     def __init__(self, client: redis.Redis):
         self.client = client
         self._scripts = {name: client.register_script(text) for name, text in _SCRIPTS.items()}
+        self._release = client.register_script(_RELEASE_LOCK)
 
     def _run(self, script: str, job_id: int, args: Iterable = ()) -> object:
         try:
@@ -89,30 +100,55 @@ class JobState:
         except redis.RedisError as exc:
             raise TransientError(f"redis unavailable for job {job_id}: {exc}") from exc
 
-    def load(self, job_id: int, *, pending_ids: Iterable[str], failed_ids: Iterable[str] = (),
-             total: int, captures: int = 0, detections: int = 0, classifications: int = 0,
-             force: bool = False) -> bool:
-        """Load a job's state from the database's view of it; False if a complete state already existed.
+    def load(self, job_id: int, rows: Iterable[tuple[str, str, int, int]], *, force: bool = False) -> bool:
+        """Load a job's state from its image rows `(image_id, status, detections, classifications)`, which
+        must come from one consistent read; False if a complete state already existed (without `force`).
 
         Without `force` this is idempotent: a retried run_job finds the state ready and changes nothing.
+        With `force`, call it under `rebuild_lock`: two concurrent rebuilds would interleave.
         """
         if not self._run("load_begin", job_id, ["force" if force else ""]):
             return False
         pending_key, failed_key, _ = names.job_keys(job_id)
+        chunks: dict[str, list[str]] = {pending_key: [], failed_key: []}
+        total = captures = detections = classifications = 0
         try:
-            for key, ids in ((pending_key, pending_ids), (failed_key, failed_ids)):
-                chunk: list[str] = []
-                for image_id in ids:
-                    chunk.append(str(image_id))
-                    if len(chunk) >= LOAD_CHUNK:
-                        self.client.sadd(key, *chunk)
-                        chunk = []
-                if chunk:
-                    self.client.sadd(key, *chunk)
+            for image_id, status, n_det, n_cls in rows:
+                total += 1
+                if status == "processed":
+                    captures, detections, classifications = captures + 1, detections + n_det, classifications + n_cls
+                    continue
+                key = pending_key if status == "pending" else failed_key
+                chunks[key].append(str(image_id))
+                if len(chunks[key]) >= LOAD_CHUNK:
+                    self.client.sadd(key, *chunks[key])
+                    chunks[key] = []
+            for key, ids in chunks.items():
+                if ids:
+                    self.client.sadd(key, *ids)
         except redis.RedisError as exc:
             raise TransientError(f"redis unavailable while loading job {job_id}: {exc}") from exc
         self._run("load_finish", job_id, [STATE_TTL_S, total, captures, detections, classifications])
         return True
+
+    @contextlib.contextmanager
+    def rebuild_lock(self, job_id: int, *, wait_s: float = 60.0):
+        """Hold the job's rebuild lock (one rebuild at a time); waits for another holder to finish."""
+        key, token = names.rebuild_lock_key(job_id), uuid.uuid4().hex
+        deadline = time.monotonic() + wait_s
+        try:
+            while not self.client.set(key, token, nx=True, px=int(wait_s * 1000)):
+                if time.monotonic() > deadline:
+                    raise TransientError(f"job {job_id}: Redis state rebuild lock still held after {wait_s} s")
+                time.sleep(0.05)
+            yield
+        except redis.RedisError as exc:
+            raise TransientError(f"redis unavailable for job {job_id}: {exc}") from exc
+        finally:
+            try:
+                self._release(keys=[key], args=[token])
+            except redis.RedisError:
+                pass  # it expires
 
     def record(self, job_id: int, outcomes: Iterable[Outcome]) -> Snapshot:
         """Count each image's outcome once (atomic gate); raises StateMissing if the job has no state."""

@@ -85,6 +85,11 @@ def job_keys(job_id: int) -> tuple[str, str, str]:
     return job_pending_key(job_id), job_failed_key(job_id), job_counts_key(job_id)
 
 
+def rebuild_lock_key(job_id: int) -> str:
+    """Held while one process rebuilds the job's state from the database."""
+    return f"{REDIS_PREFIX}:lock:rebuild:{job_id}"
+
+
 def crash_delivery_key(message_id: str) -> str:
     """Counter of deliveries of one Dramatiq message (poison-message guard)."""
     return f"{REDIS_PREFIX}:deliveries:{message_id}"

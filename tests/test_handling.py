@@ -149,3 +149,38 @@ def test_a_result_in_flight_when_the_job_ended_does_not_recreate_its_state(runti
     # Then nothing is counted and no Redis state is resurrected for the finished job
     assert snapshot is None and written.status == JobStatus.SUCCESS
     assert runtime.redis.keys(f"jetpipe:job:{job.id}:*") == []
+
+
+def test_concurrent_rebuilds_of_lost_state_happen_once_and_agree_with_the_database(runtime, moth_pipeline):
+    # Given a job with some results counted, whose Redis state is then lost
+    import threading
+
+    import models
+    from pipeline.jobs import rebuild_state
+
+    job = fake_job(moth_pipeline, 30)
+    dispatch(runtime, job.id)
+    tasks = pull_tasks(runtime, job.id, 30)
+    for task, reply in tasks[:10]:
+        handle_result_message(runtime, job.id, success_body(task, boxes=2), reply)
+    runtime.redis.flushall()
+    # When 8 workers notice at the same moment and all try to rebuild
+    barrier, results = threading.Barrier(8), []
+
+    def rebuild():
+        barrier.wait()
+        with models.database.connection_context():
+            results.append(rebuild_state(runtime.state, job.id))
+
+    threads = [threading.Thread(target=rebuild) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Then exactly one rebuilt it, and finishing the job gives exact counts
+    assert results.count(True) == 1
+    snap = runtime.state.snapshot(job.id)
+    assert (snap.processed, snap.detections, snap.remaining) == (10, 20, 20)
+    for task, reply in tasks:  # every result, the first ten replayed
+        handle_result_message(runtime, job.id, success_body(task, boxes=2), reply)
+    assert counters(job.id) == (JobStatus.SUCCESS, 30, 0, 60, 60, 30)

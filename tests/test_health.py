@@ -208,7 +208,7 @@ def test_zombie_consumers_and_keys_are_removed_after_the_grace_period(runtime, m
         dispatch(runtime, job.id)
         Job.update(status=JobStatus.SUCCESS, finished_at=utcnow()).where(Job.id == job.id).execute()
     Job.update(finished_at=utcnow() - dt.timedelta(minutes=10)).where(Job.id == ended.id).execute()
-    runtime.state.load(999, pending_ids=["1"], total=1)  # state of a job that no longer exists
+    runtime.state.load(999, [("1", "pending", 0, 0)])  # state of a job that no longer exists
     report = run_health_check(runtime)
     assert report["zombies"]["jobs"] == {str(ended.id): "redis_removed", "999": "redis_removed"} or \
         report["zombies"]["jobs"] == {str(ended.id): "consumer_removed", "999": "redis_removed"}

@@ -12,6 +12,11 @@ from pipeline.errors import StateMissing, TransientError
 from pipeline.jobstate import JobState, Outcome, connect_redis
 
 
+def pending(ids) -> list[tuple[str, str, int, int]]:
+    """Image rows, all still pending (the shape JobState.load reads from the database)."""
+    return [(str(i), "pending", 0, 0) for i in ids]
+
+
 @pytest.fixture
 def state(stack):
     client = connect_redis(stack.redis_url)
@@ -22,10 +27,10 @@ def state(stack):
 
 def test_load_is_idempotent_so_a_retried_run_job_keeps_progress(state):
     # Given a loaded job with one image counted
-    assert state.load(1, pending_ids=["1", "2", "3"], total=3) is True
+    assert state.load(1, pending(["1", "2", "3"])) is True
     state.record(1, [Outcome("1", detections=4, classifications=4)])
     # When run_job is retried and loads again
-    assert state.load(1, pending_ids=["1", "2", "3"], total=3) is False
+    assert state.load(1, pending(["1", "2", "3"])) is False
     # Then nothing was reset
     snap = state.snapshot(1)
     assert (snap.remaining, snap.detections, snap.captures) == (2, 4, 1)
@@ -35,13 +40,13 @@ def test_a_crash_mid_load_is_redone_from_scratch(state):
     # Given a load that died after adding some ids but before finishing (ready never set)
     state.client.sadd(names.job_pending_key(1), "stale-id")
     # When the load runs again
-    state.load(1, pending_ids=["1", "2"], total=2)
+    state.load(1, pending(["1", "2"]))
     # Then only the real ids are pending
     assert state.pending_ids(1) == {"1", "2"}
 
 
 def test_replayed_outcome_is_counted_once(state):
-    state.load(7, pending_ids=[str(i) for i in range(10)], total=10)
+    state.load(7, pending([str(i) for i in range(10)]))
     for _ in range(3):
         snap = state.record(7, [Outcome("4", detections=3, classifications=2)])
     assert (snap.processed, snap.detections, snap.classifications, snap.captures) == (1, 3, 2, 1)
@@ -49,7 +54,7 @@ def test_replayed_outcome_is_counted_once(state):
 
 
 def test_failed_outcome_counts_as_processed_and_failed(state):
-    state.load(7, pending_ids=["1", "2"], total=2)
+    state.load(7, pending(["1", "2"]))
     snap = state.record(7, [Outcome("1", failed=True, captures=0)])
     assert (snap.processed, snap.failed, snap.captures, snap.newly_removed) == (1, 1, 0, ("1",))
     # a later success for the same image changes nothing: the gate already closed
@@ -60,7 +65,7 @@ def test_failed_outcome_counts_as_processed_and_failed(state):
 def test_concurrent_duplicate_deliveries_count_each_image_once(state, stack):
     # Given 200 images and 8 threads each recording every image (as concurrent redeliveries would)
     ids = [str(i) for i in range(200)]
-    state.load(3, pending_ids=ids, total=200)
+    state.load(3, pending(ids))
     barrier = threading.Barrier(8)
 
     def deliver():
@@ -94,6 +99,6 @@ def test_redis_down_is_a_transient_error_not_a_missing_state():
 
 
 def test_keys_expire_so_abandoned_state_does_not_leak(state):
-    state.load(5, pending_ids=["1"], total=1)
+    state.load(5, pending(["1"]))
     assert 0 < state.client.ttl(names.job_counts_key(5)) <= 7 * 24 * 3600
     assert isinstance(state.client, redis.Redis)
