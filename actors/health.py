@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import uuid
 
 import dramatiq
 
@@ -17,22 +16,16 @@ log = logging.getLogger(__name__)
 #: A health check running longer than this (ms) is stopped; its lock expires with it.
 TIME_LIMIT_MS = 5 * 60 * 1000
 
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
 @dramatiq.actor(queue_name=names.JOBS_QUEUE, max_retries=0, time_limit=TIME_LIMIT_MS)
 def jobs_health_check(slot: int | None = None) -> None:
     """One health check; skipped if another one is still running (no overlapping runs)."""
     runtime = get_runtime()
-    token = uuid.uuid4().hex
     lock = names.periodic_lock_key("jobs_health_check")
-    if not runtime.redis.set(lock, token, nx=True, px=TIME_LIMIT_MS):
+    token = runtime.state.try_lock(lock, TIME_LIMIT_MS)
+    if token is None:
         log.info("jobs_health_check slot=%s skipped: another run is in progress", slot)
         return
     try:
         run_health_check(runtime)
     finally:
-        runtime.redis.eval(_RELEASE, 1, lock, token)
+        runtime.state.release(lock, token)

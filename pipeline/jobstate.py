@@ -131,24 +131,34 @@ class JobState:
         self._run("load_finish", job_id, [STATE_TTL_S, total, captures, detections, classifications])
         return True
 
+    def try_lock(self, key: str, ttl_ms: int) -> str | None:
+        """Take lock `key` for `ttl_ms` if it is free; the token to release it with, or None if it is held."""
+        token = uuid.uuid4().hex
+        return token if self.client.set(key, token, nx=True, px=ttl_ms) else None
+
+    def release(self, key: str, token: str) -> None:
+        """Release a lock taken with `try_lock`, only if this holder still owns it (else it expired)."""
+        try:
+            self._release(keys=[key], args=[token])
+        except redis.RedisError:
+            pass  # it expires
+
     @contextlib.contextmanager
     def rebuild_lock(self, job_id: int, *, wait_s: float = 60.0):
         """Hold the job's rebuild lock (one rebuild at a time); waits for another holder to finish."""
-        key, token = names.rebuild_lock_key(job_id), uuid.uuid4().hex
+        key = names.rebuild_lock_key(job_id)
         deadline = time.monotonic() + wait_s
         try:
-            while not self.client.set(key, token, nx=True, px=int(wait_s * 1000)):
+            while (token := self.try_lock(key, int(wait_s * 1000))) is None:
                 if time.monotonic() > deadline:
                     raise TransientError(f"job {job_id}: Redis state rebuild lock still held after {wait_s} s")
                 time.sleep(0.05)
-            yield
         except redis.RedisError as exc:
             raise TransientError(f"redis unavailable for job {job_id}: {exc}") from exc
+        try:
+            yield
         finally:
-            try:
-                self._release(keys=[key], args=[token])
-            except redis.RedisError:
-                pass  # it expires
+            self.release(key, token)
 
     def record(self, job_id: int, outcomes: Iterable[Outcome]) -> Snapshot:
         """Count each image's outcome once (atomic gate); raises StateMissing if the job has no state."""
