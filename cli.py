@@ -455,6 +455,7 @@ def health(run_now: bool, as_json: bool) -> None:
     \b
     Exit codes: 0 healthy, 1 degraded (needs attention), 2 a dependency is unreachable.
     """
+    from pipeline.report import render_check, render_health
     from pipeline.settings import get_settings
 
     if run_now:
@@ -464,7 +465,7 @@ def health(run_now: bool, as_json: bool) -> None:
         if as_json:
             click.echo(json.dumps(report, indent=2))
         else:
-            _render_check(report)
+            render_check(console, report)
         return
     from pipeline.aio import LoopThread
     from pipeline.health_report import build_report
@@ -477,57 +478,8 @@ def health(run_now: bool, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
     else:
-        _render_health(report)
+        render_health(console, report)
     sys.exit(code)
-
-
-def _render_check(report: dict) -> None:
-    from rich.table import Table
-
-    table = Table("sub-check", "checked", "fixed", "unfixable", "jobs", title=f"jobs_health_check at {report['at']}")
-    for name in ("lost_images", "state_rebuild", "stale_jobs", "zombies"):
-        sub = report[name]
-        jobs = ", ".join(f"{k}:{v}" for k, v in sub.get("jobs", {}).items()) or sub.get("error", "")
-        table.add_row(name, str(sub["checked"]), str(sub["fixed"]), str(sub["unfixable"]), jobs)
-    console.print(table)
-    for name in ("lost_images", "state_rebuild", "stale_jobs", "zombies"):
-        for note in report[name].get("notes", []):
-            console.print(f"[yellow]note:[/yellow] {note}")
-
-
-def _render_health(report: dict) -> None:
-    from rich.table import Table
-
-    style = {"healthy": "green", "degraded": "yellow", "unreachable": "red"}[report["status"]]
-    console.print(f"jetpipe is [{style}]{report['status']}[/{style}] ({report['at']})")
-    deps = Table("dependency", "reachable", "version", "url / error")
-    for name, dep in report["dependencies"].items():
-        extra = " (JetStream on)" if dep.get("jetstream") else (" (JetStream OFF)" if "jetstream" in dep else "")
-        deps.add_row(name, "yes" if dep["reachable"] else "[red]NO[/red]", str(dep.get("version") or "") + extra,
-                     dep.get("error") or dep.get("url", ""))
-    console.print(deps)
-    console.print(f"live Dramatiq worker processes: {report['workers'] if report['workers'] is not None else '?'}")
-    for slug, seen in report["pipelines"].items():
-        console.print(f"pipeline {slug}: last task delivery {seen['last_delivery'] or 'never'}, "
-                      f"{seen['tasks_waiting']} task(s) waiting")
-    if report["jobs"]:
-        jobs = Table("job", "pipeline", "status", "processed", "failed", "idle s", "consumer")
-        for j in report["jobs"]:
-            c = j["consumer"]
-            counters = (f"pending={c['num_pending']} ack_pending={c['num_ack_pending']} "
-                        f"redelivered={c['num_redelivered']}") if c else ""
-            jobs.add_row(str(j["id"]), j["pipeline"], j["status"], f"{j['processed']}/{j['total']}", str(j["failed"]),
-                         str(j["idle_s"]), counters)
-        console.print(jobs)
-    last = report["last_health_check"]
-    if last:
-        parts = [f"{k} {v.get('checked', 0)}/{v.get('fixed', 0)}/{v.get('unfixable', 0)}"
-                 for k, v in last.items() if isinstance(v, dict)]
-        console.print(f"last health check {last['at']} (checked/fixed/unfixable): " + ", ".join(parts))
-    else:
-        console.print("no health check has run yet (workers run one every PIPELINE_HEALTH_CHECK_SECONDS)")
-    for problem in report["problems"]:
-        console.print(f"[yellow]problem:[/yellow] {problem}")
 
 
 @main.group()

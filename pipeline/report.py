@@ -118,3 +118,50 @@ def watch(console: Console, job_id: int, *, poll_s: float = 0.5, timeout_s: floa
             if job.status in JobStatus.TERMINAL or (deadline and time.monotonic() > deadline):
                 return job
             time.sleep(poll_s)
+
+
+def render_check(console: Console, report: dict) -> None:
+    """One jobs_health_check report: per sub-check counts and per-job outcomes, then its notes."""
+    table = Table("sub-check", "checked", "fixed", "unfixable", "jobs", title=f"jobs_health_check at {report['at']}")
+    for name in ("lost_images", "state_rebuild", "stale_jobs", "zombies"):
+        sub = report[name]
+        jobs = ", ".join(f"{k}:{v}" for k, v in sub.get("jobs", {}).items()) or sub.get("error", "")
+        table.add_row(name, str(sub["checked"]), str(sub["fixed"]), str(sub["unfixable"]), jobs)
+    console.print(table)
+    for name in ("lost_images", "state_rebuild", "stale_jobs", "zombies"):
+        for note in report[name].get("notes", []):
+            console.print(f"[yellow]note:[/yellow] {note}")
+
+
+def render_health(console: Console, report: dict) -> None:
+    """`cli.py health`: status, dependencies, workers, pipelines, running jobs, last check, problems."""
+    style = {"healthy": "green", "degraded": "yellow", "unreachable": "red"}[report["status"]]
+    console.print(f"jetpipe is [{style}]{report['status']}[/{style}] ({report['at']})")
+    deps = Table("dependency", "reachable", "version", "url / error")
+    for name, dep in report["dependencies"].items():
+        extra = " (JetStream on)" if dep.get("jetstream") else (" (JetStream OFF)" if "jetstream" in dep else "")
+        deps.add_row(name, "yes" if dep["reachable"] else "[red]NO[/red]", str(dep.get("version") or "") + extra,
+                     dep.get("error") or dep.get("url", ""))
+    console.print(deps)
+    console.print(f"live Dramatiq worker processes: {report['workers'] if report['workers'] is not None else '?'}")
+    for slug, seen in report["pipelines"].items():
+        console.print(f"pipeline {slug}: last task delivery {seen['last_delivery'] or 'never'}, "
+                      f"{seen['tasks_waiting']} task(s) waiting")
+    if report["jobs"]:
+        jobs = Table("job", "pipeline", "status", "processed", "failed", "idle s", "consumer")
+        for j in report["jobs"]:
+            c = j["consumer"]
+            counters = (f"pending={c['num_pending']} ack_pending={c['num_ack_pending']} "
+                        f"redelivered={c['num_redelivered']}") if c else ""
+            jobs.add_row(str(j["id"]), j["pipeline"], j["status"], f"{j['processed']}/{j['total']}", str(j["failed"]),
+                         str(j["idle_s"]), counters)
+        console.print(jobs)
+    last = report["last_health_check"]
+    if last:
+        parts = [f"{k} {v.get('checked', 0)}/{v.get('fixed', 0)}/{v.get('unfixable', 0)}"
+                 for k, v in last.items() if isinstance(v, dict)]
+        console.print(f"last health check {last['at']} (checked/fixed/unfixable): " + ", ".join(parts))
+    else:
+        console.print("no health check has run yet (workers run one every PIPELINE_HEALTH_CHECK_SECONDS)")
+    for problem in report["problems"]:
+        console.print(f"[yellow]problem:[/yellow] {problem}")
