@@ -54,6 +54,10 @@ class CheckResult:
     jobs: dict[int, str] = dataclasses.field(default_factory=dict)  # per-job outcome
     notes: list[str] = dataclasses.field(default_factory=list)  # what an operator should know
 
+    def add_outcome(self, job_id: int, outcome: str) -> None:
+        """Record one more thing done for a job (a job may have both its consumer and its keys removed)."""
+        self.jobs[job_id] = f"{self.jobs[job_id]},{outcome}" if job_id in self.jobs else outcome
+
     def as_dict(self) -> dict:
         return {"checked": self.checked, "fixed": self.fixed, "unfixable": self.unfixable,
                 "jobs": {str(k): v for k, v in self.jobs.items()}, "notes": self.notes}
@@ -282,7 +286,7 @@ class HealthCheck:
                 log.info("job=%s zombies: removed consumer %s of an ended or deleted job", consumer.job_id,
                          consumer.consumer)
                 result.fixed += 1
-                result.jobs[consumer.job_id] = "consumer_removed"
+                result.add_outcome(consumer.job_id, "consumer_removed")
         try:
             for key in self.runtime.redis.scan_iter(match=f"{names.REDIS_PREFIX}:job:*:counts", count=500):
                 job_id = int(key.split(":")[2])
@@ -292,7 +296,7 @@ class HealthCheck:
                     self.runtime.state.delete(job_id)
                     log.info("job=%s zombies: removed Redis state of an ended or deleted job", job_id)
                     result.fixed += 1
-                    result.jobs[job_id] = "redis_removed"
+                    result.add_outcome(job_id, "redis_removed")
         except (TransientError, redis.RedisError) as exc:
             result.unfixable += 1
             result.notes.append(f"Redis unreachable: {exc}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-import redis
 
 from pipeline import names
 from pipeline.errors import StateMissing, TransientError
@@ -100,5 +99,5 @@ def test_redis_down_is_a_transient_error_not_a_missing_state():
 
 def test_keys_expire_so_abandoned_state_does_not_leak(state):
     state.load(5, pending(["1"]))
-    assert 0 < state.client.ttl(names.job_counts_key(5)) <= 7 * 24 * 3600
-    assert isinstance(state.client, redis.Redis)
+    for key in names.job_keys(5)[::2]:  # pending and counts exist; an empty failed set has no key
+        assert 0 < state.client.ttl(key) <= 7 * 24 * 3600
