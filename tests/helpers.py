@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import nats
 import nats.errors
@@ -80,3 +81,27 @@ def stream_count(runtime, job_id: int, pipeline: str) -> int:
         return sum((info.state.subjects or {}).values())
 
     return runtime.runner.run(count(), timeout=10)
+
+
+def at_once(n: int, fn, *, setup=None) -> list:
+    """Run `fn` in `n` threads released together, like n workers receiving the same message at the same
+    moment; `setup()` runs per thread before the release and its result is passed to `fn`. Returns the
+    results; re-raises the first exception a thread raised."""
+    barrier, results, errors = threading.Barrier(n), [], []
+
+    def run():
+        try:
+            prepared = setup() if setup else None
+            barrier.wait()
+            results.append(fn(prepared) if setup else fn())
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results

@@ -153,10 +153,9 @@ def test_a_result_in_flight_when_the_job_ended_does_not_recreate_its_state(runti
 
 def test_concurrent_rebuilds_of_lost_state_happen_once_and_agree_with_the_database(runtime, moth_pipeline):
     # Given a job with some results counted, whose Redis state is then lost
-    import threading
-
     import models
     from pipeline.jobs import rebuild_state
+    from tests.helpers import at_once
 
     job = fake_job(moth_pipeline, 30)
     dispatch(runtime, job.id)
@@ -165,18 +164,11 @@ def test_concurrent_rebuilds_of_lost_state_happen_once_and_agree_with_the_databa
         handle_result_message(runtime, job.id, success_body(task, boxes=2), reply)
     runtime.redis.flushall()
     # When 8 workers notice at the same moment and all try to rebuild
-    barrier, results = threading.Barrier(8), []
-
     def rebuild():
-        barrier.wait()
         with models.database.connection_context():
-            results.append(rebuild_state(runtime.state, job.id))
+            return rebuild_state(runtime.state, job.id)
 
-    threads = [threading.Thread(target=rebuild) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = at_once(8, rebuild)
     # Then exactly one rebuilt it, and finishing the job gives exact counts
     assert results.count(True) == 1
     snap = runtime.state.snapshot(job.id)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 from pipeline import names
 from pipeline.errors import StateMissing, TransientError
 from pipeline.jobstate import JobState, Outcome, connect_redis
+from tests.helpers import at_once
 
 
 def pending(ids) -> list[tuple[str, str, int, int]]:
@@ -65,19 +64,13 @@ def test_concurrent_duplicate_deliveries_count_each_image_once(state, stack):
     # Given 200 images and 8 threads each recording every image (as concurrent redeliveries would)
     ids = [str(i) for i in range(200)]
     state.load(3, pending(ids))
-    barrier = threading.Barrier(8)
 
-    def deliver():
-        client = JobState(connect_redis(stack.redis_url))  # its own connection, like another worker
-        barrier.wait()
+    def deliver(client):
         for image_id in ids:
             client.record(3, [Outcome(image_id, detections=2, classifications=1)])
 
-    threads = [threading.Thread(target=deliver) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    # each with its own connection, like another worker
+    at_once(8, deliver, setup=lambda: JobState(connect_redis(stack.redis_url)))
     # Then every counter is exact
     snap = state.snapshot(3)
     assert (snap.remaining, snap.captures, snap.detections, snap.classifications) == (0, 200, 400, 200)

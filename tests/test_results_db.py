@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 import models
@@ -13,7 +11,7 @@ from pipeline.errors import BadResult
 from pipeline.jobstate import Snapshot
 from pipeline.results import fail_images, save_result
 from pipeline.schemas import Task, decode_result
-from tests.helpers import fake_job, success_body
+from tests.helpers import at_once, fake_job, success_body
 
 
 def task_of(job: Job, n: int = 0) -> Task:
@@ -38,24 +36,13 @@ def test_concurrent_duplicate_deliveries_create_no_duplicate_rows(db_url, moth_p
     # Given one image's result delivered to 6 workers at the same moment
     job = fake_job(moth_pipeline, 1)
     result = decode_result(success_body(task_of(job), boxes=4))
-    barrier = threading.Barrier(6)
-    errors = []
 
     def deliver():
-        try:
-            barrier.wait()
-            with models.database.connection_context():
-                save_result(Job.get_by_id(job.id), result)
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
+        with models.database.connection_context():
+            save_result(Job.get_by_id(job.id), result)
 
-    threads = [threading.Thread(target=deliver) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    at_once(6, deliver)  # raises if any delivery failed
     # Then the database holds each detection and classification once
-    assert errors == []
     assert Detection.select().count() == 4
     assert Classification.select().count() == 4
 
@@ -105,18 +92,10 @@ def test_late_update_cannot_resurrect_a_revoked_job(db_url, moth_pipeline):
 def test_exactly_one_of_many_concurrent_completions_makes_the_transition(db_url, moth_pipeline):
     job = fake_job(moth_pipeline, 2)
     progress.transition(job.id, JobStatus.STARTED)
-    barrier = threading.Barrier(5)
-    finished = []
 
     def complete():
-        barrier.wait()
         with models.database.connection_context():
-            finished.append(progress.write_progress(job.id, Snapshot(2, 0, 0, 2, 0, 0), threshold=0.5).finished_now)
+            return progress.write_progress(job.id, Snapshot(2, 0, 0, 2, 0, 0), threshold=0.5).finished_now
 
-    threads = [threading.Thread(target=complete) for _ in range(5)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert finished.count(True) == 1
+    assert at_once(5, complete).count(True) == 1
     assert Job.get_by_id(job.id).status == JobStatus.SUCCESS
