@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from models.db import bind, database, for_update, is_postgres, utcnow, write_transaction
+from models.db import (
+    bind,
+    database,
+    for_update,
+    insert_ignoring_duplicates,
+    is_postgres,
+    utcnow,
+    write_transaction,
+)
 from models.entities import (
     ALL_MODELS,
     Algorithm,
@@ -27,7 +35,8 @@ def create_schema() -> None:
 
 __all__ = [
     # database
-    "bind", "database", "create_schema", "for_update", "is_postgres", "utcnow", "write_transaction",
+    "bind", "database", "create_schema", "for_update", "insert_ignoring_duplicates", "is_postgres", "utcnow",
+    "write_transaction",
     # vocabularies
     "DispatchMode", "ImageStatus", "JobStatus",
     # tables

@@ -12,6 +12,7 @@ directory and are served by the same endpoint:
     jetpipe_health_check_jobs_total{check, result} jobs checked / fixed / unfixable per sub-check
     jetpipe_jobs{status}                           jobs per status at the last health check
     jetpipe_bridge_lag_seconds                     result published -> handed to Dramatiq
+    jetpipe_db_transactions_total                  database write transactions committed
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class _Metrics:
         self.bridge_lag = prom.Histogram("jetpipe_bridge_lag_seconds",
                                          "Seconds from a result's publication to its Dramatiq message.",
                                          buckets=LATENCY_BUCKETS)
+        self.db_transactions = prom.Counter("jetpipe_db_transactions", "Database write transactions committed.")
 
 
 def metrics() -> _Metrics:

@@ -106,9 +106,15 @@ class WorkerResources(dramatiq.Middleware):
         models.database.connect(reuse_if_open=True)
 
     def after_process_message(self, broker, message, *, result=None, exception=None):
-        """Give the thread's connection back to the pool; drop it instead if the database failed it."""
+        """Give the thread's connection back to the pool; drop it instead if the database failed it.
+
+        A SQLite connection (a local file, one per thread, not pooled) stays open between messages unless
+        the database failed it: reopening it and setting its pragmas cost more than a small result's work.
+        """
         db = models.database.obj
         if db is None or db.is_closed():
+            return
+        if isinstance(db, peewee.SqliteDatabase) and exception is None:
             return
         if isinstance(exception, peewee.OperationalError | peewee.InterfaceError) and hasattr(db, "manual_close"):
             db.manual_close()  # a broken pooled connection (database restarted): the retry gets a fresh one
