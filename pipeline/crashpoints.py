@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 #: Every crash point that production code passes through.
 POINTS = (
     # process_pipeline_result
-    "after_validation", "after_db_save", "after_redis_update", "after_progress", "before_ack", "after_ack",
+    "after_validation", "after_db_save", "after_redis_update", "after_progress", "after_commit", "before_ack",
+    "after_ack",
     # run_job
     "mid_publish", "after_publish", "after_dispatch",
 )

@@ -1,17 +1,25 @@
 """Handling one result message, in the order of invariant 1:
 
-    validate -> save to DB (idempotent) -> atomic Redis update -> progress written -> ACK the task
+    validate -> save to DB (idempotent) -> atomic Redis update -> progress written -> ACK the task(s)
 
-A crash anywhere before the ACK leads to redelivery, and the replay converges to the same rows and the
-same counters: the save is idempotent, the Redis gate counts an image once, progress is monotone.
+The save, the Redis update and the progress write happen inside one database transaction that commits
+after the progress write, so a result message costs one transaction and one gate script whatever its
+number of images. A crash anywhere before the ACK leads to redelivery, and the replay converges to the
+same rows and the same counters: the save is idempotent, the Redis gate counts an image once (a crash
+between the gate and the commit leaves the image counted and its rows unsaved until the replay saves
+them; the gate then does not count it again), progress is monotone.
+
+A result message may cover several images of one job: `source_images` lists them and the
+`Pipeline-Task-Reply` header names each image's task (comma-separated); every named task is ACKed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
-from models import Job, JobStatus, Pipeline
+from models import Job, JobStatus, Pipeline, write_transaction
 from pipeline import jobs, names, progress
 from pipeline.crashpoints import crash_point
 from pipeline.errors import BadResult, StateMissing, TransientError
@@ -75,16 +83,31 @@ def _count_metrics(job: Job, outcomes: list[Outcome], snapshot: Snapshot) -> Non
             images.labels(job.pipeline.slug, "failed" if outcome.failed else "processed").inc()
 
 
+def settle(runtime, job: Job, save: Callable[[], list[Outcome]]) -> tuple[
+        list[Outcome], Snapshot | None, progress.ProgressWrite]:
+    """`save()` the outcomes, count them and write progress in one database transaction (steps 2-4)."""
+    with write_transaction():
+        outcomes = save()
+        if not outcomes:
+            return [], None, progress.ProgressWrite(job.status, False)
+        crash_point("after_db_save", job=job.id)
+        snapshot, written = count_outcomes(runtime, job, outcomes)
+    crash_point("after_commit", job=job.id)
+    return outcomes, snapshot, written
+
+
 def apply_result(runtime, job: Job, result: Result) -> tuple[Snapshot | None, progress.ProgressWrite, list[Outcome]]:
     """Save then count one decoded result; raises BadResult for data that can never be saved."""
     if isinstance(result, ErrorResult):
-        outcomes = fail_images(job.id, [result.image_id], f"processing service error: {result.error}")
-        if not outcomes:
-            raise BadResult(f"error result names image {result.image_id!r}, which is not part of job {job.id}")
+        def save():
+            failed = fail_images(job.id, [result.image_id], f"processing service error: {result.error}")
+            if not failed:
+                raise BadResult(f"error result names image {result.image_id!r}, which is not part of job {job.id}")
+            return failed
     else:
-        outcomes = save_result(job, result)
-    crash_point("after_db_save", job=job.id)
-    snapshot, written = count_outcomes(runtime, job, outcomes)
+        def save():
+            return save_result(job, result)
+    outcomes, snapshot, written = settle(runtime, job, save)
     return snapshot, written, outcomes
 
 
@@ -101,23 +124,20 @@ def finish(runtime, job: Job, written: progress.ProgressWrite) -> None:
         jobs.cleanup(runtime, job.id, job.pipeline.slug)
 
 
-def fail_bad_result(runtime, job: Job, exc: BadResult, reply: str | None) -> Handled:
+def fail_bad_result(runtime, job: Job, exc: BadResult, replies: list[str]) -> Handled:
     """Invariant 10: fail each affected image with the reason and TERM its task; other images go on."""
     image_ids = list(exc.image_ids)
-    if not image_ids and reply:
-        image_id = runtime.tasks.image_of_task(reply)
-        if image_id:
-            image_ids = [image_id]
+    if not image_ids:
+        image_ids = [i for i in (runtime.tasks.image_of_task(r) for r in replies) if i]
     reason = f"bad result: {exc}"
     for image_id in image_ids or [None]:
         job_log(job.id, logging.ERROR, reason, image_id=image_id)
     written = progress.ProgressWrite(job.status, False)
     snapshot = None
     if image_ids:
-        outcomes = fail_images(job.id, image_ids, reason)
-        snapshot, written = count_outcomes(runtime, job, outcomes)
-    if reply:
-        runtime.tasks.term(reply, f"image={','.join(image_ids) or '?'} {reason}"[:300])
+        _, snapshot, written = settle(runtime, job, lambda: fail_images(job.id, image_ids, reason))
+    if replies:
+        runtime.tasks.term_many(replies, f"image={','.join(image_ids) or '?'} {reason}"[:300])
     finish(runtime, job, written)
     return Handled("failed" if image_ids else "left_pending", written.status, snapshot)
 
@@ -134,29 +154,32 @@ def _image_ids(body: bytes) -> list[str]:
 
 
 def handle_result_message(runtime, job_id: int, body: bytes, reply: str | None) -> Handled:
-    """Handle one result message from `pipeline.results.<job_id>` whose task replies on `reply`.
+    """Handle one result message from `pipeline.results.<job_id>`; `reply` is its `Pipeline-Task-Reply`
+    header (one task's reply subject, or several).
 
     Raises TransientError (logged here with job and image ids) when Redis or NATS is unreachable; the
-    task is then not ACKed and the caller retries.
+    tasks are then not ACKed and the caller retries.
     """
     try:
-        return _handle(runtime, job_id, body, reply)
+        return _handle(runtime, job_id, body, names.task_replies(reply))
     except TransientError as exc:
         log.warning("job=%s image=%s transient error, task not ACKed, will retry: %s", job_id,
                     ",".join(_image_ids(body)) or "?", exc)
         raise
 
 
-def _handle(runtime, job_id: int, body: bytes, reply: str | None) -> Handled:
+def _handle(runtime, job_id: int, body: bytes, replies: list[str]) -> Handled:
     job = load_job(job_id)
     if job is None:
         log.error("job=%s result for an unknown job; its task is terminated", job_id)
-        if reply and names.reply_belongs_to_job(reply, job_id):
-            runtime.tasks.term(reply, f"unknown job {job_id}")
+        own = [r for r in replies if names.reply_belongs_to_job(r, job_id)]
+        if own:
+            runtime.tasks.term_many(own, f"unknown job {job_id}")
         return Handled("unknown_job")
-    if reply is not None and not names.reply_belongs_to_job(reply, job_id):
-        # Never ACK someone else's task: the result is dropped, the image's own task will be redelivered.
-        job_log(job_id, logging.ERROR, f"result rejected: {names.HDR_TASK_REPLY} {reply!r} is not a task of "
+    foreign = [r for r in replies if not names.reply_belongs_to_job(r, job_id)]
+    if foreign:
+        # Never ACK someone else's task: the result is dropped, the images' own tasks will be redelivered.
+        job_log(job_id, logging.ERROR, f"result rejected: {names.HDR_TASK_REPLY} {foreign[0]!r} is not a task of "
                                        f"consumer {names.job_consumer(job_id)}")
         return Handled("rejected", job.status)
     try:
@@ -168,12 +191,12 @@ def _handle(runtime, job_id: int, body: bytes, reply: str | None) -> Handled:
             return Handled("left_pending", job.status)
         snapshot, written, outcomes = apply_result(runtime, job, result)
     except BadResult as exc:
-        return fail_bad_result(runtime, job, exc, reply)
+        return fail_bad_result(runtime, job, exc, replies)
     if isinstance(result, ErrorResult):
         job_log(job_id, logging.WARNING, f"image failed: {result.error}", image_id=result.image_id)
     crash_point("before_ack", job=job_id)
-    if reply:
-        runtime.tasks.ack(reply)
+    if replies:
+        runtime.tasks.ack_many(replies)
     crash_point("after_ack", job=job_id)
     finish(runtime, job, written)
     if snapshot is None:

@@ -13,7 +13,7 @@ import logging
 
 from models import Job, JobStatus, for_update, write_transaction
 from pipeline import names, progress
-from pipeline.handling import count_outcomes, finish, load_job
+from pipeline.handling import finish, load_job, settle
 from pipeline.joblog import job_log
 from pipeline.jobstate import Outcome
 from pipeline.results import fail_images
@@ -37,10 +37,9 @@ def fail_lost(runtime, job: Job, image_ids: list[str], reason: str) -> tuple[lis
 
     Returns the settled outcomes and the job's status afterwards.
     """
-    outcomes = fail_images(job.id, image_ids, reason)
+    outcomes, _, written = settle(runtime, job, lambda: fail_images(job.id, image_ids, reason))
     if not outcomes:
         return [], job.status
-    _, written = count_outcomes(runtime, job, outcomes)
     finish(runtime, job, written)
     return outcomes, written.status
 

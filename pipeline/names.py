@@ -118,6 +118,19 @@ def parse_ack_subject(reply: str) -> tuple[str, str, int, int] | None:
     return None
 
 
+def task_replies(header: str | None) -> list[str]:
+    """The reply subjects in a `Pipeline-Task-Reply` header: one, or several separated by commas or spaces
+    (a result message covering several images names each image's task), duplicates dropped."""
+    if not header:
+        return []
+    return list(dict.fromkeys(header.replace(",", " ").split()))
+
+
+def join_task_replies(replies) -> str:
+    """The `Pipeline-Task-Reply` value naming several tasks (the inverse of `task_replies`)."""
+    return ",".join(replies)
+
+
 def reply_belongs_to_job(reply: str, job_id: int) -> bool:
     """True iff `reply` is an ACK subject of the job's own consumer on the tasks stream."""
     parsed = parse_ack_subject(reply)

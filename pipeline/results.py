@@ -1,4 +1,5 @@
-"""Saving results: one database transaction per result message, idempotent by unique constraints.
+"""Saving results, idempotent by unique constraints; a constant number of statements per result message
+(whatever its number of images), inside the caller's transaction when there is one.
 
 A replayed or concurrently duplicated result inserts nothing twice (INSERT ... ON CONFLICT DO NOTHING on
 the unique keys of Detection and Classification) and changes a JobImage's outcome only while it is still
@@ -19,6 +20,7 @@ from models import (
     Job,
     JobImage,
     for_update,
+    insert_ignoring_duplicates,
     utcnow,
     write_transaction,
 )
@@ -114,13 +116,12 @@ def save_result(job: Job, result: SuccessResult) -> list[Outcome]:
             })
             if box is not None:
                 counts[image_id][0] += 1
-        if det_rows:
-            Detection.insert_many(det_rows).on_conflict_ignore().execute()
+        insert_ignoring_duplicates(Detection, det_rows)
         classified = [(k, d) for k, d in detections.items() if d is not None and d.classifications]
         if classified:
-            ids = {(str(r.image_id), r.algorithm_id, r.bbox_key): r.id for r in Detection.select(
+            ids = {(str(image), algorithm, bbox_key): pk for pk, image, algorithm, bbox_key in Detection.select(
                 Detection.id, Detection.image, Detection.algorithm, Detection.bbox_key)
-                .where(Detection.image.in_([int(i) for i in image_ids]))}
+                .where(Detection.image.in_([int(i) for i in image_ids])).tuples()}
             cls_rows = []
             for (image_id, algo_key, bbox_key), det in classified:
                 detection_id = ids[(image_id, algorithms[algo_key].id, bbox_key)]
@@ -134,12 +135,14 @@ def save_result(job: Job, result: SuccessResult) -> list[Outcome]:
                                      "labels": list(c.labels), "terminal": c.terminal, "created_at": now})
                     if bbox_key:
                         counts[image_id][1] += 1
-            Classification.insert_many(cls_rows).on_conflict_ignore().execute()
+            insert_ignoring_duplicates(Classification, cls_rows)
+        by_counts: dict[tuple[int, int], list[int]] = defaultdict(list)  # one UPDATE per distinct count pair
         for image_id in image_ids:
-            n_det, n_cls = counts[image_id]
+            by_counts[tuple(counts[image_id])].append(rows[image_id].id)
+        for (n_det, n_cls), row_ids in by_counts.items():
             JobImage.update(status=ImageStatus.PROCESSED, detections=n_det, classifications=n_cls,
                             error=None, updated_at=now).where(
-                (JobImage.id == rows[image_id].id) & (JobImage.status == ImageStatus.PENDING)).execute()
+                JobImage.id.in_(row_ids) & (JobImage.status == ImageStatus.PENDING)).execute()
     return [Outcome(i, captures=1, detections=counts[i][0], classifications=counts[i][1])
             if rows[i].status == ImageStatus.PENDING else _settled_outcome(rows[i]) for i in image_ids]
 

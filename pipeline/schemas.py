@@ -74,6 +74,9 @@ class ErrorResult(msgspec.Struct, frozen=True):
 
 Result = SuccessResult | ErrorResult
 
+#: Images one success result may cover (a batch); its tasks are named in one Pipeline-Task-Reply header.
+MAX_IMAGES_PER_RESULT = 1000
+
 _json = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
@@ -110,6 +113,9 @@ def decode_result(body: bytes) -> Result:
     if isinstance(result, SuccessResult):
         if not result.source_images:
             raise BadResult("success result lists no source_images")
+        if len(result.source_images) > MAX_IMAGES_PER_RESULT:
+            raise BadResult(f"a result may cover at most {MAX_IMAGES_PER_RESULT} images, this one lists "
+                            f"{len(result.source_images)}")
         known = {image.id for image in result.source_images}
         strays = sorted({d.source_image_id for d in result.detections} - known)
         if strays:

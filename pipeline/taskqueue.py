@@ -286,6 +286,7 @@ class TaskQueue:
         return True
 
     async def ack_many(self, reply_subjects: Iterable[str]) -> None:
+        """`ack` several tasks at once (concurrent requests: one round trip however many)."""
         await asyncio.gather(*(self.ack(r) for r in reply_subjects))
 
     async def image_of_task(self, reply_subject: str) -> str | None:
@@ -315,7 +316,13 @@ class TaskQueue:
 
     async def term(self, reply_subject: str, reason: str) -> None:
         """Stop redelivery of a task for good; `reason` (naming the image) reaches the MSG_TERMINATED advisory."""
-        await self.nc.publish(reply_subject, f"+TERM {reason}"[:1000].encode())
+        await self.term_many([reply_subject], reason)
+
+    async def term_many(self, reply_subjects: Iterable[str], reason: str) -> None:
+        """`term` for several tasks, flushed once."""
+        payload = f"+TERM {reason}"[:1000].encode()
+        for reply in reply_subjects:
+            await self.nc.publish(reply, payload)
         await self.nc.flush(timeout=5)
 
 

@@ -1,0 +1,203 @@
+"""Result messages covering several images (batches): counted once each, every task ACKed, and a constant
+cost per message: one database transaction, one Redis round trip, the same statements whatever its size."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import nats
+import pytest
+
+from models import Detection, ImageStatus, Job, JobImage, JobStatus
+from pipeline import names
+from pipeline.handling import handle_result_message
+from pipeline.metrics import metrics
+from tests.conftest import wait_for
+from tests.helpers import DET, dispatch, fake_job, pull_tasks, stream_count, success_body
+
+
+def batch_body(tasks, *, boxes: int = 2, detector: dict = DET) -> bytes:
+    """One success result covering every task in `tasks` (the bodies `success_body` gives, merged)."""
+    bodies = [json.loads(success_body(task, boxes=boxes, detector=detector)) for task in tasks]
+    merged = bodies[0]
+    for body in bodies[1:]:
+        merged["source_images"] += body["source_images"]
+        merged["detections"] += body["detections"]
+    return json.dumps(merged).encode()
+
+
+def replies_of(pulled) -> str:
+    return names.join_task_replies(reply for _, reply in pulled)
+
+
+def progress_counts(job_id):
+    s = Job.get_by_id(job_id).progress["stages"]
+    return s["process"]["processed"], s["process"]["failed"], s["results"]["detections"]
+
+
+@pytest.fixture
+def redis_round_trips(monkeypatch) -> list:
+    """Every command a Redis client of this process sends (one round trip each), as it is sent."""
+    import redis
+
+    sent = []
+    original = redis.Redis.execute_command
+
+    def counted(self, *args, **options):
+        sent.append(args[0])
+        return original(self, *args, **options)
+
+    monkeypatch.setattr(redis.Redis, "execute_command", counted)
+    return sent
+
+
+def test_a_message_covering_many_images_counts_each_once_and_acks_every_task(runtime, moth_pipeline):
+    # Given a 12-image job whose tasks a service pulled, and one result message for 10 of them
+    job = fake_job(moth_pipeline, 12)
+    dispatch(runtime, job.id)
+    pulled = pull_tasks(runtime, job.id, 12)
+    batch, rest = pulled[:10], pulled[10:]
+    body = batch_body([t for t, _ in batch], boxes=2)
+    # When it is delivered three times (replays)
+    for _ in range(3):
+        handled = handle_result_message(runtime, job.id, body, replies_of(batch))
+    # Then each image was counted once, its rows saved once, and all 10 tasks were ACKed
+    assert handled.action == "counted"
+    assert progress_counts(job.id) == (10, 0, 20)
+    assert Detection.select().where(Detection.job == job.id).count() == 20
+    assert stream_count(runtime, job.id, moth_pipeline) == 2
+    # And the last two images, batched as well, end the job with exact counts
+    handle_result_message(runtime, job.id, batch_body([t for t, _ in rest], boxes=1), replies_of(rest))
+    assert Job.get_by_id(job.id).status == JobStatus.SUCCESS
+    assert progress_counts(job.id) == (12, 0, 22)
+
+
+@pytest.mark.parametrize("images", [1, 25])
+def test_a_result_message_costs_one_transaction_and_one_redis_round_trip_whatever_its_size(
+        runtime, moth_pipeline, images, caplog, redis_round_trips):
+    # Given a dispatched job (31 images: it does not end, so no cleanup work is counted) that has already
+    # counted one result (the process has its scripts and the pipeline's algorithms at hand)
+    job = fake_job(moth_pipeline, 31)
+    dispatch(runtime, job.id)
+    (first, first_reply), *pulled = pull_tasks(runtime, job.id, images + 1)
+    handle_result_message(runtime, job.id, success_body(first, boxes=3), first_reply)
+    body = batch_body([t for t, _ in pulled], boxes=3)
+    transactions = metrics().db_transactions._value.get()
+    redis_round_trips.clear()
+    # When one result message for `images` images is handled
+    with caplog.at_level(logging.DEBUG, logger="peewee"):
+        handle_result_message(runtime, job.id, body, replies_of(pulled))
+    # Then it took one database transaction and one Redis command (the gate script)
+    assert metrics().db_transactions._value.get() - transactions == 1
+    assert redis_round_trips == ["EVALSHA"]
+    # And the same SQL statements as any other size (no query per image): the job and its pipeline, the
+    # JobImage rows, the detections' ids, one UPDATE of the JobImage rows, the job's row for progress, and
+    # that row's UPDATE (the two INSERTs go straight to the driver)
+    statements = [r for r in caplog.records if r.name == "peewee"]
+    assert len(statements) == 6, [r.getMessage()[:80] for r in statements]
+    assert progress_counts(job.id) == (images + 1, 0, 3 * (images + 1))
+
+
+def test_a_batch_naming_a_task_of_another_job_is_rejected_whole(runtime, moth_pipeline):
+    # Given two jobs and a result for job A whose header also names one of job B's tasks
+    a, b = fake_job(moth_pipeline, 3), fake_job(moth_pipeline, 1, prefix="file:///b")
+    dispatch(runtime, a.id)
+    dispatch(runtime, b.id)
+    pulled_a = pull_tasks(runtime, a.id, 3)
+    [(_, reply_b)] = pull_tasks(runtime, b.id, 1)
+    header = names.join_task_replies([reply for _, reply in pulled_a] + [reply_b])
+    # When it is handled, nothing is saved, counted or ACKed: every task stays for redelivery
+    handled = handle_result_message(runtime, a.id, batch_body([t for t, _ in pulled_a]), header)
+    assert handled.action == "rejected"
+    assert progress_counts(a.id)[0] == 0
+    assert stream_count(runtime, a.id, moth_pipeline) == 3
+    assert stream_count(runtime, b.id, moth_pipeline) == 1
+
+
+def test_a_bad_batch_fails_each_of_its_images_and_terminates_each_task(runtime, moth_pipeline):
+    # Given a 4-image job and a result for 3 of them naming an undeclared algorithm
+    job = fake_job(moth_pipeline, 4)
+    dispatch(runtime, job.id)
+    pulled = pull_tasks(runtime, job.id, 4)
+    bad, good = pulled[:3], pulled[3]
+    body = batch_body([t for t, _ in bad], detector={"key": "nobody-declared-me", "name": "?"})
+    # When it is handled, those 3 images are failed with the reason and their tasks terminated
+    handled = handle_result_message(runtime, job.id, body, replies_of(bad))
+    assert handled.action == "failed"
+    failed = JobImage.select().where((JobImage.job == job.id) & (JobImage.status == ImageStatus.FAILED))
+    assert sorted(str(r.image_id) for r in failed) == sorted(t.image_id for t, _ in bad)
+    assert all("undeclared algorithm" in r.error for r in failed)
+    assert stream_count(runtime, job.id, moth_pipeline) == 1
+    # And the other image proceeds: 3 of 4 failed is a FAILURE (strict threshold 0.5)
+    handle_result_message(runtime, job.id, success_body(good[0]), good[1])
+    assert Job.get_by_id(job.id).status == JobStatus.FAILURE
+
+
+def test_a_result_covering_more_images_than_allowed_is_bad_input(runtime, moth_pipeline, monkeypatch):
+    monkeypatch.setattr("pipeline.schemas.MAX_IMAGES_PER_RESULT", 2)
+    job = fake_job(moth_pipeline, 3)
+    dispatch(runtime, job.id)
+    pulled = pull_tasks(runtime, job.id, 3)
+    handled = handle_result_message(runtime, job.id, batch_body([t for t, _ in pulled]), replies_of(pulled))
+    assert handled.action == "failed"
+    assert {r.error for r in JobImage.select()} == {"bad result: a result may cover at most 2 images, this one "
+                                                    "lists 3"}
+
+
+def result_messages(settings, job_id: int) -> list:
+    """(header, body) of every result message of the job waiting in PIPELINE_RESULTS (left in place)."""
+
+    async def read():
+        nc = await nats.connect(settings.nats_url)
+        js = nc.jetstream()
+        info = await js.stream_info(names.RESULTS_STREAM)
+        found = []
+        for seq in range(max(info.state.first_seq, 1), info.state.last_seq + 1):
+            try:
+                msg = await js.get_msg(names.RESULTS_STREAM, seq)
+            except nats.js.errors.NotFoundError:
+                continue
+            if msg.subject == names.result_subject(job_id):
+                found.append(((msg.headers or {}).get(names.HDR_TASK_REPLY), json.loads(msg.data)))
+        await nc.close()
+        return found
+
+    return asyncio.run(read())
+
+
+@pytest.mark.parametrize("batch_size", [10, 1])
+def test_the_sdk_sends_up_to_batch_size_images_per_message(runtime, moth_pipeline, service_factory, settings,
+                                                            batch_size):
+    # Given a dispatched 25-image job and a service batching up to `batch_size` images (no worker running)
+    job = fake_job(moth_pipeline, 25)
+    dispatch(runtime, job.id)
+
+    def null_model(task):
+        from pipeline.schemas import SourceImageRef, SuccessResult
+
+        return SuccessResult(task.pipeline, [SourceImageRef(task.image_id)])
+
+    service_factory(settings, moth_pipeline, null_model, concurrency=25, batch_size=batch_size, batch_linger_s=0.5)
+    # When it has processed every task
+    messages = wait_for(lambda: (m := result_messages(settings, job.id)) and
+                        sum(len(body["source_images"]) for _, body in m) == 25 and m, timeout_s=30)
+    # Then no message covers more than batch_size images, each names exactly its images' tasks, and with
+    # batching on, fewer messages than images went out
+    sizes = [len(body["source_images"]) for _, body in messages]
+    assert max(sizes) <= batch_size
+    assert [len(names.task_replies(header)) for header, _ in messages] == sizes
+    assert len(messages) < 25 if batch_size > 1 else len(messages) == 25
+    # And handling those messages completes the job with every task ACKed
+    for header, body in messages:
+        handle_result_message(runtime, job.id, json.dumps(body).encode(), header)
+    assert Job.get_by_id(job.id).status == JobStatus.SUCCESS
+    assert stream_count(runtime, job.id, moth_pipeline) == 0
+
+
+def test_the_sdk_refuses_a_batch_size_out_of_range():
+    from pipeline.sdk import ProcessingService
+
+    with pytest.raises(ValueError, match="batch_size must be between 1 and 1000"):
+        ProcessingService("moth-demo", lambda task: None, nats_url="nats://127.0.0.1:1", batch_size=0)
