@@ -416,11 +416,14 @@ def dlq_replay(ids: tuple[str, ...], replay_all: bool) -> None:
 @main.command("process")
 @click.option("--pipeline", "pipeline_slug", required=True, help="Pipeline whose tasks to process.")
 @click.option("--concurrency", type=int, default=4, show_default=True, help="Tasks processed at once.")
+@click.option("--batch-size", type=int, default=50, show_default=True,
+              help="Images per result message (1: one message per image).")
 @handles_errors
-def process(pipeline_slug: str, concurrency: int) -> None:
+def process(pipeline_slug: str, concurrency: int, batch_size: int) -> None:
     """Run the reference processing service for a pipeline with a built-in model (moth-demo)."""
     from pipeline.errors import UserInputError
     from pipeline.handlers import HANDLERS, get_handler
+    from pipeline.schemas import MAX_IMAGES_PER_RESULT
     from pipeline.sdk import ProcessingService
     from pipeline.settings import get_settings
 
@@ -429,10 +432,13 @@ def process(pipeline_slug: str, concurrency: int) -> None:
         raise UserInputError(f"no built-in model for pipeline {pipeline_slug!r} (have: {', '.join(HANDLERS)})")
     if concurrency < 1:
         raise UserInputError("--concurrency must be at least 1")
+    if not 1 <= batch_size <= MAX_IMAGES_PER_RESULT:
+        raise UserInputError(f"--batch-size must be between 1 and {MAX_IMAGES_PER_RESULT}")
     logging.getLogger("pipeline").setLevel(logging.INFO)
     settings = get_settings()
     service = ProcessingService(pipeline_slug, handler, nats_url=settings.nats_url, concurrency=concurrency,
-                                nats_creds=settings.nats_creds, nats_tls_ca=settings.nats_tls_ca)
+                                nats_creds=settings.nats_creds, nats_tls_ca=settings.nats_tls_ca,
+                                batch_size=batch_size)
 
     async def serve():
         loop = asyncio.get_running_loop()

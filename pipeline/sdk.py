@@ -9,7 +9,11 @@ What it does for the service author (ARCHITECTURE.md §3):
   that loses deliveries, reference/nats.md §0.6), and pulls from the jobs round-robin;
 - fetches only as many tasks as it has free slots, so no task's ack_wait runs while it waits in a buffer;
 - sends `+WPI` (in progress) every ack_wait/3 while the handler runs;
-- publishes the result on `pipeline.results.<job_id>` with `Pipeline-Task-Reply`; never ACKs the task;
+- publishes results on `pipeline.results.<job_id>` with `Pipeline-Task-Reply`; never ACKs a task;
+- batches success results: up to `batch_size` images of one job go out as one result message (their
+  tasks' reply subjects comma-separated in the header), after at most `batch_linger_s`; one message per
+  batch is what lets the workers save a thousand images a second (docs/performance.md). Error results
+  go out one per image, at once. `batch_size=1` turns batching off;
 - turns any exception from the handler into an error result for that image.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import inspect
 import logging
 import time
@@ -27,7 +32,7 @@ import nats.errors
 import nats.js.errors
 
 from pipeline import names
-from pipeline.schemas import ErrorResult, Result, Task, decode_task, encode
+from pipeline.schemas import MAX_IMAGES_PER_RESULT, ErrorResult, Result, SuccessResult, Task, decode_task, encode
 from pipeline.taskqueue import NATS_FAILURES, TaskQueue
 
 log = logging.getLogger(__name__)
@@ -38,14 +43,44 @@ REFRESH_S = 1.0
 FETCH_TIMEOUT_S = 0.5
 #: Attempts to publish one result before leaving the task to redelivery.
 PUBLISH_ATTEMPTS = 5
+#: Images per result message by default, and how long a partly filled batch may wait (seconds).
+BATCH_SIZE = 50
+BATCH_LINGER_S = 0.05
+
+
+@dataclasses.dataclass
+class _Batch:
+    """Success results of one job waiting to go out as one message."""
+
+    replies: list[str] = dataclasses.field(default_factory=list)
+    results: list[SuccessResult] = dataclasses.field(default_factory=list)
+
+    def images(self) -> int:
+        return sum(len(r.source_images) for r in self.results)
+
+    def merged(self) -> SuccessResult:
+        first = self.results[0]
+        if len(self.results) == 1:
+            return first
+        times = [r.total_time for r in self.results if r.total_time is not None]
+        return SuccessResult(pipeline=first.pipeline,
+                             source_images=[i for r in self.results for i in r.source_images],
+                             detections=[d for r in self.results for d in r.detections],
+                             total_time=sum(times) if times else None)
 
 
 class ProcessingService:
     """A processing service for one pipeline. `handler(task) -> SuccessResult | ErrorResult` (sync or async)."""
 
     def __init__(self, pipeline: str, handler: Callable[[Task], Result], *, nats_url: str,
-                 concurrency: int = 4, name: str | None = None, nats_creds: str = "", nats_tls_ca: str = ""):
+                 concurrency: int = 4, name: str | None = None, nats_creds: str = "", nats_tls_ca: str = "",
+                 batch_size: int = BATCH_SIZE, batch_linger_s: float = BATCH_LINGER_S):
+        if not 1 <= batch_size <= MAX_IMAGES_PER_RESULT:
+            raise ValueError(f"batch_size must be between 1 and {MAX_IMAGES_PER_RESULT}, got {batch_size}")
         self.pipeline = pipeline
+        self.batch_size = batch_size
+        self.batch_linger_s = batch_linger_s
+        self._batches: dict[int, _Batch] = {}
         self.handler = handler
         self.nats_url = nats_url
         self.nats_security = {"creds": nats_creds, "tls_ca": nats_tls_ca}
@@ -73,6 +108,8 @@ class ProcessingService:
         finally:
             if self._inflight:
                 await asyncio.wait(self._inflight, timeout=30)
+            for job_id in list(self._batches):
+                await self._flush(queue, job_id)
             await queue.close()
             self._executor.shutdown(wait=False)
 
@@ -145,12 +182,47 @@ class ProcessingService:
                 result = await self._run_handler(msg)
             finally:
                 heartbeat.cancel()
-            await self._publish(queue, job_id, msg.reply, result)
         except Exception as exc:  # noqa: BLE001 - one task's trouble must not stop the service
             log.warning("service %s: job=%s task left to redelivery: %s", self.name, job_id, exc)
+            return
         finally:
             self._free += 1
             self._slot_freed.set()
+        if isinstance(result, SuccessResult) and self.batch_size > 1:
+            await self._add_to_batch(queue, job_id, msg.reply, result)
+        else:
+            await self._send(queue, job_id, [msg.reply], result)
+
+    async def _add_to_batch(self, queue: TaskQueue, job_id: int, reply: str, result: SuccessResult) -> None:
+        batch = self._batches.get(job_id)
+        if batch is not None and batch.images() + len(result.source_images) > self.batch_size:
+            await self._flush(queue, job_id)
+            batch = None
+        if batch is None:
+            batch = self._batches[job_id] = _Batch()
+            task = asyncio.create_task(self._flush_later(queue, job_id, batch))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+        batch.replies.append(reply)
+        batch.results.append(result)
+        if batch.images() >= self.batch_size:
+            await self._flush(queue, job_id)
+
+    async def _flush_later(self, queue: TaskQueue, job_id: int, batch: _Batch) -> None:
+        await asyncio.sleep(self.batch_linger_s)
+        if self._batches.get(job_id) is batch:
+            await self._flush(queue, job_id)
+
+    async def _flush(self, queue: TaskQueue, job_id: int) -> None:
+        batch = self._batches.pop(job_id, None)
+        if batch is not None and batch.results:
+            await self._send(queue, job_id, batch.replies, batch.merged())
+
+    async def _send(self, queue: TaskQueue, job_id: int, replies: list[str], result: Result) -> None:
+        try:
+            await self._publish(queue, job_id, names.join_task_replies(replies), result)
+        except Exception as exc:  # noqa: BLE001 - one batch's trouble must not stop the service
+            log.warning("service %s: job=%s %s task(s) left to redelivery: %s", self.name, job_id, len(replies), exc)
 
     async def _run_handler(self, msg) -> Result:
         headers = msg.headers or {}

@@ -266,8 +266,9 @@ def service_factory():
     loop = LoopThread(name="test-service")
     running = []
 
-    def start(settings: Settings, pipeline: str, handler, *, concurrency: int = 4) -> ProcessingService:
-        service = ProcessingService(pipeline, handler, nats_url=settings.nats_url, concurrency=concurrency)
+    def start(settings: Settings, pipeline: str, handler, *, concurrency: int = 4, **options) -> ProcessingService:
+        service = ProcessingService(pipeline, handler, nats_url=settings.nats_url, concurrency=concurrency,
+                                    **options)
         running.append((service, loop.spawn(service.run())))
         return service
 
