@@ -91,30 +91,33 @@ class Bridge:
         return sub
 
     async def run(self) -> None:
+        """Pull every route concurrently (an idle route's fetch timeout never delays a busy one)."""
+        await asyncio.gather(*(self._run_route(route) for route in self.routes))
+        log.info("bridge stopped after forwarding %s message(s)", self.forwarded)
+
+    async def _run_route(self, route: Route) -> None:
         loop = asyncio.get_running_loop()
-        subs: dict[str, object] = {}
+        sub = None
         while not self._stopping.is_set():
             try:
                 depth = await loop.run_in_executor(None, self.queue_depth)
                 if depth > self.max_in_flight:
                     await self._sleep(0.2)
                     continue
-                for route in self.routes:
-                    if route.consumer not in subs:
-                        subs[route.consumer] = await self._subscribe(route)
-                    try:
-                        msgs = await subs[route.consumer].fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S)
-                    except (nats.errors.TimeoutError, TimeoutError):
-                        continue
-                    await self._forward(loop, route, msgs)
+                if sub is None:
+                    sub = await self._subscribe(route)
+                try:
+                    msgs = await sub.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S)
+                except (nats.errors.TimeoutError, TimeoutError):
+                    continue
+                await self._forward(loop, route, msgs)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the bridge must outlive NATS/Redis outages
-                log.warning("bridge: %s: %s; retrying in 1 s", type(exc).__name__, exc)
+                log.warning("bridge %s: %s: %s; retrying in 1 s", route.stream, type(exc).__name__, exc)
                 if isinstance(exc, nats.js.errors.NotFoundError | nats.js.errors.ServiceUnavailableError):
-                    subs.clear()  # consumer or stream lost (NATS restarted without its store): re-create
+                    sub = None  # consumer or stream lost (NATS restarted without its store): re-create
                 await self._sleep(1.0)
-        log.info("bridge stopped after forwarding %s message(s)", self.forwarded)
 
     async def _forward(self, loop, route: Route, msgs) -> None:
         batch, ackable = [], []
