@@ -126,8 +126,8 @@ def _count_transaction() -> None:
     metrics().db_transactions.inc()
 
 
-def insert_ignoring_duplicates(model: type[peewee.Model], rows: list[dict]) -> None:
-    """`INSERT ... ON CONFLICT DO NOTHING` of `rows` (dicts keyed by field name, all with the same keys).
+def insert_ignoring_duplicates(model: type[peewee.Model], fields: tuple[str, ...], rows: list[tuple]) -> None:
+    """`INSERT ... ON CONFLICT DO NOTHING` of `rows`, tuples of database values in the order of `fields`.
 
     Goes through the driver's batch call (sqlite3 executemany, psycopg2 execute_values): peewee's
     `insert_many` builds its SQL value by value, which cost more than the database's own work
@@ -135,26 +135,17 @@ def insert_ignoring_duplicates(model: type[peewee.Model], rows: list[dict]) -> N
     """
     if not rows:
         return
-    fields = [model._meta.fields[name] for name in rows[0]]
-    columns = ", ".join(f'"{f.column_name}"' for f in fields)
-    names = [f.name for f in fields]
-    converted = [(f.name, f.db_value) for f in fields if isinstance(f, JSONField)]  # the rest pass as they are
-    values = []
-    for row in rows:
-        if converted:
-            row = {**row, **{name: convert(row[name]) for name, convert in converted}}
-        values.append(tuple(row[name] for name in names))
+    columns = ", ".join(f'"{model._meta.fields[name].column_name}"' for name in fields)
     table = model._meta.table_name
     db = database.obj
     if is_postgres():
         from psycopg2.extras import execute_values
 
-        execute_values(db.cursor(), f'INSERT INTO "{table}" ({columns}) VALUES %s ON CONFLICT DO NOTHING', values,
+        execute_values(db.cursor(), f'INSERT INTO "{table}" ({columns}) VALUES %s ON CONFLICT DO NOTHING', rows,
                        page_size=1000)
     else:
         marks = ", ".join("?" * len(fields))
-        db.cursor().executemany(f'INSERT INTO "{table}" ({columns}) VALUES ({marks}) ON CONFLICT DO NOTHING',
-                                values)
+        db.cursor().executemany(f'INSERT INTO "{table}" ({columns}) VALUES ({marks}) ON CONFLICT DO NOTHING', rows)
 
 
 def for_update(query):

@@ -26,7 +26,7 @@ from pipeline.errors import BadResult, StateMissing, TransientError
 from pipeline.joblog import job_log
 from pipeline.jobstate import Outcome, Snapshot
 from pipeline.metrics import metrics
-from pipeline.results import fail_images, save_result
+from pipeline.results import fail_images, prepare_result
 from pipeline.schemas import ErrorResult, Result, decode_result
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,7 @@ def apply_result(runtime, job: Job, result: Result) -> tuple[Snapshot | None, pr
                 raise BadResult(f"error result names image {result.image_id!r}, which is not part of job {job.id}")
             return failed
     else:
-        def save():
-            return save_result(job, result)
+        save = prepare_result(job, result).save  # rows built before the transaction: it holds only statements
     outcomes, snapshot, written = settle(runtime, job, save)
     return snapshot, written, outcomes
 

@@ -9,6 +9,7 @@ replay reports the same numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import defaultdict
 
@@ -24,6 +25,7 @@ from models import (
     utcnow,
     write_transaction,
 )
+from models.db import JSONField
 from pipeline.errors import BadResult
 from pipeline.jobstate import Outcome
 from pipeline.schemas import SuccessResult
@@ -67,17 +69,57 @@ def _settled_outcome(row: JobImage) -> Outcome:
                    classifications=row.classifications)
 
 
-def _rows_of(job: Job, image_ids: tuple[str, ...]) -> dict[str, JobImage]:
-    rows = _job_images(job.id, image_ids)
+def _rows_of(job_id: int, image_ids: tuple[str, ...]) -> dict[str, JobImage]:
+    rows = _job_images(job_id, image_ids)
     missing = [i for i in image_ids if i not in rows]
     if missing:
-        raise BadResult(f"images {missing} are not part of job {job.id}",
+        raise BadResult(f"images {missing} are not part of job {job_id}",
                         image_ids=tuple(i for i in image_ids if i in rows))
     return rows
 
 
-def save_result(job: Job, result: SuccessResult) -> list[Outcome]:
-    """Write a success result's detections, classifications and image outcomes; returns per-image counts."""
+@dataclasses.dataclass
+class PreparedResult:
+    """A validated success result turned into rows, ready to save: everything but the database work, so
+    the part that holds the write lock (SQLite) or row locks (PostgreSQL) is only statements."""
+
+    job_id: int
+    image_ids: tuple[str, ...]
+    detections: list[tuple]  # Detection rows, in DETECTION_FIELDS order
+    classifications: list[tuple[tuple[str, int, str], tuple]]  # (detection key, row without its detection id)
+    counts: dict[str, list[int]]  # image id -> [detections, classifications]
+
+    def save(self) -> list[Outcome]:
+        """Write the rows and image outcomes (inside the caller's transaction, if any); per-image counts."""
+        with write_transaction():
+            rows = _rows_of(self.job_id, self.image_ids)
+            insert_ignoring_duplicates(Detection, DETECTION_FIELDS, self.detections)
+            if self.classifications:
+                ids = {(str(image), algorithm, bbox_key): pk for pk, image, algorithm, bbox_key in Detection.select(
+                    Detection.id, Detection.image, Detection.algorithm, Detection.bbox_key)
+                    .where(Detection.image.in_([int(i) for i in self.image_ids])).tuples()}
+                insert_ignoring_duplicates(Classification, CLASSIFICATION_FIELDS,
+                                           [(ids[key], *row) for key, row in self.classifications])
+            by_counts: dict[tuple[int, int], list[int]] = defaultdict(list)  # one UPDATE per distinct pair
+            for image_id in self.image_ids:
+                by_counts[tuple(self.counts[image_id])].append(rows[image_id].id)
+            now = utcnow()
+            for (n_det, n_cls), row_ids in by_counts.items():
+                JobImage.update(status=ImageStatus.PROCESSED, detections=n_det, classifications=n_cls,
+                                error=None, updated_at=now).where(
+                    JobImage.id.in_(row_ids) & (JobImage.status == ImageStatus.PENDING)).execute()
+        return [Outcome(i, captures=1, detections=self.counts[i][0], classifications=self.counts[i][1])
+                if rows[i].status == ImageStatus.PENDING else _settled_outcome(rows[i]) for i in self.image_ids]
+
+
+DETECTION_FIELDS = ("image", "algorithm", "bbox_key", "x1", "y1", "x2", "y2", "score", "crop_url", "job",
+                    "created_at")
+CLASSIFICATION_FIELDS = ("detection", "algorithm", "taxon", "score", "scores", "labels", "terminal", "created_at")
+_to_json = JSONField().db_value
+
+
+def prepare_result(job: Job, result: SuccessResult) -> PreparedResult:
+    """Validate a success result against the job's pipeline and build its rows; raises BadResult."""
     image_ids = tuple(dict.fromkeys(img.id for img in result.source_images))
     if result.pipeline != job.pipeline.slug:
         raise BadResult(f"result is for pipeline {result.pipeline!r}, job {job.id} runs "
@@ -96,55 +138,43 @@ def save_result(job: Job, result: SuccessResult) -> list[Outcome]:
     detections: dict[tuple[str, str, str], object] = {}
     for det in result.detections:
         detections.setdefault((det.source_image_id, det.algorithm.key, det.bbox.key() if det.bbox else ""), det)
+    found = {image_id for image_id, _, _ in detections}
     for image_id in image_ids:  # "processed, nothing found" marker for images without any detection
-        if marker and not any(k[0] == image_id for k in detections):
+        if marker and image_id not in found:
             detections[(image_id, marker.key, "")] = None
 
-    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    counts: dict[str, list[int]] = {i: [0, 0] for i in image_ids}
     now = utcnow()
-    with write_transaction():
-        rows = _rows_of(job, image_ids)
-        det_rows = []
-        for (image_id, algo_key, bbox_key), det in detections.items():
-            box = det.bbox if det is not None else None
-            det_rows.append({
-                "image": int(image_id), "algorithm": algorithms.get(algo_key, marker).id, "bbox_key": bbox_key,
-                "x1": box.x1 if box else None, "y1": box.y1 if box else None,
-                "x2": box.x2 if box else None, "y2": box.y2 if box else None,
-                "score": det.score if det is not None else None,
-                "crop_url": det.crop_image_url if det is not None else None, "job": job.id, "created_at": now,
-            })
-            if box is not None:
-                counts[image_id][0] += 1
-        insert_ignoring_duplicates(Detection, det_rows)
-        classified = [(k, d) for k, d in detections.items() if d is not None and d.classifications]
-        if classified:
-            ids = {(str(image), algorithm, bbox_key): pk for pk, image, algorithm, bbox_key in Detection.select(
-                Detection.id, Detection.image, Detection.algorithm, Detection.bbox_key)
-                .where(Detection.image.in_([int(i) for i in image_ids])).tuples()}
-            cls_rows = []
-            for (image_id, algo_key, bbox_key), det in classified:
-                detection_id = ids[(image_id, algorithms[algo_key].id, bbox_key)]
-                seen_algorithms = set()
-                for c in det.classifications:
-                    if c.algorithm.key in seen_algorithms:
-                        continue  # one classification per detection and algorithm
-                    seen_algorithms.add(c.algorithm.key)
-                    cls_rows.append({"detection": detection_id, "algorithm": algorithms[c.algorithm.key].id,
-                                     "taxon": c.taxon, "score": c.score, "scores": list(c.scores),
-                                     "labels": list(c.labels), "terminal": c.terminal, "created_at": now})
-                    if bbox_key:
-                        counts[image_id][1] += 1
-            insert_ignoring_duplicates(Classification, cls_rows)
-        by_counts: dict[tuple[int, int], list[int]] = defaultdict(list)  # one UPDATE per distinct count pair
-        for image_id in image_ids:
-            by_counts[tuple(counts[image_id])].append(rows[image_id].id)
-        for (n_det, n_cls), row_ids in by_counts.items():
-            JobImage.update(status=ImageStatus.PROCESSED, detections=n_det, classifications=n_cls,
-                            error=None, updated_at=now).where(
-                JobImage.id.in_(row_ids) & (JobImage.status == ImageStatus.PENDING)).execute()
-    return [Outcome(i, captures=1, detections=counts[i][0], classifications=counts[i][1])
-            if rows[i].status == ImageStatus.PENDING else _settled_outcome(rows[i]) for i in image_ids]
+    det_rows, cls_rows = [], []
+    for (image_id, algo_key, bbox_key), det in detections.items():
+        algorithm_id = algorithms.get(algo_key, marker).id
+        if det is None or det.bbox is None:
+            det_rows.append((int(image_id), algorithm_id, bbox_key, None, None, None, None,
+                             det.score if det is not None else None, det.crop_image_url if det is not None else None,
+                             job.id, now))
+        else:
+            box = det.bbox
+            det_rows.append((int(image_id), algorithm_id, bbox_key, box.x1, box.y1, box.x2, box.y2, det.score,
+                             det.crop_image_url, job.id, now))
+            counts[image_id][0] += 1
+        if det is None:
+            continue
+        seen_algorithms = set()
+        for c in det.classifications:
+            if c.algorithm.key in seen_algorithms:
+                continue  # one classification per detection and algorithm
+            seen_algorithms.add(c.algorithm.key)
+            cls_rows.append(((image_id, algorithm_id, bbox_key), (
+                algorithms[c.algorithm.key].id, c.taxon, c.score, _to_json(list(c.scores)), _to_json(list(c.labels)),
+                c.terminal, now)))
+            if bbox_key:
+                counts[image_id][1] += 1
+    return PreparedResult(job.id, image_ids, det_rows, cls_rows, counts)
+
+
+def save_result(job: Job, result: SuccessResult) -> list[Outcome]:
+    """Write a success result's detections, classifications and image outcomes; returns per-image counts."""
+    return prepare_result(job, result).save()
 
 
 def fail_images(job_id: int, image_ids, reason: str) -> list[Outcome]:

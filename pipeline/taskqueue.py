@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import itertools
+import json
 import logging
 import ssl
 from collections.abc import Iterable
@@ -125,12 +127,61 @@ async def connect_nats(url: str, *, name: str, connect_timeout_s: float = 10.0, 
         raise TransientError(f"cannot connect to NATS at {redact(url)}: {str(exc) or type(exc).__name__}") from exc
 
 
+class Requests:
+    """Many requests at once over one wildcard reply subscription: replies are matched by a counter token,
+    and one timer covers the whole batch. nats-py's `request` draws random bytes (a system call) and arms
+    a timer per request, which made ACKs and task publishing the worker's busiest event-loop work."""
+
+    def __init__(self, nc: nats.NATS):
+        self.nc = nc
+        self._prefix: str | None = None
+        self._tokens = itertools.count()
+        self._waiting: dict[str, asyncio.Future] = {}
+
+    async def _on_reply(self, msg) -> None:
+        future = self._waiting.pop(msg.subject[len(self._prefix):], None)
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+    async def send(self, requests: list[tuple[str, bytes, dict | None]], *, timeout: float) -> list:
+        """Publish every (subject, payload, headers) with its own reply subject; the replies, in order (a
+        reply for which `no_responders(reply)` is true means nothing listens on that subject).
+
+        Raises nats.errors.TimeoutError if any reply is missing after `timeout` seconds.
+        """
+        if self._prefix is None:
+            prefix = self.nc.new_inbox() + "."
+            await self.nc.subscribe(prefix + "*", cb=self._on_reply)
+            self._prefix = prefix
+        loop = asyncio.get_running_loop()
+        tokens, futures = [], []
+        try:
+            for subject, payload, headers in requests:
+                token = str(next(self._tokens))
+                tokens.append(token)
+                futures.append(self._waiting.setdefault(token, loop.create_future()))
+                await self.nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+            _, missing = await asyncio.wait(futures, timeout=timeout)
+        finally:
+            for token in tokens:
+                self._waiting.pop(token, None)
+        if missing:
+            raise nats.errors.TimeoutError
+        return [future.result() for future in futures]
+
+
+def no_responders(reply) -> bool:
+    """True for the server's "503 no responders" answer to a request."""
+    return (reply.headers or {}).get("Status") == "503"
+
+
 class TaskQueue:
     """JetStream operations of jetpipe over one connection."""
 
     def __init__(self, nc: nats.NATS):
         self.nc = nc
         self.js = nc.jetstream(timeout=API_TIMEOUT_S)
+        self.requests = Requests(nc)
 
     @classmethod
     async def connect(cls, url: str, *, name: str = "jetpipe", creds: str = "", tls_ca: str = "") -> TaskQueue:
@@ -271,23 +322,29 @@ class TaskQueue:
         return new
 
     async def _publish_chunk(self, batch: list[Task]) -> int:
-        acks = await asyncio.gather(*(
-            self.js.publish(names.task_subject(t.pipeline, t.job_id), _encoder.encode(t),
-                            stream=names.TASKS_STREAM, headers=task_headers(t))
-            for t in batch))
-        return sum(1 for a in acks if not a.duplicate)
+        """Publish a chunk and wait for every PubAck (what `js.publish` does, for many at once)."""
+        acks = await self.requests.send([
+            (names.task_subject(t.pipeline, t.job_id), _encoder.encode(t),
+             {**task_headers(t), "Nats-Expected-Stream": names.TASKS_STREAM}) for t in batch],
+            timeout=API_TIMEOUT_S)
+        new = 0
+        for ack in acks:
+            if no_responders(ack):
+                raise nats.js.errors.NoStreamResponseError
+            answer = json.loads(ack.data)
+            if "error" in answer:
+                raise nats.js.errors.APIError.from_error(answer["error"])
+            new += not answer.get("duplicate", False)
+        return new
 
     async def ack(self, reply_subject: str) -> bool:
         """ACK a task by its reply subject and wait for the server; False if the consumer is gone."""
-        try:
-            await self.nc.request(reply_subject, b"+ACK", timeout=5)
-        except nats.errors.NoRespondersError:
-            return False  # consumer or stream deleted: nothing is left to acknowledge
-        return True
+        [reply] = await self.requests.send([(reply_subject, b"+ACK", None)], timeout=5)
+        return not no_responders(reply)  # no responder: consumer or stream deleted, nothing left to ACK
 
     async def ack_many(self, reply_subjects: Iterable[str]) -> None:
-        """`ack` several tasks at once (concurrent requests: one round trip however many)."""
-        await asyncio.gather(*(self.ack(r) for r in reply_subjects))
+        """`ack` several tasks at once, each confirmed by the server (one round trip however many)."""
+        await self.requests.send([(reply, b"+ACK", None) for reply in reply_subjects], timeout=5)
 
     async def image_of_task(self, reply_subject: str) -> str | None:
         """The image id of the task behind an ACK subject, read from the stream (None if gone or unknown)."""

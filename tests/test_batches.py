@@ -201,3 +201,15 @@ def test_the_sdk_refuses_a_batch_size_out_of_range():
 
     with pytest.raises(ValueError, match="batch_size must be between 1 and 1000"):
         ProcessingService("moth-demo", lambda task: None, nats_url="nats://127.0.0.1:1", batch_size=0)
+
+
+def test_acking_a_task_whose_consumer_is_gone_is_answered_at_once(runtime, moth_pipeline):
+    # Given a pulled task whose job's consumer was then deleted (the job ended meanwhile)
+    job = fake_job(moth_pipeline, 2)
+    dispatch(runtime, job.id)
+    [(_, reply)] = pull_tasks(runtime, job.id, 1)
+    runtime.tasks.delete_job_consumer(job.id, moth_pipeline)
+    # When it is ACKed, the server's "no responders" answer says there is nothing left to acknowledge
+    # (rather than the ACK timing out and the result being retried)
+    assert runtime.tasks.ack(reply) is False
+    runtime.tasks.ack_many([reply, reply])
