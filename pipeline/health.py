@@ -170,8 +170,13 @@ class HealthCheck:
             job_log(job.id, logging.WARNING, "jobs_health_check: run_job never started; sent it again")
             result.fixed += 1
             result.jobs[job.id] = "restarted"
-        for job in self._running_async().order_by(Job.id):
+        running = list(self._running_async().order_by(Job.id))
+        healthy = self._healthy(running)
+        for job in running:
             result.checked += 1
+            if job.id in healthy:
+                result.jobs[job.id] = "ok"
+                continue
             try:
                 outcome = self._rebuild(job)
             except TransientError as exc:
@@ -184,6 +189,18 @@ class HealthCheck:
                 result.unfixable += 1
                 self.unreachable_jobs.add(job.id)
         return result
+
+    def _healthy(self, running: list[Job]) -> set[int]:
+        """The running jobs that have both their Redis state and their NATS consumer, read for all of them
+        in two round trips (one consumer listing, one Redis pipeline): only the others need a closer look.
+        Empty when either cannot be read (each job is then checked, and reported, on its own)."""
+        if not running:
+            return set()
+        try:
+            consumers = {c.job_id for c in self.runtime.tasks.job_consumers()}
+            return self.runtime.state.ready_jobs([job.id for job in running]) & consumers
+        except TransientError:
+            return set()
 
     def _rebuild(self, job: Job) -> str:
         state = self.runtime.state
@@ -212,8 +229,10 @@ class HealthCheck:
     def stale_jobs(self) -> CheckResult:
         result = CheckResult()
         cancel_before = self.now - dt.timedelta(seconds=FINISH_CANCEL_AFTER_S)
+        last_seen = peewee.fn.COALESCE(Job.last_progress_at, Job.dispatched_at, Job.updated_at, Job.created_at)
         query = (Job.select(Job, Pipeline).join(Pipeline)
-                 .where(Job.status.in_((JobStatus.STARTED, JobStatus.CANCELING))).order_by(Job.id))
+                 .where((Job.status == JobStatus.CANCELING)
+                        | ((Job.status == JobStatus.STARTED) & (last_seen < self.cutoff))).order_by(Job.id))
         for job in query:
             if job.status == JobStatus.CANCELING:
                 if job.updated_at >= cancel_before:
@@ -264,43 +283,56 @@ class HealthCheck:
     def zombies(self) -> CheckResult:
         result = CheckResult()
         ended_before = self.now - dt.timedelta(seconds=ZOMBIE_GRACE_S)
-
-        def is_zombie(job_id: int) -> tuple[bool, Job | None]:
-            job = Job.select(Job, Pipeline).join(Pipeline).where(Job.id == job_id).get_or_none()
-            if job is None:
-                return True, None
-            return job.status in JobStatus.TERMINAL and (job.finished_at or job.updated_at) < ended_before, job
-
         try:
             consumers = self.runtime.tasks.job_consumers()
         except TransientError as exc:
             result.unfixable += 1
             result.notes.append(f"NATS unreachable: {exc}")
             consumers = []
+        try:
+            keyed = [int(key.split(":")[2]) for key in
+                     self.runtime.redis.scan_iter(match=f"{names.REDIS_PREFIX}:job:*:counts", count=500)]
+        except (TransientError, redis.RedisError) as exc:
+            result.unfixable += 1
+            result.notes.append(f"Redis unreachable: {exc}")
+            keyed = []
+        ended = _ended_jobs({c.job_id for c in consumers} | set(keyed))
+
+        def is_zombie(job_id: int) -> bool:
+            return job_id not in ended or ended[job_id] is not None and ended[job_id] < ended_before
+
         for consumer in consumers:
             result.checked += 1
-            zombie, job = is_zombie(consumer.job_id)
-            if zombie:
+            if is_zombie(consumer.job_id):
                 slug = consumer.filter_subject.split(".")[2]
                 self.runtime.tasks.delete_job_consumer(consumer.job_id, slug)
                 log.info("job=%s zombies: removed consumer %s of an ended or deleted job", consumer.job_id,
                          consumer.consumer)
                 result.fixed += 1
                 result.add_outcome(consumer.job_id, "consumer_removed")
-        try:
-            for key in self.runtime.redis.scan_iter(match=f"{names.REDIS_PREFIX}:job:*:counts", count=500):
-                job_id = int(key.split(":")[2])
-                result.checked += 1
-                zombie, _ = is_zombie(job_id)
-                if zombie:
+        for job_id in keyed:
+            result.checked += 1
+            if is_zombie(job_id):
+                try:
                     self.runtime.state.delete(job_id)
-                    log.info("job=%s zombies: removed Redis state of an ended or deleted job", job_id)
-                    result.fixed += 1
-                    result.add_outcome(job_id, "redis_removed")
-        except (TransientError, redis.RedisError) as exc:
-            result.unfixable += 1
-            result.notes.append(f"Redis unreachable: {exc}")
+                except TransientError as exc:
+                    result.unfixable += 1
+                    result.notes.append(f"Redis unreachable: {exc}")
+                    break
+                log.info("job=%s zombies: removed Redis state of an ended or deleted job", job_id)
+                result.fixed += 1
+                result.add_outcome(job_id, "redis_removed")
         return result
+
+
+def _ended_jobs(job_ids: set[int]) -> dict[int, dt.datetime | None]:
+    """For each of `job_ids` that exists: when it ended, or None while it runs (one query per 500 ids)."""
+    found: dict[int, dt.datetime | None] = {}
+    for chunk in peewee.chunked(sorted(job_ids), 500):
+        for job_id, status, finished_at, updated_at in (Job.select(Job.id, Job.status, Job.finished_at, Job.updated_at)
+                                                        .where(Job.id.in_(chunk)).tuples()):
+            found[job_id] = (finished_at or updated_at) if status in JobStatus.TERMINAL else None
+    return found
 
 
 def _export(report: dict) -> None:

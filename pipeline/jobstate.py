@@ -175,6 +175,17 @@ class JobState:
         reply = self._run("snapshot", job_id)
         return None if int(reply[0]) < 0 else Snapshot.from_reply(reply)
 
+    def ready_jobs(self, job_ids: list[int]) -> set[int]:
+        """Those of `job_ids` whose state is present (what `snapshot` would find), in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(names.job_counts_key(job_id), "ready")
+        try:
+            flags = pipe.execute()
+        except redis.RedisError as exc:
+            raise TransientError(f"redis unavailable: {exc}") from exc
+        return {job_id for job_id, flag in zip(job_ids, flags, strict=True) if flag == "1"}
+
     def pending_ids(self, job_id: int) -> set[str]:
         try:
             return set(self.client.smembers(names.job_pending_key(job_id)))

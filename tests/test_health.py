@@ -158,6 +158,30 @@ def test_missing_redis_state_is_rebuilt_and_the_job_completes_exactly(runtime, m
     assert (job.status, job.progress["stages"]["results"]["detections"]) == (JobStatus.SUCCESS, 8)
 
 
+def test_a_sweep_looks_closely_only_at_candidates(runtime, moth_pipeline, monkeypatch):
+    # Given 6 healthy running jobs and one whose Redis state is gone
+    jobs = [fake_job(moth_pipeline, 3, prefix=f"file:///sweep{k}") for k in range(7)]
+    for job in jobs:
+        dispatch(runtime, job.id)
+    runtime.state.delete(jobs[3].id)
+    per_job = []
+    for name in ("consumer_state", "pending_ids"):
+        owner = runtime.tasks.queue if name == "consumer_state" else runtime.state
+        original = getattr(owner, name)
+
+        def counted(job_id, *a, _original=original, _name=name, **kw):
+            per_job.append((_name, job_id))
+            return _original(job_id, *a, **kw)
+
+        monkeypatch.setattr(owner, name, counted)
+    # When the health check runs, only the broken job gets per-job NATS/Redis reads; the healthy ones are
+    # covered by one consumer listing and one Redis pipeline, however many there are
+    report = HealthCheck(runtime).run()
+    assert report["state_rebuild"]["jobs"] == {**{str(j.id): "ok" for j in jobs}, str(jobs[3].id): "redis_rebuilt"}
+    assert per_job == []  # the rebuild needed neither: its consumer exists
+    assert runtime.state.snapshot(jobs[3].id).total == 3
+
+
 def test_lost_nats_tasks_are_dispatched_again(runtime, moth_pipeline, stack):
     job = fake_job(moth_pipeline, 3)
     dispatch(runtime, job.id)
