@@ -6,8 +6,13 @@ Starts its own NATS + Redis (embedded binaries) and a SQLite database in a tempo
 Figures (issue 6; targets in brackets):
   dispatch     run_job publishing a job's tasks vs raw concurrent nats-py publishing   [ratio >= 0.7]
   end to end   enqueue -> SUCCESS with a null processing service and 1 worker process  [>= 1000 images/s]
-               vs a raw floor: the same messages through JetStream pull+ack only
-  cost         Redis commands per result message (INFO commandstats)                  [1 round trip]
+               vs a raw floor: the tasks through JetStream pull+ack, and the result messages through a
+               Dramatiq send + no-op actor (one worker process), without jetpipe logic
+  cost         worker CPU ms per image; DB transactions and Redis round trips per result message
+               (the worker's own counters, and the Redis server's)                    [1 and 1]
+  sweep        one jobs_health_check over 100 / 1,000 / 5,000 running jobs, 10 of them stuck
+               (their tasks lost): grows with jobs, not with images
+  latency      lost image -> failed (MAX_DELIVERIES advisory path); worker SIGKILL -> job complete
   memory       peak RSS of enqueue-job + run_job for a large job                      [<= 300 MB]
 """
 
@@ -28,13 +33,15 @@ sys.path.insert(0, str(ROOT))
 
 import nats  # noqa: E402
 import nats.errors  # noqa: E402
+import redis  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from pipeline.devstack import DevStack  # noqa: E402
+from pipeline.devstack import DevStack, free_port  # noqa: E402
+from pipeline.sdk import BATCH_SIZE  # noqa: E402
 
 console = Console(stderr=True)
-out = Console()
+out = Console(width=150)
 
 
 def env_for(stack: DevStack, db: str, **extra) -> dict:
@@ -115,7 +122,8 @@ async def null_model(task):  # 3 detections with 1 classification each, no work
     dets = [DetectionOut(task.image_id, DET, BBox(i, i, i + 5, i + 5), 0.9,
                          classifications=[ClassificationOut("Noctuidae", CLS, [0.9])]) for i in range(3)]
     return SuccessResult(task.pipeline, [SourceImageRef(task.image_id)], dets)
-asyncio.run(ProcessingService("moth-demo", null_model, nats_url=get_settings().nats_url, concurrency=64).run())
+asyncio.run(ProcessingService("moth-demo", null_model, nats_url=get_settings().nats_url, concurrency=64,
+                              batch_size=BATCH).run())
 """
 
 E2E_ENQUEUE = """
@@ -141,8 +149,10 @@ after = {k: v["calls"] for k, v in r.info("commandstats").items()}
 delta = {k: after[k] - before.get(k, 0) for k in after}
 job = Job.get_by_id(job.id)
 stages = job.progress["stages"]
+phases = {name: (getattr(job, name) - job.created_at).total_seconds()
+          for name in ("started_at", "dispatched_at", "finished_at")}
 print(json.dumps({"elapsed_s": elapsed, "status": job.status, "detections": stages["results"]["detections"],
-                  "redis_commands": delta}))
+                  "redis_commands": delta, "phases": phases}))
 """
 
 
@@ -175,11 +185,273 @@ async def raw_pull_ack(url: str, n: int) -> float:
     return got / elapsed
 
 
+def session_cpu_s(sid: int) -> float:
+    """CPU seconds (user + system) of the live processes of session `sid` (a worker started in its own)."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid:
+                total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The unlabelled samples of a worker's metrics endpoint, by name."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def start_worker(env: dict, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dramatiq", *extra, "-p", "1", "-t", "8"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop(*procs: subprocess.Popen) -> None:
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
+        proc.wait(30)
+
+
+def batch_result_body(images: int) -> str:
+    """A null-service result message for `images` images (3 detections with 1 classification each)."""
+    det = lambda i, k: {"source_image_id": str(i), "algorithm": {"key": "blob-detector-v1"},  # noqa: E731
+                        "bbox": {"x1": k, "y1": k, "x2": k + 5, "y2": k + 5}, "score": 0.9,
+                        "classifications": [{"taxon": "Noctuidae", "algorithm": {"key": "moth-shape-v1"},
+                                             "scores": [0.9]}]}
+    return json.dumps({"pipeline": "moth-demo", "source_images": [{"id": str(i)} for i in range(images)],
+                       "detections": [det(i, k) for i in range(images) for k in range(3)]})
+
+
+def raw_dramatiq_floor(stack: DevStack, env: dict, messages: int, images_per_message: int) -> float:
+    """Seconds to send `messages` result-sized Dramatiq messages and have a no-op actor in one worker process
+    (8 threads, like jetpipe's) process them all: Dramatiq's own cost, without jetpipe logic."""
+    proc = start_worker(env, "floor_actors", "--path", str(ROOT / "benchmarks"))
+    client = redis.Redis.from_url(stack.redis_url)
+    try:
+        deadline = time.monotonic() + 30
+        while not client.zcard("floor:__heartbeats__") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        os.environ["PIPELINE_REDIS_URL"] = stack.redis_url
+        import floor_actors
+
+        body, reply = batch_result_body(images_per_message), "$JS.ACK.PIPELINE_TASKS.job-1.1.1.1.1.1"
+        started = time.perf_counter()
+        for _ in range(messages):
+            floor_actors.noop.send(1, body, reply)
+        while client.hlen(f"floor:{floor_actors.QUEUE}.msgs"):
+            time.sleep(0.01)
+        return time.perf_counter() - started
+    finally:
+        stop(proc)
+        client.close()
+
+
+def end_to_end(stack: DevStack, tmp: str, images: int) -> list[tuple]:
+    fresh_servers(stack)  # the dispatch stage's job 1 must not meet this stage's job 1
+    port = free_port()
+    env = env_for(stack, f"sqlite:///{tmp}/e2e.db", PIPELINE_METRICS_PORT=port)
+    worker = start_worker(env, "pipeline.actors")
+    service = subprocess.Popen([sys.executable, "-c", E2E_SERVICE.replace("BATCH)", f"{BATCH_SIZE})")], cwd=ROOT,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        time.sleep(3)
+        cpu_before = session_cpu_s(worker.pid)
+        e = run_py(E2E_ENQUEUE.replace("range(N)", f"range({images})"), env)
+        cpu = session_cpu_s(worker.pid) - cpu_before
+        counters = scrape(port)
+    finally:
+        stop(service, worker)
+    console.log("end to end: raw floor (JetStream pull+ack of the tasks, Dramatiq send + no-op of the results)")
+    messages = -(-images // BATCH_SIZE)
+    pull_ack_s = images / asyncio.run(raw_pull_ack(stack.nats_url, images))
+    dramatiq_s = raw_dramatiq_floor(stack, env, messages, BATCH_SIZE)
+    floor = images / (pull_ack_s + dramatiq_s)
+    rate = images / e["elapsed_s"]
+    handled = counters.get("jetpipe_result_handling_seconds_count", 0) or float("nan")
+    evals = sum(v for k, v in e["redis_commands"].items() if k.startswith("cmdstat_eval"))
+    phases = e["phases"]
+    return [
+        ("end to end, 1 worker process", f"{rate:,.0f} images/s ({e['status']})",
+         f"{floor:,.0f} images/s raw floor", f"{rate / floor:.2f}", ">= 1000 images/s",
+         rate >= 1000 and e["status"] == "SUCCESS"),
+        ("  phases (s after enqueue)", f"started {phases['started_at']:.1f}, dispatched {phases['dispatched_at']:.1f}"
+         f", finished {phases['finished_at']:.1f}", f"pull+ack {pull_ack_s:.2f} s, Dramatiq {dramatiq_s:.2f} s",
+         "", "", None),
+        ("worker CPU per image", f"{cpu * 1000 / images:.2f} ms", "", "", "", None),
+        ("result messages (images per message)", f"{handled:,.0f} ({images / handled:.1f})", "", "", "", None),
+        ("DB transactions per result message", f"{counters.get('jetpipe_db_transactions_total', 0) / handled:.2f}",
+         "(every write transaction of the job / result messages)", "", "1", None),
+        ("Redis scripts per result message", f"{evals / handled:.2f}",
+         "(jetpipe's gate: 1; Dramatiq's send, fetch, ack)", "", "1 jetpipe round trip", None),
+    ]
+
+
+SWEEP = """
+import asyncio, datetime as dt, json, time, models
+from models import Job, JobStatus
+from pipeline import moth, names
+from pipeline.registry import register_pipeline
+from pipeline.schemas import decode_pipeline_spec
+from pipeline.runtime import get_runtime
+from pipeline.jobs import create_job
+from pipeline.health import HealthCheck
+from actors.run_job import execute
+rt = get_runtime(); models.create_schema()
+register_pipeline(decode_pipeline_spec(json.dumps(moth.PIPELINE_SPEC).encode(), source="bench"))
+ids = []
+for k in range(JOBS):
+    job = create_job("moth-demo", (f"file:///sweep/{k}/{i}.png" for i in range(IMAGES)))
+    execute(rt, job.id)
+    ids.append(job.id)
+stuck = ids[:: max(1, len(ids) // 10)][:10]
+long_ago = models.utcnow() - dt.timedelta(hours=2)
+Job.update(last_progress_at=long_ago, dispatched_at=long_ago).where(Job.id.in_(stuck)).execute()
+async def lose(js):  # their tasks vanish from the stream: JetStream will never deliver them again
+    for job_id in stuck:
+        await js.purge_stream(names.TASKS_STREAM, subject=names.task_subject("moth-demo", job_id))
+rt.runner.run(lose(rt.tasks.queue.js))
+t0 = time.perf_counter()
+report = HealthCheck(rt).run()
+elapsed = time.perf_counter() - t0
+ended = Job.select().where(Job.id.in_(stuck) & (Job.status == JobStatus.FAILURE)).count()
+print(json.dumps({"elapsed_s": elapsed, "fixed": report["lost_images"]["fixed"], "ended": ended}))
+"""
+
+
+def sweep(stack: DevStack, tmp: str, jobs: int, images: int) -> tuple:
+    fresh_servers(stack)
+    code = SWEEP.replace("range(JOBS)", f"range({jobs})").replace("range(IMAGES)", f"range({images})")
+    r = run_py(code, env_for(stack, f"sqlite:///{tmp}/sweep-{jobs}.db"))
+    return (f"reconciler sweep, {jobs:,} running jobs x {images} images, 10 stuck",
+            f"{r['elapsed_s'] * 1000:,.0f} ms ({r['elapsed_s'] * 1e6 / jobs:,.0f} us/job)",
+            f"{r['fixed']} stuck jobs fixed, {r['ended']} ended", "", "grows with jobs, not images",
+            r["fixed"] == 10 and r["ended"] == 10)
+
+
+LOST = """
+import asyncio, json, time, models, nats, nats.errors
+from models import ImageStatus, Job, JobImage
+from pipeline import moth, names
+from pipeline.registry import register_pipeline
+from pipeline.schemas import decode_pipeline_spec
+from pipeline.runtime import get_runtime
+from pipeline.jobs import create_job, start_job
+rt = get_runtime(); models.create_schema()
+register_pipeline(decode_pipeline_spec(json.dumps(moth.PIPELINE_SPEC).encode(), source="bench"))
+job = create_job("moth-demo", ["file:///lost/0.png"])
+start_job(rt, job)
+while Job.get_by_id(job.id).dispatched_at is None:
+    time.sleep(0.05)
+row = JobImage.get(JobImage.job == job.id)
+async def main():  # a service that takes the task max_deliver times and never answers, and keeps pulling
+    nc = await nats.connect(rt.settings.nats_url)
+    js = nc.jetstream()
+    consumer = names.job_consumer(job.id)
+    config = (await js.consumer_info(names.TASKS_STREAM, consumer)).config
+    sub = await js.pull_subscribe_bind(consumer, stream=names.TASKS_STREAM)
+    for _ in range(config.max_deliver):
+        await sub.fetch(1, timeout=config.ack_wait + 5)
+        last_delivery = time.perf_counter()
+    gave_up = last_delivery + config.ack_wait  # JetStream's verdict, noticed at the next pull
+    while JobImage.get_by_id(row.id).status != ImageStatus.FAILED:
+        try:
+            await sub.fetch(1, timeout=0.2)
+        except (nats.errors.TimeoutError, TimeoutError):
+            pass
+    latency = time.perf_counter() - gave_up
+    await nc.close()
+    return latency
+print(json.dumps({"latency_s": asyncio.run(main())}))
+"""
+
+KILL = """
+import json, time, models
+from models import Job
+from pipeline import moth
+from pipeline.registry import register_pipeline
+from pipeline.schemas import decode_pipeline_spec
+from pipeline.runtime import get_runtime
+from pipeline.jobs import create_job, start_job
+rt = get_runtime(); models.create_schema()
+register_pipeline(decode_pipeline_spec(json.dumps(moth.PIPELINE_SPEC).encode(), source="bench"))
+job = create_job("moth-demo", (f"file:///kill/{i}.png" for i in range(N)))
+start_job(rt, job)
+while (Job.get_by_id(job.id).progress or {}).get("stages", {}).get("process", {}).get("processed", 0) < N // 4:
+    time.sleep(0.01)
+print(json.dumps({"job": job.id}), flush=True)
+"""
+
+WAIT_DONE = """
+import json, time, models
+from models import Job
+from pipeline.runtime import get_runtime
+rt = get_runtime()
+t0 = time.perf_counter()
+while Job.get_by_id(JOB).status not in ("SUCCESS", "FAILURE", "REVOKED"):
+    time.sleep(0.05)
+print(json.dumps({"latency_s": time.perf_counter() - t0, "status": Job.get_by_id(JOB).status}))
+"""
+
+
+def latencies(stack: DevStack, tmp: str) -> list[tuple]:
+    rows = []
+    # lost image -> failed: a task delivered max_deliver times without a result; no service runs
+    fresh_servers(stack)
+    env = env_for(stack, f"sqlite:///{tmp}/lost.db", PIPELINE_NATS_TASK_TTR=2)
+    worker = start_worker(env, "pipeline.actors")
+    try:
+        time.sleep(3)
+        lost = run_py(LOST, env)
+    finally:
+        stop(worker)
+    rows.append(("latency: lost image -> failed (advisory path)", f"{lost['latency_s'] * 1000:,.0f} ms",
+                 "from JetStream's give-up (ack_wait after the 2nd delivery)", "", "seconds, not minutes",
+                 lost["latency_s"] < 10))
+    # worker SIGKILL -> job complete: kill the only worker a quarter of the way in, start a fresh one
+    fresh_servers(stack)
+    env = env_for(stack, f"sqlite:///{tmp}/kill.db", PIPELINE_NATS_TASK_TTR=5)
+    worker = start_worker(env, "pipeline.actors")
+    service = subprocess.Popen([sys.executable, "-c", E2E_SERVICE.replace("BATCH)", f"{BATCH_SIZE})")], cwd=ROOT,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        time.sleep(3)
+        job_id = run_py(KILL.replace("N)", "2000)").replace("< N", "< 2000"), env)["job"]
+        stop(worker)
+        replacement = start_worker(env, "pipeline.actors")
+        try:
+            done = run_py(WAIT_DONE.replace("JOB", str(job_id)), env)
+        finally:
+            stop(replacement)
+    finally:
+        stop(service)
+    rows.append(("latency: worker SIGKILL -> job complete", f"{done['latency_s']:,.1f} s ({done['status']})",
+                 "2,000-image job, killed at 25 %, a fresh worker started at once", "",
+                 "bounded by Dramatiq's 15 s heartbeat", done["status"] == "SUCCESS"))
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dispatch-images", type=int, default=100_000)
     parser.add_argument("--e2e-images", type=int, default=10_000)
     parser.add_argument("--memory-images", type=int, default=1_000_000)
+    parser.add_argument("--sweep-jobs", type=int, nargs="+", default=[100, 1_000, 5_000])
+    parser.add_argument("--sweep-images", type=int, default=10, help="images per job of the sweep")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="jetpipe-bench-") as tmp:
@@ -197,30 +469,17 @@ def main() -> int:
                          None))
 
             # end to end
-            console.log("end to end: starting a worker and a null processing service")
-            fresh_servers(stack)  # the dispatch stage's job 1 must not meet this stage's job 1
-            env = env_for(stack, f"sqlite:///{tmp}/e2e.db")
-            worker = subprocess.Popen([sys.executable, "-m", "dramatiq", "pipeline.actors", "-p", "1", "-t", "8"],
-                                      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                      start_new_session=True)
-            service = subprocess.Popen([sys.executable, "-c", E2E_SERVICE], cwd=ROOT, env=env,
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-            try:
-                time.sleep(2)
-                e = run_py(E2E_ENQUEUE.replace("range(N)", f"range({args.e2e_images})"), env)
-            finally:
-                for proc in (service, worker):
-                    os.killpg(proc.pid, 9)
-                    proc.wait(30)
-            console.log("end to end: raw pull+ack floor")
-            rate = args.e2e_images / e["elapsed_s"]
-            floor = asyncio.run(raw_pull_ack(stack.nats_url, args.e2e_images))
-            rows.append(("end to end, 1 worker process", f"{rate:,.0f} images/s ({e['status']})",
-                         f"{floor:,.0f} msg/s raw pull+ack", f"{rate / floor:.2f}", ">= 1000 images/s",
-                         rate >= 1000 and e["status"] == "SUCCESS"))
-            evals = sum(v for k, v in e["redis_commands"].items() if k.startswith("cmdstat_eval"))
-            rows.append(("Redis scripts per result message", f"{evals / args.e2e_images:.2f}",
-                         "(gate + Dramatiq's own)", "", "1 gate call", None))
+            console.log("end to end: a worker and a null processing service")
+            rows += end_to_end(stack, tmp, args.e2e_images)
+
+            # reconciler sweep
+            for jobs in args.sweep_jobs:
+                console.log(f"sweep: {jobs} running jobs")
+                rows.append(sweep(stack, tmp, jobs, args.sweep_images))
+
+            # latencies
+            console.log("latencies: lost image, worker SIGKILL")
+            rows += latencies(stack, tmp)
 
             # memory
             console.log("memory: enqueue + run_job")
