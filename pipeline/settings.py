@@ -28,6 +28,9 @@ OPTIONS: dict[str, Option] = {
                                "deliveries of one task before JetStream gives up on it"),
     "nats_task_ttr": Option("PIPELINE_NATS_TASK_TTR", "30",
                             "seconds a processing service has per task before redelivery (ack_wait)"),
+    "nats_max_jobs": Option("PIPELINE_NATS_MAX_JOBS", "10000",
+                            "job consumers PIPELINE_TASKS allows at once: jobs dispatched and not yet cleaned up "
+                            "(NATS 2.15 gives a stream 1000 unless it says otherwise)"),
     "stalled_jobs_max_minutes": Option("PIPELINE_STALLED_JOBS_MAX_MINUTES", "10",
                                        "idle minutes before a running job's pending images count as lost"),
     "failure_threshold": Option("PIPELINE_FAILURE_THRESHOLD", "0.5",
@@ -50,6 +53,7 @@ class Settings:
     nats_url: str
     nats_max_deliver: int
     nats_task_ttr: float  # seconds
+    nats_max_jobs: int
     stalled_jobs_max_minutes: float
     failure_threshold: float
     health_check_seconds: float
@@ -76,6 +80,8 @@ class Settings:
             raise ConfigError("PIPELINE_DISPATCH_CHUNK must be at least 1")
         if self.nats_max_deliver < 1:
             raise ConfigError("PIPELINE_NATS_MAX_DELIVER must be at least 1")
+        if self.nats_max_jobs < 1:
+            raise ConfigError("PIPELINE_NATS_MAX_JOBS must be at least 1")
         if self.nats_task_ttr <= 0:
             raise ConfigError("PIPELINE_NATS_TASK_TTR must be a positive number of seconds")
         if not 0 <= self.failure_threshold < 1:

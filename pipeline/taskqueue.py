@@ -50,6 +50,10 @@ ADVISORY_MAX_AGE_S = 7 * 24 * 3600
 NO_MESSAGE_FOUND = 10057
 #: Timeout of one JetStream API call or publish, seconds.
 API_TIMEOUT_S = 10.0
+#: Job consumers the tasks stream allows unless PIPELINE_NATS_MAX_JOBS says otherwise.
+DEFAULT_MAX_JOBS = 10_000
+#: JetStream's "maximum consumers limit reached".
+MAX_CONSUMERS_ERR_CODE = 10026
 
 _encoder = msgspec.json.Encoder()
 
@@ -198,12 +202,15 @@ class TaskQueue:
         await self.nc.close()
 
     # ---- streams ------------------------------------------------------------------------------------
-    async def ensure_streams(self) -> None:
-        """Create the three streams of the wire contract if missing (existing ones are left as they are)."""
+    async def ensure_streams(self, *, max_jobs: int = DEFAULT_MAX_JOBS) -> None:
+        """Create the three streams of the wire contract if missing. Existing ones are left as they are,
+        except the tasks stream's consumer limit, which is raised or lowered to `max_jobs` (one consumer
+        per dispatched job; NATS 2.15 defaults a stream to 1,000 consumers)."""
         wanted = [
             StreamConfig(name=names.TASKS_STREAM, subjects=[names.TASKS_SUBJECTS],
                          retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
-                         duplicate_window=DUPLICATE_WINDOW_S, discard=DiscardPolicy.OLD, allow_direct=True),
+                         duplicate_window=DUPLICATE_WINDOW_S, discard=DiscardPolicy.OLD, allow_direct=True,
+                         max_consumers=max_jobs),
             StreamConfig(name=names.RESULTS_STREAM, subjects=[names.RESULTS_SUBJECTS],
                          retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
                          duplicate_window=120),
@@ -214,7 +221,9 @@ class TaskQueue:
         ]
         for config in wanted:
             try:
-                await self.js.stream_info(config.name)
+                info = await self.js.stream_info(config.name)
+                if config.max_consumers and info.config.max_consumers != config.max_consumers:
+                    await self._set_max_consumers(info.config, config.max_consumers)
             except nats.js.errors.NotFoundError:
                 try:
                     await self.js.add_stream(config)
@@ -222,6 +231,14 @@ class TaskQueue:
                 except nats.js.errors.BadRequestError as exc:  # created concurrently by another process
                     if "already in use" not in str(exc):
                         raise
+
+    async def _set_max_consumers(self, current: StreamConfig, limit: int) -> None:
+        try:
+            await self.js.update_stream(dataclasses.replace(current, max_consumers=limit))
+            log.info("stream %s now allows %s job consumers (was %s)", current.name, limit, current.max_consumers)
+        except nats.js.errors.BadRequestError as exc:  # a server that cannot edit the limit keeps its own
+            log.warning("stream %s keeps max_consumers=%s (wanted %s): %s", current.name, current.max_consumers,
+                        limit, exc)
 
     # ---- job consumers ------------------------------------------------------------------------------
     async def ensure_job_consumer(self, job_id: int, pipeline_slug: str, *, max_deliver: int,
@@ -241,7 +258,14 @@ class TaskQueue:
             info = await self.js.consumer_info(names.TASKS_STREAM, name)
             created = False
         except nats.js.errors.NotFoundError:
-            info = await self.js.add_consumer(names.TASKS_STREAM, wanted)
+            try:
+                info = await self.js.add_consumer(names.TASKS_STREAM, wanted)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != MAX_CONSUMERS_ERR_CODE:
+                    raise
+                raise TransientError(
+                    f"job {job_id} cannot be dispatched: {names.TASKS_STREAM} holds its maximum of job consumers (jobs "
+                    "dispatched and not yet cleaned up); raise PIPELINE_NATS_MAX_JOBS or let jobs finish") from None
             created = True
         got = info.config
         summary = (f"max_deliver={got.max_deliver} ack_wait={got.ack_wait}s max_ack_pending={got.max_ack_pending} "

@@ -146,3 +146,12 @@ def test_bad_setting_is_one_line(cli):
 
 def test_process_refuses_a_pipeline_without_a_model(cli):
     assert "no built-in model for pipeline 'other'" in one_error_line(cli("process", "--pipeline", "other", expect=1))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--concurrency", "0"], "--concurrency must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be between 1 and 1000"),
+    (["--batch-size", "1001"], "--batch-size must be between 1 and 1000"),
+])
+def test_process_refuses_bad_numbers(cli, args, message):
+    assert message in one_error_line(cli("process", "--pipeline", "moth-demo", *args, expect=1))

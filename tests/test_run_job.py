@@ -70,3 +70,28 @@ def test_internal_mode_runs_the_model_in_the_worker(runtime, moth_pipeline, trap
     assert stages["results"]["detections"] == expected
     missing = JobImage.get(JobImage.status == ImageStatus.FAILED)
     assert "ImageUnreadable" in missing.error and "missing.png" in missing.error
+
+
+def test_the_tasks_stream_allows_as_many_job_consumers_as_configured(runtime, moth_pipeline, monkeypatch):
+    # NATS 2.15 gives a stream 1,000 consumers unless it sets its own limit: one per running job
+    import pytest
+
+    from pipeline.errors import TransientError
+
+    def limit():
+        js = runtime.tasks.queue.js
+        return runtime.runner.run(js.stream_info(names.TASKS_STREAM), timeout=10).config.max_consumers
+
+    assert limit() == runtime.settings.nats_max_jobs == 10_000
+    # Given PIPELINE_NATS_MAX_JOBS=2: the existing stream's limit is lowered at the next dispatch
+    monkeypatch.setattr(runtime, "settings", runtime.settings.with_overrides(nats_max_jobs=2))
+    jobs = [fake_job(moth_pipeline, 1, prefix=f"file:///limit{k}") for k in range(3)]
+    dispatch(runtime, jobs[0].id)
+    assert limit() == 2
+    dispatch(runtime, jobs[1].id)
+    # When a third job's consumer is created, the error says what to do
+    with pytest.raises(TransientError, match="holds its maximum of job consumers.*PIPELINE_NATS_MAX_JOBS"):
+        runtime.tasks.ensure_job_consumer(jobs[2].id, moth_pipeline, max_deliver=2, ack_wait_s=30)
+    # And raising the limit again lets it through
+    runtime.tasks.ensure_streams(max_jobs=10_000)
+    assert runtime.tasks.ensure_job_consumer(jobs[2].id, moth_pipeline, max_deliver=2, ack_wait_s=30).max_deliver == 2
