@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -261,10 +262,26 @@ def raw_dramatiq_floor(stack: DevStack, env: dict, messages: int, images_per_mes
         client.close()
 
 
-def end_to_end(stack: DevStack, tmp: str, images: int) -> list[tuple]:
+@contextlib.contextmanager
+def throwaway_database(server_url: str):
+    """A fresh database on the PostgreSQL server of `server_url`, dropped afterwards; yields its URL."""
+    import psycopg2
+
+    name = f"jetpipe_bench_{os.getpid()}"
+    admin = psycopg2.connect(server_url)
+    admin.autocommit = True
+    admin.cursor().execute(f"CREATE DATABASE {name}")
+    try:
+        yield server_url.rsplit("/", 1)[0] + "/" + name
+    finally:
+        admin.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+def end_to_end(stack: DevStack, db_url: str, images: int) -> list[tuple]:
     fresh_servers(stack)  # the dispatch stage's job 1 must not meet this stage's job 1
     port = free_port()
-    env = env_for(stack, f"sqlite:///{tmp}/e2e.db", PIPELINE_METRICS_PORT=port)
+    env = env_for(stack, db_url, PIPELINE_METRICS_PORT=port)
     worker = start_worker(env, "pipeline.actors")
     service = subprocess.Popen([sys.executable, "-c", E2E_SERVICE.replace("BATCH)", f"{BATCH_SIZE})")], cwd=ROOT,
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -441,7 +458,7 @@ def latencies(stack: DevStack, tmp: str) -> list[tuple]:
         stop(service)
     rows.append(("latency: worker SIGKILL -> job complete", f"{done['latency_s']:,.1f} s ({done['status']})",
                  "2,000-image job, killed at 25 %, a fresh worker started at once", "",
-                 "bounded by Dramatiq's 15 s heartbeat", done["status"] == "SUCCESS"))
+                 "ack_wait (5 s here) or Dramatiq's 15 s heartbeat", done["status"] == "SUCCESS"))
     return rows
 
 
@@ -450,8 +467,10 @@ def main() -> int:
     parser.add_argument("--dispatch-images", type=int, default=100_000)
     parser.add_argument("--e2e-images", type=int, default=10_000)
     parser.add_argument("--memory-images", type=int, default=1_000_000)
-    parser.add_argument("--sweep-jobs", type=int, nargs="+", default=[100, 1_000, 5_000])
-    parser.add_argument("--sweep-images", type=int, default=10, help="images per job of the sweep")
+    parser.add_argument("--sweep", nargs="+", default=["100x10", "1000x10", "5000x10", "1000x100"],
+                        metavar="JOBSxIMAGES", help="reconciler sweeps: running jobs x images per job")
+    parser.add_argument("--postgres", metavar="URL",
+                        help="also run end to end on PostgreSQL (a throwaway database is created on this server)")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="jetpipe-bench-") as tmp:
@@ -470,12 +489,18 @@ def main() -> int:
 
             # end to end
             console.log("end to end: a worker and a null processing service")
-            rows += end_to_end(stack, tmp, args.e2e_images)
+            rows += end_to_end(stack, f"sqlite:///{tmp}/e2e.db", args.e2e_images)
+            if args.postgres:
+                console.log("end to end on PostgreSQL")
+                with throwaway_database(args.postgres) as url:
+                    rows += [(f"{name} [PostgreSQL]", *rest)
+                             for name, *rest in end_to_end(stack, url, args.e2e_images)[:1]]
 
             # reconciler sweep
-            for jobs in args.sweep_jobs:
-                console.log(f"sweep: {jobs} running jobs")
-                rows.append(sweep(stack, tmp, jobs, args.sweep_images))
+            for size in args.sweep:
+                jobs, images = (int(n) for n in size.lower().split("x"))
+                console.log(f"sweep: {jobs} running jobs x {images} images")
+                rows.append(sweep(stack, tmp, jobs, images))
 
             # latencies
             console.log("latencies: lost image, worker SIGKILL")
