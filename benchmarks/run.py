@@ -350,14 +350,28 @@ print(json.dumps({"elapsed_s": elapsed, "fixed": report["lost_images"]["fixed"],
 """
 
 
-def sweep(stack: DevStack, tmp: str, jobs: int, images: int) -> tuple:
+def sweep(stack: DevStack, tmp: str, jobs: int, images: int) -> tuple[tuple, float]:
     fresh_servers(stack)
     code = SWEEP.replace("range(JOBS)", f"range({jobs})").replace("range(IMAGES)", f"range({images})")
-    r = run_py(code, env_for(stack, f"sqlite:///{tmp}/sweep-{jobs}.db"))
+    database = tempfile.mkstemp(prefix=f"sweep-{jobs}x{images}-", suffix=".db", dir=tmp)[1]  # a fresh one each
+    r = run_py(code, env_for(stack, f"sqlite:///{database}"))
     return (f"reconciler sweep, {jobs:,} running jobs x {images} images, 10 stuck",
             f"{r['elapsed_s'] * 1000:,.0f} ms ({r['elapsed_s'] * 1e6 / jobs:,.0f} us/job)",
-            f"{r['fixed']} stuck jobs fixed, {r['ended']} ended", "", "grows with jobs, not images",
-            r["fixed"] == 10 and r["ended"] == 10)
+            f"{r['fixed']} stuck jobs fixed, {r['ended']} ended", "", "the 10 stuck jobs end",
+            r["fixed"] == 10 and r["ended"] == 10), r["elapsed_s"]
+
+
+def sweep_growth(timings: dict[tuple[int, int], float]) -> list[tuple]:
+    """For sweeps of the same number of jobs with more images per job: how much longer they took."""
+    rows = []
+    for (jobs, images), seconds in sorted(timings.items()):
+        fewer = [i for j, i in timings if j == jobs and i < images]
+        if fewer:
+            base = max(fewer)
+            factor = seconds / timings[(jobs, base)]
+            rows.append((f"  sweep time, {jobs:,} jobs: {images} vs {base} images per job", f"x{factor:.2f}",
+                         f"x{images / base:.0f} images", "", "< x2: grows with jobs, not images", factor < 2))
+    return rows
 
 
 LOST = """
@@ -497,10 +511,13 @@ def main() -> int:
                              for name, *rest in end_to_end(stack, url, args.e2e_images)[:1]]
 
             # reconciler sweep
+            timings = {}
             for size in args.sweep:
                 jobs, images = (int(n) for n in size.lower().split("x"))
                 console.log(f"sweep: {jobs} running jobs x {images} images")
-                rows.append(sweep(stack, tmp, jobs, images))
+                row, timings[(jobs, images)] = sweep(stack, tmp, jobs, images)
+                rows.append(row)
+            rows += sweep_growth(timings)
 
             # latencies
             console.log("latencies: lost image, worker SIGKILL")
