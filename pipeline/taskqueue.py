@@ -153,6 +153,8 @@ class Requests:
 
         Raises nats.errors.TimeoutError if any reply is missing after `timeout` seconds.
         """
+        if not requests:
+            return []
         if self._prefix is None:
             prefix = self.nc.new_inbox() + "."
             await self.nc.subscribe(prefix + "*", cb=self._on_reply)

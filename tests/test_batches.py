@@ -213,3 +213,4 @@ def test_acking_a_task_whose_consumer_is_gone_is_answered_at_once(runtime, moth_
     # (rather than the ACK timing out and the result being retried)
     assert runtime.tasks.ack(reply) is False
     runtime.tasks.ack_many([reply, reply])
+    runtime.tasks.ack_many([])
