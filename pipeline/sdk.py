@@ -194,9 +194,11 @@ class ProcessingService:
             await self._send(queue, job_id, [msg.reply], result)
 
     async def _add_to_batch(self, queue: TaskQueue, job_id: int, reply: str, result: SuccessResult) -> None:
+        # The batches change only between awaits, so concurrent tasks never lose one another's results.
+        ready = []
         batch = self._batches.get(job_id)
         if batch is not None and batch.images() + len(result.source_images) > self.batch_size:
-            await self._flush(queue, job_id)
+            ready.append(self._batches.pop(job_id))
             batch = None
         if batch is None:
             batch = self._batches[job_id] = _Batch()
@@ -206,7 +208,9 @@ class ProcessingService:
         batch.replies.append(reply)
         batch.results.append(result)
         if batch.images() >= self.batch_size:
-            await self._flush(queue, job_id)
+            ready.append(self._batches.pop(job_id))
+        for full in ready:
+            await self._send(queue, job_id, full.replies, full.merged())
 
     async def _flush_later(self, queue: TaskQueue, job_id: int, batch: _Batch) -> None:
         await asyncio.sleep(self.batch_linger_s)

@@ -214,3 +214,24 @@ def test_acking_a_task_whose_consumer_is_gone_is_answered_at_once(runtime, moth_
     assert runtime.tasks.ack(reply) is False
     runtime.tasks.ack_many([reply, reply])
     runtime.tasks.ack_many([])
+
+
+def test_no_result_is_lost_when_batches_overflow_while_others_are_published(runtime, moth_pipeline, service_factory,
+                                                                             settings):
+    # Given a service whose handler reports two images per task (a model that batches on its own), so most
+    # additions overflow a batch of 3 and publish it while other tasks add theirs
+    job = fake_job(moth_pipeline, 12)
+    dispatch(runtime, job.id)
+
+    async def two_images(task):
+        from pipeline.schemas import SourceImageRef, SuccessResult
+
+        return SuccessResult(task.pipeline, [SourceImageRef(task.image_id), SourceImageRef(f"{task.image_id}-b")])
+
+    service_factory(settings, moth_pipeline, two_images, concurrency=12, batch_size=3, batch_linger_s=0.5)
+    # Then every task's reply subject goes out exactly once, at most 3 images per message
+    messages = wait_for(lambda: (m := result_messages(settings, job.id)) and
+                        sum(len(names.task_replies(h)) for h, _ in m) >= 12 and m, timeout_s=30)
+    replies = [r for header, _ in messages for r in names.task_replies(header)]
+    assert len(replies) == len(set(replies)) == 12
+    assert max(len(body["source_images"]) for _, body in messages) <= 3
