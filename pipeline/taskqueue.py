@@ -155,10 +155,13 @@ class Requests:
         """
         if not requests:
             return []
-        if self._prefix is None:
-            prefix = self.nc.new_inbox() + "."
-            await self.nc.subscribe(prefix + "*", cb=self._on_reply)
-            self._prefix = prefix
+        if self._prefix is None:  # set before the await: a concurrent first call must not subscribe twice
+            self._prefix = self.nc.new_inbox() + "."
+            try:
+                await self.nc.subscribe(self._prefix + "*", cb=self._on_reply)
+            except BaseException:
+                self._prefix = None
+                raise
         loop = asyncio.get_running_loop()
         tokens, futures = [], []
         try:
