@@ -226,7 +226,10 @@ class ProcessingService:
         try:
             await self._publish(queue, job_id, names.join_task_replies(replies), result)
         except Exception as exc:  # noqa: BLE001 - one batch's trouble must not stop the service
-            log.warning("service %s: job=%s %s task(s) left to redelivery: %s", self.name, job_id, len(replies), exc)
+            images = ([i.id for i in result.source_images] if isinstance(result, SuccessResult)
+                      else [result.image_id or "?"])
+            log.warning("service %s: job=%s image=%s result not published, task(s) left to redelivery: %s",
+                        self.name, job_id, ",".join(images), exc)
 
     async def _run_handler(self, msg) -> Result:
         headers = msg.headers or {}
