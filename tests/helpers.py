@@ -66,6 +66,18 @@ def success_body(task: Task, *, boxes: int = 2, classified: bool = True, pipelin
                        "detections": detections}).encode()
 
 
+def job_with_results(runtime, pipeline: str, images: int, handled: int, *, boxes: int = 2):
+    """A dispatched job whose tasks a service pulled, with the first `handled` results handled: (job, tasks)."""
+    from pipeline.handling import handle_result_message
+
+    job = fake_job(pipeline, images)
+    dispatch(runtime, job.id)
+    tasks = pull_tasks(runtime, job.id, images)
+    for task, reply in tasks[:handled]:
+        handle_result_message(runtime, job.id, success_body(task, boxes=boxes), reply)
+    return job, tasks
+
+
 def error_body(image_id: str | None, why: str = "model exploded") -> bytes:
     return json.dumps({"error": why, "image_id": image_id}).encode()
 

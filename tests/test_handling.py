@@ -5,7 +5,15 @@ from __future__ import annotations
 from models import Detection, ImageStatus, Job, JobImage, JobLog, JobStatus
 from pipeline import names
 from pipeline.handling import handle_result_message
-from tests.helpers import dispatch, error_body, fake_job, pull_tasks, stream_count, success_body
+from tests.helpers import (
+    dispatch,
+    error_body,
+    fake_job,
+    job_with_results,
+    pull_tasks,
+    stream_count,
+    success_body,
+)
 
 
 def counters(job_id):
@@ -157,11 +165,7 @@ def test_concurrent_rebuilds_of_lost_state_happen_once_and_agree_with_the_databa
     from pipeline.jobs import rebuild_state
     from tests.helpers import at_once
 
-    job = fake_job(moth_pipeline, 30)
-    dispatch(runtime, job.id)
-    tasks = pull_tasks(runtime, job.id, 30)
-    for task, reply in tasks[:10]:
-        handle_result_message(runtime, job.id, success_body(task, boxes=2), reply)
+    job, tasks = job_with_results(runtime, moth_pipeline, 30, 10)
     runtime.redis.flushall()
     # When 8 workers notice at the same moment and all try to rebuild
     def rebuild():

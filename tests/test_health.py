@@ -20,7 +20,15 @@ from pipeline.lost import handle_advisory
 from pipeline.runtime import Runtime, set_runtime
 from pipeline.scheduler import SlotScheduler
 from tests.conftest import make_settings
-from tests.helpers import dispatch, error_body, fake_job, pull_tasks, stream_count, success_body
+from tests.helpers import (
+    dispatch,
+    error_body,
+    fake_job,
+    job_with_results,
+    pull_tasks,
+    stream_count,
+    success_body,
+)
 
 
 @pytest.fixture
@@ -143,11 +151,7 @@ def test_an_unreachable_dependency_during_a_tick_revokes_nothing(private_runtime
 
 
 def test_missing_redis_state_is_rebuilt_and_the_job_completes_exactly(runtime, moth_pipeline):
-    job = fake_job(moth_pipeline, 4)
-    dispatch(runtime, job.id)
-    tasks = pull_tasks(runtime, job.id, 4)
-    for task, reply in tasks[:2]:
-        handle_result_message(runtime, job.id, success_body(task, boxes=2), reply)
+    job, tasks = job_with_results(runtime, moth_pipeline, 4, 2)
     runtime.redis.flushall()
     report = run_health_check(runtime)
     assert report["state_rebuild"]["jobs"] == {str(job.id): "redis_rebuilt"}
