@@ -7,7 +7,8 @@ after the progress write, so a result message costs one transaction and one gate
 number of images. A crash anywhere before the ACK leads to redelivery, and the replay converges to the
 same rows and the same counters: the save is idempotent, the Redis gate counts an image once (a crash
 between the gate and the commit leaves the image counted and its rows unsaved until the replay saves
-them; the gate then does not count it again), progress is monotone.
+them; the gate then does not count it again, and no job ends while the database still holds a counted
+image as pending: `progress.write_progress`), progress is monotone.
 
 A result message may cover several images of one job: `source_images` lists them and the
 `Pipeline-Task-Reply` header names each image's task (comma-separated); every named task is ACKed.

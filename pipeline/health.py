@@ -103,7 +103,7 @@ class HealthCheck:
             result.checked += 1
             outcome = self._reconcile(job, result)
             result.jobs[job.id] = outcome
-            if outcome in ("marked_failed", "finalized"):
+            if outcome in ("marked_failed", "finalized", "resynced"):
                 result.fixed += 1
             elif outcome in ("error", "state_disappeared", "no_consumer"):
                 result.unfixable += 1
@@ -124,9 +124,7 @@ class HealthCheck:
         if snapshot is None:
             return "state_disappeared"  # state_rebuild restores it; the next tick decides
         if not pending:  # every image counted, but the job never ended (its last progress write was lost)
-            written = progress.write_progress(job.id, snapshot, threshold=self.settings.failure_threshold)
-            finish(self.runtime, job, written)
-            return "finalized"
+            return self._finalize(job, snapshot)
         if not consumer.exists:
             return "no_consumer"  # state_rebuild re-dispatches its tasks
         if consumer.num_pending > 0:
@@ -156,6 +154,19 @@ class HealthCheck:
         job_log(job.id, logging.WARNING, f"jobs_health_check: marked {len(failed)} image(s) as failed, job now "
                                          f"{status}; NATS consumer {consumer.describe()}; IDs: {', '.join(failed)}")
         return "marked_failed"
+
+    def _finalize(self, job: Job, snapshot) -> str:
+        """End a job whose images are all counted in Redis; if the database still holds some as pending (a
+        result counted but never committed), reload Redis from the database instead, so they are handled
+        like any pending image (redelivered, or reconciled as lost)."""
+        written = progress.write_progress(job.id, snapshot, threshold=self.settings.failure_threshold)
+        if written.unsaved:
+            jobs.rebuild_state(self.runtime.state, job.id, even_if_present=True)
+            job_log(job.id, logging.WARNING, f"jobs_health_check: {written.unsaved} image(s) counted in Redis were "
+                                             "never saved; Redis state reloaded from the database")
+            return "resynced"
+        finish(self.runtime, job, written)
+        return "finalized"
 
     # ---- 2. state rebuild ----------------------------------------------------------------------------
     def state_rebuild(self) -> CheckResult:
@@ -251,7 +262,7 @@ class HealthCheck:
                 continue
             outcome = self._reap(job)
             result.jobs[job.id] = outcome
-            if outcome in ("revoked", "finalized"):
+            if outcome in ("revoked", "finalized", "resynced"):
                 result.fixed += 1
             elif outcome == "error":
                 result.unfixable += 1
@@ -265,9 +276,7 @@ class HealthCheck:
             except TransientError:
                 return "error"
             if snapshot is not None and snapshot.complete:
-                written = progress.write_progress(job.id, snapshot, threshold=self.settings.failure_threshold)
-                finish(self.runtime, job, written)
-                return "finalized"
+                return self._finalize(job, snapshot)
             return "left_to_reconciliation"  # waiting for a service, or lost images: never revoked
         why = ("its worker is gone" if job.dispatch_mode == DispatchMode.INTERNAL
                else "run_job stopped before dispatching its tasks")

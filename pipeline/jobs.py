@@ -131,11 +131,15 @@ def load_state_from_db(state: JobState, job_id: int, *, force: bool = False) -> 
     return state.load(job_id, ((str(i), status, d, c) for i, status, d, c in rows), force=force)
 
 
-def rebuild_state(state: JobState, job_id: int) -> bool:
+def rebuild_state(state: JobState, job_id: int, *, even_if_present: bool = False) -> bool:
     """Rebuild a running job's missing Redis state from the database, once however many ask at the same
-    time; False if it was not needed (another process rebuilt it, or the job has ended)."""
+    time; False if it was not needed (another process rebuilt it, or the job has ended).
+
+    `even_if_present`: reload it although it exists, because it disagrees with the database (the source
+    of truth): it counted images whose results were never committed.
+    """
     with state.rebuild_lock(job_id):
-        if state.snapshot(job_id) is not None:
+        if not even_if_present and state.snapshot(job_id) is not None:
             return False  # rebuilt by whoever held the lock before us
         if Job.select(Job.status).where(Job.id == job_id).scalar() != JobStatus.STARTED:
             return False

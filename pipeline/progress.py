@@ -12,7 +12,7 @@ import copy
 import dataclasses
 import logging
 
-from models import Job, JobStatus, for_update, utcnow, write_transaction
+from models import ImageStatus, Job, JobImage, JobStatus, for_update, utcnow, write_transaction
 from pipeline.jobstate import Snapshot
 
 log = logging.getLogger(__name__)
@@ -99,10 +99,16 @@ def add_error(progress: dict, message: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ProgressWrite:
-    """What `write_progress` did: the job's status after it, and whether this call ended the job."""
+    """What `write_progress` did: the job's status after it, whether this call ended the job, and how many
+    images Redis counted that the database still holds as pending (the job was then not ended)."""
 
     status: str
     finished_now: bool
+    unsaved: int = 0
+
+
+def pending_in_database(job_id: int) -> int:
+    return JobImage.select().where((JobImage.job == job_id) & (JobImage.status == ImageStatus.PENDING)).count()
 
 
 def write_progress(job_id: int, snapshot: Snapshot, *, threshold: float) -> ProgressWrite:
@@ -118,10 +124,16 @@ def write_progress(job_id: int, snapshot: Snapshot, *, threshold: float) -> Prog
         progress = merge(job.progress, snapshot, threshold=threshold, job_id=job_id)
         changes = {Job.progress: progress, Job.updated_at: now, Job.last_progress_at: now}
         final = final_status(snapshot, threshold) if snapshot.complete else None
-        if final is None or job.status == JobStatus.CANCELING:
+        # Redis counts a result inside the transaction that saves it, so after a crash before that commit
+        # Redis is ahead until the result is handled again: never end a job the database does not agree on.
+        unsaved = pending_in_database(job_id) if final is not None else 0
+        if unsaved:
+            log.warning("job=%s every image is counted in Redis but %s are pending in the database (a result "
+                        "counted and not committed); the job ends when they are saved", job_id, unsaved)
+        if final is None or unsaved or job.status == JobStatus.CANCELING:
             progress["summary"]["status"] = job.status
             Job.update(changes).where(Job.id == job_id).execute()
-            return ProgressWrite(job.status, False)
+            return ProgressWrite(job.status, False, unsaved)
         progress["summary"]["status"] = final
         changes.update({Job.status: final, Job.finished_at: now})
         if final == JobStatus.FAILURE:

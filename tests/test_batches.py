@@ -15,7 +15,7 @@ from pipeline import names
 from pipeline.handling import handle_result_message
 from pipeline.metrics import metrics
 from tests.conftest import wait_for
-from tests.helpers import DET, dispatch, fake_job, pull_tasks, stream_count, success_body
+from tests.helpers import DET, dispatch, fake_job, job_with_results, pull_tasks, stream_count, success_body
 
 
 def batch_body(tasks, *, boxes: int = 2, detector: dict = DET) -> bytes:
@@ -235,3 +235,26 @@ def test_no_result_is_lost_when_batches_overflow_while_others_are_published(runt
     replies = [r for header, _ in messages for r in names.task_replies(header)]
     assert len(replies) == len(set(replies)) == 12
     assert max(len(body["source_images"]) for _, body in messages) <= 3
+
+
+def test_a_result_counted_but_never_committed_holds_the_job_open_until_it_is_saved(runtime, moth_pipeline,
+                                                                                    monkeypatch):
+    # Given a 3-image job whose second result failed after the Redis gate and before the commit (a worker
+    # dying there): Redis counted that image, the database rolled its rows back
+    from pipeline.crashpoints import InjectedFault
+
+    job, tasks = job_with_results(runtime, moth_pipeline, 3, 1)
+    monkeypatch.setenv("PIPELINE_RAISE_AT", "after_progress")
+    with pytest.raises(InjectedFault):
+        handle_result_message(runtime, job.id, success_body(tasks[1][0], boxes=2), tasks[1][1])
+    monkeypatch.delenv("PIPELINE_RAISE_AT")
+    # When the last result completes the count in Redis, the job does not end: the database disagrees
+    handle_result_message(runtime, job.id, success_body(tasks[2][0], boxes=2), tasks[2][1])
+    assert runtime.state.snapshot(job.id).complete
+    assert Job.get_by_id(job.id).status == JobStatus.STARTED
+    assert stream_count(runtime, job.id, moth_pipeline) == 1  # the unsaved image's task is still there
+    # And when that result is handled again (its task was never ACKed), it is saved and the job ends exactly
+    handle_result_message(runtime, job.id, success_body(tasks[1][0], boxes=2), tasks[1][1])
+    assert Job.get_by_id(job.id).status == JobStatus.SUCCESS
+    assert progress_counts(job.id) == (3, 0, 6)
+    assert Detection.select().where(Detection.job == job.id).count() == 6

@@ -186,6 +186,24 @@ def test_a_sweep_looks_closely_only_at_candidates(runtime, moth_pipeline, monkey
     assert runtime.state.snapshot(jobs[3].id).total == 3
 
 
+def test_an_idle_job_counted_in_redis_but_not_in_the_database_is_resynced(runtime, moth_pipeline):
+    # Given an idle job whose last image Redis counted although its result was never committed (the worker
+    # died between the gate and the commit, and the result never came back)
+    from pipeline.jobstate import Outcome
+
+    job, tasks = job_with_results(runtime, moth_pipeline, 3, 2)
+    lost = tasks[2][0].image_id
+    runtime.state.record(job.id, [Outcome(lost, captures=1, detections=2, classifications=2)])
+    make_idle(job.id)
+    # When the health check runs, it does not end the job on Redis's word: it reloads Redis from the
+    # database, so the image is pending again (and will be redelivered, or reconciled as lost)
+    report = HealthCheck(runtime).run()
+    assert report["lost_images"]["jobs"] == {str(job.id): "resynced"}
+    assert Job.get_by_id(job.id).status == JobStatus.STARTED
+    assert runtime.state.pending_ids(job.id) == {lost}
+    assert runtime.state.snapshot(job.id).detections == 4
+
+
 def test_lost_nats_tasks_are_dispatched_again(runtime, moth_pipeline, stack):
     job = fake_job(moth_pipeline, 3)
     dispatch(runtime, job.id)
