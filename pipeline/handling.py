@@ -92,6 +92,7 @@ def settle(runtime, job: Job, save: Callable[[], list[Outcome]]) -> tuple[
         if not outcomes:
             return [], None, progress.ProgressWrite(job.status, False)
         crash_point("after_db_save", job=job.id)
+        progress.lock_job(job.id)
         snapshot, written = count_outcomes(runtime, job, outcomes)
     crash_point("after_commit", job=job.id)
     return outcomes, snapshot, written

@@ -12,7 +12,7 @@ import copy
 import dataclasses
 import logging
 
-from models import ImageStatus, Job, JobImage, JobStatus, for_update, utcnow, write_transaction
+from models import ImageStatus, Job, JobImage, JobStatus, for_update, is_postgres, utcnow, write_transaction
 from pipeline.jobstate import Snapshot
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,14 @@ class ProgressWrite:
     status: str
     finished_now: bool
     unsaved: int = 0
+
+
+def lock_job(job_id: int) -> None:
+    """Hold the job's row until the transaction ends, so that the Redis counts and commits of one job's
+    results happen in one order: whoever counts the last image sees every other counted image committed.
+    PostgreSQL only: on SQLite the write lock already serialises whole transactions."""
+    if is_postgres():
+        for_update(Job.select(Job.id).where(Job.id == job_id)).get_or_none()
 
 
 def pending_in_database(job_id: int) -> int:

@@ -10,6 +10,7 @@ import logging
 import nats
 import pytest
 
+import models
 from models import Detection, ImageStatus, Job, JobImage, JobStatus
 from pipeline import names
 from pipeline.handling import handle_result_message
@@ -93,10 +94,11 @@ def test_a_result_message_costs_one_transaction_and_one_redis_round_trip_whateve
     assert metrics().db_transactions._value.get() - transactions == 1
     assert redis_round_trips == ["EVALSHA"]
     # And the same SQL statements as any other size (no query per image): the job and its pipeline, the
-    # JobImage rows, the detections' ids, one UPDATE of the JobImage rows, the job's row for progress, and
-    # that row's UPDATE (the two INSERTs go straight to the driver)
+    # JobImage rows, the detections' ids, one UPDATE of the JobImage rows, (PostgreSQL: the job row's lock
+    # before counting), the job's row for progress, and that row's UPDATE (the two INSERTs go straight to
+    # the driver)
     statements = [r for r in caplog.records if r.name == "peewee"]
-    assert len(statements) == 6, [r.getMessage()[:80] for r in statements]
+    assert len(statements) == 6 + models.is_postgres(), [r.getMessage()[:80] for r in statements]
     assert progress_counts(job.id) == (images + 1, 0, 3 * (images + 1))
 
 
@@ -258,3 +260,32 @@ def test_a_result_counted_but_never_committed_holds_the_job_open_until_it_is_sav
     assert Job.get_by_id(job.id).status == JobStatus.SUCCESS
     assert progress_counts(job.id) == (3, 0, 6)
     assert Detection.select().where(Detection.job == job.id).count() == 6
+
+
+def test_the_last_two_results_handled_at_once_end_the_job(runtime, moth_pipeline, monkeypatch):
+    # Given a job with two results left, and result B paused right after its Redis gate (before its commit)
+    # while result A, the one that completes the count, is handled
+    import threading
+
+    job, tasks = job_with_results(runtime, moth_pipeline, 4, 2)
+    (task_a, reply_a), (task_b, reply_b) = tasks[2], tasks[3]
+    b_gated, a_done = threading.Event(), threading.Event()
+    record = runtime.state.record
+
+    def paused_record(job_id, outcomes):
+        snapshot = record(job_id, outcomes)
+        if outcomes[0].image_id == task_b.image_id:
+            b_gated.set()
+            a_done.wait(timeout=3)  # A may be waiting for B's commit: give up after a while
+        return snapshot
+
+    monkeypatch.setattr(runtime.state, "record", paused_record)
+    b = threading.Thread(target=handle_result_message, args=(runtime, job.id, success_body(task_b), reply_b))
+    b.start()
+    assert b_gated.wait(timeout=10)
+    handle_result_message(runtime, job.id, success_body(task_a), reply_a)
+    a_done.set()
+    b.join(timeout=30)
+    # Then whichever counted last saw every other result committed, and ended the job
+    assert Job.get_by_id(job.id).status == JobStatus.SUCCESS
+    assert progress_counts(job.id) == (4, 0, 8)
