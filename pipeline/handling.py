@@ -129,7 +129,7 @@ def fail_bad_result(runtime, job: Job, exc: BadResult, replies: list[str]) -> Ha
     """Invariant 10: fail each affected image with the reason and TERM its task; other images go on."""
     image_ids = list(exc.image_ids)
     if not image_ids:
-        image_ids = [i for i in (runtime.tasks.image_of_task(r) for r in replies) if i]
+        image_ids = runtime.tasks.images_of_tasks(replies)
     reason = f"bad result: {exc}"
     for image_id in image_ids or [None]:
         job_log(job.id, logging.ERROR, reason, image_id=image_id)

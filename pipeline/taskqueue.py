@@ -375,12 +375,11 @@ class TaskQueue:
         """`ack` several tasks at once, each confirmed by the server (one round trip however many)."""
         await self.requests.send([(reply, b"+ACK", None) for reply in reply_subjects], timeout=5)
 
-    async def image_of_task(self, reply_subject: str) -> str | None:
-        """The image id of the task behind an ACK subject, read from the stream (None if gone or unknown)."""
-        parsed = names.parse_ack_subject(reply_subject)
-        if parsed is None or parsed[0] != names.TASKS_STREAM:
-            return None
-        return await self.image_of_seq(parsed[3])
+    async def images_of_tasks(self, reply_subjects: Iterable[str]) -> list[str]:
+        """The image ids of the tasks behind ACK subjects, read from the stream at once (those gone or
+        unknown are left out)."""
+        seqs = [p[3] for p in map(names.parse_ack_subject, reply_subjects) if p and p[0] == names.TASKS_STREAM]
+        return [image for image in await asyncio.gather(*map(self.image_of_seq, seqs)) if image]
 
     async def image_of_seq(self, stream_seq: int) -> str | None:
         """The image id of the task at `stream_seq` of the tasks stream (None if it is gone)."""
@@ -400,12 +399,9 @@ class TaskQueue:
             if exc.err_code != NO_MESSAGE_FOUND:  # already gone (acked, purged by cleanup): nothing to do
                 raise
 
-    async def term(self, reply_subject: str, reason: str) -> None:
-        """Stop redelivery of a task for good; `reason` (naming the image) reaches the MSG_TERMINATED advisory."""
-        await self.term_many([reply_subject], reason)
-
     async def term_many(self, reply_subjects: Iterable[str], reason: str) -> None:
-        """`term` for several tasks, flushed once."""
+        """Stop redelivery of these tasks for good, flushed once; `reason` (naming the images) reaches their
+        MSG_TERMINATED advisories."""
         payload = f"+TERM {reason}"[:1000].encode()
         for reply in reply_subjects:
             await self.nc.publish(reply, payload)

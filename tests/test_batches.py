@@ -137,6 +137,20 @@ def test_a_bad_batch_fails_each_of_its_images_and_terminates_each_task(runtime, 
     assert Job.get_by_id(job.id).status == JobStatus.FAILURE
 
 
+def test_an_unreadable_batch_fails_the_images_of_every_task_it_names(runtime, moth_pipeline):
+    # Given a 4-image job and a result message for 3 of its tasks whose body cannot be read at all
+    job = fake_job(moth_pipeline, 4)
+    dispatch(runtime, job.id)
+    pulled = pull_tasks(runtime, job.id, 4)
+    bad = pulled[:3]
+    # When it is handled, the images are found through their tasks, failed, and the tasks terminated
+    handled = handle_result_message(runtime, job.id, b"{not json", replies_of(bad))
+    assert handled.action == "failed"
+    failed = JobImage.select().where((JobImage.job == job.id) & (JobImage.status == ImageStatus.FAILED))
+    assert sorted(str(r.image_id) for r in failed) == sorted(t.image_id for t, _ in bad)
+    assert stream_count(runtime, job.id, moth_pipeline) == 1
+
+
 def test_a_result_covering_more_images_than_allowed_is_bad_input(runtime, moth_pipeline, monkeypatch):
     monkeypatch.setattr("pipeline.schemas.MAX_IMAGES_PER_RESULT", 2)
     job = fake_job(moth_pipeline, 3)
