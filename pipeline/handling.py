@@ -46,32 +46,28 @@ def load_job(job_id: int) -> Job | None:
     return Job.select(Job, Pipeline).join(Pipeline).where(Job.id == job_id).get_or_none()
 
 
-def count_outcomes(runtime, job: Job, outcomes: list[Outcome]) -> tuple[Snapshot | None, progress.ProgressWrite]:
-    """Redis gate then progress for outcomes already saved in the database (steps 3 and 4 of invariant 1).
+def count_outcomes(runtime, job: Job, outcomes: list[Outcome], locked: Job | None) -> tuple[
+        Snapshot | None, progress.ProgressWrite]:
+    """Redis gate then progress for outcomes saved in this transaction (steps 3 and 4 of invariant 1);
+    `locked` is the job's row from `progress.locked_job`, taken before the gate.
 
     Returns (None, ...) for a job that has ended: a late result changes no counter.
     """
-    if job.status in JobStatus.TERMINAL:
-        return None, progress.ProgressWrite(job.status, False)
+    if locked is None or locked.status in JobStatus.TERMINAL:
+        return None, progress.ProgressWrite(locked.status if locked else JobStatus.REVOKED, False)
     state = runtime.state
-    rebuilt = False
     try:
         snapshot = state.record(job.id, outcomes)
     except StateMissing:
-        # Redis lost this running job's state: rebuild it from the database (which already holds this
-        # result), then count again; an image the rebuild saw as settled is not counted twice.
-        rebuilt = jobs.rebuild_state(state, job.id)
-        if rebuilt:
+        # Redis lost this running job's state: rebuild it from the database (which, in this transaction,
+        # already holds this result), then count again; an image the rebuild saw as settled is not counted
+        # twice. The job cannot end meanwhile: its row is locked.
+        if jobs.rebuild_state(state, job.id):
             log.warning("job=%s Redis state was missing; rebuilt from the database", job.id)
-        status = Job.select(Job.status).where(Job.id == job.id).scalar()
-        if status in JobStatus.TERMINAL:  # it ended (and was cleaned up) while this result was in flight
-            return None, progress.ProgressWrite(status, False)
         snapshot = state.record(job.id, outcomes)
     crash_point("after_redis_update", job=job.id)
     _count_metrics(job, outcomes, snapshot)
-    written = progress.write_progress(job.id, snapshot, threshold=runtime.settings.failure_threshold)
-    if rebuilt and written.status in JobStatus.TERMINAL and not written.finished_now:
-        state.delete(job.id)  # the job ended during the rebuild: leave no state behind for it
+    written = progress.write_progress(job.id, snapshot, threshold=runtime.settings.failure_threshold, locked=locked)
     crash_point("after_progress", job=job.id)
     return snapshot, written
 
@@ -92,8 +88,7 @@ def settle(runtime, job: Job, save: Callable[[], list[Outcome]]) -> tuple[
         if not outcomes:
             return [], None, progress.ProgressWrite(job.status, False)
         crash_point("after_db_save", job=job.id)
-        progress.lock_job(job.id)
-        snapshot, written = count_outcomes(runtime, job, outcomes)
+        snapshot, written = count_outcomes(runtime, job, outcomes, progress.locked_job(job.id))
     crash_point("after_commit", job=job.id)
     return outcomes, snapshot, written
 

@@ -12,7 +12,7 @@ import copy
 import dataclasses
 import logging
 
-from models import ImageStatus, Job, JobImage, JobStatus, for_update, is_postgres, utcnow, write_transaction
+from models import ImageStatus, Job, JobImage, JobStatus, for_update, utcnow, write_transaction
 from pipeline.jobstate import Snapshot
 
 log = logging.getLogger(__name__)
@@ -107,26 +107,29 @@ class ProgressWrite:
     unsaved: int = 0
 
 
-def lock_job(job_id: int) -> None:
-    """Hold the job's row until the transaction ends, so that the Redis counts and commits of one job's
-    results happen in one order: whoever counts the last image sees every other counted image committed.
-    PostgreSQL only: on SQLite the write lock already serialises whole transactions."""
-    if is_postgres():
-        for_update(Job.select(Job.id).where(Job.id == job_id)).get_or_none()
+def locked_job(job_id: int) -> Job | None:
+    """The job's row (status and progress), locked until the transaction ends (PostgreSQL; on SQLite the
+    write lock already serialises whole transactions).
+
+    Taken before a result is counted in Redis, it puts the counts and commits of one job's results in one
+    order: whoever counts the last image sees every other counted image committed.
+    """
+    return for_update(Job.select(Job.id, Job.status, Job.progress).where(Job.id == job_id)).get_or_none()
 
 
 def pending_in_database(job_id: int) -> int:
     return JobImage.select().where((JobImage.job == job_id) & (JobImage.status == ImageStatus.PENDING)).count()
 
 
-def write_progress(job_id: int, snapshot: Snapshot, *, threshold: float) -> ProgressWrite:
+def write_progress(job_id: int, snapshot: Snapshot, *, threshold: float, locked: Job | None = None) -> ProgressWrite:
     """Merge `snapshot` into the job's progress under a row lock; end the job if every image is counted.
 
+    `locked`: the job's row as `locked_job` gave it in the caller's transaction (else it is read here).
     A terminal job is left untouched (a late result changes no counter or status).
     """
     now = utcnow()
     with write_transaction():
-        job = for_update(Job.select(Job.id, Job.status, Job.progress).where(Job.id == job_id)).get_or_none()
+        job = locked or locked_job(job_id)
         if job is None or job.status in JobStatus.TERMINAL:
             return ProgressWrite(job.status if job else JobStatus.REVOKED, False)
         progress = merge(job.progress, snapshot, threshold=threshold, job_id=job_id)

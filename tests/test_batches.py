@@ -10,7 +10,6 @@ import logging
 import nats
 import pytest
 
-import models
 from models import Detection, ImageStatus, Job, JobImage, JobStatus
 from pipeline import names
 from pipeline.handling import handle_result_message
@@ -94,11 +93,10 @@ def test_a_result_message_costs_one_transaction_and_one_redis_round_trip_whateve
     assert metrics().db_transactions._value.get() - transactions == 1
     assert redis_round_trips == ["EVALSHA"]
     # And the same SQL statements as any other size (no query per image): the job and its pipeline, the
-    # JobImage rows, the detections' ids, one UPDATE of the JobImage rows, (PostgreSQL: the job row's lock
-    # before counting), the job's row for progress, and that row's UPDATE (the two INSERTs go straight to
-    # the driver)
+    # JobImage rows, the detections' ids, one UPDATE of the JobImage rows, the job's row (locked before
+    # counting, progress written from it), and that row's UPDATE (the two INSERTs go straight to the driver)
     statements = [r for r in caplog.records if r.name == "peewee"]
-    assert len(statements) == 6 + models.is_postgres(), [r.getMessage()[:80] for r in statements]
+    assert len(statements) == 6, [r.getMessage()[:80] for r in statements]
     assert progress_counts(job.id) == (images + 1, 0, 3 * (images + 1))
 
 

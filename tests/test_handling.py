@@ -143,7 +143,7 @@ def test_result_for_unknown_job_is_dropped(runtime, moth_pipeline):
 
 def test_a_result_in_flight_when_the_job_ended_does_not_recreate_its_state(runtime, moth_pipeline):
     # Given a worker that loaded the job while it was still running
-    from pipeline.handling import count_outcomes, load_job
+    from pipeline.handling import load_job, settle
     from pipeline.jobstate import Outcome
 
     job = fake_job(moth_pipeline, 2)
@@ -153,7 +153,7 @@ def test_a_result_in_flight_when_the_job_ended_does_not_recreate_its_state(runti
     for task, reply in pull_tasks(runtime, job.id, 2):
         handle_result_message(runtime, job.id, success_body(task), reply)
     assert Job.get_by_id(job.id).status == JobStatus.SUCCESS
-    snapshot, written = count_outcomes(runtime, stale, [Outcome("1", detections=2, classifications=2)])
+    _, snapshot, written = settle(runtime, stale, lambda: [Outcome("1", detections=2, classifications=2)])
     # Then nothing is counted and no Redis state is resurrected for the finished job
     assert snapshot is None and written.status == JobStatus.SUCCESS
     assert runtime.redis.keys(f"jetpipe:job:{job.id}:*") == []
