@@ -95,7 +95,7 @@ class BaseModel(peewee.Model):
 #: Serialises this process's SQLite writers before they reach SQLite. Threads contending for SQLite's own
 #: write lock wait in its busy handler, which sleeps 1-100 ms between attempts: with 8 worker threads that
 #: sleeping, not the writing, was most of a result's cost. Other processes still meet the busy handler.
-_sqlite_writer = threading.RLock()
+_sqlite_writer = threading.Lock()  # never re-entered: a nested write_transaction joins the outer one
 
 
 @contextlib.contextmanager

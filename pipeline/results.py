@@ -148,17 +148,13 @@ def prepare_result(job: Job, result: SuccessResult) -> PreparedResult:
     det_rows, cls_rows = [], []
     for (image_id, algo_key, bbox_key), det in detections.items():
         algorithm_id = algorithms.get(algo_key, marker).id
-        if det is None or det.bbox is None:
-            det_rows.append((int(image_id), algorithm_id, bbox_key, None, None, None, None,
-                             det.score if det is not None else None, det.crop_image_url if det is not None else None,
-                             job.id, now))
-        else:
-            box = det.bbox
-            det_rows.append((int(image_id), algorithm_id, bbox_key, box.x1, box.y1, box.x2, box.y2, det.score,
-                             det.crop_image_url, job.id, now))
-            counts[image_id][0] += 1
-        if det is None:
+        if det is None:  # the "processed, nothing found" marker
+            det_rows.append((int(image_id), algorithm_id, bbox_key, None, None, None, None, None, None, job.id, now))
             continue
+        box = (det.bbox.x1, det.bbox.y1, det.bbox.x2, det.bbox.y2) if det.bbox else (None,) * 4
+        det_rows.append((int(image_id), algorithm_id, bbox_key, *box, det.score, det.crop_image_url, job.id, now))
+        if det.bbox:
+            counts[image_id][0] += 1
         seen_algorithms = set()
         for c in det.classifications:
             if c.algorithm.key in seen_algorithms:
