@@ -20,11 +20,18 @@ def _retry_when(retries: int, exc: BaseException) -> bool:
     return isinstance(exc, TransientError | StateMissing | OSError) and retries < 20
 
 
+#: Milliseconds before a deferred verdict is looked at again.
+DEFER_MS = 2_000
+
+
 @dramatiq.actor(queue_name=names.RESULTS_QUEUE, retry_when=_retry_when, min_backoff=500, max_backoff=15_000,
-                time_limit=60_000)
-def process_task_advisory(body: str) -> None:
-    """Fail the image whose task JetStream gave up on (idempotent: duplicates change nothing)."""
-    outcome = handle_advisory(get_runtime(), body)
+                time_limit=60_000, max_age=7 * 24 * 3600 * 1000)
+def process_task_advisory(body: str, results_seq: int | None = None) -> None:
+    """Fail the image whose task JetStream gave up on (idempotent: duplicates change nothing), once no
+    result of its job published before the give-up (up to `results_seq`) is still waiting to be saved."""
+    outcome, results_seq = handle_advisory(get_runtime(), body, results_seq)
+    if outcome == "deferred":
+        process_task_advisory.send_with_options(args=(body, results_seq), delay=DEFER_MS)
     metrics().advisories.labels(outcome).inc()
     if outcome == "failed":
         metrics().lost_images.labels("advisory").inc()

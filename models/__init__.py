@@ -8,6 +8,7 @@ from models.db import (
     for_update,
     insert_ignoring_duplicates,
     is_postgres,
+    thread_connection,
     utcnow,
     write_transaction,
 )
@@ -23,6 +24,7 @@ from models.entities import (
     JobLog,
     JobStatus,
     Pipeline,
+    ResultInbox,
     SourceImage,
 )
 
@@ -35,11 +37,11 @@ def create_schema() -> None:
 
 __all__ = [
     # database
-    "bind", "database", "create_schema", "for_update", "insert_ignoring_duplicates", "is_postgres", "utcnow",
-    "write_transaction",
+    "bind", "database", "create_schema", "for_update", "insert_ignoring_duplicates", "is_postgres", "thread_connection",
+    "utcnow", "write_transaction",
     # vocabularies
     "DispatchMode", "ImageStatus", "JobStatus",
     # tables
     "ALL_MODELS", "Algorithm", "Classification", "Detection", "Job", "JobImage", "JobLog", "Pipeline",
-    "SourceImage",
+    "ResultInbox", "SourceImage",
 ]

@@ -72,6 +72,26 @@ def bind(url: str) -> peewee.Database:
     return db
 
 
+@contextlib.contextmanager
+def thread_connection():
+    """Use this thread's connection for a unit of work outside a Dramatiq message (the bridge's threads):
+    a pooled PostgreSQL connection goes back to the pool afterwards, or is dropped if the database
+    failed it; a SQLite connection (a local file, one per thread) stays open."""
+    db = database.obj
+    failed = False
+    try:
+        yield
+    except (peewee.OperationalError, peewee.InterfaceError):
+        failed = True
+        raise
+    finally:
+        if not db.is_closed() and (failed or not isinstance(db, peewee.SqliteDatabase)):
+            if failed and hasattr(db, "manual_close"):
+                db.manual_close()
+            else:
+                db.close()
+
+
 def is_postgres() -> bool:
     return isinstance(database.obj, peewee.PostgresqlDatabase)
 

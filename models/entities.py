@@ -128,6 +128,23 @@ class Classification(BaseModel):
         indexes = ((("detection", "algorithm"), True),)
 
 
+class ResultInbox(BaseModel):
+    """A result message taken from the results stream and not yet saved: the durable hand-over between
+    NATS and the database. A row is deleted in the transaction that saves its result, so a result is
+    saved once, and nothing between the stream and that commit can drop it (invariant 11)."""
+
+    job_id = peewee.BigIntegerField()  # no foreign key: a result may name a job that does not exist
+    #: "<results stream seq>:<publish time ns>" of the message (a redelivered message is taken once).
+    source = peewee.CharField(max_length=64, unique=True)
+    stream_seq = peewee.BigIntegerField(null=True)  # None for a result handed over without NATS
+    body = peewee.BlobField()
+    task_replies = peewee.TextField(default="")  # the Pipeline-Task-Reply header as received
+    received_at = peewee.DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("job_id", "id"), False),)
+
+
 class JobLog(BaseModel):
     job = peewee.ForeignKeyField(Job, backref="logs", on_delete="CASCADE")
     level = peewee.CharField(max_length=10)
@@ -135,4 +152,4 @@ class JobLog(BaseModel):
     created_at = peewee.DateTimeField(default=utcnow, index=True)
 
 
-ALL_MODELS = (Pipeline, Algorithm, SourceImage, Job, JobImage, Detection, Classification, JobLog)
+ALL_MODELS = (Pipeline, Algorithm, SourceImage, Job, JobImage, Detection, Classification, ResultInbox, JobLog)

@@ -1,13 +1,17 @@
-"""The bridge: JetStream -> Dramatiq, inside each worker process.
+"""The bridge: JetStream -> jetpipe, inside each worker process.
 
 Two routes, each a durable pull consumer shared by every worker (JetStream hands each message to one):
-- `PIPELINE_RESULTS` -> `process_pipeline_result(job_id, body, reply)`;
+- `PIPELINE_RESULTS`: result messages are *taken* into the database inbox (`pipeline/inbox.py`), which
+  ACKs the tasks they settle, and `process_pipeline_result(job_id)` is asked to save them;
 - `PIPELINE_ADVISORIES` (MAX_DELIVERIES and MSG_TERMINATED of tasks) -> `process_task_advisory(body)`,
   the fast path that fails a lost image within seconds.
 
-A message is ACKed on its stream only after its Dramatiq message was sent, so a crash in between re-sends
-it (at-least-once; both actors are idempotent). The bridge pauses pulling while Dramatiq's results queue
-holds more than `max_in_flight` messages (bounded in flight).
+A message is ACKed on its stream only after it was delivered (committed to the inbox, or sent to
+Dramatiq), so a crash in between redelivers it (at-least-once; both consumers of it are idempotent).
+Each route stops pulling while its backlog (inbox rows, Dramatiq's queue) is over its bound, so memory
+stays bounded and the backlog waits on disk in JetStream. A periodic sweep asks for the inbox rows of
+every job to be drained, so a lost drain request (a Redis flush, a worker killed) delays a save by
+seconds, never loses it.
 """
 
 from __future__ import annotations
@@ -31,44 +35,43 @@ log = logging.getLogger(__name__)
 FETCH_BATCH = 200
 #: Seconds one fetch waits for messages when the stream is empty.
 FETCH_TIMEOUT_S = 0.5
-#: Seconds JetStream waits for the bridge's ACK of a message before redelivering it.
-BRIDGE_ACK_WAIT_S = 60
-#: Results queued in Dramatiq (not yet handled) above which the bridge stops pulling.
-MAX_IN_FLIGHT = 2000
+#: Seconds JetStream waits for the bridge's ACK of a message before redelivering it, at most (taking a
+#: batch takes milliseconds; a worker killed holding a batch has it redelivered this long after). It is
+#: also kept under half the tasks' ack_wait, so a result a dead worker held comes back to another bridge
+#: before the task it settles is redelivered to a service.
+BRIDGE_ACK_WAIT_S = 30.0
+#: Seconds between two sweeps of the inbox for rows nobody has asked to save.
+SWEEP_S = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
 class Route:
-    """Messages of `stream` (via durable `consumer`) become Dramatiq messages through `send_batch`.
+    """Messages of `stream` (via durable `consumer`) handed to `deliver` (run in a thread).
 
-    `to_args(msg)` gives the actor's arguments, or None for a message that can never be handled (it is
-    terminated and logged).
+    `accepts(msg)` is False for a message that can never be handled (it is terminated and logged);
+    `deliver(msgs)` raises if they could not be delivered (they are redelivered later); `backlogged()`
+    is True while the route's downstream is full (pulling pauses).
     """
 
     stream: str
     consumer: str
     filter_subject: str | None
-    to_args: Callable[[object], tuple | None]
-    send_batch: Callable[[list[tuple]], None]
+    accepts: Callable[[object], bool]
+    deliver: Callable[[list], None]
+    backlogged: Callable[[], bool]
 
 
-def result_args(msg) -> tuple | None:
-    job_id = names.job_id_from_result_subject(msg.subject)
-    if job_id is None:
-        return None
-    return job_id, msg.data.decode("utf-8", errors="replace"), (msg.headers or {}).get(names.HDR_TASK_REPLY)
-
-
-def advisory_args(msg) -> tuple | None:
-    return (msg.data.decode("utf-8", errors="replace"),)
+def is_result(msg) -> bool:
+    return names.job_id_from_result_subject(msg.subject) is not None
 
 
 class Bridge:
-    def __init__(self, js, routes: list[Route], *, queue_depth: Callable[[], int], max_in_flight: int = MAX_IN_FLIGHT):
+    def __init__(self, js, routes: list[Route], *, sweep: Callable[[], None] | None = None,
+                 task_ack_wait_s: float = BRIDGE_ACK_WAIT_S * 2):
         self.js = js
         self.routes = routes
-        self.queue_depth = queue_depth
-        self.max_in_flight = max_in_flight
+        self.sweep = sweep
+        self.ack_wait_s = min(BRIDGE_ACK_WAIT_S, max(1.0, task_ack_wait_s / 2))
         self._stopping = asyncio.Event()
         self.forwarded = 0
 
@@ -78,9 +81,11 @@ class Bridge:
     async def _subscribe(self, route: Route):
         config = ConsumerConfig(durable_name=route.consumer, filter_subject=route.filter_subject,
                                 ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-                                ack_wait=BRIDGE_ACK_WAIT_S, max_ack_pending=20_000)
+                                ack_wait=self.ack_wait_s, max_ack_pending=20_000)
         try:
-            await self.js.consumer_info(route.stream, route.consumer)
+            info = await self.js.consumer_info(route.stream, route.consumer)
+            if abs((info.config.ack_wait or 0) - self.ack_wait_s) > 0.01:
+                await self.js.add_consumer(route.stream, config)  # updates the ack_wait of the existing one
         except nats.js.errors.NotFoundError:
             try:
                 await self.js.add_consumer(route.stream, config)
@@ -92,7 +97,10 @@ class Bridge:
 
     async def run(self) -> None:
         """Pull every route concurrently (an idle route's fetch timeout never delays a busy one)."""
-        await asyncio.gather(*(self._run_route(route) for route in self.routes))
+        tasks = [self._run_route(route) for route in self.routes]
+        if self.sweep is not None:
+            tasks.append(self._run_sweep())
+        await asyncio.gather(*tasks)
         log.info("bridge stopped after forwarding %s message(s)", self.forwarded)
 
     async def _run_route(self, route: Route) -> None:
@@ -100,8 +108,7 @@ class Bridge:
         sub = None
         while not self._stopping.is_set():
             try:
-                depth = await loop.run_in_executor(None, self.queue_depth)
-                if depth > self.max_in_flight:
+                if await loop.run_in_executor(None, route.backlogged):
                     await self._sleep(0.2)
                     continue
                 if sub is None:
@@ -113,39 +120,47 @@ class Bridge:
                 await self._forward(loop, route, msgs)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - the bridge must outlive NATS/Redis outages
+            except Exception as exc:  # noqa: BLE001 - the bridge must outlive NATS/Redis/database outages
                 log.warning("bridge %s: %s: %s; retrying in 1 s", route.stream, type(exc).__name__, exc)
                 if isinstance(exc, nats.js.errors.NotFoundError | nats.js.errors.ServiceUnavailableError):
                     sub = None  # consumer or stream lost (NATS restarted without its store): re-create
                 await self._sleep(1.0)
 
     async def _forward(self, loop, route: Route, msgs) -> None:
-        batch, ackable = [], []
+        usable = []
         for msg in msgs:
-            args = route.to_args(msg)
-            if args is None:
-                log.error("bridge: dropping message on unexpected subject %r", msg.subject)
+            if route.accepts(msg):
+                usable.append(msg)
+            else:
+                log.error("bridge: dropping message on unexpected subject %.200r", msg.subject)
                 await msg.term()
-                continue
-            batch.append(args)
-            ackable.append(msg)
-        if not batch:
+        if not usable:
             return
         try:
-            await loop.run_in_executor(None, route.send_batch, batch)
+            await loop.run_in_executor(None, route.deliver, usable)
         except Exception as exc:  # noqa: BLE001
-            log.warning("bridge: could not enqueue %s message(s) from %s (%s); they will be redelivered",
-                        len(batch), route.stream, exc)
-            for msg in ackable:
+            log.warning("bridge: could not deliver %s message(s) from %s (%s: %s); they will be redelivered",
+                        len(usable), route.stream, type(exc).__name__, exc)
+            for msg in usable:
                 await msg.nak(delay=2)
             return
-        for msg in ackable:
+        for msg in usable:
             await msg.ack()
-        self.forwarded += len(ackable)
+        self.forwarded += len(usable)
         now = time.time()
         lag = metrics().bridge_lag
-        for msg in ackable:
+        for msg in usable:
             lag.observe(max(0.0, now - msg.metadata.timestamp.timestamp()))
+
+    async def _run_sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stopping.is_set():
+            await self._sleep(SWEEP_S)
+            try:
+                await loop.run_in_executor(None, self.sweep)
+            except Exception as exc:  # noqa: BLE001 - an outage: the next sweep tries again
+                log.warning("bridge: inbox sweep failed (%s: %s); retrying in %s s", type(exc).__name__, exc,
+                            SWEEP_S)
 
     async def _sleep(self, seconds: float) -> None:
         try:

@@ -4,6 +4,9 @@
     PIPELINE_CRASH_AT=mid_publish PIPELINE_CRASH_SKIP=3
                                            ... the 4th time instead (let 3 hits pass first)
     PIPELINE_RAISE_AT=after_dispatch       raise InjectedFault there, every time (an ordinary bug)
+    PIPELINE_DELAY_AT=after_validation=0.02
+                                           sleep 0.02 s there, every time (a throttled worker: makes a
+                                           backlog deterministic instead of a matter of machine speed)
 
 Points (docs/processing-lifecycle.md says what recovers each one):
 """
@@ -13,14 +16,16 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 
 log = logging.getLogger(__name__)
 
 #: Every crash point that production code passes through.
 POINTS = (
-    # process_pipeline_result
-    "after_validation", "after_db_save", "after_redis_update", "after_progress", "after_commit", "before_ack",
-    "after_ack",
+    # the bridge taking results into the inbox
+    "after_inbox", "after_task_ack",
+    # process_pipeline_result saving them
+    "after_validation", "after_db_save", "after_redis_update", "after_progress", "after_commit",
     # run_job
     "mid_publish", "after_publish", "after_dispatch",
 )
@@ -37,6 +42,9 @@ def crash_point(name: str, **context) -> None:
     raise InjectedFault if PIPELINE_RAISE_AT names it."""
     if os.environ.get("PIPELINE_RAISE_AT") == name:
         raise InjectedFault(f"fault injected at {name}")
+    delay = os.environ.get("PIPELINE_DELAY_AT")
+    if delay and delay.partition("=")[0] == name:
+        time.sleep(float(delay.partition("=")[2] or 0))
     armed = os.environ.get("PIPELINE_CRASH_AT")
     if armed != name:
         return

@@ -29,7 +29,7 @@ import peewee
 import redis
 
 from models import DispatchMode, Job, JobStatus, Pipeline, for_update, utcnow, write_transaction
-from pipeline import jobs, names, progress
+from pipeline import inbox, jobs, names, progress
 from pipeline.errors import TransientError
 from pipeline.handling import finish
 from pipeline.joblog import job_log
@@ -139,6 +139,10 @@ class HealthCheck:
         last_active = consumer.last_active.replace(tzinfo=None) if consumer.last_active else None
         if last_active is not None and self.now - last_active < window:
             return "busy"
+        if inbox.outstanding(self.runtime, job.id):  # a result in hand decides its image: not lost
+            result.notes.append(f"job {job.id}: results are waiting to be saved (workers are behind); its "
+                                f"{len(pending)} pending image(s) are not lost")
+            return "results_queued"
         with write_transaction():  # re-validate under the row lock: a result may have just arrived
             fresh = for_update(Job.select(Job.status, Job.last_progress_at, Job.dispatched_at)
                                .where(Job.id == job.id)).get()

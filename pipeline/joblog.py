@@ -10,17 +10,19 @@ log = logging.getLogger("pipeline.job")
 
 
 def job_log(job_id: int, level: int, message: str, *, image_id: str | None = None,
-            persist: bool = True, logger: logging.Logger = log) -> None:
-    """Log `job=<id> [image=<id>] message` and, with `persist`, store it in the job's log.
+            persist: bool = True, emit: bool = True, logger: logging.Logger = log) -> None:
+    """Log `job=<id> [image=<id>] message` (unless not `emit`) and, with `persist`, store it in the
+    job's log (inside the caller's transaction, if there is one).
 
     Never raises: a failing job-log write must not turn a decision into a failure.
     """
     prefix = f"job={job_id}" + (f" image={image_id}" if image_id is not None else "")
-    logger.log(level, "%s %s", prefix, message)
+    if emit:
+        logger.log(level, "%s %s", prefix, message)
     if not persist:
         return
     try:
         JobLog.insert(job=job_id, level=logging.getLevelName(level),
-                      message=(f"image={image_id} " if image_id else "") + message).execute()
+                      message=((f"image={image_id} " if image_id else "") + message).replace("\x00", "\\0")).execute()
     except Exception as exc:  # noqa: BLE001
         logger.warning("%s could not write job log: %s", prefix, exc)

@@ -40,6 +40,11 @@ _RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+#: Give a lock a new time to live, only if this holder's token still owns it.
+_EXTEND_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +56,8 @@ class Outcome:
     captures: int = 1
     detections: int = 0
     classifications: int = 0
+    #: a valid result replacing a "lost" verdict: counted once, moving the image from failed to processed
+    supersedes: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +100,7 @@ class JobState:
         self.client = client
         self._scripts = {name: client.register_script(text) for name, text in _SCRIPTS.items()}
         self._release = client.register_script(_RELEASE_LOCK)
+        self._extend = client.register_script(_EXTEND_LOCK)
 
     def _run(self, script: str, job_id: int, args: Iterable = ()) -> object:
         try:
@@ -136,6 +144,26 @@ class JobState:
         token = uuid.uuid4().hex
         return token if self.client.set(key, token, nx=True, px=ttl_ms) else None
 
+    def extend_lock(self, key: str, token: str, ttl_ms: int) -> bool:
+        """Keep a lock taken with `try_lock` for `ttl_ms` more; False if this holder lost it (it expired)."""
+        try:
+            return bool(self._extend(keys=[key], args=[token, ttl_ms]))
+        except redis.RedisError as exc:
+            raise TransientError(f"redis unavailable: {exc}") from exc
+
+    def set_flag(self, key: str, ttl_s: int) -> None:
+        try:
+            self.client.set(key, "1", ex=ttl_s)
+        except redis.RedisError as exc:
+            raise TransientError(f"redis unavailable: {exc}") from exc
+
+    def take_flag(self, key: str) -> bool:
+        """True if flag `key` was set (and clear it)."""
+        try:
+            return bool(self.client.delete(key))
+        except redis.RedisError as exc:
+            raise TransientError(f"redis unavailable: {exc}") from exc
+
     def release(self, key: str, token: str) -> None:
         """Release a lock taken with `try_lock`, only if this holder still owns it (else it expired)."""
         try:
@@ -164,7 +192,7 @@ class JobState:
         """Count each image's outcome once (atomic gate); raises StateMissing if the job has no state."""
         args: list = [STATE_TTL_S]
         for o in outcomes:
-            args += [o.image_id, int(o.failed), o.captures, o.detections, o.classifications]
+            args += [o.image_id, int(o.failed), o.captures, o.detections, o.classifications, int(o.supersedes)]
         reply = self._run("record_outcomes", job_id, args)
         if int(reply[0]) < 0:
             raise StateMissing(f"no Redis state for job {job_id}")

@@ -4,6 +4,11 @@ Both paths end here: the MAX_DELIVERIES / MSG_TERMINATED advisory (fast, seconds
 `lost_images` check (safety net, for jobs idle past PIPELINE_STALLED_JOBS_MAX_MINUTES). Failing goes
 through the database arbiter and the same atomic Redis gate as results, so a late result and the
 reconciler can never both count an image, and duplicate advisories change nothing.
+
+"Lost" means no result was ever received (invariant 8): while results of the job published before
+JetStream gave up are still waiting to be saved (in the results stream or the inbox), the verdict waits
+for them, however long the workers take. A valid result that arrives after the verdict supersedes it
+while the job runs (`pipeline/results.py`).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import json
 import logging
 
 from models import Job, JobStatus, for_update, write_transaction
-from pipeline import names, progress
+from pipeline import inbox, names, progress
 from pipeline.handling import finish, load_job, settle
 from pipeline.joblog import job_log
 from pipeline.jobstate import Outcome
@@ -52,8 +57,15 @@ def _image_from_term_reason(reason: str | None) -> str | None:
     return None
 
 
-def handle_advisory(runtime, body: str) -> str:
-    """Fail the image behind a MAX_DELIVERIES or MSG_TERMINATED advisory; returns what was done."""
+def handle_advisory(runtime, body: str, results_seq: int | None = None) -> tuple[str, int | None]:
+    """Fail the image behind a MAX_DELIVERIES or MSG_TERMINATED advisory; returns what was done and, for
+    "deferred" (results of the job published before the give-up are still being saved: ask again later,
+    passing it back), the results stream sequence the verdict waits for."""
+    outcome = _handle_advisory(runtime, body, results_seq)
+    return outcome if isinstance(outcome, tuple) else (outcome, None)
+
+
+def _handle_advisory(runtime, body: str, results_seq: int | None) -> str | tuple[str, int]:
     try:
         advisory = json.loads(body)
         job_id = names.job_id_from_consumer(advisory["consumer"])
@@ -78,6 +90,12 @@ def handle_advisory(runtime, body: str) -> str:
         log.warning("job=%s advisory for stream_seq=%s names no image we can find; left to the periodic check",
                     job_id, stream_seq)
         return "unknown_image"
+    if results_seq is None:
+        results_seq = runtime.tasks.results_last_seq()  # every result published before the give-up is <= this
+    if inbox.outstanding(runtime, job_id, published_up_to=results_seq):
+        log.info("job=%s image=%s verdict deferred: results published before JetStream gave up on its task "
+                 "are still being saved (%s)", job_id, image_id, kind or "advisory")
+        return "deferred", results_seq
     outcomes, status = fail_lost(runtime, job, [image_id], reason)
     if kind.endswith("max_deliver"):
         runtime.tasks.delete_task(stream_seq)  # nothing will ever deliver it again: leave nothing in NATS

@@ -15,15 +15,58 @@ import peewee
 from dramatiq.asyncio import get_event_loop_thread
 
 import models
-from pipeline import names
+from pipeline import inbox, names
 from pipeline.aio import LoopRunner
-from pipeline.bridge import Bridge, Route, advisory_args, result_args
+from pipeline.bridge import SWEEP_S, Bridge, Route, is_result
 from pipeline.errors import TransientError
 from pipeline.runtime import Runtime, set_runtime
 from pipeline.scheduler import SlotScheduler
 from pipeline.settings import get_settings
 
 log = logging.getLogger(__name__)
+
+#: Advisories queued in Dramatiq (not yet handled) above which the bridge stops pulling them.
+MAX_ADVISORIES_QUEUED = 2000
+
+
+def bridge_routes(runtime: Runtime, broker) -> list[Route]:
+    """The bridge's two routes: results into the inbox, advisories into `process_task_advisory`."""
+    # late imports: the actors import the broker, which imports this module
+    from actors.advisories import send_advisories
+    from actors.results import request_drains
+
+    def take_results(msgs) -> None:
+        with models.thread_connection():
+            jobs = inbox.take(runtime, [inbox.Incoming.from_msg(names.job_id_from_result_subject(m.subject), m)
+                                        for m in msgs])
+        try:
+            request_drains(jobs)
+        except Exception as exc:  # noqa: BLE001 - the results are safe in the inbox; the sweep asks again
+            log.warning("bridge: could not ask for jobs %s to be saved (%s); the inbox sweep will", jobs, exc)
+
+    def inbox_full() -> bool:
+        with models.thread_connection():
+            return inbox.size() > inbox.MAX_ROWS
+
+    advisories_key = f"{names.DRAMATIQ_NAMESPACE}:{names.RESULTS_QUEUE}"
+    return [
+        Route(names.RESULTS_STREAM, names.RESULTS_BRIDGE_CONSUMER, names.RESULTS_SUBJECTS, is_result, take_results,
+              inbox_full),
+        Route(names.ADVISORIES_STREAM, names.ADVISORIES_CONSUMER, None, lambda msg: True,
+              lambda msgs: send_advisories([(m.data.decode("utf-8", errors="replace"),) for m in msgs]),
+              lambda: broker.client.llen(advisories_key) > MAX_ADVISORIES_QUEUED),
+    ]
+
+
+def sweep_inbox(runtime: Runtime) -> None:
+    """Ask for the inbox rows of every job to be saved that have waited longer than a sweep interval."""
+    from actors.results import request_drains
+
+    with models.thread_connection():
+        waiting = inbox.jobs_waiting(older_than_s=SWEEP_S)
+    if waiting:
+        log.info("bridge: results of job(s) %s wait in the inbox; asking for them to be saved", waiting[:20])
+        request_drains(waiting)
 
 
 class WorkerResources(dramatiq.Middleware):
@@ -63,10 +106,6 @@ class WorkerResources(dramatiq.Middleware):
 
     async def _run_bridge(self, runtime: Runtime, broker) -> None:
         """Connect (retrying while NATS is down), then run the bridge until shutdown."""
-        # late imports: the actors import the broker, which imports this module
-        from actors.advisories import send_advisories
-        from actors.results import send_results
-
         while not self._stopping:
             try:
                 queue = await runtime.connect_tasks()
@@ -76,13 +115,8 @@ class WorkerResources(dramatiq.Middleware):
                 await asyncio.sleep(2)
         else:
             return
-        routes = [
-            Route(names.RESULTS_STREAM, names.RESULTS_BRIDGE_CONSUMER, names.RESULTS_SUBJECTS, result_args,
-                  send_results),
-            Route(names.ADVISORIES_STREAM, names.ADVISORIES_CONSUMER, None, advisory_args, send_advisories),
-        ]
-        queue_key = f"{names.DRAMATIQ_NAMESPACE}:{names.RESULTS_QUEUE}"
-        self.bridge = Bridge(queue.queue.js, routes, queue_depth=lambda: broker.client.llen(queue_key))
+        self.bridge = Bridge(queue.queue.js, bridge_routes(runtime, broker), sweep=lambda: sweep_inbox(runtime),
+                             task_ack_wait_s=runtime.settings.nats_task_ttr)
         if self._stopping:
             return
         await self.bridge.run()

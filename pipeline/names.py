@@ -44,17 +44,26 @@ def job_consumer(job_id: int) -> str:
     return f"job-{job_id}"
 
 
+#: Longest job id jetpipe parses from a name (a database id fits in 18 decimal digits).
+MAX_ID_DIGITS = 18
+
+
+def parse_job_id(text: str) -> int | None:
+    """The job id spelled by `text` (ASCII decimal digits only: "²" or "٣" are not ids), else None."""
+    if text.isascii() and text.isdigit() and len(text) <= MAX_ID_DIGITS:
+        return int(text)
+    return None
+
+
 def job_id_from_consumer(name: str) -> int | None:
     prefix = "job-"
-    if name.startswith(prefix) and name[len(prefix):].isdigit():
-        return int(name[len(prefix):])
-    return None
+    return parse_job_id(name[len(prefix):]) if name.startswith(prefix) else None
 
 
 def job_id_from_result_subject(subject: str) -> int | None:
     parts = subject.split(".")
-    if len(parts) == 3 and parts[:2] == ["pipeline", "results"] and parts[2].isdigit():
-        return int(parts[2])
+    if len(parts) == 3 and parts[:2] == ["pipeline", "results"]:
+        return parse_job_id(parts[2])
     return None
 
 
@@ -88,6 +97,16 @@ def job_keys(job_id: int) -> tuple[str, str, str]:
 def rebuild_lock_key(job_id: int) -> str:
     """Held while one process rebuilds the job's state from the database."""
     return f"{REDIS_PREFIX}:lock:rebuild:{job_id}"
+
+
+def drain_lock_key(job_id: int) -> str:
+    """Held while one process saves the job's results from the inbox (one drainer per job at a time)."""
+    return f"{REDIS_PREFIX}:lock:drain:{job_id}"
+
+
+def drain_again_key(job_id: int) -> str:
+    """Set by a drain request that found the job's drainer busy: the drainer looks at the inbox once more."""
+    return f"{REDIS_PREFIX}:drain-again:{job_id}"
 
 
 def crash_delivery_key(message_id: str) -> str:

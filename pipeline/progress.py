@@ -47,8 +47,13 @@ def final_status(snapshot: Snapshot, threshold: float) -> str:
     return JobStatus.FAILURE if failed_for_good(snapshot.failed, snapshot.total, threshold) else JobStatus.SUCCESS
 
 
-def merge(progress: dict, snapshot: Snapshot, *, threshold: float, job_id: int) -> dict:
-    """`progress` advanced by `snapshot` without ever going backwards; returns a new dict."""
+def merge(progress: dict, snapshot: Snapshot, *, threshold: float, job_id: int, corrected: bool = False) -> dict:
+    """`progress` advanced by `snapshot` without ever going backwards; returns a new dict.
+
+    `corrected`: the snapshot turned images failed as lost into processed ones (their results came after
+    all). The failed counter then takes the snapshot's exact value, which is lower, and a stage that was
+    doomed only by those verdicts is no longer held at FAILURE.
+    """
     merged = copy.deepcopy(progress) if progress else initial_progress(snapshot.total)
     stages = merged.setdefault("stages", initial_progress(snapshot.total)["stages"])
     total = max(snapshot.total, stages["collect"].get("total", 0))
@@ -58,7 +63,7 @@ def merge(progress: dict, snapshot: Snapshot, *, threshold: float, job_id: int) 
 
     process = stages["process"]
     process["processed"] = max(process.get("processed", 0), snapshot.processed)
-    process["failed"] = max(process.get("failed", 0), snapshot.failed)
+    process["failed"] = snapshot.failed if corrected else max(process.get("failed", 0), snapshot.failed)
     process["remaining"] = max(total - process["processed"], 0)
     results = stages["results"]
     for counter in ("captures", "detections", "classifications"):
@@ -71,7 +76,7 @@ def merge(progress: dict, snapshot: Snapshot, *, threshold: float, job_id: int) 
         if stage["progress"] >= 1.0 and fraction < 1.0 and before >= 1.0:
             log.warning("job=%s stage %r progress lifted to 100%% by max() guard: this worker computed "
                         "%.1f%%, the database had %.1f%%", job_id, name, fraction * 100, before * 100)
-        if stage.get("status") == JobStatus.FAILURE:
+        if stage.get("status") == JobStatus.FAILURE and not corrected:
             continue  # sticky: a stage that failed keeps FAILURE
         if stage["progress"] >= 1.0:
             stage["status"] = complete_status
@@ -121,7 +126,8 @@ def pending_in_database(job_id: int) -> int:
     return JobImage.select().where((JobImage.job == job_id) & (JobImage.status == ImageStatus.PENDING)).count()
 
 
-def write_progress(job_id: int, snapshot: Snapshot, *, threshold: float, locked: Job | None = None) -> ProgressWrite:
+def write_progress(job_id: int, snapshot: Snapshot, *, threshold: float, locked: Job | None = None,
+                   corrected: bool = False) -> ProgressWrite:
     """Merge `snapshot` into the job's progress under a row lock; end the job if every image is counted.
 
     `locked`: the job's row as `locked_job` gave it in the caller's transaction (else it is read here).
@@ -132,7 +138,7 @@ def write_progress(job_id: int, snapshot: Snapshot, *, threshold: float, locked:
         job = locked or locked_job(job_id)
         if job is None or job.status in JobStatus.TERMINAL:
             return ProgressWrite(job.status if job else JobStatus.REVOKED, False)
-        progress = merge(job.progress, snapshot, threshold=threshold, job_id=job_id)
+        progress = merge(job.progress, snapshot, threshold=threshold, job_id=job_id, corrected=corrected)
         changes = {Job.progress: progress, Job.updated_at: now, Job.last_progress_at: now}
         final = final_status(snapshot, threshold) if snapshot.complete else None
         # Redis counts a result inside the transaction that saves it, so after a crash before that commit

@@ -1,10 +1,11 @@
 """Saving results, idempotent by unique constraints; a constant number of statements per result message
 (whatever its number of images), inside the caller's transaction when there is one.
 
-A replayed or concurrently duplicated result inserts nothing twice (INSERT ... ON CONFLICT DO NOTHING on
-the unique keys of Detection and Classification) and changes a JobImage's outcome only while it is still
-pending, mirroring the Redis gate. The per-image counts returned come from the result itself, so every
-replay reports the same numbers.
+The first result that decides an image wins: rows are written only for images still pending (or failed
+as lost, a verdict a late result supersedes), so a replay, a duplicate or a second result with other
+boxes adds nothing, and an image that has failed never gets rows (counters equal rows). Inserts are also
+INSERT ... ON CONFLICT DO NOTHING on the unique keys of Detection and Classification, so concurrent
+duplicates cannot double a row. A replay reports the outcome the database already holds.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import defaultdict
+
+from peewee import chunked
 
 from models import (
     Algorithm,
@@ -31,6 +34,11 @@ from pipeline.jobstate import Outcome
 from pipeline.schemas import SuccessResult
 
 log = logging.getLogger(__name__)
+
+#: Reasons of images failed because no result came (pipeline/lost.py); a result arriving later supersedes them.
+LOST_PREFIX = "lost:"
+#: Longest failure reason stored on an image.
+MAX_REASON_CHARS = 2000
 
 _algorithms: dict[int, dict[str, Algorithm]] = {}
 
@@ -53,12 +61,28 @@ def _resolve_algorithms(job: Job, keys: set[str], image_ids: tuple[str, ...]) ->
     return known
 
 
-def _job_images(job_id: int, image_ids) -> dict[str, JobImage]:
+def canonical_image_id(image_id) -> str | None:
+    """The image id as the database spells it ("0345" -> "345"), or None if it cannot be one."""
+    text = str(image_id)
+    if text.isascii() and text.isdigit() and len(text) <= 18:
+        return str(int(text))
+    return None
+
+
+def job_images(job_id: int, image_ids) -> dict[str, JobImage]:
     """The job's rows for these images, locked until the transaction ends (the outcome arbiter)."""
-    numeric = [int(i) for i in image_ids if str(i).isdigit()]
-    return {str(r.image_id): r for r in for_update(JobImage.select(
-        JobImage.id, JobImage.image, JobImage.status, JobImage.detections, JobImage.classifications)
-        .where((JobImage.job == job_id) & (JobImage.image.in_(numeric))))}
+    numeric = sorted({int(c) for c in map(canonical_image_id, image_ids) if c is not None})
+    found: dict[str, JobImage] = {}
+    for chunk in chunked(numeric, 500):  # SQLite limits the variables of one statement
+        found.update((str(r.image_id), r) for r in for_update(JobImage.select(
+            JobImage.id, JobImage.image, JobImage.status, JobImage.detections, JobImage.classifications,
+            JobImage.error).where((JobImage.job == job_id) & (JobImage.image.in_(chunk)))))
+    return found
+
+
+def is_lost(row: JobImage) -> bool:
+    """True for an image failed because no result came: a valid result arriving later supersedes that."""
+    return row.status == ImageStatus.FAILED and (row.error or "").startswith(LOST_PREFIX)
 
 
 def _settled_outcome(row: JobImage) -> Outcome:
@@ -70,7 +94,7 @@ def _settled_outcome(row: JobImage) -> Outcome:
 
 
 def _rows_of(job_id: int, image_ids: tuple[str, ...]) -> dict[str, JobImage]:
-    rows = _job_images(job_id, image_ids)
+    rows = job_images(job_id, image_ids)
     missing = [i for i in image_ids if i not in rows]
     if missing:
         raise BadResult(f"images {missing} are not part of job {job_id}",
@@ -89,27 +113,61 @@ class PreparedResult:
     classifications: list[tuple[tuple[str, int, str], tuple]]  # (detection key, row without its detection id)
     counts: dict[str, list[int]]  # image id -> [detections, classifications]
 
-    def save(self) -> list[Outcome]:
-        """Write the rows and image outcomes (inside the caller's transaction, if any); per-image counts."""
+    @classmethod
+    def combine(cls, parts: list[PreparedResult]) -> PreparedResult:
+        """One result of several of the same job, saved in one go; an image named by several parts takes
+        the rows of the first (the order the results arrived in)."""
+        if len(parts) == 1:
+            return parts[0]
+        owner: dict[str, int] = {}
+        for n, part in enumerate(parts):
+            for image_id in part.image_ids:
+                owner.setdefault(image_id, n)
+        return cls(
+            parts[0].job_id, tuple(owner),
+            [row for n, part in enumerate(parts) for row in part.detections if owner[str(row[0])] == n],
+            [c for n, part in enumerate(parts) for c in part.classifications if owner[c[0][0]] == n],
+            {image_id: parts[n].counts[image_id] for image_id, n in owner.items()})
+
+    def restricted_to(self, image_ids) -> PreparedResult:
+        """This result without the images not in `image_ids` (decided by another message)."""
+        keep = set(image_ids)
+        if keep >= set(self.image_ids):
+            return self
+        return PreparedResult(self.job_id, tuple(i for i in self.image_ids if i in keep),
+                              [r for r in self.detections if str(r[0]) in keep],
+                              [c for c in self.classifications if c[0][0] in keep],
+                              {i: n for i, n in self.counts.items() if i in keep})
+
+    def save(self, rows: dict[str, JobImage] | None = None) -> list[Outcome]:
+        """Write the rows and outcomes of the images this result decides (inside the caller's transaction,
+        if any); every image's outcome. `rows`: the images' locked rows, if the caller already read them."""
         with write_transaction():
-            rows = _rows_of(self.job_id, self.image_ids)
-            insert_ignoring_duplicates(Detection, DETECTION_FIELDS, self.detections)
-            if self.classifications:
-                ids = {(str(image), algorithm, bbox_key): pk for pk, image, algorithm, bbox_key in Detection.select(
-                    Detection.id, Detection.image, Detection.algorithm, Detection.bbox_key)
-                    .where(Detection.image.in_([int(i) for i in self.image_ids])).tuples()}
+            rows = rows if rows is not None else _rows_of(self.job_id, self.image_ids)
+            deciding = [i for i in self.image_ids if rows[i].status == ImageStatus.PENDING or is_lost(rows[i])]
+            decided = set(deciding)
+            detections = [r for r in self.detections if str(r[0]) in decided]
+            insert_ignoring_duplicates(Detection, DETECTION_FIELDS, detections)
+            classifications = [c for c in self.classifications if c[0][0] in decided]
+            if classifications:
+                ids = {}
+                for chunk in chunked(sorted({int(i) for i, _, _ in (c[0] for c in classifications)}), 500):
+                    ids.update(((str(image), algorithm, bbox_key), pk) for pk, image, algorithm, bbox_key in
+                               Detection.select(Detection.id, Detection.image, Detection.algorithm,
+                                                Detection.bbox_key).where(Detection.image.in_(chunk)).tuples())
                 insert_ignoring_duplicates(Classification, CLASSIFICATION_FIELDS,
-                                           [(ids[key], *row) for key, row in self.classifications])
+                                           [(ids[key], *row) for key, row in classifications])
             by_counts: dict[tuple[int, int], list[int]] = defaultdict(list)  # one UPDATE per distinct pair
-            for image_id in self.image_ids:
+            for image_id in deciding:
                 by_counts[tuple(self.counts[image_id])].append(rows[image_id].id)
             now = utcnow()
             for (n_det, n_cls), row_ids in by_counts.items():
-                JobImage.update(status=ImageStatus.PROCESSED, detections=n_det, classifications=n_cls,
-                                error=None, updated_at=now).where(
-                    JobImage.id.in_(row_ids) & (JobImage.status == ImageStatus.PENDING)).execute()
-        return [Outcome(i, captures=1, detections=self.counts[i][0], classifications=self.counts[i][1])
-                if rows[i].status == ImageStatus.PENDING else _settled_outcome(rows[i]) for i in self.image_ids]
+                for chunk in chunked(row_ids, 500):
+                    JobImage.update(status=ImageStatus.PROCESSED, detections=n_det, classifications=n_cls,
+                                    error=None, updated_at=now).where(JobImage.id.in_(chunk)).execute()
+        return [Outcome(i, captures=1, detections=self.counts[i][0], classifications=self.counts[i][1],
+                        supersedes=rows[i].status == ImageStatus.FAILED)
+                if i in decided else _settled_outcome(rows[i]) for i in self.image_ids]
 
 
 DETECTION_FIELDS = ("image", "algorithm", "bbox_key", "x1", "y1", "x2", "y2", "score", "crop_url", "job",
@@ -120,7 +178,12 @@ _to_json = JSONField().db_value
 
 def prepare_result(job: Job, result: SuccessResult) -> PreparedResult:
     """Validate a success result against the job's pipeline and build its rows; raises BadResult."""
-    image_ids = tuple(dict.fromkeys(img.id for img in result.source_images))
+    canonical = {img.id: canonical_image_id(img.id) for img in result.source_images}
+    malformed = sorted(raw for raw, image_id in canonical.items() if image_id is None)
+    if malformed:
+        raise BadResult(f"image ids must be decimal numbers, got {malformed[:5]}",
+                        image_ids=tuple(dict.fromkeys(i for i in canonical.values() if i)))
+    image_ids = tuple(dict.fromkeys(canonical.values()))
     if result.pipeline != job.pipeline.slug:
         raise BadResult(f"result is for pipeline {result.pipeline!r}, job {job.id} runs "
                         f"{job.pipeline.slug!r}", image_ids=image_ids)
@@ -137,7 +200,8 @@ def prepare_result(job: Job, result: SuccessResult) -> PreparedResult:
     # Deduplicate within the message the way the database will (same image, algorithm, box).
     detections: dict[tuple[str, str, str], object] = {}
     for det in result.detections:
-        detections.setdefault((det.source_image_id, det.algorithm.key, det.bbox.key() if det.bbox else ""), det)
+        detections.setdefault((canonical[det.source_image_id], det.algorithm.key,
+                               det.bbox.key() if det.bbox else ""), det)
     found = {image_id for image_id, _, _ in detections}
     for image_id in image_ids:  # "processed, nothing found" marker for images without any detection
         if marker and image_id not in found:
@@ -173,21 +237,21 @@ def save_result(job: Job, result: SuccessResult) -> list[Outcome]:
     return prepare_result(job, result).save()
 
 
-def fail_images(job_id: int, image_ids, reason: str) -> list[Outcome]:
+def fail_images(job_id: int, image_ids, reason: str, rows: dict[str, JobImage] | None = None) -> list[Outcome]:
     """Mark still-pending images of the job failed with `reason`; returns each image's settled outcome.
 
     An image that already has an outcome keeps it (a saved success is never turned into a failure), and
     its outcome is returned as it stands, so the Redis gate counts what the database holds. Ids that are
-    not part of the job are ignored.
+    not part of the job are ignored. `rows`: the images' locked rows, if the caller already read them.
     """
-    wanted = list(dict.fromkeys(str(i) for i in image_ids))
+    wanted = list(dict.fromkeys(c for c in map(canonical_image_id, image_ids) if c is not None))
     if not wanted:
         return []
     with write_transaction():
-        rows = _job_images(job_id, wanted)
-        pending = [r.id for r in rows.values() if r.status == ImageStatus.PENDING]
-        if pending:
-            JobImage.update(status=ImageStatus.FAILED, error=reason[:2000], updated_at=utcnow()).where(
-                JobImage.id.in_(pending)).execute()
+        rows = rows if rows is not None else job_images(job_id, wanted)
+        pending = [rows[i].id for i in wanted if i in rows and rows[i].status == ImageStatus.PENDING]
+        for chunk in chunked(pending, 500):
+            JobImage.update(status=ImageStatus.FAILED, error=reason[:MAX_REASON_CHARS], updated_at=utcnow()).where(
+                JobImage.id.in_(chunk)).execute()
     return [Outcome(i, failed=True, captures=0) if rows[i].status == ImageStatus.PENDING
             else _settled_outcome(rows[i]) for i in wanted if i in rows]

@@ -56,6 +56,8 @@ DEFAULT_MAX_JOBS = 10_000
 MAX_CONSUMERS_ERR_CODE = 10026
 
 _encoder = msgspec.json.Encoder()
+#: Direct get of one task by stream sequence (the stream allows direct gets; no consumer is involved).
+DIRECT_GET_TASK = f"$JS.API.DIRECT.GET.{names.TASKS_STREAM}"
 
 NATS_FAILURES = (nats.errors.Error, asyncio.TimeoutError, TimeoutError, OSError)
 
@@ -375,11 +377,43 @@ class TaskQueue:
         """`ack` several tasks at once, each confirmed by the server (one round trip however many)."""
         await self.requests.send([(reply, b"+ACK", None) for reply in reply_subjects], timeout=5)
 
+    async def task_images(self, reply_subjects: Iterable[str]) -> dict[str, tuple[int, str]]:
+        """(job id, image id) of the task behind each ACK subject, read from the tasks stream in one burst
+        of direct gets; subjects whose task is gone (ACKed, purged) or unreadable are left out."""
+        seqs = {}
+        for reply in dict.fromkeys(reply_subjects):
+            parsed = names.parse_ack_subject(reply)
+            if parsed and parsed[0] == names.TASKS_STREAM:
+                seqs[reply] = parsed[3]
+        answers = await self.requests.send(
+            [(DIRECT_GET_TASK, _encoder.encode({"seq": seq}), None) for seq in seqs.values()], timeout=API_TIMEOUT_S)
+        found = {}
+        for reply, answer in zip(seqs, answers, strict=True):
+            headers = answer.headers or {}
+            if no_responders(answer):
+                raise nats.js.errors.NoStreamResponseError
+            job_id = names.parse_job_id(headers.get(names.HDR_JOB_ID, ""))
+            if headers.get("Status") is None and job_id is not None and headers.get(names.HDR_IMAGE_ID):
+                found[reply] = (job_id, headers[names.HDR_IMAGE_ID])
+        return found
+
     async def images_of_tasks(self, reply_subjects: Iterable[str]) -> list[str]:
         """The image ids of the tasks behind ACK subjects, read from the stream at once (those gone or
         unknown are left out)."""
-        seqs = [p[3] for p in map(names.parse_ack_subject, reply_subjects) if p and p[0] == names.TASKS_STREAM]
-        return [image for image in await asyncio.gather(*map(self.image_of_seq, seqs)) if image]
+        return [image for _, image in (await self.task_images(reply_subjects)).values()]
+
+    async def oldest_result_seq(self, job_id: int) -> int | None:
+        """The stream sequence of the oldest message still in `PIPELINE_RESULTS` for the job (published and
+        not yet taken into the inbox), or None if there is none."""
+        try:
+            msg = await self.js.get_msg(names.RESULTS_STREAM, seq=1, subject=names.result_subject(job_id), next=True)
+        except nats.js.errors.NotFoundError:
+            return None
+        return msg.seq
+
+    async def results_last_seq(self) -> int:
+        """The sequence of the newest message ever stored in `PIPELINE_RESULTS`."""
+        return (await self.js.stream_info(names.RESULTS_STREAM)).state.last_seq
 
     async def image_of_seq(self, stream_seq: int) -> str | None:
         """The image id of the task at `stream_seq` of the tasks stream (None if it is gone)."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
+from collections import Counter
 
 import nats
 import nats.errors
@@ -117,3 +119,65 @@ def at_once(n: int, fn, *, setup=None) -> list:
     if errors:
         raise errors[0]
     return results
+
+
+def answer_one_box(task: dict) -> dict:
+    """A success result for one task, the way a service written from the contract would send it: one
+    image, one detection, one classification."""
+    return {"pipeline": task["pipeline"], "source_images": [{"id": task["image_id"], "url": task["image_url"]}],
+            "total_time": 0.01, "detections": [
+                {"source_image_id": task["image_id"], "bbox": {"x1": 1, "y1": 2, "x2": 30, "y2": 40},
+                 "algorithm": DET, "score": 0.9, "crop_image_url": None,
+                 "classifications": [{"taxon": "Noctuidae", "scores": [0.9, 0.05, 0.05],
+                                      "labels": ["Noctuidae", "Geometridae", "Tortricidae"], "algorithm": CLS,
+                                      "terminal": True}]}]}
+
+
+async def raw_service(nats_url: str, pipeline: str, stop: asyncio.Event, answer, *, copies: int = 1,
+                      seen: Counter | None = None) -> int:
+    """A processing service written only from docs/processing-services.md, with raw nats-py and no SDK: one
+    result message per image, published `copies` times. `answer(task)` returns the result to publish, or
+    None to drop the task; `seen` counts the deliveries of each image id (a model run each)."""
+    import nats.js.errors
+
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    subs, done = {}, 0
+    while not stop.is_set():
+        try:
+            consumers = await js.consumers_info("PIPELINE_TASKS")
+        except nats.js.errors.NotFoundError:  # no worker has created the streams yet
+            await asyncio.sleep(0.2)
+            continue
+        for info in consumers:
+            subject = info.config.filter_subject or ""
+            if subject.startswith(f"pipeline.tasks.{pipeline}.") and info.name not in subs:
+                subs[info.name] = await js.pull_subscribe_bind(info.name, stream="PIPELINE_TASKS")
+        got_any = False
+        for name, sub in list(subs.items()):
+            try:
+                msgs = await sub.fetch(100, timeout=0.2)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except Exception:  # noqa: BLE001 - consumer deleted: the job is over
+                del subs[name]
+                continue
+            got_any = True
+            for msg in msgs:
+                task = json.loads(msg.data)
+                assert msg.headers["Nats-Msg-Id"] == f"{task['job_id']}:{task['image_id']}"
+                assert msg.headers["Pipeline-Image-Id"] == task["image_id"]
+                if seen is not None:
+                    seen[task["image_id"]] += 1
+                result = answer(task)
+                if result is None:  # this service drops the task: no result, no +WPI
+                    continue
+                await msg.in_progress()
+                for _ in range(copies):
+                    await js.publish(f"pipeline.results.{task['job_id']}", json.dumps(result).encode(),
+                                     headers={"Pipeline-Task-Reply": msg.reply})
+                done += 1
+        if not got_any:
+            await asyncio.sleep(0.05)
+    await nc.close()
+    return done

@@ -10,7 +10,7 @@ import logging
 import nats
 import pytest
 
-from models import Detection, ImageStatus, Job, JobImage, JobStatus
+from models import Detection, ImageStatus, Job, JobImage, JobStatus, ResultInbox
 from pipeline import names
 from pipeline.handling import handle_result_message
 from pipeline.metrics import metrics
@@ -74,30 +74,41 @@ def test_a_message_covering_many_images_counts_each_once_and_acks_every_task(run
     assert progress_counts(job.id) == (12, 0, 22)
 
 
-@pytest.mark.parametrize("images", [1, 25])
-def test_a_result_message_costs_one_transaction_and_one_redis_round_trip_whatever_its_size(
-        runtime, moth_pipeline, images, caplog, redis_round_trips):
-    # Given a dispatched job (31 images: it does not end, so no cleanup work is counted) that has already
+@pytest.mark.parametrize(("messages", "images"), [(1, 1), (1, 25), (25, 1)])
+def test_saving_result_messages_costs_one_transaction_and_one_redis_round_trip_whatever_their_size(
+        runtime, moth_pipeline, messages, images, caplog, redis_round_trips):
+    # Given a dispatched job (60 images: it does not end, so no cleanup work is counted) that has already
     # counted one result (the process has its scripts and the pipeline's algorithms at hand)
-    job = fake_job(moth_pipeline, 31)
+    from pipeline.handling import drain_step
+    from pipeline.inbox import Incoming, take
+
+    job = fake_job(moth_pipeline, 60)
     dispatch(runtime, job.id)
-    (first, first_reply), *pulled = pull_tasks(runtime, job.id, images + 1)
+    (first, first_reply), *pulled = pull_tasks(runtime, job.id, messages * images + 1)
     handle_result_message(runtime, job.id, success_body(first, boxes=3), first_reply)
-    body = batch_body([t for t, _ in pulled], boxes=3)
+    # and `messages` result messages of `images` images each, taken into the inbox in one transaction
+    groups = [pulled[n * images:(n + 1) * images] for n in range(messages)]
+    transactions = metrics().db_transactions._value.get()
+    take(runtime, [Incoming.direct(job.id, batch_body([t for t, _ in group], boxes=3), replies_of(group))
+                   for group in groups])
+    assert metrics().db_transactions._value.get() - transactions == 1
     transactions = metrics().db_transactions._value.get()
     redis_round_trips.clear()
-    # When one result message for `images` images is handled
+    # When they are saved
     with caplog.at_level(logging.DEBUG, logger="peewee"):
-        handle_result_message(runtime, job.id, body, replies_of(pulled))
-    # Then it took one database transaction and one Redis command (the gate script)
+        step = drain_step(runtime, job.id)
+    # Then it took one database transaction and one Redis command (the gate script), however many
+    # messages and images
+    assert len(step.messages) == messages
     assert metrics().db_transactions._value.get() - transactions == 1
     assert redis_round_trips == ["EVALSHA"]
-    # And the same SQL statements as any other size (no query per image): the job and its pipeline, the
-    # JobImage rows, the detections' ids, one UPDATE of the JobImage rows, the job's row (locked before
-    # counting, progress written from it), and that row's UPDATE (the two INSERTs go straight to the driver)
+    # And the same SQL statements as any other size (no query per image or message): the inbox rows, the
+    # job and its pipeline, the job's row locked before counting, the rows still in the inbox, the JobImage
+    # rows, the detections' ids, one UPDATE of the JobImage rows, the job's progress, the inbox rows'
+    # DELETE (the two INSERTs go straight to the driver)
     statements = [r for r in caplog.records if r.name == "peewee"]
-    assert len(statements) == 6, [r.getMessage()[:80] for r in statements]
-    assert progress_counts(job.id) == (images + 1, 0, 3 * (images + 1))
+    assert len(statements) == 9, [r.getMessage()[:80] for r in statements]
+    assert progress_counts(job.id) == (messages * images + 1, 0, 3 * (messages * images + 1))
 
 
 def test_a_batch_naming_a_task_of_another_job_is_rejected_whole(runtime, moth_pipeline):
@@ -254,24 +265,28 @@ def test_no_result_is_lost_when_batches_overflow_while_others_are_published(runt
 def test_a_result_counted_but_never_committed_holds_the_job_open_until_it_is_saved(runtime, moth_pipeline,
                                                                                     monkeypatch):
     # Given a 3-image job whose second result failed after the Redis gate and before the commit (a worker
-    # dying there): Redis counted that image, the database rolled its rows back
+    # dying there): Redis counted that image, the database rolled its rows back, the result stayed in the inbox
     from pipeline.crashpoints import InjectedFault
+    from pipeline.handling import drain, load_job
+    from pipeline.lost import fail_lost
 
     job, tasks = job_with_results(runtime, moth_pipeline, 3, 1)
     monkeypatch.setenv("PIPELINE_RAISE_AT", "after_progress")
     with pytest.raises(InjectedFault):
         handle_result_message(runtime, job.id, success_body(tasks[1][0], boxes=2), tasks[1][1])
     monkeypatch.delenv("PIPELINE_RAISE_AT")
-    # When the last result completes the count in Redis, the job does not end: the database disagrees
-    handle_result_message(runtime, job.id, success_body(tasks[2][0], boxes=2), tasks[2][1])
+    assert ResultInbox.select().where(ResultInbox.job_id == job.id).count() == 1
+    assert runtime.state.snapshot(job.id).processed == 2
+    # When the last image is settled otherwise (failed as lost) before that result is saved again, the
+    # count in Redis is complete, but the job does not end: the database still holds a counted image pending
+    fail_lost(runtime, load_job(job.id), [tasks[2][0].image_id], "lost: test")
     assert runtime.state.snapshot(job.id).complete
     assert Job.get_by_id(job.id).status == JobStatus.STARTED
-    assert stream_count(runtime, job.id, moth_pipeline) == 1  # the unsaved image's task is still there
-    # And when that result is handled again (its task was never ACKed), it is saved and the job ends exactly
-    handle_result_message(runtime, job.id, success_body(tasks[1][0], boxes=2), tasks[1][1])
+    # And when the inbox is drained, that result is saved and the job ends exactly
+    drain(runtime, job.id)
     assert Job.get_by_id(job.id).status == JobStatus.SUCCESS
-    assert progress_counts(job.id) == (3, 0, 6)
-    assert Detection.select().where(Detection.job == job.id).count() == 6
+    assert progress_counts(job.id) == (3, 1, 4)
+    assert Detection.select().where(Detection.job == job.id).count() == 4
 
 
 def test_the_last_two_results_handled_at_once_end_the_job(runtime, moth_pipeline, monkeypatch):

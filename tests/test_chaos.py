@@ -19,7 +19,7 @@ from pipeline.aio import LoopThread
 from pipeline.runtime import Runtime, set_runtime
 from pipeline.schemas import Task, encode
 from tests.conftest import PROJECT, make_settings, subprocess_env, wait_for
-from tests.test_end_to_end import raw_service
+from tests.helpers import raw_service
 
 pytestmark = pytest.mark.slow
 

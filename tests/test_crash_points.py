@@ -1,5 +1,6 @@
-"""Crash-point matrix: a real worker SIGKILLed at each named point of result handling and run_job during
-a 20-image job; a fresh worker finishes it. Invariant 1 (ACK last) and 2 (exact counters) under crashes.
+"""Crash-point matrix: a real worker SIGKILLed at each named point of taking results, saving them and
+run_job during a 20-image job; a fresh worker finishes it. Invariants 1 (ACK last), 2 (exact counters)
+and 11 (a result in hand decides its image) under crashes.
 """
 
 from __future__ import annotations
@@ -14,25 +15,29 @@ from tests.helpers import stream_count
 
 pytestmark = pytest.mark.slow
 
-RESULT_POINTS = ["after_validation", "after_db_save", "after_redis_update", "after_progress", "after_commit",
-                 "before_ack", "after_ack"]
+TAKE_POINTS = ["after_inbox", "after_task_ack"]
+SAVE_POINTS = ["after_validation", "after_db_save", "after_redis_update", "after_progress", "after_commit"]
 RUN_JOB_POINTS = ["mid_publish", "after_publish"]
+#: Every point with one image per result message (the drain saves several messages per transaction, so a
+#: crash interrupts many), and two saving points again with batches of 3 images per message.
+CASES = [(point, 1) for point in TAKE_POINTS + SAVE_POINTS + RUN_JOB_POINTS] + [
+    (point, 3) for point in ("after_db_save", "after_commit")]
 
 
-@pytest.mark.parametrize("point", RESULT_POINTS + RUN_JOB_POINTS)
-def test_a_worker_killed_at_a_crash_point_converges(point, runtime, db_url, stack, moth_pipeline, trap_images,
-                                                     worker_factory, service_factory):
+@pytest.mark.parametrize(("point", "batch_size"), CASES)
+def test_a_worker_killed_at_a_crash_point_converges(point, batch_size, runtime, db_url, stack, moth_pipeline,
+                                                     trap_images, worker_factory, service_factory):
     # Given quick redelivery (ack_wait 3 s) and run_job publishing 4 tasks per round
     settings = make_settings(db_url, stack, PIPELINE_NATS_TASK_TTR=3, PIPELINE_NATS_MAX_DELIVER=10,
                              PIPELINE_DISPATCH_CHUNK=4)
     directory, truth = trap_images
     urls = image_urls_from_dir(str(directory))[:20]
     expected = sum(len(truth[u.rsplit("/", 1)[1]]) for u in urls)
-    # and a worker armed to SIGKILL itself at `point` (result points: on the 3rd pass, mid-job; the service
-    # sends up to 3 images per result message, so a crash interrupts a batch)
-    skip = 1 if point == "mid_publish" else 0 if point in RUN_JOB_POINTS else 2
+    # and a worker armed to SIGKILL itself at `point`: a point passed per result message on its 3rd pass,
+    # one passed per saving transaction (which holds every message that has arrived) on its first
+    skip = 2 if point in TAKE_POINTS + ["after_validation"] else 1 if point == "mid_publish" else 0
     crashing = worker_factory(settings, PIPELINE_CRASH_AT=point, PIPELINE_CRASH_SKIP=skip)
-    service_factory(settings, moth.SLUG, moth.process_task, batch_size=3)
+    service_factory(settings, moth.SLUG, moth.process_task, batch_size=batch_size)
     job = create_job(moth.SLUG, urls, name=f"crash at {point}")
     start_job(runtime, job)
 

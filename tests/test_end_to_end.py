@@ -4,12 +4,8 @@ processing service (the SDK's reference service, or one written only from ARCHIT
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import Counter
 
-import nats
-import nats.errors
-import nats.js.errors
 import pytest
 
 from models import Classification, Detection, Job, JobImage, JobStatus
@@ -17,7 +13,7 @@ from pipeline import moth
 from pipeline.aio import LoopThread
 from pipeline.jobs import create_job, image_urls_from_dir, start_job
 from tests.conftest import wait_for
-from tests.helpers import stream_count
+from tests.helpers import raw_service, stream_count
 
 pytestmark = pytest.mark.slow
 
@@ -55,46 +51,6 @@ def test_fifty_images_run_to_success_with_exact_counts(runtime, moth_pipeline, t
     assert dict(saved_taxa(job.id)) == expected["taxa"]
     assert stream_count(runtime, job.id, moth.SLUG) == 0
     assert runtime.redis.keys(f"jetpipe:job:{job.id}:*") == []
-
-
-async def raw_service(nats_url: str, pipeline: str, stop: asyncio.Event, answer) -> int:
-    """A processing service written only from ARCHITECTURE.md §3, with raw nats-py and no SDK.
-    `answer(task)` returns the result to publish, or None to drop the task."""
-    nc = await nats.connect(nats_url)
-    js = nc.jetstream()
-    subs, done = {}, 0
-    while not stop.is_set():
-        try:
-            consumers = await js.consumers_info("PIPELINE_TASKS")
-        except nats.js.errors.NotFoundError:  # no worker has created the streams yet
-            await asyncio.sleep(0.2)
-            continue
-        for info in consumers:
-            subject = info.config.filter_subject or ""
-            if subject.startswith(f"pipeline.tasks.{pipeline}.") and info.name not in subs:
-                subs[info.name] = await js.pull_subscribe_bind(info.name, stream="PIPELINE_TASKS")
-        for name, sub in list(subs.items()):
-            try:
-                msgs = await sub.fetch(10, timeout=0.3)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except Exception:  # noqa: BLE001 - consumer deleted: the job is over
-                del subs[name]
-                continue
-            for msg in msgs:
-                task = json.loads(msg.data)
-                assert msg.headers["Nats-Msg-Id"] == f"{task['job_id']}:{task['image_id']}"
-                assert msg.headers["Pipeline-Image-Id"] == task["image_id"]
-                result = answer(task)
-                if result is None:  # this service drops the task: no result, no +WPI
-                    continue
-                await msg.in_progress()
-                await js.publish(f"pipeline.results.{task['job_id']}", json.dumps(result).encode(),
-                                 headers={"Pipeline-Task-Reply": msg.reply})
-                done += 1
-        await asyncio.sleep(0.05)
-    await nc.close()
-    return done
 
 
 def test_a_service_written_from_the_wire_contract_alone_completes_a_job(runtime, moth_pipeline, worker_factory):

@@ -9,7 +9,7 @@ import time
 import dramatiq
 import pytest
 
-from models import Job, JobImage, JobLog, JobStatus
+from models import Job, JobImage, JobLog, JobStatus, ResultInbox
 from pipeline import names
 from pipeline.deferred_failure import DEFERRAL_MESSAGE
 from pipeline.errors import TransientError
@@ -129,7 +129,7 @@ def test_ordinary_retries_are_not_mistaken_for_crashes(inproc_worker, runtime, m
     assert log_lines(job.id, "poison message") == 0
 
 
-def test_redis_outage_during_handling_retries_and_never_acks_early(private_runtime, caplog):
+def test_redis_outage_while_saving_keeps_the_result_in_the_inbox_and_the_job_running(private_runtime, caplog):
     rt, dev = private_runtime
     job = fake_job("moth-demo", 2)
     dispatch(rt, job.id)
@@ -138,13 +138,15 @@ def test_redis_outage_during_handling_retries_and_never_acks_early(private_runti
     dev.redis.stop()
     with caplog.at_level(logging.WARNING), pytest.raises(TransientError):
         handle_result_message(rt, job.id, success_body(task, boxes=2), reply)
-    # Then the task is not ACKed, the job did not fail, and the log names job and image
-    assert stream_count(rt, job.id, "moth-demo") == 2
+    # Then the result waits in the inbox (its task is settled: no model runs twice), nothing is counted,
+    # the job did not fail, and the log names job and image
+    assert ResultInbox.select().where(ResultInbox.job_id == job.id).count() == 1
+    assert stream_count(rt, job.id, "moth-demo") == 1
+    assert JobImage.select().where(JobImage.status == "pending").count() == 2
     assert Job.get_by_id(job.id).status == JobStatus.STARTED
-    assert f"job={job.id} image={task.image_id} transient error, task not ACKed" in caplog.text
-    # When Redis comes back (empty: it kept nothing) and the retry runs
+    assert f"job={job.id} image={task.image_id} transient error, result waits in the inbox" in caplog.text
+    # When Redis comes back (empty: it kept nothing) and the next result is handled
     dev.redis.start()
-    handle_result_message(rt, job.id, success_body(task, boxes=2), reply)
     handle_result_message(rt, job.id, success_body(task2, boxes=1), reply2)
     # Then the state was rebuilt from the database and counts are exact
     job = Job.get_by_id(job.id)
@@ -161,7 +163,8 @@ def test_nats_outage_at_ack_time_retries_without_double_counting(private_runtime
     dev.nats.stop()
     with caplog.at_level(logging.WARNING), pytest.raises(TransientError):
         handle_result_message(rt, job.id, success_body(task, boxes=2), reply)
-    assert f"job={job.id} image={task.image_id} transient error, task not ACKed" in caplog.text
+    assert f"job={job.id} image={task.image_id} transient error, result not taken, no task ACKed" in caplog.text
+    assert ResultInbox.select().count() == 0
     dev.nats.start()
     wait_for(lambda: rt.tasks.queue.nc.is_connected, timeout_s=15, message="NATS reconnect")
     handle_result_message(rt, job.id, success_body(task, boxes=2), reply)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from models import Detection, ImageStatus, Job, JobImage, JobLog, JobStatus
+from models import Detection, ImageStatus, Job, JobImage, JobLog, JobStatus, ResultInbox
 from pipeline import names
 from pipeline.handling import handle_result_message
 from tests.helpers import (
@@ -111,18 +111,23 @@ def test_malformed_json_fails_that_image_terminates_its_task_and_others_proceed(
     assert counters(job.id)[:3] == (JobStatus.SUCCESS, 2, 1)
 
 
-def test_a_result_after_the_job_ended_is_saved_without_changing_counters(runtime, moth_pipeline):
+def test_a_result_after_the_job_ended_is_refused_and_changes_nothing(runtime, moth_pipeline):
+    # Given a job canceled after one of its two results was saved
+    from pipeline.jobs import cancel
+
     job = fake_job(moth_pipeline, 2)
     dispatch(runtime, job.id)
     (task1, reply1), (task2, _) = pull_tasks(runtime, job.id, 2)
-    from pipeline.jobs import cancel
-
     handle_result_message(runtime, job.id, success_body(task1, boxes=1), reply1)
     assert cancel(runtime, job.id) == JobStatus.REVOKED
+    # When the other image's result arrives
     handled = handle_result_message(runtime, job.id, success_body(task2, boxes=3), None)
+    # Then it is refused: no rows for an image the job never counted, counters and statuses unchanged
     assert handled.action == "late"
-    assert Detection.select().where(Detection.image == int(task2.image_id)).count() == 3
+    assert Detection.select().where(Detection.image == int(task2.image_id)).count() == 0
+    assert JobImage.get(JobImage.image == int(task2.image_id)).status == ImageStatus.PENDING
     assert counters(job.id) == (JobStatus.REVOKED, 1, 0, 1, 1, 1)
+    assert ResultInbox.select().count() == 0
 
 
 def test_lost_redis_state_is_rebuilt_from_the_database(runtime, moth_pipeline):

@@ -11,7 +11,7 @@ import time
 import nats
 import pytest
 
-from models import Detection, Job, JobImage, JobStatus, Pipeline, utcnow
+from models import Detection, ImageStatus, Job, JobImage, JobStatus, Pipeline, utcnow
 from pipeline import names
 from pipeline.handling import handle_result_message, load_job
 from pipeline.health import CheckResult, HealthCheck, run_health_check
@@ -122,19 +122,49 @@ def test_a_job_that_made_progress_after_selection_is_raced_not_failed(quick):
     assert quick.state.snapshot(job.id).failed == 0
 
 
-def test_a_late_result_after_reconciliation_is_saved_without_double_counting(quick):
+def test_a_late_result_after_the_job_ended_is_refused_and_changes_nothing(quick):
+    # Given a job that ended SUCCESS with two images failed as lost
     job, lost = run_job_with(quick, 4, processed=2, errors=0)
     gone_quiet(job.id)
     run_health_check(quick)
     assert Job.get_by_id(job.id).status == JobStatus.SUCCESS
     from pipeline.schemas import Task
 
+    # When a result for one of them arrives after all
     late = Task(job.id, lost[0], "file:///late.png", "moth-demo")
     handled = handle_result_message(quick, job.id, success_body(late, boxes=3), None)
+    # Then it is refused: no rows on a failed image, counters equal rows
     job = Job.get_by_id(job.id)
     assert handled.action == "late"
-    assert Detection.select().where(Detection.image == int(lost[0])).count() == 3  # detections kept
+    assert Detection.select().where(Detection.image == int(lost[0])).count() == 0
+    assert JobImage.get(JobImage.image == int(lost[0])).status == ImageStatus.FAILED
     assert (job.progress["stages"]["process"]["failed"], job.progress["stages"]["results"]["detections"]) == (2, 2)
+
+
+def test_a_late_result_while_the_job_runs_supersedes_the_lost_verdict(quick):
+    # Given a running 5-image job with two results saved, two images failed as lost and one still pending
+    job, lost = run_job_with(quick, 5, processed=2, errors=0)
+    from pipeline.lost import fail_lost
+    from pipeline.schemas import Task
+
+    fail_lost(quick, load_job(job.id), lost[:2], "lost: JetStream gave up after 2 deliveries")
+    assert Job.get_by_id(job.id).progress["stages"]["process"]["failed"] == 2
+    # When a valid result for one of the lost images arrives, twice (a replay)
+    late = Task(job.id, lost[0], "file:///late.png", "moth-demo")
+    for _ in range(2):
+        handle_result_message(quick, job.id, success_body(late, boxes=3), None)
+    # Then it decides that image: processed, its rows saved, counters corrected once, equal to the rows
+    row = JobImage.get(JobImage.image == int(lost[0]))
+    assert (row.status, row.error, row.detections) == (ImageStatus.PROCESSED, None, 3)
+    stages = Job.get_by_id(job.id).progress["stages"]
+    assert (stages["process"]["processed"], stages["process"]["failed"]) == (4, 1)
+    detections = Detection.select().join(JobImage, on=(Detection.image == JobImage.image)).where(
+        (JobImage.job == job.id) & (Detection.bbox_key != "")).count()
+    assert stages["results"]["detections"] == detections == 2 * 1 + 3
+    assert (stages["results"]["captures"], quick.state.snapshot(job.id).failed) == (3, 1)
+    # And an error result for the other lost image does not change its verdict
+    handle_result_message(quick, job.id, error_body(lost[1]), None)
+    assert JobImage.get(JobImage.image == int(lost[1])).error.startswith("lost:")
 
 
 @pytest.mark.parametrize("outage", ["nats", "redis"])
@@ -303,8 +333,8 @@ def test_max_deliveries_advisory_fails_the_image_idempotently(quick):
     # the other two are never answered: with max_deliver=1, JetStream gives up after ack_wait (1 s)
     advisories = read_advisories(quick, 2)
     assert len(advisories) == 2 and all("max_deliver" in json.loads(a)["type"] for a in advisories)
-    assert [handle_advisory(quick, a) for a in advisories] == ["failed", "failed"]
-    assert [handle_advisory(quick, a) for a in advisories] == ["job_ended", "job_ended"]  # duplicates
+    assert [handle_advisory(quick, a)[0] for a in advisories] == ["failed", "failed"]
+    assert [handle_advisory(quick, a)[0] for a in advisories] == ["job_ended", "job_ended"]  # duplicates
     job = Job.get_by_id(job.id)
     assert (job.status, job.progress["stages"]["process"]["failed"]) == (JobStatus.SUCCESS, 2)
     assert stream_count(quick, job.id, "moth-demo") == 0
@@ -322,7 +352,7 @@ def test_an_advisory_for_an_image_that_succeeded_changes_nothing(quick):
     # delete the task), and only then is the advisory handled
     task, reply = tasks[image_id]
     handle_result_message(quick, job.id, success_body(task, boxes=2), reply)
-    assert handle_advisory(quick, advisory) in ("already_settled", "unknown_image")
+    assert handle_advisory(quick, advisory)[0] in ("already_settled", "unknown_image")
     snap = quick.state.snapshot(job.id)
     assert (snap.processed, snap.failed, snap.detections) == (1, 0, 2)
 

@@ -1,17 +1,20 @@
--- record_outcomes: the atomic per-image gate (ARCHITECTURE.md §4 invariant 2).
+-- record_outcomes: the atomic per-image gate (invariant 2).
 --
 -- For each image: remove its id from the pending set; only if that removal happened now, mark it failed
 -- (when it failed) and add its captures/detections/classifications to the job's counters. All of it is
 -- one atomic step, so no replay inflates a counter and no crash between two writes loses one.
 --
+-- An outcome that supersedes a "lost" verdict (a valid result that arrived after its image was failed
+-- as lost) is gated on removing the id from the failed set instead: it is counted once, as processed.
+--
 -- KEYS[1]  pending SET   (ids whose outcome is not counted yet)
 -- KEYS[2]  failed SET    (ids counted as failed)
 -- KEYS[3]  counts HASH   (total, captures, detections, classifications, ready)
 -- ARGV[1]  TTL in seconds applied to the three keys
--- ARGV[2..] groups of 5: image_id, failed (0|1), captures, detections, classifications
+-- ARGV[2..] groups of 6: image_id, failed (0|1), captures, detections, classifications, supersedes (0|1)
 --
 -- Returns {-1} when the state is missing (counts.ready ~= "1"); otherwise
--- {1, total, remaining, failed, captures, detections, classifications, newly_removed_id...}.
+-- {1, total, remaining, failed, captures, detections, classifications, newly_counted_id...}.
 
 local pending, failed, counts = KEYS[1], KEYS[2], KEYS[3]
 if redis.call('HGET', counts, 'ready') ~= '1' then
@@ -20,12 +23,18 @@ end
 
 local newly = {}
 local add_captures, add_detections, add_classifications = 0, 0, 0
-for i = 2, #ARGV, 5 do
+for i = 2, #ARGV, 6 do
   local image_id = ARGV[i]
-  if redis.call('SREM', pending, image_id) == 1 then
-    if ARGV[i + 1] == '1' then
+  local counted
+  if ARGV[i + 5] == '1' then
+    counted = redis.call('SREM', failed, image_id) == 1
+  else
+    counted = redis.call('SREM', pending, image_id) == 1
+    if counted and ARGV[i + 1] == '1' then
       redis.call('SADD', failed, image_id)
     end
+  end
+  if counted then
     add_captures = add_captures + tonumber(ARGV[i + 2])
     add_detections = add_detections + tonumber(ARGV[i + 3])
     add_classifications = add_classifications + tonumber(ARGV[i + 4])

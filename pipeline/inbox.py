@@ -1,0 +1,158 @@
+"""The results inbox: where a processing service's result is held, durably, between the results stream
+and the transaction that saves it (invariant 11: a result in hand decides its image).
+
+Taking a batch of result messages (the bridge, for every fetch):
+
+1. read which tasks each message settles: a reply subject in `Pipeline-Task-Reply` counts only if it is
+   a task of the message's own job (read from the tasks stream) whose image the message names;
+2. commit the messages to the `ResultInbox` table (one transaction; a redelivered message is taken once);
+3. ACK the tasks they settle: a task whose result is in the database is done, whatever the backlog of
+   saving, so JetStream never redelivers it (no model run twice) nor gives up on it (no false "lost");
+4. the caller then ACKs the result messages on the results stream.
+
+A crash before 2 leaves the result messages un-acked: JetStream redelivers them to a bridge. A crash
+after 2 leaves the rows: the drain (`pipeline/handling.py`) saves them, and a redelivered message finds
+its row taken already. Memory stays bounded: the backlog waits on disk, in the stream or in this table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+
+import msgspec
+import peewee
+
+from models import ResultInbox, insert_ignoring_duplicates, utcnow, write_transaction
+from pipeline import names
+from pipeline.crashpoints import crash_point
+from pipeline.errors import TransientError
+from pipeline.results import canonical_image_id
+
+log = logging.getLogger(__name__)
+
+#: Rows the inbox may hold before the bridge stops taking more (a backlog of ~50,000 result messages
+#: waits in the database; beyond that it waits in the results stream, where JetStream holds it).
+MAX_ROWS = 50_000
+INBOX_FIELDS = ("job_id", "source", "stream_seq", "body", "task_replies", "received_at")
+
+
+@dataclasses.dataclass(frozen=True)
+class Incoming:
+    """A result message as it arrived on `pipeline.results.<job_id>`."""
+
+    job_id: int
+    body: bytes
+    replies: tuple[str, ...]  # the task reply subjects its Pipeline-Task-Reply header names
+    source: str  # what makes a redelivery of the same message recognisable
+    stream_seq: int | None = None
+
+    @classmethod
+    def from_msg(cls, job_id: int, msg) -> Incoming:
+        meta = msg.metadata
+        seq = meta.sequence.stream
+        return cls(job_id, msg.data, tuple(names.task_replies((msg.headers or {}).get(names.HDR_TASK_REPLY))),
+                   f"{seq}:{int(meta.timestamp.timestamp() * 1e9)}", seq)
+
+    @classmethod
+    def direct(cls, job_id: int, body: bytes, reply: str | None) -> Incoming:
+        """A result handed over without the results stream (tests, tools): taken like any other."""
+        return cls(job_id, body, tuple(names.task_replies(reply)), f"direct:{uuid.uuid4().hex}")
+
+    def foreign_replies(self) -> list[str]:
+        return [r for r in self.replies if not names.reply_belongs_to_job(r, self.job_id)]
+
+
+class _Named(msgspec.Struct):
+    """The part of a result that says which images it decides (the rest is read when it is saved)."""
+
+    source_images: list[dict] = []
+    image_id: str | int | None = None
+    error: object = None
+
+
+_names = msgspec.json.Decoder(_Named)
+
+
+def named_images(body: bytes) -> set[str]:
+    """The images a result message decides (canonical ids); empty if it does not parse as a result."""
+    try:
+        named = _names.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return set()
+    if named.error is not None:
+        ids = [named.image_id] if named.image_id is not None else []
+    else:
+        ids = [image.get("id") for image in named.source_images if isinstance(image, dict)]
+    return {c for c in map(canonical_image_id, ids) if c is not None}
+
+
+def settled_replies(runtime, incoming: list[Incoming]) -> list[str]:
+    """The task reply subjects the messages settle: a task of the message's own job whose image it names.
+
+    A message with any reply subject of another job settles nothing (it is rejected when saved).
+    """
+    candidates = [r for m in incoming if not m.foreign_replies() for r in m.replies]
+    if not candidates:
+        return []
+    tasks = runtime.tasks.task_images(candidates)
+    settled = []
+    for m in incoming:
+        if m.foreign_replies():
+            continue
+        images = named_images(m.body)
+        settled += [r for r in m.replies if r in tasks and tasks[r][0] == m.job_id
+                    and canonical_image_id(tasks[r][1]) in images]
+    return list(dict.fromkeys(settled))
+
+
+def take(runtime, incoming: list[Incoming]) -> list[int]:
+    """Commit result messages to the inbox and ACK the tasks they settle; the ids of their jobs.
+
+    Raises TransientError when NATS or the database cannot be reached: nothing was ACKed then, and the
+    caller leaves the messages to be redelivered (taking them again adds no second row).
+    """
+    if not incoming:
+        return []
+    settle = settled_replies(runtime, incoming)
+    now = utcnow()
+    rows = [(m.job_id, m.source, m.stream_seq, m.body, ",".join(m.replies)[:100_000], now) for m in incoming]
+    try:
+        with write_transaction():
+            insert_ignoring_duplicates(ResultInbox, INBOX_FIELDS, rows)
+    except peewee.DatabaseError as exc:
+        raise TransientError(f"database: could not take {len(rows)} result(s) into the inbox: {exc}") from exc
+    crash_point("after_inbox", messages=len(incoming))
+    if settle:
+        runtime.tasks.ack_many(settle)
+    crash_point("after_task_ack", tasks=len(settle))
+    return sorted({m.job_id for m in incoming})
+
+
+def size() -> int:
+    """Rows in the inbox (result messages taken and not yet saved)."""
+    return ResultInbox.select().count()
+
+
+def jobs_waiting(older_than_s: float = 0.0) -> list[int]:
+    """Jobs with results in the inbox taken more than `older_than_s` seconds ago."""
+    import datetime as dt
+
+    cutoff = utcnow() - dt.timedelta(seconds=older_than_s)
+    return [job_id for (job_id,) in ResultInbox.select(ResultInbox.job_id).where(ResultInbox.received_at <= cutoff)
+            .group_by(ResultInbox.job_id).tuples()]
+
+
+def outstanding(runtime, job_id: int, *, published_up_to: int | None = None) -> bool:
+    """True while results of the job are in jetpipe's hands but not saved: in the inbox, or in the
+    results stream not yet taken. With `published_up_to` (a results stream sequence), only results
+    published up to it count: a result that came later cannot have been the one a verdict waited for.
+    """
+    query = ResultInbox.select().where(ResultInbox.job_id == job_id)
+    if published_up_to is not None:
+        query = query.where(ResultInbox.stream_seq.is_null() | (ResultInbox.stream_seq <= published_up_to))
+    if query.exists():
+        return True
+    oldest = runtime.tasks.oldest_result_seq(job_id)
+    return oldest is not None and (published_up_to is None or oldest <= published_up_to)
