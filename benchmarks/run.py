@@ -152,7 +152,13 @@ job = Job.get_by_id(job.id)
 stages = job.progress["stages"]
 phases = {name: (getattr(job, name) - job.created_at).total_seconds()
           for name in ("started_at", "dispatched_at", "finished_at")}
+from models import Detection, JobImage
+rows = Detection.select().join(JobImage, on=(Detection.image == JobImage.image)).where(
+    (JobImage.job == job.id) & (Detection.bbox_key != "")).count()
+failed = JobImage.select().where((JobImage.job == job.id) & (JobImage.status == "failed")).count()
+published = rt.runner.run(rt.tasks.queue.js.stream_info("PIPELINE_RESULTS")).state.last_seq
 print(json.dumps({"elapsed_s": elapsed, "status": job.status, "detections": stages["results"]["detections"],
+                  "detection_rows": rows, "failed": failed, "result_messages": published,
                   "redis_commands": delta, "phases": phases}))
 """
 
@@ -278,12 +284,15 @@ def throwaway_database(server_url: str):
         admin.close()
 
 
-def end_to_end(stack: DevStack, db_url: str, images: int) -> list[tuple]:
+def run_job_end_to_end(stack: DevStack, db_url: str, images: int, batch_size: int, **settings) -> tuple[dict, dict,
+                                                                                                        float]:
+    """One job of `images` images through a worker process and a null service sending `batch_size` images
+    per result message: (the job's figures, the worker's counters, the worker's CPU seconds)."""
     fresh_servers(stack)  # the dispatch stage's job 1 must not meet this stage's job 1
     port = free_port()
-    env = env_for(stack, db_url, PIPELINE_METRICS_PORT=port)
+    env = env_for(stack, db_url, PIPELINE_METRICS_PORT=port, **settings)
     worker = start_worker(env, "pipeline.actors")
-    service = subprocess.Popen([sys.executable, "-c", E2E_SERVICE.replace("BATCH)", f"{BATCH_SIZE})")], cwd=ROOT,
+    service = subprocess.Popen([sys.executable, "-c", E2E_SERVICE.replace("BATCH)", f"{batch_size})")], cwd=ROOT,
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         time.sleep(3)
@@ -293,29 +302,57 @@ def end_to_end(stack: DevStack, db_url: str, images: int) -> list[tuple]:
         counters = scrape(port)
     finally:
         stop(service, worker)
+    return e, counters, cpu
+
+
+def exact(e: dict, images: int) -> str:
+    """How a job's outcome compares with what the null service produced (3 boxes per image)."""
+    return (f"{e['status']}, {e['failed']} failed, detections: {e['detection_rows']:,} rows = "
+            f"{e['detections']:,} counted = {3 * images:,} expected")
+
+
+def is_exact(e: dict, images: int) -> bool:
+    return e["status"] == "SUCCESS" and e["failed"] == 0 and e["detection_rows"] == e["detections"] == 3 * images
+
+
+def end_to_end(stack: DevStack, db_url: str, images: int, batch_size: int = BATCH_SIZE) -> list[tuple]:
+    label = f"{batch_size} images per result message" if batch_size > 1 else "one image per result message"
+    e, counters, cpu = run_job_end_to_end(stack, db_url, images, batch_size)
     console.log("end to end: raw floor (JetStream pull+ack of the tasks, Dramatiq send + no-op of the results)")
-    messages = -(-images // BATCH_SIZE)
+    messages = -(-images // batch_size)
     pull_ack_s = images / asyncio.run(raw_pull_ack(stack.nats_url, images))
-    dramatiq_s = raw_dramatiq_floor(stack, env, messages, BATCH_SIZE)
+    dramatiq_s = raw_dramatiq_floor(stack, env_for(stack, db_url), messages, batch_size)
     floor = images / (pull_ack_s + dramatiq_s)
     rate = images / e["elapsed_s"]
-    handled = counters.get("jetpipe_result_handling_seconds_count", 0) or float("nan")
+    steps = counters.get("jetpipe_result_handling_seconds_count", 0) or float("nan")
     evals = sum(v for k, v in e["redis_commands"].items() if k.startswith("cmdstat_eval"))
     phases = e["phases"]
     return [
-        ("end to end, 1 worker process", f"{rate:,.0f} images/s ({e['status']})",
+        (f"end to end, 1 worker process, {label}", f"{rate:,.0f} images/s ({e['status']})",
          f"{floor:,.0f} images/s raw floor", f"{rate / floor:.2f}", ">= 1000 images/s",
-         rate >= 1000 and e["status"] == "SUCCESS"),
+         rate >= 1000 and is_exact(e, images)),
+        ("  outcome", exact(e, images), "", "", "exact", is_exact(e, images)),
         ("  phases (s after enqueue)", f"started {phases['started_at']:.1f}, dispatched {phases['dispatched_at']:.1f}"
          f", finished {phases['finished_at']:.1f}", f"pull+ack {pull_ack_s:.2f} s, Dramatiq {dramatiq_s:.2f} s",
          "", "", None),
-        ("worker CPU per image", f"{cpu * 1000 / images:.2f} ms", "", "", "", None),
-        ("result messages (images per message)", f"{handled:,.0f} ({images / handled:.1f})", "", "", "", None),
-        ("DB transactions per result message", f"{counters.get('jetpipe_db_transactions_total', 0) / handled:.2f}",
-         "(every write transaction of the job / result messages)", "", "1", None),
-        ("Redis scripts per result message", f"{evals / handled:.2f}",
-         "(jetpipe's gate: 1; Dramatiq's send, fetch, ack)", "", "1 jetpipe round trip", None),
+        ("  worker CPU per image", f"{cpu * 1000 / images:.2f} ms", "", "", "", None),
+        ("  result messages per saving step", f"{e['result_messages'] / steps:.1f} ({e['result_messages']:,} "
+         f"messages, {steps:,.0f} process_pipeline_result)", "", "", "", None),
+        ("  DB transactions per result message",
+         f"{counters.get('jetpipe_db_transactions_total', 0) / e['result_messages']:.2f}",
+         "(every write transaction of the job: taking, saving, dispatch)", "", "<= 1", None),
+        ("  Redis scripts per result message", f"{evals / e['result_messages']:.2f}",
+         "(jetpipe's gate, drain lock; Dramatiq's send, fetch, ack)", "", "", None),
     ]
+
+
+def backlog(stack: DevStack, db_url: str, images: int) -> list[tuple]:
+    """A service far faster than the worker, one image per message, default settings (ack_wait 30 s)."""
+    e, _, _ = run_job_end_to_end(stack, db_url, images, 1)
+    reruns = e["result_messages"] - images  # every model run publishes one message
+    return [(f"backlog: {images:,} images, one per message, answered at once, defaults",
+             f"{images / e['elapsed_s']:,.0f} images/s; {exact(e, images)}", f"model runs: {e['result_messages']:,}"
+             f" for {images:,} images", "", "0 failed, exact, no re-run", is_exact(e, images) and reruns == 0)]
 
 
 SWEEP = """
@@ -483,54 +520,16 @@ def main() -> int:
     parser.add_argument("--memory-images", type=int, default=1_000_000)
     parser.add_argument("--sweep", nargs="+", default=["100x10", "1000x10", "5000x10", "1000x100"],
                         metavar="JOBSxIMAGES", help="reconciler sweeps: running jobs x images per job")
+    parser.add_argument("--backlog-images", type=int, default=30_000)
     parser.add_argument("--postgres", metavar="URL",
                         help="also run end to end on PostgreSQL (a throwaway database is created on this server)")
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="what to measure")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="jetpipe-bench-") as tmp:
         stack = DevStack.create(Path(tmp) / "stack").start()
         try:
-            # dispatch
-            console.log("dispatch: raw publishing")
-            raw = asyncio.run(raw_publish(stack.nats_url, args.dispatch_images))
-            console.log("dispatch: jetpipe run_job")
-            d = run_py(DISPATCH.replace("N)", f"{args.dispatch_images})"), env_for(stack, f"sqlite:///{tmp}/d.db"))
-            jet = args.dispatch_images / d["dispatch_s"]
-            rows.append(("dispatch (run_job publish)", f"{jet:,.0f} tasks/s", f"{raw:,.0f} msg/s raw publish",
-                         f"{jet / raw:.2f}", ">= 0.70", jet / raw >= 0.7))
-            rows.append(("enqueue-job (DB rows)", f"{args.dispatch_images / d['enqueue_s']:,.0f} images/s", "", "", "",
-                         None))
-
-            # end to end
-            console.log("end to end: a worker and a null processing service")
-            rows += end_to_end(stack, f"sqlite:///{tmp}/e2e.db", args.e2e_images)
-            if args.postgres:
-                console.log("end to end on PostgreSQL")
-                with throwaway_database(args.postgres) as url:
-                    rows += [(f"{name} [PostgreSQL]", *rest)
-                             for name, *rest in end_to_end(stack, url, args.e2e_images)[:1]]
-
-            # reconciler sweep
-            timings = {}
-            for size in args.sweep:
-                jobs, images = (int(n) for n in size.lower().split("x"))
-                console.log(f"sweep: {jobs} running jobs x {images} images")
-                row, timings[(jobs, images)] = sweep(stack, tmp, jobs, images)
-                rows.append(row)
-            rows += sweep_growth(timings)
-
-            # latencies
-            console.log("latencies: lost image, worker SIGKILL")
-            rows += latencies(stack, tmp)
-
-            # memory
-            console.log("memory: enqueue + run_job")
-            fresh_servers(stack)
-            m_env = env_for(stack, f"sqlite:///{tmp}/m.db")
-            code = DISPATCH.replace("N)", f"{args.memory_images})") + RSS
-            m = run_py(code, m_env)
-            rows.append((f"peak RSS, enqueue + run_job of {args.memory_images:,} images", f"{m['rss_mb']:.0f} MB",
-                         "", "", "<= 300 MB", m["rss_mb"] <= 300))
+            rows += measure(args, stack, tmp)
         finally:
             stack.stop()
 
@@ -541,6 +540,59 @@ def main() -> int:
     out.print(table)
     out.print(f"measured by: python benchmarks/run.py {' '.join(sys.argv[1:])}".rstrip())
     return 0
+
+
+STAGES = ("dispatch", "e2e", "backlog", "sweep", "latency", "memory")
+
+
+def measure(args, stack: DevStack, tmp: str) -> list[tuple]:
+    rows = []
+    if "dispatch" in args.stages:
+        console.log("dispatch: raw publishing")
+        raw = asyncio.run(raw_publish(stack.nats_url, args.dispatch_images))
+        console.log("dispatch: jetpipe run_job")
+        d = run_py(DISPATCH.replace("N)", f"{args.dispatch_images})"), env_for(stack, f"sqlite:///{tmp}/d.db"))
+        jet = args.dispatch_images / d["dispatch_s"]
+        rows.append(("dispatch (run_job publish)", f"{jet:,.0f} tasks/s", f"{raw:,.0f} msg/s raw publish",
+                     f"{jet / raw:.2f}", ">= 0.70", jet / raw >= 0.7))
+        rows.append(("enqueue-job (DB rows)", f"{args.dispatch_images / d['enqueue_s']:,.0f} images/s", "", "", "",
+                     None))
+    if "e2e" in args.stages:
+        console.log("end to end: a worker and a null processing service, batched, then one image per message")
+        for batch_size in (BATCH_SIZE, 1):
+            rows += end_to_end(stack, f"sqlite:///{tmp}/e2e-{batch_size}.db", args.e2e_images, batch_size)
+        if args.postgres:
+            for batch_size in (BATCH_SIZE, 1):
+                console.log(f"end to end on PostgreSQL, {batch_size} image(s) per message")
+                with throwaway_database(args.postgres) as url:
+                    rows += [(f"{name} [PostgreSQL]", *rest)
+                             for name, *rest in end_to_end(stack, url, args.e2e_images, batch_size)[:2]]
+    if "backlog" in args.stages:
+        console.log(f"backlog: {args.backlog_images} images, one per message, a service faster than the worker")
+        rows += backlog(stack, f"sqlite:///{tmp}/backlog.db", args.backlog_images)
+        if args.postgres:
+            with throwaway_database(args.postgres) as url:
+                rows += [(f"{name} [PostgreSQL]", *rest) for name, *rest in backlog(stack, url, args.backlog_images)]
+    if "sweep" in args.stages:
+        timings = {}
+        for size in args.sweep:
+            jobs, images = (int(n) for n in size.lower().split("x"))
+            console.log(f"sweep: {jobs} running jobs x {images} images")
+            row, timings[(jobs, images)] = sweep(stack, tmp, jobs, images)
+            rows.append(row)
+        rows += sweep_growth(timings)
+    if "latency" in args.stages:
+        console.log("latencies: lost image, worker SIGKILL")
+        rows += latencies(stack, tmp)
+    if "memory" in args.stages:
+        console.log("memory: enqueue + run_job")
+        fresh_servers(stack)
+        m_env = env_for(stack, f"sqlite:///{tmp}/m.db")
+        code = DISPATCH.replace("N)", f"{args.memory_images})") + RSS
+        m = run_py(code, m_env)
+        rows.append((f"peak RSS, enqueue + run_job of {args.memory_images:,} images", f"{m['rss_mb']:.0f} MB",
+                     "", "", "<= 300 MB", m["rss_mb"] <= 300))
+    return rows
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ from __future__ import annotations
 from models.db import (
     bind,
     database,
+    execute_in,
     for_update,
     insert_ignoring_duplicates,
     is_postgres,
+    select_in,
     thread_connection,
     utcnow,
     write_transaction,
@@ -30,15 +32,33 @@ from models.entities import (
 
 
 def create_schema() -> None:
-    """Create every table and index that does not exist yet (idempotent)."""
+    """Create every table, column and index that does not exist yet (idempotent: also upgrades a database
+    made by an earlier version in place)."""
     with database.connection_context():
         database.create_tables(ALL_MODELS, safe=True)
+        _add_missing_columns()
+
+
+def _add_missing_columns() -> None:
+    """Columns added to a table after it was created (every such column is nullable)."""
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    migrator = SchemaMigrator.from_database(database.obj)
+    operations = []
+    for model in ALL_MODELS:
+        table = model._meta.table_name
+        present = {column.name for column in database.get_columns(table)}
+        operations += [migrator.add_column(table, field.column_name, field)
+                       for field in model._meta.sorted_fields if field.column_name not in present]
+    if operations:
+        with database.atomic():
+            migrate(*operations)
 
 
 __all__ = [
     # database
-    "bind", "database", "create_schema", "for_update", "insert_ignoring_duplicates", "is_postgres", "thread_connection",
-    "utcnow", "write_transaction",
+    "bind", "database", "create_schema", "execute_in", "for_update", "insert_ignoring_duplicates", "is_postgres",
+    "select_in", "thread_connection", "utcnow", "write_transaction",
     # vocabularies
     "DispatchMode", "ImageStatus", "JobStatus",
     # tables

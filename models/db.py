@@ -168,6 +168,39 @@ def insert_ignoring_duplicates(model: type[peewee.Model], fields: tuple[str, ...
         db.cursor().executemany(f'INSERT INTO "{table}" ({columns}) VALUES ({marks}) ON CONFLICT DO NOTHING', rows)
 
 
+def select_in(sql: str, column_values, *, params: tuple = (), chunk: int = 500, lock: bool = False) -> list[tuple]:
+    """Rows of `sql` (a SELECT whose last condition is `<column> IN ({in})`) for many values, a statement
+    per `chunk` of them (SQLite limits the variables of one statement), built as text: peewee builds such
+    a statement value by value, which cost more than the query itself for a thousand ids. Placeholders
+    are `%s`; `lock` adds the row lock of `for_update`."""
+    db = database.obj
+    mark = db.param
+    rows: list[tuple] = []
+    values = list(column_values)
+    for start in range(0, len(values), chunk):
+        part = values[start:start + chunk]
+        text = sql.replace("%s", mark).replace("{in}", ", ".join([mark] * len(part)))
+        if lock and is_postgres():
+            text += " FOR NO KEY UPDATE"
+        rows += db.execute_sql(text, (*params, *part)).fetchall()
+    return rows
+
+
+def execute_in(sql: str, column_values, *, params: tuple = (), chunk: int = 500) -> int:
+    """`sql` (an UPDATE or DELETE whose last condition is `<column> IN ({in})`) for many values, like
+    `select_in`; the number of rows it changed."""
+    db = database.obj
+    mark = db.param
+    changed = 0
+    values = list(column_values)
+    for start in range(0, len(values), chunk):
+        part = values[start:start + chunk]
+        cursor = db.execute_sql(sql.replace("%s", mark).replace("{in}", ", ".join([mark] * len(part))),
+                                (*params, *part))
+        changed += cursor.rowcount
+    return changed
+
+
 def for_update(query):
     """`query` with a row lock on PostgreSQL; SQLite's write lock already serialises.
 

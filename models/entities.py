@@ -84,11 +84,14 @@ class JobImage(BaseModel):
     classifications = peewee.IntegerField(default=0)
     error = peewee.TextField(null=True)
     updated_at = peewee.DateTimeField(default=utcnow)
+    #: Stream sequence of the image's task in PIPELINE_TASKS (its PubAck): a result's reply subject names
+    #: it, so a reply is checked against the image it settles without asking NATS.
+    task_seq = peewee.BigIntegerField(null=True)
 
     class Meta:
         indexes = (
             (("job", "image"), True),  # one outcome per image per job
-            (("job", "status"), False),
+            (("job", "status", "id"), False),  # the pending images of a job, in dispatch order
         )
 
 

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from models import Job, JobStatus, Pipeline, ResultInbox, write_transaction
+from models import Job, JobStatus, Pipeline, ResultInbox, execute_in, select_in, write_transaction
 from pipeline import inbox, jobs, names, progress
 from pipeline.crashpoints import crash_point
 from pipeline.errors import BadResult, StateMissing, TransientError
@@ -86,7 +86,8 @@ def count_outcomes(runtime, job: Job, outcomes: list[Outcome], locked: Job | Non
         snapshot = state.record(job.id, outcomes)
     crash_point("after_redis_update", job=job.id)
     _count_metrics(job, outcomes, snapshot)
-    corrected = any(o.supersedes for o in outcomes if o.image_id in set(snapshot.newly_removed))
+    newly = set(snapshot.newly_removed)
+    corrected = any(o.supersedes and o.image_id in newly for o in outcomes)
     written = progress.write_progress(job.id, snapshot, threshold=runtime.settings.failure_threshold, locked=locked,
                                       corrected=corrected)
     crash_point("after_progress", job=job.id)
@@ -95,10 +96,12 @@ def count_outcomes(runtime, job: Job, outcomes: list[Outcome], locked: Job | Non
 
 def _count_metrics(job: Job, outcomes: list[Outcome], snapshot: Snapshot) -> None:
     newly = set(snapshot.newly_removed)
+    failed = sum(1 for o in outcomes if o.failed and o.image_id in newly)
     images = metrics().images
-    for outcome in outcomes:
-        if outcome.image_id in newly:
-            images.labels(job.pipeline.slug, "failed" if outcome.failed else "processed").inc()
+    if failed:
+        images.labels(job.pipeline.slug, "failed").inc(failed)
+    if len(newly) > failed:
+        images.labels(job.pipeline.slug, "processed").inc(len(newly) - failed)
 
 
 def settle(runtime, job: Job, save: Callable[[], list[Outcome]]) -> tuple[
@@ -242,20 +245,12 @@ def _read_inbox(job_id: int) -> list[tuple[int, str, bytes, str]]:
 
 
 def _delete_entries(entry_ids: list[int]) -> None:
-    from peewee import chunked
-
-    for chunk in chunked(entry_ids, 500):
-        ResultInbox.delete().where(ResultInbox.id.in_(chunk)).execute()
+    execute_in('DELETE FROM "result_inbox" WHERE id IN ({in})', entry_ids)
 
 
 def _present(entry_ids: list[int]) -> set[int]:
     """Those of `entry_ids` still in the inbox (inside the transaction: not saved by another drainer)."""
-    from peewee import chunked
-
-    found: set[int] = set()
-    for chunk in chunked(entry_ids, 500):
-        found.update(i for (i,) in ResultInbox.select(ResultInbox.id).where(ResultInbox.id.in_(chunk)).tuples())
-    return found
+    return {i for (i,) in select_in('SELECT id FROM "result_inbox" WHERE id IN ({in})', entry_ids)}
 
 
 def drain_step(runtime, job_id: int) -> DrainStep:
@@ -452,8 +447,8 @@ def handle_result_message(runtime, job_id: int, body: bytes, reply: str | None, 
     try:
         inbox.take(runtime, [incoming])
     except TransientError as exc:
-        log.warning("job=%s image=%s transient error, result not taken, no task ACKed: %s", job_id,
-                    _ids_text(inbox.named_images(body)) or "?", exc)
+        log.warning("job=%s image=%s transient error while taking the result (its tasks are not ACKed; a "
+                    "redelivery takes it again): %s", job_id, _ids_text(inbox.named_images(body)) or "?", exc)
         raise
     try:
         deadline = time.monotonic() + timeout_s

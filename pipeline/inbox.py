@@ -3,8 +3,9 @@ and the transaction that saves it (invariant 11: a result in hand decides its im
 
 Taking a batch of result messages (the bridge, for every fetch):
 
-1. read which tasks each message settles: a reply subject in `Pipeline-Task-Reply` counts only if it is
-   a task of the message's own job (read from the tasks stream) whose image the message names;
+1. read which tasks each message settles: a reply subject in `Pipeline-Task-Reply` counts only if it
+   names the task of an image of the message's own job that the message decides (the stream sequence
+   in the reply subject is the one the image's task was stored at);
 2. commit the messages to the `ResultInbox` table (one transaction; a redelivered message is taken once);
 3. ACK the tasks they settle: a task whose result is in the database is done, whatever the backlog of
    saving, so JetStream never redelivers it (no model run twice) nor gives up on it (no false "lost");
@@ -24,7 +25,7 @@ import uuid
 import msgspec
 import peewee
 
-from models import ResultInbox, insert_ignoring_duplicates, utcnow, write_transaction
+from models import ResultInbox, insert_ignoring_duplicates, select_in, utcnow, write_transaction
 from pipeline import names
 from pipeline.crashpoints import crash_point
 from pipeline.errors import TransientError
@@ -91,19 +92,36 @@ def named_images(body: bytes) -> set[str]:
 def settled_replies(runtime, incoming: list[Incoming]) -> list[str]:
     """The task reply subjects the messages settle: a task of the message's own job whose image it names.
 
-    A message with any reply subject of another job settles nothing (it is rejected when saved).
+    The task a reply subject names is its stream sequence; each image's row holds the sequence its task
+    was stored at (`JobImage.task_seq`), so one query per job checks a whole batch. Tasks published
+    before that column existed are read from the tasks stream instead. A message with any reply subject
+    of another job settles nothing (it is rejected when saved).
     """
-    candidates = [r for m in incoming if not m.foreign_replies() for r in m.replies]
-    if not candidates:
-        return []
-    tasks = runtime.tasks.task_images(candidates)
-    settled = []
+    wanted: dict[int, set[str]] = {}
+    named: list[tuple[Incoming, set[str]]] = []
     for m in incoming:
-        if m.foreign_replies():
-            continue
-        images = named_images(m.body)
-        settled += [r for r in m.replies if r in tasks and tasks[r][0] == m.job_id
-                    and canonical_image_id(tasks[r][1]) in images]
+        if m.replies and not m.foreign_replies():
+            images = named_images(m.body)
+            named.append((m, images))
+            wanted.setdefault(m.job_id, set()).update(images)
+    if not named:
+        return []
+    seqs = {job_id: {str(image): seq for image, seq in select_in(
+        'SELECT image_id, task_seq FROM "job_image" WHERE job_id = %s AND image_id IN ({in})',
+        sorted(map(int, images)), params=(job_id,))} for job_id, images in wanted.items()}
+    image_of_seq = {job_id: {seq: image for image, seq in found.items() if seq is not None}
+                    for job_id, found in seqs.items()}
+    unknown = [r for m, images in named if any(seqs[m.job_id].get(i, 0) is None for i in images) for r in m.replies]
+    from_stream = runtime.tasks.task_images(unknown) if unknown else {}
+    settled = []
+    for m, images in named:
+        for reply in m.replies:
+            parsed = names.parse_ack_subject(reply)
+            if parsed is not None and image_of_seq[m.job_id].get(parsed[3]) in images:
+                settled.append(reply)
+            elif reply in from_stream and from_stream[reply][0] == m.job_id \
+                    and canonical_image_id(from_stream[reply][1]) in images:
+                settled.append(reply)
     return list(dict.fromkeys(settled))
 
 
@@ -115,7 +133,10 @@ def take(runtime, incoming: list[Incoming]) -> list[int]:
     """
     if not incoming:
         return []
-    settle = settled_replies(runtime, incoming)
+    try:
+        settle = settled_replies(runtime, incoming)
+    except peewee.DatabaseError as exc:
+        raise TransientError(f"database: could not read the tasks of {len(incoming)} result(s): {exc}") from exc
     now = utcnow()
     rows = [(m.job_id, m.source, m.stream_seq, m.body, ",".join(m.replies)[:100_000], now) for m in incoming]
     try:
@@ -124,7 +145,7 @@ def take(runtime, incoming: list[Incoming]) -> list[int]:
     except peewee.DatabaseError as exc:
         raise TransientError(f"database: could not take {len(rows)} result(s) into the inbox: {exc}") from exc
     crash_point("after_inbox", messages=len(incoming))
-    if settle:
+    if settle:  # NATS down: raises, the caller leaves the messages un-acked, a redelivery ACKs them
         runtime.tasks.ack_many(settle)
     crash_point("after_task_ack", tasks=len(settle))
     return sorted({m.job_id for m in incoming})

@@ -17,6 +17,9 @@ from pipeline.schemas import ErrorResult
 
 log = logging.getLogger(__name__)
 
+#: Pending images read at a time.
+INTERNAL_CHUNK = 500
+
 
 def run_internal(runtime, job: Job) -> str:
     """Process every pending image of `job` in this process; returns the job's status afterwards."""
@@ -25,7 +28,7 @@ def run_internal(runtime, job: Job) -> str:
         raise UserInputError(f"pipeline {job.pipeline.slug!r} has no built-in handler for internal mode")
     jobs.load_state_from_db(runtime.state, job.id)
     status = job.status
-    for _, task in jobs.pending_tasks(job, after_id=0):
+    for _, task in _pending(job):
         try:
             result = handler(task)
         except Exception as exc:  # noqa: BLE001 - a handler failure fails that image only
@@ -41,3 +44,11 @@ def run_internal(runtime, job: Job) -> str:
         status = written.status
         handling.finish(runtime, job, written)
     return status
+
+
+def _pending(job: Job):
+    """The job's pending tasks, a chunk at a time (each read in full before its results are written)."""
+    cursor = 0
+    while chunk := jobs.pending_chunk(job, after_id=cursor, limit=INTERNAL_CHUNK):
+        yield from chunk
+        cursor = chunk[-1][0]

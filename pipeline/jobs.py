@@ -17,7 +17,9 @@ from models import (
     Pipeline,
     SourceImage,
     database,
+    is_postgres,
     utcnow,
+    write_transaction,
 )
 from pipeline import names, progress
 from pipeline.crashpoints import crash_point
@@ -148,21 +150,39 @@ def rebuild_state(state: JobState, job_id: int, *, even_if_present: bool = False
 
 
 # ---- dispatch -------------------------------------------------------------------------------------------
-def pending_tasks(job: Job, *, after_id: int) -> Iterator[tuple[int, Task]]:
-    """(JobImage.id, Task) of the job's pending images after `after_id`, in id order, streamed."""
+def pending_chunk(job: Job, *, after_id: int, limit: int) -> list[tuple[int, Task]]:
+    """(JobImage.id, Task) of the job's next `limit` pending images after `after_id`, in id order, read in
+    full: no read stays open while the caller writes (a SQLite connection whose read snapshot is older
+    than another writer's commit cannot start writing: "database is locked" at once)."""
     query = (JobImage.select(JobImage.id, JobImage.image, SourceImage.url).join(SourceImage)
              .where((JobImage.job == job.id) & (JobImage.status == ImageStatus.PENDING) & (JobImage.id > after_id))
-             .order_by(JobImage.id).tuples().iterator())
+             .order_by(JobImage.id).limit(limit).tuples())
     slug = job.pipeline.slug
-    for row_id, image_id, url in query:
-        yield row_id, Task(job_id=job.id, image_id=str(image_id), image_url=url, pipeline=slug)
+    return [(row_id, Task(job_id=job.id, image_id=str(image_id), image_url=url, pipeline=slug))
+            for row_id, image_id, url in query]
+
+
+def record_published(job_id: int, row_ids: list[int], seqs: list[int], cursor: int) -> None:
+    """Write the published tasks' stream sequences and the job's checkpoint, in one transaction."""
+    with write_transaction():
+        if is_postgres():
+            from psycopg2.extras import execute_values
+
+            execute_values(database.obj.cursor(), 'UPDATE "job_image" SET task_seq = v.seq FROM (VALUES %s) '
+                           'AS v(id, seq) WHERE "job_image".id = v.id', list(zip(row_ids, seqs, strict=True)),
+                           page_size=1000)
+        else:
+            database.obj.cursor().executemany('UPDATE "job_image" SET task_seq = ? WHERE id = ?',
+                                              list(zip(seqs, row_ids, strict=True)))
+        Job.update(dispatch_cursor=cursor, updated_at=utcnow()).where(Job.id == job_id).execute()
 
 
 def dispatch(runtime, job: Job) -> int:
     """Publish the job's pending tasks from its checkpoint on, then mark it dispatched; returns tasks sent.
 
     Resumable: the checkpoint (`dispatch_cursor`) advances after each published chunk, and a chunk
-    republished after a crash is deduplicated by its `Nats-Msg-Id`s.
+    republished after a crash is deduplicated by its `Nats-Msg-Id`s. Each chunk is read in full before
+    anything is written, so saving results while a job is being dispatched never meets a lock upgrade.
     """
     settings = runtime.settings
     tasks = runtime.tasks
@@ -174,11 +194,12 @@ def dispatch(runtime, job: Job) -> int:
                                   f"{accepted.max_deliver} ack_wait={accepted.ack_wait}s")
     sent = new = 0
     cursor = job.dispatch_cursor
-    for chunk in _chunks(pending_tasks(job, after_id=cursor), settings.dispatch_chunk):
-        new += tasks.publish_tasks([task for _, task in chunk])
+    while chunk := pending_chunk(job, after_id=cursor, limit=settings.dispatch_chunk):
+        published = tasks.publish_tasks([task for _, task in chunk])
+        new += sum(p.new for p in published)
         sent += len(chunk)
         cursor = chunk[-1][0]
-        Job.update(dispatch_cursor=cursor, updated_at=utcnow()).where(Job.id == job.id).execute()
+        record_published(job.id, [row_id for row_id, _ in chunk], [p.seq for p in published], cursor)
         crash_point("mid_publish", job=job.id, sent=sent)
     crash_point("after_publish", job=job.id, sent=sent)
     Job.update(dispatched_at=utcnow(), updated_at=utcnow()).where(Job.id == job.id).execute()

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterable
 from importlib import resources
 
+import msgspec
 import redis
 
 from pipeline import names
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 #: Job state outlives any sane job; every update refreshes it.
 STATE_TTL_S = 7 * 24 * 3600
+_json = msgspec.json.Encoder()
 #: Ids sent to Redis per SADD when loading a job's state.
 LOAD_CHUNK = 5000
 
@@ -190,10 +192,9 @@ class JobState:
 
     def record(self, job_id: int, outcomes: Iterable[Outcome]) -> Snapshot:
         """Count each image's outcome once (atomic gate); raises StateMissing if the job has no state."""
-        args: list = [STATE_TTL_S]
-        for o in outcomes:
-            args += [o.image_id, int(o.failed), o.captures, o.detections, o.classifications, int(o.supersedes)]
-        reply = self._run("record_outcomes", job_id, args)
+        packed = _json.encode([[o.image_id, int(o.failed), o.captures, o.detections, o.classifications,
+                                int(o.supersedes)] for o in outcomes])
+        reply = self._run("record_outcomes", job_id, [STATE_TTL_S, packed])
         if int(reply[0]) < 0:
             raise StateMissing(f"no Redis state for job {job_id}")
         return Snapshot.from_reply(reply)

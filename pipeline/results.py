@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import defaultdict
+from typing import NamedTuple
 
-from peewee import chunked
+import msgspec
 
 from models import (
     Algorithm,
@@ -22,13 +23,12 @@ from models import (
     Detection,
     ImageStatus,
     Job,
-    JobImage,
-    for_update,
+    execute_in,
     insert_ignoring_duplicates,
+    select_in,
     utcnow,
     write_transaction,
 )
-from models.db import JSONField
 from pipeline.errors import BadResult
 from pipeline.jobstate import Outcome
 from pipeline.schemas import SuccessResult
@@ -40,24 +40,31 @@ LOST_PREFIX = "lost:"
 #: Longest failure reason stored on an image.
 MAX_REASON_CHARS = 2000
 
-_algorithms: dict[int, dict[str, Algorithm]] = {}
+class AlgorithmInfo(NamedTuple):
+    id: int
+    task_type: str
 
 
-def pipeline_algorithms(pipeline_id: int, *, refresh: bool = False) -> dict[str, Algorithm]:
+_algorithms: dict[int, dict[str, AlgorithmInfo]] = {}
+
+
+def pipeline_algorithms(pipeline_id: int, *, refresh: bool = False) -> dict[str, AlgorithmInfo]:
     """The pipeline's declared algorithms by key (cached per process; refreshed on a miss)."""
     if refresh or pipeline_id not in _algorithms:
-        _algorithms[pipeline_id] = {a.key: a for a in Algorithm.select().where(Algorithm.pipeline == pipeline_id)}
+        _algorithms[pipeline_id] = {key: AlgorithmInfo(pk, task_type) for pk, key, task_type in Algorithm.select(
+            Algorithm.id, Algorithm.key, Algorithm.task_type).where(Algorithm.pipeline == pipeline_id).tuples()}
     return _algorithms[pipeline_id]
 
 
-def _resolve_algorithms(job: Job, keys: set[str], image_ids: tuple[str, ...]) -> dict[str, Algorithm]:
-    known = pipeline_algorithms(job.pipeline_id)
+def _resolve_algorithms(pipeline_id: int, slug: str, keys: set[str],
+                        image_ids: tuple[str, ...]) -> dict[str, AlgorithmInfo]:
+    known = pipeline_algorithms(pipeline_id)
     if not keys <= known.keys():
-        known = pipeline_algorithms(job.pipeline_id, refresh=True)
+        known = pipeline_algorithms(pipeline_id, refresh=True)
     undeclared = sorted(keys - known.keys())
     if undeclared:
-        raise BadResult(f"result names undeclared algorithm(s) {undeclared} for pipeline "
-                        f"{job.pipeline.slug!r}", image_ids=image_ids)
+        raise BadResult(f"result names undeclared algorithm(s) {undeclared} for pipeline {slug!r}",
+                        image_ids=image_ids)
     return known
 
 
@@ -69,23 +76,31 @@ def canonical_image_id(image_id) -> str | None:
     return None
 
 
-def job_images(job_id: int, image_ids) -> dict[str, JobImage]:
+class ImageRow(NamedTuple):
+    """An image's outcome in a job, as the database holds it (a JobImage row, read without the model)."""
+
+    id: int
+    image_id: int
+    status: str
+    detections: int
+    classifications: int
+    error: str | None
+
+
+def job_images(job_id: int, image_ids) -> dict[str, ImageRow]:
     """The job's rows for these images, locked until the transaction ends (the outcome arbiter)."""
     numeric = sorted({int(c) for c in map(canonical_image_id, image_ids) if c is not None})
-    found: dict[str, JobImage] = {}
-    for chunk in chunked(numeric, 500):  # SQLite limits the variables of one statement
-        found.update((str(r.image_id), r) for r in for_update(JobImage.select(
-            JobImage.id, JobImage.image, JobImage.status, JobImage.detections, JobImage.classifications,
-            JobImage.error).where((JobImage.job == job_id) & (JobImage.image.in_(chunk)))))
-    return found
+    rows = select_in('SELECT id, image_id, status, detections, classifications, error FROM "job_image" '
+                     "WHERE job_id = %s AND image_id IN ({in})", numeric, params=(job_id,), lock=True)
+    return {str(row[1]): ImageRow(*row) for row in rows}
 
 
-def is_lost(row: JobImage) -> bool:
+def is_lost(row: ImageRow) -> bool:
     """True for an image failed because no result came: a valid result arriving later supersedes that."""
     return row.status == ImageStatus.FAILED and (row.error or "").startswith(LOST_PREFIX)
 
 
-def _settled_outcome(row: JobImage) -> Outcome:
+def _settled_outcome(row: ImageRow) -> Outcome:
     """The outcome an image already has in the database; a replay or late result reports this one."""
     if row.status == ImageStatus.FAILED:
         return Outcome(str(row.image_id), failed=True, captures=0)
@@ -93,7 +108,7 @@ def _settled_outcome(row: JobImage) -> Outcome:
                    classifications=row.classifications)
 
 
-def _rows_of(job_id: int, image_ids: tuple[str, ...]) -> dict[str, JobImage]:
+def _rows_of(job_id: int, image_ids: tuple[str, ...]) -> dict[str, ImageRow]:
     rows = job_images(job_id, image_ids)
     missing = [i for i in image_ids if i not in rows]
     if missing:
@@ -139,7 +154,7 @@ class PreparedResult:
                               [c for c in self.classifications if c[0][0] in keep],
                               {i: n for i, n in self.counts.items() if i in keep})
 
-    def save(self, rows: dict[str, JobImage] | None = None) -> list[Outcome]:
+    def save(self, rows: dict[str, ImageRow] | None = None) -> list[Outcome]:
         """Write the rows and outcomes of the images this result decides (inside the caller's transaction,
         if any); every image's outcome. `rows`: the images' locked rows, if the caller already read them."""
         with write_transaction():
@@ -150,11 +165,9 @@ class PreparedResult:
             insert_ignoring_duplicates(Detection, DETECTION_FIELDS, detections)
             classifications = [c for c in self.classifications if c[0][0] in decided]
             if classifications:
-                ids = {}
-                for chunk in chunked(sorted({int(i) for i, _, _ in (c[0] for c in classifications)}), 500):
-                    ids.update(((str(image), algorithm, bbox_key), pk) for pk, image, algorithm, bbox_key in
-                               Detection.select(Detection.id, Detection.image, Detection.algorithm,
-                                                Detection.bbox_key).where(Detection.image.in_(chunk)).tuples())
+                ids = {(str(image), algorithm, bbox_key): pk for pk, image, algorithm, bbox_key in select_in(
+                    'SELECT id, image_id, algorithm_id, bbox_key FROM "detection" WHERE image_id IN ({in})',
+                    sorted({int(key[0]) for key, _ in classifications}))}
                 insert_ignoring_duplicates(Classification, CLASSIFICATION_FIELDS,
                                            [(ids[key], *row) for key, row in classifications])
             by_counts: dict[tuple[int, int], list[int]] = defaultdict(list)  # one UPDATE per distinct pair
@@ -162,9 +175,9 @@ class PreparedResult:
                 by_counts[tuple(self.counts[image_id])].append(rows[image_id].id)
             now = utcnow()
             for (n_det, n_cls), row_ids in by_counts.items():
-                for chunk in chunked(row_ids, 500):
-                    JobImage.update(status=ImageStatus.PROCESSED, detections=n_det, classifications=n_cls,
-                                    error=None, updated_at=now).where(JobImage.id.in_(chunk)).execute()
+                execute_in('UPDATE "job_image" SET status = %s, detections = %s, classifications = %s, error = NULL, '
+                           "updated_at = %s WHERE id IN ({in})", row_ids,
+                           params=(ImageStatus.PROCESSED, n_det, n_cls, now))
         return [Outcome(i, captures=1, detections=self.counts[i][0], classifications=self.counts[i][1],
                         supersedes=rows[i].status == ImageStatus.FAILED)
                 if i in decided else _settled_outcome(rows[i]) for i in self.image_ids]
@@ -173,7 +186,11 @@ class PreparedResult:
 DETECTION_FIELDS = ("image", "algorithm", "bbox_key", "x1", "y1", "x2", "y2", "score", "crop_url", "job",
                     "created_at")
 CLASSIFICATION_FIELDS = ("detection", "algorithm", "taxon", "score", "scores", "labels", "terminal", "created_at")
-_to_json = JSONField().db_value
+_encode_json = msgspec.json.Encoder().encode
+
+
+def _to_json(value: list) -> str:
+    return _encode_json(value).decode()
 
 
 def prepare_result(job: Job, result: SuccessResult) -> PreparedResult:
@@ -184,18 +201,18 @@ def prepare_result(job: Job, result: SuccessResult) -> PreparedResult:
         raise BadResult(f"image ids must be decimal numbers, got {malformed[:5]}",
                         image_ids=tuple(dict.fromkeys(i for i in canonical.values() if i)))
     image_ids = tuple(dict.fromkeys(canonical.values()))
-    if result.pipeline != job.pipeline.slug:
-        raise BadResult(f"result is for pipeline {result.pipeline!r}, job {job.id} runs "
-                        f"{job.pipeline.slug!r}", image_ids=image_ids)
+    job_id, pipeline_id, slug = job.id, job.pipeline_id, job.pipeline.slug
+    if result.pipeline != slug:
+        raise BadResult(f"result is for pipeline {result.pipeline!r}, job {job_id} runs {slug!r}",
+                        image_ids=image_ids)
     keys = {d.algorithm.key for d in result.detections}
     keys |= {c.algorithm.key for d in result.detections for c in d.classifications}
-    algorithms = _resolve_algorithms(job, keys, image_ids)
+    algorithms = _resolve_algorithms(pipeline_id, slug, keys, image_ids)
     bad_types = sorted({d.algorithm.key for d in result.detections
                         if algorithms[d.algorithm.key].task_type != "detection"})
     if bad_types:
         raise BadResult(f"algorithm(s) {bad_types} are not detection algorithms", image_ids=image_ids)
-    marker = next((a for a in algorithms.values() if a.task_type == "detection"), None) or next(
-        (a for a in pipeline_algorithms(job.pipeline_id).values() if a.task_type == "detection"), None)
+    marker = next((key for key, a in algorithms.items() if a.task_type == "detection"), None)
 
     # Deduplicate within the message the way the database will (same image, algorithm, box).
     detections: dict[tuple[str, str, str], object] = {}
@@ -205,18 +222,18 @@ def prepare_result(job: Job, result: SuccessResult) -> PreparedResult:
     found = {image_id for image_id, _, _ in detections}
     for image_id in image_ids:  # "processed, nothing found" marker for images without any detection
         if marker and image_id not in found:
-            detections[(image_id, marker.key, "")] = None
+            detections[(image_id, marker, "")] = None
 
     counts: dict[str, list[int]] = {i: [0, 0] for i in image_ids}
     now = utcnow()
     det_rows, cls_rows = [], []
     for (image_id, algo_key, bbox_key), det in detections.items():
-        algorithm_id = algorithms.get(algo_key, marker).id
+        algorithm_id = algorithms[algo_key].id
         if det is None:  # the "processed, nothing found" marker
-            det_rows.append((int(image_id), algorithm_id, bbox_key, None, None, None, None, None, None, job.id, now))
+            det_rows.append((int(image_id), algorithm_id, bbox_key, None, None, None, None, None, None, job_id, now))
             continue
         box = (det.bbox.x1, det.bbox.y1, det.bbox.x2, det.bbox.y2) if det.bbox else (None,) * 4
-        det_rows.append((int(image_id), algorithm_id, bbox_key, *box, det.score, det.crop_image_url, job.id, now))
+        det_rows.append((int(image_id), algorithm_id, bbox_key, *box, det.score, det.crop_image_url, job_id, now))
         if det.bbox:
             counts[image_id][0] += 1
         seen_algorithms = set()
@@ -229,7 +246,7 @@ def prepare_result(job: Job, result: SuccessResult) -> PreparedResult:
                 c.terminal, now)))
             if bbox_key:
                 counts[image_id][1] += 1
-    return PreparedResult(job.id, image_ids, det_rows, cls_rows, counts)
+    return PreparedResult(job_id, image_ids, det_rows, cls_rows, counts)
 
 
 def save_result(job: Job, result: SuccessResult) -> list[Outcome]:
@@ -237,7 +254,7 @@ def save_result(job: Job, result: SuccessResult) -> list[Outcome]:
     return prepare_result(job, result).save()
 
 
-def fail_images(job_id: int, image_ids, reason: str, rows: dict[str, JobImage] | None = None) -> list[Outcome]:
+def fail_images(job_id: int, image_ids, reason: str, rows: dict[str, ImageRow] | None = None) -> list[Outcome]:
     """Mark still-pending images of the job failed with `reason`; returns each image's settled outcome.
 
     An image that already has an outcome keeps it (a saved success is never turned into a failure), and
@@ -250,8 +267,7 @@ def fail_images(job_id: int, image_ids, reason: str, rows: dict[str, JobImage] |
     with write_transaction():
         rows = rows if rows is not None else job_images(job_id, wanted)
         pending = [rows[i].id for i in wanted if i in rows and rows[i].status == ImageStatus.PENDING]
-        for chunk in chunked(pending, 500):
-            JobImage.update(status=ImageStatus.FAILED, error=reason[:MAX_REASON_CHARS], updated_at=utcnow()).where(
-                JobImage.id.in_(chunk)).execute()
+        execute_in('UPDATE "job_image" SET status = %s, error = %s, updated_at = %s WHERE id IN ({in})', pending,
+                   params=(ImageStatus.FAILED, reason[:MAX_REASON_CHARS].replace("\x00", ""), utcnow()))
     return [Outcome(i, failed=True, captures=0) if rows[i].status == ImageStatus.PENDING
             else _settled_outcome(rows[i]) for i in wanted if i in rows]

@@ -15,6 +15,7 @@ import json
 import logging
 import ssl
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import msgspec
 import nats
@@ -85,6 +86,13 @@ class ConsumerState:
             return "no consumer"
         return (f"num_pending={self.num_pending} num_ack_pending={self.num_ack_pending} "
                 f"num_redelivered={self.num_redelivered}")
+
+
+class Published(NamedTuple):
+    """A task as JetStream stored it."""
+
+    seq: int  # its stream sequence (what the reply subjects of its deliveries name)
+    new: bool  # False: a duplicate of a task already stored (same Nats-Msg-Id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,34 +347,35 @@ class TaskQueue:
         return sorted(found, key=lambda c: c.job_id)
 
     # ---- tasks --------------------------------------------------------------------------------------
-    async def publish_tasks(self, tasks: Iterable[Task], *, chunk: int = PUBLISH_CHUNK) -> int:
-        """Publish tasks concurrently in chunks, deduplicated by `Nats-Msg-Id`; returns how many were new."""
+    async def publish_tasks(self, tasks: Iterable[Task], *, chunk: int = PUBLISH_CHUNK) -> list[Published]:
+        """Publish tasks concurrently in chunks, deduplicated by `Nats-Msg-Id`; each task's stream sequence
+        and whether it was new (a republished task keeps the sequence it was first stored at)."""
         batch: list[Task] = []
-        new = 0
+        published: list[Published] = []
         for task in tasks:
             batch.append(task)
             if len(batch) >= chunk:
-                new += await self._publish_chunk(batch)
+                published += await self._publish_chunk(batch)
                 batch = []
         if batch:
-            new += await self._publish_chunk(batch)
-        return new
+            published += await self._publish_chunk(batch)
+        return published
 
-    async def _publish_chunk(self, batch: list[Task]) -> int:
+    async def _publish_chunk(self, batch: list[Task]) -> list[Published]:
         """Publish a chunk and wait for every PubAck (what `js.publish` does, for many at once)."""
         acks = await self.requests.send([
             (names.task_subject(t.pipeline, t.job_id), _encoder.encode(t),
              {**task_headers(t), "Nats-Expected-Stream": names.TASKS_STREAM}) for t in batch],
             timeout=API_TIMEOUT_S)
-        new = 0
+        published = []
         for ack in acks:
             if no_responders(ack):
                 raise nats.js.errors.NoStreamResponseError
             answer = json.loads(ack.data)
             if "error" in answer:
                 raise nats.js.errors.APIError.from_error(answer["error"])
-            new += not answer.get("duplicate", False)
-        return new
+            published.append(Published(answer["seq"], not answer.get("duplicate", False)))
+        return published
 
     async def ack(self, reply_subject: str) -> bool:
         """ACK a task by its reply subject and wait for the server; False if the consumer is gone."""

@@ -11,7 +11,9 @@
 -- KEYS[2]  failed SET    (ids counted as failed)
 -- KEYS[3]  counts HASH   (total, captures, detections, classifications, ready)
 -- ARGV[1]  TTL in seconds applied to the three keys
--- ARGV[2..] groups of 6: image_id, failed (0|1), captures, detections, classifications, supersedes (0|1)
+-- ARGV[2]  JSON array of outcomes, each [image_id, failed (0|1), captures, detections, classifications,
+--          supersedes (0|1)] (one argument: packing thousands of arguments cost the client more than the
+--          script costs the server)
 --
 -- Returns {-1} when the state is missing (counts.ready ~= "1"); otherwise
 -- {1, total, remaining, failed, captures, detections, classifications, newly_counted_id...}.
@@ -23,21 +25,21 @@ end
 
 local newly = {}
 local add_captures, add_detections, add_classifications = 0, 0, 0
-for i = 2, #ARGV, 6 do
-  local image_id = ARGV[i]
+for _, outcome in ipairs(cjson.decode(ARGV[2])) do
+  local image_id = outcome[1]
   local counted
-  if ARGV[i + 5] == '1' then
+  if outcome[6] == 1 then
     counted = redis.call('SREM', failed, image_id) == 1
   else
     counted = redis.call('SREM', pending, image_id) == 1
-    if counted and ARGV[i + 1] == '1' then
+    if counted and outcome[2] == 1 then
       redis.call('SADD', failed, image_id)
     end
   end
   if counted then
-    add_captures = add_captures + tonumber(ARGV[i + 2])
-    add_detections = add_detections + tonumber(ARGV[i + 3])
-    add_classifications = add_classifications + tonumber(ARGV[i + 4])
+    add_captures = add_captures + outcome[3]
+    add_detections = add_detections + outcome[4]
+    add_classifications = add_classifications + outcome[5]
     newly[#newly + 1] = image_id
   end
 end
