@@ -6,9 +6,10 @@ import logging
 
 import dramatiq
 
-from models import DispatchMode, JobStatus, utcnow
+from models import DispatchMode, JobStatus, is_transient, utcnow
 from pipeline import broker as _broker  # noqa: F401 - sets the broker before the actor is declared
 from pipeline import jobs, names, progress
+from pipeline.errors import StateMissing, TransientError
 from pipeline.handling import load_job
 from pipeline.internal import run_internal
 from pipeline.joblog import job_log
@@ -18,7 +19,17 @@ from pipeline.runtime import get_runtime
 log = logging.getLogger(__name__)
 
 
-@dramatiq.actor(queue_name=names.JOBS_QUEUE, max_retries=3, min_backoff=2_000, max_backoff=30_000,
+#: Retries of run_job after an outage (backoff 2 s doubling to 60 s: about 25 minutes in all).
+OUTAGE_RETRIES = 30
+
+
+def _retry_when(retries: int, exc: BaseException) -> bool:
+    """Retry outages (the database locked or unreachable, Redis or NATS down) for minutes; never a
+    permanent error (bad data, a bug): it fails for good at once and DeferredFailure decides."""
+    return (is_transient(exc) or isinstance(exc, TransientError | StateMissing | OSError)) and retries < OUTAGE_RETRIES
+
+
+@dramatiq.actor(queue_name=names.JOBS_QUEUE, retry_when=_retry_when, min_backoff=2_000, max_backoff=60_000,
                 time_limit=6 * 3600 * 1000)
 def run_job(job_id: int) -> None:
     """Start a job: publish a task per image to JetStream (async_api) or process them here (internal)."""

@@ -9,6 +9,7 @@ from models.db import (
     for_update,
     insert_ignoring_duplicates,
     is_postgres,
+    is_transient,
     select_in,
     thread_connection,
     utcnow,
@@ -58,7 +59,7 @@ def _add_missing_columns() -> None:
 __all__ = [
     # database
     "bind", "database", "create_schema", "execute_in", "for_update", "insert_ignoring_duplicates", "is_postgres",
-    "select_in", "thread_connection", "utcnow", "write_transaction",
+    "is_transient", "select_in", "thread_connection", "utcnow", "write_transaction",
     # vocabularies
     "DispatchMode", "ImageStatus", "JobStatus",
     # tables

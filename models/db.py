@@ -23,6 +23,12 @@ POOL_MAX_CONNECTIONS = 32
 POOL_STALE_S = 300
 
 
+def is_transient(exc: BaseException) -> bool:
+    """True for a database error that a retry can get past: the database unreachable, its connection
+    lost, a lock not granted in time, a serialization failure. False for bad data or a bug."""
+    return isinstance(exc, peewee.OperationalError | peewee.InterfaceError)
+
+
 def utcnow() -> dt.datetime:
     """Naive UTC now: every timestamp in the database is naive UTC (portable across SQLite and PostgreSQL)."""
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
@@ -39,6 +45,10 @@ def make_database(url: str) -> peewee.Database:
         return peewee.SqliteDatabase(
             path or ":memory:",
             timeout=SQLITE_BUSY_TIMEOUT_S,
+            # Every transaction takes the write lock when it begins: a transaction that read first and then
+            # wrote would need to upgrade its lock, which SQLite refuses at once ("database is locked",
+            # without the busy timeout) when another connection committed since the read.
+            lock_type="IMMEDIATE",
             pragmas={
                 "journal_mode": "wal",  # readers never block the writer
                 "busy_timeout": SQLITE_BUSY_TIMEOUT_S * 1000,

@@ -27,7 +27,7 @@ POINTS = (
     # process_pipeline_result saving them
     "after_validation", "after_db_save", "after_redis_update", "after_progress", "after_commit",
     # run_job
-    "mid_publish", "after_publish", "after_dispatch",
+    "before_publish", "mid_publish", "after_publish", "after_dispatch",
 )
 
 

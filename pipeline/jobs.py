@@ -194,6 +194,7 @@ def dispatch(runtime, job: Job) -> int:
                                   f"{accepted.max_deliver} ack_wait={accepted.ack_wait}s")
     sent = new = 0
     cursor = job.dispatch_cursor
+    crash_point("before_publish", job=job.id)
     while chunk := pending_chunk(job, after_id=cursor, limit=settings.dispatch_chunk):
         published = tasks.publish_tasks([task for _, task in chunk])
         new += sum(p.new for p in published)

@@ -68,17 +68,43 @@ def test_async_job_failing_before_dispatch_fails_at_once_with_cleanup(inproc_wor
                                                                      monkeypatch):
     from actors.run_job import run_job
 
-    monkeypatch.setenv("PIPELINE_RAISE_AT", "mid_publish")
+    monkeypatch.setenv("PIPELINE_RAISE_AT", "before_publish")
     job = fake_job(moth_pipeline, 6)
     run_job.send_with_options(args=(job.id,), max_retries=0)
     job = wait_for(lambda: (j := Job.get_by_id(job.id)).status == JobStatus.FAILURE and j.cleaned_up_at and j,
                    timeout_s=30, message="job FAILURE with cleanup")
-    assert job.error == "run_job failed before dispatching its tasks: InjectedFault: fault injected at mid_publish"
+    assert job.error == ("run_job failed before dispatching its tasks: InjectedFault: fault injected at "
+                         "before_publish")
     rt = get_runtime()
     assert rt.tasks.consumer_state(job.id).exists is False
     assert stream_count(rt, job.id, moth_pipeline) == 0  # tasks already published were purged
     assert rt.redis.keys(f"jetpipe:job:{job.id}:*") == []
     assert log_lines(job.id, DEFERRAL_MESSAGE) == 0
+
+
+@pytest.mark.parametrize(("chunk", "status"), [(6, JobStatus.SUCCESS), (4, JobStatus.FAILURE)])
+def test_a_job_whose_run_job_fails_part_way_through_dispatch_is_in_flight(
+        inproc_worker, runtime, moth_pipeline, monkeypatch, service_factory, chunk, status):
+    # Given run_job failing for good after publishing its first chunk of tasks (of 10)
+    from actors.run_job import run_job
+
+    worker_runtime = get_runtime()  # the in-process worker's
+    monkeypatch.setattr(worker_runtime, "settings", worker_runtime.settings.with_overrides(dispatch_chunk=chunk))
+    monkeypatch.setenv("PIPELINE_RAISE_AT", "mid_publish")
+    service_factory(runtime.settings, moth_pipeline, echo_handler)
+    job = fake_job(moth_pipeline, 10)
+    run_job.send_with_options(args=(job.id,), max_retries=0)
+    # Then the job is deferred, not failed at once: the images never dispatched are failed with the reason,
+    # the published ones are processed from their results, and the threshold decides the end
+    job = wait_for(lambda: (j := Job.get_by_id(job.id)).status in JobStatus.TERMINAL and j, timeout_s=30,
+                   message="job to finish")
+    assert log_lines(job.id, DEFERRAL_MESSAGE) == 1
+    rows = list(JobImage.select().where(JobImage.job == job.id).order_by(JobImage.id))
+    assert [r.status for r in rows] == ["processed"] * chunk + ["failed"] * (10 - chunk)
+    assert {r.error for r in rows[chunk:]} == {"not dispatched: run_job failed: InjectedFault: fault injected at "
+                                               "mid_publish"}
+    stages = job.progress["stages"]
+    assert (job.status, stages["process"]["processed"], stages["process"]["failed"]) == (status, 10, 10 - chunk)
 
 
 @pytest.mark.parametrize("dispatched", [False, True])

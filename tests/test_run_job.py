@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from models import ImageStatus, Job, JobImage, JobLog, JobStatus, Pipeline
 from pipeline import moth, names
@@ -95,3 +96,71 @@ def test_the_tasks_stream_allows_as_many_job_consumers_as_configured(runtime, mo
     # And raising the limit again lets it through
     runtime.tasks.ensure_streams(max_jobs=10_000)
     assert runtime.tasks.ensure_job_consumer(jobs[2].id, moth_pipeline, max_deliver=2, ack_wait_s=30).max_deliver == 2
+
+
+def test_dispatching_while_results_are_saved_never_meets_a_locked_database(runtime, moth_pipeline, monkeypatch):
+    # Given every SQLite statement traced (a transaction that reads and then writes must have begun with
+    # the write lock: upgrading a read lock fails at once when another connection committed meanwhile)
+    import threading
+
+    import peewee
+
+    from actors.run_job import execute
+    from models import database, is_postgres
+
+    statements: list[str] = []
+    connect = peewee.sqlite3.connect
+
+    def traced(*args, **kwargs):
+        conn = connect(*args, **kwargs)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    monkeypatch.setattr(peewee.sqlite3, "connect", traced)
+    database.close()
+    # and a 600-image job dispatched 20 tasks per round while two threads answer and save its results
+    runtime.settings = runtime.settings.with_overrides(dispatch_chunk=20)
+    job = fake_job(moth_pipeline, 600)
+    errors, dispatched = [], threading.Event()
+
+    def dispatcher():
+        try:
+            execute(runtime, job.id)
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            errors.append(exc)
+        finally:
+            dispatched.set()
+
+    def service():
+        import nats.js.errors
+
+        try:
+            while Job.get_by_id(job.id).status == JobStatus.STARTED or not dispatched.is_set():
+                if Job.get_by_id(job.id).dispatch_cursor == 0:
+                    time.sleep(0.01)
+                    continue
+                try:
+                    tasks = pull_tasks(runtime, job.id, 25, timeout_s=0.5)
+                except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):
+                    break  # the job ended: its consumer is gone
+                for task, reply in tasks:
+                    handle_result_message(runtime, job.id, success_body(task, boxes=1), reply)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+        finally:
+            database.close()
+
+    threads = [threading.Thread(target=dispatcher)] + [threading.Thread(target=service) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    # Then nothing failed on a lock, and the job ended exactly
+    assert errors == []
+    job = Job.get_by_id(job.id)
+    assert (job.status, job.progress["stages"]["process"]["processed"]) == (JobStatus.SUCCESS, 600)
+    assert job.progress["stages"]["results"]["detections"] == 600
+    # And on SQLite every transaction took the write lock when it began
+    if not is_postgres():
+        begins = [s for s in statements if s.upper().startswith("BEGIN")]
+        assert begins and all(s.upper() == "BEGIN IMMEDIATE" for s in begins), sorted(set(begins))
