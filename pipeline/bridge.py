@@ -42,6 +42,9 @@ FETCH_TIMEOUT_S = 0.5
 BRIDGE_ACK_WAIT_S = 30.0
 #: Seconds between two sweeps of the inbox for rows nobody has asked to save.
 SWEEP_S = 5.0
+#: Seconds of fetches that only time out after which the bridge checks that its consumer still exists:
+#: a pull from a consumer that NATS lost (a store wiped, a stream deleted) looks like an idle stream.
+CONSUMER_CHECK_S = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +70,13 @@ def is_result(msg) -> bool:
 
 class Bridge:
     def __init__(self, js, routes: list[Route], *, sweep: Callable[[], None] | None = None,
-                 task_ack_wait_s: float = BRIDGE_ACK_WAIT_S * 2):
+                 task_ack_wait_s: float = BRIDGE_ACK_WAIT_S * 2, ensure_streams=None):
         self.js = js
         self.routes = routes
         self.sweep = sweep
         self.ack_wait_s = min(BRIDGE_ACK_WAIT_S, max(1.0, task_ack_wait_s / 2))
+        self.ensure_streams = ensure_streams  # coroutine function: re-creates the streams NATS lost
+        self.missing: dict[str, bool] = {}  # per stream: its consumer was found missing (logged once)
         self._stopping = asyncio.Event()
         self.forwarded = 0
 
@@ -87,13 +92,40 @@ class Bridge:
             if abs((info.config.ack_wait or 0) - self.ack_wait_s) > 0.01:
                 await self.js.add_consumer(route.stream, config)  # updates the ack_wait of the existing one
         except nats.js.errors.NotFoundError:
+            if self.ensure_streams is not None:
+                await self.ensure_streams()  # the stream itself may be gone (NATS lost its store)
             try:
                 await self.js.add_consumer(route.stream, config)
+                log.info("bridge created consumer %s on %s", route.consumer, route.stream)
             except nats.js.errors.BadRequestError:
                 pass  # created concurrently by another worker
         sub = await self.js.pull_subscribe_bind(route.consumer, stream=route.stream)
+        self._set_missing(route, False)
         log.info("bridge pulling %s via consumer %s", route.stream, route.consumer)
         return sub
+
+    async def _consumer_missing(self, route: Route) -> bool:
+        """True if the route's consumer (or its stream) no longer exists; logs it once per change."""
+        try:
+            await self.js.consumer_info(route.stream, route.consumer)
+            return False
+        except nats.js.errors.NotFoundError:
+            pass
+        try:
+            waiting = (await self.js.stream_info(route.stream)).state.messages
+            what = f"{route.stream} holds {waiting} unprocessed message(s) and has no consumer {route.consumer}"
+        except nats.js.errors.NotFoundError:
+            what = f"stream {route.stream} is gone"
+        if not self.missing.get(route.stream):
+            log.error("bridge: %s (NATS lost it: a wiped store, or deleted by hand); re-creating it", what)
+        self._set_missing(route, True)
+        return True
+
+    def _set_missing(self, route: Route, missing: bool) -> None:
+        if self.missing.get(route.stream) and not missing:
+            log.warning("bridge: consumer %s on %s is back", route.consumer, route.stream)
+        self.missing[route.stream] = missing
+        metrics().bridge_consumer_missing.labels(route.stream).set(int(missing))
 
     async def run(self) -> None:
         """Pull every route concurrently (an idle route's fetch timeout never delays a busy one)."""
@@ -106,6 +138,7 @@ class Bridge:
     async def _run_route(self, route: Route) -> None:
         loop = asyncio.get_running_loop()
         sub = None
+        checked = time.monotonic()
         while not self._stopping.is_set():
             try:
                 if await loop.run_in_executor(None, route.backlogged):
@@ -113,17 +146,29 @@ class Bridge:
                     continue
                 if sub is None:
                     sub = await self._subscribe(route)
+                    checked = time.monotonic()
                 try:
                     msgs = await sub.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S)
                 except (nats.errors.TimeoutError, TimeoutError):
+                    if time.monotonic() - checked > CONSUMER_CHECK_S:
+                        checked = time.monotonic()
+                        if await self._consumer_missing(route):
+                            sub = None
                     continue
+                checked = time.monotonic()
                 await self._forward(loop, route, msgs)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the bridge must outlive NATS/Redis/database outages
+                if sub is not None and isinstance(exc, nats.js.errors.NotFoundError
+                                                  | nats.js.errors.ServiceUnavailableError):
+                    try:
+                        if await self._consumer_missing(route):
+                            sub = None  # consumer or stream lost (NATS restarted without its store): re-create
+                            continue
+                    except Exception:  # noqa: BLE001 - NATS unreachable: retried below like any outage
+                        pass
                 log.warning("bridge %s: %s: %s; retrying in 1 s", route.stream, type(exc).__name__, exc)
-                if isinstance(exc, nats.js.errors.NotFoundError | nats.js.errors.ServiceUnavailableError):
-                    sub = None  # consumer or stream lost (NATS restarted without its store): re-create
                 await self._sleep(1.0)
 
     async def _forward(self, loop, route: Route, msgs) -> None:

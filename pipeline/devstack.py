@@ -91,9 +91,11 @@ class Server:
         return self.proc is not None and self.proc.poll() is None
 
 
-def nats_server(data_dir: Path, *, port: int | None = None, detach: bool = False) -> Server:
+def nats_server(data_dir: Path, *, port: int | None = None, detach: bool = False, executable: str | None = None
+                ) -> Server:
     port = port or free_port()
-    args = [binary("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(data_dir / "jetstream")]
+    args = [executable or binary("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd",
+            str(data_dir / "jetstream")]
     return Server("nats", args, port, data_dir / "nats.log", detach)
 
 
@@ -113,10 +115,13 @@ class DevStack:
     redis: Server
 
     @classmethod
-    def create(cls, root: str | Path, *, persist: bool = False, detach: bool = False) -> DevStack:
+    def create(cls, root: str | Path, *, persist: bool = False, detach: bool = False,
+               nats_executable: str | None = None) -> DevStack:
+        """A stack under `root`; `nats_executable`: another nats-server than the virtualenv's."""
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
-        return cls(root, nats_server(root, detach=detach), redis_server(root, persist=persist, detach=detach))
+        return cls(root, nats_server(root, detach=detach, executable=nats_executable),
+                   redis_server(root, persist=persist, detach=detach))
 
     def start(self) -> DevStack:
         self.nats.start()

@@ -36,6 +36,8 @@ async def _nats_facts(settings: Settings) -> tuple[dict, dict[int, dict]]:
             js_ok, js_error = False, str(exc)
         facts = {"reachable": True, "url": redact(settings.nats_url), "version": nc._server_info.get("version"),
                  "jetstream": js_ok, **({"error": f"JetStream: {js_error}"} if js_error else {})}
+        if js_ok:
+            facts["bridge"] = await _bridge_facts(queue)
         consumers = {}
         for consumer in (await queue.job_consumers()) if js_ok else []:
             state = await queue.consumer_state(consumer.job_id)
@@ -46,6 +48,37 @@ async def _nats_facts(settings: Settings) -> tuple[dict, dict[int, dict]]:
         return facts, consumers
     finally:
         await nc.close()
+
+
+async def _bridge_facts(queue: TaskQueue) -> dict[str, dict]:
+    """Per stream the workers' bridge reads: messages waiting, and whether its durable consumer exists."""
+    import nats.js.errors
+
+    facts = {}
+    for stream, consumer in ((names.RESULTS_STREAM, names.RESULTS_BRIDGE_CONSUMER),
+                             (names.ADVISORIES_STREAM, names.ADVISORIES_CONSUMER)):
+        try:
+            messages = (await queue.js.stream_info(stream)).state.messages
+        except nats.js.errors.NotFoundError:
+            facts[stream] = {"exists": False}
+            continue
+        try:
+            await queue.js.consumer_info(stream, consumer)
+            present = True
+        except nats.js.errors.NotFoundError:
+            present = False
+        facts[stream] = {"exists": True, "messages": messages, "consumer": consumer, "consumer_exists": present}
+    return facts
+
+
+def _bridge_problems(bridge: dict[str, dict]) -> list[str]:
+    problems = []
+    for stream, fact in bridge.items():
+        if fact.get("exists") and not fact["consumer_exists"] and fact["messages"]:
+            problems.append(f"{stream} has {fact['messages']} unprocessed message(s) and no consumer "
+                            f"{fact['consumer']}: no worker is reading it (NATS lost it, or it was deleted); "
+                            "a running worker re-creates it within seconds, else start `dramatiq pipeline.actors`")
+    return problems
 
 
 def build_report(settings: Settings, runner) -> tuple[int, dict]:
@@ -82,6 +115,7 @@ def build_report(settings: Settings, runner) -> tuple[int, dict]:
         deps["nats"], consumers = runner.run(_nats_facts(settings), timeout=30)
         if not deps["nats"]["jetstream"]:
             problems.append("NATS is up but JetStream is not enabled")
+        problems += _bridge_problems(deps["nats"].get("bridge", {}))
     except Exception as exc:  # noqa: BLE001 - unreachable, whatever the way
         deps["nats"] = {"reachable": False, "url": redact(settings.nats_url), "error": str(exc) or type(exc).__name__}
 

@@ -6,12 +6,13 @@ created in the worker processes after that middleware's `after_process_boot`, so
 directory and are served by the same endpoint:
 
     jetpipe_images_total{pipeline, outcome}        images counted once (outcome: processed | failed)
-    jetpipe_result_handling_seconds                time to handle one result message
+    jetpipe_result_handling_seconds                time to save one job's waiting results (a drain)
     jetpipe_lost_images_total{path}                images failed as lost (path: advisory | periodic)
     jetpipe_advisories_total{outcome}              MAX_DELIVERIES / MSG_TERMINATED advisories handled
     jetpipe_health_check_jobs_total{check, result} jobs checked / fixed / unfixable per sub-check
     jetpipe_jobs{status}                           jobs per status at the last health check
-    jetpipe_bridge_lag_seconds                     result published -> handed to Dramatiq
+    jetpipe_bridge_lag_seconds                     result published -> taken into the inbox
+    jetpipe_bridge_consumer_missing{stream}        1 while the bridge finds its consumer gone (NATS lost it)
     jetpipe_db_transactions_total                  database write transactions committed
 """
 
@@ -48,7 +49,8 @@ class _Metrics:
         self.images = prom.Counter("jetpipe_images", "Images whose outcome was counted (once per image).",
                                    ["pipeline", "outcome"])
         self.result_seconds = prom.Histogram("jetpipe_result_handling_seconds",
-                                             "Seconds to handle one result message.", buckets=LATENCY_BUCKETS)
+                                             "Seconds to save one job's waiting results (one drain).",
+                                             buckets=LATENCY_BUCKETS)
         self.lost_images = prom.Counter("jetpipe_lost_images", "Images failed because their task was lost.",
                                         ["path"])
         self.advisories = prom.Counter("jetpipe_advisories", "Task advisories handled, by outcome.", ["outcome"])
@@ -57,8 +59,11 @@ class _Metrics:
         self.jobs = prom.Gauge("jetpipe_jobs", "Jobs per status at the last health check.", ["status"],
                                multiprocess_mode="mostrecent")
         self.bridge_lag = prom.Histogram("jetpipe_bridge_lag_seconds",
-                                         "Seconds from a result's publication to its Dramatiq message.",
+                                         "Seconds from a result's publication to its taking into the inbox.",
                                          buckets=LATENCY_BUCKETS)
+        self.bridge_consumer_missing = prom.Gauge(
+            "jetpipe_bridge_consumer_missing", "1 while the bridge finds its durable consumer gone.", ["stream"],
+            multiprocess_mode="max")
         self.db_transactions = prom.Counter("jetpipe_db_transactions", "Database write transactions committed.")
 
 

@@ -116,7 +116,8 @@ class WorkerResources(dramatiq.Middleware):
         else:
             return
         self.bridge = Bridge(queue.queue.js, bridge_routes(runtime, broker), sweep=lambda: sweep_inbox(runtime),
-                             task_ack_wait_s=runtime.settings.nats_task_ttr)
+                             task_ack_wait_s=runtime.settings.nats_task_ttr,
+                             ensure_streams=lambda: queue.queue.ensure_streams(max_jobs=runtime.settings.nats_max_jobs))
         if self._stopping:
             return
         await self.bridge.run()

@@ -6,6 +6,7 @@ import datetime as dt
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -144,6 +145,10 @@ def render_health(console: Console, report: dict) -> None:
                      dep.get("error") or dep.get("url", ""))
     console.print(deps)
     console.print(f"live Dramatiq worker processes: {report['workers'] if report['workers'] is not None else '?'}")
+    for stream, fact in report["dependencies"].get("nats", {}).get("bridge", {}).items():
+        if fact.get("exists"):
+            reader = "read by the workers" if fact["consumer_exists"] else "[red]NO CONSUMER[/red]"
+            console.print(f"{stream}: {fact['messages']} message(s) waiting, {reader}")
     for slug, seen in report["pipelines"].items():
         console.print(f"pipeline {slug}: last task delivery {seen['last_delivery'] or 'never'}, "
                       f"{seen['tasks_waiting']} task(s) waiting")
@@ -164,4 +169,4 @@ def render_health(console: Console, report: dict) -> None:
     else:
         console.print("no health check has run yet (workers run one every PIPELINE_HEALTH_CHECK_SECONDS)")
     for problem in report["problems"]:
-        console.print(f"[yellow]problem:[/yellow] {problem}")
+        console.print(f"[yellow]problem:[/yellow] {escape(problem)}")

@@ -165,6 +165,8 @@ class Requests:
         """
         if not requests:
             return []
+        if not self.nc.is_connected:  # reconnecting: fail now, the caller retries on a live connection
+            raise nats.errors.ConnectionReconnectingError
         if self._prefix is None:  # set before the await: a concurrent first call must not subscribe twice
             self._prefix = self.nc.new_inbox() + "."
             try:
@@ -175,17 +177,18 @@ class Requests:
         loop = asyncio.get_running_loop()
         tokens, futures = [], []
         try:
-            for subject, payload, headers in requests:
-                token = str(next(self._tokens))
-                tokens.append(token)
-                futures.append(self._waiting.setdefault(token, loop.create_future()))
-                await self.nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
-            _, missing = await asyncio.wait(futures, timeout=timeout)
+            async with asyncio.timeout(timeout):  # the whole exchange, publishing included, never longer
+                for subject, payload, headers in requests:
+                    token = str(next(self._tokens))
+                    tokens.append(token)
+                    futures.append(self._waiting.setdefault(token, loop.create_future()))
+                    await self.nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+                await asyncio.wait(futures)
+        except TimeoutError:
+            raise nats.errors.TimeoutError from None
         finally:
             for token in tokens:
                 self._waiting.pop(token, None)
-        if missing:
-            raise nats.errors.TimeoutError
         return [future.result() for future in futures]
 
 

@@ -69,8 +69,8 @@ def make_stack(tmp_path):
     """Factory of private NATS + Redis stacks, for tests that stop or restart them."""
     made = []
 
-    def make() -> DevStack:
-        dev = DevStack.create(tmp_path / f"stack{len(made)}").start()
+    def make(nats_executable: str | None = None) -> DevStack:
+        dev = DevStack.create(tmp_path / f"stack{len(made)}", nats_executable=nats_executable).start()
         made.append(dev)
         return dev
 
@@ -279,6 +279,32 @@ def service_factory():
             future.result(timeout=20)
         except Exception:  # noqa: BLE001
             pass
+    loop.stop()
+
+
+@pytest.fixture
+def services():
+    """Start raw one-image-per-message services (`copies` publishes of each result); stopped at teardown.
+    `start(...)` returns the Counter of deliveries per image id (how often the model ran)."""
+    from collections import Counter
+
+    from pipeline.aio import LoopThread
+    from tests.helpers import answer_one_box, raw_service
+
+    loop = LoopThread(name="raw-services")
+    stop = asyncio.Event()
+    running = []
+
+    def start(settings, *, copies: int = 1, pipeline: str = "moth-demo") -> Counter:
+        seen: Counter = Counter()
+        running.append(loop.spawn(raw_service(settings.nats_url, pipeline, stop, answer_one_box, copies=copies,
+                                              seen=seen)))
+        return seen
+
+    yield start
+    loop.loop.call_soon_threadsafe(stop.set)
+    for future in running:
+        future.result(timeout=20)
     loop.stop()
 
 

@@ -50,16 +50,37 @@ def test_the_same_result_delivered_three_times_leaves_counts_exact(runtime, moth
     assert Detection.select().count() == 4
 
 
-def test_the_task_is_acked_only_after_counting(runtime, moth_pipeline):
+def test_the_task_is_acked_once_its_result_is_taken_and_the_result_saved_later(runtime, moth_pipeline):
     # Given a pulled task whose result has not been handled: it is still in the stream
+    from pipeline.handling import drain
+    from pipeline.inbox import Incoming, take
+
     job = fake_job(moth_pipeline, 2)
     dispatch(runtime, job.id)
     [(task, reply)] = pull_tasks(runtime, job.id, 1)
     assert stream_count(runtime, job.id, moth_pipeline) == 2
-    # When the result is handled, the task is acked (removed from the WorkQueue stream)
-    handle_result_message(runtime, job.id, success_body(task), reply)
+    # When its result is taken into the inbox, the task is settled (removed from the WorkQueue stream)
+    # before anything is saved
+    take(runtime, [Incoming.direct(job.id, success_body(task), reply)])
     assert stream_count(runtime, job.id, moth_pipeline) == 1
-    assert runtime.state.snapshot(job.id).processed == 1
+    assert (ResultInbox.select().count(), runtime.state.snapshot(job.id).processed) == (1, 0)
+    # And when the inbox is drained, the result is saved and counted and its row is gone
+    drain(runtime, job.id)
+    assert (ResultInbox.select().count(), runtime.state.snapshot(job.id).processed) == (0, 1)
+
+
+def test_a_reply_subject_of_another_image_is_not_acked(runtime, moth_pipeline):
+    # Given a job's two pulled tasks A and B
+    job = fake_job(moth_pipeline, 2)
+    dispatch(runtime, job.id)
+    (task_a, reply_a), (task_b, reply_b) = pull_tasks(runtime, job.id, 2)
+    # When a result for image A names the tasks of A and B
+    handle_result_message(runtime, job.id, success_body(task_a), f"{reply_a},{reply_b}")
+    # Then only A's task is ACKed (B has no result): B's task stays, and B is processed when its result comes
+    assert stream_count(runtime, job.id, moth_pipeline) == 1
+    assert JobImage.get(JobImage.image == int(task_b.image_id)).status == ImageStatus.PENDING
+    handle_result_message(runtime, job.id, success_body(task_b), reply_b)
+    assert counters(job.id)[:3] == (JobStatus.SUCCESS, 2, 0)
 
 
 def test_error_results_fail_the_image_and_the_threshold_is_strict(runtime, moth_pipeline):

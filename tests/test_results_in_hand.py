@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 
 import pytest
 
 from models import Classification, Detection, Job, JobImage, JobStatus, ResultInbox
 from pipeline import moth
-from pipeline.aio import LoopThread
 from pipeline.jobs import create_job, start_job
 from tests.conftest import kill_group, make_settings, wait_for
-from tests.helpers import answer_one_box, raw_service
+from tests.helpers import answer_one_box
 
 pytestmark = pytest.mark.slow
 
@@ -24,27 +22,6 @@ pytestmark = pytest.mark.slow
 QUICK = {"PIPELINE_NATS_TASK_TTR": 2, "PIPELINE_NATS_MAX_DELIVER": 2}
 #: Each result message costs a worker this much more (seconds): 800 messages take at least 8 s to save.
 THROTTLE = "after_validation=0.01"
-
-
-@pytest.fixture
-def services():
-    """Start raw one-image-per-message services (`copies` publishes of each result); stopped at teardown.
-    `start(...)` returns the Counter of deliveries per image id (how often the model ran)."""
-    loop = LoopThread(name="raw-services")
-    stop = asyncio.Event()
-    running = []
-
-    def start(settings, *, copies: int = 1, pipeline: str = moth.SLUG) -> Counter:
-        seen: Counter = Counter()
-        running.append(loop.spawn(raw_service(settings.nats_url, pipeline, stop, answer_one_box, copies=copies,
-                                              seen=seen)))
-        return seen
-
-    yield start
-    loop.loop.call_soon_threadsafe(stop.set)
-    for future in running:
-        future.result(timeout=20)
-    loop.stop()
 
 
 def enqueue(runtime, images: int, *, name: str) -> int:
@@ -215,3 +192,19 @@ def test_a_late_result_after_a_lost_verdict_supersedes_it(runtime, db_url, stack
     row = JobImage.get((JobImage.job == job_id) & (JobImage.image == int(late)))
     assert (row.status, row.error, row.detections) == ("processed", None, 1)
     assert_exact(job, 3)
+
+
+def test_results_saved_while_a_job_is_dispatched_in_many_rounds_meet_no_lock(runtime, db_url, stack, moth_pipeline,
+                                                                             worker_factory, services):
+    # Given a worker dispatching 50 tasks per round while a service answers every task at once (results
+    # are saved between the rounds of dispatch)
+    settings = make_settings(db_url, stack, PIPELINE_DISPATCH_CHUNK=50)
+    worker_factory(settings, threads=4)
+    services(settings)
+    # When a 2,000-image job runs
+    job_id = enqueue(runtime, 2000, name="interleaved")
+    # Then it ends SUCCESS and exact, and run_job never met a lock or a retry
+    assert_exact(finished(job_id), 2000)
+    logs = worker_factory.logs()
+    assert "database is locked" not in logs
+    assert "Retrying message" not in logs and "run_job failed" not in logs
