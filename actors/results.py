@@ -10,10 +10,10 @@ import peewee
 from pipeline import broker as _broker  # noqa: F401 - sets the broker before the actor is declared
 from pipeline import names
 from pipeline.errors import StateMissing, TransientError
-from pipeline.handling import drain
 from pipeline.inbox import Incoming, take
 from pipeline.metrics import metrics
 from pipeline.runtime import get_runtime
+from pipeline.saving import drain
 
 log = logging.getLogger(__name__)
 

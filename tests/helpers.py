@@ -70,7 +70,7 @@ def success_body(task: Task, *, boxes: int = 2, classified: bool = True, pipelin
 
 def job_with_results(runtime, pipeline: str, images: int, handled: int, *, boxes: int = 2):
     """A dispatched job whose tasks a service pulled, with the first `handled` results handled: (job, tasks)."""
-    from pipeline.handling import handle_result_message
+    from pipeline.saving import handle_result_message
 
     job = fake_job(pipeline, images)
     dispatch(runtime, job.id)

@@ -12,8 +12,8 @@ import pytest
 
 from models import Detection, ImageStatus, Job, JobImage, JobStatus, ResultInbox
 from pipeline import names
-from pipeline.handling import handle_result_message
 from pipeline.metrics import metrics
+from pipeline.saving import handle_result_message
 from tests.conftest import wait_for
 from tests.helpers import DET, dispatch, fake_job, job_with_results, pull_tasks, stream_count, success_body
 
@@ -79,8 +79,8 @@ def test_saving_result_messages_costs_one_transaction_and_one_redis_round_trip_w
         runtime, moth_pipeline, messages, images, caplog, redis_round_trips):
     # Given a dispatched job (60 images: it does not end, so no cleanup work is counted) that has already
     # counted one result (the process has its scripts and the pipeline's algorithms at hand)
-    from pipeline.handling import drain_step
     from pipeline.inbox import Incoming, take
+    from pipeline.saving import drain_step
 
     job = fake_job(moth_pipeline, 60)
     dispatch(runtime, job.id)
@@ -267,8 +267,9 @@ def test_a_result_counted_but_never_committed_holds_the_job_open_until_it_is_sav
     # Given a 3-image job whose second result failed after the Redis gate and before the commit (a worker
     # dying there): Redis counted that image, the database rolled its rows back, the result stayed in the inbox
     from pipeline.crashpoints import InjectedFault
-    from pipeline.handling import drain, load_job
+    from pipeline.handling import load_job
     from pipeline.lost import fail_lost
+    from pipeline.saving import drain
 
     job, tasks = job_with_results(runtime, moth_pipeline, 3, 1)
     monkeypatch.setenv("PIPELINE_RAISE_AT", "after_progress")

@@ -13,10 +13,10 @@ from models import Job, JobImage, JobLog, JobStatus, ResultInbox
 from pipeline import names
 from pipeline.deferred_failure import DEFERRAL_MESSAGE
 from pipeline.errors import TransientError
-from pipeline.handling import handle_result_message
 from pipeline.jobs import cancel, start_job
 from pipeline.registry import register_pipeline
 from pipeline.runtime import get_runtime
+from pipeline.saving import handle_result_message
 from pipeline.schemas import PipelineSpec, decode_result
 from tests.conftest import wait_for
 from tests.helpers import dispatch, fake_job, pull_tasks, stream_count, success_body

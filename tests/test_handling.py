@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from models import Detection, ImageStatus, Job, JobImage, JobLog, JobStatus, ResultInbox
 from pipeline import names
-from pipeline.handling import handle_result_message
+from pipeline.saving import handle_result_message
 from tests.helpers import (
     dispatch,
     error_body,
@@ -52,8 +52,8 @@ def test_the_same_result_delivered_three_times_leaves_counts_exact(runtime, moth
 
 def test_the_task_is_acked_once_its_result_is_taken_and_the_result_saved_later(runtime, moth_pipeline):
     # Given a pulled task whose result has not been handled: it is still in the stream
-    from pipeline.handling import drain
     from pipeline.inbox import Incoming, take
+    from pipeline.saving import drain
 
     job = fake_job(moth_pipeline, 2)
     dispatch(runtime, job.id)

@@ -13,11 +13,12 @@ import pytest
 
 from models import Detection, ImageStatus, Job, JobImage, JobStatus, Pipeline, utcnow
 from pipeline import names
-from pipeline.handling import handle_result_message, load_job
+from pipeline.handling import load_job
 from pipeline.health import CheckResult, HealthCheck, run_health_check
 from pipeline.jobs import cancel
 from pipeline.lost import handle_advisory
 from pipeline.runtime import Runtime, set_runtime
+from pipeline.saving import handle_result_message
 from pipeline.scheduler import SlotScheduler
 from tests.conftest import make_settings
 from tests.helpers import (

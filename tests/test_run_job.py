@@ -7,8 +7,8 @@ import time
 
 from models import ImageStatus, Job, JobImage, JobLog, JobStatus, Pipeline
 from pipeline import moth, names
-from pipeline.handling import handle_result_message
 from pipeline.jobs import create_job, image_urls_from_dir
+from pipeline.saving import handle_result_message
 from tests.helpers import dispatch, fake_job, pull_tasks, stream_count, success_body
 
 
