@@ -10,6 +10,7 @@ from models.db import (
     insert_ignoring_duplicates,
     is_postgres,
     is_transient,
+    is_unstorable,
     select_in,
     thread_connection,
     utcnow,
@@ -59,7 +60,7 @@ def _add_missing_columns() -> None:
 __all__ = [
     # database
     "bind", "database", "create_schema", "execute_in", "for_update", "insert_ignoring_duplicates", "is_postgres",
-    "is_transient", "select_in", "thread_connection", "utcnow", "write_transaction",
+    "is_transient", "is_unstorable", "select_in", "thread_connection", "utcnow", "write_transaction",
     # vocabularies
     "DispatchMode", "ImageStatus", "JobStatus",
     # tables

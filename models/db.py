@@ -29,6 +29,22 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, peewee.OperationalError | peewee.InterfaceError)
 
 
+def is_unstorable(exc: BaseException) -> bool:
+    """True for data the database refuses to store (a value too long for its column, a number out of
+    range, a constraint it breaks): retrying cannot help. Driver errors count too: batch inserts go
+    straight to the driver, past peewee's error translation."""
+    import sqlite3
+
+    kinds: tuple = (peewee.DataError, peewee.IntegrityError, OverflowError, sqlite3.DataError, sqlite3.IntegrityError)
+    try:
+        import psycopg2
+
+        kinds += (psycopg2.DataError, psycopg2.IntegrityError)
+    except ImportError:  # SQLite-only install
+        pass
+    return isinstance(exc, kinds)
+
+
 def utcnow() -> dt.datetime:
     """Naive UTC now: every timestamp in the database is naive UTC (portable across SQLite and PostgreSQL)."""
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)

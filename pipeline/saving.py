@@ -27,17 +27,18 @@ import logging
 import threading
 import time
 
-from models import Job, JobStatus, ResultInbox, execute_in, select_in, write_transaction
+from models import Job, JobStatus, ResultInbox, execute_in, is_unstorable, select_in, write_transaction
 from pipeline import inbox, names, progress
 from pipeline.crashpoints import crash_point
 from pipeline.errors import BadResult, TransientError
-from pipeline.handling import Handled, count_outcomes, finish, ids_text, load_job, short
+from pipeline.handling import Handled, count_outcomes, finish, ids_text, load_job, settle, short
 from pipeline.joblog import job_log
 from pipeline.jobstate import Outcome, Snapshot
 from pipeline.results import PreparedResult, canonical_image_id, fail_images, job_images, prepare_result
 from pipeline.schemas import ErrorResult, decode_result
 
 log = logging.getLogger(__name__)
+
 
 #: Result messages, and images, one drain step saves in one transaction.
 DRAIN_MESSAGES = 500
@@ -108,9 +109,9 @@ class DrainStep:
     written: progress.ProgressWrite | None = None
 
 
-def _read_inbox(job_id: int) -> list[tuple[int, str, bytes, str]]:
+def _read_inbox(job_id: int, limit: int) -> list[tuple[int, str, bytes, str]]:
     rows = (ResultInbox.select(ResultInbox.id, ResultInbox.source, ResultInbox.body, ResultInbox.task_replies)
-            .where(ResultInbox.job_id == job_id).order_by(ResultInbox.id).limit(DRAIN_MESSAGES).tuples())
+            .where(ResultInbox.job_id == job_id).order_by(ResultInbox.id).limit(limit).tuples())
     return [(entry_id, source, bytes(body), replies) for entry_id, source, body, replies in rows]
 
 
@@ -123,11 +124,11 @@ def _present(entry_ids: list[int]) -> set[int]:
     return {i for (i,) in select_in('SELECT id FROM "result_inbox" WHERE id IN ({in})', entry_ids)}
 
 
-def drain_step(runtime, job_id: int) -> DrainStep:
-    """Save the job's oldest inbox rows (up to DRAIN_MESSAGES messages, DRAIN_IMAGES images) in one
-    transaction; an empty step when the inbox holds nothing for the job."""
+def drain_step(runtime, job_id: int, *, limit: int = DRAIN_MESSAGES) -> DrainStep:
+    """Save the job's oldest inbox rows (up to `limit` messages, DRAIN_IMAGES images) in one transaction;
+    an empty step when the inbox holds nothing for the job."""
     step = DrainStep()
-    entries = _read_inbox(job_id)
+    entries = _read_inbox(job_id, limit)
     if not entries:
         return step
     job = load_job(job_id)
@@ -280,9 +281,19 @@ def drain(runtime, job_id: int, *, budget_s: float = DRAIN_BUDGET_S) -> Drained:
             drained.busy = True
             return drained
         try:
+            singly = 0  # after a step failed on data the database refused: that many messages one at a time
             while True:
                 state.take_flag(again)
-                step = drain_step(runtime, job_id)
+                try:
+                    step = drain_step(runtime, job_id, limit=1 if singly else DRAIN_MESSAGES)
+                    singly = max(singly - 1, 0)
+                except Exception as exc:
+                    if not is_unstorable(exc):
+                        raise
+                    if not singly:
+                        singly = DRAIN_MESSAGES  # find the message the database refused
+                        continue
+                    step = _refuse_oldest(runtime, job_id, exc)
                 drained.messages += len(step.messages)
                 if not step.messages:
                     break
@@ -296,6 +307,31 @@ def drain(runtime, job_id: int, *, budget_s: float = DRAIN_BUDGET_S) -> Drained:
             if not drained.messages:
                 _clean_up_if_ended(runtime, job_id)
             return drained
+
+
+def _refuse_oldest(runtime, job_id: int, exc: Exception) -> DrainStep:
+    """The job's oldest inbox row holds a result the database refuses to store (a value longer than its
+    column, a number out of range): fail the images it names with the reason, TERM its tasks, drop the
+    row (invariant 10: never a retry loop for data that can never be saved, never a stalled job)."""
+    [(entry_id, source, body, replies)] = _read_inbox(job_id, 1)
+    replies = names.task_replies(replies)
+    reason = short(f"bad result: the database refused to store it ({type(exc).__name__}: {str(exc).strip()})")
+    image_ids = sorted(inbox.named_images(body), key=int) or [
+        c for c in map(canonical_image_id, runtime.tasks.images_of_tasks(replies)) if c]
+    message = Message(entry_id, source, replies, kind="bad", image_ids=tuple(image_ids), reason=reason,
+                      action="failed" if image_ids else "left_pending")
+    job = load_job(job_id)
+    step = DrainStep(messages=[message])
+
+    with write_transaction():  # the row goes whether or not the job still runs
+        if job is not None and image_ids:
+            _, step.snapshot, step.written = settle(runtime, job, lambda: fail_images(job_id, image_ids, reason))
+        _delete_entries([entry_id])
+    log.error("job=%s image=%s %s", job_id, ids_text(image_ids) or "?", reason)
+    if job is not None:
+        job_log(job_id, logging.ERROR, reason, image_id=ids_text(image_ids) or None, emit=False)
+        _after_commit(runtime, job, step, [])
+    return step
 
 
 def _clean_up_if_ended(runtime, job_id: int) -> None:

@@ -96,6 +96,8 @@ def _coerce_ids(data: dict) -> dict:
 
 def decode_result(body: bytes) -> Result:
     """The result in `body`; raises BadResult with a precise reason when it is not one."""
+    if b"\\u0000" in body:  # JSON's escape of NUL: PostgreSQL stores no NUL in text, SQLite would cut it
+        raise BadResult("result contains a NUL character (\\u0000), which text cannot hold")
     try:
         data = _json.decode(body)
     except msgspec.DecodeError as exc:

@@ -9,6 +9,7 @@ import time
 import dramatiq
 import pytest
 
+import models
 from models import Job, JobImage, JobLog, JobStatus, ResultInbox
 from pipeline import names
 from pipeline.deferred_failure import DEFERRAL_MESSAGE
@@ -196,6 +197,43 @@ def test_nats_outage_at_ack_time_retries_without_double_counting(private_runtime
     snap = rt.state.snapshot(job.id)
     assert (snap.processed, snap.detections) == (1, 2)
     assert stream_count(rt, job.id, "moth-demo") == 1
+
+
+@pytest.mark.parametrize("bad", ["a taxon of 5,000 characters", "a NUL character"])
+def test_a_result_the_database_refuses_fails_its_image_and_the_others_are_saved(runtime, moth_pipeline, bad):
+    # Given three results of one job waiting together, the first one valid JSON that PostgreSQL refuses to
+    # store (SQLite stores any text)
+    import json
+
+    from pipeline.inbox import Incoming, take
+    from pipeline.saving import drain
+
+    job = fake_job(moth_pipeline, 3)
+    dispatch(runtime, job.id)
+    tasks = pull_tasks(runtime, job.id, 3)
+    body = json.loads(success_body(tasks[0][0], boxes=1))
+    body["detections"][0]["classifications"][0]["taxon"] = "x" * 5000 if "5,000" in bad else "Noc\u0000tuidae"
+    take(runtime, [Incoming.direct(job.id, json.dumps(body).encode(), tasks[0][1])] + [
+        Incoming.direct(job.id, success_body(task, boxes=1), reply) for task, reply in tasks[1:]])
+    # When they are saved
+    drain(runtime, job.id)
+    # Then that image is failed at once with the reason (no retry, nothing left in the inbox) — a NUL on
+    # any database, a 5,000-character taxon where the database refuses it (SQLite stores any length) —
+    # and the two others are saved
+    rows = {str(r.image_id): r for r in JobImage.select()}
+    job = Job.get_by_id(job.id)
+    assert ResultInbox.select().count() == 0
+    assert [rows[t.image_id].status for t, _ in tasks[1:]] == ["processed", "processed"]
+    first = rows[tasks[0][0].image_id]
+    if "NUL" in bad:
+        assert (first.status, first.error) == ("failed", "bad result: result contains a NUL character (\\u0000), "
+                                                         "which text cannot hold")
+    elif models.is_postgres():
+        assert first.status == "failed"
+        assert first.error.startswith("bad result: the database refused to store it (StringDataRightTruncation")
+    else:
+        assert first.status == "processed"
+    assert job.status == JobStatus.SUCCESS
 
 
 def test_cancel_revokes_removes_tasks_and_later_results_change_nothing(runtime, moth_pipeline):

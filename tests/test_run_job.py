@@ -164,3 +164,23 @@ def test_dispatching_while_results_are_saved_never_meets_a_locked_database(runti
     if not is_postgres():
         begins = [s for s in statements if s.upper().startswith("BEGIN")]
         assert begins and all(s.upper() == "BEGIN IMMEDIATE" for s in begins), sorted(set(begins))
+
+
+def test_run_job_retries_outages_for_minutes_and_never_a_permanent_error():
+    import peewee
+
+    from actors.run_job import OUTAGE_RETRIES, _retry_when, run_job
+    from pipeline.errors import TransientError, UserInputError
+
+    # Outages are retried: the database locked or unreachable, Redis or NATS down
+    for outage in (peewee.OperationalError("database is locked"), peewee.InterfaceError("connection already closed"),
+                   TransientError("nats: publish failed"), ConnectionRefusedError()):
+        assert _retry_when(0, outage) and _retry_when(OUTAGE_RETRIES - 1, outage)
+        assert not _retry_when(OUTAGE_RETRIES, outage)
+    # A permanent error is not retried: it fails for good at once, and deferred failure decides
+    for permanent in (peewee.IntegrityError("duplicate key"), UserInputError("no handler"), KeyError("bug")):
+        assert not _retry_when(0, permanent)
+    # And the retries span minutes, not 30 s (Dramatiq's backoff doubles from min_backoff up to max_backoff)
+    options = run_job.options
+    total_ms = sum(min(options["min_backoff"] * 2 ** n, options["max_backoff"]) for n in range(OUTAGE_RETRIES))
+    assert total_ms >= 15 * 60 * 1000
