@@ -64,6 +64,15 @@ class Route:
     backlogged: Callable[[], bool]
 
 
+async def _dropped(sub) -> None:
+    """Unsubscribe a pull subscription whose consumer is gone (its inbox would otherwise stay); None."""
+    try:
+        await sub.unsubscribe()
+    except Exception:  # noqa: BLE001 - the connection may be down too: nothing else to release
+        pass
+    return None
+
+
 def is_result(msg) -> bool:
     return names.job_id_from_result_subject(msg.subject) is not None
 
@@ -153,7 +162,7 @@ class Bridge:
                     if time.monotonic() - checked > CONSUMER_CHECK_S:
                         checked = time.monotonic()
                         if await self._consumer_missing(route):
-                            sub = None
+                            sub = await _dropped(sub)
                     continue
                 checked = time.monotonic()
                 await self._forward(loop, route, msgs)
@@ -164,7 +173,8 @@ class Bridge:
                                                   | nats.js.errors.ServiceUnavailableError):
                     try:
                         if await self._consumer_missing(route):
-                            sub = None  # consumer or stream lost (NATS restarted without its store): re-create
+                            # consumer or stream lost (NATS restarted without its store): re-create
+                            sub = await _dropped(sub)
                             continue
                     except Exception:  # noqa: BLE001 - NATS unreachable: retried below like any outage
                         pass

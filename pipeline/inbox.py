@@ -19,6 +19,7 @@ its row taken already. Memory stays bounded: the backlog waits on disk, in the s
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 import uuid
 
@@ -128,8 +129,9 @@ def settled_replies(runtime, incoming: list[Incoming]) -> list[str]:
 def take(runtime, incoming: list[Incoming]) -> list[int]:
     """Commit result messages to the inbox and ACK the tasks they settle; the ids of their jobs.
 
-    Raises TransientError when NATS or the database cannot be reached: nothing was ACKed then, and the
-    caller leaves the messages to be redelivered (taking them again adds no second row).
+    Raises TransientError when NATS or the database cannot be reached. Nothing is lost either way: the
+    caller leaves the messages un-acked, they are redelivered and taken again (adding no second row), and
+    the tasks are ACKed then.
     """
     if not incoming:
         return []
@@ -158,8 +160,6 @@ def size() -> int:
 
 def jobs_waiting(older_than_s: float = 0.0) -> list[int]:
     """Jobs with results in the inbox taken more than `older_than_s` seconds ago."""
-    import datetime as dt
-
     cutoff = utcnow() - dt.timedelta(seconds=older_than_s)
     return [job_id for (job_id,) in ResultInbox.select(ResultInbox.job_id).where(ResultInbox.received_at <= cutoff)
             .group_by(ResultInbox.job_id).tuples()]

@@ -90,11 +90,13 @@ def _handle_advisory(runtime, body: str, results_seq: int | None) -> str | tuple
         log.warning("job=%s advisory for stream_seq=%s names no image we can find; left to the periodic check",
                     job_id, stream_seq)
         return "unknown_image"
-    if results_seq is None:
+    first_look = results_seq is None
+    if first_look:
         results_seq = runtime.tasks.results_last_seq()  # every result published before the give-up is <= this
     if inbox.outstanding(runtime, job_id, published_up_to=results_seq):
-        log.info("job=%s image=%s verdict deferred: results published before JetStream gave up on its task "
-                 "are still being saved (%s)", job_id, image_id, kind or "advisory")
+        log.log(logging.INFO if first_look else logging.DEBUG, "job=%s image=%s verdict deferred: results "
+                "published before JetStream gave up on its task are still being saved (%s)", job_id, image_id,
+                kind or "advisory")
         return "deferred", results_seq
     outcomes, status = fail_lost(runtime, job, [image_id], reason)
     if kind.endswith("max_deliver"):

@@ -241,15 +241,15 @@ def _drop_for_unknown_job(runtime, job_id: int, entries) -> DrainStep:
 
 # What recent drain steps did per message source, for `handle_result_message` (a message may be saved by
 # whichever thread drains its job).
-_recent: collections.OrderedDict[str, tuple[str, str | None, Snapshot | None]] = collections.OrderedDict()
+_recent: collections.OrderedDict[str, str] = collections.OrderedDict()  # message source -> its action
 _recent_lock = threading.Lock()
 _RECENT_KEPT = 10_000
 
 
-def _record(messages: list[Message], status: str | None = None, snapshot: Snapshot | None = None) -> None:
+def _record(messages: list[Message]) -> None:
     with _recent_lock:
         for m in messages:
-            _recent[m.source] = (m.action, status, snapshot)
+            _recent[m.source] = m.action
         while len(_recent) > _RECENT_KEPT:
             _recent.popitem(last=False)
 
@@ -369,7 +369,7 @@ def handle_result_message(runtime, job_id: int, body: bytes, reply: str | None, 
         log.warning("job=%s image=%s transient error, result waits in the inbox: %s", job_id,
                     ids_text(inbox.named_images(body)) or "?", exc)
         raise
-    action, _, _ = done or ("left_pending", None, None)
+    action = done or "left_pending"
     job = Job.select(Job.status).where(Job.id == job_id).get_or_none()
     snapshot = runtime.state.snapshot(job_id) if action == "counted" and job and job.status == JobStatus.STARTED \
         else None

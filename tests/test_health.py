@@ -343,6 +343,36 @@ def test_max_deliveries_advisory_fails_the_image_idempotently(quick):
     assert errors == {"lost: JetStream gave up after 1 deliveries (max_deliver=1) without a result"}
 
 
+def test_a_lost_verdict_waits_for_a_result_published_before_the_give_up(quick):
+    # Given a result published for image A (not yet taken: no worker is running) while JetStream gives up
+    # on A's task (max_deliver=1, ack_wait 1 s)
+    job = fake_job("moth-demo", 2)
+    dispatch(quick, job.id)
+    (task_a, reply_a), (task_b, reply_b) = sorted(pull_tasks(quick, job.id, 2), key=lambda t: int(t[0].image_id))
+    body = success_body(task_a, boxes=2)
+
+    async def publish(js):
+        return (await js.publish(names.result_subject(job.id), body, headers={names.HDR_TASK_REPLY: reply_a})).seq
+
+    result_seq = quick.runner.run(publish(quick.tasks.queue.js))
+    by_seq = {json.loads(a)["stream_seq"]: a for a in read_advisories(quick, 2)}
+    advisory_a, advisory_b = (by_seq[names.parse_ack_subject(r)[3]] for r in (reply_a, reply_b))
+    # When the advisories are handled, both verdicts wait: a result of the job published before the give-up
+    # is in hand, and it could be any image's
+    (outcome_a, up_to_a), (outcome_b, up_to_b) = handle_advisory(quick, advisory_a), handle_advisory(quick, advisory_b)
+    assert (outcome_a, outcome_b) == ("deferred", "deferred") and min(up_to_a, up_to_b) >= result_seq
+    assert JobImage.select().where(JobImage.status == "pending").count() == 2
+    # And once that result is taken and saved, A is processed, not lost, and B, which had none, is lost
+    handle_result_message(quick, job.id, body, reply_a)
+    quick.runner.run(quick.tasks.queue.js.delete_msg(names.RESULTS_STREAM, result_seq))  # as the bridge's ACK
+    assert handle_advisory(quick, advisory_a, up_to_a)[0] in ("already_settled", "unknown_image")  # task ACKed
+    assert handle_advisory(quick, advisory_b, up_to_b)[0] == "failed"
+    statuses = {str(r.image_id): (r.status, r.error) for r in JobImage.select()}
+    assert statuses[task_a.image_id] == ("processed", None)
+    assert statuses[task_b.image_id][1].startswith("lost:")
+    assert Job.get_by_id(job.id).status == JobStatus.SUCCESS  # 1 of 2 failed is not above the threshold
+
+
 def test_an_advisory_for_an_image_that_succeeded_changes_nothing(quick):
     job = fake_job("moth-demo", 2)
     dispatch(quick, job.id)
