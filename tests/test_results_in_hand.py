@@ -208,3 +208,50 @@ def test_results_saved_while_a_job_is_dispatched_in_many_rounds_meet_no_lock(run
     logs = worker_factory.logs()
     assert "database is locked" not in logs
     assert "Retrying message" not in logs and "run_job failed" not in logs
+
+
+def test_the_bridge_stops_taking_while_the_inbox_is_full(runtime, moth_pipeline, monkeypatch):
+    # Given a bridge whose inbox bound is 3 rows, and 10 result messages waiting in the results stream
+    from models import ResultInbox
+    from pipeline import inbox, names
+    from pipeline.bridge import Bridge
+    from pipeline.middleware import bridge_routes
+    from pipeline.saving import drain
+    from tests.helpers import dispatch, fake_job, pull_tasks, success_body
+
+    monkeypatch.setattr(inbox, "MAX_ROWS", 3)
+    job = fake_job(moth_pipeline, 10)
+    dispatch(runtime, job.id)
+    js = runtime.tasks.queue.js
+
+    tasks = pull_tasks(runtime, job.id, 10)
+
+    async def publish_all():
+        for task, reply in tasks:
+            await js.publish(names.result_subject(job.id), success_body(task), headers={names.HDR_TASK_REPLY: reply})
+
+    runtime.runner.run(publish_all(), timeout=30)
+    # (the bridge takes up to 200 per fetch: let it take one message per fetch, as a slow stream would)
+    monkeypatch.setattr("pipeline.bridge.FETCH_BATCH", 1)
+    monkeypatch.setattr("actors.results.request_drains", lambda job_ids: None)  # nobody saves meanwhile
+    from pipeline.actors import broker
+
+    bridge = Bridge(js, bridge_routes(runtime, broker)[:1])
+    running = runtime.runner.spawn(bridge.run())
+    try:
+        # Then it takes messages until the inbox holds more than 3, and leaves the rest in JetStream
+        wait_for(lambda: ResultInbox.select().count() == 4, timeout_s=20, message="the inbox to fill")
+        time.sleep(1.0)
+        assert ResultInbox.select().count() == 4
+        assert runtime.runner.run(js.stream_info(names.RESULTS_STREAM), timeout=10).state.messages == 6
+        # And as the inbox is saved, it takes the rest, and the job ends
+        def saved_to_the_end() -> bool:
+            drain(runtime, job.id)
+            return Job.get_by_id(job.id).status == JobStatus.SUCCESS
+
+        wait_for(saved_to_the_end, timeout_s=30, interval_s=0.2, message="the job to end")
+        assert Job.get_by_id(job.id).progress["stages"]["process"]["processed"] == 10
+    finally:
+        runtime.runner.loop.call_soon_threadsafe(bridge.stop)
+        running.result(timeout=20)
+
