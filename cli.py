@@ -277,12 +277,13 @@ def status(job_id: int, as_json: bool) -> None:
 def watch(job_id: int, timeout: float | None) -> None:
     """Show a live progress bar until the job ends; exit 0 iff it ends SUCCESS."""
     from models import JobStatus
+    from pipeline.report import literal
     from pipeline.report import watch as watch_job
 
     bind_db()
     _job_or_fail(job_id)
     job = watch_job(console, job_id, timeout_s=timeout)
-    console.print(f"job {job_id}: {job.status}" + (f" ({job.error})" if job.error else ""))
+    console.print(literal(f"job {job_id}: {job.status}" + (f" ({job.error})" if job.error else "")))
     sys.exit(RET_OK if job.status == JobStatus.SUCCESS else RET_JOB_FAILED)
 
 
@@ -296,7 +297,7 @@ def logs(job_id: int, follow: bool, as_json: bool) -> None:
     import time
 
     from models import JobStatus
-    from pipeline.report import get_job, job_logs
+    from pipeline.report import get_job, job_logs, plain
 
     bind_db()
     _job_or_fail(job_id)
@@ -308,7 +309,7 @@ def logs(job_id: int, follow: bool, as_json: bool) -> None:
                 click.echo(json.dumps({"at": line.created_at.isoformat(), "level": line.level,
                                        "message": line.message}))
             else:
-                click.echo(f"{line.created_at:%Y-%m-%d %H:%M:%S} {line.level:<7} {line.message}")
+                click.echo(f"{line.created_at:%Y-%m-%d %H:%M:%S} {line.level:<7} {plain(line.message)}")
         if not follow or get_job(job_id).status in JobStatus.TERMINAL:
             return
         time.sleep(0.5)
@@ -336,6 +337,7 @@ def failures(job_id: int, limit: int | None, as_json: bool) -> None:
     from rich.table import Table
 
     from pipeline.jobs import failed_image_rows
+    from pipeline.report import literal
 
     bind_db()
     _job_or_fail(job_id)
@@ -345,7 +347,7 @@ def failures(job_id: int, limit: int | None, as_json: bool) -> None:
         return
     table = Table("image", "url", "reason", title=f"job {job_id}: {len(rows)} failed image(s)")
     for r in rows:
-        table.add_row(r["image_id"], r["url"], r["reason"] or "")
+        table.add_row(r["image_id"], literal(r["url"]), literal(r["reason"] or ""))
     console.print(table)
 
 

@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 
 #: Worker deaths one message may cause before it is dead-lettered.
 MAX_CRASHES = 3
-#: How long a message's delivery count is kept (longer than any retry schedule).
-COUNTER_TTL_S = 7 * 24 * 3600
+#: How long a message's delivery count is kept if it is never finished: a message that kills its worker
+#: is redelivered within a minute (Dramatiq's 15 s heartbeat), so an hour bounds Redis without missing one.
+COUNTER_TTL_S = 3600
 
 
 class PoisonGuard(dramatiq.Middleware):

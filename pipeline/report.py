@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import time
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from models import ImageStatus, Job, JobImage, JobLog, JobStatus, Pipeline, utcnow
 
@@ -57,10 +59,25 @@ def failed_images(job_id: int, limit: int = 20) -> list[dict]:
     return [{"image_id": str(r.image_id), "error": r.error} for r in rows]
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def plain(text: object) -> str:
+    """`text` with control characters (terminal escape sequences among them) spelled out, e.g. `\\x1b`:
+    text from processing services and job names reaches people's terminals as it is written, inert."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(text))
+
+
+def literal(text: object) -> Text:
+    """`plain(text)` for rich: shown as written, never read as markup (`[/x]` stays `[/x]`)."""
+    return Text(plain(text))
+
+
 def render_status(console: Console, summary: dict, failures: list[dict]) -> None:
     style = STATUS_STYLE.get(summary["status"], "white")
-    console.print(f"[bold]Job {summary['id']}[/bold] {summary['name']!r}  pipeline={summary['pipeline']}  "
-                  f"mode={summary['dispatch_mode']}  status=[{style}]{summary['status']}[/{style}]")
+    console.print(f"[bold]Job {summary['id']}[/bold] {escape(plain(repr(summary['name'])))}  "
+                  f"pipeline={summary['pipeline']}  mode={summary['dispatch_mode']}  "
+                  f"status=[{style}]{summary['status']}[/{style}]")
     table = Table("stage", "status", "progress", "counters")
     for name, stage in summary["stages"].items():
         counters = ", ".join(f"{k}={v}" for k, v in stage.items() if k not in ("status", "progress"))
@@ -73,13 +90,13 @@ def render_status(console: Console, summary: dict, failures: list[dict]) -> None
         timing.append(f"ETA {summary['eta_s']} s")
     console.print("  ".join(timing))
     if summary["error"]:
-        console.print(f"[red]reason:[/red] {summary['error']}")
+        console.print(Text.assemble(("reason: ", "red"), literal(summary["error"])))
     for entry in summary["errors"][-5:]:
-        console.print(f"[yellow]error:[/yellow] {entry}")
+        console.print(Text.assemble(("error: ", "yellow"), literal(entry)))
     if failures:
         failed = Table("failed image", "reason", title=f"failed images (first {len(failures)})")
         for f in failures:
-            failed.add_row(f["image_id"], f["error"] or "")
+            failed.add_row(f["image_id"], literal(f["error"] or ""))
         console.print(failed)
 
 
@@ -87,7 +104,7 @@ def render_jobs(console: Console, jobs: list[dict]) -> None:
     table = Table("id", "name", "pipeline", "status", "images", "processed", "failed", "detections", "created")
     for j in jobs:
         style = STATUS_STYLE.get(j["status"], "white")
-        table.add_row(str(j["id"]), j["name"], j["pipeline"], f"[{style}]{j['status']}[/{style}]",
+        table.add_row(str(j["id"]), literal(j["name"]), j["pipeline"], f"[{style}]{j['status']}[/{style}]",
                       str(j["total_images"]), str(j["processed"]), str(j["failed"]), str(j["detections"]),
                       j["created_at"] or "")
     console.print(table)
@@ -131,7 +148,7 @@ def render_check(console: Console, report: dict) -> None:
     console.print(table)
     for name in ("lost_images", "state_rebuild", "stale_jobs", "zombies"):
         for note in report[name].get("notes", []):
-            console.print(f"[yellow]note:[/yellow] {note}")
+            console.print(Text.assemble(("note: ", "yellow"), literal(note)))
 
 
 def render_health(console: Console, report: dict) -> None:
@@ -169,4 +186,4 @@ def render_health(console: Console, report: dict) -> None:
     else:
         console.print("no health check has run yet (workers run one every PIPELINE_HEALTH_CHECK_SECONDS)")
     for problem in report["problems"]:
-        console.print(f"[yellow]problem:[/yellow] {escape(problem)}")
+        console.print(Text.assemble(("problem: ", "yellow"), literal(problem)))

@@ -155,3 +155,28 @@ def test_process_refuses_a_pipeline_without_a_model(cli):
 ])
 def test_process_refuses_bad_numbers(cli, args, message):
     assert message in one_error_line(cli("process", "--pipeline", "moth-demo", *args, expect=1))
+
+
+def test_text_from_a_service_is_shown_literally(ready, tmp_path):
+    # Given a job whose image a processing service failed with text that looks like rich markup, HTML and
+    # a terminal escape sequence, in a job named likewise
+    from models import ImageStatus, JobImage, JobLog
+
+    why = "processing service error: [/x] [bold]<script>alert(1)</script> \x1b[31mred"
+    out = ready("enqueue-job", "--pipeline", "moth-demo", "--name", "[red]night[/x]", "--json",
+                "https://example.invalid/a.jpg").stdout
+    job_id = json.loads(out)["id"]
+    models.bind(ready.db_url)
+    with models.database.connection_context():
+        JobImage.update(status=ImageStatus.FAILED, error=why).where(JobImage.job == job_id).execute()
+        JobLog.insert(job=job_id, level="WARNING", message=f"image failed: {why}").execute()
+    # When people look at it, every command succeeds and shows the text as written, the escape inert
+    shown = "processing service error: [/x] [bold]<script>alert(1)</script> \\x1b[31mred"
+    failures = ready("failures", str(job_id)).stdout
+    status = ready("status", str(job_id)).stdout
+    logs = ready("logs", str(job_id)).stdout
+    jobs = ready("jobs").stdout
+    for out in (failures, status, logs):
+        assert shown in " ".join(out.split()) or shown in out, out
+        assert "\x1b" not in out
+    assert "[red]night[/x]" in status and "[red]night[/x]" in jobs
