@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from models import Job
+from models import Job, JobStatus
 from pipeline import handling, jobs
 from pipeline.errors import BadResult, UserInputError
 from pipeline.handlers import get_handler
@@ -29,6 +29,9 @@ def run_internal(runtime, job: Job) -> str:
     jobs.load_state_from_db(runtime.state, job.id)
     status = job.status
     for _, task in _pending(job):
+        if status in JobStatus.TERMINAL:  # canceled (or ended) meanwhile: run no more of its images
+            job_log(job.id, logging.INFO, f"internal processing stopped: the job is {status}")
+            break
         try:
             result = handler(task)
         except Exception as exc:  # noqa: BLE001 - a handler failure fails that image only

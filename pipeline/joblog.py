@@ -8,6 +8,9 @@ from models import JobLog
 
 log = logging.getLogger("pipeline.job")
 
+#: Longest job-log message, in the log and in the table: one bad message must not write megabytes.
+MAX_MESSAGE_CHARS = 2000
+
 
 def job_log(job_id: int, level: int, message: str, *, image_id: str | None = None,
             persist: bool = True, emit: bool = True, logger: logging.Logger = log) -> None:
@@ -16,6 +19,8 @@ def job_log(job_id: int, level: int, message: str, *, image_id: str | None = Non
 
     Never raises: a failing job-log write must not turn a decision into a failure.
     """
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = f"{message[:MAX_MESSAGE_CHARS]}... ({len(message)} characters)"
     prefix = f"job={job_id}" + (f" image={image_id}" if image_id is not None else "")
     if emit:
         logger.log(level, "%s %s", prefix, message)

@@ -202,6 +202,13 @@ def dispatch(runtime, job: Job) -> int:
         cursor = chunk[-1][0]
         record_published(job.id, [row_id for row_id, _ in chunk], [p.seq for p in published], cursor)
         crash_point("mid_publish", job=job.id, sent=sent)
+        status = Job.select(Job.status).where(Job.id == job.id).scalar()
+        if status == JobStatus.CANCELING or status in JobStatus.TERMINAL:
+            # canceled while dispatching: the cancel's purge may have run before this chunk was published
+            cleanup(runtime, job.id, job.pipeline.slug)
+            job_log(job.id, logging.INFO, f"dispatch stopped after {sent} task(s): the job is {status}; its "
+                                          "tasks were removed from NATS")
+            return sent
     crash_point("after_publish", job=job.id, sent=sent)
     Job.update(dispatched_at=utcnow(), updated_at=utcnow()).where(Job.id == job.id).execute()
     job_log(job.id, logging.INFO, f"dispatched {sent} task(s) ({new} new) to "

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 LOST_PREFIX = "lost:"
 #: Longest failure reason stored on an image.
 MAX_REASON_CHARS = 2000
+#: Longest taxon name (the column's size, on every database).
+MAX_TAXON_CHARS = 255
 
 class AlgorithmInfo(NamedTuple):
     id: int
@@ -213,6 +215,11 @@ def prepare_result(job: Job, result: SuccessResult) -> PreparedResult:
     if bad_types:
         raise BadResult(f"algorithm(s) {bad_types} are not detection algorithms", image_ids=image_ids)
     marker = next((key for key, a in algorithms.items() if a.task_type == "detection"), None)
+    long_taxa = sorted({c.taxon[:40] for d in result.detections for c in d.classifications
+                        if len(c.taxon) > MAX_TAXON_CHARS})
+    if long_taxa:
+        raise BadResult(f"a taxon is at most {MAX_TAXON_CHARS} characters; got one starting {long_taxa[0]!r}",
+                        image_ids=image_ids)
 
     # Deduplicate within the message the way the database will (same image, algorithm, box).
     detections: dict[tuple[str, str, str], object] = {}

@@ -199,10 +199,10 @@ def test_nats_outage_at_ack_time_retries_without_double_counting(private_runtime
     assert stream_count(rt, job.id, "moth-demo") == 1
 
 
-@pytest.mark.parametrize("bad", ["a taxon of 5,000 characters", "a NUL character"])
+@pytest.mark.parametrize("bad", ["a box too large for its key column", "a taxon of 5,000 characters",
+                                 "a NUL character"])
 def test_a_result_the_database_refuses_fails_its_image_and_the_others_are_saved(runtime, moth_pipeline, bad):
-    # Given three results of one job waiting together, the first one valid JSON that PostgreSQL refuses to
-    # store (SQLite stores any text)
+    # Given three results of one job waiting together, the first one with a value that cannot be stored
     import json
 
     from pipeline.inbox import Incoming, take
@@ -212,14 +212,17 @@ def test_a_result_the_database_refuses_fails_its_image_and_the_others_are_saved(
     dispatch(runtime, job.id)
     tasks = pull_tasks(runtime, job.id, 3)
     body = json.loads(success_body(tasks[0][0], boxes=1))
-    body["detections"][0]["classifications"][0]["taxon"] = "x" * 5000 if "5,000" in bad else "Noc\u0000tuidae"
+    if "box" in bad:  # its dedupe key "x1,y1,x2,y2" is 300+ characters: PostgreSQL refuses it, SQLite not
+        body["detections"][0]["bbox"]["x2"] = 1e300
+    else:
+        body["detections"][0]["classifications"][0]["taxon"] = "x" * 5000 if "5,000" in bad else "Noc\u0000tuidae"
     take(runtime, [Incoming.direct(job.id, json.dumps(body).encode(), tasks[0][1])] + [
         Incoming.direct(job.id, success_body(task, boxes=1), reply) for task, reply in tasks[1:]])
     # When they are saved
     drain(runtime, job.id)
-    # Then that image is failed at once with the reason (no retry, nothing left in the inbox) — a NUL on
-    # any database, a 5,000-character taxon where the database refuses it (SQLite stores any length) —
-    # and the two others are saved
+    # Then that image is failed at once with the reason (no retry, nothing left in the inbox) — a NUL or
+    # a taxon over 255 characters at validation, the box where the database refuses it (the drain finds
+    # the message it refuses) — and the two others are saved
     rows = {str(r.image_id): r for r in JobImage.select()}
     job = Job.get_by_id(job.id)
     assert ResultInbox.select().count() == 0
@@ -228,6 +231,9 @@ def test_a_result_the_database_refuses_fails_its_image_and_the_others_are_saved(
     if "NUL" in bad:
         assert (first.status, first.error) == ("failed", "bad result: result contains a NUL character (\\u0000), "
                                                          "which text cannot hold")
+    elif "taxon" in bad:
+        assert (first.status, first.error) == ("failed", "bad result: a taxon is at most 255 characters; got one "
+                                                         "starting 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx'")
     elif models.is_postgres():
         assert first.status == "failed"
         assert first.error.startswith("bad result: the database refused to store it (StringDataRightTruncation")

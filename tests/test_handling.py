@@ -206,3 +206,44 @@ def test_concurrent_rebuilds_of_lost_state_happen_once_and_agree_with_the_databa
     for task, reply in tasks:  # every result, the first ten replayed
         handle_result_message(runtime, job.id, success_body(task, boxes=2), reply)
     assert counters(job.id) == (JobStatus.SUCCESS, 30, 0, 60, 60, 30)
+
+
+def test_the_first_result_decides_an_image_and_a_replay_with_other_boxes_adds_nothing(runtime, moth_pipeline):
+    # Given an image whose result (2 boxes) was saved
+    job = fake_job(moth_pipeline, 2)
+    dispatch(runtime, job.id)
+    (task, reply), _ = pull_tasks(runtime, job.id, 2)
+    handle_result_message(runtime, job.id, success_body(task, boxes=2), reply)
+    # When another result for it arrives with 5 boxes (a retry of the model, a second service)
+    handle_result_message(runtime, job.id, success_body(task, boxes=5), reply)
+    # Then nothing is added: rows and counters are those of the first result
+    assert Detection.select().where((Detection.image == int(task.image_id)) & (Detection.bbox_key != "")).count() == 2
+    assert JobImage.get(JobImage.image == int(task.image_id)).detections == 2
+    assert counters(job.id)[1:4] == (1, 0, 2)
+
+
+def test_a_result_naming_a_non_numeric_image_fails_the_image_of_its_task_at_once(runtime, moth_pipeline):
+    # Given a pulled task
+    job = fake_job(moth_pipeline, 2)
+    dispatch(runtime, job.id)
+    (task, reply), (task2, reply2) = pull_tasks(runtime, job.id, 2)
+    # When its result names image "abc"
+    body = success_body(task).replace(f'"{task.image_id}"'.encode(), b'"abc"')
+    handled = handle_result_message(runtime, job.id, body, reply)
+    # Then the task's image is failed with the reason at once and its task terminated (no retry, no dead
+    # letter, no "lost" ten minutes later), and the other image proceeds
+    row = JobImage.get(JobImage.image == int(task.image_id))
+    assert handled.action == "failed"
+    assert (row.status, row.error) == ("failed", "bad result: image ids must be decimal numbers, got ['abc']")
+    assert stream_count(runtime, job.id, moth_pipeline) == 1
+    handle_result_message(runtime, job.id, success_body(task2), reply2)
+    assert counters(job.id)[:3] == (JobStatus.SUCCESS, 2, 1)
+
+
+def test_a_job_log_line_is_capped(runtime, moth_pipeline):
+    from pipeline.joblog import MAX_MESSAGE_CHARS, job_log
+
+    job = fake_job(moth_pipeline, 1)
+    job_log(job.id, 30, "x" * 1_000_000)
+    [row] = JobLog.select().where(JobLog.job == job.id)
+    assert len(row.message) < MAX_MESSAGE_CHARS + 40 and row.message.endswith("(1000000 characters)")

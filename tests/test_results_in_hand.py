@@ -255,3 +255,48 @@ def test_the_bridge_stops_taking_while_the_inbox_is_full(runtime, moth_pipeline,
         runtime.runner.loop.call_soon_threadsafe(bridge.stop)
         running.result(timeout=20)
 
+
+
+def test_results_on_unparseable_subjects_are_dropped_and_do_not_stall_the_bridge(runtime, moth_pipeline, monkeypatch):
+    # Given result messages on subjects that are not a job id ("²" passes str.isdigit(), 20 digits overflow
+    # an id) ahead of a valid one, and a consumer named like a job that is not one
+    from nats.js.api import ConsumerConfig
+
+    from models import ResultInbox
+    from pipeline import names
+    from pipeline.bridge import Bridge
+    from pipeline.health_report import build_report
+    from pipeline.middleware import bridge_routes
+    from tests.helpers import dispatch, fake_job, pull_tasks, success_body
+
+    job = fake_job(moth_pipeline, 1)
+    dispatch(runtime, job.id)
+    [(task, reply)] = pull_tasks(runtime, job.id, 1)
+    js = runtime.tasks.queue.js
+
+    async def publish():
+        for subject in ("pipeline.results.²", "pipeline.results.99999999999999999999"):
+            await js.publish(subject, b"{}")
+        await js.publish(names.result_subject(job.id), success_body(task), headers={names.HDR_TASK_REPLY: reply})
+        await js.add_consumer(names.TASKS_STREAM, ConsumerConfig(durable_name="job-²",
+                                                                 filter_subject="pipeline.tasks.moth-demo.²"))
+
+    runtime.runner.run(publish(), timeout=30)
+    monkeypatch.setattr("actors.results.request_drains", lambda job_ids: None)
+    from pipeline.actors import broker
+
+    bridge = Bridge(js, bridge_routes(runtime, broker)[:1])
+    running = runtime.runner.spawn(bridge.run())
+    try:
+        # When the bridge runs, then the odd messages are terminated (removed) and the valid one is taken
+        wait_for(lambda: ResultInbox.select().where(ResultInbox.job_id == job.id).count() == 1, timeout_s=20,
+                 message="the valid result to be taken")
+        wait_for(lambda: runtime.runner.run(js.stream_info(names.RESULTS_STREAM), timeout=10).state.messages == 0,
+                 timeout_s=20, message="the results stream to be empty")
+    finally:
+        runtime.runner.loop.call_soon_threadsafe(bridge.stop)
+        running.result(timeout=20)
+    # And the odd consumer is no job: listing the pipeline's jobs and the health report skip it
+    assert [c.job_id for c in runtime.tasks.job_consumers(moth_pipeline)] == [job.id]
+    status, report = build_report(runtime.settings, runtime.runner)
+    assert [j["id"] for j in report["jobs"]] == [job.id]

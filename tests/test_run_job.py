@@ -184,3 +184,62 @@ def test_run_job_retries_outages_for_minutes_and_never_a_permanent_error():
     options = run_job.options
     total_ms = sum(min(options["min_backoff"] * 2 ** n, options["max_backoff"]) for n in range(OUTAGE_RETRIES))
     assert total_ms >= 15 * 60 * 1000
+
+
+def test_a_job_canceled_while_it_is_dispatched_leaves_no_task_in_nats(runtime, moth_pipeline, monkeypatch):
+    # Given a 1,000-image job dispatched 50 tasks per round, slowly
+    import threading
+
+    from actors.run_job import execute
+    from pipeline.jobs import cancel
+
+    runtime.settings = runtime.settings.with_overrides(dispatch_chunk=50)
+    monkeypatch.setenv("PIPELINE_DELAY_AT", "mid_publish=0.05")
+    job = fake_job(moth_pipeline, 1000)
+    dispatching = threading.Thread(target=execute, args=(runtime, job.id))
+    dispatching.start()
+    # When it is canceled after its first rounds
+    while Job.get_by_id(job.id).dispatch_cursor == 0:
+        time.sleep(0.01)
+    assert cancel(runtime, job.id) == JobStatus.REVOKED
+    dispatching.join(timeout=60)
+    # Then dispatch stopped, and no task of it is left in NATS (not even one published after the cancel's
+    # purge), nor its consumer
+    job = Job.get_by_id(job.id)
+    assert (job.status, job.dispatched_at) == (JobStatus.REVOKED, None)
+    assert stream_count(runtime, job.id, moth_pipeline) == 0
+    assert runtime.tasks.consumer_state(job.id).exists is False
+    assert JobLog.select().where((JobLog.job == job.id) & JobLog.message.contains("dispatch stopped")).count() == 1
+
+
+def test_an_internal_job_stops_processing_when_canceled(runtime, moth_pipeline, monkeypatch):
+    # Given an internal-mode job whose handler takes a while per image
+    import threading
+
+    from actors.run_job import execute
+    from pipeline import handlers
+    from pipeline.jobs import cancel
+    from pipeline.schemas import decode_result
+
+    calls = []
+
+    def slow(task):
+        calls.append(task.image_id)
+        time.sleep(0.05)
+        return decode_result(success_body(task, boxes=1))
+
+    monkeypatch.setitem(handlers.HANDLERS, moth_pipeline, slow)
+    job = fake_job(moth_pipeline, 200, dispatch_mode="internal")
+    running = threading.Thread(target=execute, args=(runtime, job.id))
+    running.start()
+    # When it is canceled after a few images
+    while len(calls) < 5:
+        time.sleep(0.01)
+    assert cancel(runtime, job.id) == JobStatus.REVOKED
+    running.join(timeout=60)
+    # Then the worker ran the model on at most one more image, and nothing changed after the cancel
+    ran = len(calls)
+    assert ran < 20
+    job = Job.get_by_id(job.id)
+    assert job.status == JobStatus.REVOKED
+    assert JobImage.select().where((JobImage.job == job.id) & (JobImage.status == "processed")).count() < ran + 1
