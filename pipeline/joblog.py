@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from models import JobLog
+from pipeline.settings import redact_text
 
 log = logging.getLogger("pipeline.job")
 
@@ -19,6 +20,7 @@ def job_log(job_id: int, level: int, message: str, *, image_id: str | None = Non
 
     Never raises: a failing job-log write must not turn a decision into a failure.
     """
+    message = redact_text(message)  # a presigned URL's signature must not reach logs
     if len(message) > MAX_MESSAGE_CHARS:
         message = f"{message[:MAX_MESSAGE_CHARS]}... ({len(message)} characters)"
     prefix = f"job={job_id}" + (f" image={image_id}" if image_id is not None else "")

@@ -32,6 +32,7 @@ from models import (
 from pipeline.errors import BadResult
 from pipeline.jobstate import Outcome
 from pipeline.schemas import SuccessResult
+from pipeline.settings import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +276,6 @@ def fail_images(job_id: int, image_ids, reason: str, rows: dict[str, ImageRow] |
         rows = rows if rows is not None else job_images(job_id, wanted)
         pending = [rows[i].id for i in wanted if i in rows and rows[i].status == ImageStatus.PENDING]
         execute_in('UPDATE "job_image" SET status = %s, error = %s, updated_at = %s WHERE id IN ({in})', pending,
-                   params=(ImageStatus.FAILED, reason[:MAX_REASON_CHARS].replace("\x00", ""), utcnow()))
+                   params=(ImageStatus.FAILED, redact_text(reason)[:MAX_REASON_CHARS].replace("\x00", ""), utcnow()))
     return [Outcome(i, failed=True, captures=0) if rows[i].status == ImageStatus.PENDING
             else _settled_outcome(rows[i]) for i in wanted if i in rows]

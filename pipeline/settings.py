@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from urllib.parse import urlsplit, urlunsplit
 
@@ -121,18 +122,36 @@ def _convert(env: str, raw: str, kind) -> object:
         raise ConfigError(f"{env}={raw!r} is not a valid {kind.__name__}") from None
 
 
+#: Query parameters whose values are secrets: passwords and tokens that clients accept in a URL
+#: (`redis://host?password=`), and the signatures and credentials of presigned object-store URLs.
+SECRET_PARAMS = re.compile(r"pass|pwd|token|secret|signature|sig$|credential|key|auth", re.IGNORECASE)
+#: A URL inside free text (a log line, a processing service's error message).
+URL_IN_TEXT = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>]+", re.IGNORECASE)
+
+
 def redact(url: str) -> str:
-    """The URL with any password or token replaced by ***; never log a URL without this."""
+    """The URL with any password or token replaced by ***, in its user info and in its query string;
+    never log a URL without this."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable url>"
+    if parts.query:
+        query = "&".join(
+            f"{name}=***" if sep and SECRET_PARAMS.search(name) else f"{name}{sep}{value}"
+            for name, sep, value in (pair.partition("=") for pair in parts.query.split("&")))
+        parts = parts._replace(query=query)
     if not parts.netloc or "@" not in parts.netloc:
-        return url
+        return urlunsplit(parts)
     userinfo, host = parts.netloc.rsplit("@", 1)
     user = userinfo.split(":", 1)[0]
     masked = f"{user}:***" if ":" in userinfo else "***"
     return urlunsplit(parts._replace(netloc=f"{masked}@{host}"))
+
+
+def redact_text(text: str) -> str:
+    """`text` with every URL in it redacted (presigned image URLs in error messages, for instance)."""
+    return URL_IN_TEXT.sub(lambda m: redact(m.group()), text) if "://" in text else text
 
 
 _current: Settings | None = None

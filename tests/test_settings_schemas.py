@@ -33,6 +33,34 @@ def test_secrets_in_urls_are_masked():
     assert redact("nats://tok3n@nats:4222") == "nats://***@nats:4222"
     described = Settings.from_env({"PIPELINE_DATABASE_URL": "postgresql://app:s3cret@db/jobs"}).describe()
     assert "s3cret" not in str(described)
+    # secrets in query strings too: a password redis-py accepts there, a presigned URL's signature
+    assert redact("redis://cache:6379/0?password=hunter2&db=1") == "redis://cache:6379/0?password=***&db=1"
+    presigned = ("https://b.s3.amazonaws.com/a.jpg?X-Amz-Credential=AKIA%2F&X-Amz-Signature=abc123"
+                 "&X-Amz-Expires=60")
+    assert redact(presigned) == ("https://b.s3.amazonaws.com/a.jpg?X-Amz-Credential=***&X-Amz-Signature=***"
+                                 "&X-Amz-Expires=60")
+
+
+def test_urls_inside_text_are_masked_where_jetpipe_stores_or_logs_them(runtime, moth_pipeline, caplog):
+    # Given a processing service that fails an image with an error naming its presigned URL
+    from models import JobImage, JobLog
+    from pipeline.saving import handle_result_message
+    from pipeline.settings import redact_text
+    from tests.helpers import dispatch, error_body, fake_job, pull_tasks
+
+    url = "https://b.s3.amazonaws.com/a.jpg?X-Amz-Signature=abc123secret&X-Amz-Expires=60"
+    assert redact_text(f"cannot read {url}: 403") == ("cannot read https://b.s3.amazonaws.com/a.jpg?"
+                                                      "X-Amz-Signature=***&X-Amz-Expires=60: 403")
+    job = fake_job(moth_pipeline, 1)
+    dispatch(runtime, job.id)
+    [(task, reply)] = pull_tasks(runtime, job.id, 1)
+    with caplog.at_level("INFO"):
+        handle_result_message(runtime, job.id, error_body(task.image_id, f"ImageUnreadable: cannot read {url}"), reply)
+    # Then the signature is in neither the image's reason, the job log nor a log line
+    assert "abc123secret" not in JobImage.get(JobImage.image == int(task.image_id)).error
+    assert "X-Amz-Signature=***" in JobImage.get(JobImage.image == int(task.image_id)).error
+    assert all("abc123secret" not in r.message for r in JobLog.select())
+    assert "abc123secret" not in caplog.text
 
 
 def test_results_decode_by_shape():
