@@ -43,6 +43,8 @@ REFRESH_S = 1.0
 FETCH_TIMEOUT_S = 0.5
 #: Attempts to publish one result before leaving the task to redelivery.
 PUBLISH_ATTEMPTS = 5
+#: Reply subjects of processing services: the only ones a service user may read (deploy/nats.conf).
+SERVICE_INBOX_PREFIX = "_INBOX"
 #: Images per result message by default, and how long a partly filled batch may wait (seconds).
 BATCH_SIZE = 50
 BATCH_LINGER_S = 0.05
@@ -101,7 +103,8 @@ class ProcessingService:
 
     async def run(self) -> None:
         """Process tasks until `stop()`; survives NATS outages (reconnects and carries on)."""
-        queue = await TaskQueue.connect(self.nats_url, name=self.name, **self.nats_security)
+        queue = await TaskQueue.connect(self.nats_url, name=self.name, inbox_prefix=SERVICE_INBOX_PREFIX,
+                                        **self.nats_security)
         log.info("service %s pulling pipeline %s with %s slot(s)", self.name, self.pipeline, self.concurrency)
         try:
             await self._loop(queue)

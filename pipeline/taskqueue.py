@@ -102,12 +102,18 @@ class JobConsumer:
     filter_subject: str
 
 
+#: Reply subjects of jetpipe's own processes (workers, CLI) start with this, not the default `_INBOX`:
+#: the NATS permissions in deploy/nats.conf let processing services read `_INBOX.>` only, so they never
+#: see jetpipe's replies (task PubAcks, tasks read back by sequence, ACK confirmations).
+JETPIPE_INBOX_PREFIX = "_INBOX_jetpipe"
+
+
 async def connect_nats(url: str, *, name: str, connect_timeout_s: float = 10.0, reconnect: bool = True,
-                       creds: str = "", tls_ca: str = "") -> nats.NATS:
+                       creds: str = "", tls_ca: str = "", inbox_prefix: str = JETPIPE_INBOX_PREFIX) -> nats.NATS:
     """A NATS connection that reconnects forever once up, but fails within `connect_timeout_s` at first.
 
     Credentials: user/password or token in the URL, or a `creds` file; TLS: a `tls://` URL, and `tls_ca`
-    for a private CA.
+    for a private CA. Processing services connect with `inbox_prefix="_INBOX"` (the SDK does).
     """
     security: dict = {}
     if creds:
@@ -132,7 +138,7 @@ async def connect_nats(url: str, *, name: str, connect_timeout_s: float = 10.0, 
         nc = await asyncio.wait_for(nats.connect(
             url, name=name, connect_timeout=2, reconnect_time_wait=0.5,
             max_reconnect_attempts=-1 if reconnect else 0, allow_reconnect=reconnect,
-            ping_interval=10, max_outstanding_pings=3,
+            ping_interval=10, max_outstanding_pings=3, inbox_prefix=inbox_prefix,
             error_cb=quiet_error, disconnected_cb=disconnected, reconnected_cb=reconnected, **security,
         ), connect_timeout_s)
         connection.append(nc)
@@ -206,8 +212,9 @@ class TaskQueue:
         self.requests = Requests(nc)
 
     @classmethod
-    async def connect(cls, url: str, *, name: str = "jetpipe", creds: str = "", tls_ca: str = "") -> TaskQueue:
-        return cls(await connect_nats(url, name=name, creds=creds, tls_ca=tls_ca))
+    async def connect(cls, url: str, *, name: str = "jetpipe", creds: str = "", tls_ca: str = "",
+                      inbox_prefix: str = JETPIPE_INBOX_PREFIX) -> TaskQueue:
+        return cls(await connect_nats(url, name=name, creds=creds, tls_ca=tls_ca, inbox_prefix=inbox_prefix))
 
     async def close(self) -> None:
         """Flush buffered publishes and ACKs, then close (no drain: pull subscriptions hold no work)."""

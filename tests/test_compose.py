@@ -4,6 +4,7 @@ commands outside Docker (the venv's nats-server and redis-server, the local Post
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -15,12 +16,17 @@ import pytest
 import yaml
 
 from pipeline import moth
-from pipeline.devstack import Server, binary, free_port
+from pipeline.devstack import Server, binary, free_port, wait_for_port
 from pipeline.settings import OPTIONS
 from tests.conftest import POSTGRES, PROJECT, kill_group, wait_for
 
 COMPOSE = yaml.safe_load((PROJECT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
+
+
+def expand(value: str) -> str:
+    """A compose value with its `${VAR:-default}` references replaced by their defaults."""
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(value))
 
 
 def test_compose_declares_the_whole_stack():
@@ -32,6 +38,12 @@ def test_compose_declares_the_whole_stack():
     assert re.match(r"nats:2\.(1\d|[2-9]\d)", SERVICES["nats"]["image"])  # >= 2.10
     for name in ("nats", "redis", "postgres"):
         assert "healthcheck" in SERVICES[name]
+    # NATS: a user per role, and nothing published beyond this machine
+    assert all(port.startswith("127.0.0.1:") for port in SERVICES["nats"]["ports"])
+    users = {name: expand(SERVICES[name]["environment"]["PIPELINE_NATS_URL"]).split("//")[1].split(":")[0]
+             for name in ("worker", "service", "cli", "init")}
+    assert users == {"worker": "jetpipe-worker", "service": "jetpipe-service", "cli": "jetpipe-operator",
+                     "init": "jetpipe-operator"}
 
 
 def test_compose_environment_names_are_real_settings():
@@ -69,26 +81,37 @@ def test_the_compose_commands_run_a_job_outside_docker(tmp_path, pg_database, tr
     redis_port = free_port()
     redis_cmd = [binary("redis-server"), *SERVICES["redis"]["command"][1:], "--port", str(redis_port),
                  "--bind", "127.0.0.1", "--dir", str(tmp_path)]
-    servers = [Server("nats", nats_cmd, nats_port, tmp_path / "nats.log").start(),
-               Server("redis", redis_cmd, redis_port, tmp_path / "redis.log").start()]
+    nats_env = {**os.environ, **{k: expand(v) for k, v in SERVICES["nats"]["environment"].items()}}
+    nats = Server("nats", nats_cmd, nats_port, tmp_path / "nats.log")
+    with open(nats.log_path, "ab") as log:
+        nats.proc = subprocess.Popen(nats_cmd, stdout=log, stderr=subprocess.STDOUT, env=nats_env)
+    wait_for_port(nats_port, proc=nats.proc)
+    servers = [nats, Server("redis", redis_cmd, redis_port, tmp_path / "redis.log").start()]
     metrics_port = free_port()
-    env = {**{k: str(v) for k, v in SERVICES["worker"]["environment"].items()},
-           "PIPELINE_METRICS_PORT": str(metrics_port), "PIPELINE_DATABASE_URL": pg_database, "PIPELINE_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-           "PIPELINE_NATS_URL": f"nats://127.0.0.1:{nats_port}", "PATH": f"{sys.prefix}/bin:/usr/bin:/bin"}
+
+    def env_of(service: str) -> dict:
+        """The compose service's environment, pointed at this test's servers (its NATS user kept)."""
+        env = {k: expand(v) for k, v in SERVICES[service]["environment"].items()}
+        return {**env, "PIPELINE_METRICS_PORT": str(metrics_port), "PIPELINE_DATABASE_URL": pg_database,
+                "PIPELINE_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+                "PIPELINE_NATS_URL": env["PIPELINE_NATS_URL"].replace("@nats:4222", f"@127.0.0.1:{nats_port}"),
+                "PATH": f"{sys.prefix}/bin:/usr/bin:/bin"}
+
+    env = env_of("cli")
     procs = []
     try:
         # the server honours the config file: JetStream syncs every write
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/varz", timeout=5) as response:
             varz = json.loads(response.read())
         assert varz["jetstream"]["config"]["sync_always"] is True
-        init = subprocess.run(SERVICES["init"]["command"], cwd=PROJECT, env=env, capture_output=True, text=True,
-                              timeout=120)
+        init = subprocess.run(SERVICES["init"]["command"], cwd=PROJECT, env=env_of("init"), capture_output=True,
+                              text=True, timeout=120)
         assert init.returncode == 0, init.stderr
-        for name in ("worker", "service"):
+        for name in ("worker", "service"):  # each as its own NATS user
             log = open(tmp_path / f"{name}.log", "ab")
             procs.append(subprocess.Popen(
                 [c.replace("python", sys.executable, 1) if c == "python" else c for c in SERVICES[name]["command"]],
-                cwd=PROJECT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+                cwd=PROJECT, env=env_of(name), stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         # When a job is enqueued through the CLI
         directory, truth = trap_images
         urls = [f"file://{directory}/{n}" for n in sorted(truth)[:20]]

@@ -108,3 +108,119 @@ def test_missing_credential_files_are_a_clear_error(tmp_path):
     proc = cli({"PIPELINE_NATS_CREDS": str(tmp_path / "nope.creds"), "PATH": "/usr/bin:/bin"}, "jobs")
     assert proc.returncode == 1
     assert "PIPELINE_NATS_CREDS: no such file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def locked_down(tmp_path):
+    """nats-server running deploy/nats.conf as shipped (ports and store moved to this test), passwords from
+    its environment, and a Redis: (url of each NATS user, redis url)."""
+    import os
+
+    nats_port, http_port, redis_port = free_port(), free_port(), free_port()
+    conf = (PROJECT / "deploy" / "nats.conf").read_text().replace("0.0.0.0:4222", f"127.0.0.1:{nats_port}") \
+        .replace("0.0.0.0:8222", f"127.0.0.1:{http_port}").replace("/data/jetstream", str(tmp_path / "js"))
+    (tmp_path / "nats.conf").write_text(conf)
+    passwords = {"worker": "w0rker-pw", "operator": "0perator-pw", "service": "serv1ce-pw"}
+    env = {**os.environ, **{f"JETPIPE_NATS_{role.upper()}_PASSWORD": pw for role, pw in passwords.items()}}
+    nats = Server("nats", [binary("nats-server"), "-c", str(tmp_path / "nats.conf")], nats_port, tmp_path / "nats.log")
+    nats.log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(nats.log_path, "ab") as log:
+        nats.proc = subprocess.Popen(nats.args, stdout=log, stderr=subprocess.STDOUT, env=env)
+    from pipeline.devstack import wait_for_port
+
+    wait_for_port(nats_port, proc=nats.proc)
+    redis = Server("redis", [binary("redis-server"), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                             "--dir", str(tmp_path)], redis_port, tmp_path / "redis.log").start()
+    urls = {role: f"nats://jetpipe-{role}:{pw}@127.0.0.1:{nats_port}" for role, pw in passwords.items()}
+    yield urls, f"redis://127.0.0.1:{redis_port}/0"
+    nats.stop()
+    redis.stop()
+
+
+@pytest.mark.slow
+def test_the_shipped_nats_configuration_runs_a_job_and_services_cannot_do_harm(
+        locked_down, sqlite_url, worker_factory, service_factory):
+    import asyncio
+
+    import nats as nats_py
+
+    from pipeline import names
+
+    urls, redis_url = locked_down
+
+    def settings_as(role: str) -> Settings:
+        return Settings.from_env({"PIPELINE_DATABASE_URL": sqlite_url, "PIPELINE_NATS_URL": urls[role],
+                                  "PIPELINE_REDIS_URL": redis_url, "PIPELINE_METRICS_PORT": "0"})
+
+    from pipeline.registry import register_pipeline
+    from pipeline.schemas import decode_pipeline_spec
+
+    register_pipeline(decode_pipeline_spec(json.dumps(moth.PIPELINE_SPEC).encode(), source="test"))
+    # Given a worker, a processing service and an operator, each as its own NATS user
+    worker_factory(settings_as("worker"))
+    service_factory(settings_as("service"), moth.SLUG, lambda task: decode_result(success_body(task, boxes=1)))
+    runtime = Runtime(settings_as("operator"))
+    previous = set_runtime(runtime)
+    try:
+        # When a job runs, it ends SUCCESS
+        from actors.run_job import execute
+
+        job = fake_job(moth.SLUG, 5)
+        execute(runtime, job.id)
+        job = wait_for(lambda: (j := Job.get_by_id(job.id)).status in JobStatus.TERMINAL and j, timeout_s=60,
+                       message="job to finish")
+        assert job.status == JobStatus.SUCCESS
+
+        # Then the service user can do no harm: forge an advisory, delete a stream, read results or jetpipe's
+        # own replies
+        async def as_service(traffic):
+            seen, refused = [], []
+
+            async def record(msg):
+                seen.append(msg.subject)
+
+            async def errors(exc):
+                refused.append(str(exc))
+
+            nc = await nats_py.connect(urls["service"], error_cb=errors, max_reconnect_attempts=1)
+            for subject in ("pipeline.results.>", "_INBOX_jetpipe.>", "$JS.EVENT.>"):
+                await nc.subscribe(subject, cb=record)
+            await nc.publish(f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{names.TASKS_STREAM}.job-1",
+                             json.dumps({"type": "io.nats.jetstream.advisory.v1.max_deliver", "stream":
+                                         names.TASKS_STREAM, "consumer": "job-1", "stream_seq": 1}).encode())
+            try:
+                await nc.jetstream().delete_stream(names.TASKS_STREAM)
+            except Exception:  # noqa: BLE001 - denied: a timeout or an error, either way nothing deleted
+                pass
+            await traffic()  # results and jetpipe replies go by while the service listens
+            await nc.flush()
+            await asyncio.sleep(0.5)
+            await nc.close()
+            assert any("permissions violation" in r.lower() for r in refused), refused
+            return seen
+
+        async def observe(during):
+            from pipeline.taskqueue import TaskQueue
+
+            queue = await TaskQueue.connect(urls["operator"])  # as jetpipe's processes connect
+            nc, js = queue.nc, queue.js
+            before = (await js.stream_info(names.ADVISORIES_STREAM)).state.messages
+
+            async def traffic():
+                await js.publish(names.result_subject(999), b"{}")
+                await js.stream_info(names.RESULTS_STREAM)
+
+            seen = await during(traffic)
+            after = (await js.stream_info(names.ADVISORIES_STREAM)).state.messages
+            tasks_stream = await js.stream_info(names.TASKS_STREAM)
+            await js.purge_stream(names.RESULTS_STREAM)
+            await nc.close()
+            return before, after, tasks_stream, seen
+
+        before, after, tasks_stream, seen = asyncio.run(observe(as_service))
+        assert after == before  # the forged advisory was refused: nothing captured
+        assert tasks_stream.config.name == names.TASKS_STREAM  # not deleted
+        assert seen == []  # no results, no jetpipe replies, no advisories read
+    finally:
+        set_runtime(previous)
+        runtime.close()
