@@ -80,7 +80,11 @@ def _handle_advisory(runtime, body: str, results_seq: int | None) -> str | tuple
     if job is None or job.status in JobStatus.TERMINAL:
         return "job_ended"
     if kind.endswith("max_deliver"):
-        image_id = runtime.tasks.image_of_seq(stream_seq)
+        task = runtime.tasks.task_at(stream_seq)
+        if task is not None and task[0] != job_id:  # checked against the task itself, never taken on trust
+            log.error("job=%s advisory names stream_seq=%s, a task of job %s: ignored", job_id, stream_seq, task[0])
+            return "not_ours"
+        image_id = task[1] if task else None
         reason = (f"lost: JetStream gave up after {advisory.get('deliveries', '?')} deliveries "
                   f"(max_deliver={runtime.settings.nats_max_deliver}) without a result")
     else:

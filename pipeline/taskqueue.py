@@ -434,13 +434,17 @@ class TaskQueue:
         """The sequence of the newest message ever stored in `PIPELINE_RESULTS`."""
         return (await self.js.stream_info(names.RESULTS_STREAM)).state.last_seq
 
-    async def image_of_seq(self, stream_seq: int) -> str | None:
-        """The image id of the task at `stream_seq` of the tasks stream (None if it is gone)."""
+    async def task_at(self, stream_seq: int) -> tuple[int, str] | None:
+        """(job id, image id) of the task at `stream_seq` of the tasks stream (None if it is gone or is not
+        a task jetpipe published)."""
         try:
             msg = await self.js.get_msg(names.TASKS_STREAM, stream_seq)
         except nats.js.errors.NotFoundError:
             return None
-        return (msg.headers or {}).get(names.HDR_IMAGE_ID)
+        headers = msg.headers or {}
+        job_id = names.parse_job_id(headers.get(names.HDR_JOB_ID, ""))
+        image_id = headers.get(names.HDR_IMAGE_ID)
+        return (job_id, image_id) if job_id is not None and image_id else None
 
     async def delete_task(self, stream_seq: int) -> None:
         """Remove one task from the stream (one JetStream gave up on); idempotent."""

@@ -378,7 +378,7 @@ def test_an_advisory_for_an_image_that_succeeded_changes_nothing(quick):
     dispatch(quick, job.id)
     tasks = {t.image_id: (t, r) for t, r in pull_tasks(quick, job.id, 2)}
     [advisory, _] = read_advisories(quick, 2)
-    image_id = quick.tasks.image_of_seq(json.loads(advisory)["stream_seq"])
+    _, image_id = quick.tasks.task_at(json.loads(advisory)["stream_seq"])
     # the result for that very task arrives late, after JetStream gave up (late ACKs are accepted and
     # delete the task), and only then is the advisory handled
     task, reply = tasks[image_id]
@@ -386,6 +386,21 @@ def test_an_advisory_for_an_image_that_succeeded_changes_nothing(quick):
     assert handle_advisory(quick, advisory)[0] in ("already_settled", "unknown_image")
     snap = quick.state.snapshot(job.id)
     assert (snap.processed, snap.failed, snap.detections) == (1, 0, 2)
+
+
+def test_an_advisory_naming_another_jobs_task_is_ignored(quick):
+    # Given two jobs, and an advisory of job A's consumer edited to name a task of job B (as a forger would)
+    a, b = fake_job("moth-demo", 1), fake_job("moth-demo", 1)
+    dispatch(quick, a.id)
+    dispatch(quick, b.id)
+    [(_, reply_b)] = pull_tasks(quick, b.id, 1)
+    forged = json.dumps({"type": "io.nats.jetstream.advisory.v1.max_deliver", "stream": names.TASKS_STREAM,
+                         "consumer": names.job_consumer(a.id), "stream_seq": names.parse_ack_subject(reply_b)[3],
+                         "deliveries": 2})
+    # When it is handled, nothing is failed or deleted: the task it names is not one of job A's
+    assert handle_advisory(quick, forged)[0] == "not_ours"
+    assert JobImage.select().where(JobImage.status == "failed").count() == 0
+    assert stream_count(quick, b.id, "moth-demo") == 1
 
 
 def test_cancel_of_a_terminal_job_changes_nothing(runtime, moth_pipeline):
