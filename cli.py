@@ -420,8 +420,10 @@ def dlq_replay(ids: tuple[str, ...], replay_all: bool) -> None:
 @click.option("--concurrency", type=int, default=4, show_default=True, help="Tasks processed at once.")
 @click.option("--batch-size", type=int, default=50, show_default=True,
               help="Images per result message (1: one message per image).")
+@click.option("--task-timeout", type=float, default=600, show_default=True,
+              help="Seconds the model may take on one image before the image is failed with a timeout.")
 @handles_errors
-def process(pipeline_slug: str, concurrency: int, batch_size: int) -> None:
+def process(pipeline_slug: str, concurrency: int, batch_size: int, task_timeout: float) -> None:
     """Run the reference processing service for a pipeline with a built-in model (moth-demo)."""
     from pipeline.errors import UserInputError
     from pipeline.handlers import HANDLERS, get_handler
@@ -436,11 +438,13 @@ def process(pipeline_slug: str, concurrency: int, batch_size: int) -> None:
         raise UserInputError("--concurrency must be at least 1")
     if not 1 <= batch_size <= MAX_IMAGES_PER_RESULT:
         raise UserInputError(f"--batch-size must be between 1 and {MAX_IMAGES_PER_RESULT}")
+    if task_timeout <= 0:
+        raise UserInputError("--task-timeout must be a positive number of seconds")
     logging.getLogger("pipeline").setLevel(logging.INFO)
     settings = get_settings()
     service = ProcessingService(pipeline_slug, handler, nats_url=settings.nats_url, concurrency=concurrency,
                                 nats_creds=settings.nats_creds, nats_tls_ca=settings.nats_tls_ca,
-                                batch_size=batch_size)
+                                batch_size=batch_size, task_timeout_s=task_timeout)
 
     async def serve():
         loop = asyncio.get_running_loop()

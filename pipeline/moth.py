@@ -104,16 +104,32 @@ def summarize_truth(truth: dict) -> dict:
 
 
 # ---- the model --------------------------------------------------------------------------------------------
+#: Largest image file the model reads (bytes) and largest image it decodes (pixels): a 13,000 x 13,000
+#: image would take gigabytes once decoded, and one URL must not exhaust a service's memory.
+MAX_IMAGE_BYTES = 50 * 1024 * 1024
+MAX_IMAGE_PIXELS = 40_000_000
+
+
 def load_image(url: str, *, timeout_s: float = 20.0) -> Image.Image:
+    """The image at `url` in grey levels; raises ImageUnreadable (with the reason) for anything it cannot
+    or will not read: a missing file, a bad scheme, a file over MAX_IMAGE_BYTES or MAX_IMAGE_PIXELS."""
     parts = urlsplit(url)
     try:
         if parts.scheme == "file":
-            image = Image.open(unquote(parts.path))
+            path = unquote(parts.path)
+            if os.path.getsize(path) > MAX_IMAGE_BYTES:
+                raise ImageUnreadable(f"image file is larger than {MAX_IMAGE_BYTES} bytes")
+            image = Image.open(path)
         elif parts.scheme in ("http", "https"):
             with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - http(s) only
-                image = Image.open(BytesIO(response.read()))
+                data = response.read(MAX_IMAGE_BYTES + 1)
+            if len(data) > MAX_IMAGE_BYTES:
+                raise ImageUnreadable(f"image download is larger than {MAX_IMAGE_BYTES} bytes")
+            image = Image.open(BytesIO(data))
         else:
             raise ImageUnreadable(f"unsupported URL scheme {parts.scheme!r}")
+        if image.width * image.height > MAX_IMAGE_PIXELS:  # known from the header, before decoding
+            raise ImageUnreadable(f"image is {image.width} x {image.height} pixels, more than {MAX_IMAGE_PIXELS}")
         image.load()
     except ImageUnreadable:
         raise

@@ -14,16 +14,18 @@ What it does for the service author (ARCHITECTURE.md §3):
   tasks' reply subjects comma-separated in the header), after at most `batch_linger_s`; one message per
   batch is what lets the workers save a thousand images a second (docs/performance.md). Error results
   go out one per image, at once. `batch_size=1` turns batching off;
-- turns any exception from the handler into an error result for that image.
+- turns any exception from the handler into an error result for that image, and a handler that runs
+  longer than `task_timeout_s` (10 min) into a timeout error result (a sync handler's thread cannot be
+  stopped: it finishes on its own, its result is dropped).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -45,9 +47,40 @@ FETCH_TIMEOUT_S = 0.5
 PUBLISH_ATTEMPTS = 5
 #: Reply subjects of processing services: the only ones a service user may read (deploy/nats.conf).
 SERVICE_INBOX_PREFIX = "_INBOX"
+#: Seconds a handler may take on one task before the image is failed with a timeout: the SDK keeps a
+#: running task alive with +WPI, so without a deadline a hung fetch would hold its slot forever.
+TASK_TIMEOUT_S = 600.0
 #: Images per result message by default, and how long a partly filled batch may wait (seconds).
 BATCH_SIZE = 50
 BATCH_LINGER_S = 0.05
+
+
+def _in_own_thread(fn, arg, *, name: str) -> asyncio.Future:
+    """`fn(arg)` in a thread of its own (a daemon): a handler that hangs past its deadline keeps only
+    its own thread, never one that later tasks wait for (a pool's would). Slots bound how many run."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(outcome, error) -> None:
+        if future.done():  # it timed out: nobody waits for this answer any more
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(outcome)
+
+    def run() -> None:
+        try:
+            outcome, error = fn(arg), None
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            outcome, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, outcome, error)
+        except RuntimeError:  # the service stopped and its loop closed meanwhile
+            pass
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 @dataclasses.dataclass
@@ -76,12 +109,14 @@ class ProcessingService:
 
     def __init__(self, pipeline: str, handler: Callable[[Task], Result], *, nats_url: str,
                  concurrency: int = 4, name: str | None = None, nats_creds: str = "", nats_tls_ca: str = "",
-                 batch_size: int = BATCH_SIZE, batch_linger_s: float = BATCH_LINGER_S):
+                 batch_size: int = BATCH_SIZE, batch_linger_s: float = BATCH_LINGER_S,
+                 task_timeout_s: float = TASK_TIMEOUT_S):
         if not 1 <= batch_size <= MAX_IMAGES_PER_RESULT:
             raise ValueError(f"batch_size must be between 1 and {MAX_IMAGES_PER_RESULT}, got {batch_size}")
         self.pipeline = pipeline
         self.batch_size = batch_size
         self.batch_linger_s = batch_linger_s
+        self.task_timeout_s = task_timeout_s
         self._batches: dict[int, _Batch] = {}
         self.handler = handler
         self.nats_url = nats_url
@@ -96,7 +131,6 @@ class ProcessingService:
         self._free = concurrency  # slots not running a task (only touched on the event loop)
         self._slot_freed = asyncio.Event()
         self._inflight: set[asyncio.Task] = set()
-        self._executor = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix=self.name)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -114,7 +148,6 @@ class ProcessingService:
             for job_id in list(self._batches):
                 await self._flush(queue, job_id)
             await queue.close()
-            self._executor.shutdown(wait=False)
 
     async def _loop(self, queue: TaskQueue) -> None:
         next_refresh = 0.0
@@ -243,9 +276,13 @@ class ProcessingService:
             return ErrorResult(error=f"malformed task: {exc}", image_id=image_id)
         try:
             if inspect.iscoroutinefunction(self.handler):
-                result = await self.handler(task)
+                running = self.handler(task)
             else:
-                result = await asyncio.get_running_loop().run_in_executor(self._executor, self.handler, task)
+                running = _in_own_thread(self.handler, task, name=f"{self.name}-{task.image_id}")
+            try:
+                result = await asyncio.wait_for(running, self.task_timeout_s)
+            except TimeoutError:  # a hung fetch or model: its slot is freed and its image gets an answer
+                raise TimeoutError(f"the handler took longer than {self.task_timeout_s:g} s") from None
         except Exception as exc:  # noqa: BLE001 - any model failure becomes that image's error result
             self.failed += 1
             log.info("service %s: job=%s image=%s failed: %s", self.name, task.job_id, task.image_id, exc)

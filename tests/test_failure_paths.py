@@ -330,3 +330,43 @@ def test_workers_survive_postgres_dropping_their_connections(inproc_worker, runt
     job = wait_for(status, timeout_s=60, message="job to finish")
     assert killed > 0
     assert (job.status, job.progress["stages"]["results"]["detections"]) == (JobStatus.SUCCESS, 30)
+
+
+def test_the_reference_model_refuses_an_image_too_large_to_decode(tmp_path):
+    # Given an 8,000 x 8,000 image (64 million pixels: a small file, gigabytes of work once decoded)
+    from PIL import Image
+
+    from pipeline import moth
+
+    huge = tmp_path / "huge.png"
+    Image.new("1", (8000, 8000)).save(huge)
+    assert huge.stat().st_size < 1_000_000
+    # When the model loads it, it refuses from the header, before decoding it
+    with pytest.raises(moth.ImageUnreadable, match="8000 x 8000 pixels, more than 40000000"):
+        moth.load_image(f"file://{huge}")
+
+
+def test_a_task_whose_handler_hangs_is_failed_with_a_timeout_and_frees_its_slot(runtime, moth_pipeline,
+                                                                               service_factory):
+    # Given a service with one slot whose handler hangs on image 1 and a 1 s deadline per task
+    import threading
+
+    release = threading.Event()
+
+    def handler(task):
+        if task.image_id == "1":
+            release.wait(30)  # a fetch that never returns
+        return decode_result(success_body(task, boxes=1))
+
+    job = fake_job(moth_pipeline, 3)
+    dispatch(runtime, job.id)
+    service_factory(runtime.settings, moth_pipeline, handler, concurrency=1, task_timeout_s=1.0, batch_size=1)
+    # When results are saved as they come (no worker here: handled directly from the stream)
+    from tests.test_batches import result_messages
+
+    messages = wait_for(lambda: (m := result_messages(runtime.settings, job.id)) and len(m) == 3 and m, timeout_s=30,
+                        message="three result messages")
+    release.set()
+    # Then image 1 got a timeout error result and the other two were processed by the freed slot
+    errors = [body for _, body in messages if "error" in body]
+    assert [(e["image_id"], e["error"]) for e in errors] == [("1", "TimeoutError: the handler took longer than 1 s")]
