@@ -76,6 +76,8 @@ Result = SuccessResult | ErrorResult
 
 #: Images one success result may cover (a batch); its tasks are named in one Pipeline-Task-Reply header.
 MAX_IMAGES_PER_RESULT = 1000
+#: Detections one result message may carry (all its images together).
+MAX_DETECTIONS_PER_RESULT = 50_000
 
 _json = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
@@ -118,6 +120,9 @@ def decode_result(body: bytes) -> Result:
         if len(result.source_images) > MAX_IMAGES_PER_RESULT:
             raise BadResult(f"a result may cover at most {MAX_IMAGES_PER_RESULT} images, this one lists "
                             f"{len(result.source_images)}")
+        if len(result.detections) > MAX_DETECTIONS_PER_RESULT:
+            raise BadResult(f"a result may carry at most {MAX_DETECTIONS_PER_RESULT} detections, this one carries "
+                            f"{len(result.detections)}", image_ids=tuple(i.id for i in result.source_images))
         known = {image.id for image in result.source_images}
         strays = sorted({d.source_image_id for d in result.detections} - known)
         if strays:

@@ -227,7 +227,7 @@ class ProcessingService:
         if isinstance(result, SuccessResult) and self.batch_size > 1:
             await self._add_to_batch(queue, job_id, msg.reply, result)
         else:
-            await self._send(queue, job_id, [msg.reply], result)
+            await self._send(queue, job_id, _Batch([msg.reply], [result]))
 
     async def _add_to_batch(self, queue: TaskQueue, job_id: int, reply: str, result: SuccessResult) -> None:
         # The batches change only between awaits, so concurrent tasks never lose one another's results.
@@ -246,7 +246,7 @@ class ProcessingService:
         if batch.images() >= self.batch_size:
             ready.append(self._batches.pop(job_id))
         for full in ready:
-            await self._send(queue, job_id, full.replies, full.merged())
+            await self._send(queue, job_id, full)
 
     async def _flush_later(self, queue: TaskQueue, job_id: int, batch: _Batch) -> None:
         await asyncio.sleep(self.batch_linger_s)
@@ -256,11 +256,24 @@ class ProcessingService:
     async def _flush(self, queue: TaskQueue, job_id: int) -> None:
         batch = self._batches.pop(job_id, None)
         if batch is not None and batch.results:
-            await self._send(queue, job_id, batch.replies, batch.merged())
+            await self._send(queue, job_id, batch)
 
-    async def _send(self, queue: TaskQueue, job_id: int, replies: list[str], result: Result) -> None:
+    async def _send(self, queue: TaskQueue, job_id: int, batch: _Batch) -> None:
+        """Publish a batch's results as one message; one too large for the server is split in halves, and a
+        single task's result too large on its own goes out as an error result for its image."""
+        result = batch.merged()
         try:
-            await self._publish(queue, job_id, names.join_task_replies(replies), result)
+            await self._publish(queue, job_id, names.join_task_replies(batch.replies), result)
+        except nats.errors.MaxPayloadError:
+            if len(batch.results) > 1:
+                half = len(batch.results) // 2
+                for part in (slice(None, half), slice(half, None)):
+                    await self._send(queue, job_id, _Batch(batch.replies[part], batch.results[part]))
+                return
+            image_id = result.source_images[0].id if isinstance(result, SuccessResult) else result.image_id
+            too_large = ErrorResult(error=f"result of {len(encode(result))} bytes is larger than the NATS server "
+                                          f"accepts (max_payload {queue.nc.max_payload})", image_id=image_id)
+            await self._send(queue, job_id, _Batch(batch.replies, [too_large]))
         except Exception as exc:  # noqa: BLE001 - one batch's trouble must not stop the service
             images = ([i.id for i in result.source_images] if isinstance(result, SuccessResult)
                       else [result.image_id or "?"])
@@ -306,7 +319,7 @@ class ProcessingService:
                                        headers={names.HDR_TASK_REPLY: reply})
                 return
             except NATS_FAILURES as exc:
-                if attempt == PUBLISH_ATTEMPTS:
+                if attempt == PUBLISH_ATTEMPTS or isinstance(exc, nats.errors.MaxPayloadError):
                     raise
                 log.warning("service %s: job=%s publishing result failed (%s); retry %s", self.name, job_id,
                             str(exc) or type(exc).__name__, attempt)

@@ -317,3 +317,35 @@ def test_the_last_two_results_handled_at_once_end_the_job(runtime, moth_pipeline
     # Then whichever counted last saw every other result committed, and ended the job
     assert Job.get_by_id(job.id).status == JobStatus.SUCCESS
     assert progress_counts(job.id) == (4, 0, 8)
+
+
+def test_a_batch_larger_than_the_servers_max_payload_is_split_and_an_oversized_result_becomes_an_error(
+        runtime, moth_pipeline, service_factory, settings, monkeypatch):
+    # Given a service whose results are large (image 1's alone is larger than the server accepts)
+    from nats.aio.client import Client
+
+    from pipeline.schemas import AlgorithmRef, BBox, DetectionOut, SourceImageRef, SuccessResult
+
+    connect_init = Client._process_connect_init
+
+    async def small_max_payload(self):  # as if the server's INFO said 20,000 bytes
+        await connect_init(self)
+        self._max_payload = 20_000
+
+    monkeypatch.setattr(Client, "_process_connect_init", small_max_payload)
+    job = fake_job(moth_pipeline, 6)
+    dispatch(runtime, job.id)
+
+    def model(task):
+        boxes = 400 if task.image_id == "1" else 25  # ~150 bytes each
+        return SuccessResult(task.pipeline, [SourceImageRef(task.image_id)], [
+            DetectionOut(task.image_id, AlgorithmRef(DET["key"]), BBox(i, i, i + 5, i + 5), 0.9) for i in range(boxes)])
+
+    service_factory(settings, moth_pipeline, model, concurrency=6, batch_size=6, batch_linger_s=0.5)
+    # Then every image is answered: the batch went out in parts that fit, image 1 as an error result
+    messages = wait_for(lambda: (m := result_messages(settings, job.id)) and sum(
+        len(b.get("source_images", [])) + ("error" in b) for _, b in m) == 6 and m, timeout_s=30)
+    assert all(len(json.dumps(body)) < 20_000 for _, body in messages)
+    errors = [body for _, body in messages if "error" in body]
+    assert [e["image_id"] for e in errors] == ["1"] and "larger than the NATS server accepts" in errors[0]["error"]
+    assert len(messages) > 2  # split
