@@ -81,7 +81,7 @@ def named_images(body: bytes) -> set[str]:
     """The images a result message decides (canonical ids); empty if it does not parse as a result."""
     try:
         named = _names.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return set()
     if named.error is not None:
         ids = [named.image_id] if named.image_id is not None else []

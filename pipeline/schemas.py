@@ -104,6 +104,8 @@ def decode_result(body: bytes) -> Result:
         data = _json.decode(body)
     except msgspec.DecodeError as exc:
         raise BadResult(f"result is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadResult("result is nested too deeply to read") from None
     if not isinstance(data, dict):
         raise BadResult(f"result must be a JSON object, got {type(data).__name__}")
     data = _coerce_ids(data)

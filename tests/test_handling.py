@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from models import Detection, ImageStatus, Job, JobImage, JobLog, JobStatus, ResultInbox
 from pipeline import names
 from pipeline.saving import handle_result_message
@@ -247,3 +251,28 @@ def test_a_job_log_line_is_capped(runtime, moth_pipeline):
     job_log(job.id, 30, "x" * 1_000_000)
     [row] = JobLog.select().where(JobLog.job == job.id)
     assert len(row.message) < MAX_MESSAGE_CHARS + 40 and row.message.endswith("(1000000 characters)")
+
+
+@pytest.mark.parametrize("hostile", ["nested 100,000 deep", "a huge pipeline name and 1,000 image ids"])
+def test_a_hostile_result_fails_the_images_it_names_once_with_one_short_log_row(runtime, moth_pipeline, hostile):
+    # Given a job whose task a hostile service answers
+    job = fake_job(moth_pipeline, 2)
+    dispatch(runtime, job.id)
+    (task, reply), (task2, reply2) = pull_tasks(runtime, job.id, 2)
+    if "nested" in hostile:
+        body = success_body(task)[:-1] + b',"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    else:
+        body = json.dumps({"pipeline": "p" * 1_000_000, "detections": [], "source_images": [
+            {"id": task.image_id}] + [{"id": str(100_000 + i)} for i in range(999)]}).encode()
+    # When it is handled
+    handled = handle_result_message(runtime, job.id, body, reply)
+    # Then its image is failed as a bad result at once, its task terminated, with one short job-log row,
+    # and the other image proceeds
+    row = JobImage.get(JobImage.image == int(task.image_id))
+    assert handled.action == "failed" and row.status == "failed" and row.error.startswith("bad result:")
+    assert len(row.error) <= 2000
+    logs = list(JobLog.select().where((JobLog.job == job.id) & JobLog.message.contains("bad result")))
+    assert len(logs) == 1 and len(logs[0].message) < 2100
+    assert stream_count(runtime, job.id, moth_pipeline) == 1
+    handle_result_message(runtime, job.id, success_body(task2), reply2)
+    assert counters(job.id)[:3] == (JobStatus.SUCCESS, 2, 1)
