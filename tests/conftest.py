@@ -55,6 +55,23 @@ def stack(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
+def no_dead_letters(stack, request):
+    """Nothing jetpipe does with bad input, outages or crashes ends in Dramatiq's dead-letter queue: only
+    tests marked `dead_letters` (a bug or a poison message, on purpose) may leave one."""
+    yield
+    if request.node.get_closest_marker("dead_letters"):
+        return
+    import redis
+
+    client = redis.Redis.from_url(stack.redis_url)
+    try:
+        dead = {key.decode(): client.zcard(key) for key in client.scan_iter(match="jetpipe-dramatiq:*.XQ")}
+    finally:
+        client.close()
+    assert not any(dead.values()), f"dead-lettered Dramatiq messages: {dead}"
+
+
+@pytest.fixture(autouse=True)
 def in_process_broker_uses_the_test_redis(stack):
     """Fail loudly, never send to a Redis the test did not start."""
     yield

@@ -42,6 +42,7 @@ def log_lines(job_id: int, text: str) -> int:
     return JobLog.select().where((JobLog.job == job_id) & JobLog.message.contains(text)).count()
 
 
+@pytest.mark.dead_letters  # run_job failing for good (an injected bug), or a poison message
 def test_dispatched_async_job_defers_failure_and_its_results_decide(
         inproc_worker, runtime, moth_pipeline, monkeypatch, service_factory):
     # Given run_job fails for good right after dispatching every task
@@ -65,6 +66,7 @@ def test_dispatched_async_job_defers_failure_and_its_results_decide(
     assert log_lines(job.id, DEFERRAL_MESSAGE) == 1
 
 
+@pytest.mark.dead_letters  # run_job failing for good (an injected bug), or a poison message
 def test_async_job_failing_before_dispatch_fails_at_once_with_cleanup(inproc_worker, runtime, moth_pipeline,
                                                                      monkeypatch):
     from actors.run_job import run_job
@@ -83,6 +85,7 @@ def test_async_job_failing_before_dispatch_fails_at_once_with_cleanup(inproc_wor
     assert log_lines(job.id, DEFERRAL_MESSAGE) == 0
 
 
+@pytest.mark.dead_letters  # run_job failing for good (an injected bug), or a poison message
 @pytest.mark.parametrize(("chunk", "status"), [(6, JobStatus.SUCCESS), (4, JobStatus.FAILURE)])
 def test_a_job_whose_run_job_fails_part_way_through_dispatch_is_in_flight(
         inproc_worker, runtime, moth_pipeline, monkeypatch, service_factory, chunk, status):
@@ -108,6 +111,7 @@ def test_a_job_whose_run_job_fails_part_way_through_dispatch_is_in_flight(
     assert (job.status, stages["process"]["processed"], stages["process"]["failed"]) == (status, 10, 10 - chunk)
 
 
+@pytest.mark.dead_letters  # run_job failing for good (an injected bug), or a poison message
 @pytest.mark.parametrize("dispatched", [False, True])
 def test_internal_jobs_are_never_deferred(inproc_worker, runtime, moth_pipeline, dispatched):
     # Given an internal-mode job of a pipeline with no built-in handler (run_job will raise)
@@ -125,6 +129,7 @@ def test_internal_jobs_are_never_deferred(inproc_worker, runtime, moth_pipeline,
     assert log_lines(job.id, DEFERRAL_MESSAGE) == 0
 
 
+@pytest.mark.dead_letters  # run_job failing for good (an injected bug), or a poison message
 def test_a_message_that_keeps_killing_workers_is_dead_lettered(inproc_worker, runtime, moth_pipeline):
     # Given a result message redelivered after killing its worker (Dramatiq requeues the same message id)
     from actors.results import process_pipeline_result

@@ -75,6 +75,7 @@ def dead_run_job(runtime, moth_pipeline):
     return job, message, broker
 
 
+@pytest.mark.dead_letters  # a dead letter made on purpose, to list and replay
 def test_dlq_lists_and_replays_with_a_fresh_retry_budget(runtime, dead_run_job):
     job, message, broker = dead_run_job
     [dead] = list_dead(runtime.redis)
@@ -88,6 +89,7 @@ def test_dlq_lists_and_replays_with_a_fresh_retry_budget(runtime, dead_run_job):
     assert replayed.message.message_id == message.message_id
 
 
+@pytest.mark.dead_letters  # a dead letter made on purpose, to list and replay
 def test_dlq_replay_needs_ids_or_all(runtime, dead_run_job):
     proc = cli(runtime.settings, "dlq", "replay")
     assert proc.returncode == 1 and "or pass --all" in proc.stderr
