@@ -375,3 +375,32 @@ def test_a_task_whose_handler_hangs_is_failed_with_a_timeout_and_frees_its_slot(
     # Then image 1 got a timeout error result and the other two were processed by the freed slot
     errors = [body for _, body in messages if "error" in body]
     assert [(e["image_id"], e["error"]) for e in errors] == [("1", "TimeoutError: the handler took longer than 1 s")]
+
+
+def test_the_poison_guard_keeps_a_messages_count_for_an_hour_not_a_week(inproc_worker, runtime, moth_pipeline):
+    from actors.results import process_pipeline_result
+    from pipeline.actors import broker
+
+    job = fake_job(moth_pipeline, 1)
+    message = process_pipeline_result.message(job.id)
+    broker.enqueue(message)
+    broker.join(names.RESULTS_QUEUE, timeout=10_000)
+    inproc_worker.join()
+    ttl = broker.client.ttl(names.crash_delivery_key(message.message_id))
+    assert 0 < ttl <= 3600
+
+
+def test_a_lost_sweep_over_more_images_than_sqlite_takes_in_one_statement(runtime, moth_pipeline):
+    # Given a running 40,000-image job whose images are all failed as lost at once (SQLite refuses more
+    # than 32,766 variables in one statement)
+    from pipeline.handling import load_job
+    from pipeline.jobs import load_state_from_db
+    from pipeline.lost import fail_lost
+
+    job = fake_job(moth_pipeline, 40_000)
+    Job.update(status=JobStatus.STARTED).where(Job.id == job.id).execute()
+    load_state_from_db(runtime.state, job.id)
+    ids = [str(i) for (i,) in JobImage.select(JobImage.image).where(JobImage.job == job.id).tuples()]
+    outcomes, status = fail_lost(runtime, load_job(job.id), ids, "lost: test")
+    assert (len(outcomes), status) == (40_000, JobStatus.FAILURE)
+    assert JobImage.select().where(JobImage.status == "failed").count() == 40_000
