@@ -163,8 +163,13 @@ def pending_chunk(job: Job, *, after_id: int, limit: int) -> list[tuple[int, Tas
 
 
 def record_published(job_id: int, row_ids: list[int], seqs: list[int], cursor: int) -> None:
-    """Write the published tasks' stream sequences and the job's checkpoint, in one transaction."""
+    """Write the published tasks' stream sequences and the job's checkpoint, in one transaction.
+
+    The job's row is written first: every writer of a job's rows locks the job row before its image rows
+    (results being saved meanwhile do), or two transactions could each wait for the other's rows.
+    """
     with write_transaction():
+        Job.update(dispatch_cursor=cursor, updated_at=utcnow()).where(Job.id == job_id).execute()
         if is_postgres():
             from psycopg2.extras import execute_values
 
@@ -174,7 +179,6 @@ def record_published(job_id: int, row_ids: list[int], seqs: list[int], cursor: i
         else:
             database.obj.cursor().executemany('UPDATE "job_image" SET task_seq = ? WHERE id = ?',
                                               list(zip(seqs, row_ids, strict=True)))
-        Job.update(dispatch_cursor=cursor, updated_at=utcnow()).where(Job.id == job_id).execute()
 
 
 def dispatch(runtime, job: Job) -> int:
