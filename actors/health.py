@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import dramatiq
 
@@ -18,8 +19,13 @@ TIME_LIMIT_MS = 5 * 60 * 1000
 
 @dramatiq.actor(queue_name=names.JOBS_QUEUE, max_retries=0, time_limit=TIME_LIMIT_MS)
 def jobs_health_check(slot: int | None = None) -> None:
-    """One health check; skipped if another one is still running (no overlapping runs)."""
+    """One health check; skipped if another one is still running (no overlapping runs), or if this tick
+    waited in the queue past the next one (a backlog of ticks is not replayed)."""
     runtime = get_runtime()
+    interval = runtime.settings.health_check_seconds
+    if slot is not None and time.time() // interval - slot > 1:
+        log.info("jobs_health_check slot=%s skipped: stale (a newer tick follows)", slot)
+        return
     lock = names.periodic_lock_key("jobs_health_check")
     token = runtime.state.try_lock(lock, TIME_LIMIT_MS)
     if token is None:

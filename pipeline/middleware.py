@@ -101,7 +101,7 @@ class WorkerResources(dramatiq.Middleware):
             self.scheduler = SlotScheduler(
                 runtime.redis, "jobs_health_check", settings.health_check_seconds,
                 lambda slot: jobs_health_check.send_with_options(
-                    args=(slot,), max_age=int(settings.health_check_seconds * 1000)))
+                    args=(slot,)))
             self.scheduler.start()
 
     async def _run_bridge(self, runtime: Runtime, broker) -> None:

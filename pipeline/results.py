@@ -43,7 +43,10 @@ MAX_REASON_CHARS = 2000
 #: Longest taxon name (the column's size, on every database).
 MAX_TAXON_CHARS = 255
 
+
 class AlgorithmInfo(NamedTuple):
+    """A declared algorithm, as results are checked against it."""
+
     id: int
     task_type: str
 

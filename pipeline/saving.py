@@ -171,11 +171,11 @@ def _save(job: Job, messages: list[Message], logs: list) -> list[Outcome]:
     rows = job_images(job.id, [i for m in messages if m.decides for i in m.image_ids])
     owner: dict[str, Message] = {}
     for m in messages:
-        if m.kind == "success":
-            strays = [i for i in m.image_ids if i not in rows]
-            if strays:
-                m.kind, m.reason = "bad", f"bad result: images {strays[:10]} are not part of job {job.id}"
-                m.image_ids = tuple(i for i in m.image_ids if i in rows)
+        strays = [i for i in m.image_ids if i not in rows] if m.kind in ("success", "error") else []
+        if strays:  # a result for images of another job, or of none: bad data, its tasks are terminated
+            what = "error result names" if m.kind == "error" else "images"
+            m.kind, m.reason = "bad", f"bad result: {what} {strays[:10]} not part of job {job.id}"
+            m.image_ids = tuple(i for i in m.image_ids if i in rows)
         if m.decides:
             for image_id in m.image_ids:
                 owner.setdefault(image_id, m)

@@ -2,8 +2,9 @@
 
 Every process ticks; for each time slot `floor(now / interval)` exactly one of them wins
 `SET jetpipe:periodic:<name>:<slot> NX` in Redis and sends the actor. However many worker processes and
-hosts run, each slot is sent once; a process that dies after winning loses only that tick. The message
-carries `max_age = interval`, so a backlog never replays stale ticks (reference/dramatiq.md §3).
+hosts run, each slot is sent once; a process that dies after winning loses only that tick. A tick that
+waited in a busy queue past the next slot is skipped by the actor (`actors/health.py`), so a backlog never
+replays stale ticks; it is not expired by Dramatiq's max_age, which would dead-letter every one of them.
 """
 
 from __future__ import annotations

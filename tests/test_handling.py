@@ -276,3 +276,19 @@ def test_a_hostile_result_fails_the_images_it_names_once_with_one_short_log_row(
     assert stream_count(runtime, job.id, moth_pipeline) == 1
     handle_result_message(runtime, job.id, success_body(task2), reply2)
     assert counters(job.id)[:3] == (JobStatus.SUCCESS, 2, 1)
+
+
+def test_an_error_result_naming_an_image_of_another_job_terminates_its_task(runtime, moth_pipeline):
+    # Given two jobs, and job A's task answered with an error result naming job B's image
+    a, b = fake_job(moth_pipeline, 1), fake_job(moth_pipeline, 1, prefix="file:///other/img")
+    dispatch(runtime, a.id)
+    [(task, reply)] = pull_tasks(runtime, a.id, 1)
+    image_of_b = str(JobImage.get(JobImage.job == b.id).image_id)
+    handled = handle_result_message(runtime, a.id, error_body(image_of_b), reply)
+    # Then nothing of job B changes, the message is a bad result and its task is terminated (not left to
+    # run out its deliveries); job A's image waits for a real answer from... nobody: its task is gone
+    assert handled.action == "left_pending"
+    assert JobImage.get(JobImage.job == b.id).status == "pending"
+    assert stream_count(runtime, a.id, moth_pipeline) == 0
+    logs = [r.message for r in JobLog.select().where(JobLog.job == a.id)]
+    assert any(f"error result names ['{image_of_b}'] not part of job {a.id}" in m for m in logs), logs

@@ -431,7 +431,20 @@ def test_overlapping_health_checks_are_skipped(runtime, caplog):
     from actors.health import jobs_health_check
 
     runtime.redis.set(names.periodic_lock_key("jobs_health_check"), "someone-else", px=60_000)
+    slot = int(time.time() // runtime.settings.health_check_seconds)
     with caplog.at_level("INFO"):
-        jobs_health_check.fn(7)
-    assert "jobs_health_check slot=7 skipped: another run is in progress" in caplog.text
+        jobs_health_check.fn(slot)
+    assert f"jobs_health_check slot={slot} skipped: another run is in progress" in caplog.text
+    assert runtime.redis.get(names.HEALTH_LAST_KEY) is None
+
+
+def test_a_health_check_tick_that_waited_past_the_next_one_is_skipped_not_dead_lettered(runtime, caplog):
+    # Given a tick sent three slots ago (it waited in a busy queue)
+    from actors.health import jobs_health_check
+
+    stale = int(time.time() // runtime.settings.health_check_seconds) - 3
+    with caplog.at_level("INFO"):
+        jobs_health_check.fn(stale)
+    # Then it does nothing and says so (the current tick does the work)
+    assert f"jobs_health_check slot={stale} skipped: stale" in caplog.text
     assert runtime.redis.get(names.HEALTH_LAST_KEY) is None
