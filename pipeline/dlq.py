@@ -2,7 +2,7 @@
 
 Dramatiq keeps dead messages per queue in `<namespace>:<queue>.XQ` (a ZSET of redis message ids scored
 by time of death) and `<namespace>:<queue>.XQ.msgs` (their payloads), for `dead_message_ttl`
-(reference/dramatiq.md §2.5). There is no built-in tool; this is it.
+(Dramatiq keeps them in a sorted set per queue). There is no built-in tool; this is it.
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ class HealthCheck:
             result.notes.append(f"job {job.id}: no processing service has pulled tasks for pipeline "
                                 f"{job.pipeline.slug} for {waited} min ({consumer.num_pending} task(s) waiting)")
             return "waiting"
-        # Exhausted tasks can sit in num_ack_pending until someone pulls (reference/nats.md §0.1), so
+        # Exhausted tasks can sit in num_ack_pending until someone pulls (JetStream decides on a pull), so
         # "lost" means: nothing left to deliver, and no delivery (or give-up) for two ack_waits, whereas
         # an un-acked task with deliveries left would have been redelivered within one.
         window = dt.timedelta(seconds=2 * self.settings.nats_task_ttr)

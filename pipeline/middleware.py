@@ -1,7 +1,8 @@
 """Worker middleware: the per-process runtime (NATS connection, Redis, database), the bridge, the scheduler.
 
 Placed after Dramatiq's AsyncIO middleware, so `before_worker_boot` finds the event loop running and
-resources exist before the first message is processed (reference/dramatiq.md §1.1, §1.7).
+resources exist before the first message is processed (Dramatiq runs `before_worker_boot` hooks in
+middleware order, after the AsyncIO middleware has started its loop thread).
 """
 
 from __future__ import annotations

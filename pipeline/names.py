@@ -1,6 +1,7 @@
 """Every Redis key, NATS stream/subject/consumer and header name jetpipe uses. Nothing spells one inline.
 
-The NATS names are the public wire contract of ARCHITECTURE.md §3: processing services depend on them.
+The NATS names are the public wire contract (docs/processing-services.md): processing services depend
+on them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Poison-message guard: a Dramatiq message that kills its worker every time must not loop forever.
 
 Dramatiq redelivers a dead worker's in-flight message without counting it as a retry
-(reference/dramatiq.md §2.3), so a message that OOM-kills or segfaults its worker would cycle forever.
+(its Retries middleware never sees the crash), so a message that OOM-kills or segfaults its worker
+would cycle forever.
 We count deliveries per message id in Redis; deliveries beyond the attempts Retries made are crashes,
 and past `max_crashes` the message is dead-lettered with the reason in the job's log.
 """

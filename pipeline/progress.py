@@ -1,6 +1,6 @@
 """Progress rules: monotone stages and counters, the strict failure threshold, one terminal transition.
 
-Invariants (ARCHITECTURE.md §4):
+Invariants (docs/processing-lifecycle.md):
   4. progress never goes backwards (max() per stage and per counter); a stage with FAILURE keeps it;
   5. exactly one terminal transition, by a guarded UPDATE; nothing resurrects a terminal job;
   6. a job ends FAILURE iff failed/total > threshold (strict), once every image is processed or failed.

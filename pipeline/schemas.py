@@ -1,4 +1,5 @@
-"""Wire schemas of ARCHITECTURE.md §3 (tasks, results, pipeline registration), validated with msgspec."""
+"""Wire schemas of the processing-service contract (docs/processing-services.md): tasks, results,
+pipeline registration, validated with msgspec."""
 
 from __future__ import annotations
 

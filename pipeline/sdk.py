@@ -3,10 +3,10 @@
     service = ProcessingService("moth-demo", handler, nats_url="nats://...")
     asyncio.run(service.run())
 
-What it does for the service author (ARCHITECTURE.md §3):
+What it does for the service author (docs/processing-services.md):
 - finds work by listing the consumers of PIPELINE_TASKS filtered on `pipeline.tasks.<slug>.<job_id>`,
   keeps one long-lived pull subscription per job (never subscribe/fetch/unsubscribe per request:
-  that loses deliveries, reference/nats.md §0.6), and pulls from the jobs round-robin;
+  that loses deliveries in flight to a dropped inbox), and pulls from the jobs round-robin;
 - fetches only as many tasks as it has free slots, so no task's ack_wait runs while it waits in a buffer;
 - sends `+WPI` (in progress) every ack_wait/3 while the handler runs;
 - publishes results on `pipeline.results.<job_id>` with `Pipeline-Task-Reply`; never ACKs a task;

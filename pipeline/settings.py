@@ -1,4 +1,4 @@
-"""Configuration read once from the environment (ARCHITECTURE.md §6)."""
+"""Configuration read once from the environment (the table in README.md and `cli.py --help`)."""
 
 from __future__ import annotations
 

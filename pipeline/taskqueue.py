@@ -1,6 +1,6 @@
 """The JetStream task queue: streams, per-job durable consumers, publishing tasks, ACK and TERM.
 
-One `TaskQueue` holds one long-lived NATS connection; a process has one (reference/nats.md §0.6: no
+One `TaskQueue` holds one long-lived NATS connection; a process has one (no
 connection per ACK, no subscribe/fetch/unsubscribe per request). Its methods are coroutines;
 `SyncTaskQueue` runs them on the process's event loop for sync callers such as Dramatiq actors.
 """
@@ -39,13 +39,13 @@ from pipeline.settings import redact
 
 log = logging.getLogger(__name__)
 
-#: Tasks published concurrently per round trip burst (reference/nats.md §3: ~10k msg/s on 2 cores).
+#: Tasks published concurrently per round trip burst (~10k msg/s on 2 cores, docs/performance.md).
 PUBLISH_CHUNK = 500
 #: Nats-Msg-Id dedupe window: a run_job retried within it republishes nothing.
 DUPLICATE_WINDOW_S = 20 * 60
 #: Outstanding un-acked deliveries per job consumer before JetStream stops handing out more.
 MAX_ACK_PENDING = 10_000
-#: Stream max_age: none on tasks/results (an expired task would vanish silently, reference/nats.md §2.1).
+#: Stream max_age: none on tasks/results (JetStream drops an expired, never-delivered task silently).
 ADVISORY_MAX_AGE_S = 7 * 24 * 3600
 #: JetStream API error code for "no message found" (deleting a message that is already gone).
 NO_MESSAGE_FOUND = 10057
@@ -270,7 +270,7 @@ class TaskQueue:
                                   ack_wait_s: float) -> ConsumerConfig:
         """Create the job's durable consumer, or check an existing one; returns the config the server holds.
 
-        `add_consumer` silently *updates* an existing consumer (reference/nats.md §2.1), so an existing
+        `add_consumer` silently *updates* an existing consumer (nats-py, measured), so an existing
         consumer is read, not re-added, and a mismatch is logged as a warning.
         """
         name = names.job_consumer(job_id)

@@ -1,5 +1,5 @@
 """Whole-system tests: a real `dramatiq pipeline.actors` worker subprocess, real NATS and Redis, and a
-processing service (the SDK's reference service, or one written only from ARCHITECTURE.md §3)."""
+processing service (the SDK's reference service, or one written only from docs/processing-services.md)."""
 
 from __future__ import annotations
 
