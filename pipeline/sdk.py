@@ -39,6 +39,9 @@ from pipeline.taskqueue import NATS_FAILURES, TaskQueue
 
 log = logging.getLogger(__name__)
 
+#: Seconds the NATS connection may stay down before the service opens a new one instead of waiting for
+#: the client's own reconnect (which can stall when the server restarts under it).
+RECONNECT_WATCHDOG_S = 15.0
 #: Seconds between two listings of the pipeline's job consumers.
 REFRESH_S = 1.0
 #: Seconds one fetch waits on one job when it has no task ready.
@@ -126,6 +129,7 @@ class ProcessingService:
         self.processed = 0
         self.failed = 0
         self.stopping = asyncio.Event()
+        self._queue: TaskQueue | None = None  # the service's NATS connection (replaced if it gets stuck)
         self._subs: dict[int, object] = {}
         self._ack_wait: dict[int, float] = {}
         self._free = concurrency  # slots not running a task (only touched on the event loop)
@@ -135,23 +139,52 @@ class ProcessingService:
     def stop(self) -> None:
         self.stopping.set()
 
+    async def _connect(self) -> TaskQueue:
+        return await TaskQueue.connect(self.nats_url, name=self.name, inbox_prefix=SERVICE_INBOX_PREFIX,
+                                       **self.nats_security)
+
     async def run(self) -> None:
         """Process tasks until `stop()`; survives NATS outages (reconnects and carries on)."""
-        queue = await TaskQueue.connect(self.nats_url, name=self.name, inbox_prefix=SERVICE_INBOX_PREFIX,
-                                        **self.nats_security)
+        self._queue = await self._connect()
         log.info("service %s pulling pipeline %s with %s slot(s)", self.name, self.pipeline, self.concurrency)
         try:
-            await self._loop(queue)
+            await self._loop()
         finally:
             if self._inflight:
                 await asyncio.wait(self._inflight, timeout=30)
             for job_id in list(self._batches):
-                await self._flush(queue, job_id)
-            await queue.close()
+                await self._flush(self._queue, job_id)
+            await self._queue.close()
 
-    async def _loop(self, queue: TaskQueue) -> None:
+    async def _replace_stuck_connection(self, down_since: float | None) -> float | None:
+        """When the connection has been down longer than RECONNECT_WATCHDOG_S, replace it with a new one
+        (the client's own reconnect can stall when a server restarts under it); when it was down."""
+        if self._queue.nc.is_connected:
+            return None
+        now = time.monotonic()
+        if down_since is None or now - down_since < RECONNECT_WATCHDOG_S:
+            return down_since or now
+        log.warning("service %s: NATS connection down for %.0f s; opening a new one", self.name, now - down_since)
+        try:
+            fresh = await self._connect()
+        except Exception as exc:  # noqa: BLE001 - NATS still down: the next check tries again
+            log.warning("service %s: NATS still unreachable (%s)", self.name, exc)
+            return now
+        stale, self._queue = self._queue, fresh
+        self._subs.clear()  # bound to the old connection; re-made on the next refresh
+        self._ack_wait.clear()
+        try:
+            await asyncio.wait_for(stale.nc.close(), 5)
+        except Exception:  # noqa: BLE001 - it was stuck: nothing more to release
+            pass
+        return None
+
+    async def _loop(self) -> None:
         next_refresh = 0.0
+        down_since: float | None = None
         while not self.stopping.is_set():
+            down_since = await self._replace_stuck_connection(down_since)
+            queue = self._queue
             try:
                 if time.monotonic() >= next_refresh:
                     await self._refresh(queue)

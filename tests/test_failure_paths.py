@@ -404,3 +404,25 @@ def test_a_lost_sweep_over_more_images_than_sqlite_takes_in_one_statement(runtim
     outcomes, status = fail_lost(runtime, load_job(job.id), ids, "lost: test")
     assert (len(outcomes), status) == (40_000, JobStatus.FAILURE)
     assert JobImage.select().where(JobImage.status == "failed").count() == 40_000
+
+
+def test_a_service_whose_nats_connection_never_comes_back_opens_a_new_one(runtime, moth_pipeline, service_factory,
+                                                                          monkeypatch):
+    # Given a running service whose connection dies for good (a client reconnect that stalled)
+    from pipeline import sdk
+    from tests.test_batches import result_messages
+
+    monkeypatch.setattr(sdk, "RECONNECT_WATCHDOG_S", 1.0)
+    service = service_factory(runtime.settings, moth_pipeline, lambda task: decode_result(success_body(task)),
+                              batch_size=1)
+    wait_for(lambda: service._queue is not None and service._queue.nc.is_connected, timeout_s=10,
+             message="the service to connect")
+    import asyncio
+
+    nc = service._queue.nc
+    asyncio.run_coroutine_threadsafe(nc.close(), nc._reading_task.get_loop()).result(timeout=10)  # its own loop
+    # When a job's tasks are dispatched
+    job = fake_job(moth_pipeline, 3)
+    dispatch(runtime, job.id)
+    # Then the service opens a new connection and answers them
+    wait_for(lambda: len(result_messages(runtime.settings, job.id)) == 3, timeout_s=30, message="three results")
