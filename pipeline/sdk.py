@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 #: Seconds the NATS connection may stay down before the service opens a new one instead of waiting for
 #: the client's own reconnect (which can stall when the server restarts under it).
 RECONNECT_WATCHDOG_S = 15.0
+#: Seconds between two round trips that check the connection is alive.
+LIVENESS_CHECK_S = 5.0
 #: Seconds between two listings of the pipeline's job consumers.
 REFRESH_S = 1.0
 #: Seconds one fetch waits on one job when it has no task ready.
@@ -130,6 +132,7 @@ class ProcessingService:
         self.failed = 0
         self.stopping = asyncio.Event()
         self._queue: TaskQueue | None = None  # the service's NATS connection (replaced if it gets stuck)
+        self._checked = 0.0  # monotonic time of the last liveness check
         self._subs: dict[int, object] = {}
         self._ack_wait: dict[int, float] = {}
         self._free = concurrency  # slots not running a task (only touched on the event loop)
@@ -156,12 +159,23 @@ class ProcessingService:
                 await self._flush(self._queue, job_id)
             await self._queue.close()
 
+    async def _alive(self) -> bool:
+        """One PING/PONG round trip with the server: the client may think it is connected when it is not."""
+        try:
+            await asyncio.wait_for(self._queue.nc.flush(timeout=2), 3)
+            return True
+        except Exception:  # noqa: BLE001 - any failure means no answer
+            return False
+
     async def _replace_stuck_connection(self, down_since: float | None) -> float | None:
-        """When the connection has been down longer than RECONNECT_WATCHDOG_S, replace it with a new one
-        (the client's own reconnect can stall when a server restarts under it); when it was down."""
-        if self._queue.nc.is_connected:
-            return None
+        """When the connection has been down (or silent) longer than RECONNECT_WATCHDOG_S, replace it with
+        a new one (the client's own reconnect can stall when a server restarts under it); when it was down."""
         now = time.monotonic()
+        if now - self._checked < LIVENESS_CHECK_S and down_since is None:
+            return None
+        self._checked = now
+        if self._queue.nc.is_connected and await self._alive():
+            return None
         if down_since is None or now - down_since < RECONNECT_WATCHDOG_S:
             return down_since or now
         log.warning("service %s: NATS connection down for %.0f s; opening a new one", self.name, now - down_since)
