@@ -116,7 +116,11 @@ class Bridge:
     async def _consumer_missing(self, route: Route) -> bool:
         """True if the route's consumer (or its stream) no longer exists; logs it once per change."""
         try:
-            await self.js.consumer_info(route.stream, route.consumer)
+            info = await self.js.consumer_info(route.stream, route.consumer)
+            if info.num_pending:  # messages wait, yet our fetches brought none: the subscription is dead
+                log.warning("bridge: %s holds %s message(s) for %s but fetches return none; subscribing again",
+                            route.stream, info.num_pending, route.consumer)
+                return True
             return False
         except nats.js.errors.NotFoundError:
             pass

@@ -48,6 +48,8 @@ LIVENESS_CHECK_S = 5.0
 REFRESH_S = 1.0
 #: Seconds one fetch waits on one job when it has no task ready.
 FETCH_TIMEOUT_S = 0.5
+#: Seconds one publish of a result may take in all (a wedged client must not hang the service).
+PUBLISH_TIMEOUT_S = 15.0
 #: Attempts to publish one result before leaving the task to redelivery.
 PUBLISH_ATTEMPTS = 5
 #: Reply subjects of processing services: the only ones a service user may read (deploy/nats.conf).
@@ -240,7 +242,9 @@ class ProcessingService:
         if self._free == 0 or job_id not in self._subs:
             return False
         try:
-            msgs = await self._subs[job_id].fetch(self._free, timeout=FETCH_TIMEOUT_S)
+            # bounded from outside too: a client whose connection is wedged can hang inside fetch
+            msgs = await asyncio.wait_for(self._subs[job_id].fetch(self._free, timeout=FETCH_TIMEOUT_S),
+                                          FETCH_TIMEOUT_S + 5)
         except (TimeoutError, nats.errors.TimeoutError):
             return False
         except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):
@@ -362,8 +366,8 @@ class ProcessingService:
         body = encode(result)
         for attempt in range(1, PUBLISH_ATTEMPTS + 1):
             try:
-                await queue.js.publish(names.result_subject(job_id), body, stream=names.RESULTS_STREAM,
-                                       headers={names.HDR_TASK_REPLY: reply})
+                await asyncio.wait_for(queue.js.publish(names.result_subject(job_id), body, stream=names.RESULTS_STREAM,
+                                                        headers={names.HDR_TASK_REPLY: reply}), PUBLISH_TIMEOUT_S)
                 return
             except NATS_FAILURES as exc:
                 if attempt == PUBLISH_ATTEMPTS or isinstance(exc, nats.errors.MaxPayloadError):
