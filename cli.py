@@ -73,21 +73,22 @@ def handles_errors(fn):
     def wrapper(*args, **kwargs):
         import redis
 
+        import models
         from pipeline.errors import ConfigError, PipelineError, TransientError, UserInputError
         from pipeline.settings import redact
 
         try:
             return fn(*args, **kwargs)
-        except (UserInputError, ConfigError) as exc:
+        except (UserInputError, ConfigError, models.DatabaseURLError, models.SchemaMissing) as exc:
             fail(str(exc))
         except TransientError as exc:
             fail(str(exc), RET_UNAVAILABLE)
         except redis.RedisError as exc:
             fail(f"Redis unavailable: {exc}", RET_UNAVAILABLE)
-        except peewee.OperationalError as exc:
+        except peewee.PeeweeException as exc:
+            if not models.is_transient(exc):
+                raise  # a bug: its traceback is what a report needs
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if "no such table" in text or "does not exist" in text:
-                fail(f"database is not initialised ({text}): run `python cli.py init-db`")
             fail(f"database unavailable: {redact(text)}", RET_UNAVAILABLE)
         except PipelineError as exc:
             fail(str(exc))
@@ -405,9 +406,8 @@ def dlq_replay(ids: tuple[str, ...], replay_all: bool) -> None:
 
     if not ids and not replay_all:
         raise UserInputError("name the messages to replay (ids from `dlq list`) or pass --all")
-    from pipeline.actors import broker
-
-    done = replay(broker, runtime().redis, None if replay_all else set(ids))
+    rt = runtime()
+    done = replay(rt.broker, rt.redis, None if replay_all else set(ids))
     missing = set(ids) - {d.redis_id for d in done} - {d.message.message_id for d in done}
     console.print(f"replayed {len(done)} message(s)")
     if missing:

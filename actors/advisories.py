@@ -6,26 +6,22 @@ import logging
 
 import dramatiq
 
-from pipeline import broker as _broker  # noqa: F401 - sets the broker before the actor is declared
 from pipeline import names
-from pipeline.errors import StateMissing, TransientError
 from pipeline.lost import handle_advisory
 from pipeline.metrics import metrics
+from pipeline.retry import retry_outages
 from pipeline.runtime import get_runtime
 
 log = logging.getLogger(__name__)
-
-
-def _retry_when(retries: int, exc: BaseException) -> bool:
-    return isinstance(exc, TransientError | StateMissing | OSError) and retries < 20
 
 
 #: Milliseconds before a deferred verdict is looked at again.
 DEFER_MS = 2_000
 
 
-@dramatiq.actor(queue_name=names.RESULTS_QUEUE, retry_when=_retry_when, min_backoff=500, max_backoff=15_000,
-                time_limit=60_000, max_age=7 * 24 * 3600 * 1000)
+@dramatiq.actor(actor_name=names.PROCESS_TASK_ADVISORY, queue_name=names.ACTOR_QUEUES[names.PROCESS_TASK_ADVISORY],
+                retry_when=retry_outages(20), min_backoff=500, max_backoff=15_000, time_limit=60_000,
+                max_age=7 * 24 * 3600 * 1000)
 def process_task_advisory(body: str, results_seq: int | None = None) -> None:
     """Fail the image whose task JetStream gave up on (idempotent: duplicates change nothing), once no
     result of its job published before the give-up (up to `results_seq`) is still waiting to be saved."""
@@ -37,7 +33,3 @@ def process_task_advisory(body: str, results_seq: int | None = None) -> None:
         metrics().lost_images.labels("advisory").inc()
     log.debug("advisory handled: %s", outcome)
 
-
-def send_advisories(batch: list[tuple[str]]) -> None:
-    for (body,) in batch:
-        process_task_advisory.send(body)

@@ -6,37 +6,32 @@ import logging
 
 import dramatiq
 
-from models import DispatchMode, JobStatus, is_transient, utcnow
-from pipeline import broker as _broker  # noqa: F401 - sets the broker before the actor is declared
+from models import DispatchMode, JobStatus, utcnow
 from pipeline import jobs, names, progress
-from pipeline.errors import StateMissing, TransientError
 from pipeline.handling import load_job
 from pipeline.internal import run_internal
 from pipeline.joblog import job_log
 from pipeline.jobstate import Snapshot
-from pipeline.runtime import get_runtime
+from pipeline.retry import retry_outages
+from pipeline.runtime import Runtime, get_runtime
 
 log = logging.getLogger(__name__)
 
 
-#: Retries of run_job after an outage (backoff 2 s doubling to 60 s: about 25 minutes in all).
+#: Retries of run_job after an outage (backoff 2 s doubling to 60 s: about 25 minutes in all). A permanent
+#: error (bad data, a bug) fails for good at once and DeferredFailure decides.
 OUTAGE_RETRIES = 30
 
 
-def _retry_when(retries: int, exc: BaseException) -> bool:
-    """Retry outages (the database locked or unreachable, Redis or NATS down) for minutes; never a
-    permanent error (bad data, a bug): it fails for good at once and DeferredFailure decides."""
-    return (is_transient(exc) or isinstance(exc, TransientError | StateMissing | OSError)) and retries < OUTAGE_RETRIES
-
-
-@dramatiq.actor(queue_name=names.JOBS_QUEUE, retry_when=_retry_when, min_backoff=2_000, max_backoff=60_000,
+@dramatiq.actor(actor_name=names.RUN_JOB, queue_name=names.ACTOR_QUEUES[names.RUN_JOB],
+                retry_when=retry_outages(OUTAGE_RETRIES), min_backoff=2_000, max_backoff=60_000,
                 time_limit=6 * 3600 * 1000)
 def run_job(job_id: int) -> None:
     """Start a job: publish a task per image to JetStream (async_api) or process them here (internal)."""
     execute(get_runtime(), job_id)
 
 
-def execute(runtime, job_id: int) -> str:
+def execute(runtime: Runtime, job_id: int) -> str:
     """The body of run_job; safe to retry at any point. Returns the job's status when it returns."""
     job = load_job(job_id)
     if job is None:

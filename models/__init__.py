@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from models.db import (
+    DatabaseURLError,
+    SchemaMissing,
     bind,
+    commit_listeners,
     database,
     execute_in,
     for_update,
@@ -59,7 +62,9 @@ def _add_missing_columns() -> None:
 
 __all__ = [
     # database
-    "bind", "database", "create_schema", "execute_in", "for_update", "insert_ignoring_duplicates", "is_postgres",
+    "DatabaseURLError", "SchemaMissing",
+    "bind", "commit_listeners", "database", "create_schema", "execute_in", "for_update",
+    "insert_ignoring_duplicates", "is_postgres",
     "is_transient", "is_unstorable", "select_in", "thread_connection", "utcnow", "write_transaction",
     # vocabularies
     "DispatchMode", "ImageStatus", "JobStatus",

@@ -1,4 +1,9 @@
-"""The database handle: one peewee proxy, bound to SQLite (default) or PostgreSQL by URL."""
+"""The database handle: one peewee proxy, bound to SQLite (default) or PostgreSQL by URL.
+
+It is also jetpipe's one boundary for database errors: a missing schema becomes `SchemaMissing` here,
+whatever the driver; `is_transient` and `is_unstorable` are the only places that decide what a database
+error means for a retry. Callers never look at an error's module or message text.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,16 @@ import contextlib
 import datetime as dt
 import json
 import threading
+from collections.abc import Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import peewee
 from playhouse.pool import PooledPostgresqlDatabase
 
-from pipeline.errors import ConfigError
-
 database = peewee.DatabaseProxy()
+
+#: Called after each write transaction commits (the metrics count them; models imports nothing of pipeline).
+commit_listeners: list[Callable[[], None]] = []
 
 #: Seconds a SQLite writer waits for the lock before raising "database is locked".
 SQLITE_BUSY_TIMEOUT_S = 30
@@ -23,10 +30,28 @@ POOL_MAX_CONNECTIONS = 32
 POOL_STALE_S = 300
 
 
+class DatabaseURLError(ValueError):
+    """The database URL names a kind of database jetpipe cannot use."""
+
+
+class SchemaMissing(peewee.DatabaseError):
+    """The database has no jetpipe tables yet: `python cli.py init-db` creates them. (Not transient.)"""
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for a database error that a retry can get past: the database unreachable, its connection
-    lost, a lock not granted in time, a serialization failure. False for bad data or a bug."""
-    return isinstance(exc, peewee.OperationalError | peewee.InterfaceError)
+    lost, a lock not granted in time, a serialization failure. False for bad data, a missing schema or
+    a bug. Driver errors count too: batch inserts go straight to the driver."""
+    import sqlite3
+
+    kinds: tuple = (peewee.OperationalError, peewee.InterfaceError, sqlite3.OperationalError)
+    try:
+        import psycopg2
+
+        kinds += (psycopg2.OperationalError, psycopg2.InterfaceError)
+    except ImportError:  # SQLite-only install
+        pass
+    return isinstance(exc, kinds)
 
 
 def is_unstorable(exc: BaseException) -> bool:
@@ -50,6 +75,38 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
+def _schema_missing(exc: peewee.DatabaseError) -> SchemaMissing | None:
+    """`SchemaMissing` if `exc` (peewee's wrapper; the driver's error is its first argument) says a table
+    does not exist, on SQLite or PostgreSQL; else None."""
+    original = exc.args[0] if exc.args else exc
+    text = (str(original).strip().splitlines() or [type(original).__name__])[0]
+    if getattr(original, "pgcode", None) == "42P01" or text.startswith("no such table"):
+        return SchemaMissing(f"database is not initialised ({text}): run `python cli.py init-db`")
+    return None
+
+
+class _TranslatesErrors:
+    """Mixed into jetpipe's peewee databases: a statement on a table that does not exist raises
+    `SchemaMissing`; every other error is peewee's own."""
+
+    def execute_sql(self, sql, params=None):
+        try:
+            return super().execute_sql(sql, params)
+        except (peewee.OperationalError, peewee.ProgrammingError) as exc:
+            missing = _schema_missing(exc)
+            if missing is None:
+                raise
+            raise missing from exc
+
+
+class SqliteDatabase(_TranslatesErrors, peewee.SqliteDatabase):
+    pass
+
+
+class PostgresqlDatabase(_TranslatesErrors, PooledPostgresqlDatabase):
+    pass
+
+
 def make_database(url: str) -> peewee.Database:
     """An unconnected peewee Database for `url` (sqlite:///path, sqlite:///:memory:, postgresql://...)."""
     parts = urlsplit(url)
@@ -58,7 +115,7 @@ def make_database(url: str) -> peewee.Database:
         path = path[1:] if path.startswith("/") else path  # sqlite:///rel.db -> rel.db, sqlite:////abs -> /abs
         # Not pooled: a pooled sqlite3 connection moves between threads, and one worker segfaulted so in
         # testing. Per-thread connections are cheap to open (a local file); PostgreSQL is pooled.
-        return peewee.SqliteDatabase(
+        return SqliteDatabase(
             path or ":memory:",
             timeout=SQLITE_BUSY_TIMEOUT_S,
             # Every transaction takes the write lock when it begins: a transaction that read first and then
@@ -75,7 +132,7 @@ def make_database(url: str) -> peewee.Database:
         )
     if parts.scheme in ("postgres", "postgresql"):
         extra = {k: v[-1] for k, v in parse_qs(parts.query).items()}  # e.g. ?sslmode=require&connect_timeout=5
-        return PooledPostgresqlDatabase(
+        return PostgresqlDatabase(
             (parts.path or "/").lstrip("/") or "postgres",
             user=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
@@ -85,7 +142,7 @@ def make_database(url: str) -> peewee.Database:
             max_connections=POOL_MAX_CONNECTIONS, stale_timeout=POOL_STALE_S, timeout=30,
             **{"connect_timeout": 10, **extra},
         )
-    raise ConfigError(f"unsupported database URL scheme {parts.scheme!r} (use sqlite:/// or postgresql://)")
+    raise DatabaseURLError(f"unsupported database URL scheme {parts.scheme!r} (use sqlite:/// or postgresql://)")
 
 
 def bind(url: str) -> peewee.Database:
@@ -167,9 +224,8 @@ def write_transaction():
 
 
 def _count_transaction() -> None:
-    from pipeline.metrics import metrics  # late: pipeline imports models
-
-    metrics().db_transactions.inc()
+    for listener in commit_listeners:
+        listener()
 
 
 def insert_ignoring_duplicates(model: type[peewee.Model], fields: tuple[str, ...], rows: list[tuple]) -> None:

@@ -178,9 +178,7 @@ class HealthCheck:
         restart_before = self.now - dt.timedelta(seconds=RESTART_PENDING_AFTER_S)
         for job in Job.select().where((Job.status == JobStatus.PENDING) & (Job.updated_at < restart_before)):
             result.checked += 1
-            from actors.run_job import run_job
-
-            run_job.send(job.id)  # its message was lost (e.g. Redis flushed); run_job is idempotent
+            self.runtime.send(names.RUN_JOB, job.id)  # its message was lost (e.g. Redis flushed); run_job is idempotent
             Job.update(updated_at=self.now).where(Job.id == job.id).execute()
             job_log(job.id, logging.WARNING, "jobs_health_check: run_job never started; sent it again")
             result.fixed += 1

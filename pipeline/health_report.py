@@ -13,7 +13,7 @@ import peewee
 import redis
 
 import models
-from models import DispatchMode, Job, JobStatus, Pipeline, utcnow
+from models import DispatchMode, Job, JobStatus, Pipeline, SchemaMissing, utcnow
 from pipeline import names
 from pipeline.broker import HEARTBEAT_TIMEOUT_MS
 from pipeline.jobstate import connect_redis
@@ -126,12 +126,10 @@ def build_report(settings: Settings, runner) -> tuple[int, dict]:
                        .order_by(Job.id))
             for job in running:
                 jobs_out.append(_job_line(job, consumers.get(job.id), now, settings, problems, pipelines))
+        except SchemaMissing as exc:
+            problems.append(str(exc))
         except peewee.PeeweeException as exc:
-            text = str(exc).strip()
-            if "no such table" in text or "does not exist" in text:
-                problems.append(f"database is not initialised ({text}): run `python cli.py init-db`")
-            else:
-                deps["database"] = {**deps["database"], "reachable": False, "error": text}
+            deps["database"] = {**deps["database"], "reachable": False, "error": str(exc).strip()}
     if workers == 0 and jobs_out:
         problems.append(f"{len(jobs_out)} job(s) running but no live Dramatiq worker "
                         "(start `dramatiq pipeline.actors`)")

@@ -266,11 +266,9 @@ def start_job(runtime, job: Job) -> None:
     """Queue run_job for a CREATED job (status PENDING); if the queue is unreachable the job is removed."""
     import redis
 
-    from actors.run_job import run_job  # late: importing actors sets up the Dramatiq broker
-
     progress.transition(job.id, JobStatus.PENDING, allowed_from=(JobStatus.CREATED,))
     try:
-        run_job.send(job.id)
+        runtime.send(names.RUN_JOB, job.id)
     except redis.RedisError as exc:
         job.delete_instance(recursive=True)
         raise TransientError(f"could not queue the job (Redis unavailable: {exc}); nothing was created") from exc

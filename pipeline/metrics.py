@@ -22,6 +22,9 @@ import os
 import tempfile
 import threading
 
+import dramatiq
+
+import models
 from pipeline.settings import Settings
 
 _lock = threading.Lock()
@@ -30,16 +33,9 @@ _metrics = None
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
-def configure_exposition(settings: Settings) -> bool:
-    """Point Dramatiq's exposition server at PIPELINE_METRICS_PORT; False if metrics are off (port 0).
-
-    Must run before `dramatiq.middleware.prometheus` is imported: it reads these at import.
-    """
-    if settings.metrics_port == 0:
-        return False
-    os.environ["dramatiq_prom_port"] = str(settings.metrics_port)
-    os.environ["dramatiq_prom_db"] = os.path.join(tempfile.gettempdir(), f"jetpipe-metrics-{settings.metrics_port}")
-    return True
+def metrics_directory(settings: Settings) -> str:
+    """Where the worker processes behind one metrics port keep their multiprocess metric files."""
+    return os.path.join(tempfile.gettempdir(), f"jetpipe-metrics-{settings.metrics_port}")
 
 
 class _Metrics:
@@ -65,6 +61,7 @@ class _Metrics:
             "jetpipe_bridge_consumer_missing", "1 while the bridge finds its durable consumer gone.", ["stream"],
             multiprocess_mode="max")
         self.db_transactions = prom.Counter("jetpipe_db_transactions", "Database write transactions committed.")
+        models.commit_listeners.append(self.db_transactions.inc)
 
 
 def metrics() -> _Metrics:
@@ -76,9 +73,17 @@ def metrics() -> _Metrics:
         return _metrics
 
 
-def make_middleware():
-    """Dramatiq's Prometheus middleware, inert until process boot (in-process test workers never boot)."""
+def make_middleware(settings: Settings) -> dramatiq.Middleware | None:
+    """Dramatiq's Prometheus middleware serving PIPELINE_METRICS_PORT, inert until process boot (in-process
+    test workers never boot); None when metrics are off (port 0)."""
+    if settings.metrics_port == 0:
+        return None
+    from dramatiq.middleware import prometheus
     from dramatiq.middleware.prometheus import Prometheus
+
+    # Dramatiq reads its directory from the environment when that module is imported; we set the module's
+    # value instead of writing the environment (its after_process_boot hands it to prometheus_client).
+    prometheus.DB_PATH = metrics_directory(settings)
 
     class WorkerMetrics(Prometheus):
         booted = False
@@ -127,8 +132,7 @@ def run_exposition_server() -> int:
     from wsgiref.simple_server import WSGIRequestHandler, make_server
 
     settings = Settings.from_env()
-    configure_exposition(settings)
-    directory = os.environ["dramatiq_prom_db"]
+    directory = metrics_directory(settings)
     os.makedirs(directory, exist_ok=True)
     _remove_dead_process_files(directory)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
@@ -142,6 +146,6 @@ def run_exposition_server() -> int:
         def log_message(self, *args):  # one line per scrape would drown the worker log
             pass
 
-    host = os.environ.get("dramatiq_prom_host", "0.0.0.0")
+    host = os.environ.get("dramatiq_prom_host", "0.0.0.0")  # noqa: S104 - Dramatiq's own setting and default
     make_server(host, settings.metrics_port, prom.make_wsgi_app(registry), handler_class=QuietHandler).serve_forever()
     return 0

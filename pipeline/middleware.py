@@ -1,8 +1,9 @@
-"""Worker middleware: the per-process runtime (NATS connection, Redis, database), the bridge, the scheduler.
+"""A worker's broker and middleware: the per-process runtime (NATS connection, Redis, database), the
+bridge, the scheduler.
 
-Placed after Dramatiq's AsyncIO middleware, so `before_worker_boot` finds the event loop running and
-resources exist before the first message is processed (Dramatiq runs `before_worker_boot` hooks in
-middleware order, after the AsyncIO middleware has started its loop thread).
+`WorkerResources` is placed after Dramatiq's AsyncIO middleware, so `before_worker_boot` finds the event
+loop running and resources exist before the first message is processed (Dramatiq runs
+`before_worker_boot` hooks in middleware order, after the AsyncIO middleware has started its loop thread).
 """
 
 from __future__ import annotations
@@ -14,36 +15,94 @@ import os
 import dramatiq
 import peewee
 from dramatiq.asyncio import get_event_loop_thread
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.middleware import (
+    AgeLimit,
+    AsyncIO,
+    Callbacks,
+    CurrentMessage,
+    Pipelines,
+    Retries,
+    ShutdownNotifications,
+    TimeLimit,
+)
 
 import models
-from pipeline import inbox, names
+from pipeline import inbox, metrics, names
 from pipeline.aio import LoopRunner
 from pipeline.bridge import SWEEP_S, Bridge, Route, is_result
+from pipeline.broker import make_broker
+from pipeline.deferred_failure import DeferredFailure
 from pipeline.errors import TransientError
+from pipeline.poison import PoisonGuard
 from pipeline.runtime import Runtime, set_runtime
+from pipeline.saving import request_drains
 from pipeline.scheduler import SlotScheduler
-from pipeline.settings import get_settings
+from pipeline.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 #: Advisories queued in Dramatiq (not yet handled) above which the bridge stops pulling them.
 MAX_ADVISORIES_QUEUED = 2000
+#: Project-wide retry defaults; each actor sets its own explicitly as well.
+DEFAULT_MAX_RETRIES = 5
+DEFAULT_MIN_BACKOFF_MS = 1_000
+DEFAULT_MAX_BACKOFF_MS = 60_000
+#: Default time limit (ms) of an actor that sets none.
+DEFAULT_TIME_LIMIT_MS = 10 * 60 * 1000
 
 
-def bridge_routes(runtime: Runtime, broker) -> list[Route]:
+def worker_middleware(settings: Settings) -> list[dramatiq.Middleware]:
+    """jetpipe's middleware, in this order (before-hooks run top-down)."""
+    middleware = [
+        AsyncIO(),  # first: its event-loop thread exists before WorkerResources connects NATS on it
+        PoisonGuard(),  # before anything runs the message: dead-letter one that keeps killing workers
+        AgeLimit(),
+        TimeLimit(time_limit=DEFAULT_TIME_LIMIT_MS),
+        ShutdownNotifications(),
+        Callbacks(),
+        Pipelines(),
+        Retries(max_retries=DEFAULT_MAX_RETRIES, min_backoff=DEFAULT_MIN_BACKOFF_MS,
+                max_backoff=DEFAULT_MAX_BACKOFF_MS),
+        CurrentMessage(),
+        DeferredFailure(),  # after_nack of run_job: the one place a job fails because run_job raised
+        WorkerResources(),  # runtime + results bridge per worker process
+    ]
+    prometheus = metrics.make_middleware(settings)
+    if prometheus is not None:
+        middleware.insert(1, prometheus)  # early: times whole messages, counts rejects
+    return middleware
+
+
+_worker_broker: RedisBroker | None = None
+
+
+def worker_broker(settings: Settings | None = None) -> RedisBroker:
+    """The worker broker of this process, built on first call and made Dramatiq's global broker (an actor
+    binds to the global broker when it is declared, so `actors/` calls this before declaring any)."""
+    global _worker_broker
+    if _worker_broker is None:
+        settings = settings or get_settings()
+        _worker_broker = make_broker(settings, worker_middleware(settings))
+        dramatiq.set_broker(_worker_broker)
+    return _worker_broker
+
+
+def bridge_routes(runtime: Runtime) -> list[Route]:
     """The bridge's two routes: results into the inbox, advisories into `process_task_advisory`."""
-    # late imports: the actors import the broker, which imports this module
-    from actors.advisories import send_advisories
-    from actors.results import request_drains
 
     def take_results(msgs) -> None:
         with models.thread_connection():
             jobs = inbox.take(runtime, [inbox.Incoming.from_msg(names.job_id_from_result_subject(m.subject), m)
                                         for m in msgs])
         try:
-            request_drains(jobs)
+            request_drains(runtime, jobs)
         except Exception as exc:  # noqa: BLE001 - the results are safe in the inbox; the sweep asks again
             log.warning("bridge: could not ask for jobs %s to be saved (%s); the inbox sweep will", jobs, exc)
+
+    def send_advisories(msgs) -> None:
+        for msg in msgs:
+            runtime.send(names.PROCESS_TASK_ADVISORY, msg.data.decode("utf-8", errors="replace"))
 
     def inbox_full() -> bool:
         with models.thread_connection():
@@ -53,21 +112,18 @@ def bridge_routes(runtime: Runtime, broker) -> list[Route]:
     return [
         Route(names.RESULTS_STREAM, names.RESULTS_BRIDGE_CONSUMER, names.RESULTS_SUBJECTS, is_result, take_results,
               inbox_full),
-        Route(names.ADVISORIES_STREAM, names.ADVISORIES_CONSUMER, None, lambda msg: True,
-              lambda msgs: send_advisories([(m.data.decode("utf-8", errors="replace"),) for m in msgs]),
-              lambda: broker.client.llen(advisories_key) > MAX_ADVISORIES_QUEUED),
+        Route(names.ADVISORIES_STREAM, names.ADVISORIES_CONSUMER, None, lambda msg: True, send_advisories,
+              lambda: runtime.broker.client.llen(advisories_key) > MAX_ADVISORIES_QUEUED),
     ]
 
 
 def sweep_inbox(runtime: Runtime) -> None:
     """Ask for the inbox rows of every job to be saved that have waited longer than a sweep interval."""
-    from actors.results import request_drains
-
     with models.thread_connection():
         waiting = inbox.jobs_waiting(older_than_s=SWEEP_S)
     if waiting:
         log.info("bridge: results of job(s) %s wait in the inbox; asking for them to be saved", waiting[:20])
-        request_drains(waiting)
+        request_drains(runtime, waiting)
 
 
 class WorkerResources(dramatiq.Middleware):
@@ -90,22 +146,19 @@ class WorkerResources(dramatiq.Middleware):
         self._stopping = False  # one middleware instance may serve successive Worker instances
         self.bridge = self.scheduler = self._bridge_future = None
         settings = get_settings()
-        runtime = Runtime(settings, runner=LoopRunner(loop_thread.loop), name=f"jetpipe-worker-{os.getpid()}")
+        runtime = Runtime(settings, runner=LoopRunner(loop_thread.loop), broker=broker,
+                          name=f"jetpipe-worker-{os.getpid()}")
         self.runtime = runtime
         self._previous = set_runtime(runtime)
         log.info("worker %s up: %s", os.getpid(), " ".join(f"{k}={v}" for k, v in settings.describe().items()))
         if self.bridge_enabled:
-            self._bridge_future = runtime.runner.spawn(self._run_bridge(runtime, broker))
+            self._bridge_future = runtime.runner.spawn(self._run_bridge(runtime))
         if self.scheduler_enabled:
-            from actors.health import jobs_health_check  # late: actors import the broker, which imports us
-
-            self.scheduler = SlotScheduler(
-                runtime.redis, "jobs_health_check", settings.health_check_seconds,
-                lambda slot: jobs_health_check.send_with_options(
-                    args=(slot,)))
+            self.scheduler = SlotScheduler(runtime.redis, names.JOBS_HEALTH_CHECK, settings.health_check_seconds,
+                                           lambda slot: runtime.send(names.JOBS_HEALTH_CHECK, slot))
             self.scheduler.start()
 
-    async def _run_bridge(self, runtime: Runtime, broker) -> None:
+    async def _run_bridge(self, runtime: Runtime) -> None:
         """Connect (retrying while NATS is down), then run the bridge until shutdown."""
         while not self._stopping:
             try:
@@ -116,7 +169,7 @@ class WorkerResources(dramatiq.Middleware):
                 await asyncio.sleep(2)
         else:
             return
-        self.bridge = Bridge(queue.queue.js, bridge_routes(runtime, broker), sweep=lambda: sweep_inbox(runtime),
+        self.bridge = Bridge(queue.queue.js, bridge_routes(runtime), sweep=lambda: sweep_inbox(runtime),
                              task_ack_wait_s=runtime.settings.nats_task_ttr,
                              ensure_streams=lambda: queue.queue.ensure_streams(max_jobs=runtime.settings.nats_max_jobs))
         if self._stopping:

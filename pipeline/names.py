@@ -118,9 +118,23 @@ def crash_delivery_key(message_id: str) -> str:
 #: Dramatiq namespace for the broker's keys.
 DRAMATIQ_NAMESPACE = "jetpipe-dramatiq"
 
-# ---- Dramatiq queues --------------------------------------------------------------------------------
+# ---- Dramatiq queues and actors ------------------------------------------------------------------------
 JOBS_QUEUE = "jobs"
 RESULTS_QUEUE = "results"
+
+#: Actor names. The core sends messages by these names (pipeline.broker.send) and never imports actors/.
+RUN_JOB = "run_job"
+PROCESS_PIPELINE_RESULT = "process_pipeline_result"
+PROCESS_TASK_ADVISORY = "process_task_advisory"
+JOBS_HEALTH_CHECK = "jobs_health_check"
+
+#: The queue of each actor (the actor declares the same one; a test checks that they agree).
+ACTOR_QUEUES = {
+    RUN_JOB: JOBS_QUEUE,
+    JOBS_HEALTH_CHECK: JOBS_QUEUE,
+    PROCESS_PIPELINE_RESULT: RESULTS_QUEUE,
+    PROCESS_TASK_ADVISORY: RESULTS_QUEUE,
+}
 
 
 def parse_ack_subject(reply: str) -> tuple[str, str, int, int] | None:

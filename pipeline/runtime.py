@@ -1,7 +1,10 @@
-"""The per-process runtime: settings, database binding, Redis job state and the one NATS connection.
+"""The per-process runtime: settings, database binding, Redis job state, the one NATS connection, and
+the Dramatiq broker through which the core sends work by actor name.
 
 Inside a Dramatiq worker the `WorkerResources` middleware starts it on the AsyncIO middleware's event
-loop in `before_worker_boot`. Elsewhere (CLI, tests) `get_runtime()` starts one on a loop thread of its own.
+loop in `before_worker_boot`, handing it the worker's broker. Elsewhere (CLI, tests) `get_runtime()`
+starts one on a loop thread of its own; it builds a broker only when something is sent (read-only
+commands never build one).
 """
 
 from __future__ import annotations
@@ -9,7 +12,10 @@ from __future__ import annotations
 import logging
 import threading
 
+import dramatiq
+
 import models
+from pipeline import broker as brokers
 from pipeline.aio import LoopRunner, LoopThread
 from pipeline.jobstate import JobState, connect_redis
 from pipeline.settings import Settings, get_settings
@@ -21,7 +27,8 @@ log = logging.getLogger(__name__)
 class Runtime:
     """Connections one process needs; NATS is connected on first use (many commands never need it)."""
 
-    def __init__(self, settings: Settings, *, runner: LoopRunner | None = None, name: str = "jetpipe"):
+    def __init__(self, settings: Settings, *, runner: LoopRunner | None = None,
+                 broker: dramatiq.Broker | None = None, name: str = "jetpipe"):
         self.settings = settings
         self.name = name
         self._own_loop = runner is None
@@ -30,7 +37,21 @@ class Runtime:
         self.redis = connect_redis(settings.redis_url)
         self.state = JobState(self.redis)
         self._tasks: SyncTaskQueue | None = None
+        self._broker = broker
+        self._own_broker = broker is None
         self._lock = threading.Lock()
+
+    @property
+    def broker(self) -> dramatiq.Broker:
+        """The Dramatiq broker messages are sent through (the worker's own, or one built on first use)."""
+        with self._lock:
+            if self._broker is None:
+                self._broker = brokers.make_broker(self.settings)
+            return self._broker
+
+    def send(self, actor_name: str, *args, delay_ms: int | None = None) -> dramatiq.Message:
+        """Queue a message for the actor called `actor_name` (see `names.ACTOR_QUEUES`)."""
+        return brokers.send(self.broker, actor_name, *args, delay_ms=delay_ms)
 
     @property
     def tasks(self) -> SyncTaskQueue:
@@ -68,6 +89,9 @@ class Runtime:
             except Exception as exc:  # noqa: BLE001 - closing must not mask the reason we are closing
                 log.warning("closing NATS connection failed: %s", exc)
             self._tasks = None
+        if self._own_broker and self._broker is not None:
+            self._broker.close()
+            self._broker = None
         self.redis.close()
         if self._own_loop and isinstance(self.runner, LoopThread):
             self.runner.stop()

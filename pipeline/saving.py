@@ -264,6 +264,13 @@ class Drained:
     busy: bool = False
 
 
+def request_drains(runtime, job_ids) -> None:
+    """Ask for the results of these jobs waiting in the inbox to be saved (one `process_pipeline_result`
+    message each; a request that finds nothing to save costs one query)."""
+    for job_id in job_ids:
+        runtime.send(names.PROCESS_PIPELINE_RESULT, job_id)
+
+
 def drain(runtime, job_id: int, *, budget_s: float = DRAIN_BUDGET_S) -> Drained:
     """Save every result of the job waiting in the inbox, a step per transaction, one drainer per job at
     a time (a Redis lock; a second request marks the inbox to be looked at again and returns at once)."""

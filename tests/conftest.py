@@ -43,10 +43,10 @@ POSTGRES = _postgres_reachable()
 def stack(tmp_path_factory):
     """One NATS + Redis for the session (tests that kill servers make their own with `make_stack`).
 
-    Autouse: it must exist before anything imports `pipeline.broker`, whose Dramatiq broker binds to the
-    Redis of the environment at import (it would otherwise be the machine's default redis://:6379).
+    Autouse: it must exist before anything imports `actors`, which builds the worker broker from the
+    environment's Redis (it would otherwise be the machine's default redis://:6379).
     """
-    assert "pipeline.broker" not in sys.modules, "pipeline.broker was imported before the test stack existed"
+    assert "actors" not in sys.modules, "actors/ was imported before the test stack existed"
     dev = DevStack.create(tmp_path_factory.mktemp("stack")).start()
     os.environ["PIPELINE_REDIS_URL"] = dev.redis_url  # the in-process Dramatiq broker sends here
     os.environ["PIPELINE_NATS_URL"] = dev.nats_url
@@ -75,9 +75,10 @@ def no_dead_letters(stack, request):
 def in_process_broker_uses_the_test_redis(stack):
     """Fail loudly, never send to a Redis the test did not start."""
     yield
-    broker_module = sys.modules.get("pipeline.broker")
-    if broker_module is not None:
-        kwargs = broker_module.broker.client.connection_pool.connection_kwargs
+    import dramatiq.broker
+
+    if dramatiq.broker.global_broker is not None:
+        kwargs = dramatiq.broker.global_broker.client.connection_pool.connection_kwargs
         assert kwargs.get("port") == stack.redis.port, f"in-process broker bound to {kwargs}"
 
 

@@ -233,10 +233,8 @@ def test_the_bridge_stops_taking_while_the_inbox_is_full(runtime, moth_pipeline,
     runtime.runner.run(publish_all(), timeout=30)
     # (the bridge takes up to 200 per fetch: let it take one message per fetch, as a slow stream would)
     monkeypatch.setattr("pipeline.bridge.FETCH_BATCH", 1)
-    monkeypatch.setattr("actors.results.request_drains", lambda job_ids: None)  # nobody saves meanwhile
-    from pipeline.actors import broker
-
-    bridge = Bridge(js, bridge_routes(runtime, broker)[:1])
+    monkeypatch.setattr("pipeline.middleware.request_drains", lambda runtime, job_ids: None)  # nobody saves meanwhile
+    bridge = Bridge(js, bridge_routes(runtime)[:1])
     running = runtime.runner.spawn(bridge.run())
     try:
         # Then it takes messages until the inbox holds more than 3, and leaves the rest in JetStream
@@ -282,10 +280,8 @@ def test_results_on_unparseable_subjects_are_dropped_and_do_not_stall_the_bridge
                                                                  filter_subject="pipeline.tasks.moth-demo.²"))
 
     runtime.runner.run(publish(), timeout=30)
-    monkeypatch.setattr("actors.results.request_drains", lambda job_ids: None)
-    from pipeline.actors import broker
-
-    bridge = Bridge(js, bridge_routes(runtime, broker)[:1])
+    monkeypatch.setattr("pipeline.middleware.request_drains", lambda runtime, job_ids: None)
+    bridge = Bridge(js, bridge_routes(runtime)[:1])
     running = runtime.runner.spawn(bridge.run())
     try:
         # When the bridge runs, then the odd messages are terminated (removed) and the valid one is taken
