@@ -212,7 +212,7 @@ def enqueue_job(pipeline_slug, images_dir, images_file, name, limit, dispatch_mo
     start_job(rt, job)
     job = Job.get_by_id(job.id)
     if as_json:
-        from pipeline.report import get_job, job_summary
+        from pipeline.job_views import get_job, job_summary
 
         click.echo(json.dumps(job_summary(get_job(job.id)), indent=2))
     else:
@@ -229,7 +229,7 @@ def enqueue_job(pipeline_slug, images_dir, images_file, name, limit, dispatch_mo
 def jobs_cmd(statuses, pipeline_slug, limit, as_json) -> None:
     """List recent jobs."""
     from models import Job, Pipeline
-    from pipeline.report import job_summary, render_jobs
+    from pipeline.job_views import job_summary, render_jobs
 
     bind_db()
     query = Job.select(Job, Pipeline).join(Pipeline).order_by(Job.id.desc()).limit(limit)
@@ -246,7 +246,7 @@ def jobs_cmd(statuses, pipeline_slug, limit, as_json) -> None:
 
 def _job_or_fail(job_id: int):
     from pipeline.errors import NotFound
-    from pipeline.report import get_job
+    from pipeline.job_views import get_job
 
     job = get_job(job_id)
     if job is None:
@@ -260,7 +260,7 @@ def _job_or_fail(job_id: int):
 @handles_errors
 def status(job_id: int, as_json: bool) -> None:
     """Show a job's status, stages, counters, throughput and failed images."""
-    from pipeline.report import failed_images, job_summary, render_status
+    from pipeline.job_views import failed_images, job_summary, render_status
 
     bind_db()
     summary = job_summary(_job_or_fail(job_id))
@@ -278,8 +278,8 @@ def status(job_id: int, as_json: bool) -> None:
 def watch(job_id: int, timeout: float | None) -> None:
     """Show a live progress bar until the job ends; exit 0 iff it ends SUCCESS."""
     from models import JobStatus
-    from pipeline.report import literal
-    from pipeline.report import watch as watch_job
+    from pipeline.job_views import literal
+    from pipeline.job_views import watch as watch_job
 
     bind_db()
     _job_or_fail(job_id)
@@ -298,7 +298,7 @@ def logs(job_id: int, follow: bool, as_json: bool) -> None:
     import time
 
     from models import JobStatus
-    from pipeline.report import get_job, job_logs, plain
+    from pipeline.job_views import get_job, job_logs, plain
 
     bind_db()
     _job_or_fail(job_id)
@@ -337,8 +337,8 @@ def failures(job_id: int, limit: int | None, as_json: bool) -> None:
     """List a job's failed images with the reason each one failed."""
     from rich.table import Table
 
+    from pipeline.job_views import literal
     from pipeline.jobs import failed_image_rows
-    from pipeline.report import literal
 
     bind_db()
     _job_or_fail(job_id)
@@ -467,7 +467,7 @@ def health(run_now: bool, as_json: bool) -> None:
     \b
     Exit codes: 0 healthy, 1 degraded (needs attention), 2 a dependency is unreachable.
     """
-    from pipeline.report import render_check, render_health
+    from pipeline.job_views import render_check, render_health
     from pipeline.settings import get_settings
 
     if run_now:
@@ -530,7 +530,8 @@ def chaos_flush(target: str, yes: bool) -> None:
 def chaos_exhaust(job_id: int, image_ids: str, pipeline_slug: str | None, as_json: bool) -> None:
     """Pull the tasks of these images until JetStream gives up on them, never ACKing; print the counters.
 
-    Other tasks fetched meanwhile are NAKed at once, which uses one of their deliveries.
+    Other tasks are never fetched: the targets must be the next tasks the job would deliver (else it
+    refuses, touching nothing). A job with no tasks yet gets one task per image published by this command.
     """
     from pipeline import chaos as tools
     from pipeline.errors import UserInputError
@@ -549,7 +550,9 @@ def chaos_exhaust(job_id: int, image_ids: str, pipeline_slug: str | None, as_jso
     if as_json:
         click.echo(json.dumps(out, indent=2))
     else:
-        console.print(f"deliveries: {out['deliveries']}  (non-target NAKs: {out['non_target_naks']})")
+        if out["published"]:
+            console.print(f"published a task for image(s) {', '.join(out['published'])}", highlight=False)
+        console.print(f"deliveries: {out['deliveries']}", highlight=False)
         console.print(f"consumer job-{job_id}: num_pending={out['num_pending']} "
                       f"num_ack_pending={out['num_ack_pending']} num_redelivered={out['num_redelivered']}")
 

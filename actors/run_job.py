@@ -8,10 +8,10 @@ import dramatiq
 
 from models import DispatchMode, JobStatus, utcnow
 from pipeline import jobs, names, progress
-from pipeline.handling import load_job
 from pipeline.internal import run_internal
 from pipeline.joblog import job_log
 from pipeline.jobstate import Snapshot
+from pipeline.outcomes import load_job
 from pipeline.retry import retry_outages
 from pipeline.runtime import Runtime, get_runtime
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from enum import StrEnum, nonmember
+
 import peewee
 
 from models.db import BaseModel, JSONField, utcnow
 
 
-class JobStatus:
+class JobStatus(StrEnum):
+    """A job's status, stored as its value. The groups (TERMINAL, RUNNING, ALL) are tuples of the values:
+    `status in JobStatus.TERMINAL` holds for a member and for the plain string read from the database."""
+
     CREATED = "CREATED"
     PENDING = "PENDING"
     STARTED = "STARTED"
@@ -16,18 +21,19 @@ class JobStatus:
     FAILURE = "FAILURE"
     REVOKED = "REVOKED"
 
-    TERMINAL = (SUCCESS, FAILURE, REVOKED)
-    RUNNING = (CREATED, PENDING, STARTED, CANCELING)
-    ALL = RUNNING + TERMINAL
+    TERMINAL = nonmember((SUCCESS, FAILURE, REVOKED))
+    RUNNING = nonmember((CREATED, PENDING, STARTED, CANCELING))
+    ALL = nonmember((CREATED, PENDING, STARTED, CANCELING, SUCCESS, FAILURE, REVOKED))
 
 
-class DispatchMode:
+class DispatchMode(StrEnum):
     ASYNC_API = "async_api"  # tasks go through NATS to external processing services
     INTERNAL = "internal"    # the worker runs the pipeline's Python handler itself
-    ALL = (ASYNC_API, INTERNAL)
+
+    ALL = nonmember((ASYNC_API, INTERNAL))
 
 
-class ImageStatus:
+class ImageStatus(StrEnum):
     PENDING = "pending"
     PROCESSED = "processed"
     FAILED = "failed"

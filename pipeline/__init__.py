@@ -1,6 +1,5 @@
 """jetpipe core library: reliable asynchronous ML jobs over many images.
 
-Modules, one concept each: settings, names, errors, schemas, jobstate (Redis), taskqueue (JetStream),
-bridge, progress, results (saving), handling (one result message), jobs (lifecycle), internal (in-worker
-mode), broker and middleware (Dramatiq), sdk (processing services), moth (the demo model), devstack.
+Modules, one concept each; docs/architecture.md lists them and how data flows between them. The core
+never imports `actors/`: it sends Dramatiq messages by actor name (`pipeline.broker.send`).
 """

@@ -3,6 +3,11 @@
 Dramatiq actors are sync; nats-py is asyncio. Actors never create an event loop per message: they hand
 coroutines to the process's loop thread (Dramatiq's AsyncIO middleware thread inside workers, a
 `LoopThread` of our own in the CLI and tests) and wait for the result with a timeout.
+
+The wait is interruptible. Dramatiq stops an actor that exceeds its time limit, or a worker shutting
+down, by raising an exception asynchronously in the actor's thread; Python delivers it only between
+bytecodes, never inside a blocking lock wait. So the caller waits in short slices, and whatever
+interrupts it (that exception, or Ctrl-C) also cancels the coroutine it was waiting for.
 """
 
 from __future__ import annotations
@@ -10,10 +15,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from collections.abc import Awaitable
 from typing import TypeVar
 
 T = TypeVar("T")
+
+#: Seconds between two looks for an asynchronous interrupt while waiting for a coroutine.
+INTERRUPT_CHECK_S = 0.1
 
 
 class LoopRunner:
@@ -23,13 +32,23 @@ class LoopRunner:
         self.loop = loop
 
     def run(self, coro: Awaitable[T], timeout: float | None = None) -> T:
-        """The coroutine's result; raises its exception, or TimeoutError after `timeout` seconds."""
+        """The coroutine's result; raises its exception, or TimeoutError after `timeout` seconds (the
+        coroutine is then cancelled, as it is when the waiting thread is interrupted)."""
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise TimeoutError(f"operation did not finish within {timeout} s") from None
+            while True:
+                left = INTERRUPT_CHECK_S if deadline is None else min(INTERRUPT_CHECK_S, deadline - time.monotonic())
+                try:
+                    return future.result(max(left, 0))
+                except TimeoutError:
+                    if future.done():  # finished meanwhile, or raised a TimeoutError of its own
+                        return future.result(0)
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise TimeoutError(f"operation did not finish within {timeout} s") from None
+        finally:
+            if not future.done():
+                future.cancel()
 
     def spawn(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
         """Start a long-running coroutine (a bridge, a service loop) without waiting for it."""

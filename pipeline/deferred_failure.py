@@ -19,19 +19,20 @@ import logging
 
 import dramatiq
 
-from models import DispatchMode, JobStatus
-from pipeline import jobs, progress
+from models import DispatchMode, ImageStatus, Job, JobImage, JobStatus
+from pipeline import jobs, names, progress
 from pipeline.joblog import job_log
+from pipeline.outcomes import finish, load_job, settle
+from pipeline.results import fail_images
+from pipeline.runtime import Runtime, get_runtime
 
 log = logging.getLogger(__name__)
 
 DEFERRAL_MESSAGE = "run_job raised but async processing is in-flight; deferring FAILURE to async progress handler"
 
 
-def fail_or_defer(runtime, job_id: int, reason: str) -> str:
+def fail_or_defer(runtime: Runtime, job_id: int, reason: str) -> str:
     """Apply invariant 7 to a job whose run_job failed for good; returns deferred | failed | ignored."""
-    from pipeline.handling import load_job
-
     job = load_job(job_id)
     if job is None or job.status in JobStatus.TERMINAL:
         return "ignored"
@@ -54,10 +55,8 @@ class DeferredFailure(dramatiq.Middleware):
     """On run_job's final failure, fail the job or defer to its results (see the module docstring)."""
 
     def after_nack(self, broker, message):
-        if message.actor_name != "run_job" or not message.args:
+        if message.actor_name != names.RUN_JOB or not message.args:
             return
-        from pipeline.runtime import get_runtime
-
         exc = getattr(message, "_exception", None)  # set by the worker for this delivery's failure
         reason = f"{type(exc).__name__}: {exc}" if exc is not None else "dead-lettered"
         fail_or_defer(get_runtime(), int(message.args[0]), reason)
@@ -67,13 +66,9 @@ class DeferredFailure(dramatiq.Middleware):
 FAIL_CHUNK = 5000
 
 
-def fail_undispatched(runtime, job, reason: str) -> int:
+def fail_undispatched(runtime: Runtime, job: Job, reason: str) -> int:
     """Fail the job's pending images past its dispatch checkpoint (their tasks were never published);
     how many. The job ends by the threshold rule once the published ones have their results."""
-    from models import ImageStatus, JobImage
-    from pipeline.handling import finish, settle
-    from pipeline.results import fail_images
-
     failed = 0
     while True:
         ids = [str(i) for (i,) in JobImage.select(JobImage.image).where(

@@ -24,9 +24,9 @@ import models
 from models import Classification, Detection, JobImage, JobStatus
 from pipeline import moth
 from pipeline.devstack import DevStack
+from pipeline.job_views import get_job, job_summary, watch
 from pipeline.jobs import create_job, image_urls_from_dir, start_job
 from pipeline.registry import register_pipeline
-from pipeline.report import get_job, job_summary, watch
 from pipeline.runtime import Runtime, set_runtime
 from pipeline.schemas import decode_pipeline_spec
 from pipeline.settings import Settings, set_settings

@@ -24,6 +24,7 @@ import datetime as dt
 import json
 import logging
 import time
+from enum import StrEnum
 
 import peewee
 import redis
@@ -31,10 +32,11 @@ import redis
 from models import DispatchMode, Job, JobStatus, Pipeline, for_update, utcnow, write_transaction
 from pipeline import inbox, jobs, names, progress
 from pipeline.errors import TransientError
-from pipeline.handling import finish
 from pipeline.joblog import job_log
 from pipeline.lost import append_error, fail_lost
 from pipeline.metrics import metrics
+from pipeline.outcomes import finish
+from pipeline.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +48,41 @@ RESTART_PENDING_AFTER_S = 2 * 60
 FINISH_CANCEL_AFTER_S = 60
 
 
+class Check(StrEnum):
+    """What a sub-check did with one job (reported per job by `cli.py health --json`)."""
+
+    OK = "ok"
+    ERROR = "error"  # NATS or Redis could not be read: unfixable this tick, never reaped
+    WAITING = "waiting"  # tasks never delivered: no processing service has pulled them yet
+    BUSY = "busy"  # tasks are being delivered: nothing is lost
+    RESULTS_QUEUED = "results_queued"  # results wait to be saved: nothing is lost
+    RACED = "raced"  # another process moved the job meanwhile
+    MARKED_FAILED = "marked_failed"
+    RESYNCED = "resynced"
+    FINALIZED = "finalized"
+    STATE_DISAPPEARED = "state_disappeared"
+    NO_CONSUMER = "no_consumer"
+    RESTARTED = "restarted"
+    ENDED = "ended"
+    REDIS_REBUILT = "redis_rebuilt"
+    REDISPATCHED = "redispatched"
+    CANCEL_FINISHED = "cancel_finished"
+    SKIPPED_UNREACHABLE = "skipped_unreachable"
+    LEFT_TO_RECONCILIATION = "left_to_reconciliation"
+    REVOKED = "revoked"
+    CONSUMER_REMOVED = "consumer_removed"
+    REDIS_REMOVED = "redis_removed"
+
+
 @dataclasses.dataclass
 class CheckResult:
     checked: int = 0
     fixed: int = 0
     unfixable: int = 0
-    jobs: dict[int, str] = dataclasses.field(default_factory=dict)  # per-job outcome
+    jobs: dict[int, str] = dataclasses.field(default_factory=dict)  # per-job outcome(s), Check values
     notes: list[str] = dataclasses.field(default_factory=list)  # what an operator should know
 
-    def add_outcome(self, job_id: int, outcome: str) -> None:
+    def add_outcome(self, job_id: int, outcome: Check) -> None:
         """Record one more thing done for a job (a job may have both its consumer and its keys removed)."""
         self.jobs[job_id] = f"{self.jobs[job_id]},{outcome}" if job_id in self.jobs else outcome
 
@@ -71,7 +99,7 @@ def _activity(job: Job) -> dt.datetime:
 class HealthCheck:
     """One tick of the health check over `runtime`'s database, Redis and NATS."""
 
-    def __init__(self, runtime, *, now: dt.datetime | None = None):
+    def __init__(self, runtime: Runtime, *, now: dt.datetime | None = None):
         self.runtime = runtime
         self.settings = runtime.settings
         self.now = now or utcnow()
@@ -103,51 +131,51 @@ class HealthCheck:
             result.checked += 1
             outcome = self._reconcile(job, result)
             result.jobs[job.id] = outcome
-            if outcome in ("marked_failed", "finalized", "resynced"):
+            if outcome in (Check.MARKED_FAILED, Check.FINALIZED, Check.RESYNCED):
                 result.fixed += 1
-            elif outcome in ("error", "state_disappeared", "no_consumer"):
+            elif outcome in (Check.ERROR, Check.STATE_DISAPPEARED, Check.NO_CONSUMER):
                 result.unfixable += 1
                 self.unreachable_jobs.add(job.id)
         return result
 
-    def _reconcile(self, job: Job, result: CheckResult) -> str:
+    def _reconcile(self, job: Job, result: CheckResult) -> Check:
         consumer = self.runtime.tasks.consumer_state(job.id)
         if not consumer.reachable:
             log.warning("job=%s lost_images: NATS unreachable (%s); unfixable this tick", job.id, consumer.error)
-            return "error"
+            return Check.ERROR
         try:
             snapshot = self.runtime.state.snapshot(job.id)
             pending = sorted(self.runtime.state.pending_ids(job.id)) if snapshot else []
         except TransientError as exc:
             log.warning("job=%s lost_images: Redis unreachable (%s); unfixable this tick", job.id, exc)
-            return "error"
+            return Check.ERROR
         if snapshot is None:
-            return "state_disappeared"  # state_rebuild restores it; the next tick decides
+            return Check.STATE_DISAPPEARED  # state_rebuild restores it; the next tick decides
         if not pending:  # every image counted, but the job never ended (its last progress write was lost)
             return self._finalize(job, snapshot)
         if not consumer.exists:
-            return "no_consumer"  # state_rebuild re-dispatches its tasks
+            return Check.NO_CONSUMER  # state_rebuild re-dispatches its tasks
         if consumer.num_pending > 0:
             waited = int((self.now - _activity(job)).total_seconds() // 60)
             result.notes.append(f"job {job.id}: no processing service has pulled tasks for pipeline "
                                 f"{job.pipeline.slug} for {waited} min ({consumer.num_pending} task(s) waiting)")
-            return "waiting"
+            return Check.WAITING
         # Exhausted tasks can sit in num_ack_pending until someone pulls (JetStream decides on a pull), so
         # "lost" means: nothing left to deliver, and no delivery (or give-up) for two ack_waits, whereas
         # an un-acked task with deliveries left would have been redelivered within one.
         window = dt.timedelta(seconds=2 * self.settings.nats_task_ttr)
         last_active = consumer.last_active.replace(tzinfo=None) if consumer.last_active else None
         if last_active is not None and self.now - last_active < window:
-            return "busy"
+            return Check.BUSY
         if inbox.outstanding(self.runtime, job.id):  # a result in hand decides its image: not lost
             result.notes.append(f"job {job.id}: results are waiting to be saved (workers are behind); its "
                                 f"{len(pending)} pending image(s) are not lost")
-            return "results_queued"
+            return Check.RESULTS_QUEUED
         with write_transaction():  # re-validate under the row lock: a result may have just arrived
             fresh = for_update(Job.select(Job.status, Job.last_progress_at, Job.dispatched_at)
                                .where(Job.id == job.id)).get()
         if fresh.status != JobStatus.STARTED or _activity(fresh) >= self.cutoff:
-            return "raced"
+            return Check.RACED
         reason = (f"lost: no result after JetStream gave up delivering its task (job idle past "
                   f"{self.settings.stalled_jobs_max_minutes:g} min)")
         append_error(job.id, f"jobs_health_check: marked {len(pending)} image(s) as failed (job idle past cutoff; "
@@ -157,9 +185,9 @@ class HealthCheck:
         metrics().lost_images.labels("periodic").inc(len(failed))
         job_log(job.id, logging.WARNING, f"jobs_health_check: marked {len(failed)} image(s) as failed, job now "
                                          f"{status}; NATS consumer {consumer.describe()}; IDs: {', '.join(failed)}")
-        return "marked_failed"
+        return Check.MARKED_FAILED
 
-    def _finalize(self, job: Job, snapshot) -> str:
+    def _finalize(self, job: Job, snapshot) -> Check:
         """End a job whose images are all counted in Redis; if the database still holds some as pending (a
         result counted but never committed), reload Redis from the database instead, so they are handled
         like any pending image (redelivered, or reconciled as lost)."""
@@ -168,9 +196,9 @@ class HealthCheck:
             jobs.rebuild_state(self.runtime.state, job.id, even_if_present=True)
             job_log(job.id, logging.WARNING, f"jobs_health_check: {written.unsaved} image(s) counted in Redis were "
                                              "never saved; Redis state reloaded from the database")
-            return "resynced"
+            return Check.RESYNCED
         finish(self.runtime, job, written)
-        return "finalized"
+        return Check.FINALIZED
 
     # ---- 2. state rebuild ----------------------------------------------------------------------------
     def state_rebuild(self) -> CheckResult:
@@ -182,23 +210,23 @@ class HealthCheck:
             Job.update(updated_at=self.now).where(Job.id == job.id).execute()
             job_log(job.id, logging.WARNING, "jobs_health_check: run_job never started; sent it again")
             result.fixed += 1
-            result.jobs[job.id] = "restarted"
+            result.jobs[job.id] = Check.RESTARTED
         running = list(self._running_async().order_by(Job.id))
         healthy = self._healthy(running)
         for job in running:
             result.checked += 1
             if job.id in healthy:
-                result.jobs[job.id] = "ok"
+                result.jobs[job.id] = Check.OK
                 continue
             try:
                 outcome = self._rebuild(job)
             except TransientError as exc:
                 log.warning("job=%s state_rebuild: %s; unfixable this tick", job.id, exc)
-                outcome = "error"
+                outcome = Check.ERROR
             result.jobs[job.id] = outcome
-            if outcome in ("redis_rebuilt", "redispatched"):
+            if outcome in (Check.REDIS_REBUILT, Check.REDISPATCHED):
                 result.fixed += 1
-            elif outcome == "error":
+            elif outcome == Check.ERROR:
                 result.unfixable += 1
                 self.unreachable_jobs.add(job.id)
         return result
@@ -215,28 +243,28 @@ class HealthCheck:
         except TransientError:
             return set()
 
-    def _rebuild(self, job: Job) -> str:
+    def _rebuild(self, job: Job) -> Check:
         state = self.runtime.state
         if state.snapshot(job.id) is None:
             if not jobs.rebuild_state(state, job.id):
-                return "ended" if Job.select(Job.status).where(Job.id == job.id).scalar() != JobStatus.STARTED \
-                    else "ok"
+                return Check.ENDED if Job.select(Job.status).where(Job.id == job.id).scalar() != JobStatus.STARTED \
+                    else Check.OK
             job_log(job.id, logging.WARNING, "jobs_health_check: Redis state was missing; rebuilt from the database")
-            return "redis_rebuilt"
+            return Check.REDIS_REBUILT
         consumer = self.runtime.tasks.consumer_state(job.id)
         if not consumer.reachable:
             raise TransientError(f"NATS unreachable: {consumer.error}")
         if consumer.exists or not state.pending_ids(job.id):
-            return "ok"
+            return Check.OK
         if Job.select(Job.status).where(Job.id == job.id).scalar() != JobStatus.STARTED:
-            return "ended"
+            return Check.ENDED
         # NATS lost the consumer and its tasks (flushed, or restarted without its store): publish again.
         Job.update(dispatch_cursor=0).where(Job.id == job.id).execute()
         job.dispatch_cursor = 0
         sent = jobs.dispatch(self.runtime, job)
         job_log(job.id, logging.WARNING, f"jobs_health_check: NATS consumer was missing; re-dispatched {sent} "
                                          "pending task(s)")
-        return "redispatched"
+        return Check.REDISPATCHED
 
     # ---- 3. stale jobs (the reaper) -------------------------------------------------------------------
     def stale_jobs(self) -> CheckResult:
@@ -253,33 +281,33 @@ class HealthCheck:
                 result.checked += 1
                 jobs.cancel(self.runtime, job.id)
                 result.fixed += 1
-                result.jobs[job.id] = "cancel_finished"
+                result.jobs[job.id] = Check.CANCEL_FINISHED
                 continue
             if _activity(job) >= self.cutoff:
                 continue
             result.checked += 1
             if job.id in self.unreachable_jobs:
                 result.unfixable += 1
-                result.jobs[job.id] = "skipped_unreachable"
+                result.jobs[job.id] = Check.SKIPPED_UNREACHABLE
                 continue
             outcome = self._reap(job)
             result.jobs[job.id] = outcome
-            if outcome in ("revoked", "finalized", "resynced"):
+            if outcome in (Check.REVOKED, Check.FINALIZED, Check.RESYNCED):
                 result.fixed += 1
-            elif outcome == "error":
+            elif outcome == Check.ERROR:
                 result.unfixable += 1
         return result
 
-    def _reap(self, job: Job) -> str:
+    def _reap(self, job: Job) -> Check:
         idle = int((self.now - _activity(job)).total_seconds() // 60)
         if job.dispatch_mode == DispatchMode.ASYNC_API and job.dispatched_at is not None:
             try:
                 snapshot = self.runtime.state.snapshot(job.id)
             except TransientError:
-                return "error"
+                return Check.ERROR
             if snapshot is not None and snapshot.complete:
                 return self._finalize(job, snapshot)
-            return "left_to_reconciliation"  # waiting for a service, or lost images: never revoked
+            return Check.LEFT_TO_RECONCILIATION  # waiting for a service, or lost images: never revoked
         why = ("its worker is gone" if job.dispatch_mode == DispatchMode.INTERNAL
                else "run_job stopped before dispatching its tasks")
         if progress.transition(job.id, JobStatus.REVOKED, allowed_from=(JobStatus.STARTED,),
@@ -287,8 +315,8 @@ class HealthCheck:
             job_log(job.id, logging.ERROR, f"jobs_health_check: REVOKED after {idle} min without progress; {why}")
             if job.dispatch_mode == DispatchMode.ASYNC_API:
                 jobs.cleanup(self.runtime, job.id, job.pipeline.slug)
-            return "revoked"
-        return "raced"
+            return Check.REVOKED
+        return Check.RACED
 
     # ---- 4. zombies -------------------------------------------------------------------------------------
     def zombies(self) -> CheckResult:
@@ -320,7 +348,7 @@ class HealthCheck:
                 log.info("job=%s zombies: removed consumer %s of an ended or deleted job", consumer.job_id,
                          consumer.consumer)
                 result.fixed += 1
-                result.add_outcome(consumer.job_id, "consumer_removed")
+                result.add_outcome(consumer.job_id, Check.CONSUMER_REMOVED)
         for job_id in keyed:
             result.checked += 1
             if is_zombie(job_id):
@@ -332,7 +360,7 @@ class HealthCheck:
                     break
                 log.info("job=%s zombies: removed Redis state of an ended or deleted job", job_id)
                 result.fixed += 1
-                result.add_outcome(job_id, "redis_removed")
+                result.add_outcome(job_id, Check.REDIS_REMOVED)
         return result
 
 
@@ -357,7 +385,7 @@ def _export(report: dict) -> None:
         m.jobs.labels(status).set(counts.get(status, 0))
 
 
-def run_health_check(runtime, *, now: dt.datetime | None = None) -> dict:
+def run_health_check(runtime: Runtime, *, now: dt.datetime | None = None) -> dict:
     """Run one health check and store its report for `cli.py health`; returns the report."""
     report = HealthCheck(runtime, now=now).run()
     _export(report)

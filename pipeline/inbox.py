@@ -12,7 +12,7 @@ Taking a batch of result messages (the bridge, for every fetch):
 4. the caller then ACKs the result messages on the results stream.
 
 A crash before 2 leaves the result messages un-acked: JetStream redelivers them to a bridge. A crash
-after 2 leaves the rows: the drain (`pipeline/handling.py`) saves them, and a redelivered message finds
+after 2 leaves the rows: the drain (`pipeline/outcomes.py`) saves them, and a redelivered message finds
 its row taken already. Memory stays bounded: the backlog waits on disk, in the stream or in this table.
 """
 
@@ -31,6 +31,7 @@ from pipeline import names
 from pipeline.crashpoints import crash_point
 from pipeline.errors import TransientError
 from pipeline.results import canonical_image_id
+from pipeline.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def named_images(body: bytes) -> set[str]:
     return {c for c in map(canonical_image_id, ids) if c is not None}
 
 
-def settled_replies(runtime, incoming: list[Incoming]) -> list[str]:
+def settled_replies(runtime: Runtime, incoming: list[Incoming]) -> list[str]:
     """The task reply subjects the messages settle: a task of the message's own job whose image it names.
 
     The task a reply subject names is its stream sequence; each image's row holds the sequence its task
@@ -126,7 +127,7 @@ def settled_replies(runtime, incoming: list[Incoming]) -> list[str]:
     return list(dict.fromkeys(settled))
 
 
-def take(runtime, incoming: list[Incoming]) -> list[int]:
+def take(runtime: Runtime, incoming: list[Incoming]) -> list[int]:
     """Commit result messages to the inbox and ACK the tasks they settle; the ids of their jobs.
 
     Raises TransientError when NATS or the database cannot be reached. Nothing is lost either way: the
@@ -165,7 +166,7 @@ def jobs_waiting(older_than_s: float = 0.0) -> list[int]:
             .group_by(ResultInbox.job_id).tuples()]
 
 
-def outstanding(runtime, job_id: int, *, published_up_to: int | None = None) -> bool:
+def outstanding(runtime: Runtime, job_id: int, *, published_up_to: int | None = None) -> bool:
     """True while results of the job are in jetpipe's hands but not saved: in the inbox, or in the
     results stream not yet taken. With `published_up_to` (a results stream sequence), only results
     published up to it count: a result that came later cannot have been the one a verdict waited for.

@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 
 from models import Job, JobStatus
-from pipeline import handling, jobs
+from pipeline import jobs, outcomes
 from pipeline.errors import BadResult, UserInputError
 from pipeline.handlers import get_handler
 from pipeline.joblog import job_log
+from pipeline.runtime import Runtime
 from pipeline.schemas import ErrorResult
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 INTERNAL_CHUNK = 500
 
 
-def run_internal(runtime, job: Job) -> str:
+def run_internal(runtime: Runtime, job: Job) -> str:
     """Process every pending image of `job` in this process; returns the job's status afterwards."""
     handler = get_handler(job.pipeline.slug)
     if handler is None:
@@ -38,14 +39,14 @@ def run_internal(runtime, job: Job) -> str:
             result = ErrorResult(error=f"{type(exc).__name__}: {exc}", image_id=task.image_id)
             job_log(job.id, logging.WARNING, f"image failed: {result.error}", image_id=task.image_id)
         try:
-            _, written, _ = handling.apply_result(runtime, job, result)
+            _, written, _ = outcomes.apply_result(runtime, job, result)
         except BadResult as exc:
-            written = handling.fail_bad_result(runtime, job, BadResult(str(exc), image_ids=(task.image_id,)),
+            written = outcomes.fail_bad_result(runtime, job, BadResult(str(exc), image_ids=(task.image_id,)),
                                                None)
             status = written.job_status
             continue
         status = written.status
-        handling.finish(runtime, job, written)
+        outcomes.finish(runtime, job, written)
     return status
 
 

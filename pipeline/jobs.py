@@ -26,6 +26,7 @@ from pipeline.crashpoints import crash_point
 from pipeline.errors import NotFound, TransientError, UserInputError
 from pipeline.joblog import job_log
 from pipeline.jobstate import JobState
+from pipeline.runtime import Runtime
 from pipeline.schemas import Task
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ def record_published(job_id: int, row_ids: list[int], seqs: list[int], cursor: i
                                               list(zip(seqs, row_ids, strict=True)))
 
 
-def dispatch(runtime, job: Job) -> int:
+def dispatch(runtime: Runtime, job: Job) -> int:
     """Publish the job's pending tasks from its checkpoint on, then mark it dispatched; returns tasks sent.
 
     Resumable: the checkpoint (`dispatch_cursor`) advances after each published chunk, and a chunk
@@ -222,7 +223,7 @@ def dispatch(runtime, job: Job) -> int:
 
 
 # ---- cleanup and cancel ---------------------------------------------------------------------------------
-def cleanup(runtime, job_id: int, pipeline_slug: str) -> bool:
+def cleanup(runtime: Runtime, job_id: int, pipeline_slug: str) -> bool:
     """Remove the job's NATS consumer (and leftover tasks) and Redis state; True if both went.
 
     Runs once, after the job's terminal transition; a failure is logged and left to the zombie sweep.
@@ -240,11 +241,19 @@ def cleanup(runtime, job_id: int, pipeline_slug: str) -> bool:
         log.warning("job=%s cleanup: Redis state not removed (%s); the zombie sweep will retry", job_id, exc)
     if ok:
         Job.update(cleaned_up_at=utcnow()).where(Job.id == job_id).execute()
-        log.info("job=%s cleaned up: consumer %s and Redis state removed", job_id, names.job_consumer(job_id))
+        job_log(job_id, logging.INFO, f"cleaned up: consumer {names.job_consumer(job_id)} and Redis state removed; "
+                                      f"stages at cleanup: {stages_text(job_id)}")
     return ok
 
 
-def cancel(runtime, job_id: int) -> str:
+def stages_text(job_id: int) -> str:
+    """`collect SUCCESS 100%, process SUCCESS 100%, results SUCCESS 100%`: which stages satisfied completion."""
+    stages = (Job.select(Job.progress).where(Job.id == job_id).scalar() or {}).get("stages", {})
+    return ", ".join(f"{name} {stage.get('status', '?')} {stage.get('progress', 0) * 100:.0f}%"
+                     for name, stage in stages.items()) or "none recorded"
+
+
+def cancel(runtime: Runtime, job_id: int) -> str:
     """Cancel a job: CANCELING, then clean up, then REVOKED; returns the job's final status."""
     job = Job.get_or_none(Job.id == job_id)
     if job is None:
@@ -262,7 +271,7 @@ def cancel(runtime, job_id: int) -> str:
     return Job.get_by_id(job_id).status
 
 
-def start_job(runtime, job: Job) -> None:
+def start_job(runtime: Runtime, job: Job) -> None:
     """Queue run_job for a CREATED job (status PENDING); if the queue is unreachable the job is removed."""
     import redis
 

@@ -18,10 +18,11 @@ import logging
 
 from models import Job, JobStatus, for_update, write_transaction
 from pipeline import inbox, names, progress
-from pipeline.handling import finish, load_job, settle
 from pipeline.joblog import job_log
 from pipeline.jobstate import Outcome
+from pipeline.outcomes import finish, load_job, settle
 from pipeline.results import fail_images
+from pipeline.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def append_error(job_id: int, message: str) -> None:
         Job.update(progress=p).where(Job.id == job_id).execute()
 
 
-def fail_lost(runtime, job: Job, image_ids: list[str], reason: str) -> tuple[list[Outcome], str]:
+def fail_lost(runtime: Runtime, job: Job, image_ids: list[str], reason: str) -> tuple[list[Outcome], str]:
     """Fail the still-pending `image_ids` of a running job with `reason`, count them, end the job if done.
 
     Returns the settled outcomes and the job's status afterwards.
@@ -57,7 +58,7 @@ def _image_from_term_reason(reason: str | None) -> str | None:
     return None
 
 
-def handle_advisory(runtime, body: str, results_seq: int | None = None) -> tuple[str, int | None]:
+def handle_advisory(runtime: Runtime, body: str, results_seq: int | None = None) -> tuple[str, int | None]:
     """Fail the image behind a MAX_DELIVERIES or MSG_TERMINATED advisory; returns what was done and, for
     "deferred" (results of the job published before the give-up are still being saved: ask again later,
     passing it back), the results stream sequence the verdict waits for."""
@@ -65,7 +66,7 @@ def handle_advisory(runtime, body: str, results_seq: int | None = None) -> tuple
     return outcome if isinstance(outcome, tuple) else (outcome, None)
 
 
-def _handle_advisory(runtime, body: str, results_seq: int | None) -> str | tuple[str, int]:
+def _handle_advisory(runtime: Runtime, body: str, results_seq: int | None) -> str | tuple[str, int]:
     try:
         advisory = json.loads(body)
         job_id = names.job_id_from_consumer(advisory["consumer"])

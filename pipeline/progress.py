@@ -13,6 +13,7 @@ import dataclasses
 import logging
 
 from models import ImageStatus, Job, JobImage, JobStatus, for_update, utcnow, write_transaction
+from pipeline.joblog import job_log
 from pipeline.jobstate import Snapshot
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,8 @@ def merge(progress: dict, snapshot: Snapshot, *, threshold: float, job_id: int, 
         before = stage.get("progress", 0.0)
         stage["progress"] = max(before, fraction)
         if stage["progress"] >= 1.0 and fraction < 1.0 and before >= 1.0:
-            log.warning("job=%s stage %r progress lifted to 100%% by max() guard: this worker computed "
-                        "%.1f%%, the database had %.1f%%", job_id, name, fraction * 100, before * 100)
+            job_log(job_id, logging.WARNING, f"stage {name!r} progress lifted to 100% by max() guard: this worker "
+                                             f"computed {fraction * 100:.1f}%, the database had {before * 100:.1f}%")
         if stage.get("status") == JobStatus.FAILURE and not corrected:
             continue  # sticky: a stage that failed keeps FAILURE
         if stage["progress"] >= 1.0:

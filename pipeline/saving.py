@@ -31,10 +31,11 @@ from models import Job, JobStatus, ResultInbox, execute_in, is_unstorable, selec
 from pipeline import inbox, names, progress
 from pipeline.crashpoints import crash_point
 from pipeline.errors import BadResult, TransientError
-from pipeline.handling import Handled, count_outcomes, finish, ids_text, load_job, settle, short
 from pipeline.joblog import job_log
 from pipeline.jobstate import Outcome, Snapshot
+from pipeline.outcomes import Handled, count_outcomes, finish, ids_text, load_job, settle, short
 from pipeline.results import PreparedResult, canonical_image_id, fail_images, job_images, prepare_result
+from pipeline.runtime import Runtime
 from pipeline.schemas import ErrorResult, decode_result
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class Message:
         return self.kind in ("success", "error", "bad")
 
 
-def _classify(runtime, job: Job, entry_id: int, source: str, body: bytes, replies: list[str]) -> Message:
+def _classify(runtime: Runtime, job: Job, entry_id: int, source: str, body: bytes, replies: list[str]) -> Message:
     m = Message(entry_id, source, replies)
     foreign = [r for r in replies if not names.reply_belongs_to_job(r, job.id)]
     if foreign:
@@ -124,7 +125,7 @@ def _present(entry_ids: list[int]) -> set[int]:
     return {i for (i,) in select_in('SELECT id FROM "result_inbox" WHERE id IN ({in})', entry_ids)}
 
 
-def drain_step(runtime, job_id: int, *, limit: int = DRAIN_MESSAGES) -> DrainStep:
+def drain_step(runtime: Runtime, job_id: int, *, limit: int = DRAIN_MESSAGES) -> DrainStep:
     """Save the job's oldest inbox rows (up to `limit` messages, DRAIN_IMAGES images) in one transaction;
     an empty step when the inbox holds nothing for the job."""
     step = DrainStep()
@@ -206,7 +207,7 @@ def _write_logs(job_id: int, logs: list[tuple[int, str, str | None]]) -> None:
         job_log(job_id, level, message, image_id=image_id, emit=False)
 
 
-def _after_commit(runtime, job: Job, step: DrainStep, logs: list) -> None:
+def _after_commit(runtime: Runtime, job: Job, step: DrainStep, logs: list) -> None:
     """Log lines, TERMs of the tasks of bad results, and the cleanup of a job this step ended."""
     for level, message, image_id in logs:
         job_log(job.id, level, message, image_id=image_id, persist=False)
@@ -225,7 +226,7 @@ def _after_commit(runtime, job: Job, step: DrainStep, logs: list) -> None:
         finish(runtime, job, step.written)
 
 
-def _drop_for_unknown_job(runtime, job_id: int, entries) -> DrainStep:
+def _drop_for_unknown_job(runtime: Runtime, job_id: int, entries) -> DrainStep:
     step = DrainStep()
     own = [r for *_, replies in entries for r in names.task_replies(replies) if names.reply_belongs_to_job(r, job_id)]
     with write_transaction():
@@ -264,14 +265,14 @@ class Drained:
     busy: bool = False
 
 
-def request_drains(runtime, job_ids) -> None:
+def request_drains(runtime: Runtime, job_ids) -> None:
     """Ask for the results of these jobs waiting in the inbox to be saved (one `process_pipeline_result`
     message each; a request that finds nothing to save costs one query)."""
     for job_id in job_ids:
         runtime.send(names.PROCESS_PIPELINE_RESULT, job_id)
 
 
-def drain(runtime, job_id: int, *, budget_s: float = DRAIN_BUDGET_S) -> Drained:
+def drain(runtime: Runtime, job_id: int, *, budget_s: float = DRAIN_BUDGET_S) -> Drained:
     """Save every result of the job waiting in the inbox, a step per transaction, one drainer per job at
     a time (a Redis lock; a second request marks the inbox to be looked at again and returns at once)."""
     state = runtime.state
@@ -316,7 +317,7 @@ def drain(runtime, job_id: int, *, budget_s: float = DRAIN_BUDGET_S) -> Drained:
             return drained
 
 
-def _refuse_oldest(runtime, job_id: int, exc: Exception) -> DrainStep:
+def _refuse_oldest(runtime: Runtime, job_id: int, exc: Exception) -> DrainStep:
     """The job's oldest inbox row holds a result the database refuses to store (a value longer than its
     column, a number out of range): fail the images it names with the reason, TERM its tasks, drop the
     row (invariant 10: never a retry loop for data that can never be saved, never a stalled job)."""
@@ -341,14 +342,15 @@ def _refuse_oldest(runtime, job_id: int, exc: Exception) -> DrainStep:
     return step
 
 
-def _clean_up_if_ended(runtime, job_id: int) -> None:
+def _clean_up_if_ended(runtime: Runtime, job_id: int) -> None:
     """Finish the cleanup of a job that ended in a drain whose process died right after its commit."""
     job = load_job(job_id)
     if job is not None and job.status in JobStatus.TERMINAL and job.cleaned_up_at is None:
         finish(runtime, job, progress.ProgressWrite(job.status, False))
 
 
-def handle_result_message(runtime, job_id: int, body: bytes, reply: str | None, *, timeout_s: float = 60) -> Handled:
+def handle_result_message(runtime: Runtime, job_id: int, body: bytes, reply: str | None, *,
+                          timeout_s: float = 60) -> Handled:
     """Take one result message (as if it came from `pipeline.results.<job_id>` with `reply` as its
     `Pipeline-Task-Reply`) and save it now; what happened to it. For tests and tools: workers take
     results through the bridge.

@@ -14,8 +14,8 @@ import itertools
 import json
 import logging
 import ssl
-from collections.abc import Iterable
-from typing import NamedTuple
+from collections.abc import Awaitable, Iterable
+from typing import NamedTuple, TypeVar
 
 import msgspec
 import nats
@@ -38,6 +38,8 @@ from pipeline.schemas import Task
 from pipeline.settings import redact
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Tasks published concurrently per round trip burst (~10k msg/s on 2 cores, docs/performance.md).
 PUBLISH_CHUNK = 500
@@ -471,8 +473,8 @@ def task_headers(task: Task) -> dict[str, str]:
 
 
 class SyncTaskQueue:
-    """TaskQueue for sync callers: every coroutine method runs on `runner`'s loop and maps NATS outages
-    to TransientError. Usage: `queue.ack(reply)` instead of `await queue.ack(reply)`."""
+    """TaskQueue for sync callers: each method runs its TaskQueue coroutine on `runner`'s loop and maps
+    NATS outages to TransientError. Usage: `queue.ack(reply)` instead of `await queue.ack(reply)`."""
 
     def __init__(self, queue: TaskQueue, runner: LoopRunner, *, timeout_s: float = 60.0):
         self.queue = queue
@@ -483,15 +485,58 @@ class SyncTaskQueue:
     def connect(cls, url: str, runner: LoopRunner, *, name: str = "jetpipe", **security) -> SyncTaskQueue:
         return cls(runner.run(TaskQueue.connect(url, name=name, **security), timeout=30), runner)
 
-    def __getattr__(self, attr: str):
-        method = getattr(self.queue, attr)
-        if not asyncio.iscoroutinefunction(method):
-            return method
+    def _run(self, what: str, coro: Awaitable[T]) -> T:
+        try:
+            return self.runner.run(coro, timeout=self.timeout_s)
+        except NATS_FAILURES as exc:
+            raise TransientError(f"nats: {what} failed: {str(exc) or type(exc).__name__}") from exc
 
-        def call(*args, **kwargs):
-            try:
-                return self.runner.run(method(*args, **kwargs), timeout=self.timeout_s)
-            except NATS_FAILURES as exc:
-                raise TransientError(f"nats: {attr} failed: {str(exc) or type(exc).__name__}") from exc
+    def close(self) -> None:
+        self._run("close", self.queue.close())
 
-        return call
+    def ensure_streams(self, *, max_jobs: int = DEFAULT_MAX_JOBS) -> None:
+        self._run("ensure_streams", self.queue.ensure_streams(max_jobs=max_jobs))
+
+    def ensure_job_consumer(self, job_id: int, pipeline_slug: str, *, max_deliver: int,
+                            ack_wait_s: float) -> ConsumerConfig:
+        return self._run("ensure_job_consumer", self.queue.ensure_job_consumer(
+            job_id, pipeline_slug, max_deliver=max_deliver, ack_wait_s=ack_wait_s))
+
+    def delete_job_consumer(self, job_id: int, pipeline_slug: str) -> None:
+        self._run("delete_job_consumer", self.queue.delete_job_consumer(job_id, pipeline_slug))
+
+    def consumer_state(self, job_id: int) -> ConsumerState:
+        return self._run("consumer_state", self.queue.consumer_state(job_id))
+
+    def job_consumers(self, pipeline_slug: str | None = None) -> list[JobConsumer]:
+        return self._run("job_consumers", self.queue.job_consumers(pipeline_slug))
+
+    def publish_tasks(self, tasks: Iterable[Task], *, chunk: int = PUBLISH_CHUNK) -> list[Published]:
+        return self._run("publish_tasks", self.queue.publish_tasks(tasks, chunk=chunk))
+
+    def ack(self, reply_subject: str) -> bool:
+        return self._run("ack", self.queue.ack(reply_subject))
+
+    def ack_many(self, reply_subjects: Iterable[str]) -> None:
+        self._run("ack_many", self.queue.ack_many(reply_subjects))
+
+    def task_images(self, reply_subjects: Iterable[str]) -> dict[str, tuple[int, str]]:
+        return self._run("task_images", self.queue.task_images(reply_subjects))
+
+    def images_of_tasks(self, reply_subjects: Iterable[str]) -> list[str]:
+        return self._run("images_of_tasks", self.queue.images_of_tasks(reply_subjects))
+
+    def oldest_result_seq(self, job_id: int) -> int | None:
+        return self._run("oldest_result_seq", self.queue.oldest_result_seq(job_id))
+
+    def results_last_seq(self) -> int:
+        return self._run("results_last_seq", self.queue.results_last_seq())
+
+    def task_at(self, stream_seq: int) -> tuple[int, str] | None:
+        return self._run("task_at", self.queue.task_at(stream_seq))
+
+    def delete_task(self, stream_seq: int) -> None:
+        self._run("delete_task", self.queue.delete_task(stream_seq))
+
+    def term_many(self, reply_subjects: Iterable[str], reason: str) -> None:
+        self._run("term_many", self.queue.term_many(reply_subjects, reason))

@@ -267,8 +267,8 @@ def test_a_result_counted_but_never_committed_holds_the_job_open_until_it_is_sav
     # Given a 3-image job whose second result failed after the Redis gate and before the commit (a worker
     # dying there): Redis counted that image, the database rolled its rows back, the result stayed in the inbox
     from pipeline.crashpoints import InjectedFault
-    from pipeline.handling import load_job
     from pipeline.lost import fail_lost
+    from pipeline.outcomes import load_job
     from pipeline.saving import drain
 
     job, tasks = job_with_results(runtime, moth_pipeline, 3, 1)

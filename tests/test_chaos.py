@@ -183,7 +183,7 @@ def test_health_exits_2_when_a_dependency_is_unreachable(chaos_env):
     assert report["dependencies"]["nats"]["reachable"] is True
 
 
-def test_chaos_exhaust_max_deliver_reports_the_consumer(chaos_env):
+def test_chaos_exhaust_max_deliver_touches_only_its_targets(chaos_env):
     env = chaos_env
     s = env.settings(PIPELINE_NATS_TASK_TTR=1, PIPELINE_NATS_MAX_DELIVER=2)
     job_id = env.enqueue(s, env.urls[:3])  # no worker: dispatch it here
@@ -191,11 +191,29 @@ def test_chaos_exhaust_max_deliver_reports_the_consumer(chaos_env):
 
     env.rt.settings = s
     dispatch(env.rt, job_id)
-    image = str(JobImage.select().where(JobImage.job == job_id).order_by(JobImage.id).first().image_id)
-    proc = env.cli(s, "chaos", "exhaust-max-deliver", "--job-id", str(job_id), "--image-ids", image, "--json")
+    first, second, _ = (str(r.image_id) for r in
+                            JobImage.select().where(JobImage.job == job_id).order_by(JobImage.id))
+    # A target behind other tasks is refused, and nothing is delivered
+    refused = env.cli(s, "chaos", "exhaust-max-deliver", "--job-id", str(job_id), "--image-ids", second)
+    assert refused.returncode == 1 and "would deliver other tasks too" in refused.stderr, refused.stderr
+    assert env.rt.tasks.consumer_state(job_id).num_ack_pending == 0
+    # The next task is exhausted; the other two are never delivered
+    proc = env.cli(s, "chaos", "exhaust-max-deliver", "--job-id", str(job_id), "--image-ids", first, "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out["deliveries"] == {image: 2}
+    assert out["deliveries"] == {first: 2} and out["published"] == []
     assert out["num_redelivered"] >= 1
+    assert out["num_pending"] == 2  # second and third: never delivered
     missing = env.cli(s, "chaos", "exhaust-max-deliver", "--job-id", "999", "--image-ids", "1")
     assert missing.returncode == 1 and "has no consumer" in missing.stderr
+
+
+def test_chaos_exhaust_max_deliver_publishes_tasks_for_a_job_without_any(chaos_env):
+    env = chaos_env
+    s = env.settings(PIPELINE_NATS_TASK_TTR=1, PIPELINE_NATS_MAX_DELIVER=2)
+    proc = env.cli(s, "chaos", "exhaust-max-deliver", "--job-id", "4242", "--image-ids", "7,8",
+                   "--ensure-stream", "moth-demo", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["published"] == ["7", "8"] and out["deliveries"] == {"7": 2, "8": 2}
+    assert out["num_pending"] == 0 and out["num_redelivered"] >= 1

@@ -393,9 +393,9 @@ def test_the_poison_guard_keeps_a_messages_count_for_an_hour_not_a_week(inproc_w
 def test_a_lost_sweep_over_more_images_than_sqlite_takes_in_one_statement(runtime, moth_pipeline):
     # Given a running 40,000-image job whose images are all failed as lost at once (SQLite refuses more
     # than 32,766 variables in one statement)
-    from pipeline.handling import load_job
     from pipeline.jobs import load_state_from_db
     from pipeline.lost import fail_lost
+    from pipeline.outcomes import load_job
 
     job = fake_job(moth_pipeline, 40_000)
     Job.update(status=JobStatus.STARTED).where(Job.id == job.id).execute()

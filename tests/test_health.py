@@ -13,10 +13,10 @@ import pytest
 
 from models import Detection, ImageStatus, Job, JobImage, JobStatus, Pipeline, utcnow
 from pipeline import names
-from pipeline.handling import load_job
 from pipeline.health import CheckResult, HealthCheck, run_health_check
 from pipeline.jobs import cancel
 from pipeline.lost import handle_advisory
+from pipeline.outcomes import load_job
 from pipeline.runtime import Runtime, set_runtime
 from pipeline.saving import handle_result_message
 from pipeline.scheduler import SlotScheduler

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
-from models import Job, JobStatus, Pipeline, write_transaction
+from models import DispatchMode, Job, JobStatus, Pipeline, write_transaction
 from pipeline import jobs, progress
 from pipeline.crashpoints import crash_point
 from pipeline.errors import BadResult, StateMissing
@@ -21,6 +21,7 @@ from pipeline.joblog import job_log
 from pipeline.jobstate import Outcome, Snapshot
 from pipeline.metrics import metrics
 from pipeline.results import fail_images, prepare_result
+from pipeline.runtime import Runtime
 from pipeline.schemas import ErrorResult, Result
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def load_job(job_id: int) -> Job | None:
     return Job.select(Job, Pipeline).join(Pipeline).where(Job.id == job_id).get_or_none()
 
 
-def count_outcomes(runtime, job: Job, outcomes: list[Outcome], locked: Job | None) -> tuple[
+def count_outcomes(runtime: Runtime, job: Job, outcomes: list[Outcome], locked: Job | None) -> tuple[
         Snapshot | None, progress.ProgressWrite]:
     """Redis gate then progress for outcomes saved in this transaction (steps 3 and 4 of invariant 1);
     `locked` is the job's row from `progress.locked_job`, taken before the gate.
@@ -81,7 +82,7 @@ def _count_metrics(job: Job, outcomes: list[Outcome], snapshot: Snapshot) -> Non
         images.labels(job.pipeline.slug, "processed").inc(len(newly) - failed)
 
 
-def settle(runtime, job: Job, save: Callable[[], list[Outcome]]) -> tuple[
+def settle(runtime: Runtime, job: Job, save: Callable[[], list[Outcome]]) -> tuple[
         list[Outcome], Snapshot | None, progress.ProgressWrite]:
     """`save()` the outcomes, count them and write progress in one database transaction (steps 2-4).
 
@@ -101,7 +102,8 @@ def settle(runtime, job: Job, save: Callable[[], list[Outcome]]) -> tuple[
     return outcomes, snapshot, written
 
 
-def apply_result(runtime, job: Job, result: Result) -> tuple[Snapshot | None, progress.ProgressWrite, list[Outcome]]:
+def apply_result(runtime: Runtime, job: Job,
+                 result: Result) -> tuple[Snapshot | None, progress.ProgressWrite, list[Outcome]]:
     """Save then count one decoded result (internal mode); raises BadResult for data that can never be saved."""
     if isinstance(result, ErrorResult):
         def save():
@@ -115,7 +117,7 @@ def apply_result(runtime, job: Job, result: Result) -> tuple[Snapshot | None, pr
     return snapshot, written, outcomes
 
 
-def finish(runtime, job: Job, written: progress.ProgressWrite) -> None:
+def finish(runtime: Runtime, job: Job, written: progress.ProgressWrite) -> None:
     """After the terminal transition: log it (if this call made it) and clean up the job's resources.
 
     Cleanup is idempotent; it also runs when a later drain finds its job ended but not yet cleaned up
@@ -124,11 +126,11 @@ def finish(runtime, job: Job, written: progress.ProgressWrite) -> None:
     if written.finished_now:
         job_log(job.id, logging.INFO, f"job finished {written.status}")
     ended = written.finished_now or (written.status in JobStatus.TERMINAL and job.cleaned_up_at is None)
-    if ended and job.dispatch_mode == "async_api":
+    if ended and job.dispatch_mode == DispatchMode.ASYNC_API:
         jobs.cleanup(runtime, job.id, job.pipeline.slug)
 
 
-def fail_bad_result(runtime, job: Job, exc: BadResult, replies: list[str] | None) -> Handled:
+def fail_bad_result(runtime: Runtime, job: Job, exc: BadResult, replies: list[str] | None) -> Handled:
     """Invariant 10 for one result handled outside the inbox (internal mode): fail each affected image
     with the reason and TERM its task; other images go on."""
     image_ids = list(exc.image_ids)

@@ -173,8 +173,8 @@ def test_result_for_unknown_job_is_dropped(runtime, moth_pipeline):
 
 def test_a_result_in_flight_when_the_job_ended_does_not_recreate_its_state(runtime, moth_pipeline):
     # Given a worker that loaded the job while it was still running
-    from pipeline.handling import load_job, settle
     from pipeline.jobstate import Outcome
+    from pipeline.outcomes import load_job, settle
 
     job = fake_job(moth_pipeline, 2)
     dispatch(runtime, job.id)
