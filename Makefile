@@ -1,12 +1,12 @@
 # jetpipe: two commands set everything up on a fresh machine that has Python 3.11.
 #   make demo   venv + install + a real 200-image job on an embedded NATS/Redis/SQLite stack
-#   make test   venv + install + the whole suite
+#   make test   venv + install + the whole suite (make test-unit: the server-free tier, seconds)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean install
+.PHONY: demo test test-unit lint bench clean install
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $${PYTEST_ARGS:-}
+
+# tests/unit: no server, no database server, a few seconds
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit $${PYTEST_ARGS:-}
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -39,12 +39,21 @@ def _postgres_reachable() -> bool:
 POSTGRES = _postgres_reachable()
 
 
-@pytest.fixture(scope="session", autouse=True)
+UNIT = PROJECT / "tests" / "unit"
+
+
+def is_unit(request) -> bool:
+    """True for a test under tests/unit, which must run without any server."""
+    return UNIT in Path(request.node.path).parents
+
+
+@pytest.fixture(scope="session")
 def stack(tmp_path_factory):
     """One NATS + Redis for the session (tests that kill servers make their own with `make_stack`).
 
-    Autouse: it must exist before anything imports `actors`, which builds the worker broker from the
-    environment's Redis (it would otherwise be the machine's default redis://:6379).
+    Requested by every test outside tests/unit (through `no_dead_letters`) before anything else: it must
+    exist before anything imports `actors`, which builds the worker broker from the environment's Redis
+    (it would otherwise be the machine's default redis://:6379).
     """
     assert "actors" not in sys.modules, "actors/ was imported before the test stack existed"
     dev = DevStack.create(tmp_path_factory.mktemp("stack")).start()
@@ -55,9 +64,13 @@ def stack(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def no_dead_letters(stack, request):
+def no_dead_letters(request):
     """Nothing jetpipe does with bad input, outages or crashes ends in Dramatiq's dead-letter queue: only
     tests marked `dead_letters` (a bug or a poison message, on purpose) may leave one."""
+    if is_unit(request):
+        yield
+        return
+    stack = request.getfixturevalue("stack")
     yield
     if request.node.get_closest_marker("dead_letters"):
         return
@@ -72,9 +85,12 @@ def no_dead_letters(stack, request):
 
 
 @pytest.fixture(autouse=True)
-def in_process_broker_uses_the_test_redis(stack):
+def in_process_broker_uses_the_test_redis(request):
     """Fail loudly, never send to a Redis the test did not start."""
     yield
+    if is_unit(request):
+        return
+    stack = request.getfixturevalue("stack")
     import dramatiq.broker
 
     if dramatiq.broker.global_broker is not None:
