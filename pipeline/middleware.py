@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
+import time
 
 import dramatiq
 import peewee
@@ -50,6 +52,43 @@ DEFAULT_MIN_BACKOFF_MS = 1_000
 DEFAULT_MAX_BACKOFF_MS = 60_000
 #: Default time limit (ms) of an actor that sets none.
 DEFAULT_TIME_LIMIT_MS = 10 * 60 * 1000
+
+
+#: Two stop signals this close together are one request delivered twice: a supervisor (systemd, a
+#: container runtime, a shell's `kill -TERM -<pgid>`) signals the whole process group, and the dramatiq
+#: master forwards its own SIGTERM to each worker process.
+DUPLICATE_SIGNAL_S = 0.5
+#: Exit status of a worker process stopped at once by a second signal (Dramatiq's "killed").
+RET_KILLED = 1
+
+
+def one_stop_per_request() -> None:
+    """Wrap the SIGTERM handler of a Dramatiq worker process so that it stops the way people expect.
+
+    Dramatiq's own handler stops gracefully on the first signal and, on the second, raises SystemExit in
+    the main thread. A group signal delivers two at once, so the process exited its main thread before
+    stopping anything and hung on its worker threads. Here the copy that arrives within
+    DUPLICATE_SIGNAL_S is dropped, and a real second signal ends the process at once (its in-flight
+    messages are redelivered by Dramatiq, its task leases run out in NATS).
+    """
+    graceful = signal.getsignal(signal.SIGTERM)
+    if not callable(graceful):
+        return
+    first: float | None = None
+
+    def handler(signum, frame):
+        nonlocal first
+        now = time.monotonic()
+        if first is None:
+            first = now
+            log.info("worker %s: stop requested; finishing in-flight messages", os.getpid())
+            graceful(signum, frame)
+        elif now - first >= DUPLICATE_SIGNAL_S:
+            log.warning("worker %s: second stop signal; exiting now (in-flight messages will be redelivered)",
+                        os.getpid())
+            os._exit(RET_KILLED)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def worker_middleware(settings: Settings) -> list[dramatiq.Middleware]:
@@ -138,6 +177,10 @@ class WorkerResources(dramatiq.Middleware):
         self._bridge_future = None
         self._previous: Runtime | None = None
         self._stopping = False
+
+    def after_process_boot(self, broker):
+        """In a `dramatiq` worker process (never in an in-process test worker): sane stop signals."""
+        one_stop_per_request()
 
     def before_worker_boot(self, broker, worker):
         loop_thread = get_event_loop_thread()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -115,6 +117,43 @@ def test_a_killed_worker_is_replaced_and_the_job_completes_within_a_minute(chaos
     job = wait_for(lambda: finished(job_id), timeout_s=60, message="job to finish within 60 s of the kill")
     assert time.monotonic() - killed_at < 60
     assert_exact(env, job, 40)
+
+
+@pytest.mark.parametrize("how", ["group", "main pid"])
+def test_a_worker_stopped_by_sigterm_exits_within_10_s_and_another_finishes_the_job(
+        chaos_env, worker_factory, service_factory, how):
+    # Given a job under way on its only worker (a dramatiq master and its worker process)
+    env = chaos_env
+    master, job_id = job_under_way(env, worker_factory, service_factory)
+    # When SIGTERM goes to its process group (systemd, docker, `kill -TERM -PGID`), or to the master alone
+    stopped_at = time.monotonic()
+    (os.killpg if how == "group" else os.kill)(master.pid, signal.SIGTERM)
+    # Then it has stopped within 10 s, having shut down cleanly
+    master.wait(10)
+    assert time.monotonic() - stopped_at < 10
+    logs = worker_factory.logs()
+    assert "cannot schedule new futures" not in logs and "Killing worker process" not in logs
+    # And a new worker finishes the job with exact counts
+    worker_factory(env.base)
+    job = wait_for(lambda: finished(job_id), timeout_s=90, message="job to finish on the new worker")
+    assert_exact(env, job, 40)
+
+
+def test_a_second_stop_signal_ends_a_worker_at_once(chaos_env, worker_factory):
+    # Given a worker that is busy stopping (Ctrl-C once: the master forwards SIGTERM to its worker process)
+    env = chaos_env
+    master = worker_factory(env.base)
+    wait_for(lambda: "ready for action" in worker_factory.logs(), timeout_s=30, message="worker to boot")
+    wait_for(lambda: chaos.worker_pids(master.pid), timeout_s=10, message="worker process")
+    os.killpg(master.pid, signal.SIGINT)
+    time.sleep(1.0)
+    # When Ctrl-C is pressed again
+    second_at = time.monotonic()
+    os.killpg(master.pid, signal.SIGINT)
+    # Then everything is gone within a few seconds
+    master.wait(10)
+    assert time.monotonic() - second_at < 5
+    assert not chaos.worker_pids(master.pid)
 
 
 def test_images_exhausting_max_deliver_are_failed_within_seconds(chaos_env, worker_factory):
