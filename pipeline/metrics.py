@@ -84,6 +84,7 @@ def make_middleware(settings: Settings) -> dramatiq.Middleware | None:
     # Dramatiq reads its directory from the environment when that module is imported; we set the module's
     # value instead of writing the environment (its after_process_boot hands it to prometheus_client).
     prometheus.DB_PATH = metrics_directory(settings)
+    os.makedirs(prometheus.DB_PATH, exist_ok=True)
 
     class WorkerMetrics(Prometheus):
         booted = False
