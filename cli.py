@@ -37,13 +37,17 @@ EPILOG = f"""\b
 Examples:
   python cli.py up                      # embedded NATS + Redis under .pipeline/, prints exports
   python cli.py init-db
-  python cli.py pipeline register moth-demo.json
+  python cli.py pipeline register examples/moth-demo.json
   python cli.py enqueue-job --pipeline moth-demo --images-dir ./traps --name "night 12"
   python cli.py watch 1                 # progress bar until the job ends
   dramatiq pipeline.actors              # a worker (runs the results bridge too)
   python cli.py process --pipeline moth-demo   # the reference processing service
   python cli.py demo                    # everything above, self-contained, 200 images
-  python cli.py health                  # dependencies, workers, services, running jobs (exit 0/1/2)
+  python cli.py demo-images traps --count 50   # synthetic trap images to enqueue yourself
+
+\b
+`jetpipe` (installed with the package) is the same command: `jetpipe status 1`.
+  python cli.py health                  # dependencies, workers, services, running jobs (exit 0/1/3)
   python cli.py health --run            # run one jobs_health_check now
 
 \b
@@ -61,8 +65,13 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def fail(message: str, code: int = RET_ERROR):
-    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+def fail(message: str, code: int = RET_ERROR, *, as_json: bool = False):
+    """One readable line on stderr and exit `code`; with --json also `{"error", "exit_code"}` on stdout."""
+    from rich.markup import escape
+
+    if as_json:
+        click.echo(json.dumps({"error": message, "exit_code": code}))
+    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     sys.exit(code)
 
 
@@ -74,24 +83,30 @@ def handles_errors(fn):
         import redis
 
         import models
-        from pipeline.errors import ConfigError, PipelineError, TransientError, UserInputError
+        from pipeline.errors import ConfigError, NothingToDo, PipelineError, TransientError, UserInputError
         from pipeline.settings import redact
 
+        as_json = bool(kwargs.get("as_json"))
         try:
             return fn(*args, **kwargs)
+        except NothingToDo as exc:
+            if as_json:
+                click.echo(json.dumps({"nothing_to_do": str(exc)}))
+            else:
+                console.print(str(exc), highlight=False, markup=False)
         except (UserInputError, ConfigError, models.DatabaseURLError, models.SchemaMissing) as exc:
-            fail(str(exc))
+            fail(str(exc), as_json=as_json)
         except TransientError as exc:
-            fail(str(exc), RET_UNAVAILABLE)
+            fail(str(exc), RET_UNAVAILABLE, as_json=as_json)
         except redis.RedisError as exc:
-            fail(f"Redis unavailable: {exc}", RET_UNAVAILABLE)
+            fail(f"Redis unavailable: {exc}", RET_UNAVAILABLE, as_json=as_json)
         except peewee.PeeweeException as exc:
             if not models.is_transient(exc):
                 raise  # a bug: its traceback is what a report needs
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            fail(f"database unavailable: {redact(text)}", RET_UNAVAILABLE)
+            fail(f"database unavailable: {redact(text)}", RET_UNAVAILABLE, as_json=as_json)
         except PipelineError as exc:
-            fail(str(exc))
+            fail(str(exc), as_json=as_json)
 
     return wrapper
 
@@ -113,8 +128,15 @@ def bind_db():
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """jetpipe: run asynchronous ML jobs over many images, reliably."""
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from pipeline import logs
+    from pipeline.errors import ConfigError
+    from pipeline.settings import Settings, get_settings
+
+    try:
+        settings = get_settings()
+    except ConfigError:  # the command reports it, in one line
+        settings = Settings.from_env({})
+    logs.configure(settings, level=logging.WARNING - 10 * min(verbose, 2))
 
 
 @main.command("init-db")
@@ -190,13 +212,14 @@ def pipeline_list(as_json: bool) -> None:
 def enqueue_job(pipeline_slug, images_dir, images_file, name, limit, dispatch_mode, as_json, urls) -> None:
     """Create a job over images and start it; prints the job id.
 
-    Images come from --images-dir, --images-file and/or URL arguments (file://, http://, https://).
+    Images come from --images-dir, --images-file and/or arguments: URLs (file://, http://, https://) or
+    local paths.
     """
     import itertools
 
     from models import Job
     from pipeline.errors import UserInputError
-    from pipeline.jobs import create_job, image_urls_from_dir, image_urls_from_file, start_job
+    from pipeline.jobs import create_job, image_urls_from_dir, image_urls_from_file, local_image_urls, start_job
 
     sources = []
     if images_dir:
@@ -204,7 +227,7 @@ def enqueue_job(pipeline_slug, images_dir, images_file, name, limit, dispatch_mo
     if images_file:
         sources.append(image_urls_from_file(images_file))
     if urls:
-        sources.append(urls)
+        sources.append(local_image_urls(urls))
     if not sources:
         raise UserInputError("no images given: use --images-dir, --images-file or URL arguments")
     rt = runtime()
@@ -321,9 +344,14 @@ def logs(job_id: int, follow: bool, as_json: bool) -> None:
 @handles_errors
 def cancel(job_id: int) -> None:
     """Cancel a job: its tasks leave NATS, its state is cleaned up, and it ends REVOKED."""
+    from models import Job, JobStatus
+    from pipeline.errors import NothingToDo
     from pipeline.jobs import cancel as cancel_job
 
     rt = runtime()
+    before = Job.get_or_none(Job.id == job_id)
+    if before is not None and before.status in JobStatus.TERMINAL:
+        raise NothingToDo(f"job {job_id} already ended {before.status}: nothing to cancel")
     final = cancel_job(rt, job_id)
     console.print(f"job {job_id}: {final}")
 
@@ -402,10 +430,9 @@ def dlq_list(as_json: bool) -> None:
 def dlq_replay(ids: tuple[str, ...], replay_all: bool) -> None:
     """Send dead messages again (by id from `dlq list`, or --all) with a fresh retry budget."""
     from pipeline.dlq import replay
-    from pipeline.errors import UserInputError
 
     if not ids and not replay_all:
-        raise UserInputError("name the messages to replay (ids from `dlq list`) or pass --all")
+        raise click.UsageError("name the messages to replay (ids from `dlq list`) or pass --all")
     rt = runtime()
     done = replay(rt.broker, rt.redis, None if replay_all else set(ids))
     missing = set(ids) - {d.redis_id for d in done} - {d.message.message_id for d in done}
@@ -440,8 +467,8 @@ def process(pipeline_slug: str, concurrency: int, batch_size: int, task_timeout:
         raise UserInputError(f"--batch-size must be between 1 and {MAX_IMAGES_PER_RESULT}")
     if task_timeout <= 0:
         raise UserInputError("--task-timeout must be a positive number of seconds")
-    logging.getLogger("pipeline").setLevel(logging.INFO)
     settings = get_settings()
+    logging.getLogger("pipeline").setLevel(settings.log_level.upper())
     service = ProcessingService(pipeline_slug, handler, nats_url=settings.nats_url, concurrency=concurrency,
                                 nats_creds=settings.nats_creds, nats_tls_ca=settings.nats_tls_ca,
                                 batch_size=batch_size, task_timeout_s=task_timeout)
@@ -465,7 +492,7 @@ def health(run_now: bool, as_json: bool) -> None:
     """Check NATS, Redis, the database, workers, processing services and running jobs.
 
     \b
-    Exit codes: 0 healthy, 1 degraded (needs attention), 2 a dependency is unreachable.
+    Exit codes: 0 healthy, 1 degraded (needs attention), 3 a dependency is unreachable.
     """
     from pipeline.job_views import render_check, render_health
     from pipeline.settings import get_settings

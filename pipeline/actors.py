@@ -6,16 +6,14 @@ then declares every actor on it, so the actors bind to it rather than to an impl
 
 from __future__ import annotations
 
-import logging
-import os
-
+from pipeline import logs
 from pipeline.middleware import worker_broker
+from pipeline.settings import get_settings
 
 broker = worker_broker()
 
 from actors import jobs_health_check, process_pipeline_result, process_task_advisory, run_job  # noqa: E402
 
-logging.basicConfig(level=os.environ.get("PIPELINE_LOG_LEVEL", "INFO"),
-                    format="%(asctime)s %(levelname)s %(process)d %(name)s %(message)s")
+logs.configure(get_settings())
 
 __all__ = ["broker", "jobs_health_check", "process_pipeline_result", "process_task_advisory", "run_job"]

@@ -22,6 +22,10 @@ class NotFound(UserInputError):
     """No such object."""
 
 
+class NothingToDo(PipelineError):
+    """The request is already met (retry a job without failures, cancel an ended job): not an error."""
+
+
 class BadResult(PipelineError):
     """A result message is malformed or does not belong to its job; it can never succeed."""
 
@@ -36,7 +40,3 @@ class TransientError(PipelineError):
 
 class StateMissing(PipelineError):
     """The job's Redis state does not exist (Redis flushed or restarted, or the job was cleaned up)."""
-
-
-class CrashPointHit(BaseException):
-    """Raised nowhere: crash points SIGKILL the process. Exists to name the concept in docs and logs."""

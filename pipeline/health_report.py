@@ -1,6 +1,7 @@
 """`cli.py health`: is jetpipe healthy right now, and if not, why. Read-only.
 
-Exit status: 0 healthy, 1 degraded (something needs attention), 2 a dependency is unreachable.
+Exit status: 0 healthy, 1 degraded (something needs attention), 3 a dependency is unreachable (the CLI's
+code for that everywhere).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pipeline.jobstate import connect_redis
 from pipeline.settings import Settings, redact
 from pipeline.taskqueue import NATS_FAILURES, TaskQueue, connect_nats
 
-HEALTHY, DEGRADED, UNREACHABLE = 0, 1, 2
+HEALTHY, DEGRADED, UNREACHABLE = 0, 1, 3
 
 
 async def _nats_facts(settings: Settings) -> tuple[dict, dict[int, dict]]:

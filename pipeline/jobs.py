@@ -23,7 +23,7 @@ from models import (
 )
 from pipeline import names, progress
 from pipeline.crashpoints import crash_point
-from pipeline.errors import NotFound, TransientError, UserInputError
+from pipeline.errors import NotFound, NothingToDo, TransientError, UserInputError
 from pipeline.joblog import job_log
 from pipeline.jobstate import JobState
 from pipeline.runtime import Runtime
@@ -107,6 +107,19 @@ def image_urls_from_dir(directory: str) -> list[str]:
     return [f"file://{os.path.abspath(os.path.join(directory, f))}" for f in files]
 
 
+def as_image_url(text: str) -> str:
+    """A URL as given, or a local path as its absolute file:// URL (a path needs no scheme)."""
+    return text if "://" in text else f"file://{os.path.abspath(text)}"
+
+
+def local_image_urls(arguments: Iterable[str]) -> Iterator[str]:
+    """Image arguments as URLs: a URL as given, a local path (which must exist) as its file:// URL."""
+    for text in arguments:
+        if "://" not in text and not os.path.isfile(text):
+            raise UserInputError(f"no such image file: {text!r} (give a path to a file, or a URL)")
+        yield as_image_url(text)
+
+
 def image_urls_from_file(path: str) -> Iterator[str]:
     """URLs (or local paths) listed one per line in `path`; blank lines and #comments are skipped."""
     try:
@@ -118,7 +131,7 @@ def image_urls_from_file(path: str) -> Iterator[str]:
             for line in handle:
                 line = line.strip()
                 if line and not line.startswith("#"):
-                    yield line if "://" in line else f"file://{os.path.abspath(line)}"
+                    yield as_image_url(line)
         except UnicodeDecodeError:
             raise UserInputError(f"--images-file {path!r} is not UTF-8 text") from None
 
@@ -299,7 +312,7 @@ def retry_failed(job_id: int) -> Job:
     if job.status not in JobStatus.TERMINAL:
         raise UserInputError(f"job {job_id} is still {job.status}: retry its failed images once it has ended")
     if not JobImage.select().where((JobImage.job == job_id) & (JobImage.status == ImageStatus.FAILED)).exists():
-        raise UserInputError(f"job {job_id} has no failed images")
+        raise NothingToDo(f"job {job_id} has no failed images: nothing to retry")
     urls = (url for _, url, _ in failed_image_rows(job_id))
     return create_job(job.pipeline.slug, urls, name=f"retry of job {job_id} ({job.name})",
                       dispatch_mode=job.dispatch_mode)

@@ -18,6 +18,7 @@ directory and are served by the same endpoint:
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
@@ -26,6 +27,8 @@ import dramatiq
 
 import models
 from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _metrics = None
@@ -147,6 +150,15 @@ def run_exposition_server() -> int:
         def log_message(self, *args):  # one line per scrape would drown the worker log
             pass
 
-    host = os.environ.get("dramatiq_prom_host", "0.0.0.0")  # noqa: S104 - Dramatiq's own setting and default
-    make_server(host, settings.metrics_port, prom.make_wsgi_app(registry), handler_class=QuietHandler).serve_forever()
+    try:
+        server = make_server(settings.metrics_host, settings.metrics_port, prom.make_wsgi_app(registry),
+                             handler_class=QuietHandler)
+    except OSError as exc:
+        # Workers behind one port share one metrics directory, so the worker that holds the port also
+        # serves this one's metrics when both are jetpipe workers.
+        log.warning("metrics: cannot listen on %s:%s (%s); if another jetpipe worker on this host holds it, it "
+                    "serves this worker's metrics too; else set PIPELINE_METRICS_PORT (0: off)",
+                    settings.metrics_host, settings.metrics_port, exc.strerror or exc)
+        return 0
+    server.serve_forever()
     return 0

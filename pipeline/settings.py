@@ -42,9 +42,18 @@ OPTIONS: dict[str, Option] = {
                              "tasks run_job reads and publishes per round (its resume checkpoint)"),
     "metrics_port": Option("PIPELINE_METRICS_PORT", "9191",
                            "port of the workers' Prometheus endpoint (0: no metrics)"),
+    "metrics_host": Option("PIPELINE_METRICS_HOST", "127.0.0.1",
+                           "address the Prometheus endpoint listens on (0.0.0.0: every interface)"),
+    "log_level": Option("PIPELINE_LOG_LEVEL", "INFO", "log level of workers and services: DEBUG, INFO, WARNING, ERROR"),
+    "log_format": Option("PIPELINE_LOG_FORMAT", "text",
+                         "text, or json: one JSON object per line with job and image ids as fields"),
     "nats_creds": Option("PIPELINE_NATS_CREDS", "", "NATS credentials file (JWT + NKey), if the server wants one"),
     "nats_tls_ca": Option("PIPELINE_NATS_TLS_CA", "", "CA bundle that signed the NATS server's TLS certificate"),
 }
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +69,9 @@ class Settings:
     health_check_seconds: float
     dispatch_chunk: int
     metrics_port: int
+    metrics_host: str
+    log_level: str
+    log_format: str
     nats_creds: str
     nats_tls_ca: str
 
@@ -89,6 +101,10 @@ class Settings:
             raise ConfigError("PIPELINE_FAILURE_THRESHOLD must be in [0, 1)")
         if self.health_check_seconds <= 0 or self.stalled_jobs_max_minutes <= 0:
             raise ConfigError("PIPELINE_HEALTH_CHECK_SECONDS and PIPELINE_STALLED_JOBS_MAX_MINUTES must be > 0")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ConfigError(f"PIPELINE_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"PIPELINE_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
         for name in ("nats_creds", "nats_tls_ca"):
             path = getattr(self, name)
             if path and not os.path.isfile(path):

@@ -212,11 +212,11 @@ def test_with_no_service_nothing_is_failed_and_health_says_why(chaos_env, worker
     assert env.cli(s, "health").returncode == 0
 
 
-def test_health_exits_2_when_a_dependency_is_unreachable(chaos_env):
+def test_health_exits_3_when_a_dependency_is_unreachable(chaos_env):
     env = chaos_env
     env.dev.redis.stop()
     proc = env.cli(env.base, "health", "--json")
-    assert proc.returncode == 2
+    assert proc.returncode == 3
     report = json.loads(proc.stdout)
     assert report["dependencies"]["redis"]["reachable"] is False
     assert report["dependencies"]["nats"]["reachable"] is True

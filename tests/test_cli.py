@@ -166,6 +166,19 @@ def test_read_only_commands_build_no_broker(ready, tmp_path):
 def test_unknown_job_ids(ready):
     for command in ("status", "watch", "logs", "cancel"):
         assert "no job 42" in one_error_line(ready(command, "42", expect=1))
+    # --json answers in JSON, on stdout, even when it fails
+    for command in ("status", "logs", "failures", "retry-failed"):
+        proc = ready(command, "42", "--json", expect=1)
+        assert json.loads(proc.stdout) == {"error": "no job 42", "exit_code": 1}, command
+
+
+def test_local_paths_are_images_like_urls(ready, tmp_path):
+    (tmp_path / "a.png").write_bytes(b"png")
+    job = json.loads(ready("enqueue-job", "--pipeline", "moth-demo", "--json", str(tmp_path / "a.png"),
+                           "file:///elsewhere/b.png").stdout)
+    assert job["total_images"] == 2
+    assert "no such image file: 'missing.png'" in one_error_line(
+        ready("enqueue-job", "--pipeline", "moth-demo", "missing.png", expect=1))
 
 
 def test_bad_setting_is_one_line(cli):

@@ -54,7 +54,9 @@ def test_compose_environment_names_are_real_settings():
         assert {"PIPELINE_DATABASE_URL", "PIPELINE_REDIS_URL", "PIPELINE_NATS_URL"} <= set(env)
     defaults = {o.env: o.default for o in OPTIONS.values()}
     for key, value in SERVICES["worker"]["environment"].items():
-        if not key.endswith("_URL"):
+        if key == "PIPELINE_METRICS_HOST":
+            assert value == "0.0.0.0"  # a container's port is reached from outside it
+        elif not key.endswith("_URL"):
             assert float(value) == float(defaults[key]), key  # documented defaults, spelled out
 
 

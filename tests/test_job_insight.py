@@ -51,13 +51,21 @@ def test_retry_failed_completes_a_job_made_of_the_failures_of_another(runtime, m
     assert (retry.status, retry.progress["stages"]["process"]["failed"]) == (JobStatus.SUCCESS, 0)
 
 
-def test_retry_failed_refuses_running_jobs_and_jobs_without_failures(runtime, moth_pipeline):
+def test_retry_failed_refuses_running_jobs_and_says_when_there_is_nothing_to_retry(runtime, moth_pipeline):
     running = fake_job("moth-demo", 2)
     proc = cli(runtime.settings, "retry-failed", str(running.id))
     assert proc.returncode == 1 and "is still CREATED" in proc.stderr
+    # A job without failures: not an error, nothing done, and it says so
     clean = finished_with_failures(runtime, 2, 0)
     proc = cli(runtime.settings, "retry-failed", str(clean.id))
-    assert proc.returncode == 1 and f"job {clean.id} has no failed images" in proc.stderr
+    assert proc.returncode == 0 and f"job {clean.id} has no failed images: nothing to retry" in proc.stdout
+    proc = cli(runtime.settings, "retry-failed", str(clean.id), "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout) == {
+        "nothing_to_do": f"job {clean.id} has no failed images: nothing to retry"}
+    # Cancelling an ended job changes nothing, and says so
+    proc = cli(runtime.settings, "cancel", str(clean.id))
+    assert proc.returncode == 0 and f"job {clean.id} already ended SUCCESS: nothing to cancel" in proc.stdout
+    assert Job.get_by_id(clean.id).status == JobStatus.SUCCESS
     assert Job.select().count() == 2  # nothing was created
 
 
@@ -92,7 +100,7 @@ def test_dlq_lists_and_replays_with_a_fresh_retry_budget(runtime, dead_run_job):
 @pytest.mark.dead_letters  # a dead letter made on purpose, to list and replay
 def test_dlq_replay_needs_ids_or_all(runtime, dead_run_job):
     proc = cli(runtime.settings, "dlq", "replay")
-    assert proc.returncode == 1 and "or pass --all" in proc.stderr
+    assert proc.returncode == 2 and "or pass --all" in proc.stderr  # usage
     proc = cli(runtime.settings, "dlq", "replay", "nope")
     assert proc.returncode == 1 and "not in any dead-letter queue: nope" in proc.stderr
     assert "replayed 1 message(s)" in cli(runtime.settings, "dlq", "replay", "--all").stdout

@@ -79,7 +79,7 @@ def test_authenticated_servers_run_a_job_and_nothing_logs_a_secret(secured, sqli
         wrong = {**env, "PIPELINE_NATS_URL": nats_url.replace(NATS_SECRET, "WRONG-pw"),
                  "PIPELINE_REDIS_URL": redis_url.replace(REDIS_SECRET, "WRONG-pw")}
         unhealthy = cli(wrong, "health")
-        assert unhealthy.returncode == 2
+        assert unhealthy.returncode == 3
         no_secret(healthy.stdout, healthy.stderr, unhealthy.stdout, unhealthy.stderr, worker_factory.logs())
         assert "***" in worker_factory.logs()  # the worker did log its URLs, masked
     finally:

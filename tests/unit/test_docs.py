@@ -66,3 +66,12 @@ def test_every_code_fence_names_its_language():
                 if not inside:
                     assert line.strip() != "```", f"{path.name}:{number}: a code fence without a language"
                 inside = not inside
+
+
+def test_the_readme_lists_every_setting_with_its_default():
+    from pipeline.settings import OPTIONS
+
+    readme = (PROJECT / "README.md").read_text()
+    for option in OPTIONS.values():
+        default = f"`{option.default}`" if option.default else "(none)"
+        assert f"| `{option.env}` | {default} |" in readme, option.env
