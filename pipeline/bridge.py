@@ -28,6 +28,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from pipeline import names
 from pipeline.metrics import metrics
+from pipeline.outage import Outage
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,10 @@ class Bridge:
         self._set_missing(route, True)
         return True
 
+    def nc_connected(self) -> bool:
+        """True while the NATS connection is up (a fetch that times out then only means: nothing to do)."""
+        return self.js._nc.is_connected
+
     def _set_missing(self, route: Route, missing: bool) -> None:
         if self.missing.get(route.stream) and not missing:
             log.warning("bridge: consumer %s on %s is back", route.consumer, route.stream)
@@ -152,6 +157,7 @@ class Bridge:
         loop = asyncio.get_running_loop()
         sub = None
         checked = time.monotonic()
+        outage = Outage(f"bridge {route.stream}", log)
         while not self._stopping.is_set():
             try:
                 if await loop.run_in_executor(None, route.backlogged):
@@ -162,7 +168,10 @@ class Bridge:
                     checked = time.monotonic()
                 try:
                     msgs = await sub.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S)
+                    outage.ok()
                 except (nats.errors.TimeoutError, TimeoutError):
+                    if self.nc_connected():
+                        outage.ok()
                     if time.monotonic() - checked > CONSUMER_CHECK_S:
                         checked = time.monotonic()
                         if await self._consumer_missing(route):
@@ -182,8 +191,7 @@ class Bridge:
                             continue
                     except Exception:  # noqa: BLE001 - NATS unreachable: retried below like any outage
                         pass
-                log.warning("bridge %s: %s: %s; retrying in 1 s", route.stream, type(exc).__name__, exc)
-                await self._sleep(1.0)
+                await self._sleep(outage.failed(f"{type(exc).__name__}: {exc}"))
 
     async def _forward(self, loop, route: Route, msgs) -> None:
         usable = []
@@ -213,13 +221,14 @@ class Bridge:
 
     async def _run_sweep(self) -> None:
         loop = asyncio.get_running_loop()
+        outage = Outage("bridge: inbox sweep", log)
         while not self._stopping.is_set():
             await self._sleep(SWEEP_S)
             try:
                 await loop.run_in_executor(None, self.sweep)
+                outage.ok()
             except Exception as exc:  # noqa: BLE001 - an outage: the next sweep tries again
-                log.warning("bridge: inbox sweep failed (%s: %s); retrying in %s s", type(exc).__name__, exc,
-                            SWEEP_S)
+                outage.failed(f"{type(exc).__name__}: {exc}")
 
     async def _sleep(self, seconds: float) -> None:
         try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import time
 
 import peewee
 import redis
@@ -16,12 +15,13 @@ import redis
 import models
 from models import DispatchMode, Job, JobStatus, Pipeline, SchemaMissing, utcnow
 from pipeline import names
-from pipeline.broker import HEARTBEAT_TIMEOUT_MS
 from pipeline.jobstate import connect_redis
+from pipeline.presence import live_workers
 from pipeline.settings import Settings, redact
 from pipeline.taskqueue import NATS_FAILURES, TaskQueue, connect_nats
 
 HEALTHY, DEGRADED, UNREACHABLE = 0, 1, 3
+_NAMES = {"nats": "NATS", "database": "the database"}
 
 
 async def _nats_facts(settings: Settings) -> tuple[dict, dict[int, dict]]:
@@ -101,9 +101,13 @@ def build_report(settings: Settings, runner) -> tuple[int, dict]:
     try:
         deps["redis"] = {"reachable": True, "url": redact(settings.redis_url),
                          "version": client.info("server")["redis_version"]}
-        beats = client.zrangebyscore(f"{names.DRAMATIQ_NAMESPACE}:__heartbeats__",
-                                     time.time() * 1000 - HEARTBEAT_TIMEOUT_MS, "+inf")  # epoch-ms scores
-        workers = len(beats)
+        live = live_workers(client)
+        workers = len(live)
+        for worker in live:
+            for dependency in ("nats", "database"):
+                if worker.get(dependency, "ok") != "ok":
+                    problems.append(f"worker {worker['worker']} cannot reach {_NAMES[dependency]}: "
+                                    f"{worker[dependency]}")
         raw = client.get(names.HEALTH_LAST_KEY)
         last_check = json.loads(raw) if raw else None
     except redis.RedisError as exc:

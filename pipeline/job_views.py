@@ -161,7 +161,8 @@ def render_health(console: Console, report: dict) -> None:
         deps.add_row(name, "yes" if dep["reachable"] else "[red]NO[/red]", str(dep.get("version") or "") + extra,
                      dep.get("error") or dep.get("url", ""))
     console.print(deps)
-    console.print(f"live Dramatiq worker processes: {report['workers'] if report['workers'] is not None else '?'}")
+    workers = report["workers"] if report["workers"] is not None else "? (Redis unreachable)"
+    console.print(f"live worker processes: {workers}")
     for stream, fact in report["dependencies"].get("nats", {}).get("bridge", {}).items():
         if fact.get("exists"):
             reader = "read by the workers" if fact["consumer_exists"] else "[red]NO CONSUMER[/red]"
@@ -183,6 +184,8 @@ def render_health(console: Console, report: dict) -> None:
         parts = [f"{k} {v.get('checked', 0)}/{v.get('fixed', 0)}/{v.get('unfixable', 0)}"
                  for k, v in last.items() if isinstance(v, dict)]
         console.print(f"last health check {last['at']} (checked/fixed/unfixable): " + ", ".join(parts))
+    elif not report["dependencies"].get("redis", {}).get("reachable", True):
+        console.print("last health check: unknown (its report is kept in Redis, which is unreachable)")
     else:
         console.print("no health check has run yet (workers run one every PIPELINE_HEALTH_CHECK_SECONDS)")
     for problem in report["problems"]:

@@ -36,11 +36,13 @@ from pipeline.bridge import SWEEP_S, Bridge, Route, is_result
 from pipeline.broker import make_broker
 from pipeline.deferred_failure import DeferredFailure
 from pipeline.errors import TransientError
+from pipeline.outage import Outage
 from pipeline.poison import PoisonGuard
+from pipeline.presence import Presence
 from pipeline.runtime import Runtime, set_runtime
 from pipeline.saving import request_drains
 from pipeline.scheduler import SlotScheduler
-from pipeline.settings import Settings, get_settings
+from pipeline.settings import Settings, get_settings, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +176,11 @@ class WorkerResources(dramatiq.Middleware):
         self.runtime: Runtime | None = None
         self.bridge: Bridge | None = None
         self.scheduler: SlotScheduler | None = None
+        self.presence: Presence | None = None
         self._bridge_future = None
         self._previous: Runtime | None = None
         self._stopping = False
+        self.nats_problem: str | None = None  # why the bridge could not connect, while it cannot
 
     def after_process_boot(self, broker):
         """In a `dramatiq` worker process (never in an in-process test worker): sane stop signals."""
@@ -187,7 +191,7 @@ class WorkerResources(dramatiq.Middleware):
         if loop_thread is None:
             raise RuntimeError("WorkerResources needs the AsyncIO middleware before it in the middleware list")
         self._stopping = False  # one middleware instance may serve successive Worker instances
-        self.bridge = self.scheduler = self._bridge_future = None
+        self.bridge = self.scheduler = self.presence = self._bridge_future = None
         settings = get_settings()
         runtime = Runtime(settings, runner=LoopRunner(loop_thread.loop), broker=broker,
                           name=f"jetpipe-worker-{os.getpid()}")
@@ -200,16 +204,35 @@ class WorkerResources(dramatiq.Middleware):
             self.scheduler = SlotScheduler(runtime.redis, names.JOBS_HEALTH_CHECK, settings.health_check_seconds,
                                            lambda slot: runtime.send(names.JOBS_HEALTH_CHECK, slot))
             self.scheduler.start()
+        self.presence = Presence(runtime.redis, self._reachable)
+        self.presence.start()
+
+    def _reachable(self) -> dict[str, str]:
+        """For the presence announcement: "ok", or why this worker cannot reach NATS or the database."""
+        nats_state = self.nats_problem or "ok"
+        tasks = self.runtime.tasks_if_connected()
+        if nats_state == "ok" and tasks is not None and not tasks.queue.nc.is_connected:
+            nats_state = "disconnected; reconnecting"
+        try:
+            with models.thread_connection():
+                models.database.execute_sql("SELECT 1")
+            database = "ok"
+        except peewee.PeeweeException as exc:
+            database = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return {"nats": nats_state, "database": redact_text(database)}
 
     async def _run_bridge(self, runtime: Runtime) -> None:
-        """Connect (retrying while NATS is down), then run the bridge until shutdown."""
+        """Connect (retrying quietly while NATS is down), then run the bridge until shutdown."""
+        outage = Outage(f"worker {os.getpid()}: the results bridge cannot start", log)
         while not self._stopping:
             try:
                 queue = await runtime.connect_tasks()
+                outage.ok()
+                self.nats_problem = None
                 break
             except TransientError as exc:
-                log.error("worker %s: %s; the bridge retries in 2 s", os.getpid(), exc)
-                await asyncio.sleep(2)
+                self.nats_problem = str(exc)
+                await asyncio.sleep(outage.failed(str(exc)))
         else:
             return
         self.bridge = Bridge(queue.queue.js, bridge_routes(runtime), sweep=lambda: sweep_inbox(runtime),
@@ -221,6 +244,8 @@ class WorkerResources(dramatiq.Middleware):
 
     def before_worker_shutdown(self, broker, worker):
         self._stopping = True
+        if self.presence is not None:
+            self.presence.stop()
         if self.scheduler is not None:
             self.scheduler.stop()
         if self._bridge_future is not None:

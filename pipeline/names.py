@@ -181,5 +181,10 @@ def periodic_lock_key(name: str) -> str:
     return f"{REDIS_PREFIX}:lock:{name}"
 
 
+def worker_presence_key(identity: str) -> str:
+    """JSON of one live worker process (host:pid) and what it can reach; expires when it stops announcing."""
+    return f"{REDIS_PREFIX}:worker:{identity}"
+
+
 #: JSON of the last jobs_health_check result, for `cli.py health`.
 HEALTH_LAST_KEY = f"{REDIS_PREFIX}:health:last"

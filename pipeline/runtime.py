@@ -82,6 +82,10 @@ class Runtime:
     def nats_connected(self) -> bool:
         return self._tasks is not None
 
+    def tasks_if_connected(self) -> SyncTaskQueue | None:
+        """The task queue if this process has connected it, without connecting."""
+        return self._tasks
+
     def close(self) -> None:
         if self._tasks is not None:
             try:

@@ -34,6 +34,7 @@ import nats.errors
 import nats.js.errors
 
 from pipeline import names
+from pipeline.outage import Outage
 from pipeline.schemas import MAX_IMAGES_PER_RESULT, ErrorResult, Result, SuccessResult, Task, decode_task, encode
 from pipeline.taskqueue import NATS_FAILURES, TaskQueue
 
@@ -135,6 +136,7 @@ class ProcessingService:
         self.stopping = asyncio.Event()
         self._queue: TaskQueue | None = None  # the service's NATS connection (replaced if it gets stuck)
         self._checked = 0.0  # monotonic time of the last liveness check
+        self._replacing = False  # a replacement connection failed: say so once per outage
         self._subs: dict[int, object] = {}
         self._ack_wait: dict[int, float] = {}
         self._free = concurrency  # slots not running a task (only touched on the event loop)
@@ -180,12 +182,15 @@ class ProcessingService:
             return None
         if down_since is None or now - down_since < RECONNECT_WATCHDOG_S:
             return down_since or now
-        log.warning("service %s: NATS connection down for %.0f s; opening a new one", self.name, now - down_since)
+        log.log(logging.DEBUG if self._replacing else logging.WARNING,
+                "service %s: NATS connection down for %.0f s; opening a new one", self.name, now - down_since)
+        self._replacing = True
         try:
             fresh = await self._connect()
         except Exception as exc:  # noqa: BLE001 - NATS still down: the next check tries again
-            log.warning("service %s: NATS still unreachable (%s)", self.name, exc)
+            log.debug("service %s: NATS still unreachable (%s)", self.name, exc)
             return now
+        self._replacing = False
         stale, self._queue = self._queue, fresh
         self._subs.clear()  # bound to the old connection; re-made on the next refresh
         self._ack_wait.clear()
@@ -198,6 +203,7 @@ class ProcessingService:
     async def _loop(self) -> None:
         next_refresh = 0.0
         down_since: float | None = None
+        outage = Outage(f"service {self.name}: NATS", log)
         while not self.stopping.is_set():
             down_since = await self._replace_stuck_connection(down_since)
             queue = self._queue
@@ -213,11 +219,11 @@ class ProcessingService:
                     if self.stopping.is_set():
                         break
                     got_any |= await self._pull(queue, job_id)
+                outage.ok()
                 if not got_any:
                     await self._wait(0.05)
             except NATS_FAILURES as exc:
-                log.warning("service %s: NATS problem (%s); retrying", self.name, str(exc) or type(exc).__name__)
-                await self._wait(1.0)
+                await self._wait(outage.failed(str(exc) or type(exc).__name__))
 
     async def _refresh(self, queue: TaskQueue) -> None:
         consumers = {c.job_id: c for c in await queue.job_consumers(self.pipeline)}

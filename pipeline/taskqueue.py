@@ -123,8 +123,14 @@ async def connect_nats(url: str, *, name: str, connect_timeout_s: float = 10.0, 
     if tls_ca:
         security["tls"] = ssl.create_default_context(cafile=tls_ca)
 
+    problem: list[str] = []  # this connection's current problem
+
     async def quiet_error(exc: Exception) -> None:
-        log.warning("nats connection problem (%s): %s", redact(url), exc)
+        text = describe_connection_error(exc)
+        if _logged_problems.get(url) != text:  # once per change for the whole process, not per attempt
+            log.warning("nats connection problem (%s): %s", redact(url), text)
+        _logged_problems[url] = text
+        problem[:] = [text]
 
     connection: list[nats.NATS] = []
 
@@ -134,6 +140,8 @@ async def connect_nats(url: str, *, name: str, connect_timeout_s: float = 10.0, 
         log.warning("nats disconnected from %s", redact(url))
 
     async def reconnected() -> None:
+        problem.clear()
+        _logged_problems.pop(url, None)
         log.info("nats reconnected to %s", redact(url))
 
     try:
@@ -144,9 +152,25 @@ async def connect_nats(url: str, *, name: str, connect_timeout_s: float = 10.0, 
             error_cb=quiet_error, disconnected_cb=disconnected, reconnected_cb=reconnected, **security,
         ), connect_timeout_s)
         connection.append(nc)
+        _logged_problems.pop(url, None)
         return nc
     except NATS_FAILURES as exc:
-        raise TransientError(f"cannot connect to NATS at {redact(url)}: {str(exc) or type(exc).__name__}") from exc
+        cause = problem[-1] if problem else describe_connection_error(exc)  # the reason, not our time-out
+        raise TransientError(f"cannot connect to NATS at {redact(url)}: {cause}") from exc
+
+
+#: The connection problem last logged per NATS URL in this process (cleared once a connection works).
+_logged_problems: dict[str, str] = {}
+
+
+def describe_connection_error(exc: BaseException) -> str:
+    """What went wrong connecting, in words: "connection refused" rather than "[Errno 111] Connect call
+    failed ('127.0.0.1', 4222)"."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is nats-server running on that port?)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
 
 
 class Requests:

@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -220,6 +221,30 @@ def test_health_exits_3_when_a_dependency_is_unreachable(chaos_env):
     report = json.loads(proc.stdout)
     assert report["dependencies"]["redis"]["reachable"] is False
     assert report["dependencies"]["nats"]["reachable"] is True
+
+
+def test_health_names_a_worker_that_cannot_reach_nats_and_its_log_says_why_once(chaos_env, worker_factory):
+    # Given a worker given a NATS address where nothing listens (the CLI's is right)
+    env = chaos_env
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    worker_factory(env.base, PIPELINE_NATS_URL=f"nats://127.0.0.1:{dead_port}")
+    # Then `health` is degraded and names the worker and the real cause
+    def degraded():
+        proc = env.cli(env.base, "health", "--json")
+        report = json.loads(proc.stdout)
+        return (proc.returncode, report) if report["workers"] and report["problems"] else None
+
+    code, report = wait_for(degraded, timeout_s=40, interval_s=1, message="health to name the worker")
+    assert code == 1 and report["workers"] == 1
+    [problem] = report["problems"]
+    assert "cannot reach NATS: cannot connect to NATS at" in problem and "connection refused" in problem
+    # And the worker's log says so once, not once per attempt
+    time.sleep(5)
+    logs = worker_factory.logs()
+    assert logs.count("connection refused") <= 3, logs[-3000:]  # the client's line, the bridge's: once each
+    assert "TimeoutError" not in logs
 
 
 def test_chaos_exhaust_max_deliver_touches_only_its_targets(chaos_env):

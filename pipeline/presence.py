@@ -1,0 +1,75 @@
+"""Worker presence: every worker process says in Redis, every few seconds, that it is alive and whether
+it can reach NATS and the database. `cli.py health` counts the workers from it and names those that
+cannot reach a dependency, with the reason.
+
+(Dramatiq's own heartbeats are not a worker count: any process that sends a message, a CLI enqueue
+included, appears among them for a while.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+
+from pipeline import names
+
+log = logging.getLogger(__name__)
+
+#: Seconds between two announcements of one worker.
+BEAT_S = 5.0
+#: A worker silent this long is gone.
+TTL_S = 20
+
+
+def identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Presence:
+    """Announces `facts()` (a dict: dependency -> "ok" or the reason it cannot be reached) every BEAT_S."""
+
+    def __init__(self, client: redis.Redis, facts: Callable[[], dict[str, str]]):
+        self.client = client
+        self.facts = facts
+        self.identity = identity()
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def beat(self) -> None:
+        entry = {"worker": self.identity, "since": self.started, "at": time.time(), **self.facts()}
+        self.client.set(names.worker_presence_key(self.identity), json.dumps(entry), ex=TTL_S)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="presence", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        try:
+            self.client.delete(names.worker_presence_key(self.identity))
+        except redis.RedisError:
+            pass  # it expires
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.beat()
+            except Exception as exc:  # noqa: BLE001 - Redis down: health reports Redis itself
+                log.debug("presence: %s", exc)
+            self._stop.wait(BEAT_S)
+
+
+def live_workers(client: redis.Redis) -> list[dict]:
+    """Every worker that announced itself within TTL_S, by identity."""
+    keys = sorted(client.scan_iter(match=names.worker_presence_key("*"), count=500))
+    return [json.loads(raw) for raw in client.mget(keys) if raw] if keys else []
