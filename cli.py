@@ -601,17 +601,19 @@ def chaos_kill_worker(master: int | None) -> None:
 @main.command("up")
 @handles_errors
 def up() -> None:
-    """Start an embedded NATS (JetStream) + Redis for development, data under .pipeline/."""
-    from pipeline.devstack import DevStack
+    """Start an embedded NATS (JetStream) + Redis for development, data under .pipeline/; prints the
+    environment to use them (`eval "$(python cli.py up | grep ^export)"`)."""
+    from pipeline.devstack import DevStack, pid_alive
 
-    if STACK_FILE.exists():
-        stack = json.loads(STACK_FILE.read_text())
+    stack = json.loads(STACK_FILE.read_text()) if STACK_FILE.exists() else None
+    if stack and all(pid_alive(pid) for pid in stack["pids"]):
         console.print("stack already up (run `python cli.py down` first); its environment:")
     else:
         dev = DevStack.create(STACK_DIR.resolve(), persist=True, detach=True).start()
         stack = {"env": dev.env(), "pids": [dev.nats.proc.pid, dev.redis.proc.pid]}
         STACK_FILE.write_text(json.dumps(stack, indent=2))
-        console.print(f"NATS {dev.nats_url} and Redis {dev.redis_url} running (data in {STACK_DIR}/)")
+        console.print(f"NATS {dev.nats_url} and Redis {dev.redis_url} running; database "
+                      f"{dev.database_url} (data in {STACK_DIR.resolve()}/)", highlight=False)
     for key, value in stack["env"].items():
         click.echo(f"export {key}={value}")
 
@@ -619,16 +621,46 @@ def up() -> None:
 @main.command("down")
 @handles_errors
 def down() -> None:
-    """Stop the stack started by `up` (its data stays in .pipeline/)."""
-    from pipeline.devstack import stop_pid
+    """Stop the stack started by `up` (its data stays in .pipeline/), and say which jetpipe processes
+    still use it."""
+    from pipeline.devstack import jetpipe_processes, stop_pid
 
     if not STACK_FILE.exists():
         console.print("no stack is up")
         return
     stack = json.loads(STACK_FILE.read_text())
+    users = jetpipe_processes()
     stopped = sum(stop_pid(pid) for pid in stack["pids"])
     STACK_FILE.unlink()
-    console.print(f"stopped {stopped} server(s)")
+    console.print(f"stopped {stopped} server(s); the data stays in {STACK_DIR.resolve()}/ (database, JetStream "
+                  "store, Redis AOF): `python cli.py up` starts them on it again, `rm -rf .pipeline` forgets it",
+                  highlight=False)
+    if users:
+        listing = ", ".join(f"{pid} ({what})" for pid, what in users)
+        err_console.print(f"warning: jetpipe processes still running will retry until the stack is back or you "
+                          f"stop them: {listing}", highlight=False, markup=False)
+
+
+@main.command("demo-images")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--count", type=int, default=50, show_default=True, help="Images to generate.")
+@click.option("--seed", type=int, default=7, show_default=True, help="Same seed, same images.")
+@handles_errors
+def demo_images(directory: str, count: int, seed: int) -> None:
+    """Write synthetic moth-trap images (PNG) and their ground truth (ground_truth.json) to DIRECTORY,
+    for `enqueue-job --pipeline moth-demo --images-dir DIRECTORY`."""
+    from pipeline import moth
+    from pipeline.errors import UserInputError
+
+    if count < 1:
+        raise UserInputError("--count must be at least 1")
+    try:
+        truth = moth.generate_images(directory, count, seed=seed)
+    except OSError as exc:
+        raise UserInputError(f"cannot write images to {directory!r}: {exc.strerror}") from None
+    moths = sum(len(found) for found in truth.values())
+    console.print(f"{count} image(s) with {moths} moth(s) in {Path(directory).resolve()}/ "
+                  "(ground truth in ground_truth.json)", highlight=False)
 
 
 @main.command("demo")

@@ -18,6 +18,7 @@ import nats.js.errors
 import redis
 
 from pipeline import names
+from pipeline.devstack import processes
 from pipeline.errors import UserInputError
 from pipeline.schemas import Task
 from pipeline.taskqueue import TaskQueue
@@ -147,19 +148,8 @@ async def exhaust_max_deliver(url: str, job_id: int, image_ids: set[str], *, pip
 def worker_pids(master: int | None = None) -> list[int]:
     """Pids of Dramatiq worker processes of `dramatiq pipeline.actors` (children, not the master);
     only those of one master process if `master` is given."""
-    procs = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().split(b"\0")
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            continue
-        if b"pipeline.actors" in cmd and any(b"dramatiq" in part for part in cmd):
-            procs[int(entry)] = ppid
+    procs = {pid: ppid for pid, ppid, cmd in processes()
+             if b"pipeline.actors" in cmd and any(b"dramatiq" in part for part in cmd)}
     return sorted(pid for pid, ppid in procs.items() if ppid in procs and master in (None, ppid))
 
 

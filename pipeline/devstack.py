@@ -153,6 +153,46 @@ class DevStack:
                 "PIPELINE_DATABASE_URL": self.database_url}
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def processes() -> list[tuple[int, int, list[bytes]]]:
+    """(pid, parent pid, command line) of every process this user can see (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        found.append((int(entry), ppid, cmd))
+    return found
+
+
+def jetpipe_processes() -> list[tuple[int, str]]:
+    """(pid, what) of the workers (`dramatiq pipeline.actors` masters) and reference services
+    (`cli.py process`) running on this machine."""
+    found = {}
+    parents = {}
+    for pid, ppid, cmd in processes():
+        if b"pipeline.actors" in cmd and any(part.endswith(b"dramatiq") for part in cmd[:3]):
+            found[pid], parents[pid] = "worker", ppid
+        elif b"process" in cmd and any(part.endswith((b"cli.py", b"jetpipe")) for part in cmd[:3]):
+            found[pid], parents[pid] = "processing service", ppid
+    return sorted((pid, what) for pid, what in found.items() if parents[pid] not in found)  # not a child
+
+
 def stop_pid(pid: int, timeout_s: float = 10.0) -> bool:
     """SIGTERM a detached server by pid and wait for it to go; False if it was not running."""
     try:
