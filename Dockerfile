@@ -8,5 +8,6 @@ COPY models ./models
 COPY actors ./actors
 COPY cli.py ./
 COPY examples ./examples
+# the plain install: no [embedded] nats-server/redis-server binaries (the stack brings its own servers)
 RUN pip install .
 CMD ["python", "cli.py", "--help"]

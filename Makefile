@@ -10,10 +10,12 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
+# [dev] brings [embedded] (nats-server and redis-server binaries) and the test tools; PYTHONWARNINGS hides
+# setuptools' notice that an editable install is editable
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

