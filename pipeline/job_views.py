@@ -131,8 +131,9 @@ def watch(console: Console, job_id: int, *, poll_s: float = 0.5, timeout_s: floa
             bars.update(stages["collect"], completed=total if collect.get("status") == "SUCCESS" else 0,
                         info=f"job {job_id} {s['status']}")
             bars.update(stages["process"], completed=s["processed"], info=f"failed {s['failed']}")
-            bars.update(stages["results"], completed=s["captures"],
-                        info=f"detections {s['detections']}  classifications {s['classifications']}")
+            bars.update(stages["results"], completed=s["processed"],  # images whose outcome is saved
+                        info=f"captures {s['captures']}  detections {s['detections']}  "
+                             f"classifications {s['classifications']}")
             if job.status in JobStatus.TERMINAL or (deadline and time.monotonic() > deadline):
                 return job
             time.sleep(poll_s)

@@ -20,7 +20,7 @@ from collections import Counter
 from io import BytesIO
 from urllib.parse import unquote, urlsplit
 
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
 
 from pipeline.schemas import (
     AlgorithmRef,
@@ -134,7 +134,14 @@ def load_image(url: str, *, timeout_s: float = 20.0) -> Image.Image:
     except ImageUnreadable:
         raise
     except Exception as exc:  # noqa: BLE001 - any decode/IO failure means the same thing to the caller
-        raise ImageUnreadable(f"cannot read image {url}: {type(exc).__name__}: {exc}") from None
+        # (the reason stays next to the image's URL wherever it is shown: it does not repeat it)
+        if isinstance(exc, UnidentifiedImageError):
+            why = "not an image format the model can decode"
+        elif isinstance(exc, OSError) and exc.strerror:
+            why = exc.strerror
+        else:
+            why = str(exc)
+        raise ImageUnreadable(f"cannot read image: {type(exc).__name__}: {why}") from None
     return image.convert("L")
 
 

@@ -177,6 +177,10 @@ def transition(job_id: int, to_status: str, *, allowed_from=JobStatus.RUNNING, e
         if summary_status:
             progress = job.progress or initial_progress()
             progress.setdefault("summary", {})["status"] = to_status
+            if to_status in (JobStatus.REVOKED, JobStatus.FAILURE):  # stages still under way end with the job
+                for stage in progress.get("stages", {}).values():
+                    if stage.get("status") not in JobStatus.TERMINAL:
+                        stage["status"] = to_status
             changes[Job.progress] = progress
         if to_status in JobStatus.TERMINAL:
             changes[Job.finished_at] = now

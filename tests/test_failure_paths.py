@@ -257,6 +257,9 @@ def test_cancel_revokes_removes_tasks_and_later_results_change_nothing(runtime, 
     handled = handle_result_message(runtime, job.id, success_body(task, boxes=5), reply)
     job = Job.get_by_id(job.id)
     assert (handled.action, job.status, job.progress["stages"]["results"]["detections"]) == ("late", "REVOKED", 0)
+    # and its stages say they ended with it (collect had finished before)
+    assert {name: stage["status"] for name, stage in job.progress["stages"].items()} == {
+        "collect": "SUCCESS", "process": "REVOKED", "results": "REVOKED"}
     assert cancel(runtime, job.id) == JobStatus.REVOKED  # idempotent
 
 
@@ -299,7 +302,8 @@ def test_an_image_the_reference_service_cannot_read_is_failed_and_the_rest_proce
                    message="job to finish")
     assert (job.status, job.progress["stages"]["process"]["failed"]) == (JobStatus.SUCCESS, 1)
     failed = JobImage.get(JobImage.status == "failed")
-    assert failed.error.startswith("processing service error: ImageUnreadable: cannot read image file://")
+    assert failed.error == ("processing service error: ImageUnreadable: cannot read image: UnidentifiedImageError: "
+                            "not an image format the model can decode")  # its URL is shown beside it, not in it
 
 
 def test_workers_survive_postgres_dropping_their_connections(inproc_worker, runtime, moth_pipeline, db_url,

@@ -39,6 +39,16 @@ def test_failures_lists_each_failed_image_with_its_reason(runtime, moth_pipeline
     assert "cannot open 1" in cli(runtime.settings, "failures", str(job.id)).stdout
 
 
+def test_watch_of_a_job_with_failures_ends_every_bar_full(runtime, moth_pipeline):
+    job = finished_with_failures(runtime, 6, 2)
+    proc = cli(runtime.settings, "watch", str(job.id))
+    assert proc.returncode == 0, proc.stderr
+    bars = {line.split()[0]: line for line in proc.stdout.splitlines() if line.split()[:1] in
+            (["collect"], ["process"], ["results"])}
+    assert all("6/6" in bars[name] for name in ("collect", "process", "results")), proc.stdout
+    assert "failed 2" in bars["process"] and "captures 4" in bars["results"]
+
+
 def test_retry_failed_completes_a_job_made_of_the_failures_of_another(runtime, moth_pipeline):
     job = finished_with_failures(runtime, 6, 2)
     assert job.status == JobStatus.SUCCESS
