@@ -4,6 +4,8 @@ leaves nothing behind."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -222,3 +224,30 @@ def test_text_from_a_service_is_shown_literally(ready, tmp_path):
         assert shown in " ".join(out.split()) or shown in out, out
         assert "\x1b" not in out
     assert "[red]night[/x]" in status and "[red]night[/x]" in jobs
+
+
+def test_up_and_down_say_where_things_are_and_down_names_processes_still_using_the_stack(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "COLUMNS": "300"}
+
+    def cli_here(*args):
+        return subprocess.run([sys.executable, str(PROJECT / "cli.py"), *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    up = cli_here("up")
+    assert up.returncode == 0, up.stderr
+    exports = dict(line[len("export "):].split("=", 1) for line in up.stdout.splitlines()
+                   if line.startswith("export "))
+    assert exports["PIPELINE_DATABASE_URL"] == f"sqlite:///{tmp_path / '.pipeline' / 'pipeline.db'}"
+    assert f"database {exports['PIPELINE_DATABASE_URL']}" in up.stdout
+    worker = subprocess.Popen([sys.executable, "-m", "dramatiq", "pipeline.actors", "-p", "1", "-t", "1"],
+                              cwd=PROJECT, env={**env, **exports, "PIPELINE_METRICS_PORT": "0"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        down = cli_here("down")
+        assert down.returncode == 0, down.stderr
+        assert f"the data stays in {tmp_path / '.pipeline'}/" in down.stdout
+        assert f"{worker.pid} (worker)" in down.stderr and down.stderr.startswith("warning: ")
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    assert "no stack is up" in cli_here("down").stdout
