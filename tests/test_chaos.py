@@ -25,6 +25,7 @@ from tests.conftest import PROJECT, make_settings, subprocess_env, wait_for
 from tests.helpers import raw_service
 
 pytestmark = pytest.mark.slow
+SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
 
 @pytest.fixture
@@ -120,6 +121,7 @@ def test_a_killed_worker_is_replaced_and_the_job_completes_within_a_minute(chaos
     assert_exact(env, job, 40)
 
 
+@SQLITE_ONLY  # about processes and NATS, not the database
 @pytest.mark.parametrize("how", ["group", "main pid"])
 def test_a_worker_stopped_by_sigterm_exits_within_10_s_and_another_finishes_the_job(
         chaos_env, worker_factory, service_factory, how):
@@ -140,6 +142,7 @@ def test_a_worker_stopped_by_sigterm_exits_within_10_s_and_another_finishes_the_
     assert_exact(env, job, 40)
 
 
+@SQLITE_ONLY  # about processes and NATS, not the database
 def test_a_second_stop_signal_ends_a_worker_at_once(chaos_env, worker_factory):
     # Given a worker that is busy stopping (Ctrl-C once: the master forwards SIGTERM to its worker process)
     env = chaos_env
@@ -223,6 +226,7 @@ def test_health_exits_3_when_a_dependency_is_unreachable(chaos_env):
     assert report["dependencies"]["nats"]["reachable"] is True
 
 
+@SQLITE_ONLY  # about processes and NATS, not the database
 def test_health_names_a_worker_that_cannot_reach_nats_and_its_log_says_why_once(chaos_env, worker_factory):
     # Given a worker given a NATS address where nothing listens (the CLI's is right)
     env = chaos_env
@@ -247,6 +251,7 @@ def test_health_names_a_worker_that_cannot_reach_nats_and_its_log_says_why_once(
     assert "TimeoutError" not in logs
 
 
+@SQLITE_ONLY  # about processes and NATS, not the database
 def test_chaos_exhaust_max_deliver_touches_only_its_targets(chaos_env):
     env = chaos_env
     s = env.settings(PIPELINE_NATS_TASK_TTR=1, PIPELINE_NATS_MAX_DELIVER=2)
@@ -272,6 +277,7 @@ def test_chaos_exhaust_max_deliver_touches_only_its_targets(chaos_env):
     assert missing.returncode == 1 and "has no consumer" in missing.stderr
 
 
+@SQLITE_ONLY  # about processes and NATS, not the database
 def test_chaos_exhaust_max_deliver_publishes_tasks_for_a_job_without_any(chaos_env):
     env = chaos_env
     s = env.settings(PIPELINE_NATS_TASK_TTR=1, PIPELINE_NATS_MAX_DELIVER=2)

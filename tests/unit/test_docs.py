@@ -53,8 +53,8 @@ def test_the_functions_the_architecture_names_exist():
 def test_nothing_cites_documents_outside_the_repository():
     files = subprocess.run(["git", "ls-files", "*.py", "*.md"], cwd=PROJECT, capture_output=True, text=True,
                            check=True).stdout.split()
-    citing = [f for f in files if re.search(r"ARCHITECTURE\.md|reference/(nats|dramatiq|antenna)",
-                                            (PROJECT / f).read_text())]
+    outside = ("ARCHITECTURE" + ".md", "reference" + "/")  # spelled apart: this file cites nothing either
+    citing = [f for f in files if any(name in (PROJECT / f).read_text() for name in outside)]
     assert citing == []
 
 
