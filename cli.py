@@ -380,6 +380,33 @@ def failures(job_id: int, limit: int | None, as_json: bool) -> None:
     console.print(table)
 
 
+@main.command("results")
+@click.argument("job_id", type=int)
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True,
+              help="jsonl: one image a line with its detections and their classifications; csv: one row per "
+                   "classification (an image without detections has one row).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True),
+              help="Write to this file instead of standard output.")
+@handles_errors
+def results(job_id: int, fmt: str, output: str | None) -> None:
+    """Export a job's results (streamed: constant memory however many detections)."""
+    from pipeline.errors import UserInputError
+    from pipeline.export import export
+
+    bind_db()
+    chunks = export(job_id, fmt)
+    try:
+        handle = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout
+    except OSError as exc:
+        raise UserInputError(f"cannot write {output}: {exc.strerror}") from None
+    try:
+        for chunk in chunks:
+            handle.write(chunk)
+    finally:
+        if output:
+            handle.close()
+
+
 @main.command("retry-failed")
 @click.argument("job_id", type=int)
 @click.option("--json", "as_json", is_flag=True)

@@ -1,0 +1,136 @@
+"""A job's results out of the database: every image of the job with its detections and their
+classifications, as JSON lines (one image a line) or CSV (one classification a row), streamed.
+
+Memory stays constant however large the job: images are read in pages by key (no OFFSET, no server-side
+cursor held open between pages), at most IMAGES_PER_PAGE images and, going by the counts saved with each
+image, about DETECTIONS_PER_PAGE detections (one image at least); each page's detections and
+classifications are read with it. `cli.py results` and `GET /api/v1/jobs/{id}/results` both call `export`.
+
+Detections belong to images, not jobs (an image in two jobs of one pipeline is processed once), so a job's
+results are the detections of its processed images made by its pipeline's algorithms.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+
+from models import Job, database, select_in
+from pipeline.errors import NotFound, UserInputError
+
+FORMATS = ("jsonl", "csv")
+#: Images, and detections, read per page (an image's detections and classifications come with it).
+IMAGES_PER_PAGE = 500
+DETECTIONS_PER_PAGE = 5_000
+CSV_COLUMNS = ("image_id", "image_url", "image_status", "error", "detector", "x1", "y1", "x2", "y2", "score",
+               "crop_url", "classifier", "taxon", "taxon_score", "terminal")
+MEDIA_TYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
+
+_IMAGES = ('SELECT ji.id, ji.image_id, si.url, ji.status, ji.error, ji.detections FROM "job_image" ji '
+           'JOIN "source_image" si ON si.id = ji.image_id '
+           'WHERE ji.job_id = %s AND ji.id > %s ORDER BY ji.id LIMIT %s')
+_DETECTIONS = ('SELECT d.id, d.image_id, a.key, d.x1, d.y1, d.x2, d.y2, d.score, d.crop_url, d.bbox_key '
+               'FROM "detection" d JOIN "algorithm" a ON a.id = d.algorithm_id '
+               'WHERE a.pipeline_id = %s AND d.image_id IN ({in}) ORDER BY d.image_id, d.id')
+_CLASSIFICATIONS = ('SELECT c.detection_id, a.key, c.taxon, c.score, c.terminal, c.labels, c.scores '
+                    'FROM "classification" c JOIN "algorithm" a ON a.id = c.algorithm_id '
+                    'WHERE c.detection_id IN ({in}) ORDER BY c.detection_id, c.id')
+
+
+def export(job_id: int, fmt: str) -> Iterator[str]:
+    """The job's results as text chunks in `fmt` (jsonl or csv); raises NotFound or UserInputError first,
+    before anything is produced."""
+    if fmt not in FORMATS:
+        raise UserInputError(f"unknown results format {fmt!r} (use {' or '.join(FORMATS)})")
+    job = Job.get_or_none(Job.id == job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    return (_jsonl if fmt == "jsonl" else _csv)(job)
+
+
+def images(job: Job) -> Iterator[dict]:
+    """Each image of the job, in order, with its detections (each with its classifications)."""
+    after = 0
+    while True:
+        rows = _page(_query(_IMAGES, (job.id, after, IMAGES_PER_PAGE)))
+        if not rows:
+            return
+        after = rows[-1][0]
+        processed = [image_id for _, image_id, _, status, _, _ in rows if status == "processed"]
+        detections = _detections(job.pipeline_id, processed) if processed else {}
+        for _, image_id, url, status, error, _ in rows:
+            yield {"image_id": str(image_id), "url": url, "status": status, "error": error,
+                   "detections": detections.get(image_id, [])}
+
+
+def _page(rows: list[tuple]) -> list[tuple]:
+    """The first rows whose detections add up to DETECTIONS_PER_PAGE (the first row at least)."""
+    total = 0
+    for n, row in enumerate(rows):
+        total += row[-1] or 0
+        if total > DETECTIONS_PER_PAGE and n > 0:
+            return rows[:n]
+    return rows
+
+
+def _detections(pipeline_id: int, image_ids: list[int]) -> dict[int, list[dict]]:
+    found: dict[int, list[dict]] = {}
+    by_id: dict[int, dict] = {}
+    for det_id, image_id, key, x1, y1, x2, y2, score, crop_url, bbox_key in _query_in(
+            _DETECTIONS, image_ids, params=(pipeline_id,)):
+        if bbox_key == "":
+            found.setdefault(image_id, [])  # the "processed, nothing found" marker: no detection
+            continue
+        detection = {"algorithm": key, "bbox": {"x1": x1, "y1": y1, "x2": x2, "y2": y2}, "score": score,
+                     "crop_url": crop_url, "classifications": []}
+        found.setdefault(image_id, []).append(detection)
+        by_id[det_id] = detection
+    if by_id:
+        for det_id, key, taxon, score, terminal, labels, scores in _query_in(_CLASSIFICATIONS, list(by_id)):
+            by_id[det_id]["classifications"].append({
+                "algorithm": key, "taxon": taxon, "score": score, "terminal": bool(terminal),
+                "labels": json.loads(labels) if labels else None, "scores": json.loads(scores) if scores else None})
+    return found
+
+
+def _jsonl(job: Job) -> Iterator[str]:
+    for image in images(job):
+        yield json.dumps(image, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def _csv(job: Job) -> Iterator[str]:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    yield buffer.getvalue()
+    buffer.seek(0)
+    buffer.truncate()
+    for image in images(job):
+        head = [image["image_id"], image["url"], image["status"], image["error"] or ""]
+        if not image["detections"]:
+            writer.writerow(head + [""] * (len(CSV_COLUMNS) - len(head)))
+        for detection in image["detections"]:
+            box = detection["bbox"]
+            row = head + [detection["algorithm"], box["x1"], box["y1"], box["x2"], box["y2"],
+                          _blank(detection["score"]), detection["crop_url"] or ""]
+            for c in detection["classifications"] or [None]:
+                writer.writerow(row + (["", "", "", ""] if c is None else
+                                       [c["algorithm"], c["taxon"], c["score"], str(c["terminal"]).lower()]))
+        yield buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+
+
+def _blank(value) -> object:
+    return "" if value is None else value
+
+
+def _query(sql: str, params: tuple) -> list[tuple]:
+    mark = database.obj.param
+    return database.execute_sql(sql.replace("%s", mark), params).fetchall()
+
+
+def _query_in(sql: str, values: list, *, params: tuple = ()) -> list[tuple]:
+    return select_in(sql, values, params=params)
