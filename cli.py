@@ -251,16 +251,10 @@ def enqueue_job(pipeline_slug, images_dir, images_file, name, limit, dispatch_mo
 @handles_errors
 def jobs_cmd(statuses, pipeline_slug, limit, as_json) -> None:
     """List recent jobs."""
-    from models import Job, Pipeline
-    from pipeline.job_views import job_summary, render_jobs
+    from pipeline.job_views import job_summary, list_jobs, render_jobs
 
     bind_db()
-    query = Job.select(Job, Pipeline).join(Pipeline).order_by(Job.id.desc()).limit(limit)
-    if statuses:
-        query = query.where(Job.status.in_([s.upper() for s in statuses]))
-    if pipeline_slug:
-        query = query.where(Pipeline.slug == pipeline_slug)
-    rows = [job_summary(j) for j in query]
+    rows = [job_summary(j) for j in list_jobs(statuses=statuses, pipeline=pipeline_slug, limit=limit)]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:

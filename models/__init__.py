@@ -14,6 +14,7 @@ from models.db import (
     is_postgres,
     is_transient,
     is_unstorable,
+    make_database,
     select_in,
     thread_connection,
     utcnow,
@@ -64,7 +65,7 @@ __all__ = [
     # database
     "DatabaseURLError", "SchemaMissing",
     "bind", "commit_listeners", "database", "create_schema", "execute_in", "for_update",
-    "insert_ignoring_duplicates", "is_postgres",
+    "insert_ignoring_duplicates", "is_postgres", "make_database",
     "is_transient", "is_unstorable", "select_in", "thread_connection", "utcnow", "write_transaction",
     # vocabularies
     "DispatchMode", "ImageStatus", "JobStatus",

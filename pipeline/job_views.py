@@ -6,13 +6,14 @@ import datetime as dt
 import re
 import time
 
+import peewee
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from models import ImageStatus, Job, JobImage, JobLog, JobStatus, Pipeline, utcnow
+from models import ImageStatus, Job, JobImage, JobLog, JobStatus, Pipeline, SourceImage, utcnow
 
 STATUS_STYLE = {JobStatus.SUCCESS: "green", JobStatus.FAILURE: "red", JobStatus.REVOKED: "yellow",
                 JobStatus.STARTED: "cyan", JobStatus.CANCELING: "yellow"}
@@ -48,15 +49,38 @@ def job_summary(job: Job) -> dict:
     }
 
 
+def list_jobs(*, statuses=(), pipeline: str | None = None, search: str | None = None,
+              before_id: int | None = None, limit: int = 50) -> list[Job]:
+    """Newest jobs first, filtered; `before_id` pages by key (fast however many jobs there are)."""
+    query = Job.select(Job, Pipeline).join(Pipeline).order_by(Job.id.desc()).limit(limit)
+    if statuses:
+        query = query.where(Job.status.in_([s.upper() for s in statuses]))
+    if pipeline:
+        query = query.where(Pipeline.slug == pipeline)
+    if search:
+        query = query.where(Job.name.contains(search))
+    if before_id:
+        query = query.where(Job.id < before_id)
+    return list(query)
+
+
+def status_counts() -> dict[str, int]:
+    """Jobs per status (every status, zeros included)."""
+    counts = dict(Job.select(Job.status, peewee.fn.COUNT(Job.id)).group_by(Job.status).tuples())
+    return {status: counts.get(status, 0) for status in JobStatus.ALL}
+
+
 def get_job(job_id: int) -> Job | None:
     return Job.select(Job, Pipeline).join(Pipeline).where(Job.id == job_id).get_or_none()
 
 
-def failed_images(job_id: int, limit: int = 20) -> list[dict]:
-    rows = (JobImage.select(JobImage.image, JobImage.error)
-            .where((JobImage.job == job_id) & (JobImage.status == ImageStatus.FAILED))
-            .order_by(JobImage.image).limit(limit))
-    return [{"image_id": str(r.image_id), "error": r.error} for r in rows]
+def failed_images(job_id: int, limit: int = 20, *, after_image: int = 0) -> list[dict]:
+    """The job's failed images by image id (paged by key: `after_image`), with URL and reason."""
+    rows = (JobImage.select(JobImage.image, SourceImage.url, JobImage.error).join(SourceImage)
+            .where((JobImage.job == job_id) & (JobImage.status == ImageStatus.FAILED)
+                   & (JobImage.image > after_image))
+            .order_by(JobImage.image).limit(limit).tuples())
+    return [{"image_id": str(image), "url": url, "error": error} for image, url, error in rows]
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")

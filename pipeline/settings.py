@@ -47,11 +47,19 @@ OPTIONS: dict[str, Option] = {
     "log_level": Option("PIPELINE_LOG_LEVEL", "INFO", "log level of workers and services: DEBUG, INFO, WARNING, ERROR"),
     "log_format": Option("PIPELINE_LOG_FORMAT", "text",
                          "text, or json: one JSON object per line with job and image ids as fields"),
+    "web_host": Option("PIPELINE_WEB_HOST", "127.0.0.1", "address `cli.py web` listens on"),
+    "web_port": Option("PIPELINE_WEB_PORT", "8080", "port `cli.py web` listens on"),
+    "web_tokens": Option("PIPELINE_WEB_TOKENS", "",
+                         "access tokens of the web server, comma-separated name:role:token (role: viewer, "
+                         "operator or service); none: it listens on 127.0.0.1 only"),
+    "web_tokens_file": Option("PIPELINE_WEB_TOKENS_FILE", "", "a file of name:role:token lines, the same"),
     "nats_creds": Option("PIPELINE_NATS_CREDS", "", "NATS credentials file (JWT + NKey), if the server wants one"),
     "nats_tls_ca": Option("PIPELINE_NATS_TLS_CA", "", "CA bundle that signed the NATS server's TLS certificate"),
 }
 
 
+#: Settings whose whole value is a secret (never logged or printed).
+SECRET_OPTIONS = frozenset({"web_tokens"})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 
@@ -72,6 +80,10 @@ class Settings:
     metrics_host: str
     log_level: str
     log_format: str
+    web_host: str
+    web_port: int
+    web_tokens: str
+    web_tokens_file: str
     nats_creds: str
     nats_tls_ca: str
 
@@ -105,7 +117,7 @@ class Settings:
             raise ConfigError(f"PIPELINE_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"PIPELINE_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
-        for name in ("nats_creds", "nats_tls_ca"):
+        for name in ("nats_creds", "nats_tls_ca", "web_tokens_file"):
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 raise ConfigError(f"{OPTIONS[name].env}: no such file {path!r}")
@@ -126,8 +138,10 @@ class Settings:
         return {OPTIONS[f.name].env: str(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def describe(self) -> dict[str, str]:
-        """Every setting by environment name, with secrets in URLs masked (safe to log or print)."""
-        return {OPTIONS[f.name].env: redact(str(getattr(self, f.name))) for f in dataclasses.fields(self)}
+        """Every setting by environment name, with secrets masked: in URLs, and the web tokens (safe to log
+        or print)."""
+        return {OPTIONS[f.name].env: ("***" if f.name in SECRET_OPTIONS and getattr(self, f.name)
+                                      else redact(str(getattr(self, f.name)))) for f in dataclasses.fields(self)}
 
 
 def _convert(env: str, raw: str, kind) -> object:

@@ -169,8 +169,10 @@ def test_dispatching_while_results_are_saved_never_meets_a_locked_database(runti
 def test_run_job_retries_outages_for_minutes_and_never_a_permanent_error():
     import peewee
 
-    from actors.run_job import OUTAGE_RETRIES, _retry_when, run_job
+    from actors.run_job import OUTAGE_RETRIES, run_job
     from pipeline.errors import TransientError, UserInputError
+
+    _retry_when = run_job.options["retry_when"]
 
     # Outages are retried: the database locked or unreachable, Redis or NATS down
     for outage in (peewee.OperationalError("database is locked"), peewee.InterfaceError("connection already closed"),

@@ -1,0 +1,129 @@
+"""Who may do what on the web server: tokens, roles, the login cookie and CSRF protection.
+
+Tokens come from PIPELINE_WEB_TOKENS (`name:role:token,…`) and PIPELINE_WEB_TOKENS_FILE (one a line). A
+client sends `Authorization: Bearer <token>` (or `Token <token>`, as the reference system's workers do);
+a browser logs in with a form that sets a signed cookie naming the token's holder, never the token. Roles:
+`viewer` reads, `operator` also changes things, `service` is only for the processing-service gateway.
+With no token configured the server binds to 127.0.0.1 and everyone who reaches it is an operator.
+
+Form posts carry a CSRF value that must equal the `jetpipe_csrf` cookie (a double-submit token; the
+cookies are SameSite=Strict as well), so another site cannot make a browser act here.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import hmac
+import secrets
+import time
+from pathlib import Path
+
+from pipeline.errors import ConfigError
+from pipeline.settings import Settings
+
+ROLES = ("viewer", "operator", "service")
+#: What each role may do (`service` may use only the gateway, which has routes of its own).
+GRANTS = {"viewer": {"read"}, "operator": {"read", "write"}, "service": {"gateway"}}
+SESSION_COOKIE = "jetpipe_session"
+CSRF_COOKIE = "jetpipe_csrf"
+SESSION_S = 12 * 3600
+
+
+@dataclasses.dataclass(frozen=True)
+class Principal:
+    name: str
+    role: str
+
+    def may(self, action: str) -> bool:
+        return action in GRANTS[self.role]
+
+
+ANONYMOUS_OPERATOR = Principal("local", "operator")  # no tokens configured: loopback only
+
+
+class Tokens:
+    """The configured tokens; `open` is True when there are none (loopback mode)."""
+
+    def __init__(self, entries: dict[str, Principal]):
+        self._by_token = entries
+        secret_material = "\n".join(sorted(entries)) or secrets.token_hex(32)
+        self._key = hashlib.sha256(b"jetpipe-web-session\0" + secret_material.encode()).digest()
+
+    @property
+    def open(self) -> bool:
+        return not self._by_token
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Tokens:
+        lines = [part for part in settings.web_tokens.split(",") if part.strip()]
+        if settings.web_tokens_file:
+            try:
+                text = Path(settings.web_tokens_file).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(f"PIPELINE_WEB_TOKENS_FILE: cannot read it ({exc.strerror})") from None
+            lines += [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        entries: dict[str, Principal] = {}
+        for n, line in enumerate(lines, 1):
+            name, sep1, rest = line.strip().partition(":")
+            role, sep2, token = rest.partition(":")
+            if not (sep1 and sep2 and name and token):
+                raise ConfigError(f"web token entry {n} is not name:role:token")
+            if role not in ROLES:
+                raise ConfigError(f"web token {name!r}: role {role!r} is not one of {', '.join(ROLES)}")
+            if len(token) < 16:
+                raise ConfigError(f"web token {name!r} is shorter than 16 characters")
+            entries[token] = Principal(name, role)
+        return cls(entries)
+
+    def from_header(self, header: str | None) -> Principal | None:
+        """The holder of the token in an Authorization header (`Bearer x` or `Token x`), else None."""
+        if not header:
+            return None
+        scheme, _, token = header.strip().partition(" ")
+        if scheme.lower() not in ("bearer", "token"):
+            return None
+        return self.lookup(token.strip())
+
+    def lookup(self, token: str) -> Principal | None:
+        for known, principal in self._by_token.items():
+            if hmac.compare_digest(known.encode(), token.encode()):
+                return principal
+        return None
+
+    # ---- the login cookie: "<name>:<role>:<expiry>.<signature>", no token in it ----------------------
+    def session_cookie(self, principal: Principal) -> str:
+        payload = f"{principal.name}:{principal.role}:{int(time.time()) + SESSION_S}"
+        return f"{_b64(payload.encode())}.{self._sign(payload)}"
+
+    def from_cookie(self, value: str | None) -> Principal | None:
+        if not value or "." not in value:
+            return None
+        encoded, signature = value.rsplit(".", 1)
+        try:
+            payload = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not hmac.compare_digest(self._sign(payload), signature):
+            return None
+        name, role, expiry = payload.rsplit(":", 2)
+        if not expiry.isdigit() or int(expiry) < time.time() or role not in ROLES:
+            return None
+        principal = Principal(name, role)
+        return principal if principal in self._by_token.values() else None  # a removed token logs out
+
+    def _sign(self, payload: str) -> str:
+        return _b64(hmac.new(self._key, payload.encode(), hashlib.sha256).digest())
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def new_csrf_value() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def csrf_ok(cookie: str | None, submitted: str | None) -> bool:
+    return bool(cookie) and bool(submitted) and hmac.compare_digest(cookie, submitted)
