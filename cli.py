@@ -618,6 +618,35 @@ def chaos_kill_worker(master: int | None) -> None:
     console.print(f"SIGKILLed worker process {pid}")
 
 
+# ---- web ------------------------------------------------------------------------------------------------
+@main.command("web")
+@click.option("--host", help="Address to listen on (default: PIPELINE_WEB_HOST, 127.0.0.1).")
+@click.option("--port", type=int, help="Port to listen on (default: PIPELINE_WEB_PORT, 8080).")
+@handles_errors
+def web(host: str | None, port: int | None) -> None:
+    """Serve the dashboard and the JSON API (/api/v1, docs at /api/docs) until stopped."""
+    import uvicorn
+
+    from pipeline.settings import get_settings
+    from pipeline.web.app import create_app
+    from pipeline.web.auth import Tokens
+
+    settings = get_settings()
+    host = host or settings.web_host
+    port = port or settings.web_port
+    if Tokens.from_settings(settings).open and host not in ("127.0.0.1", "localhost", "::1"):
+        err_console.print(f"warning: no PIPELINE_WEB_TOKENS: listening on 127.0.0.1 only, not {host} "
+                          "(anyone who reaches it may do anything)", highlight=False, markup=False)
+        host = "127.0.0.1"
+    elif Tokens.from_settings(settings).open:
+        console.print("no PIPELINE_WEB_TOKENS: listening on 127.0.0.1 only; everyone who reaches it is an operator",
+                      highlight=False)
+    bind_db()
+    app = create_app(settings)
+    console.print(f"jetpipe web on http://{host}:{port}/ (API docs: http://{host}:{port}/api/docs)", highlight=False)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
 # ---- development stack ----------------------------------------------------------------------------------
 @main.command("up")
 @handles_errors

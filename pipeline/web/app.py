@@ -1,0 +1,110 @@
+"""The ASGI application: `create_app(settings)`; `cli.py web` serves it with uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import peewee
+import redis
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+
+import models
+from pipeline.errors import ConfigError, NotFound, PipelineError, TransientError, UserInputError
+from pipeline.readiness import readiness
+from pipeline.runtime import Runtime, get_runtime
+from pipeline.settings import Settings, redact_text
+from pipeline.web import api, pages
+from pipeline.web.auth import Tokens
+from pipeline.web.deps import LoginRequired
+
+log = logging.getLogger(__name__)
+HERE = Path(__file__).parent
+
+
+def _status_of(exc: BaseException) -> int:
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, UserInputError):
+        return 400
+    if isinstance(exc, TransientError | redis.RedisError) or models.is_transient(exc):
+        return 503
+    if isinstance(exc, models.SchemaMissing):
+        return 503
+    return 500
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, redis.RedisError):
+        return f"Redis unavailable: {exc}"
+    if isinstance(exc, peewee.PeeweeException) and models.is_transient(exc):
+        return f"database unavailable: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}"
+    return str(exc)
+
+
+def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI:
+    """The web application for `settings`. Tokens are read (and checked) here: bad ones raise ConfigError."""
+    tokens = Tokens.from_settings(settings)
+    app = FastAPI(title="jetpipe", summary="Reliable asynchronous ML jobs over many images",
+                  docs_url="/api/docs", redoc_url=None, openapi_url="/api/v1/openapi.json")
+    app.state.settings = settings
+    app.state.tokens = tokens
+    lock = threading.Lock()
+    made: list[Runtime] = [runtime] if runtime else []
+
+    def the_runtime() -> Runtime:
+        with lock:
+            if not made:
+                made.append(get_runtime())
+            return made[0]
+
+    app.state.runtime = the_runtime
+
+    @app.exception_handler(PipelineError)
+    @app.exception_handler(redis.RedisError)
+    @app.exception_handler(peewee.PeeweeException)
+    async def known_errors(request: Request, exc: Exception):
+        status = _status_of(exc)
+        if status == 500 and not isinstance(exc, PipelineError | ConfigError):
+            log.exception("web: %s %s failed", request.method, request.url.path)
+            message = "internal error (see the server's log)"
+        else:
+            message = _message(exc)
+        return _error(request, status, redact_text(message))
+
+    @app.exception_handler(HTTPException)
+    async def http_errors(request: Request, exc: HTTPException):
+        return _error(request, exc.status_code, str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_requests(request: Request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
+        return _error(request, 400, f"bad request: {problems}")
+
+    @app.exception_handler(LoginRequired)
+    async def to_login(request: Request, exc: LoginRequired):
+        return RedirectResponse(f"/login?next={exc.next_path}", status_code=303)
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict:
+        return {"status": "alive"}
+
+    @app.get("/readyz", include_in_schema=False)
+    def readyz():
+        ready, checks = readiness(settings)
+        return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
+
+    app.include_router(api.router)
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    return app
+
+
+def _error(request: Request, status: int, message: str, headers=None):
+    if request.url.path.startswith("/api/") or "text/html" not in request.headers.get("accept", ""):
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return pages.error_page(request, status, message)

@@ -1,0 +1,215 @@
+"""The dashboard: server-rendered pages (Jinja2, autoescaped: text from services and job names is shown
+literally, never as markup), kept live by a little plain JavaScript that polls the JSON API. Forms that
+change something carry the CSRF value (see auth.py) and go through the same functions as the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+import jinja2
+from fastapi import APIRouter, Depends, HTTPException, Request, UploadFile
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+import models
+from pipeline import dlq, jobs
+from pipeline.errors import NotFound, NothingToDo, UserInputError
+from pipeline.health_report import build_report
+from pipeline.job_views import failed_images, get_job, job_summary, list_jobs, status_counts
+from pipeline.registry import list_pipelines, register_pipeline
+from pipeline.schemas import decode_pipeline_spec
+from pipeline.web.api import create_and_start, url_lines
+from pipeline.web.auth import CSRF_COOKIE, SESSION_COOKIE, SESSION_S, csrf_ok, new_csrf_value
+from pipeline.web.deps import allowed, principal_of, runtime_of, with_db
+
+router = APIRouter(include_in_schema=False)
+READ = Depends(allowed("read", page=True))
+WRITE = Depends(allowed("write", page=True))
+PAGE_SIZE = 50
+FAILURES_PER_PAGE = 50
+
+_templates = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+                                autoescape=True, undefined=jinja2.StrictUndefined)
+
+
+def render(request: Request, template: str, status: int = 200, **context) -> HTMLResponse:
+    """A page; it carries the CSRF value its forms submit (a new one is set as a cookie if missing)."""
+    csrf = request.cookies.get(CSRF_COOKIE) or new_csrf_value()
+    who = principal_of(request)
+    html = _templates.get_template(template).render(
+        request=request, who=who, can_write=bool(who and who.may("write")), csrf=csrf,
+        logged_in=bool(request.cookies.get(SESSION_COOKIE)), **context)
+    response = HTMLResponse(html, status_code=status)
+    if request.cookies.get(CSRF_COOKIE) != csrf:
+        response.set_cookie(CSRF_COOKIE, csrf, httponly=True, samesite="strict")
+    return response
+
+
+def error_page(request: Request, status: int, message: str) -> HTMLResponse:
+    return render(request, "error.html", status=status, status_code=status, message=message)
+
+
+async def checked_form(request: Request) -> dict:
+    """The posted form, if its CSRF value matches the cookie's; else 403."""
+    form = await request.form()
+    if not csrf_ok(request.cookies.get(CSRF_COOKIE), form.get("csrf")):
+        raise HTTPException(403, "the form has expired or came from another site: reload the page and try again")
+    return form
+
+
+def _safe_next(path: str | None) -> str:
+    """Only a path on this site (never another host) to go back to after logging in."""
+    if not path or not path.startswith("/") or path.startswith("//") or urlsplit(path).netloc:
+        return "/"
+    return path
+
+
+# ---- log in and out --------------------------------------------------------------------------------------
+@router.get("/login")
+def login_form(request: Request, next: str = "/"):  # noqa: A002
+    return render(request, "login.html", next=_safe_next(next), failed=False)
+
+
+@router.post("/login")
+async def login(request: Request):
+    form = await checked_form(request)
+    tokens = request.app.state.tokens
+    who = tokens.lookup(str(form.get("token", "")))
+    target = _safe_next(str(form.get("next", "/")))
+    if who is None or who.role == "service":
+        return render(request, "login.html", status=401, next=target, failed=True)
+    response = RedirectResponse(target, status_code=303)
+    response.set_cookie(SESSION_COOKIE, tokens.session_cookie(who), max_age=SESSION_S, httponly=True,
+                        samesite="strict")
+    return response
+
+
+@router.post("/logout")
+async def logout(request: Request):
+    await checked_form(request)
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE)
+    return response
+
+
+# ---- jobs ------------------------------------------------------------------------------------------------
+@router.get("/")
+@with_db
+def jobs_page(request: Request, status: str = "", pipeline: str = "", q: str = "", before: int | None = None,
+              _=READ):
+    rows = list_jobs(statuses=[status] if status else (), pipeline=pipeline or None, search=q or None,
+                     before_id=before, limit=PAGE_SIZE)
+    return render(request, "jobs.html", jobs=[job_summary(j) for j in rows], counts=status_counts(),
+                  pipelines=list_pipelines(), status=status, pipeline=pipeline, q=q,
+                  next_before=rows[-1].id if len(rows) == PAGE_SIZE else None)
+
+
+@router.post("/jobs")
+async def create_job_form(request: Request, _=WRITE):
+    form = await checked_form(request)
+    upload = form.get("urls_file")
+    lines = str(form.get("urls", "")).splitlines()
+    if isinstance(upload, UploadFile) and upload.filename:
+        lines += (await upload.read()).decode("utf-8", errors="strict").splitlines()
+    def create():
+        with models.thread_connection():
+            return create_and_start(runtime_of(request), str(form.get("pipeline", "")), url_lines(lines),
+                                    str(form.get("name") or "") or None, str(form.get("dispatch_mode") or "async_api"))
+
+    job = await run_in_threadpool(create)
+    return RedirectResponse(f"/jobs/{job['id']}", status_code=303)
+
+
+@router.get("/jobs/{job_id}")
+@with_db
+def job_page(request: Request, job_id: int, after: int = 0, _=READ):
+    job = get_job(job_id)
+    if job is None:
+        return error_page(request, 404, f"no job {job_id}")
+    failures = failed_images(job_id, FAILURES_PER_PAGE, after_image=after)
+    return render(request, "job.html", job=job_summary(job), failures=failures, after=after,
+                  next_after=failures[-1]["image_id"] if len(failures) == FAILURES_PER_PAGE else None,
+                  terminal=job.is_terminal)
+
+
+@router.post("/jobs/{job_id}/cancel")
+async def cancel_form(request: Request, job_id: int, _=WRITE):
+    await checked_form(request)
+
+    def cancel():
+        with models.thread_connection():
+            job = get_job(job_id)
+            if job is None:
+                raise NotFound(f"no job {job_id}")
+            if not job.is_terminal:
+                jobs.cancel(runtime_of(request), job_id)
+
+    await run_in_threadpool(cancel)
+    return RedirectResponse(f"/jobs/{job_id}", status_code=303)
+
+
+@router.post("/jobs/{job_id}/retry-failed")
+async def retry_form(request: Request, job_id: int, _=WRITE):
+    await checked_form(request)
+
+    def retry():
+        with models.thread_connection():
+            try:
+                new = jobs.retry_failed(job_id)
+            except NothingToDo:
+                return job_id
+            jobs.start_job(runtime_of(request), new)
+            return new.id
+
+    target = await run_in_threadpool(retry)
+    return RedirectResponse(f"/jobs/{target}", status_code=303)
+
+
+# ---- health, dead letters, pipelines ---------------------------------------------------------------------
+@router.get("/health")
+def health_page(request: Request, _=READ):
+    runtime = runtime_of(request)
+    _, report = build_report(runtime.settings, runtime.runner)
+    return render(request, "health.html", report=report)
+
+
+@router.get("/dlq")
+def dlq_page(request: Request, _=READ):
+    dead = [d.as_dict() for d in dlq.list_dead(runtime_of(request).redis)]
+    return render(request, "dlq.html", messages=dead)
+
+
+@router.post("/dlq/replay")
+async def dlq_replay_form(request: Request, _=WRITE):
+    form = await checked_form(request)
+    ids = set(form.getlist("id"))
+    if not ids and not form.get("all"):
+        raise UserInputError("choose the messages to replay")
+    runtime = runtime_of(request)
+    await run_in_threadpool(dlq.replay, runtime.broker, runtime.redis, None if form.get("all") else ids)
+    return RedirectResponse("/dlq", status_code=303)
+
+
+@router.get("/pipelines")
+@with_db
+def pipelines_page(request: Request, _=READ):
+    return render(request, "pipelines.html", pipelines=list_pipelines())
+
+
+@router.post("/pipelines")
+async def register_form(request: Request, _=WRITE):
+    form = await checked_form(request)
+    spec = decode_pipeline_spec(str(form.get("spec", "")).encode(), source="the form")
+
+    def register():
+        with models.thread_connection():
+            register_pipeline(spec)
+
+    await run_in_threadpool(register)
+    return RedirectResponse(f"/pipelines#{quote(spec.slug)}", status_code=303)
+
+
+@router.get("/favicon.ico")
+def favicon() -> Response:
+    return Response(status_code=204)

@@ -1,0 +1,71 @@
+// jetpipe dashboard: keeps a job page live by polling the JSON API. Text is always set with textContent:
+// what processing services write (failure reasons, log lines) is shown as text, never run as markup.
+"use strict";
+const jetpipe = (() => {
+  const TERMINAL = ["SUCCESS", "FAILURE", "REVOKED"];
+  const $ = (id) => document.getElementById(id);
+  const setText = (id, value) => { const el = $(id); if (el) el.textContent = value; };
+
+  async function getJSON(url) {
+    const response = await fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin" });
+    if (!response.ok) throw new Error(`${url}: ${response.status}`);
+    return response.json();
+  }
+
+  function showJob(job) {
+    const status = $("job-status");
+    status.textContent = job.status;
+    status.className = `badge status-${job.status}`;
+    for (const name of ["collect", "process", "results"]) {
+      const stage = job.stages[name] || {};
+      const percent = Math.round((stage.progress || 0) * 1000) / 10;
+      const bar = $(`bar-${name}`);
+      bar.style.width = `${percent}%`;
+      bar.className = `fill status-${stage.status || "CREATED"}`;
+      setText(`stage-${name}`, `${stage.status || "CREATED"} ${percent}%`);
+    }
+    for (const key of ["processed", "failed", "remaining", "captures", "detections", "classifications"]) {
+      setText(`c-${key}`, String(job[key]));
+    }
+    setText("c-rate", job.images_per_s == null ? "–" : String(job.images_per_s));
+    setText("c-eta", job.eta_s == null ? "–" : `${job.eta_s} s`);
+    const error = $("job-error");
+    error.textContent = job.error || "";
+    error.hidden = !job.error;
+    const ended = TERMINAL.includes(job.status);
+    const cancel = $("cancel-form");
+    if (cancel) cancel.hidden = ended;
+    const retry = $("retry-form");
+    if (retry) retry.hidden = !(ended && job.failed > 0);
+    return ended;
+  }
+
+  async function followJob(jobId) {
+    let lastLine = 0;
+    let ended = $("job").dataset.terminal === "yes";
+    const log = $("log");
+    const tick = async () => {
+      try {
+        const page = await getJSON(`/api/v1/jobs/${jobId}/logs?after=${lastLine}`);
+        for (const line of page.lines) {
+          log.append(document.createTextNode(`${line.at} ${line.level.padEnd(7)} ${line.message}\n`));
+        }
+        lastLine = page.last;
+        if (page.lines.length) log.scrollTop = log.scrollHeight;
+        if (!ended) {
+          ended = showJob(await getJSON(`/api/v1/jobs/${jobId}`));
+          if (ended) {  // it ended while we watched: the server-rendered failures table is now final
+            setTimeout(() => window.location.reload(), 300);
+            return;
+          }
+        }
+      } catch (error) {
+        console.warn("jetpipe: refresh failed", error);
+      }
+      if (!ended) setTimeout(tick, 1000);
+    };
+    await tick();
+  }
+
+  return { followJob };
+})();
