@@ -166,6 +166,8 @@ def redact(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable url>"
+    if not parts.query and "@" not in parts.netloc:
+        return url  # nothing to hide (and urlunsplit would turn sqlite:////abs into sqlite://abs)
     if parts.query:
         query = "&".join(
             f"{name}=***" if sep and SECRET_PARAMS.search(name) else f"{name}{sep}{value}"

@@ -4,6 +4,7 @@ test (SQLite always, PostgreSQL too where the server is reachable), worker and s
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -198,7 +199,9 @@ def clean_servers(dev: DevStack) -> None:
                 pass
         await nc.close()
 
-    asyncio.run(drop())
+    # on a thread of its own: the browser tests' Playwright keeps an event loop running in this one
+    done = concurrent.futures.ThreadPoolExecutor(1).submit(asyncio.run, drop())
+    done.result(timeout=30)
 
 
 def make_settings(db_url: str, dev: DevStack, **overrides) -> Settings:

@@ -33,21 +33,21 @@ _templates = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).pa
                                 autoescape=True, undefined=jinja2.StrictUndefined)
 
 
-def render(request: Request, template: str, status: int = 200, **context) -> HTMLResponse:
+def render(request: Request, template: str, http_status: int = 200, **context) -> HTMLResponse:
     """A page; it carries the CSRF value its forms submit (a new one is set as a cookie if missing)."""
     csrf = request.cookies.get(CSRF_COOKIE) or new_csrf_value()
     who = principal_of(request)
     html = _templates.get_template(template).render(
         request=request, who=who, can_write=bool(who and who.may("write")), csrf=csrf,
         logged_in=bool(request.cookies.get(SESSION_COOKIE)), **context)
-    response = HTMLResponse(html, status_code=status)
+    response = HTMLResponse(html, status_code=http_status)
     if request.cookies.get(CSRF_COOKIE) != csrf:
         response.set_cookie(CSRF_COOKIE, csrf, httponly=True, samesite="strict")
     return response
 
 
 def error_page(request: Request, status: int, message: str) -> HTMLResponse:
-    return render(request, "error.html", status=status, status_code=status, message=message)
+    return render(request, "error.html", http_status=status, status_code=status, message=message)
 
 
 async def checked_form(request: Request) -> dict:
@@ -78,7 +78,7 @@ async def login(request: Request):
     who = tokens.lookup(str(form.get("token", "")))
     target = _safe_next(str(form.get("next", "/")))
     if who is None or who.role == "service":
-        return render(request, "login.html", status=401, next=target, failed=True)
+        return render(request, "login.html", http_status=401, next=target, failed=True)
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(SESSION_COOKIE, tokens.session_cookie(who), max_age=SESSION_S, httponly=True,
                         samesite="strict")

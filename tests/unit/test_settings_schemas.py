@@ -31,6 +31,7 @@ def test_secrets_in_urls_are_masked():
     assert redact("redis://:hunter2@cache:6379/0") == "redis://:***@cache:6379/0"
     assert redact("postgresql://app:s3cret@db/jobs") == "postgresql://app:***@db/jobs"
     assert redact("nats://tok3n@nats:4222") == "nats://***@nats:4222"
+    assert redact("sqlite:////var/lib/jetpipe/pipeline.db") == "sqlite:////var/lib/jetpipe/pipeline.db"
     described = Settings.from_env({"PIPELINE_DATABASE_URL": "postgresql://app:s3cret@db/jobs"}).describe()
     assert "s3cret" not in str(described)
     # secrets in query strings too: a password redis-py accepts there, a presigned URL's signature

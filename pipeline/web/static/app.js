@@ -40,9 +40,28 @@ const jetpipe = (() => {
     return ended;
   }
 
+  async function showFailures(jobId) {
+    const page = await getJSON(`/api/v1/jobs/${jobId}/failures?limit=50`);
+    const body = $("failures").tBodies[0];
+    const rows = page.failures.map((f) => {
+      const row = document.createElement("tr");
+      for (const [text, cls] of [[f.image_id, ""], [f.url, "url"], [f.error || "", "reason"]]) {
+        const cell = document.createElement("td");
+        cell.textContent = text;
+        if (cls) cell.className = cls;
+        row.append(cell);
+      }
+      return row;
+    });
+    if (rows.length) body.replaceChildren(...rows);
+  }
+
   async function followJob(jobId) {
+    const afterParam = new URLSearchParams(window.location.search).get("after");
+    let shownFailed = Number($("c-failed").textContent);
     let lastLine = 0;
     let ended = $("job").dataset.terminal === "yes";
+    let lastLook = ended;
     const log = $("log");
     const tick = async () => {
       try {
@@ -53,16 +72,22 @@ const jetpipe = (() => {
         lastLine = page.last;
         if (page.lines.length) log.scrollTop = log.scrollHeight;
         if (!ended) {
-          ended = showJob(await getJSON(`/api/v1/jobs/${jobId}`));
-          if (ended) {  // it ended while we watched: the server-rendered failures table is now final
-            setTimeout(() => window.location.reload(), 300);
-            return;
+          const job = await getJSON(`/api/v1/jobs/${jobId}`);
+          ended = showJob(job);
+          if (job.failed !== shownFailed && !afterParam) {
+            shownFailed = job.failed;
+            await showFailures(jobId);
           }
         }
       } catch (error) {
         console.warn("jetpipe: refresh failed", error);
       }
-      if (!ended) setTimeout(tick, 1000);
+      if (!ended) {
+        setTimeout(tick, 1000);
+      } else if (!lastLook) {  // the lines logged as it ended (cleanup) come a moment later
+        lastLook = true;
+        setTimeout(tick, 1500);
+      }
     };
     await tick();
   }

@@ -1,0 +1,212 @@
+"""The dashboard in a real browser: Playwright driving Debian's chromium against a real web server, NATS,
+Redis, a database, a worker subprocess and a processing service. Each test saves screenshots of the pages
+it saw under its tmp dir (JETPIPE_SCREENSHOTS=DIR copies the job page's to DIR/job-page.png)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from models import Job, JobStatus
+from pipeline import moth
+from pipeline.devstack import free_port
+from pipeline.saving import handle_result_message
+from tests.conftest import PROJECT, subprocess_env, wait_for
+from tests.helpers import dispatch, error_body, fake_job, pull_tasks, success_body
+from tests.web_helpers import TOKENS, TOKENS_SETTING, WebServer
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `apt-get install -y chromium` (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, tmp_path):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.on("dialog", lambda dialog: dialog.accept())  # the confirmations of Cancel and Retry
+    page.shots = tmp_path
+    yield page
+    context.close()
+
+
+def shot(page, name: str) -> Path:
+    page.wait_for_timeout(600)  # the bars' width transitions end
+    path = page.shots / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+@pytest.fixture
+def web(settings, runtime):
+    server = WebServer(settings, runtime).start()  # no tokens: an operator on this machine
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_job_created_from_the_page_reaches_success_while_the_page_updates(
+        page, web, settings, moth_pipeline, trap_images, worker_factory, service_factory):
+    worker_factory(settings)
+    slow = lambda task: (time.sleep(0.15), moth.process_task(task))[1]  # noqa: E731 - a job to watch move
+    service_factory(settings, moth.SLUG, slow, concurrency=2)
+    directory, truth = trap_images
+    names = sorted(truth)[:30]
+    page.goto(web.url + "/")
+    shot(page, "jobs-empty")
+    page.select_option("#new-job select[name=pipeline]", moth.SLUG)
+    page.fill("#new-job input[name=name]", "night from the page")
+    page.fill("#new-job textarea[name=urls]", "\n".join(f"file://{directory}/{n}" for n in names))
+    page.click("#new-job button")
+    page.wait_for_url("**/jobs/*")
+    page.evaluate("window.__same_page = true")  # gone if the page reloads
+    # the counters move while we look, without a reload
+    page.wait_for_function("() => { const n = Number(document.getElementById('c-processed').textContent);"
+                           " return n > 0 && n < 30 }", timeout=60_000)
+    shot(page, "job-running")
+    page.wait_for_function("() => document.getElementById('job-status').textContent === 'SUCCESS'", timeout=90_000)
+    assert page.evaluate("window.__same_page") is True
+    assert page.inner_text("#c-processed") == "30" and page.inner_text("#c-failed") == "0"
+    assert page.inner_text("#c-detections") == str(sum(len(truth[n]) for n in names))
+    assert "100%" in page.inner_text("#stage-results")
+    page.wait_for_function("() => document.getElementById('log').textContent.includes('job finished SUCCESS')")
+    job_shot = shot(page, "job-page")
+    if os.environ.get("JETPIPE_SCREENSHOTS"):
+        shutil.copy(job_shot, Path(os.environ["JETPIPE_SCREENSHOTS"]) / "job-page.png")
+    # results download from the page
+    with page.expect_download() as download:
+        page.click("#download-csv")
+    assert download.value.suggested_filename.endswith("-results.csv")
+    # the job is in the list, with its status
+    page.goto(web.url + "/?q=night")
+    assert "night from the page" in page.inner_text("#jobs") and "SUCCESS" in page.inner_text("#jobs")
+    shot(page, "jobs")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_failure_reasons_are_shown_literally_and_retry_makes_a_new_job(page, web, runtime, moth_pipeline):
+    job = fake_job(moth_pipeline, 3, name="<i>night</i> [bold]3[/bold]")
+    dispatch(runtime, job.id)
+    tasks = pull_tasks(runtime, job.id, 3)
+    hostile = "<script>window.__pwned = 1</script><img src=x onerror='window.__pwned = 2'> [red]rich[/red] &amp;"
+    handle_result_message(runtime, job.id, success_body(tasks[0][0]), tasks[0][1])
+    for task, reply in tasks[1:]:
+        handle_result_message(runtime, job.id, error_body(task.image_id, hostile), reply)
+    assert Job.get_by_id(job.id).status == JobStatus.FAILURE
+    page.goto(f"{web.url}/jobs/{job.id}")
+    page.wait_for_function("() => document.getElementById('log').textContent.length > 0")
+    reasons = page.locator("#failures td.reason").all_inner_texts()
+    assert reasons == [f"processing service error: {hostile}"] * 2
+    assert page.inner_text("#job-name") == "<i>night</i> [bold]3[/bold]"
+    assert page.evaluate("window.__pwned") is None
+    shot(page, "job-failures")
+    page.click("#retry")
+    page.wait_for_url(lambda url: not url.endswith(f"/jobs/{job.id}"))
+    retry = Job.select().order_by(Job.id.desc()).first()
+    assert retry.id != job.id and retry.total_images == 2 and page.url.endswith(f"/jobs/{retry.id}")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_cancel_turns_a_running_job_revoked(page, web, runtime, moth_pipeline):
+    job = fake_job(moth_pipeline, 4)
+    dispatch(runtime, job.id)  # nobody processes it: it runs until cancelled
+    page.goto(f"{web.url}/jobs/{job.id}")
+    assert page.inner_text("#job-status") == "STARTED"
+    page.click("#cancel")
+    page.wait_for_function("() => document.getElementById('job-status').textContent === 'REVOKED'")
+    assert Job.get_by_id(job.id).status == JobStatus.REVOKED
+    assert page.is_hidden("#cancel-form")
+    shot(page, "job-cancelled")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_health_page_turns_red_when_nats_is_stopped(page, private_runtime):
+    runtime, dev = private_runtime
+    server = WebServer(runtime.settings, runtime).start()
+    try:
+        page.goto(server.url + "/health")
+        assert page.inner_text("#health-status") in ("healthy", "degraded")
+        shot(page, "health")
+        dev.nats.stop()
+        page.wait_for_function("() => document.getElementById('health-status').textContent === 'unreachable'",
+                               timeout=30_000)
+        badge = page.locator("#health-status")
+        assert "health-unreachable" in badge.get_attribute("class")
+        color = badge.evaluate("el => getComputedStyle(el).backgroundColor")
+        assert color == "rgb(198, 40, 40)", color  # red
+        assert "bad" in page.locator("#dep-nats").get_attribute("class")
+        shot(page, "health-red")
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_pages_need_a_login_when_tokens_are_configured_and_forms_are_csrf_safe(
+        page, settings, runtime, moth_pipeline):
+    server = WebServer(settings.with_overrides(web_tokens=TOKENS_SETTING), runtime).start()
+    job = fake_job(moth_pipeline, 1)
+    try:
+        page.goto(f"{server.url}/jobs/{job.id}")
+        assert page.url == f"{server.url}/login?next=/jobs/{job.id}"
+        page.fill("input[name=token]", "wrong-token-0123456789")
+        page.click("form.card button")
+        assert "not known here" in page.inner_text("#login-failed")
+        page.fill("input[name=token]", TOKENS["vic"][1])
+        page.click("form.card button")
+        page.wait_for_url(f"**/jobs/{job.id}")
+        assert page.inner_text("header .who").startswith("vic (viewer)")
+        assert page.locator("#cancel").count() == 0  # a viewer gets no operator buttons
+        cookies = {c["name"]: c["value"] for c in page.context.cookies()}
+        assert not any(token in value for value in cookies.values() for _, token in TOKENS.values())
+        shot(page, "viewer")
+        # a form posted from elsewhere (no CSRF value) is refused, even with a valid session
+        with httpx.Client(base_url=server.url, cookies=cookies) as client:
+            forged = client.post(f"/jobs/{job.id}/cancel", data={}, headers={"Accept": "text/html"})
+            assert forged.status_code == 403 and Job.get_by_id(job.id).status != JobStatus.REVOKED
+            operator = client.post("/login", data={"token": TOKENS["ada"][1], "csrf": "x"},
+                                   headers={"Accept": "text/html"})
+            assert operator.status_code == 403  # the CSRF value must match the page's cookie
+    finally:
+        server.stop()
+
+
+def test_cli_web_without_tokens_listens_on_this_machine_only(settings, tmp_path):
+    port = free_port()
+    env = subprocess_env(settings)
+    proc = subprocess.Popen([sys.executable, "cli.py", "web", "--host", "0.0.0.0", "--port", str(port)],
+                            cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: _answers(f"http://127.0.0.1:{port}/healthz"), timeout_s=30, message="cli.py web")
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).json()["ready"] is True
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    assert "no PIPELINE_WEB_TOKENS: listening on 127.0.0.1 only, not 0.0.0.0" in err
+    assert "Traceback" not in err
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
