@@ -717,8 +717,9 @@ def demo_images(directory: str, count: int, seed: int) -> None:
 @click.option("--images", type=int, default=200, show_default=True, help="Synthetic images in the job.")
 @click.option("--keep", is_flag=True, help="Keep the temporary directory (images, database, logs).")
 @click.option("--timeout", type=float, default=600, show_default=True, help="Seconds to wait for the job.")
+@click.option("--web", is_flag=True, help="Keep the dashboard (and the demo's stack) up until Ctrl-C.")
 @handles_errors
-def demo(images: int, keep: bool, timeout: float) -> None:
+def demo(images: int, keep: bool, timeout: float, web: bool) -> None:
     """Self-contained demo: embedded stack, a worker, the reference service, one real job to the end.
 
     Exits 0 only if the job ends SUCCESS and its detections equal the generated ground truth.
@@ -728,7 +729,8 @@ def demo(images: int, keep: bool, timeout: float) -> None:
 
     if images < 1:
         raise UserInputError("--images must be at least 1")
-    ok = run_demo(console, images=images, keep=keep, timeout_s=timeout, project_dir=Path(__file__).resolve().parent)
+    ok = run_demo(console, images=images, keep=keep, timeout_s=timeout, project_dir=Path(__file__).resolve().parent,
+                  web=web)
     sys.exit(RET_OK if ok else RET_JOB_FAILED)
 
 

@@ -30,6 +30,7 @@ from pipeline.registry import register_pipeline
 from pipeline.runtime import Runtime, set_runtime
 from pipeline.schemas import decode_pipeline_spec
 from pipeline.settings import Settings, set_settings
+from pipeline.web.server import BackgroundWebServer
 
 
 def saved_detections(job_id: int) -> Counter:
@@ -55,11 +56,14 @@ def stop_process(proc: subprocess.Popen, timeout_s: float = 20) -> None:
             proc.wait()
 
 
-def run_demo(console: Console, *, images: int, keep: bool, timeout_s: float, project_dir: Path) -> bool:
+def run_demo(console: Console, *, images: int, keep: bool, timeout_s: float, project_dir: Path,
+             web: bool = False) -> bool:
+    """Run the demo; the dashboard shows it while it runs, and with `web` until Ctrl-C afterwards."""
     root = Path(tempfile.mkdtemp(prefix="jetpipe-demo-"))
     stack = DevStack.create(root / "stack")
     procs: list[subprocess.Popen] = []
     runtime = None
+    dashboard = None
     try:
         console.print(f"[bold]jetpipe demo[/bold] in {root}")
         stack.start()
@@ -85,14 +89,26 @@ def run_demo(console: Console, *, images: int, keep: bool, timeout_s: float, pro
 
         runtime = Runtime(settings, name="jetpipe-demo")
         set_runtime(runtime)
+        dashboard = BackgroundWebServer(settings, runtime).start()
         job = create_job(moth.SLUG, image_urls_from_dir(str(root / "images")), name="demo job")
         started = time.monotonic()
         start_job(runtime, job)
-        console.print(f"job {job.id} enqueued: {job.total_images} images")
+        console.print(f"job {job.id} enqueued: {job.total_images} images; follow it at {dashboard.url}/jobs/{job.id}",
+                      highlight=False)
         job = watch(console, job.id, timeout_s=timeout_s)
         elapsed = time.monotonic() - started
-        return _summarize(console, job.id, expected, elapsed, root)
+        ok = _summarize(console, job.id, expected, elapsed, root)
+        if web:
+            console.print(f"dashboard: {dashboard.url}/jobs/{job.id} (its results, failures and log; the JSON API "
+                          f"at {dashboard.url}/api/docs); Ctrl-C stops the demo", highlight=False)
+            _wait_for_interrupt()
+        else:
+            console.print(f"dashboard: {dashboard.url}/jobs/{job.id} while the demo runs; "
+                          "`python cli.py demo --web` keeps it up afterwards", highlight=False)
+        return ok
     finally:
+        if dashboard is not None:
+            dashboard.stop()
         for proc in reversed(procs):
             stop_process(proc)
         if runtime is not None:
@@ -103,6 +119,14 @@ def run_demo(console: Console, *, images: int, keep: bool, timeout_s: float, pro
             console.print(f"kept {root} (images, pipeline.db, worker.log, service.log)")
         else:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _wait_for_interrupt() -> None:
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
 
 
 def _summarize(console: Console, job_id: int, expected: dict, elapsed: float, root: Path) -> bool:

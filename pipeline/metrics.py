@@ -18,6 +18,7 @@ directory and are served by the same endpoint:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -131,6 +132,24 @@ def _remove_dead_process_files(directory: str) -> None:
             pass
 
 
+def with_probes(metrics_app, settings: Settings):
+    """The metrics WSGI app, plus `/healthz` (this process answers) and `/readyz` (the database, Redis and
+    NATS answer from this host) for orchestrators."""
+    from pipeline.readiness import readiness
+
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path not in ("/healthz", "/readyz"):
+            return metrics_app(environ, start_response)
+        ready, checks = (True, {"status": "alive"}) if path == "/healthz" else readiness(settings)
+        body = json.dumps({"ready": ready, **checks} if path == "/readyz" else checks).encode()
+        start_response("200 OK" if ready else "503 Service Unavailable",
+                       [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
 def run_exposition_server() -> int:
     """Serve every worker process's metrics over HTTP; run by the `dramatiq` master as a fork process."""
     from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -151,8 +170,8 @@ def run_exposition_server() -> int:
             pass
 
     try:
-        server = make_server(settings.metrics_host, settings.metrics_port, prom.make_wsgi_app(registry),
-                             handler_class=QuietHandler)
+        server = make_server(settings.metrics_host, settings.metrics_port,
+                             with_probes(prom.make_wsgi_app(registry), settings), handler_class=QuietHandler)
     except OSError as exc:
         # Workers behind one port share one metrics directory, so the worker that holds the port also
         # serves this one's metrics when both are jetpipe workers.

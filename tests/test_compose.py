@@ -138,6 +138,11 @@ def test_the_compose_commands_run_a_job_outside_docker(tmp_path, pg_database, tr
         assert 'jetpipe_images_total{outcome="processed",pipeline="moth-demo"} 20.0' in exposition
         assert "jetpipe_result_handling_seconds_count" in exposition
         assert 'dramatiq_messages_total{actor_name="process_pipeline_result",queue_name="results"}' in exposition
+        # and the same port answers the orchestrator's probes
+        for probe, expected_body in (("healthz", {"status": "alive"}),
+                                     ("readyz", {"ready": True, "database": "ok", "redis": "ok", "nats": "ok"})):
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/{probe}", timeout=10) as response:
+                assert (response.status, json.loads(response.read())) == (200, expected_body)
     finally:
         for proc in procs:
             kill_group(proc)

@@ -210,3 +210,24 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_demo_web_keeps_the_dashboard_up_with_the_demo_job_until_ctrl_c(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "PIPELINE_WEB_PORT": str(free_port()), "COLUMNS": "200"}
+    proc = subprocess.Popen([sys.executable, "cli.py", "demo", "--images", "8", "--web"], cwd=PROJECT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("dashboard: "):
+                break
+        url = lines[-1].split()[1]
+        assert url == f"http://127.0.0.1:{env['PIPELINE_WEB_PORT']}/jobs/1", "".join(lines)
+        job = httpx.get(url.replace("/jobs/", "/api/v1/jobs/"), timeout=10).json()
+        assert (job["status"], job["processed"]) == ("SUCCESS", 8)
+        assert "demo job" in httpx.get(url, timeout=10, headers={"Accept": "text/html"}).text
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, "".join(lines) + rest
