@@ -16,7 +16,7 @@ import models
 from models import DispatchMode, Job, JobStatus, Pipeline, SchemaMissing, utcnow
 from pipeline import names
 from pipeline.jobstate import connect_redis
-from pipeline.presence import live_workers
+from pipeline.presence import http_services, live_workers
 from pipeline.settings import Settings, redact
 from pipeline.taskqueue import NATS_FAILURES, TaskQueue, connect_nats
 
@@ -97,10 +97,12 @@ def build_report(settings: Settings, runner) -> tuple[int, dict]:
 
     client = connect_redis(settings.redis_url)
     workers = None
+    services: list[dict] = []
     last_check = None
     try:
         deps["redis"] = {"reachable": True, "url": redact(settings.redis_url),
                          "version": client.info("server")["redis_version"]}
+        services = http_services(client)
         live = live_workers(client)
         workers = len(live)
         for worker in live:
@@ -144,6 +146,7 @@ def build_report(settings: Settings, runner) -> tuple[int, dict]:
                 problems.append(f"last health check: {name} raised {sub['error']}")
 
     report = {"at": now.isoformat(timespec="seconds") + "Z", "dependencies": deps, "workers": workers,
+              "http_services": services,
               "pipelines": pipelines, "jobs": jobs_out, "last_health_check": last_check, "problems": problems}
     if not all(d["reachable"] for d in deps.values()):
         status = UNREACHABLE

@@ -192,6 +192,10 @@ def render_health(console: Console, report: dict) -> None:
         if fact.get("exists"):
             reader = "read by the workers" if fact["consumer_exists"] else "[red]NO CONSUMER[/red]"
             console.print(f"{stream}: {fact['messages']} message(s) waiting, {reader}")
+    for service in report.get("http_services", []):
+        console.print(literal(f"HTTP service {service['service']} (pipeline {service['pipeline']}): last request "
+                              f"{service['last_request_s_ago']} s ago, job {service['job']}, holding "
+                              f"{service['holding']} task(s)"))
     for slug, seen in report["pipelines"].items():
         console.print(f"pipeline {slug}: last task delivery {seen['last_delivery'] or 'never'}, "
                       f"{seen['tasks_waiting']} task(s) waiting")

@@ -186,5 +186,10 @@ def worker_presence_key(identity: str) -> str:
     return f"{REDIS_PREFIX}:worker:{identity}"
 
 
+def service_presence_key(name: str) -> str:
+    """HASH of one HTTP processing service (by its token's name): its last request and what it holds."""
+    return f"{REDIS_PREFIX}:service:{name}"
+
+
 #: JSON of the last jobs_health_check result, for `cli.py health`.
 HEALTH_LAST_KEY = f"{REDIS_PREFIX}:health:last"

@@ -73,3 +73,37 @@ def live_workers(client: redis.Redis) -> list[dict]:
     """Every worker that announced itself within TTL_S, by identity."""
     keys = sorted(client.scan_iter(match=names.worker_presence_key("*"), count=500))
     return [json.loads(raw) for raw in client.mget(keys) if raw] if keys else []
+
+
+#: An HTTP processing service's record is kept this long after its last request (seconds).
+SERVICE_TTL_S = 7 * 24 * 3600
+
+
+def service_seen(client: redis.Redis, name: str, *, pipeline: str, job_id: int, reserved: int = 0,
+                 returned: int = 0) -> None:
+    """Record a request of the HTTP processing service `name` (what it reserved or returned)."""
+    key = names.service_presence_key(name)
+    with client.pipeline() as pipe:
+        pipe.hset(key, mapping={"service": name, "pipeline": pipeline, "job": job_id, "at": time.time()})
+        pipe.hincrby(key, "reserved", reserved)
+        pipe.hincrby(key, "returned", returned)
+        pipe.expire(key, SERVICE_TTL_S)
+        pipe.execute()
+
+
+def http_services(client: redis.Redis) -> list[dict]:
+    """Every HTTP processing service seen, with its last request and how many tasks it holds (reserved
+    and not yet returned, as far as the gateway saw)."""
+    found = []
+    for key in sorted(client.scan_iter(match=names.service_presence_key("*"), count=500)):
+        raw = {_text(k): _text(v) for k, v in client.hgetall(key).items()}
+        if raw:
+            reserved, returned = int(raw.get("reserved", 0)), int(raw.get("returned", 0))
+            found.append({"service": raw["service"], "pipeline": raw.get("pipeline"), "job": int(raw.get("job", 0)),
+                          "last_request_s_ago": round(time.time() - float(raw.get("at", 0))),
+                          "reserved": reserved, "returned": returned, "holding": max(reserved - returned, 0)})
+    return found
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

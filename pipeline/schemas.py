@@ -84,14 +84,28 @@ _json = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
 
-def _coerce_ids(data: dict) -> dict:
-    """Accept integer image ids (`"id": 345`) as the strings the contract specifies."""
+def _normalize(data: dict) -> dict:
+    """Accept integer image ids (`"id": 345`) as the strings the contract specifies, and the reference
+    system's result as it is: the taxon under `classification`, `null` for an empty list of labels, scores
+    or classifications. (Its other fields — `algorithms`, `errors`, `logits`, `inference_time`,
+    `timestamp` — are ignored like any unknown field.)"""
     for image in data.get("source_images") or []:
         if isinstance(image, dict) and isinstance(image.get("id"), int):
             image["id"] = str(image["id"])
     for det in data.get("detections") or []:
-        if isinstance(det, dict) and isinstance(det.get("source_image_id"), int):
+        if not isinstance(det, dict):
+            continue
+        if isinstance(det.get("source_image_id"), int):
             det["source_image_id"] = str(det["source_image_id"])
+        if det.get("classifications") is None and "classifications" in det:
+            det["classifications"] = []
+        for c in det.get("classifications") or []:
+            if isinstance(c, dict):
+                if "taxon" not in c and "classification" in c:
+                    c["taxon"] = c["classification"]
+                for field in ("labels", "scores"):
+                    if field in c and c[field] is None:
+                        c[field] = []
     if isinstance(data.get("image_id"), int):
         data["image_id"] = str(data["image_id"])
     return data
@@ -109,7 +123,7 @@ def decode_result(body: bytes) -> Result:
         raise BadResult("result is nested too deeply to read") from None
     if not isinstance(data, dict):
         raise BadResult(f"result must be a JSON object, got {type(data).__name__}")
-    data = _coerce_ids(data)
+    data = _normalize(data)
     kind = ErrorResult if "error" in data else SuccessResult
     try:
         result = msgspec.convert(data, kind)

@@ -53,6 +53,8 @@ OPTIONS: dict[str, Option] = {
                          "access tokens of the web server, comma-separated name:role:token (role: viewer, "
                          "operator or service); none: it listens on 127.0.0.1 only"),
     "web_tokens_file": Option("PIPELINE_WEB_TOKENS_FILE", "", "a file of name:role:token lines, the same"),
+    "web_max_body_mb": Option("PIPELINE_WEB_MAX_BODY_MB", "32",
+                              "largest request body the HTTP gateway accepts (results of a batch), in MiB"),
     "nats_creds": Option("PIPELINE_NATS_CREDS", "", "NATS credentials file (JWT + NKey), if the server wants one"),
     "nats_tls_ca": Option("PIPELINE_NATS_TLS_CA", "", "CA bundle that signed the NATS server's TLS certificate"),
 }
@@ -84,6 +86,7 @@ class Settings:
     web_port: int
     web_tokens: str
     web_tokens_file: str
+    web_max_body_mb: float
     nats_creds: str
     nats_tls_ca: str
 
@@ -113,6 +116,8 @@ class Settings:
             raise ConfigError("PIPELINE_FAILURE_THRESHOLD must be in [0, 1)")
         if self.health_check_seconds <= 0 or self.stalled_jobs_max_minutes <= 0:
             raise ConfigError("PIPELINE_HEALTH_CHECK_SECONDS and PIPELINE_STALLED_JOBS_MAX_MINUTES must be > 0")
+        if self.web_max_body_mb <= 0:
+            raise ConfigError("PIPELINE_WEB_MAX_BODY_MB must be a positive number")
         if self.log_level.upper() not in LOG_LEVELS:
             raise ConfigError(f"PIPELINE_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
         if self.log_format not in LOG_FORMATS:

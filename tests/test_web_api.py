@@ -173,3 +173,13 @@ def test_without_tokens_everyone_on_this_machine_is_an_operator(settings, runtim
             assert created.status_code == 201
     finally:
         server.stop()
+
+
+def test_a_bug_is_a_json_500_without_its_details(web, monkeypatch, caplog):
+    def broken():
+        raise ValueError("secret internals")
+
+    monkeypatch.setattr("pipeline.web.api.list_pipelines", broken)
+    response = web.get("/api/v1/pipelines", headers=bearer("vic"))
+    assert (response.status_code, response.json()) == (500, {"error": "internal error (see the server's log)"})
+    assert "secret internals" not in response.text and "secret internals" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from pathlib import Path
@@ -12,13 +13,14 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 
 import models
 from pipeline.errors import ConfigError, NotFound, PipelineError, TransientError, UserInputError
 from pipeline.readiness import readiness
 from pipeline.runtime import Runtime, get_runtime
 from pipeline.settings import Settings, redact_text
-from pipeline.web import api, pages
+from pipeline.web import api, gateway_api, pages
 from pipeline.web.auth import Tokens
 from pipeline.web.deps import LoginRequired
 
@@ -49,12 +51,18 @@ def _message(exc: BaseException) -> str:
 def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI:
     """The web application for `settings`. Tokens are read (and checked) here: bad ones raise ConfigError."""
     tokens = Tokens.from_settings(settings)
-    app = FastAPI(title="jetpipe", summary="Reliable asynchronous ML jobs over many images",
-                  docs_url="/api/docs", redoc_url=None, openapi_url="/api/v1/openapi.json")
-    app.state.settings = settings
-    app.state.tokens = tokens
     lock = threading.Lock()
     made: list[Runtime] = [runtime] if runtime else []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await run_in_threadpool(_release_reserved, app, made)
+
+    app = FastAPI(title="jetpipe", summary="Reliable asynchronous ML jobs over many images",
+                  docs_url="/api/docs", redoc_url=None, openapi_url="/api/v1/openapi.json", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.tokens = tokens
 
     def the_runtime() -> Runtime:
         with lock:
@@ -75,6 +83,11 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
         else:
             message = _message(exc)
         return _error(request, status, redact_text(message))
+
+    @app.exception_handler(Exception)
+    async def bugs(request: Request, exc: Exception):
+        log.exception("web: %s %s failed", request.method, request.url.path)
+        return _error(request, 500, "internal error (see the server's log)")
 
     @app.exception_handler(HTTPException)
     async def http_errors(request: Request, exc: HTTPException):
@@ -99,9 +112,22 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
         return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
 
     app.include_router(api.router)
+    app.include_router(gateway_api.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     return app
+
+
+def _release_reserved(app: FastAPI, made: list[Runtime]) -> None:
+    """At shutdown: what the gateway fetched and did not hand out goes back to NATS now, not after ack_wait."""
+    gateway = getattr(app.state, "gateway", None)
+    if gateway is None or not made:
+        return
+    try:
+        released = made[0].runner.run(gateway.release_all(), timeout=10)
+        log.info("web: released %s reserved task(s) no service received", released)
+    except Exception as exc:  # noqa: BLE001 - they return after ack_wait anyway
+        log.warning("web: could not release reserved tasks (%s); they return after ack_wait", exc)
 
 
 def _error(request: Request, status: int, message: str, headers=None):

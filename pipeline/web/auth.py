@@ -25,7 +25,7 @@ from pipeline.settings import Settings
 
 ROLES = ("viewer", "operator", "service")
 #: What each role may do (`service` may use only the gateway, which has routes of its own).
-GRANTS = {"viewer": {"read"}, "operator": {"read", "write"}, "service": {"gateway"}}
+GRANTS = {"viewer": {"read"}, "operator": {"read", "write", "gateway"}, "service": {"gateway"}}
 SESSION_COOKIE = "jetpipe_session"
 CSRF_COOKIE = "jetpipe_csrf"
 SESSION_S = 12 * 3600

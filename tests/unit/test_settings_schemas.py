@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pipeline import names
@@ -70,3 +72,23 @@ def test_ack_subjects_are_bound_to_their_job():
     assert not names.reply_belongs_to_job(v1, 1)
     assert not names.reply_belongs_to_job("$JS.ACK.OTHER.job-12.1.42.42.1.3", 12)
     assert not names.reply_belongs_to_job("_INBOX.abc", 12)
+
+
+def test_the_reference_systems_result_is_accepted_as_it_is():
+    body = json.dumps({
+        "pipeline": "moth-demo", "algorithms": {}, "total_time": 1.2, "errors": None,
+        "source_images": [{"id": "123", "url": "https://x/123.jpg"}],
+        "detections": [{"source_image_id": "123", "bbox": {"x1": 1, "y1": 2, "x2": 3, "y2": 4},
+                        "inference_time": 0.1, "algorithm": {"name": "Detector", "key": "det-v1"},
+                        "timestamp": "2026-11-29T04:00:00", "crop_image_url": None,
+                        "classifications": [{"classification": "Noctuidae", "labels": None, "scores": [0.9],
+                                             "logits": [2.1], "inference_time": 0.01, "terminal": True,
+                                             "algorithm": {"name": "Classifier", "key": "cls-v1"},
+                                             "timestamp": "2026-11-29T04:00:00"}]},
+                       {"source_image_id": "123", "bbox": None, "algorithm": {"name": "D", "key": "det-v1"},
+                        "classifications": None}]}).encode()
+    result = decode_result(body)
+    assert isinstance(result, SuccessResult)
+    [classification] = result.detections[0].classifications
+    assert (classification.taxon, classification.labels, classification.score) == ("Noctuidae", [], 0.9)
+    assert result.detections[1].classifications == []

@@ -1,0 +1,186 @@
+"""The HTTP gateway for processing services, `/api/v2/…`: the reference system's task protocol, so that a
+worker written for it (or any HTTP client) works against jetpipe unchanged. It never connects such a
+worker to NATS: it reserves tasks for it and publishes its results to `pipeline.results.<job_id>` exactly
+as a NATS service would, so validation, saving, the exactly-once gate and the ACK are the same code.
+
+Unlike the reference system it checks, on every result, that each reply subject is an ACK subject of this
+job's consumer, that the job runs and is `async_api` (409 / 400, and nothing is published), and it refuses
+bodies over PIPELINE_WEB_MAX_BODY_MB with 413. docs/processing-services.md documents every status.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import msgspec
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from models import DispatchMode, Job, JobStatus, Pipeline
+from pipeline import names, presence
+from pipeline.errors import NotFound, UserInputError
+from pipeline.gateway import Gateway
+from pipeline.web.auth import Principal
+from pipeline.web.deps import allowed, runtime_of, with_db
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/api/v2", tags=["processing-service gateway"])
+SERVICE = Depends(allowed("gateway"))
+
+#: Most tasks one reservation hands out.
+MAX_BATCH = 500
+#: Seconds a reservation, a publication or a +WPI may take on the event loop before the request fails.
+LOOP_TIMEOUT_S = 30.0
+
+
+class TasksRequest(BaseModel):
+    batch_size: int = Field(ge=1, le=MAX_BATCH)
+    client_info: dict | None = None
+
+
+class InProgressRequest(BaseModel):
+    reply_subjects: list[str] = Field(max_length=MAX_BATCH)
+
+
+class _ResultItem(msgspec.Struct):
+    reply_subject: str
+    result: msgspec.Raw  # handed on as it came, never re-encoded
+
+
+class _ResultBatch(msgspec.Struct):
+    results: list[_ResultItem]
+    client_info: dict | None = None
+
+
+_decode_batch = msgspec.json.Decoder(_ResultBatch)
+_gateway_lock = threading.Lock()
+
+
+def gateway_of(request: Request) -> Gateway:
+    """The process's gateway (one per web process; created on the first request that needs NATS)."""
+    state = request.app.state
+    with _gateway_lock:
+        if getattr(state, "gateway", None) is None:
+            state.gateway = Gateway(runtime_of(request).tasks.queue)
+        return state.gateway
+
+
+def _job(job_id: int, *, running: bool) -> Job:
+    job = Job.select(Job, Pipeline).join(Pipeline).where(Job.id == job_id).get_or_none()
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    if job.dispatch_mode != DispatchMode.ASYNC_API:
+        raise UserInputError(f"job {job_id} runs in {job.dispatch_mode} mode: it has no tasks for services")
+    if running and job.status != JobStatus.STARTED:
+        raise HTTPException(409, f"job {job_id} is {job.status}: it takes no results")
+    return job
+
+
+def _check_replies(job_id: int, replies: list[str]) -> None:
+    foreign = [r for r in replies if not names.reply_belongs_to_job(r, job_id)]
+    if foreign:
+        raise HTTPException(409, f"{len(foreign)} reply_subject(s) are not tasks of job {job_id} "
+                                 f"(first: {foreign[0][:120]!r}); nothing was accepted")
+
+
+@router.get("/jobs/", summary="Running async jobs, for services looking for work (the reference's shape)")
+@with_db
+def service_jobs(request: Request, ids_only: bool = False, incomplete_only: bool = False,
+                 pipeline__slug__in: str | None = Query(default=None, description="slugs, comma-separated"),
+                 limit: int = Query(default=100, ge=1, le=1000), offset: int = Query(default=0, ge=0),
+                 _: Principal = SERVICE) -> dict:
+    query = (Job.select(Job, Pipeline).join(Pipeline).where(Job.dispatch_mode == DispatchMode.ASYNC_API)
+             .order_by(Job.id))
+    if incomplete_only:
+        query = query.where(Job.status.in_((JobStatus.CREATED, JobStatus.PENDING, JobStatus.STARTED)))
+    if pipeline__slug__in:
+        query = query.where(Pipeline.slug.in_([s.strip() for s in pipeline__slug__in.split(",") if s.strip()]))
+    count = query.count()
+    rows = list(query.limit(limit).offset(offset))
+    results = [{"id": j.id} if ids_only else {"id": j.id, "status": j.status, "pipeline": j.pipeline.slug,
+                                              "dispatch_mode": j.dispatch_mode, "total_images": j.total_images}
+               for j in rows]
+    more = offset + len(rows) < count
+    base = str(request.url.remove_query_params(["offset"]))
+    return {"count": count, "next": f"{base}{'&' if '?' in base else '?'}offset={offset + limit}" if more else None,
+            "previous": None, "results": results}
+
+
+@router.post("/jobs/{job_id}/tasks/", summary="Reserve up to batch_size tasks (each leased for ack_wait)")
+@with_db
+def reserve_tasks(job_id: int, body: TasksRequest, request: Request, who: Principal = SERVICE) -> dict:
+    job = _job(job_id, running=False)
+    if job.status != JobStatus.STARTED:
+        log.debug("job=%s gateway: %s asked for tasks of a %s job; none", job_id, who.name, job.status)
+        return {"tasks": []}
+    runtime = runtime_of(request)
+    reserved = runtime.runner.run(gateway_of(request).reserve(job_id, body.batch_size), timeout=LOOP_TIMEOUT_S)
+    if reserved:
+        log.info("job=%s gateway: %s reserved %s of %s task(s)", job_id, who.name, len(reserved), body.batch_size)
+    _seen(runtime, who, job, reserved=len(reserved))
+    return {"tasks": [r.as_task() for r in reserved]}
+
+
+@router.post("/jobs/{job_id}/tasks/in_progress/", summary="Extend the lease of reserved tasks (+WPI)")
+@with_db
+def tasks_in_progress(job_id: int, body: InProgressRequest, request: Request, who: Principal = SERVICE) -> dict:
+    _job(job_id, running=True)
+    _check_replies(job_id, body.reply_subjects)
+    runtime_of(request).runner.run(gateway_of(request).in_progress(body.reply_subjects), timeout=LOOP_TIMEOUT_S)
+    return {"extended": len(body.reply_subjects)}
+
+
+@router.post("/jobs/{job_id}/result/", summary="Return results; each names its task's reply_subject",
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
+                 "type": "object", "required": ["results"], "properties": {"results": {"type": "array", "items": {
+                     "type": "object", "required": ["reply_subject", "result"]}}}}}}}})
+async def post_results(job_id: int, request: Request, who: Principal = SERVICE) -> dict:
+    limit = int(request.app.state.settings.web_max_body_mb * 1024 * 1024)
+    body = await _read_limited(request, limit)
+    try:
+        batch = _decode_batch.decode(body)
+    except msgspec.DecodeError as exc:
+        raise UserInputError(f"not a result batch ({{\"results\": [{{\"reply_subject\", \"result\"}}]}}): {exc}") \
+            from None
+    if not batch.results:
+        raise UserInputError("results is empty")
+    items = [(item.reply_subject, bytes(item.result)) for item in batch.results]
+    return await run_in_threadpool(_accept, request, who, job_id, items)
+
+
+@with_db
+def _accept(request: Request, who: Principal, job_id: int, items: list[tuple[str, bytes]]) -> dict:
+    job = _job(job_id, running=True)
+    _check_replies(job_id, [reply for reply, _ in items])
+    runtime = runtime_of(request)
+    runtime.runner.run(gateway_of(request).publish_results(job_id, items), timeout=LOOP_TIMEOUT_S)
+    log.info("job=%s gateway: %s returned %s result(s)", job_id, who.name, len(items))
+    _seen(runtime, who, job, returned=len(items))
+    return {"status": "accepted", "job_id": job_id, "results_queued": len(items),
+            "tasks": [{"reply_subject": reply, "status": "queued"} for reply, _ in items]}
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """The body, read as it arrives; 413 as soon as it is larger than `limit` (nothing of it is used)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"request body of {int(declared)} bytes is over the {limit}-byte limit "
+                                 "(PIPELINE_WEB_MAX_BODY_MB): send fewer results per request")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"request body is over the {limit}-byte limit (PIPELINE_WEB_MAX_BODY_MB): "
+                                     "send fewer results per request")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _seen(runtime, who: Principal, job: Job, *, reserved: int = 0, returned: int = 0) -> None:
+    try:
+        presence.service_seen(runtime.redis, who.name, pipeline=job.pipeline.slug, job_id=job.id,
+                              reserved=reserved, returned=returned)
+    except Exception as exc:  # noqa: BLE001 - bookkeeping for `health`; the request itself succeeded
+        log.debug("gateway: could not record %s's request: %s", who.name, exc)

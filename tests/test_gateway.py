@@ -1,0 +1,299 @@
+"""The HTTP gateway (`/api/v2`): processing services that never touch NATS, speaking the reference
+system's task protocol, against a real web server, NATS, Redis, a database and worker subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from models import Job, JobImage, JobStatus
+from pipeline import names
+from tests.conftest import PROJECT, subprocess_env, wait_for
+from tests.helpers import answer_one_box, dispatch, fake_job
+from tests.web_helpers import TOKENS_SETTING, WebServer, bearer
+
+SERVICE = bearer("svc")
+
+
+@pytest.fixture
+def gateway(settings, runtime):
+    server = WebServer(settings.with_overrides(web_tokens=TOKENS_SETTING), runtime).start()
+    with httpx.Client(base_url=server.url, timeout=30, headers=SERVICE) as client:
+        yield client
+    server.stop()
+
+
+def http_worker(client: httpx.Client, pipeline: str, stop: threading.Event, *, batch_size: int = 8,
+                per_request: int = 1, answer=answer_one_box) -> dict:
+    """A processing worker written from docs/processing-services.md with HTTP calls only: find jobs, reserve
+    tasks, answer each, return `per_request` results per POST. Returns counters."""
+    seen = {"tasks": 0, "posts": 0}
+    while not stop.is_set():
+        jobs = client.get("/api/v2/jobs/", params={"ids_only": 1, "incomplete_only": 1,
+                                                   "pipeline__slug__in": pipeline}).json()["results"]
+        got_any = False
+        for job in jobs:
+            reply = client.post(f"/api/v2/jobs/{job['id']}/tasks/", json={"batch_size": batch_size,
+                                                                           "client_info": {"name": "test"}})
+            assert reply.status_code == 200, reply.text
+            tasks = reply.json()["tasks"]
+            got_any |= bool(tasks)
+            seen["tasks"] += len(tasks)
+            results = [{"reply_subject": t["reply_subject"],
+                        "result": answer({"image_id": t["image_id"], "image_url": t["image_url"],
+                                          "pipeline": pipeline})}
+                       for t in tasks]
+            for start in range(0, len(results), per_request):
+                posted = client.post(f"/api/v2/jobs/{job['id']}/result/",
+                                     json={"results": results[start:start + per_request]})
+                assert posted.status_code == 200, posted.text
+                seen["posts"] += 1
+        if not got_any:
+            stop.wait(0.1)
+    return seen
+
+
+def run_worker_until(client, pipeline, job_id, **kwargs) -> tuple[Job, dict]:
+    stop = threading.Event()
+    out: dict = {}
+
+    def work():
+        try:
+            out.update(http_worker(client, pipeline, stop, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            out["error"] = exc
+            stop.set()
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    try:
+        job = wait_for(lambda: out.get("error") or ((j := Job.get_by_id(job_id)).status in JobStatus.TERMINAL and j),
+                       timeout_s=120, interval_s=0.2, message="the job to finish through the gateway")
+    finally:
+        stop.set()
+        thread.join(30)
+    if "error" in out:
+        raise out["error"]
+    return job, out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("per_request", [1, 8])
+def test_an_http_only_worker_runs_a_1000_image_job_to_success_with_exact_counts(
+        gateway, settings, moth_pipeline, worker_factory, per_request):
+    worker_factory(settings)
+    created = gateway.post("/api/v1/jobs", headers=bearer("ada"), json={
+        "pipeline": moth_pipeline, "urls": [f"file:///traps/{i}.png" for i in range(1000)]})
+    job_id = created.json()["id"]
+    wait_for(lambda: Job.get_by_id(job_id).status == JobStatus.STARTED, timeout_s=30, message="dispatch")
+    job, seen = run_worker_until(gateway, moth_pipeline, job_id, batch_size=16, per_request=per_request)
+    stages = job.progress["stages"]
+    assert job.status == JobStatus.SUCCESS
+    assert (stages["process"]["processed"], stages["process"]["failed"]) == (1000, 0)
+    assert (stages["results"]["detections"], stages["results"]["classifications"]) == (1000, 1000)
+    assert seen["tasks"] == 1000  # every task handed out once: no lease ran out, nothing redelivered
+
+
+def test_the_reference_workers_shapes_are_kept(gateway, runtime, moth_pipeline):
+    job = fake_job(moth_pipeline, 2)
+    internal = fake_job(moth_pipeline, 1, prefix="file:///internal/img", dispatch_mode="internal")
+    # before dispatch: the job is listed but has no tasks yet
+    listing = gateway.get("/api/v2/jobs/", params={"ids_only": 1, "incomplete_only": 1,
+                                                   "pipeline__slug__in": f"{moth_pipeline},other"}).json()
+    assert listing == {"count": 1, "next": None, "previous": None, "results": [{"id": job.id}]}
+    assert gateway.post(f"/api/v2/jobs/{job.id}/tasks/", json={"batch_size": 4}).json() == {"tasks": []}
+    dispatch(runtime, job.id)
+    tasks = gateway.post(f"/api/v2/jobs/{job.id}/tasks/", json={"batch_size": 4}).json()["tasks"]
+    assert len(tasks) == 2
+    for task in tasks:
+        assert set(task) == {"id", "image_id", "image_url", "reply_subject"}
+        assert task["id"] == task["image_id"] and task["image_url"].startswith("file:///nowhere/img-")
+        assert names.reply_belongs_to_job(task["reply_subject"], job.id)
+    # a result in the reference's own schema (taxon under "classification", extra fields) is accepted
+    reference = {"pipeline": moth_pipeline, "algorithms": {}, "total_time": 0.2, "errors": None,
+                 "source_images": [{"id": tasks[0]["image_id"], "url": tasks[0]["image_url"]}],
+                 "detections": [{"source_image_id": tasks[0]["image_id"], "bbox": {"x1": 1, "y1": 1, "x2": 9, "y2": 9},
+                                 "inference_time": 0.1, "timestamp": "2026-11-29T04:00:00",
+                                 "algorithm": {"name": "Dark blob detector", "key": "blob-detector-v1"},
+                                 "classifications": [{"classification": "Geometridae", "labels": None,
+                                                      "scores": [0.7], "logits": [1.2], "terminal": True,
+                                                      "algorithm": {"name": "Moth family", "key": "moth-shape-v1"}}]}]}
+    error = {"error": "lens cap on", "image_id": tasks[1]["image_id"]}
+    accepted = gateway.post(f"/api/v2/jobs/{job.id}/result/", json={"results": [
+        {"reply_subject": tasks[0]["reply_subject"], "result": reference},
+        {"reply_subject": tasks[1]["reply_subject"], "result": error}], "client_info": {"hostname": "gpu-1"}})
+    assert accepted.status_code == 200
+    assert accepted.json() == {"status": "accepted", "job_id": job.id, "results_queued": 2, "tasks": [
+        {"reply_subject": tasks[0]["reply_subject"], "status": "queued"},
+        {"reply_subject": tasks[1]["reply_subject"], "status": "queued"}]}
+    # the results are on the results stream exactly as a NATS service would have put them
+    assert _results_waiting(runtime) == 2
+    # internal jobs have no tasks for services; unknown jobs are 404
+    assert gateway.post(f"/api/v2/jobs/{internal.id}/tasks/", json={"batch_size": 1}).status_code == 400
+    assert gateway.post("/api/v2/jobs/4242/tasks/", json={"batch_size": 1}).status_code == 404
+    assert gateway.post(f"/api/v2/jobs/{job.id}/tasks/", json={"batch_size": 0}).status_code == 400
+
+
+def _results_waiting(runtime) -> int:
+    async def count():
+        return (await runtime.tasks.queue.js.stream_info(names.RESULTS_STREAM)).state.messages
+
+    return runtime.runner.run(count(), timeout=10)
+
+
+def test_a_foreign_or_forged_reply_subject_is_refused_and_nothing_is_published(gateway, runtime, moth_pipeline):
+    mine, other = fake_job(moth_pipeline, 1), fake_job(moth_pipeline, 1, prefix="file:///other/img")
+    dispatch(runtime, mine.id)
+    dispatch(runtime, other.id)
+    [my_task] = gateway.post(f"/api/v2/jobs/{mine.id}/tasks/", json={"batch_size": 1}).json()["tasks"]
+    [their_task] = gateway.post(f"/api/v2/jobs/{other.id}/tasks/", json={"batch_size": 1}).json()["tasks"]
+    before = _results_waiting(runtime)
+    result = answer_one_box({"image_id": my_task["image_id"], "image_url": "x", "pipeline": moth_pipeline})
+    for reply in (their_task["reply_subject"], f"$JS.ACK.PIPELINE_TASKS.job-{other.id + 7}.1.1.1.1.0",
+                  "pipeline.results.1"):
+        refused = gateway.post(f"/api/v2/jobs/{mine.id}/result/", json={"results": [
+            {"reply_subject": my_task["reply_subject"], "result": result}, {"reply_subject": reply, "result": result}]})
+        assert refused.status_code == 409, reply
+        assert refused.json()["error"].startswith(f"1 reply_subject(s) are not tasks of job {mine.id}")
+        extended = gateway.post(f"/api/v2/jobs/{mine.id}/tasks/in_progress/", json={"reply_subjects": [reply]})
+        assert extended.status_code == 409
+    assert _results_waiting(runtime) == before  # nothing published, not even the good one
+    assert runtime.tasks.consumer_state(other.id).num_ack_pending == 1  # their task: untouched, still leased
+
+
+def test_an_abandoned_reservation_comes_back_after_ack_wait_and_in_progress_keeps_it(
+        settings, runtime, moth_pipeline):
+    quick = settings.with_overrides(web_tokens=TOKENS_SETTING, nats_task_ttr=1.5)
+    runtime.settings = quick
+    server = WebServer(quick, runtime).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=30, headers=SERVICE) as client:
+            job = fake_job(moth_pipeline, 2)
+            dispatch(runtime, job.id)
+            first = client.post(f"/api/v2/jobs/{job.id}/tasks/", json={"batch_size": 2}).json()["tasks"]
+            assert len(first) == 2
+            assert client.post(f"/api/v2/jobs/{job.id}/tasks/", json={"batch_size": 2}).json()["tasks"] == []
+            # keep one alive with +WPI, abandon the other
+            kept = first[0]
+            for _ in range(3):
+                time.sleep(0.7)
+                assert client.post(f"/api/v2/jobs/{job.id}/tasks/in_progress/",
+                                   json={"reply_subjects": [kept["reply_subject"]]}).json() == {"extended": 1}
+            again = client.post(f"/api/v2/jobs/{job.id}/tasks/", json={"batch_size": 2}).json()["tasks"]
+            assert [t["image_id"] for t in again] == [first[1]["image_id"]]  # only the abandoned one is back
+            assert again[0]["reply_subject"] != first[1]["reply_subject"]  # a new delivery
+    finally:
+        server.stop()
+
+
+def test_an_oversized_result_body_is_413_and_nothing_is_saved(settings, runtime, moth_pipeline):
+    small = settings.with_overrides(web_tokens=TOKENS_SETTING, web_max_body_mb=0.01)  # about 10 kB
+    server = WebServer(small, runtime).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=30, headers=SERVICE) as client:
+            job = fake_job(moth_pipeline, 1)
+            dispatch(runtime, job.id)
+            [task] = client.post(f"/api/v2/jobs/{job.id}/tasks/", json={"batch_size": 1}).json()["tasks"]
+            result = answer_one_box({"image_id": task["image_id"], "image_url": "x", "pipeline": moth_pipeline})
+            result["detections"] *= 200
+            big = json.dumps({"results": [{"reply_subject": task["reply_subject"], "result": result}]}).encode()
+            before = _results_waiting(runtime)
+            declared = client.post(f"/api/v2/jobs/{job.id}/result/", content=big,
+                                   headers={"Content-Type": "application/json"})
+            assert declared.status_code == 413 and "PIPELINE_WEB_MAX_BODY_MB" in declared.json()["error"]
+
+            def chunked():  # no Content-Length: the limit holds while reading
+                for start in range(0, len(big), 4096):
+                    yield big[start:start + 4096]
+
+            streamed = client.post(f"/api/v2/jobs/{job.id}/result/", content=chunked(),
+                                   headers={"Content-Type": "application/json"})
+            assert streamed.status_code == 413
+            assert _results_waiting(runtime) == before
+            assert JobImage.get(JobImage.job == job.id).status == "pending"
+    finally:
+        server.stop()
+
+
+def test_nats_stopped_is_503_and_the_gateway_recovers(private_runtime, moth_pipeline):
+    runtime, dev = private_runtime
+    server = WebServer(runtime.settings.with_overrides(web_tokens=TOKENS_SETTING), runtime).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=60, headers=SERVICE) as client:
+            job = fake_job(moth_pipeline, 3)
+            dispatch(runtime, job.id)
+            assert len(client.post(f"/api/v2/jobs/{job.id}/tasks/", json={"batch_size": 1}).json()["tasks"]) == 1
+            dev.nats.stop()
+            down = client.post(f"/api/v2/jobs/{job.id}/tasks/", json={"batch_size": 1})
+            assert down.status_code == 503 and "unavailable" in down.json()["error"]
+            dev.nats.start()
+            back = wait_for(lambda: (r := client.post(f"/api/v2/jobs/{job.id}/tasks/", json={"batch_size": 1}))
+                            .status_code == 200 and r.json()["tasks"], timeout_s=60, interval_s=0.5,
+                            message="the gateway to hand out tasks again")
+            assert len(back) == 1
+    finally:
+        server.stop()
+
+
+def test_viewers_may_not_use_the_gateway_and_services_appear_in_health(gateway, runtime, moth_pipeline):
+    job = fake_job(moth_pipeline, 1)
+    dispatch(runtime, job.id)
+    assert gateway.post(f"/api/v2/jobs/{job.id}/tasks/", json={"batch_size": 1},
+                        headers=bearer("vic")).status_code == 403
+    assert gateway.get("/api/v2/jobs/", headers={"Authorization": ""}).status_code == 401
+    gateway.post(f"/api/v2/jobs/{job.id}/tasks/", json={"batch_size": 1})
+    report = gateway.get("/api/v1/health", headers=bearer("ada")).json()
+    [svc] = report["http_services"]
+    assert (svc["service"], svc["pipeline"], svc["job"], svc["holding"]) == ("svc", moth_pipeline, job.id, 1)
+
+
+@pytest.mark.slow
+def test_two_gateway_processes_never_hand_out_one_task_twice(settings, moth_pipeline, runtime):
+    job = fake_job(moth_pipeline, 300)
+    dispatch(runtime, job.id)
+    env = subprocess_env(settings.with_overrides(web_tokens=TOKENS_SETTING))
+    from pipeline.devstack import free_port
+
+    ports = [free_port(), free_port()]
+    procs = [subprocess.Popen([sys.executable, "cli.py", "web", "--port", str(port)], cwd=PROJECT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+             for port in ports]
+    handed: list[str] = []
+    try:
+        for port in ports:
+            wait_for(lambda port=port: _answers(f"http://127.0.0.1:{port}/healthz"), timeout_s=30, message="web")
+
+        def reserve(port):
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=SERVICE, timeout=30) as client:
+                while True:
+                    tasks = client.post(f"/api/v2/jobs/{job.id}/tasks/", json={"batch_size": 7}).json()["tasks"]
+                    if not tasks:
+                        return
+                    handed.extend(t["image_id"] for t in tasks)
+
+        threads = [threading.Thread(target=reserve, args=(port,)) for port in ports for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(20)
+    assert len(handed) == 300 and len(set(handed)) == 300
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
