@@ -470,9 +470,17 @@ def dlq_replay(ids: tuple[str, ...], replay_all: bool) -> None:
               help="Images per result message (1: one message per image).")
 @click.option("--task-timeout", type=float, default=600, show_default=True,
               help="Seconds the model may take on one image before the image is failed with a timeout.")
+@click.option("--via", "via_url", metavar="URL",
+              help="Work through a jetpipe web server's HTTP gateway (http://host:8080) instead of NATS.")
+@click.option("--token", envvar="PIPELINE_SERVICE_TOKEN", show_envvar=True,
+              help="This service's token for --via (a `service` token of PIPELINE_WEB_TOKENS).")
 @handles_errors
-def process(pipeline_slug: str, concurrency: int, batch_size: int, task_timeout: float) -> None:
-    """Run the reference processing service for a pipeline with a built-in model (moth-demo)."""
+def process(pipeline_slug: str, concurrency: int, batch_size: int, task_timeout: float, via_url: str | None,
+            token: str | None) -> None:
+    """Run the reference processing service for a pipeline with a built-in model (moth-demo).
+
+    It pulls tasks from NATS, or with --via from a web server's HTTP gateway (no NATS needed here).
+    """
     from pipeline.errors import UserInputError
     from pipeline.handlers import HANDLERS, get_handler
     from pipeline.schemas import MAX_IMAGES_PER_RESULT
@@ -490,9 +498,12 @@ def process(pipeline_slug: str, concurrency: int, batch_size: int, task_timeout:
         raise UserInputError("--task-timeout must be a positive number of seconds")
     settings = get_settings()
     logging.getLogger("pipeline").setLevel(settings.log_level.upper())
+    if via_url and not via_url.startswith(("http://", "https://")):
+        raise UserInputError(f"--via must be an http:// or https:// URL, not {via_url!r}")
     service = ProcessingService(pipeline_slug, handler, nats_url=settings.nats_url, concurrency=concurrency,
                                 nats_creds=settings.nats_creds, nats_tls_ca=settings.nats_tls_ca,
-                                batch_size=batch_size, task_timeout_s=task_timeout)
+                                batch_size=batch_size, task_timeout_s=task_timeout,
+                                transport="http" if via_url else "nats", url=via_url or "", token=token or "")
 
     async def serve():
         loop = asyncio.get_running_loop()

@@ -2,6 +2,8 @@
 
     service = ProcessingService("moth-demo", handler, nats_url="nats://...")
     asyncio.run(service.run())
+    # or, where NATS cannot be reached, through the web server's HTTP gateway (pipeline/sdk_http.py):
+    service = ProcessingService("moth-demo", handler, transport="http", url="https://jetpipe.example", token="...")
 
 What it does for the service author (docs/processing-services.md):
 - finds work by listing the consumers of PIPELINE_TASKS filtered on `pipeline.tasks.<slug>.<job_id>`,
@@ -36,6 +38,7 @@ import nats.js.errors
 from pipeline import names
 from pipeline.outage import Outage
 from pipeline.schemas import MAX_IMAGES_PER_RESULT, ErrorResult, Result, SuccessResult, Task, decode_task, encode
+from pipeline.sdk_http import HttpTransport
 from pipeline.taskqueue import NATS_FAILURES, TaskQueue
 
 log = logging.getLogger(__name__)
@@ -115,12 +118,21 @@ class _Batch:
 class ProcessingService:
     """A processing service for one pipeline. `handler(task) -> SuccessResult | ErrorResult` (sync or async)."""
 
-    def __init__(self, pipeline: str, handler: Callable[[Task], Result], *, nats_url: str,
+    def __init__(self, pipeline: str, handler: Callable[[Task], Result], *, nats_url: str = "",
                  concurrency: int = 4, name: str | None = None, nats_creds: str = "", nats_tls_ca: str = "",
                  batch_size: int = BATCH_SIZE, batch_linger_s: float = BATCH_LINGER_S,
-                 task_timeout_s: float = TASK_TIMEOUT_S):
+                 task_timeout_s: float = TASK_TIMEOUT_S, transport: str = "nats", url: str = "", token: str = ""):
         if not 1 <= batch_size <= MAX_IMAGES_PER_RESULT:
             raise ValueError(f"batch_size must be between 1 and {MAX_IMAGES_PER_RESULT}, got {batch_size}")
+        if transport not in ("nats", "http"):
+            raise ValueError(f"transport must be nats or http, got {transport!r}")
+        if transport == "http" and not url:
+            raise ValueError("transport='http' needs the web server's url")
+        if transport == "nats" and not nats_url:
+            raise ValueError("transport='nats' needs nats_url")
+        self.transport = transport
+        self.url = url
+        self.token = token
         self.pipeline = pipeline
         self.batch_size = batch_size
         self.batch_linger_s = batch_linger_s
@@ -151,7 +163,11 @@ class ProcessingService:
                                        **self.nats_security)
 
     async def run(self) -> None:
-        """Process tasks until `stop()`; survives NATS outages (reconnects and carries on)."""
+        """Process tasks until `stop()`; survives NATS (or gateway) outages and carries on."""
+        if self.transport == "http":
+            await HttpTransport(self, url=self.url, token=self.token,
+                                results_per_post=self.batch_size).run()
+            return
         self._queue = await self._connect()
         log.info("service %s pulling pipeline %s with %s slot(s)", self.name, self.pipeline, self.concurrency)
         try:
@@ -344,6 +360,10 @@ class ProcessingService:
             task = decode_task(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return ErrorResult(error=f"malformed task: {exc}", image_id=image_id)
+        return await self._run_task(task)
+
+    async def _run_task(self, task: Task) -> Result:
+        """The handler's result for `task`; its exception or a run past the deadline as an error result."""
         try:
             if inspect.iscoroutinefunction(self.handler):
                 running = self.handler(task)

@@ -297,3 +297,39 @@ def _answers(url: str) -> bool:
     except httpx.HTTPError:
         return False
 
+
+
+@pytest.mark.slow
+def test_the_reference_service_works_through_the_gateway_with_cli_process_via(
+        settings, runtime, moth_pipeline, trap_images, worker_factory):
+    from pipeline import moth
+
+    server = WebServer(settings.with_overrides(web_tokens=TOKENS_SETTING), runtime).start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}  # no NATS, no database here
+    env["PIPELINE_SERVICE_TOKEN"] = TOKENS_SETTING.split(",")[2].split(":")[2]
+    service = subprocess.Popen([sys.executable, "cli.py", "process", "--pipeline", moth.SLUG, "--via", server.url,
+                                "--batch-size", "5"], cwd=PROJECT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        worker_factory(settings)
+        directory, truth = trap_images
+        names_ = sorted(truth)[:15]
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            job_id = client.post("/api/v1/jobs", headers=bearer("ada"), json={
+                "pipeline": moth.SLUG, "urls": [f"file://{directory}/{n}" for n in names_]}).json()["id"]
+        done = wait_for(lambda: (j := Job.get_by_id(job_id)).status in JobStatus.TERMINAL and j, timeout_s=90,
+                        message="the job to finish through cli.py process --via")
+        stages = done.progress["stages"]
+        assert done.status == JobStatus.SUCCESS
+        assert stages["results"]["detections"] == sum(len(truth[n]) for n in names_)
+        # a wrong token is one clear line and exit 1
+        env["PIPELINE_SERVICE_TOKEN"] = "not-a-token-0123456789"
+        refused = subprocess.run([sys.executable, "cli.py", "process", "--pipeline", moth.SLUG, "--via", server.url],
+                                 cwd=PROJECT, env=env, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1 and "refused this service's token (401)" in refused.stderr
+        assert "Traceback" not in refused.stderr
+    finally:
+        os.killpg(service.pid, signal.SIGTERM)
+        out, _ = service.communicate(timeout=30)
+        server.stop()
+    assert "Traceback" not in out, out
