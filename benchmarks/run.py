@@ -131,6 +131,10 @@ asyncio.run(ProcessingService("moth-demo", null_model, nats_url=get_settings().n
                               batch_size=BATCH).run())
 """
 
+GATEWAY_SERVICE = E2E_SERVICE.replace(
+    'nats_url=get_settings().nats_url, concurrency=64,\n                              batch_size=BATCH)',
+    'transport="http", url=WEB_URL, concurrency=BATCH,\n                              batch_size=BATCH)')
+
 E2E_ENQUEUE = """
 import json, time, models
 from pipeline import moth
@@ -288,16 +292,25 @@ def throwaway_database(server_url: str):
         admin.close()
 
 
-def run_job_end_to_end(stack: DevStack, db_url: str, images: int, batch_size: int, **settings) -> tuple[dict, dict,
-                                                                                                        float]:
+def run_job_end_to_end(stack: DevStack, db_url: str, images: int, batch_size: int, *, via_gateway: bool = False,
+                       **settings) -> tuple[dict, dict, float]:
     """One job of `images` images through a worker process and a null service sending `batch_size` images
-    per result message: (the job's figures, the worker's counters, the worker's CPU seconds)."""
+    per result message (through NATS, or `via_gateway`: reserving and returning `batch_size` tasks per HTTP
+    request from a `cli.py web` process): (the job's figures, the worker's counters, the worker's CPU s)."""
     fresh_servers(stack)  # the dispatch stage's job 1 must not meet this stage's job 1
     port = free_port()
     env = env_for(stack, db_url, PIPELINE_METRICS_PORT=port, **settings)
     worker = start_worker(env, "pipeline.actors")
-    service = subprocess.Popen([sys.executable, "-c", E2E_SERVICE.replace("BATCH)", f"{batch_size})")], cwd=ROOT,
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    procs = [worker]
+    code = E2E_SERVICE
+    if via_gateway:
+        web_port = free_port()
+        procs.append(subprocess.Popen([sys.executable, "cli.py", "web", "--port", str(web_port)], cwd=ROOT, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        code = GATEWAY_SERVICE.replace("WEB_URL", repr(f"http://127.0.0.1:{web_port}"))
+    procs.append(subprocess.Popen([sys.executable, "-c", code.replace("BATCH)", f"{batch_size})")
+                                   .replace("BATCH,", f"{batch_size},")], cwd=ROOT, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
     try:
         time.sleep(3)
         cpu_before = session_cpu_s(worker.pid)
@@ -305,8 +318,17 @@ def run_job_end_to_end(stack: DevStack, db_url: str, images: int, batch_size: in
         cpu = session_cpu_s(worker.pid) - cpu_before
         counters = scrape(port)
     finally:
-        stop(service, worker)
+        stop(*reversed(procs))
     return e, counters, cpu
+
+
+def through_gateway(stack: DevStack, db_url: str, images: int, batch_size: int) -> list[tuple]:
+    """End to end with the null service working over HTTP through the gateway, no NATS client of its own."""
+    e, _, cpu = run_job_end_to_end(stack, db_url, images, batch_size, via_gateway=True)
+    rate = images / e["elapsed_s"]
+    return [(f"end to end through the HTTP gateway, {batch_size} tasks per request", f"{rate:,.0f} images/s "
+             f"({e['status']})", "(next to the NATS rows above)", "", "exact", is_exact(e, images)),
+            ("  outcome", exact(e, images), "", "", "exact", is_exact(e, images))]
 
 
 def exact(e: dict, images: int) -> str:
@@ -534,6 +556,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dispatch-images", type=int, default=100_000)
     parser.add_argument("--e2e-images", type=int, default=10_000)
+    parser.add_argument("--gateway-images", type=int, default=5_000)
     parser.add_argument("--memory-images", type=int, default=1_000_000)
     parser.add_argument("--sweep", nargs="+", default=["100x10", "1000x10", "5000x10", "1000x100"],
                         metavar="JOBSxIMAGES", help="reconciler sweeps: running jobs x images per job")
@@ -559,7 +582,7 @@ def main() -> int:
     return 0
 
 
-STAGES = ("dispatch", "e2e", "backlog", "sweep", "latency", "memory")
+STAGES = ("dispatch", "e2e", "gateway", "backlog", "sweep", "latency", "memory")
 
 
 def measure(args, stack: DevStack, tmp: str) -> list[tuple]:
@@ -584,6 +607,10 @@ def measure(args, stack: DevStack, tmp: str) -> list[tuple]:
                 with throwaway_database(args.postgres) as url:
                     rows += [(f"{name} [PostgreSQL]", *rest)
                              for name, *rest in end_to_end(stack, url, args.e2e_images, batch_size)[:2]]
+    if "gateway" in args.stages:
+        for batch_size in (16, 50):
+            console.log(f"end to end through the HTTP gateway, {batch_size} tasks per request")
+            rows += through_gateway(stack, f"sqlite:///{tmp}/gw-{batch_size}.db", args.gateway_images, batch_size)
     if "backlog" in args.stages:
         console.log(f"backlog: {args.backlog_images} images, one per message, a service faster than the worker")
         rows += backlog(stack, f"sqlite:///{tmp}/backlog.db", args.backlog_images)
