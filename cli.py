@@ -729,8 +729,9 @@ def demo_images(directory: str, count: int, seed: int) -> None:
 @click.option("--keep", is_flag=True, help="Keep the temporary directory (images, database, logs).")
 @click.option("--timeout", type=float, default=600, show_default=True, help="Seconds to wait for the job.")
 @click.option("--web", is_flag=True, help="Keep the dashboard (and the demo's stack) up until Ctrl-C.")
+@click.option("--http", is_flag=True, help="Run the reference service through the HTTP gateway, not NATS.")
 @handles_errors
-def demo(images: int, keep: bool, timeout: float, web: bool) -> None:
+def demo(images: int, keep: bool, timeout: float, web: bool, http: bool) -> None:
     """Self-contained demo: embedded stack, a worker, the reference service, one real job to the end.
 
     Exits 0 only if the job ends SUCCESS and its detections equal the generated ground truth.
@@ -741,7 +742,7 @@ def demo(images: int, keep: bool, timeout: float, web: bool) -> None:
     if images < 1:
         raise UserInputError("--images must be at least 1")
     ok = run_demo(console, images=images, keep=keep, timeout_s=timeout, project_dir=Path(__file__).resolve().parent,
-                  web=web)
+                  web=web, http=http)
     sys.exit(RET_OK if ok else RET_JOB_FAILED)
 
 

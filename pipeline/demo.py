@@ -57,8 +57,9 @@ def stop_process(proc: subprocess.Popen, timeout_s: float = 20) -> None:
 
 
 def run_demo(console: Console, *, images: int, keep: bool, timeout_s: float, project_dir: Path,
-             web: bool = False) -> bool:
-    """Run the demo; the dashboard shows it while it runs, and with `web` until Ctrl-C afterwards."""
+             web: bool = False, http: bool = False) -> bool:
+    """Run the demo; the dashboard shows it while it runs, and with `web` until Ctrl-C afterwards. With
+    `http` the reference service works through the dashboard's HTTP gateway instead of NATS."""
     root = Path(tempfile.mkdtemp(prefix="jetpipe-demo-"))
     stack = DevStack.create(root / "stack")
     procs: list[subprocess.Popen] = []
@@ -82,14 +83,17 @@ def run_demo(console: Console, *, images: int, keep: bool, timeout_s: float, pro
         expected = moth.summarize_truth(truth)
         console.print(f"generated {images} images with {expected['detections']} moths")
 
-        procs.append(start_process([sys.executable, "-m", "dramatiq", "pipeline.actors", "-p", "1", "-t", "8"],
-                                   env=env, log_path=root / "worker.log", cwd=project_dir))
-        procs.append(start_process([sys.executable, "cli.py", "process", "--pipeline", moth.SLUG, "--concurrency",
-                                    "4"], env=env, log_path=root / "service.log", cwd=project_dir))
-
         runtime = Runtime(settings, name="jetpipe-demo")
         set_runtime(runtime)
         dashboard = BackgroundWebServer(settings, runtime).start()
+        procs.append(start_process([sys.executable, "-m", "dramatiq", "pipeline.actors", "-p", "1", "-t", "8"],
+                                   env=env, log_path=root / "worker.log", cwd=project_dir))
+        via = ["--via", dashboard.url] if http else []
+        procs.append(start_process([sys.executable, "cli.py", "process", "--pipeline", moth.SLUG, "--concurrency",
+                                    "4", *via], env=env, log_path=root / "service.log", cwd=project_dir))
+        if http:
+            console.print(f"the reference service works over HTTP through {dashboard.url}/api/v2 (no NATS)",
+                          highlight=False)
         job = create_job(moth.SLUG, image_urls_from_dir(str(root / "images")), name="demo job")
         started = time.monotonic()
         start_job(runtime, job)

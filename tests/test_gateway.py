@@ -3,6 +3,7 @@ system's task protocol, against a real web server, NATS, Redis, a database and w
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import pytest
 from models import Job, JobImage, JobStatus
 from pipeline import names
 from tests.conftest import PROJECT, subprocess_env, wait_for
-from tests.helpers import answer_one_box, dispatch, fake_job
+from tests.helpers import answer_one_box, dispatch, fake_job, pull_tasks
 from tests.web_helpers import TOKENS_SETTING, WebServer, bearer
 
 SERVICE = bearer("svc")
@@ -333,3 +334,31 @@ def test_the_reference_service_works_through_the_gateway_with_cli_process_via(
         out, _ = service.communicate(timeout=30)
         server.stop()
     assert "Traceback" not in out, out
+
+
+def test_on_shutdown_tasks_fetched_but_never_handed_out_go_back_at_once(runtime, moth_pipeline):
+    """A delivery that reached the gateway after its request gave up is held, not lost; at shutdown it is
+    NAKed so it is redelivered now, not after ack_wait."""
+    from pipeline.gateway import Gateway
+
+    job = fake_job(moth_pipeline, 4)
+    dispatch(runtime, job.id)
+    gateway = Gateway(runtime.tasks.queue)
+    assert len(runtime.runner.run(gateway.reserve(job.id, 1), timeout=10)) == 1
+
+    async def late_deliveries():  # what a fetch that timed out leaves behind: deliveries nobody took
+        sub = gateway._subs[job.id]
+        await runtime.tasks.queue.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{names.TASKS_STREAM}.job-{job.id}",
+                                             json.dumps({"batch": 2}).encode(), reply=sub._deliver)
+        for _ in range(50):
+            if sub.pending_msgs >= 2:
+                return sub.pending_msgs
+            await asyncio.sleep(0.05)
+        return sub.pending_msgs
+
+    assert runtime.runner.run(late_deliveries(), timeout=10) == 2
+    assert runtime.tasks.consumer_state(job.id).num_ack_pending == 3
+    assert runtime.runner.run(gateway.release_all(), timeout=10) == 2
+    # at once, not after the 30 s ack_wait: the two released come back, with the one never delivered
+    again = pull_tasks(runtime, job.id, 3, timeout_s=3)
+    assert len(again) == 3 and runtime.tasks.consumer_state(job.id).num_redelivered == 2

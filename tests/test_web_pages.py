@@ -213,15 +213,17 @@ def _answers(url: str) -> bool:
 
 
 def test_demo_web_keeps_the_dashboard_up_with_the_demo_job_until_ctrl_c(tmp_path):
+    # (--http: its reference service works through the dashboard's HTTP gateway, not NATS)
     env = {"PATH": "/usr/bin:/bin", "PIPELINE_WEB_PORT": str(free_port()), "COLUMNS": "200"}
-    proc = subprocess.Popen([sys.executable, "cli.py", "demo", "--images", "8", "--web"], cwd=PROJECT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "cli.py", "demo", "--images", "8", "--web", "--http"], cwd=PROJECT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         lines = []
         for line in proc.stdout:
             lines.append(line)
             if line.startswith("dashboard: "):
                 break
+        assert any("works over HTTP through" in line for line in lines), "".join(lines)
         url = lines[-1].split()[1]
         assert url == f"http://127.0.0.1:{env['PIPELINE_WEB_PORT']}/jobs/1", "".join(lines)
         job = httpx.get(url.replace("/jobs/", "/api/v1/jobs/"), timeout=10).json()
