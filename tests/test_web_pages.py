@@ -216,7 +216,8 @@ def test_demo_web_keeps_the_dashboard_up_with_the_demo_job_until_ctrl_c(tmp_path
     # (--http: its reference service works through the dashboard's HTTP gateway, not NATS)
     env = {"PATH": "/usr/bin:/bin", "PIPELINE_WEB_PORT": str(free_port()), "COLUMNS": "200"}
     proc = subprocess.Popen([sys.executable, "cli.py", "demo", "--images", "8", "--web", "--http"], cwd=PROJECT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
         lines = []
         for line in proc.stdout:
