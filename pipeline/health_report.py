@@ -88,7 +88,7 @@ def build_report(settings: Settings, runner) -> tuple[int, dict]:
     problems: list[str] = []
 
     try:
-        db = models.bind(settings.database_url)
+        db = models.database.obj or models.bind(settings.database_url)  # never rebinds a live process's handle
         db.connect(reuse_if_open=True)
         version = db.execute_sql("select version()" if models.is_postgres() else "select sqlite_version()").fetchone()
         deps["database"] = {"reachable": True, "url": redact(settings.database_url), "version": version[0]}

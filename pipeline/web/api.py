@@ -177,6 +177,7 @@ def _take(chunks: Iterator[str], count: int = 64) -> list[str]:
 
 # ---- health, pipelines, dead letters ---------------------------------------------------------------------
 @router.get("/health", summary="What `cli.py health` reports (status: healthy, degraded, unreachable)")
+@with_db
 def api_health(request: Request, _=READ) -> dict:
     runtime = runtime_of(request)
     _, report = build_report(runtime.settings, runtime.runner)

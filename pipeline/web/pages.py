@@ -111,7 +111,10 @@ async def create_job_form(request: Request, _=WRITE):
     upload = form.get("urls_file")
     lines = str(form.get("urls", "")).splitlines()
     if isinstance(upload, UploadFile) and upload.filename:
-        lines += (await upload.read()).decode("utf-8", errors="strict").splitlines()
+        try:
+            lines += (await upload.read()).decode("utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise UserInputError(f"{upload.filename} is not UTF-8 text") from None
     def create():
         with models.thread_connection():
             return create_and_start(runtime_of(request), str(form.get("pipeline", "")), url_lines(lines),
@@ -168,6 +171,7 @@ async def retry_form(request: Request, job_id: int, _=WRITE):
 
 # ---- health, dead letters, pipelines ---------------------------------------------------------------------
 @router.get("/health")
+@with_db
 def health_page(request: Request, _=READ):
     runtime = runtime_of(request)
     _, report = build_report(runtime.settings, runtime.runner)
