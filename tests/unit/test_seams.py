@@ -42,7 +42,7 @@ def imports_of(path: Path) -> set[str]:
 
 
 def import_graph() -> dict[str, set[str]]:
-    files = [p for package in PACKAGES for p in (PROJECT / package).glob("*.py")]
+    files = [p for package in PACKAGES for p in (PROJECT / package).rglob("*.py")]
     graph = {module_name(p): imports_of(p) for p in files}
     return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
 
