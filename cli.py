@@ -206,10 +206,16 @@ def pipeline_list(as_json: bool) -> None:
 @click.option("--limit", type=int, help="Take at most this many images.")
 @click.option("--dispatch-mode", type=click.Choice(["async_api", "internal"]), default="async_api",
               show_default=True, help="async_api: external services via NATS; internal: the worker runs it.")
+@click.option("--pickup-timeout", type=float, metavar="SECONDS",
+              help="End the job FAILURE if no processing service pulls one of its tasks within this long after "
+                   "dispatch (default: PIPELINE_JOB_PICKUP_TIMEOUT, 24 h).")
+@click.option("--deadline", type=float, metavar="SECONDS",
+              help="Fail the images still pending this long after now (the threshold then decides the job).")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
 @click.argument("urls", nargs=-1)
 @handles_errors
-def enqueue_job(pipeline_slug, images_dir, images_file, name, limit, dispatch_mode, as_json, urls) -> None:
+def enqueue_job(pipeline_slug, images_dir, images_file, name, limit, dispatch_mode, pickup_timeout, deadline, as_json,
+                urls) -> None:
     """Create a job over images and start it; prints the job id.
 
     Images come from --images-dir, --images-file and/or arguments: URLs (file://, http://, https://) or
@@ -231,7 +237,8 @@ def enqueue_job(pipeline_slug, images_dir, images_file, name, limit, dispatch_mo
     if not sources:
         raise UserInputError("no images given: use --images-dir, --images-file or URL arguments")
     rt = runtime()
-    job = create_job(pipeline_slug, itertools.chain(*sources), name=name, limit=limit, dispatch_mode=dispatch_mode)
+    job = create_job(pipeline_slug, itertools.chain(*sources), name=name, limit=limit, dispatch_mode=dispatch_mode,
+                     pickup_timeout_s=pickup_timeout, deadline_s=deadline)
     start_job(rt, job)
     job = Job.get_by_id(job.id)
     if as_json:

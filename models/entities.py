@@ -76,6 +76,10 @@ class Job(BaseModel):
     finished_at = peewee.DateTimeField(null=True)
     last_progress_at = peewee.DateTimeField(null=True)
     cleaned_up_at = peewee.DateTimeField(null=True)
+    #: Seconds after dispatch within which some service must pull a task (None: PIPELINE_JOB_PICKUP_TIMEOUT).
+    pickup_timeout_s = peewee.FloatField(null=True)
+    #: When the whole job must have ended: its images still pending then are failed (None: no deadline).
+    deadline_at = peewee.DateTimeField(null=True)
 
     @property
     def is_terminal(self) -> bool:

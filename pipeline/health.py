@@ -3,6 +3,9 @@
 Sub-checks run in this order, each isolated (one raising does not stop the others), each reporting
 `{checked, fixed, unfixable}`:
 
+0. deadlines     a job no processing service has pulled a task of within its pickup timeout (24 h by
+                 default) ends FAILURE saying so; a job past its own deadline (`--deadline`) has its
+                 pending images failed, and the threshold decides. Results in hand are never overtaken.
 1. lost_images   running async jobs idle past PIPELINE_STALLED_JOBS_MAX_MINUTES whose remaining tasks
                  JetStream gave up on: those images become failed (invariant 8). Tasks never delivered
                  (no processing service) are not lost: the job waits and the check says why.
@@ -72,6 +75,8 @@ class Check(StrEnum):
     REVOKED = "revoked"
     CONSUMER_REMOVED = "consumer_removed"
     REDIS_REMOVED = "redis_removed"
+    NOT_PICKED_UP = "not_picked_up"  # no service pulled a task within the pickup timeout: FAILURE
+    DEADLINE_PASSED = "deadline_passed"  # the job's own deadline: its pending images failed
 
 
 @dataclasses.dataclass
@@ -109,7 +114,7 @@ class HealthCheck:
     def run(self) -> dict:
         started = time.monotonic()
         report = {"at": self.now.isoformat(timespec="seconds") + "Z"}
-        for name in ("lost_images", "state_rebuild", "stale_jobs", "zombies"):
+        for name in ("deadlines", "lost_images", "state_rebuild", "stale_jobs", "zombies"):
             try:
                 report[name] = getattr(self, name)().as_dict()
             except Exception as exc:  # noqa: BLE001 - isolation: one sub-check failing stops no other
@@ -122,6 +127,62 @@ class HealthCheck:
         return (Job.select(Job, Pipeline).join(Pipeline)
                 .where((Job.status == JobStatus.STARTED) & (Job.dispatch_mode == DispatchMode.ASYNC_API)
                        & Job.dispatched_at.is_null(False)))
+
+    # ---- 0. deadlines -----------------------------------------------------------------------------------
+    def deadlines(self) -> CheckResult:
+        result = CheckResult()
+        for job in self._running_async().order_by(Job.id):
+            pickup_by = job.dispatched_at + dt.timedelta(seconds=self._pickup_timeout(job))
+            due_pickup = self.now >= pickup_by
+            due_deadline = job.deadline_at is not None and self.now >= job.deadline_at
+            if not (due_pickup or due_deadline):
+                continue
+            result.checked += 1
+            consumer = self.runtime.tasks.consumer_state(job.id)
+            if not consumer.reachable:
+                result.unfixable += 1
+                result.jobs[job.id] = Check.ERROR
+                continue
+            if due_deadline:
+                reason = (f"deadline passed: the job was to end by {job.deadline_at.isoformat(timespec='seconds')}Z "
+                          "and this image had no result by then")
+                outcome = self._end_pending(job, reason, Check.DEADLINE_PASSED, result)
+            elif consumer.exists and consumer.num_delivered == 0:
+                reason = (f"no processing service picked up a task of pipeline {job.pipeline.slug} within "
+                          f"{_duration(self._pickup_timeout(job))} of dispatch")
+                outcome = self._end_pending(job, reason, Check.NOT_PICKED_UP, result, job_error=reason)
+            else:
+                continue  # picked up: the lost-image rules take it from here
+            result.jobs[job.id] = outcome
+            if outcome in (Check.NOT_PICKED_UP, Check.DEADLINE_PASSED):
+                result.fixed += 1
+            elif outcome == Check.ERROR:
+                result.unfixable += 1
+                self.unreachable_jobs.add(job.id)
+        return result
+
+    def _pickup_timeout(self, job: Job) -> float:
+        return job.pickup_timeout_s or self.settings.job_pickup_timeout
+
+    def _end_pending(self, job: Job, reason: str, outcome: Check, result: CheckResult, *,
+                     job_error: str | None = None) -> Check:
+        """Fail the job's pending images with `reason` (unless results of it wait to be saved: those decide
+        first), and give the job `job_error` as its reason if it ends FAILURE."""
+        try:
+            pending = sorted(self.runtime.state.pending_ids(job.id))
+        except TransientError:
+            return Check.ERROR
+        if inbox.outstanding(self.runtime, job.id):
+            result.notes.append(f"job {job.id}: {reason}; its results waiting to be saved come first")
+            return Check.RESULTS_QUEUED
+        if not pending:
+            return Check.OK
+        outcomes, status = fail_lost(self.runtime, job, pending, reason)
+        if job_error and status == JobStatus.FAILURE:
+            Job.update(error=job_error).where((Job.id == job.id) & (Job.status == JobStatus.FAILURE)).execute()
+        job_log(job.id, logging.WARNING, f"jobs_health_check: {reason}: {sum(o.failed for o in outcomes)} "
+                                         f"pending image(s) failed, job now {status}")
+        return outcome
 
     # ---- 1. lost images -------------------------------------------------------------------------------
     def lost_images(self) -> CheckResult:
@@ -362,6 +423,14 @@ class HealthCheck:
                 result.fixed += 1
                 result.add_outcome(job_id, Check.REDIS_REMOVED)
         return result
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g} h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g} min"
+    return f"{seconds:g} s"
 
 
 def _ended_jobs(job_ids: set[int]) -> dict[int, dt.datetime | None]:

@@ -166,6 +166,8 @@ def _job_line(job: Job, consumer: dict | None, now: dt.datetime, settings: Setti
             "total": job.total_images, "processed": stages.get("process", {}).get("processed", 0),
             "failed": stages.get("process", {}).get("failed", 0),
             "idle_s": round((now - activity).total_seconds()) if activity else None, "consumer": None}
+    if job.deadline_at is not None:
+        line["deadline_in_s"] = round((job.deadline_at - now).total_seconds())
     if job.dispatch_mode != DispatchMode.ASYNC_API or job.dispatched_at is None:
         return line
     if consumer is None:
@@ -180,10 +182,17 @@ def _job_line(job: Job, consumer: dict | None, now: dt.datetime, settings: Setti
     waiting_since = max(filter(None, [last, job.dispatched_at]))
     waited = (now - waiting_since).total_seconds()
     if consumer["num_pending"] > 0 and waited > settings.nats_task_ttr:
+        left = ""
+        if last is None:  # never picked up: the pickup deadline runs
+            pickup_by = job.dispatched_at + dt.timedelta(seconds=job.pickup_timeout_s or settings.job_pickup_timeout)
+            left = f"; it ends FAILURE in {_duration(max((pickup_by - now).total_seconds(), 0))} unless one does"
         problems.append(f"job {job.id} waits: no processing service has pulled tasks for pipeline "
-                        f"{job.pipeline.slug} for {_duration(waited)} ({consumer['num_pending']} task(s) waiting)")
+                        f"{job.pipeline.slug} for {_duration(waited)} ({consumer['num_pending']} task(s) "
+                        f"waiting){left}")
     return line
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"

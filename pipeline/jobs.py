@@ -3,6 +3,7 @@ tasks to JetStream, cancel it, and clean up after its one terminal transition.""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -49,8 +50,13 @@ def check_url(url: str) -> str:
 
 
 def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = None, limit: int | None = None,
-               dispatch_mode: str = DispatchMode.ASYNC_API) -> Job:
-    """A new CREATED job over `urls` (streamed, deduplicated); all or nothing: bad input leaves no row."""
+               dispatch_mode: str = DispatchMode.ASYNC_API, pickup_timeout_s: float | None = None,
+               deadline_s: float | None = None) -> Job:
+    """A new CREATED job over `urls` (streamed, deduplicated); all or nothing: bad input leaves no row.
+
+    `pickup_timeout_s`: seconds after dispatch within which a service must pull one of its tasks (default
+    PIPELINE_JOB_PICKUP_TIMEOUT); `deadline_s`: seconds from now by which the whole job must have ended.
+    """
     pipeline = Pipeline.get_or_none(Pipeline.slug == pipeline_slug)
     if pipeline is None:
         known = ", ".join(p.slug for p in Pipeline.select(Pipeline.slug).order_by(Pipeline.slug)) or "none"
@@ -59,9 +65,14 @@ def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = No
         raise UserInputError(f"unknown dispatch mode {dispatch_mode!r} (use {' or '.join(DispatchMode.ALL)})")
     if limit is not None and limit < 1:
         raise UserInputError("--limit must be at least 1")
+    for option, value in (("pickup timeout", pickup_timeout_s), ("deadline", deadline_s)):
+        if value is not None and not value > 0:
+            raise UserInputError(f"the {option} must be a positive number of seconds, not {value!r}")
+    deadline_at = utcnow() + dt.timedelta(seconds=deadline_s) if deadline_s else None
     with database.atomic():
         job = Job.create(name=name or f"{pipeline_slug} job", pipeline=pipeline, dispatch_mode=dispatch_mode,
-                         progress=progress.initial_progress())
+                         progress=progress.initial_progress(), pickup_timeout_s=pickup_timeout_s,
+                         deadline_at=deadline_at)
         total = 0
         for chunk in _chunks(_limited(urls, limit), CREATE_CHUNK):
             chunk = list(dict.fromkeys(check_url(u) for u in chunk))

@@ -38,6 +38,9 @@ OPTIONS: dict[str, Option] = {
                                 "a job fails iff failed/total is strictly greater than this"),
     "health_check_seconds": Option("PIPELINE_HEALTH_CHECK_SECONDS", "60",
                                    "seconds between two jobs_health_check runs"),
+    "job_pickup_timeout": Option("PIPELINE_JOB_PICKUP_TIMEOUT", "86400",
+                                 "seconds after dispatch within which a processing service must pull a task of "
+                                 "a job, or the job ends FAILURE (enqueue-job --pickup-timeout)"),
     "dispatch_chunk": Option("PIPELINE_DISPATCH_CHUNK", "5000",
                              "tasks run_job reads and publishes per round (its resume checkpoint)"),
     "metrics_port": Option("PIPELINE_METRICS_PORT", "9191",
@@ -77,6 +80,7 @@ class Settings:
     stalled_jobs_max_minutes: float
     failure_threshold: float
     health_check_seconds: float
+    job_pickup_timeout: float
     dispatch_chunk: int
     metrics_port: int
     metrics_host: str
@@ -116,6 +120,8 @@ class Settings:
             raise ConfigError("PIPELINE_FAILURE_THRESHOLD must be in [0, 1)")
         if self.health_check_seconds <= 0 or self.stalled_jobs_max_minutes <= 0:
             raise ConfigError("PIPELINE_HEALTH_CHECK_SECONDS and PIPELINE_STALLED_JOBS_MAX_MINUTES must be > 0")
+        if self.job_pickup_timeout <= 0:
+            raise ConfigError("PIPELINE_JOB_PICKUP_TIMEOUT must be a positive number of seconds")
         if self.web_max_body_mb <= 0:
             raise ConfigError("PIPELINE_WEB_MAX_BODY_MB must be a positive number")
         if self.log_level.upper() not in LOG_LEVELS:

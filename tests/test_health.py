@@ -13,6 +13,7 @@ import pytest
 
 from models import Detection, ImageStatus, Job, JobImage, JobStatus, Pipeline, utcnow
 from pipeline import names
+from pipeline.errors import UserInputError
 from pipeline.health import CheckResult, HealthCheck, run_health_check
 from pipeline.jobs import cancel
 from pipeline.lost import handle_advisory
@@ -448,3 +449,64 @@ def test_a_health_check_tick_that_waited_past_the_next_one_is_skipped_not_dead_l
     # Then it does nothing and says so (the current tick does the work)
     assert f"jobs_health_check slot={stale} skipped: stale" in caplog.text
     assert runtime.redis.get(names.HEALTH_LAST_KEY) is None
+
+
+def test_a_job_nobody_picks_up_waits_with_its_time_left_then_ends_failure_saying_why(runtime, moth_pipeline):
+    # Given a job whose pipeline no service serves, with a pickup timeout of one hour
+    from pipeline.aio import LoopThread
+    from pipeline.health_report import build_report
+
+    job = fake_job(moth_pipeline, 3, pickup_timeout_s=3600)
+    dispatch(runtime, job.id)
+    dispatched = Job.get_by_id(job.id).dispatched_at
+    # Before the deadline: nothing is failed, and `health` says it waits and how long is left
+    report = run_health_check(runtime, now=dispatched + dt.timedelta(minutes=59))
+    assert report["deadlines"]["checked"] == 0 and Job.get_by_id(job.id).status == JobStatus.STARTED
+    Job.update(dispatched_at=dispatched - dt.timedelta(minutes=50)).where(Job.id == job.id).execute()
+    loop = LoopThread()
+    try:
+        _, health = build_report(runtime.settings, loop)
+    finally:
+        loop.stop()
+    [problem] = [p for p in health["problems"] if p.startswith(f"job {job.id} waits")]
+    assert "it ends FAILURE in 10 min unless one does" in problem
+    # After it: the job ends FAILURE with the reason, its images failed with it, its tasks gone
+    report = run_health_check(runtime, now=dispatched + dt.timedelta(minutes=11))
+    assert report["deadlines"]["jobs"] == {str(job.id): "not_picked_up"}
+    ended = Job.get_by_id(job.id)
+    reason = "no processing service picked up a task of pipeline moth-demo within 1 h of dispatch"
+    assert (ended.status, ended.error) == (JobStatus.FAILURE, reason)
+    assert {r.error for r in JobImage.select().where(JobImage.job == job.id)} == {reason}
+    assert ended.progress["stages"]["process"]["failed"] == 3
+    assert runtime.tasks.consumer_state(job.id).exists is False
+
+
+def test_a_job_a_service_picked_up_is_never_failed_for_pickup(runtime, moth_pipeline):
+    job = fake_job(moth_pipeline, 2, pickup_timeout_s=60)
+    dispatch(runtime, job.id)
+    pull_tasks(runtime, job.id, 1)  # a service took one task and works on it
+    report = run_health_check(runtime, now=utcnow() + dt.timedelta(hours=2))
+    assert report["deadlines"]["jobs"] == {} and Job.get_by_id(job.id).status == JobStatus.STARTED
+
+
+def test_past_its_deadline_a_jobs_pending_images_fail_and_the_threshold_decides(runtime, moth_pipeline):
+    job = fake_job(moth_pipeline, 4, deadline_s=600)
+    dispatch(runtime, job.id)
+    tasks = pull_tasks(runtime, job.id, 4)
+    for task, reply in tasks[:3]:
+        handle_result_message(runtime, job.id, success_body(task, boxes=1), reply)
+    assert run_health_check(runtime)["deadlines"]["checked"] == 0  # not yet
+    report = run_health_check(runtime, now=utcnow() + dt.timedelta(minutes=11))
+    assert report["deadlines"]["jobs"] == {str(job.id): "deadline_passed"}
+    ended = Job.get_by_id(job.id)
+    assert (ended.status, ended.progress["stages"]["process"]["failed"]) == (JobStatus.SUCCESS, 1)  # 1/4 <= 0.5
+    [failed] = JobImage.select().where((JobImage.job == job.id) & (JobImage.status == "failed"))
+    assert failed.error.startswith("deadline passed: the job was to end by ")
+
+
+def test_bad_pickup_timeouts_and_deadlines_are_refused(runtime, moth_pipeline):
+    with pytest.raises(UserInputError, match="the pickup timeout must be a positive number of seconds"):
+        fake_job(moth_pipeline, 1, pickup_timeout_s=0)
+    with pytest.raises(UserInputError, match="the deadline must be a positive number of seconds"):
+        fake_job(moth_pipeline, 1, deadline_s=-5)
+    assert Job.select().count() == 0

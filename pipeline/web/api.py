@@ -39,6 +39,8 @@ class JobRequest(BaseModel):
                             max_length=MAX_URLS_IN_BODY)
     name: str | None = None
     dispatch_mode: DispatchMode = DispatchMode.ASYNC_API
+    pickup_timeout_s: float | None = Field(default=None, gt=0, description="default PIPELINE_JOB_PICKUP_TIMEOUT")
+    deadline_s: float | None = Field(default=None, gt=0, description="fail images still pending this long from now")
 
 
 class ReplayRequest(BaseModel):
@@ -63,9 +65,9 @@ def url_lines(lines) -> Iterator[str]:
             yield f"file://{line}" if line.startswith("/") else line
 
 
-def create_and_start(runtime, pipeline: str, urls, name: str | None, mode: str) -> dict:
+def create_and_start(runtime, pipeline: str, urls, name: str | None, mode: str, **limits) -> dict:
     """`cli.py enqueue-job`, for the API and the pages: the new job's summary."""
-    job = jobs.create_job(pipeline, urls, name=name, dispatch_mode=mode)
+    job = jobs.create_job(pipeline, urls, name=name, dispatch_mode=mode, **limits)
     jobs.start_job(runtime, job)
     return job_summary(get_job(job.id))
 
@@ -85,7 +87,8 @@ def api_jobs(status: list[str] = Query(default=[]), pipeline: str | None = None,
 @router.post("/jobs", status_code=201, summary="Create a job over image URLs and start it")
 @with_db
 def api_create_job(body: JobRequest, request: Request, _=WRITE) -> dict:
-    return create_and_start(runtime_of(request), body.pipeline, url_lines(body.urls), body.name, body.dispatch_mode)
+    return create_and_start(runtime_of(request), body.pipeline, url_lines(body.urls), body.name, body.dispatch_mode,
+                            pickup_timeout_s=body.pickup_timeout_s, deadline_s=body.deadline_s)
 
 
 @router.post("/jobs/from-file", status_code=201, summary="Create a job from an uploaded file of URLs, one a line")
