@@ -100,6 +100,71 @@ def nats_server(data_dir: Path, *, port: int | None = None, detach: bool = False
     return Server("nats", args, port, data_dir / "nats.log", detach)
 
 
+@dataclasses.dataclass
+class NatsCluster:
+    """Three nats-servers forming one JetStream cluster on loopback ports, each with its own store."""
+
+    nodes: list[Server]
+
+    @classmethod
+    def create(cls, root: str | Path, size: int = 3) -> NatsCluster:
+        root = Path(root)
+        ports = [free_port() for _ in range(size)]
+        routes = [free_port() for _ in range(size)]
+        nodes = []
+        for n in range(size):
+            data = root / f"node{n}"
+            data.mkdir(parents=True, exist_ok=True)
+            others = ",".join(f"nats://127.0.0.1:{routes[m]}" for m in range(size) if m != n)
+            args = [binary("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(ports[n]),
+                    "-sd", str(data / "jetstream"), "--server_name", f"n{n}", "--cluster_name", "jetpipe", "--cluster",
+                    f"nats://127.0.0.1:{routes[n]}", "--routes", others]
+            nodes.append(Server(f"nats-n{n}", args, ports[n], data / "nats.log"))
+        return cls(nodes)
+
+    def start(self, *, timeout_s: float = 30.0) -> NatsCluster:
+        for node in self.nodes:
+            node.start()
+        self.wait_for_jetstream(timeout_s)
+        return self
+
+    def wait_for_jetstream(self, timeout_s: float = 30.0) -> None:
+        """Until the cluster has elected a JetStream meta leader (streams can be created)."""
+        import asyncio
+
+        import nats
+
+        async def ready() -> bool:
+            nc = await nats.connect(servers=self.urls, connect_timeout=2, allow_reconnect=False)
+            try:
+                await nc.jetstream().account_info()
+                return True
+            except Exception:  # noqa: BLE001 - not yet
+                return False
+            finally:
+                await nc.close()
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if asyncio.run(ready()):
+                return
+            time.sleep(0.3)
+        raise TimeoutError(f"the NATS cluster has no JetStream leader after {timeout_s} s")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"nats://127.0.0.1:{node.port}" for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """PIPELINE_NATS_URL for the whole cluster."""
+        return ",".join(self.urls)
+
+
 def redis_server(data_dir: Path, *, port: int | None = None, persist: bool = False, detach: bool = False) -> Server:
     port = port or free_port()
     args = [binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),

@@ -216,7 +216,7 @@ def dispatch(runtime: Runtime, job: Job) -> int:
     settings = runtime.settings
     tasks = runtime.tasks
     # NATS may have lost the streams since this process connected (flushed, new store)
-    tasks.ensure_streams(max_jobs=settings.nats_max_jobs)
+    tasks.ensure_streams(**settings.stream_options())
     accepted = tasks.ensure_job_consumer(job.id, job.pipeline.slug, max_deliver=settings.nats_max_deliver,
                                          ack_wait_s=settings.nats_task_ttr)
     job_log(job.id, logging.INFO, f"consumer {names.job_consumer(job.id)} ready: max_deliver="

@@ -237,7 +237,7 @@ class WorkerResources(dramatiq.Middleware):
             return
         self.bridge = Bridge(queue.queue.js, bridge_routes(runtime), sweep=lambda: sweep_inbox(runtime),
                              task_ack_wait_s=runtime.settings.nats_task_ttr,
-                             ensure_streams=lambda: queue.queue.ensure_streams(max_jobs=runtime.settings.nats_max_jobs))
+                             ensure_streams=lambda: queue.queue.ensure_streams(**runtime.settings.stream_options()))
         if self._stopping:
             return
         await self.bridge.run()

@@ -60,7 +60,7 @@ class Runtime:
             if self._tasks is None:
                 tasks = SyncTaskQueue.connect(self.settings.nats_url, self.runner, name=self.name,
                                               **self.settings.nats_options())
-                tasks.ensure_streams(max_jobs=self.settings.nats_max_jobs)
+                tasks.ensure_streams(**self.settings.stream_options())
                 self._tasks = tasks
             return self._tasks
 
@@ -71,7 +71,7 @@ class Runtime:
         """
         if self._tasks is None:
             queue = await TaskQueue.connect(self.settings.nats_url, name=self.name, **self.settings.nats_options())
-            await queue.ensure_streams(max_jobs=self.settings.nats_max_jobs)
+            await queue.ensure_streams(**self.settings.stream_options())
             if self._tasks is None:
                 self._tasks = SyncTaskQueue(queue, self.runner)
             else:

@@ -29,6 +29,9 @@ OPTIONS: dict[str, Option] = {
                                "deliveries of one task before JetStream gives up on it"),
     "nats_task_ttr": Option("PIPELINE_NATS_TASK_TTR", "30",
                             "seconds a processing service has per task before redelivery (ack_wait)"),
+    "nats_replicas": Option("PIPELINE_NATS_REPLICAS", "1",
+                            "replicas of every stream jetpipe creates (3 on a 3-node JetStream cluster); existing "
+                            "streams are adjusted at startup"),
     "nats_max_jobs": Option("PIPELINE_NATS_MAX_JOBS", "10000",
                             "job consumers PIPELINE_TASKS allows at once: jobs dispatched and not yet cleaned up "
                             "(NATS 2.15 gives a stream 1000 unless it says otherwise)"),
@@ -77,6 +80,7 @@ class Settings:
     nats_max_deliver: int
     nats_task_ttr: float  # seconds
     nats_max_jobs: int
+    nats_replicas: int
     stalled_jobs_max_minutes: float
     failure_threshold: float
     health_check_seconds: float
@@ -112,6 +116,8 @@ class Settings:
             raise ConfigError("PIPELINE_DISPATCH_CHUNK must be at least 1")
         if self.nats_max_deliver < 1:
             raise ConfigError("PIPELINE_NATS_MAX_DELIVER must be at least 1")
+        if not 1 <= self.nats_replicas <= 5:
+            raise ConfigError("PIPELINE_NATS_REPLICAS must be between 1 and 5")
         if self.nats_max_jobs < 1:
             raise ConfigError("PIPELINE_NATS_MAX_JOBS must be at least 1")
         if self.nats_task_ttr <= 0:
@@ -136,6 +142,10 @@ class Settings:
             url = getattr(self, name)
             if "://" not in url:
                 raise ConfigError(f"{OPTIONS[name].env} is not a URL: {redact(url)!r}")
+
+    def stream_options(self) -> dict[str, int]:
+        """How jetpipe's streams are to be made: `ensure_streams(**settings.stream_options())`."""
+        return {"max_jobs": self.nats_max_jobs, "replicas": self.nats_replicas}
 
     def nats_options(self) -> dict[str, str]:
         """Connection options beyond the URL (which carries user/password or token, and tls://)."""
@@ -172,7 +182,9 @@ URL_IN_TEXT = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>]+", re.IGNORECASE)
 
 def redact(url: str) -> str:
     """The URL with any password or token replaced by ***, in its user info and in its query string;
-    never log a URL without this."""
+    never log a URL without this. A comma-separated list of URLs (NATS servers) is redacted URL by URL."""
+    if "," in url and url.count("://") > 1:
+        return ",".join(redact(part.strip()) for part in url.split(","))
     try:
         parts = urlsplit(url)
     except ValueError:

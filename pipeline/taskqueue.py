@@ -146,7 +146,8 @@ async def connect_nats(url: str, *, name: str, connect_timeout_s: float = 10.0, 
 
     try:
         nc = await asyncio.wait_for(nats.connect(
-            url, name=name, connect_timeout=2, reconnect_time_wait=0.5,
+            servers=[server.strip() for server in url.split(",") if server.strip()],  # a cluster: several URLs
+            name=name, connect_timeout=2, reconnect_time_wait=0.5,
             max_reconnect_attempts=-1 if reconnect else 0, allow_reconnect=reconnect,
             ping_interval=10, max_outstanding_pings=3, inbox_prefix=inbox_prefix,
             error_cb=quiet_error, disconnected_cb=disconnected, reconnected_cb=reconnected, **security,
@@ -253,28 +254,34 @@ class TaskQueue:
         await self.nc.close()
 
     # ---- streams ------------------------------------------------------------------------------------
-    async def ensure_streams(self, *, max_jobs: int = DEFAULT_MAX_JOBS) -> None:
-        """Create the three streams of the wire contract if missing. Existing ones are left as they are,
-        except the tasks stream's consumer limit, which is raised or lowered to `max_jobs` (one consumer
-        per dispatched job; NATS 2.15 defaults a stream to 1,000 consumers)."""
+    async def ensure_streams(self, *, max_jobs: int = DEFAULT_MAX_JOBS, replicas: int = 1) -> None:
+        """Create the three streams of the wire contract if missing, with `replicas` replicas. Existing ones
+        are left as they are, except their replica count and the tasks stream's consumer limit, which is
+        raised or lowered to `max_jobs` (one consumer per dispatched job; NATS 2.15 defaults a stream to
+        1,000 consumers). Job consumers inherit the stream's replicas."""
         wanted = [
             StreamConfig(name=names.TASKS_STREAM, subjects=[names.TASKS_SUBJECTS],
                          retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
                          duplicate_window=DUPLICATE_WINDOW_S, discard=DiscardPolicy.OLD, allow_direct=True,
-                         max_consumers=max_jobs),
+                         max_consumers=max_jobs, num_replicas=replicas),
             StreamConfig(name=names.RESULTS_STREAM, subjects=[names.RESULTS_SUBJECTS],
                          retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
-                         duplicate_window=120),
+                         duplicate_window=120, num_replicas=replicas),
             StreamConfig(name=names.ADVISORIES_STREAM,
                          subjects=[names.MAX_DELIVERIES_ADVISORY, names.TERMINATED_ADVISORY],
                          retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
-                         max_age=ADVISORY_MAX_AGE_S),
+                         max_age=ADVISORY_MAX_AGE_S, num_replicas=replicas),
         ]
         for config in wanted:
             try:
                 info = await self.js.stream_info(config.name)
+                changes = {}
                 if config.max_consumers and info.config.max_consumers != config.max_consumers:
-                    await self._set_max_consumers(info.config, config.max_consumers)
+                    changes["max_consumers"] = config.max_consumers
+                if (info.config.num_replicas or 1) != replicas:
+                    changes["num_replicas"] = replicas
+                if changes:
+                    await self._update_stream(info.config, changes)
             except nats.js.errors.NotFoundError:
                 try:
                     await self.js.add_stream(config)
@@ -283,13 +290,13 @@ class TaskQueue:
                     if "already in use" not in str(exc):
                         raise
 
-    async def _set_max_consumers(self, current: StreamConfig, limit: int) -> None:
+    async def _update_stream(self, current: StreamConfig, changes: dict) -> None:
+        was = {name: getattr(current, name) for name in changes}
         try:
-            await self.js.update_stream(dataclasses.replace(current, max_consumers=limit))
-            log.info("stream %s now allows %s job consumers (was %s)", current.name, limit, current.max_consumers)
-        except nats.js.errors.BadRequestError as exc:  # a server that cannot edit the limit keeps its own
-            log.warning("stream %s keeps max_consumers=%s (wanted %s): %s", current.name, current.max_consumers,
-                        limit, exc)
+            await self.js.update_stream(dataclasses.replace(current, **changes))
+            log.info("stream %s now has %s (was %s)", current.name, changes, was)
+        except nats.js.errors.BadRequestError as exc:  # a server that cannot make the change keeps its own
+            log.warning("stream %s keeps %s (wanted %s): %s", current.name, was, changes, exc)
 
     # ---- job consumers ------------------------------------------------------------------------------
     async def ensure_job_consumer(self, job_id: int, pipeline_slug: str, *, max_deliver: int,
@@ -518,8 +525,8 @@ class SyncTaskQueue:
     def close(self) -> None:
         self._run("close", self.queue.close())
 
-    def ensure_streams(self, *, max_jobs: int = DEFAULT_MAX_JOBS) -> None:
-        self._run("ensure_streams", self.queue.ensure_streams(max_jobs=max_jobs))
+    def ensure_streams(self, *, max_jobs: int = DEFAULT_MAX_JOBS, replicas: int = 1) -> None:
+        self._run("ensure_streams", self.queue.ensure_streams(max_jobs=max_jobs, replicas=replicas))
 
     def ensure_job_consumer(self, job_id: int, pipeline_slug: str, *, max_deliver: int,
                             ack_wait_s: float) -> ConsumerConfig:

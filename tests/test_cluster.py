@@ -1,0 +1,115 @@
+"""jetpipe on a 3-node JetStream cluster with R3 streams: a node lost mid-job, leader included, costs no
+image. Three real nats-server processes on loopback ports with routes, each with its own store."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis
+
+from models import Job, JobStatus
+from pipeline import moth, names
+from pipeline.devstack import NatsCluster
+from pipeline.runtime import Runtime, set_runtime
+from tests.conftest import make_settings, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)]
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    nodes = NatsCluster.create(tmp_path / "cluster").start()
+    yield nodes
+    nodes.stop()
+
+
+@pytest.fixture
+def on_cluster(cluster, db_url, stack, moth_pipeline):
+    """Settings and a runtime on the cluster (R3 streams, short ack_wait), the session's Redis."""
+    redis.Redis.from_url(stack.redis_url).flushall()
+    settings = make_settings(db_url, type("Servers", (), {"redis_url": stack.redis_url, "nats_url": cluster.url}),
+                             PIPELINE_NATS_REPLICAS=3, PIPELINE_NATS_TASK_TTR=5, PIPELINE_NATS_MAX_DELIVER=5)
+    runtime = Runtime(settings, name="jetpipe-cluster-test")
+    previous = set_runtime(runtime)
+    yield settings, runtime
+    set_runtime(previous)
+    runtime.close()
+
+
+def stream_leader(runtime, stream: str) -> str:
+    js = runtime.tasks.queue.js  # (connected here: not from a coroutine on the runtime's own loop)
+
+    async def info():
+        return await js.stream_info(stream)
+
+    return runtime.runner.run(info(), timeout=20).cluster.leader
+
+
+def _answers(fn, *args):
+    try:
+        return fn(*args)
+    except Exception:  # noqa: BLE001 - (this test's own connection may still be moving to another node)
+        return None
+
+
+def slow_moth(task):
+    time.sleep(0.03)
+    return moth.process_task(task)
+
+
+def test_streams_are_r3_and_a_job_survives_its_stream_leader_sigkilled_at_30_percent(
+        cluster, on_cluster, trap_images, worker_factory, service_factory):
+    settings, runtime = on_cluster
+    worker_factory(settings)
+    service_factory(settings, moth.SLUG, slow_moth, concurrency=2)
+    directory, truth = trap_images
+    from pipeline.jobs import create_job, start_job
+
+    names_ = sorted(truth)[:50]
+    job = create_job(moth.SLUG, [f"file://{directory}/{n}" for n in names_])
+    start_job(runtime, job)
+    wait_for(lambda: Job.get_by_id(job.id).progress["stages"]["process"].get("processed", 0) >= 15, timeout_s=60,
+             message="30 % of the job")
+    # every stream jetpipe made has three replicas
+    js = runtime.tasks.queue.js
+
+    async def replicas():
+        return [(await js.stream_info(s)).config.num_replicas
+                for s in (names.TASKS_STREAM, names.RESULTS_STREAM, names.ADVISORIES_STREAM)]
+
+    assert runtime.runner.run(replicas(), timeout=20) == [3, 3, 3]
+    leader = stream_leader(runtime, names.TASKS_STREAM)
+    [node] = [n for n in cluster.nodes if n.name == f"nats-{leader}"]
+    node.kill()  # SIGKILL
+    killed_at = time.monotonic()
+    done = wait_for(lambda: (j := Job.get_by_id(job.id)).status in JobStatus.TERMINAL and j, timeout_s=120,
+                    message="the job to finish after its stream leader was killed")
+    recovery_s = time.monotonic() - killed_at
+    stages = done.progress["stages"]
+    assert done.status == JobStatus.SUCCESS
+    assert (stages["process"]["processed"], stages["process"]["failed"]) == (50, 0)
+    assert stages["results"]["detections"] == sum(len(truth[n]) for n in names_)
+    new_leader = wait_for(lambda: _answers(stream_leader, runtime, names.TASKS_STREAM), timeout_s=60,
+                          message="this test's own connection to find the cluster again")
+    assert new_leader != leader
+    print(f"kill of stream leader {leader} -> SUCCESS in {recovery_s:.1f} s (new leader {new_leader})")
+
+
+def test_existing_r1_streams_are_raised_to_r3_at_startup(cluster, on_cluster):
+    settings, runtime = on_cluster
+    from pipeline.taskqueue import TaskQueue
+
+    async def make_r1_then_r3():
+        queue = await TaskQueue.connect(cluster.url)
+        try:
+            await queue.ensure_streams(replicas=1)
+            before = (await queue.js.stream_info(names.RESULTS_STREAM)).config.num_replicas
+            await queue.ensure_streams(replicas=3)
+            after = (await queue.js.stream_info(names.RESULTS_STREAM)).config.num_replicas
+            return before, after
+        finally:
+            await queue.close()
+
+    assert asyncio.run(make_r1_then_r3()) == (1, 3)
