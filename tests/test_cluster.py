@@ -97,6 +97,34 @@ def test_streams_are_r3_and_a_job_survives_its_stream_leader_sigkilled_at_30_per
     print(f"kill of stream leader {leader} -> SUCCESS in {recovery_s:.1f} s (new leader {new_leader})")
 
 
+def test_a_rolling_restart_of_every_node_during_a_job_costs_no_image(
+        cluster, on_cluster, trap_images, worker_factory, service_factory):
+    settings, runtime = on_cluster
+    worker_factory(settings)
+    slower = lambda task: (time.sleep(0.4), moth.process_task(task))[1]  # noqa: E731 - the job outlasts the restarts
+    service_factory(settings, moth.SLUG, slower, concurrency=2)
+    directory, truth = trap_images
+    from pipeline.jobs import create_job, start_job
+
+    names_ = sorted(truth)
+    job = create_job(moth.SLUG, [f"file://{directory}/{n}" for n in names_])
+    start_job(runtime, job)
+    wait_for(lambda: Job.get_by_id(job.id).progress["stages"]["process"].get("processed", 0) >= 5, timeout_s=60,
+             message="the job to be under way")
+    started = time.monotonic()
+    for node in cluster.nodes:  # one at a time, as an operator upgrading the cluster would
+        assert Job.get_by_id(job.id).status == JobStatus.STARTED  # (the restarts happen while it runs)
+        node.restart()
+        cluster.wait_for_jetstream()
+    done = wait_for(lambda: (j := Job.get_by_id(job.id)).status in JobStatus.TERMINAL and j, timeout_s=120,
+                    message="the job to finish after a rolling restart")
+    stages = done.progress["stages"]
+    assert done.status == JobStatus.SUCCESS
+    assert (stages["process"]["processed"], stages["process"]["failed"]) == (len(names_), 0)
+    assert stages["results"]["detections"] == sum(len(truth[n]) for n in names_)
+    print(f"rolling restart of 3 nodes, then SUCCESS {time.monotonic() - started:.1f} s after it began")
+
+
 def test_existing_r1_streams_are_raised_to_r3_at_startup(cluster, on_cluster):
     settings, runtime = on_cluster
     from pipeline.taskqueue import TaskQueue
