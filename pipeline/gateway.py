@@ -66,7 +66,8 @@ class Gateway:
                     msgs = await sub.fetch(count, timeout=FETCH_WAIT_S)
                 except (nats.errors.TimeoutError, TimeoutError):
                     msgs = []
-            except nats.js.errors.NotFoundError:
+            except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):
+                # the job's consumer was deleted (the job ended, or was canceled) under this fetch
                 await self._forget(job_id)
                 return []
             except NATS_FAILURES as exc:
