@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 import models
 from models import DispatchMode
 from pipeline import dlq, export, jobs
-from pipeline.errors import NothingToDo, UserInputError
+from pipeline.errors import NotFound, NothingToDo, UserInputError
 from pipeline.health_report import build_report
 from pipeline.job_views import failed_images, get_job, job_logs, job_summary, list_jobs, status_counts
 from pipeline.registry import list_pipelines, register_pipeline
@@ -49,8 +49,6 @@ class ReplayRequest(BaseModel):
 
 
 def _job_or_404(job_id: int):
-    from pipeline.errors import NotFound
-
     job = get_job(job_id)
     if job is None:
         raise NotFound(f"no job {job_id}")
