@@ -26,6 +26,7 @@ from pipeline import moth
 from pipeline.devstack import DevStack
 from pipeline.job_views import get_job, job_summary, watch
 from pipeline.jobs import create_job, image_urls_from_dir, start_job
+from pipeline.presence import live_workers
 from pipeline.registry import register_pipeline
 from pipeline.runtime import Runtime, set_runtime
 from pipeline.schemas import decode_pipeline_spec
@@ -94,6 +95,8 @@ def run_demo(console: Console, *, images: int, keep: bool, timeout_s: float, pro
         if http:
             console.print(f"the reference service works over HTTP through {dashboard.url}/api/v2 (no NATS)",
                           highlight=False)
+        with console.status("waiting for the worker to start"):
+            _wait_for_worker(runtime)
         job = create_job(moth.SLUG, image_urls_from_dir(str(root / "images")), name="demo job")
         started = time.monotonic()
         start_job(runtime, job)
@@ -123,6 +126,13 @@ def run_demo(console: Console, *, images: int, keep: bool, timeout_s: float, pro
             console.print(f"kept {root} (images, pipeline.db, worker.log, service.log)")
         else:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _wait_for_worker(runtime: Runtime, timeout_s: float = 60) -> None:
+    """Until the worker announces itself (the job's time then measures jetpipe, not a process starting)."""
+    deadline = time.monotonic() + timeout_s
+    while not live_workers(runtime.redis) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _wait_for_interrupt() -> None:
