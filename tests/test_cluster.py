@@ -13,9 +13,10 @@ from models import Job, JobStatus
 from pipeline import moth, names
 from pipeline.devstack import NatsCluster
 from pipeline.runtime import Runtime, set_runtime
-from tests.conftest import make_settings, wait_for
+from tests.conftest import POSTGRES, make_settings, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)]
+pytestmark = pytest.mark.slow
+SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
 
 @pytest.fixture
@@ -59,6 +60,7 @@ def slow_moth(task):
     return moth.process_task(task)
 
 
+@SQLITE_ONLY
 def test_streams_are_r3_and_a_job_survives_its_stream_leader_sigkilled_at_30_percent(
         cluster, on_cluster, trap_images, worker_factory, service_factory):
     settings, runtime = on_cluster
@@ -97,6 +99,7 @@ def test_streams_are_r3_and_a_job_survives_its_stream_leader_sigkilled_at_30_per
     print(f"kill of stream leader {leader} -> SUCCESS in {recovery_s:.1f} s (new leader {new_leader})")
 
 
+@SQLITE_ONLY
 def test_a_rolling_restart_of_every_node_during_a_job_costs_no_image(
         cluster, on_cluster, trap_images, worker_factory, service_factory):
     settings, runtime = on_cluster
@@ -125,6 +128,7 @@ def test_a_rolling_restart_of_every_node_during_a_job_costs_no_image(
     print(f"rolling restart of 3 nodes, then SUCCESS {time.monotonic() - started:.1f} s after it began")
 
 
+@SQLITE_ONLY
 def test_existing_r1_streams_are_raised_to_r3_at_startup(cluster, on_cluster):
     settings, runtime = on_cluster
     from pipeline.taskqueue import TaskQueue
@@ -141,3 +145,26 @@ def test_existing_r1_streams_are_raised_to_r3_at_startup(cluster, on_cluster):
             await queue.close()
 
     assert asyncio.run(make_r1_then_r3()) == (1, 3)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.skipif(
+    not POSTGRES, reason="PostgreSQL not reachable"))], indirect=True)
+def test_workers_connected_to_different_nodes_on_postgresql_run_a_job_exactly(
+        cluster, on_cluster, trap_images, worker_factory, service_factory):
+    settings, runtime = on_cluster
+    for node_url in cluster.urls:  # one worker process per node, each knowing only its own node
+        worker_factory(settings, PIPELINE_NATS_URL=node_url, PIPELINE_METRICS_PORT=0)
+    service_factory(settings.with_overrides(nats_url=cluster.urls[0]), moth.SLUG, slow_moth, concurrency=4)
+    directory, truth = trap_images
+    from pipeline.jobs import create_job, start_job
+
+    names_ = sorted(truth)
+    job = create_job(moth.SLUG, [f"file://{directory}/{n}" for n in names_])
+    start_job(runtime, job)
+    done = wait_for(lambda: (j := Job.get_by_id(job.id)).status in JobStatus.TERMINAL and j, timeout_s=120,
+                    message="the job to finish")
+    stages = done.progress["stages"]
+    assert done.status == JobStatus.SUCCESS
+    assert (stages["process"]["processed"], stages["process"]["failed"]) == (len(names_), 0)
+    assert stages["results"]["detections"] == sum(len(truth[n]) for n in names_)
