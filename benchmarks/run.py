@@ -227,9 +227,9 @@ def scrape(port: int) -> dict[str, float]:
     return samples
 
 
-def start_worker(env: dict, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "dramatiq", *extra, "-p", "1", "-t", "8"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+def start_worker(env: dict, *extra: str, processes: int = 1) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dramatiq", *extra, "-p", str(processes), "-t", "8"], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def stop(*procs: subprocess.Popen) -> None:
@@ -293,14 +293,14 @@ def throwaway_database(server_url: str):
 
 
 def run_job_end_to_end(stack: DevStack, db_url: str, images: int, batch_size: int, *, via_gateway: bool = False,
-                       **settings) -> tuple[dict, dict, float]:
+                       processes: int = 1, **settings) -> tuple[dict, dict, float]:
     """One job of `images` images through a worker process and a null service sending `batch_size` images
     per result message (through NATS, or `via_gateway`: reserving and returning `batch_size` tasks per HTTP
     request from a `cli.py web` process): (the job's figures, the worker's counters, the worker's CPU s)."""
     fresh_servers(stack)  # the dispatch stage's job 1 must not meet this stage's job 1
     port = free_port()
     env = env_for(stack, db_url, PIPELINE_METRICS_PORT=port, **settings)
-    worker = start_worker(env, "pipeline.actors")
+    worker = start_worker(env, "pipeline.actors", processes=processes)
     procs = [worker]
     code = E2E_SERVICE
     if via_gateway:
@@ -320,6 +320,18 @@ def run_job_end_to_end(stack: DevStack, db_url: str, images: int, batch_size: in
     finally:
         stop(*reversed(procs))
     return e, counters, cpu
+
+
+def worker_processes(stack: DevStack, database, images: int, label: str) -> list[tuple]:
+    """One job through 1, 2 and 4 worker processes (one dramatiq master with -p N), each on a fresh database
+    (`database()` is a context manager yielding its URL)."""
+    rows = []
+    for processes in (1, 2, 4):
+        with database() as url:
+            e, _, _ = run_job_end_to_end(stack, url, images, BATCH_SIZE, processes=processes)
+        rows.append((f"end to end, {processes} worker process(es), {label}", f"{images / e['elapsed_s']:,.0f} "
+                     f"images/s ({e['status']})", "", "", "exact, no collapse", is_exact(e, images)))
+    return rows
 
 
 def through_gateway(stack: DevStack, db_url: str, images: int, batch_size: int) -> list[tuple]:
@@ -582,7 +594,7 @@ def main() -> int:
     return 0
 
 
-STAGES = ("dispatch", "e2e", "gateway", "backlog", "sweep", "latency", "memory")
+STAGES = ("dispatch", "e2e", "gateway", "workers", "backlog", "sweep", "latency", "memory")
 
 
 def measure(args, stack: DevStack, tmp: str) -> list[tuple]:
@@ -611,6 +623,15 @@ def measure(args, stack: DevStack, tmp: str) -> list[tuple]:
         for batch_size in (16, 50):
             console.log(f"end to end through the HTTP gateway, {batch_size} tasks per request")
             rows += through_gateway(stack, f"sqlite:///{tmp}/gw-{batch_size}.db", args.gateway_images, batch_size)
+    if "workers" in args.stages:
+        if args.postgres:
+            console.log("1, 2 and 4 worker processes on PostgreSQL")
+            rows += worker_processes(stack, lambda: throwaway_database(args.postgres), args.e2e_images,
+                                     "PostgreSQL, 50 images per message")
+        else:
+            console.log("1, 2 and 4 worker processes on SQLite (one writer at a time: give --postgres)")
+            rows += worker_processes(stack, lambda: contextlib.nullcontext(f"sqlite:///{tmp}/w-{time.time_ns()}.db"),
+                                     args.e2e_images, "SQLite, 50 images per message")
     if "backlog" in args.stages:
         console.log(f"backlog: {args.backlog_images} images, one per message, a service faster than the worker")
         rows += backlog(stack, f"sqlite:///{tmp}/backlog.db", args.backlog_images)
