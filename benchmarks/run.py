@@ -334,6 +334,31 @@ def worker_processes(stack: DevStack, database, images: int, label: str) -> list
     return rows
 
 
+def replicated(stack: DevStack, tmp: str, dispatch_images: int, images: int) -> list[tuple]:
+    """Dispatch and end to end on a 3-node JetStream cluster with R3 streams, next to the same on one node."""
+    from pipeline.chaos import flush_nats
+    from pipeline.devstack import NatsCluster
+
+    cluster = NatsCluster.create(Path(tmp) / "cluster").start()
+    r3 = {"PIPELINE_NATS_URL": cluster.url, "PIPELINE_NATS_REPLICAS": 3}
+    rows = []
+    try:
+        for label, extra in (("1 node, R1", {}), ("3 nodes, R3", r3)):
+            fresh_servers(stack)
+            if extra:
+                asyncio.run(flush_nats(cluster.url))
+            d = run_py(DISPATCH.replace("N)", f"{dispatch_images})"),
+                       env_for(stack, f"sqlite:///{tmp}/d-{len(rows)}.db", **extra))
+            rows.append((f"dispatch (run_job publish), {label}", f"{dispatch_images / d['dispatch_s']:,.0f} tasks/s",
+                         "", "", "", None))
+            e, _, _ = run_job_end_to_end(stack, f"sqlite:///{tmp}/r-{len(rows)}.db", images, BATCH_SIZE, **extra)
+            rows.append((f"end to end, 50 images per message, {label}", f"{images / e['elapsed_s']:,.0f} images/s",
+                         exact(e, images), "", "exact", is_exact(e, images)))
+    finally:
+        cluster.stop()
+    return rows
+
+
 def through_gateway(stack: DevStack, db_url: str, images: int, batch_size: int) -> list[tuple]:
     """End to end with the null service working over HTTP through the gateway, no NATS client of its own."""
     e, _, cpu = run_job_end_to_end(stack, db_url, images, batch_size, via_gateway=True)
@@ -594,7 +619,7 @@ def main() -> int:
     return 0
 
 
-STAGES = ("dispatch", "e2e", "gateway", "workers", "backlog", "sweep", "latency", "memory")
+STAGES = ("dispatch", "e2e", "gateway", "workers", "cluster", "backlog", "sweep", "latency", "memory")
 
 
 def measure(args, stack: DevStack, tmp: str) -> list[tuple]:
@@ -632,6 +657,9 @@ def measure(args, stack: DevStack, tmp: str) -> list[tuple]:
             console.log("1, 2 and 4 worker processes on SQLite (one writer at a time: give --postgres)")
             rows += worker_processes(stack, lambda: contextlib.nullcontext(f"sqlite:///{tmp}/w-{time.time_ns()}.db"),
                                      args.e2e_images, "SQLite, 50 images per message")
+    if "cluster" in args.stages:
+        console.log("R1 on one node vs R3 on a 3-node cluster: dispatch and end to end")
+        rows += replicated(stack, tmp, args.dispatch_images // 4, args.e2e_images)
     if "backlog" in args.stages:
         console.log(f"backlog: {args.backlog_images} images, one per message, a service faster than the worker")
         rows += backlog(stack, f"sqlite:///{tmp}/backlog.db", args.backlog_images)
