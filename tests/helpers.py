@@ -181,3 +181,24 @@ async def raw_service(nats_url: str, pipeline: str, stop: asyncio.Event, answer,
             await asyncio.sleep(0.05)
     await nc.close()
     return done
+
+
+def result_messages(settings, job_id: int) -> list:
+    """(header, body) of every result message of the job waiting in PIPELINE_RESULTS (left in place)."""
+
+    async def read():
+        nc = await nats.connect(settings.nats_url)
+        js = nc.jetstream()
+        info = await js.stream_info(names.RESULTS_STREAM)
+        found = []
+        for seq in range(max(info.state.first_seq, 1), info.state.last_seq + 1):
+            try:
+                msg = await js.get_msg(names.RESULTS_STREAM, seq)
+            except nats.js.errors.NotFoundError:
+                continue
+            if msg.subject == names.result_subject(job_id):
+                found.append(((msg.headers or {}).get(names.HDR_TASK_REPLY), json.loads(msg.data)))
+        await nc.close()
+        return found
+
+    return asyncio.run(read())

@@ -3,11 +3,9 @@ cost per message: one database transaction, one Redis round trip, the same state
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 
-import nats
 import pytest
 
 from models import Detection, ImageStatus, Job, JobImage, JobStatus, ResultInbox
@@ -15,7 +13,16 @@ from pipeline import names
 from pipeline.metrics import metrics
 from pipeline.saving import handle_result_message
 from tests.conftest import wait_for
-from tests.helpers import DET, dispatch, fake_job, job_with_results, pull_tasks, stream_count, success_body
+from tests.helpers import (
+    DET,
+    dispatch,
+    fake_job,
+    job_with_results,
+    pull_tasks,
+    result_messages,
+    stream_count,
+    success_body,
+)
 
 
 def batch_body(tasks, *, boxes: int = 2, detector: dict = DET) -> bytes:
@@ -169,27 +176,6 @@ def test_a_result_covering_more_images_than_allowed_is_bad_input(runtime, moth_p
     assert handled.action == "failed"
     assert {r.error for r in JobImage.select()} == {"bad result: a result may cover at most 2 images, this one "
                                                     "lists 3"}
-
-
-def result_messages(settings, job_id: int) -> list:
-    """(header, body) of every result message of the job waiting in PIPELINE_RESULTS (left in place)."""
-
-    async def read():
-        nc = await nats.connect(settings.nats_url)
-        js = nc.jetstream()
-        info = await js.stream_info(names.RESULTS_STREAM)
-        found = []
-        for seq in range(max(info.state.first_seq, 1), info.state.last_seq + 1):
-            try:
-                msg = await js.get_msg(names.RESULTS_STREAM, seq)
-            except nats.js.errors.NotFoundError:
-                continue
-            if msg.subject == names.result_subject(job_id):
-                found.append(((msg.headers or {}).get(names.HDR_TASK_REPLY), json.loads(msg.data)))
-        await nc.close()
-        return found
-
-    return asyncio.run(read())
 
 
 @pytest.mark.parametrize("batch_size", [10, 1])

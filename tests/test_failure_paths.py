@@ -20,7 +20,7 @@ from pipeline.runtime import get_runtime
 from pipeline.saving import handle_result_message
 from pipeline.schemas import PipelineSpec, decode_result
 from tests.conftest import wait_for
-from tests.helpers import dispatch, fake_job, pull_tasks, stream_count, success_body
+from tests.helpers import dispatch, fake_job, pull_tasks, result_messages, stream_count, success_body
 
 
 @pytest.fixture
@@ -371,8 +371,6 @@ def test_a_task_whose_handler_hangs_is_failed_with_a_timeout_and_frees_its_slot(
     dispatch(runtime, job.id)
     service_factory(runtime.settings, moth_pipeline, handler, concurrency=1, task_timeout_s=1.0, batch_size=1)
     # When results are saved as they come (no worker here: handled directly from the stream)
-    from tests.test_batches import result_messages
-
     messages = wait_for(lambda: (m := result_messages(runtime.settings, job.id)) and len(m) == 3 and m, timeout_s=30,
                         message="three result messages")
     release.set()
@@ -414,8 +412,6 @@ def test_a_service_whose_nats_connection_never_comes_back_opens_a_new_one(runtim
                                                                           monkeypatch):
     # Given a running service whose connection dies for good (a client reconnect that stalled)
     from pipeline import sdk
-    from tests.test_batches import result_messages
-
     monkeypatch.setattr(sdk, "RECONNECT_WATCHDOG_S", 1.0)
     service = service_factory(runtime.settings, moth_pipeline, lambda task: decode_result(success_body(task)),
                               batch_size=1)
