@@ -87,6 +87,18 @@ class CheckResult:
     jobs: dict[int, str] = dataclasses.field(default_factory=dict)  # per-job outcome(s), Check values
     notes: list[str] = dataclasses.field(default_factory=list)  # what an operator should know
 
+    def tally(self, job_id: int, outcome: Check, *, fixed: tuple[Check, ...],
+              unfixable: tuple[Check, ...] = (Check.ERROR,)) -> bool:
+        """Record a job's outcome and count it as fixed or unfixable; True if unfixable (the job's NATS or
+        Redis could not be read: the reaper must leave it alone this tick)."""
+        self.jobs[job_id] = outcome
+        if outcome in fixed:
+            self.fixed += 1
+        elif outcome in unfixable:
+            self.unfixable += 1
+            return True
+        return False
+
     def add_outcome(self, job_id: int, outcome: Check) -> None:
         """Record one more thing done for a job (a job may have both its consumer and its keys removed)."""
         self.jobs[job_id] = f"{self.jobs[job_id]},{outcome}" if job_id in self.jobs else outcome
@@ -153,11 +165,7 @@ class HealthCheck:
                 outcome = self._end_pending(job, reason, Check.NOT_PICKED_UP, result, job_error=reason)
             else:
                 continue  # picked up: the lost-image rules take it from here
-            result.jobs[job.id] = outcome
-            if outcome in (Check.NOT_PICKED_UP, Check.DEADLINE_PASSED):
-                result.fixed += 1
-            elif outcome == Check.ERROR:
-                result.unfixable += 1
+            if result.tally(job.id, outcome, fixed=(Check.NOT_PICKED_UP, Check.DEADLINE_PASSED)):
                 self.unreachable_jobs.add(job.id)
         return result
 
@@ -191,11 +199,8 @@ class HealthCheck:
         for job in self._running_async().where(idle_since < self.cutoff).order_by(Job.id):
             result.checked += 1
             outcome = self._reconcile(job, result)
-            result.jobs[job.id] = outcome
-            if outcome in (Check.MARKED_FAILED, Check.FINALIZED, Check.RESYNCED):
-                result.fixed += 1
-            elif outcome in (Check.ERROR, Check.STATE_DISAPPEARED, Check.NO_CONSUMER):
-                result.unfixable += 1
+            if result.tally(job.id, outcome, fixed=(Check.MARKED_FAILED, Check.FINALIZED, Check.RESYNCED),
+                            unfixable=(Check.ERROR, Check.STATE_DISAPPEARED, Check.NO_CONSUMER)):
                 self.unreachable_jobs.add(job.id)
         return result
 
@@ -284,11 +289,7 @@ class HealthCheck:
             except TransientError as exc:
                 log.warning("job=%s state_rebuild: %s; unfixable this tick", job.id, exc)
                 outcome = Check.ERROR
-            result.jobs[job.id] = outcome
-            if outcome in (Check.REDIS_REBUILT, Check.REDISPATCHED):
-                result.fixed += 1
-            elif outcome == Check.ERROR:
-                result.unfixable += 1
+            if result.tally(job.id, outcome, fixed=(Check.REDIS_REBUILT, Check.REDISPATCHED)):
                 self.unreachable_jobs.add(job.id)
         return result
 
@@ -351,12 +352,7 @@ class HealthCheck:
                 result.unfixable += 1
                 result.jobs[job.id] = Check.SKIPPED_UNREACHABLE
                 continue
-            outcome = self._reap(job)
-            result.jobs[job.id] = outcome
-            if outcome in (Check.REVOKED, Check.FINALIZED, Check.RESYNCED):
-                result.fixed += 1
-            elif outcome == Check.ERROR:
-                result.unfixable += 1
+            result.tally(job.id, self._reap(job), fixed=(Check.REVOKED, Check.FINALIZED, Check.RESYNCED))
         return result
 
     def _reap(self, job: Job) -> Check:

@@ -48,6 +48,16 @@ def stream_leader(runtime, stream: str) -> str:
     return runtime.runner.run(info(), timeout=20).cluster.leader
 
 
+def assert_exact(job_id: int, names_: list[str], truth: dict) -> None:
+    """The job ended SUCCESS with every image processed once and the ground truth's detections."""
+    done = wait_for(lambda: (j := Job.get_by_id(job_id)).status in JobStatus.TERMINAL and j, timeout_s=120,
+                    message="the job to finish")
+    stages = done.progress["stages"]
+    assert done.status == JobStatus.SUCCESS
+    assert (stages["process"]["processed"], stages["process"]["failed"]) == (len(names_), 0)
+    assert stages["results"]["detections"] == sum(len(truth[n]) for n in names_)
+
+
 def _answers(fn, *args):
     try:
         return fn(*args)
@@ -86,13 +96,8 @@ def test_streams_are_r3_and_a_job_survives_its_stream_leader_sigkilled_at_30_per
     [node] = [n for n in cluster.nodes if n.name == f"nats-{leader}"]
     node.kill()  # SIGKILL
     killed_at = time.monotonic()
-    done = wait_for(lambda: (j := Job.get_by_id(job.id)).status in JobStatus.TERMINAL and j, timeout_s=120,
-                    message="the job to finish after its stream leader was killed")
+    assert_exact(job.id, names_, truth)
     recovery_s = time.monotonic() - killed_at
-    stages = done.progress["stages"]
-    assert done.status == JobStatus.SUCCESS
-    assert (stages["process"]["processed"], stages["process"]["failed"]) == (50, 0)
-    assert stages["results"]["detections"] == sum(len(truth[n]) for n in names_)
     new_leader = wait_for(lambda: _answers(stream_leader, runtime, names.TASKS_STREAM), timeout_s=60,
                           message="this test's own connection to find the cluster again")
     assert new_leader != leader
@@ -119,12 +124,7 @@ def test_a_rolling_restart_of_every_node_during_a_job_costs_no_image(
         assert Job.get_by_id(job.id).status == JobStatus.STARTED  # (the restarts happen while it runs)
         node.restart()
         cluster.wait_for_jetstream()
-    done = wait_for(lambda: (j := Job.get_by_id(job.id)).status in JobStatus.TERMINAL and j, timeout_s=120,
-                    message="the job to finish after a rolling restart")
-    stages = done.progress["stages"]
-    assert done.status == JobStatus.SUCCESS
-    assert (stages["process"]["processed"], stages["process"]["failed"]) == (len(names_), 0)
-    assert stages["results"]["detections"] == sum(len(truth[n]) for n in names_)
+    assert_exact(job.id, names_, truth)
     print(f"rolling restart of 3 nodes, then SUCCESS {time.monotonic() - started:.1f} s after it began")
 
 
@@ -162,9 +162,4 @@ def test_workers_connected_to_different_nodes_on_postgresql_run_a_job_exactly(
     names_ = sorted(truth)
     job = create_job(moth.SLUG, [f"file://{directory}/{n}" for n in names_])
     start_job(runtime, job)
-    done = wait_for(lambda: (j := Job.get_by_id(job.id)).status in JobStatus.TERMINAL and j, timeout_s=120,
-                    message="the job to finish")
-    stages = done.progress["stages"]
-    assert done.status == JobStatus.SUCCESS
-    assert (stages["process"]["processed"], stages["process"]["failed"]) == (len(names_), 0)
-    assert stages["results"]["detections"] == sum(len(truth[n]) for n in names_)
+    assert_exact(job.id, names_, truth)
