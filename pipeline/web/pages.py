@@ -115,6 +115,7 @@ async def create_job_form(request: Request, _=WRITE):
             lines += (await upload.read()).decode("utf-8").splitlines()
         except UnicodeDecodeError:
             raise UserInputError(f"{upload.filename} is not UTF-8 text") from None
+
     def create():
         with models.thread_connection():
             return create_and_start(runtime_of(request), str(form.get("pipeline", "")), url_lines(lines),
