@@ -133,6 +133,10 @@ def test_retry_failed_pipelines_and_dead_letters_through_the_api(web, runtime, m
                       files={"urls_file": ("urls.txt", b"# night 3\nfile:///t/1.png\n\n/t/2.png\n")})
     assert upload.status_code == 201, upload.text
     assert upload.json()["total_images"] == 2
+    binary = web.post("/api/v1/jobs/from-file", headers=ada, data={"pipeline": moth_pipeline, "name": "binary"},
+                      files={"urls_file": ("urls.bin", b"file:///t/3.png\n\xff\xfe\x00")})
+    assert (binary.status_code, binary.json()) == (400, {"error": "urls.bin is not UTF-8 text"})
+    assert Job.select().where(Job.name == "binary").count() == 0  # nothing of it was created
     # pipelines: register and list
     spec = {"slug": "bees", "name": "Bees", "algorithms": [{"key": "b1", "name": "B", "task_type": "detection"}]}
     assert web.post("/api/v1/pipelines", json=spec, headers=ada).status_code == 201

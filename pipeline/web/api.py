@@ -63,6 +63,14 @@ def url_lines(lines) -> Iterator[str]:
             yield f"file://{line}" if line.startswith("/") else line
 
 
+def uploaded_urls(upload: UploadFile) -> Iterator[str]:
+    """The image URLs of an uploaded file, one a line, read as they are consumed (never whole in memory)."""
+    try:
+        yield from url_lines(io.TextIOWrapper(upload.file, encoding="utf-8", errors="strict"))
+    except UnicodeDecodeError:
+        raise UserInputError(f"{upload.filename or 'the uploaded file'} is not UTF-8 text") from None
+
+
 def create_and_start(runtime, pipeline: str, urls, name: str | None, mode: str, **limits) -> dict:
     """`cli.py enqueue-job`, for the API and the pages: the new job's summary."""
     job = jobs.create_job(pipeline, urls, name=name, dispatch_mode=mode, **limits)
@@ -94,11 +102,7 @@ def api_create_job(body: JobRequest, request: Request, _=WRITE) -> dict:
 def api_create_job_from_file(request: Request, pipeline: str = Form(), name: str | None = Form(default=None),
                              dispatch_mode: DispatchMode = Form(default=DispatchMode.ASYNC_API),
                              urls_file: UploadFile = File(), _=WRITE) -> dict:
-    text = io.TextIOWrapper(urls_file.file, encoding="utf-8", errors="strict")
-    try:
-        return create_and_start(runtime_of(request), pipeline, url_lines(text), name, dispatch_mode)
-    except UnicodeDecodeError:
-        raise UserInputError("the uploaded file is not UTF-8 text") from None
+    return create_and_start(runtime_of(request), pipeline, uploaded_urls(urls_file), name, dispatch_mode)
 
 
 @router.get("/jobs/{job_id}", summary="A job: status, stages, counters, throughput, first failures")

@@ -4,6 +4,7 @@ change something carry the CSRF value (see auth.py) and go through the same func
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -19,7 +20,7 @@ from pipeline.health_report import build_report
 from pipeline.job_views import failed_images, get_job, job_summary, list_jobs, status_counts
 from pipeline.registry import list_pipelines, register_pipeline
 from pipeline.schemas import decode_pipeline_spec
-from pipeline.web.api import create_and_start, url_lines
+from pipeline.web.api import create_and_start, uploaded_urls, url_lines
 from pipeline.web.auth import CSRF_COOKIE, SESSION_COOKIE, SESSION_S, csrf_ok, new_csrf_value
 from pipeline.web.deps import allowed, principal_of, runtime_of, with_db
 
@@ -109,16 +110,13 @@ def jobs_page(request: Request, status: str = "", pipeline: str = "", q: str = "
 async def create_job_form(request: Request, _=WRITE):
     form = await checked_form(request)
     upload = form.get("urls_file")
-    lines = str(form.get("urls", "")).splitlines()
+    urls = url_lines(str(form.get("urls", "")).splitlines())
     if isinstance(upload, UploadFile) and upload.filename:
-        try:
-            lines += (await upload.read()).decode("utf-8").splitlines()
-        except UnicodeDecodeError:
-            raise UserInputError(f"{upload.filename} is not UTF-8 text") from None
+        urls = itertools.chain(urls, uploaded_urls(upload))  # the same streamed reading as the API's
 
     def create():
         with models.thread_connection():
-            return create_and_start(runtime_of(request), str(form.get("pipeline", "")), url_lines(lines),
+            return create_and_start(runtime_of(request), str(form.get("pipeline", "")), urls,
                                     str(form.get("name") or "") or None, str(form.get("dispatch_mode") or "async_api"))
 
     job = await run_in_threadpool(create)
