@@ -29,9 +29,10 @@ OPTIONS: dict[str, Option] = {
                                "deliveries of one task before JetStream gives up on it"),
     "nats_task_ttr": Option("PIPELINE_NATS_TASK_TTR", "30",
                             "seconds a processing service has per task before redelivery (ack_wait)"),
-    "nats_replicas": Option("PIPELINE_NATS_REPLICAS", "1",
-                            "replicas of every stream jetpipe creates (3 on a 3-node JetStream cluster); existing "
-                            "streams are adjusted at startup"),
+    "nats_replicas": Option("PIPELINE_NATS_REPLICAS", "",
+                            "replicas of jetpipe's streams (3 on a 3-node JetStream cluster): when set, streams are "
+                            "created with it and existing ones changed to it at startup; unset, new streams get 1 and "
+                            "existing ones keep theirs"),
     "nats_max_jobs": Option("PIPELINE_NATS_MAX_JOBS", "10000",
                             "job consumers PIPELINE_TASKS allows at once: jobs dispatched and not yet cleaned up "
                             "(NATS 2.15 gives a stream 1000 unless it says otherwise)"),
@@ -80,7 +81,7 @@ class Settings:
     nats_max_deliver: int
     nats_task_ttr: float  # seconds
     nats_max_jobs: int
-    nats_replicas: int
+    nats_replicas: int | None  # None: not set (new streams get 1, existing ones are left alone)
     stalled_jobs_max_minutes: float
     failure_threshold: float
     health_check_seconds: float
@@ -116,7 +117,7 @@ class Settings:
             raise ConfigError("PIPELINE_DISPATCH_CHUNK must be at least 1")
         if self.nats_max_deliver < 1:
             raise ConfigError("PIPELINE_NATS_MAX_DELIVER must be at least 1")
-        if not 1 <= self.nats_replicas <= 5:
+        if self.nats_replicas is not None and not 1 <= self.nats_replicas <= 5:
             raise ConfigError("PIPELINE_NATS_REPLICAS must be between 1 and 5")
         if self.nats_max_jobs < 1:
             raise ConfigError("PIPELINE_NATS_MAX_JOBS must be at least 1")
@@ -143,8 +144,10 @@ class Settings:
             if "://" not in url:
                 raise ConfigError(f"{OPTIONS[name].env} is not a URL: {redact(url)!r}")
 
-    def stream_options(self) -> dict[str, int]:
-        """How jetpipe's streams are to be made: `ensure_streams(**settings.stream_options())`."""
+    def stream_options(self) -> dict[str, int | None]:
+        """How jetpipe's streams are to be made: `ensure_streams(**settings.stream_options())`. Replicas are
+        None unless PIPELINE_NATS_REPLICAS is set, so that a process started without it (a CLI on a laptop)
+        cannot turn a cluster's R3 streams into R1."""
         return {"max_jobs": self.nats_max_jobs, "replicas": self.nats_replicas}
 
     def nats_options(self) -> dict[str, str]:
@@ -156,7 +159,8 @@ class Settings:
 
     def to_env(self) -> dict[str, str]:
         """Every setting as the environment variables that reproduce it (secrets included: not for logs)."""
-        return {OPTIONS[f.name].env: str(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {OPTIONS[f.name].env: "" if (value := getattr(self, f.name)) is None else str(value)
+                for f in dataclasses.fields(self)}
 
     def describe(self) -> dict[str, str]:
         """Every setting by environment name, with secrets masked: in URLs, and the web tokens (safe to log
@@ -166,6 +170,10 @@ class Settings:
 
 
 def _convert(env: str, raw: str, kind) -> object:
+    if kind == "int | None":  # optional: empty means not set
+        if not raw:
+            return None
+        kind = "int"
     kind = {"int": int, "float": float, "str": str}.get(kind, kind) if isinstance(kind, str) else kind
     try:
         return kind(raw)

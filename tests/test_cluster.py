@@ -129,22 +129,32 @@ def test_a_rolling_restart_of_every_node_during_a_job_costs_no_image(
 
 
 @SQLITE_ONLY
-def test_existing_r1_streams_are_raised_to_r3_at_startup(cluster, on_cluster):
+def test_existing_r1_streams_are_raised_to_r3_at_startup_and_kept_by_a_process_without_the_setting(
+        cluster, on_cluster, stack):
     settings, runtime = on_cluster
     from pipeline.taskqueue import TaskQueue
+    # a CLI on a laptop: the same servers, PIPELINE_NATS_REPLICAS not set
+    unset = make_settings(settings.database_url, type("Servers", (), {"redis_url": stack.redis_url,
+                                                                      "nats_url": cluster.url}))
+    assert unset.stream_options()["replicas"] is None
 
-    async def make_r1_then_r3():
+    async def replicas(queue) -> list[int]:
+        return [(await queue.js.stream_info(s)).config.num_replicas
+                for s in (names.TASKS_STREAM, names.RESULTS_STREAM, names.ADVISORIES_STREAM)]
+
+    async def make_r1_then_r3_then_unset():
         queue = await TaskQueue.connect(cluster.url)
         try:
             await queue.ensure_streams(replicas=1)
-            before = (await queue.js.stream_info(names.RESULTS_STREAM)).config.num_replicas
-            await queue.ensure_streams(replicas=3)
-            after = (await queue.js.stream_info(names.RESULTS_STREAM)).config.num_replicas
-            return before, after
+            before = await replicas(queue)
+            await queue.ensure_streams(**settings.stream_options())
+            raised = await replicas(queue)
+            await queue.ensure_streams(**unset.stream_options())
+            return before, raised, await replicas(queue)
         finally:
             await queue.close()
 
-    assert asyncio.run(make_r1_then_r3()) == (1, 3)
+    assert asyncio.run(make_r1_then_r3_then_unset()) == ([1, 1, 1], [3, 3, 3], [3, 3, 3])
 
 
 @pytest.mark.postgres

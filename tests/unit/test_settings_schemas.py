@@ -23,10 +23,19 @@ def test_defaults_match_the_architecture():
     ({"PIPELINE_FAILURE_THRESHOLD": "1.5"}, "in [0, 1)"),
     ({"PIPELINE_NATS_TASK_TTR": "soon"}, "not a valid float"),
     ({"PIPELINE_REDIS_URL": "localhost"}, "is not a URL"),
+    ({"PIPELINE_NATS_REPLICAS": "0"}, "between 1 and 5"),
+    ({"PIPELINE_NATS_REPLICAS": "three"}, "not a valid int"),
 ])
 def test_bad_settings_name_the_variable(env, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
         Settings.from_env(env)
+
+
+def test_stream_replicas_are_only_imposed_when_set():
+    unset = Settings.from_env({})
+    assert unset.stream_options()["replicas"] is None  # new streams get 1, existing ones keep theirs
+    assert Settings.from_env(unset.to_env()) == unset  # and "not set" survives a child process's environment
+    assert Settings.from_env({"PIPELINE_NATS_REPLICAS": " 3 "}).stream_options()["replicas"] == 3
 
 
 def test_secrets_in_urls_are_masked():
