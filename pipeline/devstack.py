@@ -60,13 +60,14 @@ class Server:
     port: int
     log_path: Path
     detach: bool = False
+    env: dict[str, str] | None = None  # the process's whole environment (None: this process's)
     proc: subprocess.Popen | None = None
 
     def start(self) -> Server:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=self.detach)
+                                         start_new_session=self.detach, env=self.env)
         wait_for_port(self.port, proc=self.proc)
         return self
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import threading
 from collections import Counter
+from pathlib import Path
 
 import nats
 import nats.errors
@@ -14,6 +16,7 @@ from models import Job
 from pipeline import names
 from pipeline.jobs import create_job
 from pipeline.schemas import Task, decode_task
+from tests.conftest import PROJECT
 
 DET = {"key": "blob-detector-v1", "name": "Dark blob detector"}
 CLS = {"key": "moth-shape-v1", "name": "Moth family"}
@@ -202,3 +205,17 @@ def result_messages(settings, job_id: int) -> list:
         return found
 
     return asyncio.run(read())
+
+
+def shipped_nats_conf(directory: Path, name: str, *, port: int, http_port: int, route_port: int = 0) -> Path:
+    """deploy/`name` as shipped, with its listen ports and store moved into `directory` (the users file it
+    includes copied next to it): what the compose services run, on this machine's loopback."""
+    directory.mkdir(parents=True, exist_ok=True)
+    conf = (PROJECT / "deploy" / name).read_text()
+    for shipped, local in (("0.0.0.0:4222", f"127.0.0.1:{port}"), ("0.0.0.0:8222", f"127.0.0.1:{http_port}"),
+                           ("0.0.0.0:6222", f"127.0.0.1:{route_port}"), ("/data/jetstream", str(directory / "js"))):
+        assert shipped in conf or (shipped == "0.0.0.0:6222" and "cluster {" not in conf), (name, shipped)
+        conf = conf.replace(shipped, local)
+    (directory / name).write_text(conf)
+    shutil.copy(PROJECT / "deploy" / "nats-users.conf", directory / "nats-users.conf")
+    return directory / name

@@ -16,9 +16,10 @@ import pytest
 import yaml
 
 from pipeline import moth
-from pipeline.devstack import Server, binary, free_port, wait_for_port
+from pipeline.devstack import Server, binary, free_port
 from pipeline.settings import OPTIONS
 from tests.conftest import POSTGRES, PROJECT, kill_group, wait_for
+from tests.helpers import shipped_nats_conf
 
 COMPOSE = yaml.safe_load((PROJECT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
@@ -29,91 +30,174 @@ def expand(value: str) -> str:
     return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(value))
 
 
-def test_compose_declares_the_whole_stack():
-    assert {"nats", "redis", "postgres", "init", "worker", "service"} <= set(SERVICES)
-    assert SERVICES["worker"]["command"][:2] == ["dramatiq", "pipeline.actors"]
-    assert SERVICES["worker"]["restart"] == "unless-stopped"  # the dramatiq master exits when a child dies
-    assert SERVICES["service"]["command"][:3] == ["python", "cli.py", "process"]
+def enabled(profile: str) -> set[str]:
+    """The services `docker compose --profile <profile> up` starts: those without a profile, and its own."""
+    return {name for name, service in SERVICES.items() if profile in service.get("profiles", [profile])}
+
+
+def nats_users(service: str) -> list[tuple[str, str]]:
+    """(user, host) of every server in the service's PIPELINE_NATS_URL."""
+    url = expand(SERVICES[service]["environment"]["PIPELINE_NATS_URL"])
+    return [(part.split("//")[1].split(":")[0], part.split("@")[1].split(":")[0]) for part in url.split(",")]
+
+
+CLUSTER_NODES = ["nats-1", "nats-2", "nats-3"]
+
+
+def test_compose_declares_the_whole_stack_in_two_topologies():
+    # plain `docker compose up` is the single-node stack (.env picks its profile); --profile cluster the other
+    assert "COMPOSE_PROFILES=single" in (PROJECT / ".env").read_text().splitlines()
+    assert enabled("single") == {"nats", "redis", "postgres", "init", "worker", "service"}
+    assert enabled("cluster") == {*CLUSTER_NODES, "redis", "postgres", "init", "cluster-worker", "cluster-service"}
+    assert SERVICES["cli"]["profiles"] == ["tools"]
+    for worker in ("worker", "cluster-worker"):
+        assert SERVICES[worker]["command"][:2] == ["dramatiq", "pipeline.actors"]
+        assert SERVICES[worker]["restart"] == "unless-stopped"  # the dramatiq master exits when a child dies
+    for service in ("service", "cluster-service"):
+        assert SERVICES[service]["command"][:3] == ["python", "cli.py", "process"]
     assert "--appendonly" in SERVICES["redis"]["command"]
-    assert re.match(r"nats:2\.(1\d|[2-9]\d)", SERVICES["nats"]["image"])  # >= 2.10
-    for name in ("nats", "redis", "postgres"):
+    for name in ("nats", *CLUSTER_NODES, "redis", "postgres"):
         assert "healthcheck" in SERVICES[name]
-    # NATS: a user per role, and nothing published beyond this machine
-    assert all(port.startswith("127.0.0.1:") for port in SERVICES["nats"]["ports"])
-    users = {name: expand(SERVICES[name]["environment"]["PIPELINE_NATS_URL"]).split("//")[1].split(":")[0]
-             for name in ("worker", "service", "cli", "init")}
-    assert users == {"worker": "jetpipe-worker", "service": "jetpipe-service", "cli": "jetpipe-operator",
-                     "init": "jetpipe-operator"}
+    for name in ("nats", *CLUSTER_NODES):
+        assert re.match(r"nats:2\.(1\d|[2-9]\d)", SERVICES[name]["image"])  # >= 2.10
+        # nothing published beyond this machine
+        assert all(port.startswith("127.0.0.1:") for port in SERVICES[name]["ports"])
+    # NATS: a user per role, on every server of the service's topology
+    assert {name: set(nats_users(name)) for name in ("worker", "service", "cli", "init")} == {
+        "worker": {("jetpipe-worker", "nats")}, "service": {("jetpipe-service", "nats")},
+        "cli": {("jetpipe-operator", "nats")}, "init": {("jetpipe-operator", "nats")}}
+    assert nats_users("cluster-worker") == [("jetpipe-worker", node) for node in CLUSTER_NODES]
+    assert nats_users("cluster-service") == [("jetpipe-service", node) for node in CLUSTER_NODES]
+
+
+def test_the_cluster_profile_is_three_routed_nodes_with_r3_streams_and_two_workers():
+    host_ports, volumes = set(), set()
+    for node in CLUSTER_NODES:
+        spec = SERVICES[node]
+        command = [expand(part) for part in spec["command"]]
+        assert command[command.index("--server_name") + 1] == node
+        assert command[command.index("-c") + 1] == "/etc/nats/nats-cluster.conf"
+        routes = command[command.index("--routes") + 1].split(",")
+        assert [route.rsplit("@", 1)[1] for route in routes] == [f"{n}:6222" for n in CLUSTER_NODES]
+        assert all(route.startswith("nats-route://jetpipe-route:change-me-route@") for route in routes)
+        assert spec["networks"]["default"]["aliases"] == ["nats"]  # so the cli service finds the cluster
+        host_ports |= {port.rsplit(":", 1)[0] for port in spec["ports"]}
+        volumes |= {v for v in spec["volumes"] if v.endswith(":/data")}
+        assert "JETPIPE_NATS_ROUTE_PASSWORD" in spec["environment"]
+    assert len(host_ports) == 6 and len(volumes) == 3  # each node its own ports and its own store
+    worker = SERVICES["cluster-worker"]
+    assert worker["deploy"]["replicas"] == 2
+    assert worker["environment"]["PIPELINE_NATS_REPLICAS"] == "3"
+    assert set(CLUSTER_NODES) <= set(worker["depends_on"])
+    conf = (PROJECT / "deploy" / "nats-cluster.conf").read_text()
+    assert "no_advertise: true" in conf and "$JETPIPE_NATS_ROUTE_PASSWORD" in conf
+    assert "include ./nats-users.conf" in conf and "include ./nats-users.conf" in (
+        PROJECT / "deploy" / "nats.conf").read_text()
 
 
 def test_compose_environment_names_are_real_settings():
     known = {o.env for o in OPTIONS.values()}
-    for name in ("init", "worker", "service", "cli"):
+    for name in ("init", "worker", "service", "cli", "cluster-worker", "cluster-service"):
         env = SERVICES[name]["environment"]
         assert set(env) <= known, set(env) - known
         assert {"PIPELINE_DATABASE_URL", "PIPELINE_REDIS_URL", "PIPELINE_NATS_URL"} <= set(env)
     defaults = {o.env: o.default for o in OPTIONS.values()}
-    for key, value in SERVICES["worker"]["environment"].items():
-        if key == "PIPELINE_METRICS_HOST":
-            assert value == "0.0.0.0"  # a container's port is reached from outside it
-        elif not key.endswith("_URL"):
-            assert float(value) == float(defaults[key]), key  # documented defaults, spelled out
+    for worker in ("worker", "cluster-worker"):
+        for key, value in SERVICES[worker]["environment"].items():
+            if key == "PIPELINE_METRICS_HOST":
+                assert value == "0.0.0.0"  # a container's port is reached from outside it
+            elif key == "PIPELINE_NATS_REPLICAS":
+                assert (worker, value) == ("cluster-worker", "3")
+            elif not key.endswith("_URL"):
+                assert float(value) == float(defaults[key]), key  # documented defaults, spelled out
 
 
 def test_docker_compose_accepts_the_file():
     docker = shutil.which("docker")
     if not docker or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
         pytest.skip("the docker compose plugin is not installed here")
-    proc = subprocess.run([docker, "compose", "-f", str(PROJECT / "docker-compose.yml"), "config", "-q"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    for args, profile in (([], "single"), (["--profile", "cluster"], "cluster")):
+        proc = subprocess.run([docker, "compose", *args, "config", "--services"], cwd=PROJECT,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert set(proc.stdout.split()) == enabled(profile)
+
+
+def start_nats(topology: str, tmp_path) -> tuple[list[Server], dict[str, int], int]:
+    """The topology's NATS servers, from their compose commands and shipped configs on loopback ports:
+    (servers, client port per compose host name, monitoring port of the first)."""
+    nodes = ["nats"] if topology == "single" else CLUSTER_NODES
+    ports = {node: (free_port(), free_port(), free_port()) for node in nodes}  # client, monitoring, route
+    env = {**os.environ, **{k: expand(v) for k, v in SERVICES[nodes[0]]["environment"].items()}}
+    servers = []
+    for node, (port, http_port, route_port) in ports.items():
+        command = [binary("nats-server"), *(expand(part) for part in SERVICES[node]["command"])]
+        shipped = command[command.index("-c") + 1]
+        command[command.index(shipped)] = str(shipped_nats_conf(
+            tmp_path / node, shipped.rsplit("/", 1)[1], port=port, http_port=http_port, route_port=route_port))
+        if "--routes" in command:
+            at = command.index("--routes") + 1
+            for other, (_, _, other_route) in ports.items():
+                command[at] = command[at].replace(f"@{other}:6222", f"@127.0.0.1:{other_route}")
+        servers.append(Server(node, command, port, tmp_path / node / "nats.log", env=env).start())
+    client_ports = {node: port for node, (port, _, _) in ports.items()}
+    client_ports.setdefault("nats", client_ports[nodes[0]])  # the cluster nodes' shared alias
+    return servers, client_ports, ports[nodes[0]][1]
+
+
+def jetstream_ready(http_port: int) -> dict | None:
+    """The monitoring endpoint's /jsz with stream configs, once JetStream has a meta leader."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/jsz?streams=true&config=true", timeout=5) as r:
+            jsz = json.loads(r.read())
+    except OSError:
+        return None
+    return jsz if jsz.get("meta_cluster", {}).get("leader") or "meta_cluster" not in jsz else None
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not POSTGRES, reason="PostgreSQL not reachable")
-def test_the_compose_commands_run_a_job_outside_docker(tmp_path, pg_database, trap_images):
-    # Given the compose services started from their own commands, with local ports and paths
-    nats_port, http_port = free_port(), free_port()
-    conf = (PROJECT / "deploy" / "nats.conf").read_text()
-    conf = conf.replace("0.0.0.0:4222", f"127.0.0.1:{nats_port}").replace("0.0.0.0:8222", f"127.0.0.1:{http_port}")
-    conf = conf.replace("/data/jetstream", str(tmp_path / "jetstream"))
-    (tmp_path / "nats.conf").write_text(conf)
-    nats_cmd = [binary("nats-server"), *SERVICES["nats"]["command"]]
-    nats_cmd[nats_cmd.index("/etc/nats/nats.conf")] = str(tmp_path / "nats.conf")
+@pytest.mark.parametrize("topology", ["single", "cluster"])
+def test_the_compose_commands_run_a_job_outside_docker(topology, tmp_path, pg_database, trap_images):
+    # Given the topology's compose services started from their own commands, with local ports and paths
+    worker_name, service_name = ("worker", "service") if topology == "single" else (
+        "cluster-worker", "cluster-service")
+    servers, nats_ports, nats_http_port = start_nats(topology, tmp_path)
     redis_port = free_port()
     redis_cmd = [binary("redis-server"), *SERVICES["redis"]["command"][1:], "--port", str(redis_port),
                  "--bind", "127.0.0.1", "--dir", str(tmp_path)]
-    nats_env = {**os.environ, **{k: expand(v) for k, v in SERVICES["nats"]["environment"].items()}}
-    nats = Server("nats", nats_cmd, nats_port, tmp_path / "nats.log")
-    with open(nats.log_path, "ab") as log:
-        nats.proc = subprocess.Popen(nats_cmd, stdout=log, stderr=subprocess.STDOUT, env=nats_env)
-    wait_for_port(nats_port, proc=nats.proc)
-    servers = [nats, Server("redis", redis_cmd, redis_port, tmp_path / "redis.log").start()]
-    metrics_port = free_port()
+    servers.append(Server("redis", redis_cmd, redis_port, tmp_path / "redis.log").start())
+    workers = SERVICES[worker_name].get("deploy", {}).get("replicas", 1)
+    metrics_ports = [free_port() for _ in range(workers)]
 
-    def env_of(service: str) -> dict:
+    def env_of(service: str, metrics_port: int = 0) -> dict:
         """The compose service's environment, pointed at this test's servers (its NATS user kept)."""
         env = {k: expand(v) for k, v in SERVICES[service]["environment"].items()}
+        nats_url = env["PIPELINE_NATS_URL"]
+        for host, port in nats_ports.items():
+            nats_url = nats_url.replace(f"@{host}:4222", f"@127.0.0.1:{port}")
         return {**env, "PIPELINE_METRICS_PORT": str(metrics_port), "PIPELINE_DATABASE_URL": pg_database,
-                "PIPELINE_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-                "PIPELINE_NATS_URL": env["PIPELINE_NATS_URL"].replace("@nats:4222", f"@127.0.0.1:{nats_port}"),
+                "PIPELINE_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "PIPELINE_NATS_URL": nats_url,
                 "PATH": f"{sys.prefix}/bin:/usr/bin:/bin"}
+
+    def start(service: str, env: dict, n: int) -> subprocess.Popen:
+        log = open(tmp_path / f"{service}-{n}.log", "ab")
+        return subprocess.Popen(
+            [c.replace("python", sys.executable, 1) if c == "python" else c for c in SERVICES[service]["command"]],
+            cwd=PROJECT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     env = env_of("cli")
     procs = []
     try:
-        # the server honours the config file: JetStream syncs every write
-        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/varz", timeout=5) as response:
-            varz = json.loads(response.read())
-        assert varz["jetstream"]["config"]["sync_always"] is True
+        # the servers honour the config file: JetStream syncs every write (and the cluster elected a leader)
+        jsz = wait_for(lambda: jetstream_ready(nats_http_port), timeout_s=30, message="JetStream to be ready")
+        assert jsz["config"]["sync_always"] is True
         init = subprocess.run(SERVICES["init"]["command"], cwd=PROJECT, env=env_of("init"), capture_output=True,
                               text=True, timeout=120)
         assert init.returncode == 0, init.stderr
-        for name in ("worker", "service"):  # each as its own NATS user
-            log = open(tmp_path / f"{name}.log", "ab")
-            procs.append(subprocess.Popen(
-                [c.replace("python", sys.executable, 1) if c == "python" else c for c in SERVICES[name]["command"]],
-                cwd=PROJECT, env=env_of(name), stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        # each as its own NATS user; the workers as many as the compose file runs
+        procs += [start(worker_name, env_of(worker_name, port), n) for n, port in enumerate(metrics_ports)]
+        procs.append(start(service_name, env_of(service_name), 0))
         # When a job is enqueued through the CLI
         directory, truth = trap_images
         urls = [f"file://{directory}/{n}" for n in sorted(truth)[:20]]
@@ -132,17 +216,24 @@ def test_the_compose_commands_run_a_job_outside_docker(tmp_path, pg_database, tr
         final = wait_for(status, timeout_s=90, interval_s=0.5, message="the job to finish")
         expected = sum(len(truth[u.rsplit("/", 1)[1]]) for u in urls)
         assert (final["status"], final["detections"], final["processed"]) == ("SUCCESS", expected, 20)
-        # and the workers' metrics endpoint shows the job's images
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
-            exposition = response.read().decode()
-        assert 'jetpipe_images_total{outcome="processed",pipeline="moth-demo"} 20.0' in exposition
-        assert "jetpipe_result_handling_seconds_count" in exposition
-        assert 'dramatiq_messages_total{actor_name="process_pipeline_result",queue_name="results"}' in exposition
-        # and the same port answers the orchestrator's probes
-        for probe, expected_body in (("healthz", {"status": "alive"}),
-                                     ("readyz", {"ready": True, "database": "ok", "redis": "ok", "nats": "ok"})):
-            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/{probe}", timeout=10) as response:
-                assert (response.status, json.loads(response.read())) == (200, expected_body)
+        # and every stream has the topology's replicas
+        streams = {s["name"]: s["config"]["num_replicas"]
+                   for account in jetstream_ready(nats_http_port)["account_details"] for s in account["stream_detail"]}
+        assert set(streams.values()) == {1 if topology == "single" else 3} and len(streams) == 3, streams
+        # and the workers' metrics endpoints show the job's images between them
+        expositions = []
+        for port in metrics_ports:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                expositions.append(response.read().decode())
+        processed = re.compile(r'jetpipe_images_total\{outcome="processed",pipeline="moth-demo"\} ([\d.]+)')
+        assert sum(float(m.group(1)) for e in expositions for m in processed.finditer(e)) == 20
+        assert "jetpipe_result_handling_seconds_count" in "".join(expositions)
+        # and the same ports answer the orchestrator's probes
+        for port in metrics_ports:
+            for probe, expected_body in (("healthz", {"status": "alive"}),
+                                         ("readyz", {"ready": True, "database": "ok", "redis": "ok", "nats": "ok"})):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/{probe}", timeout=10) as response:
+                    assert (response.status, json.loads(response.read())) == (200, expected_body)
     finally:
         for proc in procs:
             kill_group(proc)

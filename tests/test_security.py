@@ -16,7 +16,7 @@ from pipeline.runtime import Runtime, set_runtime
 from pipeline.schemas import decode_result
 from pipeline.settings import Settings
 from tests.conftest import PROJECT, subprocess_env, wait_for
-from tests.helpers import fake_job, success_body
+from tests.helpers import fake_job, shipped_nats_conf, success_body
 
 NATS_SECRET, REDIS_SECRET, PG_SECRET = "s3cret-nats-pw", "s3cret-redis-pw", "s3cret-pg-pw"
 
@@ -117,12 +117,10 @@ def locked_down(tmp_path):
     import os
 
     nats_port, http_port, redis_port = free_port(), free_port(), free_port()
-    conf = (PROJECT / "deploy" / "nats.conf").read_text().replace("0.0.0.0:4222", f"127.0.0.1:{nats_port}") \
-        .replace("0.0.0.0:8222", f"127.0.0.1:{http_port}").replace("/data/jetstream", str(tmp_path / "js"))
-    (tmp_path / "nats.conf").write_text(conf)
+    conf = shipped_nats_conf(tmp_path, "nats.conf", port=nats_port, http_port=http_port)
     passwords = {"worker": "w0rker-pw", "operator": "0perator-pw", "service": "serv1ce-pw"}
     env = {**os.environ, **{f"JETPIPE_NATS_{role.upper()}_PASSWORD": pw for role, pw in passwords.items()}}
-    nats = Server("nats", [binary("nats-server"), "-c", str(tmp_path / "nats.conf")], nats_port, tmp_path / "nats.log")
+    nats = Server("nats", [binary("nats-server"), "-c", str(conf)], nats_port, tmp_path / "nats.log")
     nats.log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(nats.log_path, "ab") as log:
         nats.proc = subprocess.Popen(nats.args, stdout=log, stderr=subprocess.STDOUT, env=env)
