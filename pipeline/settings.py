@@ -33,9 +33,11 @@ OPTIONS: dict[str, Option] = {
                             "replicas of jetpipe's streams (3 on a 3-node JetStream cluster): when set, streams are "
                             "created with it and existing ones changed to it at startup; unset, new streams get 1 and "
                             "existing ones keep theirs"),
-    "nats_max_jobs": Option("PIPELINE_NATS_MAX_JOBS", "10000",
-                            "job consumers PIPELINE_TASKS allows at once: jobs dispatched and not yet cleaned up "
-                            "(NATS 2.15 gives a stream 1000 unless it says otherwise)"),
+    "nats_max_jobs": Option("PIPELINE_NATS_MAX_JOBS", "",
+                            "job consumers PIPELINE_TASKS allows at once: jobs dispatched and not yet cleaned up; "
+                            "when set, the stream is created with it and changed to it at startup; unset, a new "
+                            "stream gets 10000 and an existing one keeps its limit (NATS 2.15 gives a stream 1000 "
+                            "unless it says otherwise)"),
     "stalled_jobs_max_minutes": Option("PIPELINE_STALLED_JOBS_MAX_MINUTES", "10",
                                        "idle minutes before a running job's pending images count as lost"),
     "failure_threshold": Option("PIPELINE_FAILURE_THRESHOLD", "0.5",
@@ -80,7 +82,7 @@ class Settings:
     nats_url: str
     nats_max_deliver: int
     nats_task_ttr: float  # seconds
-    nats_max_jobs: int
+    nats_max_jobs: int | None  # None: not set (a new stream gets 10,000, an existing one keeps its limit)
     nats_replicas: int | None  # None: not set (new streams get 1, existing ones are left alone)
     stalled_jobs_max_minutes: float
     failure_threshold: float
@@ -119,7 +121,7 @@ class Settings:
             raise ConfigError("PIPELINE_NATS_MAX_DELIVER must be at least 1")
         if self.nats_replicas is not None and not 1 <= self.nats_replicas <= 5:
             raise ConfigError("PIPELINE_NATS_REPLICAS must be between 1 and 5")
-        if self.nats_max_jobs < 1:
+        if self.nats_max_jobs is not None and self.nats_max_jobs < 1:
             raise ConfigError("PIPELINE_NATS_MAX_JOBS must be at least 1")
         if self.nats_task_ttr <= 0:
             raise ConfigError("PIPELINE_NATS_TASK_TTR must be a positive number of seconds")
@@ -146,8 +148,8 @@ class Settings:
 
     def stream_options(self) -> dict[str, int | None]:
         """How jetpipe's streams are to be made: `ensure_streams(**settings.stream_options())`. Replicas are
-        None unless PIPELINE_NATS_REPLICAS is set, so that a process started without it (a CLI on a laptop)
-        cannot turn a cluster's R3 streams into R1."""
+        Each is None unless its variable is set, so that a process started without them (a CLI on a laptop)
+        cannot turn a cluster's R3 streams into R1 or undo the workers' consumer limit."""
         return {"max_jobs": self.nats_max_jobs, "replicas": self.nats_replicas}
 
     def nats_options(self) -> dict[str, str]:

@@ -254,17 +254,17 @@ class TaskQueue:
         await self.nc.close()
 
     # ---- streams ------------------------------------------------------------------------------------
-    async def ensure_streams(self, *, max_jobs: int = DEFAULT_MAX_JOBS, replicas: int | None = None) -> None:
-        """Create the three streams of the wire contract if missing, with `replicas` replicas (1 if None).
-        Existing ones are left as they are, except the tasks stream's consumer limit, which is raised or
-        lowered to `max_jobs` (one consumer per dispatched job; NATS 2.15 defaults a stream to 1,000
-        consumers), and their replica count, changed to `replicas` unless it is None. Job consumers inherit
-        the stream's replicas."""
+    async def ensure_streams(self, *, max_jobs: int | None = None, replicas: int | None = None) -> None:
+        """Create the three streams of the wire contract if missing, with `replicas` replicas (1 if None)
+        and room for `max_jobs` job consumers on the tasks stream (DEFAULT_MAX_JOBS if None: one consumer
+        per dispatched job, and NATS 2.15 gives a stream 1,000 unless it says otherwise). Existing streams
+        are left as they are, except that a `max_jobs` or `replicas` that is not None is imposed on them.
+        Job consumers inherit the stream's replicas."""
         wanted = [
             StreamConfig(name=names.TASKS_STREAM, subjects=[names.TASKS_SUBJECTS],
                          retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
                          duplicate_window=DUPLICATE_WINDOW_S, discard=DiscardPolicy.OLD, allow_direct=True,
-                         max_consumers=max_jobs, num_replicas=replicas or 1),
+                         max_consumers=max_jobs or DEFAULT_MAX_JOBS, num_replicas=replicas or 1),
             StreamConfig(name=names.RESULTS_STREAM, subjects=[names.RESULTS_SUBJECTS],
                          retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
                          duplicate_window=120, num_replicas=replicas or 1),
@@ -277,8 +277,8 @@ class TaskQueue:
             try:
                 info = await self.js.stream_info(config.name)
                 changes = {}
-                if config.max_consumers and info.config.max_consumers != config.max_consumers:
-                    changes["max_consumers"] = config.max_consumers
+                if max_jobs is not None and config.max_consumers and info.config.max_consumers != max_jobs:
+                    changes["max_consumers"] = max_jobs
                 if replicas is not None and (info.config.num_replicas or 1) != replicas:
                     changes["num_replicas"] = replicas
                 if changes:
@@ -526,7 +526,7 @@ class SyncTaskQueue:
     def close(self) -> None:
         self._run("close", self.queue.close())
 
-    def ensure_streams(self, *, max_jobs: int = DEFAULT_MAX_JOBS, replicas: int | None = None) -> None:
+    def ensure_streams(self, *, max_jobs: int | None = None, replicas: int | None = None) -> None:
         self._run("ensure_streams", self.queue.ensure_streams(max_jobs=max_jobs, replicas=replicas))
 
     def ensure_job_consumer(self, job_id: int, pipeline_slug: str, *, max_deliver: int,

@@ -84,11 +84,14 @@ def test_the_tasks_stream_allows_as_many_job_consumers_as_configured(runtime, mo
         js = runtime.tasks.queue.js
         return runtime.runner.run(js.stream_info(names.TASKS_STREAM), timeout=10).config.max_consumers
 
-    assert limit() == runtime.settings.nats_max_jobs == 10_000
+    assert (limit(), runtime.settings.nats_max_jobs) == (10_000, None)  # the variable unset: 10,000
     # Given PIPELINE_NATS_MAX_JOBS=2: the existing stream's limit is lowered at the next dispatch
     monkeypatch.setattr(runtime, "settings", runtime.settings.with_overrides(nats_max_jobs=2))
     jobs = [fake_job(moth_pipeline, 1, prefix=f"file:///limit{k}") for k in range(3)]
     dispatch(runtime, jobs[0].id)
+    assert limit() == 2
+    # and a process without the variable (a CLI elsewhere) does not undo it
+    runtime.tasks.ensure_streams(**runtime.settings.with_overrides(nats_max_jobs=None).stream_options())
     assert limit() == 2
     dispatch(runtime, jobs[1].id)
     # When a third job's consumer is created, the error says what to do
