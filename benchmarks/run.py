@@ -75,15 +75,15 @@ def run_py(code: str, env: dict) -> dict:
 
 
 # ---- dispatch ------------------------------------------------------------------------------------------------
-async def raw_publish(url: str, n: int) -> float:
+async def raw_publish(url: str, n: int, replicas: int = 1) -> float:
     """Raw baseline: the same task messages (subject, headers, body) published with gathered js.publish."""
-    nc = await nats.connect(url)
+    nc = await nats.connect(url.split(","))  # one server or a cluster's list
     js = nc.jetstream()
     try:
         await js.delete_stream("RAW_BENCH")
     except Exception:  # noqa: BLE001
         pass
-    await js.add_stream(name="RAW_BENCH", subjects=["raw.tasks.>"], retention="workqueue")
+    await js.add_stream(name="RAW_BENCH", subjects=["raw.tasks.>"], retention="workqueue", num_replicas=replicas)
     started = time.perf_counter()
     for base in range(0, n, 500):
         await asyncio.gather(*(js.publish(
@@ -334,28 +334,85 @@ def worker_processes(stack: DevStack, database, images: int, label: str) -> list
     return rows
 
 
-def replicated(stack: DevStack, tmp: str, dispatch_images: int, images: int) -> list[tuple]:
-    """Dispatch and end to end on a 3-node JetStream cluster with R3 streams, next to the same on one node."""
-    from pipeline.chaos import flush_nats
-    from pipeline.devstack import NatsCluster
+def process_cpu_s_and_rss_mb(pids: list[int]) -> tuple[float, float]:
+    """CPU seconds so far (user + system) and resident memory of these processes, summed."""
+    tick, cpu, rss_kb = os.sysconf("SC_CLK_TCK"), 0.0, 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu += (int(fields[11]) + int(fields[12])) / tick
+        rss_kb += next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                       if line.startswith("VmRSS:"))
+    return cpu, rss_kb / 1024
 
-    cluster = NatsCluster.create(Path(tmp) / "cluster").start()
-    r3 = {"PIPELINE_NATS_URL": cluster.url, "PIPELINE_NATS_REPLICAS": 3}
+
+def consumer_cost(url: str, replicas: int, jobs: int, pids: list[int], label: str) -> list[tuple]:
+    """What `jobs` dispatched jobs cost NATS while they wait: creating their consumers (as run_job does), and
+    the servers' CPU and memory with all of them in place and idle (an R3 consumer is a Raft group of its own
+    on three nodes, with heartbeats)."""
+    from pipeline.taskqueue import TaskQueue
+
+    async def create() -> float:
+        queue = await TaskQueue.connect(url)
+        try:
+            await queue.ensure_streams(replicas=replicas)
+            started = time.perf_counter()
+            for base in range(1, jobs + 1, 50):
+                await asyncio.gather(*(queue.ensure_job_consumer(job_id, "moth-demo", max_deliver=2, ack_wait_s=30)
+                                       for job_id in range(base, min(base + 50, jobs + 1))))
+            return time.perf_counter() - started
+        finally:
+            await queue.close()
+
+    idle_before, rss_before = process_cpu_s_and_rss_mb(pids)
+    time.sleep(10)
+    idle_empty = (process_cpu_s_and_rss_mb(pids)[0] - idle_before) / 10
+    elapsed = asyncio.run(create())
+    time.sleep(5)  # let the new groups settle
+    before, _ = process_cpu_s_and_rss_mb(pids)
+    time.sleep(10)
+    after, rss = process_cpu_s_and_rss_mb(pids)
+    return [(f"job consumers created, {label}", f"{jobs / elapsed:,.0f} consumers/s", "", "", "", None),
+            (f"idle NATS with {jobs:,} job consumers, {label}",
+             f"{(after - before) / 10:.0%} of a core, {rss:,.0f} MB",
+             f"{idle_empty:.0%} of a core, {rss_before:,.0f} MB without them",
+             f"{(rss - rss_before) * 1024 / jobs:,.0f} KB each", "", None)]
+
+
+def replicated(stack: DevStack, tmp: str, dispatch_images: int, images: int, consumers: int) -> list[tuple]:
+    """Dispatch (next to raw publishing on the same servers) and end to end on one node with R1 streams and on
+    a 3-node JetStream cluster with R3 streams, each with JetStream's default fsync (every 2 min) and with
+    `sync_interval: always`: what replication and durability cost."""
+    from pipeline.chaos import flush_nats
+    from pipeline.devstack import NatsCluster, nats_server
+
     rows = []
-    try:
-        for label, extra in (("1 node, R1", {}), ("3 nodes, R3", r3)):
+    for nodes, sync_always in ((1, False), (1, True), (3, False), (3, True)):
+        root = Path(tmp) / f"nats-{nodes}-{'always' if sync_always else 'default'}"
+        if nodes == 1:
+            server = nats_server(root, sync_always=sync_always).start()
+            url, stop, pids = f"nats://127.0.0.1:{server.port}", server.stop, [server.proc.pid]
+        else:
+            cluster = NatsCluster.create(root, nodes, sync_always=sync_always).start()
+            url, stop, pids = cluster.url, cluster.stop, [node.proc.pid for node in cluster.nodes]
+        label = f"{nodes} node{'s' if nodes > 1 else ''}, R{nodes}, {'sync always' if sync_always else 'sync 2 min'}"
+        extra = {"PIPELINE_NATS_URL": url, "PIPELINE_NATS_REPLICAS": nodes}
+        try:
             fresh_servers(stack)
-            if extra:
-                asyncio.run(flush_nats(cluster.url))
+            raw = asyncio.run(raw_publish(url, dispatch_images, replicas=nodes))
             d = run_py(DISPATCH.replace("N)", f"{dispatch_images})"),
                        env_for(stack, f"sqlite:///{tmp}/d-{len(rows)}.db", **extra))
-            rows.append((f"dispatch (run_job publish), {label}", f"{dispatch_images / d['dispatch_s']:,.0f} tasks/s",
-                         "", "", "", None))
+            jet = dispatch_images / d["dispatch_s"]
+            asyncio.run(flush_nats(url))  # the dispatch's job 1 must not meet the end to end's job 1
+            rows.append((f"dispatch (run_job publish), {label}", f"{jet:,.0f} tasks/s", f"{raw:,.0f} msg/s raw publish",
+                         f"{jet / raw:.2f}", "", None))
             e, _, _ = run_job_end_to_end(stack, f"sqlite:///{tmp}/r-{len(rows)}.db", images, BATCH_SIZE, **extra)
             rows.append((f"end to end, 50 images per message, {label}", f"{images / e['elapsed_s']:,.0f} images/s",
                          exact(e, images), "", "exact", is_exact(e, images)))
-    finally:
-        cluster.stop()
+            if not sync_always:
+                asyncio.run(flush_nats(url))
+                rows += consumer_cost(url, nodes, consumers, pids, f"{nodes} node{'s' if nodes > 1 else ''}, R{nodes}")
+        finally:
+            stop()
     return rows
 
 
@@ -598,6 +655,7 @@ def main() -> int:
     parser.add_argument("--sweep", nargs="+", default=["100x10", "1000x10", "5000x10", "1000x100"],
                         metavar="JOBSxIMAGES", help="reconciler sweeps: running jobs x images per job")
     parser.add_argument("--backlog-images", type=int, default=30_000)
+    parser.add_argument("--consumers", type=int, default=2_000, help="idle job consumers held (stage cluster)")
     parser.add_argument("--postgres", metavar="URL",
                         help="also run end to end on PostgreSQL (a throwaway database is created on this server)")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="what to measure")
@@ -658,8 +716,8 @@ def measure(args, stack: DevStack, tmp: str) -> list[tuple]:
             rows += worker_processes(stack, lambda: contextlib.nullcontext(f"sqlite:///{tmp}/w-{time.time_ns()}.db"),
                                      args.e2e_images, "SQLite, 50 images per message")
     if "cluster" in args.stages:
-        console.log("R1 on one node vs R3 on a 3-node cluster: dispatch and end to end")
-        rows += replicated(stack, tmp, args.dispatch_images // 4, args.e2e_images)
+        console.log("R1 on one node vs R3 on a 3-node cluster, fsync every 2 min vs always: dispatch and end to end")
+        rows += replicated(stack, tmp, args.dispatch_images // 4, args.e2e_images, args.consumers)
     if "backlog" in args.stages:
         console.log(f"backlog: {args.backlog_images} images, one per message, a service faster than the worker")
         rows += backlog(stack, f"sqlite:///{tmp}/backlog.db", args.backlog_images)

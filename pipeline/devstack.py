@@ -93,12 +93,22 @@ class Server:
         return self.proc is not None and self.proc.poll() is None
 
 
-def nats_server(data_dir: Path, *, port: int | None = None, detach: bool = False, executable: str | None = None
-                ) -> Server:
+def nats_server(data_dir: Path, *, port: int | None = None, detach: bool = False, executable: str | None = None,
+                sync_always: bool = False) -> Server:
     port = port or free_port()
     args = [executable or binary("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd",
-            str(data_dir / "jetstream")]
+            str(data_dir / "jetstream"), *sync_always_config(data_dir, sync_always)]
     return Server("nats", args, port, data_dir / "nats.log", detach)
+
+
+def sync_always_config(data_dir: Path, sync_always: bool) -> list[str]:
+    """nats-server arguments for JetStream's fsync before every acknowledgement (`sync_interval: always`,
+    which only a config file can say; the default fsyncs every 2 minutes), or none."""
+    if not sync_always:
+        return []
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "sync.conf").write_text("jetstream { sync_interval: always }\n")
+    return ["-c", str(data_dir / "sync.conf")]
 
 
 @dataclasses.dataclass
@@ -108,7 +118,7 @@ class NatsCluster:
     nodes: list[Server]
 
     @classmethod
-    def create(cls, root: str | Path, size: int = 3) -> NatsCluster:
+    def create(cls, root: str | Path, size: int = 3, *, sync_always: bool = False) -> NatsCluster:
         root = Path(root)
         ports = [free_port() for _ in range(size)]
         routes = [free_port() for _ in range(size)]
@@ -119,7 +129,7 @@ class NatsCluster:
             others = ",".join(f"nats://127.0.0.1:{routes[m]}" for m in range(size) if m != n)
             args = [binary("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(ports[n]),
                     "-sd", str(data / "jetstream"), "--server_name", f"n{n}", "--cluster_name", "jetpipe", "--cluster",
-                    f"nats://127.0.0.1:{routes[n]}", "--routes", others]
+                    f"nats://127.0.0.1:{routes[n]}", "--routes", others, *sync_always_config(data, sync_always)]
             nodes.append(Server(f"nats-n{n}", args, ports[n], data / "nats.log"))
         return cls(nodes)
 
