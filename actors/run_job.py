@@ -8,6 +8,7 @@ import dramatiq
 
 from models import DispatchMode, JobStatus, utcnow
 from pipeline import jobs, names, progress
+from pipeline.errors import JobSlotsFull
 from pipeline.internal import run_internal
 from pipeline.joblog import job_log
 from pipeline.jobstate import Snapshot
@@ -21,6 +22,10 @@ log = logging.getLogger(__name__)
 #: Retries of run_job after an outage (backoff 2 s doubling to 60 s: about 25 minutes in all). A permanent
 #: error (bad data, a bug) fails for good at once and DeferredFailure decides.
 OUTAGE_RETRIES = 30
+#: How often a job waiting for a free job slot (PIPELINE_NATS_MAX_JOBS) looks again, and how often its
+#: waiting is written to its log.
+SLOT_RETRY_MS = 15_000
+SLOT_WAIT_LOG_S = 3600
 
 
 @dramatiq.actor(actor_name=names.RUN_JOB, queue_name=names.ACTOR_QUEUES[names.RUN_JOB],
@@ -40,6 +45,8 @@ def execute(runtime: Runtime, job_id: int) -> str:
     if job.status in JobStatus.TERMINAL or job.status == JobStatus.CANCELING:
         job_log(job_id, logging.INFO, f"run_job: job is {job.status}; nothing to do")
         return job.status
+    if job.status != JobStatus.STARTED and not _has_a_slot(runtime, job):
+        return type(job).get_by_id(job_id).status  # waiting as it was, or FAILURE past its deadline
     if progress.transition(job_id, JobStatus.STARTED, allowed_from=(JobStatus.CREATED, JobStatus.PENDING)):
         job_log(job_id, logging.INFO, f"job STARTED: {job.total_images} image(s), mode {job.dispatch_mode}")
     job = load_job(job_id)
@@ -56,6 +63,37 @@ def execute(runtime: Runtime, job_id: int) -> str:
     if job.dispatched_at is None:
         jobs.dispatch(runtime, job)
     return job.status
+
+
+def _has_a_slot(runtime: Runtime, job) -> bool:
+    """Whether a job about to start may: an async job's tasks need its consumer on PIPELINE_TASKS, which holds
+    PIPELINE_NATS_MAX_JOBS of them. When none is free the job stays PENDING and run_job looks again in
+    SLOT_RETRY_MS (touching the job, so the health check does not re-send it meanwhile; if this message is
+    lost, the health check's re-send of a PENDING job takes over). A job whose deadline passes meanwhile
+    ends FAILURE saying so."""
+    if job.dispatch_mode != DispatchMode.ASYNC_API or job.total_images == 0:
+        return True
+    settings = runtime.settings
+    try:
+        runtime.tasks.ensure_streams(**settings.stream_options())
+        runtime.tasks.ensure_job_consumer(job.id, job.pipeline.slug, max_deliver=settings.nats_max_deliver,
+                                          ack_wait_s=settings.nats_task_ttr)
+        return True
+    except JobSlotsFull as exc:
+        if job.deadline_at is not None and utcnow() >= job.deadline_at:
+            reason = (f"deadline passed: the job was to end by {job.deadline_at.isoformat(timespec='seconds')}Z "
+                      f"and was still waiting for a free job slot ({exc})")
+            if progress.transition(job.id, JobStatus.FAILURE, allowed_from=(JobStatus.CREATED, JobStatus.PENDING),
+                                   error=reason):
+                job_log(job.id, logging.ERROR, f"job FAILURE: {reason}")
+            return False
+        type(job).update(updated_at=utcnow()).where(
+            (type(job).id == job.id) & type(job).status.in_((JobStatus.CREATED, JobStatus.PENDING))).execute()
+        if runtime.redis.set(names.slot_wait_key(job.id), 1, nx=True, ex=SLOT_WAIT_LOG_S):
+            job_log(job.id, logging.WARNING, f"waiting for a free job slot: {exc}; run_job looks again every "
+                                             f"{SLOT_RETRY_MS // 1000} s")
+        runtime.send(names.RUN_JOB, job.id, delay_ms=SLOT_RETRY_MS)
+        return False
 
 
 def _mark_collected(job) -> None:

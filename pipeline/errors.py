@@ -38,5 +38,10 @@ class TransientError(PipelineError):
     """A dependency (Redis, NATS, the database) could not be reached; retry later."""
 
 
+class JobSlotsFull(TransientError):
+    """PIPELINE_TASKS holds as many job consumers as it allows (PIPELINE_NATS_MAX_JOBS): a job to start
+    waits until one ends."""
+
+
 class StateMissing(PipelineError):
     """The job's Redis state does not exist (Redis flushed or restarted, or the job was cleaned up)."""

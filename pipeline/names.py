@@ -110,6 +110,11 @@ def drain_again_key(job_id: int) -> str:
     return f"{REDIS_PREFIX}:drain-again:{job_id}"
 
 
+def slot_wait_key(job_id: int) -> str:
+    """Set (for an hour) when a job waiting for a free job slot last said so in its log."""
+    return f"{REDIS_PREFIX}:slot-wait:{job_id}"
+
+
 def crash_delivery_key(message_id: str) -> str:
     """Counter of deliveries of one Dramatiq message (poison-message guard)."""
     return f"{REDIS_PREFIX}:deliveries:{message_id}"

@@ -33,7 +33,7 @@ from nats.js.api import (
 
 from pipeline import names
 from pipeline.aio import LoopRunner
-from pipeline.errors import TransientError
+from pipeline.errors import JobSlotsFull, TransientError
 from pipeline.schemas import Task
 from pipeline.settings import redact
 
@@ -322,9 +322,9 @@ class TaskQueue:
             except nats.js.errors.BadRequestError as exc:
                 if exc.err_code != MAX_CONSUMERS_ERR_CODE:
                     raise
-                raise TransientError(
-                    f"job {job_id} cannot be dispatched: {names.TASKS_STREAM} holds its maximum of job consumers (jobs "
-                    "dispatched and not yet cleaned up); raise PIPELINE_NATS_MAX_JOBS or let jobs finish") from None
+                raise JobSlotsFull(
+                    f"job {job_id} cannot be dispatched yet: {names.TASKS_STREAM} holds its maximum of job consumers "
+                    "(jobs dispatched and not yet ended); raise PIPELINE_NATS_MAX_JOBS or let jobs finish") from None
             created = True
         got = info.config
         summary = (f"max_deliver={got.max_deliver} ack_wait={got.ack_wait}s max_ack_pending={got.max_ack_pending} "

@@ -102,6 +102,40 @@ def test_the_tasks_stream_allows_as_many_job_consumers_as_configured(runtime, mo
     assert runtime.tasks.ensure_job_consumer(jobs[2].id, moth_pipeline, max_deliver=2, ack_wait_s=30).max_deliver == 2
 
 
+def test_a_job_past_the_job_limit_waits_unstarted_and_starts_when_a_slot_frees(runtime, moth_pipeline, monkeypatch):
+    from actors.run_job import SLOT_RETRY_MS, execute
+    from pipeline.jobs import cancel
+
+    # Given PIPELINE_NATS_MAX_JOBS=1 and a dispatched job holding the only slot
+    monkeypatch.setattr(runtime, "settings", runtime.settings.with_overrides(nats_max_jobs=1))
+    first, second = fake_job(moth_pipeline, 2, prefix="file:///slot-a"), fake_job(moth_pipeline, 3, prefix="file:///b")
+    dispatch(runtime, first.id)
+    sent = []
+    monkeypatch.setattr(runtime, "send", lambda actor, *args, delay_ms=None: sent.append((actor, args, delay_ms)))
+    try:
+        # When run_job meets the second job (twice: it looks again by itself)
+        before = Job.get_by_id(second.id).status
+        assert execute(runtime, second.id) == before and execute(runtime, second.id) == before
+        # Then the job waits as it was, not started, not failed, and run_job is queued to look again
+        job = Job.get_by_id(second.id)
+        assert (job.status, job.dispatched_at, job.error) == (before, None, None)
+        assert sent == [(names.RUN_JOB, (second.id,), SLOT_RETRY_MS)] * 2
+        waiting = [line.message for line in JobLog.select().where(JobLog.job == second.id)
+                   if "waiting for a free job slot" in line.message]
+        assert len(waiting) == 1 and "PIPELINE_NATS_MAX_JOBS" in waiting[0]  # said once, with what to do
+        # (a waiting job whose deadline passes ends FAILURE saying why, and is not looked at again)
+        late = fake_job(moth_pipeline, 1, prefix="file:///late", deadline_s=60)
+        Job.update(deadline_at=late.created_at).where(Job.id == late.id).execute()
+        assert execute(runtime, late.id) == JobStatus.FAILURE and len(sent) == 2
+        assert "still waiting for a free job slot" in Job.get_by_id(late.id).error
+        # And once the first job ends, its next look starts it
+        cancel(runtime, first.id)
+        assert execute(runtime, second.id) == JobStatus.STARTED
+        assert stream_count(runtime, second.id, moth_pipeline) == 3
+    finally:
+        runtime.tasks.ensure_streams(max_jobs=10_000)
+
+
 def test_dispatching_while_results_are_saved_never_meets_a_locked_database(runtime, moth_pipeline, monkeypatch):
     # Given every SQLite statement traced (a transaction that reads and then writes must have begun with
     # the write lock: upgrading a read lock fails at once when another connection committed meanwhile)
