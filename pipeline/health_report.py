@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+import nats.js.errors
 import peewee
 import redis
 
@@ -39,8 +40,11 @@ async def _nats_facts(settings: Settings) -> tuple[dict, dict[int, dict]]:
                  "jetstream": js_ok, **({"error": f"JetStream: {js_error}"} if js_error else {})}
         if js_ok:
             facts["bridge"] = await _bridge_facts(queue)
+        job_consumers = (await queue.job_consumers()) if js_ok else []
+        if js_ok:
+            facts["job_slots"] = {"used": len(job_consumers), "max": await _job_slots(queue)}
         consumers = {}
-        for consumer in (await queue.job_consumers()) if js_ok else []:
+        for consumer in job_consumers:
             state = await queue.consumer_state(consumer.job_id)
             consumers[consumer.job_id] = {"num_pending": state.num_pending, "num_ack_pending": state.num_ack_pending,
                                           "num_redelivered": state.num_redelivered,
@@ -49,6 +53,15 @@ async def _nats_facts(settings: Settings) -> tuple[dict, dict[int, dict]]:
         return facts, consumers
     finally:
         await nc.close()
+
+
+async def _job_slots(queue: TaskQueue) -> int | None:
+    """How many job consumers PIPELINE_TASKS allows (None: no stream yet, or no limit)."""
+    try:
+        limit = (await queue.js.stream_info(names.TASKS_STREAM)).config.max_consumers
+    except nats.js.errors.NotFoundError:
+        return None
+    return limit if limit and limit > 0 else None
 
 
 async def _bridge_facts(queue: TaskQueue) -> dict[str, dict]:
@@ -137,6 +150,12 @@ def build_report(settings: Settings, runner) -> tuple[int, dict]:
             problems.append(str(exc))
         except peewee.PeeweeException as exc:
             deps["database"] = {**deps["database"], "reachable": False, "error": str(exc).strip()}
+    slots = deps.get("nats", {}).get("job_slots") or {}
+    unstarted = [j for j in jobs_out if j["status"] in (JobStatus.CREATED, JobStatus.PENDING)
+                 and j["mode"] == DispatchMode.ASYNC_API]
+    if unstarted and slots.get("max") is not None and slots["used"] >= slots["max"]:
+        problems.append(f"{len(unstarted)} job(s) wait for a free job slot: {names.TASKS_STREAM} holds its maximum "
+                        f"of {slots['max']} job consumers (PIPELINE_NATS_MAX_JOBS); they start as running jobs end")
     if workers == 0 and jobs_out:
         problems.append(f"{len(jobs_out)} job(s) running but no live Dramatiq worker "
                         "(start `dramatiq pipeline.actors`)")

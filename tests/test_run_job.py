@@ -102,6 +102,20 @@ def test_the_tasks_stream_allows_as_many_job_consumers_as_configured(runtime, mo
     assert runtime.tasks.ensure_job_consumer(jobs[2].id, moth_pipeline, max_deliver=2, ack_wait_s=30).max_deliver == 2
 
 
+def assert_health_names_the_wait(runtime) -> None:
+    from pipeline.aio import LoopThread
+    from pipeline.health_report import build_report
+
+    loop = LoopThread()
+    try:
+        status, health = build_report(runtime.settings, loop)
+    finally:
+        loop.stop()
+    assert health["dependencies"]["nats"]["job_slots"] == {"used": 1, "max": 1}
+    assert "1 job(s) wait for a free job slot: PIPELINE_TASKS holds its maximum of 1 job consumers" in " ".join(
+        health["problems"])
+
+
 def test_a_job_past_the_job_limit_waits_unstarted_and_starts_when_a_slot_frees(runtime, moth_pipeline, monkeypatch):
     from actors.run_job import SLOT_RETRY_MS, execute
     from pipeline.jobs import cancel
@@ -123,6 +137,7 @@ def test_a_job_past_the_job_limit_waits_unstarted_and_starts_when_a_slot_frees(r
         waiting = [line.message for line in JobLog.select().where(JobLog.job == second.id)
                    if "waiting for a free job slot" in line.message]
         assert len(waiting) == 1 and "PIPELINE_NATS_MAX_JOBS" in waiting[0]  # said once, with what to do
+        assert_health_names_the_wait(runtime)
         # (a waiting job whose deadline passes ends FAILURE saying why, and is not looked at again)
         late = fake_job(moth_pipeline, 1, prefix="file:///late", deadline_s=60)
         Job.update(deadline_at=late.created_at).where(Job.id == late.id).execute()
