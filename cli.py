@@ -29,7 +29,7 @@ STACK_FILE = STACK_DIR / "stack.json"
 def _env_help() -> str:
     from pipeline.settings import OPTIONS
 
-    lines = [f"  {o.env:<36} {o.help} (default: {o.default})" for o in OPTIONS.values()]
+    lines = [f"  {o.env:<36} {o.help} (default: {o.default or 'not set'})" for o in OPTIONS.values()]
     return "\n".join(lines)
 
 
