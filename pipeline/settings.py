@@ -147,9 +147,9 @@ class Settings:
                 raise ConfigError(f"{OPTIONS[name].env} is not a URL: {redact(url)!r}")
 
     def stream_options(self) -> dict[str, int | None]:
-        """How jetpipe's streams are to be made: `ensure_streams(**settings.stream_options())`. Replicas are
-        Each is None unless its variable is set, so that a process started without them (a CLI on a laptop)
-        cannot turn a cluster's R3 streams into R1 or undo the workers' consumer limit."""
+        """How jetpipe's streams are to be made: `ensure_streams(**settings.stream_options())`. Each is None
+        unless its variable is set, so that a process started without them (a CLI on a laptop) cannot turn a
+        cluster's R3 streams into R1 or undo the workers' consumer limit."""
         return {"max_jobs": self.nats_max_jobs, "replicas": self.nats_replicas}
 
     def nats_options(self) -> dict[str, str]:
@@ -167,8 +167,10 @@ class Settings:
     def describe(self) -> dict[str, str]:
         """Every setting by environment name, with secrets masked: in URLs, and the web tokens (safe to log
         or print)."""
-        return {OPTIONS[f.name].env: ("***" if f.name in SECRET_OPTIONS and getattr(self, f.name)
-                                      else redact(str(getattr(self, f.name)))) for f in dataclasses.fields(self)}
+        described = {}
+        for field, (env, text) in zip(dataclasses.fields(self), self.to_env().items(), strict=True):
+            described[env] = "***" if field.name in SECRET_OPTIONS and text else redact(text)
+        return described
 
 
 def _convert(env: str, raw: str, kind) -> object:

@@ -35,6 +35,7 @@ def test_stream_replicas_are_only_imposed_when_set():
     unset = Settings.from_env({})
     assert unset.stream_options()["replicas"] is None  # new streams get 1, existing ones keep theirs
     assert Settings.from_env(unset.to_env()) == unset  # and "not set" survives a child process's environment
+    assert unset.describe()["PIPELINE_NATS_REPLICAS"] == ""  # shown as unset, not as "None"
     assert Settings.from_env({"PIPELINE_NATS_REPLICAS": " 3 "}).stream_options()["replicas"] == 3
 
 
