@@ -67,10 +67,11 @@ def execute(runtime: Runtime, job_id: int) -> str:
 
 def _has_a_slot(runtime: Runtime, job) -> bool:
     """Whether a job about to start may: an async job's tasks need its consumer on PIPELINE_TASKS, which holds
-    PIPELINE_NATS_MAX_JOBS of them. When none is free the job stays PENDING and run_job looks again in
-    SLOT_RETRY_MS (touching the job, so the health check does not re-send it meanwhile; if this message is
-    lost, the health check's re-send of a PENDING job takes over). A job whose deadline passes meanwhile
-    ends FAILURE saying so."""
+    PIPELINE_NATS_MAX_JOBS of them. When none is free the job stays PENDING: the cleanup of the next job to
+    end sends run_job for it (`jobs.wake_a_waiting_job`), and run_job looks again in SLOT_RETRY_MS anyway
+    (touching the job, so the health check does not re-send it meanwhile; if that message is lost, the
+    health check's re-send of a PENDING job takes over). A job whose deadline passes meanwhile ends FAILURE
+    saying so."""
     if job.dispatch_mode != DispatchMode.ASYNC_API or job.total_images == 0:
         return True
     settings = runtime.settings
@@ -90,9 +91,11 @@ def _has_a_slot(runtime: Runtime, job) -> bool:
         type(job).update(updated_at=utcnow()).where(
             (type(job).id == job.id) & type(job).status.in_((JobStatus.CREATED, JobStatus.PENDING))).execute()
         if runtime.redis.set(names.slot_wait_key(job.id), 1, nx=True, ex=SLOT_WAIT_LOG_S):
-            job_log(job.id, logging.WARNING, f"waiting for a free job slot: {exc}; run_job looks again every "
-                                             f"{SLOT_RETRY_MS // 1000} s")
-        runtime.send(names.RUN_JOB, job.id, delay_ms=SLOT_RETRY_MS)
+            job_log(job.id, logging.WARNING, f"waiting for a free job slot: {exc}; it starts when a job ends "
+                                             f"(run_job also looks again every {SLOT_RETRY_MS // 1000} s)")
+        # one delayed look at a time: a wake-up that found no slot after all leaves the scheduled one be
+        if runtime.redis.set(names.slot_look_key(job.id), 1, nx=True, px=SLOT_RETRY_MS - 1000):
+            runtime.send(names.RUN_JOB, job.id, delay_ms=SLOT_RETRY_MS)
         return False
 
 

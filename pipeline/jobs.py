@@ -255,6 +255,7 @@ def cleanup(runtime: Runtime, job_id: int, pipeline_slug: str) -> bool:
     ok = True
     try:
         runtime.tasks.delete_job_consumer(job_id, pipeline_slug)
+        wake_a_waiting_job(runtime)
     except TransientError as exc:
         ok = False
         log.warning("job=%s cleanup: NATS consumer not removed (%s); the zombie sweep will retry", job_id, exc)
@@ -268,6 +269,28 @@ def cleanup(runtime: Runtime, job_id: int, pipeline_slug: str) -> bool:
         job_log(job_id, logging.INFO, f"cleaned up: consumer {names.job_consumer(job_id)} and Redis state removed; "
                                       f"stages at cleanup: {stages_text(job_id)}")
     return ok
+
+
+def wake_a_waiting_job(runtime: Runtime) -> int | None:
+    """A job slot has just been freed (a job's consumer removed): send run_job at once for the oldest job
+    waiting for one (PIPELINE_NATS_MAX_JOBS), rather than leave it to its next look; which one, if any."""
+    import redis
+
+    try:
+        candidates = [job_id for (job_id,) in Job.select(Job.id).where(
+            Job.status.in_((JobStatus.CREATED, JobStatus.PENDING)) & (Job.dispatch_mode == DispatchMode.ASYNC_API)
+            & Job.dispatched_at.is_null()).order_by(Job.id).limit(100).tuples()]
+        if not candidates:
+            return None
+        flags = runtime.redis.mget([names.slot_wait_key(job_id) for job_id in candidates])
+        waiting = next((job_id for job_id, flag in zip(candidates, flags, strict=True) if flag is not None), None)
+        if waiting is not None:
+            runtime.send(names.RUN_JOB, waiting)
+            log.info("job=%s a job slot is free: run_job sent", waiting)
+        return waiting
+    except redis.RedisError as exc:  # its own look comes within SLOT_RETRY_MS anyway
+        log.warning("cleanup: could not wake a job waiting for a slot (%s); it looks again by itself", exc)
+        return None
 
 
 def stages_text(job_id: int) -> str:

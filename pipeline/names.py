@@ -115,6 +115,11 @@ def slot_wait_key(job_id: int) -> str:
     return f"{REDIS_PREFIX}:slot-wait:{job_id}"
 
 
+def slot_look_key(job_id: int) -> str:
+    """Set while a delayed run_job is due to look for a free job slot for the job (one at a time)."""
+    return f"{REDIS_PREFIX}:slot-look:{job_id}"
+
+
 def crash_delivery_key(message_id: str) -> str:
     """Counter of deliveries of one Dramatiq message (poison-message guard)."""
     return f"{REDIS_PREFIX}:deliveries:{message_id}"

@@ -133,7 +133,7 @@ def test_a_job_past_the_job_limit_waits_unstarted_and_starts_when_a_slot_frees(r
         # Then the job waits as it was, not started, not failed, and run_job is queued to look again
         job = Job.get_by_id(second.id)
         assert (job.status, job.dispatched_at, job.error) == (before, None, None)
-        assert sent == [(names.RUN_JOB, (second.id,), SLOT_RETRY_MS)] * 2
+        assert sent == [(names.RUN_JOB, (second.id,), SLOT_RETRY_MS)]  # one delayed look at a time
         waiting = [line.message for line in JobLog.select().where(JobLog.job == second.id)
                    if "waiting for a free job slot" in line.message]
         assert len(waiting) == 1 and "PIPELINE_NATS_MAX_JOBS" in waiting[0]  # said once, with what to do
@@ -141,10 +141,11 @@ def test_a_job_past_the_job_limit_waits_unstarted_and_starts_when_a_slot_frees(r
         # (a waiting job whose deadline passes ends FAILURE saying why, and is not looked at again)
         late = fake_job(moth_pipeline, 1, prefix="file:///late", deadline_s=60)
         Job.update(deadline_at=late.created_at).where(Job.id == late.id).execute()
-        assert execute(runtime, late.id) == JobStatus.FAILURE and len(sent) == 2
+        assert execute(runtime, late.id) == JobStatus.FAILURE and len(sent) == 1
         assert "still waiting for a free job slot" in Job.get_by_id(late.id).error
-        # And once the first job ends, its next look starts it
+        # And when the first job ends, its cleanup sends run_job for the waiting job, which starts it
         cancel(runtime, first.id)
+        assert sent[-1] == (names.RUN_JOB, (second.id,), None)
         assert execute(runtime, second.id) == JobStatus.STARTED
         assert stream_count(runtime, second.id, moth_pipeline) == 3
     finally:
