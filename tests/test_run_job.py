@@ -102,6 +102,26 @@ def test_the_tasks_stream_allows_as_many_job_consumers_as_configured(runtime, mo
     assert runtime.tasks.ensure_job_consumer(jobs[2].id, moth_pipeline, max_deliver=2, ack_wait_s=30).max_deliver == 2
 
 
+def test_a_job_ends_cleanly_when_waking_a_waiting_job_meets_a_redis_error(runtime, moth_pipeline, monkeypatch,
+                                                                         caplog):
+    import redis
+
+    from pipeline.jobs import cancel
+
+    job = fake_job(moth_pipeline, 2)
+    dispatch(runtime, job.id)
+
+    def down(*args, **kwargs):
+        raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(runtime.redis, "mget", down)
+    fake_job(moth_pipeline, 1, prefix="file:///waiting")  # a candidate, so the wake-up asks Redis
+    with caplog.at_level(logging.WARNING):
+        assert cancel(runtime, job.id) == JobStatus.REVOKED
+    assert Job.get_by_id(job.id).cleaned_up_at is not None and not runtime.tasks.consumer_state(job.id).exists
+    assert "could not wake a job waiting for a slot" in caplog.text
+
+
 def assert_health_names_the_wait(runtime) -> None:
     from pipeline.aio import LoopThread
     from pipeline.health_report import build_report
