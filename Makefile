@@ -1,6 +1,6 @@
 # jetpipe: two commands set everything up on a fresh machine that has Python 3.11.
 #   make demo   venv + install + a real 200-image job on an embedded NATS/Redis/SQLite stack
-#   make test   venv + install + the whole suite (make test-unit: the server-free tier, seconds)
+#   make test   venv + install + the whole suite, in two processes (make test-unit: the server-free tier, seconds)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -21,8 +21,11 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python cli.py demo --images $${IMAGES:-200}
 
+# two test processes (pytest-xdist): most tests wait on servers and subprocesses, not on the CPU, so two
+# halve the wall time on 2 cores; each has its own nats-server, redis-server and PostgreSQL database.
+# PYTEST_WORKERS=0 runs them in this process.
 test: $(STAMP)
-	$(BIN)/python -m pytest $${PYTEST_ARGS:-}
+	$(BIN)/python -m pytest -n $${PYTEST_WORKERS:-2} $${PYTEST_ARGS:-}
 
 # tests/unit: no server, no database server, a few seconds
 test-unit: $(STAMP)
