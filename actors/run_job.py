@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import dramatiq
+from nats.js.api import ConsumerConfig
 
 from models import DispatchMode, JobStatus, utcnow
 from pipeline import jobs, names, progress
@@ -45,8 +46,11 @@ def execute(runtime: Runtime, job_id: int) -> str:
     if job.status in JobStatus.TERMINAL or job.status == JobStatus.CANCELING:
         job_log(job_id, logging.INFO, f"run_job: job is {job.status}; nothing to do")
         return job.status
-    if job.status != JobStatus.STARTED and not _has_a_slot(runtime, job):
-        return type(job).get_by_id(job_id).status  # waiting as it was, or FAILURE past its deadline
+    slot = None
+    if job.status != JobStatus.STARTED and job.dispatch_mode == DispatchMode.ASYNC_API and job.total_images:
+        slot = _take_a_slot(runtime, job)
+        if slot is None:
+            return type(job).get_by_id(job_id).status  # waiting as it was, or FAILURE past its deadline
     if progress.transition(job_id, JobStatus.STARTED, allowed_from=(JobStatus.CREATED, JobStatus.PENDING)):
         job_log(job_id, logging.INFO, f"job STARTED: {job.total_images} image(s), mode {job.dispatch_mode}")
     job = load_job(job_id)
@@ -61,25 +65,18 @@ def execute(runtime: Runtime, job_id: int) -> str:
     if jobs.load_state_from_db(runtime.state, job_id):
         log.info("job=%s Redis state initialised: %s pending", job_id, job.total_images)
     if job.dispatched_at is None:
-        jobs.dispatch(runtime, job)
+        jobs.dispatch(runtime, job, consumer=slot)
     return job.status
 
 
-def _has_a_slot(runtime: Runtime, job) -> bool:
-    """Whether a job about to start may: an async job's tasks need its consumer on PIPELINE_TASKS, which holds
-    PIPELINE_NATS_MAX_JOBS of them. When none is free the job stays PENDING: the cleanup of the next job to
-    end sends run_job for it (`jobs.wake_a_waiting_job`), and run_job looks again in SLOT_RETRY_MS anyway
-    (touching the job, so the health check does not re-send it meanwhile; if that message is lost, the
-    health check's re-send of a PENDING job takes over). A job whose deadline passes meanwhile ends FAILURE
-    saying so."""
-    if job.dispatch_mode != DispatchMode.ASYNC_API or job.total_images == 0:
-        return True
-    settings = runtime.settings
+def _take_a_slot(runtime: Runtime, job) -> ConsumerConfig | None:
+    """The consumer of an async job about to start, which PIPELINE_TASKS holds PIPELINE_NATS_MAX_JOBS of; None
+    when none is free. The job then stays PENDING: the cleanup of the next job to end sends run_job for it
+    (`jobs.wake_a_waiting_job`), and run_job looks again in SLOT_RETRY_MS anyway (touching the job, so the
+    health check does not re-send it meanwhile; if that message is lost, the health check's re-send of a
+    PENDING job takes over). A job whose deadline passes meanwhile ends FAILURE saying so."""
     try:
-        runtime.tasks.ensure_streams(**settings.stream_options())
-        runtime.tasks.ensure_job_consumer(job.id, job.pipeline.slug, max_deliver=settings.nats_max_deliver,
-                                          ack_wait_s=settings.nats_task_ttr)
-        return True
+        return jobs.take_job_slot(runtime, job)
     except JobSlotsFull as exc:
         if job.deadline_at is not None and utcnow() >= job.deadline_at:
             reason = (f"deadline passed: the job was to end by {job.deadline_at.isoformat(timespec='seconds')}Z "
@@ -87,7 +84,7 @@ def _has_a_slot(runtime: Runtime, job) -> bool:
             if progress.transition(job.id, JobStatus.FAILURE, allowed_from=(JobStatus.CREATED, JobStatus.PENDING),
                                    error=reason):
                 job_log(job.id, logging.ERROR, f"job FAILURE: {reason}")
-            return False
+            return None
         type(job).update(updated_at=utcnow()).where(
             (type(job).id == job.id) & type(job).status.in_((JobStatus.CREATED, JobStatus.PENDING))).execute()
         if runtime.redis.set(names.slot_wait_key(job.id), 1, nx=True, ex=SLOT_WAIT_LOG_S):
@@ -96,7 +93,7 @@ def _has_a_slot(runtime: Runtime, job) -> bool:
         # one delayed look at a time: a wake-up that found no slot after all leaves the scheduled one be
         if runtime.redis.set(names.slot_look_key(job.id), 1, nx=True, px=SLOT_RETRY_MS - 1000):
             runtime.send(names.RUN_JOB, job.id, delay_ms=SLOT_RETRY_MS)
-        return False
+        return None
 
 
 def _mark_collected(job) -> None:

@@ -9,6 +9,8 @@ import os
 from collections.abc import Iterable, Iterator
 from urllib.parse import urlsplit
 
+from nats.js.api import ConsumerConfig
+
 from models import (
     DispatchMode,
     ImageStatus,
@@ -206,8 +208,18 @@ def record_published(job_id: int, row_ids: list[int], seqs: list[int], cursor: i
                                               list(zip(seqs, row_ids, strict=True)))
 
 
-def dispatch(runtime: Runtime, job: Job) -> int:
+def take_job_slot(runtime: Runtime, job: Job) -> ConsumerConfig:
+    """The job's consumer on PIPELINE_TASKS, created if missing (the streams too: NATS may have lost them
+    since this process connected); raises JobSlotsFull when the stream holds PIPELINE_NATS_MAX_JOBS."""
+    settings = runtime.settings
+    runtime.tasks.ensure_streams(**settings.stream_options())
+    return runtime.tasks.ensure_job_consumer(job.id, job.pipeline.slug, max_deliver=settings.nats_max_deliver,
+                                             ack_wait_s=settings.nats_task_ttr)
+
+
+def dispatch(runtime: Runtime, job: Job, *, consumer: ConsumerConfig | None = None) -> int:
     """Publish the job's pending tasks from its checkpoint on, then mark it dispatched; returns tasks sent.
+    `consumer`: the job's consumer if the caller has just taken its slot (else it is taken here).
 
     Resumable: the checkpoint (`dispatch_cursor`) advances after each published chunk, and a chunk
     republished after a crash is deduplicated by its `Nats-Msg-Id`s. Each chunk is read in full before
@@ -215,10 +227,7 @@ def dispatch(runtime: Runtime, job: Job) -> int:
     """
     settings = runtime.settings
     tasks = runtime.tasks
-    # NATS may have lost the streams since this process connected (flushed, new store)
-    tasks.ensure_streams(**settings.stream_options())
-    accepted = tasks.ensure_job_consumer(job.id, job.pipeline.slug, max_deliver=settings.nats_max_deliver,
-                                         ack_wait_s=settings.nats_task_ttr)
+    accepted = consumer or take_job_slot(runtime, job)
     job_log(job.id, logging.INFO, f"consumer {names.job_consumer(job.id)} ready: max_deliver="
                                   f"{accepted.max_deliver} ack_wait={accepted.ack_wait}s")
     sent = new = 0
