@@ -9,9 +9,11 @@ loop running and resources exist before the first message is processed (Dramatiq
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import signal
+import sys
 import time
 
 import dramatiq
@@ -183,8 +185,12 @@ class WorkerResources(dramatiq.Middleware):
         self.nats_problem: str | None = None  # why the bridge could not connect, while it cannot
 
     def after_process_boot(self, broker):
-        """In a `dramatiq` worker process (never in an in-process test worker): sane stop signals."""
+        """In a `dramatiq` worker process (never in an in-process test worker): sane stop signals, and a
+        Python traceback of every thread in the log if the process dies of a fatal signal (a crash in a C
+        extension), before the master notices that it exited and stops the worker."""
         one_stop_per_request()
+        faulthandler.enable(file=sys.__stderr__, all_threads=True)  # the process's own stderr: Dramatiq's log pipe
+        # to the master is not read once the master sees this process die
 
     def before_worker_boot(self, broker, worker):
         loop_thread = get_event_loop_thread()

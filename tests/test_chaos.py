@@ -160,6 +160,23 @@ def test_a_second_stop_signal_ends_a_worker_at_once(chaos_env, worker_factory):
     assert not chaos.worker_pids(master.pid)
 
 
+@SQLITE_ONLY  # about processes, not the database
+def test_a_worker_process_that_crashes_in_native_code_leaves_its_threads_tracebacks_in_the_log(
+        chaos_env, worker_factory):
+    # Given a running worker
+    master = worker_factory(chaos_env.base)
+    wait_for(lambda: "ready for action" in worker_factory.logs(), timeout_s=30, message="worker to boot")
+    [child] = wait_for(lambda: chaos.worker_pids(master.pid), timeout_s=10, message="worker process")
+    # When its worker process dies of a segmentation fault (a C extension's crash)
+    os.kill(child, signal.SIGSEGV)
+    # Then the master stops (its supervisor restarts it), and the log shows where every thread was
+    master.wait(30)
+    logs = worker_factory.logs()
+    assert "Fatal Python error: Segmentation fault" in logs
+    assert "Thread 0x" in logs and "most recent call first" in logs
+    assert f"Worker with PID {child} exited unexpectedly (code -11)" in logs
+
+
 def test_images_exhausting_max_deliver_are_failed_within_seconds(chaos_env, worker_factory):
     # Given ack_wait 2 s, max_deliver 2, and a service that keeps pulling but drops 3 images' tasks
     env = chaos_env
