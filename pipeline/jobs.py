@@ -283,6 +283,7 @@ def cleanup(runtime: Runtime, job_id: int, pipeline_slug: str) -> bool:
 def wake_a_waiting_job(runtime: Runtime) -> int | None:
     """A job slot has just been freed (a job's consumer removed): send run_job at once for the oldest job
     waiting for one (PIPELINE_NATS_MAX_JOBS), rather than leave it to its next look; which one, if any."""
+    import peewee
     import redis
 
     try:
@@ -297,7 +298,7 @@ def wake_a_waiting_job(runtime: Runtime) -> int | None:
             runtime.send(names.RUN_JOB, waiting)
             log.info("job=%s a job slot is free: run_job sent", waiting)
         return waiting
-    except redis.RedisError as exc:  # its own look comes within SLOT_RETRY_MS anyway
+    except (redis.RedisError, peewee.PeeweeException) as exc:  # best effort: it looks again by itself
         log.warning("cleanup: could not wake a job waiting for a slot (%s); it looks again by itself", exc)
         return None
 
