@@ -76,7 +76,9 @@ def _take_a_slot(runtime: Runtime, job) -> ConsumerConfig | None:
     health check does not re-send it meanwhile; if that message is lost, the health check's re-send of a
     PENDING job takes over). A job whose deadline passes meanwhile ends FAILURE saying so."""
     try:
-        return jobs.take_job_slot(runtime, job)
+        consumer = jobs.take_job_slot(runtime, job)
+        runtime.redis.zrem(names.SLOT_WAITERS_KEY, job.id)  # if it was waiting
+        return consumer
     except JobSlotsFull as exc:
         if job.deadline_at is not None and utcnow() >= job.deadline_at:
             reason = (f"deadline passed: the job was to end by {job.deadline_at.isoformat(timespec='seconds')}Z "
@@ -87,6 +89,7 @@ def _take_a_slot(runtime: Runtime, job) -> ConsumerConfig | None:
             return None
         type(job).update(updated_at=utcnow()).where(
             (type(job).id == job.id) & type(job).status.in_((JobStatus.CREATED, JobStatus.PENDING))).execute()
+        runtime.redis.zadd(names.SLOT_WAITERS_KEY, {job.id: job.id})  # woken when a job ends
         if runtime.redis.set(names.slot_wait_key(job.id), 1, nx=True, ex=SLOT_WAIT_LOG_S):
             job_log(job.id, logging.WARNING, f"waiting for a free job slot: {exc}; it starts when a job ends "
                                              f"(run_job also looks again every {SLOT_RETRY_MS // 1000} s)")

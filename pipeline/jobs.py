@@ -282,22 +282,23 @@ def cleanup(runtime: Runtime, job_id: int, pipeline_slug: str) -> bool:
 
 def wake_a_waiting_job(runtime: Runtime) -> int | None:
     """A job slot has just been freed (a job's consumer removed): send run_job at once for the oldest job
-    waiting for one (PIPELINE_NATS_MAX_JOBS), rather than leave it to its next look; which one, if any."""
+    waiting for one (PIPELINE_NATS_MAX_JOBS), rather than leave it to its next look; which one, if any.
+    Taking it off the waiters' set is atomic, so slots freed at once wake different jobs."""
     import peewee
     import redis
 
     try:
-        candidates = [job_id for (job_id,) in Job.select(Job.id).where(
-            Job.status.in_((JobStatus.CREATED, JobStatus.PENDING)) & (Job.dispatch_mode == DispatchMode.ASYNC_API)
-            & Job.dispatched_at.is_null()).order_by(Job.id).limit(100).tuples()]
-        if not candidates:
-            return None
-        flags = runtime.redis.mget([names.slot_wait_key(job_id) for job_id in candidates])
-        waiting = next((job_id for job_id, flag in zip(candidates, flags, strict=True) if flag is not None), None)
-        if waiting is not None:
-            runtime.send(names.RUN_JOB, waiting)
-            log.info("job=%s a job slot is free: run_job sent", waiting)
-        return waiting
+        for _ in range(10):  # skip waiters that started by their own look or were canceled meanwhile
+            popped = runtime.redis.zpopmin(names.SLOT_WAITERS_KEY)
+            if not popped:
+                return None
+            job_id = int(popped[0][0])
+            if Job.select().where((Job.id == job_id) & Job.status.in_((JobStatus.CREATED, JobStatus.PENDING))
+                                  & Job.dispatched_at.is_null()).exists():
+                runtime.send(names.RUN_JOB, job_id)
+                log.info("job=%s a job slot is free: run_job sent", job_id)
+                return job_id
+        return None
     except (redis.RedisError, peewee.PeeweeException) as exc:  # best effort: it looks again by itself
         log.warning("cleanup: could not wake a job waiting for a slot (%s); it looks again by itself", exc)
         return None

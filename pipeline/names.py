@@ -115,6 +115,10 @@ def slot_wait_key(job_id: int) -> str:
     return f"{REDIS_PREFIX}:slot-wait:{job_id}"
 
 
+#: Sorted set of the jobs waiting for a free job slot, scored by job id: the oldest is woken first.
+SLOT_WAITERS_KEY = f"{REDIS_PREFIX}:slot-waiters"
+
+
 def slot_look_key(job_id: int) -> str:
     """Set while a delayed run_job is due to look for a free job slot for the job (one at a time)."""
     return f"{REDIS_PREFIX}:slot-look:{job_id}"

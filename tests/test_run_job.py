@@ -114,8 +114,7 @@ def test_a_job_ends_cleanly_when_waking_a_waiting_job_meets_a_redis_error(runtim
     def down(*args, **kwargs):
         raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
 
-    monkeypatch.setattr(runtime.redis, "mget", down)
-    fake_job(moth_pipeline, 1, prefix="file:///waiting")  # a candidate, so the wake-up asks Redis
+    monkeypatch.setattr(runtime.redis, "zpopmin", down)
     with caplog.at_level(logging.WARNING):
         assert cancel(runtime, job.id) == JobStatus.REVOKED
     assert Job.get_by_id(job.id).cleaned_up_at is not None and not runtime.tasks.consumer_state(job.id).exists
@@ -168,6 +167,38 @@ def test_a_job_past_the_job_limit_waits_unstarted_and_starts_when_a_slot_frees(r
         assert sent[-1] == (names.RUN_JOB, (second.id,), None)
         assert execute(runtime, second.id) == JobStatus.STARTED
         assert stream_count(runtime, second.id, moth_pipeline) == 3
+    finally:
+        runtime.tasks.ensure_streams(max_jobs=10_000)
+
+
+def test_freed_slots_wake_the_oldest_waiters_one_each_whatever_is_queued_before_them(runtime, moth_pipeline,
+                                                                                    monkeypatch):
+    from actors.run_job import execute
+    from pipeline.jobs import cancel, wake_a_waiting_job
+
+    # Given two job slots, both held, 120 jobs enqueued before the waiters whose run_job has not run yet,
+    # and three jobs waiting for a slot
+    monkeypatch.setattr(runtime, "settings", runtime.settings.with_overrides(nats_max_jobs=2))
+    holders = [fake_job(moth_pipeline, 1, prefix=f"file:///hold{k}") for k in range(2)]
+    for job in holders:
+        dispatch(runtime, job.id)
+    for k in range(120):
+        fake_job(moth_pipeline, 1, prefix=f"file:///queued{k}")
+    waiters = [fake_job(moth_pipeline, 1, prefix=f"file:///wait{k}") for k in range(3)]
+    sent = []
+    monkeypatch.setattr(runtime, "send", lambda actor, *args, delay_ms=None: sent.append((actor, args, delay_ms)))
+    try:
+        for job in waiters:
+            execute(runtime, job.id)
+        sent.clear()
+        # When both slots are freed at once
+        for job in holders:
+            cancel(runtime, job.id)
+        # Then the two oldest waiters are woken, one each: not a job queued before them, not one twice
+        assert sent == [(names.RUN_JOB, (waiters[0].id,), None), (names.RUN_JOB, (waiters[1].id,), None)]
+        # and a waiter canceled meanwhile is never woken
+        cancel(runtime, waiters[2].id)
+        assert wake_a_waiting_job(runtime) is None and len(sent) == 2
     finally:
         runtime.tasks.ensure_streams(max_jobs=10_000)
 
