@@ -200,17 +200,23 @@ async def raw_pull_ack(url: str, n: int) -> float:
     return got / elapsed
 
 
+def proc_stat(pid: int | str) -> tuple[int, float]:
+    """(session id, CPU seconds so far: user + system) of a process, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[3]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def session_cpu_s(sid: int) -> float:
     """CPU seconds (user + system) of the live processes of session `sid` (a worker started in its own)."""
-    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
+    total = 0.0
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                session, cpu = proc_stat(entry)
             except OSError:
                 continue
-            if int(fields[3]) == sid:
-                total += (int(fields[11]) + int(fields[12])) / tick
+            if session == sid:
+                total += cpu
     return total
 
 
@@ -336,10 +342,9 @@ def worker_processes(stack: DevStack, database, images: int, label: str) -> list
 
 def process_cpu_s_and_rss_mb(pids: list[int]) -> tuple[float, float]:
     """CPU seconds so far (user + system) and resident memory of these processes, summed."""
-    tick, cpu, rss_kb = os.sysconf("SC_CLK_TCK"), 0.0, 0
+    cpu, rss_kb = 0.0, 0
     for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        cpu += (int(fields[11]) + int(fields[12])) / tick
+        cpu += proc_stat(pid)[1]
         rss_kb += next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                        if line.startswith("VmRSS:"))
     return cpu, rss_kb / 1024
