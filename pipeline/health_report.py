@@ -66,8 +66,6 @@ async def _job_slots(queue: TaskQueue) -> int | None:
 
 async def _bridge_facts(queue: TaskQueue) -> dict[str, dict]:
     """Per stream the workers' bridge reads: messages waiting, and whether its durable consumer exists."""
-    import nats.js.errors
-
     facts = {}
     for stream, consumer in ((names.RESULTS_STREAM, names.RESULTS_BRIDGE_CONSUMER),
                              (names.ADVISORIES_STREAM, names.ADVISORIES_CONSUMER)):
