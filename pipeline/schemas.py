@@ -153,7 +153,7 @@ def encode(obj: msgspec.Struct) -> bytes:
 
 
 def decode_task(body: bytes) -> Task:
-    return msgspec.json.decode(body, type=Task)
+    return _task_decoder.decode(body)
 
 
 class AlgorithmSpec(msgspec.Struct, frozen=True):
@@ -172,7 +172,7 @@ class PipelineSpec(msgspec.Struct, frozen=True):
 
 def decode_pipeline_spec(body: bytes, *, source: str) -> PipelineSpec:
     try:
-        spec = msgspec.json.decode(body, type=PipelineSpec)
+        spec = _pipeline_decoder.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise UserInputError(f"{source}: not a valid pipeline file: {exc}") from None
     if not spec.slug or not all(c.isalnum() or c in "-_" for c in spec.slug):
@@ -184,3 +184,13 @@ def decode_pipeline_spec(body: bytes, *, source: str) -> PipelineSpec:
     if len(set(keys)) != len(keys):
         raise UserInputError(f"{source}: algorithm keys must be unique, got {keys}")
     return spec
+
+
+# msgspec builds a Struct type's decoding information on first use and caches it on the class. Two worker
+# threads doing that at once for the same type crashed a worker process (a segmentation fault inside
+# msgspec while another thread evaluated the type's annotations). Building a decoder builds it for the
+# type and every type inside it, here at import, where only one thread runs; `msgspec.convert` of results
+# then finds it built.
+_task_decoder = msgspec.json.Decoder(Task)
+_pipeline_decoder = msgspec.json.Decoder(PipelineSpec)
+_results_built = [msgspec.json.Decoder(kind) for kind in (SuccessResult, ErrorResult)]

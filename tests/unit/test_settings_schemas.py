@@ -102,3 +102,35 @@ def test_the_reference_systems_result_is_accepted_as_it_is():
     [classification] = result.detections[0].classifications
     assert (classification.taxon, classification.labels, classification.score) == ("Noctuidae", [], 0.9)
     assert result.detections[1].classifications == []
+
+
+def test_every_wire_type_is_ready_to_decode_once_imported_so_threads_never_build_it_at_once():
+    # msgspec builds a type's decoding information on first use; two worker threads doing that at once for
+    # the same type crashed a worker process. Importing the modules must build it for every wire type:
+    # after import, evaluating an annotation (what msgspec does while building) is made to fail.
+    import subprocess
+    import sys
+
+    code = """
+import msgspec._utils
+from pipeline import schemas
+from pipeline import inbox
+from pipeline.web import gateway_api
+
+def building(*args):
+    raise AssertionError("msgspec built a type's decoding information after import")
+
+msgspec._utils._eval_type = building
+task = schemas.decode_task(b'{"job_id": 1, "image_id": "2", "image_url": "file:///a.png", "pipeline": "p", '
+                           b'"reply_subject": "r"}')
+ok = schemas.decode_result(b'{"pipeline": "p", "source_images": [{"id": "2"}], "detections": [{"source_image_id":'
+                           b' "2", "algorithm": {"key": "d"}, "bbox": {"x1": 0, "y1": 0, "x2": 1, "y2": 1}, '
+                           b'"classifications": [{"taxon": "t", "algorithm": {"key": "c"}, "scores": [0.9]}]}]}')
+error = schemas.decode_result(b'{"error": "x", "image_id": "2"}')
+spec = schemas.decode_pipeline_spec(b'{"slug": "p", "name": "P", "algorithms": [{"key": "d", "name": "D", '
+                                    b'"task_type": "detection"}]}', source="t")
+print(type(task).__name__, type(ok).__name__, type(error).__name__, type(spec).__name__)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["Task", "SuccessResult", "ErrorResult", "PipelineSpec"]
