@@ -88,18 +88,19 @@ def _normalize(data: dict) -> dict:
     """Accept integer image ids (`"id": 345`) as the strings the contract specifies, and the reference
     system's result as it is: the taxon under `classification`, `null` for an empty list of labels, scores
     or classifications. (Its other fields — `algorithms`, `errors`, `logits`, `inference_time`,
-    `timestamp` — are ignored like any unknown field.)"""
-    for image in data.get("source_images") or []:
+    `timestamp` — are ignored like any unknown field.) Anything of the wrong shape is left for the schema
+    to refuse."""
+    for image in _listed(data.get("source_images")):
         if isinstance(image, dict) and isinstance(image.get("id"), int):
             image["id"] = str(image["id"])
-    for det in data.get("detections") or []:
+    for det in _listed(data.get("detections")):
         if not isinstance(det, dict):
             continue
         if isinstance(det.get("source_image_id"), int):
             det["source_image_id"] = str(det["source_image_id"])
         if det.get("classifications") is None and "classifications" in det:
             det["classifications"] = []
-        for c in det.get("classifications") or []:
+        for c in _listed(det.get("classifications")):
             if isinstance(c, dict):
                 if "taxon" not in c and "classification" in c:
                     c["taxon"] = c["classification"]
@@ -109,6 +110,12 @@ def _normalize(data: dict) -> dict:
     if isinstance(data.get("image_id"), int):
         data["image_id"] = str(data["image_id"])
     return data
+
+
+def _listed(value) -> list:
+    """`value` if it is a JSON array, else nothing to normalise (`"detections": true` is the schema's to
+    refuse, not a TypeError here)."""
+    return value if isinstance(value, list) else []
 
 
 def decode_result(body: bytes) -> Result:

@@ -67,6 +67,11 @@ def test_results_decode_by_shape():
      b'"algorithm": {"key": "d"}}]}', "not in source_images"),
     (b'{"pipeline": "p", "source_images": [{"id": "1"}], "detections": [{"source_image_id": "1", '
      b'"algorithm": {"key": "d"}, "bbox": {"x1": "left"}}]}', "SuccessResult schema"),
+    # lists of the wrong type (found by the property test: a TypeError instead of a verdict)
+    (b'{"pipeline": "p", "source_images": [{"id": "1"}], "detections": true}', "SuccessResult schema"),
+    (b'{"pipeline": "p", "source_images": true}', "SuccessResult schema"),
+    (b'{"pipeline": "p", "source_images": [{"id": "1"}], "detections": [{"source_image_id": "1", '
+     b'"algorithm": {"key": "d"}, "classifications": 5}]}', "SuccessResult schema"),
 ])
 def test_bad_results_say_why(body, message):
     with pytest.raises(BadResult, match=message):
