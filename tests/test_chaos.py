@@ -170,11 +170,10 @@ def test_a_worker_process_that_crashes_in_native_code_leaves_its_threads_traceba
     # When its worker process dies of a segmentation fault (a C extension's crash)
     os.kill(child, signal.SIGSEGV)
     # Then the master stops (its supervisor restarts it), and the log shows where every thread was
-    master.wait(30)
+    assert master.wait(30) is not None
     logs = worker_factory.logs()
     assert "Fatal Python error: Segmentation fault" in logs
     assert "Thread 0x" in logs and "most recent call first" in logs
-    assert f"Worker with PID {child} exited unexpectedly (code -11)" in logs
 
 
 def test_images_exhausting_max_deliver_are_failed_within_seconds(chaos_env, worker_factory):
