@@ -10,6 +10,9 @@ What it does for the service author (docs/processing-services.md):
   keeps one long-lived pull subscription per job (never subscribe/fetch/unsubscribe per request:
   that loses deliveries in flight to a dropped inbox), and pulls from the jobs round-robin;
 - fetches only as many tasks as it has free slots, so no task's ack_wait runs while it waits in a buffer;
+  never runs more than `concurrency` handlers: a fetch can bring more than it asked for (an earlier pull
+  request answered after it gave up, typically after a reconnect), and those extra tasks wait, kept
+  alive with +WPI, for the next free slots;
 - sends `+WPI` (in progress) every ack_wait/3 while the handler runs;
 - publishes results on `pipeline.results.<job_id>` with `Pipeline-Task-Reply`; never ACKs a task;
 - batches success results: up to `batch_size` images of one job go out as one result message (their
@@ -24,6 +27,7 @@ What it does for the service author (docs/processing-services.md):
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import inspect
 import logging
@@ -39,7 +43,7 @@ from pipeline import names
 from pipeline.outage import Outage
 from pipeline.schemas import MAX_IMAGES_PER_RESULT, ErrorResult, Result, SuccessResult, Task, decode_task, encode
 from pipeline.sdk_http import HttpTransport
-from pipeline.taskqueue import NATS_FAILURES, TaskQueue
+from pipeline.taskqueue import NATS_FAILURES, TaskQueue, take_waiting
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +96,14 @@ def _in_own_thread(fn, arg, *, name: str) -> asyncio.Future:
 
     threading.Thread(target=run, name=name, daemon=True).start()
     return future
+
+
+@dataclasses.dataclass
+class _Held:
+    """A task delivered beyond the free slots, kept leased with +WPI until a slot frees."""
+
+    msg: object
+    keep_alive: asyncio.Task
 
 
 @dataclasses.dataclass
@@ -151,6 +163,7 @@ class ProcessingService:
         self._replacing = False  # a replacement connection failed: say so once per outage
         self._subs: dict[int, object] = {}
         self._ack_wait: dict[int, float] = {}
+        self._held: dict[int, collections.deque[_Held]] = {}  # per job: delivered beyond the free slots
         self._free = concurrency  # slots not running a task (only touched on the event loop)
         self._slot_freed = asyncio.Event()
         self._inflight: set[asyncio.Task] = set()
@@ -173,6 +186,7 @@ class ProcessingService:
         try:
             await self._loop()
         finally:
+            await self._release_held()
             if self._inflight:
                 await asyncio.wait(self._inflight, timeout=30)
             for job_id in list(self._batches):
@@ -210,6 +224,8 @@ class ProcessingService:
         stale, self._queue = self._queue, fresh
         self._subs.clear()  # bound to the old connection; re-made on the next refresh
         self._ack_wait.clear()
+        for job_id in list(self._held):  # their +WPI went through the old connection: back after ack_wait
+            self._take_held(job_id, len(self._held[job_id]))
         try:
             await asyncio.wait_for(stale.nc.close(), 5)
         except Exception:  # noqa: BLE001 - it was stuck: nothing more to release
@@ -240,15 +256,17 @@ class ProcessingService:
                     await self._wait(0.05)
             except NATS_FAILURES as exc:
                 await self._wait(outage.failed(str(exc) or type(exc).__name__))
+            except Exception as exc:  # noqa: BLE001 - a bug must not stop the service: say it once, carry on
+                problem = f"{type(exc).__name__}: {exc}"
+                if problem != outage.problem:
+                    log.error("service %s: unexpected error; carrying on", self.name, exc_info=True)
+                await self._wait(outage.failed(problem))
 
     async def _refresh(self, queue: TaskQueue) -> None:
         consumers = {c.job_id: c for c in await queue.job_consumers(self.pipeline)}
         for job_id in list(self._subs):
             if job_id not in consumers:
-                sub = self._subs.pop(job_id)
-                self._ack_wait.pop(job_id, None)
-                await sub.unsubscribe()
-                log.info("service %s: job %s is gone; stopped pulling it", self.name, job_id)
+                await self._stop_pulling(job_id, "is gone")
         for job_id, consumer in consumers.items():
             if job_id not in self._subs:
                 info = await queue.js.consumer_info(names.TASKS_STREAM, consumer.consumer)
@@ -256,37 +274,91 @@ class ProcessingService:
                 self._subs[job_id] = await queue.js.pull_subscribe_bind(consumer.consumer, stream=names.TASKS_STREAM)
                 log.info("service %s: pulling job %s", self.name, job_id)
 
+    async def _stop_pulling(self, job_id: int, why: str) -> None:
+        sub = self._subs.pop(job_id, None)
+        self._ack_wait.pop(job_id, None)
+        self._take_held(job_id, len(self._held.get(job_id, ())))  # the job's tasks no longer matter
+        if sub is not None:
+            await sub.unsubscribe()
+        log.info("service %s: job %s %s; stopped pulling it", self.name, job_id, why)
+
     async def _pull(self, queue: TaskQueue, job_id: int) -> bool:
-        """Fetch as many of the job's tasks as there are free slots and start them; True if any came."""
-        while self._free == 0 and not self.stopping.is_set():
+        """Start as many of the job's tasks as there are free slots, held ones first, else fetched; True if
+        any came."""
+        while self._free <= 0 and not self.stopping.is_set():
+            self._hold_late()
             self._slot_freed.clear()
             await self._wait_for(self._slot_freed, REFRESH_S)
-        if self._free == 0 or job_id not in self._subs:
+        if self._free <= 0 or job_id not in self._subs:
             return False
-        try:
-            # bounded from outside too: a client whose connection is wedged can hang inside fetch
-            msgs = await asyncio.wait_for(self._subs[job_id].fetch(self._free, timeout=FETCH_TIMEOUT_S),
-                                          FETCH_TIMEOUT_S + 5)
-        except (TimeoutError, nats.errors.TimeoutError):
-            return False
-        except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):
-            # the job's consumer was deleted (job finished or canceled): stop pulling it
-            sub = self._subs.pop(job_id, None)
-            self._ack_wait.pop(job_id, None)
-            if sub is not None:
-                await sub.unsubscribe()
-            log.info("service %s: job %s consumer is gone; stopped pulling it", self.name, job_id)
-            return False
+        self._hold_late()
+        msgs = self._take_held(job_id, self._free)
+        late = len(msgs)
+        if not msgs:
+            if not queue.nc.is_connected:
+                return False  # a pull request now would wait in the client and be answered after it gave up
+            try:
+                # bounded from outside too: a client whose connection is wedged can hang inside fetch
+                fetched = await asyncio.wait_for(self._subs[job_id].fetch(self._free, timeout=FETCH_TIMEOUT_S),
+                                                 FETCH_TIMEOUT_S + 5)
+            except (TimeoutError, nats.errors.TimeoutError):
+                return False
+            except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):
+                # the job's consumer was deleted (job finished or canceled)
+                await self._stop_pulling(job_id, "consumer is gone")
+                return False
+            msgs, surplus = fetched[:self._free], fetched[self._free:]
+            self._hold(job_id, surplus)
         self._free -= len(msgs)
-        for msg in msgs:
-            task = asyncio.create_task(self._process(queue, job_id, msg))
+        for i, msg in enumerate(msgs):
+            task = asyncio.create_task(self._process(queue, job_id, msg, late=i < late))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
         return bool(msgs)
 
-    async def _process(self, queue: TaskQueue, job_id: int, msg) -> None:
+    def _hold_late(self) -> None:
+        """Hold what waits on the subscriptions: answers to pull requests that reached NATS after their fetch
+        gave up (e.g. sent while reconnecting, flushed once connected). Kept alive from now on, not from
+        whenever a slot frees and the next fetch would find them."""
+        for job_id, sub in self._subs.items():
+            self._hold(job_id, take_waiting(sub))
+
+    def _hold(self, job_id: int, msgs: list) -> None:
+        """Keep tasks delivered beyond the free slots alive (+WPI) until a slot frees; they start first."""
+        if not msgs:
+            return
+        held = self._held.setdefault(job_id, collections.deque())
+        ack_wait = self._ack_wait.get(job_id, 30.0)
+        for msg in msgs:
+            held.append(_Held(msg, asyncio.create_task(self._keep_alive(msg, ack_wait, at_once=True))))
+        log.info("service %s: job=%s %s task(s) delivered late held until a slot is free", self.name, job_id,
+                 len(msgs))
+
+    def _take_held(self, job_id: int, count: int) -> list:
+        """Up to `count` of the job's held tasks, oldest first, no longer kept alive by the holder."""
+        held = self._held.get(job_id)
+        taken = []
+        while held and len(taken) < count:
+            entry = held.popleft()
+            entry.keep_alive.cancel()
+            taken.append(entry.msg)
+        if held is not None and not held:
+            del self._held[job_id]
+        return taken
+
+    async def _release_held(self) -> None:
+        """On stopping: hand the held tasks back (NAK) so they are redelivered at once, not after ack_wait."""
+        for job_id in list(self._held):
+            for msg in self._take_held(job_id, len(self._held[job_id])):
+                try:
+                    await msg.nak()
+                except NATS_FAILURES:
+                    pass  # redelivered after ack_wait instead
+
+    async def _process(self, queue: TaskQueue, job_id: int, msg, *, late: bool = False) -> None:
         try:
-            heartbeat = asyncio.create_task(self._keep_alive(msg, self._ack_wait.get(job_id, 30.0)))
+            # a late task's lease ran while it waited: +WPI at once
+            heartbeat = asyncio.create_task(self._keep_alive(msg, self._ack_wait.get(job_id, 30.0), at_once=late))
             try:
                 result = await self._run_handler(msg)
             finally:
@@ -380,13 +452,18 @@ class ProcessingService:
         self.processed += 1
         return result
 
-    async def _keep_alive(self, msg, ack_wait_s: float) -> None:
+    @staticmethod
+    async def _keep_alive(msg, ack_wait_s: float, *, at_once: bool = False) -> None:
+        """+WPI every ack_wait/3 (`at_once`: first now, for a task whose ack_wait ran while it waited)."""
+        every = max(ack_wait_s / 3, 0.2)
+        if not at_once:
+            await asyncio.sleep(every)
         while True:
-            await asyncio.sleep(max(ack_wait_s / 3, 0.2))
             try:
                 await msg.in_progress()
             except Exception:  # noqa: BLE001 - a lost +WPI only risks a redelivery
                 return
+            await asyncio.sleep(every)
 
     async def _publish(self, queue: TaskQueue, job_id: int, reply: str, result: Result) -> None:
         body = encode(result)

@@ -230,6 +230,24 @@ def no_responders(reply) -> bool:
     return (reply.headers or {}).get("Status") == "503"
 
 
+def take_waiting(sub) -> list:
+    """The deliveries waiting on a pull subscription that no fetch took: answers to pull requests that
+    reached the server after their fetch gave up (it timed out, or the request waited out a reconnect in
+    the client). Status messages (timeouts, heartbeats of those requests) are left out.
+
+    nats-py's `fetch` hands these out along with its own, more than it was asked for, and when they cover
+    its whole batch it still sends a pull request for none, which the server answers with one more task.
+    Taking them first avoids both."""
+    queue = sub._sub._pending_queue  # nats-py has no public way to drain a pull subscription
+    waiting = []
+    while not queue.empty():
+        msg = queue.get_nowait()
+        sub._sub._pending_size -= len(msg.data)
+        if msg.reply and msg.reply.startswith("$JS.ACK."):
+            waiting.append(msg)
+    return waiting
+
+
 class TaskQueue:
     """JetStream operations of jetpipe over one connection."""
 

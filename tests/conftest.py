@@ -310,13 +310,18 @@ def service_factory():
         return service
 
     yield start
+    crashed = []
     for service, future in running:
         loop.loop.call_soon_threadsafe(service.stop)
         try:
             future.result(timeout=20)
-        except Exception:  # noqa: BLE001
-            pass
+        except concurrent.futures.TimeoutError:
+            pass  # still finishing its tasks
+        except Exception as exc:  # noqa: BLE001 - reported below, once every service is stopped
+            crashed.append(f"{service.name}: {type(exc).__name__}: {exc}")
     loop.stop()
+    # a service that died mid-test leaves its tasks unanswered: say so rather than let a test time out
+    assert not crashed, f"processing service stopped by an exception: {crashed}"
 
 
 @pytest.fixture
