@@ -3,10 +3,11 @@ results published to the results stream as a NATS service would publish them.
 
 It keeps one long-lived pull subscription per job (the reference system subscribed, fetched and
 unsubscribed per request, and every delivery in flight to the dropped inbox cost one of the task's
-`max_deliver` deliveries). Fetches of one job are serialised, and a request is handed only what its own
-fetch returned. Deliveries that reach the subscription after their request gave up are handed to the next
-request; on shutdown whatever the gateway holds and has not handed out is released at once (NAK), while
-what it handed out runs on its normal `ack_wait`.
+`max_deliver` deliveries). Fetches of one job are serialised, and a request is never handed more than it
+asked for. Deliveries that reach the subscription after their request gave up (a fetch then returns them
+along with its own, more than it asked for) are held and handed to the next requests first; on shutdown
+whatever the gateway holds and has not handed out is released at once (NAK), while what it handed out runs
+on its normal `ack_wait`.
 
 Everything here runs on the process's event loop thread (the runtime's), where its NATS connection lives.
 """
@@ -24,7 +25,7 @@ import nats.js.errors
 from pipeline import names
 from pipeline.errors import TransientError
 from pipeline.schemas import decode_task
-from pipeline.taskqueue import NATS_FAILURES, TaskQueue, no_responders
+from pipeline.taskqueue import NATS_FAILURES, TaskQueue, no_responders, take_waiting
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class Gateway:
         self.queue = queue
         self._subs: dict[int, object] = {}
         self._locks: dict[int, asyncio.Lock] = {}
+        self._held: dict[int, list] = {}  # per job: delivered, not handed out yet (beyond a request's count)
 
     async def reserve(self, job_id: int, count: int) -> list[Reserved]:
         """Up to `count` of the job's tasks, each now leased to the caller for the consumer's ack_wait;
@@ -62,10 +64,23 @@ class Gateway:
                 sub = self._subs.get(job_id) or await self._subscribe(job_id)
                 if sub is None:
                     return []
-                try:
-                    msgs = await sub.fetch(count, timeout=FETCH_WAIT_S)
-                except (nats.errors.TimeoutError, TimeoutError):
-                    msgs = []
+                held = self._held.pop(job_id, []) + take_waiting(sub)
+                late = bool(held)
+                if len(held) < count:
+                    try:
+                        fetched = await sub.fetch(count - len(held), timeout=FETCH_WAIT_S)
+                    except (nats.errors.TimeoutError, TimeoutError):
+                        fetched = []
+                    except BaseException:
+                        self._held[job_id] = held  # still the next request's (dropped if the job ended)
+                        raise
+                    late |= len(fetched) > count - len(held)
+                    held += fetched
+                msgs, rest = held[:count], held[count:]
+                if rest:
+                    self._held[job_id] = rest
+                if late:  # their lease ran while they waited here: it starts again as they are handed out
+                    await asyncio.gather(*(msg.in_progress() for msg in msgs), return_exceptions=True)
             except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):
                 # the job's consumer was deleted (the job ended, or was canceled) under this fetch
                 await self._forget(job_id)
@@ -97,6 +112,7 @@ class Gateway:
         return sub
 
     async def _forget(self, job_id: int) -> None:
+        self._held.pop(job_id, None)  # the job's consumer is gone: its deliveries no longer count
         sub = self._subs.pop(job_id, None)
         if sub is not None:
             try:
@@ -133,15 +149,11 @@ class Gateway:
         """On shutdown: NAK what was delivered to the gateway and not handed out; drop the subscriptions."""
         released = 0
         for job_id in list(self._subs):
-            sub = self._subs[job_id]
-            pending = sub._sub._pending_queue  # nats-py keeps no public way to drain a pull subscription
-            while not pending.empty():
-                msg = pending.get_nowait()
-                if msg.reply and msg.reply.startswith("$JS.ACK."):
-                    try:
-                        await msg.nak()
-                        released += 1
-                    except NATS_FAILURES:
-                        break
+            for msg in self._held.get(job_id, []) + take_waiting(self._subs[job_id]):
+                try:
+                    await msg.nak()
+                    released += 1
+                except NATS_FAILURES:
+                    break
             await self._forget(job_id)
         return released

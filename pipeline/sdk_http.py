@@ -78,7 +78,7 @@ class HttpTransport:
         _raise_for(listing)
         got = False
         for job in listing.json()["results"]:
-            while self._free == 0 and not self.service.stopping.is_set():
+            while self._free <= 0 and not self.service.stopping.is_set():
                 self._slot_freed.clear()
                 await self.service._wait_for(self._slot_freed, 1.0)
             if self.service.stopping.is_set():

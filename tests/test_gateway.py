@@ -17,7 +17,7 @@ import pytest
 
 from models import Job, JobImage, JobStatus
 from pipeline import names
-from tests.conftest import PROJECT, subprocess_env, wait_for
+from tests.conftest import PROJECT, make_settings, subprocess_env, wait_for
 from tests.helpers import answer_one_box, dispatch, fake_job, pull_tasks
 from tests.web_helpers import TOKENS_SETTING, WebServer, bearer
 
@@ -336,6 +336,23 @@ def test_the_reference_service_works_through_the_gateway_with_cli_process_via(
     assert "Traceback" not in out, out
 
 
+def deliver_late(runtime, gateway, job_id: int, count: int) -> int:
+    """What a fetch that timed out leaves behind: `count` deliveries on the gateway's subscription that no
+    request took (its pull request answered after it gave up). How many wait there."""
+    sub = gateway._subs[job_id]
+
+    async def late():
+        await runtime.tasks.queue.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{names.TASKS_STREAM}.job-{job_id}",
+                                             json.dumps({"batch": count}).encode(), reply=sub._deliver)
+        for _ in range(50):
+            if sub.pending_msgs >= count:
+                break
+            await asyncio.sleep(0.05)
+        return sub.pending_msgs
+
+    return runtime.runner.run(late(), timeout=10)
+
+
 def test_on_shutdown_tasks_fetched_but_never_handed_out_go_back_at_once(runtime, moth_pipeline):
     """A delivery that reached the gateway after its request gave up is held, not lost; at shutdown it is
     NAKed so it is redelivered now, not after ack_wait."""
@@ -345,20 +362,58 @@ def test_on_shutdown_tasks_fetched_but_never_handed_out_go_back_at_once(runtime,
     dispatch(runtime, job.id)
     gateway = Gateway(runtime.tasks.queue)
     assert len(runtime.runner.run(gateway.reserve(job.id, 1), timeout=10)) == 1
-
-    async def late_deliveries():  # what a fetch that timed out leaves behind: deliveries nobody took
-        sub = gateway._subs[job.id]
-        await runtime.tasks.queue.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{names.TASKS_STREAM}.job-{job.id}",
-                                             json.dumps({"batch": 2}).encode(), reply=sub._deliver)
-        for _ in range(50):
-            if sub.pending_msgs >= 2:
-                return sub.pending_msgs
-            await asyncio.sleep(0.05)
-        return sub.pending_msgs
-
-    assert runtime.runner.run(late_deliveries(), timeout=10) == 2
+    assert deliver_late(runtime, gateway, job.id, 2) == 2
     assert runtime.tasks.consumer_state(job.id).num_ack_pending == 3
     assert runtime.runner.run(gateway.release_all(), timeout=10) == 2
     # at once, not after the 30 s ack_wait: the two released come back, with the one never delivered
     again = pull_tasks(runtime, job.id, 3, timeout_s=3)
     assert len(again) == 3 and runtime.tasks.consumer_state(job.id).num_redelivered == 2
+
+
+def test_a_request_is_never_handed_more_tasks_than_it_asked_for_late_deliveries_go_to_the_next(
+        runtime, moth_pipeline):
+    """A fetch returns the late deliveries waiting on the subscription along with its own; the gateway hands
+    a request at most its `batch_size` and keeps the rest for the next requests."""
+    from pipeline.gateway import Gateway
+
+    job = fake_job(moth_pipeline, 6)
+    dispatch(runtime, job.id)
+    gateway = Gateway(runtime.tasks.queue)
+
+    def reserve(count: int) -> list[str]:
+        return [r.image_id for r in runtime.runner.run(gateway.reserve(job.id, count), timeout=10)]
+
+    first = reserve(1)
+    assert deliver_late(runtime, gateway, job.id, 3) == 3
+    # When requests for two tasks each come, then one for five
+    second, third, rest = reserve(2), reserve(2), reserve(5)
+    # Then each got at most what it asked for, and all six tasks went out once each
+    assert (len(first), len(second), len(third), len(rest)) == (1, 2, 2, 1)
+    assert len(set(first + second + third + rest)) == 6
+    assert reserve(5) == [] and runtime.runner.run(gateway.release_all(), timeout=10) == 0
+
+
+def test_a_late_delivery_handed_out_starts_its_lease_again(db_url, stack, settings, moth_pipeline):
+    """A task that waited at the gateway (a late delivery) is leased to the caller for a whole ack_wait from
+    the moment it is handed out, as the contract says, not from when NATS delivered it."""
+    from pipeline.gateway import Gateway
+    from pipeline.runtime import Runtime
+
+    runtime = Runtime(make_settings(db_url, stack, PIPELINE_NATS_TASK_TTR=6), name="jetpipe-gateway-test")
+    try:
+        job = fake_job(moth_pipeline, 4)
+        dispatch(runtime, job.id)
+        gateway = Gateway(runtime.tasks.queue)
+        runtime.runner.run(gateway._subscribe(job.id), timeout=10)
+        # Given two tasks delivered to the gateway 4 s (of their 6 s lease) before a request takes them
+        assert deliver_late(runtime, gateway, job.id, 2) == 2
+        time.sleep(4)
+        handed = {r.image_id for r in runtime.runner.run(gateway.reserve(job.id, 2), timeout=10)}
+        assert len(handed) == 2
+        # When 3.5 s more pass (7.5 s after delivery, 3.5 s after handing out)
+        time.sleep(3.5)
+        # Then they are still the caller's: only the two never delivered can be pulled
+        pulled = {task.image_id for task, _ in pull_tasks(runtime, job.id, 4, timeout_s=0.5)}
+        assert pulled == {"1", "2", "3", "4"} - handed
+    finally:
+        runtime.close()
