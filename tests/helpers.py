@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import threading
 from collections import Counter
@@ -17,6 +18,8 @@ from pipeline import names
 from pipeline.jobs import create_job
 from pipeline.schemas import Task, decode_task
 from tests.conftest import PROJECT
+
+log = logging.getLogger(__name__)
 
 DET = {"key": "blob-detector-v1", "name": "Dark blob detector"}
 CLS = {"key": "moth-shape-v1", "name": "Moth family"}
@@ -143,46 +146,58 @@ async def raw_service(nats_url: str, pipeline: str, stop: asyncio.Event, answer,
     None to drop the task; `seen` counts the deliveries of each image id (a model run each)."""
     import nats.js.errors
 
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
     js = nc.jetstream()
     subs, done = {}, 0
     while not stop.is_set():
         try:
-            consumers = await js.consumers_info("PIPELINE_TASKS")
-        except nats.js.errors.NotFoundError:  # no worker has created the streams yet
-            await asyncio.sleep(0.2)
-            continue
-        for info in consumers:
-            subject = info.config.filter_subject or ""
-            if subject.startswith(f"pipeline.tasks.{pipeline}.") and info.name not in subs:
-                subs[info.name] = await js.pull_subscribe_bind(info.name, stream="PIPELINE_TASKS")
-        got_any = False
-        for name, sub in list(subs.items()):
-            try:
-                msgs = await sub.fetch(100, timeout=0.2)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except Exception:  # noqa: BLE001 - consumer deleted: the job is over
-                del subs[name]
-                continue
-            got_any = True
-            for msg in msgs:
-                task = json.loads(msg.data)
-                assert msg.headers["Nats-Msg-Id"] == f"{task['job_id']}:{task['image_id']}"
-                assert msg.headers["Pipeline-Image-Id"] == task["image_id"]
-                if seen is not None:
-                    seen[task["image_id"]] += 1
-                result = answer(task)
-                if result is None:  # this service drops the task: no result, no +WPI
-                    continue
-                await msg.in_progress()
-                for _ in range(copies):
-                    await js.publish(f"pipeline.results.{task['job_id']}", json.dumps(result).encode(),
-                                     headers={"Pipeline-Task-Reply": msg.reply})
-                done += 1
-        if not got_any:
-            await asyncio.sleep(0.05)
+            done += await _raw_round(js, subs, pipeline, answer, copies=copies, seen=seen)
+        except (nats.errors.Error, TimeoutError, OSError) as exc:  # an outage: try again, as a service would
+            log.info("raw service: %s: %s; trying again", type(exc).__name__, exc)
+            await asyncio.sleep(0.5)
     await nc.close()
+    return done
+
+
+async def _raw_round(js, subs: dict, pipeline: str, answer, *, copies: int, seen: Counter | None) -> int:
+    """One look at the pipeline's jobs and one fetch from each; the number of tasks answered."""
+    import nats.js.errors
+
+    try:
+        consumers = await js.consumers_info("PIPELINE_TASKS")
+    except nats.js.errors.NotFoundError:  # no worker has created the streams yet
+        await asyncio.sleep(0.2)
+        return 0
+    for info in consumers:
+        subject = info.config.filter_subject or ""
+        if subject.startswith(f"pipeline.tasks.{pipeline}.") and info.name not in subs:
+            subs[info.name] = await js.pull_subscribe_bind(info.name, stream="PIPELINE_TASKS")
+    done, got_any = 0, False
+    for name, sub in list(subs.items()):
+        try:
+            msgs = await sub.fetch(100, timeout=0.2)
+        except (TimeoutError, nats.errors.TimeoutError):
+            continue
+        except nats.js.errors.Error:  # consumer deleted: the job is over
+            del subs[name]
+            continue
+        got_any = True
+        for msg in msgs:
+            task = json.loads(msg.data)
+            assert msg.headers["Nats-Msg-Id"] == f"{task['job_id']}:{task['image_id']}"
+            assert msg.headers["Pipeline-Image-Id"] == task["image_id"]
+            if seen is not None:
+                seen[task["image_id"]] += 1
+            result = answer(task)
+            if result is None:  # this service drops the task: no result, no +WPI
+                continue
+            await msg.in_progress()
+            for _ in range(copies):
+                await js.publish(f"pipeline.results.{task['job_id']}", json.dumps(result).encode(),
+                                 headers={"Pipeline-Task-Reply": msg.reply})
+            done += 1
+    if not got_any:
+        await asyncio.sleep(0.05)
     return done
 
 
