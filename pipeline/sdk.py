@@ -331,7 +331,7 @@ class ProcessingService:
         ack_wait = self._ack_wait.get(job_id, 30.0)
         for msg in msgs:
             held.append(_Held(msg, asyncio.create_task(self._keep_alive(msg, ack_wait, at_once=True))))
-        log.info("service %s: job=%s %s task(s) delivered late held until a slot is free", self.name, job_id,
+        log.info("service %s: job=%s %s task(s) delivered late, held until a slot is free", self.name, job_id,
                  len(msgs))
 
     def _take_held(self, job_id: int, count: int) -> list:
