@@ -205,13 +205,15 @@ def clean_servers(dev: DevStack) -> None:
 
     async def drop():
         nc = await nats.connect(dev.nats_url)
-        js = nc.jetstream()
-        for name in ("PIPELINE_TASKS", "PIPELINE_RESULTS", "PIPELINE_ADVISORIES"):
-            try:
-                await js.delete_stream(name)
-            except Exception:  # noqa: BLE001 - not there yet
-                pass
-        await nc.close()
+        try:
+            js = nc.jetstream()
+            for name in ("PIPELINE_TASKS", "PIPELINE_RESULTS", "PIPELINE_ADVISORIES"):
+                try:
+                    await js.delete_stream(name)
+                except Exception:  # noqa: BLE001 - not there yet
+                    pass
+        finally:
+            await nc.close()
 
     # on a thread of its own: the browser tests' Playwright keeps an event loop running in this one
     done = concurrent.futures.ThreadPoolExecutor(1).submit(asyncio.run, drop())

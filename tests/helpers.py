@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import shutil
@@ -25,6 +26,17 @@ DET = {"key": "blob-detector-v1", "name": "Dark blob detector"}
 CLS = {"key": "moth-shape-v1", "name": "Moth family"}
 
 
+@contextlib.asynccontextmanager
+async def nats_client(url: str, **options):
+    """A NATS connection closed however the block ends: one left open outlives its event loop and is
+    reported later, as an unraisable exception in whichever test the garbage collector then runs."""
+    nc = await nats.connect(url, **options)
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
 def fake_job(pipeline: str, n: int, *, prefix: str = "file:///nowhere/img", **kwargs) -> Job:
     return create_job(pipeline, [f"{prefix}-{i}.png" for i in range(n)], **kwargs)
 
@@ -39,18 +51,16 @@ def pull_tasks(runtime, job_id: int, count: int, *, timeout_s: float = 5.0) -> l
     """Pull up to `count` of the job's tasks like a processing service would: (task, reply subject)."""
 
     async def pull():
-        nc = await nats.connect(runtime.settings.nats_url)
-        js = nc.jetstream()
-        sub = await js.pull_subscribe_bind(names.job_consumer(job_id), stream=names.TASKS_STREAM)
-        got = []
-        while len(got) < count:
-            try:
-                msgs = await sub.fetch(count - len(got), timeout=timeout_s)
-            except nats.errors.TimeoutError:
-                break
-            got += [(decode_task(m.data), m.reply) for m in msgs]
-        await nc.close()
-        return got
+        async with nats_client(runtime.settings.nats_url) as nc:
+            sub = await nc.jetstream().pull_subscribe_bind(names.job_consumer(job_id), stream=names.TASKS_STREAM)
+            got = []
+            while len(got) < count:
+                try:
+                    msgs = await sub.fetch(count - len(got), timeout=timeout_s)
+                except nats.errors.TimeoutError:
+                    break
+                got += [(decode_task(m.data), m.reply) for m in msgs]
+            return got
 
     return runtime.runner.run(pull(), timeout=timeout_s + 10)
 
@@ -146,17 +156,16 @@ async def raw_service(nats_url: str, pipeline: str, stop: asyncio.Event, answer,
     None to drop the task; `seen` counts the deliveries of each image id (a model run each)."""
     import nats.js.errors
 
-    nc = await nats.connect(nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
-    js = nc.jetstream()
-    subs, done = {}, 0
-    while not stop.is_set():
-        try:
-            done += await _raw_round(js, subs, pipeline, answer, copies=copies, seen=seen)
-        except (nats.errors.Error, TimeoutError, OSError) as exc:  # an outage: try again, as a service would
-            log.info("raw service: %s: %s; trying again", type(exc).__name__, exc)
-            await asyncio.sleep(0.5)
-    await nc.close()
-    return done
+    async with nats_client(nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5) as nc:
+        js = nc.jetstream()
+        subs, done = {}, 0
+        while not stop.is_set():
+            try:
+                done += await _raw_round(js, subs, pipeline, answer, copies=copies, seen=seen)
+            except (nats.errors.Error, TimeoutError, OSError) as exc:  # an outage: try again, as a service would
+                log.info("raw service: %s: %s; trying again", type(exc).__name__, exc)
+                await asyncio.sleep(0.5)
+        return done
 
 
 async def _raw_round(js, subs: dict, pipeline: str, answer, *, copies: int, seen: Counter | None) -> int:
@@ -205,19 +214,18 @@ def result_messages(settings, job_id: int) -> list:
     """(header, body) of every result message of the job waiting in PIPELINE_RESULTS (left in place)."""
 
     async def read():
-        nc = await nats.connect(settings.nats_url)
-        js = nc.jetstream()
-        info = await js.stream_info(names.RESULTS_STREAM)
-        found = []
-        for seq in range(max(info.state.first_seq, 1), info.state.last_seq + 1):
-            try:
-                msg = await js.get_msg(names.RESULTS_STREAM, seq)
-            except nats.js.errors.NotFoundError:
-                continue
-            if msg.subject == names.result_subject(job_id):
-                found.append(((msg.headers or {}).get(names.HDR_TASK_REPLY), json.loads(msg.data)))
-        await nc.close()
-        return found
+        async with nats_client(settings.nats_url) as nc:
+            js = nc.jetstream()
+            info = await js.stream_info(names.RESULTS_STREAM)
+            found = []
+            for seq in range(max(info.state.first_seq, 1), info.state.last_seq + 1):
+                try:
+                    msg = await js.get_msg(names.RESULTS_STREAM, seq)
+                except nats.js.errors.NotFoundError:
+                    continue
+                if msg.subject == names.result_subject(job_id):
+                    found.append(((msg.headers or {}).get(names.HDR_TASK_REPLY), json.loads(msg.data)))
+            return found
 
     return asyncio.run(read())
 

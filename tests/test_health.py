@@ -27,6 +27,7 @@ from tests.helpers import (
     error_body,
     fake_job,
     job_with_results,
+    nats_client,
     pull_tasks,
     stream_count,
     success_body,
@@ -311,17 +312,15 @@ def test_one_sub_check_raising_does_not_stop_the_others(runtime, moth_pipeline):
 
 def read_advisories(rt, count: int, timeout_s: float = 10) -> list[str]:
     async def read():
-        nc = await nats.connect(rt.settings.nats_url)
-        js = nc.jetstream()
-        sub = await js.pull_subscribe(">", durable="test-reader", stream=names.ADVISORIES_STREAM)
-        got, deadline = [], time.monotonic() + timeout_s
-        while len(got) < count and time.monotonic() < deadline:
-            try:
-                got += [m.data.decode() for m in await sub.fetch(count - len(got), timeout=1)]
-            except (nats.errors.TimeoutError, TimeoutError):
-                pass
-        await nc.close()
-        return got
+        async with nats_client(rt.settings.nats_url) as nc:
+            sub = await nc.jetstream().pull_subscribe(">", durable="test-reader", stream=names.ADVISORIES_STREAM)
+            got, deadline = [], time.monotonic() + timeout_s
+            while len(got) < count and time.monotonic() < deadline:
+                try:
+                    got += [m.data.decode() for m in await sub.fetch(count - len(got), timeout=1)]
+                except (nats.errors.TimeoutError, TimeoutError):
+                    pass
+            return got
 
     return rt.runner.run(read(), timeout=timeout_s + 10)
 
