@@ -225,7 +225,7 @@ class ProcessingService:
         self._subs.clear()  # bound to the old connection; re-made on the next refresh
         self._ack_wait.clear()
         for job_id in list(self._held):  # their +WPI went through the old connection: back after ack_wait
-            self._take_held(job_id, len(self._held[job_id]))
+            self._take_held(job_id)
         try:
             await asyncio.wait_for(stale.nc.close(), 5)
         except Exception:  # noqa: BLE001 - it was stuck: nothing more to release
@@ -277,7 +277,7 @@ class ProcessingService:
     async def _stop_pulling(self, job_id: int, why: str) -> None:
         sub = self._subs.pop(job_id, None)
         self._ack_wait.pop(job_id, None)
-        self._take_held(job_id, len(self._held.get(job_id, ())))  # the job's tasks no longer matter
+        self._take_held(job_id)  # the job's tasks no longer matter
         if sub is not None:
             await sub.unsubscribe()
         log.info("service %s: job %s %s; stopped pulling it", self.name, job_id, why)
@@ -334,11 +334,11 @@ class ProcessingService:
         log.info("service %s: job=%s %s task(s) delivered late, held until a slot is free", self.name, job_id,
                  len(msgs))
 
-    def _take_held(self, job_id: int, count: int) -> list:
-        """Up to `count` of the job's held tasks, oldest first, no longer kept alive by the holder."""
+    def _take_held(self, job_id: int, count: int | None = None) -> list:
+        """Up to `count` (default: all) of the job's held tasks, oldest first, no longer kept alive here."""
         held = self._held.get(job_id)
         taken = []
-        while held and len(taken) < count:
+        while held and (count is None or len(taken) < count):
             entry = held.popleft()
             entry.keep_alive.cancel()
             taken.append(entry.msg)
@@ -349,7 +349,7 @@ class ProcessingService:
     async def _release_held(self) -> None:
         """On stopping: hand the held tasks back (NAK) so they are redelivered at once, not after ack_wait."""
         for job_id in list(self._held):
-            for msg in self._take_held(job_id, len(self._held[job_id])):
+            for msg in self._take_held(job_id):
                 try:
                     await msg.nak()
                 except NATS_FAILURES:
