@@ -7,7 +7,8 @@ unsubscribed per request, and every delivery in flight to the dropped inbox cost
 asked for. Deliveries that reach the subscription after their request gave up (a fetch then returns them
 along with its own, more than it asked for) are held and handed to the next requests first; on shutdown
 whatever the gateway holds and has not handed out is released at once (NAK), while what it handed out runs
-on its normal `ack_wait`.
+on its normal `ack_wait`. A job's subscription, and whatever it holds, is dropped once the job ends
+(`keep_tidy`), so a long-running web server holds nothing of jobs long gone.
 
 Everything here runs on the process's event loop thread (the runtime's), where its NATS connection lives.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import nats.errors
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 FETCH_WAIT_S = 0.5
 #: Seconds to wait for the results stream to confirm a batch of published results.
 PUBLISH_TIMEOUT_S = 10.0
+#: Seconds between two looks for ended jobs whose subscriptions the gateway still holds.
+TIDY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class Gateway:
         self._subs: dict[int, object] = {}
         self._locks: dict[int, asyncio.Lock] = {}
         self._held: dict[int, list] = {}  # per job: delivered, not handed out yet (beyond a request's count)
+        self._closing = asyncio.Event()
 
     async def reserve(self, job_id: int, count: int) -> list[Reserved]:
         """Up to `count` of the job's tasks, each now leased to the caller for the consumer's ack_wait;
@@ -145,8 +150,46 @@ class Gateway:
         except NATS_FAILURES as exc:
             raise TransientError(f"task queue unavailable: {str(exc) or type(exc).__name__}") from exc
 
+    def subscribed_jobs(self) -> list[int]:
+        """The jobs the gateway holds a pull subscription for."""
+        return sorted(self._subs)
+
+    async def release(self, job_ids: Iterable[int]) -> int:
+        """Drop the subscriptions of these jobs (they ended: their consumers are gone or going) and whatever
+        deliveries they hold; how many it dropped."""
+        dropped = 0
+        for job_id in job_ids:
+            if job_id not in self._subs:
+                continue
+            async with self._locks.setdefault(job_id, asyncio.Lock()):
+                await self._forget(job_id)
+            self._locks.pop(job_id, None)
+            dropped += 1
+        return dropped
+
+    async def keep_tidy(self, ended_of: Callable[[list[int]], set[int]], *, every_s: float = TIDY_S) -> None:
+        """Until `release_all`: every `every_s` seconds, drop the subscriptions of jobs that ended
+        (`ended_of(job_ids)`, run in a thread, says which of them did)."""
+        loop = asyncio.get_running_loop()
+        while not self._closing.is_set():
+            try:
+                await asyncio.wait_for(self._closing.wait(), every_s)
+                return
+            except TimeoutError:
+                pass
+            held = self.subscribed_jobs()
+            if not held:
+                continue
+            try:
+                ended = await loop.run_in_executor(None, ended_of, held)
+                if await self.release(sorted(ended)):
+                    log.info("gateway: released the subscriptions of ended job(s) %s", sorted(ended)[:20])
+            except Exception as exc:  # noqa: BLE001 - the database or NATS is down: look again later
+                log.warning("gateway: could not release the subscriptions of ended jobs: %s", exc)
+
     async def release_all(self) -> int:
         """On shutdown: NAK what was delivered to the gateway and not handed out; drop the subscriptions."""
+        self._closing.set()
         released = 0
         for job_id in list(self._subs):
             for msg in self._held.get(job_id, []) + take_waiting(self._subs[job_id]):

@@ -417,3 +417,24 @@ def test_a_late_delivery_handed_out_starts_its_lease_again(db_url, stack, settin
         assert pulled == {"1", "2", "3", "4"} - handed
     finally:
         runtime.close()
+
+
+def test_the_gateway_lets_go_of_an_ended_jobs_subscription(runtime, moth_pipeline):
+    """Once a job ends, the gateway drops its pull subscription and what it holds, within a tidy interval
+    (before: it kept them until the web server stopped)."""
+    from pipeline.gateway import Gateway
+    from pipeline.jobs import cancel
+    from pipeline.web.gateway_api import ended_jobs
+
+    job, other = fake_job(moth_pipeline, 3), fake_job(moth_pipeline, 2)
+    for j in (job, other):
+        dispatch(runtime, j.id)
+    gateway = Gateway(runtime.tasks.queue)
+    runtime.runner.spawn(gateway.keep_tidy(ended_jobs, every_s=0.2))
+    for j in (job, other):
+        assert len(runtime.runner.run(gateway.reserve(j.id, 1), timeout=10)) == 1
+    assert gateway.subscribed_jobs() == [job.id, other.id]
+    cancel(runtime, job.id)
+    wait_for(lambda: gateway.subscribed_jobs() == [other.id], timeout_s=10, message="the ended job to be let go")
+    assert len(runtime.runner.run(gateway.reserve(other.id, 1), timeout=10)) == 1  # the other job is untouched
+    runtime.runner.run(gateway.release_all(), timeout=10)

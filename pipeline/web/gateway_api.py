@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from models import DispatchMode, Job, JobStatus, Pipeline
+from models import DispatchMode, Job, JobStatus, Pipeline, thread_connection
 from pipeline import names, presence
 from pipeline.errors import NotFound, UserInputError
 from pipeline.gateway import Gateway
@@ -63,8 +63,18 @@ def gateway_of(request: Request) -> Gateway:
     state = request.app.state
     with _gateway_lock:
         if getattr(state, "gateway", None) is None:
-            state.gateway = Gateway(runtime_of(request).tasks.queue)
+            runtime = runtime_of(request)
+            state.gateway = Gateway(runtime.tasks.queue)
+            runtime.runner.spawn(state.gateway.keep_tidy(ended_jobs))
         return state.gateway
+
+
+def ended_jobs(job_ids: list[int]) -> set[int]:
+    """Those of `job_ids` that ended or no longer exist."""
+    with thread_connection():
+        running = {job_id for (job_id,) in Job.select(Job.id).where(
+            Job.id.in_(job_ids) & Job.status.not_in(JobStatus.TERMINAL)).tuples()}
+    return set(job_ids) - running
 
 
 def _job(job_id: int, *, running: bool) -> Job:
@@ -112,10 +122,12 @@ def service_jobs(request: Request, ids_only: bool = False, incomplete_only: bool
 @with_db
 def reserve_tasks(job_id: int, body: TasksRequest, request: Request, who: Principal = SERVICE) -> dict:
     job = _job(job_id, running=False)
+    runtime = runtime_of(request)
     if job.status != JobStatus.STARTED:
         log.debug("job=%s gateway: %s asked for tasks of a %s job; none", job_id, who.name, job.status)
+        if job.status in JobStatus.TERMINAL:
+            runtime.runner.run(gateway_of(request).release([job_id]), timeout=LOOP_TIMEOUT_S)
         return {"tasks": []}
-    runtime = runtime_of(request)
     reserved = runtime.runner.run(gateway_of(request).reserve(job_id, body.batch_size), timeout=LOOP_TIMEOUT_S)
     if reserved:
         log.info("job=%s gateway: %s reserved %s of %s task(s)", job_id, who.name, len(reserved), body.batch_size)
