@@ -289,6 +289,7 @@ def test_chaos_exhaust_max_deliver_touches_only_its_targets(chaos_env):
     assert out["deliveries"] == {first: 2} and out["published"] == []
     assert out["num_redelivered"] >= 1
     assert out["num_pending"] == 2  # second and third: never delivered
+    assert out["num_ack_pending"] == 0  # JetStream gave up on the target: no longer pending, as the help says
     missing = env.cli(s, "chaos", "exhaust-max-deliver", "--job-id", "999", "--image-ids", "1")
     assert missing.returncode == 1 and "has no consumer" in missing.stderr
 
