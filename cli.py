@@ -49,6 +49,7 @@ Examples:
 `jetpipe` (installed with the package) is the same command: `jetpipe status 1`.
   python cli.py health                  # dependencies, workers, services, running jobs (exit 0/1/3)
   python cli.py health --run            # run one jobs_health_check now
+  python cli.py parked list             # results that could not be saved; parked replay ID once fixed
 
 \b
 Exit codes:
@@ -258,10 +259,10 @@ def enqueue_job(pipeline_slug, images_dir, images_file, name, limit, dispatch_mo
 @handles_errors
 def jobs_cmd(statuses, pipeline_slug, limit, as_json) -> None:
     """List recent jobs."""
-    from pipeline.job_views import job_summary, list_jobs, render_jobs
+    from pipeline.job_views import job_summaries, list_jobs, render_jobs
 
     bind_db()
-    rows = [job_summary(j) for j in list_jobs(statuses=statuses, pipeline=pipeline_slug, limit=limit)]
+    rows = job_summaries(list_jobs(statuses=statuses, pipeline=pipeline_slug, limit=limit))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
@@ -469,6 +470,81 @@ def dlq_replay(ids: tuple[str, ...], replay_all: bool) -> None:
         fail(f"not in any dead-letter queue: {', '.join(sorted(missing))}")
 
 
+@main.group()
+def parked() -> None:
+    """Result messages that could not be saved (kept after their attempts; their images failed)."""
+
+
+def _parked_selection(ids: tuple[int, ...], job_id: int | None, every: bool) -> dict:
+    if not ids and job_id is None and not every:
+        raise click.UsageError("name parked results by id (from `parked list`), or pass --job N or --all")
+    return {"ids": list(ids) or None, "job_id": job_id, "every": every}
+
+
+@parked.command("list")
+@click.option("--job", "job_id", type=int, help="Only this job's.")
+@click.option("--json", "as_json", is_flag=True)
+@handles_errors
+def parked_list(job_id: int | None, as_json: bool) -> None:
+    """List parked result messages (job, images, attempts, the error that stopped them)."""
+    from rich.table import Table
+
+    from pipeline.job_views import literal
+    from pipeline.unsaved import list_parked
+
+    bind_db()
+    rows = [p.as_dict() for p in list_parked(job_id=job_id)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("id", "job", "images", "attempts", "parked at", "error", title=f"{len(rows)} parked result(s)")
+    for r in rows:
+        images = ",".join(r["image_ids"][:10]) + (f",...(+{len(r['image_ids']) - 10})" if len(r["image_ids"]) > 10
+                                                  else "")
+        table.add_row(str(r["id"]), str(r["job_id"]), images, str(r["attempts"]), r["parked_at"], literal(r["error"]))
+    console.print(table)
+
+
+@parked.command("show")
+@click.argument("parked_id", type=int)
+@handles_errors
+def parked_show(parked_id: int) -> None:
+    """Print a parked result's message body, as the processing service sent it."""
+    from pipeline.unsaved import parked_body
+
+    bind_db()
+    click.echo(parked_body(parked_id).decode("utf-8", errors="replace"))
+
+
+@parked.command("replay")
+@click.argument("ids", nargs=-1, type=int)
+@click.option("--job", "job_id", type=int, help="Every parked result of this job.")
+@click.option("--all", "every", is_flag=True, help="Every parked result of a running job.")
+@handles_errors
+def parked_replay(ids: tuple[int, ...], job_id: int | None, every: bool) -> None:
+    """Put parked results back to be saved (once the cause is fixed). While its job runs, a replayed result
+    that saves supersedes its images' failure; results of ended jobs are refused."""
+    from pipeline.unsaved import replay
+
+    selection = _parked_selection(ids, job_id, every)
+    done, skipped = replay(runtime(), **selection)
+    console.print(f"replayed {len(done)} parked result(s)" + (f"; {len(skipped)} left parked: their jobs ended"
+                                                              if skipped else ""))
+
+
+@parked.command("drop")
+@click.argument("ids", nargs=-1, type=int)
+@click.option("--job", "job_id", type=int, help="Every parked result of this job.")
+@click.option("--all", "every", is_flag=True, help="Every parked result.")
+@handles_errors
+def parked_drop(ids: tuple[int, ...], job_id: int | None, every: bool) -> None:
+    """Delete parked results for good (their images stay failed)."""
+    from pipeline.unsaved import drop
+
+    bind_db()
+    console.print(f"dropped {len(drop(**_parked_selection(ids, job_id, every)))} parked result(s)")
+
+
 # ---- processing service -------------------------------------------------------------------------------
 @main.command("process")
 @click.option("--pipeline", "pipeline_slug", required=True, help="Pipeline whose tasks to process.")
@@ -598,6 +674,9 @@ def chaos_exhaust(job_id: int, image_ids: str, pipeline_slug: str | None, as_jso
 
     Other tasks are never fetched: the targets must be the next tasks the job would deliver (else it
     refuses, touching nothing). A job with no tasks yet gets one task per image published by this command.
+    Afterwards the consumer shows num_ack_pending=0 (the final pull makes JetStream give up on the targets:
+    they are no longer pending, a MAX_DELIVERIES advisory names each) and num_pending = the tasks never
+    delivered.
     """
     from pipeline import chaos as tools
     from pipeline.errors import UserInputError

@@ -31,6 +31,7 @@ from models.entities import (
     JobImage,
     JobLog,
     JobStatus,
+    ParkedResult,
     Pipeline,
     ResultInbox,
     SourceImage,
@@ -70,6 +71,6 @@ __all__ = [
     # vocabularies
     "DispatchMode", "ImageStatus", "JobStatus",
     # tables
-    "ALL_MODELS", "Algorithm", "Classification", "Detection", "Job", "JobImage", "JobLog", "Pipeline",
-    "ResultInbox", "SourceImage",
+    "ALL_MODELS", "Algorithm", "Classification", "Detection", "Job", "JobImage", "JobLog", "ParkedResult",
+    "Pipeline", "ResultInbox", "SourceImage",
 ]

@@ -153,9 +153,30 @@ class ResultInbox(BaseModel):
     body = peewee.BlobField()
     task_replies = peewee.TextField(default="")  # the Pipeline-Task-Reply header as received
     received_at = peewee.DateTimeField(default=utcnow)
+    images = peewee.IntegerField(null=True)  # how many images it names (results taken, not yet saved)
+    #: Failed attempts to save it (an error that is not an outage); parked after PIPELINE_RESULT_SAVE_ATTEMPTS.
+    attempts = peewee.IntegerField(null=True)
+    next_attempt_at = peewee.DateTimeField(null=True)  # not tried again before this (backoff)
+    last_error = peewee.TextField(null=True)
 
     class Meta:
         indexes = ((("job_id", "id"), False),)
+
+
+class ParkedResult(BaseModel):
+    """A result message that could not be saved after its attempts (a bug, not an outage): its images
+    were failed with the reason, and it is kept here for inspection and replay (`cli.py parked`)."""
+
+    job_id = peewee.BigIntegerField(index=True)
+    source = peewee.CharField(max_length=64)
+    stream_seq = peewee.BigIntegerField(null=True)
+    body = peewee.BlobField()
+    task_replies = peewee.TextField(default="")
+    received_at = peewee.DateTimeField()
+    parked_at = peewee.DateTimeField(default=utcnow)
+    attempts = peewee.IntegerField()
+    error = peewee.TextField()
+    image_ids = peewee.TextField(default="")  # the images it named, comma-separated (failed when parked)
 
 
 class JobLog(BaseModel):
@@ -165,4 +186,5 @@ class JobLog(BaseModel):
     created_at = peewee.DateTimeField(default=utcnow, index=True)
 
 
-ALL_MODELS = (Pipeline, Algorithm, SourceImage, Job, JobImage, Detection, Classification, ResultInbox, JobLog)
+ALL_MODELS = (Pipeline, Algorithm, SourceImage, Job, JobImage, Detection, Classification, ResultInbox, ParkedResult,
+              JobLog)

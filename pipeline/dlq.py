@@ -41,6 +41,11 @@ def _keys(queue: str) -> tuple[str, str]:
     return base, f"{base}.msgs"
 
 
+def count_dead(client: redis.Redis) -> int:
+    """How many dead messages jetpipe's queues hold."""
+    return sum(client.zcard(_keys(queue)[0]) for queue in QUEUES)
+
+
 def list_dead(client: redis.Redis) -> list[DeadMessage]:
     """Every dead message of jetpipe's queues, oldest first."""
     found = []

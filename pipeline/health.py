@@ -33,12 +33,13 @@ import peewee
 import redis
 
 from models import DispatchMode, Job, JobStatus, Pipeline, for_update, utcnow, write_transaction
-from pipeline import inbox, jobs, names, progress
+from pipeline import inbox, jobs, names, progress, saving
 from pipeline.errors import TransientError
-from pipeline.joblog import job_log
+from pipeline.joblog import job_log, job_log_ids
 from pipeline.lost import append_error, fail_lost
 from pipeline.metrics import metrics
 from pipeline.outcomes import finish
+from pipeline.retry import is_outage
 from pipeline.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ ZOMBIE_GRACE_S = 5 * 60
 RESTART_PENDING_AFTER_S = 2 * 60
 #: A CANCELING job idle this long has its cancel finished by the reaper (seconds).
 FINISH_CANCEL_AFTER_S = 60
+#: Seconds a deadline spends saving the job's waiting results before it fails what is still pending.
+DEADLINE_DRAIN_S = 10.0
 
 
 class Check(StrEnum):
@@ -150,46 +153,74 @@ class HealthCheck:
             if not (due_pickup or due_deadline):
                 continue
             result.checked += 1
-            consumer = self.runtime.tasks.consumer_state(job.id)
-            if not consumer.reachable:
-                result.unfixable += 1
-                result.jobs[job.id] = Check.ERROR
-                continue
-            if due_deadline:
-                reason = (f"deadline passed: the job was to end by {job.deadline_at.isoformat(timespec='seconds')}Z "
-                          "and this image had no result by then")
-                outcome = self._end_pending(job, reason, Check.DEADLINE_PASSED, result)
-            elif consumer.exists and consumer.num_delivered == 0:
-                reason = (f"no processing service picked up a task of pipeline {job.pipeline.slug} within "
-                          f"{_duration(self._pickup_timeout(job))} of dispatch")
-                outcome = self._end_pending(job, reason, Check.NOT_PICKED_UP, result, job_error=reason)
-            else:
-                continue  # picked up: the lost-image rules take it from here
-            if result.tally(job.id, outcome, fixed=(Check.NOT_PICKED_UP, Check.DEADLINE_PASSED)):
+            outcome = self._isolated("deadlines", job, result, self._deadline, job, result, due_deadline)
+            if outcome is not None and result.tally(job.id, outcome,
+                                                    fixed=(Check.NOT_PICKED_UP, Check.DEADLINE_PASSED)):
                 self.unreachable_jobs.add(job.id)
         return result
+
+    def _isolated(self, check: str, job: Job, result: CheckResult, run, *args) -> Check | None:
+        """`run(*args)` for one job; an exception is logged and reported, the job is left alone this tick (never
+        reaped), and the check goes on with its other jobs."""
+        try:
+            return run(*args)
+        except Exception as exc:  # noqa: BLE001 - one job's trouble must not skip the others
+            if is_outage(exc):
+                log.warning("job=%s jobs_health_check %s: dependency unreachable (%s: %s); unfixable this tick",
+                            job.id, check, type(exc).__name__, exc)
+            else:
+                log.exception("job=%s jobs_health_check %s raised; the job is left as it is this tick", job.id, check)
+            result.notes.append(f"job {job.id}: {check} raised {type(exc).__name__}: {exc}")
+            result.tally(job.id, Check.ERROR, fixed=())
+            self.unreachable_jobs.add(job.id)
+            return None
+
+    def _deadline(self, job: Job, result: CheckResult, due_deadline: bool) -> Check | None:
+        consumer = self.runtime.tasks.consumer_state(job.id)
+        if not consumer.reachable:
+            return Check.ERROR
+        if due_deadline:
+            reason = (f"deadline passed: the job was to end by {job.deadline_at.isoformat(timespec='seconds')}Z "
+                      "and this image had no result by then")
+            return self._end_pending(job, reason, Check.DEADLINE_PASSED, result)
+        if consumer.exists and consumer.num_delivered == 0:
+            reason = (f"no processing service picked up a task of pipeline {job.pipeline.slug} within "
+                      f"{_duration(self._pickup_timeout(job))} of dispatch")
+            return self._end_pending(job, reason, Check.NOT_PICKED_UP, result, job_error=reason)
+        return None  # picked up: the lost-image rules take it from here
 
     def _pickup_timeout(self, job: Job) -> float:
         return job.pickup_timeout_s or self.settings.job_pickup_timeout
 
     def _end_pending(self, job: Job, reason: str, outcome: Check, result: CheckResult, *,
                      job_error: str | None = None) -> Check:
-        """Fail the job's pending images with `reason` (unless results of it wait to be saved: those decide
-        first), and give the job `job_error` as its reason if it ends FAILURE."""
+        """Fail the job's pending images with `reason`, and give the job `job_error` as its reason if it
+        ends FAILURE. Results of the job in the inbox are saved first; those that still cannot be saved
+        (a message waiting out its backoff, a drainer busy elsewhere) fail their images saying so: a
+        deadline binds even with results waiting (invariant 13). An outage leaves the job as it is."""
         try:
+            saving.drain(self.runtime, job.id, budget_s=DEADLINE_DRAIN_S)
             pending = sorted(self.runtime.state.pending_ids(job.id))
-        except TransientError:
+            unsaved = inbox.images_waiting(job.id) & set(pending)
+        except Exception as exc:  # noqa: BLE001 - an outage: unfixable this tick, never a verdict
+            if not is_outage(exc):
+                raise
+            log.warning("job=%s %s: dependency unreachable (%s); unfixable this tick", job.id, outcome, exc)
             return Check.ERROR
-        if inbox.outstanding(self.runtime, job.id):
-            result.notes.append(f"job {job.id}: {reason}; its results waiting to be saved come first")
-            return Check.RESULTS_QUEUED
         if not pending:
             return Check.OK
-        outcomes, status = fail_lost(self.runtime, job, pending, reason)
+        failed, status = 0, job.status
+        unsaved_reason = f"{reason}; its result was received but could not be saved by then"
+        groups = (([i for i in pending if i not in unsaved], reason), (sorted(unsaved, key=int), unsaved_reason))
+        for ids, why in groups:
+            if ids:
+                outcomes, status = fail_lost(self.runtime, job, ids, why)
+                failed += sum(o.failed for o in outcomes)
         if job_error and status == JobStatus.FAILURE:
             Job.update(error=job_error).where((Job.id == job.id) & (Job.status == JobStatus.FAILURE)).execute()
-        job_log(job.id, logging.WARNING, f"jobs_health_check: {reason}: {sum(o.failed for o in outcomes)} "
-                                         f"pending image(s) failed, job now {status}")
+        waited = f" ({len(unsaved)} of them with a result that could not be saved)" if unsaved else ""
+        job_log(job.id, logging.WARNING, f"jobs_health_check: {reason}: {failed} pending image(s) failed{waited}, "
+                                         f"job now {status}")
         return outcome
 
     # ---- 1. lost images -------------------------------------------------------------------------------
@@ -198,9 +229,10 @@ class HealthCheck:
         idle_since = peewee.fn.COALESCE(Job.last_progress_at, Job.dispatched_at)
         for job in self._running_async().where(idle_since < self.cutoff).order_by(Job.id):
             result.checked += 1
-            outcome = self._reconcile(job, result)
-            if result.tally(job.id, outcome, fixed=(Check.MARKED_FAILED, Check.FINALIZED, Check.RESYNCED),
-                            unfixable=(Check.ERROR, Check.STATE_DISAPPEARED, Check.NO_CONSUMER)):
+            outcome = self._isolated("lost_images", job, result, self._reconcile, job, result)
+            if outcome is not None and result.tally(
+                    job.id, outcome, fixed=(Check.MARKED_FAILED, Check.FINALIZED, Check.RESYNCED),
+                    unfixable=(Check.ERROR, Check.STATE_DISAPPEARED, Check.NO_CONSUMER)):
                 self.unreachable_jobs.add(job.id)
         return result
 
@@ -249,8 +281,8 @@ class HealthCheck:
         outcomes, status = fail_lost(self.runtime, job, pending, reason)
         failed = [o.image_id for o in outcomes if o.failed]
         metrics().lost_images.labels("periodic").inc(len(failed))
-        job_log(job.id, logging.WARNING, f"jobs_health_check: marked {len(failed)} image(s) as failed, job now "
-                                         f"{status}; NATS consumer {consumer.describe()}; IDs: {', '.join(failed)}")
+        job_log_ids(job.id, logging.WARNING, f"jobs_health_check: marked {len(failed)} image(s) as failed, job now "
+                                             f"{status}; NATS consumer {consumer.describe()}", failed)
         return Check.MARKED_FAILED
 
     def _finalize(self, job: Job, snapshot) -> Check:
@@ -284,12 +316,8 @@ class HealthCheck:
             if job.id in healthy:
                 result.jobs[job.id] = Check.OK
                 continue
-            try:
-                outcome = self._rebuild(job)
-            except TransientError as exc:
-                log.warning("job=%s state_rebuild: %s; unfixable this tick", job.id, exc)
-                outcome = Check.ERROR
-            if result.tally(job.id, outcome, fixed=(Check.REDIS_REBUILT, Check.REDISPATCHED)):
+            outcome = self._isolated("state_rebuild", job, result, self._rebuild_or_wait, job)
+            if outcome is not None and result.tally(job.id, outcome, fixed=(Check.REDIS_REBUILT, Check.REDISPATCHED)):
                 self.unreachable_jobs.add(job.id)
         return result
 
@@ -304,6 +332,13 @@ class HealthCheck:
             return self.runtime.state.ready_jobs([job.id for job in running]) & consumers
         except TransientError:
             return set()
+
+    def _rebuild_or_wait(self, job: Job) -> Check:
+        try:
+            return self._rebuild(job)
+        except TransientError as exc:
+            log.warning("job=%s state_rebuild: %s; unfixable this tick", job.id, exc)
+            return Check.ERROR
 
     def _rebuild(self, job: Job) -> Check:
         state = self.runtime.state
@@ -352,7 +387,9 @@ class HealthCheck:
                 result.unfixable += 1
                 result.jobs[job.id] = Check.SKIPPED_UNREACHABLE
                 continue
-            result.tally(job.id, self._reap(job), fixed=(Check.REVOKED, Check.FINALIZED, Check.RESYNCED))
+            outcome = self._isolated("stale_jobs", job, result, self._reap, job)
+            if outcome is not None:
+                result.tally(job.id, outcome, fixed=(Check.REVOKED, Check.FINALIZED, Check.RESYNCED))
         return result
 
     def _reap(self, job: Job) -> Check:
@@ -454,6 +491,7 @@ def run_health_check(runtime: Runtime, *, now: dt.datetime | None = None) -> dic
     """Run one health check and store its report for `cli.py health`; returns the report."""
     report = HealthCheck(runtime, now=now).run()
     _export(report)
+    metrics().health_check_last_run.set_to_current_time()
     try:
         runtime.redis.set(names.HEALTH_LAST_KEY, json.dumps(report), ex=7 * 24 * 3600)
     except Exception as exc:  # noqa: BLE001 - the report is informative; the fixes already happened

@@ -15,7 +15,7 @@ import redis
 
 import models
 from models import DispatchMode, Job, JobStatus, Pipeline, SchemaMissing, utcnow
-from pipeline import names
+from pipeline import dlq, inbox, names, unsaved
 from pipeline.jobstate import connect_redis
 from pipeline.presence import http_services, live_workers
 from pipeline.settings import Settings, redact
@@ -148,6 +148,10 @@ def build_report(settings: Settings, runner) -> tuple[int, dict]:
             problems.append(str(exc))
         except peewee.PeeweeException as exc:
             deps["database"] = {**deps["database"], "reachable": False, "error": str(exc).strip()}
+    if deps["database"]["reachable"] and not any("init-db" in p for p in problems):
+        problems += _saving_problems(jobs_out, now, settings, last_check)
+    if deps["redis"]["reachable"]:
+        problems += _dead_letter_problems(settings)
     slots = deps.get("nats", {}).get("job_slots") or {}
     unstarted = [j for j in jobs_out if j["status"] in (JobStatus.CREATED, JobStatus.PENDING)
                  and j["mode"] == DispatchMode.ASYNC_API]
@@ -173,6 +177,58 @@ def build_report(settings: Settings, runner) -> tuple[int, dict]:
         status = HEALTHY
     report["status"] = {HEALTHY: "healthy", DEGRADED: "degraded", UNREACHABLE: "unreachable"}[status]
     return status, report
+
+
+def _saving_problems(jobs_out: list[dict], now: dt.datetime, settings: Settings, last_check: dict | None) -> list[str]:
+    """Jobs whose results wait too long to be saved, parked results, jobs that should have moved, and an
+    overdue periodic check; each job line gets its `results_waiting`."""
+    problems = []
+    cutoff_s = settings.stalled_jobs_max_minutes * 60
+    waiting = inbox.waiting()
+    for line in jobs_out:
+        if line["id"] in waiting:
+            line["results_waiting"] = waiting[line["id"]].as_dict(now)
+    for job_id, w in sorted(waiting.items()):
+        if w.age_s(now) > cutoff_s:
+            retrying = f", {w.retrying} of them failing and retried" if w.retrying else ""
+            problems.append(f"job {job_id}: results received {_duration(w.age_s(now))} ago are still not saved "
+                            f"({w.messages} message(s), {w.images} image(s){retrying}): saving fails or is far behind; "
+                            f"see `cli.py logs {job_id}` and the workers' logs")
+    parked = unsaved.parked_counts()
+    if parked:
+        jobs_text = ", ".join(map(str, sorted(parked)[:20])) + (" ..." if len(parked) > 20 else "")
+        problems.append(f"{sum(parked.values())} result message(s) could not be saved and are parked (job(s) "
+                        f"{jobs_text}): `cli.py parked list`, then `cli.py parked replay` or `cli.py parked drop`")
+    overdue_s = cutoff_s + 2 * settings.health_check_seconds
+    for line in jobs_out:
+        consumer = line.get("consumer")
+        if (line["status"] == JobStatus.STARTED and line["mode"] == DispatchMode.ASYNC_API and consumer
+                and consumer["num_pending"] == 0 and (line["idle_s"] or 0) > overdue_s):
+            problems.append(f"job {line['id']} has made no progress for {_duration(line['idle_s'])} although no "
+                            "task waits for a processing service: the health check should have settled its images "
+                            "by now (is it running? are results being saved?)")
+    if last_check and jobs_out:
+        at = dt.datetime.fromisoformat(last_check["at"].rstrip("Z"))
+        age = (now - at).total_seconds()
+        if age > 3 * settings.health_check_seconds + 30:
+            problems.append(f"the periodic health check last ran {_duration(age)} ago (it runs every "
+                            f"{settings.health_check_seconds:g} s): no worker is running it, or it hangs")
+    return problems
+
+
+def _dead_letter_problems(settings: Settings) -> list[str]:
+    client = connect_redis(settings.redis_url)
+    try:
+        dead = dlq.list_dead(client)
+    except redis.RedisError:
+        return []  # reported as unreachable above
+    finally:
+        client.close()
+    if not dead:
+        return []
+    actors = sorted({d.message.actor_name for d in dead})
+    return [f"{len(dead)} Dramatiq dead letter(s) ({', '.join(actors)}): a stage failed for good; "
+            "`cli.py dlq list`, then `cli.py dlq replay`"]
 
 
 def _job_line(job: Job, consumer: dict | None, now: dt.datetime, settings: Settings, problems: list[str],

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import uuid
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 #: Rows the inbox may hold before the bridge stops taking more (a backlog of ~50,000 result messages
 #: waits in the database; beyond that it waits in the results stream, where JetStream holds it).
 MAX_ROWS = 50_000
-INBOX_FIELDS = ("job_id", "source", "stream_seq", "body", "task_replies", "received_at")
+INBOX_FIELDS = ("job_id", "source", "stream_seq", "body", "task_replies", "received_at", "images")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,11 @@ class Incoming:
     def direct(cls, job_id: int, body: bytes, reply: str | None) -> Incoming:
         """A result handed over without the results stream (tests, tools): taken like any other."""
         return cls(job_id, body, tuple(names.task_replies(reply)), f"direct:{uuid.uuid4().hex}")
+
+    @functools.cached_property
+    def images(self) -> set[str]:
+        """The images it decides (canonical ids), read from its body once."""
+        return named_images(self.body)
 
     def foreign_replies(self) -> list[str]:
         return [r for r in self.replies if not names.reply_belongs_to_job(r, self.job_id)]
@@ -103,7 +109,7 @@ def settled_replies(runtime: Runtime, incoming: list[Incoming]) -> list[str]:
     named: list[tuple[Incoming, set[str]]] = []
     for m in incoming:
         if m.replies and not m.foreign_replies():
-            images = named_images(m.body)
+            images = m.images
             named.append((m, images))
             wanted.setdefault(m.job_id, set()).update(images)
     if not named:
@@ -141,7 +147,8 @@ def take(runtime: Runtime, incoming: list[Incoming]) -> list[int]:
     except peewee.DatabaseError as exc:
         raise TransientError(f"database: could not read the tasks of {len(incoming)} result(s): {exc}") from exc
     now = utcnow()
-    rows = [(m.job_id, m.source, m.stream_seq, m.body, ",".join(m.replies)[:100_000], now) for m in incoming]
+    rows = [(m.job_id, m.source, m.stream_seq, m.body, ",".join(m.replies)[:100_000], now, len(m.images))
+            for m in incoming]
     try:
         with write_transaction():
             insert_ignoring_duplicates(ResultInbox, INBOX_FIELDS, rows)
@@ -160,10 +167,59 @@ def size() -> int:
 
 
 def jobs_waiting(older_than_s: float = 0.0) -> list[int]:
-    """Jobs with results in the inbox taken more than `older_than_s` seconds ago."""
-    cutoff = utcnow() - dt.timedelta(seconds=older_than_s)
-    return [job_id for (job_id,) in ResultInbox.select(ResultInbox.job_id).where(ResultInbox.received_at <= cutoff)
-            .group_by(ResultInbox.job_id).tuples()]
+    """Jobs with results in the inbox taken more than `older_than_s` seconds ago and due to be saved now
+    (not waiting out the backoff after a failed attempt)."""
+    now = utcnow()
+    cutoff = now - dt.timedelta(seconds=older_than_s)
+    return [job_id for (job_id,) in ResultInbox.select(ResultInbox.job_id)
+            .where((ResultInbox.received_at <= cutoff) & _due(now)).group_by(ResultInbox.job_id).tuples()]
+
+
+def images_waiting(job_id: int) -> set[str]:
+    """The images named by the job's results in the inbox (taken, not yet saved)."""
+    rows = ResultInbox.select(ResultInbox.body).where(ResultInbox.job_id == job_id).tuples()
+    return {image for (body,) in rows for image in named_images(bytes(body))}
+
+
+def _due(now: dt.datetime):
+    return ResultInbox.next_attempt_at.is_null() | (ResultInbox.next_attempt_at <= now)
+
+
+@dataclasses.dataclass(frozen=True)
+class Waiting:
+    """A job's results taken and not yet saved."""
+
+    messages: int
+    images: int
+    oldest: dt.datetime
+    retrying: int  # messages waiting for another attempt after an error that is not an outage
+
+    def age_s(self, now: dt.datetime) -> float:
+        return max(0.0, (now - self.oldest).total_seconds())
+
+    def as_dict(self, now: dt.datetime) -> dict:
+        return {"messages": self.messages, "images": self.images, "oldest_age_s": round(self.age_s(now), 1),
+                "retrying": self.retrying}
+
+
+def waiting(job_ids=None) -> dict[int, Waiting]:
+    """Per job (of `job_ids`, or every job): its results in the inbox, how many images they name, and when
+    the oldest was taken."""
+    query = ResultInbox.select(
+        ResultInbox.job_id, peewee.fn.COUNT(ResultInbox.id), peewee.fn.SUM(peewee.fn.COALESCE(ResultInbox.images, 1)),
+        peewee.fn.MIN(ResultInbox.received_at), peewee.fn.COUNT(ResultInbox.attempts)).group_by(ResultInbox.job_id)
+    if job_ids is not None:
+        ids = list(job_ids)
+        if not ids:
+            return {}
+        query = query.where(ResultInbox.job_id.in_(ids))
+    return {job_id: Waiting(messages, int(images or 0), _as_datetime(oldest), retrying)
+            for job_id, messages, images, oldest, retrying in query.tuples()}
+
+
+def _as_datetime(value) -> dt.datetime:
+    """MIN() of a timestamp column: SQLite hands back its text."""
+    return value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value))
 
 
 def outstanding(runtime: Runtime, job_id: int, *, published_up_to: int | None = None) -> bool:

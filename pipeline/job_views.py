@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from models import ImageStatus, Job, JobImage, JobLog, JobStatus, Pipeline, SourceImage, utcnow
+from pipeline import inbox
 
 STATUS_STYLE = {JobStatus.SUCCESS: "green", JobStatus.FAILURE: "red", JobStatus.REVOKED: "yellow",
                 JobStatus.STARTED: "cyan", JobStatus.CANCELING: "yellow"}
@@ -23,8 +24,12 @@ def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat(timespec="seconds") + "Z" if value else None
 
 
-def job_summary(job: Job) -> dict:
-    """The job as a JSON-ready dict: status, stages, counters, timing, errors."""
+def job_summary(job: Job, *, waiting: inbox.Waiting | None | bool = True) -> dict:
+    """The job as a JSON-ready dict: status, stages, counters, timing, errors, and `received`: images whose
+    results jetpipe has taken but not saved yet (read from the inbox unless `waiting` is given, as a list
+    view does for many jobs at once; False: not read)."""
+    if waiting is True:
+        waiting = inbox.waiting([job.id]).get(job.id)
     stages = (job.progress or {}).get("stages", {})
     process, results = stages.get("process", {}), stages.get("results", {})
     end = job.finished_at or utcnow()
@@ -36,6 +41,8 @@ def job_summary(job: Job) -> dict:
         "id": job.id, "name": job.name, "pipeline": job.pipeline.slug, "dispatch_mode": job.dispatch_mode,
         "status": job.status, "error": job.error, "total_images": job.total_images,
         "processed": processed, "failed": process.get("failed", 0), "remaining": remaining,
+        "received": waiting.images if waiting else 0,
+        "received_oldest_s": round(waiting.age_s(utcnow()), 1) if waiting else None,
         "captures": results.get("captures", 0), "detections": results.get("detections", 0),
         "classifications": results.get("classifications", 0),
         "progress": (job.progress or {}).get("summary", {}).get("progress", 0.0),
@@ -47,6 +54,12 @@ def job_summary(job: Job) -> dict:
         "images_per_s": round(rate, 2) if rate else None,
         "eta_s": round(remaining / rate, 1) if rate and job.status not in JobStatus.TERMINAL else None,
     }
+
+
+def job_summaries(jobs: list[Job]) -> list[dict]:
+    """`job_summary` of each job, their waiting results read in one query."""
+    waiting = inbox.waiting([job.id for job in jobs])
+    return [job_summary(job, waiting=waiting.get(job.id)) for job in jobs]
 
 
 def list_jobs(*, statuses=(), pipeline: str | None = None, search: str | None = None,
@@ -107,6 +120,9 @@ def render_status(console: Console, summary: dict, failures: list[dict]) -> None
         counters = ", ".join(f"{k}={v}" for k, v in stage.items() if k not in ("status", "progress"))
         table.add_row(name, stage.get("status", ""), f"{stage.get('progress', 0) * 100:.1f}%", counters)
     console.print(table)
+    if summary["received"]:
+        console.print(f"[yellow]{summary['received']} image(s) answered by the processing service and waiting to "
+                      f"be saved[/yellow] (oldest {summary['received_oldest_s']:g} s ago)")
     timing = [f"elapsed {summary['elapsed_s']} s" if summary["elapsed_s"] is not None else "not started"]
     if summary["images_per_s"]:
         timing.append(f"{summary['images_per_s']} images/s")

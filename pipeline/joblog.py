@@ -33,3 +33,21 @@ def job_log(job_id: int, level: int, message: str, *, image_id: str | None = Non
                       message=((f"image={image_id} " if image_id else "") + message).replace("\x00", "\\0")).execute()
     except Exception as exc:  # noqa: BLE001
         logger.warning("%s could not write job log: %s", prefix, exc)
+
+
+def job_log_ids(job_id: int, level: int, message: str, ids: list[str], *, label: str = "IDs") -> int:
+    """`message` then every id in `ids`, over as many job-log lines as they need (each under
+    MAX_MESSAGE_CHARS, so none is cut: `<message>; IDs (1/3): 4, 5, ...`); the number of lines written."""
+    chunks: list[list[str]] = [[]]
+    room = MAX_MESSAGE_CHARS - len(message) - 40
+    used = 0
+    for image_id in ids:
+        if chunks[-1] and used + len(image_id) + 2 > room:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(image_id)
+        used += len(image_id) + 2
+    for n, chunk in enumerate(chunks, 1):
+        part = f" ({n}/{len(chunks)})" if len(chunks) > 1 else ""
+        job_log(job_id, level, f"{message}; {label}{part}: {', '.join(chunk)}")
+    return len(chunks)

@@ -14,6 +14,14 @@ directory and are served by the same endpoint:
     jetpipe_bridge_lag_seconds                     result published -> taken into the inbox
     jetpipe_bridge_consumer_missing{stream}        1 while the bridge finds its consumer gone (NATS lost it)
     jetpipe_db_transactions_total                  database write transactions committed
+    jetpipe_results_waiting                        result messages taken into the inbox, not yet saved
+    jetpipe_results_waiting_oldest_seconds         age of the oldest of them (0: none); per job in `health --json`
+    jetpipe_results_parked                         result messages that could not be saved, parked
+    jetpipe_result_save_failures_total{outcome}    failed attempts to save a result (not outages): retry | parked
+    jetpipe_dead_letters                           Dramatiq messages that failed for good (`cli.py dlq list`)
+    jetpipe_health_check_last_run_timestamp_seconds  when jobs_health_check last finished (Unix time)
+Label values known in advance are created at zero, so an alert on `increase()` sees the first one.
+Alert rules on these: deploy/prometheus/jetpipe-alerts.yml.
 """
 
 from __future__ import annotations
@@ -65,6 +73,28 @@ class _Metrics:
             "jetpipe_bridge_consumer_missing", "1 while the bridge finds its durable consumer gone.", ["stream"],
             multiprocess_mode="max")
         self.db_transactions = prom.Counter("jetpipe_db_transactions", "Database write transactions committed.")
+        self.results_waiting = prom.Gauge("jetpipe_results_waiting",
+                                          "Result messages taken into the inbox and not yet saved.",
+                                          multiprocess_mode="mostrecent")
+        self.results_waiting_oldest = prom.Gauge(
+            "jetpipe_results_waiting_oldest_seconds",
+            "Age of the oldest result message taken into the inbox and not yet saved (0: none).",
+            multiprocess_mode="mostrecent")
+        self.results_parked = prom.Gauge("jetpipe_results_parked",
+                                         "Result messages that could not be saved and are parked.",
+                                         multiprocess_mode="mostrecent")
+        self.result_save_failures = prom.Counter(
+            "jetpipe_result_save_failures", "Failed attempts to save a result message (not outages), by what "
+            "became of it.", ["outcome"])
+        self.dead_letters = prom.Gauge("jetpipe_dead_letters", "Dramatiq messages that failed for good.",
+                                       multiprocess_mode="mostrecent")
+        self.health_check_last_run = prom.Gauge(
+            "jetpipe_health_check_last_run_timestamp_seconds", "When jobs_health_check last finished (Unix time).",
+            multiprocess_mode="max")
+        for outcome in ("retry", "parked"):
+            self.result_save_failures.labels(outcome)
+        for path in ("advisory", "periodic"):
+            self.lost_images.labels(path)
         models.commit_listeners.append(self.db_transactions.inc)
 
 

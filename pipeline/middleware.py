@@ -32,7 +32,7 @@ from dramatiq.middleware import (
 )
 
 import models
-from pipeline import inbox, metrics, names
+from pipeline import dlq, inbox, metrics, names, unsaved
 from pipeline.aio import LoopRunner
 from pipeline.bridge import SWEEP_S, Bridge, Route, is_result
 from pipeline.broker import make_broker
@@ -161,12 +161,23 @@ def bridge_routes(runtime: Runtime) -> list[Route]:
 
 
 def sweep_inbox(runtime: Runtime) -> None:
-    """Ask for the inbox rows of every job to be saved that have waited longer than a sweep interval."""
+    """Ask for the inbox rows of every job to be saved that have waited longer than a sweep interval (and
+    are not waiting out a backoff), and export how long results have been waiting."""
     with models.thread_connection():
         waiting = inbox.jobs_waiting(older_than_s=SWEEP_S)
+        _export_waiting(inbox.waiting(), unsaved.parked_counts())
+    metrics.metrics().dead_letters.set(dlq.count_dead(runtime.redis))
     if waiting:
         log.info("bridge: results of job(s) %s wait in the inbox; asking for them to be saved", waiting[:20])
         request_drains(runtime, waiting)
+
+
+def _export_waiting(waiting: dict[int, inbox.Waiting], parked: dict[int, int]) -> None:
+    m = metrics.metrics()
+    now = models.utcnow()
+    m.results_waiting.set(sum(w.messages for w in waiting.values()))
+    m.results_waiting_oldest.set(max((w.age_s(now) for w in waiting.values()), default=0.0))
+    m.results_parked.set(sum(parked.values()))
 
 
 class WorkerResources(dramatiq.Middleware):

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: Reasons of images failed because no result came (pipeline/lost.py); a result arriving later supersedes them.
 LOST_PREFIX = "lost:"
+#: Reasons of images whose result could not be saved (pipeline/unsaved.py); a replay supersedes them too.
+UNSAVED_PREFIX = "result could not be saved:"
 #: Longest failure reason stored on an image.
 MAX_REASON_CHARS = 2000
 #: Longest taxon name (the column's size, on every database).
@@ -101,9 +103,10 @@ def job_images(job_id: int, image_ids) -> dict[str, ImageRow]:
     return {str(row[1]): ImageRow(*row) for row in rows}
 
 
-def is_lost(row: ImageRow) -> bool:
-    """True for an image failed because no result came: a valid result arriving later supersedes that."""
-    return row.status == ImageStatus.FAILED and (row.error or "").startswith(LOST_PREFIX)
+def is_supersedable(row: ImageRow) -> bool:
+    """True for an image failed because no result came, or because its result could not be saved: a valid
+    result arriving later (or replayed) supersedes that."""
+    return row.status == ImageStatus.FAILED and (row.error or "").startswith((LOST_PREFIX, UNSAVED_PREFIX))
 
 
 def _settled_outcome(row: ImageRow) -> Outcome:
@@ -165,7 +168,7 @@ class PreparedResult:
         if any); every image's outcome. `rows`: the images' locked rows, if the caller already read them."""
         with write_transaction():
             rows = rows if rows is not None else _rows_of(self.job_id, self.image_ids)
-            deciding = [i for i in self.image_ids if rows[i].status == ImageStatus.PENDING or is_lost(rows[i])]
+            deciding = [i for i in self.image_ids if rows[i].status == ImageStatus.PENDING or is_supersedable(rows[i])]
             decided = set(deciding)
             detections = [r for r in self.detections if str(r[0]) in decided]
             insert_ignoring_duplicates(Detection, DETECTION_FIELDS, detections)

@@ -27,14 +27,15 @@ import logging
 import threading
 import time
 
-from models import Job, JobStatus, ResultInbox, execute_in, is_unstorable, select_in, write_transaction
-from pipeline import inbox, names, progress
+from models import Job, JobStatus, ResultInbox, execute_in, is_unstorable, select_in, utcnow, write_transaction
+from pipeline import inbox, names, progress, unsaved
 from pipeline.crashpoints import crash_point
 from pipeline.errors import BadResult, TransientError
 from pipeline.joblog import job_log
 from pipeline.jobstate import Outcome, Snapshot
 from pipeline.outcomes import Handled, count_outcomes, finish, ids_text, load_job, settle, short
 from pipeline.results import PreparedResult, canonical_image_id, fail_images, job_images, prepare_result
+from pipeline.retry import is_outage
 from pipeline.runtime import Runtime
 from pipeline.schemas import ErrorResult, decode_result
 
@@ -79,7 +80,7 @@ def _classify(runtime: Runtime, job: Job, entry_id: int, source: str, body: byte
         return m
     try:
         result = decode_result(body)
-        crash_point("after_validation", job=job.id)
+        crash_point("after_validation", job=job.id, images=lambda: inbox.named_images(body))
         if isinstance(result, ErrorResult):
             image_id = canonical_image_id(result.image_id) if result.image_id is not None else None
             if result.image_id is None:
@@ -111,8 +112,11 @@ class DrainStep:
 
 
 def _read_inbox(job_id: int, limit: int) -> list[tuple[int, str, bytes, str]]:
+    now = utcnow()
     rows = (ResultInbox.select(ResultInbox.id, ResultInbox.source, ResultInbox.body, ResultInbox.task_replies)
-            .where(ResultInbox.job_id == job_id).order_by(ResultInbox.id).limit(limit).tuples())
+            .where((ResultInbox.job_id == job_id)
+                   & (ResultInbox.next_attempt_at.is_null() | (ResultInbox.next_attempt_at <= now)))
+            .order_by(ResultInbox.id).limit(limit).tuples())
     return [(entry_id, source, bytes(body), replies) for entry_id, source, body, replies in rows]
 
 
@@ -125,13 +129,37 @@ def _present(entry_ids: list[int]) -> set[int]:
     return {i for (i,) in select_in('SELECT id FROM "result_inbox" WHERE id IN ({in})', entry_ids)}
 
 
+class StepFailed(Exception):
+    """Saving these inbox rows raised an error that is not an outage (the error is the cause)."""
+
+    def __init__(self, entry_ids: list[int], cause: Exception):
+        super().__init__(f"saving inbox row(s) {entry_ids[:10]} raised {type(cause).__name__}: {cause}")
+        self.entry_ids = entry_ids
+        self.cause = cause
+
+
 def drain_step(runtime: Runtime, job_id: int, *, limit: int = DRAIN_MESSAGES) -> DrainStep:
-    """Save the job's oldest inbox rows (up to `limit` messages, DRAIN_IMAGES images) in one transaction;
-    an empty step when the inbox holds nothing for the job."""
-    step = DrainStep()
+    """Save the job's oldest inbox rows due now (up to `limit` messages, DRAIN_IMAGES images) in one
+    transaction; an empty step when the inbox holds nothing due for the job.
+
+    Raises StepFailed for an error that is not an outage before the commit (nothing of the step is saved);
+    an outage is raised as it is.
+    """
     entries = _read_inbox(job_id, limit)
     if not entries:
-        return step
+        return DrainStep()
+    try:
+        return _drain_entries(runtime, job_id, entries)
+    except StepFailed:
+        raise
+    except Exception as exc:
+        if is_outage(exc):
+            raise
+        raise StepFailed([e[0] for e in entries], exc) from exc
+
+
+def _drain_entries(runtime: Runtime, job_id: int, entries: list[tuple[int, str, bytes, str]]) -> DrainStep:
+    step = DrainStep()
     job = load_job(job_id)
     if job is None:
         return _drop_for_unknown_job(runtime, job_id, entries)
@@ -162,7 +190,12 @@ def drain_step(runtime: Runtime, job_id: int, *, limit: int = DRAIN_MESSAGES) ->
             _delete_entries([m.entry_id for m in step.messages])
             _write_logs(job_id, logs)
     crash_point("after_commit", job=job_id)
-    _after_commit(runtime, job, step, logs)
+    try:
+        _after_commit(runtime, job, step, logs)
+    except Exception as exc:  # committed: not an error of these messages (the cleanup's own retries apply)
+        if is_outage(exc):
+            raise
+        log.exception("job=%s after saving %s result message(s): %s", job_id, len(step.messages), exc)
     return step
 
 
@@ -295,13 +328,16 @@ def drain(runtime: Runtime, job_id: int, *, budget_s: float = DRAIN_BUDGET_S) ->
                 try:
                     step = drain_step(runtime, job_id, limit=1 if singly else DRAIN_MESSAGES)
                     singly = max(singly - 1, 0)
-                except Exception as exc:
-                    if not is_unstorable(exc):
-                        raise
-                    if not singly:
-                        singly = DRAIN_MESSAGES  # find the message the database refused
+                except StepFailed as failed:
+                    if len(failed.entry_ids) > 1:
+                        singly = DRAIN_MESSAGES  # find the message at fault, one at a time
                         continue
-                    step = _refuse_oldest(runtime, job_id, exc)
+                    [entry_id] = failed.entry_ids
+                    if is_unstorable(failed.cause):
+                        step = _refuse(runtime, job_id, entry_id, failed.cause)
+                    else:  # a bug or data the code cannot handle: bounded attempts, then parked
+                        became = unsaved.failed_attempt(runtime, job_id, entry_id, failed.cause)
+                        step = DrainStep(messages=[Message(entry_id, "", [], action=became or "gone")])
                 drained.messages += len(step.messages)
                 if not step.messages:
                     break
@@ -317,11 +353,16 @@ def drain(runtime: Runtime, job_id: int, *, budget_s: float = DRAIN_BUDGET_S) ->
             return drained
 
 
-def _refuse_oldest(runtime: Runtime, job_id: int, exc: Exception) -> DrainStep:
-    """The job's oldest inbox row holds a result the database refuses to store (a value longer than its
-    column, a number out of range): fail the images it names with the reason, TERM its tasks, drop the
-    row (invariant 10: never a retry loop for data that can never be saved, never a stalled job)."""
-    [(entry_id, source, body, replies)] = _read_inbox(job_id, 1)
+def _refuse(runtime: Runtime, job_id: int, entry_id: int, exc: Exception) -> DrainStep:
+    """Inbox row `entry_id` holds a result the database refuses to store (a value longer than its column, a
+    number out of range): fail the images it names with the reason, TERM its tasks, drop the row
+    (invariant 10: never a retry loop for data that can never be saved, never a stalled job)."""
+    found = (ResultInbox.select(ResultInbox.id, ResultInbox.source, ResultInbox.body, ResultInbox.task_replies)
+             .where(ResultInbox.id == entry_id).tuples().get_or_none())
+    if found is None:
+        return DrainStep()
+    _, source, body, replies = found
+    body = bytes(body)
     replies = names.task_replies(replies)
     reason = short(f"bad result: the database refused to store it ({type(exc).__name__}: {str(exc).strip()})")
     image_ids = sorted(inbox.named_images(body), key=int) or [

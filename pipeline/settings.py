@@ -47,6 +47,13 @@ OPTIONS: dict[str, Option] = {
     "job_pickup_timeout": Option("PIPELINE_JOB_PICKUP_TIMEOUT", "86400",
                                  "seconds after dispatch within which a processing service must pull a task of "
                                  "a job, or the job ends FAILURE (enqueue-job --pickup-timeout)"),
+    "result_save_attempts": Option("PIPELINE_RESULT_SAVE_ATTEMPTS", "3",
+                                   "attempts to save a result message that fails with an error other than an outage "
+                                   "(a bug, data the code cannot handle); then its images fail with the error and the "
+                                   "message is parked for `cli.py parked` (outages are waited out, never counted)"),
+    "result_save_backoff": Option("PIPELINE_RESULT_SAVE_BACKOFF", "10",
+                                  "seconds before the second attempt to save such a result message; doubled for each "
+                                  "later one (3 attempts: about 30 s from the first to the last)"),
     "dispatch_chunk": Option("PIPELINE_DISPATCH_CHUNK", "5000",
                              "tasks run_job reads and publishes per round (its resume checkpoint)"),
     "metrics_port": Option("PIPELINE_METRICS_PORT", "9191",
@@ -88,6 +95,8 @@ class Settings:
     failure_threshold: float
     health_check_seconds: float
     job_pickup_timeout: float
+    result_save_attempts: int
+    result_save_backoff: float  # seconds, doubled per attempt
     dispatch_chunk: int
     metrics_port: int
     metrics_host: str
@@ -129,6 +138,10 @@ class Settings:
             raise ConfigError("PIPELINE_FAILURE_THRESHOLD must be in [0, 1)")
         if self.health_check_seconds <= 0 or self.stalled_jobs_max_minutes <= 0:
             raise ConfigError("PIPELINE_HEALTH_CHECK_SECONDS and PIPELINE_STALLED_JOBS_MAX_MINUTES must be > 0")
+        if self.result_save_attempts < 1:
+            raise ConfigError("PIPELINE_RESULT_SAVE_ATTEMPTS must be at least 1")
+        if self.result_save_backoff < 0:
+            raise ConfigError("PIPELINE_RESULT_SAVE_BACKOFF must be a number of seconds, 0 or more")
         if self.job_pickup_timeout <= 0:
             raise ConfigError("PIPELINE_JOB_PICKUP_TIMEOUT must be a positive number of seconds")
         if self.web_max_body_mb <= 0:

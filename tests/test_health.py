@@ -509,3 +509,99 @@ def test_bad_pickup_timeouts_and_deadlines_are_refused(runtime, moth_pipeline):
     with pytest.raises(UserInputError, match="the deadline must be a positive number of seconds"):
         fake_job(moth_pipeline, 1, deadline_s=-5)
     assert Job.select().count() == 0
+
+
+# ---- the reconciler, job by job (invariant 13) -------------------------------------------------------------
+
+def test_one_jobs_trouble_never_skips_the_other_jobs_of_a_tick(quick, monkeypatch):
+    # Given two idle jobs with lost images, the first of which raises in the middle of its reconciliation
+    from pipeline import health
+
+    first, _ = run_job_with(quick, 3, processed=1, errors=0)
+    second, second_lost = run_job_with(quick, 3, processed=1, errors=0)
+    gone_quiet(first.id)
+    make_idle(second.id)
+    append_error = health.append_error
+
+    def fails_for_the_first(job_id, message):
+        if job_id == first.id:
+            raise RuntimeError("the job's progress JSON could not be read")
+        append_error(job_id, message)
+
+    monkeypatch.setattr(health, "append_error", fails_for_the_first)
+    # When the health check runs
+    report = run_health_check(quick)
+    # Then the second job is reconciled all the same, and the first is reported, left alone, never reaped
+    assert report["lost_images"]["jobs"] == {str(first.id): "error", str(second.id): "marked_failed"}
+    assert any("the job's progress JSON could not be read" in n for n in report["lost_images"]["notes"])
+    assert report["stale_jobs"]["jobs"][str(first.id)] == "skipped_unreachable"
+    assert Job.get_by_id(first.id).status == JobStatus.STARTED
+    assert {str(i.image_id) for i in JobImage.select().where(
+        (JobImage.job == second.id) & (JobImage.status == ImageStatus.FAILED))} == set(second_lost)
+
+
+def test_an_idle_job_whose_consumer_is_gone_is_redispatched_not_failed(quick):
+    job, lost = run_job_with(quick, 3, processed=1, errors=0)
+    gone_quiet(job.id)
+
+    async def remove_consumer():  # as `nats consumer rm` would: the tasks stay in the stream
+        async with nats_client(quick.settings.nats_url) as nc:
+            await nc.jetstream().delete_consumer(names.TASKS_STREAM, names.job_consumer(job.id))
+
+    quick.runner.run(remove_consumer(), timeout=10)
+    report = run_health_check(quick)
+    assert report["lost_images"]["jobs"] == {str(job.id): "no_consumer"}
+    assert report["state_rebuild"]["jobs"] == {str(job.id): "redispatched"}
+    assert report["stale_jobs"]["jobs"] == {str(job.id): "skipped_unreachable"}
+    assert sorted(t.image_id for t, _ in pull_tasks(quick, job.id, 2)) == sorted(lost)  # delivered again
+    assert Job.get_by_id(job.id).progress["stages"]["process"]["failed"] == 0
+
+
+def test_an_idle_job_with_every_image_counted_is_finalized(quick):
+    # Given a job whose every image is counted and saved but whose end was never written (its last
+    # drain's process died between the commit and the terminal transition)
+    job, _ = run_job_with(quick, 2, processed=2, errors=0)
+    Job.update(status=JobStatus.STARTED, finished_at=None, cleaned_up_at=None).where(Job.id == job.id).execute()
+    from pipeline.jobs import rebuild_state
+
+    rebuild_state(quick.state, job.id)
+    make_idle(job.id)
+    report = run_health_check(quick)
+    assert report["lost_images"]["jobs"] == {str(job.id): "finalized"}
+    ended = Job.get_by_id(job.id)
+    assert (ended.status, ended.progress["stages"]["process"]["failed"]) == (JobStatus.SUCCESS, 0)
+
+
+def test_an_idle_job_whose_results_are_being_drained_elsewhere_loses_nothing(quick):
+    # Given an idle job whose tasks JetStream gave up on, while a result of it waits in the inbox and
+    # another worker holds the job's drain lock (it is saving right now)
+    from pipeline.inbox import Incoming, take
+    from pipeline.saving import drain
+
+    job = fake_job("moth-demo", 2)
+    dispatch(quick, job.id)
+    tasks = pull_tasks(quick, job.id, 2)
+    take(quick, [Incoming.direct(job.id, success_body(task), reply) for task, reply in tasks])
+    token = quick.state.try_lock(names.drain_lock_key(job.id), 60_000)
+    gone_quiet(job.id)
+    # When the health check runs, nothing is failed as lost: those results decide their images
+    report = run_health_check(quick)
+    assert report["lost_images"]["jobs"] == {str(job.id): "results_queued"}
+    assert Job.get_by_id(job.id).progress["stages"]["process"]["failed"] == 0
+    # And once the drainer is done, the job ends SUCCESS exact
+    quick.state.release(names.drain_lock_key(job.id), token)
+    drain(quick, job.id)
+    ended = Job.get_by_id(job.id)
+    assert (ended.status, ended.progress["stages"]["process"]["failed"]) == (JobStatus.SUCCESS, 0)
+
+
+def test_the_job_log_lists_every_lost_image_over_as_many_lines_as_it_takes(quick):
+    from models import JobLog
+
+    job, lost = run_job_with(quick, 700, processed=0, errors=0)
+    gone_quiet(job.id)
+    run_health_check(quick)
+    lines = [r.message for r in JobLog.select().where((JobLog.job == job.id) & JobLog.message.contains("IDs ("))]
+    assert len(lines) >= 2 and all(len(line) <= 2000 for line in lines)
+    listed = [i for line in lines for i in line.rsplit(": ", 1)[1].split(", ")]
+    assert sorted(listed) == sorted(lost)

@@ -15,10 +15,10 @@ from starlette.concurrency import run_in_threadpool
 
 import models
 from models import DispatchMode
-from pipeline import dlq, export, jobs
+from pipeline import dlq, export, jobs, unsaved
 from pipeline.errors import NotFound, NothingToDo, UserInputError
 from pipeline.health_report import build_report
-from pipeline.job_views import failed_images, get_job, job_logs, job_summary, list_jobs, status_counts
+from pipeline.job_views import failed_images, get_job, job_logs, job_summaries, job_summary, list_jobs, status_counts
 from pipeline.registry import list_pipelines, register_pipeline
 from pipeline.schemas import decode_pipeline_spec
 from pipeline.web.deps import allowed, runtime_of, with_db
@@ -86,7 +86,7 @@ def api_jobs(status: list[str] = Query(default=[]), pipeline: str | None = None,
              before: int | None = Query(default=None, description="only jobs with a smaller id (paging)"),
              limit: int = Query(default=50, ge=1, le=MAX_PAGE), _=READ) -> dict:
     rows = list_jobs(statuses=status, pipeline=pipeline, search=q, before_id=before, limit=limit)
-    return {"jobs": [job_summary(j) for j in rows], "counts": status_counts(),
+    return {"jobs": job_summaries(rows), "counts": status_counts(),
             "next_before": rows[-1].id if len(rows) == limit else None}
 
 
@@ -214,6 +214,31 @@ async def api_register_pipeline(request: Request, _=WRITE) -> JSONResponse:
     created = await run_in_threadpool(register)
     return JSONResponse({"slug": spec.slug, "created": created, "algorithms": len(spec.algorithms)},
                         status_code=201 if created else 200)
+
+
+class ParkedRequest(BaseModel):
+    ids: list[int] = Field(default_factory=list, description="ids from GET /api/v1/parked")
+    job_id: int | None = Field(default=None, description="every parked result of this job")
+    all: bool = False
+
+
+@router.get("/parked", summary="Result messages that could not be saved, parked after their attempts")
+@with_db
+def api_parked(job_id: int | None = Query(default=None, description="only this job's"), _=READ) -> dict:
+    return {"parked": [p.as_dict() for p in unsaved.list_parked(job_id=job_id)]}
+
+
+@router.post("/parked/replay", summary="Put parked results back to be saved (results of ended jobs are refused)")
+@with_db
+def api_parked_replay(body: ParkedRequest, request: Request, _=WRITE) -> dict:
+    replayed, skipped = unsaved.replay(runtime_of(request), ids=body.ids or None, job_id=body.job_id, every=body.all)
+    return {"replayed": replayed, "left_parked": skipped}
+
+
+@router.post("/parked/drop", summary="Delete parked results for good (their images stay failed)")
+@with_db
+def api_parked_drop(body: ParkedRequest, _=WRITE) -> dict:
+    return {"dropped": unsaved.drop(ids=body.ids or None, job_id=body.job_id, every=body.all)}
 
 
 @router.get("/dlq", summary="Dramatiq's dead letters")

@@ -17,7 +17,7 @@ import models
 from pipeline import dlq, jobs
 from pipeline.errors import NotFound, NothingToDo, UserInputError
 from pipeline.health_report import build_report
-from pipeline.job_views import failed_images, get_job, job_summary, list_jobs, status_counts
+from pipeline.job_views import failed_images, get_job, job_summaries, job_summary, list_jobs, status_counts
 from pipeline.registry import list_pipelines, register_pipeline
 from pipeline.schemas import decode_pipeline_spec
 from pipeline.web.api import create_and_start, uploaded_urls, url_lines
@@ -101,7 +101,7 @@ def jobs_page(request: Request, status: str = "", pipeline: str = "", q: str = "
               _=READ):
     rows = list_jobs(statuses=[status] if status else (), pipeline=pipeline or None, search=q or None,
                      before_id=before, limit=PAGE_SIZE)
-    return render(request, "jobs.html", jobs=[job_summary(j) for j in rows], counts=status_counts(),
+    return render(request, "jobs.html", jobs=job_summaries(rows), counts=status_counts(),
                   pipelines=list_pipelines(), status=status, pipeline=pipeline, q=q,
                   next_before=rows[-1].id if len(rows) == PAGE_SIZE else None)
 

@@ -24,7 +24,7 @@ const jetpipe = (() => {
       bar.className = `fill status-${stage.status || "CREATED"}`;
       setText(`stage-${name}`, `${stage.status || "CREATED"} ${percent}%`);
     }
-    for (const key of ["processed", "failed", "remaining", "captures", "detections", "classifications"]) {
+    for (const key of ["processed", "failed", "received", "remaining", "captures", "detections", "classifications"]) {
       setText(`c-${key}`, String(job[key]));
     }
     setText("c-rate", job.images_per_s == null ? "–" : String(job.images_per_s));
