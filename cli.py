@@ -122,7 +122,7 @@ def bind_db():
     import models
     from pipeline.settings import get_settings
 
-    models.bind(get_settings().database_url)
+    models.bind(get_settings().database_url, session=get_settings().db_session())
 
 
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

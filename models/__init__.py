@@ -5,6 +5,7 @@ from __future__ import annotations
 from models.db import (
     DatabaseURLError,
     SchemaMissing,
+    SessionLimits,
     bind,
     commit_listeners,
     database,
@@ -64,7 +65,7 @@ def _add_missing_columns() -> None:
 
 __all__ = [
     # database
-    "DatabaseURLError", "SchemaMissing",
+    "DatabaseURLError", "SchemaMissing", "SessionLimits",
     "bind", "commit_listeners", "database", "create_schema", "execute_in", "for_update",
     "insert_ignoring_duplicates", "is_postgres", "make_database",
     "is_transient", "is_unstorable", "select_in", "thread_connection", "utcnow", "write_transaction",

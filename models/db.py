@@ -8,6 +8,7 @@ error means for a retry. Callers never look at an error's module or message text
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import threading
@@ -28,6 +29,46 @@ SQLITE_BUSY_TIMEOUT_S = 30
 POOL_MAX_CONNECTIONS = 32
 #: Seconds an idle pooled connection is kept before it is replaced by a fresh one.
 POOL_STALE_S = 300
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionLimits:
+    """What jetpipe sets on each PostgreSQL session it opens, so that a client lost with its host (a cut
+    link: no FIN, no RST) costs seconds, not the hours the server's defaults give it: the server probes a
+    silent client with TCP keepalives and ends its session, releasing its locks, after about
+    `dead_peer_s`; a transaction left idle longer than `idle_in_transaction_s` is ended; a lock wait longer
+    than `lock_timeout_s` fails (a transient error: it is retried) instead of waiting behind a dead
+    session. The client probes the server the same way. 0 leaves a limit to the server."""
+
+    lock_timeout_s: float = 10.0
+    idle_in_transaction_s: float = 30.0
+    dead_peer_s: float = 11.0
+
+    def keepalives(self) -> tuple[int, int, int]:
+        """(idle, interval, count) of TCP keepalives that give up on a silent peer after ~dead_peer_s."""
+        interval = max(1, round(self.dead_peer_s / 6))
+        return max(1, round(self.dead_peer_s - 3 * interval)), interval, 3
+
+    def connect_params(self, options: str = "") -> dict:
+        """psycopg2 connection parameters: the client's keepalives and the session's settings (`options`,
+        the URL's own, is kept and comes last)."""
+        params: dict = {}
+        server: list[str] = []
+        if self.dead_peer_s > 0:
+            idle, interval, count = self.keepalives()
+            params.update(keepalives=1, keepalives_idle=idle, keepalives_interval=interval, keepalives_count=count,
+                          tcp_user_timeout=int(self.dead_peer_s * 1000))
+            # keepalives cover a silent connection; tcp_user_timeout one whose sent data is never acknowledged
+            server += [f"tcp_keepalives_idle={idle}", f"tcp_keepalives_interval={interval}",
+                       f"tcp_keepalives_count={count}", f"tcp_user_timeout={int(self.dead_peer_s * 1000)}"]
+        if self.lock_timeout_s > 0:
+            server.append(f"lock_timeout={int(self.lock_timeout_s * 1000)}")
+        if self.idle_in_transaction_s > 0:
+            server.append(f"idle_in_transaction_session_timeout={int(self.idle_in_transaction_s * 1000)}")
+        joined = " ".join(f"-c {setting}" for setting in server) + (f" {options}" if options else "")
+        if joined.strip():
+            params["options"] = joined.strip()
+        return params
 
 
 class DatabaseURLError(ValueError):
@@ -107,8 +148,9 @@ class PostgresqlDatabase(_TranslatesErrors, PooledPostgresqlDatabase):
     pass
 
 
-def make_database(url: str) -> peewee.Database:
-    """An unconnected peewee Database for `url` (sqlite:///path, sqlite:///:memory:, postgresql://...)."""
+def make_database(url: str, *, session: SessionLimits | None = None) -> peewee.Database:
+    """An unconnected peewee Database for `url` (sqlite:///path, sqlite:///:memory:, postgresql://...);
+    PostgreSQL sessions get `session`'s limits (the defaults when None)."""
     parts = urlsplit(url)
     if parts.scheme == "sqlite":
         path = unquote(url.split("://", 1)[1])
@@ -132,6 +174,8 @@ def make_database(url: str) -> peewee.Database:
         )
     if parts.scheme in ("postgres", "postgresql"):
         extra = {k: v[-1] for k, v in parse_qs(parts.query).items()}  # e.g. ?sslmode=require&connect_timeout=5
+        extra = {**(session or SessionLimits()).connect_params(extra.get("options", "")),
+                 **{k: v for k, v in extra.items() if k != "options"}}
         return PostgresqlDatabase(
             (parts.path or "/").lstrip("/") or "postgres",
             user=unquote(parts.username) if parts.username else None,
@@ -145,12 +189,12 @@ def make_database(url: str) -> peewee.Database:
     raise DatabaseURLError(f"unsupported database URL scheme {parts.scheme!r} (use sqlite:/// or postgresql://)")
 
 
-def bind(url: str) -> peewee.Database:
+def bind(url: str, *, session: SessionLimits | None = None) -> peewee.Database:
     """Point the models at `url` (closing any previous connection) and return the database."""
     current = database.obj
     if current is not None and not current.is_closed():
         current.close()
-    db = make_database(url)
+    db = make_database(url, session=session)
     database.initialize(db)
     return db
 

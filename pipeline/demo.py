@@ -73,7 +73,7 @@ def run_demo(console: Console, *, images: int, keep: bool, timeout_s: float, pro
         os.environ.update(stack.env())
         settings = Settings.from_env(env)
         set_settings(settings)
-        models.bind(settings.database_url)
+        models.bind(settings.database_url, session=settings.db_session())
         models.create_schema()
         register_pipeline(decode_pipeline_spec(
             __import__("json").dumps(moth.PIPELINE_SPEC).encode(), source="moth-demo"))

@@ -6,6 +6,7 @@ code for that everywhere).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 
@@ -17,7 +18,8 @@ import models
 from models import DispatchMode, Job, JobStatus, Pipeline, SchemaMissing, utcnow
 from pipeline import dlq, inbox, names, unsaved
 from pipeline.jobstate import connect_redis
-from pipeline.presence import http_services, live_workers
+from pipeline.natswatch import round_trip
+from pipeline.presence import http_services, live_workers, vanished_workers
 from pipeline.settings import Settings, redact
 from pipeline.taskqueue import NATS_FAILURES, TaskQueue, connect_nats
 
@@ -25,9 +27,19 @@ HEALTHY, DEGRADED, UNREACHABLE = 0, 1, 3
 _NAMES = {"nats": "NATS", "database": "the database"}
 
 
-async def _nats_facts(settings: Settings) -> tuple[dict, dict[int, dict]]:
-    """Server facts and the consumer counters of every job consumer (one connection, fails fast)."""
-    nc = await connect_nats(settings.nats_url, name="jetpipe-health", connect_timeout_s=3, reconnect=False,
+async def _nodes_facts(settings: Settings) -> list[dict]:
+    """With a cluster's list of servers: whether each node answers (probed at once); [] for one server."""
+    servers = [u.strip() for u in settings.nats_url.split(",") if u.strip()]
+    return list(await asyncio.gather(*(_node_facts(u, settings) for u in servers))) if len(servers) > 1 else []
+
+
+async def _nats_facts(settings: Settings, nodes: list[dict]) -> tuple[dict, dict[int, dict]]:
+    """Server facts and the consumer counters of every job consumer (one connection, fails fast), read
+    through a node that answered its probe (`nodes`), so one node lost makes the report degraded (naming
+    it), not unreachable."""
+    servers = [u.strip() for u in settings.nats_url.split(",") if u.strip()]
+    usable = [u for u, node in zip(servers, nodes, strict=False) if node["ok"]] or servers
+    nc = await connect_nats(",".join(usable), name="jetpipe-health", connect_timeout_s=3, reconnect=False,
                             **settings.nats_options())
     try:
         queue = TaskQueue(nc)
@@ -38,6 +50,8 @@ async def _nats_facts(settings: Settings) -> tuple[dict, dict[int, dict]]:
             js_ok, js_error = False, str(exc)
         facts = {"reachable": True, "url": redact(settings.nats_url), "version": nc._server_info.get("version"),
                  "jetstream": js_ok, **({"error": f"JetStream: {js_error}"} if js_error else {})}
+        if nodes:
+            facts["nodes"] = nodes
         if js_ok:
             facts["bridge"] = await _bridge_facts(queue)
         job_consumers = (await queue.job_consumers()) if js_ok else []
@@ -53,6 +67,25 @@ async def _nats_facts(settings: Settings) -> tuple[dict, dict[int, dict]]:
         return facts, consumers
     finally:
         await nc.close()
+
+
+async def _node_facts(url: str, settings: Settings) -> dict:
+    """One NATS node of a cluster's URL list: does it answer a JetStream request (None: why not)."""
+    try:
+        nc = await connect_nats(url, name="jetpipe-health-node", connect_timeout_s=3, reconnect=False,
+                                **settings.nats_options())
+    except Exception as exc:  # noqa: BLE001 - unreachable, whatever the way
+        return {"url": redact(url), "ok": False, "error": str(exc) or type(exc).__name__}
+    try:
+        why = await round_trip(nc, 2)
+        return {"url": redact(url), "ok": why is None, **({"error": why} if why else {})}
+    finally:
+        await nc.close()
+
+
+def _node_problems(nodes: list[dict]) -> list[str]:
+    return [f"NATS node {node['url']} does not answer as it should ({node['error']}): its clients move to another "
+            "node within seconds; if it lasts, look at that node and its links" for node in nodes if not node["ok"]]
 
 
 async def _job_slots(queue: TaskQueue) -> int | None:
@@ -99,7 +132,8 @@ def build_report(settings: Settings, runner) -> tuple[int, dict]:
     problems: list[str] = []
 
     try:
-        db = models.database.obj or models.bind(settings.database_url)  # never rebinds a live process's handle
+        # never rebinds a live process's handle
+        db = models.database.obj or models.bind(settings.database_url, session=settings.db_session())
         db.connect(reuse_if_open=True)
         version = db.execute_sql("select version()" if models.is_postgres() else "select sqlite_version()").fetchone()
         deps["database"] = {"reachable": True, "url": redact(settings.database_url), "version": version[0]}
@@ -108,6 +142,7 @@ def build_report(settings: Settings, runner) -> tuple[int, dict]:
 
     client = connect_redis(settings.redis_url)
     workers = None
+    vanished: list[dict] = []
     services: list[dict] = []
     last_check = None
     try:
@@ -116,6 +151,11 @@ def build_report(settings: Settings, runner) -> tuple[int, dict]:
         services = http_services(client)
         live = live_workers(client)
         workers = len(live)
+        vanished = vanished_workers(client, live)
+        for worker in vanished[:10]:
+            problems.append(f"worker {worker['worker']} stopped announcing itself {_duration(worker['silent_s'])} "
+                            "ago without a clean shutdown (its host lost, or the process killed): the messages it "
+                            "held return to other workers after their timeouts")
         for worker in live:
             for dependency in ("nats", "database"):
                 if worker.get(dependency, "ok") != "ok":
@@ -129,13 +169,17 @@ def build_report(settings: Settings, runner) -> tuple[int, dict]:
         client.close()
 
     consumers: dict[int, dict] = {}
+    nodes: list[dict] = []
     try:
-        deps["nats"], consumers = runner.run(_nats_facts(settings), timeout=30)
+        nodes = runner.run(_nodes_facts(settings), timeout=15)
+        problems += _node_problems(nodes)
+        deps["nats"], consumers = runner.run(_nats_facts(settings, nodes), timeout=30)
         if not deps["nats"]["jetstream"]:
             problems.append("NATS is up but JetStream is not enabled")
         problems += _bridge_problems(deps["nats"].get("bridge", {}))
     except Exception as exc:  # noqa: BLE001 - unreachable, whatever the way
-        deps["nats"] = {"reachable": False, "url": redact(settings.nats_url), "error": str(exc) or type(exc).__name__}
+        deps["nats"] = {"reachable": False, "url": redact(settings.nats_url), "error": str(exc) or type(exc).__name__,
+                        **({"nodes": nodes} if nodes else {})}
 
     jobs_out, pipelines = [], {}
     if deps["database"]["reachable"]:
@@ -149,7 +193,7 @@ def build_report(settings: Settings, runner) -> tuple[int, dict]:
         except peewee.PeeweeException as exc:
             deps["database"] = {**deps["database"], "reachable": False, "error": str(exc).strip()}
     if deps["database"]["reachable"] and not any("init-db" in p for p in problems):
-        problems += _saving_problems(jobs_out, now, settings, last_check)
+        problems += _saving_problems(jobs_out, now, settings, last_check, problems)
     if deps["redis"]["reachable"]:
         problems += _dead_letter_problems(settings)
     slots = deps.get("nats", {}).get("job_slots") or {}
@@ -167,6 +211,7 @@ def build_report(settings: Settings, runner) -> tuple[int, dict]:
                 problems.append(f"last health check: {name} raised {sub['error']}")
 
     report = {"at": now.isoformat(timespec="seconds") + "Z", "dependencies": deps, "workers": workers,
+              "vanished_workers": vanished,
               "http_services": services,
               "pipelines": pipelines, "jobs": jobs_out, "last_health_check": last_check, "problems": problems}
     if not all(d["reachable"] for d in deps.values()):
@@ -179,9 +224,11 @@ def build_report(settings: Settings, runner) -> tuple[int, dict]:
     return status, report
 
 
-def _saving_problems(jobs_out: list[dict], now: dt.datetime, settings: Settings, last_check: dict | None) -> list[str]:
-    """Jobs whose results wait too long to be saved, parked results, jobs that should have moved, and an
-    overdue periodic check; each job line gets its `results_waiting`."""
+def _saving_problems(jobs_out: list[dict], now: dt.datetime, settings: Settings, last_check: dict | None,
+                     reported: list[str]) -> list[str]:
+    """Jobs whose results wait too long to be saved, parked results, jobs that should have moved (unless
+    `reported` already says they wait for a processing service), and an overdue periodic check; each job
+    line gets its `results_waiting`."""
     problems = []
     cutoff_s = settings.stalled_jobs_max_minutes * 60
     waiting = inbox.waiting()
@@ -200,13 +247,14 @@ def _saving_problems(jobs_out: list[dict], now: dt.datetime, settings: Settings,
         problems.append(f"{sum(parked.values())} result message(s) could not be saved and are parked (job(s) "
                         f"{jobs_text}): `cli.py parked list`, then `cli.py parked replay` or `cli.py parked drop`")
     overdue_s = cutoff_s + 2 * settings.health_check_seconds
+    waiting_for_service = {int(p.split()[1]) for p in reported if p.startswith("job ") and " waits: " in p}
     for line in jobs_out:
-        consumer = line.get("consumer")
-        if (line["status"] == JobStatus.STARTED and line["mode"] == DispatchMode.ASYNC_API and consumer
-                and consumer["num_pending"] == 0 and (line["idle_s"] or 0) > overdue_s):
-            problems.append(f"job {line['id']} has made no progress for {_duration(line['idle_s'])} although no "
-                            "task waits for a processing service: the health check should have settled its images "
-                            "by now (is it running? are results being saved?)")
+        if (line["status"] == JobStatus.STARTED and line["mode"] == DispatchMode.ASYNC_API
+                and (line["idle_s"] or 0) > overdue_s and line["id"] not in waiting_for_service):
+            problems.append(f"job {line['id']} has made no progress for {_duration(line['idle_s'])} "
+                            f"({line['processed']} of {line['total']} image(s) settled) although the health check "
+                            "should have moved it by now: its results are not being saved, or no worker runs the "
+                            f"check; see `cli.py status {line['id']}` and the workers' logs")
     if last_check and jobs_out:
         at = dt.datetime.fromisoformat(last_check["at"].rstrip("Z"))
         age = (now - at).total_seconds()

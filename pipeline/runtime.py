@@ -17,9 +17,10 @@ import dramatiq
 import models
 from pipeline import broker as brokers
 from pipeline.aio import LoopRunner, LoopThread
+from pipeline.errors import TransientError
 from pipeline.jobstate import JobState, connect_redis
 from pipeline.settings import Settings, get_settings
-from pipeline.taskqueue import SyncTaskQueue, TaskQueue
+from pipeline.taskqueue import NATS_FAILURES, SyncTaskQueue, TaskQueue
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +29,13 @@ class Runtime:
     """Connections one process needs; NATS is connected on first use (many commands never need it)."""
 
     def __init__(self, settings: Settings, *, runner: LoopRunner | None = None,
-                 broker: dramatiq.Broker | None = None, name: str = "jetpipe"):
+                 broker: dramatiq.Broker | None = None, name: str = "jetpipe", watch_nats: bool = False):
         self.settings = settings
         self.name = name
+        self.watch_nats = watch_nats  # a long-lived process: its NATS connection is watched (natswatch.py)
         self._own_loop = runner is None
         self.runner = runner or LoopThread(name=f"{name}-loop")
-        models.bind(settings.database_url)
+        models.bind(settings.database_url, session=settings.db_session())
         self.redis = connect_redis(settings.redis_url)
         self.state = JobState(self.redis)
         self._tasks: SyncTaskQueue | None = None
@@ -59,7 +61,7 @@ class Runtime:
         with self._lock:
             if self._tasks is None:
                 tasks = SyncTaskQueue.connect(self.settings.nats_url, self.runner, name=self.name,
-                                              **self.settings.nats_options())
+                                              watch=self.watch_nats, **self.settings.nats_options())
                 tasks.ensure_streams(**self.settings.stream_options())
                 self._tasks = tasks
             return self._tasks
@@ -70,8 +72,13 @@ class Runtime:
         (The `tasks` property would deadlock there: it waits for the loop it is running on.)
         """
         if self._tasks is None:
-            queue = await TaskQueue.connect(self.settings.nats_url, name=self.name, **self.settings.nats_options())
-            await queue.ensure_streams(**self.settings.stream_options())
+            queue = await TaskQueue.connect(self.settings.nats_url, name=self.name, watch=self.watch_nats,
+                                            **self.settings.nats_options())
+            try:
+                await queue.ensure_streams(**self.settings.stream_options())
+            except NATS_FAILURES as exc:  # JetStream not ready (a cluster electing, a stream being made)
+                await queue.close()
+                raise TransientError(f"JetStream not ready: {str(exc) or type(exc).__name__}") from exc
             if self._tasks is None:
                 self._tasks = SyncTaskQueue(queue, self.runner)
             else:

@@ -54,6 +54,16 @@ OPTIONS: dict[str, Option] = {
     "result_save_backoff": Option("PIPELINE_RESULT_SAVE_BACKOFF", "10",
                                   "seconds before the second attempt to save such a result message; doubled for each "
                                   "later one (3 attempts: about 30 s from the first to the last)"),
+    "db_lock_timeout": Option("PIPELINE_DB_LOCK_TIMEOUT", "10",
+                              "PostgreSQL: seconds a statement waits for a lock before it fails and is retried "
+                              "(a dead client's locks never hold a job for long; 0: the server's setting)"),
+    "db_idle_in_transaction_timeout": Option("PIPELINE_DB_IDLE_IN_TRANSACTION_TIMEOUT", "30",
+                                             "PostgreSQL: seconds a session may sit idle inside a transaction "
+                                             "before the server ends it (0: the server's setting)"),
+    "db_dead_peer_timeout": Option("PIPELINE_DB_DEAD_PEER_TIMEOUT", "11",
+                                   "PostgreSQL: seconds of silence after which TCP keepalives give up on the other "
+                                   "end, on the server (ending a lost client's session and its locks) and on the "
+                                   "client (0: the operating system's defaults, hours)"),
     "dispatch_chunk": Option("PIPELINE_DISPATCH_CHUNK", "5000",
                              "tasks run_job reads and publishes per round (its resume checkpoint)"),
     "metrics_port": Option("PIPELINE_METRICS_PORT", "9191",
@@ -97,6 +107,9 @@ class Settings:
     job_pickup_timeout: float
     result_save_attempts: int
     result_save_backoff: float  # seconds, doubled per attempt
+    db_lock_timeout: float  # seconds
+    db_idle_in_transaction_timeout: float  # seconds
+    db_dead_peer_timeout: float  # seconds
     dispatch_chunk: int
     metrics_port: int
     metrics_host: str
@@ -142,6 +155,9 @@ class Settings:
             raise ConfigError("PIPELINE_RESULT_SAVE_ATTEMPTS must be at least 1")
         if self.result_save_backoff < 0:
             raise ConfigError("PIPELINE_RESULT_SAVE_BACKOFF must be a number of seconds, 0 or more")
+        if min(self.db_lock_timeout, self.db_idle_in_transaction_timeout, self.db_dead_peer_timeout) < 0:
+            raise ConfigError("PIPELINE_DB_LOCK_TIMEOUT, PIPELINE_DB_IDLE_IN_TRANSACTION_TIMEOUT and "
+                              "PIPELINE_DB_DEAD_PEER_TIMEOUT must be 0 or more seconds")
         if self.job_pickup_timeout <= 0:
             raise ConfigError("PIPELINE_JOB_PICKUP_TIMEOUT must be a positive number of seconds")
         if self.web_max_body_mb <= 0:
@@ -164,6 +180,14 @@ class Settings:
         unless its variable is set, so that a process started without them (a CLI on a laptop) cannot turn a
         cluster's R3 streams into R1 or undo the workers' consumer limit."""
         return {"max_jobs": self.nats_max_jobs, "replicas": self.nats_replicas}
+
+    def db_session(self):
+        """The limits jetpipe sets on its PostgreSQL sessions (models.SessionLimits)."""
+        from models import SessionLimits  # models imports nothing of pipeline; settings stays import-light
+
+        return SessionLimits(lock_timeout_s=self.db_lock_timeout,
+                             idle_in_transaction_s=self.db_idle_in_transaction_timeout,
+                             dead_peer_s=self.db_dead_peer_timeout)
 
     def nats_options(self) -> dict[str, str]:
         """Connection options beyond the URL (which carries user/password or token, and tls://)."""
