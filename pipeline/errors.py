@@ -38,6 +38,14 @@ class TransientError(PipelineError):
     """A dependency (Redis, NATS, the database) could not be reached; retry later."""
 
 
+class TasksNotAcked(TransientError):
+    """Results were taken into the inbox (committed), but NATS did not confirm the ACKs of their tasks."""
+
+    def __init__(self, message: str, *, job_ids: list[int]):
+        super().__init__(message)
+        self.job_ids = job_ids
+
+
 class JobSlotsFull(TransientError):
     """PIPELINE_TASKS holds as many job consumers as it allows (PIPELINE_NATS_MAX_JOBS): a job to start
     waits until one ends."""

@@ -146,7 +146,7 @@ class Gateway:
         self._connected()
         try:
             await asyncio.gather(*(self.queue.nc.publish(reply, b"+WPI") for reply in reply_subjects))
-            await self.queue.nc.flush(timeout=5)
+            await self.queue.confirm_sent(5)
         except NATS_FAILURES as exc:
             raise TransientError(f"task queue unavailable: {str(exc) or type(exc).__name__}") from exc
 

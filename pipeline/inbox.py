@@ -30,7 +30,7 @@ import peewee
 from models import ResultInbox, insert_ignoring_duplicates, select_in, utcnow, write_transaction
 from pipeline import names
 from pipeline.crashpoints import crash_point
-from pipeline.errors import TransientError
+from pipeline.errors import TasksNotAcked, TransientError
 from pipeline.results import canonical_image_id
 from pipeline.runtime import Runtime
 
@@ -138,7 +138,8 @@ def take(runtime: Runtime, incoming: list[Incoming]) -> list[int]:
 
     Raises TransientError when NATS or the database cannot be reached. Nothing is lost either way: the
     caller leaves the messages un-acked, they are redelivered and taken again (adding no second row), and
-    the tasks are ACKed then.
+    the tasks are ACKed then. TasksNotAcked says the results were committed all the same (their jobs'
+    saving can go on meanwhile: a NATS node lost mid-ACK must not hold up saving).
     """
     if not incoming:
         return []
@@ -155,10 +156,15 @@ def take(runtime: Runtime, incoming: list[Incoming]) -> list[int]:
     except peewee.DatabaseError as exc:
         raise TransientError(f"database: could not take {len(rows)} result(s) into the inbox: {exc}") from exc
     crash_point("after_inbox", messages=len(incoming))
-    if settle:  # NATS down: raises, the caller leaves the messages un-acked, a redelivery ACKs them
-        runtime.tasks.ack_many(settle)
+    job_ids = sorted({m.job_id for m in incoming})
+    if settle:  # NATS down: the caller leaves the messages un-acked, a redelivery ACKs their tasks
+        try:
+            runtime.tasks.ack_many(settle)
+        except TransientError as exc:
+            raise TasksNotAcked(f"{len(rows)} result(s) taken, but the ACKs of their {len(settle)} task(s) were "
+                                f"not confirmed: {exc}", job_ids=job_ids) from exc
     crash_point("after_task_ack", tasks=len(settle))
-    return sorted({m.job_id for m in incoming})
+    return job_ids
 
 
 def size() -> int:

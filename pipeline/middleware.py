@@ -37,7 +37,7 @@ from pipeline.aio import LoopRunner
 from pipeline.bridge import SWEEP_S, Bridge, Route, is_result
 from pipeline.broker import make_broker
 from pipeline.deferred_failure import DeferredFailure
-from pipeline.errors import TransientError
+from pipeline.errors import TasksNotAcked, TransientError
 from pipeline.outage import Outage
 from pipeline.poison import PoisonGuard
 from pipeline.presence import Presence
@@ -135,13 +135,19 @@ def bridge_routes(runtime: Runtime) -> list[Route]:
     """The bridge's two routes: results into the inbox, advisories into `process_task_advisory`."""
 
     def take_results(msgs) -> None:
+        not_acked = None
         with models.thread_connection():
-            jobs = inbox.take(runtime, [inbox.Incoming.from_msg(names.job_id_from_result_subject(m.subject), m)
-                                        for m in msgs])
+            try:
+                jobs = inbox.take(runtime, [inbox.Incoming.from_msg(names.job_id_from_result_subject(m.subject),
+                                                                    m) for m in msgs])
+            except TasksNotAcked as exc:  # taken all the same: saving goes on while the ACKs are retried
+                jobs, not_acked = exc.job_ids, exc
         try:
             request_drains(runtime, jobs)
         except Exception as exc:  # noqa: BLE001 - the results are safe in the inbox; the sweep asks again
             log.warning("bridge: could not ask for jobs %s to be saved (%s); the inbox sweep will", jobs, exc)
+        if not_acked is not None:
+            raise not_acked  # the result messages come back, and the ACKs of their tasks are sent again
 
     def send_advisories(msgs) -> None:
         for msg in msgs:
@@ -211,7 +217,7 @@ class WorkerResources(dramatiq.Middleware):
         self.bridge = self.scheduler = self.presence = self._bridge_future = None
         settings = get_settings()
         runtime = Runtime(settings, runner=LoopRunner(loop_thread.loop), broker=broker,
-                          name=f"jetpipe-worker-{os.getpid()}")
+                          name=f"jetpipe-worker-{os.getpid()}", watch_nats=True)
         self.runtime = runtime
         self._previous = set_runtime(runtime)
         log.info("worker %s up: %s", os.getpid(), " ".join(f"{k}={v}" for k, v in settings.describe().items()))
@@ -250,6 +256,9 @@ class WorkerResources(dramatiq.Middleware):
             except TransientError as exc:
                 self.nats_problem = str(exc)
                 await asyncio.sleep(outage.failed(str(exc)))
+            except Exception as exc:  # noqa: BLE001 - whatever it is, a worker without its bridge saves nothing
+                self.nats_problem = f"{type(exc).__name__}: {exc}"
+                await asyncio.sleep(outage.failed(self.nats_problem))
         else:
             return
         self.bridge = Bridge(queue.queue.js, bridge_routes(runtime), sweep=lambda: sweep_inbox(runtime),

@@ -200,6 +200,11 @@ def worker_presence_key(identity: str) -> str:
     return f"{REDIS_PREFIX}:worker:{identity}"
 
 
+#: HASH identity -> JSON {at, since} of every worker seen lately; a clean shutdown removes its entry, so one
+#: whose `at` is old and that no longer announces itself vanished (its host lost, or it was killed).
+WORKERS_SEEN_KEY = f"{REDIS_PREFIX}:workers:seen"
+
+
 def service_presence_key(name: str) -> str:
     """HASH of one HTTP processing service (by its token's name): its last request and what it holds."""
     return f"{REDIS_PREFIX}:service:{name}"

@@ -1,6 +1,7 @@
 """Worker presence: every worker process says in Redis, every few seconds, that it is alive and whether
-it can reach NATS and the database. `cli.py health` counts the workers from it and names those that
-cannot reach a dependency, with the reason.
+it can reach NATS and the database. `cli.py health` counts the workers from it, names those that cannot
+reach a dependency, with the reason, and those that vanished without a clean shutdown (a lost host, a
+killed process): a worker that stops cleanly says goodbye, one that is lost just falls silent.
 
 (Dramatiq's own heartbeats are not a worker count: any process that sends a message, a CLI enqueue
 included, appears among them for a while.)
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 BEAT_S = 5.0
 #: A worker silent this long is gone.
 TTL_S = 20
+#: A vanished worker is reported by `health` this long after its last announcement (seconds).
+VANISHED_REPORTED_S = 15 * 60
 
 
 def identity() -> str:
@@ -44,8 +47,19 @@ class Presence:
         self._thread: threading.Thread | None = None
 
     def beat(self) -> None:
-        entry = {"worker": self.identity, "since": self.started, "at": time.time(), **self.facts()}
-        self.client.set(names.worker_presence_key(self.identity), json.dumps(entry), ex=TTL_S)
+        now = time.time()
+        entry = {"worker": self.identity, "since": self.started, "at": now, **self.facts()}
+        with self.client.pipeline() as pipe:
+            pipe.set(names.worker_presence_key(self.identity), json.dumps(entry), ex=TTL_S)
+            pipe.hset(names.WORKERS_SEEN_KEY, self.identity, json.dumps({"at": now, "since": self.started}))
+            pipe.execute()
+        self._forget_long_gone(now)
+
+    def _forget_long_gone(self, now: float) -> None:
+        """Drop the records of workers silent for longer than health reports them."""
+        for identity, seen in _seen(self.client).items():
+            if now - seen["at"] > VANISHED_REPORTED_S:
+                self.client.hdel(names.WORKERS_SEEN_KEY, identity)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="presence", daemon=True)
@@ -55,10 +69,11 @@ class Presence:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
-        try:
+        try:  # a clean shutdown: gone, not vanished
             self.client.delete(names.worker_presence_key(self.identity))
+            self.client.hdel(names.WORKERS_SEEN_KEY, self.identity)
         except redis.RedisError:
-            pass  # it expires
+            pass  # it expires (and health reports it as vanished for a while)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -73,6 +88,26 @@ def live_workers(client: redis.Redis) -> list[dict]:
     """Every worker that announced itself within TTL_S, by identity."""
     keys = sorted(client.scan_iter(match=names.worker_presence_key("*"), count=500))
     return [json.loads(raw) for raw in client.mget(keys) if raw] if keys else []
+
+
+def _seen(client: redis.Redis) -> dict[str, dict]:
+    found = {}
+    for identity, raw in client.hgetall(names.WORKERS_SEEN_KEY).items():
+        try:
+            found[_text(identity)] = json.loads(raw)
+        except ValueError:
+            continue
+    return found
+
+
+def vanished_workers(client: redis.Redis, live: list[dict]) -> list[dict]:
+    """Workers that stopped announcing themselves without a clean shutdown within the last
+    VANISHED_REPORTED_S: {"worker", "silent_s"} each, the most recent first."""
+    now = time.time()
+    alive = {w["worker"] for w in live}
+    gone = [{"worker": identity, "silent_s": round(now - seen["at"])} for identity, seen in _seen(client).items()
+            if identity not in alive and TTL_S < now - seen["at"] <= VANISHED_REPORTED_S]
+    return sorted(gone, key=lambda w: w["silent_s"])
 
 
 #: An HTTP processing service's record is kept this long after its last request (seconds).

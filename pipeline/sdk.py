@@ -40,6 +40,7 @@ import nats.errors
 import nats.js.errors
 
 from pipeline import names
+from pipeline.natswatch import round_trip
 from pipeline.outage import Outage
 from pipeline.schemas import MAX_IMAGES_PER_RESULT, ErrorResult, Result, SuccessResult, Task, decode_task, encode
 from pipeline.sdk_http import HttpTransport
@@ -173,7 +174,7 @@ class ProcessingService:
 
     async def _connect(self) -> TaskQueue:
         return await TaskQueue.connect(self.nats_url, name=self.name, inbox_prefix=SERVICE_INBOX_PREFIX,
-                                       **self.nats_security)
+                                       watch=True, **self.nats_security)
 
     async def run(self) -> None:
         """Process tasks until `stop()`; survives NATS (or gateway) outages and carries on."""
@@ -194,12 +195,9 @@ class ProcessingService:
             await self._queue.close()
 
     async def _alive(self) -> bool:
-        """One PING/PONG round trip with the server: the client may think it is connected when it is not."""
-        try:
-            await asyncio.wait_for(self._queue.nc.flush(timeout=2), 3)
-            return True
-        except Exception:  # noqa: BLE001 - any failure means no answer
-            return False
+        """One round trip with the server: the client may think it is connected when it is not (never a
+        flush with a timeout, which nats-py 2.16 turns into a dead read loop: pipeline/natswatch.py)."""
+        return await round_trip(self._queue.nc, 2) is None
 
     async def _replace_stuck_connection(self, down_since: float | None) -> float | None:
         """When the connection has been down (or silent) longer than RECONNECT_WATCHDOG_S, replace it with

@@ -8,11 +8,13 @@ connection per ACK, no subscribe/fetch/unsubscribe per request). Its methods are
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import itertools
 import json
 import logging
+import random
 import ssl
 from collections.abc import Awaitable, Iterable
 from typing import NamedTuple, TypeVar
@@ -34,6 +36,7 @@ from nats.js.api import (
 from pipeline import names
 from pipeline.aio import LoopRunner
 from pipeline.errors import JobSlotsFull, TransientError
+from pipeline.natswatch import ConnectionWatch, round_trip
 from pipeline.schemas import Task
 from pipeline.settings import redact
 
@@ -145,8 +148,11 @@ async def connect_nats(url: str, *, name: str, connect_timeout_s: float = 10.0, 
         log.info("nats reconnected to %s", redact(url))
 
     try:
+        servers = [server.strip() for server in url.split(",") if server.strip()]  # a cluster: several URLs
+        random.shuffle(servers)  # processes spread over the nodes; then each reconnect tries the next node in
+        # this order (dont_randomize), never first the one it is leaving (a cut link, a node without quorum)
         nc = await asyncio.wait_for(nats.connect(
-            servers=[server.strip() for server in url.split(",") if server.strip()],  # a cluster: several URLs
+            servers=servers, dont_randomize=True,
             name=name, connect_timeout=2, reconnect_time_wait=0.5,
             max_reconnect_attempts=-1 if reconnect else 0, allow_reconnect=reconnect,
             ping_interval=10, max_outstanding_pings=3, inbox_prefix=inbox_prefix,
@@ -251,24 +257,40 @@ def take_waiting(sub) -> list:
 class TaskQueue:
     """JetStream operations of jetpipe over one connection."""
 
-    def __init__(self, nc: nats.NATS):
+    def __init__(self, nc: nats.NATS, *, watch_as: str | None = None):
         self.nc = nc
         self.js = nc.jetstream(timeout=API_TIMEOUT_S)
         self.requests = Requests(nc)
+        self.watch: ConnectionWatch | None = None
+        self._watching: asyncio.Task | None = None
+        if watch_as is not None:  # a long-lived connection: replaced within seconds when it stops answering
+            self.watch = ConnectionWatch(nc, name=watch_as)
+            self._watching = asyncio.get_running_loop().create_task(self.watch.run())
 
     @classmethod
     async def connect(cls, url: str, *, name: str = "jetpipe", creds: str = "", tls_ca: str = "",
-                      inbox_prefix: str = JETPIPE_INBOX_PREFIX) -> TaskQueue:
-        return cls(await connect_nats(url, name=name, creds=creds, tls_ca=tls_ca, inbox_prefix=inbox_prefix))
+                      inbox_prefix: str = JETPIPE_INBOX_PREFIX, watch: bool = False) -> TaskQueue:
+        """Connect; with `watch`, a ConnectionWatch checks the connection every few seconds (long-lived
+        processes: workers, the web server, processing services)."""
+        nc = await connect_nats(url, name=name, creds=creds, tls_ca=tls_ca, inbox_prefix=inbox_prefix)
+        return cls(nc, watch_as=name if watch else None)
+
+    async def confirm_sent(self, timeout_s: float = 5.0) -> None:
+        """Return once everything published so far has reached the server (a round trip, never nats-py's
+        flush with a timeout: natswatch.py says why); raises TimeoutError if the server does not answer."""
+        why = await round_trip(self.nc, timeout_s)
+        if why is not None:
+            raise TimeoutError(f"nats: not confirmed: {why}")
 
     async def close(self) -> None:
-        """Flush buffered publishes and ACKs, then close (no drain: pull subscriptions hold no work)."""
+        """Send buffered publishes and ACKs, then close (no drain: pull subscriptions hold no work)."""
+        if self.watch is not None:
+            self.watch.stop()
+            await asyncio.gather(self._watching, return_exceptions=True)
         if self.nc.is_closed:
             return
-        try:
-            await self.nc.flush(timeout=2)
-        except NATS_FAILURES:
-            pass
+        with contextlib.suppress(*NATS_FAILURES):
+            await self.confirm_sent(2)
         await self.nc.close()
 
     # ---- streams ------------------------------------------------------------------------------------
@@ -514,7 +536,7 @@ class TaskQueue:
         payload = f"+TERM {reason}"[:1000].encode()
         for reply in reply_subjects:
             await self.nc.publish(reply, payload)
-        await self.nc.flush(timeout=5)
+        await self.confirm_sent(5)
 
 
 def task_headers(task: Task) -> dict[str, str]:
@@ -532,8 +554,9 @@ class SyncTaskQueue:
         self.timeout_s = timeout_s
 
     @classmethod
-    def connect(cls, url: str, runner: LoopRunner, *, name: str = "jetpipe", **security) -> SyncTaskQueue:
-        return cls(runner.run(TaskQueue.connect(url, name=name, **security), timeout=30), runner)
+    def connect(cls, url: str, runner: LoopRunner, *, name: str = "jetpipe", watch: bool = False,
+                **security) -> SyncTaskQueue:
+        return cls(runner.run(TaskQueue.connect(url, name=name, watch=watch, **security), timeout=30), runner)
 
     def _run(self, what: str, coro: Awaitable[T]) -> T:
         try:

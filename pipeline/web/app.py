@@ -67,7 +67,9 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
     def the_runtime() -> Runtime:
         with lock:
             if not made:
-                made.append(get_runtime())
+                runtime = get_runtime()
+                runtime.watch_nats = True  # the web server lives long: its gateway's connection is watched
+                made.append(runtime)
             return made[0]
 
     app.state.runtime = the_runtime
