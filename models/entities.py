@@ -43,13 +43,16 @@ class Pipeline(BaseModel):
     slug = peewee.CharField(max_length=100, unique=True)
     name = peewee.CharField(max_length=255)
     created_at = peewee.DateTimeField(default=utcnow)
+    #: The processing service (its gateway token's name) that registered it through /api/v2; None: an
+    #: operator did. A service may change only the pipelines it registered.
+    registered_by = peewee.CharField(max_length=255, null=True)
 
 
 class Algorithm(BaseModel):
     pipeline = peewee.ForeignKeyField(Pipeline, backref="algorithms", on_delete="CASCADE")
     key = peewee.CharField(max_length=100)
     name = peewee.CharField(max_length=255)
-    task_type = peewee.CharField(max_length=20)  # detection | classification
+    task_type = peewee.CharField(max_length=20)  # pipeline.schemas.TASK_TYPES (detection, localization, ...)
 
     class Meta:
         indexes = ((("pipeline", "key"), True),)

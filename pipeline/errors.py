@@ -22,6 +22,10 @@ class NotFound(UserInputError):
     """No such object."""
 
 
+class Forbidden(UserInputError):
+    """The caller may not do this (a service changing another service's pipeline)."""
+
+
 class NothingToDo(PipelineError):
     """The request is already met (retry a job without failures, cancel an ended job): not an error."""
 

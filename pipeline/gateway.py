@@ -125,21 +125,25 @@ class Gateway:
             except NATS_FAILURES:
                 pass
 
-    async def publish_results(self, job_id: int, results: list[tuple[str, bytes]]) -> None:
+    async def publish_results(self, job_id: int, results: list[tuple[str, bytes]]) -> list[int]:
         """Publish (reply subject, result body) pairs to `pipeline.results.<job_id>`, each confirmed by
-        the results stream; TransientError if it cannot be reached or does not confirm them all."""
+        the results stream; their sequences in it. TransientError if it cannot be reached or does not
+        confirm them all."""
         subject = names.result_subject(job_id)
         try:
             answers = await self.queue.requests.send(
                 [(subject, body, {names.HDR_TASK_REPLY: reply}) for reply, body in results], timeout=PUBLISH_TIMEOUT_S)
         except NATS_FAILURES as exc:
             raise TransientError(f"results stream unavailable: {str(exc) or type(exc).__name__}") from exc
+        seqs = []
         for answer in answers:
             if no_responders(answer):
                 raise TransientError(f"results stream unavailable: no stream stores {subject}")
             ack = json.loads(answer.data or b"{}")
             if "error" in ack:
                 raise TransientError(f"results stream refused a result: {ack['error'].get('description')}")
+            seqs.append(int(ack.get("seq", 0)))
+        return seqs
 
     async def in_progress(self, reply_subjects: list[str]) -> None:
         """+WPI: the caller still works on these tasks (their ack_wait starts again)."""

@@ -210,5 +210,8 @@ def service_presence_key(name: str) -> str:
     return f"{REDIS_PREFIX}:service:{name}"
 
 
+#: The secret signing the web server's links to local images (pipeline/web/image_links.py).
+IMAGE_LINK_SECRET_KEY = f"{REDIS_PREFIX}:web:image-link-secret"
+
 #: JSON of the last jobs_health_check result, for `cli.py health`.
 HEALTH_LAST_KEY = f"{REDIS_PREFIX}:health:last"

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 from models import Algorithm, Pipeline, database
+from pipeline.errors import Forbidden
 from pipeline.schemas import PipelineSpec
 
 
-def register_pipeline(spec: PipelineSpec) -> bool:
+def register_pipeline(spec: PipelineSpec, *, service: str | None = None) -> bool:
     """Create or update the pipeline and upsert its algorithms; True if the pipeline is new.
 
-    Algorithms are never deleted: results already saved may reference them.
+    `service`: the processing service registering it through the gateway (its token's name), which may
+    change only a pipeline it registered itself (Forbidden otherwise); None: an operator, who may change
+    any. Algorithms are never deleted: results already saved may reference them.
     """
     with database.atomic():
-        pipeline, created = Pipeline.get_or_create(slug=spec.slug, defaults={"name": spec.name})
+        pipeline, created = Pipeline.get_or_create(slug=spec.slug,
+                                                   defaults={"name": spec.name, "registered_by": service})
+        if not created and service is not None and pipeline.registered_by != service:
+            owner = f"service {pipeline.registered_by!r}" if pipeline.registered_by else "an operator"
+            raise Forbidden(f"pipeline {spec.slug!r} was registered by {owner}: service {service!r} may not "
+                            "change it")
         if not created and pipeline.name != spec.name:
             pipeline.name = spec.name
             pipeline.save()

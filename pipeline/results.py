@@ -31,7 +31,7 @@ from models import (
 )
 from pipeline.errors import BadResult
 from pipeline.jobstate import Outcome
-from pipeline.schemas import SuccessResult
+from pipeline.schemas import DETECTION_TASK_TYPES, SuccessResult
 from pipeline.settings import redact_text
 
 log = logging.getLogger(__name__)
@@ -218,10 +218,10 @@ def prepare_result(job: Job, result: SuccessResult) -> PreparedResult:
     keys |= {c.algorithm.key for d in result.detections for c in d.classifications}
     algorithms = _resolve_algorithms(pipeline_id, slug, keys, image_ids)
     bad_types = sorted({d.algorithm.key for d in result.detections
-                        if algorithms[d.algorithm.key].task_type != "detection"})
+                        if algorithms[d.algorithm.key].task_type not in DETECTION_TASK_TYPES})
     if bad_types:
         raise BadResult(f"algorithm(s) {bad_types} are not detection algorithms", image_ids=image_ids)
-    marker = next((key for key, a in algorithms.items() if a.task_type == "detection"), None)
+    marker = next((key for key, a in algorithms.items() if a.task_type in DETECTION_TASK_TYPES), None)
     long_taxa = sorted({c.taxon[:40] for d in result.detections for c in d.classifications
                         if len(c.taxon) > MAX_TAXON_CHARS})
     if long_taxa:

@@ -3,8 +3,6 @@ pipeline registration, validated with msgspec."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 import msgspec
 
 from pipeline.errors import BadResult, UserInputError
@@ -163,10 +161,18 @@ def decode_task(body: bytes) -> Task:
     return _task_decoder.decode(body)
 
 
+#: The reference system's algorithm task types. A result's detections must come from an algorithm of a
+#: detection type; classifications may name any declared algorithm.
+DETECTION_TASK_TYPES = ("detection", "localization", "segmentation")
+TASK_TYPES = (*DETECTION_TASK_TYPES, "classification", "tagging", "embedding", "tracking", "regression",
+              "captioning", "generation", "translation", "summarization", "question_answering",
+              "depth_estimation", "pose_estimation", "size_estimation", "post_processing", "other", "unknown")
+
+
 class AlgorithmSpec(msgspec.Struct, frozen=True):
     key: str
     name: str
-    task_type: Literal["detection", "classification"]
+    task_type: str = "unknown"
 
 
 class PipelineSpec(msgspec.Struct, frozen=True):
@@ -185,8 +191,12 @@ def decode_pipeline_spec(body: bytes, *, source: str) -> PipelineSpec:
     if not spec.slug or not all(c.isalnum() or c in "-_" for c in spec.slug):
         raise UserInputError(f"{source}: slug {spec.slug!r} must be letters, digits, '-' or '_' "
                              "(it becomes a NATS subject token)")
-    if not any(a.task_type == "detection" for a in spec.algorithms):
-        raise UserInputError(f"{source}: a pipeline needs at least one detection algorithm")
+    unknown = sorted({a.task_type for a in spec.algorithms} - set(TASK_TYPES))
+    if unknown:
+        raise UserInputError(f"{source}: unknown task_type {unknown[0]!r} (one of {', '.join(TASK_TYPES)})")
+    if not any(a.task_type in DETECTION_TASK_TYPES for a in spec.algorithms):
+        raise UserInputError(f"{source}: a pipeline needs at least one detection algorithm (task_type "
+                             f"{', '.join(DETECTION_TASK_TYPES)})")
     keys = [a.key for a in spec.algorithms]
     if len(set(keys)) != len(keys):
         raise UserInputError(f"{source}: algorithm keys must be unique, got {keys}")

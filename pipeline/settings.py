@@ -81,6 +81,13 @@ OPTIONS: dict[str, Option] = {
     "web_tokens_file": Option("PIPELINE_WEB_TOKENS_FILE", "", "a file of name:role:token lines, the same"),
     "web_max_body_mb": Option("PIPELINE_WEB_MAX_BODY_MB", "32",
                               "largest request body the HTTP gateway accepts (results of a batch), in MiB"),
+    "web_public_url": Option("PIPELINE_WEB_PUBLIC_URL", "",
+                             "the web server's address as processing services reach it (behind a proxy: "
+                             "https://jetpipe.example); empty: the address each request came to"),
+    "web_local_images": Option("PIPELINE_WEB_LOCAL_IMAGES", "http",
+                               "how the HTTP gateway hands out a task whose image is a local file: http (a "
+                               "signed, expiring link served by the web server) or file (the path, for services "
+                               "on the same machine)"),
     "nats_creds": Option("PIPELINE_NATS_CREDS", "", "NATS credentials file (JWT + NKey), if the server wants one"),
     "nats_tls_ca": Option("PIPELINE_NATS_TLS_CA", "", "CA bundle that signed the NATS server's TLS certificate"),
 }
@@ -120,6 +127,8 @@ class Settings:
     web_tokens: str
     web_tokens_file: str
     web_max_body_mb: float
+    web_public_url: str
+    web_local_images: str
     nats_creds: str
     nats_tls_ca: str
 
@@ -162,6 +171,10 @@ class Settings:
             raise ConfigError("PIPELINE_JOB_PICKUP_TIMEOUT must be a positive number of seconds")
         if self.web_max_body_mb <= 0:
             raise ConfigError("PIPELINE_WEB_MAX_BODY_MB must be a positive number")
+        if self.web_local_images not in ("http", "file"):
+            raise ConfigError(f"PIPELINE_WEB_LOCAL_IMAGES must be http or file, not {self.web_local_images!r}")
+        if self.web_public_url and not self.web_public_url.startswith(("http://", "https://")):
+            raise ConfigError(f"PIPELINE_WEB_PUBLIC_URL must be an http(s) URL, not {self.web_public_url!r}")
         if self.log_level.upper() not in LOG_LEVELS:
             raise ConfigError(f"PIPELINE_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
         if self.log_format not in LOG_FORMATS:

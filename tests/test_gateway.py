@@ -17,6 +17,7 @@ import pytest
 
 from models import Job, JobImage, JobStatus
 from pipeline import names
+from tests import reference_client
 from tests.conftest import PROJECT, make_settings, subprocess_env, wait_for
 from tests.helpers import answer_one_box, dispatch, fake_job, pull_tasks
 from tests.web_helpers import TOKENS_SETTING, WebServer, bearer
@@ -109,14 +110,19 @@ def test_the_reference_workers_shapes_are_kept(gateway, runtime, moth_pipeline):
     # before dispatch: the job is listed but has no tasks yet
     listing = gateway.get("/api/v2/jobs/", params={"ids_only": 1, "incomplete_only": 1,
                                                    "pipeline__slug__in": f"{moth_pipeline},other"}).json()
-    assert listing == {"count": 1, "next": None, "previous": None, "results": [{"id": job.id}]}
+    assert listing == {"count": 1, "next": None, "previous": None,
+                       "results": [{"id": job.id, "pipeline_slug": moth_pipeline}]}
+    reference_client.JobsListResponse.model_validate(listing)  # as the reference's worker parses it
     assert gateway.post(f"/api/v2/jobs/{job.id}/tasks/", json={"batch_size": 4}).json() == {"tasks": []}
     dispatch(runtime, job.id)
-    tasks = gateway.post(f"/api/v2/jobs/{job.id}/tasks/", json={"batch_size": 4}).json()["tasks"]
+    reserved = gateway.post(f"/api/v2/jobs/{job.id}/tasks/", json={"batch_size": 4}).json()
+    reference_client.TasksListResponse.model_validate(reserved)
+    tasks = reserved["tasks"]
     assert len(tasks) == 2
     for task in tasks:
         assert set(task) == {"id", "image_id", "image_url", "reply_subject"}
-        assert task["id"] == task["image_id"] and task["image_url"].startswith("file:///nowhere/img-")
+        assert task["id"] == task["image_id"] and task["image_url"].startswith(
+            f"{gateway.base_url}/api/v2/images/{job.id}/{task['image_id']}?expires=")  # a local file: a link
         assert names.reply_belongs_to_job(task["reply_subject"], job.id)
     # a result in the reference's own schema (taxon under "classification", extra fields) is accepted
     reference = {"pipeline": moth_pipeline, "algorithms": {}, "total_time": 0.2, "errors": None,
@@ -132,9 +138,12 @@ def test_the_reference_workers_shapes_are_kept(gateway, runtime, moth_pipeline):
         {"reply_subject": tasks[0]["reply_subject"], "result": reference},
         {"reply_subject": tasks[1]["reply_subject"], "result": error}], "client_info": {"hostname": "gpu-1"}})
     assert accepted.status_code == 200
-    assert accepted.json() == {"status": "accepted", "job_id": job.id, "results_queued": 2, "tasks": [
-        {"reply_subject": tasks[0]["reply_subject"], "status": "queued"},
-        {"reply_subject": tasks[1]["reply_subject"], "status": "queued"}]}
+    ack = reference_client.ResultPostResponse.model_validate(accepted.json())
+    assert (ack.status, ack.job_id, ack.results_queued) == ("accepted", job.id, 2)
+    assert [(t.reply_subject, t.status) for t in ack.tasks] == [(tasks[0]["reply_subject"], "queued"),
+                                                               (tasks[1]["reply_subject"], "queued")]
+    assert all(t.task_id.startswith(f"{names.RESULTS_STREAM}:") for t in ack.tasks)
+    assert len({t.task_id for t in ack.tasks}) == 2
     # the results are on the results stream exactly as a NATS service would have put them
     assert _results_waiting(runtime) == 2
     # internal jobs have no tasks for services; unknown jobs are 404

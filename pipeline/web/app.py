@@ -16,7 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 import models
-from pipeline.errors import ConfigError, NotFound, PipelineError, TransientError, UserInputError
+from pipeline.errors import ConfigError, Forbidden, NotFound, PipelineError, TransientError, UserInputError
 from pipeline.readiness import readiness
 from pipeline.runtime import Runtime, get_runtime
 from pipeline.settings import Settings, redact_text
@@ -31,6 +31,8 @@ HERE = Path(__file__).parent
 def _status_of(exc: BaseException) -> int:
     if isinstance(exc, NotFound):
         return 404
+    if isinstance(exc, Forbidden):
+        return 403
     if isinstance(exc, UserInputError):
         return 400
     if isinstance(exc, TransientError | redis.RedisError) or models.is_transient(exc):
@@ -133,6 +135,8 @@ def _release_reserved(app: FastAPI, made: list[Runtime]) -> None:
 
 
 def _error(request: Request, status: int, message: str, headers=None):
+    if request.url.path.startswith("/api/v2/"):  # the reference's clients read DRF's `detail`
+        return JSONResponse({"error": message, "detail": message}, status_code=status, headers=headers)
     if request.url.path.startswith("/api/") or "text/html" not in request.headers.get("accept", ""):
         return JSONResponse({"error": message}, status_code=status, headers=headers)
     return pages.error_page(request, status, message)

@@ -10,18 +10,27 @@ bodies over PIPELINE_WEB_MAX_BODY_MB with 413. docs/processing-services.md docum
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import mimetypes
+import os
 import threading
 
 import msgspec
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from models import DispatchMode, Job, JobStatus, Pipeline, thread_connection
+import models
+from models import DispatchMode, Job, JobImage, JobStatus, Pipeline, SourceImage, thread_connection
 from pipeline import names, presence
 from pipeline.errors import NotFound, UserInputError
-from pipeline.gateway import Gateway
+from pipeline.gateway import Gateway, Reserved
+from pipeline.registry import register_pipeline
+from pipeline.schemas import decode_pipeline_spec
+from pipeline.web import image_links
 from pipeline.web.auth import Principal
 from pipeline.web.deps import allowed, runtime_of, with_db
 
@@ -42,6 +51,29 @@ class TasksRequest(BaseModel):
 
 class InProgressRequest(BaseModel):
     reply_subjects: list[str] = Field(max_length=MAX_BATCH)
+
+
+class AlgorithmConfig(BaseModel):
+    """An algorithm as the reference's services describe it (other fields are ignored)."""
+
+    name: str
+    key: str
+    task_type: str | None = None
+
+
+class PipelineConfig(BaseModel):
+    name: str
+    slug: str
+    algorithms: list[AlgorithmConfig] = Field(default_factory=list)
+
+
+class RegistrationRequest(BaseModel):
+    processing_service_name: str
+    pipelines: list[PipelineConfig] = Field(default_factory=list, max_length=100)
+
+
+#: jetpipe has one project until jobs carry projects: every service token may use it.
+DEFAULT_PROJECT = {"id": 1, "name": "default"}
 
 
 class _ResultItem(msgspec.Struct):
@@ -99,23 +131,51 @@ def _check_replies(job_id: int, replies: list[str]) -> None:
 @with_db
 def service_jobs(request: Request, ids_only: bool = False, incomplete_only: bool = False,
                  pipeline__slug__in: str | None = Query(default=None, description="slugs, comma-separated"),
+                 dispatch_mode: DispatchMode = Query(default=DispatchMode.ASYNC_API,
+                                                     description="only async_api jobs have tasks for services"),
                  limit: int = Query(default=100, ge=1, le=1000), offset: int = Query(default=0, ge=0),
                  _: Principal = SERVICE) -> dict:
-    query = (Job.select(Job, Pipeline).join(Pipeline).where(Job.dispatch_mode == DispatchMode.ASYNC_API)
-             .order_by(Job.id))
+    query = (Job.select(Job, Pipeline).join(Pipeline).where(Job.dispatch_mode == dispatch_mode)
+             .where(Job.dispatch_mode == DispatchMode.ASYNC_API).order_by(Job.id))
     if incomplete_only:
         query = query.where(Job.status.in_((JobStatus.CREATED, JobStatus.PENDING, JobStatus.STARTED)))
     if pipeline__slug__in:
         query = query.where(Pipeline.slug.in_([s.strip() for s in pipeline__slug__in.split(",") if s.strip()]))
     count = query.count()
     rows = list(query.limit(limit).offset(offset))
-    results = [{"id": j.id} if ids_only else {"id": j.id, "status": j.status, "pipeline": j.pipeline.slug,
-                                              "dispatch_mode": j.dispatch_mode, "total_images": j.total_images}
-               for j in rows]
+    # the reference's minimal job: id and pipeline_slug (its worker takes the slug from here)
+    results = [{"id": j.id, "pipeline_slug": j.pipeline.slug} if ids_only else {
+        "id": j.id, "pipeline_slug": j.pipeline.slug, "status": j.status, "pipeline": j.pipeline.slug,
+        "dispatch_mode": j.dispatch_mode, "total_images": j.total_images} for j in rows]
     more = offset + len(rows) < count
     base = str(request.url.remove_query_params(["offset"]))
     return {"count": count, "next": f"{base}{'&' if '?' in base else '?'}offset={offset + limit}" if more else None,
             "previous": None, "results": results}
+
+
+@router.get("/projects/", summary="The projects this token may use (jetpipe has one, `default`)")
+def service_projects(_: Principal = SERVICE) -> dict:
+    return {"count": 1, "next": None, "previous": None, "results": [DEFAULT_PROJECT]}
+
+
+@router.post("/projects/{project_id}/pipelines/",
+             summary="Register the pipelines of the calling service (`ami worker register`)")
+@with_db
+def register_service_pipelines(project_id: int, body: RegistrationRequest, who: Principal = SERVICE) -> dict:
+    """A service registers or updates its own pipelines; one registered by another service or by an
+    operator is refused (403) and nothing of the request is registered."""
+    if project_id != DEFAULT_PROJECT["id"]:
+        raise NotFound(f"no project {project_id} (jetpipe has one project, id {DEFAULT_PROJECT['id']})")
+    specs = [decode_pipeline_spec(json.dumps({"slug": p.slug, "name": p.name, "algorithms": [
+        {"key": a.key, "name": a.name, "task_type": a.task_type or "unknown"} for a in p.algorithms]}).encode(),
+        source=f"pipeline {p.slug!r}") for p in body.pipelines]
+    created, updated = [], []
+    with models.database.atomic():  # all of them or none
+        for spec in specs:
+            (created if register_pipeline(spec, service=who.name) else updated).append(spec.slug)
+    log.info("gateway: service %s (%s) registered pipelines %s, updated %s", who.name,
+             body.processing_service_name[:100], created, updated)
+    return {"pipelines_created": created, "pipelines_updated": updated, "processing_service_id": None}
 
 
 @router.post("/jobs/{job_id}/tasks/", summary="Reserve up to batch_size tasks (each leased for ack_wait)")
@@ -132,7 +192,36 @@ def reserve_tasks(job_id: int, body: TasksRequest, request: Request, who: Princi
     if reserved:
         log.info("job=%s gateway: %s reserved %s of %s task(s)", job_id, who.name, len(reserved), body.batch_size)
     _seen(runtime, who, job, reserved=len(reserved))
-    return {"tasks": [r.as_task() for r in reserved]}
+    return {"tasks": [r.as_task() for r in _reachable(request, runtime, job_id, reserved)]}
+
+
+def _reachable(request: Request, runtime, job_id: int, reserved: list[Reserved]) -> list[Reserved]:
+    """The tasks with their local images (file://) as signed links to this server, unless the operator
+    chose to hand out paths (PIPELINE_WEB_LOCAL_IMAGES=file)."""
+    settings = runtime.settings
+    local = [r for r in reserved if r.image_url.startswith("file://")]
+    if not local or settings.web_local_images == "file":
+        return reserved
+    key = image_links.secret(runtime.redis)
+    base = settings.web_public_url or str(request.base_url)
+    lifetime = settings.nats_task_ttr * settings.nats_max_deliver + image_links.MARGIN_S
+    return [dataclasses.replace(r, image_url=image_links.link(key, base, job_id, r.image_id, lifetime))
+            if r.image_url.startswith("file://") else r for r in reserved]
+
+
+@router.get("/images/{job_id}/{image_id}", summary="A job's local image, through a signed link from its task",
+            response_class=FileResponse)
+@with_db
+def local_image(job_id: int, image_id: int, request: Request, expires: int = Query(), signature: str = Query()):
+    image_links.check(image_links.secret(runtime_of(request).redis), job_id, str(image_id), expires, signature)
+    row = (JobImage.select(SourceImage.url).join(SourceImage)
+           .where((JobImage.job == job_id) & (JobImage.image == image_id)).tuples().get_or_none())
+    if row is None:
+        raise NotFound(f"image {image_id} is not part of job {job_id}")
+    path = image_links.local_path(row[0])
+    if not os.path.isfile(path):
+        raise NotFound(f"the file of image {image_id} is gone")  # never which path: a service may not learn it
+    return FileResponse(path, media_type=mimetypes.guess_type(path)[0] or "application/octet-stream")
 
 
 @router.post("/jobs/{job_id}/tasks/in_progress/", summary="Extend the lease of reserved tasks (+WPI)")
@@ -167,11 +256,13 @@ def _accept(request: Request, who: Principal, job_id: int, items: list[tuple[str
     job = _job(job_id, running=True)
     _check_replies(job_id, [reply for reply, _ in items])
     runtime = runtime_of(request)
-    runtime.runner.run(gateway_of(request).publish_results(job_id, items), timeout=LOOP_TIMEOUT_S)
+    seqs = runtime.runner.run(gateway_of(request).publish_results(job_id, items), timeout=LOOP_TIMEOUT_S)
     log.info("job=%s gateway: %s returned %s result(s)", job_id, who.name, len(items))
     _seen(runtime, who, job, returned=len(items))
+    # task_id: where the result waits in PIPELINE_RESULTS (the reference gives its Celery task's id)
     return {"status": "accepted", "job_id": job_id, "results_queued": len(items),
-            "tasks": [{"reply_subject": reply, "status": "queued"} for reply, _ in items]}
+            "tasks": [{"reply_subject": reply, "status": "queued", "task_id": f"{names.RESULTS_STREAM}:{seq}"}
+                      for (reply, _), seq in zip(items, seqs, strict=True)]}
 
 
 async def _read_limited(request: Request, limit: int) -> bytes:

@@ -1,0 +1,58 @@
+"""Signed, expiring links to local image files, so processing services on other machines can read the
+images of jobs made from local folders (`--images-dir`, paths): the gateway hands out
+`<base>/api/v2/images/<job>/<image>?expires=<unix time>&signature=<hmac>` instead of `file://…`.
+
+A link opens one image of one job, and nothing else: the file served is the one the job's image row names
+(no path comes from the request), and the signature (HMAC-SHA256 over job, image and expiry, with a secret
+kept in Redis and shared by every web process) cannot be made without the secret. A link lives as long as
+its task can be redelivered: ack_wait × max_deliver, plus a margin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from urllib.parse import unquote, urlencode, urlsplit
+
+import redis
+
+from pipeline import names
+from pipeline.errors import Forbidden, NotFound
+
+#: Seconds a link outlives its task's last possible delivery.
+MARGIN_S = 300
+
+
+def secret(client: redis.Redis) -> bytes:
+    """The links' signing secret: made once, kept in Redis for every web process."""
+    client.set(names.IMAGE_LINK_SECRET_KEY, secrets.token_hex(32), nx=True)
+    value = client.get(names.IMAGE_LINK_SECRET_KEY)
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def _signature(key: bytes, job_id: int, image_id: str, expires: int) -> str:
+    return hmac.new(key, f"{job_id}:{image_id}:{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+def link(key: bytes, base_url: str, job_id: int, image_id: str, lifetime_s: float) -> str:
+    expires = int(time.time() + lifetime_s)
+    query = urlencode({"expires": expires, "signature": _signature(key, job_id, image_id, expires)})
+    return f"{base_url.rstrip('/')}/api/v2/images/{job_id}/{image_id}?{query}"
+
+
+def check(key: bytes, job_id: int, image_id: str, expires: int, signature: str) -> None:
+    """Raises Forbidden unless the link is jetpipe's and has not expired."""
+    if not hmac.compare_digest(_signature(key, job_id, image_id, expires), signature):
+        raise Forbidden("this image link is not valid")
+    if expires < time.time():
+        raise Forbidden("this image link has expired; the task's next delivery carries a new one")
+
+
+def local_path(url: str) -> str:
+    """The file a `file://` image URL names; NotFound for any other URL."""
+    parts = urlsplit(url)
+    if parts.scheme != "file":
+        raise NotFound("this image is not a local file")
+    return unquote(parts.path)
