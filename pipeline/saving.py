@@ -27,7 +27,17 @@ import logging
 import threading
 import time
 
-from models import Job, JobStatus, ResultInbox, execute_in, is_unstorable, select_in, utcnow, write_transaction
+from models import (
+    Job,
+    JobStatus,
+    ResultInbox,
+    SchemaMissing,
+    execute_in,
+    is_unstorable,
+    select_in,
+    utcnow,
+    write_transaction,
+)
 from pipeline import inbox, names, progress, unsaved
 from pipeline.crashpoints import crash_point
 from pipeline.errors import BadResult, TransientError
@@ -153,7 +163,7 @@ def drain_step(runtime: Runtime, job_id: int, *, limit: int = DRAIN_MESSAGES) ->
     except StepFailed:
         raise
     except Exception as exc:
-        if is_outage(exc):
+        if is_outage(exc) or isinstance(exc, SchemaMissing):  # not this message's fault: waited out
             raise
         raise StepFailed([e[0] for e in entries], exc) from exc
 

@@ -18,6 +18,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.conftest import kill_group
+
 #: Why cross-host tests cannot run here, or None if they can.
 UNAVAILABLE: str | None = None
 if os.geteuid() != 0:
@@ -70,14 +72,6 @@ class Host:
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), signal.SIGKILL)
             time.sleep(0.1)
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 class Lab:
