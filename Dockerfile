@@ -9,5 +9,9 @@ COPY actors ./actors
 COPY cli.py ./
 COPY examples ./examples
 # the plain install: no [embedded] nats-server/redis-server binaries (the stack brings its own servers)
-RUN pip install .
+# no process of jetpipe's needs root; /data/images (the compose stack's images volume, which a new volume
+# takes its owner from) is the one place it writes
+RUN pip install . && useradd --system --uid 10001 --home-dir /app jetpipe \
+    && mkdir -p /data/images && chown jetpipe /data/images
+USER jetpipe
 CMD ["python", "cli.py", "--help"]

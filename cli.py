@@ -335,7 +335,7 @@ def logs(job_id: int, follow: bool, as_json: bool) -> None:
                 click.echo(json.dumps({"at": line.created_at.isoformat(), "level": line.level,
                                        "message": line.message}))
             else:
-                click.echo(f"{line.created_at:%Y-%m-%d %H:%M:%S} {line.level:<7} {plain(line.message)}")
+                click.echo(f"{line.created_at:%Y-%m-%d %H:%M:%S} {line.level:<7} {plain(line.message, one_line=True)}")
         if not follow or get_job(job_id).status in JobStatus.TERMINAL:
             return
         time.sleep(0.5)

@@ -100,9 +100,29 @@ def _jsonl(job: Job) -> Iterator[str]:
         yield json.dumps(image, ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
+#: A cell starting with one of these is a formula to a spreadsheet (CSV injection: `=HYPERLINK(…)`,
+#: `=cmd|…`): such text from a processing service is written with a leading apostrophe, which spreadsheets
+#: show as text. Numbers are written as they are; JSON lines keep every value exact.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: object) -> object:
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
+class _SafeWriter:
+    """csv.writer whose text cells can never run as spreadsheet formulas."""
+
+    def __init__(self, buffer: io.StringIO):
+        self._writer = csv.writer(buffer, lineterminator="\n")
+
+    def writerow(self, row: list) -> None:
+        self._writer.writerow([_cell(value) for value in row])
+
+
 def _csv(job: Job) -> Iterator[str]:
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = _SafeWriter(buffer)
     writer.writerow(CSV_COLUMNS)
     yield buffer.getvalue()
     buffer.seek(0)

@@ -97,12 +97,14 @@ def failed_images(job_id: int, limit: int = 20, *, after_image: int = 0) -> list
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_ANY_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-def plain(text: object) -> str:
+def plain(text: object, *, one_line: bool = False) -> str:
     """`text` with control characters (terminal escape sequences among them) spelled out, e.g. `\\x1b`:
-    text from processing services and job names reaches people's terminals as it is written, inert."""
-    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(text))
+    text from processing services and job names reaches people's terminals as it is written, inert. With
+    `one_line`, newlines and tabs are spelled out too (a log line a service's text cannot split or forge)."""
+    return (_ANY_CONTROL if one_line else _CONTROL).sub(lambda m: repr(m.group())[1:-1], str(text))
 
 
 def literal(text: object) -> Text:

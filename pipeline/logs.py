@@ -37,6 +37,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class OneLine(logging.Filter):
+    """Spells out control characters in a record's message (`\\n`, `\\r`, `\\x1b`): text from a processing
+    service (an error, a taxon) can neither split a log line, forge another, nor drive a terminal. A
+    traceback, which is not part of the message, keeps its lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if _CONTROL.search(message):
+            record.msg, record.args = _CONTROL.sub(lambda m: repr(m.group())[1:-1], message), None
+        return True
+
+
 def configure(settings: Settings, *, level: int | str | None = None) -> None:
     """Set the root logger's level and format. Handlers that exist (a Dramatiq worker process logs
     through a pipe to its master) keep their destination and get the format; else one goes to stderr."""
@@ -46,6 +61,9 @@ def configure(settings: Settings, *, level: int | str | None = None) -> None:
         root.addHandler(logging.StreamHandler(sys.stderr))
         if settings.log_format == "text":
             root.handlers[0].setFormatter(logging.Formatter(TEXT_FORMAT))
+    for handler in root.handlers:
+        if not any(isinstance(f, OneLine) for f in handler.filters):
+            handler.addFilter(OneLine())
     if settings.log_format == "json":
         for handler in root.handlers:
             handler.setFormatter(JsonFormatter())

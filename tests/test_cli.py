@@ -251,3 +251,27 @@ def test_up_and_down_say_where_things_are_and_down_names_processes_still_using_t
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
     assert "no stack is up" in cli_here("down").stdout
+
+
+def test_a_services_text_cannot_split_or_forge_a_line_of_the_job_log(cli, runtime, moth_pipeline):
+    """A newline or an escape sequence in a processing service's error is spelled out in `cli.py logs`,
+    and in the process's own log lines, never written raw."""
+    import logging
+
+    from pipeline import logs
+    from pipeline.saving import handle_result_message
+    from tests.helpers import dispatch, error_body, fake_job, pull_tasks
+
+    job = fake_job(moth_pipeline, 1)
+    dispatch(runtime, job.id)
+    [(task, reply)] = pull_tasks(runtime, job.id, 1)
+    forged = "lens cap\n2026-12-06 06:00:00 ERROR   job finished SUCCESS\r\x1b[2J"
+    handle_result_message(runtime, job.id, error_body(task.image_id, forged), reply)
+    out = cli("logs", str(job.id), PIPELINE_DATABASE_URL=runtime.settings.database_url).stdout
+    assert "\x1b" not in out and "\r" not in out
+    assert not any(line.startswith("2026-12-06 06:00:00") for line in out.splitlines())
+    assert "lens cap\\n2026-12-06 06:00:00 ERROR   job finished SUCCESS\\r\\x1b[2J" in out
+    # the process's own log: one line per record, whatever the message holds
+    record = logging.LogRecord("pipeline.job", logging.WARNING, __file__, 1, "job=%s image failed: %s",
+                               (job.id, forged), None)
+    assert logs.OneLine().filter(record) and "\n" not in record.getMessage() and "\x1b" not in record.getMessage()

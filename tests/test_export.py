@@ -118,3 +118,28 @@ def test_a_million_detections_export_in_constant_memory(db_url, moth_pipeline, t
         assert sum(1 for _ in handle) == 1 + images * per_image
     print(f"peak {peak_mb:.0f} MB")
     assert peak_mb < 120, f"peak RSS {peak_mb:.0f} MB"  # (the CLI alone takes ~40 MB; all the rows, ~1 GB)
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_written_as_text_and_jsonl_stays_exact(runtime, moth_pipeline):
+    # Given results whose taxon, crop URL and failure reason, from a service, are spreadsheet formulas
+    job = fake_job(moth_pipeline, 2)
+    dispatch(runtime, job.id)
+    (task, reply), (other, other_reply) = pull_tasks(runtime, job.id, 2)
+    body = json.loads(success_body(task, boxes=1))
+    body["detections"][0]["classifications"][0]["taxon"] = '=HYPERLINK("http://evil.example","click")'
+    body["detections"][0]["crop_image_url"] = "=cmd|' /C calc'!A0"
+    handle_result_message(runtime, job.id, json.dumps(body).encode(), reply)
+    handle_result_message(runtime, job.id, error_body(other.image_id, "@SUM(1+1)*cmd|' /C calc'!A0"), other_reply)
+    # When exported as CSV, no cell starts a formula: each is text, behind an apostrophe
+    rows = list(csv.DictReader(io.StringIO("".join(export(job.id, "csv")))))
+    formulas = [v for row in rows for v in row.values() if v and v[0] in "=+-@\t\r"]
+    assert formulas == []
+    [detected] = [r for r in rows if r["detector"]]
+    assert detected["taxon"] == '\'=HYPERLINK("http://evil.example","click")'
+    assert detected["crop_url"] == "'=cmd|' /C calc'!A0"
+    [failed] = [r for r in rows if r["image_status"] == "failed"]
+    assert failed["error"].startswith("processing service error: @SUM")  # not at the start of the cell
+    # And the JSON lines keep every value as the service sent it
+    lines = [json.loads(line) for line in "".join(export(job.id, "jsonl")).splitlines()]
+    taxa = [c["taxon"] for image in lines for d in image["detections"] for c in d["classifications"]]
+    assert taxa == ['=HYPERLINK("http://evil.example","click")']

@@ -187,3 +187,10 @@ def test_a_bug_is_a_json_500_without_its_details(web, monkeypatch, caplog):
     response = web.get("/api/v1/pipelines", headers=bearer("vic"))
     assert (response.status_code, response.json()) == (500, {"error": "internal error (see the server's log)"})
     assert "secret internals" not in response.text and "secret internals" in caplog.text
+
+
+def test_every_answer_carries_the_security_headers(web):
+    for path in ("/", "/api/v1/health", "/api/v1/jobs/4242", "/static/style.css"):
+        headers = web.get(path).headers
+        assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff", path
+        assert "frame-ancestors 'none'" in headers["content-security-policy"], path

@@ -26,6 +26,11 @@ from pipeline.web.deps import LoginRequired
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
+#: On every answer: no page of jetpipe's may be framed by another site (clickjacking), no answer sniffed
+#: into another type, no address leaked to other sites through the Referer header.
+SECURITY_HEADERS = {"X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
+                    "Referrer-Policy": "same-origin",
+                    "Content-Security-Policy": "frame-ancestors 'none'; base-uri 'self'; form-action 'self'"}
 
 
 def _status_of(exc: BaseException) -> int:
@@ -65,6 +70,13 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
                   docs_url="/api/docs", redoc_url=None, openapi_url="/api/v1/openapi.json", lifespan=lifespan)
     app.state.settings = settings
     app.state.tokens = tokens
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
 
     def the_runtime() -> Runtime:
         with lock:
