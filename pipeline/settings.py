@@ -80,7 +80,8 @@ OPTIONS: dict[str, Option] = {
                          "operator or service); none: it listens on 127.0.0.1 only"),
     "web_tokens_file": Option("PIPELINE_WEB_TOKENS_FILE", "", "a file of name:role:token lines, the same"),
     "web_max_body_mb": Option("PIPELINE_WEB_MAX_BODY_MB", "32",
-                              "largest request body the HTTP gateway accepts (results of a batch), in MiB"),
+                              "largest request body the web server accepts (a batch of results, a file of "
+                              "URLs, any write), in MiB: 413 above it, before it is read"),
     "web_public_url": Option("PIPELINE_WEB_PUBLIC_URL", "",
                              "the web server's address as processing services reach it (behind a proxy: "
                              "https://jetpipe.example); empty: the address each request came to"),

@@ -194,3 +194,38 @@ def test_every_answer_carries_the_security_headers(web):
         headers = web.get(path).headers
         assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff", path
         assert "frame-ancestors 'none'" in headers["content-security-policy"], path
+
+
+def _first_answer(url: str, request: bytes, timeout_s: float = 5.0) -> str:
+    """The status line the server sends back to `request` (headers only: the body is never sent), or ''
+    if it waits for the body instead of answering."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout_s) as sock:
+        sock.sendall(request)
+        try:
+            return sock.recv(200).decode("latin-1").split("\r\n", 1)[0]
+        except TimeoutError:
+            return ""
+
+
+def test_a_write_is_refused_before_its_body_is_read(web):
+    """300 MB announced by someone without credentials: 401 at once, before a byte of the body; a body over
+    the limit, with credentials: 413 at once. (Before: the server read it all, then answered.)"""
+    huge = 300 * 1024 * 1024
+    anonymous = (f"POST /api/v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {huge // 1000}\r\n\r\n").encode()  # under the limit: the 401 is auth's
+    assert _first_answer(str(web.base_url), anonymous) == "HTTP/1.1 401 Unauthorized"
+    token = bearer("ada")["Authorization"]
+    oversized = (f"POST /api/v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {token}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {huge}\r\n\r\n").encode()
+    assert _first_answer(str(web.base_url), oversized) == "HTTP/1.1 413 Request Entity Too Large"
+    # streamed without a length, it is cut off as it grows past the limit
+    def chunks():
+        for _ in range(40):
+            yield b"x" * (1024 * 1024)
+
+    streamed = web.post("/api/v1/jobs", content=chunks(), headers={**bearer("ada"), "Content-Type": "application/json"})
+    assert streamed.status_code == 413 and "PIPELINE_WEB_MAX_BODY_MB" in streamed.json()["error"]

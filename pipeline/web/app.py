@@ -23,6 +23,7 @@ from pipeline.settings import Settings, redact_text
 from pipeline.web import api, gateway_api, pages
 from pipeline.web.auth import Tokens
 from pipeline.web.deps import LoginRequired
+from pipeline.web.guard import BodyGuard
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
@@ -70,6 +71,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
                   docs_url="/api/docs", redoc_url=None, openapi_url="/api/v1/openapi.json", lifespan=lifespan)
     app.state.settings = settings
     app.state.tokens = tokens
+
+    app.add_middleware(BodyGuard, tokens=tokens, limit_bytes=int(settings.web_max_body_mb * 1024 * 1024))
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
