@@ -229,3 +229,20 @@ def test_a_write_is_refused_before_its_body_is_read(web):
 
     streamed = web.post("/api/v1/jobs", content=chunks(), headers={**bearer("ada"), "Content-Type": "application/json"})
     assert streamed.status_code == 413 and "PIPELINE_WEB_MAX_BODY_MB" in streamed.json()["error"]
+
+
+def test_an_api_write_with_the_login_cookie_needs_the_csrf_value(web, runtime, moth_pipeline):
+    """Row 10: with tokens, an API write authenticated by the session cookie alone (what a browser sends to
+    any site's request) is refused without the CSRF value; a token, or the cookie with it, is fine."""
+    from pipeline.web.auth import CSRF_COOKIE, SESSION_COOKIE, Principal, Tokens
+
+    job = fake_job(moth_pipeline, 1)
+    tokens = Tokens.from_settings(runtime.settings.with_overrides(web_tokens=TOKENS_SETTING))
+    session = tokens.session_cookie(Principal("ada", "operator"))  # what the login form sets
+    cookies = {SESSION_COOKIE: session, CSRF_COOKIE: "a-csrf-value-of-this-browser"}
+    refused = httpx.post(f"{web.base_url}/api/v1/jobs/{job.id}/cancel", cookies=cookies, timeout=10)
+    assert refused.status_code == 403 and "X-CSRF-Token" in refused.json()["error"]
+    assert Job.get_by_id(job.id).status != JobStatus.REVOKED
+    done = httpx.post(f"{web.base_url}/api/v1/jobs/{job.id}/cancel", cookies=cookies, timeout=10,
+                      headers={"X-CSRF-Token": "a-csrf-value-of-this-browser"})
+    assert done.status_code == 200, done.text

@@ -234,3 +234,38 @@ def test_demo_web_keeps_the_dashboard_up_with_the_demo_job_until_ctrl_c(tmp_path
         os.killpg(proc.pid, signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, "".join(lines) + rest
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_page_on_another_local_origin_cannot_write_to_a_server_without_tokens(page, web, runtime, moth_pipeline,
+                                                                                tmp_path):
+    """Row 3 of the security review: in loopback mode a page served from another port of this machine
+    cancelled a job and registered a pipeline (no Origin check, any content type, any Host). Now the
+    browser's cross-origin writes are refused, whatever the kind of body, and nothing changes."""
+    import http.server
+    import threading
+
+    job = fake_job(moth_pipeline, 2)
+    dispatch(runtime, job.id)
+    attack = (f'<form id="f" method="post" action="{web.url}/api/v1/jobs/{job.id}/cancel"></form>'
+              f"<script>fetch('{web.url}/api/v1/pipelines', {{method: 'POST', mode: 'no-cors', "
+              "headers: {'Content-Type': 'text/plain'}, body: JSON.stringify({slug: 'evil', name: 'E', "
+              "algorithms: [{key: 'd', name: 'D', task_type: 'detection'}]})})"
+              ".finally(() => document.getElementById('f').submit());</script>")
+    (tmp_path / "attack.html").write_text(attack)
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        page.goto(f"http://127.0.0.1:{other.server_address[1]}/attack.html")
+        page.wait_for_url(f"{web.url}/api/v1/jobs/{job.id}/cancel", timeout=10_000)  # the form went
+        assert "from another origin" in page.content()
+    finally:
+        other.shutdown()
+    assert Job.get_by_id(job.id).status == JobStatus.STARTED
+    from models import Pipeline
+
+    assert not Pipeline.select().where(Pipeline.slug == "evil").exists()
+    # DNS rebinding: a name that is not this machine's loopback reaches nothing, reads included
+    rebound = httpx.get(f"{web.url}/api/v1/jobs", headers={"Host": f"evil.example:{web.port}"}, timeout=10)
+    assert rebound.status_code == 400 and "is not this server" in rebound.json()["error"]

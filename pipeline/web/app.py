@@ -72,7 +72,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
     app.state.settings = settings
     app.state.tokens = tokens
 
-    app.add_middleware(BodyGuard, tokens=tokens, limit_bytes=int(settings.web_max_body_mb * 1024 * 1024))
+    app.add_middleware(BodyGuard, tokens=tokens, limit_bytes=int(settings.web_max_body_mb * 1024 * 1024),
+                       public_url=settings.web_public_url)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):

@@ -1,7 +1,14 @@
-"""Checks made before a request's body is read: a write without credentials is refused (401, or the login
-form for a page), and a body larger than PIPELINE_WEB_MAX_BODY_MB is refused (413) as soon as it says so
-or grows past it. Without them, anyone who reached the server could make it read (and keep in memory, or
-spool to disk) hundreds of megabytes before being told they may not."""
+"""Checks made before a request's body is read:
+
+- in loopback mode (no tokens), the `Host` header must name this machine's loopback: a page elsewhere
+  that rebinds its own name to 127.0.0.1 (DNS rebinding) reaches nothing;
+- a write that a browser sends from another origin (its `Origin` header names another host) is refused,
+  and an API write must be JSON (or a multipart upload): the kinds of body a page on another site can
+  post without the browser asking first are refused;
+- an API write authenticated by the login cookie alone must carry the CSRF value in `X-CSRF-Token`;
+- a write without credentials is refused (401, or the login form for a page), and a body larger than
+  PIPELINE_WEB_MAX_BODY_MB is refused (413) as soon as it says so or grows past it. Without this, anyone
+  who reached the server could make it read (and keep, or spool to disk) hundreds of megabytes first."""
 
 from __future__ import annotations
 
@@ -12,48 +19,102 @@ from fastapi import HTTPException
 from starlette.responses import JSONResponse, RedirectResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipeline.web.auth import SESSION_COOKIE, Tokens
+from pipeline.web.auth import CSRF_COOKIE, SESSION_COOKIE, Tokens, csrf_ok
 
 #: Writes that need no credentials: the login form carries the token itself.
 OPEN_WRITES = ("/login",)
 READS = ("GET", "HEAD", "OPTIONS")
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+API_BODY_TYPES = ("application/json", "multipart/form-data")
+
+
+def _hostname(host: str) -> str:
+    """The name in a Host header, without its port ("[::1]:8080" -> "::1")."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _authority(origin: str) -> str:
+    """host[:port] of an Origin header ("http://127.0.0.1:8080" -> "127.0.0.1:8080")."""
+    return origin.strip().lower().split("://", 1)[-1].rstrip("/")
+
+
+def _cookies(headers: dict[str, str]) -> dict[str, str]:
+    cookie = SimpleCookie()
+    try:
+        cookie.load(headers.get("cookie", ""))
+    except Exception:  # noqa: BLE001 - an unreadable cookie header carries nothing
+        return {}
+    return {name: morsel.value for name, morsel in cookie.items()}
 
 
 class BodyGuard:
-    def __init__(self, app: ASGIApp, *, tokens: Tokens, limit_bytes: int):
+    def __init__(self, app: ASGIApp, *, tokens: Tokens, limit_bytes: int, public_url: str = ""):
         self.app = app
         self.tokens = tokens
         self.limit = limit_bytes
+        self.public = _authority(public_url) if public_url else None
+
+    def _own(self, host: str, headers: dict[str, str]) -> set[str]:
+        """The authorities this server answers as: its Host, a proxy's X-Forwarded-Host, the public URL."""
+        own = {host.strip().lower(), headers.get("x-forwarded-host", "").strip().lower()}
+        return own | ({self.public} if self.public else set())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in READS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         path = scope["path"]
+        host = headers.get("host", "")
+        if self.tokens.open and _hostname(host) not in LOOPBACK_NAMES:
+            await self._refuse(scope, receive, send, 400, f"Host {host[:100]!r} is not this server: without "
+                               "tokens it answers to 127.0.0.1 and localhost only")
+            return
+        if scope["method"] in READS:
+            await self.app(scope, receive, send)
+            return
+        origin = headers.get("origin")
+        if origin is not None and _authority(origin) not in self._own(host, headers):
+            await self._refuse(scope, receive, send, 403, f"a write from another origin ({origin[:100]}) is refused")
+            return
+        by = None if self.tokens.open else self._credential(headers)
+        kind = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        has_body = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
+        # a browser can send these kinds of body to another site unasked: only a token (which no other site
+        # can make a browser send) may write to the API without JSON
+        if path.startswith("/api/") and has_body and kind not in API_BODY_TYPES and by != "token":
+            await self._refuse(scope, receive, send, 415, "an API write must be JSON (Content-Type: "
+                               "application/json) or a multipart upload")
+            return
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.limit:
             await self._refuse(scope, receive, send, 413, f"request body of {declared} bytes is over the "
                                f"{self.limit}-byte limit (PIPELINE_WEB_MAX_BODY_MB)")
             return
-        if not self.tokens.open and path not in OPEN_WRITES and not self._known(headers):
-            if path.startswith("/api/"):
-                await self._refuse(scope, receive, send, 401, "authentication required: send "
-                                   "Authorization: Bearer <token>")
-            else:
-                await RedirectResponse(f"/login?next={quote(path)}", status_code=303)(scope, receive, send)
-            return
+        if not self.tokens.open and path not in OPEN_WRITES:
+            if by is None:
+                if path.startswith("/api/"):
+                    await self._refuse(scope, receive, send, 401, "authentication required: send "
+                                       "Authorization: Bearer <token>")
+                else:
+                    await RedirectResponse(f"/login?next={quote(path)}", status_code=303)(scope, receive, send)
+                return
+            if by == "cookie" and path.startswith("/api/") and not csrf_ok(
+                    _cookies(headers).get(CSRF_COOKIE), headers.get("x-csrf-token")):
+                await self._refuse(scope, receive, send, 403, "an API write made with the login cookie needs "
+                                   "the CSRF value in X-CSRF-Token (or use Authorization: Bearer <token>)")
+                return
         await self.app(scope, self._counted(receive), send)
 
-    def _known(self, headers: dict[str, str]) -> bool:
+    def _credential(self, headers: dict[str, str]) -> str | None:
+        """How the request is authenticated: "token", "cookie", or None."""
         if self.tokens.from_header(headers.get("authorization")) is not None:
-            return True
-        cookie = SimpleCookie()
-        try:
-            cookie.load(headers.get("cookie", ""))
-        except Exception:  # noqa: BLE001 - an unreadable cookie header is no credential
-            return False
-        return SESSION_COOKIE in cookie and self.tokens.from_cookie(cookie[SESSION_COOKIE].value) is not None
+            return "token"
+        session = _cookies(headers).get(SESSION_COOKIE)
+        return "cookie" if session and self.tokens.from_cookie(session) is not None else None
 
     def _counted(self, receive: Receive) -> Receive:
         seen = 0
