@@ -22,6 +22,10 @@ class NotFound(UserInputError):
     """No such object."""
 
 
+class TooLarge(UserInputError):
+    """The request is larger than jetpipe accepts (answered 413)."""
+
+
 class Forbidden(UserInputError):
     """The caller may not do this (a service changing another service's pipeline)."""
 

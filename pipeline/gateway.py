@@ -25,7 +25,7 @@ import nats.errors
 import nats.js.errors
 
 from pipeline import names
-from pipeline.errors import TransientError
+from pipeline.errors import TooLarge, TransientError
 from pipeline.schemas import decode_task
 from pipeline.taskqueue import NATS_FAILURES, TaskQueue, no_responders, take_waiting
 
@@ -130,6 +130,11 @@ class Gateway:
         the results stream; their sequences in it. TransientError if it cannot be reached or does not
         confirm them all."""
         subject = names.result_subject(job_id)
+        limit = self.queue.nc.max_payload
+        over = [reply for reply, body in results if len(body) > limit]
+        if over:  # NATS cannot carry it: no retry can help
+            raise TooLarge(f"{len(over)} result(s) are larger than the {limit} bytes NATS carries in one message "
+                           "(max_payload); nothing of the request was published")
         try:
             answers = await self.queue.requests.send(
                 [(subject, body, {names.HDR_TASK_REPLY: reply}) for reply, body in results], timeout=PUBLISH_TIMEOUT_S)

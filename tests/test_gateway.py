@@ -447,3 +447,21 @@ def test_the_gateway_lets_go_of_an_ended_jobs_subscription(runtime, moth_pipelin
     wait_for(lambda: gateway.subscribed_jobs() == [other.id], timeout_s=10, message="the ended job to be let go")
     assert len(runtime.runner.run(gateway.reserve(other.id, 1), timeout=10)) == 1  # the other job is untouched
     runtime.runner.run(gateway.release_all(), timeout=10)
+
+
+def test_a_result_nats_cannot_carry_or_too_many_results_are_413_and_nothing_is_published(gateway, runtime,
+                                                                                       moth_pipeline):
+    """Row 12 of the security review: a result over NATS' max_payload answered 503 (retry!) although no
+    retry can help, and a request could carry any number of results."""
+    job = fake_job(moth_pipeline, 1)
+    dispatch(runtime, job.id)
+    [task] = gateway.post(f"/api/v2/jobs/{job.id}/tasks/", json={"batch_size": 1}).json()["tasks"]
+    big = answer_one_box({"image_id": task["image_id"], "image_url": "file:///x.png", "pipeline": moth_pipeline})
+    big["detections"][0]["classifications"][0]["labels"] = ["x" * 1000] * 2000  # ~2 MB > 1 MiB max_payload
+    over = gateway.post(f"/api/v2/jobs/{job.id}/result/", json={"results": [
+        {"reply_subject": task["reply_subject"], "result": big}]})
+    assert over.status_code == 413 and "max_payload" in over.json()["error"]
+    many = gateway.post(f"/api/v2/jobs/{job.id}/result/", json={"results": [
+        {"reply_subject": task["reply_subject"], "result": {"error": "x", "image_id": task["image_id"]}}] * 501})
+    assert many.status_code == 413 and "at most 500" in many.json()["error"]
+    assert _results_waiting(runtime) == 0

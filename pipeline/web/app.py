@@ -16,7 +16,15 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 import models
-from pipeline.errors import ConfigError, Forbidden, NotFound, PipelineError, TransientError, UserInputError
+from pipeline.errors import (
+    ConfigError,
+    Forbidden,
+    NotFound,
+    PipelineError,
+    TooLarge,
+    TransientError,
+    UserInputError,
+)
 from pipeline.readiness import readiness
 from pipeline.runtime import Runtime, get_runtime
 from pipeline.settings import Settings, redact_text
@@ -39,6 +47,8 @@ def _status_of(exc: BaseException) -> int:
         return 404
     if isinstance(exc, Forbidden):
         return 403
+    if isinstance(exc, TooLarge):
+        return 413
     if isinstance(exc, UserInputError):
         return 400
     if isinstance(exc, TransientError | redis.RedisError) or models.is_transient(exc):

@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 import models
 from models import DispatchMode, Job, JobImage, JobStatus, Pipeline, SourceImage, thread_connection
 from pipeline import names, presence
-from pipeline.errors import NotFound, UserInputError
+from pipeline.errors import NotFound, TooLarge, UserInputError
 from pipeline.gateway import Gateway, Reserved
 from pipeline.registry import register_pipeline
 from pipeline.schemas import decode_pipeline_spec
@@ -247,6 +247,8 @@ async def post_results(job_id: int, request: Request, who: Principal = SERVICE) 
             from None
     if not batch.results:
         raise UserInputError("results is empty")
+    if len(batch.results) > MAX_BATCH:
+        raise TooLarge(f"{len(batch.results)} results in one request; at most {MAX_BATCH}: send fewer per request")
     items = [(item.reply_subject, bytes(item.result)) for item in batch.results]
     return await run_in_threadpool(_accept, request, who, job_id, items)
 
