@@ -31,7 +31,7 @@ from pipeline.settings import Settings, redact_text
 from pipeline.web import api, gateway_api, pages
 from pipeline.web.auth import Tokens
 from pipeline.web.deps import LoginRequired
-from pipeline.web.guard import BodyGuard
+from pipeline.web.guard import BodyGuard, Throttle
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
@@ -82,8 +82,9 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
     app.state.settings = settings
     app.state.tokens = tokens
 
+    app.state.throttle = Throttle()
     app.add_middleware(BodyGuard, tokens=tokens, limit_bytes=int(settings.web_max_body_mb * 1024 * 1024),
-                       public_url=settings.web_public_url)
+                       throttle=app.state.throttle, public_url=settings.web_public_url)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):

@@ -12,6 +12,10 @@
 
 from __future__ import annotations
 
+import collections
+import logging
+import threading
+import time
 from http.cookies import SimpleCookie
 from urllib.parse import quote
 
@@ -20,6 +24,8 @@ from starlette.responses import JSONResponse, RedirectResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.web.auth import CSRF_COOKIE, SESSION_COOKIE, Tokens, csrf_ok
+
+log = logging.getLogger(__name__)
 
 #: Writes that need no credentials: the login form carries the token itself.
 OPEN_WRITES = ("/login",)
@@ -50,10 +56,45 @@ def _cookies(headers: dict[str, str]) -> dict[str, str]:
     return {name: morsel.value for name, morsel in cookie.items()}
 
 
+class Throttle:
+    """Failed authentications per client address: past LIMIT within WINDOW_S, the address is refused (429)
+    until its oldest failure leaves the window. Token guessing gets ten tries a minute, not hundreds a
+    second. Kept in this process's memory, for at most MAX_ADDRESSES addresses."""
+
+    LIMIT = 10
+    WINDOW_S = 60.0
+    MAX_ADDRESSES = 10_000
+
+    def __init__(self):
+        self._failures: dict[str, collections.deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def failed(self, address: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            failures = self._failures.setdefault(address, collections.deque(maxlen=self.LIMIT))
+            failures.append(now)
+            if len(failures) == self.LIMIT and now - failures[0] < self.WINDOW_S:
+                log.warning("web: %s failed to authenticate %s times in %.0f s; refused for up to %.0f s", address,
+                            self.LIMIT, now - failures[0], self.WINDOW_S)
+            if len(self._failures) > self.MAX_ADDRESSES:
+                self._failures.pop(next(iter(self._failures)))
+
+    def retry_after(self, address: str) -> int:
+        """Seconds until `address` may try again (0: now)."""
+        with self._lock:
+            failures = self._failures.get(address)
+            if not failures or len(failures) < self.LIMIT:
+                return 0
+            left = self.WINDOW_S - (time.monotonic() - failures[0])
+        return int(left) + 1 if left > 0 else 0
+
+
 class BodyGuard:
-    def __init__(self, app: ASGIApp, *, tokens: Tokens, limit_bytes: int, public_url: str = ""):
+    def __init__(self, app: ASGIApp, *, tokens: Tokens, limit_bytes: int, throttle: Throttle, public_url: str = ""):
         self.app = app
         self.tokens = tokens
+        self.throttle = throttle
         self.limit = limit_bytes
         self.public = _authority(public_url) if public_url else None
 
@@ -73,6 +114,15 @@ class BodyGuard:
             await self._refuse(scope, receive, send, 400, f"Host {host[:100]!r} is not this server: without "
                                "tokens it answers to 127.0.0.1 and localhost only")
             return
+        if not self.tokens.open:
+            address = (scope.get("client") or ("?", 0))[0]
+            wait = self.throttle.retry_after(address)
+            if wait:
+                await self._refuse(scope, receive, send, 429, f"too many failed authentications from {address}; "
+                                   f"try again in {wait} s", extra={"Retry-After": str(wait)})
+                return
+            if headers.get("authorization") and self.tokens.from_header(headers["authorization"]) is None:
+                self.throttle.failed(address)  # a token that is not one: a guess, or a typo
         if scope["method"] in READS:
             await self.app(scope, receive, send)
             return
@@ -130,6 +180,8 @@ class BodyGuard:
 
         return counted
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, message: str) -> None:
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, message: str, *,
+                      extra: dict[str, str] | None = None) -> None:
         body = {"error": message, **({"detail": message} if scope["path"].startswith("/api/v2/") else {})}
-        await JSONResponse(body, status_code=status, headers={"Connection": "close"})(scope, receive, send)
+        await JSONResponse(body, status_code=status, headers={"Connection": "close", **(extra or {})})(
+            scope, receive, send)

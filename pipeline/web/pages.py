@@ -79,6 +79,7 @@ async def login(request: Request):
     who = tokens.lookup(str(form.get("token", "")))
     target = _safe_next(str(form.get("next", "/")))
     if who is None or who.role == "service":
+        request.app.state.throttle.failed(request.client.host if request.client else "?")
         return render(request, "login.html", http_status=401, next=target, failed=True)
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(SESSION_COOKIE, tokens.session_cookie(who), max_age=SESSION_S, httponly=True,
