@@ -210,6 +210,15 @@ def service_presence_key(name: str) -> str:
     return f"{REDIS_PREFIX}:service:{name}"
 
 
+#: The web server's own secret signing login cookies (shared by its processes; tells nothing of the tokens).
+WEB_SESSION_SECRET_KEY = f"{REDIS_PREFIX}:web:session-secret"
+
+
+def web_session_revoked_key(session_id: str) -> str:
+    """Set when a login session is logged out; expires when the session would have."""
+    return f"{REDIS_PREFIX}:web:revoked:{session_id}"
+
+
 #: The secret signing the web server's links to local images (pipeline/web/image_links.py).
 IMAGE_LINK_SECRET_KEY = f"{REDIS_PREFIX}:web:image-link-secret"
 

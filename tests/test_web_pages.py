@@ -269,3 +269,40 @@ def test_a_page_on_another_local_origin_cannot_write_to_a_server_without_tokens(
     # DNS rebinding: a name that is not this machine's loopback reaches nothing, reads included
     rebound = httpx.get(f"{web.url}/api/v1/jobs", headers={"Host": f"evil.example:{web.port}"}, timeout=10)
     assert rebound.status_code == 400 and "is not this server" in rebound.json()["error"]
+
+
+def test_a_login_cookie_is_signed_with_a_server_secret_dies_at_logout_and_is_secure_over_https(settings, runtime):
+    """Row 8: the cookie's key was derived from the tokens alone (a cookie let its holder test token
+    guesses offline), a cookie still worked after logout, and it had no Secure flag behind https."""
+    import base64
+    import hashlib
+    import hmac
+    import re
+
+    server = WebServer(settings.with_overrides(web_tokens=TOKENS_SETTING), runtime).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=10, follow_redirects=False) as browser:
+            csrf = re.search(r'name="csrf" value="([^"]+)"', browser.get("/login").text).group(1)
+            behind_https = httpx.post(f"{server.url}/login", data={"token": TOKENS["ada"][1], "csrf": csrf},
+                                      cookies={"jetpipe_csrf": browser.cookies.get("jetpipe_csrf")},
+                                      headers={"X-Forwarded-Proto": "https"}, timeout=10)
+            assert behind_https.status_code == 303 and "secure" in behind_https.headers["set-cookie"].lower()
+            login = browser.post("/login", data={"token": TOKENS["ada"][1], "csrf": csrf, "next": "/"})
+            assert login.status_code == 303 and "secure" not in login.headers["set-cookie"].lower()
+            cookie = browser.cookies.get("jetpipe_session")
+            assert browser.get("/dlq").status_code == 200
+            # the old key, from the tokens alone, forges nothing
+            payload = f"ada:operator:{int(time.time()) + 3600}:x"
+            old_key = hashlib.sha256(b"jetpipe-web-session\0" + "\n".join(sorted(
+                t for _, t in TOKENS.values())).encode()).digest()
+            forged = (base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=") + "." + base64.urlsafe_b64encode(
+                hmac.new(old_key, payload.encode(), hashlib.sha256).digest()).decode().rstrip("="))
+            assert httpx.get(f"{server.url}/dlq", cookies={"jetpipe_session": forged}, timeout=10,
+                             follow_redirects=False).status_code == 303  # to the login form
+            # logging out kills the cookie on the server: a copy of it no longer works
+            assert browser.post("/logout", data={"csrf": csrf}).status_code == 303
+            replayed = httpx.get(f"{server.url}/dlq", cookies={"jetpipe_session": cookie}, timeout=10,
+                                 follow_redirects=False)
+            assert replayed.status_code == 303
+    finally:
+        server.stop()

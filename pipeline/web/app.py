@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import threading
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 import models
+from pipeline import names
 from pipeline.errors import (
     ConfigError,
     Forbidden,
@@ -25,6 +27,7 @@ from pipeline.errors import (
     TransientError,
     UserInputError,
 )
+from pipeline.jobstate import connect_redis
 from pipeline.readiness import readiness
 from pipeline.runtime import Runtime, get_runtime
 from pipeline.settings import Settings, redact_text
@@ -68,7 +71,7 @@ def _message(exc: BaseException) -> str:
 
 def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI:
     """The web application for `settings`. Tokens are read (and checked) here: bad ones raise ConfigError."""
-    tokens = Tokens.from_settings(settings)
+    tokens = Tokens.from_settings(settings, **_sessions(settings))
     lock = threading.Lock()
     made: list[Runtime] = [runtime] if runtime else []
 
@@ -147,6 +150,27 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     return app
+
+
+def _sessions(settings: Settings) -> dict:
+    """The login cookies' secret (made once, kept in Redis for every web process) and the check of
+    logged-out sessions. With Redis unreachable at start, a secret of this process alone (its cookies end
+    with it), and logouts are then checked when Redis answers again."""
+    client = connect_redis(settings.redis_url)
+
+    def revoked(session_id: str) -> bool:
+        try:
+            return bool(client.exists(names.web_session_revoked_key(session_id)))
+        except redis.RedisError:
+            return False  # the dashboard stays usable while Redis is down; logouts bind again when it is back
+
+    try:
+        client.set(names.WEB_SESSION_SECRET_KEY, secrets.token_hex(32), nx=True)
+        secret = client.get(names.WEB_SESSION_SECRET_KEY)
+    except redis.RedisError as exc:
+        log.warning("web: Redis unreachable (%s): login sessions are signed with this process's own secret", exc)
+        secret = None
+    return {"secret": secret if isinstance(secret, bytes) or secret is None else secret.encode(), "revoked": revoked}
 
 
 def _release_reserved(app: FastAPI, made: list[Runtime]) -> None:

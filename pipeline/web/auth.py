@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.errors import ConfigError
@@ -46,17 +47,21 @@ ANONYMOUS_OPERATOR = Principal("local", "operator")  # no tokens configured: loo
 class Tokens:
     """The configured tokens; `open` is True when there are none (loopback mode)."""
 
-    def __init__(self, entries: dict[str, Principal]):
+    def __init__(self, entries: dict[str, Principal], *, secret: bytes | None = None,
+                 revoked: Callable[[str], bool] | None = None):
+        """`secret` signs login cookies (a server secret of its own: a cookie tells nothing about the
+        tokens); `revoked(session_id)` says whether a session was logged out."""
         self._by_token = entries
-        secret_material = "\n".join(sorted(entries)) or secrets.token_hex(32)
-        self._key = hashlib.sha256(b"jetpipe-web-session\0" + secret_material.encode()).digest()
+        self._key = hashlib.sha256(b"jetpipe-web-session\0" + (secret or secrets.token_bytes(32))).digest()
+        self._revoked = revoked or (lambda session_id: False)
 
     @property
     def open(self) -> bool:
         return not self._by_token
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Tokens:
+    def from_settings(cls, settings: Settings, *, secret: bytes | None = None,
+                      revoked: Callable[[str], bool] | None = None) -> Tokens:
         lines = [part for part in settings.web_tokens.split(",") if part.strip()]
         if settings.web_tokens_file:
             try:
@@ -75,7 +80,7 @@ class Tokens:
             if len(token) < 16:
                 raise ConfigError(f"web token {name!r} is shorter than 16 characters")
             entries[token] = Principal(name, role)
-        return cls(entries)
+        return cls(entries, secret=secret, revoked=revoked)
 
     def from_header(self, header: str | None) -> Principal | None:
         """The holder of the token in an Authorization header (`Bearer x` or `Token x`), else None."""
@@ -94,10 +99,29 @@ class Tokens:
 
     # ---- the login cookie: "<name>:<role>:<expiry>.<signature>", no token in it ----------------------
     def session_cookie(self, principal: Principal) -> str:
-        payload = f"{principal.name}:{principal.role}:{int(time.time()) + SESSION_S}"
+        payload = f"{principal.name}:{principal.role}:{int(time.time()) + SESSION_S}:{secrets.token_urlsafe(12)}"
         return f"{_b64(payload.encode())}.{self._sign(payload)}"
 
+    def session_of(self, value: str | None) -> tuple[str, int] | None:
+        """(session id, expiry) of a valid login cookie, else None."""
+        payload = self._payload(value)
+        if payload is None:
+            return None
+        _, _, expiry, session_id = payload.rsplit(":", 3)
+        return session_id, int(expiry)
+
     def from_cookie(self, value: str | None) -> Principal | None:
+        payload = self._payload(value)
+        if payload is None:
+            return None
+        name, role, _, session_id = payload.rsplit(":", 3)
+        if self._revoked(session_id):
+            return None  # logged out
+        principal = Principal(name, role)
+        return principal if principal in self._by_token.values() else None  # a removed token logs out
+
+    def _payload(self, value: str | None) -> str | None:
+        """The signed, unexpired payload of a login cookie, else None."""
         if not value or "." not in value:
             return None
         encoded, signature = value.rsplit(".", 1)
@@ -105,13 +129,12 @@ class Tokens:
             payload = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
         except (ValueError, UnicodeDecodeError):
             return None
-        if not hmac.compare_digest(self._sign(payload), signature):
+        if not hmac.compare_digest(self._sign(payload), signature) or payload.count(":") < 3:
             return None
-        name, role, expiry = payload.rsplit(":", 2)
+        _, role, expiry, _ = payload.rsplit(":", 3)
         if not expiry.isdigit() or int(expiry) < time.time() or role not in ROLES:
             return None
-        principal = Principal(name, role)
-        return principal if principal in self._by_token.values() else None  # a removed token logs out
+        return payload
 
     def _sign(self, payload: str) -> str:
         return _b64(hmac.new(self._key, payload.encode(), hashlib.sha256).digest())

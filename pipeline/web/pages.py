@@ -5,6 +5,7 @@ change something carry the CSRF value (see auth.py) and go through the same func
 from __future__ import annotations
 
 import itertools
+import time
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -14,7 +15,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 import models
-from pipeline import dlq, jobs
+from pipeline import dlq, jobs, names
 from pipeline.errors import NotFound, NothingToDo, UserInputError
 from pipeline.health_report import build_report
 from pipeline.job_views import failed_images, get_job, job_summaries, job_summary, list_jobs, status_counts
@@ -43,7 +44,7 @@ def render(request: Request, template: str, http_status: int = 200, **context) -
         logged_in=bool(request.cookies.get(SESSION_COOKIE)), **context)
     response = HTMLResponse(html, status_code=http_status)
     if request.cookies.get(CSRF_COOKIE) != csrf:
-        response.set_cookie(CSRF_COOKIE, csrf, httponly=True, samesite="strict")
+        response.set_cookie(CSRF_COOKIE, csrf, httponly=True, samesite="strict", secure=_https(request))
     return response
 
 
@@ -83,13 +84,24 @@ async def login(request: Request):
         return render(request, "login.html", http_status=401, next=target, failed=True)
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(SESSION_COOKIE, tokens.session_cookie(who), max_age=SESSION_S, httponly=True,
-                        samesite="strict")
+                        samesite="strict", secure=_https(request))
     return response
+
+
+def _https(request: Request) -> bool:
+    """Served over https, here or at a proxy that says so: cookies then go over https only."""
+    return request.url.scheme == "https" or request.headers.get("x-forwarded-proto", "").lower() == "https"
 
 
 @router.post("/logout")
 async def logout(request: Request):
     await checked_form(request)
+    session = request.app.state.tokens.session_of(request.cookies.get(SESSION_COOKIE))
+    if session is not None:  # the cookie is dead on the server too, not only deleted in this browser
+        session_id, expiry = session
+        ttl = max(1, expiry - int(time.time()))
+        client = runtime_of(request).redis
+        await run_in_threadpool(client.set, names.web_session_revoked_key(session_id), "1", ex=ttl)
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE)
     return response
