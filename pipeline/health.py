@@ -5,7 +5,8 @@ Sub-checks run in this order, each isolated (one raising does not stop the other
 
 0. deadlines     a job no processing service has pulled a task of within its pickup timeout (24 h by
                  default) ends FAILURE saying so; a job past its own deadline (`--deadline`) has its
-                 pending images failed, and the threshold decides. Results in hand are never overtaken.
+                 pending images failed, and the threshold decides. Results in hand are saved first;
+                 those that still cannot be saved fail their images saying so (a deadline binds).
 1. lost_images   running async jobs idle past PIPELINE_STALLED_JOBS_MAX_MINUTES whose remaining tasks
                  JetStream gave up on: those images become failed (invariant 8). Tasks never delivered
                  (no processing service) are not lost: the job waits and the check says why.
