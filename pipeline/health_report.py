@@ -161,6 +161,7 @@ def build_report(settings: Settings, runner) -> tuple[int, dict]:
                 if worker.get(dependency, "ok") != "ok":
                     problems.append(f"worker {worker['worker']} cannot reach {_NAMES[dependency]}: "
                                     f"{worker[dependency]}")
+        problems += _dead_letter_problems(client)
         raw = client.get(names.HEALTH_LAST_KEY)
         last_check = json.loads(raw) if raw else None
     except redis.RedisError as exc:
@@ -194,8 +195,6 @@ def build_report(settings: Settings, runner) -> tuple[int, dict]:
             deps["database"] = {**deps["database"], "reachable": False, "error": str(exc).strip()}
     if deps["database"]["reachable"] and not any("init-db" in p for p in problems):
         problems += _saving_problems(jobs_out, now, settings, last_check, problems)
-    if deps["redis"]["reachable"]:
-        problems += _dead_letter_problems(settings)
     slots = deps.get("nats", {}).get("job_slots") or {}
     unstarted = [j for j in jobs_out if j["status"] in (JobStatus.CREATED, JobStatus.PENDING)
                  and j["mode"] == DispatchMode.ASYNC_API]
@@ -264,14 +263,8 @@ def _saving_problems(jobs_out: list[dict], now: dt.datetime, settings: Settings,
     return problems
 
 
-def _dead_letter_problems(settings: Settings) -> list[str]:
-    client = connect_redis(settings.redis_url)
-    try:
-        dead = dlq.list_dead(client)
-    except redis.RedisError:
-        return []  # reported as unreachable above
-    finally:
-        client.close()
+def _dead_letter_problems(client: redis.Redis) -> list[str]:
+    dead = dlq.list_dead(client)
     if not dead:
         return []
     actors = sorted({d.message.actor_name for d in dead})

@@ -375,8 +375,7 @@ def _refuse(runtime: Runtime, job_id: int, entry_id: int, exc: Exception) -> Dra
     body = bytes(body)
     replies = names.task_replies(replies)
     reason = short(f"bad result: the database refused to store it ({type(exc).__name__}: {str(exc).strip()})")
-    image_ids = sorted(inbox.named_images(body), key=int) or [
-        c for c in map(canonical_image_id, runtime.tasks.images_of_tasks(replies)) if c]
+    image_ids = unsaved.images_of(runtime, body, replies)
     message = Message(entry_id, source, replies, kind="bad", image_ids=tuple(image_ids), reason=reason,
                       action="failed" if image_ids else "left_pending")
     job = load_job(job_id)

@@ -38,7 +38,7 @@ def _error_text(exc: BaseException) -> str:
     return short(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
 
 
-def _images_of(runtime: Runtime, body: bytes, replies: list[str]) -> list[str]:
+def images_of(runtime: Runtime, body: bytes, replies: list[str]) -> list[str]:
     """The images a message decides: those its body names, else those of the tasks it names."""
     named = sorted(inbox.named_images(body), key=int)
     if named or not replies:
@@ -76,7 +76,7 @@ def failed_attempt(runtime: Runtime, job_id: int, entry_id: int, exc: BaseExcept
 
 def _park(runtime: Runtime, job_id: int, row: ResultInbox, attempts: int, error: str) -> None:
     replies = names.task_replies(row.task_replies)
-    image_ids = _images_of(runtime, bytes(row.body), replies)
+    image_ids = images_of(runtime, bytes(row.body), replies)
     reason = f"{UNSAVED_PREFIX} {error}"
     job = load_job(job_id)
     written = None

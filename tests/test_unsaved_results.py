@@ -375,3 +375,26 @@ def test_the_api_lists_replays_and_drops_parked_results(runtime, parked_job):
     finally:
         server.stop()
     assert ParkedResult.select().count() == 0
+
+
+def test_a_batch_that_never_saves_fails_each_of_its_images_once_even_delivered_twice(runtime, moth_pipeline,
+                                                                                   monkeypatch):
+    """The SDK's shape: several images in one result message, and a replay of that message. Each image of
+    the batch fails once, the counters stay exact, and the job's other messages are saved."""
+    job = fake_job(moth_pipeline, 5)
+    dispatch(runtime, job.id)
+    tasks = sorted(pull_tasks(runtime, job.id, 5), key=lambda t: int(t[0].image_id))
+    runtime.settings = runtime.settings.with_overrides(result_save_attempts=2, result_save_backoff=0.0)
+    bodies = [json.loads(success_body(task, boxes=1)) for task, _ in tasks[:3]]
+    batch = {**bodies[0], "source_images": [i for b in bodies for i in b["source_images"]],
+             "detections": [d for b in bodies for d in b["detections"]]}
+    replies = ",".join(reply for _, reply in tasks[:3])
+    saving_fails_for(monkeypatch, tasks[1][0].image_id)
+    take(runtime, [Incoming.direct(job.id, json.dumps(batch).encode(), replies) for _ in range(2)])  # and a replay
+    take_results(runtime, job.id, tasks[3:])
+    drain(runtime, job.id)
+    states = image_states(job.id)
+    assert [states[t.image_id][0] for t, _ in tasks] == [ImageStatus.FAILED] * 3 + [ImageStatus.PROCESSED] * 2
+    ended = Job.get_by_id(job.id)
+    assert (ended.status, ended.progress["stages"]["process"]["failed"]) == (JobStatus.FAILURE, 3)  # 3/5 > 0.5
+    assert [p.image_ids for p in unsaved.list_parked(job_id=job.id)] == [[t.image_id for t, _ in tasks[:3]]] * 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
 import threading
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from pipeline.jobstate import connect_redis
 from pipeline.readiness import readiness
 from pipeline.runtime import Runtime, get_runtime
 from pipeline.settings import Settings, redact_text
-from pipeline.web import api, gateway_api, pages
+from pipeline.web import api, gateway_api, image_links, pages
 from pipeline.web.auth import Tokens
 from pipeline.web.deps import LoginRequired
 from pipeline.web.guard import BodyGuard, Throttle
@@ -165,12 +164,11 @@ def _sessions(settings: Settings) -> dict:
             return False  # the dashboard stays usable while Redis is down; logouts bind again when it is back
 
     try:
-        client.set(names.WEB_SESSION_SECRET_KEY, secrets.token_hex(32), nx=True)
-        secret = client.get(names.WEB_SESSION_SECRET_KEY)
+        secret = image_links.shared_secret(client, names.WEB_SESSION_SECRET_KEY)
     except redis.RedisError as exc:
         log.warning("web: Redis unreachable (%s): login sessions are signed with this process's own secret", exc)
         secret = None
-    return {"secret": secret if isinstance(secret, bytes) or secret is None else secret.encode(), "revoked": revoked}
+    return {"secret": secret, "revoked": revoked}
 
 
 def _release_reserved(app: FastAPI, made: list[Runtime]) -> None:

@@ -25,11 +25,16 @@ from pipeline.errors import Forbidden, NotFound
 MARGIN_S = 300
 
 
-def secret(client: redis.Redis) -> bytes:
-    """The links' signing secret: made once, kept in Redis for every web process."""
-    client.set(names.IMAGE_LINK_SECRET_KEY, secrets.token_hex(32), nx=True)
-    value = client.get(names.IMAGE_LINK_SECRET_KEY)
+def shared_secret(client: redis.Redis, key: str) -> bytes:
+    """A secret made once and kept in Redis under `key`, the same for every web process."""
+    client.set(key, secrets.token_hex(32), nx=True)
+    value = client.get(key)
     return value if isinstance(value, bytes) else value.encode()
+
+
+def secret(client: redis.Redis) -> bytes:
+    """The links' signing secret."""
+    return shared_secret(client, names.IMAGE_LINK_SECRET_KEY)
 
 
 def _signature(key: bytes, job_id: int, image_id: str, expires: int) -> str:
