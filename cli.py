@@ -160,8 +160,11 @@ def pipeline() -> None:
 
 @pipeline.command("register")
 @click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--service", metavar="NAME",
+              help="The processing service it belongs to (a `service` web token's name): only that service may "
+                   "use it through the HTTP gateway. Kept when omitted on an update.")
 @handles_errors
-def pipeline_register(file: str) -> None:
+def pipeline_register(file: str, service: str | None) -> None:
     """Register (or update) a pipeline and its algorithms from a JSON FILE."""
     from pipeline.errors import UserInputError
     from pipeline.registry import register_pipeline
@@ -173,9 +176,12 @@ def pipeline_register(file: str) -> None:
         raise UserInputError(f"cannot read {file}: {exc.strerror}") from None
     bind_db()
     spec = decode_pipeline_spec(body, source=file)
-    created = register_pipeline(spec)
+    if service is not None and not service.strip():
+        raise UserInputError("--service needs the name of a service token")
+    created = register_pipeline(spec, for_service=service)
     console.print(f"pipeline {spec.slug} {'registered' if created else 'updated'} "
-                  f"with {len(spec.algorithms)} algorithm(s)")
+                  f"with {len(spec.algorithms)} algorithm(s)" + (f", for service {service}" if service else ""),
+                  markup=False, highlight=False)
 
 
 @pipeline.command("list")
@@ -184,6 +190,7 @@ def pipeline_register(file: str) -> None:
 def pipeline_list(as_json: bool) -> None:
     """List registered pipelines and their algorithms."""
     from rich.table import Table
+    from rich.text import Text
 
     from pipeline.registry import list_pipelines
 
@@ -192,9 +199,10 @@ def pipeline_list(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = Table("slug", "name", "algorithms")
+    table = Table("slug", "name", "service", "algorithms")
     for p in rows:
-        table.add_row(p["slug"], p["name"], ", ".join(f"{a['key']} ({a['task_type']})" for a in p["algorithms"]))
+        table.add_row(*(Text(cell) for cell in (p["slug"], p["name"], p["service"] or "-", ", ".join(
+            f"{a['key']} ({a['task_type']})" for a in p["algorithms"]))))
     console.print(table)
 
 

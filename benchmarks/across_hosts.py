@@ -99,8 +99,9 @@ def measure(images: int, runs: int, work: Path) -> list[tuple[str, str, str]]:
             e = one_job(stack, images)
             rows.append((f"run {run + 1}: raw publish from a worker host, R3", f"{raw:,.0f} msg/s", ""))
             if e["dispatch_s"]:
-                rows.append((f"run {run + 1}: dispatch (run_job on a worker host)",
-                             f"{images / e['dispatch_s']:,.0f} tasks/s", f"{images / e['dispatch_s'] / raw:.2f} of raw"))
+                rate = images / e["dispatch_s"]
+                rows.append((f"run {run + 1}: dispatch (run_job on a worker host)", f"{rate:,.0f} tasks/s",
+                             f"{rate / raw:.2f} of raw"))
             rows.append((f"run {run + 1}: end to end, {images:,} images, 50 per message",
                          f"{images / e['elapsed_s']:,.0f} images/s", "exact" if e["exact"] else f"NOT EXACT {e}"))
     finally:

@@ -83,6 +83,8 @@ class Job(BaseModel):
     pickup_timeout_s = peewee.FloatField(null=True)
     #: When the whole job must have ended: its images still pending then are failed (None: no deadline).
     deadline_at = peewee.DateTimeField(null=True)
+    #: Key of the job's task tokens (pipeline/task_tokens.py); never shown. None: made before task tokens.
+    task_secret = peewee.CharField(max_length=64, null=True)
 
     @property
     def is_terminal(self) -> bool:
@@ -105,6 +107,7 @@ class JobImage(BaseModel):
         indexes = (
             (("job", "image"), True),  # one outcome per image per job
             (("job", "status", "id"), False),  # the pending images of a job, in dispatch order
+            (("job", "task_seq"), False),  # the image of a task an advisory names
         )
 
 
@@ -161,6 +164,9 @@ class ResultInbox(BaseModel):
     attempts = peewee.IntegerField(null=True)
     next_attempt_at = peewee.DateTimeField(null=True)  # not tried again before this (backoff)
     last_error = peewee.TextField(null=True)
+    #: What its task tokens proved when it was taken (pipeline/inbox.py, JSON): {"images": [...]} or
+    #: {"refused": "why"}. None: taken for a job made before task tokens.
+    proof = peewee.TextField(null=True)
 
     class Meta:
         indexes = ((("job_id", "id"), False),)
@@ -180,6 +186,7 @@ class ParkedResult(BaseModel):
     attempts = peewee.IntegerField()
     error = peewee.TextField()
     image_ids = peewee.TextField(default="")  # the images it named, comma-separated (failed when parked)
+    proof = peewee.TextField(null=True)  # what its task tokens proved when it was taken (ResultInbox.proof)
 
 
 class JobLog(BaseModel):

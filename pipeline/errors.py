@@ -26,6 +26,10 @@ class TooLarge(UserInputError):
     """The request is larger than jetpipe accepts (answered 413)."""
 
 
+class Conflict(UserInputError):
+    """The request contradicts the state of things (answered 409): no retry of the same request can help."""
+
+
 class Forbidden(UserInputError):
     """The caller may not do this (a service changing another service's pipeline)."""
 

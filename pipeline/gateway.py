@@ -44,6 +44,7 @@ class Reserved:
     image_id: str
     image_url: str
     reply_subject: str
+    task_token: str = ""  # kept by the gateway (its lease), never handed out: HTTP clients name the reply only
 
     def as_task(self) -> dict:
         """The task as the reference system hands it out: `id` and `image_id` are both the image id."""
@@ -100,7 +101,7 @@ class Gateway:
                 log.error("job=%s gateway: terminating a message that is not a task", job_id)
                 await msg.term()
                 continue
-            reserved.append(Reserved(task.image_id, task.image_url, msg.reply))
+            reserved.append(Reserved(task.image_id, task.image_url, msg.reply, task.task_token))
         return reserved
 
     def _connected(self) -> None:
@@ -125,19 +126,20 @@ class Gateway:
             except NATS_FAILURES:
                 pass
 
-    async def publish_results(self, job_id: int, results: list[tuple[str, bytes]]) -> list[int]:
-        """Publish (reply subject, result body) pairs to `pipeline.results.<job_id>`, each confirmed by
-        the results stream; their sequences in it. TransientError if it cannot be reached or does not
+    async def publish_results(self, job_id: int, results: list[tuple[str, bytes, str]]) -> list[int]:
+        """Publish (reply subject, result body, task token) to `pipeline.results.<job_id>`, each confirmed
+        by the results stream; their sequences in it. TransientError if it cannot be reached or does not
         confirm them all."""
         subject = names.result_subject(job_id)
         limit = self.queue.nc.max_payload
-        over = [reply for reply, body in results if len(body) > limit]
+        over = [reply for reply, body, _ in results if len(body) > limit]
         if over:  # NATS cannot carry it: no retry can help
             raise TooLarge(f"{len(over)} result(s) are larger than the {limit} bytes NATS carries in one message "
                            "(max_payload); nothing of the request was published")
         try:
             answers = await self.queue.requests.send(
-                [(subject, body, {names.HDR_TASK_REPLY: reply}) for reply, body in results], timeout=PUBLISH_TIMEOUT_S)
+                [(subject, body, {names.HDR_TASK_REPLY: reply, names.HDR_TASK_TOKEN: token})
+                 for reply, body, token in results], timeout=PUBLISH_TIMEOUT_S)
         except NATS_FAILURES as exc:
             raise TransientError(f"results stream unavailable: {str(exc) or type(exc).__name__}") from exc
         seqs = []

@@ -3,9 +3,12 @@ and the transaction that saves it (invariant 11: a result in hand decides its im
 
 Taking a batch of result messages (the bridge, for every fetch):
 
-1. read which tasks each message settles: a reply subject in `Pipeline-Task-Reply` counts only if it
-   names the task of an image of the message's own job that the message decides (the stream sequence
-   in the reply subject is the one the image's task was stored at);
+1. check what each message proves (invariant 12): the task tokens in its `Pipeline-Task-Token` header
+   must all be tokens of its job's tasks, and every image it decides must be one of theirs; otherwise it
+   is refused as a whole (recorded with the reason, saved as nothing, its tasks left alone);
+   then read which tasks it settles: a reply subject in `Pipeline-Task-Reply` counts only if it names
+   the task of an image the message decides and proves (the stream sequence in the reply subject is the
+   one the image's task was stored at);
 2. commit the messages to the `ResultInbox` table (one transaction; a redelivered message is taken once);
 3. ACK the tasks they settle: a task whose result is in the database is done, whatever the backlog of
    saving, so JetStream never redelivers it (no model run twice) nor gives up on it (no false "lost");
@@ -21,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
+import json
 import logging
 import uuid
 
@@ -28,7 +32,7 @@ import msgspec
 import peewee
 
 from models import ResultInbox, insert_ignoring_duplicates, select_in, utcnow, write_transaction
-from pipeline import names
+from pipeline import names, task_tokens
 from pipeline.crashpoints import crash_point
 from pipeline.errors import TasksNotAcked, TransientError
 from pipeline.results import canonical_image_id
@@ -39,7 +43,7 @@ log = logging.getLogger(__name__)
 #: Rows the inbox may hold before the bridge stops taking more (a backlog of ~50,000 result messages
 #: waits in the database; beyond that it waits in the results stream, where JetStream holds it).
 MAX_ROWS = 50_000
-INBOX_FIELDS = ("job_id", "source", "stream_seq", "body", "task_replies", "received_at", "images")
+INBOX_FIELDS = ("job_id", "source", "stream_seq", "body", "task_replies", "received_at", "images", "proof")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,18 +55,23 @@ class Incoming:
     replies: tuple[str, ...]  # the task reply subjects its Pipeline-Task-Reply header names
     source: str  # what makes a redelivery of the same message recognisable
     stream_seq: int | None = None
+    tokens: tuple[str, ...] = ()  # the task tokens its Pipeline-Task-Token header names
 
     @classmethod
     def from_msg(cls, job_id: int, msg) -> Incoming:
         meta = msg.metadata
         seq = meta.sequence.stream
-        return cls(job_id, msg.data, tuple(names.task_replies((msg.headers or {}).get(names.HDR_TASK_REPLY))),
-                   f"{seq}:{int(meta.timestamp.timestamp() * 1e9)}", seq)
+        headers = msg.headers or {}
+        return cls(job_id, msg.data, tuple(names.task_replies(headers.get(names.HDR_TASK_REPLY))),
+                   f"{seq}:{int(meta.timestamp.timestamp() * 1e9)}", seq,
+                   tuple(names.task_tokens(headers.get(names.HDR_TASK_TOKEN))))
 
     @classmethod
-    def direct(cls, job_id: int, body: bytes, reply: str | None) -> Incoming:
-        """A result handed over without the results stream (tests, tools): taken like any other."""
-        return cls(job_id, body, tuple(names.task_replies(reply)), f"direct:{uuid.uuid4().hex}")
+    def direct(cls, job_id: int, body: bytes, reply: str | None, tokens: str | None = None) -> Incoming:
+        """A result handed over without the results stream (tests, tools): taken like any other; `reply`
+        and `tokens` as its two headers would hold them."""
+        return cls(job_id, body, tuple(names.task_replies(reply)), f"direct:{uuid.uuid4().hex}",
+                   tokens=tuple(names.task_tokens(tokens)))
 
     @functools.cached_property
     def images(self) -> set[str]:
@@ -97,39 +106,92 @@ def named_images(body: bytes) -> set[str]:
     return {c for c in map(canonical_image_id, ids) if c is not None}
 
 
-def settled_replies(runtime: Runtime, incoming: list[Incoming]) -> list[str]:
-    """The task reply subjects the messages settle: a task of the message's own job whose image it names.
+@dataclasses.dataclass(frozen=True)
+class Proof:
+    """What a message's task tokens proved when it was taken: the images it may decide, or why it is
+    refused as a whole."""
+
+    images: frozenset[str] = frozenset()
+    refused: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps({"refused": self.refused} if self.refused else {"images": sorted(self.images, key=int)})
+
+    @classmethod
+    def from_json(cls, text: str | None) -> Proof | None:
+        if text is None:
+            return None  # taken for a job made before task tokens
+        data = json.loads(text)
+        return cls(frozenset(data.get("images", ())), data.get("refused", ""))
+
+
+def prove(incoming: list[Incoming]) -> list[Proof | None]:
+    """Each message's proof (None for a job made before task tokens, or one that does not exist)."""
+    secrets = task_tokens.job_secrets(m.job_id for m in incoming)
+    return [_prove(secret, m) if (secret := secrets.get(m.job_id)) else None for m in incoming]
+
+
+def _prove(secret: str, m: Incoming) -> Proof:
+    if not m.tokens:
+        return Proof(refused=f"result refused: it names no task token ({names.HDR_TASK_TOKEN} header), so it "
+                             "decides nothing; a service must return the task_token of each task it answers "
+                             "(docs/processing-services.md, 'The result'). Its tasks come back to be answered again")
+    proven, forged = task_tokens.proven_images(secret, m.job_id, m.tokens)
+    if forged:
+        return Proof(refused=f"result refused: {names.HDR_TASK_TOKEN} {forged[0][:60]!r} is not the token of a "
+                             f"task of job {m.job_id} (only the holder of a task decides its image); nothing of "
+                             "it is saved")
+    strays = sorted(m.images - proven, key=int)
+    if strays:
+        return Proof(refused=f"result refused: it decides image(s) {strays[:10]} without naming their task tokens "
+                             f"in {names.HDR_TASK_TOKEN} (only the holder of a task decides its image); nothing of "
+                             "it is saved")
+    return Proof(frozenset(proven))
+
+
+def task_images(runtime: Runtime, job_id: int, replies) -> dict[str, str]:
+    """The image (canonical id) of each reply subject that names a task of the job.
 
     The task a reply subject names is its stream sequence; each image's row holds the sequence its task
-    was stored at (`JobImage.task_seq`), so one query per job checks a whole batch. Tasks published
-    before that column existed are read from the tasks stream instead. A message with any reply subject
-    of another job settles nothing (it is rejected when saved).
+    was stored at (`JobImage.task_seq`), jetpipe's own record. Tasks published before that column existed
+    (or answered before the dispatch recorded their sequence) are read from the tasks stream instead.
     """
-    wanted: dict[int, set[str]] = {}
-    named: list[tuple[Incoming, set[str]]] = []
-    for m in incoming:
-        if m.replies and not m.foreign_replies():
-            images = m.images
-            named.append((m, images))
-            wanted.setdefault(m.job_id, set()).update(images)
-    if not named:
-        return []
-    seqs = {job_id: {str(image): seq for image, seq in select_in(
-        'SELECT image_id, task_seq FROM "job_image" WHERE job_id = %s AND image_id IN ({in})',
-        sorted(map(int, images)), params=(job_id,))} for job_id, images in wanted.items()}
-    image_of_seq = {job_id: {seq: image for image, seq in found.items() if seq is not None}
-                    for job_id, found in seqs.items()}
-    unknown = [r for m, images in named if any(seqs[m.job_id].get(i, 0) is None for i in images) for r in m.replies]
-    from_stream = runtime.tasks.task_images(unknown) if unknown else {}
-    settled = []
-    for m, images in named:
-        for reply in m.replies:
-            parsed = names.parse_ack_subject(reply)
-            if parsed is not None and image_of_seq[m.job_id].get(parsed[3]) in images:
-                settled.append(reply)
-            elif reply in from_stream and from_stream[reply][0] == m.job_id \
-                    and canonical_image_id(from_stream[reply][1]) in images:
-                settled.append(reply)
+    seqs = {}
+    for reply in replies:
+        parsed = names.parse_ack_subject(reply)
+        if parsed is not None and names.reply_belongs_to_job(reply, job_id):
+            seqs[reply] = parsed[3]
+    if not seqs:
+        return {}
+    image_of_seq = {seq: str(image) for image, seq in select_in(
+        'SELECT image_id, task_seq FROM "job_image" WHERE job_id = %s AND task_seq IN ({in})',
+        sorted(set(seqs.values())), params=(job_id,))}
+    found = {reply: image_of_seq[seq] for reply, seq in seqs.items() if seq in image_of_seq}
+    unknown = [reply for reply in seqs if reply not in found]
+    if unknown:  # published before the column existed, or answered before its sequence was recorded
+        for reply, (task_job, image_id) in runtime.tasks.task_images(unknown).items():
+            if task_job == job_id and canonical_image_id(image_id) is not None:
+                found[reply] = canonical_image_id(image_id)
+    return found
+
+
+def settled_replies(runtime: Runtime, incoming: list[Incoming], proofs: list[Proof | None] | None = None) -> list[str]:
+    """The task reply subjects the messages settle: a task of the message's own job whose image it decides
+    (and proves, with task tokens). A message with any reply subject of another job settles nothing (it is
+    rejected when saved), nor does one its proof refuses."""
+    proofs = proofs if proofs is not None else [None] * len(incoming)
+    deciding = []
+    for m, proof in zip(incoming, proofs, strict=True):
+        if not m.replies or m.foreign_replies() or (proof is not None and proof.refused):
+            continue
+        images = m.images if proof is None else m.images & proof.images
+        if images:
+            deciding.append((m, images))
+    by_job: dict[int, list[str]] = {}
+    for m, _ in deciding:
+        by_job.setdefault(m.job_id, []).extend(m.replies)
+    image_of = {job_id: task_images(runtime, job_id, replies) for job_id, replies in by_job.items()}  # a query a job
+    settled = [reply for m, images in deciding for reply in m.replies if image_of[m.job_id].get(reply) in images]
     return list(dict.fromkeys(settled))
 
 
@@ -144,12 +206,13 @@ def take(runtime: Runtime, incoming: list[Incoming]) -> list[int]:
     if not incoming:
         return []
     try:
-        settle = settled_replies(runtime, incoming)
+        proofs = prove(incoming)
+        settle = settled_replies(runtime, incoming, proofs)
     except peewee.DatabaseError as exc:
         raise TransientError(f"database: could not read the tasks of {len(incoming)} result(s): {exc}") from exc
     now = utcnow()
-    rows = [(m.job_id, m.source, m.stream_seq, m.body, ",".join(m.replies)[:100_000], now, len(m.images))
-            for m in incoming]
+    rows = [(m.job_id, m.source, m.stream_seq, m.body, ",".join(m.replies)[:100_000], now, len(m.images),
+             proof.to_json() if proof is not None else None) for m, proof in zip(incoming, proofs, strict=True)]
     try:
         with write_transaction():
             insert_ignoring_duplicates(ResultInbox, INBOX_FIELDS, rows)

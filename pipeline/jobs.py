@@ -24,7 +24,7 @@ from models import (
     utcnow,
     write_transaction,
 )
-from pipeline import names, progress
+from pipeline import names, progress, task_tokens
 from pipeline.crashpoints import crash_point
 from pipeline.errors import NotFound, NothingToDo, TransientError, UserInputError
 from pipeline.joblog import job_log
@@ -73,6 +73,7 @@ def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = No
     deadline_at = utcnow() + dt.timedelta(seconds=deadline_s) if deadline_s else None
     with database.atomic():
         job = Job.create(name=name or f"{pipeline_slug} job", pipeline=pipeline, dispatch_mode=dispatch_mode,
+                         task_secret=task_tokens.new_secret(),
                          progress=progress.initial_progress(), pickup_timeout_s=pickup_timeout_s,
                          deadline_at=deadline_at)
         total = 0
@@ -184,8 +185,9 @@ def pending_chunk(job: Job, *, after_id: int, limit: int) -> list[tuple[int, Tas
     query = (JobImage.select(JobImage.id, JobImage.image, SourceImage.url).join(SourceImage)
              .where((JobImage.job == job.id) & (JobImage.status == ImageStatus.PENDING) & (JobImage.id > after_id))
              .order_by(JobImage.id).limit(limit).tuples())
-    slug = job.pipeline.slug
-    return [(row_id, Task(job_id=job.id, image_id=str(image_id), image_url=url, pipeline=slug))
+    slug, secret = job.pipeline.slug, job.task_secret
+    return [(row_id, Task(job_id=job.id, image_id=str(image_id), image_url=url, pipeline=slug,
+                          task_token=task_tokens.token_for(secret, job.id, str(image_id)) if secret else ""))
             for row_id, image_id, url in query]
 
 

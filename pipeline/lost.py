@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 
-from models import Job, JobStatus, for_update, write_transaction
+from models import Job, JobImage, JobStatus, for_update, write_transaction
 from pipeline import inbox, names, progress
 from pipeline.joblog import job_log
 from pipeline.jobstate import Outcome
@@ -50,12 +50,13 @@ def fail_lost(runtime: Runtime, job: Job, image_ids: list[str], reason: str) -> 
     return outcomes, written.status
 
 
-def _image_from_term_reason(reason: str | None) -> str | None:
-    """Our TERMs say `image=<id> ...`; the task itself is gone from a WorkQueue stream after a TERM."""
-    if reason and reason.startswith("image="):
-        first = reason.split(" ", 1)[0][len("image="):]
-        return first.split(",")[0] if first and first != "?" else None
-    return None
+def _image_of_task(job_id: int, stream_seq: int) -> str | None:
+    """The image whose task was stored at `stream_seq`, from jetpipe's own record (`JobImage.task_seq`):
+    a terminated task is gone from the stream, and the reason a TERM carries is its sender's text, never
+    trusted to name an image (invariant 12)."""
+    row = (JobImage.select(JobImage.image).where((JobImage.job == job_id) & (JobImage.task_seq == stream_seq))
+           .tuples().get_or_none())
+    return str(row[0]) if row else None
 
 
 def handle_advisory(runtime: Runtime, body: str, results_seq: int | None = None) -> tuple[str, int | None]:
@@ -89,8 +90,11 @@ def _handle_advisory(runtime: Runtime, body: str, results_seq: int | None) -> st
         reason = (f"lost: JetStream gave up after {advisory.get('deliveries', '?')} deliveries "
                   f"(max_deliver={runtime.settings.nats_max_deliver}) without a result")
     else:
-        image_id = _image_from_term_reason(advisory.get("reason"))
-        reason = f"task terminated: {advisory.get('reason') or 'no reason given'}"
+        image_id = _image_of_task(job_id, stream_seq)
+        # jetpipe terminates a task only after failing its image: a pending image's task was ended by its holder
+        said = str(advisory.get("reason") or "")[:300]
+        reason = f"task terminated by a processing service (its reason: {said!r})" if said else \
+            "task terminated by a processing service (no reason given)"
     if image_id is None:
         log.warning("job=%s advisory for stream_seq=%s names no image we can find; left to the periodic check",
                     job_id, stream_seq)

@@ -26,6 +26,7 @@ HDR_MSG_ID = "Nats-Msg-Id"
 HDR_JOB_ID = "Pipeline-Job-Id"
 HDR_IMAGE_ID = "Pipeline-Image-Id"
 HDR_TASK_REPLY = "Pipeline-Task-Reply"
+HDR_TASK_TOKEN = "Pipeline-Task-Token"
 
 
 def task_subject(pipeline_slug: str, job_id: int) -> str:
@@ -179,10 +180,20 @@ def join_task_replies(replies) -> str:
     return ",".join(replies)
 
 
+def task_tokens(header: str | None) -> list[str]:
+    """The task tokens in a `Pipeline-Task-Token` header (separated by commas or spaces), duplicates dropped."""
+    return task_replies(header)
+
+
 def reply_belongs_to_job(reply: str, job_id: int) -> bool:
     """True iff `reply` is an ACK subject of the job's own consumer on the tasks stream."""
     parsed = parse_ack_subject(reply)
     return parsed is not None and parsed[0] == TASKS_STREAM and parsed[1] == job_consumer(job_id)
+
+
+def gateway_leases_key(job_id: int) -> str:
+    """HASH of the job's tasks the HTTP gateway handed out: reply subject -> "<holder>\\n<task token>"."""
+    return f"{REDIS_PREFIX}:gateway:leases:{job_id}"
 
 
 def periodic_slot_key(name: str, slot: int) -> str:

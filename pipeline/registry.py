@@ -7,22 +7,28 @@ from pipeline.errors import Forbidden
 from pipeline.schemas import PipelineSpec
 
 
-def register_pipeline(spec: PipelineSpec, *, service: str | None = None) -> bool:
+def register_pipeline(spec: PipelineSpec, *, service: str | None = None, for_service: str | None = None) -> bool:
     """Create or update the pipeline and upsert its algorithms; True if the pipeline is new.
 
-    `service`: the processing service registering it through the gateway (its token's name), which may
-    change only a pipeline it registered itself (Forbidden otherwise); None: an operator, who may change
-    any. Algorithms are never deleted: results already saved may reference them.
+    The pipeline belongs to one processing service (`Pipeline.registered_by`, a gateway token's name): only
+    that service may use it through the gateway, or change it. `service`: the service registering it through
+    the gateway, which may change only a pipeline that is its own (Forbidden otherwise); None: an operator,
+    who may change any and, with `for_service`, give it to a service. Algorithms are never deleted: results
+    already saved may reference them.
     """
     with database.atomic():
-        pipeline, created = Pipeline.get_or_create(slug=spec.slug,
-                                                   defaults={"name": spec.name, "registered_by": service})
+        pipeline, created = Pipeline.get_or_create(
+            slug=spec.slug, defaults={"name": spec.name, "registered_by": service or for_service})
         if not created and service is not None and pipeline.registered_by != service:
             owner = f"service {pipeline.registered_by!r}" if pipeline.registered_by else "an operator"
             raise Forbidden(f"pipeline {spec.slug!r} was registered by {owner}: service {service!r} may not "
                             "change it")
-        if not created and pipeline.name != spec.name:
+        changed = not created and (pipeline.name != spec.name or (
+            service is None and for_service is not None and pipeline.registered_by != for_service))
+        if changed:
             pipeline.name = spec.name
+            if service is None and for_service is not None:
+                pipeline.registered_by = for_service
             pipeline.save()
         for algo in spec.algorithms:
             Algorithm.insert(pipeline=pipeline, key=algo.key, name=algo.name, task_type=algo.task_type).on_conflict(
@@ -35,6 +41,6 @@ def list_pipelines() -> list[dict]:
     out = []
     for p in Pipeline.select().order_by(Pipeline.slug):
         algos = Algorithm.select().where(Algorithm.pipeline == p).order_by(Algorithm.id)
-        out.append({"slug": p.slug, "name": p.name,
+        out.append({"slug": p.slug, "name": p.name, "service": p.registered_by,
                     "algorithms": [{"key": a.key, "name": a.name, "task_type": a.task_type} for a in algos]})
     return out

@@ -80,13 +80,17 @@ class Message:
         return self.kind in ("success", "error", "bad")
 
 
-def _classify(runtime: Runtime, job: Job, entry_id: int, source: str, body: bytes, replies: list[str]) -> Message:
+def _classify(runtime: Runtime, job: Job, entry_id: int, source: str, body: bytes, replies: list[str],
+              proof: inbox.Proof | None) -> Message:
     m = Message(entry_id, source, replies)
     foreign = [r for r in replies if not names.reply_belongs_to_job(r, job.id)]
     if foreign:
         # Never ACK or TERM someone else's task: the result is dropped, the images' own tasks come back.
         m.kind, m.reason = "rejected", (f"result rejected: {names.HDR_TASK_REPLY} {foreign[0][:200]!r} is not a task "
                                         f"of consumer {names.job_consumer(job.id)}")
+        return m
+    if proof is not None and proof.refused:  # its sender did not show it holds the tasks (invariant 12)
+        m.kind, m.reason = "rejected", proof.refused
         return m
     try:
         result = decode_result(body)
@@ -104,8 +108,15 @@ def _classify(runtime: Runtime, job: Job, entry_id: int, source: str, body: byte
         m.prepared = prepare_result(job, result)
         m.kind, m.image_ids = "success", m.prepared.image_ids
     except BadResult as exc:
-        # the images it names if it names any, else those of the tasks it names (an unreadable body)
+        # the images it names if it names any, else those of the tasks it names (an unreadable body); with
+        # task tokens, only images it proved it holds (a bad message must not fail someone else's image)
         m.kind, m.reason = "bad", f"bad result: {exc}"
+        if proof is not None:
+            named = [c for c in map(canonical_image_id, exc.image_ids) if c] or inbox.named_images(body)
+            m.image_ids = tuple(i for i in dict.fromkeys(named) if i in proof.images) or tuple(
+                sorted(proof.images, key=int))
+            m.replies = [r for r, image in inbox.task_images(runtime, job.id, replies).items() if image in m.image_ids]
+            return m
         m.image_ids = tuple(dict.fromkeys(c for c in map(canonical_image_id, exc.image_ids) if c)) or tuple(
             sorted(inbox.named_images(body), key=int)) or tuple(
             dict.fromkeys(c for c in map(canonical_image_id, runtime.tasks.images_of_tasks(replies)) if c))
@@ -121,13 +132,14 @@ class DrainStep:
     written: progress.ProgressWrite | None = None
 
 
-def _read_inbox(job_id: int, limit: int) -> list[tuple[int, str, bytes, str]]:
+def _read_inbox(job_id: int, limit: int) -> list[tuple[int, str, bytes, str, str | None]]:
     now = utcnow()
-    rows = (ResultInbox.select(ResultInbox.id, ResultInbox.source, ResultInbox.body, ResultInbox.task_replies)
+    rows = (ResultInbox.select(ResultInbox.id, ResultInbox.source, ResultInbox.body, ResultInbox.task_replies,
+                               ResultInbox.proof)
             .where((ResultInbox.job_id == job_id)
                    & (ResultInbox.next_attempt_at.is_null() | (ResultInbox.next_attempt_at <= now)))
             .order_by(ResultInbox.id).limit(limit).tuples())
-    return [(entry_id, source, bytes(body), replies) for entry_id, source, body, replies in rows]
+    return [(entry_id, source, bytes(body), replies, proof) for entry_id, source, body, replies, proof in rows]
 
 
 def _delete_entries(entry_ids: list[int]) -> None:
@@ -168,14 +180,14 @@ def drain_step(runtime: Runtime, job_id: int, *, limit: int = DRAIN_MESSAGES) ->
         raise StepFailed([e[0] for e in entries], exc) from exc
 
 
-def _drain_entries(runtime: Runtime, job_id: int, entries: list[tuple[int, str, bytes, str]]) -> DrainStep:
+def _drain_entries(runtime: Runtime, job_id: int, entries: list[tuple[int, str, bytes, str, str | None]]) -> DrainStep:
     step = DrainStep()
     job = load_job(job_id)
     if job is None:
         return _drop_for_unknown_job(runtime, job_id, entries)
     images = 0
-    for entry_id, source, body, replies in entries:
-        m = _classify(runtime, job, entry_id, source, body, names.task_replies(replies))
+    for entry_id, source, body, replies, proof in entries:
+        m = _classify(runtime, job, entry_id, source, body, names.task_replies(replies), inbox.Proof.from_json(proof))
         if step.messages and images + len(m.image_ids) > DRAIN_IMAGES:
             break
         images += len(m.image_ids)
@@ -271,7 +283,8 @@ def _after_commit(runtime: Runtime, job: Job, step: DrainStep, logs: list) -> No
 
 def _drop_for_unknown_job(runtime: Runtime, job_id: int, entries) -> DrainStep:
     step = DrainStep()
-    own = [r for *_, replies in entries for r in names.task_replies(replies) if names.reply_belongs_to_job(r, job_id)]
+    own = [r for _, _, _, replies, _ in entries for r in names.task_replies(replies)
+           if names.reply_belongs_to_job(r, job_id)]
     with write_transaction():
         _delete_entries([e[0] for e in entries])
     log.error("job=%s %s result message(s) for an unknown job dropped; their tasks are terminated", job_id,
@@ -367,15 +380,17 @@ def _refuse(runtime: Runtime, job_id: int, entry_id: int, exc: Exception) -> Dra
     """Inbox row `entry_id` holds a result the database refuses to store (a value longer than its column, a
     number out of range): fail the images it names with the reason, TERM its tasks, drop the row
     (invariant 10: never a retry loop for data that can never be saved, never a stalled job)."""
-    found = (ResultInbox.select(ResultInbox.id, ResultInbox.source, ResultInbox.body, ResultInbox.task_replies)
-             .where(ResultInbox.id == entry_id).tuples().get_or_none())
+    found = (ResultInbox.select(ResultInbox.id, ResultInbox.source, ResultInbox.body, ResultInbox.task_replies,
+                                ResultInbox.proof).where(ResultInbox.id == entry_id).tuples().get_or_none())
     if found is None:
         return DrainStep()
-    _, source, body, replies = found
+    _, source, body, replies, proof = found
     body = bytes(body)
     replies = names.task_replies(replies)
     reason = short(f"bad result: the database refused to store it ({type(exc).__name__}: {str(exc).strip()})")
-    image_ids = unsaved.images_of(runtime, body, replies)
+    image_ids = unsaved.images_of(runtime, body, replies, proof)
+    if proof is not None:  # TERM only the tasks of images it proved it holds
+        replies = [r for r, image in inbox.task_images(runtime, job_id, replies).items() if image in image_ids]
     message = Message(entry_id, source, replies, kind="bad", image_ids=tuple(image_ids), reason=reason,
                       action="failed" if image_ids else "left_pending")
     job = load_job(job_id)
@@ -399,16 +414,16 @@ def _clean_up_if_ended(runtime: Runtime, job_id: int) -> None:
         finish(runtime, job, progress.ProgressWrite(job.status, False))
 
 
-def handle_result_message(runtime: Runtime, job_id: int, body: bytes, reply: str | None, *,
-                          timeout_s: float = 60) -> Handled:
+def handle_result_message(runtime: Runtime, job_id: int, body: bytes, reply: str | None, tokens: str | None = None,
+                          *, timeout_s: float = 60) -> Handled:
     """Take one result message (as if it came from `pipeline.results.<job_id>` with `reply` as its
-    `Pipeline-Task-Reply`) and save it now; what happened to it. For tests and tools: workers take
-    results through the bridge.
+    `Pipeline-Task-Reply` and `tokens` as its `Pipeline-Task-Token`) and save it now; what happened to it.
+    For tests and tools: workers take results through the bridge.
 
     Raises TransientError (logged here with job and image ids) when Redis, NATS or the database is
     unreachable; the result then waits in the inbox (or, if it was not taken, nothing happened).
     """
-    incoming = inbox.Incoming.direct(job_id, body, reply)
+    incoming = inbox.Incoming.direct(job_id, body, reply, tokens)
     try:
         inbox.take(runtime, [incoming])
     except TransientError as exc:

@@ -15,6 +15,8 @@ class Task(msgspec.Struct, frozen=True):
     image_id: str
     image_url: str
     pipeline: str
+    #: Proves its holder was given this task: a result names it in `Pipeline-Task-Token` (invariant 12).
+    task_token: str = ""
 
 
 class BBox(msgspec.Struct, frozen=True):

@@ -113,6 +113,7 @@ class _Batch:
 
     replies: list[str] = dataclasses.field(default_factory=list)
     results: list[SuccessResult] = dataclasses.field(default_factory=list)
+    tokens: list[str] = dataclasses.field(default_factory=list)  # each task's task_token, named with the result
 
     def images(self) -> int:
         return sum(len(r.source_images) for r in self.results)
@@ -126,6 +127,14 @@ class _Batch:
                              source_images=[i for r in self.results for i in r.source_images],
                              detections=[d for r in self.results for d in r.detections],
                              total_time=sum(times) if times else None)
+
+
+def _task_token(data: bytes) -> str:
+    """The task_token of a task message ("" if it has none or is not a task)."""
+    try:
+        return decode_task(data).task_token
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return ""
 
 
 class ProcessingService:
@@ -367,12 +376,14 @@ class ProcessingService:
         finally:
             self._free += 1
             self._slot_freed.set()
+        token = _task_token(msg.data)
         if isinstance(result, SuccessResult) and self.batch_size > 1:
-            await self._add_to_batch(queue, job_id, msg.reply, result)
+            await self._add_to_batch(queue, job_id, msg.reply, token, result)
         else:
-            await self._send(queue, job_id, _Batch([msg.reply], [result]))
+            await self._send(queue, job_id, _Batch([msg.reply], [result], [token]))
 
-    async def _add_to_batch(self, queue: TaskQueue, job_id: int, reply: str, result: SuccessResult) -> None:
+    async def _add_to_batch(self, queue: TaskQueue, job_id: int, reply: str, token: str,
+                            result: SuccessResult) -> None:
         # The batches change only between awaits, so concurrent tasks never lose one another's results.
         ready = []
         batch = self._batches.get(job_id)
@@ -386,6 +397,7 @@ class ProcessingService:
             task.add_done_callback(self._inflight.discard)
         batch.replies.append(reply)
         batch.results.append(result)
+        batch.tokens.append(token)
         if batch.images() >= self.batch_size:
             ready.append(self._batches.pop(job_id))
         for full in ready:
@@ -406,17 +418,18 @@ class ProcessingService:
         single task's result too large on its own goes out as an error result for its image."""
         result = batch.merged()
         try:
-            await self._publish(queue, job_id, names.join_task_replies(batch.replies), result)
+            await self._publish(queue, job_id, batch.replies, batch.tokens, result)
         except nats.errors.MaxPayloadError:
             if len(batch.results) > 1:
                 half = len(batch.results) // 2
                 for part in (slice(None, half), slice(half, None)):
-                    await self._send(queue, job_id, _Batch(batch.replies[part], batch.results[part]))
+                    await self._send(queue, job_id, _Batch(batch.replies[part], batch.results[part],
+                                                           batch.tokens[part]))
                 return
             image_id = result.source_images[0].id if isinstance(result, SuccessResult) else result.image_id
             too_large = ErrorResult(error=f"result of {len(encode(result))} bytes is larger than the NATS server "
                                           f"accepts (max_payload {queue.nc.max_payload})", image_id=image_id)
-            await self._send(queue, job_id, _Batch(batch.replies, [too_large]))
+            await self._send(queue, job_id, _Batch(batch.replies, [too_large], batch.tokens))
         except Exception as exc:  # noqa: BLE001 - one batch's trouble must not stop the service
             images = ([i.id for i in result.source_images] if isinstance(result, SuccessResult)
                       else [result.image_id or "?"])
@@ -463,12 +476,15 @@ class ProcessingService:
                 return
             await asyncio.sleep(every)
 
-    async def _publish(self, queue: TaskQueue, job_id: int, reply: str, result: Result) -> None:
+    async def _publish(self, queue: TaskQueue, job_id: int, replies: list[str], tokens: list[str],
+                       result: Result) -> None:
         body = encode(result)
+        headers = {names.HDR_TASK_REPLY: names.join_task_replies(replies),
+                   names.HDR_TASK_TOKEN: ",".join(t for t in tokens if t)}
         for attempt in range(1, PUBLISH_ATTEMPTS + 1):
             try:
                 await asyncio.wait_for(queue.js.publish(names.result_subject(job_id), body, stream=names.RESULTS_STREAM,
-                                                        headers={names.HDR_TASK_REPLY: reply}), PUBLISH_TIMEOUT_S)
+                                                        headers=headers), PUBLISH_TIMEOUT_S)
                 return
             except NATS_FAILURES as exc:
                 if attempt == PUBLISH_ATTEMPTS or isinstance(exc, nats.errors.MaxPayloadError):

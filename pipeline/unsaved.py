@@ -38,12 +38,14 @@ def _error_text(exc: BaseException) -> str:
     return short(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
 
 
-def images_of(runtime: Runtime, body: bytes, replies: list[str]) -> list[str]:
-    """The images a message decides: those its body names, else those of the tasks it names."""
+def images_of(runtime: Runtime, body: bytes, replies: list[str], proof: str | None = None) -> list[str]:
+    """The images a message decides: those its body names, else those of the tasks it names; of a message
+    taken with task tokens (`proof`, the inbox row's), only images it proved it holds."""
+    proven = inbox.Proof.from_json(proof)
     named = sorted(inbox.named_images(body), key=int)
-    if named or not replies:
-        return named
-    return list(dict.fromkeys(c for c in map(canonical_image_id, runtime.tasks.images_of_tasks(replies)) if c))
+    if not named and replies:
+        named = list(dict.fromkeys(c for c in map(canonical_image_id, runtime.tasks.images_of_tasks(replies)) if c))
+    return named if proven is None else [i for i in named if i in proven.images]
 
 
 def failed_attempt(runtime: Runtime, job_id: int, entry_id: int, exc: BaseException) -> str | None:
@@ -76,7 +78,7 @@ def failed_attempt(runtime: Runtime, job_id: int, entry_id: int, exc: BaseExcept
 
 def _park(runtime: Runtime, job_id: int, row: ResultInbox, attempts: int, error: str) -> None:
     replies = names.task_replies(row.task_replies)
-    image_ids = images_of(runtime, bytes(row.body), replies)
+    image_ids = images_of(runtime, bytes(row.body), replies, row.proof)
     reason = f"{UNSAVED_PREFIX} {error}"
     job = load_job(job_id)
     written = None
@@ -86,7 +88,7 @@ def _park(runtime: Runtime, job_id: int, row: ResultInbox, attempts: int, error:
         parked_id = ParkedResult.insert(
             job_id=job_id, source=row.source, stream_seq=row.stream_seq, body=row.body,
             task_replies=row.task_replies, received_at=row.received_at, attempts=attempts, error=error,
-            image_ids=",".join(image_ids)).execute()
+            image_ids=",".join(image_ids), proof=row.proof).execute()
         ResultInbox.delete().where(ResultInbox.id == row.id).execute()
     message = (f"result message could not be saved after {attempts} attempt(s): {error}; its "
                f"{len(image_ids)} image(s) failed; kept as parked result {parked_id} "
@@ -188,8 +190,8 @@ def replay(runtime: Runtime, *, ids: list[int] | None = None, job_id: int | None
     now = utcnow()
     with write_transaction():
         insert_ignoring_duplicates(ResultInbox, inbox.INBOX_FIELDS, [
-            (r.job_id, r.source, r.stream_seq, bytes(r.body), r.task_replies, now, len(r.image_ids.split(",")))
-            for r in rows])
+            (r.job_id, r.source, r.stream_seq, bytes(r.body), r.task_replies, now, len(r.image_ids.split(",")),
+             r.proof) for r in rows])
         ParkedResult.delete().where(ParkedResult.id.in_([r.id for r in rows])).execute()
     for r in rows:
         job_log(r.job_id, logging.WARNING, f"parked result {r.id} replayed: back in the inbox to be saved",

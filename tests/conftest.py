@@ -250,14 +250,15 @@ def runtime(settings):
 
 @pytest.fixture
 def moth_pipeline(db_url):
-    """The moth-demo pipeline, registered."""
+    """The moth-demo pipeline, registered for the tests' service token `svc` (tests/web_helpers.py)."""
     import json
 
     from pipeline import moth
     from pipeline.registry import register_pipeline
     from pipeline.schemas import decode_pipeline_spec
 
-    register_pipeline(decode_pipeline_spec(json.dumps(moth.PIPELINE_SPEC).encode(), source="test"))
+    register_pipeline(decode_pipeline_spec(json.dumps(moth.PIPELINE_SPEC).encode(), source="test"),
+                      for_service="svc")
     return moth.SLUG
 
 

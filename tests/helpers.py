@@ -41,6 +41,13 @@ def fake_job(pipeline: str, n: int, *, prefix: str = "file:///nowhere/img", **kw
     return create_job(pipeline, [f"{prefix}-{i}.png" for i in range(n)], **kwargs)
 
 
+def token_of(job_id: int, image_id: str) -> str:
+    """The task token of the job's task for `image_id`, as its holder has it (the task's `task_token`)."""
+    from pipeline.task_tokens import token_for
+
+    return token_for(Job.get_by_id(job_id).task_secret, job_id, str(image_id))
+
+
 def dispatch(runtime, job_id: int) -> None:
     from actors.run_job import execute
 
@@ -92,7 +99,7 @@ def job_with_results(runtime, pipeline: str, images: int, handled: int, *, boxes
     dispatch(runtime, job.id)
     tasks = pull_tasks(runtime, job.id, images)
     for task, reply in tasks[:handled]:
-        handle_result_message(runtime, job.id, success_body(task, boxes=boxes), reply)
+        handle_result_message(runtime, job.id, success_body(task, boxes=boxes), reply, task.task_token)
     return job, tasks
 
 
@@ -150,10 +157,11 @@ def answer_one_box(task: dict) -> dict:
 
 
 async def raw_service(nats_url: str, pipeline: str, stop: asyncio.Event, answer, *, copies: int = 1,
-                      seen: Counter | None = None) -> int:
+                      seen: Counter | None = None, old_contract: bool = False) -> int:
     """A processing service written only from docs/processing-services.md, with raw nats-py and no SDK: one
     result message per image, published `copies` times. `answer(task)` returns the result to publish, or
-    None to drop the task; `seen` counts the deliveries of each image id (a model run each)."""
+    None to drop the task; `seen` counts the deliveries of each image id (a model run each). `old_contract`:
+    written before task tokens (no Pipeline-Task-Token header)."""
     import nats.js.errors
 
     async with nats_client(nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5) as nc:
@@ -161,14 +169,16 @@ async def raw_service(nats_url: str, pipeline: str, stop: asyncio.Event, answer,
         subs, done = {}, 0
         while not stop.is_set():
             try:
-                done += await _raw_round(js, subs, pipeline, answer, copies=copies, seen=seen)
+                done += await _raw_round(js, subs, pipeline, answer, copies=copies, seen=seen,
+                                         old_contract=old_contract)
             except (nats.errors.Error, TimeoutError, OSError) as exc:  # an outage: try again, as a service would
                 log.info("raw service: %s: %s; trying again", type(exc).__name__, exc)
                 await asyncio.sleep(0.5)
         return done
 
 
-async def _raw_round(js, subs: dict, pipeline: str, answer, *, copies: int, seen: Counter | None) -> int:
+async def _raw_round(js, subs: dict, pipeline: str, answer, *, copies: int, seen: Counter | None,
+                     old_contract: bool) -> int:
     """One look at the pipeline's jobs and one fetch from each; the number of tasks answered."""
     import nats.js.errors
 
@@ -201,17 +211,20 @@ async def _raw_round(js, subs: dict, pipeline: str, answer, *, copies: int, seen
             if result is None:  # this service drops the task: no result, no +WPI
                 continue
             await msg.in_progress()
+            headers = {"Pipeline-Task-Reply": msg.reply}
+            if not old_contract:
+                headers["Pipeline-Task-Token"] = task["task_token"]
             for _ in range(copies):
-                await js.publish(f"pipeline.results.{task['job_id']}", json.dumps(result).encode(),
-                                 headers={"Pipeline-Task-Reply": msg.reply})
+                await js.publish(f"pipeline.results.{task['job_id']}", json.dumps(result).encode(), headers=headers)
             done += 1
     if not got_any:
         await asyncio.sleep(0.05)
     return done
 
 
-def result_messages(settings, job_id: int) -> list:
-    """(header, body) of every result message of the job waiting in PIPELINE_RESULTS (left in place)."""
+def result_messages(settings, job_id: int, *, tokens: bool = False) -> list:
+    """(Pipeline-Task-Reply header, body) of every result message of the job waiting in PIPELINE_RESULTS (left
+    in place); with `tokens`, (reply header, body, Pipeline-Task-Token header)."""
 
     async def read():
         async with nats_client(settings.nats_url) as nc:
@@ -224,7 +237,9 @@ def result_messages(settings, job_id: int) -> list:
                 except nats.js.errors.NotFoundError:
                     continue
                 if msg.subject == names.result_subject(job_id):
-                    found.append(((msg.headers or {}).get(names.HDR_TASK_REPLY), json.loads(msg.data)))
+                    headers = msg.headers or {}
+                    found.append((headers.get(names.HDR_TASK_REPLY), json.loads(msg.data))
+                                 + ((headers.get(names.HDR_TASK_TOKEN),) if tokens else ()))
             return found
 
     return asyncio.run(read())

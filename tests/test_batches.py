@@ -39,6 +39,11 @@ def replies_of(pulled) -> str:
     return names.join_task_replies(reply for _, reply in pulled)
 
 
+def tokens_of(pulled) -> str:
+    """The Pipeline-Task-Token header naming the pulled tasks' tokens."""
+    return ",".join(task.task_token for task, _ in pulled)
+
+
 def progress_counts(job_id):
     s = Job.get_by_id(job_id).progress["stages"]
     return s["process"]["processed"], s["process"]["failed"], s["results"]["detections"]
@@ -69,14 +74,14 @@ def test_a_message_covering_many_images_counts_each_once_and_acks_every_task(run
     body = batch_body([t for t, _ in batch], boxes=2)
     # When it is delivered three times (replays)
     for _ in range(3):
-        handled = handle_result_message(runtime, job.id, body, replies_of(batch))
+        handled = handle_result_message(runtime, job.id, body, replies_of(batch), tokens_of(batch))
     # Then each image was counted once, its rows saved once, and all 10 tasks were ACKed
     assert handled.action == "counted"
     assert progress_counts(job.id) == (10, 0, 20)
     assert Detection.select().where(Detection.job == job.id).count() == 20
     assert stream_count(runtime, job.id, moth_pipeline) == 2
     # And the last two images, batched as well, end the job with exact counts
-    handle_result_message(runtime, job.id, batch_body([t for t, _ in rest], boxes=1), replies_of(rest))
+    handle_result_message(runtime, job.id, batch_body([t for t, _ in rest], boxes=1), replies_of(rest), tokens_of(rest))
     assert Job.get_by_id(job.id).status == JobStatus.SUCCESS
     assert progress_counts(job.id) == (12, 0, 22)
 
@@ -92,11 +97,12 @@ def test_saving_result_messages_costs_one_transaction_and_one_redis_round_trip_w
     job = fake_job(moth_pipeline, 60)
     dispatch(runtime, job.id)
     (first, first_reply), *pulled = pull_tasks(runtime, job.id, messages * images + 1)
-    handle_result_message(runtime, job.id, success_body(first, boxes=3), first_reply)
+    handle_result_message(runtime, job.id, success_body(first, boxes=3), first_reply, first.task_token)
     # and `messages` result messages of `images` images each, taken into the inbox in one transaction
     groups = [pulled[n * images:(n + 1) * images] for n in range(messages)]
     transactions = metrics().db_transactions._value.get()
-    take(runtime, [Incoming.direct(job.id, batch_body([t for t, _ in group], boxes=3), replies_of(group))
+    take(runtime, [Incoming.direct(job.id, batch_body([t for t, _ in group], boxes=3), replies_of(group),
+                                   tokens_of(group))
                    for group in groups])
     assert metrics().db_transactions._value.get() - transactions == 1
     transactions = metrics().db_transactions._value.get()
@@ -142,14 +148,14 @@ def test_a_bad_batch_fails_each_of_its_images_and_terminates_each_task(runtime, 
     bad, good = pulled[:3], pulled[3]
     body = batch_body([t for t, _ in bad], detector={"key": "nobody-declared-me", "name": "?"})
     # When it is handled, those 3 images are failed with the reason and their tasks terminated
-    handled = handle_result_message(runtime, job.id, body, replies_of(bad))
+    handled = handle_result_message(runtime, job.id, body, replies_of(bad), tokens_of(bad))
     assert handled.action == "failed"
     failed = JobImage.select().where((JobImage.job == job.id) & (JobImage.status == ImageStatus.FAILED))
     assert sorted(str(r.image_id) for r in failed) == sorted(t.image_id for t, _ in bad)
     assert all("undeclared algorithm" in r.error for r in failed)
     assert stream_count(runtime, job.id, moth_pipeline) == 1
     # And the other image proceeds: 3 of 4 failed is a FAILURE (strict threshold 0.5)
-    handle_result_message(runtime, job.id, success_body(good[0]), good[1])
+    handle_result_message(runtime, job.id, success_body(good[0]), good[1], good[0].task_token)
     assert Job.get_by_id(job.id).status == JobStatus.FAILURE
 
 
@@ -160,7 +166,7 @@ def test_an_unreadable_batch_fails_the_images_of_every_task_it_names(runtime, mo
     pulled = pull_tasks(runtime, job.id, 4)
     bad = pulled[:3]
     # When it is handled, the images are found through their tasks, failed, and the tasks terminated
-    handled = handle_result_message(runtime, job.id, b"{not json", replies_of(bad))
+    handled = handle_result_message(runtime, job.id, b"{not json", replies_of(bad), tokens_of(bad))
     assert handled.action == "failed"
     failed = JobImage.select().where((JobImage.job == job.id) & (JobImage.status == ImageStatus.FAILED))
     assert sorted(str(r.image_id) for r in failed) == sorted(t.image_id for t, _ in bad)
@@ -172,7 +178,8 @@ def test_a_result_covering_more_images_than_allowed_is_bad_input(runtime, moth_p
     job = fake_job(moth_pipeline, 3)
     dispatch(runtime, job.id)
     pulled = pull_tasks(runtime, job.id, 3)
-    handled = handle_result_message(runtime, job.id, batch_body([t for t, _ in pulled]), replies_of(pulled))
+    handled = handle_result_message(runtime, job.id, batch_body([t for t, _ in pulled]), replies_of(pulled),
+                                    tokens_of(pulled))
     assert handled.action == "failed"
     assert {r.error for r in JobImage.select()} == {"bad result: a result may cover at most 2 images, this one "
                                                     "lists 3"}
@@ -201,8 +208,9 @@ def test_the_sdk_sends_up_to_batch_size_images_per_message(runtime, moth_pipelin
     assert [len(names.task_replies(header)) for header, _ in messages] == sizes
     assert len(messages) < 25 if batch_size > 1 else len(messages) == 25
     # And handling those messages completes the job with every task ACKed
-    for header, body in messages:
-        handle_result_message(runtime, job.id, json.dumps(body).encode(), header)
+    for header, body, tokens in result_messages(settings, job.id, tokens=True):
+        assert len(names.task_tokens(tokens)) == len(body["source_images"])  # each image's task token named
+        handle_result_message(runtime, job.id, json.dumps(body).encode(), header, tokens)
     assert Job.get_by_id(job.id).status == JobStatus.SUCCESS
     assert stream_count(runtime, job.id, moth_pipeline) == 0
 
@@ -260,7 +268,7 @@ def test_a_result_counted_but_never_committed_holds_the_job_open_until_it_is_sav
     job, tasks = job_with_results(runtime, moth_pipeline, 3, 1)
     monkeypatch.setenv("PIPELINE_RAISE_AT", "after_progress")
     with pytest.raises(InjectedFault):
-        handle_result_message(runtime, job.id, success_body(tasks[1][0], boxes=2), tasks[1][1])
+        handle_result_message(runtime, job.id, success_body(tasks[1][0], boxes=2), tasks[1][1], tasks[1][0].task_token)
     monkeypatch.delenv("PIPELINE_RAISE_AT")
     assert ResultInbox.select().where(ResultInbox.job_id == job.id).count() == 1
     assert runtime.state.snapshot(job.id).processed == 2
@@ -294,10 +302,11 @@ def test_the_last_two_results_handled_at_once_end_the_job(runtime, moth_pipeline
         return snapshot
 
     monkeypatch.setattr(runtime.state, "record", paused_record)
-    b = threading.Thread(target=handle_result_message, args=(runtime, job.id, success_body(task_b), reply_b))
+    b = threading.Thread(target=handle_result_message, args=(runtime, job.id, success_body(task_b), reply_b,
+                                                                      task_b.task_token))
     b.start()
     assert b_gated.wait(timeout=10)
-    handle_result_message(runtime, job.id, success_body(task_a), reply_a)
+    handle_result_message(runtime, job.id, success_body(task_a), reply_a, task_a.task_token)
     a_done.set()
     b.join(timeout=30)
     # Then whichever counted last saw every other result committed, and ended the job

@@ -266,7 +266,7 @@ def test_a_services_text_cannot_split_or_forge_a_line_of_the_job_log(cli, runtim
     dispatch(runtime, job.id)
     [(task, reply)] = pull_tasks(runtime, job.id, 1)
     forged = "lens cap\n2026-12-06 06:00:00 ERROR   job finished SUCCESS\r\x1b[2J"
-    handle_result_message(runtime, job.id, error_body(task.image_id, forged), reply)
+    handle_result_message(runtime, job.id, error_body(task.image_id, forged), reply, task.task_token)
     out = cli("logs", str(job.id), PIPELINE_DATABASE_URL=runtime.settings.database_url).stdout
     assert "\x1b" not in out and "\r" not in out
     assert not any(line.startswith("2026-12-06 06:00:00") for line in out.splitlines())

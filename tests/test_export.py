@@ -26,9 +26,10 @@ def job_with_outcomes(runtime, pipeline: str) -> Job:
     dispatch(runtime, job.id)
     tasks = pull_tasks(runtime, job.id, 5)
     for task, reply in tasks[:3]:
-        handle_result_message(runtime, job.id, success_body(task, boxes=2), reply)
-    handle_result_message(runtime, job.id, success_body(tasks[3][0], boxes=0), tasks[3][1])
-    handle_result_message(runtime, job.id, error_body(tasks[4][0].image_id, "lens cap <on>"), tasks[4][1])
+        handle_result_message(runtime, job.id, success_body(task, boxes=2), reply, task.task_token)
+    handle_result_message(runtime, job.id, success_body(tasks[3][0], boxes=0), tasks[3][1], tasks[3][0].task_token)
+    handle_result_message(runtime, job.id, error_body(tasks[4][0].image_id, "lens cap <on>"), tasks[4][1],
+                          tasks[4][0].task_token)
     return Job.get_by_id(job.id)
 
 
@@ -128,8 +129,10 @@ def test_csv_cells_a_spreadsheet_would_run_are_written_as_text_and_jsonl_stays_e
     body = json.loads(success_body(task, boxes=1))
     body["detections"][0]["classifications"][0]["taxon"] = '=HYPERLINK("http://evil.example","click")'
     body["detections"][0]["crop_image_url"] = "=cmd|' /C calc'!A0"
-    handle_result_message(runtime, job.id, json.dumps(body).encode(), reply)
-    handle_result_message(runtime, job.id, error_body(other.image_id, "@SUM(1+1)*cmd|' /C calc'!A0"), other_reply)
+    handle_result_message(runtime, job.id, json.dumps(body).encode(), reply,
+                          task.task_token)
+    handle_result_message(runtime, job.id, error_body(other.image_id, "@SUM(1+1)*cmd|' /C calc'!A0"), other_reply,
+                          other.task_token)
     # When exported as CSV, no cell starts a formula: each is text, behind an apostrophe
     rows = list(csv.DictReader(io.StringIO("".join(export(job.id, "csv")))))
     formulas = [v for row in rows for v in row.values() if v and v[0] in "=+-@\t\r"]

@@ -169,7 +169,7 @@ def test_redis_outage_while_saving_keeps_the_result_in_the_inbox_and_the_job_run
     # When Redis is down while a result is handled
     dev.redis.stop()
     with caplog.at_level(logging.WARNING), pytest.raises(TransientError):
-        handle_result_message(rt, job.id, success_body(task, boxes=2), reply)
+        handle_result_message(rt, job.id, success_body(task, boxes=2), reply, task.task_token)
     # Then the result waits in the inbox (its task is settled: no model runs twice), nothing is counted,
     # the job did not fail, and the log names job and image
     assert ResultInbox.select().where(ResultInbox.job_id == job.id).count() == 1
@@ -179,7 +179,7 @@ def test_redis_outage_while_saving_keeps_the_result_in_the_inbox_and_the_job_run
     assert f"job={job.id} image={task.image_id} transient error, result waits in the inbox" in caplog.text
     # When Redis comes back (empty: it kept nothing) and the next result is handled
     dev.redis.start()
-    handle_result_message(rt, job.id, success_body(task2, boxes=1), reply2)
+    handle_result_message(rt, job.id, success_body(task2, boxes=1), reply2, task2.task_token)
     # Then the state was rebuilt from the database and counts are exact
     job = Job.get_by_id(job.id)
     assert (job.status, job.progress["stages"]["results"]["detections"]) == (JobStatus.SUCCESS, 3)
@@ -194,11 +194,11 @@ def test_nats_outage_at_ack_time_retries_without_double_counting(private_runtime
     rt.tasks.timeout_s = 8  # fail the ACK quickly while NATS is down
     dev.nats.stop()
     with caplog.at_level(logging.WARNING), pytest.raises(TransientError):
-        handle_result_message(rt, job.id, success_body(task, boxes=2), reply)
+        handle_result_message(rt, job.id, success_body(task, boxes=2), reply, task.task_token)
     assert f"job={job.id} image={task.image_id} transient error while taking the result" in caplog.text
     dev.nats.start()
     wait_for(lambda: rt.tasks.queue.nc.is_connected, timeout_s=15, message="NATS reconnect")
-    handle_result_message(rt, job.id, success_body(task, boxes=2), reply)
+    handle_result_message(rt, job.id, success_body(task, boxes=2), reply, task.task_token)
     snap = rt.state.snapshot(job.id)
     assert (snap.processed, snap.detections) == (1, 2)
     assert stream_count(rt, job.id, "moth-demo") == 1
@@ -221,8 +221,8 @@ def test_a_result_the_database_refuses_fails_its_image_and_the_others_are_saved(
         body["detections"][0]["bbox"]["x2"] = 1e300
     else:
         body["detections"][0]["classifications"][0]["taxon"] = "x" * 5000 if "5,000" in bad else "Noc\u0000tuidae"
-    take(runtime, [Incoming.direct(job.id, json.dumps(body).encode(), tasks[0][1])] + [
-        Incoming.direct(job.id, success_body(task, boxes=1), reply) for task, reply in tasks[1:]])
+    take(runtime, [Incoming.direct(job.id, json.dumps(body).encode(), tasks[0][1], tasks[0][0].task_token)] + [
+        Incoming.direct(job.id, success_body(task, boxes=1), reply, task.task_token) for task, reply in tasks[1:]])
     # When they are saved
     drain(runtime, job.id)
     # Then that image is failed at once with the reason (no retry, nothing left in the inbox) — a NUL or
@@ -254,7 +254,7 @@ def test_cancel_revokes_removes_tasks_and_later_results_change_nothing(runtime, 
     assert cancel(runtime, job.id) == JobStatus.REVOKED
     assert runtime.tasks.consumer_state(job.id).exists is False
     assert stream_count(runtime, job.id, moth_pipeline) == 0  # services receive nothing more
-    handled = handle_result_message(runtime, job.id, success_body(task, boxes=5), reply)
+    handled = handle_result_message(runtime, job.id, success_body(task, boxes=5), reply, task.task_token)
     job = Job.get_by_id(job.id)
     assert (handled.action, job.status, job.progress["stages"]["results"]["detections"]) == ("late", "REVOKED", 0)
     # and its stages say they ended with it (collect had finished before)
@@ -267,11 +267,12 @@ def test_undeclared_algorithm_fails_the_image_and_terminates_its_task(runtime, m
     job = fake_job(moth_pipeline, 2)
     dispatch(runtime, job.id)
     (task, reply), (task2, reply2) = pull_tasks(runtime, job.id, 2)
-    handle_result_message(runtime, job.id, success_body(task, detector={"key": "yolo", "name": "?"}), reply)
+    handle_result_message(runtime, job.id, success_body(task, detector={"key": "yolo", "name": "?"}), reply,
+                          task.task_token)
     row = JobImage.get(JobImage.image == int(task.image_id))
     assert row.status == "failed" and "undeclared algorithm(s) ['yolo']" in row.error
     assert stream_count(runtime, job.id, moth_pipeline) == 1  # its task was terminated, not left to retry
-    handle_result_message(runtime, job.id, success_body(task2), reply2)
+    handle_result_message(runtime, job.id, success_body(task2), reply2, task2.task_token)
     assert Job.get_by_id(job.id).status == JobStatus.SUCCESS
 
 

@@ -31,6 +31,7 @@ from tests.helpers import (
     pull_tasks,
     stream_count,
     success_body,
+    token_of,
 )
 
 
@@ -59,9 +60,9 @@ def run_job_with(rt, n: int, *, processed: int, errors: int) -> tuple[Job, list[
     dispatch(rt, job.id)
     tasks = sorted(pull_tasks(rt, job.id, n), key=lambda t: int(t[0].image_id))
     for task, reply in tasks[:processed]:
-        handle_result_message(rt, job.id, success_body(task, boxes=1), reply)
+        handle_result_message(rt, job.id, success_body(task, boxes=1), reply, task.task_token)
     for task, reply in tasks[processed:processed + errors]:
-        handle_result_message(rt, job.id, error_body(task.image_id), reply)
+        handle_result_message(rt, job.id, error_body(task.image_id), reply, task.task_token)
     return job, [t.image_id for t, _ in tasks[processed + errors:]]
 
 
@@ -135,7 +136,7 @@ def test_a_late_result_after_the_job_ended_is_refused_and_changes_nothing(quick)
 
     # When a result for one of them arrives after all
     late = Task(job.id, lost[0], "file:///late.png", "moth-demo")
-    handled = handle_result_message(quick, job.id, success_body(late, boxes=3), None)
+    handled = handle_result_message(quick, job.id, success_body(late, boxes=3), None, token_of(job.id, lost[0]))
     # Then it is refused: no rows on a failed image, counters equal rows
     job = Job.get_by_id(job.id)
     assert handled.action == "late"
@@ -155,7 +156,7 @@ def test_a_late_result_while_the_job_runs_supersedes_the_lost_verdict(quick):
     # When a valid result for one of the lost images arrives, twice (a replay)
     late = Task(job.id, lost[0], "file:///late.png", "moth-demo")
     for _ in range(2):
-        handle_result_message(quick, job.id, success_body(late, boxes=3), None)
+        handle_result_message(quick, job.id, success_body(late, boxes=3), None, token_of(job.id, lost[0]))
     # Then it decides that image: processed, its rows saved, counters corrected once, equal to the rows
     row = JobImage.get(JobImage.image == int(lost[0]))
     assert (row.status, row.error, row.detections) == (ImageStatus.PROCESSED, None, 3)
@@ -166,7 +167,7 @@ def test_a_late_result_while_the_job_runs_supersedes_the_lost_verdict(quick):
     assert stages["results"]["detections"] == detections == 2 * 1 + 3
     assert (stages["results"]["captures"], quick.state.snapshot(job.id).failed) == (3, 1)
     # And an error result for the other lost image does not change its verdict
-    handle_result_message(quick, job.id, error_body(lost[1]), None)
+    handle_result_message(quick, job.id, error_body(lost[1]), None, token_of(job.id, lost[1]))
     assert JobImage.get(JobImage.image == int(lost[1])).error.startswith("lost:")
 
 
@@ -190,7 +191,7 @@ def test_missing_redis_state_is_rebuilt_and_the_job_completes_exactly(runtime, m
     assert report["state_rebuild"]["jobs"] == {str(job.id): "redis_rebuilt"}
     assert runtime.state.snapshot(job.id).processed == 2
     for task, reply in tasks:
-        handle_result_message(runtime, job.id, success_body(task, boxes=2), reply)
+        handle_result_message(runtime, job.id, success_body(task, boxes=2), reply, task.task_token)
     job = Job.get_by_id(job.id)
     assert (job.status, job.progress["stages"]["results"]["detections"]) == (JobStatus.SUCCESS, 8)
 
@@ -241,7 +242,7 @@ def test_lost_nats_tasks_are_dispatched_again(runtime, moth_pipeline, stack):
     job = fake_job(moth_pipeline, 3)
     dispatch(runtime, job.id)
     [(task, reply)] = pull_tasks(runtime, job.id, 1)
-    handle_result_message(runtime, job.id, success_body(task), reply)
+    handle_result_message(runtime, job.id, success_body(task), reply, task.task_token)
     from pipeline import chaos
 
     asyncio.run(chaos.flush_nats(stack.nats_url))  # the streams, consumers and tasks are gone
@@ -249,7 +250,7 @@ def test_lost_nats_tasks_are_dispatched_again(runtime, moth_pipeline, stack):
     assert report["state_rebuild"]["jobs"] == {str(job.id): "redispatched"}
     assert stream_count(runtime, job.id, moth_pipeline) == 2  # only the pending images
     for task, reply in pull_tasks(runtime, job.id, 2):
-        handle_result_message(runtime, job.id, success_body(task), reply)
+        handle_result_message(runtime, job.id, success_body(task), reply, task.task_token)
     assert Job.get_by_id(job.id).status == JobStatus.SUCCESS
 
 
@@ -330,7 +331,7 @@ def test_max_deliveries_advisory_fails_the_image_idempotently(quick):
     dispatch(quick, job.id)
     tasks = pull_tasks(quick, job.id, 5)
     for task, reply in tasks[:3]:
-        handle_result_message(quick, job.id, success_body(task), reply)
+        handle_result_message(quick, job.id, success_body(task), reply, task.task_token)
     # the other two are never answered: with max_deliver=1, JetStream gives up after ack_wait (1 s)
     advisories = read_advisories(quick, 2)
     assert len(advisories) == 2 and all("max_deliver" in json.loads(a)["type"] for a in advisories)
@@ -352,7 +353,8 @@ def test_a_lost_verdict_waits_for_a_result_published_before_the_give_up(quick):
     body = success_body(task_a, boxes=2)
 
     async def publish(js):
-        return (await js.publish(names.result_subject(job.id), body, headers={names.HDR_TASK_REPLY: reply_a})).seq
+        return (await js.publish(names.result_subject(job.id), body, headers={names.HDR_TASK_REPLY: reply_a,
+                                                                        names.HDR_TASK_TOKEN: task_a.task_token})).seq
 
     result_seq = quick.runner.run(publish(quick.tasks.queue.js))
     by_seq = {json.loads(a)["stream_seq"]: a for a in read_advisories(quick, 2)}
@@ -363,7 +365,7 @@ def test_a_lost_verdict_waits_for_a_result_published_before_the_give_up(quick):
     assert (outcome_a, outcome_b) == ("deferred", "deferred") and min(up_to_a, up_to_b) >= result_seq
     assert JobImage.select().where(JobImage.status == "pending").count() == 2
     # And once that result is taken and saved, A is processed, not lost, and B, which had none, is lost
-    handle_result_message(quick, job.id, body, reply_a)
+    handle_result_message(quick, job.id, body, reply_a, task_a.task_token)
     quick.runner.run(quick.tasks.queue.js.delete_msg(names.RESULTS_STREAM, result_seq))  # as the bridge's ACK
     assert handle_advisory(quick, advisory_a, up_to_a)[0] in ("already_settled", "unknown_image")  # task ACKed
     assert handle_advisory(quick, advisory_b, up_to_b)[0] == "failed"
@@ -382,7 +384,7 @@ def test_an_advisory_for_an_image_that_succeeded_changes_nothing(quick):
     # the result for that very task arrives late, after JetStream gave up (late ACKs are accepted and
     # delete the task), and only then is the advisory handled
     task, reply = tasks[image_id]
-    handle_result_message(quick, job.id, success_body(task, boxes=2), reply)
+    handle_result_message(quick, job.id, success_body(task, boxes=2), reply, task.task_token)
     assert handle_advisory(quick, advisory)[0] in ("already_settled", "unknown_image")
     snap = quick.state.snapshot(job.id)
     assert (snap.processed, snap.failed, snap.detections) == (1, 0, 2)
@@ -493,7 +495,7 @@ def test_past_its_deadline_a_jobs_pending_images_fail_and_the_threshold_decides(
     dispatch(runtime, job.id)
     tasks = pull_tasks(runtime, job.id, 4)
     for task, reply in tasks[:3]:
-        handle_result_message(runtime, job.id, success_body(task, boxes=1), reply)
+        handle_result_message(runtime, job.id, success_body(task, boxes=1), reply, task.task_token)
     assert run_health_check(runtime)["deadlines"]["checked"] == 0  # not yet
     report = run_health_check(runtime, now=utcnow() + dt.timedelta(minutes=11))
     assert report["deadlines"]["jobs"] == {str(job.id): "deadline_passed"}
@@ -581,7 +583,7 @@ def test_an_idle_job_whose_results_are_being_drained_elsewhere_loses_nothing(qui
     job = fake_job("moth-demo", 2)
     dispatch(quick, job.id)
     tasks = pull_tasks(quick, job.id, 2)
-    take(quick, [Incoming.direct(job.id, success_body(task), reply) for task, reply in tasks])
+    take(quick, [Incoming.direct(job.id, success_body(task), reply, task.task_token) for task, reply in tasks])
     token = quick.state.try_lock(names.drain_lock_key(job.id), 60_000)
     gone_quiet(job.id)
     # When the health check runs, nothing is failed as lost: those results decide their images

@@ -45,12 +45,13 @@ MUTATIONS = st.one_of(
     st.tuples(st.just("none"), st.none(), st.none()),
 )
 REPLIES = st.sampled_from(["own", "own and the other", "the other only", "foreign job", "garbage", "none"])
+TOKENS = st.sampled_from(["own", "own and the other", "the other only", "forged", "none"])
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow])
-@given(mutation=MUTATIONS, reply_kind=REPLIES)
-def test_any_result_message_leaves_the_job_consistent(runtime, moth_pipeline, mutation, reply_kind):
+@given(mutation=MUTATIONS, reply_kind=REPLIES, token_kind=TOKENS)
+def test_any_result_message_leaves_the_job_consistent(runtime, moth_pipeline, mutation, reply_kind, token_kind):
     # Given a dispatched 2-image job whose tasks a service pulled
     job = fake_job(moth_pipeline, 2, prefix=f"file:///hostile/{uuid.uuid4().hex}")  # images of its own
     dispatch(runtime, job.id)
@@ -72,7 +73,10 @@ def test_any_result_message_leaves_the_job_consistent(runtime, moth_pipeline, mu
     header = {"own": reply, "own and the other": f"{reply},{other_reply}", "the other only": other_reply,
               "foreign job": reply.replace(f"job-{job.id}.", f"job-{job.id + 1000}."), "garbage": "$JS.ACK.x.y",
               "none": None}[reply_kind]
-    handle_result_message(runtime, job.id, body, header)  # raises nothing
+    tokens = {"own": task.task_token, "own and the other": f"{task.task_token},{other.task_token}",
+              "the other only": other.task_token, "forged": f"{task.image_id}.forgedforgedforgedforge",
+              "none": None}[token_kind]
+    handle_result_message(runtime, job.id, body, header, tokens)  # raises nothing
     # Then nothing waits in the inbox, and every image is pending, processed or failed with a reason
     assert not ResultInbox.select().where(ResultInbox.job_id == job.id).exists()
     rows = list(JobImage.select().where(JobImage.job == job.id))
@@ -87,7 +91,12 @@ def test_any_result_message_leaves_the_job_consistent(runtime, moth_pipeline, mu
     assert stages["process"]["processed"] == sum(r.status != "pending" for r in rows)
     assert stages["process"]["failed"] == sum(r.status == "failed" for r in rows)
     assert stages["results"]["detections"] == sum(r.detections for r in rows if r.status == "processed")
+    # And an image whose token the message did not name is never decided by it (invariant 12)
+    if token_kind not in ("own and the other", "the other only"):
+        assert {r.status for r in rows if str(r.image_id) == other.image_id} <= {"pending"}
+    if token_kind in ("forged", "none", "the other only"):
+        assert {r.status for r in rows if str(r.image_id) == task.image_id} <= {"pending"}
     # And the other image still proceeds (its task was not settled by this message unless it named it)
     if rows and all(r.status == "pending" for r in rows if str(r.image_id) == other.image_id):
-        handle_result_message(runtime, job.id, success_body(other, boxes=1), other_reply)
+        handle_result_message(runtime, job.id, success_body(other, boxes=1), other_reply, other.task_token)
         assert JobImage.get((JobImage.job == job.id) & (JobImage.image == int(other.image_id))).status == "processed"

@@ -22,7 +22,7 @@ def finished_with_failures(runtime, n: int, failed: int) -> Job:
     dispatch(runtime, job.id)
     for i, (task, reply) in enumerate(sorted(pull_tasks(runtime, job.id, n), key=lambda t: int(t[0].image_id))):
         body = error_body(task.image_id, f"cannot open {task.image_id}") if i < failed else success_body(task)
-        handle_result_message(runtime, job.id, body, reply)
+        handle_result_message(runtime, job.id, body, reply, task.task_token)
     return Job.get_by_id(job.id)
 
 
@@ -56,7 +56,7 @@ def test_retry_failed_completes_a_job_made_of_the_failures_of_another(runtime, m
     assert (retry.total_images, retry.name) == (2, f"retry of job {job.id} ({job.name})")
     dispatch(runtime, retry.id)
     for task, reply in pull_tasks(runtime, retry.id, 2):
-        handle_result_message(runtime, retry.id, success_body(task), reply)
+        handle_result_message(runtime, retry.id, success_body(task), reply, task.task_token)
     retry = Job.get_by_id(retry.id)
     assert (retry.status, retry.progress["stages"]["process"]["failed"]) == (JobStatus.SUCCESS, 0)
 

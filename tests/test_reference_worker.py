@@ -19,11 +19,12 @@ from PIL import Image
 from models import Job, JobStatus, Pipeline
 from pipeline import moth
 from pipeline.jobs import create_job, image_urls_from_dir, start_job
+from pipeline.saving import handle_result_message
 from pipeline.schemas import Task, encode
 from pipeline.web import image_links
 from tests import reference_client
 from tests.conftest import wait_for
-from tests.helpers import dispatch, fake_job
+from tests.helpers import answer_one_box, dispatch, fake_job, result_messages, token_of
 from tests.web_helpers import WebServer
 
 TOKENS = {"ami-lab": "service-token-ami-lab-0123", "other-lab": "service-token-other-lab-0123",
@@ -35,6 +36,13 @@ SETTING = "ami-lab:service:service-token-ami-lab-0123,other-lab:service:service-
 def client_of(server, name: str) -> httpx.Client:
     return httpx.Client(base_url=f"{server.url}/api/v2", timeout=30,
                         headers={"Authorization": f"Token {TOKENS[name]}"} if name else {})
+
+
+@pytest.fixture
+def moth_pipeline(moth_pipeline):
+    """moth-demo, belonging to the reference worker's service token `ami-lab`."""
+    Pipeline.update(registered_by="ami-lab").where(Pipeline.slug == moth_pipeline).execute()
+    return moth_pipeline
 
 
 @pytest.fixture
@@ -174,3 +182,39 @@ def _guarded(fn, *args) -> None:
     except BaseException as exc:  # noqa: BLE001 - handed to the test
         out["error"] = f"{type(exc).__name__}: {exc}"
         time.sleep(0)
+
+
+def test_a_service_reaches_only_its_own_pipelines_and_answers_only_the_tasks_handed_to_it(server, runtime, settings,
+                                                                                          moth_pipeline):
+    # Given a dispatched job of ami-lab's pipeline
+    job = fake_job(moth_pipeline, 2)
+    dispatch(runtime, job.id)
+    with client_of(server, "ami-lab") as ami, client_of(server, "other-lab") as other, \
+            client_of(server, "ada") as ada:
+        # Then another service does not see it, and may neither reserve, extend nor answer its tasks
+        assert other.get("/jobs/", params={"ids_only": 1, "incomplete_only": 1}).json()["results"] == []
+        for path, body in (("tasks/", {"batch_size": 2}), ("tasks/in_progress/", {"reply_subjects": []}),
+                           ("result/", {"results": [{"reply_subject": "x", "result": {"error": "x"}}]})):
+            refused = other.post(f"/jobs/{job.id}/{path}", json=body)
+            assert refused.status_code == 403, refused.text
+            assert "belongs to service 'ami-lab'" in refused.json()["detail"]
+        # And a task ami-lab reserved is answered by ami-lab alone: anyone else gets 409 and nothing is published
+        tasks = ami.post(f"/jobs/{job.id}/tasks/", json={"batch_size": 2}).json()["tasks"]
+        assert len(tasks) == 2 and all("task_token" not in t for t in tasks)  # tokens stay with the gateway
+        mine = tasks[0]
+        forged = {"results": [{"reply_subject": mine["reply_subject"],
+                               "result": {"error": "forged", "image_id": mine["image_id"]}}]}
+        refused = ada.post(f"/jobs/{job.id}/result/", json=forged)
+        assert refused.status_code == 409 and "handed to ada" in refused.json()["detail"]
+        extend = ada.post(f"/jobs/{job.id}/tasks/in_progress/", json={"reply_subjects": [mine["reply_subject"]]})
+        assert extend.status_code == 409
+        assert result_messages(settings, job.id) == []
+        # And its own answers go out with each task's token, which decides its image
+        answers = [{"reply_subject": t["reply_subject"], "result": answer_one_box(
+            {"image_id": t["image_id"], "image_url": t["image_url"], "pipeline": moth_pipeline})} for t in tasks]
+        assert ami.post(f"/jobs/{job.id}/result/", json={"results": answers}).status_code == 200
+    published = result_messages(settings, job.id, tokens=True)
+    assert sorted(token for _, _, token in published) == sorted(token_of(job.id, t["image_id"]) for t in tasks)
+    for reply, body, token in published:
+        handle_result_message(runtime, job.id, json.dumps(body).encode(), reply, token)
+    assert Job.get_by_id(job.id).status == JobStatus.SUCCESS

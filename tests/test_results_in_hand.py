@@ -151,7 +151,8 @@ def test_a_late_result_after_a_lost_verdict_supersedes_it(runtime, db_url, stack
 
     async def answer(js, msg):
         await js.publish(names.result_subject(job_id), json.dumps(answer_one_box(json.loads(msg.data))).encode(),
-                         headers={names.HDR_TASK_REPLY: msg.reply})
+                         headers={names.HDR_TASK_REPLY: msg.reply,
+                                  names.HDR_TASK_TOKEN: json.loads(msg.data)["task_token"]})
 
     async def until(predicate, keep_alive, timeout_s=30):
         deadline = time.monotonic() + timeout_s
@@ -228,7 +229,8 @@ def test_the_bridge_stops_taking_while_the_inbox_is_full(runtime, moth_pipeline,
 
     async def publish_all():
         for task, reply in tasks:
-            await js.publish(names.result_subject(job.id), success_body(task), headers={names.HDR_TASK_REPLY: reply})
+            await js.publish(names.result_subject(job.id), success_body(task),
+                             headers={names.HDR_TASK_REPLY: reply, names.HDR_TASK_TOKEN: task.task_token})
 
     runtime.runner.run(publish_all(), timeout=30)
     # (the bridge takes up to 200 per fetch: let it take one message per fetch, as a slow stream would)
@@ -275,7 +277,8 @@ def test_results_on_unparseable_subjects_are_dropped_and_do_not_stall_the_bridge
     async def publish():
         for subject in ("pipeline.results.²", "pipeline.results.99999999999999999999"):
             await js.publish(subject, b"{}")
-        await js.publish(names.result_subject(job.id), success_body(task), headers={names.HDR_TASK_REPLY: reply})
+        await js.publish(names.result_subject(job.id), success_body(task),
+                             headers={names.HDR_TASK_REPLY: reply, names.HDR_TASK_TOKEN: task.task_token})
         await js.add_consumer(names.TASKS_STREAM, ConsumerConfig(durable_name="job-²",
                                                                  filter_subject="pipeline.tasks.moth-demo.²"))
 

@@ -38,7 +38,7 @@ def test_a_retried_run_job_resets_nothing_and_publishes_nothing_twice(runtime, m
     job = fake_job(moth_pipeline, 4)
     dispatch(runtime, job.id)
     [(task, reply)] = pull_tasks(runtime, job.id, 1)
-    handle_result_message(runtime, job.id, success_body(task, boxes=3), reply)
+    handle_result_message(runtime, job.id, success_body(task, boxes=3), reply, task.task_token)
     # When run_job runs again, even with its dispatch checkpoint lost
     Job.update(dispatched_at=None, dispatch_cursor=0).where(Job.id == job.id).execute()
     dispatch(runtime, job.id)
@@ -249,7 +249,7 @@ def test_dispatching_while_results_are_saved_never_meets_a_locked_database(runti
                 except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):
                     break  # the job ended: its consumer is gone
                 for task, reply in tasks:
-                    handle_result_message(runtime, job.id, success_body(task, boxes=1), reply)
+                    handle_result_message(runtime, job.id, success_body(task, boxes=1), reply, task.task_token)
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
         finally:

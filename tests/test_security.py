@@ -238,7 +238,8 @@ def test_urls_inside_text_are_masked_where_jetpipe_stores_or_logs_them(runtime, 
     dispatch(runtime, job.id)
     [(task, reply)] = pull_tasks(runtime, job.id, 1)
     with caplog.at_level("INFO"):
-        handle_result_message(runtime, job.id, error_body(task.image_id, f"ImageUnreadable: cannot read {url}"), reply)
+        handle_result_message(runtime, job.id, error_body(task.image_id, f"ImageUnreadable: cannot read {url}"), reply,
+                              task.task_token)
     # Then the signature is in neither the image's reason, the job log nor a log line
     assert "abc123secret" not in JobImage.get(JobImage.image == int(task.image_id)).error
     assert "X-Amz-Signature=***" in JobImage.get(JobImage.image == int(task.image_id)).error

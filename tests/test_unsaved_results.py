@@ -28,7 +28,8 @@ from tests.helpers import dispatch, fake_job, pull_tasks, success_body
 
 def take_results(runtime, job_id: int, tasks) -> None:
     """A service answered these tasks: their results are taken into the inbox (nothing saved yet)."""
-    take(runtime, [Incoming.direct(job_id, success_body(task, boxes=1), reply) for task, reply in tasks])
+    take(runtime, [Incoming.direct(job_id, success_body(task, boxes=1), reply, task.task_token) for task,
+                                   reply in tasks])
 
 
 def image_states(job_id: int) -> dict[str, tuple[str, str | None]]:
@@ -389,8 +390,10 @@ def test_a_batch_that_never_saves_fails_each_of_its_images_once_even_delivered_t
     batch = {**bodies[0], "source_images": [i for b in bodies for i in b["source_images"]],
              "detections": [d for b in bodies for d in b["detections"]]}
     replies = ",".join(reply for _, reply in tasks[:3])
+    tokens = ",".join(task.task_token for task, _ in tasks[:3])
     saving_fails_for(monkeypatch, tasks[1][0].image_id)
-    take(runtime, [Incoming.direct(job.id, json.dumps(batch).encode(), replies) for _ in range(2)])  # and a replay
+    take(runtime, [Incoming.direct(job.id, json.dumps(batch).encode(), replies, tokens)
+                   for _ in range(2)])  # and a replay
     take_results(runtime, job.id, tasks[3:])
     drain(runtime, job.id)
     states = image_states(job.id)

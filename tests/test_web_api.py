@@ -121,9 +121,10 @@ def test_retry_failed_pipelines_and_dead_letters_through_the_api(web, runtime, m
     from pipeline.saving import handle_result_message
 
     tasks = pull_tasks(runtime, job.id, 3)
-    handle_result_message(runtime, job.id, success_body(tasks[0][0]), tasks[0][1])
+    handle_result_message(runtime, job.id, success_body(tasks[0][0]), tasks[0][1], tasks[0][0].task_token)
     for task, reply in tasks[1:]:
-        handle_result_message(runtime, job.id, error_body(task.image_id, "<b>lens</b> [red]cap[/red]"), reply)
+        handle_result_message(runtime, job.id, error_body(task.image_id, "<b>lens</b> [red]cap[/red]"), reply,
+                              task.task_token)
     failures = web.get(f"/api/v1/jobs/{job.id}/failures", headers=ada).json()["failures"]
     assert [f["error"] for f in failures] == ["processing service error: <b>lens</b> [red]cap[/red]"] * 2
     retry = web.post(f"/api/v1/jobs/{job.id}/retry-failed", headers=ada)

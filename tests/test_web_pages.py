@@ -108,9 +108,9 @@ def test_failure_reasons_are_shown_literally_and_retry_makes_a_new_job(page, web
     dispatch(runtime, job.id)
     tasks = pull_tasks(runtime, job.id, 3)
     hostile = "<script>window.__pwned = 1</script><img src=x onerror='window.__pwned = 2'> [red]rich[/red] &amp;"
-    handle_result_message(runtime, job.id, success_body(tasks[0][0]), tasks[0][1])
+    handle_result_message(runtime, job.id, success_body(tasks[0][0]), tasks[0][1], tasks[0][0].task_token)
     for task, reply in tasks[1:]:
-        handle_result_message(runtime, job.id, error_body(task.image_id, hostile), reply)
+        handle_result_message(runtime, job.id, error_body(task.image_id, hostile), reply, task.task_token)
     assert Job.get_by_id(job.id).status == JobStatus.FAILURE
     page.goto(f"{web.url}/jobs/{job.id}")
     page.wait_for_function("() => document.getElementById('log').textContent.length > 0")

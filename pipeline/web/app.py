@@ -19,6 +19,7 @@ import models
 from pipeline import names
 from pipeline.errors import (
     ConfigError,
+    Conflict,
     Forbidden,
     NotFound,
     PipelineError,
@@ -51,6 +52,8 @@ def _status_of(exc: BaseException) -> int:
         return 403
     if isinstance(exc, TooLarge):
         return 413
+    if isinstance(exc, Conflict):
+        return 409
     if isinstance(exc, UserInputError):
         return 400
     if isinstance(exc, TransientError | redis.RedisError) or models.is_transient(exc):

@@ -3,9 +3,11 @@ worker written for it (or any HTTP client) works against jetpipe unchanged. It n
 worker to NATS: it reserves tasks for it and publishes its results to `pipeline.results.<job_id>` exactly
 as a NATS service would, so validation, saving, the exactly-once gate and the ACK are the same code.
 
-Unlike the reference system it checks, on every result, that each reply subject is an ACK subject of this
-job's consumer, that the job runs and is `async_api` (409 / 400, and nothing is published), and it refuses
-bodies over PIPELINE_WEB_MAX_BODY_MB with 413. docs/processing-services.md documents every status.
+Unlike the reference system it checks, on every request, that a `service` token uses only its own
+pipelines (403), and on every result that each reply subject was handed to the caller itself
+(`pipeline/web/leases.py`) and that the job runs and is `async_api` (409 / 400, and nothing is published);
+it publishes each result with its task's token, and refuses bodies over PIPELINE_WEB_MAX_BODY_MB with 413.
+docs/processing-services.md documents every status.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from starlette.concurrency import run_in_threadpool
 import models
 from models import DispatchMode, Job, JobImage, JobStatus, Pipeline, SourceImage, thread_connection
 from pipeline import names, presence
-from pipeline.errors import NotFound, TooLarge, UserInputError
+from pipeline.errors import Conflict, Forbidden, NotFound, TooLarge, UserInputError
 from pipeline.gateway import Gateway, Reserved
 from pipeline.registry import register_pipeline
 from pipeline.schemas import decode_pipeline_spec
-from pipeline.web import image_links
+from pipeline.web import image_links, leases
 from pipeline.web.auth import Principal
 from pipeline.web.deps import allowed, runtime_of, with_db
 
@@ -109,10 +111,15 @@ def ended_jobs(job_ids: list[int]) -> set[int]:
     return set(job_ids) - running
 
 
-def _job(job_id: int, *, running: bool) -> Job:
+def _job(job_id: int, who: Principal, *, running: bool) -> Job:
     job = Job.select(Job, Pipeline).join(Pipeline).where(Job.id == job_id).get_or_none()
     if job is None:
         raise NotFound(f"no job {job_id}")
+    if who.role == "service" and job.pipeline.registered_by != who.name:
+        owner = f"service {job.pipeline.registered_by!r}" if job.pipeline.registered_by else "no service"
+        raise Forbidden(f"job {job_id} runs pipeline {job.pipeline.slug!r}, which belongs to {owner}: service "
+                        f"{who.name!r} may use only its own pipelines (it registers them, or an operator gives "
+                        "them to it: `cli.py pipeline register FILE --service NAME`)")
     if job.dispatch_mode != DispatchMode.ASYNC_API:
         raise UserInputError(f"job {job_id} runs in {job.dispatch_mode} mode: it has no tasks for services")
     if running and job.status != JobStatus.STARTED:
@@ -123,8 +130,8 @@ def _job(job_id: int, *, running: bool) -> Job:
 def _check_replies(job_id: int, replies: list[str]) -> None:
     foreign = [r for r in replies if not names.reply_belongs_to_job(r, job_id)]
     if foreign:
-        raise HTTPException(409, f"{len(foreign)} reply_subject(s) are not tasks of job {job_id} "
-                                 f"(first: {foreign[0][:120]!r}); nothing was accepted")
+        raise Conflict(f"{len(foreign)} reply_subject(s) are not tasks of job {job_id} "
+                       f"(first: {foreign[0][:120]!r}); nothing was accepted")
 
 
 @router.get("/jobs/", summary="Running async jobs, for services looking for work (the reference's shape)")
@@ -134,9 +141,11 @@ def service_jobs(request: Request, ids_only: bool = False, incomplete_only: bool
                  dispatch_mode: DispatchMode = Query(default=DispatchMode.ASYNC_API,
                                                      description="only async_api jobs have tasks for services"),
                  limit: int = Query(default=100, ge=1, le=1000), offset: int = Query(default=0, ge=0),
-                 _: Principal = SERVICE) -> dict:
+                 who: Principal = SERVICE) -> dict:
     query = (Job.select(Job, Pipeline).join(Pipeline).where(Job.dispatch_mode == dispatch_mode)
              .where(Job.dispatch_mode == DispatchMode.ASYNC_API).order_by(Job.id))
+    if who.role == "service":  # a service sees the jobs of its own pipelines only
+        query = query.where(Pipeline.registered_by == who.name)
     if incomplete_only:
         query = query.where(Job.status.in_((JobStatus.CREATED, JobStatus.PENDING, JobStatus.STARTED)))
     if pipeline__slug__in:
@@ -181,7 +190,7 @@ def register_service_pipelines(project_id: int, body: RegistrationRequest, who: 
 @router.post("/jobs/{job_id}/tasks/", summary="Reserve up to batch_size tasks (each leased for ack_wait)")
 @with_db
 def reserve_tasks(job_id: int, body: TasksRequest, request: Request, who: Principal = SERVICE) -> dict:
-    job = _job(job_id, running=False)
+    job = _job(job_id, who, running=False)
     runtime = runtime_of(request)
     if job.status != JobStatus.STARTED:
         log.debug("job=%s gateway: %s asked for tasks of a %s job; none", job_id, who.name, job.status)
@@ -189,6 +198,7 @@ def reserve_tasks(job_id: int, body: TasksRequest, request: Request, who: Princi
             runtime.runner.run(gateway_of(request).release([job_id]), timeout=LOOP_TIMEOUT_S)
         return {"tasks": []}
     reserved = runtime.runner.run(gateway_of(request).reserve(job_id, body.batch_size), timeout=LOOP_TIMEOUT_S)
+    leases.record(runtime.redis, runtime.settings, job_id, who.name, reserved)
     if reserved:
         log.info("job=%s gateway: %s reserved %s of %s task(s)", job_id, who.name, len(reserved), body.batch_size)
     _seen(runtime, who, job, reserved=len(reserved))
@@ -227,9 +237,11 @@ def local_image(job_id: int, image_id: int, request: Request, expires: int = Que
 @router.post("/jobs/{job_id}/tasks/in_progress/", summary="Extend the lease of reserved tasks (+WPI)")
 @with_db
 def tasks_in_progress(job_id: int, body: InProgressRequest, request: Request, who: Principal = SERVICE) -> dict:
-    _job(job_id, running=True)
+    _job(job_id, who, running=True)
     _check_replies(job_id, body.reply_subjects)
-    runtime_of(request).runner.run(gateway_of(request).in_progress(body.reply_subjects), timeout=LOOP_TIMEOUT_S)
+    runtime = runtime_of(request)
+    leases.tokens_of(runtime.redis, job_id, who.name, body.reply_subjects)  # only its own tasks' leases
+    runtime.runner.run(gateway_of(request).in_progress(body.reply_subjects), timeout=LOOP_TIMEOUT_S)
     return {"extended": len(body.reply_subjects)}
 
 
@@ -255,10 +267,14 @@ async def post_results(job_id: int, request: Request, who: Principal = SERVICE) 
 
 @with_db
 def _accept(request: Request, who: Principal, job_id: int, items: list[tuple[str, bytes]]) -> dict:
-    job = _job(job_id, running=True)
-    _check_replies(job_id, [reply for reply, _ in items])
+    job = _job(job_id, who, running=True)
+    replies = [reply for reply, _ in items]
+    _check_replies(job_id, replies)
     runtime = runtime_of(request)
-    seqs = runtime.runner.run(gateway_of(request).publish_results(job_id, items), timeout=LOOP_TIMEOUT_S)
+    tokens = leases.tokens_of(runtime.redis, job_id, who.name, replies)
+    seqs = runtime.runner.run(gateway_of(request).publish_results(
+        job_id, [(reply, body, token) for (reply, body), token in zip(items, tokens, strict=True)]),
+        timeout=LOOP_TIMEOUT_S)
     log.info("job=%s gateway: %s returned %s result(s)", job_id, who.name, len(items))
     _seen(runtime, who, job, returned=len(items))
     # task_id: where the result waits in PIPELINE_RESULTS (the reference gives its Celery task's id)
