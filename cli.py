@@ -206,6 +206,26 @@ def pipeline_list(as_json: bool) -> None:
     console.print(table)
 
 
+@main.group()
+def nats() -> None:
+    """NATS configuration for processing services."""
+
+
+@nats.command("service-user")
+@click.argument("name")
+@click.option("--pipeline", "pipelines", multiple=True, required=True, metavar="SLUG",
+              help="A pipeline the service serves (repeat for several).")
+@click.option("--password-env", metavar="VAR", help="The server's environment variable holding the password "
+              "(default JETPIPE_NATS_<NAME>_PASSWORD).")
+@handles_errors
+def nats_service_user(name: str, pipelines: tuple[str, ...], password_env: str | None) -> None:
+    """Print the NATS user NAME for a processing service limited to its pipelines, for
+    deploy/nats-users.conf (the SDK reads replies on _INBOX.NAME)."""
+    from pipeline.nats_users import service_user_block
+
+    click.echo(service_user_block(name, list(pipelines), password_var=password_env))
+
+
 # ---- jobs -------------------------------------------------------------------------------------------------
 @main.command("enqueue-job")
 @click.option("--pipeline", "pipeline_slug", required=True, help="Slug of a registered pipeline.")

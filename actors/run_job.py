@@ -70,7 +70,8 @@ def execute(runtime: Runtime, job_id: int) -> str:
 
 
 def _take_a_slot(runtime: Runtime, job) -> ConsumerConfig | None:
-    """The consumer of an async job about to start, which PIPELINE_TASKS holds PIPELINE_NATS_MAX_JOBS of; None
+    """The consumer of an async job about to start, of which its pipeline's tasks stream holds
+    PIPELINE_NATS_MAX_JOBS; None
     when none is free. The job then stays PENDING: the cleanup of the next job to end sends run_job for it
     (`jobs.wake_a_waiting_job`), and run_job looks again in SLOT_RETRY_MS anyway (touching the job, so the
     health check does not re-send it meanwhile; if that message is lost, the health check's re-send of a

@@ -270,7 +270,7 @@ def raw_dramatiq_floor(stack: DevStack, env: dict, messages: int, images_per_mes
         os.environ["PIPELINE_REDIS_URL"] = stack.redis_url
         import floor_actors
 
-        body, reply = batch_result_body(images_per_message), "$JS.ACK.PIPELINE_TASKS.job-1.1.1.1.1.1"
+        body, reply = batch_result_body(images_per_message), "$JS.ACK.PIPELINE_TASKS_moth-demo.job-1.1.1.1.1.1"
         started = time.perf_counter()
         for _ in range(messages):
             floor_actors.noop.send(1, body, reply)
@@ -512,7 +512,7 @@ long_ago = models.utcnow() - dt.timedelta(hours=2)
 Job.update(last_progress_at=long_ago, dispatched_at=long_ago).where(Job.id.in_(stuck)).execute()
 async def lose(js):  # their tasks vanish from the stream: JetStream will never deliver them again
     for job_id in stuck:
-        await js.purge_stream(names.TASKS_STREAM, subject=names.task_subject("moth-demo", job_id))
+        await js.purge_stream(names.tasks_stream("moth-demo"), subject=names.task_subject("moth-demo", job_id))
 rt.runner.run(lose(rt.tasks.queue.js))
 t0 = time.perf_counter()
 report = HealthCheck(rt).run()
@@ -565,8 +565,8 @@ async def main():  # a service that takes the task max_deliver times and never a
     nc = await nats.connect(rt.settings.nats_url)
     js = nc.jetstream()
     consumer = names.job_consumer(job.id)
-    config = (await js.consumer_info(names.TASKS_STREAM, consumer)).config
-    sub = await js.pull_subscribe_bind(consumer, stream=names.TASKS_STREAM)
+    config = (await js.consumer_info(names.tasks_stream("moth-demo"), consumer)).config
+    sub = await js.pull_subscribe_bind(consumer, stream=names.tasks_stream("moth-demo"))
     for _ in range(config.max_deliver):
         await sub.fetch(1, timeout=config.ack_wait + 5)
         last_delivery = time.perf_counter()

@@ -30,11 +30,12 @@ def flush_redis(url: str) -> None:
 
 
 async def flush_nats(url: str, **security) -> list[str]:
-    """Delete jetpipe's three streams (tasks, results, advisories and every consumer on them)."""
+    """Delete jetpipe's streams (every pipeline's tasks, results, advisories and every consumer on them)."""
     queue = await TaskQueue.connect(url, name="jetpipe-chaos", **security)
     deleted = []
     try:
-        for stream in (names.TASKS_STREAM, names.RESULTS_STREAM, names.ADVISORIES_STREAM):
+        tasks = [names.tasks_stream(slug) for slug in await queue.task_stream_pipelines()]
+        for stream in (*tasks, names.RESULTS_STREAM, names.ADVISORIES_STREAM):
             try:
                 await queue.js.delete_stream(stream)
                 deleted.append(stream)
@@ -49,13 +50,13 @@ class ChaosRefused(UserInputError):
     """The chaos tool would have to touch tasks it was not asked to break."""
 
 
-async def _next_undelivered(queue: TaskQueue, subject: str, after_seq: int, count: int) -> list[str]:
+async def _next_undelivered(queue: TaskQueue, stream: str, subject: str, after_seq: int, count: int) -> list[str]:
     """Image ids of the next `count` tasks on `subject` after stream sequence `after_seq`, in the order the
     consumer will deliver them, read without delivering anything."""
     images, seq = [], after_seq + 1
     while len(images) < count:
         try:
-            msg = await queue.js.get_msg(names.TASKS_STREAM, seq, subject=subject, next=True)
+            msg = await queue.js.get_msg(stream, seq, subject=subject, next=True)
         except nats.js.errors.NotFoundError:
             break
         images.append((msg.headers or {}).get(names.HDR_IMAGE_ID, "?"))
@@ -63,7 +64,7 @@ async def _next_undelivered(queue: TaskQueue, subject: str, after_seq: int, coun
     return images
 
 
-async def _empty_pull(queue: TaskQueue, job_id: int) -> None:
+async def _empty_pull(queue: TaskQueue, stream: str, job_id: int) -> None:
     """A pull request that can take no message (max_bytes 1) but makes the server look at the consumer's
     redeliveries: it notices the give-up and publishes the MAX_DELIVERIES advisories. (A plain pull would
     be handed the next task.)"""
@@ -75,7 +76,7 @@ async def _empty_pull(queue: TaskQueue, job_id: int) -> None:
 
     sub = await queue.nc.subscribe(inbox, cb=answer)
     try:
-        await queue.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{names.TASKS_STREAM}.{names.job_consumer(job_id)}",
+        await queue.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{names.job_consumer(job_id)}",
                                json.dumps({"batch": 1, "max_bytes": 1, "expires": 500_000_000}).encode(),
                                reply=inbox)
         with contextlib.suppress(TimeoutError):
@@ -100,14 +101,20 @@ async def exhaust_max_deliver(url: str, job_id: int, image_ids: set[str], *, pip
     try:
         if pipeline:
             await queue.ensure_streams()
+            await queue.ensure_tasks_stream(pipeline)
             await queue.ensure_job_consumer(job_id, pipeline, max_deliver=max_deliver, ack_wait_s=ack_wait_s)
-        info = await queue.js.consumer_info(names.TASKS_STREAM, names.job_consumer(job_id))
+        else:
+            found = [c for c in await queue.job_consumers() if c.job_id == job_id]
+            if not found:
+                raise ChaosRefused(f"job {job_id} has no consumer on any tasks stream (not dispatched, or ended)")
+            pipeline = found[0].pipeline
+        stream = names.tasks_stream(pipeline)
+        info = await queue.js.consumer_info(stream, names.job_consumer(job_id))
         max_deliver, ack_wait_s = info.config.max_deliver, info.config.ack_wait
         subject = info.config.filter_subject
         published = []
         if info.num_pending == 0 and info.num_ack_pending == 0:
-            slug = subject.split(".")[2]
-            tasks = [Task(job_id=job_id, image_id=i, image_url=f"chaos://image/{i}", pipeline=slug)
+            tasks = [Task(job_id=job_id, image_id=i, image_url=f"chaos://image/{i}", pipeline=pipeline)
                      for i in sorted(image_ids)]
             await queue.publish_tasks(tasks)
             published = sorted(image_ids)
@@ -115,12 +122,12 @@ async def exhaust_max_deliver(url: str, job_id: int, image_ids: set[str], *, pip
             raise ChaosRefused(f"job {job_id} has {info.num_ack_pending} task(s) delivered and not yet ACKed; "
                                "they would be redelivered to this tool first: try again when none are")
         else:
-            upcoming = await _next_undelivered(queue, subject, info.delivered.stream_seq, len(image_ids))
+            upcoming = await _next_undelivered(queue, stream, subject, info.delivered.stream_seq, len(image_ids))
             if set(upcoming) != image_ids:
                 raise ChaosRefused(f"the next {len(image_ids)} task(s) of job {job_id} are for images "
                                    f"{','.join(upcoming) or 'none'}, not {','.join(sorted(image_ids))}: "
                                    "exhausting the targets would deliver other tasks too")
-        sub = await queue.js.pull_subscribe_bind(names.job_consumer(job_id), stream=names.TASKS_STREAM)
+        sub = await queue.js.pull_subscribe_bind(names.job_consumer(job_id), stream=stream)
         deliveries = dict.fromkeys(image_ids, 0)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -136,9 +143,9 @@ async def exhaust_max_deliver(url: str, job_id: int, image_ids: set[str], *, pip
                 deliveries[(msg.headers or {}).get(names.HDR_IMAGE_ID)] = msg.metadata.num_delivered
             await asyncio.sleep(ack_wait_s + 0.5)
             if all(n >= max_deliver for n in deliveries.values()):
-                await _empty_pull(queue, job_id)
+                await _empty_pull(queue, stream, job_id)
                 break
-        state = await queue.consumer_state(job_id)
+        state = await queue.consumer_state(job_id, pipeline)
         return {"deliveries": deliveries, "published": published, "num_pending": state.num_pending,
                 "num_ack_pending": state.num_ack_pending, "num_redelivered": state.num_redelivered}
     finally:

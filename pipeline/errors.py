@@ -59,8 +59,8 @@ class TasksNotAcked(TransientError):
 
 
 class JobSlotsFull(TransientError):
-    """PIPELINE_TASKS holds as many job consumers as it allows (PIPELINE_NATS_MAX_JOBS): a job to start
-    waits until one ends."""
+    """A pipeline's tasks stream holds as many job consumers as it allows (PIPELINE_NATS_MAX_JOBS): a job to
+    start waits until one ends."""
 
 
 class StateMissing(PipelineError):

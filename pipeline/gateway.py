@@ -60,14 +60,14 @@ class Gateway:
         self._held: dict[int, list] = {}  # per job: delivered, not handed out yet (beyond a request's count)
         self._closing = asyncio.Event()
 
-    async def reserve(self, job_id: int, count: int) -> list[Reserved]:
+    async def reserve(self, job_id: int, pipeline_slug: str, count: int) -> list[Reserved]:
         """Up to `count` of the job's tasks, each now leased to the caller for the consumer's ack_wait;
         [] when the job has no consumer (not dispatched yet, or ended)."""
         self._connected()
         lock = self._locks.setdefault(job_id, asyncio.Lock())
         async with lock:
             try:
-                sub = self._subs.get(job_id) or await self._subscribe(job_id)
+                sub = self._subs.get(job_id) or await self._subscribe(job_id, pipeline_slug)
                 if sub is None:
                     return []
                 held = self._held.pop(job_id, []) + take_waiting(sub)
@@ -109,9 +109,10 @@ class Gateway:
         if not self.queue.nc.is_connected:
             raise TransientError("task queue unavailable: not connected to NATS (reconnecting)")
 
-    async def _subscribe(self, job_id: int):
+    async def _subscribe(self, job_id: int, pipeline_slug: str):
         try:
-            sub = await self.queue.js.pull_subscribe_bind(names.job_consumer(job_id), stream=names.TASKS_STREAM)
+            sub = await self.queue.js.pull_subscribe_bind(names.job_consumer(job_id),
+                                                          stream=names.tasks_stream(pipeline_slug))
         except nats.js.errors.NotFoundError:
             return None
         self._subs[job_id] = sub
@@ -126,11 +127,12 @@ class Gateway:
             except NATS_FAILURES:
                 pass
 
-    async def publish_results(self, job_id: int, results: list[tuple[str, bytes, str]]) -> list[int]:
-        """Publish (reply subject, result body, task token) to `pipeline.results.<job_id>`, each confirmed
-        by the results stream; their sequences in it. TransientError if it cannot be reached or does not
-        confirm them all."""
-        subject = names.result_subject(job_id)
+    async def publish_results(self, job_id: int, pipeline_slug: str,
+                              results: list[tuple[str, bytes, str]]) -> list[int]:
+        """Publish (reply subject, result body, task token) to `pipeline.results.<pipeline>.<job_id>`, each
+        confirmed by the results stream; their sequences in it. TransientError if it cannot be reached or
+        does not confirm them all."""
+        subject = names.result_subject(pipeline_slug, job_id)
         limit = self.queue.nc.max_payload
         over = [reply for reply, body, _ in results if len(body) > limit]
         if over:  # NATS cannot carry it: no retry can help

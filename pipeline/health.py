@@ -177,7 +177,7 @@ class HealthCheck:
             return None
 
     def _deadline(self, job: Job, result: CheckResult, due_deadline: bool) -> Check | None:
-        consumer = self.runtime.tasks.consumer_state(job.id)
+        consumer = self.runtime.tasks.consumer_state(job.id, job.pipeline.slug)
         if not consumer.reachable:
             return Check.ERROR
         if due_deadline:
@@ -238,7 +238,7 @@ class HealthCheck:
         return result
 
     def _reconcile(self, job: Job, result: CheckResult) -> Check:
-        consumer = self.runtime.tasks.consumer_state(job.id)
+        consumer = self.runtime.tasks.consumer_state(job.id, job.pipeline.slug)
         if not consumer.reachable:
             log.warning("job=%s lost_images: NATS unreachable (%s); unfixable this tick", job.id, consumer.error)
             return Check.ERROR
@@ -349,7 +349,7 @@ class HealthCheck:
                     else Check.OK
             job_log(job.id, logging.WARNING, "jobs_health_check: Redis state was missing; rebuilt from the database")
             return Check.REDIS_REBUILT
-        consumer = self.runtime.tasks.consumer_state(job.id)
+        consumer = self.runtime.tasks.consumer_state(job.id, job.pipeline.slug)
         if not consumer.reachable:
             raise TransientError(f"NATS unreachable: {consumer.error}")
         if consumer.exists or not state.pending_ids(job.id):
@@ -438,8 +438,7 @@ class HealthCheck:
         for consumer in consumers:
             result.checked += 1
             if is_zombie(consumer.job_id):
-                slug = consumer.filter_subject.split(".")[2]
-                self.runtime.tasks.delete_job_consumer(consumer.job_id, slug)
+                self.runtime.tasks.delete_job_consumer(consumer.job_id, consumer.pipeline)
                 log.info("job=%s zombies: removed consumer %s of an ended or deleted job", consumer.job_id,
                          consumer.consumer)
                 result.fixed += 1

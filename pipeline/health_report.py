@@ -7,6 +7,7 @@ code for that everywhere).
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import json
 
@@ -56,10 +57,10 @@ async def _nats_facts(settings: Settings, nodes: list[dict]) -> tuple[dict, dict
             facts["bridge"] = await _bridge_facts(queue)
         job_consumers = (await queue.job_consumers()) if js_ok else []
         if js_ok:
-            facts["job_slots"] = {"used": len(job_consumers), "max": await _job_slots(queue)}
+            facts["job_slots"] = await _job_slots(queue, job_consumers)
         consumers = {}
         for consumer in job_consumers:
-            state = await queue.consumer_state(consumer.job_id)
+            state = await queue.consumer_state(consumer.job_id, consumer.pipeline)
             consumers[consumer.job_id] = {"num_pending": state.num_pending, "num_ack_pending": state.num_ack_pending,
                                           "num_redelivered": state.num_redelivered,
                                           "last_delivery": state.last_active.replace(tzinfo=None)
@@ -88,13 +89,19 @@ def _node_problems(nodes: list[dict]) -> list[str]:
             "node within seconds; if it lasts, look at that node and its links" for node in nodes if not node["ok"]]
 
 
-async def _job_slots(queue: TaskQueue) -> int | None:
-    """How many job consumers PIPELINE_TASKS allows (None: no stream yet, or no limit)."""
-    try:
-        limit = (await queue.js.stream_info(names.TASKS_STREAM)).config.max_consumers
-    except nats.js.errors.NotFoundError:
-        return None
-    return limit if limit and limit > 0 else None
+async def _job_slots(queue: TaskQueue, job_consumers) -> dict:
+    """Job consumers in use, the most a pipeline's tasks stream allows (None: no stream yet, or no limit),
+    and the pipelines whose stream holds that many."""
+    used = collections.Counter(c.pipeline for c in job_consumers)
+    limits = {}
+    for slug in await queue.task_stream_pipelines():
+        try:
+            limit = (await queue.js.stream_info(names.tasks_stream(slug))).config.max_consumers
+        except nats.js.errors.NotFoundError:
+            continue
+        limits[slug] = limit if limit and limit > 0 else None
+    full = sorted(slug for slug, limit in limits.items() if limit is not None and used[slug] >= limit)
+    return {"used": len(job_consumers), "max": max((v for v in limits.values() if v), default=None), "full": full}
 
 
 async def _bridge_facts(queue: TaskQueue) -> dict[str, dict]:
@@ -196,11 +203,13 @@ def build_report(settings: Settings, runner) -> tuple[int, dict]:
     if deps["database"]["reachable"] and not any("init-db" in p for p in problems):
         problems += _saving_problems(jobs_out, now, settings, last_check, problems)
     slots = deps.get("nats", {}).get("job_slots") or {}
+    full = set(slots.get("full") or ())
     unstarted = [j for j in jobs_out if j["status"] in (JobStatus.CREATED, JobStatus.PENDING)
-                 and j["mode"] == DispatchMode.ASYNC_API]
-    if unstarted and slots.get("max") is not None and slots["used"] >= slots["max"]:
-        problems.append(f"{len(unstarted)} job(s) wait for a free job slot: {names.TASKS_STREAM} holds its maximum "
-                        f"of {slots['max']} job consumers (PIPELINE_NATS_MAX_JOBS); they start as running jobs end")
+                 and j["mode"] == DispatchMode.ASYNC_API and j["pipeline"] in full]
+    if unstarted:
+        problems.append(f"{len(unstarted)} job(s) wait for a free job slot: the tasks stream of pipeline(s) "
+                        f"{', '.join(sorted({j['pipeline'] for j in unstarted}))} holds its maximum of "
+                        f"{slots['max']} job consumers (PIPELINE_NATS_MAX_JOBS); they start as running jobs end")
     if workers == 0 and jobs_out:
         problems.append(f"{len(jobs_out)} job(s) running but no live Dramatiq worker "
                         "(start `dramatiq pipeline.actors`)")

@@ -56,6 +56,7 @@ class Incoming:
     source: str  # what makes a redelivery of the same message recognisable
     stream_seq: int | None = None
     tokens: tuple[str, ...] = ()  # the task tokens its Pipeline-Task-Token header names
+    pipeline: str | None = None  # the pipeline its subject names (None: `pipeline.results.<job_id>`, or direct)
 
     @classmethod
     def from_msg(cls, job_id: int, msg) -> Incoming:
@@ -64,7 +65,8 @@ class Incoming:
         headers = msg.headers or {}
         return cls(job_id, msg.data, tuple(names.task_replies(headers.get(names.HDR_TASK_REPLY))),
                    f"{seq}:{int(meta.timestamp.timestamp() * 1e9)}", seq,
-                   tuple(names.task_tokens(headers.get(names.HDR_TASK_TOKEN))))
+                   tuple(names.task_tokens(headers.get(names.HDR_TASK_TOKEN))),
+                   names.pipeline_from_result_subject(msg.subject))
 
     @classmethod
     def direct(cls, job_id: int, body: bytes, reply: str | None, tokens: str | None = None) -> Incoming:
@@ -127,11 +129,14 @@ class Proof:
 
 def prove(incoming: list[Incoming]) -> list[Proof | None]:
     """Each message's proof (None for a job made before task tokens, or one that does not exist)."""
-    secrets = task_tokens.job_secrets(m.job_id for m in incoming)
-    return [_prove(secret, m) if (secret := secrets.get(m.job_id)) else None for m in incoming]
+    jobs = task_tokens.job_secrets(m.job_id for m in incoming)
+    return [_prove(*jobs[m.job_id], m) if m.job_id in jobs and jobs[m.job_id][0] else None for m in incoming]
 
 
-def _prove(secret: str, m: Incoming) -> Proof:
+def _prove(secret: str, pipeline: str, m: Incoming) -> Proof:
+    if m.pipeline is not None and m.pipeline != pipeline:
+        return Proof(refused=f"result refused: published on the results subject of pipeline {m.pipeline!r}, "
+                             f"but job {m.job_id} runs {pipeline!r} (pipeline.results.<pipeline>.<job_id>)")
     if not m.tokens:
         return Proof(refused=f"result refused: it names no task token ({names.HDR_TASK_TOKEN} header), so it "
                              "decides nothing; a service must return the task_token of each task it answers "

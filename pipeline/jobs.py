@@ -211,10 +211,11 @@ def record_published(job_id: int, row_ids: list[int], seqs: list[int], cursor: i
 
 
 def take_job_slot(runtime: Runtime, job: Job) -> ConsumerConfig:
-    """The job's consumer on PIPELINE_TASKS, created if missing (the streams too: NATS may have lost them
-    since this process connected); raises JobSlotsFull when the stream holds PIPELINE_NATS_MAX_JOBS."""
+    """The job's consumer on its pipeline's tasks stream, created if missing (the streams too: NATS may have
+    lost them since this process connected); raises JobSlotsFull when the stream holds PIPELINE_NATS_MAX_JOBS."""
     settings = runtime.settings
     runtime.tasks.ensure_streams(**settings.stream_options())
+    runtime.tasks.ensure_tasks_stream(job.pipeline.slug, **settings.stream_options())
     return runtime.tasks.ensure_job_consumer(job.id, job.pipeline.slug, max_deliver=settings.nats_max_deliver,
                                              ack_wait_s=settings.nats_task_ttr)
 

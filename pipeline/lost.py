@@ -76,13 +76,14 @@ def _handle_advisory(runtime: Runtime, body: str, results_seq: int | None) -> st
     except (ValueError, KeyError, TypeError):
         log.error("advisory dropped: not a JetStream consumer advisory: %.200s", body)
         return "malformed"
-    if job_id is None or advisory.get("stream") != names.TASKS_STREAM:
+    stream = str(advisory.get("stream", ""))
+    if job_id is None or not names.is_tasks_stream(stream):
         return "not_ours"
     job = load_job(job_id)
     if job is None or job.status in JobStatus.TERMINAL:
         return "job_ended"
     if kind.endswith("max_deliver"):
-        task = runtime.tasks.task_at(stream_seq)
+        task = runtime.tasks.task_at(stream, stream_seq)
         if task is not None and task[0] != job_id:  # checked against the task itself, never taken on trust
             log.error("job=%s advisory names stream_seq=%s, a task of job %s: ignored", job_id, stream_seq, task[0])
             return "not_ours"
@@ -109,7 +110,7 @@ def _handle_advisory(runtime: Runtime, body: str, results_seq: int | None) -> st
         return "deferred", results_seq
     outcomes, status = fail_lost(runtime, job, [image_id], reason)
     if kind.endswith("max_deliver"):
-        runtime.tasks.delete_task(stream_seq)  # nothing will ever deliver it again: leave nothing in NATS
+        runtime.tasks.delete_task(stream, stream_seq)  # nothing will ever deliver it again: leave nothing in NATS
     if any(o.failed for o in outcomes):
         job_log(job_id, logging.WARNING, f"image failed: {reason}", image_id=image_id)
         return "failed"

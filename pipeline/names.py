@@ -7,14 +7,33 @@ on them.
 from __future__ import annotations
 
 # ---- NATS streams (public) ------------------------------------------------------------------------
-TASKS_STREAM = "PIPELINE_TASKS"
+#: Each pipeline's tasks have a stream of their own, `PIPELINE_TASKS_<slug>`, so that NATS permissions can
+#: keep a processing service to its own pipelines (a permission matches whole subject tokens only).
+TASKS_STREAM_PREFIX = "PIPELINE_TASKS_"
+#: The one tasks stream of every pipeline before that (`pipeline.tasks.>`): removed when a worker starts.
+LEGACY_TASKS_STREAM = "PIPELINE_TASKS"
 RESULTS_STREAM = "PIPELINE_RESULTS"
 ADVISORIES_STREAM = "PIPELINE_ADVISORIES"
 
 TASKS_SUBJECTS = "pipeline.tasks.>"
 RESULTS_SUBJECTS = "pipeline.results.>"
-MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{TASKS_STREAM}.>"
-TERMINATED_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.{TASKS_STREAM}.>"
+#: Advisories of every stream's consumers; only those of tasks streams are acted on (`pipeline/lost.py`).
+MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>"
+TERMINATED_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.>"
+
+
+def tasks_stream(pipeline_slug: str) -> str:
+    return f"{TASKS_STREAM_PREFIX}{pipeline_slug}"
+
+
+def pipeline_of_tasks_stream(stream: str) -> str | None:
+    """The pipeline whose tasks `stream` holds, or None if it is not a tasks stream."""
+    return stream[len(TASKS_STREAM_PREFIX):] or None if stream.startswith(TASKS_STREAM_PREFIX) else None
+
+
+def is_tasks_stream(stream: str) -> bool:
+    return pipeline_of_tasks_stream(stream) is not None
+
 
 #: Durable consumer shared by every worker's results bridge.
 RESULTS_BRIDGE_CONSUMER = "results-bridge"
@@ -38,8 +57,18 @@ def task_subject_prefix(pipeline_slug: str) -> str:
     return f"pipeline.tasks.{pipeline_slug}."
 
 
-def result_subject(job_id: int) -> str:
-    return f"pipeline.results.{job_id}"
+def tasks_subjects(pipeline_slug: str) -> str:
+    """The subjects of one pipeline's tasks stream."""
+    return f"pipeline.tasks.{pipeline_slug}.>"
+
+
+def result_subject(pipeline_slug: str, job_id: int) -> str:
+    return f"pipeline.results.{pipeline_slug}.{job_id}"
+
+
+def results_of_job(job_id: int) -> str:
+    """A subject filter matching every result of the job (`pipeline.results.<any pipeline>.<job_id>`)."""
+    return f"pipeline.results.*.{job_id}"
 
 
 def job_consumer(job_id: int) -> str:
@@ -63,10 +92,18 @@ def job_id_from_consumer(name: str) -> int | None:
 
 
 def job_id_from_result_subject(subject: str) -> int | None:
+    """The job of `pipeline.results.<pipeline>.<job_id>` (or `pipeline.results.<job_id>`, as services
+    written before per-pipeline subjects publish: still taken, so that they hear why they are refused)."""
     parts = subject.split(".")
-    if len(parts) == 3 and parts[:2] == ["pipeline", "results"]:
-        return parse_job_id(parts[2])
+    if len(parts) in (3, 4) and parts[:2] == ["pipeline", "results"]:
+        return parse_job_id(parts[-1])
     return None
+
+
+def pipeline_from_result_subject(subject: str) -> str | None:
+    """The pipeline of `pipeline.results.<pipeline>.<job_id>` (None for the older `pipeline.results.<job_id>`)."""
+    parts = subject.split(".")
+    return parts[2] if len(parts) == 4 else None
 
 
 def task_msg_id(job_id: int, image_id: str) -> str:
@@ -186,9 +223,10 @@ def task_tokens(header: str | None) -> list[str]:
 
 
 def reply_belongs_to_job(reply: str, job_id: int) -> bool:
-    """True iff `reply` is an ACK subject of the job's own consumer on the tasks stream."""
+    """True iff `reply` is an ACK subject of the job's own consumer on a tasks stream (job consumers are
+    named by job, which exists once)."""
     parsed = parse_ack_subject(reply)
-    return parsed is not None and parsed[0] == TASKS_STREAM and parsed[1] == job_consumer(job_id)
+    return parsed is not None and is_tasks_stream(parsed[0]) and parsed[1] == job_consumer(job_id)
 
 
 def gateway_leases_key(job_id: int) -> str:

@@ -185,12 +185,17 @@ class PipelineSpec(msgspec.Struct, frozen=True):
     algorithms: list[AlgorithmSpec]
 
 
+def is_valid_slug(slug: str) -> bool:
+    """Letters, digits, '-' or '_': a slug is a NATS subject token and part of a stream's name."""
+    return bool(slug) and slug.isascii() and all(c.isalnum() or c in "-_" for c in slug)
+
+
 def decode_pipeline_spec(body: bytes, *, source: str) -> PipelineSpec:
     try:
         spec = _pipeline_decoder.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise UserInputError(f"{source}: not a valid pipeline file: {exc}") from None
-    if not spec.slug or not all(c.isalnum() or c in "-_" for c in spec.slug):
+    if not is_valid_slug(spec.slug):
         raise UserInputError(f"{source}: slug {spec.slug!r} must be letters, digits, '-' or '_' "
                              "(it becomes a NATS subject token)")
     unknown = sorted({a.task_type for a in spec.algorithms} - set(TASK_TYPES))

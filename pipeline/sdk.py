@@ -6,7 +6,8 @@
     service = ProcessingService("moth-demo", handler, transport="http", url="https://jetpipe.example", token="...")
 
 What it does for the service author (docs/processing-services.md):
-- finds work by listing the consumers of PIPELINE_TASKS filtered on `pipeline.tasks.<slug>.<job_id>`,
+- connects with its own inbox prefix, `_INBOX.<its NATS user>` (the only replies its user may read);
+- finds work by listing the job consumers of its pipeline's stream `PIPELINE_TASKS_<slug>`,
   keeps one long-lived pull subscription per job (never subscribe/fetch/unsubscribe per request:
   that loses deliveries in flight to a dropped inbox), and pulls from the jobs round-robin;
 - fetches only as many tasks as it has free slots, so no task's ack_wait runs while it waits in a buffer;
@@ -14,9 +15,10 @@ What it does for the service author (docs/processing-services.md):
   request answered after it gave up, typically after a reconnect), and those extra tasks wait, kept
   alive with +WPI, for the next free slots;
 - sends `+WPI` (in progress) every ack_wait/3 while the handler runs;
-- publishes results on `pipeline.results.<job_id>` with `Pipeline-Task-Reply`; never ACKs a task;
+- publishes results on `pipeline.results.<slug>.<job_id>` with `Pipeline-Task-Token` (the tokens of the
+  tasks answered: only they decide images) and `Pipeline-Task-Reply`; never ACKs a task;
 - batches success results: up to `batch_size` images of one job go out as one result message (their
-  tasks' reply subjects comma-separated in the header), after at most `batch_linger_s`; one message per
+  tasks' tokens and reply subjects comma-separated in the headers), after at most `batch_linger_s`; one message per
   batch is what lets the workers save a thousand images a second (docs/performance.md). Error results
   go out one per image, at once. `batch_size=1` turns batching off;
 - turns any exception from the handler into an error result for that image, and a handler that runs
@@ -33,6 +35,7 @@ import inspect
 import logging
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 
 import msgspec
@@ -61,7 +64,8 @@ FETCH_TIMEOUT_S = 0.5
 PUBLISH_TIMEOUT_S = 15.0
 #: Attempts to publish one result before leaving the task to redelivery.
 PUBLISH_ATTEMPTS = 5
-#: Reply subjects of processing services: the only ones a service user may read (deploy/nats.conf).
+#: Reply subjects of processing services start with this, then the service's NATS user: each service user may
+#: read `_INBOX.<its user>.>` only (deploy/nats-users.conf), so no service sees another's deliveries.
 SERVICE_INBOX_PREFIX = "_INBOX"
 #: Seconds a handler may take on one task before the image is failed with a timeout: the SDK keeps a
 #: running task alive with +WPI, so without a deadline a hung fetch would hold its slot forever.
@@ -129,6 +133,13 @@ class _Batch:
                              total_time=sum(times) if times else None)
 
 
+def service_inbox_prefix(nats_url: str) -> str:
+    """`_INBOX.<user>` for the NATS user in `nats_url` (the first server's), `_INBOX` without one (a creds
+    file or no authentication: pass `inbox_prefix` to match what the operator's permissions allow)."""
+    user = urllib.parse.urlsplit(nats_url.split(",")[0].strip()).username if nats_url else None
+    return f"{SERVICE_INBOX_PREFIX}.{user}" if user else SERVICE_INBOX_PREFIX
+
+
 def _task_token(data: bytes) -> str:
     """The task_token of a task message ("" if it has none or is not a task)."""
     try:
@@ -143,7 +154,8 @@ class ProcessingService:
     def __init__(self, pipeline: str, handler: Callable[[Task], Result], *, nats_url: str = "",
                  concurrency: int = 4, name: str | None = None, nats_creds: str = "", nats_tls_ca: str = "",
                  batch_size: int = BATCH_SIZE, batch_linger_s: float = BATCH_LINGER_S,
-                 task_timeout_s: float = TASK_TIMEOUT_S, transport: str = "nats", url: str = "", token: str = ""):
+                 task_timeout_s: float = TASK_TIMEOUT_S, transport: str = "nats", url: str = "", token: str = "",
+                 inbox_prefix: str | None = None):
         if not 1 <= batch_size <= MAX_IMAGES_PER_RESULT:
             raise ValueError(f"batch_size must be between 1 and {MAX_IMAGES_PER_RESULT}, got {batch_size}")
         if transport not in ("nats", "http"):
@@ -163,6 +175,7 @@ class ProcessingService:
         self.handler = handler
         self.nats_url = nats_url
         self.nats_security = {"creds": nats_creds, "tls_ca": nats_tls_ca}
+        self.inbox_prefix = inbox_prefix or service_inbox_prefix(nats_url)
         self.concurrency = concurrency
         self.name = name or f"{pipeline}-service"
         self.processed = 0
@@ -182,7 +195,7 @@ class ProcessingService:
         self.stopping.set()
 
     async def _connect(self) -> TaskQueue:
-        return await TaskQueue.connect(self.nats_url, name=self.name, inbox_prefix=SERVICE_INBOX_PREFIX,
+        return await TaskQueue.connect(self.nats_url, name=self.name, inbox_prefix=self.inbox_prefix,
                                        watch=True, **self.nats_security)
 
     async def run(self) -> None:
@@ -276,9 +289,10 @@ class ProcessingService:
                 await self._stop_pulling(job_id, "is gone")
         for job_id, consumer in consumers.items():
             if job_id not in self._subs:
-                info = await queue.js.consumer_info(names.TASKS_STREAM, consumer.consumer)
+                stream = names.tasks_stream(self.pipeline)
+                info = await queue.js.consumer_info(stream, consumer.consumer)
                 self._ack_wait[job_id] = info.config.ack_wait or 30.0
-                self._subs[job_id] = await queue.js.pull_subscribe_bind(consumer.consumer, stream=names.TASKS_STREAM)
+                self._subs[job_id] = await queue.js.pull_subscribe_bind(consumer.consumer, stream=stream)
                 log.info("service %s: pulling job %s", self.name, job_id)
 
     async def _stop_pulling(self, job_id: int, why: str) -> None:
@@ -483,7 +497,8 @@ class ProcessingService:
                    names.HDR_TASK_TOKEN: ",".join(t for t in tokens if t)}
         for attempt in range(1, PUBLISH_ATTEMPTS + 1):
             try:
-                await asyncio.wait_for(queue.js.publish(names.result_subject(job_id), body, stream=names.RESULTS_STREAM,
+                subject = names.result_subject(self.pipeline, job_id)
+                await asyncio.wait_for(queue.js.publish(subject, body, stream=names.RESULTS_STREAM,
                                                         headers=headers), PUBLISH_TIMEOUT_S)
                 return
             except NATS_FAILURES as exc:

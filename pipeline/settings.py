@@ -34,10 +34,10 @@ OPTIONS: dict[str, Option] = {
                             "created with it and existing ones changed to it at startup; unset, new streams get 1 and "
                             "existing ones keep theirs"),
     "nats_max_jobs": Option("PIPELINE_NATS_MAX_JOBS", "",
-                            "job consumers PIPELINE_TASKS allows at once: jobs dispatched and not yet cleaned up; "
-                            "when set, the stream is created with it and changed to it at startup; unset, a new "
-                            "stream gets 10000 and an existing one keeps its limit (NATS 2.15 gives a stream 1000 "
-                            "unless it says otherwise)"),
+                            "job consumers each pipeline's tasks stream allows at once: its jobs dispatched and "
+                            "not yet cleaned up; when set, the streams are created with it and changed to it at "
+                            "startup; unset, a new stream gets 10000 and an existing one keeps its limit (NATS 2.15 "
+                            "gives a stream 1000 unless it says otherwise)"),
     "stalled_jobs_max_minutes": Option("PIPELINE_STALLED_JOBS_MAX_MINUTES", "10",
                                        "idle minutes before a running job's pending images count as lost"),
     "failure_threshold": Option("PIPELINE_FAILURE_THRESHOLD", "0.5",

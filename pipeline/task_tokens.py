@@ -19,7 +19,7 @@ import hashlib
 import hmac
 import secrets
 
-from models import Job
+from models import Job, Pipeline
 
 #: Bytes of MAC in a token (128 bits: no guessing).
 MAC_BYTES = 16
@@ -39,12 +39,14 @@ def image_of(token: str) -> str:
     return token.partition(".")[0]
 
 
-def job_secrets(job_ids) -> dict[int, str | None]:
-    """Each job's token secret (None: a job made before task tokens; jobs that do not exist are left out)."""
+def job_secrets(job_ids) -> dict[int, tuple[str | None, str]]:
+    """Each job's (token secret, pipeline slug); the secret is None for a job made before task tokens, and
+    jobs that do not exist are left out."""
     ids = sorted(set(job_ids))
     if not ids:
         return {}
-    return dict(Job.select(Job.id, Job.task_secret).where(Job.id.in_(ids)).tuples())
+    return {job_id: (secret, slug) for job_id, secret, slug in Job.select(Job.id, Job.task_secret, Pipeline.slug)
+            .join(Pipeline).where(Job.id.in_(ids)).tuples()}
 
 
 def proven_images(secret: str, job_id: int, tokens) -> tuple[set[str], list[str]]:

@@ -56,14 +56,17 @@ ADVISORY_MAX_AGE_S = 7 * 24 * 3600
 NO_MESSAGE_FOUND = 10057
 #: Timeout of one JetStream API call or publish, seconds.
 API_TIMEOUT_S = 10.0
-#: Job consumers the tasks stream allows unless PIPELINE_NATS_MAX_JOBS says otherwise.
+#: Job consumers a pipeline's tasks stream allows unless PIPELINE_NATS_MAX_JOBS says otherwise.
 DEFAULT_MAX_JOBS = 10_000
 #: JetStream's "maximum consumers limit reached".
 MAX_CONSUMERS_ERR_CODE = 10026
 
 _encoder = msgspec.json.Encoder()
-#: Direct get of one task by stream sequence (the stream allows direct gets; no consumer is involved).
-DIRECT_GET_TASK = f"$JS.API.DIRECT.GET.{names.TASKS_STREAM}"
+
+
+def direct_get_subject(stream: str) -> str:
+    """Direct get of one message by stream sequence (tasks streams allow direct gets; no consumer is involved)."""
+    return f"$JS.API.DIRECT.GET.{stream}"
 
 NATS_FAILURES = (nats.errors.Error, asyncio.TimeoutError, TimeoutError, OSError)
 
@@ -105,6 +108,7 @@ class JobConsumer:
     job_id: int
     consumer: str
     filter_subject: str
+    pipeline: str  # whose tasks stream holds it
 
 
 #: Reply subjects of jetpipe's own processes (workers, CLI) start with this, not the default `_INBOX`:
@@ -295,16 +299,14 @@ class TaskQueue:
 
     # ---- streams ------------------------------------------------------------------------------------
     async def ensure_streams(self, *, max_jobs: int | None = None, replicas: int | None = None) -> None:
-        """Create the three streams of the wire contract if missing, with `replicas` replicas (1 if None)
-        and room for `max_jobs` job consumers on the tasks stream (DEFAULT_MAX_JOBS if None: one consumer
-        per dispatched job, and NATS 2.15 gives a stream 1,000 unless it says otherwise). Existing streams
-        are left as they are, except that a `max_jobs` or `replicas` that is not None is imposed on them.
-        Job consumers inherit the stream's replicas."""
+        """Create the results and advisories streams of the wire contract if missing, with `replicas` replicas
+        (1 if None); tasks streams are made per pipeline as its first job is dispatched (`ensure_tasks_stream`).
+        Existing streams are left as they are, except that a `max_jobs` or `replicas` that is not None is
+        imposed on them (on every pipeline's tasks stream too), and the advisories stream's subjects are
+        brought up to date. The single tasks stream of earlier versions is removed (its subjects overlap
+        every pipeline's): the health check publishes the pending tasks of running jobs again."""
+        await self._remove_legacy_tasks_stream()
         wanted = [
-            StreamConfig(name=names.TASKS_STREAM, subjects=[names.TASKS_SUBJECTS],
-                         retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
-                         duplicate_window=DUPLICATE_WINDOW_S, discard=DiscardPolicy.OLD, allow_direct=True,
-                         max_consumers=max_jobs or DEFAULT_MAX_JOBS, num_replicas=replicas or 1),
             StreamConfig(name=names.RESULTS_STREAM, subjects=[names.RESULTS_SUBJECTS],
                          retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
                          duplicate_window=120, num_replicas=replicas or 1),
@@ -314,22 +316,70 @@ class TaskQueue:
                          max_age=ADVISORY_MAX_AGE_S, num_replicas=replicas or 1),
         ]
         for config in wanted:
+            await self._ensure_stream(config, max_jobs=None, replicas=replicas)
+        if max_jobs is not None or replicas is not None:
+            for slug in await self.task_stream_pipelines():
+                await self._ensure_stream(self._tasks_stream_config(slug, max_jobs, replicas), max_jobs=max_jobs,
+                                          replicas=replicas)
+
+    async def ensure_tasks_stream(self, pipeline_slug: str, *, max_jobs: int | None = None,
+                                  replicas: int | None = None) -> None:
+        """The pipeline's tasks stream, created if missing (room for `max_jobs` job consumers, DEFAULT_MAX_JOBS
+        if None: NATS 2.15 gives a stream 1,000 unless it says otherwise); as `ensure_streams` for the rest."""
+        await self._ensure_stream(self._tasks_stream_config(pipeline_slug, max_jobs, replicas), max_jobs=max_jobs,
+                                  replicas=replicas)
+
+    @staticmethod
+    def _tasks_stream_config(pipeline_slug: str, max_jobs: int | None, replicas: int | None) -> StreamConfig:
+        return StreamConfig(name=names.tasks_stream(pipeline_slug), subjects=[names.tasks_subjects(pipeline_slug)],
+                            retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
+                            duplicate_window=DUPLICATE_WINDOW_S, discard=DiscardPolicy.OLD, allow_direct=True,
+                            max_consumers=max_jobs or DEFAULT_MAX_JOBS, num_replicas=replicas or 1)
+
+    async def _ensure_stream(self, config: StreamConfig, *, max_jobs: int | None, replicas: int | None) -> None:
+        try:
+            info = await self.js.stream_info(config.name)
+        except nats.js.errors.NotFoundError:
             try:
-                info = await self.js.stream_info(config.name)
-                changes = {}
-                if max_jobs is not None and config.max_consumers and info.config.max_consumers != max_jobs:
-                    changes["max_consumers"] = max_jobs
-                if replicas is not None and (info.config.num_replicas or 1) != replicas:
-                    changes["num_replicas"] = replicas
-                if changes:
-                    await self._update_stream(info.config, changes)
-            except nats.js.errors.NotFoundError:
-                try:
-                    await self.js.add_stream(config)
-                    log.info("created stream %s subjects=%s", config.name, config.subjects)
-                except nats.js.errors.BadRequestError as exc:  # created concurrently by another process
-                    if "already in use" not in str(exc):
-                        raise
+                await self.js.add_stream(config)
+                log.info("created stream %s subjects=%s", config.name, config.subjects)
+            except nats.js.errors.BadRequestError as exc:  # created concurrently by another process
+                if "already in use" not in str(exc):
+                    raise
+            return
+        changes: dict = {}
+        if max_jobs is not None and config.max_consumers and info.config.max_consumers != max_jobs:
+            changes["max_consumers"] = max_jobs
+        if replicas is not None and (info.config.num_replicas or 1) != replicas:
+            changes["num_replicas"] = replicas
+        if config.name == names.ADVISORIES_STREAM and sorted(info.config.subjects or []) != sorted(config.subjects):
+            changes["subjects"] = config.subjects
+        if changes:
+            await self._update_stream(info.config, changes)
+
+    async def _remove_legacy_tasks_stream(self) -> None:
+        try:
+            info = await self.js.stream_info(names.LEGACY_TASKS_STREAM)
+        except nats.js.errors.NotFoundError:
+            return
+        await self.js.delete_stream(names.LEGACY_TASKS_STREAM)
+        log.warning("removed stream %s of an earlier jetpipe (one tasks stream for every pipeline; now each pipeline "
+                    "has its own, PIPELINE_TASKS_<slug>): its %s task(s) of running jobs are published again into "
+                    "their pipelines' streams by the health check", names.LEGACY_TASKS_STREAM, info.state.messages)
+
+    async def task_stream_pipelines(self) -> list[str]:
+        """The pipelines that have a tasks stream."""
+        found, offset = [], 0
+        while True:
+            answer = json.loads((await self.nc.request("$JS.API.STREAM.NAMES", json.dumps(
+                {"offset": offset, "subject": names.TASKS_SUBJECTS}).encode(), timeout=API_TIMEOUT_S)).data)
+            if "error" in answer:
+                raise nats.js.errors.APIError.from_error(answer["error"])
+            page = answer.get("streams") or []
+            found += [slug for stream in page if (slug := names.pipeline_of_tasks_stream(stream))]
+            offset += len(page)
+            if not page or offset >= answer.get("total", 0):
+                return sorted(found)
 
     async def _update_stream(self, current: StreamConfig, changes: dict) -> None:
         was = {name: getattr(current, name) for name in changes}
@@ -353,18 +403,20 @@ class TaskQueue:
             ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=ack_wait_s,
             max_deliver=max_deliver, max_ack_pending=MAX_ACK_PENDING,
         )
+        stream = names.tasks_stream(pipeline_slug)
         try:
-            info = await self.js.consumer_info(names.TASKS_STREAM, name)
+            info = await self.js.consumer_info(stream, name)
             created = False
         except nats.js.errors.NotFoundError:
             try:
-                info = await self.js.add_consumer(names.TASKS_STREAM, wanted)
+                info = await self.js.add_consumer(stream, wanted)
             except nats.js.errors.BadRequestError as exc:
                 if exc.err_code != MAX_CONSUMERS_ERR_CODE:
                     raise
                 raise JobSlotsFull(
-                    f"job {job_id} cannot be dispatched yet: {names.TASKS_STREAM} holds its maximum of job consumers "
-                    "(jobs dispatched and not yet ended); raise PIPELINE_NATS_MAX_JOBS or let jobs finish") from None
+                    f"job {job_id} cannot be dispatched yet: {stream} holds its maximum of job consumers (jobs of "
+                    f"pipeline {pipeline_slug} dispatched and not yet ended); raise PIPELINE_NATS_MAX_JOBS or let "
+                    "jobs finish") from None
             created = True
         got = info.config
         summary = (f"max_deliver={got.max_deliver} ack_wait={got.ack_wait}s max_ack_pending={got.max_ack_pending} "
@@ -380,21 +432,22 @@ class TaskQueue:
 
     async def delete_job_consumer(self, job_id: int, pipeline_slug: str) -> None:
         """Remove the job's consumer and any of its tasks still in the stream (idempotent)."""
+        stream = names.tasks_stream(pipeline_slug)
         try:
-            await self.js.delete_consumer(names.TASKS_STREAM, names.job_consumer(job_id))
+            await self.js.delete_consumer(stream, names.job_consumer(job_id))
         except nats.js.errors.NotFoundError:
             pass
         try:
-            await self.js.purge_stream(names.TASKS_STREAM, subject=names.task_subject(pipeline_slug, job_id))
+            await self.js.purge_stream(stream, subject=names.task_subject(pipeline_slug, job_id))
         except nats.js.errors.NotFoundError:
             pass
 
-    async def consumer_state(self, job_id: int) -> ConsumerState:
+    async def consumer_state(self, job_id: int, pipeline_slug: str) -> ConsumerState:
         """The job consumer's counters; never raises (an outage comes back as `error`)."""
         if not self.nc.is_connected:  # reconnecting: answer now instead of waiting out a timeout
             return ConsumerState(exists=False, error="not connected to NATS")
         try:
-            info = await self.js.consumer_info(names.TASKS_STREAM, names.job_consumer(job_id),
+            info = await self.js.consumer_info(names.tasks_stream(pipeline_slug), names.job_consumer(job_id),
                                                timeout=API_TIMEOUT_S)
         except nats.js.errors.NotFoundError:
             return ConsumerState(exists=False)
@@ -409,25 +462,26 @@ class TaskQueue:
         )
 
     async def job_consumers(self, pipeline_slug: str | None = None) -> list[JobConsumer]:
-        """Every job consumer on the tasks stream (of one pipeline if given), oldest job first."""
-        prefix = names.task_subject_prefix(pipeline_slug) if pipeline_slug else "pipeline.tasks."
+        """Every job consumer of one pipeline's tasks stream (of every pipeline if None), oldest job first."""
         if not self.nc.is_connected:
             raise nats.errors.ConnectionClosedError("not connected to NATS")
         found: list[JobConsumer] = []
-        offset = 0
-        while True:
-            try:
-                page = await self.js.consumers_info(names.TASKS_STREAM, offset=offset)
-            except nats.js.errors.NotFoundError:
-                return []  # no stream yet: no worker has started, so there is no job either
-            for info in page:
-                job_id = names.job_id_from_consumer(info.name)
-                subject = info.config.filter_subject or ""
-                if job_id is not None and subject.startswith(prefix):
-                    found.append(JobConsumer(job_id, info.name, subject))
-            if len(page) < 256:
-                break
-            offset += len(page)
+        for slug in [pipeline_slug] if pipeline_slug else await self.task_stream_pipelines():
+            prefix = names.task_subject_prefix(slug)
+            offset = 0
+            while True:
+                try:
+                    page = await self.js.consumers_info(names.tasks_stream(slug), offset=offset)
+                except nats.js.errors.NotFoundError:
+                    break  # no stream yet: no job of the pipeline was dispatched
+                for info in page:
+                    job_id = names.job_id_from_consumer(info.name)
+                    subject = info.config.filter_subject or ""
+                    if job_id is not None and subject.startswith(prefix):
+                        found.append(JobConsumer(job_id, info.name, subject, slug))
+                if len(page) < 256:
+                    break
+                offset += len(page)
         return sorted(found, key=lambda c: c.job_id)
 
     # ---- tasks --------------------------------------------------------------------------------------
@@ -449,7 +503,7 @@ class TaskQueue:
         """Publish a chunk and wait for every PubAck (what `js.publish` does, for many at once)."""
         acks = await self.requests.send([
             (names.task_subject(t.pipeline, t.job_id), _encoder.encode(t),
-             {**task_headers(t), "Nats-Expected-Stream": names.TASKS_STREAM}) for t in batch],
+             {**task_headers(t), "Nats-Expected-Stream": names.tasks_stream(t.pipeline)}) for t in batch],
             timeout=API_TIMEOUT_S)
         published = []
         for ack in acks:
@@ -476,10 +530,11 @@ class TaskQueue:
         seqs = {}
         for reply in dict.fromkeys(reply_subjects):
             parsed = names.parse_ack_subject(reply)
-            if parsed and parsed[0] == names.TASKS_STREAM:
-                seqs[reply] = parsed[3]
+            if parsed and names.is_tasks_stream(parsed[0]):
+                seqs[reply] = (parsed[0], parsed[3])
         answers = await self.requests.send(
-            [(DIRECT_GET_TASK, _encoder.encode({"seq": seq}), None) for seq in seqs.values()], timeout=API_TIMEOUT_S)
+            [(direct_get_subject(stream), _encoder.encode({"seq": seq}), None) for stream, seq in seqs.values()],
+            timeout=API_TIMEOUT_S)
         found = {}
         for reply, answer in zip(seqs, answers, strict=True):
             headers = answer.headers or {}
@@ -498,21 +553,23 @@ class TaskQueue:
     async def oldest_result_seq(self, job_id: int) -> int | None:
         """The stream sequence of the oldest message still in `PIPELINE_RESULTS` for the job (published and
         not yet taken into the inbox), or None if there is none."""
-        try:
-            msg = await self.js.get_msg(names.RESULTS_STREAM, seq=1, subject=names.result_subject(job_id), next=True)
-        except nats.js.errors.NotFoundError:
-            return None
-        return msg.seq
+        found = []
+        for subject in (names.results_of_job(job_id), f"pipeline.results.{job_id}"):  # (and the form of old services)
+            try:
+                found.append((await self.js.get_msg(names.RESULTS_STREAM, seq=1, subject=subject, next=True)).seq)
+            except nats.js.errors.NotFoundError:
+                pass
+        return min(found, default=None)
 
     async def results_last_seq(self) -> int:
         """The sequence of the newest message ever stored in `PIPELINE_RESULTS`."""
         return (await self.js.stream_info(names.RESULTS_STREAM)).state.last_seq
 
-    async def task_at(self, stream_seq: int) -> tuple[int, str] | None:
-        """(job id, image id) of the task at `stream_seq` of the tasks stream (None if it is gone or is not
+    async def task_at(self, stream: str, stream_seq: int) -> tuple[int, str] | None:
+        """(job id, image id) of the task at `stream_seq` of a tasks stream (None if it is gone or is not
         a task jetpipe published)."""
         try:
-            msg = await self.js.get_msg(names.TASKS_STREAM, stream_seq)
+            msg = await self.js.get_msg(stream, stream_seq)
         except nats.js.errors.NotFoundError:
             return None
         headers = msg.headers or {}
@@ -520,10 +577,10 @@ class TaskQueue:
         image_id = headers.get(names.HDR_IMAGE_ID)
         return (job_id, image_id) if job_id is not None and image_id else None
 
-    async def delete_task(self, stream_seq: int) -> None:
-        """Remove one task from the stream (one JetStream gave up on); idempotent."""
+    async def delete_task(self, stream: str, stream_seq: int) -> None:
+        """Remove one task from a tasks stream (one JetStream gave up on); idempotent."""
         try:
-            await self.js.delete_msg(names.TASKS_STREAM, stream_seq)
+            await self.js.delete_msg(stream, stream_seq)
         except nats.js.errors.NotFoundError:
             pass
         except nats.js.errors.APIError as exc:
@@ -570,6 +627,11 @@ class SyncTaskQueue:
     def ensure_streams(self, *, max_jobs: int | None = None, replicas: int | None = None) -> None:
         self._run("ensure_streams", self.queue.ensure_streams(max_jobs=max_jobs, replicas=replicas))
 
+    def ensure_tasks_stream(self, pipeline_slug: str, *, max_jobs: int | None = None,
+                            replicas: int | None = None) -> None:
+        self._run("ensure_tasks_stream", self.queue.ensure_tasks_stream(pipeline_slug, max_jobs=max_jobs,
+                                                                        replicas=replicas))
+
     def ensure_job_consumer(self, job_id: int, pipeline_slug: str, *, max_deliver: int,
                             ack_wait_s: float) -> ConsumerConfig:
         return self._run("ensure_job_consumer", self.queue.ensure_job_consumer(
@@ -578,8 +640,8 @@ class SyncTaskQueue:
     def delete_job_consumer(self, job_id: int, pipeline_slug: str) -> None:
         self._run("delete_job_consumer", self.queue.delete_job_consumer(job_id, pipeline_slug))
 
-    def consumer_state(self, job_id: int) -> ConsumerState:
-        return self._run("consumer_state", self.queue.consumer_state(job_id))
+    def consumer_state(self, job_id: int, pipeline_slug: str) -> ConsumerState:
+        return self._run("consumer_state", self.queue.consumer_state(job_id, pipeline_slug))
 
     def job_consumers(self, pipeline_slug: str | None = None) -> list[JobConsumer]:
         return self._run("job_consumers", self.queue.job_consumers(pipeline_slug))
@@ -605,11 +667,11 @@ class SyncTaskQueue:
     def results_last_seq(self) -> int:
         return self._run("results_last_seq", self.queue.results_last_seq())
 
-    def task_at(self, stream_seq: int) -> tuple[int, str] | None:
-        return self._run("task_at", self.queue.task_at(stream_seq))
+    def task_at(self, stream: str, stream_seq: int) -> tuple[int, str] | None:
+        return self._run("task_at", self.queue.task_at(stream, stream_seq))
 
-    def delete_task(self, stream_seq: int) -> None:
-        self._run("delete_task", self.queue.delete_task(stream_seq))
+    def delete_task(self, stream: str, stream_seq: int) -> None:
+        self._run("delete_task", self.queue.delete_task(stream, stream_seq))
 
     def term_many(self, reply_subjects: Iterable[str], reason: str) -> None:
         self._run("term_many", self.queue.term_many(reply_subjects, reason))

@@ -207,7 +207,8 @@ def clean_servers(dev: DevStack) -> None:
         nc = await nats.connect(dev.nats_url)
         try:
             js = nc.jetstream()
-            for name in ("PIPELINE_TASKS", "PIPELINE_RESULTS", "PIPELINE_ADVISORIES"):
+            for name in [info.config.name for info in await js.streams_info()
+                         if info.config.name.startswith("PIPELINE_")]:
                 try:
                     await js.delete_stream(name)
                 except Exception:  # noqa: BLE001 - not there yet

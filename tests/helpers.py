@@ -59,7 +59,9 @@ def pull_tasks(runtime, job_id: int, count: int, *, timeout_s: float = 5.0) -> l
 
     async def pull():
         async with nats_client(runtime.settings.nats_url) as nc:
-            sub = await nc.jetstream().pull_subscribe_bind(names.job_consumer(job_id), stream=names.TASKS_STREAM)
+            job = Job.get_by_id(job_id)
+            sub = await nc.jetstream().pull_subscribe_bind(names.job_consumer(job_id),
+                                                           stream=names.tasks_stream(job.pipeline.slug))
             got = []
             while len(got) < count:
                 try:
@@ -108,12 +110,12 @@ def error_body(image_id: str | None, why: str = "model exploded") -> bytes:
 
 
 def stream_count(runtime, job_id: int, pipeline: str) -> int:
-    """Messages of the job still in PIPELINE_TASKS (un-acked tasks)."""
+    """Messages of the job still in its pipeline's tasks stream (un-acked tasks)."""
 
     js = runtime.tasks.queue.js  # connect (via the loop) before running on it
 
     async def count():
-        info = await js.stream_info(names.TASKS_STREAM,
+        info = await js.stream_info(names.tasks_stream("moth-demo"),
                                                         subjects_filter=names.task_subject(pipeline, job_id))
         return sum((info.state.subjects or {}).values())
 
@@ -183,14 +185,14 @@ async def _raw_round(js, subs: dict, pipeline: str, answer, *, copies: int, seen
     import nats.js.errors
 
     try:
-        consumers = await js.consumers_info("PIPELINE_TASKS")
+        consumers = await js.consumers_info(f"PIPELINE_TASKS_{pipeline}")
     except nats.js.errors.NotFoundError:  # no worker has created the streams yet
         await asyncio.sleep(0.2)
         return 0
     for info in consumers:
         subject = info.config.filter_subject or ""
         if subject.startswith(f"pipeline.tasks.{pipeline}.") and info.name not in subs:
-            subs[info.name] = await js.pull_subscribe_bind(info.name, stream="PIPELINE_TASKS")
+            subs[info.name] = await js.pull_subscribe_bind(info.name, stream=f"PIPELINE_TASKS_{pipeline}")
     done, got_any = 0, False
     for name, sub in list(subs.items()):
         try:
@@ -215,7 +217,8 @@ async def _raw_round(js, subs: dict, pipeline: str, answer, *, copies: int, seen
             if not old_contract:
                 headers["Pipeline-Task-Token"] = task["task_token"]
             for _ in range(copies):
-                await js.publish(f"pipeline.results.{task['job_id']}", json.dumps(result).encode(), headers=headers)
+                await js.publish(f"pipeline.results.{pipeline}.{task['job_id']}", json.dumps(result).encode(),
+                                 headers=headers)
             done += 1
     if not got_any:
         await asyncio.sleep(0.05)
@@ -236,7 +239,7 @@ def result_messages(settings, job_id: int, *, tokens: bool = False) -> list:
                     msg = await js.get_msg(names.RESULTS_STREAM, seq)
                 except nats.js.errors.NotFoundError:
                     continue
-                if msg.subject == names.result_subject(job_id):
+                if msg.subject == names.result_subject("moth-demo", job_id):
                     headers = msg.headers or {}
                     found.append((headers.get(names.HDR_TASK_REPLY), json.loads(msg.data))
                                  + ((headers.get(names.HDR_TASK_TOKEN),) if tokens else ()))

@@ -421,16 +421,17 @@ def make_leader(stack: LabStack, node: Host) -> None:
             js = nc.jetstream()
             for _ in range(30):
                 try:
-                    info = await js.stream_info(names.TASKS_STREAM)
+                    info = await js.stream_info(names.tasks_stream("moth-demo"))
                 except nats.js.errors.NotFoundError:  # the workers have not created it yet
                     await asyncio.sleep(0.5)
                     continue
                 if info.cluster.leader == f"nats-{node.name[1:]}":
                     return
                 with contextlib.suppress(Exception):
-                    await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{names.TASKS_STREAM}", b"", timeout=5)
+                    stream = names.tasks_stream("moth-demo")
+                    await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", b"", timeout=5)
                 await asyncio.sleep(1.5)
-            raise AssertionError(f"could not make {node.name} the leader of {names.TASKS_STREAM}")
+            raise AssertionError(f"could not make {node.name} the leader of {names.tasks_stream('moth-demo')}")
         finally:
             await nc.close()
 

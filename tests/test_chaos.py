@@ -281,7 +281,7 @@ def test_chaos_exhaust_max_deliver_touches_only_its_targets(chaos_env):
     # A target behind other tasks is refused, and nothing is delivered
     refused = env.cli(s, "chaos", "exhaust-max-deliver", "--job-id", str(job_id), "--image-ids", second)
     assert refused.returncode == 1 and "would deliver other tasks too" in refused.stderr, refused.stderr
-    assert env.rt.tasks.consumer_state(job_id).num_ack_pending == 0
+    assert env.rt.tasks.consumer_state(job_id, "moth-demo").num_ack_pending == 0
     # The next task is exhausted; the other two are never delivered
     proc = env.cli(s, "chaos", "exhaust-max-deliver", "--job-id", str(job_id), "--image-ids", first, "--json")
     assert proc.returncode == 0, proc.stderr

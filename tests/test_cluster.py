@@ -89,16 +89,16 @@ def test_streams_are_r3_and_a_job_survives_its_stream_leader_sigkilled_at_30_per
 
     async def replicas():
         return [(await js.stream_info(s)).config.num_replicas
-                for s in (names.TASKS_STREAM, names.RESULTS_STREAM, names.ADVISORIES_STREAM)]
+                for s in (names.tasks_stream("moth-demo"), names.RESULTS_STREAM, names.ADVISORIES_STREAM)]
 
     assert runtime.runner.run(replicas(), timeout=20) == [3, 3, 3]
-    leader = stream_leader(runtime, names.TASKS_STREAM)
+    leader = stream_leader(runtime, names.tasks_stream("moth-demo"))
     [node] = [n for n in cluster.nodes if n.name == f"nats-{leader}"]
     node.kill()  # SIGKILL
     killed_at = time.monotonic()
     assert_exact(job.id, names_, truth)
     recovery_s = time.monotonic() - killed_at
-    new_leader = wait_for(lambda: _answers(stream_leader, runtime, names.TASKS_STREAM), timeout_s=60,
+    new_leader = wait_for(lambda: _answers(stream_leader, runtime, names.tasks_stream("moth-demo")), timeout_s=60,
                           message="this test's own connection to find the cluster again")
     assert new_leader != leader
     print(f"kill of stream leader {leader} -> SUCCESS in {recovery_s:.1f} s (new leader {new_leader})")
@@ -140,12 +140,13 @@ def test_existing_r1_streams_are_raised_to_r3_at_startup_and_kept_by_a_process_w
 
     async def replicas(queue) -> list[int]:
         return [(await queue.js.stream_info(s)).config.num_replicas
-                for s in (names.TASKS_STREAM, names.RESULTS_STREAM, names.ADVISORIES_STREAM)]
+                for s in (names.tasks_stream("moth-demo"), names.RESULTS_STREAM, names.ADVISORIES_STREAM)]
 
     async def make_r1_then_r3_then_unset():
         queue = await TaskQueue.connect(cluster.url)
         try:
             await queue.ensure_streams(replicas=1)
+            await queue.ensure_tasks_stream("moth-demo", replicas=1)  # as its first job's dispatch makes it
             before = await replicas(queue)
             await queue.ensure_streams(**settings.stream_options())
             raised = await replicas(queue)

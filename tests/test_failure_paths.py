@@ -79,7 +79,7 @@ def test_async_job_failing_before_dispatch_fails_at_once_with_cleanup(inproc_wor
     assert job.error == ("run_job failed before dispatching its tasks: InjectedFault: fault injected at "
                          "before_publish")
     rt = get_runtime()
-    assert rt.tasks.consumer_state(job.id).exists is False
+    assert rt.tasks.consumer_state(job.id, "moth-demo").exists is False
     assert stream_count(rt, job.id, moth_pipeline) == 0  # tasks already published were purged
     assert rt.redis.keys(f"jetpipe:job:{job.id}:*") == []
     assert log_lines(job.id, DEFERRAL_MESSAGE) == 0
@@ -252,7 +252,7 @@ def test_cancel_revokes_removes_tasks_and_later_results_change_nothing(runtime, 
     dispatch(runtime, job.id)
     [(task, reply)] = pull_tasks(runtime, job.id, 1)
     assert cancel(runtime, job.id) == JobStatus.REVOKED
-    assert runtime.tasks.consumer_state(job.id).exists is False
+    assert runtime.tasks.consumer_state(job.id, "moth-demo").exists is False
     assert stream_count(runtime, job.id, moth_pipeline) == 0  # services receive nothing more
     handled = handle_result_message(runtime, job.id, success_body(task, boxes=5), reply, task.task_token)
     job = Job.get_by_id(job.id)

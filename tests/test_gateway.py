@@ -167,7 +167,7 @@ def test_a_foreign_or_forged_reply_subject_is_refused_and_nothing_is_published(g
     [their_task] = gateway.post(f"/api/v2/jobs/{other.id}/tasks/", json={"batch_size": 1}).json()["tasks"]
     before = _results_waiting(runtime)
     result = answer_one_box({"image_id": my_task["image_id"], "image_url": "x", "pipeline": moth_pipeline})
-    for reply in (their_task["reply_subject"], f"$JS.ACK.PIPELINE_TASKS.job-{other.id + 7}.1.1.1.1.0",
+    for reply in (their_task["reply_subject"], f"$JS.ACK.PIPELINE_TASKS_moth-demo.job-{other.id + 7}.1.1.1.1.0",
                   "pipeline.results.1"):
         refused = gateway.post(f"/api/v2/jobs/{mine.id}/result/", json={"results": [
             {"reply_subject": my_task["reply_subject"], "result": result}, {"reply_subject": reply, "result": result}]})
@@ -176,7 +176,8 @@ def test_a_foreign_or_forged_reply_subject_is_refused_and_nothing_is_published(g
         extended = gateway.post(f"/api/v2/jobs/{mine.id}/tasks/in_progress/", json={"reply_subjects": [reply]})
         assert extended.status_code == 409
     assert _results_waiting(runtime) == before  # nothing published, not even the good one
-    assert runtime.tasks.consumer_state(other.id).num_ack_pending == 1  # their task: untouched, still leased
+    # their task: untouched, still leased
+    assert runtime.tasks.consumer_state(other.id, "moth-demo").num_ack_pending == 1
 
 
 def test_an_abandoned_reservation_comes_back_after_ack_wait_and_in_progress_keeps_it(
@@ -351,7 +352,8 @@ def deliver_late(runtime, gateway, job_id: int, count: int) -> int:
     sub = gateway._subs[job_id]
 
     async def late():
-        await runtime.tasks.queue.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{names.TASKS_STREAM}.job-{job_id}",
+        stream = names.tasks_stream("moth-demo")
+        await runtime.tasks.queue.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.job-{job_id}",
                                              json.dumps({"batch": count}).encode(), reply=sub._deliver)
         for _ in range(50):
             if sub.pending_msgs >= count:
@@ -370,13 +372,13 @@ def test_on_shutdown_tasks_fetched_but_never_handed_out_go_back_at_once(runtime,
     job = fake_job(moth_pipeline, 4)
     dispatch(runtime, job.id)
     gateway = Gateway(runtime.tasks.queue)
-    assert len(runtime.runner.run(gateway.reserve(job.id, 1), timeout=10)) == 1
+    assert len(runtime.runner.run(gateway.reserve(job.id, moth_pipeline, 1), timeout=10)) == 1
     assert deliver_late(runtime, gateway, job.id, 2) == 2
-    assert runtime.tasks.consumer_state(job.id).num_ack_pending == 3
+    assert runtime.tasks.consumer_state(job.id, "moth-demo").num_ack_pending == 3
     assert runtime.runner.run(gateway.release_all(), timeout=10) == 2
     # at once, not after the 30 s ack_wait: the two released come back, with the one never delivered
     again = pull_tasks(runtime, job.id, 3, timeout_s=3)
-    assert len(again) == 3 and runtime.tasks.consumer_state(job.id).num_redelivered == 2
+    assert len(again) == 3 and runtime.tasks.consumer_state(job.id, "moth-demo").num_redelivered == 2
 
 
 def test_a_request_is_never_handed_more_tasks_than_it_asked_for_late_deliveries_go_to_the_next(
@@ -390,7 +392,7 @@ def test_a_request_is_never_handed_more_tasks_than_it_asked_for_late_deliveries_
     gateway = Gateway(runtime.tasks.queue)
 
     def reserve(count: int) -> list[str]:
-        return [r.image_id for r in runtime.runner.run(gateway.reserve(job.id, count), timeout=10)]
+        return [r.image_id for r in runtime.runner.run(gateway.reserve(job.id, moth_pipeline, count), timeout=10)]
 
     first = reserve(1)
     assert deliver_late(runtime, gateway, job.id, 3) == 3
@@ -413,11 +415,11 @@ def test_a_late_delivery_handed_out_starts_its_lease_again(db_url, stack, settin
         job = fake_job(moth_pipeline, 4)
         dispatch(runtime, job.id)
         gateway = Gateway(runtime.tasks.queue)
-        runtime.runner.run(gateway._subscribe(job.id), timeout=10)
+        runtime.runner.run(gateway._subscribe(job.id, moth_pipeline), timeout=10)
         # Given two tasks delivered to the gateway 4 s (of their 6 s lease) before a request takes them
         assert deliver_late(runtime, gateway, job.id, 2) == 2
         time.sleep(4)
-        handed = {r.image_id for r in runtime.runner.run(gateway.reserve(job.id, 2), timeout=10)}
+        handed = {r.image_id for r in runtime.runner.run(gateway.reserve(job.id, moth_pipeline, 2), timeout=10)}
         assert len(handed) == 2
         # When 3.5 s more pass (7.5 s after delivery, 3.5 s after handing out)
         time.sleep(3.5)
@@ -441,11 +443,12 @@ def test_the_gateway_lets_go_of_an_ended_jobs_subscription(runtime, moth_pipelin
     gateway = Gateway(runtime.tasks.queue)
     runtime.runner.spawn(gateway.keep_tidy(ended_jobs, every_s=0.2))
     for j in (job, other):
-        assert len(runtime.runner.run(gateway.reserve(j.id, 1), timeout=10)) == 1
+        assert len(runtime.runner.run(gateway.reserve(j.id, moth_pipeline, 1), timeout=10)) == 1
     assert gateway.subscribed_jobs() == [job.id, other.id]
     cancel(runtime, job.id)
     wait_for(lambda: gateway.subscribed_jobs() == [other.id], timeout_s=10, message="the ended job to be let go")
-    assert len(runtime.runner.run(gateway.reserve(other.id, 1), timeout=10)) == 1  # the other job is untouched
+    # the other job is untouched
+    assert len(runtime.runner.run(gateway.reserve(other.id, moth_pipeline, 1), timeout=10)) == 1
     runtime.runner.run(gateway.release_all(), timeout=10)
 
 

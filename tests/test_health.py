@@ -280,7 +280,7 @@ def test_a_stuck_cancel_is_finished(runtime, moth_pipeline):
     report = run_health_check(runtime)
     assert report["stale_jobs"]["jobs"] == {str(job.id): "cancel_finished"}
     assert Job.get_by_id(job.id).status == JobStatus.REVOKED
-    assert runtime.tasks.consumer_state(job.id).exists is False
+    assert runtime.tasks.consumer_state(job.id, "moth-demo").exists is False
 
 
 def test_zombie_consumers_and_keys_are_removed_after_the_grace_period(runtime, moth_pipeline):
@@ -293,8 +293,8 @@ def test_zombie_consumers_and_keys_are_removed_after_the_grace_period(runtime, m
     runtime.state.load(999, [("1", "pending", 0, 0)])  # state of a job that no longer exists
     report = run_health_check(runtime)
     assert report["zombies"]["jobs"] == {str(ended.id): "consumer_removed,redis_removed", "999": "redis_removed"}
-    assert runtime.tasks.consumer_state(ended.id).exists is False
-    assert runtime.tasks.consumer_state(recent.id).exists is True
+    assert runtime.tasks.consumer_state(ended.id, "moth-demo").exists is False
+    assert runtime.tasks.consumer_state(recent.id, "moth-demo").exists is True
     assert runtime.redis.keys(f"jetpipe:job:{ended.id}:*") == [] and runtime.redis.keys("jetpipe:job:999:*") == []
 
 
@@ -353,8 +353,8 @@ def test_a_lost_verdict_waits_for_a_result_published_before_the_give_up(quick):
     body = success_body(task_a, boxes=2)
 
     async def publish(js):
-        return (await js.publish(names.result_subject(job.id), body, headers={names.HDR_TASK_REPLY: reply_a,
-                                                                        names.HDR_TASK_TOKEN: task_a.task_token})).seq
+        headers = {names.HDR_TASK_REPLY: reply_a, names.HDR_TASK_TOKEN: task_a.task_token}
+        return (await js.publish(names.result_subject("moth-demo", job.id), body, headers=headers)).seq
 
     result_seq = quick.runner.run(publish(quick.tasks.queue.js))
     by_seq = {json.loads(a)["stream_seq"]: a for a in read_advisories(quick, 2)}
@@ -380,7 +380,7 @@ def test_an_advisory_for_an_image_that_succeeded_changes_nothing(quick):
     dispatch(quick, job.id)
     tasks = {t.image_id: (t, r) for t, r in pull_tasks(quick, job.id, 2)}
     [advisory, _] = read_advisories(quick, 2)
-    _, image_id = quick.tasks.task_at(json.loads(advisory)["stream_seq"])
+    _, image_id = quick.tasks.task_at(names.tasks_stream("moth-demo"), json.loads(advisory)["stream_seq"])
     # the result for that very task arrives late, after JetStream gave up (late ACKs are accepted and
     # delete the task), and only then is the advisory handled
     task, reply = tasks[image_id]
@@ -396,7 +396,7 @@ def test_an_advisory_naming_another_jobs_task_is_ignored(quick):
     dispatch(quick, a.id)
     dispatch(quick, b.id)
     [(_, reply_b)] = pull_tasks(quick, b.id, 1)
-    forged = json.dumps({"type": "io.nats.jetstream.advisory.v1.max_deliver", "stream": names.TASKS_STREAM,
+    forged = json.dumps({"type": "io.nats.jetstream.advisory.v1.max_deliver", "stream": names.tasks_stream("moth-demo"),
                          "consumer": names.job_consumer(a.id), "stream_seq": names.parse_ack_subject(reply_b)[3],
                          "deliveries": 2})
     # When it is handled, nothing is failed or deleted: the task it names is not one of job A's
@@ -479,7 +479,7 @@ def test_a_job_nobody_picks_up_waits_with_its_time_left_then_ends_failure_saying
     assert (ended.status, ended.error) == (JobStatus.FAILURE, reason)
     assert {r.error for r in JobImage.select().where(JobImage.job == job.id)} == {reason}
     assert ended.progress["stages"]["process"]["failed"] == 3
-    assert runtime.tasks.consumer_state(job.id).exists is False
+    assert runtime.tasks.consumer_state(job.id, "moth-demo").exists is False
 
 
 def test_a_job_a_service_picked_up_is_never_failed_for_pickup(runtime, moth_pipeline):
@@ -548,7 +548,7 @@ def test_an_idle_job_whose_consumer_is_gone_is_redispatched_not_failed(quick):
 
     async def remove_consumer():  # as `nats consumer rm` would: the tasks stay in the stream
         async with nats_client(quick.settings.nats_url) as nc:
-            await nc.jetstream().delete_consumer(names.TASKS_STREAM, names.job_consumer(job.id))
+            await nc.jetstream().delete_consumer(names.tasks_stream("moth-demo"), names.job_consumer(job.id))
 
     quick.runner.run(remove_consumer(), timeout=10)
     report = run_health_check(quick)

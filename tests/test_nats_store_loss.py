@@ -129,7 +129,7 @@ def test_health_reports_a_results_stream_nobody_reads(private, worker_factory):
     # When its consumer is deleted while results wait in the stream
     async def delete_and_publish(js):
         await js.delete_consumer(names.RESULTS_STREAM, names.RESULTS_BRIDGE_CONSUMER)
-        await js.publish(names.result_subject(1), b'{"error": "x", "image_id": "1"}')
+        await js.publish(names.result_subject("moth-demo", 1), b'{"error": "x", "image_id": "1"}')
 
     on_nats(settings, delete_and_publish)
     health = subprocess.run([sys.executable, "cli.py", "health"], cwd=PROJECT, env=subprocess_env(settings),

@@ -38,7 +38,7 @@ def test_a_job_completes_when_every_result_is_handled(runtime, moth_pipeline):
         handle_result_message(runtime, job.id, success_body(task, boxes=2), reply, task.task_token)
     # Then the job is SUCCESS with exact counts, its tasks are gone from NATS, its state is cleaned up
     assert counters(job.id) == (JobStatus.SUCCESS, 5, 0, 10, 10, 5)
-    assert runtime.tasks.consumer_state(job.id).exists is False
+    assert runtime.tasks.consumer_state(job.id, "moth-demo").exists is False
     assert stream_count(runtime, job.id, moth_pipeline) == 0
     assert runtime.state.snapshot(job.id) is None
     assert Job.get_by_id(job.id).cleaned_up_at is not None
@@ -168,7 +168,8 @@ def test_lost_redis_state_is_rebuilt_from_the_database(runtime, moth_pipeline):
 
 
 def test_result_for_unknown_job_is_dropped(runtime, moth_pipeline):
-    handled = handle_result_message(runtime, 4242, b"{}", f"$JS.ACK.{names.TASKS_STREAM}.job-4242.1.1.1.1.0")
+    stream = names.tasks_stream("moth-demo")
+    handled = handle_result_message(runtime, 4242, b"{}", f"$JS.ACK.{stream}.job-4242.1.1.1.1.0")
     assert handled.action == "unknown_job"
 
 

@@ -150,7 +150,8 @@ def test_a_late_result_after_a_lost_verdict_supersedes_it(runtime, db_url, stack
         return JobImage.get((JobImage.job == job_id) & (JobImage.image == image)).status
 
     async def answer(js, msg):
-        await js.publish(names.result_subject(job_id), json.dumps(answer_one_box(json.loads(msg.data))).encode(),
+        await js.publish(names.result_subject("moth-demo", job_id),
+                         json.dumps(answer_one_box(json.loads(msg.data))).encode(),
                          headers={names.HDR_TASK_REPLY: msg.reply,
                                   names.HDR_TASK_TOKEN: json.loads(msg.data)["task_token"]})
 
@@ -165,7 +166,7 @@ def test_a_late_result_after_a_lost_verdict_supersedes_it(runtime, db_url, stack
         js = nc.jetstream()
         while True:
             try:
-                sub = await js.pull_subscribe_bind(names.job_consumer(job_id), stream=names.TASKS_STREAM)
+                sub = await js.pull_subscribe_bind(names.job_consumer(job_id), stream=names.tasks_stream("moth-demo"))
                 break
             except Exception:  # noqa: BLE001 - not dispatched yet
                 await asyncio.sleep(0.1)
@@ -229,7 +230,7 @@ def test_the_bridge_stops_taking_while_the_inbox_is_full(runtime, moth_pipeline,
 
     async def publish_all():
         for task, reply in tasks:
-            await js.publish(names.result_subject(job.id), success_body(task),
+            await js.publish(names.result_subject("moth-demo", job.id), success_body(task),
                              headers={names.HDR_TASK_REPLY: reply, names.HDR_TASK_TOKEN: task.task_token})
 
     runtime.runner.run(publish_all(), timeout=30)
@@ -277,9 +278,9 @@ def test_results_on_unparseable_subjects_are_dropped_and_do_not_stall_the_bridge
     async def publish():
         for subject in ("pipeline.results.²", "pipeline.results.99999999999999999999"):
             await js.publish(subject, b"{}")
-        await js.publish(names.result_subject(job.id), success_body(task),
+        await js.publish(names.result_subject("moth-demo", job.id), success_body(task),
                              headers={names.HDR_TASK_REPLY: reply, names.HDR_TASK_TOKEN: task.task_token})
-        await js.add_consumer(names.TASKS_STREAM, ConsumerConfig(durable_name="job-²",
+        await js.add_consumer(names.tasks_stream("moth-demo"), ConsumerConfig(durable_name="job-²",
                                                                  filter_subject="pipeline.tasks.moth-demo.²"))
 
     runtime.runner.run(publish(), timeout=30)

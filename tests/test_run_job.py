@@ -17,7 +17,7 @@ def test_a_job_with_zero_images_finishes_at_once(runtime, moth_pipeline):
     dispatch(runtime, job.id)
     job = Job.get_by_id(job.id)
     assert job.status == JobStatus.SUCCESS and job.finished_at is not None
-    assert runtime.tasks.consumer_state(job.id).exists is False
+    assert runtime.tasks.consumer_state(job.id, "moth-demo").exists is False
 
 
 def test_dispatch_publishes_one_task_per_image_with_contract_headers(runtime, moth_pipeline):
@@ -26,7 +26,7 @@ def test_dispatch_publishes_one_task_per_image_with_contract_headers(runtime, mo
     job = Job.get_by_id(job.id)
     assert job.status == JobStatus.STARTED and job.dispatched_at is not None
     assert stream_count(runtime, job.id, moth_pipeline) == 7
-    state = runtime.tasks.consumer_state(job.id)
+    state = runtime.tasks.consumer_state(job.id, "moth-demo")
     assert (state.exists, state.num_pending) == (True, 7)
     tasks = pull_tasks(runtime, job.id, 7)
     assert sorted(int(t.image_id) for t, _ in tasks) == list(range(1, 8))
@@ -51,6 +51,7 @@ def test_a_retried_run_job_resets_nothing_and_publishes_nothing_twice(runtime, m
 
 def test_an_existing_consumer_with_other_settings_is_reported(runtime, moth_pipeline, caplog):
     job = fake_job(moth_pipeline, 1)
+    runtime.tasks.ensure_tasks_stream(moth_pipeline)
     runtime.tasks.ensure_job_consumer(job.id, moth_pipeline, max_deliver=5, ack_wait_s=10)
     with caplog.at_level(logging.WARNING):
         dispatch(runtime, job.id)
@@ -82,8 +83,9 @@ def test_the_tasks_stream_allows_as_many_job_consumers_as_configured(runtime, mo
 
     def limit():
         js = runtime.tasks.queue.js
-        return runtime.runner.run(js.stream_info(names.TASKS_STREAM), timeout=10).config.max_consumers
+        return runtime.runner.run(js.stream_info(names.tasks_stream("moth-demo")), timeout=10).config.max_consumers
 
+    runtime.tasks.ensure_tasks_stream(moth_pipeline)  # made as the pipeline's first job is dispatched
     assert (limit(), runtime.settings.nats_max_jobs) == (10_000, None)  # the variable unset: 10,000
     # Given PIPELINE_NATS_MAX_JOBS=2: the existing stream's limit is lowered at the next dispatch
     monkeypatch.setattr(runtime, "settings", runtime.settings.with_overrides(nats_max_jobs=2))
@@ -117,7 +119,8 @@ def test_a_job_ends_cleanly_when_waking_a_waiting_job_meets_a_redis_error(runtim
     monkeypatch.setattr(runtime.redis, "zpopmin", down)
     with caplog.at_level(logging.WARNING):
         assert cancel(runtime, job.id) == JobStatus.REVOKED
-    assert Job.get_by_id(job.id).cleaned_up_at is not None and not runtime.tasks.consumer_state(job.id).exists
+    assert Job.get_by_id(job.id).cleaned_up_at is not None
+    assert not runtime.tasks.consumer_state(job.id, "moth-demo").exists
     assert "could not wake a job waiting for a slot" in caplog.text
 
 
@@ -130,9 +133,9 @@ def assert_health_names_the_wait(runtime) -> None:
         status, health = build_report(runtime.settings, loop)
     finally:
         loop.stop()
-    assert health["dependencies"]["nats"]["job_slots"] == {"used": 1, "max": 1}
-    assert "1 job(s) wait for a free job slot: PIPELINE_TASKS holds its maximum of 1 job consumers" in " ".join(
-        health["problems"])
+    assert health["dependencies"]["nats"]["job_slots"] == {"used": 1, "max": 1, "full": ["moth-demo"]}
+    assert ("1 job(s) wait for a free job slot: the tasks stream of pipeline(s) moth-demo holds its maximum of 1 job "
+            "consumers") in " ".join(health["problems"])
 
 
 def test_a_job_past_the_job_limit_waits_unstarted_and_starts_when_a_slot_frees(runtime, moth_pipeline, monkeypatch):
@@ -315,7 +318,7 @@ def test_a_job_canceled_while_it_is_dispatched_leaves_no_task_in_nats(runtime, m
     job = Job.get_by_id(job.id)
     assert (job.status, job.dispatched_at) == (JobStatus.REVOKED, None)
     assert stream_count(runtime, job.id, moth_pipeline) == 0
-    assert runtime.tasks.consumer_state(job.id).exists is False
+    assert runtime.tasks.consumer_state(job.id, "moth-demo").exists is False
     assert JobLog.select().where((JobLog.job == job.id) & JobLog.message.contains("dispatch stopped")).count() == 1
 
 
@@ -350,3 +353,25 @@ def test_an_internal_job_stops_processing_when_canceled(runtime, moth_pipeline, 
     job = Job.get_by_id(job.id)
     assert job.status == JobStatus.REVOKED
     assert JobImage.select().where((JobImage.job == job.id) & (JobImage.status == "processed")).count() < ran + 1
+
+
+def test_the_single_tasks_stream_of_earlier_versions_is_removed_so_pipelines_get_their_own(runtime, moth_pipeline,
+                                                                                          caplog):
+    # Given the one tasks stream of every pipeline an earlier jetpipe made, holding a task
+    js = runtime.tasks.queue.js
+
+    async def legacy():
+        await js.add_stream(name=names.LEGACY_TASKS_STREAM, subjects=["pipeline.tasks.>"], retention="workqueue")
+        await js.publish("pipeline.tasks.moth-demo.99", b"{}")
+
+    runtime.runner.run(legacy(), timeout=10)
+    # When a worker of this version starts (it makes the streams), the old stream goes with a warning that
+    # says what becomes of its tasks, and a job dispatches into its pipeline's own stream
+    with caplog.at_level(logging.WARNING):
+        runtime.tasks.ensure_streams()
+    assert "removed stream PIPELINE_TASKS of an earlier jetpipe" in caplog.text and "its 1 task(s)" in caplog.text
+    job = fake_job(moth_pipeline, 2)
+    dispatch(runtime, job.id)
+    assert runtime.tasks.consumer_state(job.id, moth_pipeline).num_pending == 2
+    streams = [info.config.name for info in runtime.runner.run(js.streams_info(), timeout=10)]
+    assert names.LEGACY_TASKS_STREAM not in streams and names.tasks_stream(moth_pipeline) in streams

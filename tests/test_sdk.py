@@ -54,7 +54,7 @@ def answer_late(runtime, job_id: int, inbox: str, batch: int) -> None:
     """A pull request for `batch` tasks answered to `inbox`: what a service's subscription receives when a
     pull request it had given up on reaches the server late (one buffered during a reconnect)."""
 
-    subject = f"$JS.API.CONSUMER.MSG.NEXT.{names.TASKS_STREAM}.{names.job_consumer(job_id)}"
+    subject = f"$JS.API.CONSUMER.MSG.NEXT.{names.tasks_stream('moth-demo')}.{names.job_consumer(job_id)}"
 
     async def pull():
         await runtime.tasks.queue.nc.publish(subject, json.dumps({"batch": batch}).encode(), reply=inbox)
@@ -77,7 +77,7 @@ def test_tasks_delivered_beyond_the_free_slots_wait_kept_alive_and_never_exceed_
         wait_for(lambda: model.running == 2, timeout_s=30, message="both slots busy")
         # When 5 more tasks reach its subscription, answering a pull request it had given up on
         answer_late(runtime, job.id, service._subs[job.id]._deliver, 5)
-        wait_for(lambda: runtime.tasks.consumer_state(job.id).num_ack_pending == 7, timeout_s=10,
+        wait_for(lambda: runtime.tasks.consumer_state(job.id, "moth-demo").num_ack_pending == 7, timeout_s=10,
                  message="the late deliveries")
         time.sleep(4)  # longer than their lease, with every slot still busy
         model.gate.set()

@@ -183,11 +183,12 @@ def test_the_shipped_nats_configuration_runs_a_job_and_services_cannot_do_harm(
             nc = await nats_py.connect(urls["service"], error_cb=errors, max_reconnect_attempts=1)
             for subject in ("pipeline.results.>", "_INBOX_jetpipe.>", "$JS.EVENT.>"):
                 await nc.subscribe(subject, cb=record)
-            await nc.publish(f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{names.TASKS_STREAM}.job-1",
-                             json.dumps({"type": "io.nats.jetstream.advisory.v1.max_deliver", "stream":
-                                         names.TASKS_STREAM, "consumer": "job-1", "stream_seq": 1}).encode())
+            await nc.publish(f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{names.tasks_stream('moth-demo')}.job-1",
+                             json.dumps({"type": "io.nats.jetstream.advisory.v1.max_deliver",
+                                         "stream": names.tasks_stream("moth-demo"), "consumer": "job-1",
+                                         "stream_seq": 1}).encode())
             try:
-                await nc.jetstream().delete_stream(names.TASKS_STREAM)
+                await nc.jetstream().delete_stream(names.tasks_stream("moth-demo"))
             except Exception:  # noqa: BLE001 - denied: a timeout or an error, either way nothing deleted
                 pass
             await traffic()  # results and jetpipe replies go by while the service listens
@@ -205,19 +206,19 @@ def test_the_shipped_nats_configuration_runs_a_job_and_services_cannot_do_harm(
             before = (await js.stream_info(names.ADVISORIES_STREAM)).state.messages
 
             async def traffic():
-                await js.publish(names.result_subject(999), b"{}")
+                await js.publish(names.result_subject("moth-demo", 999), b"{}")
                 await js.stream_info(names.RESULTS_STREAM)
 
             seen = await during(traffic)
             after = (await js.stream_info(names.ADVISORIES_STREAM)).state.messages
-            tasks_stream = await js.stream_info(names.TASKS_STREAM)
+            tasks_stream = await js.stream_info(names.tasks_stream("moth-demo"))
             await js.purge_stream(names.RESULTS_STREAM)
             await nc.close()
             return before, after, tasks_stream, seen
 
         before, after, tasks_stream, seen = asyncio.run(observe(as_service))
         assert after == before  # the forged advisory was refused: nothing captured
-        assert tasks_stream.config.name == names.TASKS_STREAM  # not deleted
+        assert tasks_stream.config.name == names.tasks_stream("moth-demo")  # not deleted
         assert seen == []  # no results, no jetpipe replies, no advisories read
     finally:
         set_runtime(previous)

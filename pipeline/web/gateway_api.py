@@ -197,7 +197,8 @@ def reserve_tasks(job_id: int, body: TasksRequest, request: Request, who: Princi
         if job.status in JobStatus.TERMINAL:
             runtime.runner.run(gateway_of(request).release([job_id]), timeout=LOOP_TIMEOUT_S)
         return {"tasks": []}
-    reserved = runtime.runner.run(gateway_of(request).reserve(job_id, body.batch_size), timeout=LOOP_TIMEOUT_S)
+    reserved = runtime.runner.run(gateway_of(request).reserve(job_id, job.pipeline.slug, body.batch_size),
+                                  timeout=LOOP_TIMEOUT_S)
     leases.record(runtime.redis, runtime.settings, job_id, who.name, reserved)
     if reserved:
         log.info("job=%s gateway: %s reserved %s of %s task(s)", job_id, who.name, len(reserved), body.batch_size)
@@ -273,7 +274,7 @@ def _accept(request: Request, who: Principal, job_id: int, items: list[tuple[str
     runtime = runtime_of(request)
     tokens = leases.tokens_of(runtime.redis, job_id, who.name, replies)
     seqs = runtime.runner.run(gateway_of(request).publish_results(
-        job_id, [(reply, body, token) for (reply, body), token in zip(items, tokens, strict=True)]),
+        job_id, job.pipeline.slug, [(reply, body, token) for (reply, body), token in zip(items, tokens, strict=True)]),
         timeout=LOOP_TIMEOUT_S)
     log.info("job=%s gateway: %s returned %s result(s)", job_id, who.name, len(items))
     _seen(runtime, who, job, returned=len(items))

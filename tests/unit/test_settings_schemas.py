@@ -79,13 +79,15 @@ def test_bad_results_say_why(body, message):
 
 
 def test_ack_subjects_are_bound_to_their_job():
-    v1 = "$JS.ACK.PIPELINE_TASKS.job-12.1.42.42.1713000000000000000.3"
-    v2 = "$JS.ACK._.ACCHASH.PIPELINE_TASKS.job-12.2.42.43.1713000000000000000.3.abc"
-    assert names.parse_ack_subject(v1) == ("PIPELINE_TASKS", "job-12", 1, 42)
-    assert names.parse_ack_subject(v2) == ("PIPELINE_TASKS", "job-12", 2, 42)
+    v1 = "$JS.ACK.PIPELINE_TASKS_moths.job-12.1.42.42.1713000000000000000.3"
+    v2 = "$JS.ACK._.ACCHASH.PIPELINE_TASKS_moths.job-12.2.42.43.1713000000000000000.3.abc"
+    assert names.parse_ack_subject(v1) == ("PIPELINE_TASKS_moths", "job-12", 1, 42)
+    assert names.parse_ack_subject(v2) == ("PIPELINE_TASKS_moths", "job-12", 2, 42)
     assert names.reply_belongs_to_job(v1, 12) and names.reply_belongs_to_job(v2, 12)
     assert not names.reply_belongs_to_job(v1, 1)
     assert not names.reply_belongs_to_job("$JS.ACK.OTHER.job-12.1.42.42.1.3", 12)
+    assert not names.reply_belongs_to_job("$JS.ACK.PIPELINE_TASKS.job-12.1.42.42.1.3", 12)  # the old single stream
+    assert not names.reply_belongs_to_job("$JS.ACK.PIPELINE_TASKS_.job-12.1.42.42.1.3", 12)
     assert not names.reply_belongs_to_job("_INBOX.abc", 12)
 
 
