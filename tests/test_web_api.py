@@ -146,7 +146,18 @@ def test_retry_failed_pipelines_and_dead_letters_through_the_api(web, runtime, m
     assert slugs == ["bees", moth_pipeline]
     assert web.get("/api/v1/dlq", headers=ada).json() == {"messages": []}
     assert web.post("/api/v1/dlq/replay", json={}, headers=ada).status_code == 400
-    assert web.get("/api/v1/openapi.json").status_code == 200
+    assert web.get("/api/v1/openapi.json", headers=bearer("vic")).status_code == 200
+
+
+def test_the_api_description_and_its_documentation_need_a_reader_when_tokens_are_set(web):
+    assert web.get("/api/v1/openapi.json").status_code == 401
+    assert web.get("/api/docs", follow_redirects=False).status_code == 303  # to the login form
+    assert web.get("/api/v1/openapi.json", headers=bearer("svc")).status_code == 403  # a service only uses the gateway
+    schema = web.get("/api/v1/openapi.json", headers=bearer("vic")).json()
+    assert "/api/v2/jobs/{job_id}/result/" in schema["paths"]
+    docs = web.get("/api/docs", headers=bearer("vic"))
+    assert docs.status_code == 200 and "/api/v1/openapi.json" in docs.text
+    assert "https://cdn.jsdelivr.net" in docs.headers["content-security-policy"]  # that page's own policy
 
 
 def test_healthz_stays_up_and_readyz_follows_nats(private_runtime):
@@ -194,7 +205,9 @@ def test_every_answer_carries_the_security_headers(web):
     for path in ("/", "/api/v1/health", "/api/v1/jobs/4242", "/static/style.css"):
         headers = web.get(path).headers
         assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff", path
-        assert "frame-ancestors 'none'" in headers["content-security-policy"], path
+        policy = headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in policy and "default-src 'self'" in policy, path
+        assert "script-src 'self';" in policy and "unsafe-inline" not in policy, path  # no inline script anywhere
 
 
 def _first_answer(url: str, request: bytes, timeout_s: float = 5.0) -> str:

@@ -45,8 +45,12 @@ def page(browser, tmp_path):
     page = context.new_page()
     page.on("dialog", lambda dialog: dialog.accept())  # the confirmations of Cancel and Retry
     page.shots = tmp_path
+    refused = []  # what the pages' Content-Security-Policy blocked: nothing of jetpipe's own may be
+    page.on("console", lambda message: refused.append(message.text) if "Content Security Policy" in message.text
+            else None)
     yield page
     context.close()
+    assert not refused, refused
 
 
 def shot(page, name: str) -> Path:
@@ -88,6 +92,7 @@ def test_a_job_created_from_the_page_reaches_success_while_the_page_updates(
     assert page.inner_text("#c-processed") == "30" and page.inner_text("#c-failed") == "0"
     assert page.inner_text("#c-detections") == str(sum(len(truth[n]) for n in names))
     assert "100%" in page.inner_text("#stage-results")
+    assert page.evaluate("document.getElementById('bar-results').style.width") == "100%"
     page.wait_for_function("() => document.getElementById('log').textContent.includes('job finished SUCCESS')")
     job_shot = shot(page, "job-page")
     if os.environ.get("JETPIPE_SCREENSHOTS"):

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import peewee
 import redis
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
@@ -32,8 +33,8 @@ from pipeline.readiness import readiness
 from pipeline.runtime import Runtime, get_runtime
 from pipeline.settings import Settings, redact_text
 from pipeline.web import api, gateway_api, image_links, pages
-from pipeline.web.auth import Tokens
-from pipeline.web.deps import LoginRequired
+from pipeline.web.auth import Principal, Tokens
+from pipeline.web.deps import LoginRequired, allowed
 from pipeline.web.guard import BodyGuard, Throttle
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,14 @@ HERE = Path(__file__).parent
 #: into another type, no address leaked to other sites through the Referer header.
 SECURITY_HEADERS = {"X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
                     "Referrer-Policy": "same-origin",
-                    "Content-Security-Policy": "frame-ancestors 'none'; base-uri 'self'; form-action 'self'"}
+                    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+                                               "img-src 'self' data:; object-src 'none'; frame-ancestors 'none'; "
+                                               "base-uri 'self'; form-action 'self'"}
+#: The API's interactive documentation (FastAPI's Swagger UI) loads its script and style from a CDN and starts
+#: with an inline script: its page alone may.
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
+            "style-src 'self' https://cdn.jsdelivr.net; img-src 'self' data: https://fastapi.tiangolo.com; "
+            "object-src 'none'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'")
 
 
 def _status_of(exc: BaseException) -> int:
@@ -83,7 +91,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
         await run_in_threadpool(_release_reserved, app, made)
 
     app = FastAPI(title="jetpipe", summary="Reliable asynchronous ML jobs over many images",
-                  docs_url="/api/docs", redoc_url=None, openapi_url="/api/v1/openapi.json", lifespan=lifespan)
+                  docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.settings = settings
     app.state.tokens = tokens
 
@@ -107,6 +115,17 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
             return made[0]
 
     app.state.runtime = the_runtime
+
+    # the API's description and its documentation page: for those who may read, like everything else
+    @app.get("/api/v1/openapi.json", include_in_schema=False)
+    def openapi_schema(_: Principal = Depends(allowed("read"))) -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/api/docs", include_in_schema=False)
+    def api_docs(_: Principal = Depends(allowed("read", page=True))) -> HTMLResponse:
+        page = get_swagger_ui_html(openapi_url="/api/v1/openapi.json", title="jetpipe API")
+        page.headers["Content-Security-Policy"] = DOCS_CSP
+        return page
 
     @app.exception_handler(PipelineError)
     @app.exception_handler(redis.RedisError)

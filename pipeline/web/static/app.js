@@ -92,5 +92,20 @@ const jetpipe = (() => {
     await tick();
   }
 
+  // No inline script or style on any page (the Content-Security-Policy forbids them): what a page needs
+  // is in data- attributes, acted on here.
+  function start() {
+    for (const bar of document.querySelectorAll(".fill[data-percent]")) bar.style.width = `${bar.dataset.percent}%`;
+    for (const element of document.querySelectorAll("[data-confirm]")) {  // a form on submit, a button on click
+      element.addEventListener(element.tagName === "FORM" ? "submit" : "click", (event) => {
+        if (!window.confirm(element.dataset.confirm)) event.preventDefault();
+      });
+    }
+    const followed = document.querySelector("[data-follow-job]");
+    if (followed) followJob(Number(followed.dataset.followJob));
+  }
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
+  else start();
+
   return { followJob };
 })();
