@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-unit lint bench clean install
+.PHONY: demo test test-unit lint bench clean install secrets
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+
+# passwords for docker compose (it refuses to start without them), added to .env where missing
+secrets:
+	$(PYTHON) deploy/make_secrets.py .env
 
 clean:
 	rm -rf .pipeline .pytest_cache .ruff_cache *.egg-info

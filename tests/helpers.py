@@ -253,7 +253,7 @@ def shipped_nats_conf(directory: Path, name: str, *, port: int, http_port: int, 
     includes copied next to it): what the compose services run, on this machine's loopback."""
     directory.mkdir(parents=True, exist_ok=True)
     conf = (PROJECT / "deploy" / name).read_text()
-    for shipped, local in (("0.0.0.0:4222", f"127.0.0.1:{port}"), ("0.0.0.0:8222", f"127.0.0.1:{http_port}"),
+    for shipped, local in (("0.0.0.0:4222", f"127.0.0.1:{port}"), ("127.0.0.1:8222", f"127.0.0.1:{http_port}"),
                            ("0.0.0.0:6222", f"127.0.0.1:{route_port}"), ("/data/jetstream", str(directory / "js"))):
         assert shipped in conf or (shipped == "0.0.0.0:6222" and "cluster {" not in conf), (name, shipped)
         conf = conf.replace(shipped, local)

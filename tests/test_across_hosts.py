@@ -112,7 +112,8 @@ class LabStack:
         conf = (PROJECT / "deploy" / "nats-cluster.conf").read_text()
         shutil.copy(PROJECT / "deploy" / "nats-users.conf", self.work / "nats-users.conf")
         for i, node in enumerate(self.nats, 1):
-            text = conf.replace("0.0.0.0:4222", f"{node.address}:4222").replace("0.0.0.0:8222", f"{node.address}:8222")
+            text = conf.replace("0.0.0.0:4222", f"{node.address}:4222")
+            text = text.replace("127.0.0.1:8222", f"{node.address}:8222")
             text = text.replace("0.0.0.0:6222", f"{node.address}:6222").replace(
                 "/data/jetstream", str(self.work / f"n{i}" / "js"))
             path = self.work / f"nats-n{i}.conf"

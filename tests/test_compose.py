@@ -26,8 +26,16 @@ SERVICES = COMPOSE["services"]
 
 
 def expand(value: str) -> str:
-    """A compose value with its `${VAR:-default}` references replaced by their defaults."""
-    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(value))
+    """A compose value with its `${VAR:?why}` references (secrets compose refuses to start without) replaced
+    by this test's values, and its `${VAR:-default}` references by their defaults."""
+    value = re.sub(r"\$\{([A-Z_]+):\?[^}]*\}", lambda m: SECRET_VALUES[m.group(1)], str(value))
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
+
+
+#: What `make secrets` would put in .env, for this test.
+SECRET_VALUES = {name: f"test-{name.lower().replace('_', '-')}" for name in (
+    "JETPIPE_NATS_WORKER_PASSWORD", "JETPIPE_NATS_OPERATOR_PASSWORD", "JETPIPE_NATS_SERVICE_PASSWORD",
+    "JETPIPE_NATS_ROUTE_PASSWORD", "JETPIPE_REDIS_PASSWORD", "JETPIPE_POSTGRES_PASSWORD")}
 
 
 def enabled(profile: str) -> set[str]:
@@ -60,8 +68,8 @@ def test_compose_declares_the_whole_stack_in_two_topologies():
         assert "healthcheck" in SERVICES[name]
     for name in ("nats", *CLUSTER_NODES):
         assert re.match(r"nats:2\.(1\d|[2-9]\d)", SERVICES[name]["image"])  # >= 2.10
-        # nothing published beyond this machine
-        assert all(port.startswith("127.0.0.1:") for port in SERVICES[name]["ports"])
+        # nothing published beyond this machine, and the monitoring port (connections, subjects) not at all
+        assert all(port.startswith("127.0.0.1:") and port.endswith(":4222") for port in SERVICES[name]["ports"])
     # NATS: a user per role, on every server of the service's topology
     assert {name: set(nats_users(name)) for name in ("worker", "service", "cli", "init")} == {
         "worker": {("jetpipe-worker", "nats")}, "service": {("jetpipe-service", "nats")},
@@ -79,28 +87,33 @@ def test_the_cluster_profile_is_three_routed_nodes_with_r3_streams_and_two_worke
         assert command[command.index("-c") + 1] == "/etc/nats/nats-cluster.conf"
         routes = command[command.index("--routes") + 1].split(",")
         assert [route.rsplit("@", 1)[1] for route in routes] == [f"{n}:6222" for n in CLUSTER_NODES]
-        assert all(route.startswith("nats-route://jetpipe-route:change-me-route@") for route in routes)
+        assert all(route.startswith("nats-route://jetpipe-route:test-jetpipe-nats-route-password@")
+                   for route in routes)
         assert spec["networks"]["default"]["aliases"] == ["nats"]  # so the cli service finds the cluster
         host_ports |= {port.rsplit(":", 1)[0] for port in spec["ports"]}
         volumes |= {v for v in spec["volumes"] if v.endswith(":/data")}
         assert "JETPIPE_NATS_ROUTE_PASSWORD" in spec["environment"]
-    assert len(host_ports) == 6 and len(volumes) == 3  # each node its own ports and its own store
+    assert len(host_ports) == 3 and len(volumes) == 3  # each node its own client port and its own store
     worker = SERVICES["cluster-worker"]
     assert worker["deploy"]["replicas"] == 2
     assert worker["environment"]["PIPELINE_NATS_REPLICAS"] == "3"
     assert set(CLUSTER_NODES) <= set(worker["depends_on"])
     conf = (PROJECT / "deploy" / "nats-cluster.conf").read_text()
     assert "no_advertise: true" in conf and "$JETPIPE_NATS_ROUTE_PASSWORD" in conf
+    for shipped in ("nats.conf", "nats-cluster.conf"):  # monitoring answers the node's own host only
+        assert "http: 127.0.0.1:8222" in (PROJECT / "deploy" / shipped).read_text()
     assert "include ./nats-users.conf" in conf and "include ./nats-users.conf" in (
         PROJECT / "deploy" / "nats.conf").read_text()
 
 
 def test_compose_environment_names_are_real_settings():
     known = {o.env for o in OPTIONS.values()}
-    for name in ("init", "worker", "service", "cli", "cluster-worker", "cluster-service"):
+    for name in ("init", "worker", "cli", "cluster-worker"):
         env = SERVICES[name]["environment"]
         assert set(env) <= known, set(env) - known
         assert {"PIPELINE_DATABASE_URL", "PIPELINE_REDIS_URL", "PIPELINE_NATS_URL"} <= set(env)
+    for name in ("service", "cluster-service"):  # a processing service gets NATS and nothing else
+        assert set(SERVICES[name]["environment"]) == {"PIPELINE_NATS_URL"}
     defaults = {o.env: o.default for o in OPTIONS.values()}
     for worker in ("worker", "cluster-worker"):
         for key, value in SERVICES[worker]["environment"].items():
@@ -164,7 +177,8 @@ def test_the_compose_commands_run_a_job_outside_docker(topology, tmp_path, pg_da
         "cluster-worker", "cluster-service")
     servers, nats_ports, nats_http_port = start_nats(topology, tmp_path)
     redis_port = free_port()
-    redis_cmd = [binary("redis-server"), *SERVICES["redis"]["command"][1:], "--port", str(redis_port),
+    redis_cmd = [binary("redis-server"), *(expand(part) for part in SERVICES["redis"]["command"][1:]), "--port",
+                 str(redis_port),
                  "--bind", "127.0.0.1", "--dir", str(tmp_path)]
     servers.append(Server("redis", redis_cmd, redis_port, tmp_path / "redis.log").start())
     workers = SERVICES[worker_name].get("deploy", {}).get("replicas", 1)
@@ -176,9 +190,11 @@ def test_the_compose_commands_run_a_job_outside_docker(topology, tmp_path, pg_da
         nats_url = env["PIPELINE_NATS_URL"]
         for host, port in nats_ports.items():
             nats_url = nats_url.replace(f"@{host}:4222", f"@127.0.0.1:{port}")
-        return {**env, "PIPELINE_METRICS_PORT": str(metrics_port), "PIPELINE_DATABASE_URL": pg_database,
-                "PIPELINE_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "PIPELINE_NATS_URL": nats_url,
-                "PATH": f"{sys.prefix}/bin:/usr/bin:/bin"}
+        local = {"PIPELINE_DATABASE_URL": pg_database,  # (the local PostgreSQL has no password: trust)
+                 "PIPELINE_REDIS_URL": env.get("PIPELINE_REDIS_URL", "").replace("@redis:", "@127.0.0.1:").replace(
+                     ":6379/", f":{redis_port}/")}
+        return {**env, **{k: v for k, v in local.items() if k in env}, "PIPELINE_METRICS_PORT": str(metrics_port),
+                "PIPELINE_NATS_URL": nats_url, "PATH": f"{sys.prefix}/bin:/usr/bin:/bin"}
 
     def start(service: str, env: dict, n: int) -> subprocess.Popen:
         log = open(tmp_path / f"{service}-{n}.log", "ab")
@@ -240,3 +256,32 @@ def test_the_compose_commands_run_a_job_outside_docker(topology, tmp_path, pg_da
         for server in servers:
             server.stop()
         time.sleep(0.1)
+
+
+def test_compose_has_no_default_password_and_make_secrets_makes_each_once(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_secrets", PROJECT / "deploy" / "make_secrets.py")
+    make_secrets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_secrets)
+    text = (PROJECT / "docker-compose.yml").read_text()
+    # every secret compose reads has no default (compose refuses to start without it), and make secrets knows it
+    required = set(re.findall(r"\$\{([A-Z_]+):\?", text))
+    assert required == set(make_secrets.SECRETS) == set(SECRET_VALUES)
+    assert not re.search(r"\$\{[A-Z_]*PASSWORD:-", text) and "change-me" not in text
+    assert "change-me" not in "".join(p.read_text() for p in (PROJECT / "deploy").glob("*.conf"))
+    # Redis and PostgreSQL have passwords; the URLs every jetpipe process gets carry them
+    assert "--requirepass" in SERVICES["redis"]["command"]
+    env = SERVICES["worker"]["environment"]
+    assert "${JETPIPE_REDIS_PASSWORD:?" in env["PIPELINE_REDIS_URL"]
+    assert "${JETPIPE_POSTGRES_PASSWORD:?" in env["PIPELINE_DATABASE_URL"]
+    # make secrets: adds what is missing, URL-safe, keeps what is set, twice changes nothing
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("COMPOSE_PROFILES=single\nJETPIPE_REDIS_PASSWORD=mine")
+    assert "JETPIPE_REDIS_PASSWORD" not in make_secrets.add_missing(dotenv)
+    first = dotenv.read_text()
+    assert make_secrets.add_missing(dotenv) == [] and dotenv.read_text() == first
+    values = dict(line.split("=", 1) for line in first.splitlines() if "=" in line)
+    assert values["COMPOSE_PROFILES"] == "single" and values["JETPIPE_REDIS_PASSWORD"] == "mine"
+    assert all(len(values[name]) >= 32 and re.fullmatch(r"[\w-]+", values[name]) for name in make_secrets.SECRETS
+               if name != "JETPIPE_REDIS_PASSWORD")
