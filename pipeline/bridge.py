@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 #: Messages pulled per fetch.
 FETCH_BATCH = 200
+#: Bytes of results a worker's subscription holds before it takes them, at most: beyond it the client drops
+#: deliveries (JetStream redelivers them after BRIDGE_ACK_WAIT_S), so a burst of large results cannot grow a
+#: worker's memory past this plus one fetch's worth of messages being taken.
+MAX_PENDING_BYTES = 64 * 2**20
 #: Seconds one fetch waits for messages when the stream is empty.
 FETCH_TIMEOUT_S = 0.5
 #: Seconds JetStream waits for the bridge's ACK of a message before redelivering it, at most (taking a
@@ -109,7 +113,8 @@ class Bridge:
                 log.info("bridge created consumer %s on %s", route.consumer, route.stream)
             except nats.js.errors.BadRequestError:
                 pass  # created concurrently by another worker
-        sub = await self.js.pull_subscribe_bind(route.consumer, stream=route.stream)
+        sub = await self.js.pull_subscribe_bind(route.consumer, stream=route.stream,
+                                                pending_bytes_limit=MAX_PENDING_BYTES)
         self._set_missing(route, False)
         log.info("bridge pulling %s via consumer %s", route.stream, route.consumer)
         return sub

@@ -110,21 +110,34 @@ async def _bridge_facts(queue: TaskQueue) -> dict[str, dict]:
     for stream, consumer in ((names.RESULTS_STREAM, names.RESULTS_BRIDGE_CONSUMER),
                              (names.ADVISORIES_STREAM, names.ADVISORIES_CONSUMER)):
         try:
-            messages = (await queue.js.stream_info(stream)).state.messages
+            info = await queue.js.stream_info(stream)
         except nats.js.errors.NotFoundError:
             facts[stream] = {"exists": False}
             continue
+        messages = info.state.messages
         try:
             await queue.js.consumer_info(stream, consumer)
             present = True
         except nats.js.errors.NotFoundError:
             present = False
-        facts[stream] = {"exists": True, "messages": messages, "consumer": consumer, "consumer_exists": present}
+        facts[stream] = {"exists": True, "messages": messages, "consumer": consumer, "consumer_exists": present,
+                         "bytes": info.state.bytes, "max_bytes": info.config.max_bytes}
     return facts
+
+
+#: How full the results stream may be before `health` says so (new results are refused when it is full).
+RESULTS_FULL_WARNING = 0.8
 
 
 def _bridge_problems(bridge: dict[str, dict]) -> list[str]:
     problems = []
+    results = bridge.get(names.RESULTS_STREAM) or {}
+    if results.get("exists") and (results.get("max_bytes") or 0) > 0 \
+            and results["bytes"] >= RESULTS_FULL_WARNING * results["max_bytes"]:
+        problems.append(f"{names.RESULTS_STREAM} holds {results['bytes'] / 2**20:,.0f} MiB of results not yet taken, "
+                        f"{results['bytes'] / results['max_bytes']:.0%} of its {results['max_bytes'] / 2**30:g} GiB "
+                        "(PIPELINE_NATS_RESULTS_MAX_GB): when full, services' results are refused and retried; "
+                        "start more workers, or look at why the bridge does not take them")
     for stream, fact in bridge.items():
         if fact.get("exists") and not fact["consumer_exists"] and fact["messages"]:
             problems.append(f"{stream} has {fact['messages']} unprocessed message(s) and no consumer "

@@ -215,7 +215,8 @@ def take_job_slot(runtime: Runtime, job: Job) -> ConsumerConfig:
     lost them since this process connected); raises JobSlotsFull when the stream holds PIPELINE_NATS_MAX_JOBS."""
     settings = runtime.settings
     runtime.tasks.ensure_streams(**settings.stream_options())
-    runtime.tasks.ensure_tasks_stream(job.pipeline.slug, **settings.stream_options())
+    runtime.tasks.ensure_tasks_stream(job.pipeline.slug, max_jobs=settings.nats_max_jobs,
+                                      replicas=settings.nats_replicas)
     return runtime.tasks.ensure_job_consumer(job.id, job.pipeline.slug, max_deliver=settings.nats_max_deliver,
                                              ack_wait_s=settings.nats_task_ttr)
 

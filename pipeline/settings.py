@@ -33,6 +33,10 @@ OPTIONS: dict[str, Option] = {
                             "replicas of jetpipe's streams (3 on a 3-node JetStream cluster): when set, streams are "
                             "created with it and existing ones changed to it at startup; unset, new streams get 1 and "
                             "existing ones keep theirs"),
+    "nats_results_max_gb": Option("PIPELINE_NATS_RESULTS_MAX_GB", "",
+                                  "most bytes of results PIPELINE_RESULTS holds untaken (GiB): beyond it a service's "
+                                  "publish is refused and retried, nothing stored is dropped; when set, imposed on the "
+                                  "stream at startup; unset, a new stream gets 10 and an unlimited one is given 10"),
     "nats_max_jobs": Option("PIPELINE_NATS_MAX_JOBS", "",
                             "job consumers each pipeline's tasks stream allows at once: its jobs dispatched and "
                             "not yet cleaned up; when set, the streams are created with it and changed to it at "
@@ -109,6 +113,7 @@ class Settings:
     nats_task_ttr: float  # seconds
     nats_max_jobs: int | None  # None: not set (a new stream gets 10,000, an existing one keeps its limit)
     nats_replicas: int | None  # None: not set (new streams get 1, existing ones are left alone)
+    nats_results_max_gb: float | None  # None: not set (a new results stream gets 10 GiB)
     stalled_jobs_max_minutes: float
     failure_threshold: float
     health_check_seconds: float
@@ -153,6 +158,8 @@ class Settings:
             raise ConfigError("PIPELINE_NATS_MAX_DELIVER must be at least 1")
         if self.nats_replicas is not None and not 1 <= self.nats_replicas <= 5:
             raise ConfigError("PIPELINE_NATS_REPLICAS must be between 1 and 5")
+        if self.nats_results_max_gb is not None and not self.nats_results_max_gb > 0:
+            raise ConfigError("PIPELINE_NATS_RESULTS_MAX_GB must be a positive number of GiB")
         if self.nats_max_jobs is not None and self.nats_max_jobs < 1:
             raise ConfigError("PIPELINE_NATS_MAX_JOBS must be at least 1")
         if self.nats_task_ttr <= 0:
@@ -193,7 +200,8 @@ class Settings:
         """How jetpipe's streams are to be made: `ensure_streams(**settings.stream_options())`. Each is None
         unless its variable is set, so that a process started without them (a CLI on a laptop) cannot turn a
         cluster's R3 streams into R1 or undo the workers' consumer limit."""
-        return {"max_jobs": self.nats_max_jobs, "replicas": self.nats_replicas}
+        results_bytes = int(self.nats_results_max_gb * 2**30) if self.nats_results_max_gb is not None else None
+        return {"max_jobs": self.nats_max_jobs, "replicas": self.nats_replicas, "results_max_bytes": results_bytes}
 
     def db_session(self):
         """The limits jetpipe sets on its PostgreSQL sessions (models.SessionLimits)."""
@@ -225,10 +233,10 @@ class Settings:
 
 
 def _convert(env: str, raw: str, kind) -> object:
-    if kind == "int | None":  # optional: empty means not set
+    if kind in ("int | None", "float | None"):  # optional: empty means not set
         if not raw:
             return None
-        kind = "int"
+        kind = kind.split(" ")[0]
     kind = {"int": int, "float": float, "str": str}.get(kind, kind) if isinstance(kind, str) else kind
     try:
         return kind(raw)

@@ -58,6 +58,10 @@ NO_MESSAGE_FOUND = 10057
 API_TIMEOUT_S = 10.0
 #: Job consumers a pipeline's tasks stream allows unless PIPELINE_NATS_MAX_JOBS says otherwise.
 DEFAULT_MAX_JOBS = 10_000
+#: Bytes of results PIPELINE_RESULTS holds untaken unless PIPELINE_NATS_RESULTS_MAX_GB says otherwise.
+DEFAULT_RESULTS_MAX_BYTES = 10 * 2**30
+#: Largest result message the results stream stores: the largest `max_payload` jetpipe ships (deploy/nats.conf).
+RESULT_MAX_MSG_BYTES = 8 * 2**20
 #: JetStream's "maximum consumers limit reached".
 MAX_CONSUMERS_ERR_CODE = 10026
 
@@ -298,25 +302,30 @@ class TaskQueue:
         await self.nc.close()
 
     # ---- streams ------------------------------------------------------------------------------------
-    async def ensure_streams(self, *, max_jobs: int | None = None, replicas: int | None = None) -> None:
+    async def ensure_streams(self, *, max_jobs: int | None = None, replicas: int | None = None,
+                             results_max_bytes: int | None = None) -> None:
         """Create the results and advisories streams of the wire contract if missing, with `replicas` replicas
         (1 if None); tasks streams are made per pipeline as its first job is dispatched (`ensure_tasks_stream`).
         Existing streams are left as they are, except that a `max_jobs` or `replicas` that is not None is
         imposed on them (on every pipeline's tasks stream too), and the advisories stream's subjects are
-        brought up to date. The single tasks stream of earlier versions is removed (its subjects overlap
-        every pipeline's): the health check publishes the pending tasks of running jobs again."""
+        brought up to date. The results stream holds at most `results_max_bytes` (DEFAULT_RESULTS_MAX_BYTES if
+        None; imposed when given, and on a stream that has no limit) and messages of RESULT_MAX_MSG_BYTES;
+        when full it refuses new results (discard new: a stored result is never dropped). The single tasks
+        stream of earlier versions is removed (its subjects overlap every pipeline's): the health check
+        publishes the pending tasks of running jobs again."""
         await self._remove_legacy_tasks_stream()
         wanted = [
             StreamConfig(name=names.RESULTS_STREAM, subjects=[names.RESULTS_SUBJECTS],
                          retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
-                         duplicate_window=120, num_replicas=replicas or 1),
+                         duplicate_window=120, num_replicas=replicas or 1, discard=DiscardPolicy.NEW,
+                         max_bytes=results_max_bytes or DEFAULT_RESULTS_MAX_BYTES, max_msg_size=RESULT_MAX_MSG_BYTES),
             StreamConfig(name=names.ADVISORIES_STREAM,
                          subjects=[names.MAX_DELIVERIES_ADVISORY, names.TERMINATED_ADVISORY],
                          retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
                          max_age=ADVISORY_MAX_AGE_S, num_replicas=replicas or 1),
         ]
         for config in wanted:
-            await self._ensure_stream(config, max_jobs=None, replicas=replicas)
+            await self._ensure_stream(config, max_jobs=None, replicas=replicas, results_max_bytes=results_max_bytes)
         if max_jobs is not None or replicas is not None:
             for slug in await self.task_stream_pipelines():
                 await self._ensure_stream(self._tasks_stream_config(slug, max_jobs, replicas), max_jobs=max_jobs,
@@ -336,7 +345,8 @@ class TaskQueue:
                             duplicate_window=DUPLICATE_WINDOW_S, discard=DiscardPolicy.OLD, allow_direct=True,
                             max_consumers=max_jobs or DEFAULT_MAX_JOBS, num_replicas=replicas or 1)
 
-    async def _ensure_stream(self, config: StreamConfig, *, max_jobs: int | None, replicas: int | None) -> None:
+    async def _ensure_stream(self, config: StreamConfig, *, max_jobs: int | None, replicas: int | None,
+                             results_max_bytes: int | None = None) -> None:
         try:
             info = await self.js.stream_info(config.name)
         except nats.js.errors.NotFoundError:
@@ -354,6 +364,15 @@ class TaskQueue:
             changes["num_replicas"] = replicas
         if config.name == names.ADVISORIES_STREAM and sorted(info.config.subjects or []) != sorted(config.subjects):
             changes["subjects"] = config.subjects
+        if config.name == names.RESULTS_STREAM:  # limits on a stream made before them, or newly asked for
+            current = info.config
+            asked = results_max_bytes is not None and current.max_bytes != results_max_bytes
+            if asked or (current.max_bytes or -1) < 0:
+                changes["max_bytes"] = config.max_bytes
+            if (current.max_msg_size or -1) < 0:
+                changes["max_msg_size"] = config.max_msg_size
+            if current.discard != DiscardPolicy.NEW:
+                changes["discard"] = DiscardPolicy.NEW
         if changes:
             await self._update_stream(info.config, changes)
 
@@ -624,8 +643,10 @@ class SyncTaskQueue:
     def close(self) -> None:
         self._run("close", self.queue.close())
 
-    def ensure_streams(self, *, max_jobs: int | None = None, replicas: int | None = None) -> None:
-        self._run("ensure_streams", self.queue.ensure_streams(max_jobs=max_jobs, replicas=replicas))
+    def ensure_streams(self, *, max_jobs: int | None = None, replicas: int | None = None,
+                       results_max_bytes: int | None = None) -> None:
+        self._run("ensure_streams", self.queue.ensure_streams(max_jobs=max_jobs, replicas=replicas,
+                                                              results_max_bytes=results_max_bytes))
 
     def ensure_tasks_stream(self, pipeline_slug: str, *, max_jobs: int | None = None,
                             replicas: int | None = None) -> None:
