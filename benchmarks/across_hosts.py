@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from benchmarks.run import E2E_SERVICE  # noqa: E402
 from tests.netlab import UNAVAILABLE, Lab  # noqa: E402
 
 RAW = """
@@ -35,18 +36,8 @@ from benchmarks.run import raw_publish
 print(json.dumps({"rate": asyncio.run(raw_publish(URL, N, replicas=3))}))
 """
 
-SERVICE = """
-import asyncio, sys
-from pipeline.sdk import ProcessingService
-from pipeline.schemas import SuccessResult, SourceImageRef, DetectionOut, ClassificationOut, BBox, AlgorithmRef
-DET, CLS = AlgorithmRef("blob-detector-v1"), AlgorithmRef("moth-shape-v1")
-async def null_model(task):  # 3 detections with 1 classification each, no work
-    dets = [DetectionOut(task.image_id, DET, BBox(i, i, i + 5, i + 5), 0.9,
-                         classifications=[ClassificationOut("Noctuidae", CLS, [0.9])]) for i in range(3)]
-    return SuccessResult(task.pipeline, [SourceImageRef(task.image_id)], dets)
-asyncio.run(ProcessingService("moth-demo", null_model, nats_url=sys.argv[1], concurrency=64, batch_size=50,
-                              name="lab-service").run())
-"""
+#: The benchmarks' null model (3 detections and a classification per image, no work), 50 images per message.
+SERVICE = E2E_SERVICE.replace("BATCH)", "50)")
 
 
 def one_job(stack, images: int) -> dict:
@@ -90,8 +81,9 @@ def measure(images: int, runs: int, work: Path) -> list[tuple[str, str, str]]:
         raw_code = RAW.replace("ROOT", repr(str(ROOT))).replace("URL", repr(stack.nats_url("jetpipe-operator")))
         for worker in stack.workers:
             stack.start_worker(worker, settings)
-        stack.svc.popen([sys.executable, "-c", SERVICE, stack.nats_url("jetpipe-service")], cwd=PROJECT,
-                        env={**subprocess_env(settings), "PYTHONPATH": str(PROJECT)}, log=work / "svc.log")
+        stack.svc.popen([sys.executable, "-c", SERVICE], cwd=PROJECT, log=work / "svc.log",
+                        env={**subprocess_env(settings), "PYTHONPATH": str(PROJECT),
+                             "PIPELINE_NATS_URL": stack.nats_url("jetpipe-service")})
         time.sleep(5)
         for run in range(runs):
             raw = json.loads(w1.run([sys.executable, "-c", raw_code.replace("N,", f"{images},")],

@@ -18,6 +18,7 @@ from models import Job
 from pipeline import names
 from pipeline.jobs import create_job
 from pipeline.schemas import Task, decode_task
+from pipeline.settings import Settings
 from tests.conftest import PROJECT
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,13 @@ async def nats_client(url: str, **options):
 
 def fake_job(pipeline: str, n: int, *, prefix: str = "file:///nowhere/img", **kwargs) -> Job:
     return create_job(pipeline, [f"{prefix}-{i}.png" for i in range(n)], **kwargs)
+
+
+def settings_on(database_url: str, nats_url: str, redis_url: str, **overrides) -> Settings:
+    """Settings for a process on these servers (as one NATS user: its URL says which)."""
+    return Settings.from_env({"PIPELINE_DATABASE_URL": database_url, "PIPELINE_NATS_URL": nats_url,
+                              "PIPELINE_REDIS_URL": redis_url, "PIPELINE_METRICS_PORT": "0",
+                              **{k: str(v) for k, v in overrides.items()}})
 
 
 def token_of(job_id: int, image_id: str) -> str:

@@ -412,9 +412,12 @@ def test_a_node_cut_off_from_the_other_two_costs_seconds(lab_stack, lab_images):
 
 
 def make_leader(stack: LabStack, node: Host) -> None:
-    """Step the tasks stream's leader down until it is `node` (each step-down elects a peer at random)."""
+    """Step the tasks stream's leader down until it is `node` (each step-down elects a peer at random); the
+    stream is made first, as the pipeline's first dispatch would make it."""
     import nats
     import nats.js.errors
+
+    stack.runtime.tasks.ensure_tasks_stream(moth.SLUG, replicas=stack.runtime.settings.nats_replicas)
 
     async def leader_on() -> None:
         nc = await nats.connect(stack.nats_url("jetpipe-operator").split(","), connect_timeout=3)

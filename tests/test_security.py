@@ -16,7 +16,7 @@ from pipeline.runtime import Runtime, set_runtime
 from pipeline.schemas import decode_result
 from pipeline.settings import Settings
 from tests.conftest import PROJECT, subprocess_env, wait_for
-from tests.helpers import fake_job, shipped_nats_conf, success_body
+from tests.helpers import fake_job, settings_on, shipped_nats_conf, success_body
 
 NATS_SECRET, REDIS_SECRET, PG_SECRET = "s3cret-nats-pw", "s3cret-redis-pw", "s3cret-pg-pw"
 
@@ -147,8 +147,7 @@ def test_the_shipped_nats_configuration_runs_a_job_and_services_cannot_do_harm(
     urls, redis_url = locked_down
 
     def settings_as(role: str) -> Settings:
-        return Settings.from_env({"PIPELINE_DATABASE_URL": sqlite_url, "PIPELINE_NATS_URL": urls[role],
-                                  "PIPELINE_REDIS_URL": redis_url, "PIPELINE_METRICS_PORT": "0"})
+        return settings_on(sqlite_url, urls[role], redis_url)
 
     from pipeline.registry import register_pipeline
     from pipeline.schemas import decode_pipeline_spec

@@ -23,7 +23,7 @@ from pipeline.runtime import Runtime, set_runtime
 from pipeline.schemas import decode_pipeline_spec, decode_result
 from pipeline.settings import Settings
 from tests.conftest import wait_for
-from tests.helpers import shipped_nats_conf, success_body
+from tests.helpers import settings_on, shipped_nats_conf, success_body
 
 PASSWORDS = {"JETPIPE_NATS_WORKER_PASSWORD": "w0rker-pw", "JETPIPE_NATS_OPERATOR_PASSWORD": "0perator-pw",
              "JETPIPE_NATS_SERVICE_PASSWORD": "serv1ce-pw", "JETPIPE_NATS_LAB_B_PASSWORD": "lab-b-pw"}
@@ -90,9 +90,7 @@ def test_two_services_with_their_own_users_run_side_by_side_and_cannot_touch_eac
     urls, redis_url = two_teams
 
     def settings_as(user: str) -> Settings:
-        return Settings.from_env({"PIPELINE_DATABASE_URL": sqlite_url, "PIPELINE_NATS_URL": urls[user],
-                                  "PIPELINE_REDIS_URL": redis_url, "PIPELINE_METRICS_PORT": "0",
-                                  "PIPELINE_NATS_TASK_TTR": "5"})
+        return settings_on(sqlite_url, urls[user], redis_url, PIPELINE_NATS_TASK_TTR=5)
 
     for spec in (moth.PIPELINE_SPEC, BIRDS):
         register_pipeline(decode_pipeline_spec(json.dumps(spec).encode(), source="test"))
