@@ -12,7 +12,9 @@ from models import Job, JobStatus
 from pipeline import jobs, outcomes
 from pipeline.errors import BadResult, UserInputError
 from pipeline.handlers import get_handler
+from pipeline.image_policy import UNREADABLE, ImagePolicy
 from pipeline.joblog import job_log
+from pipeline.moth import ImageUnreadable
 from pipeline.runtime import Runtime
 from pipeline.schemas import ErrorResult
 
@@ -29,11 +31,16 @@ def run_internal(runtime: Runtime, job: Job) -> str:
         raise UserInputError(f"pipeline {job.pipeline.slug!r} has no built-in handler for internal mode")
     jobs.load_state_from_db(runtime.state, job.id)
     status = job.status
+    policy = ImagePolicy.from_settings(runtime.settings)
     for _, task in _pending(job):
         if status in JobStatus.TERMINAL:  # canceled (or ended) meanwhile: run no more of its images
             job_log(job.id, logging.INFO, f"internal processing stopped: the job is {status}")
             break
         try:
+            if policy.refuses_read(task.image_url):  # (the roots or hosts changed since the job was made)
+                log.warning("job=%s image=%s not read: outside PIPELINE_IMAGE_ROOTS or PIPELINE_IMAGE_HOSTS", job.id,
+                            task.image_id)
+                raise ImageUnreadable(UNREADABLE)
             result = handler(task)
         except Exception as exc:  # noqa: BLE001 - a handler failure fails that image only
             result = ErrorResult(error=f"{type(exc).__name__}: {exc}", image_id=task.image_id)

@@ -27,10 +27,12 @@ from models import (
 from pipeline import names, progress, task_tokens
 from pipeline.crashpoints import crash_point
 from pipeline.errors import NotFound, NothingToDo, TransientError, UserInputError
+from pipeline.image_policy import ImagePolicy
 from pipeline.joblog import job_log
 from pipeline.jobstate import JobState
 from pipeline.runtime import Runtime
 from pipeline.schemas import Task
+from pipeline.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,13 @@ def check_url(url: str) -> str:
 
 def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = None, limit: int | None = None,
                dispatch_mode: str = DispatchMode.ASYNC_API, pickup_timeout_s: float | None = None,
-               deadline_s: float | None = None) -> Job:
+               deadline_s: float | None = None, over_network: bool = False,
+               policy: ImagePolicy | None = None) -> Job:
     """A new CREATED job over `urls` (streamed, deduplicated); all or nothing: bad input leaves no row.
+
+    Every URL must be one the image policy lets jetpipe read (`pipeline/image_policy.py`): `over_network`
+    for a job asked for through the web API, which may name local files only under PIPELINE_IMAGE_ROOTS;
+    `policy`: the one to hold them to (default: this process's settings).
 
     `pickup_timeout_s`: seconds after dispatch within which a service must pull one of its tasks (default
     PIPELINE_JOB_PICKUP_TIMEOUT); `deadline_s`: seconds from now by which the whole job must have ended.
@@ -71,6 +78,12 @@ def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = No
         if value is not None and not value > 0:
             raise UserInputError(f"the {option} must be a positive number of seconds, not {value!r}")
     deadline_at = utcnow() + dt.timedelta(seconds=deadline_s) if deadline_s else None
+    policy = policy or ImagePolicy.from_settings(get_settings())
+
+    def allowed(url: str) -> str:
+        policy.check_new(check_url(url), over_network=over_network)
+        return url
+
     with database.atomic():
         job = Job.create(name=name or f"{pipeline_slug} job", pipeline=pipeline, dispatch_mode=dispatch_mode,
                          task_secret=task_tokens.new_secret(),
@@ -78,7 +91,7 @@ def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = No
                          deadline_at=deadline_at)
         total = 0
         for chunk in _chunks(_limited(urls, limit), CREATE_CHUNK):
-            chunk = list(dict.fromkeys(check_url(u) for u in chunk))
+            chunk = list(dict.fromkeys(allowed(u) for u in chunk))
             SourceImage.insert_many([{"url": u} for u in chunk]).on_conflict_ignore().execute()
             ids = [r.id for r in SourceImage.select(SourceImage.id).where(SourceImage.url.in_(chunk))]
             total += JobImage.insert_many([{"job": job.id, "image": i} for i in ids]).on_conflict_ignore() \

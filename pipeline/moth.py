@@ -13,6 +13,7 @@ thresholds the image and finds connected dark components; the classifier names e
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import urllib.request
@@ -22,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
 
+from pipeline.image_policy import UNREADABLE
 from pipeline.schemas import (
     AlgorithmRef,
     BBox,
@@ -31,6 +33,7 @@ from pipeline.schemas import (
     SuccessResult,
     Task,
 )
+from pipeline.settings import redact
 
 SLUG = "moth-demo"
 DETECTOR = AlgorithmRef(key="blob-detector-v1", name="Dark blob detector")
@@ -52,6 +55,8 @@ MIN_AREA = 20  # px; smaller dark specks are dust
 #: (taxon, half-width range, half-height range) of each generated shape.
 SHAPES = (("Noctuidae", (13, 17), (12, 16)), ("Geometridae", (20, 26), (6, 9)), ("Tortricidae", (5, 7), (5, 7)))
 
+
+log = logging.getLogger(__name__)
 
 class ImageUnreadable(Exception):
     """The image could not be fetched or decoded."""
@@ -111,8 +116,11 @@ MAX_IMAGE_PIXELS = 40_000_000
 
 
 def load_image(url: str, *, timeout_s: float = 20.0) -> Image.Image:
-    """The image at `url` in grey levels; raises ImageUnreadable (with the reason) for anything it cannot
-    or will not read: a missing file, a bad scheme, a file over MAX_IMAGE_BYTES or MAX_IMAGE_PIXELS."""
+    """The image at `url` in grey levels; raises ImageUnreadable for anything it cannot or will not read: a
+    file over MAX_IMAGE_BYTES or MAX_IMAGE_PIXELS, or not an image, says so; anything else (a missing file,
+    one it may not read, a refused connection, an HTTP error, a bad scheme) is "cannot read the image",
+    whatever it was, so that a failure never tells its reader what exists where (the detail goes to this
+    process's log)."""
     parts = urlsplit(url)
     try:
         if parts.scheme == "file":
@@ -127,7 +135,7 @@ def load_image(url: str, *, timeout_s: float = 20.0) -> Image.Image:
                 raise ImageUnreadable(f"image download is larger than {MAX_IMAGE_BYTES} bytes")
             image = Image.open(BytesIO(data))
         else:
-            raise ImageUnreadable(f"unsupported URL scheme {parts.scheme!r}")
+            raise ValueError(f"unsupported URL scheme {parts.scheme!r}")
         if image.width * image.height > MAX_IMAGE_PIXELS:  # known from the header, before decoding
             raise ImageUnreadable(f"image is {image.width} x {image.height} pixels, more than {MAX_IMAGE_PIXELS}")
         image.load()
@@ -136,12 +144,10 @@ def load_image(url: str, *, timeout_s: float = 20.0) -> Image.Image:
     except Exception as exc:  # noqa: BLE001 - any decode/IO failure means the same thing to the caller
         # (the reason stays next to the image's URL wherever it is shown: it does not repeat it)
         if isinstance(exc, UnidentifiedImageError):
-            why = "not an image format the model can decode"
-        elif isinstance(exc, OSError) and exc.strerror:
-            why = exc.strerror
-        else:
-            why = str(exc)
-        raise ImageUnreadable(f"cannot read image: {type(exc).__name__}: {why}") from None
+            raise ImageUnreadable("not an image format the model can decode") from None
+        log.info("image not read (%s): %s: %s", redact(url), type(exc).__name__,
+                 (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc))[:200])
+        raise ImageUnreadable(UNREADABLE) from None
     return image.convert("L")
 
 

@@ -93,6 +93,12 @@ OPTIONS: dict[str, Option] = {
                                "how the HTTP gateway hands out a task whose image is a local file: http (a "
                                "signed, expiring link served by the web server) or file (the path, for services "
                                "on the same machine)"),
+    "image_roots": Option("PIPELINE_IMAGE_ROOTS", "",
+                          "directories local images (file://) may come from, comma-separated: a job naming a file "
+                          "outside them is refused, and none is read; unset, only the CLI on jetpipe's own machine "
+                          "may name local files (not the web API)"),
+    "image_hosts": Option("PIPELINE_IMAGE_HOSTS", "",
+                          "hosts remote images (http, https) may come from, comma-separated; unset: any host"),
     "nats_creds": Option("PIPELINE_NATS_CREDS", "", "NATS credentials file (JWT + NKey), if the server wants one"),
     "nats_tls_ca": Option("PIPELINE_NATS_TLS_CA", "", "CA bundle that signed the NATS server's TLS certificate"),
 }
@@ -135,6 +141,8 @@ class Settings:
     web_max_body_mb: float
     web_public_url: str
     web_local_images: str
+    image_roots: str
+    image_hosts: str
     nats_creds: str
     nats_tls_ca: str
 

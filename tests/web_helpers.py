@@ -16,6 +16,11 @@ def bearer(name: str) -> dict:
 
 
 def WebServer(settings, runtime) -> BackgroundWebServer:  # noqa: N802 - reads like the class it returns
+    """A web server on a free port. Unless the settings say otherwise, jobs made through it may name local
+    files anywhere (PIPELINE_IMAGE_ROOTS=/: the tests' images live in temporary directories);
+    tests/test_image_policy.py tests the policy itself."""
     from pipeline.devstack import free_port
 
+    if not settings.image_roots:
+        settings = settings.with_overrides(image_roots="/")
     return BackgroundWebServer(settings, runtime, port=free_port())

@@ -18,6 +18,7 @@ from models import DispatchMode
 from pipeline import dlq, export, jobs, unsaved
 from pipeline.errors import NotFound, NothingToDo, UserInputError
 from pipeline.health_report import build_report
+from pipeline.image_policy import ImagePolicy
 from pipeline.job_views import failed_images, get_job, job_logs, job_summaries, job_summary, list_jobs, status_counts
 from pipeline.registry import list_pipelines, register_pipeline
 from pipeline.schemas import decode_pipeline_spec
@@ -71,10 +72,12 @@ def uploaded_urls(upload: UploadFile) -> Iterator[str]:
         raise UserInputError(f"{upload.filename or 'the uploaded file'} is not UTF-8 text") from None
 
 
-def create_and_start(runtime, pipeline: str, urls, name: str | None, mode: str, **limits) -> dict:
-    """`cli.py enqueue-job`, for the API and the pages: the new job's summary."""
-    job = jobs.create_job(pipeline, urls, name=name, dispatch_mode=mode, **limits)
-    jobs.start_job(runtime, job)
+def create_and_start(request: Request, pipeline: str, urls, name: str | None, mode: str, **limits) -> dict:
+    """`cli.py enqueue-job`, for the API and the pages: the new job's summary. Its images are held to this
+    web server's image policy, as a job asked for over the network."""
+    policy = ImagePolicy.from_settings(request.app.state.settings)
+    job = jobs.create_job(pipeline, urls, name=name, dispatch_mode=mode, over_network=True, policy=policy, **limits)
+    jobs.start_job(runtime_of(request), job)
     return job_summary(get_job(job.id))
 
 
@@ -93,7 +96,7 @@ def api_jobs(status: list[str] = Query(default=[]), pipeline: str | None = None,
 @router.post("/jobs", status_code=201, summary="Create a job over image URLs and start it")
 @with_db
 def api_create_job(body: JobRequest, request: Request, _=WRITE) -> dict:
-    return create_and_start(runtime_of(request), body.pipeline, url_lines(body.urls), body.name, body.dispatch_mode,
+    return create_and_start(request, body.pipeline, url_lines(body.urls), body.name, body.dispatch_mode,
                             pickup_timeout_s=body.pickup_timeout_s, deadline_s=body.deadline_s)
 
 
@@ -102,7 +105,7 @@ def api_create_job(body: JobRequest, request: Request, _=WRITE) -> dict:
 def api_create_job_from_file(request: Request, pipeline: str = Form(), name: str | None = Form(default=None),
                              dispatch_mode: DispatchMode = Form(default=DispatchMode.ASYNC_API),
                              urls_file: UploadFile = File(), _=WRITE) -> dict:
-    return create_and_start(runtime_of(request), pipeline, uploaded_urls(urls_file), name, dispatch_mode)
+    return create_and_start(request, pipeline, uploaded_urls(urls_file), name, dispatch_mode)
 
 
 @router.get("/jobs/{job_id}", summary="A job: status, stages, counters, throughput, first failures")

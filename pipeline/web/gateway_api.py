@@ -30,6 +30,7 @@ from models import DispatchMode, Job, JobImage, JobStatus, Pipeline, SourceImage
 from pipeline import names, presence
 from pipeline.errors import Conflict, Forbidden, NotFound, TooLarge, UserInputError
 from pipeline.gateway import Gateway, Reserved
+from pipeline.image_policy import ImagePolicy
 from pipeline.registry import register_pipeline
 from pipeline.schemas import decode_pipeline_spec
 from pipeline.web import image_links, leases
@@ -230,7 +231,8 @@ def local_image(job_id: int, image_id: int, request: Request, expires: int = Que
     if row is None:
         raise NotFound(f"image {image_id} is not part of job {job_id}")
     path = image_links.local_path(row[0])
-    if not os.path.isfile(path):
+    policy = ImagePolicy.from_settings(request.app.state.settings)
+    if (policy.roots and not policy.local_path_allowed(path)) or not os.path.isfile(path):
         raise NotFound(f"the file of image {image_id} is gone")  # never which path: a service may not learn it
     return FileResponse(path, media_type=mimetypes.guess_type(path)[0] or "application/octet-stream")
 

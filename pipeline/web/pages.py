@@ -129,7 +129,7 @@ async def create_job_form(request: Request, _=WRITE):
 
     def create():
         with models.thread_connection():
-            return create_and_start(runtime_of(request), str(form.get("pipeline", "")), urls,
+            return create_and_start(request, str(form.get("pipeline", "")), urls,
                                     str(form.get("name") or "") or None, str(form.get("dispatch_mode") or "async_api"))
 
     job = await run_in_threadpool(create)
