@@ -252,8 +252,12 @@ def _save(job: Job, messages: list[Message], logs: list) -> list[Outcome]:
             logs.append((logging.WARNING, f"image failed: {short(m.reason)}", m.image_ids[0]))
         elif m.kind == "bad":
             logs.append((logging.ERROR, short(m.reason), ids_text(m.image_ids) or None))
-        elif m.kind in ("rejected", "left_pending"):
-            logs.append((logging.ERROR if m.kind == "rejected" else logging.WARNING, m.reason, None))
+        elif m.kind == "left_pending":
+            logs.append((logging.WARNING, m.reason, None))
+    rejected = [m for m in messages if m.kind == "rejected"]
+    if rejected:  # one line for all a step refuses: a flood of forged results must not flood the job log
+        more = f" (and {len(rejected) - 1} more result message(s) refused in this batch)" if len(rejected) > 1 else ""
+        logs.append((logging.ERROR, rejected[0].reason + more, None))
     return outcomes
 
 

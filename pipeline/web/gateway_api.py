@@ -1,7 +1,7 @@
 """The HTTP gateway for processing services, `/api/v2/…`: the reference system's task protocol, so that a
 worker written for it (or any HTTP client) works against jetpipe unchanged. It never connects such a
-worker to NATS: it reserves tasks for it and publishes its results to `pipeline.results.<job_id>` exactly
-as a NATS service would, so validation, saving, the exactly-once gate and the ACK are the same code.
+worker to NATS: it reserves tasks for it and publishes its results to `pipeline.results.<pipeline>.<job_id>`
+exactly as a NATS service would, so validation, saving, the exactly-once gate and the ACK are the same code.
 
 Unlike the reference system it checks, on every request, that a `service` token uses only its own
 pipelines (403), and on every result that each reply subject was handed to the caller itself
