@@ -275,3 +275,27 @@ def test_a_services_text_cannot_split_or_forge_a_line_of_the_job_log(cli, runtim
     record = logging.LogRecord("pipeline.job", logging.WARNING, __file__, 1, "job=%s image failed: %s",
                                (job.id, forged), None)
     assert logs.OneLine().filter(record) and "\n" not in record.getMessage() and "\x1b" not in record.getMessage()
+
+
+def test_an_operator_gives_a_pipeline_to_a_service_and_prints_its_nats_user(ready, tmp_path):
+    from pipeline import moth
+
+    spec = tmp_path / "moth.json"
+    spec.write_text(json.dumps(moth.PIPELINE_SPEC))
+    assert "for service gpu-lab" in ready("pipeline", "register", str(spec), "--service", "gpu-lab").stdout
+    listed = json.loads(ready("pipeline", "list", "--json").stdout)
+    assert [(p["slug"], p["service"]) for p in listed] == [(moth.SLUG, "gpu-lab")]
+    ready("pipeline", "register", str(spec))  # an update without --service keeps it
+    assert json.loads(ready("pipeline", "list", "--json").stdout)[0]["service"] == "gpu-lab"
+    assert "gpu-lab" in ready("pipeline", "list").stdout
+    assert "--service needs" in one_error_line(ready("pipeline", "register", str(spec), "--service", " ", expect=1))
+    # the team's NATS user: its pipelines' subjects only, its own inbox
+    block = ready("nats", "service-user", "gpu-lab", "--pipeline", moth.SLUG).stdout
+    assert "password: $JETPIPE_NATS_GPU_LAB_PASSWORD" in block and '"_INBOX.gpu-lab.>"' in block
+    assert '"$JS.API.CONSUMER.MSG.NEXT.PIPELINE_TASKS_moth-demo.*"' in block and "pipeline.results.moth-demo.>" in block
+    assert "PIPELINE_TASKS." not in block  # nothing of the old shared stream
+    for args, message in ((["bad name", "--pipeline", "x"], "must be letters"), (["lab"], "Missing option"),
+                          (["lab", "--pipeline", "a.b"], "must be letters"),
+                          (["lab", "--pipeline", "x", "--password-env", "1$"], "environment variable")):
+        proc = ready("nats", "service-user", *args, expect=1 if "Missing" not in message else 2)
+        assert message in proc.stderr and "Traceback" not in proc.stderr
