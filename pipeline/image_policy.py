@@ -35,16 +35,19 @@ class ImagePolicy:
         hosts = tuple(h.strip().lower() for h in settings.image_hosts.split(",") if h.strip())
         return cls(roots, hosts)
 
-    def local_path_allowed(self, path: str) -> bool:
-        """True if `path`, resolved, lies under an image root (False without roots)."""
-        real = os.path.realpath(path)
+    def local_path_allowed(self, path: str, *, dirs: dict[str, str] | None = None) -> bool:
+        """True if `path`, resolved, lies under an image root (False without roots). `dirs`: directories
+        already resolved while checking one job's URLs (a job's images share a few directories, and
+        resolving a whole path costs a system call per component: only the file itself is then looked at)."""
+        real = _resolved(path, dirs) if dirs is not None else os.path.realpath(path)
         return any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in self.roots)
 
     def host_allowed(self, host: str | None) -> bool:
         return not self.hosts or (host or "").lower() in self.hosts
 
-    def check_new(self, url: str, *, over_network: bool) -> None:
-        """Raise UserInputError if a new job may not name `url` (never saying whether the file exists)."""
+    def check_new(self, url: str, *, over_network: bool, dirs: dict[str, str] | None = None) -> None:
+        """Raise UserInputError if a new job may not name `url` (never saying whether the file exists).
+        `dirs`: a cache of resolved directories for the URLs of one job (see `local_path_allowed`)."""
         parts = urlsplit(url)
         if parts.scheme == "file":
             if not self.roots:
@@ -52,7 +55,7 @@ class ImagePolicy:
                     raise UserInputError(f"local image {url[:200]!r}: jobs created over the network may name local "
                                          "files only under the image roots, and PIPELINE_IMAGE_ROOTS is not set")
                 return
-            if not self.local_path_allowed(unquote(parts.path)):
+            if not self.local_path_allowed(unquote(parts.path), dirs=dirs):
                 raise UserInputError(f"local image {url[:200]!r} is outside the image roots (PIPELINE_IMAGE_ROOTS: "
                                      f"{', '.join(self.roots)})")
         elif not self.host_allowed(parts.hostname):
@@ -65,3 +68,15 @@ class ImagePolicy:
         if parts.scheme == "file":
             return bool(self.roots) and not self.local_path_allowed(unquote(parts.path))
         return not self.host_allowed(parts.hostname)
+
+
+def _resolved(path: str, dirs: dict[str, str]) -> str:
+    """os.path.realpath(path), with its directory resolved once per `dirs` (a symbolic link at the file itself
+    is still followed)."""
+    directory, name = os.path.split(path)
+    if name in ("", ".", ".."):
+        return os.path.realpath(path)
+    if directory not in dirs:
+        dirs[directory] = os.path.realpath(directory)
+    real = os.path.join(dirs[directory], name)
+    return os.path.realpath(real) if os.path.islink(real) else real

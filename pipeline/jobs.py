@@ -79,9 +79,10 @@ def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = No
             raise UserInputError(f"the {option} must be a positive number of seconds, not {value!r}")
     deadline_at = utcnow() + dt.timedelta(seconds=deadline_s) if deadline_s else None
     policy = policy or ImagePolicy.from_settings(get_settings())
+    resolved_dirs: dict[str, str] = {}  # this job's image directories, each resolved once
 
     def allowed(url: str) -> str:
-        policy.check_new(check_url(url), over_network=over_network)
+        policy.check_new(check_url(url), over_network=over_network, dirs=resolved_dirs)
         return url
 
     with database.atomic():

@@ -15,6 +15,8 @@ import pytest
 from models import Job, JobImage
 from pipeline import moth
 from pipeline.devstack import free_port
+from pipeline.errors import UserInputError
+from pipeline.image_policy import ImagePolicy
 from pipeline.jobs import create_job
 from pipeline.settings import set_settings
 from pipeline.web.server import BackgroundWebServer
@@ -71,7 +73,7 @@ def test_the_cli_on_jetpipes_own_machine_may_name_local_files_without_roots(sett
     assert create_job(moth.SLUG, [f"file://{directory}/{sorted(truth)[0]}"]).total_images == 1
     # and with roots set, the CLI is held to them too
     set_settings(settings.with_overrides(image_roots=str(directory / "sub")))
-    with pytest.raises(Exception, match="outside the image roots"):
+    with pytest.raises(UserInputError, match="outside the image roots"):
         create_job(moth.SLUG, [f"file://{directory}/{sorted(truth)[0]}"])
 
 
@@ -120,3 +122,22 @@ def test_the_worker_reads_no_local_file_outside_the_roots_even_of_an_older_job(r
     # Then the image is not read
     row = JobImage.get(JobImage.job == job.id)
     assert (row.status, row.error) == ("failed", "processing service error: ImageUnreadable: cannot read the image")
+
+
+def test_checking_a_jobs_urls_resolves_each_directory_once_and_still_follows_every_link(tmp_path):
+    # (creating a job of a million local images must not resolve a million whole paths)
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    (tmp_path / "out.png").write_bytes(b"x")
+    os.symlink(tmp_path / "out.png", root / "link.png")
+    os.symlink(tmp_path, root / "up")
+    policy = ImagePolicy((os.path.realpath(root),))
+    dirs: dict[str, str] = {}
+    cases = {"a.png": True, "sub/../a.png": True, "../out.png": False, "link.png": False, "up/out.png": False,
+             "sub/..": True, "up/in/a.png": True}
+    for relative, expected in cases.items():
+        path = f"{root}/{relative}"
+        assert policy.local_path_allowed(path, dirs=dirs) is policy.local_path_allowed(path) is expected, relative
+    dirs.clear()
+    assert all(policy.local_path_allowed(f"{root}/sub/img-{i}.png", dirs=dirs) for i in range(1000))
+    assert list(dirs) == [f"{root}/sub"]  # a thousand files, one directory resolved
