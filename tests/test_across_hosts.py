@@ -308,6 +308,17 @@ def assert_exact(job: Job, detections: int) -> None:
     assert stages["results"]["detections"] == detections
 
 
+def end_exact_and_recovered(stack: LabStack, job_id: int, detections: int, recovery: Recovery, fault,
+                            moments: dict[str, float], what: str) -> None:
+    """Run the job to its end with `fault` at a third (it records "fault" and "heal" in `moments`): SUCCESS
+    with exact counts, every stall over within ack_wait + 10 s of the fault or the heal; the longest printed."""
+    job = run_until_end(stack, job_id, recovery, fault=fault)
+    assert_exact(job, detections)
+    stall = recovery.longest_stall(moments["fault"])
+    print(f"across hosts: {what}: longest stall {stall:.1f} s after the fault")
+    assert recovery.recovered(moments["fault"], moments["heal"])
+
+
 def report_problems(stack: LabStack) -> list[str]:
     return build_report(stack.runtime.settings, stack.runtime.runner)[1]["problems"]
 
@@ -374,11 +385,8 @@ def test_the_task_streams_leader_losing_its_link_costs_seconds(lab_stack, lab_im
         node.heal()
         moments["heal"] = time.monotonic()
 
-    job = run_until_end(stack, job_id, recovery, fault=cut_leader)
-    assert_exact(job, detections)
-    stall = recovery.longest_stall(moments["fault"])
-    print(f"across hosts: tasks stream leader's link cut 20 s: longest stall {stall:.1f} s after the cut")
-    assert recovery.recovered(moments["fault"], moments["heal"])
+    end_exact_and_recovered(stack, job_id, detections, recovery, cut_leader, moments,
+                            "tasks stream leader's link cut 20 s")
     assert moments["problems"] and "does not answer as it should" in moments["problems"][0], moments["all_problems"]
 
 
@@ -403,11 +411,8 @@ def test_a_node_cut_off_from_the_other_two_costs_seconds(lab_stack, lab_images):
         stack.lab.heal_partitions()
         moments["heal"] = time.monotonic()
 
-    job = run_until_end(stack, job_id, recovery, fault=partition)
-    assert_exact(job, detections)
-    stall = recovery.longest_stall(moments["fault"])
-    print(f"across hosts: service's node partitioned 30 s: longest stall {stall:.1f} s after the partition")
-    assert recovery.recovered(moments["fault"], moments["heal"])
+    end_exact_and_recovered(stack, job_id, detections, recovery, partition, moments,
+                            "service's node partitioned 30 s")
     assert "JetStream" in moments["problems"][0] or "no answer" in moments["problems"][0], moments["problems"]
 
 
