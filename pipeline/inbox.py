@@ -48,7 +48,7 @@ INBOX_FIELDS = ("job_id", "source", "stream_seq", "body", "task_replies", "recei
 
 @dataclasses.dataclass(frozen=True)
 class Incoming:
-    """A result message as it arrived on `pipeline.results.<job_id>`."""
+    """A result message as it arrived on `pipeline.results.<pipeline>.<job_id>`."""
 
     job_id: int
     body: bytes

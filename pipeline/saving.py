@@ -420,7 +420,7 @@ def _clean_up_if_ended(runtime: Runtime, job_id: int) -> None:
 
 def handle_result_message(runtime: Runtime, job_id: int, body: bytes, reply: str | None, tokens: str | None = None,
                           *, timeout_s: float = 60) -> Handled:
-    """Take one result message (as if it came from `pipeline.results.<job_id>` with `reply` as its
+    """Take one result message (as if it came from `pipeline.results.<pipeline>.<job_id>` with `reply` as its
     `Pipeline-Task-Reply` and `tokens` as its `Pipeline-Task-Token`) and save it now; what happened to it.
     For tests and tools: workers take results through the bridge.
 
