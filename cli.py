@@ -113,7 +113,7 @@ def handles_errors(fn):
 
 
 def runtime():
-    from pipeline.runtime import get_runtime
+    from pipeline.infra.runtime import get_runtime
 
     return get_runtime()
 
@@ -129,8 +129,8 @@ def bind_db():
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """jetpipe: run asynchronous ML jobs over many images, reliably."""
-    from pipeline import logs
     from pipeline.errors import ConfigError
+    from pipeline.infra import logs
     from pipeline.settings import Settings, get_settings
 
     try:
@@ -166,8 +166,8 @@ def pipeline() -> None:
 @handles_errors
 def pipeline_register(file: str, service: str | None) -> None:
     """Register (or update) a pipeline and its algorithms from a JSON FILE."""
+    from pipeline.core.registry import register_pipeline
     from pipeline.errors import UserInputError
-    from pipeline.registry import register_pipeline
     from pipeline.schemas import decode_pipeline_spec
 
     try:
@@ -192,7 +192,7 @@ def pipeline_list(as_json: bool) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from pipeline.registry import list_pipelines
+    from pipeline.core.registry import list_pipelines
 
     bind_db()
     rows = list_pipelines()
@@ -221,7 +221,7 @@ def nats() -> None:
 def nats_service_user(name: str, pipelines: tuple[str, ...], password_env: str | None) -> None:
     """Print the NATS user NAME for a processing service limited to its pipelines, for
     deploy/nats-users.conf (the SDK reads replies on _INBOX.NAME)."""
-    from pipeline.nats_users import service_user_block
+    from pipeline.ops.nats_users import service_user_block
 
     click.echo(service_user_block(name, list(pipelines), password_var=password_env))
 
@@ -253,8 +253,8 @@ def enqueue_job(pipeline_slug, images_dir, images_file, name, limit, dispatch_mo
     import itertools
 
     from models import Job
+    from pipeline.core.jobs import create_job, image_urls_from_dir, image_urls_from_file, local_image_urls, start_job
     from pipeline.errors import UserInputError
-    from pipeline.jobs import create_job, image_urls_from_dir, image_urls_from_file, local_image_urls, start_job
 
     sources = []
     if images_dir:
@@ -271,7 +271,7 @@ def enqueue_job(pipeline_slug, images_dir, images_file, name, limit, dispatch_mo
     start_job(rt, job)
     job = Job.get_by_id(job.id)
     if as_json:
-        from pipeline.job_views import get_job, job_summary
+        from pipeline.ops.job_views import get_job, job_summary
 
         click.echo(json.dumps(job_summary(get_job(job.id)), indent=2))
     else:
@@ -287,7 +287,7 @@ def enqueue_job(pipeline_slug, images_dir, images_file, name, limit, dispatch_mo
 @handles_errors
 def jobs_cmd(statuses, pipeline_slug, limit, as_json) -> None:
     """List recent jobs."""
-    from pipeline.job_views import job_summaries, list_jobs, render_jobs
+    from pipeline.ops.job_views import job_summaries, list_jobs, render_jobs
 
     bind_db()
     rows = job_summaries(list_jobs(statuses=statuses, pipeline=pipeline_slug, limit=limit))
@@ -299,7 +299,7 @@ def jobs_cmd(statuses, pipeline_slug, limit, as_json) -> None:
 
 def _job_or_fail(job_id: int):
     from pipeline.errors import NotFound
-    from pipeline.job_views import get_job
+    from pipeline.ops.job_views import get_job
 
     job = get_job(job_id)
     if job is None:
@@ -313,7 +313,7 @@ def _job_or_fail(job_id: int):
 @handles_errors
 def status(job_id: int, as_json: bool) -> None:
     """Show a job's status, stages, counters, throughput and failed images."""
-    from pipeline.job_views import failed_images, job_summary, render_status
+    from pipeline.ops.job_views import failed_images, job_summary, render_status
 
     bind_db()
     summary = job_summary(_job_or_fail(job_id))
@@ -331,8 +331,8 @@ def status(job_id: int, as_json: bool) -> None:
 def watch(job_id: int, timeout: float | None) -> None:
     """Show a live progress bar until the job ends; exit 0 iff it ends SUCCESS."""
     from models import JobStatus
-    from pipeline.job_views import literal
-    from pipeline.job_views import watch as watch_job
+    from pipeline.ops.job_views import literal
+    from pipeline.ops.job_views import watch as watch_job
 
     bind_db()
     _job_or_fail(job_id)
@@ -351,7 +351,7 @@ def logs(job_id: int, follow: bool, as_json: bool) -> None:
     import time
 
     from models import JobStatus
-    from pipeline.job_views import get_job, job_logs, plain
+    from pipeline.ops.job_views import get_job, job_logs, plain
 
     bind_db()
     _job_or_fail(job_id)
@@ -375,8 +375,8 @@ def logs(job_id: int, follow: bool, as_json: bool) -> None:
 def cancel(job_id: int) -> None:
     """Cancel a job: its tasks leave NATS, its state is cleaned up, and it ends REVOKED."""
     from models import Job, JobStatus
+    from pipeline.core.jobs import cancel as cancel_job
     from pipeline.errors import NothingToDo
-    from pipeline.jobs import cancel as cancel_job
 
     rt = runtime()
     before = Job.get_or_none(Job.id == job_id)
@@ -395,8 +395,8 @@ def failures(job_id: int, limit: int | None, as_json: bool) -> None:
     """List a job's failed images with the reason each one failed."""
     from rich.table import Table
 
-    from pipeline.job_views import literal
-    from pipeline.jobs import failed_image_rows
+    from pipeline.core.jobs import failed_image_rows
+    from pipeline.ops.job_views import literal
 
     bind_db()
     _job_or_fail(job_id)
@@ -421,7 +421,7 @@ def failures(job_id: int, limit: int | None, as_json: bool) -> None:
 def results(job_id: int, fmt: str, output: str | None) -> None:
     """Export a job's results (streamed: constant memory however many detections)."""
     from pipeline.errors import UserInputError
-    from pipeline.export import export
+    from pipeline.ops.export import export
 
     bind_db()
     chunks = export(job_id, fmt)
@@ -443,7 +443,7 @@ def results(job_id: int, fmt: str, output: str | None) -> None:
 @handles_errors
 def retry_failed_cmd(job_id: int, as_json: bool) -> None:
     """Enqueue a new job made of the failed images of an ended job; prints the new job id."""
-    from pipeline.jobs import retry_failed, start_job
+    from pipeline.core.jobs import retry_failed, start_job
 
     rt = runtime()
     job = retry_failed(job_id)
@@ -466,7 +466,7 @@ def dlq_list(as_json: bool) -> None:
     """List dead messages (actor, arguments, when, last error)."""
     from rich.table import Table
 
-    from pipeline.dlq import list_dead
+    from pipeline.infra.dlq import list_dead
 
     rows = [d.as_dict() for d in list_dead(runtime().redis)]
     if as_json:
@@ -486,7 +486,7 @@ def dlq_list(as_json: bool) -> None:
 @handles_errors
 def dlq_replay(ids: tuple[str, ...], replay_all: bool) -> None:
     """Send dead messages again (by id from `dlq list`, or --all) with a fresh retry budget."""
-    from pipeline.dlq import replay
+    from pipeline.infra.dlq import replay
 
     if not ids and not replay_all:
         raise click.UsageError("name the messages to replay (ids from `dlq list`) or pass --all")
@@ -517,8 +517,8 @@ def parked_list(job_id: int | None, as_json: bool) -> None:
     """List parked result messages (job, images, attempts, the error that stopped them)."""
     from rich.table import Table
 
-    from pipeline.job_views import literal
-    from pipeline.unsaved import list_parked
+    from pipeline.core.unsaved import list_parked
+    from pipeline.ops.job_views import literal
 
     bind_db()
     rows = [p.as_dict() for p in list_parked(job_id=job_id)]
@@ -538,7 +538,7 @@ def parked_list(job_id: int | None, as_json: bool) -> None:
 @handles_errors
 def parked_show(parked_id: int) -> None:
     """Print a parked result's message body, as the processing service sent it."""
-    from pipeline.unsaved import parked_body
+    from pipeline.core.unsaved import parked_body
 
     bind_db()
     click.echo(parked_body(parked_id).decode("utf-8", errors="replace"))
@@ -552,7 +552,7 @@ def parked_show(parked_id: int) -> None:
 def parked_replay(ids: tuple[int, ...], job_id: int | None, every: bool) -> None:
     """Put parked results back to be saved (once the cause is fixed). While its job runs, a replayed result
     that saves supersedes its images' failure; results of ended jobs are refused."""
-    from pipeline.unsaved import replay
+    from pipeline.core.unsaved import replay
 
     selection = _parked_selection(ids, job_id, every)
     done, skipped = replay(runtime(), **selection)
@@ -567,7 +567,7 @@ def parked_replay(ids: tuple[int, ...], job_id: int | None, every: bool) -> None
 @handles_errors
 def parked_drop(ids: tuple[int, ...], job_id: int | None, every: bool) -> None:
     """Delete parked results for good (their images stay failed)."""
-    from pipeline.unsaved import drop
+    from pipeline.core.unsaved import drop
 
     bind_db()
     console.print(f"dropped {len(drop(**_parked_selection(ids, job_id, every)))} parked result(s)")
@@ -593,9 +593,9 @@ def process(pipeline_slug: str, concurrency: int, batch_size: int, task_timeout:
     It pulls tasks from NATS, or with --via from a web server's HTTP gateway (no NATS needed here).
     """
     from pipeline.errors import UserInputError
-    from pipeline.handlers import HANDLERS, get_handler
     from pipeline.schemas import MAX_IMAGES_PER_RESULT
-    from pipeline.sdk import ProcessingService
+    from pipeline.sdk.handlers import HANDLERS, get_handler
+    from pipeline.sdk.service import ProcessingService
     from pipeline.settings import get_settings
 
     handler = get_handler(pipeline_slug)
@@ -637,11 +637,11 @@ def health(run_now: bool, as_json: bool) -> None:
     \b
     Exit codes: 0 healthy, 1 degraded (needs attention), 3 a dependency is unreachable.
     """
-    from pipeline.job_views import render_check, render_health
+    from pipeline.ops.job_views import render_check, render_health
     from pipeline.settings import get_settings
 
     if run_now:
-        from pipeline.health import run_health_check
+        from pipeline.core.reconciler import run_health_check
 
         report = run_health_check(runtime())
         if as_json:
@@ -649,8 +649,8 @@ def health(run_now: bool, as_json: bool) -> None:
         else:
             render_check(console, report)
         return
-    from pipeline.aio import LoopThread
-    from pipeline.health_report import build_report
+    from pipeline.infra.aio import LoopThread
+    from pipeline.ops.health import build_report
 
     loop = LoopThread(name="jetpipe-health")
     try:
@@ -675,7 +675,7 @@ def chaos() -> None:
 @handles_errors
 def chaos_flush(target: str, yes: bool) -> None:
     """FLUSHALL Redis, or delete jetpipe's NATS streams (tasks, results, advisories)."""
-    from pipeline import chaos as tools
+    from pipeline.ops import chaos as tools
     from pipeline.settings import get_settings, redact
 
     settings = get_settings()
@@ -706,8 +706,8 @@ def chaos_exhaust(job_id: int, image_ids: str, pipeline_slug: str | None, as_jso
     they are no longer pending, a MAX_DELIVERIES advisory names each) and num_pending = the tasks never
     delivered.
     """
-    from pipeline import chaos as tools
     from pipeline.errors import UserInputError
+    from pipeline.ops import chaos as tools
     from pipeline.settings import get_settings
 
     ids = {i.strip() for i in image_ids.split(",") if i.strip()}
@@ -735,7 +735,7 @@ def chaos_exhaust(job_id: int, image_ids: str, pipeline_slug: str | None, as_jso
 @handles_errors
 def chaos_kill_worker(master: int | None) -> None:
     """SIGKILL one Dramatiq worker process (its master then exits: a supervisor must restart it)."""
-    from pipeline import chaos as tools
+    from pipeline.ops import chaos as tools
 
     pid = tools.kill_worker(master)
     if pid is None:
@@ -778,7 +778,7 @@ def web(host: str | None, port: int | None) -> None:
 def up() -> None:
     """Start an embedded NATS (JetStream) + Redis for development, data under .pipeline/; prints the
     environment to use them (`eval "$(python cli.py up | grep ^export)"`)."""
-    from pipeline.devstack import DevStack, pid_alive
+    from pipeline.ops.devstack import DevStack, pid_alive
 
     stack = json.loads(STACK_FILE.read_text()) if STACK_FILE.exists() else None
     if stack and all(pid_alive(pid) for pid in stack["pids"]):
@@ -798,7 +798,7 @@ def up() -> None:
 def down() -> None:
     """Stop the stack started by `up` (its data stays in .pipeline/), and say which jetpipe processes
     still use it."""
-    from pipeline.devstack import jetpipe_processes, stop_pid
+    from pipeline.ops.devstack import jetpipe_processes, stop_pid
 
     if not STACK_FILE.exists():
         console.print("no stack is up")
@@ -824,8 +824,8 @@ def down() -> None:
 def demo_images(directory: str, count: int, seed: int) -> None:
     """Write synthetic moth-trap images (PNG) and their ground truth (ground_truth.json) to DIRECTORY,
     for `enqueue-job --pipeline moth-demo --images-dir DIRECTORY`."""
-    from pipeline import moth
     from pipeline.errors import UserInputError
+    from pipeline.sdk import moth
 
     if count < 1:
         raise UserInputError("--count must be at least 1")
@@ -850,8 +850,8 @@ def demo(images: int, keep: bool, timeout: float, web: bool, http: bool) -> None
 
     Exits 0 only if the job ends SUCCESS and its detections equal the generated ground truth.
     """
-    from pipeline.demo import run_demo
     from pipeline.errors import UserInputError
+    from pipeline.ops.demo import run_demo
 
     if images < 1:
         raise UserInputError("--images must be at least 1")

@@ -1,13 +1,13 @@
 """Dramatiq actors: thin entry points over the core in `pipeline/`, which sends them messages by name.
 
 Dramatiq binds an actor to the global broker when the actor is declared, so this package makes the
-worker broker (`pipeline.middleware.worker_broker`) the global one before declaring any. Workers run
+worker broker (`pipeline.worker.middleware.worker_broker`) the global one before declaring any. Workers run
 `dramatiq pipeline.actors`, which imports this package.
 """
 
 from __future__ import annotations
 
-from pipeline.middleware import worker_broker
+from pipeline.worker.middleware import worker_broker
 
 worker_broker()
 

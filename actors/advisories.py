@@ -7,10 +7,10 @@ import logging
 import dramatiq
 
 from pipeline import names
-from pipeline.lost import handle_advisory
-from pipeline.metrics import metrics
-from pipeline.retry import retry_outages
-from pipeline.runtime import get_runtime
+from pipeline.core.lost import handle_advisory
+from pipeline.core.retry import retry_outages
+from pipeline.infra.metrics import metrics
+from pipeline.infra.runtime import get_runtime
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import time
 import dramatiq
 
 from pipeline import names
-from pipeline.health import run_health_check
-from pipeline.runtime import get_runtime
+from pipeline.core.reconciler import run_health_check
+from pipeline.infra.runtime import get_runtime
 
 log = logging.getLogger(__name__)
 

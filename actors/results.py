@@ -8,11 +8,11 @@ import dramatiq
 
 import models
 from pipeline import names
-from pipeline.inbox import Incoming, take
-from pipeline.metrics import metrics
-from pipeline.retry import retry_outages
-from pipeline.runtime import get_runtime
-from pipeline.saving import drain
+from pipeline.core.inbox import Incoming, take
+from pipeline.core.retry import retry_outages
+from pipeline.core.saving import drain
+from pipeline.infra.metrics import metrics
+from pipeline.infra.runtime import get_runtime
 
 log = logging.getLogger(__name__)
 

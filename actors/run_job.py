@@ -8,14 +8,15 @@ import dramatiq
 from nats.js.api import ConsumerConfig
 
 from models import DispatchMode, JobStatus, utcnow
-from pipeline import jobs, names, progress
+from pipeline import names
+from pipeline.core import jobs, progress
+from pipeline.core.joblog import job_log
+from pipeline.core.outcomes import load_job
+from pipeline.core.retry import retry_outages
 from pipeline.errors import JobSlotsFull
-from pipeline.internal import run_internal
-from pipeline.joblog import job_log
-from pipeline.jobstate import Snapshot
-from pipeline.outcomes import load_job
-from pipeline.retry import retry_outages
-from pipeline.runtime import Runtime, get_runtime
+from pipeline.infra.jobstate import Snapshot
+from pipeline.infra.runtime import Runtime, get_runtime
+from pipeline.worker.internal import run_internal
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ SERVICE = E2E_SERVICE.replace("BATCH)", "50)")
 
 def one_job(stack, images: int) -> dict:
     from models import Job, JobStatus
-    from pipeline.jobs import create_job, start_job
+    from pipeline.core.jobs import create_job, start_job
 
     job = create_job("moth-demo", (f"file:///lab/{i}.png" for i in range(images)))
     started = time.perf_counter()
@@ -60,10 +60,10 @@ def one_job(stack, images: int) -> dict:
 
 def measure(images: int, runs: int, work: Path) -> list[tuple[str, str, str]]:
     import models
-    from pipeline import moth
-    from pipeline.registry import register_pipeline
-    from pipeline.runtime import Runtime, set_runtime
+    from pipeline.core.registry import register_pipeline
+    from pipeline.infra.runtime import Runtime, set_runtime
     from pipeline.schemas import decode_pipeline_spec
+    from pipeline.sdk import moth
     from tests.conftest import PROJECT, subprocess_env
     from tests.test_across_hosts import LabStack
 

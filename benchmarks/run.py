@@ -42,8 +42,8 @@ import redis  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from pipeline.devstack import DevStack, free_port  # noqa: E402
-from pipeline.sdk import BATCH_SIZE  # noqa: E402
+from pipeline.ops.devstack import DevStack, free_port  # noqa: E402
+from pipeline.sdk.service import BATCH_SIZE  # noqa: E402
 
 console = Console(stderr=True)
 out = Console(width=150)
@@ -59,7 +59,7 @@ def env_for(stack: DevStack, db: str, **extra) -> dict:
 
 def fresh_servers(stack: DevStack) -> None:
     """Empty Redis and drop jetpipe's streams, so a stage never sees another stage's jobs."""
-    from pipeline.chaos import flush_nats, flush_redis
+    from pipeline.ops.chaos import flush_nats, flush_redis
 
     flush_redis(stack.redis_url)
     asyncio.run(flush_nats(stack.nats_url))
@@ -99,11 +99,11 @@ async def raw_publish(url: str, n: int, replicas: int = 1) -> float:
 
 DISPATCH = """
 import json, time, models
-from pipeline import moth
-from pipeline.registry import register_pipeline
+from pipeline.sdk import moth
+from pipeline.core.registry import register_pipeline
 from pipeline.schemas import decode_pipeline_spec
-from pipeline.runtime import get_runtime
-from pipeline.jobs import create_job
+from pipeline.infra.runtime import get_runtime
+from pipeline.core.jobs import create_job
 from actors.run_job import execute
 rt = get_runtime(); models.create_schema()
 register_pipeline(decode_pipeline_spec(json.dumps(moth.PIPELINE_SPEC).encode(), source="bench"))
@@ -119,7 +119,7 @@ print(json.dumps({"enqueue_s": t1 - t0, "dispatch_s": t2 - t1}))
 # ---- end to end ------------------------------------------------------------------------------------------------
 E2E_SERVICE = """
 import asyncio, json
-from pipeline.sdk import ProcessingService
+from pipeline.sdk.service import ProcessingService
 from pipeline.schemas import SuccessResult, SourceImageRef, DetectionOut, ClassificationOut, BBox, AlgorithmRef
 from pipeline.settings import get_settings
 DET, CLS = AlgorithmRef("blob-detector-v1"), AlgorithmRef("moth-shape-v1")
@@ -137,11 +137,11 @@ GATEWAY_SERVICE = E2E_SERVICE.replace(
 
 E2E_ENQUEUE = """
 import json, time, models
-from pipeline import moth
-from pipeline.registry import register_pipeline
+from pipeline.sdk import moth
+from pipeline.core.registry import register_pipeline
 from pipeline.schemas import decode_pipeline_spec
-from pipeline.runtime import get_runtime
-from pipeline.jobs import create_job, start_job
+from pipeline.infra.runtime import get_runtime
+from pipeline.core.jobs import create_job, start_job
 from models import Job
 rt = get_runtime(); models.create_schema()
 register_pipeline(decode_pipeline_spec(json.dumps(moth.PIPELINE_SPEC).encode(), source="bench"))
@@ -354,7 +354,7 @@ def consumer_cost(url: str, replicas: int, jobs: int, pids: list[int], label: st
     """What `jobs` dispatched jobs cost NATS while they wait: creating their consumers (as run_job does), and
     the servers' CPU and memory with all of them in place and idle (an R3 consumer is a Raft group of its own
     on three nodes, with heartbeats)."""
-    from pipeline.taskqueue import TaskQueue
+    from pipeline.infra.taskqueue import TaskQueue
 
     async def create() -> float:
         queue = await TaskQueue.connect(url)
@@ -387,8 +387,8 @@ def replicated(stack: DevStack, tmp: str, dispatch_images: int, images: int, con
     """Dispatch (next to raw publishing on the same servers) and end to end on one node with R1 streams and on
     a 3-node JetStream cluster with R3 streams, each with JetStream's default fsync (every 2 min) and with
     `sync_interval: always`: what replication and durability cost."""
-    from pipeline.chaos import flush_nats
-    from pipeline.devstack import NatsCluster, nats_server
+    from pipeline.ops.chaos import flush_nats
+    from pipeline.ops.devstack import NatsCluster, nats_server
 
     rows = []
     for nodes, sync_always in ((1, False), (1, True), (3, False), (3, True)):
@@ -493,12 +493,13 @@ def backlog(stack: DevStack, db_url: str, images: int) -> list[tuple]:
 SWEEP = """
 import asyncio, datetime as dt, json, time, models
 from models import Job, JobStatus
-from pipeline import moth, names
-from pipeline.registry import register_pipeline
+from pipeline import names
+from pipeline.sdk import moth
+from pipeline.core.registry import register_pipeline
 from pipeline.schemas import decode_pipeline_spec
-from pipeline.runtime import get_runtime
-from pipeline.jobs import create_job
-from pipeline.health import HealthCheck
+from pipeline.infra.runtime import get_runtime
+from pipeline.core.jobs import create_job
+from pipeline.core.reconciler import HealthCheck
 from actors.run_job import execute
 rt = get_runtime(); models.create_schema()
 register_pipeline(decode_pipeline_spec(json.dumps(moth.PIPELINE_SPEC).encode(), source="bench"))
@@ -549,11 +550,12 @@ def sweep_growth(timings: dict[tuple[int, int], float]) -> list[tuple]:
 LOST = """
 import asyncio, json, time, models, nats, nats.errors
 from models import ImageStatus, Job, JobImage
-from pipeline import moth, names
-from pipeline.registry import register_pipeline
+from pipeline import names
+from pipeline.sdk import moth
+from pipeline.core.registry import register_pipeline
 from pipeline.schemas import decode_pipeline_spec
-from pipeline.runtime import get_runtime
-from pipeline.jobs import create_job, start_job
+from pipeline.infra.runtime import get_runtime
+from pipeline.core.jobs import create_job, start_job
 rt = get_runtime(); models.create_schema()
 register_pipeline(decode_pipeline_spec(json.dumps(moth.PIPELINE_SPEC).encode(), source="bench"))
 job = create_job("moth-demo", ["file:///lost/0.png"])
@@ -585,11 +587,11 @@ print(json.dumps({"latency_s": asyncio.run(main())}))
 KILL = """
 import json, time, models
 from models import Job
-from pipeline import moth
-from pipeline.registry import register_pipeline
+from pipeline.sdk import moth
+from pipeline.core.registry import register_pipeline
 from pipeline.schemas import decode_pipeline_spec
-from pipeline.runtime import get_runtime
-from pipeline.jobs import create_job, start_job
+from pipeline.infra.runtime import get_runtime
+from pipeline.core.jobs import create_job, start_job
 rt = get_runtime(); models.create_schema()
 register_pipeline(decode_pipeline_spec(json.dumps(moth.PIPELINE_SPEC).encode(), source="bench"))
 job = create_job("moth-demo", (f"file:///kill/{i}.png" for i in range(N)))
@@ -602,7 +604,7 @@ print(json.dumps({"job": job.id}), flush=True)
 WAIT_DONE = """
 import json, time, models
 from models import Job
-from pipeline.runtime import get_runtime
+from pipeline.infra.runtime import get_runtime
 rt = get_runtime()
 t0 = time.perf_counter()
 while Job.get_by_id(JOB).status not in ("SUCCESS", "FAILURE", "REVOKED"):

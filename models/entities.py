@@ -83,7 +83,7 @@ class Job(BaseModel):
     pickup_timeout_s = peewee.FloatField(null=True)
     #: When the whole job must have ended: its images still pending then are failed (None: no deadline).
     deadline_at = peewee.DateTimeField(null=True)
-    #: Key of the job's task tokens (pipeline/task_tokens.py); never shown. None: made before task tokens.
+    #: Key of the job's task tokens (pipeline/core/task_tokens.py); never shown. None: made before task tokens.
     task_secret = peewee.CharField(max_length=64, null=True)
 
     @property
@@ -164,7 +164,7 @@ class ResultInbox(BaseModel):
     attempts = peewee.IntegerField(null=True)
     next_attempt_at = peewee.DateTimeField(null=True)  # not tried again before this (backoff)
     last_error = peewee.TextField(null=True)
-    #: What its task tokens proved when it was taken (pipeline/inbox.py, JSON): {"images": [...]} or
+    #: What its task tokens proved when it was taken (pipeline/core/inbox.py, JSON): {"images": [...]} or
     #: {"refused": "why"}. None: taken for a job made before task tokens.
     proof = peewee.TextField(null=True)
 

@@ -6,9 +6,9 @@ then declares every actor on it, so the actors bind to it rather than to an impl
 
 from __future__ import annotations
 
-from pipeline import logs
-from pipeline.middleware import worker_broker
+from pipeline.infra import logs
 from pipeline.settings import get_settings
+from pipeline.worker.middleware import worker_broker
 
 broker = worker_broker()
 

@@ -17,7 +17,7 @@ ADVISORIES_STREAM = "PIPELINE_ADVISORIES"
 
 TASKS_SUBJECTS = "pipeline.tasks.>"
 RESULTS_SUBJECTS = "pipeline.results.>"
-#: Advisories of every stream's consumers; only those of tasks streams are acted on (`pipeline/lost.py`).
+#: Advisories of every stream's consumers; only those of tasks streams are acted on (`pipeline/core/lost.py`).
 MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>"
 TERMINATED_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.>"
 
@@ -174,7 +174,7 @@ DRAMATIQ_NAMESPACE = "jetpipe-dramatiq"
 JOBS_QUEUE = "jobs"
 RESULTS_QUEUE = "results"
 
-#: Actor names. The core sends messages by these names (pipeline.broker.send) and never imports actors/.
+#: Actor names. The core sends messages by these names (pipeline.infra.broker.send) and never imports actors/.
 RUN_JOB = "run_job"
 PROCESS_PIPELINE_RESULT = "process_pipeline_result"
 PROCESS_TASK_ADVISORY = "process_task_advisory"

@@ -20,7 +20,7 @@ for _key in [k for k in os.environ if k.startswith("PIPELINE_")]:
     del os.environ[_key]
 
 import models  # noqa: E402
-from pipeline.devstack import DevStack  # noqa: E402
+from pipeline.ops.devstack import DevStack  # noqa: E402
 from pipeline.settings import Settings, set_settings  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def make_stack(tmp_path):
 @pytest.fixture
 def private_runtime(make_stack, db_url, moth_pipeline):
     """(runtime, stack): a runtime on NATS and Redis servers of its own, which the test may stop."""
-    from pipeline.runtime import Runtime, set_runtime
+    from pipeline.infra.runtime import Runtime, set_runtime
 
     dev = make_stack()
     rt = Runtime(make_settings(db_url, dev), name="jetpipe-outage")
@@ -240,7 +240,7 @@ def settings(db_url, stack):
 @pytest.fixture
 def runtime(settings):
     """The process runtime on the test's database and the session's NATS and Redis."""
-    from pipeline.runtime import Runtime, set_runtime
+    from pipeline.infra.runtime import Runtime, set_runtime
 
     rt = Runtime(settings, name="jetpipe-test")
     set_runtime(rt)
@@ -254,9 +254,9 @@ def moth_pipeline(db_url):
     """The moth-demo pipeline, registered for the tests' service token `svc` (tests/web_helpers.py)."""
     import json
 
-    from pipeline import moth
-    from pipeline.registry import register_pipeline
+    from pipeline.core.registry import register_pipeline
     from pipeline.schemas import decode_pipeline_spec
+    from pipeline.sdk import moth
 
     register_pipeline(decode_pipeline_spec(json.dumps(moth.PIPELINE_SPEC).encode(), source="test"),
                       for_service="svc")
@@ -266,7 +266,7 @@ def moth_pipeline(db_url):
 @pytest.fixture(scope="session")
 def trap_images(tmp_path_factory):
     """50 synthetic trap images with ground truth: (directory, truth)."""
-    from pipeline import moth
+    from pipeline.sdk import moth
 
     directory = tmp_path_factory.mktemp("traps")
     truth = moth.generate_images(str(directory), 50, seed=11)
@@ -315,8 +315,8 @@ def kill_group(proc: subprocess.Popen) -> None:
 @pytest.fixture
 def service_factory():
     """Run processing services in this process (on their own loop thread); stopped at teardown."""
-    from pipeline.aio import LoopThread
-    from pipeline.sdk import ProcessingService
+    from pipeline.infra.aio import LoopThread
+    from pipeline.sdk.service import ProcessingService
 
     loop = LoopThread(name="test-service")
     running = []
@@ -348,7 +348,7 @@ def services():
     `start(...)` returns the Counter of deliveries per image id (how often the model ran)."""
     from collections import Counter
 
-    from pipeline.aio import LoopThread
+    from pipeline.infra.aio import LoopThread
     from tests.helpers import answer_one_box, raw_service
 
     loop = LoopThread(name="raw-services")

@@ -16,7 +16,7 @@ import nats.errors
 
 from models import Job
 from pipeline import names
-from pipeline.jobs import create_job
+from pipeline.core.jobs import create_job
 from pipeline.schemas import Task, decode_task
 from pipeline.settings import Settings
 from tests.conftest import PROJECT
@@ -51,7 +51,7 @@ def settings_on(database_url: str, nats_url: str, redis_url: str, **overrides) -
 
 def token_of(job_id: int, image_id: str) -> str:
     """The task token of the job's task for `image_id`, as its holder has it (the task's `task_token`)."""
-    from pipeline.task_tokens import token_for
+    from pipeline.core.task_tokens import token_for
 
     return token_for(Job.get_by_id(job_id).task_secret, job_id, str(image_id))
 
@@ -103,7 +103,7 @@ def success_body(task: Task, *, boxes: int = 2, classified: bool = True, pipelin
 
 def job_with_results(runtime, pipeline: str, images: int, handled: int, *, boxes: int = 2):
     """A dispatched job whose tasks a service pulled, with the first `handled` results handled: (job, tasks)."""
-    from pipeline.saving import handle_result_message
+    from pipeline.core.saving import handle_result_message
 
     job = fake_job(pipeline, images)
     dispatch(runtime, job.id)

@@ -26,10 +26,11 @@ from pathlib import Path
 import pytest
 
 from models import Job, JobStatus
-from pipeline import moth, names
-from pipeline.devstack import binary
-from pipeline.health_report import build_report
-from pipeline.runtime import Runtime, set_runtime
+from pipeline import names
+from pipeline.infra.runtime import Runtime, set_runtime
+from pipeline.ops.devstack import binary
+from pipeline.ops.health import build_report
+from pipeline.sdk import moth
 from tests.conftest import PROJECT, make_settings, subprocess_env, wait_for
 from tests.netlab import UNAVAILABLE, Host, Lab
 
@@ -49,8 +50,8 @@ IMAGES = 600
 SERVICE = """
 import asyncio, logging, sys, time
 logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s", level=logging.INFO)
-from pipeline import moth
-from pipeline.sdk import ProcessingService
+from pipeline.sdk import moth
+from pipeline.sdk.service import ProcessingService
 def handler(task):
     time.sleep(0.05)
     return moth.process_task(task)
@@ -200,7 +201,7 @@ def lab_stack(tmp_path, worker_id):
         import models
 
         models.create_schema()
-        from pipeline.registry import register_pipeline
+        from pipeline.core.registry import register_pipeline
         from pipeline.schemas import decode_pipeline_spec
 
         register_pipeline(decode_pipeline_spec(json.dumps(moth.PIPELINE_SPEC).encode(), source="lab"))
@@ -228,7 +229,7 @@ def lab_images(tmp_path_factory):
 
 def enqueue(stack: LabStack, images) -> tuple[int, int]:
     """A job over the lab's images, started; (job id, expected detections)."""
-    from pipeline.jobs import create_job, start_job
+    from pipeline.core.jobs import create_job, start_job
 
     directory, truth = images
     urls = [f"file://{directory}/{name}" for name in sorted(truth)]

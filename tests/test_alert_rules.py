@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.devstack import free_port
+from pipeline.ops.devstack import free_port
 from tests.conftest import PROJECT, wait_for
 
 RULES = PROJECT / "deploy" / "prometheus" / "jetpipe-alerts.yml"

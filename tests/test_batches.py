@@ -10,8 +10,8 @@ import pytest
 
 from models import Detection, ImageStatus, Job, JobImage, JobStatus, ResultInbox
 from pipeline import names
-from pipeline.metrics import metrics
-from pipeline.saving import handle_result_message
+from pipeline.core.saving import handle_result_message
+from pipeline.infra.metrics import metrics
 from tests.conftest import wait_for
 from tests.helpers import (
     DET,
@@ -91,8 +91,8 @@ def test_saving_result_messages_costs_one_transaction_and_one_redis_round_trip_w
         runtime, moth_pipeline, messages, images, caplog, redis_round_trips):
     # Given a dispatched job (60 images: it does not end, so no cleanup work is counted) that has already
     # counted one result (the process has its scripts and the pipeline's algorithms at hand)
-    from pipeline.inbox import Incoming, take
-    from pipeline.saving import drain_step
+    from pipeline.core.inbox import Incoming, take
+    from pipeline.core.saving import drain_step
 
     job = fake_job(moth_pipeline, 60)
     dispatch(runtime, job.id)
@@ -216,7 +216,7 @@ def test_the_sdk_sends_up_to_batch_size_images_per_message(runtime, moth_pipelin
 
 
 def test_the_sdk_refuses_a_batch_size_out_of_range():
-    from pipeline.sdk import ProcessingService
+    from pipeline.sdk.service import ProcessingService
 
     with pytest.raises(ValueError, match="batch_size must be between 1 and 1000"):
         ProcessingService("moth-demo", lambda task: None, nats_url="nats://127.0.0.1:1", batch_size=0)
@@ -260,10 +260,10 @@ def test_a_result_counted_but_never_committed_holds_the_job_open_until_it_is_sav
                                                                                     monkeypatch):
     # Given a 3-image job whose second result failed after the Redis gate and before the commit (a worker
     # dying there): Redis counted that image, the database rolled its rows back, the result stayed in the inbox
-    from pipeline.crashpoints import InjectedFault
-    from pipeline.lost import fail_lost
-    from pipeline.outcomes import load_job
-    from pipeline.saving import drain
+    from pipeline.core.lost import fail_lost
+    from pipeline.core.outcomes import load_job
+    from pipeline.core.saving import drain
+    from pipeline.infra.crashpoints import InjectedFault
 
     job, tasks = job_with_results(runtime, moth_pipeline, 3, 1)
     monkeypatch.setenv("PIPELINE_RAISE_AT", "after_progress")

@@ -17,10 +17,11 @@ import pytest
 import redis
 
 from models import Job, JobImage, JobStatus
-from pipeline import chaos, moth
-from pipeline.aio import LoopThread
-from pipeline.runtime import Runtime, set_runtime
+from pipeline.infra.aio import LoopThread
+from pipeline.infra.runtime import Runtime, set_runtime
+from pipeline.ops import chaos
 from pipeline.schemas import Task, encode
+from pipeline.sdk import moth
 from tests.conftest import PROJECT, make_settings, subprocess_env, wait_for
 from tests.helpers import raw_service
 

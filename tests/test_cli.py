@@ -37,7 +37,7 @@ def cli(tmp_path, stack):
 @pytest.fixture
 def ready(cli, tmp_path):
     """Schema created and moth-demo registered."""
-    from pipeline import moth
+    from pipeline.sdk import moth
 
     cli("init-db")
     spec = tmp_path / "moth.json"
@@ -139,12 +139,12 @@ def test_enqueue_json_then_status_and_jobs(ready, tmp_path):
 
 NO_BROKER = """
 import sys
-import pipeline.broker
+import pipeline.infra.broker
 
 def refuse(*args, **kwargs):
     sys.exit("a Dramatiq broker was built")
 
-pipeline.broker.make_broker = refuse
+pipeline.infra.broker.make_broker = refuse
 import cli
 sys.argv = ["cli.py", *sys.argv[1:]]
 cli.main()
@@ -258,8 +258,8 @@ def test_a_services_text_cannot_split_or_forge_a_line_of_the_job_log(cli, runtim
     and in the process's own log lines, never written raw."""
     import logging
 
-    from pipeline import logs
-    from pipeline.saving import handle_result_message
+    from pipeline.core.saving import handle_result_message
+    from pipeline.infra import logs
     from tests.helpers import dispatch, error_body, fake_job, pull_tasks
 
     job = fake_job(moth_pipeline, 1)
@@ -278,7 +278,7 @@ def test_a_services_text_cannot_split_or_forge_a_line_of_the_job_log(cli, runtim
 
 
 def test_an_operator_gives_a_pipeline_to_a_service_and_prints_its_nats_user(ready, tmp_path):
-    from pipeline import moth
+    from pipeline.sdk import moth
 
     spec = tmp_path / "moth.json"
     spec.write_text(json.dumps(moth.PIPELINE_SPEC))

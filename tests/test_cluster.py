@@ -10,9 +10,10 @@ import pytest
 import redis
 
 from models import Job, JobStatus
-from pipeline import moth, names
-from pipeline.devstack import NatsCluster
-from pipeline.runtime import Runtime, set_runtime
+from pipeline import names
+from pipeline.infra.runtime import Runtime, set_runtime
+from pipeline.ops.devstack import NatsCluster
+from pipeline.sdk import moth
 from tests.conftest import POSTGRES, make_settings, wait_for
 
 pytestmark = pytest.mark.slow
@@ -77,7 +78,7 @@ def test_streams_are_r3_and_a_job_survives_its_stream_leader_sigkilled_at_30_per
     worker_factory(settings)
     service_factory(settings, moth.SLUG, slow_moth, concurrency=2)
     directory, truth = trap_images
-    from pipeline.jobs import create_job, start_job
+    from pipeline.core.jobs import create_job, start_job
 
     names_ = sorted(truth)[:50]
     job = create_job(moth.SLUG, [f"file://{directory}/{n}" for n in names_])
@@ -112,7 +113,7 @@ def test_a_rolling_restart_of_every_node_during_a_job_costs_no_image(
     slower = lambda task: (time.sleep(0.4), moth.process_task(task))[1]  # noqa: E731 - the job outlasts the restarts
     service_factory(settings, moth.SLUG, slower, concurrency=2)
     directory, truth = trap_images
-    from pipeline.jobs import create_job, start_job
+    from pipeline.core.jobs import create_job, start_job
 
     names_ = sorted(truth)
     job = create_job(moth.SLUG, [f"file://{directory}/{n}" for n in names_])
@@ -132,7 +133,7 @@ def test_a_rolling_restart_of_every_node_during_a_job_costs_no_image(
 def test_existing_r1_streams_are_raised_to_r3_at_startup_and_kept_by_a_process_without_the_setting(
         cluster, on_cluster, stack):
     settings, runtime = on_cluster
-    from pipeline.taskqueue import TaskQueue
+    from pipeline.infra.taskqueue import TaskQueue
     # a CLI on a laptop: the same servers, PIPELINE_NATS_REPLICAS not set
     unset = make_settings(settings.database_url, type("Servers", (), {"redis_url": stack.redis_url,
                                                                       "nats_url": cluster.url}))
@@ -168,7 +169,7 @@ def test_workers_connected_to_different_nodes_on_postgresql_run_a_job_exactly(
         worker_factory(settings, PIPELINE_NATS_URL=node_url, PIPELINE_METRICS_PORT=0)
     service_factory(settings.with_overrides(nats_url=cluster.urls[0]), moth.SLUG, slow_moth, concurrency=4)
     directory, truth = trap_images
-    from pipeline.jobs import create_job, start_job
+    from pipeline.core.jobs import create_job, start_job
 
     names_ = sorted(truth)
     job = create_job(moth.SLUG, [f"file://{directory}/{n}" for n in names_])

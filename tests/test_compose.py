@@ -15,8 +15,8 @@ import urllib.request
 import pytest
 import yaml
 
-from pipeline import moth
-from pipeline.devstack import Server, binary, free_port
+from pipeline.ops.devstack import Server, binary, free_port
+from pipeline.sdk import moth
 from pipeline.settings import OPTIONS
 from tests.conftest import POSTGRES, PROJECT, kill_group, wait_for
 from tests.helpers import shipped_nats_conf

@@ -14,8 +14,8 @@ import sys
 import pytest
 
 from models import Algorithm, Classification, Detection, Job, JobImage, Pipeline, SourceImage
-from pipeline.export import export
-from pipeline.saving import handle_result_message
+from pipeline.core.saving import handle_result_message
+from pipeline.ops.export import export
 from tests.conftest import PROJECT, subprocess_env
 from tests.helpers import dispatch, error_body, fake_job, pull_tasks, success_body
 

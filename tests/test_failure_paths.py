@@ -12,12 +12,12 @@ import pytest
 import models
 from models import Job, JobImage, JobLog, JobStatus, ResultInbox
 from pipeline import names
-from pipeline.deferred_failure import DEFERRAL_MESSAGE
+from pipeline.core.deferred_failure import DEFERRAL_MESSAGE
+from pipeline.core.jobs import cancel, start_job
+from pipeline.core.registry import register_pipeline
+from pipeline.core.saving import handle_result_message
 from pipeline.errors import TransientError
-from pipeline.jobs import cancel, start_job
-from pipeline.registry import register_pipeline
-from pipeline.runtime import get_runtime
-from pipeline.saving import handle_result_message
+from pipeline.infra.runtime import get_runtime
 from pipeline.schemas import PipelineSpec, decode_result
 from tests.conftest import wait_for
 from tests.helpers import dispatch, fake_job, pull_tasks, result_messages, stream_count, success_body
@@ -210,8 +210,8 @@ def test_a_result_the_database_refuses_fails_its_image_and_the_others_are_saved(
     # Given three results of one job waiting together, the first one with a value that cannot be stored
     import json
 
-    from pipeline.inbox import Incoming, take
-    from pipeline.saving import drain
+    from pipeline.core.inbox import Incoming, take
+    from pipeline.core.saving import drain
 
     job = fake_job(moth_pipeline, 3)
     dispatch(runtime, job.id)
@@ -289,8 +289,8 @@ def test_an_enqueued_job_runs_through_an_in_process_worker(inproc_worker, runtim
 
 def test_an_image_the_reference_service_cannot_read_is_failed_and_the_rest_proceed(
         inproc_worker, runtime, moth_pipeline, trap_images, tmp_path, service_factory):
-    from pipeline import moth
-    from pipeline.jobs import create_job, image_urls_from_dir
+    from pipeline.core.jobs import create_job, image_urls_from_dir
+    from pipeline.sdk import moth
 
     directory, _ = trap_images
     broken = tmp_path / "broken.png"
@@ -346,7 +346,7 @@ def test_the_reference_model_refuses_an_image_too_large_to_decode(tmp_path):
     # Given an 8,000 x 8,000 image (64 million pixels: a small file, gigabytes of work once decoded)
     from PIL import Image
 
-    from pipeline import moth
+    from pipeline.sdk import moth
 
     huge = tmp_path / "huge.png"
     Image.new("1", (8000, 8000)).save(huge)
@@ -396,9 +396,9 @@ def test_the_poison_guard_keeps_a_messages_count_for_an_hour_not_a_week(inproc_w
 def test_a_lost_sweep_over_more_images_than_sqlite_takes_in_one_statement(runtime, moth_pipeline):
     # Given a running 40,000-image job whose images are all failed as lost at once (SQLite refuses more
     # than 32,766 variables in one statement)
-    from pipeline.jobs import load_state_from_db
-    from pipeline.lost import fail_lost
-    from pipeline.outcomes import load_job
+    from pipeline.core.jobs import load_state_from_db
+    from pipeline.core.lost import fail_lost
+    from pipeline.core.outcomes import load_job
 
     job = fake_job(moth_pipeline, 40_000)
     Job.update(status=JobStatus.STARTED).where(Job.id == job.id).execute()
@@ -412,7 +412,7 @@ def test_a_lost_sweep_over_more_images_than_sqlite_takes_in_one_statement(runtim
 def test_a_service_whose_nats_connection_never_comes_back_opens_a_new_one(runtime, moth_pipeline, service_factory,
                                                                           monkeypatch):
     # Given a running service whose connection dies for good (a client reconnect that stalled)
-    from pipeline import sdk
+    from pipeline.sdk import service as sdk
     monkeypatch.setattr(sdk, "RECONNECT_WATCHDOG_S", 1.0)
     service = service_factory(runtime.settings, moth_pipeline, lambda task: decode_result(success_body(task)),
                               batch_size=1)

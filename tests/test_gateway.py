@@ -271,7 +271,7 @@ def test_two_gateway_processes_never_hand_out_one_task_twice(settings, moth_pipe
     job = fake_job(moth_pipeline, 300)
     dispatch(runtime, job.id)
     env = subprocess_env(settings.with_overrides(web_tokens=TOKENS_SETTING))
-    from pipeline.devstack import free_port
+    from pipeline.ops.devstack import free_port
 
     ports = [free_port(), free_port()]
     procs = [subprocess.Popen([sys.executable, "cli.py", "web", "--port", str(port)], cwd=PROJECT, env=env,
@@ -313,7 +313,7 @@ def _answers(url: str) -> bool:
 @pytest.mark.slow
 def test_the_reference_service_works_through_the_gateway_with_cli_process_via(
         settings, runtime, moth_pipeline, trap_images, worker_factory):
-    from pipeline import moth
+    from pipeline.sdk import moth
 
     server = WebServer(settings.with_overrides(web_tokens=TOKENS_SETTING), runtime).start()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}  # no NATS, no database here
@@ -367,7 +367,7 @@ def deliver_late(runtime, gateway, job_id: int, count: int) -> int:
 def test_on_shutdown_tasks_fetched_but_never_handed_out_go_back_at_once(runtime, moth_pipeline):
     """A delivery that reached the gateway after its request gave up is held, not lost; at shutdown it is
     NAKed so it is redelivered now, not after ack_wait."""
-    from pipeline.gateway import Gateway
+    from pipeline.web.gateway_tasks import Gateway
 
     job = fake_job(moth_pipeline, 4)
     dispatch(runtime, job.id)
@@ -385,7 +385,7 @@ def test_a_request_is_never_handed_more_tasks_than_it_asked_for_late_deliveries_
         runtime, moth_pipeline):
     """A fetch returns the late deliveries waiting on the subscription along with its own; the gateway hands
     a request at most its `batch_size` and keeps the rest for the next requests."""
-    from pipeline.gateway import Gateway
+    from pipeline.web.gateway_tasks import Gateway
 
     job = fake_job(moth_pipeline, 6)
     dispatch(runtime, job.id)
@@ -407,8 +407,8 @@ def test_a_request_is_never_handed_more_tasks_than_it_asked_for_late_deliveries_
 def test_a_late_delivery_handed_out_starts_its_lease_again(db_url, stack, settings, moth_pipeline):
     """A task that waited at the gateway (a late delivery) is leased to the caller for a whole ack_wait from
     the moment it is handed out, as the contract says, not from when NATS delivered it."""
-    from pipeline.gateway import Gateway
-    from pipeline.runtime import Runtime
+    from pipeline.infra.runtime import Runtime
+    from pipeline.web.gateway_tasks import Gateway
 
     runtime = Runtime(make_settings(db_url, stack, PIPELINE_NATS_TASK_TTR=6), name="jetpipe-gateway-test")
     try:
@@ -433,9 +433,9 @@ def test_a_late_delivery_handed_out_starts_its_lease_again(db_url, stack, settin
 def test_the_gateway_lets_go_of_an_ended_jobs_subscription(runtime, moth_pipeline):
     """Once a job ends, the gateway drops its pull subscription and what it holds, within a tidy interval
     (before: it kept them until the web server stopped)."""
-    from pipeline.gateway import Gateway
-    from pipeline.jobs import cancel
+    from pipeline.core.jobs import cancel
     from pipeline.web.gateway_api import ended_jobs
+    from pipeline.web.gateway_tasks import Gateway
 
     job, other = fake_job(moth_pipeline, 3), fake_job(moth_pipeline, 2)
     for j in (job, other):

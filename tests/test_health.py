@@ -13,14 +13,14 @@ import pytest
 
 from models import Detection, ImageStatus, Job, JobImage, JobStatus, Pipeline, utcnow
 from pipeline import names
+from pipeline.core.jobs import cancel
+from pipeline.core.lost import handle_advisory
+from pipeline.core.outcomes import load_job
+from pipeline.core.reconciler import CheckResult, HealthCheck, run_health_check
+from pipeline.core.saving import handle_result_message
 from pipeline.errors import UserInputError
-from pipeline.health import CheckResult, HealthCheck, run_health_check
-from pipeline.jobs import cancel
-from pipeline.lost import handle_advisory
-from pipeline.outcomes import load_job
-from pipeline.runtime import Runtime, set_runtime
-from pipeline.saving import handle_result_message
-from pipeline.scheduler import SlotScheduler
+from pipeline.infra.runtime import Runtime, set_runtime
+from pipeline.worker.scheduler import SlotScheduler
 from tests.conftest import make_settings
 from tests.helpers import (
     dispatch,
@@ -148,7 +148,7 @@ def test_a_late_result_after_the_job_ended_is_refused_and_changes_nothing(quick)
 def test_a_late_result_while_the_job_runs_supersedes_the_lost_verdict(quick):
     # Given a running 5-image job with two results saved, two images failed as lost and one still pending
     job, lost = run_job_with(quick, 5, processed=2, errors=0)
-    from pipeline.lost import fail_lost
+    from pipeline.core.lost import fail_lost
     from pipeline.schemas import Task
 
     fail_lost(quick, load_job(job.id), lost[:2], "lost: JetStream gave up after 2 deliveries")
@@ -223,7 +223,7 @@ def test_a_sweep_looks_closely_only_at_candidates(runtime, moth_pipeline, monkey
 def test_an_idle_job_counted_in_redis_but_not_in_the_database_is_resynced(runtime, moth_pipeline):
     # Given an idle job whose last image Redis counted although its result was never committed (the worker
     # died between the gate and the commit, and the result never came back)
-    from pipeline.jobstate import Outcome
+    from pipeline.infra.jobstate import Outcome
 
     job, tasks = job_with_results(runtime, moth_pipeline, 3, 2)
     lost = tasks[2][0].image_id
@@ -243,7 +243,7 @@ def test_lost_nats_tasks_are_dispatched_again(runtime, moth_pipeline, stack):
     dispatch(runtime, job.id)
     [(task, reply)] = pull_tasks(runtime, job.id, 1)
     handle_result_message(runtime, job.id, success_body(task), reply, task.task_token)
-    from pipeline import chaos
+    from pipeline.ops import chaos
 
     asyncio.run(chaos.flush_nats(stack.nats_url))  # the streams, consumers and tasks are gone
     report = run_health_check(runtime)
@@ -454,8 +454,8 @@ def test_a_health_check_tick_that_waited_past_the_next_one_is_skipped_not_dead_l
 
 def test_a_job_nobody_picks_up_waits_with_its_time_left_then_ends_failure_saying_why(runtime, moth_pipeline):
     # Given a job whose pipeline no service serves, with a pickup timeout of one hour
-    from pipeline.aio import LoopThread
-    from pipeline.health_report import build_report
+    from pipeline.infra.aio import LoopThread
+    from pipeline.ops.health import build_report
 
     job = fake_job(moth_pipeline, 3, pickup_timeout_s=3600)
     dispatch(runtime, job.id)
@@ -517,7 +517,7 @@ def test_bad_pickup_timeouts_and_deadlines_are_refused(runtime, moth_pipeline):
 
 def test_one_jobs_trouble_never_skips_the_other_jobs_of_a_tick(quick, monkeypatch):
     # Given two idle jobs with lost images, the first of which raises in the middle of its reconciliation
-    from pipeline import health
+    from pipeline.core import reconciler as health
 
     first, _ = run_job_with(quick, 3, processed=1, errors=0)
     second, second_lost = run_job_with(quick, 3, processed=1, errors=0)
@@ -564,7 +564,7 @@ def test_an_idle_job_with_every_image_counted_is_finalized(quick):
     # drain's process died between the commit and the terminal transition)
     job, _ = run_job_with(quick, 2, processed=2, errors=0)
     Job.update(status=JobStatus.STARTED, finished_at=None, cleaned_up_at=None).where(Job.id == job.id).execute()
-    from pipeline.jobs import rebuild_state
+    from pipeline.core.jobs import rebuild_state
 
     rebuild_state(quick.state, job.id)
     make_idle(job.id)
@@ -577,8 +577,8 @@ def test_an_idle_job_with_every_image_counted_is_finalized(quick):
 def test_an_idle_job_whose_results_are_being_drained_elsewhere_loses_nothing(quick):
     # Given an idle job whose tasks JetStream gave up on, while a result of it waits in the inbox and
     # another worker holds the job's drain lock (it is saving right now)
-    from pipeline.inbox import Incoming, take
-    from pipeline.saving import drain
+    from pipeline.core.inbox import Incoming, take
+    from pipeline.core.saving import drain
 
     job = fake_job("moth-demo", 2)
     dispatch(quick, job.id)

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from models import Detection, Job, JobImage, ResultInbox
-from pipeline.saving import handle_result_message
+from pipeline.core.saving import handle_result_message
 from tests.helpers import dispatch, fake_job, pull_tasks, success_body
 
 #: Any JSON value, nested a little (deep nesting has its own test).

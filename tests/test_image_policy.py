@@ -13,11 +13,11 @@ import httpx
 import pytest
 
 from models import Job, JobImage
-from pipeline import moth
-from pipeline.devstack import free_port
+from pipeline.core.image_policy import ImagePolicy
+from pipeline.core.jobs import create_job
 from pipeline.errors import UserInputError
-from pipeline.image_policy import ImagePolicy
-from pipeline.jobs import create_job
+from pipeline.ops.devstack import free_port
+from pipeline.sdk import moth
 from pipeline.settings import set_settings
 from pipeline.web.server import BackgroundWebServer
 from tests.helpers import dispatch

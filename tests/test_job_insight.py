@@ -10,9 +10,9 @@ import pytest
 
 from models import Job, JobStatus
 from pipeline import names
-from pipeline.dlq import list_dead, replay
-from pipeline.jobs import retry_failed
-from pipeline.saving import handle_result_message
+from pipeline.core.jobs import retry_failed
+from pipeline.core.saving import handle_result_message
+from pipeline.infra.dlq import list_dead, replay
 from tests.conftest import PROJECT, subprocess_env
 from tests.helpers import dispatch, error_body, fake_job, pull_tasks, success_body
 

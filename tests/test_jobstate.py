@@ -6,7 +6,7 @@ import pytest
 
 from pipeline import names
 from pipeline.errors import StateMissing, TransientError
-from pipeline.jobstate import JobState, Outcome, connect_redis
+from pipeline.infra.jobstate import JobState, Outcome, connect_redis
 from tests.helpers import at_once
 
 

@@ -26,7 +26,7 @@ async def null_model(task):
 @pytest.mark.parametrize("processes", [2, 4])
 def test_worker_processes_on_postgresql_run_a_big_job_and_many_small_ones_exactly(
         settings, runtime, moth_pipeline, worker_factory, service_factory, processes):
-    from pipeline.jobs import start_job
+    from pipeline.core.jobs import start_job
 
     worker_factory(settings, processes=processes, threads=4)
     service_factory(settings, moth_pipeline, null_model, concurrency=32, batch_size=25)

@@ -15,13 +15,13 @@ import nats.errors
 import pytest
 
 from models import Job, JobStatus
-from pipeline import moth
-from pipeline.aio import LoopThread
-from pipeline.jobs import create_job, start_job
-from pipeline.natswatch import ConnectionWatch, round_trip
-from pipeline.runtime import Runtime, set_runtime
+from pipeline.core.jobs import create_job, start_job
+from pipeline.infra.aio import LoopThread
+from pipeline.infra.natswatch import ConnectionWatch, round_trip
+from pipeline.infra.runtime import Runtime, set_runtime
+from pipeline.infra.taskqueue import TaskQueue
 from pipeline.schemas import decode_result
-from pipeline.taskqueue import TaskQueue
+from pipeline.sdk import moth
 from tests.conftest import make_settings, wait_for
 from tests.helpers import answer_one_box
 

@@ -14,7 +14,7 @@ import nats.js.errors
 import pytest
 
 from pipeline import names
-from pipeline.runtime import Runtime, set_runtime
+from pipeline.infra.runtime import Runtime, set_runtime
 from tests.conftest import PROJECT, kill_group, make_settings, subprocess_env, wait_for
 from tests.test_results_in_hand import assert_exact, finished, processed
 

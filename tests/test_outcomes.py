@@ -8,7 +8,7 @@ import pytest
 
 from models import Detection, ImageStatus, Job, JobImage, JobLog, JobStatus, ResultInbox
 from pipeline import names
-from pipeline.saving import handle_result_message
+from pipeline.core.saving import handle_result_message
 from tests.helpers import (
     dispatch,
     error_body,
@@ -56,8 +56,8 @@ def test_the_same_result_delivered_three_times_leaves_counts_exact(runtime, moth
 
 def test_the_task_is_acked_once_its_result_is_taken_and_the_result_saved_later(runtime, moth_pipeline):
     # Given a pulled task whose result has not been handled: it is still in the stream
-    from pipeline.inbox import Incoming, take
-    from pipeline.saving import drain
+    from pipeline.core.inbox import Incoming, take
+    from pipeline.core.saving import drain
 
     job = fake_job(moth_pipeline, 2)
     dispatch(runtime, job.id)
@@ -139,7 +139,7 @@ def test_malformed_json_fails_that_image_terminates_its_task_and_others_proceed(
 
 def test_a_result_after_the_job_ended_is_refused_and_changes_nothing(runtime, moth_pipeline):
     # Given a job canceled after one of its two results was saved
-    from pipeline.jobs import cancel
+    from pipeline.core.jobs import cancel
 
     job = fake_job(moth_pipeline, 2)
     dispatch(runtime, job.id)
@@ -175,8 +175,8 @@ def test_result_for_unknown_job_is_dropped(runtime, moth_pipeline):
 
 def test_a_result_in_flight_when_the_job_ended_does_not_recreate_its_state(runtime, moth_pipeline):
     # Given a worker that loaded the job while it was still running
-    from pipeline.jobstate import Outcome
-    from pipeline.outcomes import load_job, settle
+    from pipeline.core.outcomes import load_job, settle
+    from pipeline.infra.jobstate import Outcome
 
     job = fake_job(moth_pipeline, 2)
     dispatch(runtime, job.id)
@@ -194,7 +194,7 @@ def test_a_result_in_flight_when_the_job_ended_does_not_recreate_its_state(runti
 def test_concurrent_rebuilds_of_lost_state_happen_once_and_agree_with_the_database(runtime, moth_pipeline):
     # Given a job with some results counted, whose Redis state is then lost
     import models
-    from pipeline.jobs import rebuild_state
+    from pipeline.core.jobs import rebuild_state
     from tests.helpers import at_once
 
     job, tasks = job_with_results(runtime, moth_pipeline, 30, 10)
@@ -247,7 +247,7 @@ def test_a_result_naming_a_non_numeric_image_fails_the_image_of_its_task_at_once
 
 
 def test_a_job_log_line_is_capped(runtime, moth_pipeline):
-    from pipeline.joblog import MAX_MESSAGE_CHARS, job_log
+    from pipeline.core.joblog import MAX_MESSAGE_CHARS, job_log
 
     job = fake_job(moth_pipeline, 1)
     job_log(job.id, 30, "x" * 1_000_000)

@@ -17,10 +17,10 @@ import redis
 from PIL import Image
 
 from models import Job, JobStatus, Pipeline
-from pipeline import moth
-from pipeline.jobs import create_job, image_urls_from_dir, start_job
-from pipeline.saving import handle_result_message
+from pipeline.core.jobs import create_job, image_urls_from_dir, start_job
+from pipeline.core.saving import handle_result_message
 from pipeline.schemas import Task, encode
+from pipeline.sdk import moth
 from pipeline.web import image_links
 from tests import reference_client
 from tests.conftest import wait_for

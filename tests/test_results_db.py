@@ -6,10 +6,10 @@ import pytest
 
 import models
 from models import Classification, Detection, ImageStatus, Job, JobImage, JobStatus
-from pipeline import progress
+from pipeline.core import progress
+from pipeline.core.result_rows import fail_images, save_result
 from pipeline.errors import BadResult
-from pipeline.jobstate import Snapshot
-from pipeline.results import fail_images, save_result
+from pipeline.infra.jobstate import Snapshot
 from pipeline.schemas import Task, decode_result
 from tests.helpers import at_once, fake_job, success_body
 

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from models import Classification, Detection, Job, JobImage, JobStatus, ResultInbox
-from pipeline import moth
-from pipeline.jobs import create_job, start_job
+from pipeline.core.jobs import create_job, start_job
+from pipeline.sdk import moth
 from tests.conftest import kill_group, make_settings, wait_for
 from tests.helpers import answer_one_box
 
@@ -215,10 +215,11 @@ def test_results_saved_while_a_job_is_dispatched_in_many_rounds_meet_no_lock(run
 def test_the_bridge_stops_taking_while_the_inbox_is_full(runtime, moth_pipeline, monkeypatch):
     # Given a bridge whose inbox bound is 3 rows, and 10 result messages waiting in the results stream
     from models import ResultInbox
-    from pipeline import inbox, names
-    from pipeline.bridge import Bridge
-    from pipeline.middleware import bridge_routes
-    from pipeline.saving import drain
+    from pipeline import names
+    from pipeline.core import inbox
+    from pipeline.core.saving import drain
+    from pipeline.worker.bridge import Bridge
+    from pipeline.worker.middleware import bridge_routes
     from tests.helpers import dispatch, fake_job, pull_tasks, success_body
 
     monkeypatch.setattr(inbox, "MAX_ROWS", 3)
@@ -235,8 +236,9 @@ def test_the_bridge_stops_taking_while_the_inbox_is_full(runtime, moth_pipeline,
 
     runtime.runner.run(publish_all(), timeout=30)
     # (the bridge takes up to 200 per fetch: let it take one message per fetch, as a slow stream would)
-    monkeypatch.setattr("pipeline.bridge.FETCH_BATCH", 1)
-    monkeypatch.setattr("pipeline.middleware.request_drains", lambda runtime, job_ids: None)  # nobody saves meanwhile
+    monkeypatch.setattr("pipeline.worker.bridge.FETCH_BATCH", 1)
+    # nobody saves meanwhile
+    monkeypatch.setattr("pipeline.worker.middleware.request_drains", lambda runtime, job_ids: None)
     bridge = Bridge(js, bridge_routes(runtime)[:1])
     running = runtime.runner.spawn(bridge.run())
     try:
@@ -265,9 +267,9 @@ def test_results_on_unparseable_subjects_are_dropped_and_do_not_stall_the_bridge
 
     from models import ResultInbox
     from pipeline import names
-    from pipeline.bridge import Bridge
-    from pipeline.health_report import build_report
-    from pipeline.middleware import bridge_routes
+    from pipeline.ops.health import build_report
+    from pipeline.worker.bridge import Bridge
+    from pipeline.worker.middleware import bridge_routes
     from tests.helpers import dispatch, fake_job, pull_tasks, success_body
 
     job = fake_job(moth_pipeline, 1)
@@ -284,7 +286,7 @@ def test_results_on_unparseable_subjects_are_dropped_and_do_not_stall_the_bridge
                                                                  filter_subject="pipeline.tasks.moth-demo.²"))
 
     runtime.runner.run(publish(), timeout=30)
-    monkeypatch.setattr("pipeline.middleware.request_drains", lambda runtime, job_ids: None)
+    monkeypatch.setattr("pipeline.worker.middleware.request_drains", lambda runtime, job_ids: None)
     bridge = Bridge(js, bridge_routes(runtime)[:1])
     running = runtime.runner.spawn(bridge.run())
     try:

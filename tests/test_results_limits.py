@@ -9,9 +9,9 @@ import pytest
 from nats.js.api import DiscardPolicy
 
 from pipeline import names
-from pipeline.aio import LoopThread
-from pipeline.health_report import build_report
-from pipeline.taskqueue import DEFAULT_RESULTS_MAX_BYTES, RESULT_MAX_MSG_BYTES
+from pipeline.infra.aio import LoopThread
+from pipeline.infra.taskqueue import DEFAULT_RESULTS_MAX_BYTES, RESULT_MAX_MSG_BYTES
+from pipeline.ops.health import build_report
 
 
 def results_config(runtime):

@@ -6,9 +6,10 @@ import logging
 import time
 
 from models import ImageStatus, Job, JobImage, JobLog, JobStatus, Pipeline
-from pipeline import moth, names
-from pipeline.jobs import create_job, image_urls_from_dir
-from pipeline.saving import handle_result_message
+from pipeline import names
+from pipeline.core.jobs import create_job, image_urls_from_dir
+from pipeline.core.saving import handle_result_message
+from pipeline.sdk import moth
 from tests.helpers import dispatch, fake_job, pull_tasks, stream_count, success_body
 
 
@@ -108,7 +109,7 @@ def test_a_job_ends_cleanly_when_waking_a_waiting_job_meets_a_redis_error(runtim
                                                                          caplog):
     import redis
 
-    from pipeline.jobs import cancel
+    from pipeline.core.jobs import cancel
 
     job = fake_job(moth_pipeline, 2)
     dispatch(runtime, job.id)
@@ -125,8 +126,8 @@ def test_a_job_ends_cleanly_when_waking_a_waiting_job_meets_a_redis_error(runtim
 
 
 def assert_health_names_the_wait(runtime) -> None:
-    from pipeline.aio import LoopThread
-    from pipeline.health_report import build_report
+    from pipeline.infra.aio import LoopThread
+    from pipeline.ops.health import build_report
 
     loop = LoopThread()
     try:
@@ -140,7 +141,7 @@ def assert_health_names_the_wait(runtime) -> None:
 
 def test_a_job_past_the_job_limit_waits_unstarted_and_starts_when_a_slot_frees(runtime, moth_pipeline, monkeypatch):
     from actors.run_job import SLOT_RETRY_MS, execute
-    from pipeline.jobs import cancel
+    from pipeline.core.jobs import cancel
 
     # Given PIPELINE_NATS_MAX_JOBS=1 and a dispatched job holding the only slot
     monkeypatch.setattr(runtime, "settings", runtime.settings.with_overrides(nats_max_jobs=1))
@@ -177,7 +178,7 @@ def test_a_job_past_the_job_limit_waits_unstarted_and_starts_when_a_slot_frees(r
 def test_freed_slots_wake_the_oldest_waiters_one_each_whatever_is_queued_before_them(runtime, moth_pipeline,
                                                                                     monkeypatch):
     from actors.run_job import execute
-    from pipeline.jobs import cancel, wake_a_waiting_job
+    from pipeline.core.jobs import cancel, wake_a_waiting_job
 
     # Given two job slots, both held, 120 jobs enqueued before the waiters whose run_job has not run yet,
     # and three jobs waiting for a slot
@@ -301,7 +302,7 @@ def test_a_job_canceled_while_it_is_dispatched_leaves_no_task_in_nats(runtime, m
     import threading
 
     from actors.run_job import execute
-    from pipeline.jobs import cancel
+    from pipeline.core.jobs import cancel
 
     runtime.settings = runtime.settings.with_overrides(dispatch_chunk=50)
     monkeypatch.setenv("PIPELINE_DELAY_AT", "mid_publish=0.05")
@@ -327,9 +328,9 @@ def test_an_internal_job_stops_processing_when_canceled(runtime, moth_pipeline, 
     import threading
 
     from actors.run_job import execute
-    from pipeline import handlers
-    from pipeline.jobs import cancel
+    from pipeline.core.jobs import cancel
     from pipeline.schemas import decode_result
+    from pipeline.sdk import handlers
 
     calls = []
 

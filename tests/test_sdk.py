@@ -1,4 +1,4 @@
-"""The processing-service SDK (pipeline/sdk.py) against a real NATS server: what it promises service authors
+"""The processing-service SDK (pipeline/sdk/service.py) against a real NATS server: what it promises service authors
 about slots and leases when NATS answers late. Batching is in test_batches.py."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 from models import Job, JobStatus
 from pipeline import names
-from pipeline.runtime import Runtime
+from pipeline.infra.runtime import Runtime
 from pipeline.schemas import SourceImageRef, SuccessResult
 from tests.conftest import make_settings, wait_for
 from tests.helpers import dispatch, fake_job

@@ -10,10 +10,10 @@ import sys
 import pytest
 
 from models import Job, JobStatus
-from pipeline import moth
-from pipeline.devstack import Server, binary, free_port
-from pipeline.runtime import Runtime, set_runtime
+from pipeline.infra.runtime import Runtime, set_runtime
+from pipeline.ops.devstack import Server, binary, free_port
 from pipeline.schemas import decode_result
+from pipeline.sdk import moth
 from pipeline.settings import Settings
 from tests.conftest import PROJECT, subprocess_env, wait_for
 from tests.helpers import fake_job, settings_on, shipped_nats_conf, success_body
@@ -55,7 +55,7 @@ def test_authenticated_servers_run_a_job_and_nothing_logs_a_secret(secured, sqli
     nats_url, redis_url = secured
     settings = Settings.from_env({"PIPELINE_DATABASE_URL": sqlite_url, "PIPELINE_NATS_URL": nats_url,
                                   "PIPELINE_REDIS_URL": redis_url, "PIPELINE_METRICS_PORT": "0"})
-    from pipeline.registry import register_pipeline
+    from pipeline.core.registry import register_pipeline
     from pipeline.schemas import decode_pipeline_spec
 
     register_pipeline(decode_pipeline_spec(json.dumps(moth.PIPELINE_SPEC).encode(), source="test"))
@@ -124,7 +124,7 @@ def locked_down(tmp_path):
     nats.log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(nats.log_path, "ab") as log:
         nats.proc = subprocess.Popen(nats.args, stdout=log, stderr=subprocess.STDOUT, env=env)
-    from pipeline.devstack import wait_for_port
+    from pipeline.ops.devstack import wait_for_port
 
     wait_for_port(nats_port, proc=nats.proc)
     redis = Server("redis", [binary("redis-server"), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
@@ -149,7 +149,7 @@ def test_the_shipped_nats_configuration_runs_a_job_and_services_cannot_do_harm(
     def settings_as(role: str) -> Settings:
         return settings_on(sqlite_url, urls[role], redis_url)
 
-    from pipeline.registry import register_pipeline
+    from pipeline.core.registry import register_pipeline
     from pipeline.schemas import decode_pipeline_spec
 
     register_pipeline(decode_pipeline_spec(json.dumps(moth.PIPELINE_SPEC).encode(), source="test"))
@@ -198,7 +198,7 @@ def test_the_shipped_nats_configuration_runs_a_job_and_services_cannot_do_harm(
             return seen
 
         async def observe(during):
-            from pipeline.taskqueue import TaskQueue
+            from pipeline.infra.taskqueue import TaskQueue
 
             queue = await TaskQueue.connect(urls["operator"])  # as jetpipe's processes connect
             nc, js = queue.nc, queue.js
@@ -227,7 +227,7 @@ def test_the_shipped_nats_configuration_runs_a_job_and_services_cannot_do_harm(
 def test_urls_inside_text_are_masked_where_jetpipe_stores_or_logs_them(runtime, moth_pipeline, caplog):
     # Given a processing service that fails an image with an error naming its presigned URL
     from models import JobImage, JobLog
-    from pipeline.saving import handle_result_message
+    from pipeline.core.saving import handle_result_message
     from pipeline.settings import redact_text
     from tests.helpers import dispatch, error_body, fake_job, pull_tasks
 

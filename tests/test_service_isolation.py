@@ -14,13 +14,14 @@ import nats as nats_py
 import pytest
 
 from models import Job, JobImage, JobStatus
-from pipeline import moth, names
-from pipeline.devstack import Server, binary, free_port, wait_for_port
-from pipeline.jobs import create_job, start_job
-from pipeline.nats_users import service_user_block
-from pipeline.registry import register_pipeline
-from pipeline.runtime import Runtime, set_runtime
+from pipeline import names
+from pipeline.core.jobs import create_job, start_job
+from pipeline.core.registry import register_pipeline
+from pipeline.infra.runtime import Runtime, set_runtime
+from pipeline.ops.devstack import Server, binary, free_port, wait_for_port
+from pipeline.ops.nats_users import service_user_block
 from pipeline.schemas import decode_pipeline_spec, decode_result
+from pipeline.sdk import moth
 from pipeline.settings import Settings
 from tests.conftest import wait_for
 from tests.helpers import settings_on, shipped_nats_conf, success_body

@@ -12,10 +12,11 @@ import threading
 import pytest
 
 from models import Job, JobImage, JobLog, JobStatus
-from pipeline import moth, names
-from pipeline.jobs import create_job, start_job
-from pipeline.saving import handle_result_message
-from pipeline.task_tokens import token_for
+from pipeline import names
+from pipeline.core.jobs import create_job, start_job
+from pipeline.core.saving import handle_result_message
+from pipeline.core.task_tokens import token_for
+from pipeline.sdk import moth
 from tests.conftest import make_settings, wait_for
 from tests.helpers import (
     answer_one_box,
@@ -95,7 +96,7 @@ def test_a_bad_result_fails_only_the_images_it_proves_and_terminates_only_their_
 def test_a_service_written_before_task_tokens_is_told_why_in_the_job_log(db_url, stack, moth_pipeline,
                                                                         worker_factory):
     # Given a worker and a raw service written to the contract before task tokens, tasks giving up fast
-    from pipeline.runtime import Runtime, set_runtime
+    from pipeline.infra.runtime import Runtime, set_runtime
     from tests.conftest import clean_servers
 
     clean_servers(stack)
@@ -151,7 +152,7 @@ def test_a_term_fails_the_image_of_the_task_it_names_whatever_its_reason_says(ru
 
 def test_tokens_are_checked_for_a_whole_batch_with_one_query_per_job(runtime, moth_pipeline, monkeypatch):
     """Proving tokens costs no database work per message: the jobs' secrets are read once per batch."""
-    from pipeline import inbox, task_tokens
+    from pipeline.core import inbox, task_tokens
 
     job = fake_job(moth_pipeline, 20)
     dispatch(runtime, job.id)
@@ -185,8 +186,8 @@ def test_concurrent_forgeries_never_outlive_the_real_result(runtime, moth_pipeli
 
 
 def test_a_flood_of_forged_results_writes_one_job_log_line_a_batch(runtime, moth_pipeline):
-    from pipeline.inbox import Incoming, take
-    from pipeline.saving import drain
+    from pipeline.core.inbox import Incoming, take
+    from pipeline.core.saving import drain
 
     job = fake_job(moth_pipeline, 1)
     dispatch(runtime, job.id)

@@ -15,13 +15,14 @@ import peewee
 import pytest
 
 from models import ImageStatus, Job, JobImage, JobLog, JobStatus, ParkedResult, ResultInbox, utcnow
-from pipeline import inbox, moth, saving, unsaved
+from pipeline.core import inbox, saving, unsaved
+from pipeline.core.inbox import Incoming, take
+from pipeline.core.jobs import create_job, start_job
+from pipeline.core.reconciler import run_health_check
+from pipeline.core.saving import drain
 from pipeline.errors import UserInputError
-from pipeline.health import run_health_check
-from pipeline.health_report import build_report
-from pipeline.inbox import Incoming, take
-from pipeline.jobs import create_job, start_job
-from pipeline.saving import drain
+from pipeline.ops.health import build_report
+from pipeline.sdk import moth
 from tests.conftest import PROJECT, kill_group, subprocess_env, wait_for
 from tests.helpers import dispatch, fake_job, pull_tasks, success_body
 

@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from models import Job, JobStatus
-from pipeline import moth
-from pipeline.export import export
+from pipeline.ops.export import export
+from pipeline.sdk import moth
 from tests.conftest import wait_for
 from tests.helpers import dispatch, error_body, fake_job, pull_tasks, success_body
 from tests.web_helpers import TOKENS, TOKENS_SETTING, WebServer, bearer
@@ -118,7 +118,7 @@ def test_retry_failed_pipelines_and_dead_letters_through_the_api(web, runtime, m
     ada = bearer("ada")
     job = fake_job(moth_pipeline, 3)
     dispatch(runtime, job.id)
-    from pipeline.saving import handle_result_message
+    from pipeline.core.saving import handle_result_message
 
     tasks = pull_tasks(runtime, job.id, 3)
     handle_result_message(runtime, job.id, success_body(tasks[0][0]), tasks[0][1], tasks[0][0].task_token)

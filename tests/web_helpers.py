@@ -19,7 +19,7 @@ def WebServer(settings, runtime) -> BackgroundWebServer:  # noqa: N802 - reads l
     """A web server on a free port. Unless the settings say otherwise, jobs made through it may name local
     files anywhere (PIPELINE_IMAGE_ROOTS=/: the tests' images live in temporary directories);
     tests/test_image_policy.py tests the policy itself."""
-    from pipeline.devstack import free_port
+    from pipeline.ops.devstack import free_port
 
     if not settings.image_roots:
         settings = settings.with_overrides(image_roots="/")

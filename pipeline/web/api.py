@@ -15,12 +15,22 @@ from starlette.concurrency import run_in_threadpool
 
 import models
 from models import DispatchMode
-from pipeline import dlq, export, jobs, unsaved
+from pipeline.core import jobs, unsaved
+from pipeline.core.image_policy import ImagePolicy
+from pipeline.core.registry import list_pipelines, register_pipeline
 from pipeline.errors import NotFound, NothingToDo, UserInputError
-from pipeline.health_report import build_report
-from pipeline.image_policy import ImagePolicy
-from pipeline.job_views import failed_images, get_job, job_logs, job_summaries, job_summary, list_jobs, status_counts
-from pipeline.registry import list_pipelines, register_pipeline
+from pipeline.infra import dlq
+from pipeline.ops import export
+from pipeline.ops.health import build_report
+from pipeline.ops.job_views import (
+    failed_images,
+    get_job,
+    job_logs,
+    job_summaries,
+    job_summary,
+    list_jobs,
+    status_counts,
+)
 from pipeline.schemas import decode_pipeline_spec
 from pipeline.web.deps import allowed, runtime_of, with_db
 

@@ -28,9 +28,9 @@ from pipeline.errors import (
     TransientError,
     UserInputError,
 )
-from pipeline.jobstate import connect_redis
-from pipeline.readiness import readiness
-from pipeline.runtime import Runtime, get_runtime
+from pipeline.infra.jobstate import connect_redis
+from pipeline.infra.readiness import readiness
+from pipeline.infra.runtime import Runtime, get_runtime
 from pipeline.settings import Settings, redact_text
 from pipeline.web import api, gateway_api, image_links, pages
 from pipeline.web.auth import Principal, Tokens

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from fastapi import HTTPException, Request
 
 import models
-from pipeline.runtime import Runtime
+from pipeline.infra.runtime import Runtime
 from pipeline.web.auth import ANONYMOUS_OPERATOR, SESSION_COOKIE, Principal, Tokens
 
 

@@ -27,15 +27,16 @@ from starlette.concurrency import run_in_threadpool
 
 import models
 from models import DispatchMode, Job, JobImage, JobStatus, Pipeline, SourceImage, thread_connection
-from pipeline import names, presence
+from pipeline import names
+from pipeline.core.image_policy import ImagePolicy
+from pipeline.core.registry import register_pipeline
 from pipeline.errors import Conflict, Forbidden, NotFound, TooLarge, UserInputError
-from pipeline.gateway import Gateway, Reserved
-from pipeline.image_policy import ImagePolicy
-from pipeline.registry import register_pipeline
+from pipeline.infra import presence
 from pipeline.schemas import decode_pipeline_spec
 from pipeline.web import image_links, leases
 from pipeline.web.auth import Principal
 from pipeline.web.deps import allowed, runtime_of, with_db
+from pipeline.web.gateway_tasks import Gateway, Reserved
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v2", tags=["processing-service gateway"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pipeline import names
 from pipeline.errors import Conflict, TransientError
-from pipeline.gateway import Reserved
+from pipeline.web.gateway_tasks import Reserved
 
 #: Seconds a lease outlives the last delivery a task can have.
 MARGIN_S = 300

@@ -15,11 +15,13 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 import models
-from pipeline import dlq, jobs, names
+from pipeline import names
+from pipeline.core import jobs
+from pipeline.core.registry import list_pipelines, register_pipeline
 from pipeline.errors import NotFound, NothingToDo, UserInputError
-from pipeline.health_report import build_report
-from pipeline.job_views import failed_images, get_job, job_summaries, job_summary, list_jobs, status_counts
-from pipeline.registry import list_pipelines, register_pipeline
+from pipeline.infra import dlq
+from pipeline.ops.health import build_report
+from pipeline.ops.job_views import failed_images, get_job, job_summaries, job_summary, list_jobs, status_counts
 from pipeline.schemas import decode_pipeline_spec
 from pipeline.web.api import create_and_start, uploaded_urls, url_lines
 from pipeline.web.auth import CSRF_COOKIE, SESSION_COOKIE, SESSION_S, csrf_ok, new_csrf_value

@@ -8,7 +8,7 @@ import time
 
 import uvicorn
 
-from pipeline.runtime import Runtime
+from pipeline.infra.runtime import Runtime
 from pipeline.settings import Settings
 from pipeline.web.app import create_app
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 
 from models import JobStatus
-from pipeline import progress
-from pipeline.jobstate import Snapshot
+from pipeline.core import progress
+from pipeline.infra.jobstate import Snapshot
 
 
 def snap(total, remaining, failed=0, det=0):

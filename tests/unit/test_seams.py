@@ -134,8 +134,8 @@ def test_statuses_are_typed_and_their_groups_cover_them():
     (peewee.IntegrityError("bad data"), False),
 ])
 def test_one_policy_tells_outages_from_bugs(exc, outage):
+    from pipeline.core.retry import is_outage, retry_outages
     from pipeline.errors import BadResult, StateMissing, TransientError
-    from pipeline.retry import is_outage, retry_outages
 
     assert is_outage(exc) is outage
     assert is_outage(TransientError("nats down")) and is_outage(StateMissing())
@@ -147,7 +147,7 @@ def test_one_policy_tells_outages_from_bugs(exc, outage):
 def test_a_database_without_tables_is_schema_missing_not_an_outage(tmp_path):
     import models
     from models import Job, SchemaMissing, is_transient
-    from pipeline.retry import is_outage
+    from pipeline.core.retry import is_outage
 
     models.bind(f"sqlite:///{tmp_path / 'empty.db'}")
     try:
@@ -171,7 +171,7 @@ def test_an_interrupt_of_the_waiting_thread_cancels_the_coroutine():
     from dramatiq.middleware.time_limit import TimeLimitExceeded
     from dramatiq.threading import raise_thread_exception
 
-    from pipeline.aio import LoopThread
+    from pipeline.infra.aio import LoopThread
 
     runner = LoopThread(name="interrupt-test")
     cancelled = threading.Event()
@@ -204,7 +204,7 @@ def test_an_interrupt_of_the_waiting_thread_cancels_the_coroutine():
 
 
 def test_a_coroutines_own_timeout_is_not_mistaken_for_the_waits():
-    from pipeline.aio import LoopThread
+    from pipeline.infra.aio import LoopThread
 
     runner = LoopThread(name="timeout-test")
 

@@ -121,7 +121,7 @@ def test_every_wire_type_is_ready_to_decode_once_imported_so_threads_never_build
     code = """
 import msgspec._utils
 from pipeline import schemas
-from pipeline import inbox
+from pipeline.core import inbox
 from pipeline.web import gateway_api
 
 def building(*args):

@@ -1,0 +1,382 @@
+"""Job lifecycle: create a job from image URLs, load its Redis state from the database, dispatch its
+tasks to JetStream, cancel it, and clean up after its one terminal transition."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from urllib.parse import urlsplit
+
+from nats.js.api import ConsumerConfig
+
+from models import (
+    DispatchMode,
+    ImageStatus,
+    Job,
+    JobImage,
+    JobStatus,
+    Pipeline,
+    SourceImage,
+    database,
+    is_postgres,
+    utcnow,
+    write_transaction,
+)
+from pipeline import names
+from pipeline.core import progress, task_tokens
+from pipeline.core.image_policy import ImagePolicy
+from pipeline.core.joblog import job_log
+from pipeline.errors import NotFound, NothingToDo, TransientError, UserInputError
+from pipeline.infra.crashpoints import crash_point
+from pipeline.infra.jobstate import JobState
+from pipeline.infra.runtime import Runtime
+from pipeline.schemas import Task
+from pipeline.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+#: Image URLs inserted per statement when a job is created.
+CREATE_CHUNK = 1000
+URL_SCHEMES = ("file", "http", "https")
+
+
+def check_url(url: str) -> str:
+    """`url` if it is a usable image URL; raises UserInputError saying why not."""
+    parts = urlsplit(url)
+    if parts.scheme not in URL_SCHEMES:
+        raise UserInputError(f"not an image URL (want file://, http:// or https://): {url!r}")
+    if parts.scheme == "file" and not parts.path:
+        raise UserInputError(f"file URL without a path: {url!r}")
+    if parts.scheme in ("http", "https") and not parts.hostname:
+        raise UserInputError(f"URL without a host: {url!r}")
+    return url
+
+
+def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = None, limit: int | None = None,
+               dispatch_mode: str = DispatchMode.ASYNC_API, pickup_timeout_s: float | None = None,
+               deadline_s: float | None = None, over_network: bool = False,
+               policy: ImagePolicy | None = None) -> Job:
+    """A new CREATED job over `urls` (streamed, deduplicated); all or nothing: bad input leaves no row.
+
+    Every URL must be one the image policy lets jetpipe read (`pipeline/core/image_policy.py`): `over_network`
+    for a job asked for through the web API, which may name local files only under PIPELINE_IMAGE_ROOTS;
+    `policy`: the one to hold them to (default: this process's settings).
+
+    `pickup_timeout_s`: seconds after dispatch within which a service must pull one of its tasks (default
+    PIPELINE_JOB_PICKUP_TIMEOUT); `deadline_s`: seconds from now by which the whole job must have ended.
+    """
+    pipeline = Pipeline.get_or_none(Pipeline.slug == pipeline_slug)
+    if pipeline is None:
+        known = ", ".join(p.slug for p in Pipeline.select(Pipeline.slug).order_by(Pipeline.slug)) or "none"
+        raise NotFound(f"unknown pipeline {pipeline_slug!r} (registered: {known})")
+    if dispatch_mode not in DispatchMode.ALL:
+        raise UserInputError(f"unknown dispatch mode {dispatch_mode!r} (use {' or '.join(DispatchMode.ALL)})")
+    if limit is not None and limit < 1:
+        raise UserInputError("--limit must be at least 1")
+    for option, value in (("pickup timeout", pickup_timeout_s), ("deadline", deadline_s)):
+        if value is not None and not value > 0:
+            raise UserInputError(f"the {option} must be a positive number of seconds, not {value!r}")
+    deadline_at = utcnow() + dt.timedelta(seconds=deadline_s) if deadline_s else None
+    policy = policy or ImagePolicy.from_settings(get_settings())
+    resolved_dirs: dict[str, str] = {}  # this job's image directories, each resolved once
+
+    def allowed(url: str) -> str:
+        policy.check_new(check_url(url), over_network=over_network, dirs=resolved_dirs)
+        return url
+
+    with database.atomic():
+        job = Job.create(name=name or f"{pipeline_slug} job", pipeline=pipeline, dispatch_mode=dispatch_mode,
+                         task_secret=task_tokens.new_secret(),
+                         progress=progress.initial_progress(), pickup_timeout_s=pickup_timeout_s,
+                         deadline_at=deadline_at)
+        total = 0
+        for chunk in _chunks(_limited(urls, limit), CREATE_CHUNK):
+            chunk = list(dict.fromkeys(allowed(u) for u in chunk))
+            SourceImage.insert_many([{"url": u} for u in chunk]).on_conflict_ignore().execute()
+            ids = [r.id for r in SourceImage.select(SourceImage.id).where(SourceImage.url.in_(chunk))]
+            total += JobImage.insert_many([{"job": job.id, "image": i} for i in ids]).on_conflict_ignore() \
+                .as_rowcount().execute()
+        if total == 0:
+            raise UserInputError("no images: the job would be empty")
+        job.total_images = total
+        job.progress = progress.initial_progress(total)
+        job.save(only=[Job.total_images, Job.progress])
+    log.info("job=%s created: pipeline=%s images=%s mode=%s", job.id, pipeline_slug, total, dispatch_mode)
+    return job
+
+
+def _limited(urls: Iterable[str], limit: int | None) -> Iterator[str]:
+    for n, url in enumerate(urls):
+        if limit is not None and n >= limit:
+            return
+        url = url.strip()
+        if url:
+            yield url
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def image_urls_from_dir(directory: str) -> list[str]:
+    """file:// URLs of the images in `directory`, sorted by name."""
+    if not os.path.isdir(directory):
+        raise UserInputError(f"--images-dir {directory!r} is not a directory")
+    exts = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+    files = sorted(f for f in os.listdir(directory) if f.lower().endswith(exts))
+    return [f"file://{os.path.abspath(os.path.join(directory, f))}" for f in files]
+
+
+def as_image_url(text: str) -> str:
+    """A URL as given, or a local path as its absolute file:// URL (a path needs no scheme)."""
+    return text if "://" in text else f"file://{os.path.abspath(text)}"
+
+
+def local_image_urls(arguments: Iterable[str]) -> Iterator[str]:
+    """Image arguments as URLs: a URL as given, a local path (which must exist) as its file:// URL."""
+    for text in arguments:
+        if "://" not in text and not os.path.isfile(text):
+            raise UserInputError(f"no such image file: {text!r} (give a path to a file, or a URL)")
+        yield as_image_url(text)
+
+
+def image_urls_from_file(path: str) -> Iterator[str]:
+    """URLs (or local paths) listed one per line in `path`; blank lines and #comments are skipped."""
+    try:
+        handle = open(path, encoding="utf-8")
+    except OSError as exc:
+        raise UserInputError(f"cannot read --images-file {path!r}: {exc.strerror}") from None
+    with handle:
+        try:
+            for line in handle:
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    yield as_image_url(line)
+        except UnicodeDecodeError:
+            raise UserInputError(f"--images-file {path!r} is not UTF-8 text") from None
+
+
+# ---- Redis state from the database ---------------------------------------------------------------------
+def load_state_from_db(state: JobState, job_id: int, *, force: bool = False) -> bool:
+    """Load the job's Redis state from its JobImage rows; False if a complete state existed (no force).
+
+    One streamed query gives pending ids, failed ids and the counters from a single consistent read.
+    """
+    rows = (JobImage.select(JobImage.image, JobImage.status, JobImage.detections, JobImage.classifications)
+            .where(JobImage.job == job_id).tuples().iterator())
+    return state.load(job_id, ((str(i), status, d, c) for i, status, d, c in rows), force=force)
+
+
+def rebuild_state(state: JobState, job_id: int, *, even_if_present: bool = False) -> bool:
+    """Rebuild a running job's missing Redis state from the database, once however many ask at the same
+    time; False if it was not needed (another process rebuilt it, or the job has ended).
+
+    `even_if_present`: reload it although it exists, because it disagrees with the database (the source
+    of truth): it counted images whose results were never committed.
+    """
+    with state.rebuild_lock(job_id):
+        if not even_if_present and state.snapshot(job_id) is not None:
+            return False  # rebuilt by whoever held the lock before us
+        if Job.select(Job.status).where(Job.id == job_id).scalar() != JobStatus.STARTED:
+            return False
+        load_state_from_db(state, job_id, force=True)
+        return True
+
+
+# ---- dispatch -------------------------------------------------------------------------------------------
+def pending_chunk(job: Job, *, after_id: int, limit: int) -> list[tuple[int, Task]]:
+    """(JobImage.id, Task) of the job's next `limit` pending images after `after_id`, in id order, read in
+    full: no read stays open while the caller writes (a SQLite connection whose read snapshot is older
+    than another writer's commit cannot start writing: "database is locked" at once)."""
+    query = (JobImage.select(JobImage.id, JobImage.image, SourceImage.url).join(SourceImage)
+             .where((JobImage.job == job.id) & (JobImage.status == ImageStatus.PENDING) & (JobImage.id > after_id))
+             .order_by(JobImage.id).limit(limit).tuples())
+    slug, secret = job.pipeline.slug, job.task_secret
+    return [(row_id, Task(job_id=job.id, image_id=str(image_id), image_url=url, pipeline=slug,
+                          task_token=task_tokens.token_for(secret, job.id, str(image_id)) if secret else ""))
+            for row_id, image_id, url in query]
+
+
+def record_published(job_id: int, row_ids: list[int], seqs: list[int], cursor: int) -> None:
+    """Write the published tasks' stream sequences and the job's checkpoint, in one transaction.
+
+    The job's row is written first: every writer of a job's rows locks the job row before its image rows
+    (results being saved meanwhile do), or two transactions could each wait for the other's rows.
+    """
+    with write_transaction():
+        Job.update(dispatch_cursor=cursor, updated_at=utcnow()).where(Job.id == job_id).execute()
+        if is_postgres():
+            from psycopg2.extras import execute_values
+
+            execute_values(database.obj.cursor(), 'UPDATE "job_image" SET task_seq = v.seq FROM (VALUES %s) '
+                           'AS v(id, seq) WHERE "job_image".id = v.id', list(zip(row_ids, seqs, strict=True)),
+                           page_size=1000)
+        else:
+            database.obj.cursor().executemany('UPDATE "job_image" SET task_seq = ? WHERE id = ?',
+                                              list(zip(seqs, row_ids, strict=True)))
+
+
+def take_job_slot(runtime: Runtime, job: Job) -> ConsumerConfig:
+    """The job's consumer on its pipeline's tasks stream, created if missing (the streams too: NATS may have
+    lost them since this process connected); raises JobSlotsFull when the stream holds PIPELINE_NATS_MAX_JOBS."""
+    settings = runtime.settings
+    runtime.tasks.ensure_streams(**settings.stream_options())
+    runtime.tasks.ensure_tasks_stream(job.pipeline.slug, max_jobs=settings.nats_max_jobs,
+                                      replicas=settings.nats_replicas)
+    return runtime.tasks.ensure_job_consumer(job.id, job.pipeline.slug, max_deliver=settings.nats_max_deliver,
+                                             ack_wait_s=settings.nats_task_ttr)
+
+
+def dispatch(runtime: Runtime, job: Job, *, consumer: ConsumerConfig | None = None) -> int:
+    """Publish the job's pending tasks from its checkpoint on, then mark it dispatched; returns tasks sent.
+    `consumer`: the job's consumer if the caller has just taken its slot (else it is taken here).
+
+    Resumable: the checkpoint (`dispatch_cursor`) advances after each published chunk, and a chunk
+    republished after a crash is deduplicated by its `Nats-Msg-Id`s. Each chunk is read in full before
+    anything is written, so saving results while a job is being dispatched never meets a lock upgrade.
+    """
+    settings = runtime.settings
+    tasks = runtime.tasks
+    accepted = consumer or take_job_slot(runtime, job)
+    job_log(job.id, logging.INFO, f"consumer {names.job_consumer(job.id)} ready: max_deliver="
+                                  f"{accepted.max_deliver} ack_wait={accepted.ack_wait}s")
+    sent = new = 0
+    cursor = job.dispatch_cursor
+    crash_point("before_publish", job=job.id)
+    while chunk := pending_chunk(job, after_id=cursor, limit=settings.dispatch_chunk):
+        published = tasks.publish_tasks([task for _, task in chunk])
+        new += sum(p.new for p in published)
+        sent += len(chunk)
+        cursor = chunk[-1][0]
+        record_published(job.id, [row_id for row_id, _ in chunk], [p.seq for p in published], cursor)
+        crash_point("mid_publish", job=job.id, sent=sent)
+        status = Job.select(Job.status).where(Job.id == job.id).scalar()
+        if status == JobStatus.CANCELING or status in JobStatus.TERMINAL:
+            # canceled while dispatching: the cancel's purge may have run before this chunk was published
+            cleanup(runtime, job.id, job.pipeline.slug)
+            job_log(job.id, logging.INFO, f"dispatch stopped after {sent} task(s): the job is {status}; its "
+                                          "tasks were removed from NATS")
+            return sent
+    crash_point("after_publish", job=job.id, sent=sent)
+    Job.update(dispatched_at=utcnow(), updated_at=utcnow()).where(Job.id == job.id).execute()
+    job_log(job.id, logging.INFO, f"dispatched {sent} task(s) ({new} new) to "
+                                  f"{names.task_subject(job.pipeline.slug, job.id)}")
+    crash_point("after_dispatch", job=job.id)
+    return sent
+
+
+# ---- cleanup and cancel ---------------------------------------------------------------------------------
+def cleanup(runtime: Runtime, job_id: int, pipeline_slug: str) -> bool:
+    """Remove the job's NATS consumer (and leftover tasks) and Redis state; True if both went.
+
+    Runs once, after the job's terminal transition; a failure is logged and left to the zombie sweep.
+    """
+    ok = True
+    try:
+        runtime.tasks.delete_job_consumer(job_id, pipeline_slug)
+        wake_a_waiting_job(runtime)
+    except TransientError as exc:
+        ok = False
+        log.warning("job=%s cleanup: NATS consumer not removed (%s); the zombie sweep will retry", job_id, exc)
+    try:
+        runtime.state.delete(job_id)
+    except TransientError as exc:
+        ok = False
+        log.warning("job=%s cleanup: Redis state not removed (%s); the zombie sweep will retry", job_id, exc)
+    if ok:
+        Job.update(cleaned_up_at=utcnow()).where(Job.id == job_id).execute()
+        job_log(job_id, logging.INFO, f"cleaned up: consumer {names.job_consumer(job_id)} and Redis state removed; "
+                                      f"stages at cleanup: {stages_text(job_id)}")
+    return ok
+
+
+def wake_a_waiting_job(runtime: Runtime) -> int | None:
+    """A job slot has just been freed (a job's consumer removed): send run_job at once for the oldest job
+    waiting for one (PIPELINE_NATS_MAX_JOBS), rather than leave it to its next look; which one, if any.
+    Taking it off the waiters' set is atomic, so slots freed at once wake different jobs."""
+    import peewee
+    import redis
+
+    try:
+        for _ in range(10):  # skip waiters that started by their own look or were canceled meanwhile
+            popped = runtime.redis.zpopmin(names.SLOT_WAITERS_KEY)
+            if not popped:
+                return None
+            job_id = int(popped[0][0])
+            if Job.select().where((Job.id == job_id) & Job.status.in_((JobStatus.CREATED, JobStatus.PENDING))
+                                  & Job.dispatched_at.is_null()).exists():
+                runtime.send(names.RUN_JOB, job_id)
+                log.info("job=%s a job slot is free: run_job sent", job_id)
+                return job_id
+        return None
+    except (redis.RedisError, peewee.PeeweeException) as exc:  # best effort: it looks again by itself
+        log.warning("cleanup: could not wake a job waiting for a slot (%s); it looks again by itself", exc)
+        return None
+
+
+def stages_text(job_id: int) -> str:
+    """`collect SUCCESS 100%, process SUCCESS 100%, results SUCCESS 100%`: which stages satisfied completion."""
+    stages = (Job.select(Job.progress).where(Job.id == job_id).scalar() or {}).get("stages", {})
+    return ", ".join(f"{name} {stage.get('status', '?')} {stage.get('progress', 0) * 100:.0f}%"
+                     for name, stage in stages.items()) or "none recorded"
+
+
+def cancel(runtime: Runtime, job_id: int) -> str:
+    """Cancel a job: CANCELING, then clean up, then REVOKED; returns the job's final status."""
+    job = Job.get_or_none(Job.id == job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    if job.status in JobStatus.TERMINAL:
+        return job.status
+    progress.transition(job_id, JobStatus.CANCELING, allowed_from=(JobStatus.CREATED, JobStatus.PENDING,
+                                                                   JobStatus.STARTED))
+    job_log(job_id, logging.INFO, "cancel requested: status CANCELING")
+    if job.dispatch_mode == DispatchMode.ASYNC_API:
+        cleanup(runtime, job_id, job.pipeline.slug)
+    if progress.transition(job_id, JobStatus.REVOKED, allowed_from=(JobStatus.CANCELING,),
+                           error="canceled by operator"):
+        job_log(job_id, logging.INFO, "job REVOKED (canceled); its tasks were removed from NATS")
+    return Job.get_by_id(job_id).status
+
+
+def start_job(runtime: Runtime, job: Job) -> None:
+    """Queue run_job for a CREATED job (status PENDING); if the queue is unreachable the job is removed."""
+    import redis
+
+    progress.transition(job.id, JobStatus.PENDING, allowed_from=(JobStatus.CREATED,))
+    try:
+        runtime.send(names.RUN_JOB, job.id)
+    except redis.RedisError as exc:
+        job.delete_instance(recursive=True)
+        raise TransientError(f"could not queue the job (Redis unavailable: {exc}); nothing was created") from exc
+    log.info("job=%s queued for run_job", job.id)
+
+
+def failed_image_rows(job_id: int, *, limit: int | None = None):
+    """(image id, url, reason) of the job's failed images, by image id, streamed."""
+    query = (JobImage.select(JobImage.image, SourceImage.url, JobImage.error).join(SourceImage)
+             .where((JobImage.job == job_id) & (JobImage.status == ImageStatus.FAILED)).order_by(JobImage.image))
+    return (query.limit(limit) if limit else query).tuples().iterator()
+
+
+def retry_failed(job_id: int) -> Job:
+    """A new CREATED job over the failed images of an ended job (same pipeline and dispatch mode)."""
+    job = Job.select(Job, Pipeline).join(Pipeline).where(Job.id == job_id).get_or_none()
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    if job.status not in JobStatus.TERMINAL:
+        raise UserInputError(f"job {job_id} is still {job.status}: retry its failed images once it has ended")
+    if not JobImage.select().where((JobImage.job == job_id) & (JobImage.status == ImageStatus.FAILED)).exists():
+        raise NothingToDo(f"job {job_id} has no failed images: nothing to retry")
+    urls = (url for _, url, _ in failed_image_rows(job_id))
+    return create_job(job.pipeline.slug, urls, name=f"retry of job {job_id} ({job.name})",
+                      dispatch_mode=job.dispatch_mode)

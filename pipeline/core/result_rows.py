@@ -1,0 +1,287 @@
+"""Saving results, idempotent by unique constraints; a constant number of statements per result message
+(whatever its number of images), inside the caller's transaction when there is one.
+
+The first result that decides an image wins: rows are written only for images still pending (or failed
+as lost, a verdict a late result supersedes), so a replay, a duplicate or a second result with other
+boxes adds nothing, and an image that has failed never gets rows (counters equal rows). Inserts are also
+INSERT ... ON CONFLICT DO NOTHING on the unique keys of Detection and Classification, so concurrent
+duplicates cannot double a row. A replay reports the outcome the database already holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import defaultdict
+from typing import NamedTuple
+
+import msgspec
+
+from models import (
+    Algorithm,
+    Classification,
+    Detection,
+    ImageStatus,
+    Job,
+    execute_in,
+    insert_ignoring_duplicates,
+    select_in,
+    utcnow,
+    write_transaction,
+)
+from pipeline.errors import BadResult
+from pipeline.infra.jobstate import Outcome
+from pipeline.schemas import DETECTION_TASK_TYPES, SuccessResult
+from pipeline.settings import redact_text
+
+log = logging.getLogger(__name__)
+
+#: Reasons of images failed because no result came (pipeline/core/lost.py); a result arriving later supersedes them.
+LOST_PREFIX = "lost:"
+#: Reasons of images whose result could not be saved (pipeline/core/unsaved.py); a replay supersedes them too.
+UNSAVED_PREFIX = "result could not be saved:"
+#: Longest failure reason stored on an image.
+MAX_REASON_CHARS = 2000
+#: Longest taxon name (the column's size, on every database).
+MAX_TAXON_CHARS = 255
+
+
+class AlgorithmInfo(NamedTuple):
+    """A declared algorithm, as results are checked against it."""
+
+    id: int
+    task_type: str
+
+
+_algorithms: dict[int, dict[str, AlgorithmInfo]] = {}
+
+
+def pipeline_algorithms(pipeline_id: int, *, refresh: bool = False) -> dict[str, AlgorithmInfo]:
+    """The pipeline's declared algorithms by key (cached per process; refreshed on a miss)."""
+    if refresh or pipeline_id not in _algorithms:
+        _algorithms[pipeline_id] = {key: AlgorithmInfo(pk, task_type) for pk, key, task_type in Algorithm.select(
+            Algorithm.id, Algorithm.key, Algorithm.task_type).where(Algorithm.pipeline == pipeline_id).tuples()}
+    return _algorithms[pipeline_id]
+
+
+def _resolve_algorithms(pipeline_id: int, slug: str, keys: set[str],
+                        image_ids: tuple[str, ...]) -> dict[str, AlgorithmInfo]:
+    known = pipeline_algorithms(pipeline_id)
+    if not keys <= known.keys():
+        known = pipeline_algorithms(pipeline_id, refresh=True)
+    undeclared = sorted(keys - known.keys())
+    if undeclared:
+        raise BadResult(f"result names undeclared algorithm(s) {undeclared} for pipeline {slug!r}",
+                        image_ids=image_ids)
+    return known
+
+
+def canonical_image_id(image_id) -> str | None:
+    """The image id as the database spells it ("0345" -> "345"), or None if it cannot be one."""
+    text = str(image_id)
+    if text.isascii() and text.isdigit() and len(text) <= 18:
+        return str(int(text))
+    return None
+
+
+class ImageRow(NamedTuple):
+    """An image's outcome in a job, as the database holds it (a JobImage row, read without the model)."""
+
+    id: int
+    image_id: int
+    status: str
+    detections: int
+    classifications: int
+    error: str | None
+
+
+def job_images(job_id: int, image_ids) -> dict[str, ImageRow]:
+    """The job's rows for these images, locked until the transaction ends (the outcome arbiter)."""
+    numeric = sorted({int(c) for c in map(canonical_image_id, image_ids) if c is not None})
+    rows = select_in('SELECT id, image_id, status, detections, classifications, error FROM "job_image" '
+                     "WHERE job_id = %s AND image_id IN ({in})", numeric, params=(job_id,), lock=True)
+    return {str(row[1]): ImageRow(*row) for row in rows}
+
+
+def is_supersedable(row: ImageRow) -> bool:
+    """True for an image failed because no result came, or because its result could not be saved: a valid
+    result arriving later (or replayed) supersedes that."""
+    return row.status == ImageStatus.FAILED and (row.error or "").startswith((LOST_PREFIX, UNSAVED_PREFIX))
+
+
+def _settled_outcome(row: ImageRow) -> Outcome:
+    """The outcome an image already has in the database; a replay or late result reports this one."""
+    if row.status == ImageStatus.FAILED:
+        return Outcome(str(row.image_id), failed=True, captures=0)
+    return Outcome(str(row.image_id), captures=1, detections=row.detections,
+                   classifications=row.classifications)
+
+
+def _rows_of(job_id: int, image_ids: tuple[str, ...]) -> dict[str, ImageRow]:
+    rows = job_images(job_id, image_ids)
+    missing = [i for i in image_ids if i not in rows]
+    if missing:
+        raise BadResult(f"images {missing} are not part of job {job_id}",
+                        image_ids=tuple(i for i in image_ids if i in rows))
+    return rows
+
+
+@dataclasses.dataclass
+class PreparedResult:
+    """A validated success result turned into rows, ready to save: everything but the database work, so
+    the part that holds the write lock (SQLite) or row locks (PostgreSQL) is only statements."""
+
+    job_id: int
+    image_ids: tuple[str, ...]
+    detections: list[tuple]  # Detection rows, in DETECTION_FIELDS order
+    classifications: list[tuple[tuple[str, int, str], tuple]]  # (detection key, row without its detection id)
+    counts: dict[str, list[int]]  # image id -> [detections, classifications]
+
+    @classmethod
+    def combine(cls, parts: list[PreparedResult]) -> PreparedResult:
+        """One result of several of the same job, saved in one go; an image named by several parts takes
+        the rows of the first (the order the results arrived in)."""
+        if len(parts) == 1:
+            return parts[0]
+        owner: dict[str, int] = {}
+        for n, part in enumerate(parts):
+            for image_id in part.image_ids:
+                owner.setdefault(image_id, n)
+        return cls(
+            parts[0].job_id, tuple(owner),
+            [row for n, part in enumerate(parts) for row in part.detections if owner[str(row[0])] == n],
+            [c for n, part in enumerate(parts) for c in part.classifications if owner[c[0][0]] == n],
+            {image_id: parts[n].counts[image_id] for image_id, n in owner.items()})
+
+    def restricted_to(self, image_ids) -> PreparedResult:
+        """This result without the images not in `image_ids` (decided by another message)."""
+        keep = set(image_ids)
+        if keep >= set(self.image_ids):
+            return self
+        return PreparedResult(self.job_id, tuple(i for i in self.image_ids if i in keep),
+                              [r for r in self.detections if str(r[0]) in keep],
+                              [c for c in self.classifications if c[0][0] in keep],
+                              {i: n for i, n in self.counts.items() if i in keep})
+
+    def save(self, rows: dict[str, ImageRow] | None = None) -> list[Outcome]:
+        """Write the rows and outcomes of the images this result decides (inside the caller's transaction,
+        if any); every image's outcome. `rows`: the images' locked rows, if the caller already read them."""
+        with write_transaction():
+            rows = rows if rows is not None else _rows_of(self.job_id, self.image_ids)
+            deciding = [i for i in self.image_ids if rows[i].status == ImageStatus.PENDING or is_supersedable(rows[i])]
+            decided = set(deciding)
+            detections = [r for r in self.detections if str(r[0]) in decided]
+            insert_ignoring_duplicates(Detection, DETECTION_FIELDS, detections)
+            classifications = [c for c in self.classifications if c[0][0] in decided]
+            if classifications:
+                ids = {(str(image), algorithm, bbox_key): pk for pk, image, algorithm, bbox_key in select_in(
+                    'SELECT id, image_id, algorithm_id, bbox_key FROM "detection" WHERE image_id IN ({in})',
+                    sorted({int(key[0]) for key, _ in classifications}))}
+                insert_ignoring_duplicates(Classification, CLASSIFICATION_FIELDS,
+                                           [(ids[key], *row) for key, row in classifications])
+            by_counts: dict[tuple[int, int], list[int]] = defaultdict(list)  # one UPDATE per distinct pair
+            for image_id in deciding:
+                by_counts[tuple(self.counts[image_id])].append(rows[image_id].id)
+            now = utcnow()
+            for (n_det, n_cls), row_ids in by_counts.items():
+                execute_in('UPDATE "job_image" SET status = %s, detections = %s, classifications = %s, error = NULL, '
+                           "updated_at = %s WHERE id IN ({in})", row_ids,
+                           params=(ImageStatus.PROCESSED, n_det, n_cls, now))
+        return [Outcome(i, captures=1, detections=self.counts[i][0], classifications=self.counts[i][1],
+                        supersedes=rows[i].status == ImageStatus.FAILED)
+                if i in decided else _settled_outcome(rows[i]) for i in self.image_ids]
+
+
+DETECTION_FIELDS = ("image", "algorithm", "bbox_key", "x1", "y1", "x2", "y2", "score", "crop_url", "job",
+                    "created_at")
+CLASSIFICATION_FIELDS = ("detection", "algorithm", "taxon", "score", "scores", "labels", "terminal", "created_at")
+_encode_json = msgspec.json.Encoder().encode
+
+
+def _to_json(value: list) -> str:
+    return _encode_json(value).decode()
+
+
+def prepare_result(job: Job, result: SuccessResult) -> PreparedResult:
+    """Validate a success result against the job's pipeline and build its rows; raises BadResult."""
+    canonical = {img.id: canonical_image_id(img.id) for img in result.source_images}
+    malformed = sorted(raw for raw, image_id in canonical.items() if image_id is None)
+    if malformed:
+        raise BadResult(f"image ids must be decimal numbers, got {malformed[:5]}",
+                        image_ids=tuple(dict.fromkeys(i for i in canonical.values() if i)))
+    image_ids = tuple(dict.fromkeys(canonical.values()))
+    job_id, pipeline_id, slug = job.id, job.pipeline_id, job.pipeline.slug
+    if result.pipeline != slug:
+        raise BadResult(f"result is for pipeline {result.pipeline!r}, job {job_id} runs {slug!r}",
+                        image_ids=image_ids)
+    keys = {d.algorithm.key for d in result.detections}
+    keys |= {c.algorithm.key for d in result.detections for c in d.classifications}
+    algorithms = _resolve_algorithms(pipeline_id, slug, keys, image_ids)
+    bad_types = sorted({d.algorithm.key for d in result.detections
+                        if algorithms[d.algorithm.key].task_type not in DETECTION_TASK_TYPES})
+    if bad_types:
+        raise BadResult(f"algorithm(s) {bad_types} are not detection algorithms", image_ids=image_ids)
+    marker = next((key for key, a in algorithms.items() if a.task_type in DETECTION_TASK_TYPES), None)
+    long_taxa = sorted({c.taxon[:40] for d in result.detections for c in d.classifications
+                        if len(c.taxon) > MAX_TAXON_CHARS})
+    if long_taxa:
+        raise BadResult(f"a taxon is at most {MAX_TAXON_CHARS} characters; got one starting {long_taxa[0]!r}",
+                        image_ids=image_ids)
+
+    # Deduplicate within the message the way the database will (same image, algorithm, box).
+    detections: dict[tuple[str, str, str], object] = {}
+    for det in result.detections:
+        detections.setdefault((canonical[det.source_image_id], det.algorithm.key,
+                               det.bbox.key() if det.bbox else ""), det)
+    found = {image_id for image_id, _, _ in detections}
+    for image_id in image_ids:  # "processed, nothing found" marker for images without any detection
+        if marker and image_id not in found:
+            detections[(image_id, marker, "")] = None
+
+    counts: dict[str, list[int]] = {i: [0, 0] for i in image_ids}
+    now = utcnow()
+    det_rows, cls_rows = [], []
+    for (image_id, algo_key, bbox_key), det in detections.items():
+        algorithm_id = algorithms[algo_key].id
+        if det is None:  # the "processed, nothing found" marker
+            det_rows.append((int(image_id), algorithm_id, bbox_key, None, None, None, None, None, None, job_id, now))
+            continue
+        box = (det.bbox.x1, det.bbox.y1, det.bbox.x2, det.bbox.y2) if det.bbox else (None,) * 4
+        det_rows.append((int(image_id), algorithm_id, bbox_key, *box, det.score, det.crop_image_url, job_id, now))
+        if det.bbox:
+            counts[image_id][0] += 1
+        seen_algorithms = set()
+        for c in det.classifications:
+            if c.algorithm.key in seen_algorithms:
+                continue  # one classification per detection and algorithm
+            seen_algorithms.add(c.algorithm.key)
+            cls_rows.append(((image_id, algorithm_id, bbox_key), (
+                algorithms[c.algorithm.key].id, c.taxon, c.score, _to_json(list(c.scores)), _to_json(list(c.labels)),
+                c.terminal, now)))
+            if bbox_key:
+                counts[image_id][1] += 1
+    return PreparedResult(job_id, image_ids, det_rows, cls_rows, counts)
+
+
+def save_result(job: Job, result: SuccessResult) -> list[Outcome]:
+    """Write a success result's detections, classifications and image outcomes; returns per-image counts."""
+    return prepare_result(job, result).save()
+
+
+def fail_images(job_id: int, image_ids, reason: str, rows: dict[str, ImageRow] | None = None) -> list[Outcome]:
+    """Mark still-pending images of the job failed with `reason`; returns each image's settled outcome.
+
+    An image that already has an outcome keeps it (a saved success is never turned into a failure), and
+    its outcome is returned as it stands, so the Redis gate counts what the database holds. Ids that are
+    not part of the job are ignored. `rows`: the images' locked rows, if the caller already read them.
+    """
+    wanted = list(dict.fromkeys(c for c in map(canonical_image_id, image_ids) if c is not None))
+    if not wanted:
+        return []
+    with write_transaction():
+        rows = rows if rows is not None else job_images(job_id, wanted)
+        pending = [rows[i].id for i in wanted if i in rows and rows[i].status == ImageStatus.PENDING]
+        execute_in('UPDATE "job_image" SET status = %s, error = %s, updated_at = %s WHERE id IN ({in})', pending,
+                   params=(ImageStatus.FAILED, redact_text(reason)[:MAX_REASON_CHARS].replace("\x00", ""), utcnow()))
+    return [Outcome(i, failed=True, captures=0) if rows[i].status == ImageStatus.PENDING
+            else _settled_outcome(rows[i]) for i in wanted if i in rows]

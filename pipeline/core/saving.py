@@ -1,0 +1,455 @@
+"""Saving results: the inbox of a job drained into the database, many result messages per transaction.
+
+A result message was taken into the inbox (`pipeline/core/inbox.py`) and the tasks it settles were ACKed. A
+drain step then handles up to `DRAIN_MESSAGES` of the job's messages (at most `DRAIN_IMAGES` images) in
+the order of invariant 1, as one unit:
+
+    validate -> save to DB (idempotent) -> atomic Redis update -> progress written -> inbox rows deleted
+
+in one database transaction: one commit and one gate script however many messages and images, so a
+service that sends one image per message is saved nearly as fast as one that batches. Deleting the rows
+in the transaction that saves them makes the hand-over exactly-once: a crash anywhere before the commit
+leaves the rows, and the next drain converges to the same rows and counters (the save is idempotent, the
+gate counts an image once, progress is monotone). A crash between the gate and the commit leaves Redis
+ahead of the database until the rows are drained again; no job ends while its database still holds a
+counted image as pending (`progress.write_progress`).
+
+The first message that decides an image wins; later ones for it are replays and change nothing, except
+that a valid result supersedes a "lost" verdict while the job runs. A job that has ended takes no more
+results: they are refused with a log line, so the database never holds rows for an image it did not count.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+
+from models import (
+    Job,
+    JobStatus,
+    ResultInbox,
+    SchemaMissing,
+    execute_in,
+    is_unstorable,
+    select_in,
+    utcnow,
+    write_transaction,
+)
+from pipeline import names
+from pipeline.core import inbox, progress, unsaved
+from pipeline.core.joblog import job_log
+from pipeline.core.outcomes import Handled, count_outcomes, finish, ids_text, load_job, settle, short
+from pipeline.core.result_rows import PreparedResult, canonical_image_id, fail_images, job_images, prepare_result
+from pipeline.core.retry import is_outage
+from pipeline.errors import BadResult, TransientError
+from pipeline.infra.crashpoints import crash_point
+from pipeline.infra.jobstate import Outcome, Snapshot
+from pipeline.infra.runtime import Runtime
+from pipeline.schemas import ErrorResult, decode_result
+
+log = logging.getLogger(__name__)
+
+
+#: Result messages, and images, one drain step saves in one transaction.
+DRAIN_MESSAGES = 500
+DRAIN_IMAGES = 2000
+#: Seconds one drain keeps going before it hands the rest to a new process_pipeline_result message.
+DRAIN_BUDGET_S = 20.0
+#: Lifetime (ms) of a job's drain lock; a drainer extends it at every step, so only a dead one loses it.
+DRAIN_LOCK_MS = 6_000
+
+
+
+@dataclasses.dataclass
+class Message:
+    """One inbox row of the job, read and classified before the transaction that saves it."""
+
+    entry_id: int
+    source: str
+    replies: list[str]
+    kind: str = ""  # success | error | bad | rejected | left_pending
+    prepared: PreparedResult | None = None
+    image_ids: tuple[str, ...] = ()
+    reason: str = ""
+    action: str = ""
+
+    @property
+    def decides(self) -> bool:
+        return self.kind in ("success", "error", "bad")
+
+
+def _classify(runtime: Runtime, job: Job, entry_id: int, source: str, body: bytes, replies: list[str],
+              proof: inbox.Proof | None) -> Message:
+    m = Message(entry_id, source, replies)
+    foreign = [r for r in replies if not names.reply_belongs_to_job(r, job.id)]
+    if foreign:
+        # Never ACK or TERM someone else's task: the result is dropped, the images' own tasks come back.
+        m.kind, m.reason = "rejected", (f"result rejected: {names.HDR_TASK_REPLY} {foreign[0][:200]!r} is not a task "
+                                        f"of consumer {names.job_consumer(job.id)}")
+        return m
+    if proof is not None and proof.refused:  # its sender did not show it holds the tasks (invariant 12)
+        m.kind, m.reason = "rejected", proof.refused
+        return m
+    try:
+        result = decode_result(body)
+        crash_point("after_validation", job=job.id, images=lambda: inbox.named_images(body))
+        if isinstance(result, ErrorResult):
+            image_id = canonical_image_id(result.image_id) if result.image_id is not None else None
+            if result.image_id is None:
+                m.kind, m.reason = "left_pending", (f"error result without image_id ({short(result.error)!r}); "
+                                                    "its task is not ACKed: it will be redelivered, then reconciled")
+                return m
+            if image_id is None:
+                raise BadResult(f"error result names image id {result.image_id!r}, which is not a decimal number")
+            m.kind, m.image_ids, m.reason = "error", (image_id,), f"processing service error: {result.error}"
+            return m
+        m.prepared = prepare_result(job, result)
+        m.kind, m.image_ids = "success", m.prepared.image_ids
+    except BadResult as exc:
+        # the images it names if it names any, else those of the tasks it names (an unreadable body); with
+        # task tokens, only images it proved it holds (a bad message must not fail someone else's image)
+        m.kind, m.reason = "bad", f"bad result: {exc}"
+        if proof is not None:
+            named = [c for c in map(canonical_image_id, exc.image_ids) if c] or inbox.named_images(body)
+            m.image_ids = tuple(i for i in dict.fromkeys(named) if i in proof.images) or tuple(
+                sorted(proof.images, key=int))
+            m.replies = [r for r, image in inbox.task_images(runtime, job.id, replies).items() if image in m.image_ids]
+            return m
+        m.image_ids = tuple(dict.fromkeys(c for c in map(canonical_image_id, exc.image_ids) if c)) or tuple(
+            sorted(inbox.named_images(body), key=int)) or tuple(
+            dict.fromkeys(c for c in map(canonical_image_id, runtime.tasks.images_of_tasks(replies)) if c))
+    return m
+
+
+@dataclasses.dataclass
+class DrainStep:
+    """What one drain step did."""
+
+    messages: list[Message] = dataclasses.field(default_factory=list)
+    snapshot: Snapshot | None = None
+    written: progress.ProgressWrite | None = None
+
+
+def _read_inbox(job_id: int, limit: int) -> list[tuple[int, str, bytes, str, str | None]]:
+    now = utcnow()
+    rows = (ResultInbox.select(ResultInbox.id, ResultInbox.source, ResultInbox.body, ResultInbox.task_replies,
+                               ResultInbox.proof)
+            .where((ResultInbox.job_id == job_id)
+                   & (ResultInbox.next_attempt_at.is_null() | (ResultInbox.next_attempt_at <= now)))
+            .order_by(ResultInbox.id).limit(limit).tuples())
+    return [(entry_id, source, bytes(body), replies, proof) for entry_id, source, body, replies, proof in rows]
+
+
+def _delete_entries(entry_ids: list[int]) -> None:
+    execute_in('DELETE FROM "result_inbox" WHERE id IN ({in})', entry_ids)
+
+
+def _present(entry_ids: list[int]) -> set[int]:
+    """Those of `entry_ids` still in the inbox (inside the transaction: not saved by another drainer)."""
+    return {i for (i,) in select_in('SELECT id FROM "result_inbox" WHERE id IN ({in})', entry_ids)}
+
+
+class StepFailed(Exception):
+    """Saving these inbox rows raised an error that is not an outage (the error is the cause)."""
+
+    def __init__(self, entry_ids: list[int], cause: Exception):
+        super().__init__(f"saving inbox row(s) {entry_ids[:10]} raised {type(cause).__name__}: {cause}")
+        self.entry_ids = entry_ids
+        self.cause = cause
+
+
+def drain_step(runtime: Runtime, job_id: int, *, limit: int = DRAIN_MESSAGES) -> DrainStep:
+    """Save the job's oldest inbox rows due now (up to `limit` messages, DRAIN_IMAGES images) in one
+    transaction; an empty step when the inbox holds nothing due for the job.
+
+    Raises StepFailed for an error that is not an outage before the commit (nothing of the step is saved);
+    an outage is raised as it is.
+    """
+    entries = _read_inbox(job_id, limit)
+    if not entries:
+        return DrainStep()
+    try:
+        return _drain_entries(runtime, job_id, entries)
+    except StepFailed:
+        raise
+    except Exception as exc:
+        if is_outage(exc) or isinstance(exc, SchemaMissing):  # not this message's fault: waited out
+            raise
+        raise StepFailed([e[0] for e in entries], exc) from exc
+
+
+def _drain_entries(runtime: Runtime, job_id: int, entries: list[tuple[int, str, bytes, str, str | None]]) -> DrainStep:
+    step = DrainStep()
+    job = load_job(job_id)
+    if job is None:
+        return _drop_for_unknown_job(runtime, job_id, entries)
+    images = 0
+    for entry_id, source, body, replies, proof in entries:
+        m = _classify(runtime, job, entry_id, source, body, names.task_replies(replies), inbox.Proof.from_json(proof))
+        if step.messages and images + len(m.image_ids) > DRAIN_IMAGES:
+            break
+        images += len(m.image_ids)
+        step.messages.append(m)
+    logs: list[tuple[int, str, str | None]] = []
+    with write_transaction():
+        locked = progress.locked_job(job_id)
+        present = _present([m.entry_id for m in step.messages])
+        step.messages = [m for m in step.messages if m.entry_id in present]
+        if locked is None or locked.status in JobStatus.TERMINAL:
+            for m in step.messages:
+                m.action = "late"
+            _delete_entries([m.entry_id for m in step.messages])
+            step.written = progress.ProgressWrite(locked.status if locked else JobStatus.REVOKED, False)
+        else:
+            outcomes = _save(job, step.messages, logs)
+            crash_point("after_db_save", job=job_id)
+            if outcomes:
+                step.snapshot, step.written = count_outcomes(runtime, job, outcomes, locked)
+            else:
+                step.written = progress.ProgressWrite(locked.status, False)
+            _delete_entries([m.entry_id for m in step.messages])
+            _write_logs(job_id, logs)
+    crash_point("after_commit", job=job_id)
+    try:
+        _after_commit(runtime, job, step, logs)
+    except Exception as exc:  # committed: not an error of these messages (the cleanup's own retries apply)
+        if is_outage(exc):
+            raise
+        log.exception("job=%s after saving %s result message(s): %s", job_id, len(step.messages), exc)
+    return step
+
+
+def _save(job: Job, messages: list[Message], logs: list) -> list[Outcome]:
+    """Steps 2 of invariant 1 for a chunk of one job's messages, inside the caller's transaction; every
+    decided image's outcome (each image once: the first message naming it decides it)."""
+    rows = job_images(job.id, [i for m in messages if m.decides for i in m.image_ids])
+    owner: dict[str, Message] = {}
+    for m in messages:
+        strays = [i for i in m.image_ids if i not in rows] if m.kind in ("success", "error") else []
+        if strays:  # a result for images of another job, or of none: bad data, its tasks are terminated
+            what = "error result names" if m.kind == "error" else "images"
+            m.kind, m.reason = "bad", f"bad result: {what} {strays[:10]} not part of job {job.id}"
+            m.image_ids = tuple(i for i in m.image_ids if i in rows)
+        if m.decides:
+            for image_id in m.image_ids:
+                owner.setdefault(image_id, m)
+    outcomes: list[Outcome] = []
+    successes = [m for m in messages if m.kind == "success"]
+    if successes:
+        combined = PreparedResult.combine([m.prepared for m in successes]).restricted_to(
+            [i for i, m in owner.items() if m.kind == "success"])
+        if combined.image_ids:
+            outcomes += combined.save(rows)
+    for m in messages:
+        owned = [i for i in m.image_ids if owner.get(i) is m]
+        if m.kind in ("error", "bad") and owned:
+            outcomes += fail_images(job.id, owned, m.reason, rows)
+        m.action = {"success": "counted", "error": "counted", "bad": "failed" if m.image_ids else "left_pending",
+                    "rejected": "rejected", "left_pending": "left_pending"}[m.kind]
+        if m.kind == "error":
+            logs.append((logging.WARNING, f"image failed: {short(m.reason)}", m.image_ids[0]))
+        elif m.kind == "bad":
+            logs.append((logging.ERROR, short(m.reason), ids_text(m.image_ids) or None))
+        elif m.kind == "left_pending":
+            logs.append((logging.WARNING, m.reason, None))
+    rejected = [m for m in messages if m.kind == "rejected"]
+    if rejected:  # one line for all a step refuses: a flood of forged results must not flood the job log
+        more = f" (and {len(rejected) - 1} more result message(s) refused in this batch)" if len(rejected) > 1 else ""
+        logs.append((logging.ERROR, rejected[0].reason + more, None))
+    return outcomes
+
+
+def _write_logs(job_id: int, logs: list[tuple[int, str, str | None]]) -> None:
+    for level, message, image_id in logs:
+        job_log(job_id, level, message, image_id=image_id, emit=False)
+
+
+def _after_commit(runtime: Runtime, job: Job, step: DrainStep, logs: list) -> None:
+    """Log lines, TERMs of the tasks of bad results, and the cleanup of a job this step ended."""
+    for level, message, image_id in logs:
+        job_log(job.id, level, message, image_id=image_id, persist=False)
+    late = [m for m in step.messages if m.action == "late"]
+    if late:
+        log.info("job=%s %s result message(s) for a %s job refused (images %s): nothing saved or counted", job.id,
+                 len(late), step.written.status, ids_text(dict.fromkeys(i for m in late for i in m.image_ids)))
+    for m in step.messages:
+        if m.kind == "bad" and m.replies:
+            try:
+                runtime.tasks.term_many(m.replies, f"image={','.join(m.image_ids) or '?'} {m.reason}"[:300])
+            except TransientError as exc:  # its task comes back and its next result is handled again
+                log.warning("job=%s could not terminate the tasks of a bad result: %s", job.id, exc)
+    _record(step.messages)
+    if step.written is not None:
+        finish(runtime, job, step.written)
+
+
+def _drop_for_unknown_job(runtime: Runtime, job_id: int, entries) -> DrainStep:
+    step = DrainStep()
+    own = [r for _, _, _, replies, _ in entries for r in names.task_replies(replies)
+           if names.reply_belongs_to_job(r, job_id)]
+    with write_transaction():
+        _delete_entries([e[0] for e in entries])
+    log.error("job=%s %s result message(s) for an unknown job dropped; their tasks are terminated", job_id,
+              len(entries))
+    if own:
+        runtime.tasks.term_many(own, f"unknown job {job_id}")
+    step.messages = [Message(e[0], e[1], [], action="unknown_job") for e in entries]
+    _record(step.messages)
+    return step
+
+
+# What recent drain steps did per message source, for `handle_result_message` (a message may be saved by
+# whichever thread drains its job).
+_recent: collections.OrderedDict[str, str] = collections.OrderedDict()  # message source -> its action
+_recent_lock = threading.Lock()
+_RECENT_KEPT = 10_000
+
+
+def _record(messages: list[Message]) -> None:
+    with _recent_lock:
+        for m in messages:
+            _recent[m.source] = m.action
+        while len(_recent) > _RECENT_KEPT:
+            _recent.popitem(last=False)
+
+
+@dataclasses.dataclass
+class Drained:
+    """What one drain did: messages saved, whether it stopped with work left (`more`) or found the job's
+    drainer busy elsewhere (`busy`, that drainer will look at the inbox again)."""
+
+    messages: int = 0
+    more: bool = False
+    busy: bool = False
+
+
+def request_drains(runtime: Runtime, job_ids) -> None:
+    """Ask for the results of these jobs waiting in the inbox to be saved (one `process_pipeline_result`
+    message each; a request that finds nothing to save costs one query)."""
+    for job_id in job_ids:
+        runtime.send(names.PROCESS_PIPELINE_RESULT, job_id)
+
+
+def drain(runtime: Runtime, job_id: int, *, budget_s: float = DRAIN_BUDGET_S) -> Drained:
+    """Save every result of the job waiting in the inbox, a step per transaction, one drainer per job at
+    a time (a Redis lock; a second request marks the inbox to be looked at again and returns at once)."""
+    state = runtime.state
+    lock, again = names.drain_lock_key(job_id), names.drain_again_key(job_id)
+    started = time.monotonic()
+    drained = Drained()
+    while True:
+        try:
+            token = state.try_lock(lock, DRAIN_LOCK_MS)
+        except Exception as exc:  # noqa: BLE001 - redis errors: the gate needs Redis too
+            raise TransientError(f"redis unavailable for job {job_id}: {exc}") from exc
+        if token is None:
+            state.set_flag(again, DRAIN_LOCK_MS // 1000 * 4)
+            drained.busy = True
+            return drained
+        try:
+            singly = 0  # after a step failed on data the database refused: that many messages one at a time
+            while True:
+                state.take_flag(again)
+                try:
+                    step = drain_step(runtime, job_id, limit=1 if singly else DRAIN_MESSAGES)
+                    singly = max(singly - 1, 0)
+                except StepFailed as failed:
+                    if len(failed.entry_ids) > 1:
+                        singly = DRAIN_MESSAGES  # find the message at fault, one at a time
+                        continue
+                    [entry_id] = failed.entry_ids
+                    if is_unstorable(failed.cause):
+                        step = _refuse(runtime, job_id, entry_id, failed.cause)
+                    else:  # a bug or data the code cannot handle: bounded attempts, then parked
+                        became = unsaved.failed_attempt(runtime, job_id, entry_id, failed.cause)
+                        step = DrainStep(messages=[Message(entry_id, "", [], action=became or "gone")])
+                drained.messages += len(step.messages)
+                if not step.messages:
+                    break
+                if time.monotonic() - started > budget_s:
+                    drained.more = True
+                    return drained
+                state.extend_lock(lock, token, DRAIN_LOCK_MS)
+        finally:
+            state.release(lock, token)
+        if not state.take_flag(again):  # a request came while we held the lock: look once more
+            if not drained.messages:
+                _clean_up_if_ended(runtime, job_id)
+            return drained
+
+
+def _refuse(runtime: Runtime, job_id: int, entry_id: int, exc: Exception) -> DrainStep:
+    """Inbox row `entry_id` holds a result the database refuses to store (a value longer than its column, a
+    number out of range): fail the images it names with the reason, TERM its tasks, drop the row
+    (invariant 10: never a retry loop for data that can never be saved, never a stalled job)."""
+    found = (ResultInbox.select(ResultInbox.id, ResultInbox.source, ResultInbox.body, ResultInbox.task_replies,
+                                ResultInbox.proof).where(ResultInbox.id == entry_id).tuples().get_or_none())
+    if found is None:
+        return DrainStep()
+    _, source, body, replies, proof = found
+    body = bytes(body)
+    replies = names.task_replies(replies)
+    reason = short(f"bad result: the database refused to store it ({type(exc).__name__}: {str(exc).strip()})")
+    image_ids = unsaved.images_of(runtime, body, replies, proof)
+    if proof is not None:  # TERM only the tasks of images it proved it holds
+        replies = [r for r, image in inbox.task_images(runtime, job_id, replies).items() if image in image_ids]
+    message = Message(entry_id, source, replies, kind="bad", image_ids=tuple(image_ids), reason=reason,
+                      action="failed" if image_ids else "left_pending")
+    job = load_job(job_id)
+    step = DrainStep(messages=[message])
+
+    with write_transaction():  # the row goes whether or not the job still runs
+        if job is not None and image_ids:
+            _, step.snapshot, step.written = settle(runtime, job, lambda: fail_images(job_id, image_ids, reason))
+        _delete_entries([entry_id])
+    log.error("job=%s image=%s %s", job_id, ids_text(image_ids) or "?", reason)
+    if job is not None:
+        job_log(job_id, logging.ERROR, reason, image_id=ids_text(image_ids) or None, emit=False)
+        _after_commit(runtime, job, step, [])
+    return step
+
+
+def _clean_up_if_ended(runtime: Runtime, job_id: int) -> None:
+    """Finish the cleanup of a job that ended in a drain whose process died right after its commit."""
+    job = load_job(job_id)
+    if job is not None and job.status in JobStatus.TERMINAL and job.cleaned_up_at is None:
+        finish(runtime, job, progress.ProgressWrite(job.status, False))
+
+
+def handle_result_message(runtime: Runtime, job_id: int, body: bytes, reply: str | None, tokens: str | None = None,
+                          *, timeout_s: float = 60) -> Handled:
+    """Take one result message (as if it came from `pipeline.results.<pipeline>.<job_id>` with `reply` as its
+    `Pipeline-Task-Reply` and `tokens` as its `Pipeline-Task-Token`) and save it now; what happened to it.
+    For tests and tools: workers take results through the bridge.
+
+    Raises TransientError (logged here with job and image ids) when Redis, NATS or the database is
+    unreachable; the result then waits in the inbox (or, if it was not taken, nothing happened).
+    """
+    incoming = inbox.Incoming.direct(job_id, body, reply, tokens)
+    try:
+        inbox.take(runtime, [incoming])
+    except TransientError as exc:
+        log.warning("job=%s image=%s transient error while taking the result (its tasks are not ACKed; a "
+                    "redelivery takes it again): %s", job_id, ids_text(inbox.named_images(body)) or "?", exc)
+        raise
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            drain(runtime, job_id)
+            with _recent_lock:
+                done = _recent.get(incoming.source)
+            if done is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.005)  # another thread is draining the job: it saves this message too
+    except TransientError as exc:
+        log.warning("job=%s image=%s transient error, result waits in the inbox: %s", job_id,
+                    ids_text(inbox.named_images(body)) or "?", exc)
+        raise
+    action = done or "left_pending"
+    job = Job.select(Job.status).where(Job.id == job_id).get_or_none()
+    snapshot = runtime.state.snapshot(job_id) if action == "counted" and job and job.status == JobStatus.STARTED \
+        else None
+    return Handled(action, job.status if job else None, snapshot)

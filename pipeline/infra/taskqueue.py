@@ -1,0 +1,698 @@
+"""The JetStream task queue: streams, per-job durable consumers, publishing tasks, ACK and TERM.
+
+One `TaskQueue` holds one long-lived NATS connection; a process has one (no
+connection per ACK, no subscribe/fetch/unsubscribe per request). Its methods are coroutines;
+`SyncTaskQueue` runs them on the process's event loop for sync callers such as Dramatiq actors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import itertools
+import json
+import logging
+import random
+import ssl
+from collections.abc import Awaitable, Iterable
+from typing import NamedTuple, TypeVar
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from pipeline import names
+from pipeline.errors import JobSlotsFull, TransientError
+from pipeline.infra.aio import LoopRunner
+from pipeline.infra.natswatch import ConnectionWatch, round_trip
+from pipeline.schemas import Task
+from pipeline.settings import redact
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Tasks published concurrently per round trip burst (~10k msg/s on 2 cores, docs/performance.md).
+PUBLISH_CHUNK = 500
+#: Nats-Msg-Id dedupe window: a run_job retried within it republishes nothing.
+DUPLICATE_WINDOW_S = 20 * 60
+#: Outstanding un-acked deliveries per job consumer before JetStream stops handing out more.
+MAX_ACK_PENDING = 10_000
+#: Stream max_age: none on tasks/results (JetStream drops an expired, never-delivered task silently).
+ADVISORY_MAX_AGE_S = 7 * 24 * 3600
+#: JetStream API error code for "no message found" (deleting a message that is already gone).
+NO_MESSAGE_FOUND = 10057
+#: Timeout of one JetStream API call or publish, seconds.
+API_TIMEOUT_S = 10.0
+#: Job consumers a pipeline's tasks stream allows unless PIPELINE_NATS_MAX_JOBS says otherwise.
+DEFAULT_MAX_JOBS = 10_000
+#: Bytes of results PIPELINE_RESULTS holds untaken unless PIPELINE_NATS_RESULTS_MAX_GB says otherwise.
+DEFAULT_RESULTS_MAX_BYTES = 10 * 2**30
+#: Largest result message the results stream stores: the largest `max_payload` jetpipe ships (deploy/nats.conf).
+RESULT_MAX_MSG_BYTES = 8 * 2**20
+#: JetStream's "maximum consumers limit reached".
+MAX_CONSUMERS_ERR_CODE = 10026
+
+_encoder = msgspec.json.Encoder()
+
+
+def direct_get_subject(stream: str) -> str:
+    """Direct get of one message by stream sequence (tasks streams allow direct gets; no consumer is involved)."""
+    return f"$JS.API.DIRECT.GET.{stream}"
+
+NATS_FAILURES = (nats.errors.Error, asyncio.TimeoutError, TimeoutError, OSError)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsumerState:
+    """A job consumer's counters, or why they could not be read (`error`); reading never raises."""
+
+    exists: bool
+    num_pending: int = 0
+    num_ack_pending: int = 0
+    num_redelivered: int = 0
+    num_delivered: int = 0
+    last_active: dt.datetime | None = None
+    error: str | None = None
+
+    @property
+    def reachable(self) -> bool:
+        return self.error is None
+
+    def describe(self) -> str:
+        if self.error:
+            return f"unreachable ({self.error})"
+        if not self.exists:
+            return "no consumer"
+        return (f"num_pending={self.num_pending} num_ack_pending={self.num_ack_pending} "
+                f"num_redelivered={self.num_redelivered}")
+
+
+class Published(NamedTuple):
+    """A task as JetStream stored it."""
+
+    seq: int  # its stream sequence (what the reply subjects of its deliveries name)
+    new: bool  # False: a duplicate of a task already stored (same Nats-Msg-Id)
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConsumer:
+    job_id: int
+    consumer: str
+    filter_subject: str
+    pipeline: str  # whose tasks stream holds it
+
+
+#: Reply subjects of jetpipe's own processes (workers, CLI) start with this, not the default `_INBOX`:
+#: the NATS permissions in deploy/nats.conf let processing services read `_INBOX.>` only, so they never
+#: see jetpipe's replies (task PubAcks, tasks read back by sequence, ACK confirmations).
+JETPIPE_INBOX_PREFIX = "_INBOX_jetpipe"
+
+
+async def connect_nats(url: str, *, name: str, connect_timeout_s: float = 10.0, reconnect: bool = True,
+                       creds: str = "", tls_ca: str = "", inbox_prefix: str = JETPIPE_INBOX_PREFIX) -> nats.NATS:
+    """A NATS connection that reconnects forever once up, but fails within `connect_timeout_s` at first.
+
+    Credentials: user/password or token in the URL, or a `creds` file; TLS: a `tls://` URL, and `tls_ca`
+    for a private CA. Processing services connect with `inbox_prefix="_INBOX"` (the SDK does).
+    """
+    security: dict = {}
+    if creds:
+        security["user_credentials"] = creds
+    if tls_ca:
+        security["tls"] = ssl.create_default_context(cafile=tls_ca)
+
+    problem: list[str] = []  # this connection's current problem
+
+    async def quiet_error(exc: Exception) -> None:
+        text = describe_connection_error(exc)
+        if _logged_problems.get(url) != text:  # once per change for the whole process, not per attempt
+            log.warning("nats connection problem (%s): %s", redact(url), text)
+        _logged_problems[url] = text
+        problem[:] = [text]
+
+    connection: list[nats.NATS] = []
+
+    async def disconnected() -> None:
+        if connection and connection[0].is_closed:
+            return  # our own close(), not an outage
+        log.warning("nats disconnected from %s", redact(url))
+
+    async def reconnected() -> None:
+        problem.clear()
+        _logged_problems.pop(url, None)
+        log.info("nats reconnected to %s", redact(url))
+
+    try:
+        servers = [server.strip() for server in url.split(",") if server.strip()]  # a cluster: several URLs
+        random.shuffle(servers)  # processes spread over the nodes; then each reconnect tries the next node in
+        # this order (dont_randomize), never first the one it is leaving (a cut link, a node without quorum)
+        nc = await asyncio.wait_for(nats.connect(
+            servers=servers, dont_randomize=True,
+            name=name, connect_timeout=2, reconnect_time_wait=0.5,
+            max_reconnect_attempts=-1 if reconnect else 0, allow_reconnect=reconnect,
+            ping_interval=10, max_outstanding_pings=3, inbox_prefix=inbox_prefix,
+            error_cb=quiet_error, disconnected_cb=disconnected, reconnected_cb=reconnected, **security,
+        ), connect_timeout_s)
+        connection.append(nc)
+        _logged_problems.pop(url, None)
+        return nc
+    except NATS_FAILURES as exc:
+        cause = problem[-1] if problem else describe_connection_error(exc)  # the reason, not our time-out
+        raise TransientError(f"cannot connect to NATS at {redact(url)}: {cause}") from exc
+
+
+#: The connection problem last logged per NATS URL in this process (cleared once a connection works).
+_logged_problems: dict[str, str] = {}
+
+
+def describe_connection_error(exc: BaseException) -> str:
+    """What went wrong connecting, in words: "connection refused" rather than "[Errno 111] Connect call
+    failed ('127.0.0.1', 4222)"."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is nats-server running on that port?)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+class Requests:
+    """Many requests at once over one wildcard reply subscription: replies are matched by a counter token,
+    and one timer covers the whole batch. nats-py's `request` draws random bytes (a system call) and arms
+    a timer per request, which made ACKs and task publishing the worker's busiest event-loop work."""
+
+    def __init__(self, nc: nats.NATS):
+        self.nc = nc
+        self._prefix: str | None = None
+        self._tokens = itertools.count()
+        self._waiting: dict[str, asyncio.Future] = {}
+
+    async def _on_reply(self, msg) -> None:
+        future = self._waiting.pop(msg.subject[len(self._prefix):], None)
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+    async def send(self, requests: list[tuple[str, bytes, dict | None]], *, timeout: float) -> list:
+        """Publish every (subject, payload, headers) with its own reply subject; the replies, in order (a
+        reply for which `no_responders(reply)` is true means nothing listens on that subject).
+
+        Raises nats.errors.TimeoutError if any reply is missing after `timeout` seconds.
+        """
+        if not requests:
+            return []
+        if not self.nc.is_connected:  # reconnecting: fail now, the caller retries on a live connection
+            raise nats.errors.ConnectionReconnectingError
+        if self._prefix is None:  # set before the await: a concurrent first call must not subscribe twice
+            self._prefix = self.nc.new_inbox() + "."
+            try:
+                await self.nc.subscribe(self._prefix + "*", cb=self._on_reply)
+            except BaseException:
+                self._prefix = None
+                raise
+        loop = asyncio.get_running_loop()
+        tokens, futures = [], []
+        try:
+            async with asyncio.timeout(timeout):  # the whole exchange, publishing included, never longer
+                for subject, payload, headers in requests:
+                    token = str(next(self._tokens))
+                    tokens.append(token)
+                    futures.append(self._waiting.setdefault(token, loop.create_future()))
+                    await self.nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+                await asyncio.wait(futures)
+        except TimeoutError:
+            raise nats.errors.TimeoutError from None
+        finally:
+            for token in tokens:
+                self._waiting.pop(token, None)
+        return [future.result() for future in futures]
+
+
+def no_responders(reply) -> bool:
+    """True for the server's "503 no responders" answer to a request."""
+    return (reply.headers or {}).get("Status") == "503"
+
+
+def take_waiting(sub) -> list:
+    """The deliveries waiting on a pull subscription that no fetch took: answers to pull requests that
+    reached the server after their fetch gave up (it timed out, or the request waited out a reconnect in
+    the client). Status messages (timeouts, heartbeats of those requests) are left out.
+
+    nats-py's `fetch` hands these out along with its own, more than it was asked for, and when they cover
+    its whole batch it still sends a pull request for none, which the server answers with one more task.
+    Taking them first avoids both."""
+    queue = sub._sub._pending_queue  # nats-py has no public way to drain a pull subscription
+    waiting = []
+    while not queue.empty():
+        msg = queue.get_nowait()
+        sub._sub._pending_size -= len(msg.data)
+        if msg.reply and msg.reply.startswith("$JS.ACK."):
+            waiting.append(msg)
+    return waiting
+
+
+class TaskQueue:
+    """JetStream operations of jetpipe over one connection."""
+
+    def __init__(self, nc: nats.NATS, *, watch_as: str | None = None):
+        self.nc = nc
+        self.js = nc.jetstream(timeout=API_TIMEOUT_S)
+        self.requests = Requests(nc)
+        self.watch: ConnectionWatch | None = None
+        self._watching: asyncio.Task | None = None
+        if watch_as is not None:  # a long-lived connection: replaced within seconds when it stops answering
+            self.watch = ConnectionWatch(nc, name=watch_as)
+            self._watching = asyncio.get_running_loop().create_task(self.watch.run())
+
+    @classmethod
+    async def connect(cls, url: str, *, name: str = "jetpipe", creds: str = "", tls_ca: str = "",
+                      inbox_prefix: str = JETPIPE_INBOX_PREFIX, watch: bool = False) -> TaskQueue:
+        """Connect; with `watch`, a ConnectionWatch checks the connection every few seconds (long-lived
+        processes: workers, the web server, processing services)."""
+        nc = await connect_nats(url, name=name, creds=creds, tls_ca=tls_ca, inbox_prefix=inbox_prefix)
+        return cls(nc, watch_as=name if watch else None)
+
+    async def confirm_sent(self, timeout_s: float = 5.0) -> None:
+        """Return once everything published so far has reached the server (a round trip, never nats-py's
+        flush with a timeout: natswatch.py says why); raises TimeoutError if the server does not answer."""
+        why = await round_trip(self.nc, timeout_s)
+        if why is not None:
+            raise TimeoutError(f"nats: not confirmed: {why}")
+
+    async def close(self) -> None:
+        """Send buffered publishes and ACKs, then close (no drain: pull subscriptions hold no work)."""
+        if self.watch is not None:
+            self.watch.stop()
+            await asyncio.gather(self._watching, return_exceptions=True)
+        if self.nc.is_closed:
+            return
+        with contextlib.suppress(*NATS_FAILURES):
+            await self.confirm_sent(2)
+        await self.nc.close()
+
+    # ---- streams ------------------------------------------------------------------------------------
+    async def ensure_streams(self, *, max_jobs: int | None = None, replicas: int | None = None,
+                             results_max_bytes: int | None = None) -> None:
+        """Create the results and advisories streams of the wire contract if missing, with `replicas` replicas
+        (1 if None); tasks streams are made per pipeline as its first job is dispatched (`ensure_tasks_stream`).
+        Existing streams are left as they are, except that a `max_jobs` or `replicas` that is not None is
+        imposed on them (on every pipeline's tasks stream too), and the advisories stream's subjects are
+        brought up to date. The results stream holds at most `results_max_bytes` (DEFAULT_RESULTS_MAX_BYTES if
+        None; imposed when given, and on a stream that has no limit) and messages of RESULT_MAX_MSG_BYTES;
+        when full it refuses new results (discard new: a stored result is never dropped). The single tasks
+        stream of earlier versions is removed (its subjects overlap every pipeline's): the health check
+        publishes the pending tasks of running jobs again."""
+        await self._remove_legacy_tasks_stream()
+        wanted = [
+            StreamConfig(name=names.RESULTS_STREAM, subjects=[names.RESULTS_SUBJECTS],
+                         retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
+                         duplicate_window=120, num_replicas=replicas or 1, discard=DiscardPolicy.NEW,
+                         max_bytes=results_max_bytes or DEFAULT_RESULTS_MAX_BYTES, max_msg_size=RESULT_MAX_MSG_BYTES),
+            StreamConfig(name=names.ADVISORIES_STREAM,
+                         subjects=[names.MAX_DELIVERIES_ADVISORY, names.TERMINATED_ADVISORY],
+                         retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
+                         max_age=ADVISORY_MAX_AGE_S, num_replicas=replicas or 1),
+        ]
+        for config in wanted:
+            await self._ensure_stream(config, max_jobs=None, replicas=replicas, results_max_bytes=results_max_bytes)
+        if max_jobs is not None or replicas is not None:
+            for slug in await self.task_stream_pipelines():
+                await self._ensure_stream(self._tasks_stream_config(slug, max_jobs, replicas), max_jobs=max_jobs,
+                                          replicas=replicas)
+
+    async def ensure_tasks_stream(self, pipeline_slug: str, *, max_jobs: int | None = None,
+                                  replicas: int | None = None) -> None:
+        """The pipeline's tasks stream, created if missing (room for `max_jobs` job consumers, DEFAULT_MAX_JOBS
+        if None: NATS 2.15 gives a stream 1,000 unless it says otherwise); as `ensure_streams` for the rest."""
+        await self._ensure_stream(self._tasks_stream_config(pipeline_slug, max_jobs, replicas), max_jobs=max_jobs,
+                                  replicas=replicas)
+
+    @staticmethod
+    def _tasks_stream_config(pipeline_slug: str, max_jobs: int | None, replicas: int | None) -> StreamConfig:
+        return StreamConfig(name=names.tasks_stream(pipeline_slug), subjects=[names.tasks_subjects(pipeline_slug)],
+                            retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
+                            duplicate_window=DUPLICATE_WINDOW_S, discard=DiscardPolicy.OLD, allow_direct=True,
+                            max_consumers=max_jobs or DEFAULT_MAX_JOBS, num_replicas=replicas or 1)
+
+    async def _ensure_stream(self, config: StreamConfig, *, max_jobs: int | None, replicas: int | None,
+                             results_max_bytes: int | None = None) -> None:
+        try:
+            info = await self.js.stream_info(config.name)
+        except nats.js.errors.NotFoundError:
+            try:
+                await self.js.add_stream(config)
+                log.info("created stream %s subjects=%s", config.name, config.subjects)
+            except nats.js.errors.BadRequestError as exc:  # created concurrently by another process
+                if "already in use" not in str(exc):
+                    raise
+            return
+        changes: dict = {}
+        if max_jobs is not None and config.max_consumers and info.config.max_consumers != max_jobs:
+            changes["max_consumers"] = max_jobs
+        if replicas is not None and (info.config.num_replicas or 1) != replicas:
+            changes["num_replicas"] = replicas
+        if config.name == names.ADVISORIES_STREAM and sorted(info.config.subjects or []) != sorted(config.subjects):
+            changes["subjects"] = config.subjects
+        if config.name == names.RESULTS_STREAM:  # limits on a stream made before them, or newly asked for
+            current = info.config
+            asked = results_max_bytes is not None and current.max_bytes != results_max_bytes
+            if asked or (current.max_bytes or -1) < 0:
+                changes["max_bytes"] = config.max_bytes
+            if (current.max_msg_size or -1) < 0:
+                changes["max_msg_size"] = config.max_msg_size
+            if current.discard != DiscardPolicy.NEW:
+                changes["discard"] = DiscardPolicy.NEW
+        if changes:
+            await self._update_stream(info.config, changes)
+
+    async def _remove_legacy_tasks_stream(self) -> None:
+        try:
+            info = await self.js.stream_info(names.LEGACY_TASKS_STREAM)
+        except nats.js.errors.NotFoundError:
+            return
+        await self.js.delete_stream(names.LEGACY_TASKS_STREAM)
+        log.warning("removed stream %s of an earlier jetpipe (one tasks stream for every pipeline; now each pipeline "
+                    "has its own, PIPELINE_TASKS_<slug>): its %s task(s) of running jobs are published again into "
+                    "their pipelines' streams by the health check", names.LEGACY_TASKS_STREAM, info.state.messages)
+
+    async def task_stream_pipelines(self) -> list[str]:
+        """The pipelines that have a tasks stream."""
+        found, offset = [], 0
+        while True:
+            answer = json.loads((await self.nc.request("$JS.API.STREAM.NAMES", json.dumps(
+                {"offset": offset, "subject": names.TASKS_SUBJECTS}).encode(), timeout=API_TIMEOUT_S)).data)
+            if "error" in answer:
+                raise nats.js.errors.APIError.from_error(answer["error"])
+            page = answer.get("streams") or []
+            found += [slug for stream in page if (slug := names.pipeline_of_tasks_stream(stream))]
+            offset += len(page)
+            if not page or offset >= answer.get("total", 0):
+                return sorted(found)
+
+    async def _update_stream(self, current: StreamConfig, changes: dict) -> None:
+        was = {name: getattr(current, name) for name in changes}
+        try:
+            await self.js.update_stream(dataclasses.replace(current, **changes))
+            log.info("stream %s now has %s (was %s)", current.name, changes, was)
+        except nats.js.errors.BadRequestError as exc:  # a server that cannot make the change keeps its own
+            log.warning("stream %s keeps %s (wanted %s): %s", current.name, was, changes, exc)
+
+    # ---- job consumers ------------------------------------------------------------------------------
+    async def ensure_job_consumer(self, job_id: int, pipeline_slug: str, *, max_deliver: int,
+                                  ack_wait_s: float) -> ConsumerConfig:
+        """Create the job's durable consumer, or check an existing one; returns the config the server holds.
+
+        `add_consumer` silently *updates* an existing consumer (nats-py, measured), so an existing
+        consumer is read, not re-added, and a mismatch is logged as a warning.
+        """
+        name = names.job_consumer(job_id)
+        wanted = ConsumerConfig(
+            durable_name=name, filter_subject=names.task_subject(pipeline_slug, job_id),
+            ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=ack_wait_s,
+            max_deliver=max_deliver, max_ack_pending=MAX_ACK_PENDING,
+        )
+        stream = names.tasks_stream(pipeline_slug)
+        try:
+            info = await self.js.consumer_info(stream, name)
+            created = False
+        except nats.js.errors.NotFoundError:
+            try:
+                info = await self.js.add_consumer(stream, wanted)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != MAX_CONSUMERS_ERR_CODE:
+                    raise
+                raise JobSlotsFull(
+                    f"job {job_id} cannot be dispatched yet: {stream} holds its maximum of job consumers (jobs of "
+                    f"pipeline {pipeline_slug} dispatched and not yet ended); raise PIPELINE_NATS_MAX_JOBS or let "
+                    "jobs finish") from None
+            created = True
+        got = info.config
+        summary = (f"max_deliver={got.max_deliver} ack_wait={got.ack_wait}s max_ack_pending={got.max_ack_pending} "
+                   f"filter={got.filter_subject} inactive_threshold={got.inactive_threshold}")
+        mismatch = (got.max_deliver != max_deliver or abs((got.ack_wait or 0) - ack_wait_s) > 1e-3
+                    or got.filter_subject != wanted.filter_subject)
+        if mismatch:
+            log.warning("job=%s consumer %s exists with different settings: %s (wanted max_deliver=%s "
+                        "ack_wait=%ss)", job_id, name, summary, max_deliver, ack_wait_s)
+        else:
+            log.info("job=%s consumer %s %s: %s", job_id, name, "created" if created else "reused", summary)
+        return got
+
+    async def delete_job_consumer(self, job_id: int, pipeline_slug: str) -> None:
+        """Remove the job's consumer and any of its tasks still in the stream (idempotent)."""
+        stream = names.tasks_stream(pipeline_slug)
+        try:
+            await self.js.delete_consumer(stream, names.job_consumer(job_id))
+        except nats.js.errors.NotFoundError:
+            pass
+        try:
+            await self.js.purge_stream(stream, subject=names.task_subject(pipeline_slug, job_id))
+        except nats.js.errors.NotFoundError:
+            pass
+
+    async def consumer_state(self, job_id: int, pipeline_slug: str) -> ConsumerState:
+        """The job consumer's counters; never raises (an outage comes back as `error`)."""
+        if not self.nc.is_connected:  # reconnecting: answer now instead of waiting out a timeout
+            return ConsumerState(exists=False, error="not connected to NATS")
+        try:
+            info = await self.js.consumer_info(names.tasks_stream(pipeline_slug), names.job_consumer(job_id),
+                                               timeout=API_TIMEOUT_S)
+        except nats.js.errors.NotFoundError:
+            return ConsumerState(exists=False)
+        except Exception as exc:  # noqa: BLE001 - "never raises" is the contract
+            return ConsumerState(exists=False, error=f"{type(exc).__name__}: {exc}"[:200])
+        delivered = info.delivered
+        return ConsumerState(
+            exists=True, num_pending=info.num_pending or 0, num_ack_pending=info.num_ack_pending or 0,
+            num_redelivered=info.num_redelivered or 0,
+            num_delivered=delivered.consumer_seq if delivered else 0,
+            last_active=delivered.last_active if delivered else None,
+        )
+
+    async def job_consumers(self, pipeline_slug: str | None = None) -> list[JobConsumer]:
+        """Every job consumer of one pipeline's tasks stream (of every pipeline if None), oldest job first."""
+        if not self.nc.is_connected:
+            raise nats.errors.ConnectionClosedError("not connected to NATS")
+        found: list[JobConsumer] = []
+        for slug in [pipeline_slug] if pipeline_slug else await self.task_stream_pipelines():
+            prefix = names.task_subject_prefix(slug)
+            offset = 0
+            while True:
+                try:
+                    page = await self.js.consumers_info(names.tasks_stream(slug), offset=offset)
+                except nats.js.errors.NotFoundError:
+                    break  # no stream yet: no job of the pipeline was dispatched
+                for info in page:
+                    job_id = names.job_id_from_consumer(info.name)
+                    subject = info.config.filter_subject or ""
+                    if job_id is not None and subject.startswith(prefix):
+                        found.append(JobConsumer(job_id, info.name, subject, slug))
+                if len(page) < 256:
+                    break
+                offset += len(page)
+        return sorted(found, key=lambda c: c.job_id)
+
+    # ---- tasks --------------------------------------------------------------------------------------
+    async def publish_tasks(self, tasks: Iterable[Task], *, chunk: int = PUBLISH_CHUNK) -> list[Published]:
+        """Publish tasks concurrently in chunks, deduplicated by `Nats-Msg-Id`; each task's stream sequence
+        and whether it was new (a republished task keeps the sequence it was first stored at)."""
+        batch: list[Task] = []
+        published: list[Published] = []
+        for task in tasks:
+            batch.append(task)
+            if len(batch) >= chunk:
+                published += await self._publish_chunk(batch)
+                batch = []
+        if batch:
+            published += await self._publish_chunk(batch)
+        return published
+
+    async def _publish_chunk(self, batch: list[Task]) -> list[Published]:
+        """Publish a chunk and wait for every PubAck (what `js.publish` does, for many at once)."""
+        acks = await self.requests.send([
+            (names.task_subject(t.pipeline, t.job_id), _encoder.encode(t),
+             {**task_headers(t), "Nats-Expected-Stream": names.tasks_stream(t.pipeline)}) for t in batch],
+            timeout=API_TIMEOUT_S)
+        published = []
+        for ack in acks:
+            if no_responders(ack):
+                raise nats.js.errors.NoStreamResponseError
+            answer = json.loads(ack.data)
+            if "error" in answer:
+                raise nats.js.errors.APIError.from_error(answer["error"])
+            published.append(Published(answer["seq"], not answer.get("duplicate", False)))
+        return published
+
+    async def ack(self, reply_subject: str) -> bool:
+        """ACK a task by its reply subject and wait for the server; False if the consumer is gone."""
+        [reply] = await self.requests.send([(reply_subject, b"+ACK", None)], timeout=5)
+        return not no_responders(reply)  # no responder: consumer or stream deleted, nothing left to ACK
+
+    async def ack_many(self, reply_subjects: Iterable[str]) -> None:
+        """`ack` several tasks at once, each confirmed by the server (one round trip however many)."""
+        await self.requests.send([(reply, b"+ACK", None) for reply in reply_subjects], timeout=5)
+
+    async def task_images(self, reply_subjects: Iterable[str]) -> dict[str, tuple[int, str]]:
+        """(job id, image id) of the task behind each ACK subject, read from the tasks stream in one burst
+        of direct gets; subjects whose task is gone (ACKed, purged) or unreadable are left out."""
+        seqs = {}
+        for reply in dict.fromkeys(reply_subjects):
+            parsed = names.parse_ack_subject(reply)
+            if parsed and names.is_tasks_stream(parsed[0]):
+                seqs[reply] = (parsed[0], parsed[3])
+        answers = await self.requests.send(
+            [(direct_get_subject(stream), _encoder.encode({"seq": seq}), None) for stream, seq in seqs.values()],
+            timeout=API_TIMEOUT_S)
+        found = {}
+        for reply, answer in zip(seqs, answers, strict=True):
+            headers = answer.headers or {}
+            if no_responders(answer):
+                raise nats.js.errors.NoStreamResponseError
+            job_id = names.parse_job_id(headers.get(names.HDR_JOB_ID, ""))
+            if headers.get("Status") is None and job_id is not None and headers.get(names.HDR_IMAGE_ID):
+                found[reply] = (job_id, headers[names.HDR_IMAGE_ID])
+        return found
+
+    async def images_of_tasks(self, reply_subjects: Iterable[str]) -> list[str]:
+        """The image ids of the tasks behind ACK subjects, read from the stream at once (those gone or
+        unknown are left out)."""
+        return [image for _, image in (await self.task_images(reply_subjects)).values()]
+
+    async def oldest_result_seq(self, job_id: int) -> int | None:
+        """The stream sequence of the oldest message still in `PIPELINE_RESULTS` for the job (published and
+        not yet taken into the inbox), or None if there is none."""
+        found = []
+        for subject in (names.results_of_job(job_id), f"pipeline.results.{job_id}"):  # (and the form of old services)
+            try:
+                found.append((await self.js.get_msg(names.RESULTS_STREAM, seq=1, subject=subject, next=True)).seq)
+            except nats.js.errors.NotFoundError:
+                pass
+        return min(found, default=None)
+
+    async def results_last_seq(self) -> int:
+        """The sequence of the newest message ever stored in `PIPELINE_RESULTS`."""
+        return (await self.js.stream_info(names.RESULTS_STREAM)).state.last_seq
+
+    async def task_at(self, stream: str, stream_seq: int) -> tuple[int, str] | None:
+        """(job id, image id) of the task at `stream_seq` of a tasks stream (None if it is gone or is not
+        a task jetpipe published)."""
+        try:
+            msg = await self.js.get_msg(stream, stream_seq)
+        except nats.js.errors.NotFoundError:
+            return None
+        headers = msg.headers or {}
+        job_id = names.parse_job_id(headers.get(names.HDR_JOB_ID, ""))
+        image_id = headers.get(names.HDR_IMAGE_ID)
+        return (job_id, image_id) if job_id is not None and image_id else None
+
+    async def delete_task(self, stream: str, stream_seq: int) -> None:
+        """Remove one task from a tasks stream (one JetStream gave up on); idempotent."""
+        try:
+            await self.js.delete_msg(stream, stream_seq)
+        except nats.js.errors.NotFoundError:
+            pass
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != NO_MESSAGE_FOUND:  # already gone (acked, purged by cleanup): nothing to do
+                raise
+
+    async def term_many(self, reply_subjects: Iterable[str], reason: str) -> None:
+        """Stop redelivery of these tasks for good, flushed once; `reason` (naming the images) reaches their
+        MSG_TERMINATED advisories."""
+        payload = f"+TERM {reason}"[:1000].encode()
+        for reply in reply_subjects:
+            await self.nc.publish(reply, payload)
+        await self.confirm_sent(5)
+
+
+def task_headers(task: Task) -> dict[str, str]:
+    return {names.HDR_MSG_ID: names.task_msg_id(task.job_id, task.image_id),
+            names.HDR_JOB_ID: str(task.job_id), names.HDR_IMAGE_ID: task.image_id}
+
+
+class SyncTaskQueue:
+    """TaskQueue for sync callers: each method runs its TaskQueue coroutine on `runner`'s loop and maps
+    NATS outages to TransientError. Usage: `queue.ack(reply)` instead of `await queue.ack(reply)`."""
+
+    def __init__(self, queue: TaskQueue, runner: LoopRunner, *, timeout_s: float = 60.0):
+        self.queue = queue
+        self.runner = runner
+        self.timeout_s = timeout_s
+
+    @classmethod
+    def connect(cls, url: str, runner: LoopRunner, *, name: str = "jetpipe", watch: bool = False,
+                **security) -> SyncTaskQueue:
+        return cls(runner.run(TaskQueue.connect(url, name=name, watch=watch, **security), timeout=30), runner)
+
+    def _run(self, what: str, coro: Awaitable[T]) -> T:
+        try:
+            return self.runner.run(coro, timeout=self.timeout_s)
+        except NATS_FAILURES as exc:
+            raise TransientError(f"nats: {what} failed: {str(exc) or type(exc).__name__}") from exc
+
+    def close(self) -> None:
+        self._run("close", self.queue.close())
+
+    def ensure_streams(self, *, max_jobs: int | None = None, replicas: int | None = None,
+                       results_max_bytes: int | None = None) -> None:
+        self._run("ensure_streams", self.queue.ensure_streams(max_jobs=max_jobs, replicas=replicas,
+                                                              results_max_bytes=results_max_bytes))
+
+    def ensure_tasks_stream(self, pipeline_slug: str, *, max_jobs: int | None = None,
+                            replicas: int | None = None) -> None:
+        self._run("ensure_tasks_stream", self.queue.ensure_tasks_stream(pipeline_slug, max_jobs=max_jobs,
+                                                                        replicas=replicas))
+
+    def ensure_job_consumer(self, job_id: int, pipeline_slug: str, *, max_deliver: int,
+                            ack_wait_s: float) -> ConsumerConfig:
+        return self._run("ensure_job_consumer", self.queue.ensure_job_consumer(
+            job_id, pipeline_slug, max_deliver=max_deliver, ack_wait_s=ack_wait_s))
+
+    def delete_job_consumer(self, job_id: int, pipeline_slug: str) -> None:
+        self._run("delete_job_consumer", self.queue.delete_job_consumer(job_id, pipeline_slug))
+
+    def consumer_state(self, job_id: int, pipeline_slug: str) -> ConsumerState:
+        return self._run("consumer_state", self.queue.consumer_state(job_id, pipeline_slug))
+
+    def job_consumers(self, pipeline_slug: str | None = None) -> list[JobConsumer]:
+        return self._run("job_consumers", self.queue.job_consumers(pipeline_slug))
+
+    def publish_tasks(self, tasks: Iterable[Task], *, chunk: int = PUBLISH_CHUNK) -> list[Published]:
+        return self._run("publish_tasks", self.queue.publish_tasks(tasks, chunk=chunk))
+
+    def ack(self, reply_subject: str) -> bool:
+        return self._run("ack", self.queue.ack(reply_subject))
+
+    def ack_many(self, reply_subjects: Iterable[str]) -> None:
+        self._run("ack_many", self.queue.ack_many(reply_subjects))
+
+    def task_images(self, reply_subjects: Iterable[str]) -> dict[str, tuple[int, str]]:
+        return self._run("task_images", self.queue.task_images(reply_subjects))
+
+    def images_of_tasks(self, reply_subjects: Iterable[str]) -> list[str]:
+        return self._run("images_of_tasks", self.queue.images_of_tasks(reply_subjects))
+
+    def oldest_result_seq(self, job_id: int) -> int | None:
+        return self._run("oldest_result_seq", self.queue.oldest_result_seq(job_id))
+
+    def results_last_seq(self) -> int:
+        return self._run("results_last_seq", self.queue.results_last_seq())
+
+    def task_at(self, stream: str, stream_seq: int) -> tuple[int, str] | None:
+        return self._run("task_at", self.queue.task_at(stream, stream_seq))
+
+    def delete_task(self, stream: str, stream_seq: int) -> None:
+        self._run("delete_task", self.queue.delete_task(stream, stream_seq))
+
+    def term_many(self, reply_subjects: Iterable[str], reason: str) -> None:
+        self._run("term_many", self.queue.term_many(reply_subjects, reason))

@@ -1,0 +1,239 @@
+"""What operators see about jobs: plain dicts for `--json`, and rich tables and progress bars for people."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import time
+
+import peewee
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from models import ImageStatus, Job, JobImage, JobLog, JobStatus, Pipeline, SourceImage, utcnow
+from pipeline.core import inbox
+
+STATUS_STYLE = {JobStatus.SUCCESS: "green", JobStatus.FAILURE: "red", JobStatus.REVOKED: "yellow",
+                JobStatus.STARTED: "cyan", JobStatus.CANCELING: "yellow"}
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat(timespec="seconds") + "Z" if value else None
+
+
+def job_summary(job: Job, *, waiting: inbox.Waiting | None | bool = True) -> dict:
+    """The job as a JSON-ready dict: status, stages, counters, timing, errors, and `received`: images whose
+    results jetpipe has taken but not saved yet (read from the inbox unless `waiting` is given, as a list
+    view does for many jobs at once; False: not read)."""
+    if waiting is True:
+        waiting = inbox.waiting([job.id]).get(job.id)
+    stages = (job.progress or {}).get("stages", {})
+    process, results = stages.get("process", {}), stages.get("results", {})
+    end = job.finished_at or utcnow()
+    elapsed = (end - job.started_at).total_seconds() if job.started_at else None
+    processed = process.get("processed", 0)
+    rate = processed / elapsed if elapsed and elapsed > 0 else None
+    remaining = process.get("remaining", job.total_images)
+    return {
+        "id": job.id, "name": job.name, "pipeline": job.pipeline.slug, "dispatch_mode": job.dispatch_mode,
+        "status": job.status, "error": job.error, "total_images": job.total_images,
+        "processed": processed, "failed": process.get("failed", 0), "remaining": remaining,
+        "received": waiting.images if waiting else 0,
+        "received_oldest_s": round(waiting.age_s(utcnow()), 1) if waiting else None,
+        "captures": results.get("captures", 0), "detections": results.get("detections", 0),
+        "classifications": results.get("classifications", 0),
+        "progress": (job.progress or {}).get("summary", {}).get("progress", 0.0),
+        "stages": stages, "errors": (job.progress or {}).get("errors", []),
+        "created_at": _iso(job.created_at), "started_at": _iso(job.started_at),
+        "dispatched_at": _iso(job.dispatched_at), "finished_at": _iso(job.finished_at),
+        "last_progress_at": _iso(job.last_progress_at),
+        "elapsed_s": round(elapsed, 2) if elapsed is not None else None,
+        "images_per_s": round(rate, 2) if rate else None,
+        "eta_s": round(remaining / rate, 1) if rate and job.status not in JobStatus.TERMINAL else None,
+    }
+
+
+def job_summaries(jobs: list[Job]) -> list[dict]:
+    """`job_summary` of each job, their waiting results read in one query."""
+    waiting = inbox.waiting([job.id for job in jobs])
+    return [job_summary(job, waiting=waiting.get(job.id)) for job in jobs]
+
+
+def list_jobs(*, statuses=(), pipeline: str | None = None, search: str | None = None,
+              before_id: int | None = None, limit: int = 50) -> list[Job]:
+    """Newest jobs first, filtered; `before_id` pages by key (fast however many jobs there are)."""
+    query = Job.select(Job, Pipeline).join(Pipeline).order_by(Job.id.desc()).limit(limit)
+    if statuses:
+        query = query.where(Job.status.in_([s.upper() for s in statuses]))
+    if pipeline:
+        query = query.where(Pipeline.slug == pipeline)
+    if search:
+        query = query.where(Job.name.contains(search))
+    if before_id:
+        query = query.where(Job.id < before_id)
+    return list(query)
+
+
+def status_counts() -> dict[str, int]:
+    """Jobs per status (every status, zeros included)."""
+    counts = dict(Job.select(Job.status, peewee.fn.COUNT(Job.id)).group_by(Job.status).tuples())
+    return {status: counts.get(status, 0) for status in JobStatus.ALL}
+
+
+def get_job(job_id: int) -> Job | None:
+    return Job.select(Job, Pipeline).join(Pipeline).where(Job.id == job_id).get_or_none()
+
+
+def failed_images(job_id: int, limit: int = 20, *, after_image: int = 0) -> list[dict]:
+    """The job's failed images by image id (paged by key: `after_image`), with URL and reason."""
+    rows = (JobImage.select(JobImage.image, SourceImage.url, JobImage.error).join(SourceImage)
+            .where((JobImage.job == job_id) & (JobImage.status == ImageStatus.FAILED)
+                   & (JobImage.image > after_image))
+            .order_by(JobImage.image).limit(limit).tuples())
+    return [{"image_id": str(image), "url": url, "error": error} for image, url, error in rows]
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_ANY_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def plain(text: object, *, one_line: bool = False) -> str:
+    """`text` with control characters (terminal escape sequences among them) spelled out, e.g. `\\x1b`:
+    text from processing services and job names reaches people's terminals as it is written, inert. With
+    `one_line`, newlines and tabs are spelled out too (a log line a service's text cannot split or forge)."""
+    return (_ANY_CONTROL if one_line else _CONTROL).sub(lambda m: repr(m.group())[1:-1], str(text))
+
+
+def literal(text: object) -> Text:
+    """`plain(text)` for rich: shown as written, never read as markup (`[/x]` stays `[/x]`)."""
+    return Text(plain(text))
+
+
+def render_status(console: Console, summary: dict, failures: list[dict]) -> None:
+    style = STATUS_STYLE.get(summary["status"], "white")
+    console.print(f"[bold]Job {summary['id']}[/bold] {escape(plain(repr(summary['name'])))}  "
+                  f"pipeline={summary['pipeline']}  mode={summary['dispatch_mode']}  "
+                  f"status=[{style}]{summary['status']}[/{style}]")
+    table = Table("stage", "status", "progress", "counters")
+    for name, stage in summary["stages"].items():
+        counters = ", ".join(f"{k}={v}" for k, v in stage.items() if k not in ("status", "progress"))
+        table.add_row(name, stage.get("status", ""), f"{stage.get('progress', 0) * 100:.1f}%", counters)
+    console.print(table)
+    if summary["received"]:
+        console.print(f"[yellow]{summary['received']} image(s) answered by the processing service and waiting to "
+                      f"be saved[/yellow] (oldest {summary['received_oldest_s']:g} s ago)")
+    timing = [f"elapsed {summary['elapsed_s']} s" if summary["elapsed_s"] is not None else "not started"]
+    if summary["images_per_s"]:
+        timing.append(f"{summary['images_per_s']} images/s")
+    if summary["eta_s"] is not None:
+        timing.append(f"ETA {summary['eta_s']} s")
+    console.print("  ".join(timing))
+    if summary["error"]:
+        console.print(Text.assemble(("reason: ", "red"), literal(summary["error"])))
+    for entry in summary["errors"][-5:]:
+        console.print(Text.assemble(("error: ", "yellow"), literal(entry)))
+    if failures:
+        failed = Table("failed image", "reason", title=f"failed images (first {len(failures)})")
+        for f in failures:
+            failed.add_row(f["image_id"], literal(f["error"] or ""))
+        console.print(failed)
+
+
+def render_jobs(console: Console, jobs: list[dict]) -> None:
+    table = Table("id", "name", "pipeline", "status", "images", "processed", "failed", "detections", "created")
+    for j in jobs:
+        style = STATUS_STYLE.get(j["status"], "white")
+        table.add_row(str(j["id"]), literal(j["name"]), j["pipeline"], f"[{style}]{j['status']}[/{style}]",
+                      str(j["total_images"]), str(j["processed"]), str(j["failed"]), str(j["detections"]),
+                      j["created_at"] or "")
+    console.print(table)
+
+
+def job_logs(job_id: int, *, after_id: int = 0, limit: int | None = None) -> list[JobLog]:
+    query = JobLog.select().where((JobLog.job == job_id) & (JobLog.id > after_id)).order_by(JobLog.id)
+    return list(query.limit(limit) if limit else query)
+
+
+def watch(console: Console, job_id: int, *, poll_s: float = 0.5, timeout_s: float | None = None) -> Job:
+    """Live progress bars (one per stage) until the job is terminal or `timeout_s` passes; returns the job."""
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    job = get_job(job_id)
+    total = max(job.total_images, 1)
+    columns = (TextColumn("[bold]{task.description:<8}[/bold]"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bars:
+        stages = {name: bars.add_task(name, total=total, info="") for name in ("collect", "process", "results")}
+        while True:
+            job = get_job(job_id)
+            s = job_summary(job)
+            collect = s["stages"].get("collect", {})
+            bars.update(stages["collect"], completed=total if collect.get("status") == "SUCCESS" else 0,
+                        info=f"job {job_id} {s['status']}")
+            bars.update(stages["process"], completed=s["processed"], info=f"failed {s['failed']}")
+            bars.update(stages["results"], completed=s["processed"],  # images whose outcome is saved
+                        info=f"captures {s['captures']}  detections {s['detections']}  "
+                             f"classifications {s['classifications']}")
+            if job.status in JobStatus.TERMINAL or (deadline and time.monotonic() > deadline):
+                return job
+            time.sleep(poll_s)
+
+
+def render_check(console: Console, report: dict) -> None:
+    """One jobs_health_check report: per sub-check counts and per-job outcomes, then its notes."""
+    table = Table("sub-check", "checked", "fixed", "unfixable", "jobs", title=f"jobs_health_check at {report['at']}")
+    for name in ("lost_images", "state_rebuild", "stale_jobs", "zombies"):
+        sub = report[name]
+        jobs = ", ".join(f"{k}:{v}" for k, v in sub.get("jobs", {}).items()) or sub.get("error", "")
+        table.add_row(name, str(sub["checked"]), str(sub["fixed"]), str(sub["unfixable"]), jobs)
+    console.print(table)
+    for name in ("lost_images", "state_rebuild", "stale_jobs", "zombies"):
+        for note in report[name].get("notes", []):
+            console.print(Text.assemble(("note: ", "yellow"), literal(note)))
+
+
+def render_health(console: Console, report: dict) -> None:
+    """`cli.py health`: status, dependencies, workers, pipelines, running jobs, last check, problems."""
+    style = {"healthy": "green", "degraded": "yellow", "unreachable": "red"}[report["status"]]
+    console.print(f"jetpipe is [{style}]{report['status']}[/{style}] ({report['at']})")
+    deps = Table("dependency", "reachable", "version", "url / error")
+    for name, dep in report["dependencies"].items():
+        extra = " (JetStream on)" if dep.get("jetstream") else (" (JetStream OFF)" if "jetstream" in dep else "")
+        deps.add_row(name, "yes" if dep["reachable"] else "[red]NO[/red]", str(dep.get("version") or "") + extra,
+                     dep.get("error") or dep.get("url", ""))
+    console.print(deps)
+    workers = report["workers"] if report["workers"] is not None else "? (Redis unreachable)"
+    console.print(f"live worker processes: {workers}")
+    for stream, fact in report["dependencies"].get("nats", {}).get("bridge", {}).items():
+        if fact.get("exists"):
+            reader = "read by the workers" if fact["consumer_exists"] else "[red]NO CONSUMER[/red]"
+            console.print(f"{stream}: {fact['messages']} message(s) waiting, {reader}")
+    for service in report.get("http_services", []):
+        console.print(literal(f"HTTP service {service['service']} (pipeline {service['pipeline']}): last request "
+                              f"{service['last_request_s_ago']} s ago, job {service['job']}, holding "
+                              f"{service['holding']} task(s)"))
+    for slug, seen in report["pipelines"].items():
+        console.print(f"pipeline {slug}: last task delivery {seen['last_delivery'] or 'never'}, "
+                      f"{seen['tasks_waiting']} task(s) waiting")
+    if report["jobs"]:
+        jobs = Table("job", "pipeline", "status", "processed", "failed", "idle s", "consumer")
+        for j in report["jobs"]:
+            c = j["consumer"]
+            counters = (f"pending={c['num_pending']} ack_pending={c['num_ack_pending']} "
+                        f"redelivered={c['num_redelivered']}") if c else ""
+            jobs.add_row(str(j["id"]), j["pipeline"], j["status"], f"{j['processed']}/{j['total']}", str(j["failed"]),
+                         str(j["idle_s"]), counters)
+        console.print(jobs)
+    last = report["last_health_check"]
+    if last:
+        parts = [f"{k} {v.get('checked', 0)}/{v.get('fixed', 0)}/{v.get('unfixable', 0)}"
+                 for k, v in last.items() if isinstance(v, dict)]
+        console.print(f"last health check {last['at']} (checked/fixed/unfixable): " + ", ".join(parts))
+    elif not report["dependencies"].get("redis", {}).get("reachable", True):
+        console.print("last health check: unknown (its report is kept in Redis, which is unreachable)")
+    else:
+        console.print("no health check has run yet (workers run one every PIPELINE_HEALTH_CHECK_SECONDS)")
+    for problem in report["problems"]:
+        console.print(Text.assemble(("problem: ", "yellow"), literal(problem)))
