@@ -852,11 +852,12 @@ def demo(images: int, keep: bool, timeout: float, web: bool, http: bool) -> None
     """
     from pipeline.errors import UserInputError
     from pipeline.ops.demo import run_demo
+    from pipeline.web.server import BackgroundWebServer
 
     if images < 1:
         raise UserInputError("--images must be at least 1")
     ok = run_demo(console, images=images, keep=keep, timeout_s=timeout, project_dir=Path(__file__).resolve().parent,
-                  web=web, http=http)
+                  serve_dashboard=lambda settings, rt: BackgroundWebServer(settings, rt).start(), web=web, http=http)
     sys.exit(RET_OK if ok else RET_JOB_FAILED)
 
 

@@ -15,7 +15,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from rich.console import Console
 from rich.table import Table
@@ -31,7 +33,6 @@ from pipeline.ops.job_views import get_job, job_summary, watch
 from pipeline.schemas import decode_pipeline_spec
 from pipeline.sdk import moth
 from pipeline.settings import Settings, set_settings
-from pipeline.web.server import BackgroundWebServer
 
 
 def saved_detections(job_id: int) -> Counter:
@@ -57,10 +58,20 @@ def stop_process(proc: subprocess.Popen, timeout_s: float = 20) -> None:
             proc.wait()
 
 
+class Dashboard(Protocol):
+    """The web face, served while the demo runs (`pipeline.web.server.BackgroundWebServer`)."""
+
+    url: str
+
+    def stop(self) -> None: ...
+
+
 def run_demo(console: Console, *, images: int, keep: bool, timeout_s: float, project_dir: Path,
-             web: bool = False, http: bool = False) -> bool:
-    """Run the demo; the dashboard shows it while it runs, and with `web` until Ctrl-C afterwards. With
-    `http` the reference service works through the dashboard's HTTP gateway instead of NATS."""
+             serve_dashboard: Callable[[Settings, Runtime], Dashboard], web: bool = False,
+             http: bool = False) -> bool:
+    """Run the demo; the dashboard (started by `serve_dashboard`: the web layer sits above this one) shows it
+    while it runs, and with `web` until Ctrl-C afterwards. With `http` the reference service works through the
+    dashboard's HTTP gateway instead of NATS."""
     root = Path(tempfile.mkdtemp(prefix="jetpipe-demo-"))
     stack = DevStack.create(root / "stack")
     procs: list[subprocess.Popen] = []
@@ -86,7 +97,7 @@ def run_demo(console: Console, *, images: int, keep: bool, timeout_s: float, pro
 
         runtime = Runtime(settings, name="jetpipe-demo")
         set_runtime(runtime)
-        dashboard = BackgroundWebServer(settings, runtime).start()
+        dashboard = serve_dashboard(settings, runtime)
         procs.append(start_process([sys.executable, "-m", "dramatiq", "pipeline.actors", "-p", "1", "-t", "8"],
                                    env=env, log_path=root / "worker.log", cwd=project_dir))
         via = ["--via", dashboard.url] if http else []

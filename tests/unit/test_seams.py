@@ -57,6 +57,50 @@ def test_the_core_never_imports_actors_and_models_never_imports_pipeline():
     assert not {m: d for m, d in upward.items() if d}
 
 
+#: pipeline's layers, lowest first: a module may import its own layer and those before it, never one after.
+#: `pipeline/*.py` is the shared vocabulary (names, settings, errors, schemas); `pipeline.actors` is the worker's
+#: entry module, above them all.
+LAYERS = ("vocabulary", "infra", "core", "sdk", "worker", "ops", "web")
+
+
+def layer_of(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "pipeline" or module == "pipeline.actors":
+        return None
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in LAYERS) else "vocabulary"
+
+
+def upward_imports(graph: dict[str, set[str]]) -> dict[str, list[str]]:
+    found = {}
+    for module, deps in graph.items():
+        here = layer_of(module)
+        if here is None:
+            continue
+        above = [d for d in deps if d == "pipeline.actors" or d.split(".")[0] == "actors"
+                 or (layer_of(d) is not None and LAYERS.index(layer_of(d)) > LAYERS.index(here))]
+        if above:
+            found[module] = sorted(above)
+    return found
+
+
+def test_every_module_of_pipeline_sits_in_one_of_its_layers():
+    assert {layer_of(m) for m in import_graph()} - {None} == set(LAYERS)
+    stray = [p for p in (PROJECT / "pipeline").iterdir() if p.is_dir() and (p / "__init__.py").exists()
+             and p.name not in LAYERS]
+    assert not stray
+
+
+def test_no_layer_imports_a_higher_one():
+    assert upward_imports(import_graph()) == {}
+
+
+def test_the_layer_rule_catches_an_upward_import():
+    graph = {"pipeline.core.jobs": {"pipeline.web.api", "pipeline.names"}, "pipeline.web.api": {"pipeline.core.jobs"},
+             "pipeline.names": set(), "pipeline.infra.aio": {"pipeline.actors"}}
+    assert upward_imports(graph) == {"pipeline.core.jobs": ["pipeline.web.api"],
+                                     "pipeline.infra.aio": ["pipeline.actors"]}
+
+
 def test_there_is_no_import_cycle():
     graph = import_graph()
     state: dict[str, int] = {}  # 1 on the current path, 2 done
