@@ -252,9 +252,9 @@ def enqueue_job(pipeline_slug, images_dir, images_file, name, limit, dispatch_mo
     """
     import itertools
 
-    from models import Job
-    from pipeline.core.jobs import create_job, image_urls_from_dir, image_urls_from_file, local_image_urls, start_job
     from pipeline.errors import UserInputError
+    from pipeline.ops import actions
+    from pipeline.ops.sources import image_urls_from_dir, image_urls_from_file, local_image_urls
 
     sources = []
     if images_dir:
@@ -265,15 +265,12 @@ def enqueue_job(pipeline_slug, images_dir, images_file, name, limit, dispatch_mo
         sources.append(local_image_urls(urls))
     if not sources:
         raise UserInputError("no images given: use --images-dir, --images-file or URL arguments")
-    rt = runtime()
-    job = create_job(pipeline_slug, itertools.chain(*sources), name=name, limit=limit, dispatch_mode=dispatch_mode,
-                     pickup_timeout_s=pickup_timeout, deadline_s=deadline)
-    start_job(rt, job)
-    job = Job.get_by_id(job.id)
+    job = actions.enqueue(runtime(), pipeline_slug, itertools.chain(*sources), name=name, limit=limit,
+                          dispatch_mode=dispatch_mode, pickup_timeout_s=pickup_timeout, deadline_s=deadline)
     if as_json:
-        from pipeline.ops.job_views import get_job, job_summary
+        from pipeline.ops.job_views import job_summary
 
-        click.echo(json.dumps(job_summary(get_job(job.id)), indent=2))
+        click.echo(json.dumps(job_summary(job), indent=2))
     else:
         console.print(f"job {job.id} queued: {job.total_images} image(s), pipeline {pipeline_slug}, "
                       f"mode {dispatch_mode}")
@@ -298,13 +295,9 @@ def jobs_cmd(statuses, pipeline_slug, limit, as_json) -> None:
 
 
 def _job_or_fail(job_id: int):
-    from pipeline.errors import NotFound
-    from pipeline.ops.job_views import get_job
+    from pipeline.ops.actions import existing_job
 
-    job = get_job(job_id)
-    if job is None:
-        raise NotFound(f"no job {job_id}")
-    return job
+    return existing_job(job_id)
 
 
 @main.command("status")
@@ -313,15 +306,15 @@ def _job_or_fail(job_id: int):
 @handles_errors
 def status(job_id: int, as_json: bool) -> None:
     """Show a job's status, stages, counters, throughput and failed images."""
-    from pipeline.ops.job_views import failed_images, job_summary, render_status
+    from pipeline.ops.actions import job_detail
+    from pipeline.ops.job_views import render_status
 
     bind_db()
-    summary = job_summary(_job_or_fail(job_id))
-    failures = failed_images(job_id)
+    detail = job_detail(job_id)
     if as_json:
-        click.echo(json.dumps({**summary, "failed_images": failures}, indent=2))
+        click.echo(json.dumps(detail, indent=2))
     else:
-        render_status(console, summary, failures)
+        render_status(console, detail, detail["failed_images"])
 
 
 @main.command("watch")
@@ -374,16 +367,9 @@ def logs(job_id: int, follow: bool, as_json: bool) -> None:
 @handles_errors
 def cancel(job_id: int) -> None:
     """Cancel a job: its tasks leave NATS, its state is cleaned up, and it ends REVOKED."""
-    from models import Job, JobStatus
-    from pipeline.core.jobs import cancel as cancel_job
-    from pipeline.errors import NothingToDo
+    from pipeline.ops.actions import cancel as cancel_job
 
-    rt = runtime()
-    before = Job.get_or_none(Job.id == job_id)
-    if before is not None and before.status in JobStatus.TERMINAL:
-        raise NothingToDo(f"job {job_id} already ended {before.status}: nothing to cancel")
-    final = cancel_job(rt, job_id)
-    console.print(f"job {job_id}: {final}")
+    console.print(f"job {job_id}: {cancel_job(runtime(), job_id)}")
 
 
 @main.command("failures")
@@ -443,11 +429,9 @@ def results(job_id: int, fmt: str, output: str | None) -> None:
 @handles_errors
 def retry_failed_cmd(job_id: int, as_json: bool) -> None:
     """Enqueue a new job made of the failed images of an ended job; prints the new job id."""
-    from pipeline.core.jobs import retry_failed, start_job
+    from pipeline.ops.actions import retry_failed
 
-    rt = runtime()
-    job = retry_failed(job_id)
-    start_job(rt, job)
+    job = retry_failed(runtime(), job_id)
     if as_json:
         click.echo(json.dumps({"id": job.id, "retry_of": job_id, "total_images": job.total_images}))
     else:

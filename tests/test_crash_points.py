@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from models import Detection, Job, JobImage, JobStatus
-from pipeline.core.jobs import create_job, image_urls_from_dir, start_job
+from pipeline.core.jobs import create_job, start_job
+from pipeline.ops.sources import image_urls_from_dir
 from pipeline.sdk import moth
 from tests.conftest import make_settings, wait_for
 from tests.helpers import stream_count

@@ -9,8 +9,9 @@ from collections import Counter
 import pytest
 
 from models import Classification, Detection, Job, JobImage, JobLog, JobStatus
-from pipeline.core.jobs import create_job, image_urls_from_dir, start_job
+from pipeline.core.jobs import create_job, start_job
 from pipeline.infra.aio import LoopThread
+from pipeline.ops.sources import image_urls_from_dir
 from pipeline.sdk import moth
 from tests.conftest import wait_for
 from tests.helpers import raw_service, stream_count

@@ -289,7 +289,8 @@ def test_an_enqueued_job_runs_through_an_in_process_worker(inproc_worker, runtim
 
 def test_an_image_the_reference_service_cannot_read_is_failed_and_the_rest_proceed(
         inproc_worker, runtime, moth_pipeline, trap_images, tmp_path, service_factory):
-    from pipeline.core.jobs import create_job, image_urls_from_dir
+    from pipeline.core.jobs import create_job
+    from pipeline.ops.sources import image_urls_from_dir
     from pipeline.sdk import moth
 
     directory, _ = trap_images

@@ -17,8 +17,9 @@ import redis
 from PIL import Image
 
 from models import Job, JobStatus, Pipeline
-from pipeline.core.jobs import create_job, image_urls_from_dir, start_job
+from pipeline.core.jobs import create_job, start_job
 from pipeline.core.saving import handle_result_message
+from pipeline.ops.sources import image_urls_from_dir
 from pipeline.schemas import Task, encode
 from pipeline.sdk import moth
 from pipeline.web import image_links

@@ -7,8 +7,9 @@ import time
 
 from models import ImageStatus, Job, JobImage, JobLog, JobStatus, Pipeline
 from pipeline import names
-from pipeline.core.jobs import create_job, image_urls_from_dir
+from pipeline.core.jobs import create_job
 from pipeline.core.saving import handle_result_message
+from pipeline.ops.sources import image_urls_from_dir
 from pipeline.sdk import moth
 from tests.helpers import dispatch, fake_job, pull_tasks, stream_count, success_body
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 from collections.abc import Iterable, Iterator
 from urllib.parse import urlsplit
 
@@ -125,44 +124,6 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
             chunk = []
     if chunk:
         yield chunk
-
-
-def image_urls_from_dir(directory: str) -> list[str]:
-    """file:// URLs of the images in `directory`, sorted by name."""
-    if not os.path.isdir(directory):
-        raise UserInputError(f"--images-dir {directory!r} is not a directory")
-    exts = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
-    files = sorted(f for f in os.listdir(directory) if f.lower().endswith(exts))
-    return [f"file://{os.path.abspath(os.path.join(directory, f))}" for f in files]
-
-
-def as_image_url(text: str) -> str:
-    """A URL as given, or a local path as its absolute file:// URL (a path needs no scheme)."""
-    return text if "://" in text else f"file://{os.path.abspath(text)}"
-
-
-def local_image_urls(arguments: Iterable[str]) -> Iterator[str]:
-    """Image arguments as URLs: a URL as given, a local path (which must exist) as its file:// URL."""
-    for text in arguments:
-        if "://" not in text and not os.path.isfile(text):
-            raise UserInputError(f"no such image file: {text!r} (give a path to a file, or a URL)")
-        yield as_image_url(text)
-
-
-def image_urls_from_file(path: str) -> Iterator[str]:
-    """URLs (or local paths) listed one per line in `path`; blank lines and #comments are skipped."""
-    try:
-        handle = open(path, encoding="utf-8")
-    except OSError as exc:
-        raise UserInputError(f"cannot read --images-file {path!r}: {exc.strerror}") from None
-    with handle:
-        try:
-            for line in handle:
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    yield as_image_url(line)
-        except UnicodeDecodeError:
-            raise UserInputError(f"--images-file {path!r} is not UTF-8 text") from None
 
 
 # ---- Redis state from the database ---------------------------------------------------------------------

@@ -24,12 +24,13 @@ from rich.table import Table
 
 import models
 from models import Classification, Detection, JobImage, JobStatus
-from pipeline.core.jobs import create_job, image_urls_from_dir, start_job
+from pipeline.core.jobs import create_job, start_job
 from pipeline.core.registry import register_pipeline
 from pipeline.infra.presence import live_workers
 from pipeline.infra.runtime import Runtime, set_runtime
 from pipeline.ops.devstack import DevStack
 from pipeline.ops.job_views import get_job, job_summary, watch
+from pipeline.ops.sources import image_urls_from_dir
 from pipeline.schemas import decode_pipeline_spec
 from pipeline.sdk import moth
 from pipeline.settings import Settings, set_settings

@@ -4,9 +4,8 @@ credentials, 403 not allowed, 404 no such thing, 503 a dependency unreachable.""
 
 from __future__ import annotations
 
-import io
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -15,22 +14,22 @@ from starlette.concurrency import run_in_threadpool
 
 import models
 from models import DispatchMode
-from pipeline.core import jobs, unsaved
+from pipeline.core import unsaved
 from pipeline.core.image_policy import ImagePolicy
 from pipeline.core.registry import list_pipelines, register_pipeline
-from pipeline.errors import NotFound, NothingToDo, UserInputError
+from pipeline.errors import NothingToDo, UserInputError
 from pipeline.infra import dlq
-from pipeline.ops import export
+from pipeline.ops import actions, export
 from pipeline.ops.health import build_report
 from pipeline.ops.job_views import (
     failed_images,
-    get_job,
     job_logs,
     job_summaries,
     job_summary,
     list_jobs,
     status_counts,
 )
+from pipeline.ops.sources import image_urls_from_upload, url_lines
 from pipeline.schemas import decode_pipeline_spec
 from pipeline.web.deps import allowed, runtime_of, with_db
 
@@ -59,36 +58,13 @@ class ReplayRequest(BaseModel):
     all: bool = False
 
 
-def _job_or_404(job_id: int):
-    job = get_job(job_id)
-    if job is None:
-        raise NotFound(f"no job {job_id}")
-    return job
-
-
-def url_lines(lines) -> Iterator[str]:
-    """Image URLs from lines of text (blank lines and #comments skipped; an absolute path is a file:// URL)."""
-    for line in lines:
-        line = line.strip()
-        if line and not line.startswith("#"):
-            yield f"file://{line}" if line.startswith("/") else line
-
-
-def uploaded_urls(upload: UploadFile) -> Iterator[str]:
-    """The image URLs of an uploaded file, one a line, read as they are consumed (never whole in memory)."""
-    try:
-        yield from url_lines(io.TextIOWrapper(upload.file, encoding="utf-8", errors="strict"))
-    except UnicodeDecodeError:
-        raise UserInputError(f"{upload.filename or 'the uploaded file'} is not UTF-8 text") from None
-
-
-def create_and_start(request: Request, pipeline: str, urls, name: str | None, mode: str, **limits) -> dict:
+def create_and_start(request: Request, pipeline: str, urls: Iterable[str], name: str | None, mode: str,
+                     **limits) -> dict:
     """`cli.py enqueue-job`, for the API and the pages: the new job's summary. Its images are held to this
     web server's image policy, as a job asked for over the network."""
-    policy = ImagePolicy.from_settings(request.app.state.settings)
-    job = jobs.create_job(pipeline, urls, name=name, dispatch_mode=mode, over_network=True, policy=policy, **limits)
-    jobs.start_job(runtime_of(request), job)
-    return job_summary(get_job(job.id))
+    job = actions.enqueue(runtime_of(request), pipeline, urls, name=name, dispatch_mode=mode, over_network=True,
+                          policy=ImagePolicy.from_settings(request.app.state.settings), **limits)
+    return job_summary(job)
 
 
 # ---- jobs ------------------------------------------------------------------------------------------------
@@ -115,40 +91,40 @@ def api_create_job(body: JobRequest, request: Request, _=WRITE) -> dict:
 def api_create_job_from_file(request: Request, pipeline: str = Form(), name: str | None = Form(default=None),
                              dispatch_mode: DispatchMode = Form(default=DispatchMode.ASYNC_API),
                              urls_file: UploadFile = File(), _=WRITE) -> dict:
-    return create_and_start(request, pipeline, uploaded_urls(urls_file), name, dispatch_mode)
+    return create_and_start(request, pipeline, image_urls_from_upload(urls_file.file, urls_file.filename), name,
+                            dispatch_mode)
 
 
 @router.get("/jobs/{job_id}", summary="A job: status, stages, counters, throughput, first failures")
 @with_db
 def api_job(job_id: int, _=READ) -> dict:
-    return {**job_summary(_job_or_404(job_id)), "failed_images": failed_images(job_id)}
+    return actions.job_detail(job_id)
 
 
 @router.post("/jobs/{job_id}/cancel", summary="Cancel a job (its tasks leave NATS; it ends REVOKED)")
 @with_db
 def api_cancel(job_id: int, request: Request, _=WRITE) -> dict:
-    job = _job_or_404(job_id)
-    if job.is_terminal:
-        return {"status": job.status, "nothing_to_do": f"job {job_id} already ended {job.status}: nothing to cancel"}
-    return {"status": jobs.cancel(runtime_of(request), job_id)}
+    try:
+        return {"status": actions.cancel(runtime_of(request), job_id)}
+    except NothingToDo as exc:
+        return {"status": actions.existing_job(job_id).status, "nothing_to_do": str(exc)}
 
 
 @router.post("/jobs/{job_id}/retry-failed", summary="A new job over the failed images of an ended job")
 @with_db
 def api_retry_failed(job_id: int, request: Request, _=WRITE):
     try:
-        retry = jobs.retry_failed(job_id)
+        retry = actions.retry_failed(runtime_of(request), job_id)
     except NothingToDo as exc:
         return {"nothing_to_do": str(exc)}
-    jobs.start_job(runtime_of(request), retry)
-    return JSONResponse({**job_summary(get_job(retry.id)), "retry_of": job_id}, status_code=201)
+    return JSONResponse({**job_summary(retry), "retry_of": job_id}, status_code=201)
 
 
 @router.get("/jobs/{job_id}/failures", summary="Failed images with their reasons, by image id")
 @with_db
 def api_failures(job_id: int, after: int = Query(default=0, description="image id to continue after"),
                  limit: int = Query(default=100, ge=1, le=MAX_PAGE), _=READ) -> dict:
-    _job_or_404(job_id)
+    actions.existing_job(job_id)
     rows = failed_images(job_id, limit, after_image=after)
     return {"failures": rows, "next_after": int(rows[-1]["image_id"]) if len(rows) == limit else None}
 
@@ -157,7 +133,7 @@ def api_failures(job_id: int, after: int = Query(default=0, description="image i
 @with_db
 def api_logs(job_id: int, after: int = Query(default=0, description="log line id to continue after"),
              limit: int = Query(default=200, ge=1, le=MAX_PAGE), _=READ) -> dict:
-    _job_or_404(job_id)
+    actions.existing_job(job_id)
     lines = job_logs(job_id, after_id=after, limit=limit)
     return {"lines": [{"id": line.id, "at": line.created_at.isoformat(timespec="seconds") + "Z",
                        "level": line.level, "message": line.message} for line in lines],

@@ -16,14 +16,15 @@ from starlette.concurrency import run_in_threadpool
 
 import models
 from pipeline import names
-from pipeline.core import jobs
 from pipeline.core.registry import list_pipelines, register_pipeline
-from pipeline.errors import NotFound, NothingToDo, UserInputError
+from pipeline.errors import NothingToDo, UserInputError
 from pipeline.infra import dlq
+from pipeline.ops import actions
 from pipeline.ops.health import build_report
 from pipeline.ops.job_views import failed_images, get_job, job_summaries, job_summary, list_jobs, status_counts
+from pipeline.ops.sources import image_urls_from_upload, url_lines
 from pipeline.schemas import decode_pipeline_spec
-from pipeline.web.api import create_and_start, uploaded_urls, url_lines
+from pipeline.web.api import create_and_start
 from pipeline.web.auth import CSRF_COOKIE, SESSION_COOKIE, SESSION_S, csrf_ok, new_csrf_value
 from pipeline.web.deps import allowed, principal_of, runtime_of, with_db
 
@@ -127,7 +128,7 @@ async def create_job_form(request: Request, _=WRITE):
     upload = form.get("urls_file")
     urls = url_lines(str(form.get("urls", "")).splitlines())
     if isinstance(upload, UploadFile) and upload.filename:
-        urls = itertools.chain(urls, uploaded_urls(upload))  # the same streamed reading as the API's
+        urls = itertools.chain(urls, image_urls_from_upload(upload.file, upload.filename))  # as the API reads it
 
     def create():
         with models.thread_connection():
@@ -156,11 +157,10 @@ async def cancel_form(request: Request, job_id: int, _=WRITE):
 
     def cancel():
         with models.thread_connection():
-            job = get_job(job_id)
-            if job is None:
-                raise NotFound(f"no job {job_id}")
-            if not job.is_terminal:
-                jobs.cancel(runtime_of(request), job_id)
+            try:
+                actions.cancel(runtime_of(request), job_id)
+            except NothingToDo:
+                pass  # it ended meanwhile: the page shows how
 
     await run_in_threadpool(cancel)
     return RedirectResponse(f"/jobs/{job_id}", status_code=303)
@@ -173,11 +173,9 @@ async def retry_form(request: Request, job_id: int, _=WRITE):
     def retry():
         with models.thread_connection():
             try:
-                new = jobs.retry_failed(job_id)
+                return actions.retry_failed(runtime_of(request), job_id).id
             except NothingToDo:
                 return job_id
-            jobs.start_job(runtime_of(request), new)
-            return new.id
 
     target = await run_in_threadpool(retry)
     return RedirectResponse(f"/jobs/{target}", status_code=303)

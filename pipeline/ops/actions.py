@@ -1,0 +1,57 @@
+"""What a person can do to jobs, whichever door they come through: `cli.py` and the web (pages and the JSON
+API) both call these, so each rule (may this job be cancelled? is there anything to retry?) is decided here
+once. The state changes themselves go through `pipeline.core`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from models import DispatchMode, Job
+from pipeline.core import jobs
+from pipeline.core.image_policy import ImagePolicy
+from pipeline.errors import NotFound, NothingToDo
+from pipeline.infra.runtime import Runtime
+from pipeline.ops.job_views import failed_images, get_job, job_summary
+
+
+def existing_job(job_id: int) -> Job:
+    """The job `job_id` (with its pipeline); raises NotFound."""
+    job = get_job(job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    return job
+
+
+def enqueue(runtime: Runtime, pipeline_slug: str, urls: Iterable[str], *, name: str | None = None,
+            limit: int | None = None, dispatch_mode: str = DispatchMode.ASYNC_API,
+            pickup_timeout_s: float | None = None, deadline_s: float | None = None, over_network: bool = False,
+            policy: ImagePolicy | None = None) -> Job:
+    """Create a job over `urls` and start it: the started job. Bad input creates nothing (`jobs.create_job`);
+    `over_network`: asked for through the web, so local files must lie under PIPELINE_IMAGE_ROOTS."""
+    job = jobs.create_job(pipeline_slug, urls, name=name, limit=limit, dispatch_mode=dispatch_mode,
+                          pickup_timeout_s=pickup_timeout_s, deadline_s=deadline_s, over_network=over_network,
+                          policy=policy)
+    jobs.start_job(runtime, job)
+    return existing_job(job.id)
+
+
+def cancel(runtime: Runtime, job_id: int) -> str:
+    """Cancel a running job: its final status. Raises NotFound, or NothingToDo for a job that already ended."""
+    job = existing_job(job_id)
+    if job.is_terminal:
+        raise NothingToDo(f"job {job_id} already ended {job.status}: nothing to cancel")
+    return jobs.cancel(runtime, job_id)
+
+
+def retry_failed(runtime: Runtime, job_id: int) -> Job:
+    """Start a new job over the failed images of the ended job `job_id`: the new job. Raises NotFound,
+    UserInputError (the job still runs) or NothingToDo (no failed image)."""
+    retry = jobs.retry_failed(job_id)
+    jobs.start_job(runtime, retry)
+    return existing_job(retry.id)
+
+
+def job_detail(job_id: int, *, failures: int = 20) -> dict:
+    """A job's summary with its first `failures` failed images; raises NotFound."""
+    return {**job_summary(existing_job(job_id)), "failed_images": failed_images(job_id, failures)}
