@@ -7,7 +7,7 @@ import logging
 import dramatiq
 
 from pipeline import names
-from pipeline.core.lost import handle_advisory
+from pipeline.core.lost import Verdict, handle_advisory
 from pipeline.core.retry import retry_outages
 from pipeline.infra.metrics import metrics
 from pipeline.infra.runtime import get_runtime
@@ -26,10 +26,10 @@ def process_task_advisory(body: str, results_seq: int | None = None) -> None:
     """Fail the image whose task JetStream gave up on (idempotent: duplicates change nothing), once no
     result of its job published before the give-up (up to `results_seq`) is still waiting to be saved."""
     outcome, results_seq = handle_advisory(get_runtime(), body, results_seq)
-    if outcome == "deferred":
+    if outcome == Verdict.DEFERRED:
         process_task_advisory.send_with_options(args=(body, results_seq), delay=DEFER_MS)
     metrics().advisories.labels(outcome).inc()
-    if outcome == "failed":
+    if outcome == Verdict.FAILED:
         metrics().lost_images.labels("advisory").inc()
     log.debug("advisory handled: %s", outcome)
 

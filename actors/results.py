@@ -8,7 +8,6 @@ import dramatiq
 
 import models
 from pipeline import names
-from pipeline.core.inbox import Incoming, take
 from pipeline.core.retry import retry_outages
 from pipeline.core.saving import drain
 from pipeline.infra.metrics import metrics
@@ -24,14 +23,11 @@ OUTAGE_RETRIES = 20
 @dramatiq.actor(actor_name=names.PROCESS_PIPELINE_RESULT, queue_name=names.ACTOR_QUEUES[names.PROCESS_PIPELINE_RESULT],
                 retry_when=retry_outages(OUTAGE_RETRIES), min_backoff=500, max_backoff=15_000, time_limit=120_000,
                 max_age=24 * 3600 * 1000)
-def process_pipeline_result(job_id: int, body: str | None = None, reply: str | None = None) -> None:
-    """Save the results of job `job_id` waiting in the inbox. (A message queued by an earlier version of
-    jetpipe carries one result in `body` and `reply`: it is taken into the inbox first.)"""
+def process_pipeline_result(job_id: int) -> None:
+    """Save the results of job `job_id` waiting in the inbox."""
     runtime = get_runtime()
     try:
         with metrics().result_seconds.time():
-            if body is not None:
-                take(runtime, [Incoming.direct(job_id, body.encode("utf-8"), reply)])
             drained = drain(runtime, job_id)
     except Exception as exc:
         if models.is_transient(exc):

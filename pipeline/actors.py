@@ -1,18 +1,15 @@
 """The module Dramatiq workers run: `dramatiq pipeline.actors`.
 
-It builds the worker broker (jetpipe's RedisBroker with its middleware, made Dramatiq's global broker),
-then declares every actor on it, so the actors bind to it rather than to an implicit localhost broker.
+Importing `actors` builds the worker broker (jetpipe's RedisBroker with its middleware, made Dramatiq's
+global broker) and declares every actor on it; this module adds the process's log set-up. It is the one
+entry point of a worker: the broker is built in one place, `actors/__init__.py`.
 """
 
 from __future__ import annotations
 
+from actors import broker, jobs_health_check, process_pipeline_result, process_task_advisory, run_job
 from pipeline.infra import logs
 from pipeline.settings import get_settings
-from pipeline.worker.middleware import worker_broker
-
-broker = worker_broker()
-
-from actors import jobs_health_check, process_pipeline_result, process_task_advisory, run_job  # noqa: E402
 
 logs.configure(get_settings())
 

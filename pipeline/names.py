@@ -129,6 +129,14 @@ def job_counts_key(job_id: int) -> str:
     return f"{REDIS_PREFIX}:job:{job_id}:counts"
 
 
+#: `SCAN` pattern of every job's counts hash (the zombie sweep finds jobs whose state outlived them).
+JOB_COUNTS_PATTERN = f"{REDIS_PREFIX}:job:*:counts"
+
+
+def job_id_from_counts_key(key: str) -> int:
+    return int(key.split(":")[2])
+
+
 def job_keys(job_id: int) -> tuple[str, str, str]:
     return job_pending_key(job_id), job_failed_key(job_id), job_counts_key(job_id)
 
@@ -169,6 +177,17 @@ def crash_delivery_key(message_id: str) -> str:
 
 #: Dramatiq namespace for the broker's keys.
 DRAMATIQ_NAMESPACE = "jetpipe-dramatiq"
+
+
+def dramatiq_queue_key(queue: str) -> str:
+    """LIST of the message ids waiting in one of the broker's queues."""
+    return f"{DRAMATIQ_NAMESPACE}:{queue}"
+
+
+def dead_letter_keys(queue: str) -> tuple[str, str]:
+    """The broker's dead letters of one queue: a ZSET of message ids by time of death, and a HASH of the messages."""
+    base = f"{DRAMATIQ_NAMESPACE}:{queue}.XQ"
+    return base, f"{base}.msgs"
 
 # ---- Dramatiq queues and actors ------------------------------------------------------------------------
 JOBS_QUEUE = "jobs"

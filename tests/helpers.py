@@ -8,15 +8,20 @@ import json
 import logging
 import shutil
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
 import nats
 import nats.errors
 
-from models import Job
+from models import Job, JobStatus
 from pipeline import names
+from pipeline.core import inbox
 from pipeline.core.jobs import create_job
+from pipeline.core.outcomes import Action, Handled, ids_text
+from pipeline.core.saving import drain
+from pipeline.errors import TransientError
 from pipeline.schemas import Task, decode_task
 from pipeline.settings import Settings
 from tests.conftest import PROJECT
@@ -36,6 +41,45 @@ async def nats_client(url: str, **options):
         yield nc
     finally:
         await nc.close()
+
+
+#: What the drains run by `handle_result_message` did, by message source: a message taken by one thread may
+#: be saved by another thread's drain of the same job.
+_drained: dict[str, Action] = {}
+_drained_lock = threading.Lock()
+
+
+def handle_result_message(runtime, job_id: int, body: bytes, reply: str | None, tokens: str | None = None, *,
+                          timeout_s: float = 60) -> Handled:
+    """Take one result message (as if it came from the results stream with `reply` as its `Pipeline-Task-Reply`
+    and `tokens` as its `Pipeline-Task-Token`) and save it now, as the bridge and a worker would: what
+    happened to it. Raises TransientError (logged with job and image ids) when a server is unreachable."""
+    incoming = inbox.Incoming.direct(job_id, body, reply, tokens)
+    images = ids_text(inbox.named_images(body)) or "?"
+    try:
+        inbox.take(runtime, [incoming])
+    except TransientError as exc:
+        log.warning("job=%s image=%s transient error while taking the result (its tasks are not ACKed; a "
+                    "redelivery takes it again): %s", job_id, images, exc)
+        raise
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            drained = drain(runtime, job_id)
+            with _drained_lock:
+                _drained.update(drained.actions)
+                done = _drained.pop(incoming.source, None)
+            if done is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.005)  # another thread is draining the job: it saves this message too
+    except TransientError as exc:
+        log.warning("job=%s image=%s transient error, result waits in the inbox: %s", job_id, images, exc)
+        raise
+    action = done or Action.LEFT_PENDING
+    job = Job.select(Job.status).where(Job.id == job_id).get_or_none()
+    snapshot = runtime.state.snapshot(job_id) if action == Action.COUNTED and job and \
+        job.status == JobStatus.STARTED else None
+    return Handled(action, job.status if job else None, snapshot)
 
 
 def fake_job(pipeline: str, n: int, *, prefix: str = "file:///nowhere/img", **kwargs) -> Job:
@@ -103,8 +147,6 @@ def success_body(task: Task, *, boxes: int = 2, classified: bool = True, pipelin
 
 def job_with_results(runtime, pipeline: str, images: int, handled: int, *, boxes: int = 2):
     """A dispatched job whose tasks a service pulled, with the first `handled` results handled: (job, tasks)."""
-    from pipeline.core.saving import handle_result_message
-
     job = fake_job(pipeline, images)
     dispatch(runtime, job.id)
     tasks = pull_tasks(runtime, job.id, images)

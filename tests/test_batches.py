@@ -10,13 +10,13 @@ import pytest
 
 from models import Detection, ImageStatus, Job, JobImage, JobStatus, ResultInbox
 from pipeline import names
-from pipeline.core.saving import handle_result_message
 from pipeline.infra.metrics import metrics
 from tests.conftest import wait_for
 from tests.helpers import (
     DET,
     dispatch,
     fake_job,
+    handle_result_message,
     job_with_results,
     pull_tasks,
     result_messages,

@@ -258,9 +258,8 @@ def test_a_services_text_cannot_split_or_forge_a_line_of_the_job_log(cli, runtim
     and in the process's own log lines, never written raw."""
     import logging
 
-    from pipeline.core.saving import handle_result_message
     from pipeline.infra import logs
-    from tests.helpers import dispatch, error_body, fake_job, pull_tasks
+    from tests.helpers import dispatch, error_body, fake_job, handle_result_message, pull_tasks
 
     job = fake_job(moth_pipeline, 1)
     dispatch(runtime, job.id)

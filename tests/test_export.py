@@ -14,10 +14,9 @@ import sys
 import pytest
 
 from models import Algorithm, Classification, Detection, Job, JobImage, Pipeline, SourceImage
-from pipeline.core.saving import handle_result_message
 from pipeline.ops.export import export
 from tests.conftest import PROJECT, subprocess_env
-from tests.helpers import dispatch, error_body, fake_job, pull_tasks, success_body
+from tests.helpers import dispatch, error_body, fake_job, handle_result_message, pull_tasks, success_body
 
 
 def job_with_outcomes(runtime, pipeline: str) -> Job:

@@ -15,12 +15,19 @@ from pipeline import names
 from pipeline.core.deferred_failure import DEFERRAL_MESSAGE
 from pipeline.core.jobs import cancel, start_job
 from pipeline.core.registry import register_pipeline
-from pipeline.core.saving import handle_result_message
 from pipeline.errors import TransientError
 from pipeline.infra.runtime import get_runtime
 from pipeline.schemas import PipelineSpec, decode_result
 from tests.conftest import wait_for
-from tests.helpers import dispatch, fake_job, pull_tasks, result_messages, stream_count, success_body
+from tests.helpers import (
+    dispatch,
+    fake_job,
+    handle_result_message,
+    pull_tasks,
+    result_messages,
+    stream_count,
+    success_body,
+)
 
 
 @pytest.fixture
@@ -136,7 +143,7 @@ def test_a_message_that_keeps_killing_workers_is_dead_lettered(inproc_worker, ru
     from pipeline.actors import broker
 
     job = fake_job(moth_pipeline, 1)
-    message = process_pipeline_result.message(job.id, "{}", None)
+    message = process_pipeline_result.message(job.id)
     for _ in range(4):  # the first delivery plus three crash redeliveries
         broker.enqueue(message)
         broker.join(names.RESULTS_QUEUE, timeout=10_000)
@@ -144,7 +151,7 @@ def test_a_message_that_keeps_killing_workers_is_dead_lettered(inproc_worker, ru
     # Then the fourth delivery is dead-lettered with the reason in the job log
     assert log_lines(job.id, f"poison message: process_pipeline_result message {message.message_id} "
                              "killed its worker 3 time(s); dead-lettered") == 1
-    dead = broker.client.zrange(f"{names.DRAMATIQ_NAMESPACE}:{names.RESULTS_QUEUE}.XQ", 0, -1)
+    dead = broker.client.zrange(names.dead_letter_keys(names.RESULTS_QUEUE)[0], 0, -1)
     assert len(dead) == 1
 
 
@@ -153,7 +160,7 @@ def test_ordinary_retries_are_not_mistaken_for_crashes(inproc_worker, runtime, m
     from pipeline.actors import broker
 
     job = fake_job(moth_pipeline, 1)
-    message = process_pipeline_result.message(job.id, "{}", None)
+    message = process_pipeline_result.message(job.id)
     for retries in range(5):  # five attempts scheduled by Retries, no crash
         broker.enqueue(message.copy(options={**message.options, "retries": retries}))
         broker.join(names.RESULTS_QUEUE, timeout=10_000)

@@ -17,7 +17,6 @@ from pipeline.core.jobs import cancel
 from pipeline.core.lost import handle_advisory
 from pipeline.core.outcomes import load_job
 from pipeline.core.reconciler import CheckResult, HealthCheck, run_health_check
-from pipeline.core.saving import handle_result_message
 from pipeline.errors import UserInputError
 from pipeline.infra.runtime import Runtime, set_runtime
 from pipeline.worker.scheduler import SlotScheduler
@@ -26,6 +25,7 @@ from tests.helpers import (
     dispatch,
     error_body,
     fake_job,
+    handle_result_message,
     job_with_results,
     nats_client,
     pull_tasks,

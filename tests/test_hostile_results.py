@@ -12,8 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from models import Detection, Job, JobImage, ResultInbox
-from pipeline.core.saving import handle_result_message
-from tests.helpers import dispatch, fake_job, pull_tasks, success_body
+from tests.helpers import dispatch, fake_job, handle_result_message, pull_tasks, success_body
 
 #: Any JSON value, nested a little (deep nesting has its own test).
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=50),

@@ -11,10 +11,9 @@ import pytest
 from models import Job, JobStatus
 from pipeline import names
 from pipeline.core.jobs import retry_failed
-from pipeline.core.saving import handle_result_message
 from pipeline.infra.dlq import list_dead, replay
 from tests.conftest import PROJECT, subprocess_env
-from tests.helpers import dispatch, error_body, fake_job, pull_tasks, success_body
+from tests.helpers import dispatch, error_body, fake_job, handle_result_message, pull_tasks, success_body
 
 
 def finished_with_failures(runtime, n: int, failed: int) -> Job:

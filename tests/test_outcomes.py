@@ -8,11 +8,11 @@ import pytest
 
 from models import Detection, ImageStatus, Job, JobImage, JobLog, JobStatus, ResultInbox
 from pipeline import names
-from pipeline.core.saving import handle_result_message
 from tests.helpers import (
     dispatch,
     error_body,
     fake_job,
+    handle_result_message,
     job_with_results,
     pull_tasks,
     stream_count,

@@ -18,14 +18,13 @@ from PIL import Image
 
 from models import Job, JobStatus, Pipeline
 from pipeline.core.jobs import create_job, start_job
-from pipeline.core.saving import handle_result_message
 from pipeline.ops.sources import image_urls_from_dir
 from pipeline.schemas import Task, encode
 from pipeline.sdk import moth
 from pipeline.web import image_links
 from tests import reference_client
 from tests.conftest import wait_for
-from tests.helpers import answer_one_box, dispatch, fake_job, result_messages, token_of
+from tests.helpers import answer_one_box, dispatch, fake_job, handle_result_message, result_messages, token_of
 from tests.web_helpers import WebServer
 
 TOKENS = {"ami-lab": "service-token-ami-lab-0123", "other-lab": "service-token-other-lab-0123",

@@ -218,8 +218,7 @@ def test_the_bridge_stops_taking_while_the_inbox_is_full(runtime, moth_pipeline,
     from pipeline import names
     from pipeline.core import inbox
     from pipeline.core.saving import drain
-    from pipeline.worker.bridge import Bridge
-    from pipeline.worker.middleware import bridge_routes
+    from pipeline.worker.bridge import Bridge, bridge_routes
     from tests.helpers import dispatch, fake_job, pull_tasks, success_body
 
     monkeypatch.setattr(inbox, "MAX_ROWS", 3)
@@ -238,7 +237,7 @@ def test_the_bridge_stops_taking_while_the_inbox_is_full(runtime, moth_pipeline,
     # (the bridge takes up to 200 per fetch: let it take one message per fetch, as a slow stream would)
     monkeypatch.setattr("pipeline.worker.bridge.FETCH_BATCH", 1)
     # nobody saves meanwhile
-    monkeypatch.setattr("pipeline.worker.middleware.request_drains", lambda runtime, job_ids: None)
+    monkeypatch.setattr("pipeline.worker.bridge.request_drains", lambda runtime, job_ids: None)
     bridge = Bridge(js, bridge_routes(runtime)[:1])
     running = runtime.runner.spawn(bridge.run())
     try:
@@ -268,8 +267,7 @@ def test_results_on_unparseable_subjects_are_dropped_and_do_not_stall_the_bridge
     from models import ResultInbox
     from pipeline import names
     from pipeline.ops.health import build_report
-    from pipeline.worker.bridge import Bridge
-    from pipeline.worker.middleware import bridge_routes
+    from pipeline.worker.bridge import Bridge, bridge_routes
     from tests.helpers import dispatch, fake_job, pull_tasks, success_body
 
     job = fake_job(moth_pipeline, 1)
@@ -286,7 +284,7 @@ def test_results_on_unparseable_subjects_are_dropped_and_do_not_stall_the_bridge
                                                                  filter_subject="pipeline.tasks.moth-demo.²"))
 
     runtime.runner.run(publish(), timeout=30)
-    monkeypatch.setattr("pipeline.worker.middleware.request_drains", lambda runtime, job_ids: None)
+    monkeypatch.setattr("pipeline.worker.bridge.request_drains", lambda runtime, job_ids: None)
     bridge = Bridge(js, bridge_routes(runtime)[:1])
     running = runtime.runner.spawn(bridge.run())
     try:

@@ -8,10 +8,9 @@ import time
 from models import ImageStatus, Job, JobImage, JobLog, JobStatus, Pipeline
 from pipeline import names
 from pipeline.core.jobs import create_job
-from pipeline.core.saving import handle_result_message
 from pipeline.ops.sources import image_urls_from_dir
 from pipeline.sdk import moth
-from tests.helpers import dispatch, fake_job, pull_tasks, stream_count, success_body
+from tests.helpers import dispatch, fake_job, handle_result_message, pull_tasks, stream_count, success_body
 
 
 def test_a_job_with_zero_images_finishes_at_once(runtime, moth_pipeline):
@@ -141,8 +140,9 @@ def assert_health_names_the_wait(runtime) -> None:
 
 
 def test_a_job_past_the_job_limit_waits_unstarted_and_starts_when_a_slot_frees(runtime, moth_pipeline, monkeypatch):
-    from actors.run_job import SLOT_RETRY_MS, execute
+    from actors.run_job import execute
     from pipeline.core.jobs import cancel
+    from pipeline.core.slots import SLOT_RETRY_MS
 
     # Given PIPELINE_NATS_MAX_JOBS=1 and a dispatched job holding the only slot
     monkeypatch.setattr(runtime, "settings", runtime.settings.with_overrides(nats_max_jobs=1))
@@ -153,7 +153,8 @@ def test_a_job_past_the_job_limit_waits_unstarted_and_starts_when_a_slot_frees(r
     try:
         # When run_job meets the second job (twice: it looks again by itself)
         before = Job.get_by_id(second.id).status
-        assert execute(runtime, second.id) == before and execute(runtime, second.id) == before
+        execute(runtime, second.id)
+        execute(runtime, second.id)
         # Then the job waits as it was, not started, not failed, and run_job is queued to look again
         job = Job.get_by_id(second.id)
         assert (job.status, job.dispatched_at, job.error) == (before, None, None)
@@ -165,12 +166,14 @@ def test_a_job_past_the_job_limit_waits_unstarted_and_starts_when_a_slot_frees(r
         # (a waiting job whose deadline passes ends FAILURE saying why, and is not looked at again)
         late = fake_job(moth_pipeline, 1, prefix="file:///late", deadline_s=60)
         Job.update(deadline_at=late.created_at).where(Job.id == late.id).execute()
-        assert execute(runtime, late.id) == JobStatus.FAILURE and len(sent) == 1
+        execute(runtime, late.id)
+        assert Job.get_by_id(late.id).status == JobStatus.FAILURE and len(sent) == 1
         assert "still waiting for a free job slot" in Job.get_by_id(late.id).error
         # And when the first job ends, its cleanup sends run_job for the waiting job, which starts it
         cancel(runtime, first.id)
         assert sent[-1] == (names.RUN_JOB, (second.id,), None)
-        assert execute(runtime, second.id) == JobStatus.STARTED
+        execute(runtime, second.id)
+        assert Job.get_by_id(second.id).status == JobStatus.STARTED
         assert stream_count(runtime, second.id, moth_pipeline) == 3
     finally:
         runtime.tasks.ensure_streams(max_jobs=10_000)
@@ -179,7 +182,8 @@ def test_a_job_past_the_job_limit_waits_unstarted_and_starts_when_a_slot_frees(r
 def test_freed_slots_wake_the_oldest_waiters_one_each_whatever_is_queued_before_them(runtime, moth_pipeline,
                                                                                     monkeypatch):
     from actors.run_job import execute
-    from pipeline.core.jobs import cancel, wake_a_waiting_job
+    from pipeline.core.jobs import cancel
+    from pipeline.core.slots import wake_a_waiting_job
 
     # Given two job slots, both held, 120 jobs enqueued before the waiters whose run_job has not run yet,
     # and three jobs waiting for a slot

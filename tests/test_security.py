@@ -227,9 +227,8 @@ def test_the_shipped_nats_configuration_runs_a_job_and_services_cannot_do_harm(
 def test_urls_inside_text_are_masked_where_jetpipe_stores_or_logs_them(runtime, moth_pipeline, caplog):
     # Given a processing service that fails an image with an error naming its presigned URL
     from models import JobImage, JobLog
-    from pipeline.core.saving import handle_result_message
     from pipeline.settings import redact_text
-    from tests.helpers import dispatch, error_body, fake_job, pull_tasks
+    from tests.helpers import dispatch, error_body, fake_job, handle_result_message, pull_tasks
 
     url = "https://b.s3.amazonaws.com/a.jpg?X-Amz-Signature=abc123secret&X-Amz-Expires=60"
     assert redact_text(f"cannot read {url}: 403") == ("cannot read https://b.s3.amazonaws.com/a.jpg?"

@@ -14,7 +14,6 @@ import pytest
 from models import Job, JobImage, JobLog, JobStatus
 from pipeline import names
 from pipeline.core.jobs import create_job, start_job
-from pipeline.core.saving import handle_result_message
 from pipeline.core.task_tokens import token_for
 from pipeline.sdk import moth
 from tests.conftest import make_settings, wait_for
@@ -22,6 +21,7 @@ from tests.helpers import (
     answer_one_box,
     dispatch,
     fake_job,
+    handle_result_message,
     nats_client,
     pull_tasks,
     raw_service,

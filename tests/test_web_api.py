@@ -118,7 +118,7 @@ def test_retry_failed_pipelines_and_dead_letters_through_the_api(web, runtime, m
     ada = bearer("ada")
     job = fake_job(moth_pipeline, 3)
     dispatch(runtime, job.id)
-    from pipeline.core.saving import handle_result_message
+    from tests.helpers import handle_result_message
 
     tasks = pull_tasks(runtime, job.id, 3)
     handle_result_message(runtime, job.id, success_body(tasks[0][0]), tasks[0][1], tasks[0][0].task_token)

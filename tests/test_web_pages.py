@@ -16,11 +16,10 @@ import httpx
 import pytest
 
 from models import Job, JobStatus
-from pipeline.core.saving import handle_result_message
 from pipeline.ops.devstack import free_port
 from pipeline.sdk import moth
 from tests.conftest import PROJECT, subprocess_env, wait_for
-from tests.helpers import dispatch, error_body, fake_job, pull_tasks, success_body
+from tests.helpers import dispatch, error_body, fake_job, handle_result_message, pull_tasks, success_body
 from tests.web_helpers import TOKENS, TOKENS_SETTING, WebServer
 
 CHROMIUM = "/usr/bin/chromium"

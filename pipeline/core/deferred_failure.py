@@ -16,6 +16,7 @@ a job failed because its run_job raised, so nothing later can undo a deferral.
 from __future__ import annotations
 
 import logging
+from enum import StrEnum
 
 import dramatiq
 
@@ -32,24 +33,32 @@ log = logging.getLogger(__name__)
 DEFERRAL_MESSAGE = "run_job raised but async processing is in-flight; deferring FAILURE to async progress handler"
 
 
-def fail_or_defer(runtime: Runtime, job_id: int, reason: str) -> str:
-    """Apply invariant 7 to a job whose run_job failed for good; returns deferred | failed | ignored."""
+class Decision(StrEnum):
+    """What invariant 7 decided for a job whose run_job failed for good."""
+
+    DEFERRED = "deferred"  # its tasks are out: their results decide
+    FAILED = "failed"  # nothing was dispatched: the job failed, with cleanup
+    IGNORED = "ignored"  # no such job, or it had ended
+
+
+def fail_or_defer(runtime: Runtime, job_id: int, reason: str) -> Decision:
+    """Apply invariant 7 to a job whose run_job failed for good: what was decided."""
     job = load_job(job_id)
     if job is None or job.status in JobStatus.TERMINAL:
-        return "ignored"
+        return Decision.IGNORED
     if job.dispatch_mode == DispatchMode.ASYNC_API and (job.dispatched_at is not None or job.dispatch_cursor > 0):
         job_log(job_id, logging.WARNING, f"{DEFERRAL_MESSAGE}: {reason}", logger=log)
         if job.dispatched_at is None:
             unsent = fail_undispatched(runtime, job, f"not dispatched: run_job failed: {reason}")
             job_log(job_id, logging.WARNING, f"{unsent} image(s) whose tasks were never published are failed; the "
                                              "published ones decide through their results", logger=log)
-        return "deferred"
+        return Decision.DEFERRED
     when = "before dispatching its tasks" if job.dispatch_mode == DispatchMode.ASYNC_API else "in internal mode"
     if progress.transition(job_id, JobStatus.FAILURE, error=f"run_job failed {when}: {reason}"):
         job_log(job_id, logging.ERROR, f"job FAILURE: run_job failed {when}: {reason}", logger=log)
         if job.dispatch_mode == DispatchMode.ASYNC_API:
             jobs.cleanup(runtime, job_id, job.pipeline.slug)
-    return "failed"
+    return Decision.FAILED
 
 
 class DeferredFailure(dramatiq.Middleware):

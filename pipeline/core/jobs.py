@@ -24,7 +24,7 @@ from models import (
     write_transaction,
 )
 from pipeline import names
-from pipeline.core import progress, task_tokens
+from pipeline.core import progress, slots, task_tokens
 from pipeline.core.image_policy import ImagePolicy
 from pipeline.core.joblog import job_log
 from pipeline.errors import NotFound, NothingToDo, TransientError, UserInputError
@@ -186,17 +186,6 @@ def record_published(job_id: int, row_ids: list[int], seqs: list[int], cursor: i
                                               list(zip(seqs, row_ids, strict=True)))
 
 
-def take_job_slot(runtime: Runtime, job: Job) -> ConsumerConfig:
-    """The job's consumer on its pipeline's tasks stream, created if missing (the streams too: NATS may have
-    lost them since this process connected); raises JobSlotsFull when the stream holds PIPELINE_NATS_MAX_JOBS."""
-    settings = runtime.settings
-    runtime.tasks.ensure_streams(**settings.stream_options())
-    runtime.tasks.ensure_tasks_stream(job.pipeline.slug, max_jobs=settings.nats_max_jobs,
-                                      replicas=settings.nats_replicas)
-    return runtime.tasks.ensure_job_consumer(job.id, job.pipeline.slug, max_deliver=settings.nats_max_deliver,
-                                             ack_wait_s=settings.nats_task_ttr)
-
-
 def dispatch(runtime: Runtime, job: Job, *, consumer: ConsumerConfig | None = None) -> int:
     """Publish the job's pending tasks from its checkpoint on, then mark it dispatched; returns tasks sent.
     `consumer`: the job's consumer if the caller has just taken its slot (else it is taken here).
@@ -207,7 +196,7 @@ def dispatch(runtime: Runtime, job: Job, *, consumer: ConsumerConfig | None = No
     """
     settings = runtime.settings
     tasks = runtime.tasks
-    accepted = consumer or take_job_slot(runtime, job)
+    accepted = consumer or slots.take_job_slot(runtime, job)
     job_log(job.id, logging.INFO, f"consumer {names.job_consumer(job.id)} ready: max_deliver="
                                   f"{accepted.max_deliver} ack_wait={accepted.ack_wait}s")
     sent = new = 0
@@ -244,7 +233,7 @@ def cleanup(runtime: Runtime, job_id: int, pipeline_slug: str) -> bool:
     ok = True
     try:
         runtime.tasks.delete_job_consumer(job_id, pipeline_slug)
-        wake_a_waiting_job(runtime)
+        slots.wake_a_waiting_job(runtime)
     except TransientError as exc:
         ok = False
         log.warning("job=%s cleanup: NATS consumer not removed (%s); the zombie sweep will retry", job_id, exc)
@@ -258,30 +247,6 @@ def cleanup(runtime: Runtime, job_id: int, pipeline_slug: str) -> bool:
         job_log(job_id, logging.INFO, f"cleaned up: consumer {names.job_consumer(job_id)} and Redis state removed; "
                                       f"stages at cleanup: {stages_text(job_id)}")
     return ok
-
-
-def wake_a_waiting_job(runtime: Runtime) -> int | None:
-    """A job slot has just been freed (a job's consumer removed): send run_job at once for the oldest job
-    waiting for one (PIPELINE_NATS_MAX_JOBS), rather than leave it to its next look; which one, if any.
-    Taking it off the waiters' set is atomic, so slots freed at once wake different jobs."""
-    import peewee
-    import redis
-
-    try:
-        for _ in range(10):  # skip waiters that started by their own look or were canceled meanwhile
-            popped = runtime.redis.zpopmin(names.SLOT_WAITERS_KEY)
-            if not popped:
-                return None
-            job_id = int(popped[0][0])
-            if Job.select().where((Job.id == job_id) & Job.status.in_((JobStatus.CREATED, JobStatus.PENDING))
-                                  & Job.dispatched_at.is_null()).exists():
-                runtime.send(names.RUN_JOB, job_id)
-                log.info("job=%s a job slot is free: run_job sent", job_id)
-                return job_id
-        return None
-    except (redis.RedisError, peewee.PeeweeException) as exc:  # best effort: it looks again by itself
-        log.warning("cleanup: could not wake a job waiting for a slot (%s); it looks again by itself", exc)
-        return None
 
 
 def stages_text(job_id: int) -> str:

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
+from enum import StrEnum
 
-from models import Job, JobImage, JobStatus, for_update, write_transaction
+from models import Job, JobImage, JobStatus
 from pipeline import names
-from pipeline.core import inbox, progress
+from pipeline.core import inbox
 from pipeline.core.joblog import job_log
 from pipeline.core.outcomes import finish, load_job, settle
 from pipeline.core.result_rows import fail_images
@@ -26,17 +27,6 @@ from pipeline.infra.jobstate import Outcome
 from pipeline.infra.runtime import Runtime
 
 log = logging.getLogger(__name__)
-
-
-def append_error(job_id: int, message: str) -> None:
-    """Add an entry to the job's `progress.errors` under a row lock (never clobbers a concurrent write)."""
-    with write_transaction():
-        job = for_update(Job.select(Job.id, Job.progress).where(Job.id == job_id)).get_or_none()
-        if job is None:
-            return
-        p = job.progress or progress.initial_progress()
-        progress.add_error(p, message)
-        Job.update(progress=p).where(Job.id == job_id).execute()
 
 
 def fail_lost(runtime: Runtime, job: Job, image_ids: list[str], reason: str) -> tuple[list[Outcome], str]:
@@ -60,15 +50,21 @@ def _image_of_task(job_id: int, stream_seq: int) -> str | None:
     return str(row[0]) if row else None
 
 
-def handle_advisory(runtime: Runtime, body: str, results_seq: int | None = None) -> tuple[str, int | None]:
-    """Fail the image behind a MAX_DELIVERIES or MSG_TERMINATED advisory; returns what was done and, for
-    "deferred" (results of the job published before the give-up are still being saved: ask again later,
-    passing it back), the results stream sequence the verdict waits for."""
-    outcome = _handle_advisory(runtime, body, results_seq)
-    return outcome if isinstance(outcome, tuple) else (outcome, None)
+class Verdict(StrEnum):
+    """What an advisory came to (also the `outcome` label of the advisories metric)."""
+
+    FAILED = "failed"  # the image failed as lost
+    DEFERRED = "deferred"  # results published before the give-up are still being saved: ask again later
+    ALREADY_SETTLED = "already_settled"  # its image had its outcome already
+    MALFORMED = "malformed"
+    NOT_OURS = "not_ours"
+    JOB_ENDED = "job_ended"
+    UNKNOWN_IMAGE = "unknown_image"  # left to the periodic check
 
 
-def _handle_advisory(runtime: Runtime, body: str, results_seq: int | None) -> str | tuple[str, int]:
+def handle_advisory(runtime: Runtime, body: str, results_seq: int | None = None) -> tuple[Verdict, int | None]:
+    """Fail the image behind a MAX_DELIVERIES or MSG_TERMINATED advisory; returns the verdict and, for
+    DEFERRED (ask again later, passing it back), the results stream sequence the verdict waits for."""
     try:
         advisory = json.loads(body)
         job_id = names.job_id_from_consumer(advisory["consumer"])
@@ -76,18 +72,18 @@ def _handle_advisory(runtime: Runtime, body: str, results_seq: int | None) -> st
         kind = advisory.get("type", "")
     except (ValueError, KeyError, TypeError):
         log.error("advisory dropped: not a JetStream consumer advisory: %.200s", body)
-        return "malformed"
+        return Verdict.MALFORMED, None
     stream = str(advisory.get("stream", ""))
     if job_id is None or not names.is_tasks_stream(stream):
-        return "not_ours"
+        return Verdict.NOT_OURS, None
     job = load_job(job_id)
     if job is None or job.status in JobStatus.TERMINAL:
-        return "job_ended"
+        return Verdict.JOB_ENDED, None
     if kind.endswith("max_deliver"):
         task = runtime.tasks.task_at(stream, stream_seq)
         if task is not None and task[0] != job_id:  # checked against the task itself, never taken on trust
             log.error("job=%s advisory names stream_seq=%s, a task of job %s: ignored", job_id, stream_seq, task[0])
-            return "not_ours"
+            return Verdict.NOT_OURS, None
         image_id = task[1] if task else None
         reason = (f"lost: JetStream gave up after {advisory.get('deliveries', '?')} deliveries "
                   f"(max_deliver={runtime.settings.nats_max_deliver}) without a result")
@@ -100,7 +96,7 @@ def _handle_advisory(runtime: Runtime, body: str, results_seq: int | None) -> st
     if image_id is None:
         log.warning("job=%s advisory for stream_seq=%s names no image we can find; left to the periodic check",
                     job_id, stream_seq)
-        return "unknown_image"
+        return Verdict.UNKNOWN_IMAGE, None
     first_look = results_seq is None
     if first_look:
         results_seq = runtime.tasks.results_last_seq()  # every result published before the give-up is <= this
@@ -108,11 +104,11 @@ def _handle_advisory(runtime: Runtime, body: str, results_seq: int | None) -> st
         log.log(logging.INFO if first_look else logging.DEBUG, "job=%s image=%s verdict deferred: results "
                 "published before JetStream gave up on its task are still being saved (%s)", job_id, image_id,
                 kind or "advisory")
-        return "deferred", results_seq
+        return Verdict.DEFERRED, results_seq
     outcomes, status = fail_lost(runtime, job, [image_id], reason)
     if kind.endswith("max_deliver"):
         runtime.tasks.delete_task(stream, stream_seq)  # nothing will ever deliver it again: leave nothing in NATS
     if any(o.failed for o in outcomes):
         job_log(job_id, logging.WARNING, f"image failed: {reason}", image_id=image_id)
-        return "failed"
-    return "already_settled"
+        return Verdict.FAILED, None
+    return Verdict.ALREADY_SETTLED, None

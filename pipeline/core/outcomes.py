@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
+from enum import StrEnum
 
 from models import DispatchMode, Job, JobStatus, Pipeline, write_transaction
 from pipeline.core import jobs, progress
@@ -30,11 +31,25 @@ log = logging.getLogger(__name__)
 MAX_LOGGED_REASON = 500
 
 
+class Action(StrEnum):
+    """What became of one result message."""
+
+    COUNTED = "counted"  # its images' outcomes were saved and counted
+    LATE = "late"  # its job had ended: nothing saved or counted
+    FAILED = "failed"  # bad data: the images it names failed, their tasks terminated
+    REJECTED = "rejected"  # not its sender's to decide (another consumer's task, no proof): nothing touched
+    UNKNOWN_JOB = "unknown_job"  # no such job: dropped, its tasks terminated
+    LEFT_PENDING = "left_pending"  # decides no image: its tasks come back
+    RETRY_LATER = "retry_later"  # saving it raised: it waits in the inbox for its next attempt
+    PARKED = "parked"  # its last attempt failed: parked, its images failed
+    GONE = "gone"  # saved meanwhile by another drainer
+
+
 @dataclasses.dataclass(frozen=True)
 class Handled:
     """What handling one result message did (for the caller's log line and for tests)."""
 
-    action: str  # counted | late | failed | rejected | unknown_job | left_pending
+    action: Action
     job_status: str | None = None
     snapshot: Snapshot | None = None
 
@@ -145,7 +160,7 @@ def fail_bad_result(runtime: Runtime, job: Job, exc: BadResult, replies: list[st
     if replies:
         runtime.tasks.term_many(replies, f"image={','.join(image_ids) or '?'} {reason}"[:300])
     finish(runtime, job, written)
-    return Handled("failed" if image_ids else "left_pending", written.status, snapshot)
+    return Handled(Action.FAILED if image_ids else Action.LEFT_PENDING, written.status, snapshot)
 
 
 def short(text: str) -> str:

@@ -103,6 +103,29 @@ def add_error(progress: dict, message: str) -> None:
     del errors[:-ERRORS_KEPT]
 
 
+def append_error(job_id: int, message: str) -> None:
+    """Add an entry to the job's `progress.errors` under a row lock (never clobbers a concurrent write)."""
+    with write_transaction():
+        job = for_update(Job.select(Job.id, Job.progress).where(Job.id == job_id)).get_or_none()
+        if job is None:
+            return
+        p = job.progress or initial_progress()
+        add_error(p, message)
+        Job.update(progress=p).where(Job.id == job_id).execute()
+
+
+def mark_collected(job: Job) -> None:
+    """Collect stage done: a job's images are its JobImage rows, counted when the job was created."""
+    stage = job.progress.get("stages", {}).get("collect", {})
+    if stage.get("status") == JobStatus.SUCCESS:
+        return
+    p = job.progress or initial_progress(job.total_images)
+    p["stages"]["collect"].update(status=JobStatus.SUCCESS, progress=1.0, total=job.total_images)
+    p["summary"]["status"] = JobStatus.STARTED
+    Job.update(progress=p, updated_at=utcnow()).where(
+        (Job.id == job.id) & (Job.status.in_(JobStatus.RUNNING))).execute()
+
+
 @dataclasses.dataclass(frozen=True)
 class ProgressWrite:
     """What `write_progress` did: the job's status after it, whether this call ended the job, and how many

@@ -37,8 +37,9 @@ from models import DispatchMode, Job, JobStatus, Pipeline, for_update, utcnow, w
 from pipeline import names
 from pipeline.core import inbox, jobs, progress, saving
 from pipeline.core.joblog import job_log, job_log_ids
-from pipeline.core.lost import append_error, fail_lost
+from pipeline.core.lost import fail_lost
 from pipeline.core.outcomes import finish
+from pipeline.core.progress import append_error
 from pipeline.core.retry import is_outage
 from pipeline.errors import TransientError
 from pipeline.infra.metrics import metrics
@@ -425,8 +426,8 @@ class HealthCheck:
             result.notes.append(f"NATS unreachable: {exc}")
             consumers = []
         try:
-            keyed = [int(key.split(":")[2]) for key in
-                     self.runtime.redis.scan_iter(match=f"{names.REDIS_PREFIX}:job:*:counts", count=500)]
+            keyed = [names.job_id_from_counts_key(key) for key in
+                     self.runtime.redis.scan_iter(match=names.JOB_COUNTS_PATTERN, count=500)]
         except (TransientError, redis.RedisError) as exc:
             result.unfixable += 1
             result.notes.append(f"Redis unreachable: {exc}")

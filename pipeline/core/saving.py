@@ -21,11 +21,10 @@ results: they are refused with a log line, so the database never holds rows for 
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
-import threading
 import time
+from enum import StrEnum
 
 from models import (
     Job,
@@ -41,7 +40,7 @@ from models import (
 from pipeline import names
 from pipeline.core import inbox, progress, unsaved
 from pipeline.core.joblog import job_log
-from pipeline.core.outcomes import Handled, count_outcomes, finish, ids_text, load_job, settle, short
+from pipeline.core.outcomes import Action, count_outcomes, finish, ids_text, load_job, settle, short
 from pipeline.core.result_rows import PreparedResult, canonical_image_id, fail_images, job_images, prepare_result
 from pipeline.core.retry import is_outage
 from pipeline.errors import BadResult, TransientError
@@ -63,6 +62,26 @@ DRAIN_LOCK_MS = 6_000
 
 
 
+class Kind(StrEnum):
+    """What a result message is, once read."""
+
+    UNREAD = "unread"
+    SUCCESS = "success"  # detections for the images it names
+    ERROR = "error"  # the processing service failed one image
+    BAD = "bad"  # bad data: the images it names (or proves it holds) fail
+    REJECTED = "rejected"  # not its sender's to decide: touches nothing
+    LEFT_PENDING = "left_pending"  # decides no image (an error naming none): its tasks come back
+
+    @property
+    def decides(self) -> bool:
+        return self in (Kind.SUCCESS, Kind.ERROR, Kind.BAD)
+
+
+#: What a message of each kind becomes once its step commits (a BAD one naming no image: LEFT_PENDING).
+ACTION_OF = {Kind.SUCCESS: Action.COUNTED, Kind.ERROR: Action.COUNTED, Kind.BAD: Action.FAILED,
+             Kind.REJECTED: Action.REJECTED, Kind.LEFT_PENDING: Action.LEFT_PENDING}
+
+
 @dataclasses.dataclass
 class Message:
     """One inbox row of the job, read and classified before the transaction that saves it."""
@@ -70,15 +89,15 @@ class Message:
     entry_id: int
     source: str
     replies: list[str]
-    kind: str = ""  # success | error | bad | rejected | left_pending
+    kind: Kind = Kind.UNREAD
     prepared: PreparedResult | None = None
     image_ids: tuple[str, ...] = ()
     reason: str = ""
-    action: str = ""
+    action: Action | None = None
 
     @property
     def decides(self) -> bool:
-        return self.kind in ("success", "error", "bad")
+        return self.kind.decides
 
 
 def _classify(runtime: Runtime, job: Job, entry_id: int, source: str, body: bytes, replies: list[str],
@@ -87,11 +106,11 @@ def _classify(runtime: Runtime, job: Job, entry_id: int, source: str, body: byte
     foreign = [r for r in replies if not names.reply_belongs_to_job(r, job.id)]
     if foreign:
         # Never ACK or TERM someone else's task: the result is dropped, the images' own tasks come back.
-        m.kind, m.reason = "rejected", (f"result rejected: {names.HDR_TASK_REPLY} {foreign[0][:200]!r} is not a task "
-                                        f"of consumer {names.job_consumer(job.id)}")
+        m.kind, m.reason = Kind.REJECTED, (f"result rejected: {names.HDR_TASK_REPLY} {foreign[0][:200]!r} is not "
+                                           f"a task of consumer {names.job_consumer(job.id)}")
         return m
     if proof is not None and proof.refused:  # its sender did not show it holds the tasks (invariant 12)
-        m.kind, m.reason = "rejected", proof.refused
+        m.kind, m.reason = Kind.REJECTED, proof.refused
         return m
     try:
         result = decode_result(body)
@@ -99,19 +118,19 @@ def _classify(runtime: Runtime, job: Job, entry_id: int, source: str, body: byte
         if isinstance(result, ErrorResult):
             image_id = canonical_image_id(result.image_id) if result.image_id is not None else None
             if result.image_id is None:
-                m.kind, m.reason = "left_pending", (f"error result without image_id ({short(result.error)!r}); "
+                m.kind, m.reason = Kind.LEFT_PENDING, (f"error result without image_id ({short(result.error)!r}); "
                                                     "its task is not ACKed: it will be redelivered, then reconciled")
                 return m
             if image_id is None:
                 raise BadResult(f"error result names image id {result.image_id!r}, which is not a decimal number")
-            m.kind, m.image_ids, m.reason = "error", (image_id,), f"processing service error: {result.error}"
+            m.kind, m.image_ids, m.reason = Kind.ERROR, (image_id,), f"processing service error: {result.error}"
             return m
         m.prepared = prepare_result(job, result)
-        m.kind, m.image_ids = "success", m.prepared.image_ids
+        m.kind, m.image_ids = Kind.SUCCESS, m.prepared.image_ids
     except BadResult as exc:
         # the images it names if it names any, else those of the tasks it names (an unreadable body); with
         # task tokens, only images it proved it holds (a bad message must not fail someone else's image)
-        m.kind, m.reason = "bad", f"bad result: {exc}"
+        m.kind, m.reason = Kind.BAD, f"bad result: {exc}"
         if proof is not None:
             named = [c for c in map(canonical_image_id, exc.image_ids) if c] or inbox.named_images(body)
             m.image_ids = tuple(i for i in dict.fromkeys(named) if i in proof.images) or tuple(
@@ -200,7 +219,7 @@ def _drain_entries(runtime: Runtime, job_id: int, entries: list[tuple[int, str, 
         step.messages = [m for m in step.messages if m.entry_id in present]
         if locked is None or locked.status in JobStatus.TERMINAL:
             for m in step.messages:
-                m.action = "late"
+                m.action = Action.LATE
             _delete_entries([m.entry_id for m in step.messages])
             step.written = progress.ProgressWrite(locked.status if locked else JobStatus.REVOKED, False)
         else:
@@ -228,34 +247,33 @@ def _save(job: Job, messages: list[Message], logs: list) -> list[Outcome]:
     rows = job_images(job.id, [i for m in messages if m.decides for i in m.image_ids])
     owner: dict[str, Message] = {}
     for m in messages:
-        strays = [i for i in m.image_ids if i not in rows] if m.kind in ("success", "error") else []
+        strays = [i for i in m.image_ids if i not in rows] if m.kind in (Kind.SUCCESS, Kind.ERROR) else []
         if strays:  # a result for images of another job, or of none: bad data, its tasks are terminated
-            what = "error result names" if m.kind == "error" else "images"
-            m.kind, m.reason = "bad", f"bad result: {what} {strays[:10]} not part of job {job.id}"
+            what = "error result names" if m.kind == Kind.ERROR else "images"
+            m.kind, m.reason = Kind.BAD, f"bad result: {what} {strays[:10]} not part of job {job.id}"
             m.image_ids = tuple(i for i in m.image_ids if i in rows)
         if m.decides:
             for image_id in m.image_ids:
                 owner.setdefault(image_id, m)
     outcomes: list[Outcome] = []
-    successes = [m for m in messages if m.kind == "success"]
+    successes = [m for m in messages if m.kind == Kind.SUCCESS]
     if successes:
         combined = PreparedResult.combine([m.prepared for m in successes]).restricted_to(
-            [i for i, m in owner.items() if m.kind == "success"])
+            [i for i, m in owner.items() if m.kind == Kind.SUCCESS])
         if combined.image_ids:
             outcomes += combined.save(rows)
     for m in messages:
         owned = [i for i in m.image_ids if owner.get(i) is m]
-        if m.kind in ("error", "bad") and owned:
+        if m.kind in (Kind.ERROR, Kind.BAD) and owned:
             outcomes += fail_images(job.id, owned, m.reason, rows)
-        m.action = {"success": "counted", "error": "counted", "bad": "failed" if m.image_ids else "left_pending",
-                    "rejected": "rejected", "left_pending": "left_pending"}[m.kind]
-        if m.kind == "error":
+        m.action = ACTION_OF[m.kind] if m.kind != Kind.BAD or m.image_ids else Action.LEFT_PENDING
+        if m.kind == Kind.ERROR:
             logs.append((logging.WARNING, f"image failed: {short(m.reason)}", m.image_ids[0]))
-        elif m.kind == "bad":
+        elif m.kind == Kind.BAD:
             logs.append((logging.ERROR, short(m.reason), ids_text(m.image_ids) or None))
-        elif m.kind == "left_pending":
+        elif m.kind == Kind.LEFT_PENDING:
             logs.append((logging.WARNING, m.reason, None))
-    rejected = [m for m in messages if m.kind == "rejected"]
+    rejected = [m for m in messages if m.kind == Kind.REJECTED]
     if rejected:  # one line for all a step refuses: a flood of forged results must not flood the job log
         more = f" (and {len(rejected) - 1} more result message(s) refused in this batch)" if len(rejected) > 1 else ""
         logs.append((logging.ERROR, rejected[0].reason + more, None))
@@ -271,17 +289,16 @@ def _after_commit(runtime: Runtime, job: Job, step: DrainStep, logs: list) -> No
     """Log lines, TERMs of the tasks of bad results, and the cleanup of a job this step ended."""
     for level, message, image_id in logs:
         job_log(job.id, level, message, image_id=image_id, persist=False)
-    late = [m for m in step.messages if m.action == "late"]
+    late = [m for m in step.messages if m.action == Action.LATE]
     if late:
         log.info("job=%s %s result message(s) for a %s job refused (images %s): nothing saved or counted", job.id,
                  len(late), step.written.status, ids_text(dict.fromkeys(i for m in late for i in m.image_ids)))
     for m in step.messages:
-        if m.kind == "bad" and m.replies:
+        if m.kind == Kind.BAD and m.replies:
             try:
                 runtime.tasks.term_many(m.replies, f"image={','.join(m.image_ids) or '?'} {m.reason}"[:300])
             except TransientError as exc:  # its task comes back and its next result is handled again
                 log.warning("job=%s could not terminate the tasks of a bad result: %s", job.id, exc)
-    _record(step.messages)
     if step.written is not None:
         finish(runtime, job, step.written)
 
@@ -296,24 +313,8 @@ def _drop_for_unknown_job(runtime: Runtime, job_id: int, entries) -> DrainStep:
               len(entries))
     if own:
         runtime.tasks.term_many(own, f"unknown job {job_id}")
-    step.messages = [Message(e[0], e[1], [], action="unknown_job") for e in entries]
-    _record(step.messages)
+    step.messages = [Message(e[0], e[1], [], action=Action.UNKNOWN_JOB) for e in entries]
     return step
-
-
-# What recent drain steps did per message source, for `handle_result_message` (a message may be saved by
-# whichever thread drains its job).
-_recent: collections.OrderedDict[str, str] = collections.OrderedDict()  # message source -> its action
-_recent_lock = threading.Lock()
-_RECENT_KEPT = 10_000
-
-
-def _record(messages: list[Message]) -> None:
-    with _recent_lock:
-        for m in messages:
-            _recent[m.source] = m.action
-        while len(_recent) > _RECENT_KEPT:
-            _recent.popitem(last=False)
 
 
 @dataclasses.dataclass
@@ -324,6 +325,8 @@ class Drained:
     messages: int = 0
     more: bool = False
     busy: bool = False
+    #: What became of each message it handled, by its source (`<stream>:<seq>`, as the inbox keeps it).
+    actions: dict[str, Action] = dataclasses.field(default_factory=dict)
 
 
 def request_drains(runtime: Runtime, job_ids) -> None:
@@ -365,8 +368,9 @@ def drain(runtime: Runtime, job_id: int, *, budget_s: float = DRAIN_BUDGET_S) ->
                         step = _refuse(runtime, job_id, entry_id, failed.cause)
                     else:  # a bug or data the code cannot handle: bounded attempts, then parked
                         became = unsaved.failed_attempt(runtime, job_id, entry_id, failed.cause)
-                        step = DrainStep(messages=[Message(entry_id, "", [], action=became or "gone")])
+                        step = DrainStep(messages=[Message(entry_id, "", [], action=became)])
                 drained.messages += len(step.messages)
+                drained.actions.update((m.source, m.action) for m in step.messages if m.source and m.action)
                 if not step.messages:
                     break
                 if time.monotonic() - started > budget_s:
@@ -396,8 +400,8 @@ def _refuse(runtime: Runtime, job_id: int, entry_id: int, exc: Exception) -> Dra
     image_ids = unsaved.images_of(runtime, body, replies, proof)
     if proof is not None:  # TERM only the tasks of images it proved it holds
         replies = [r for r, image in inbox.task_images(runtime, job_id, replies).items() if image in image_ids]
-    message = Message(entry_id, source, replies, kind="bad", image_ids=tuple(image_ids), reason=reason,
-                      action="failed" if image_ids else "left_pending")
+    message = Message(entry_id, source, replies, kind=Kind.BAD, image_ids=tuple(image_ids), reason=reason,
+                      action=Action.FAILED if image_ids else Action.LEFT_PENDING)
     job = load_job(job_id)
     step = DrainStep(messages=[message])
 
@@ -417,39 +421,3 @@ def _clean_up_if_ended(runtime: Runtime, job_id: int) -> None:
     job = load_job(job_id)
     if job is not None and job.status in JobStatus.TERMINAL and job.cleaned_up_at is None:
         finish(runtime, job, progress.ProgressWrite(job.status, False))
-
-
-def handle_result_message(runtime: Runtime, job_id: int, body: bytes, reply: str | None, tokens: str | None = None,
-                          *, timeout_s: float = 60) -> Handled:
-    """Take one result message (as if it came from `pipeline.results.<pipeline>.<job_id>` with `reply` as its
-    `Pipeline-Task-Reply` and `tokens` as its `Pipeline-Task-Token`) and save it now; what happened to it.
-    For tests and tools: workers take results through the bridge.
-
-    Raises TransientError (logged here with job and image ids) when Redis, NATS or the database is
-    unreachable; the result then waits in the inbox (or, if it was not taken, nothing happened).
-    """
-    incoming = inbox.Incoming.direct(job_id, body, reply, tokens)
-    try:
-        inbox.take(runtime, [incoming])
-    except TransientError as exc:
-        log.warning("job=%s image=%s transient error while taking the result (its tasks are not ACKed; a "
-                    "redelivery takes it again): %s", job_id, ids_text(inbox.named_images(body)) or "?", exc)
-        raise
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            drain(runtime, job_id)
-            with _recent_lock:
-                done = _recent.get(incoming.source)
-            if done is not None or time.monotonic() > deadline:
-                break
-            time.sleep(0.005)  # another thread is draining the job: it saves this message too
-    except TransientError as exc:
-        log.warning("job=%s image=%s transient error, result waits in the inbox: %s", job_id,
-                    ids_text(inbox.named_images(body)) or "?", exc)
-        raise
-    action = done or "left_pending"
-    job = Job.select(Job.status).where(Job.id == job_id).get_or_none()
-    snapshot = runtime.state.snapshot(job_id) if action == "counted" and job and job.status == JobStatus.STARTED \
-        else None
-    return Handled(action, job.status if job else None, snapshot)

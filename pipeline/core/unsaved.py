@@ -25,7 +25,7 @@ from models import Job, JobStatus, ParkedResult, ResultInbox, insert_ignoring_du
 from pipeline import names
 from pipeline.core import inbox
 from pipeline.core.joblog import job_log
-from pipeline.core.outcomes import finish, ids_text, load_job, settle, short
+from pipeline.core.outcomes import Action, finish, ids_text, load_job, settle, short
 from pipeline.core.result_rows import UNSAVED_PREFIX, canonical_image_id, fail_images
 from pipeline.errors import NotFound, UserInputError
 from pipeline.infra.metrics import metrics
@@ -49,16 +49,16 @@ def images_of(runtime: Runtime, body: bytes, replies: list[str], proof: str | No
     return named if proven is None else [i for i in named if i in proven.images]
 
 
-def failed_attempt(runtime: Runtime, job_id: int, entry_id: int, exc: BaseException) -> str | None:
+def failed_attempt(runtime: Runtime, job_id: int, entry_id: int, exc: BaseException) -> Action:
     """Record that saving inbox row `entry_id` raised `exc` (not an outage): it waits for its next attempt,
-    or, after its last, is parked and its images failed. Returns what became of the message ("retry_later"
-    or "parked"), None if the row is gone (saved meanwhile)."""
+    or, after its last, is parked and its images failed. Returns what became of the message: RETRY_LATER,
+    PARKED, or GONE if the row is gone (saved meanwhile)."""
     settings = runtime.settings
     error = _error_text(exc)
     with write_transaction():
         row = ResultInbox.select().where(ResultInbox.id == entry_id).get_or_none()
         if row is None:
-            return None
+            return Action.GONE
         attempts = (row.attempts or 0) + 1
         if attempts < settings.result_save_attempts:
             delay = settings.result_save_backoff * 2 ** (attempts - 1)
@@ -71,10 +71,10 @@ def failed_attempt(runtime: Runtime, job_id: int, entry_id: int, exc: BaseExcept
         job_log(job_id, logging.WARNING, f"result message could not be saved (attempt {attempts} of "
                                          f"{settings.result_save_attempts}; next in {delay:g} s): {error}",
                 image_id=ids_text(image_ids) or None, persist=load_job(job_id) is not None)
-        return "retry_later"
+        return Action.RETRY_LATER
     _park(runtime, job_id, row, attempts, error)
     metrics().result_save_failures.labels("parked").inc()
-    return "parked"
+    return Action.PARKED
 
 
 def _park(runtime: Runtime, job_id: int, row: ResultInbox, attempts: int, error: str) -> None:

@@ -36,21 +36,16 @@ class DeadMessage:
                 "last_error": traceback[-1] if traceback else None}
 
 
-def _keys(queue: str) -> tuple[str, str]:
-    base = f"{names.DRAMATIQ_NAMESPACE}:{queue}.XQ"
-    return base, f"{base}.msgs"
-
-
 def count_dead(client: redis.Redis) -> int:
     """How many dead messages jetpipe's queues hold."""
-    return sum(client.zcard(_keys(queue)[0]) for queue in QUEUES)
+    return sum(client.zcard(names.dead_letter_keys(queue)[0]) for queue in QUEUES)
 
 
 def list_dead(client: redis.Redis) -> list[DeadMessage]:
     """Every dead message of jetpipe's queues, oldest first."""
     found = []
     for queue in QUEUES:
-        zset, payloads = _keys(queue)
+        zset, payloads = names.dead_letter_keys(queue)
         for redis_id, score in client.zrange(zset, 0, -1, withscores=True):
             redis_id = redis_id.decode() if isinstance(redis_id, bytes) else redis_id
             raw = client.hget(payloads, redis_id)
@@ -71,7 +66,7 @@ def replay(broker, client: redis.Redis, ids: set[str] | None = None) -> list[Dea
             continue
         options = {k: v for k, v in dead.message.options.items() if k not in RESET_OPTIONS}
         broker.enqueue(dataclasses.replace(dead.message, options=options))  # copy() would merge options
-        zset, payloads = _keys(dead.queue)
+        zset, payloads = names.dead_letter_keys(dead.queue)
         client.zrem(zset, dead.redis_id)
         client.hdel(payloads, dead.redis_id)
         client.delete(names.crash_delivery_key(dead.message.message_id))

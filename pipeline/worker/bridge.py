@@ -26,11 +26,19 @@ import nats.errors
 import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+import models
 from pipeline import names
+from pipeline.core import inbox
+from pipeline.core.saving import request_drains
+from pipeline.errors import TasksNotAcked
 from pipeline.infra.metrics import metrics
 from pipeline.infra.outage import Outage
+from pipeline.infra.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+#: Advisories queued in Dramatiq (not yet handled) above which the bridge stops pulling them.
+MAX_ADVISORIES_QUEUED = 2000
 
 #: Messages pulled per fetch.
 FETCH_BATCH = 200
@@ -240,3 +248,39 @@ class Bridge:
             await asyncio.wait_for(self._stopping.wait(), seconds)
         except TimeoutError:
             pass
+
+
+# ---- jetpipe's two routes ---------------------------------------------------------------------------------
+def bridge_routes(runtime: Runtime) -> list[Route]:
+    """The bridge's two routes: results into the inbox, advisories into `process_task_advisory`."""
+
+    def take_results(msgs) -> None:
+        not_acked = None
+        with models.thread_connection():
+            try:
+                jobs = inbox.take(runtime, [inbox.Incoming.from_msg(names.job_id_from_result_subject(m.subject),
+                                                                    m) for m in msgs])
+            except TasksNotAcked as exc:  # taken all the same: saving goes on while the ACKs are retried
+                jobs, not_acked = exc.job_ids, exc
+        try:
+            request_drains(runtime, jobs)
+        except Exception as exc:  # noqa: BLE001 - the results are safe in the inbox; the sweep asks again
+            log.warning("bridge: could not ask for jobs %s to be saved (%s); the inbox sweep will", jobs, exc)
+        if not_acked is not None:
+            raise not_acked  # the result messages come back, and the ACKs of their tasks are sent again
+
+    def send_advisories(msgs) -> None:
+        for msg in msgs:
+            runtime.send(names.PROCESS_TASK_ADVISORY, msg.data.decode("utf-8", errors="replace"))
+
+    def inbox_full() -> bool:
+        with models.thread_connection():
+            return inbox.size() > inbox.MAX_ROWS
+
+    advisories_key = names.dramatiq_queue_key(names.RESULTS_QUEUE)
+    return [
+        Route(names.RESULTS_STREAM, names.RESULTS_BRIDGE_CONSUMER, names.RESULTS_SUBJECTS, is_result, take_results,
+              inbox_full),
+        Route(names.ADVISORIES_STREAM, names.ADVISORIES_CONSUMER, None, lambda msg: True, send_advisories,
+              lambda: runtime.broker.client.llen(advisories_key) > MAX_ADVISORIES_QUEUED),
+    ]

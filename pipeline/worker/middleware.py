@@ -36,7 +36,7 @@ from pipeline import names
 from pipeline.core import inbox, unsaved
 from pipeline.core.deferred_failure import DeferredFailure
 from pipeline.core.saving import request_drains
-from pipeline.errors import TasksNotAcked, TransientError
+from pipeline.errors import TransientError
 from pipeline.infra import dlq, metrics
 from pipeline.infra.aio import LoopRunner
 from pipeline.infra.broker import make_broker
@@ -44,14 +44,12 @@ from pipeline.infra.outage import Outage
 from pipeline.infra.presence import Presence
 from pipeline.infra.runtime import Runtime, set_runtime
 from pipeline.settings import Settings, get_settings, redact_text
-from pipeline.worker.bridge import SWEEP_S, Bridge, Route, is_result
+from pipeline.worker.bridge import SWEEP_S, Bridge, bridge_routes
 from pipeline.worker.poison import PoisonGuard
 from pipeline.worker.scheduler import SlotScheduler
 
 log = logging.getLogger(__name__)
 
-#: Advisories queued in Dramatiq (not yet handled) above which the bridge stops pulling them.
-MAX_ADVISORIES_QUEUED = 2000
 #: Project-wide retry defaults; each actor sets its own explicitly as well.
 DEFAULT_MAX_RETRIES = 5
 DEFAULT_MIN_BACKOFF_MS = 1_000
@@ -131,41 +129,6 @@ def worker_broker(settings: Settings | None = None) -> RedisBroker:
         _worker_broker = make_broker(settings, worker_middleware(settings))
         dramatiq.set_broker(_worker_broker)
     return _worker_broker
-
-
-def bridge_routes(runtime: Runtime) -> list[Route]:
-    """The bridge's two routes: results into the inbox, advisories into `process_task_advisory`."""
-
-    def take_results(msgs) -> None:
-        not_acked = None
-        with models.thread_connection():
-            try:
-                jobs = inbox.take(runtime, [inbox.Incoming.from_msg(names.job_id_from_result_subject(m.subject),
-                                                                    m) for m in msgs])
-            except TasksNotAcked as exc:  # taken all the same: saving goes on while the ACKs are retried
-                jobs, not_acked = exc.job_ids, exc
-        try:
-            request_drains(runtime, jobs)
-        except Exception as exc:  # noqa: BLE001 - the results are safe in the inbox; the sweep asks again
-            log.warning("bridge: could not ask for jobs %s to be saved (%s); the inbox sweep will", jobs, exc)
-        if not_acked is not None:
-            raise not_acked  # the result messages come back, and the ACKs of their tasks are sent again
-
-    def send_advisories(msgs) -> None:
-        for msg in msgs:
-            runtime.send(names.PROCESS_TASK_ADVISORY, msg.data.decode("utf-8", errors="replace"))
-
-    def inbox_full() -> bool:
-        with models.thread_connection():
-            return inbox.size() > inbox.MAX_ROWS
-
-    advisories_key = f"{names.DRAMATIQ_NAMESPACE}:{names.RESULTS_QUEUE}"
-    return [
-        Route(names.RESULTS_STREAM, names.RESULTS_BRIDGE_CONSUMER, names.RESULTS_SUBJECTS, is_result, take_results,
-              inbox_full),
-        Route(names.ADVISORIES_STREAM, names.ADVISORIES_CONSUMER, None, lambda msg: True, send_advisories,
-              lambda: runtime.broker.client.llen(advisories_key) > MAX_ADVISORIES_QUEUED),
-    ]
 
 
 def sweep_inbox(runtime: Runtime) -> None:

@@ -3,7 +3,7 @@
 Every process ticks; for each time slot `floor(now / interval)` exactly one of them wins
 `SET jetpipe:periodic:<name>:<slot> NX` in Redis and sends the actor. However many worker processes and
 hosts run, each slot is sent once; a process that dies after winning loses only that tick. A tick that
-waited in a busy queue past the next slot is skipped by the actor (`actors/health.py`), so a backlog never
+waited in a busy queue past the next slot is skipped when it runs (`run_once_per_slot`), so a backlog never
 replays stale ticks; it is not expired by Dramatiq's max_age, which would dead-letter every one of them.
 """
 
@@ -19,6 +19,7 @@ from collections.abc import Callable
 import redis
 
 from pipeline import names
+from pipeline.infra.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +68,23 @@ class SlotScheduler:
             except Exception as exc:  # noqa: BLE001 - a Redis blip must not kill the scheduler
                 log.warning("scheduler %s: %s tick failed: %s", self.identity, self.name, exc)
             self._stop.wait(min(1.0, self.interval_s / 4))
+
+
+def run_once_per_slot(runtime: Runtime, name: str, slot: int | None, interval_s: float, run: Callable[[], object],
+                      *, time_limit_ms: int) -> bool:
+    """Run `run()` for the periodic task `name`'s tick `slot`, unless another run of it is still going (no
+    overlapping runs) or the tick waited in the queue past the next one (a backlog is not replayed).
+    True if it ran. The lock lasts `time_limit_ms`: the actor's time limit, so a stopped run frees it."""
+    if slot is not None and time.time() // interval_s - slot > 1:
+        log.info("%s slot=%s skipped: stale (a newer tick follows)", name, slot)
+        return False
+    lock = names.periodic_lock_key(name)
+    token = runtime.state.try_lock(lock, time_limit_ms)
+    if token is None:
+        log.info("%s slot=%s skipped: another run is in progress", name, slot)
+        return False
+    try:
+        run()
+        return True
+    finally:
+        runtime.state.release(lock, token)
