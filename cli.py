@@ -578,8 +578,8 @@ def process(pipeline_slug: str, concurrency: int, batch_size: int, task_timeout:
     """
     from pipeline.errors import UserInputError
     from pipeline.schemas import MAX_IMAGES_PER_RESULT
+    from pipeline.sdk import HttpTransport, ProcessingService
     from pipeline.sdk.handlers import HANDLERS, get_handler
-    from pipeline.sdk.service import ProcessingService
     from pipeline.settings import get_settings
 
     handler = get_handler(pipeline_slug)
@@ -598,7 +598,7 @@ def process(pipeline_slug: str, concurrency: int, batch_size: int, task_timeout:
     service = ProcessingService(pipeline_slug, handler, nats_url=settings.nats_url, concurrency=concurrency,
                                 nats_creds=settings.nats_creds, nats_tls_ca=settings.nats_tls_ca,
                                 batch_size=batch_size, task_timeout_s=task_timeout,
-                                transport="http" if via_url else "nats", url=via_url or "", token=token or "")
+                                transport=HttpTransport(via_url, token=token or "") if via_url else None)
 
     async def serve():
         loop = asyncio.get_running_loop()

@@ -119,7 +119,7 @@ print(json.dumps({"enqueue_s": t1 - t0, "dispatch_s": t2 - t1}))
 # ---- end to end ------------------------------------------------------------------------------------------------
 E2E_SERVICE = """
 import asyncio, json
-from pipeline.sdk.service import ProcessingService
+from pipeline.sdk import HttpTransport, ProcessingService
 from pipeline.schemas import SuccessResult, SourceImageRef, DetectionOut, ClassificationOut, BBox, AlgorithmRef
 from pipeline.settings import get_settings
 DET, CLS = AlgorithmRef("blob-detector-v1"), AlgorithmRef("moth-shape-v1")
@@ -133,7 +133,7 @@ asyncio.run(ProcessingService("moth-demo", null_model, nats_url=get_settings().n
 
 GATEWAY_SERVICE = E2E_SERVICE.replace(
     'nats_url=get_settings().nats_url, concurrency=64,\n                              batch_size=BATCH)',
-    'transport="http", url=WEB_URL, concurrency=BATCH,\n                              batch_size=BATCH)')
+    'transport=HttpTransport(WEB_URL), concurrency=BATCH,\n                              batch_size=BATCH)')
 
 E2E_ENQUEUE = """
 import json, time, models

@@ -420,15 +420,17 @@ def test_a_lost_sweep_over_more_images_than_sqlite_takes_in_one_statement(runtim
 def test_a_service_whose_nats_connection_never_comes_back_opens_a_new_one(runtime, moth_pipeline, service_factory,
                                                                           monkeypatch):
     # Given a running service whose connection dies for good (a client reconnect that stalled)
-    from pipeline.sdk import service as sdk
-    monkeypatch.setattr(sdk, "RECONNECT_WATCHDOG_S", 1.0)
+    from pipeline.sdk import nats_transport
+
+    monkeypatch.setattr(nats_transport, "RECONNECT_WATCHDOG_S", 1.0)
     service = service_factory(runtime.settings, moth_pipeline, lambda task: decode_result(success_body(task)),
                               batch_size=1)
-    wait_for(lambda: service._queue is not None and service._queue.nc.is_connected, timeout_s=10,
+    transport = service.transport
+    wait_for(lambda: transport._queue is not None and transport._queue.nc.is_connected, timeout_s=10,
              message="the service to connect")
     import asyncio
 
-    nc = service._queue.nc
+    nc = transport._queue.nc
     asyncio.run_coroutine_threadsafe(nc.close(), nc._reading_task.get_loop()).result(timeout=10)  # its own loop
     # When a job's tasks are dispatched
     job = fake_job(moth_pipeline, 3)

@@ -76,7 +76,7 @@ def test_tasks_delivered_beyond_the_free_slots_wait_kept_alive_and_never_exceed_
         service = service_factory(quick, moth_pipeline, model, concurrency=2, batch_size=1)
         wait_for(lambda: model.running == 2, timeout_s=30, message="both slots busy")
         # When 5 more tasks reach its subscription, answering a pull request it had given up on
-        answer_late(runtime, job.id, service._subs[job.id]._deliver, 5)
+        answer_late(runtime, job.id, service.transport._subs[job.id]._deliver, 5)
         wait_for(lambda: runtime.tasks.consumer_state(job.id, "moth-demo").num_ack_pending == 7, timeout_s=10,
                  message="the late deliveries")
         time.sleep(4)  # longer than their lease, with every slot still busy

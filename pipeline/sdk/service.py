@@ -1,78 +1,39 @@
-"""Processing-service SDK: pull a pipeline's tasks across its active jobs, run a model, publish results.
+"""Processing-service SDK: pull a pipeline's tasks across its active jobs, run a model, return results.
 
     service = ProcessingService("moth-demo", handler, nats_url="nats://...")
     asyncio.run(service.run())
-    # or, where NATS cannot be reached, through the web server's HTTP gateway (pipeline/sdk/http.py):
-    service = ProcessingService("moth-demo", handler, transport="http", url="https://jetpipe.example", token="...")
+    # or, where NATS cannot be reached, through the web server's HTTP gateway:
+    service = ProcessingService("moth-demo", handler, transport=HttpTransport("https://jetpipe.example", token="..."))
 
-What it does for the service author (docs/processing-services.md):
-- connects with its own inbox prefix, `_INBOX.<its NATS user>` (the only replies its user may read);
-- finds work by listing the job consumers of its pipeline's stream `PIPELINE_TASKS_<slug>`,
-  keeps one long-lived pull subscription per job (never subscribe/fetch/unsubscribe per request:
-  that loses deliveries in flight to a dropped inbox), and pulls from the jobs round-robin;
-- fetches only as many tasks as it has free slots, so no task's ack_wait runs while it waits in a buffer;
-  never runs more than `concurrency` handlers: a fetch can bring more than it asked for (an earlier pull
-  request answered after it gave up, typically after a reconnect), and those extra tasks wait, kept
-  alive with +WPI, for the next free slots;
-- sends `+WPI` (in progress) every ack_wait/3 while the handler runs;
-- publishes results on `pipeline.results.<slug>.<job_id>` with `Pipeline-Task-Token` (the tokens of the
-  tasks answered: only they decide images) and `Pipeline-Task-Reply`; never ACKs a task;
-- batches success results: up to `batch_size` images of one job go out as one result message (their
-  tasks' tokens and reply subjects comma-separated in the headers), after at most `batch_linger_s`; one message per
-  batch is what lets the workers save a thousand images a second (docs/performance.md). Error results
-  go out one per image, at once. `batch_size=1` turns batching off;
-- turns any exception from the handler into an error result for that image, and a handler that runs
-  longer than `task_timeout_s` (10 min) into a timeout error result (a sync handler's thread cannot be
-  stopped: it finishes on its own, its result is dropped).
+The service runs the handler; its transport (`pipeline.sdk.transport.Transport`: NATS by default, or HTTP)
+finds tasks, keeps their leases and returns the results (docs/processing-services.md). Whatever the
+transport, the service turns any exception from the handler into an error result for that image, and a
+handler that runs longer than `task_timeout_s` (10 min) into a timeout error result (a sync handler's thread
+cannot be stopped: it finishes on its own, its result is dropped).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import dataclasses
 import inspect
 import logging
 import threading
-import time
-import urllib.parse
 from collections.abc import Callable
 
-import msgspec
-import nats.errors
-import nats.js.errors
-
-from pipeline import names
-from pipeline.infra.natswatch import round_trip
-from pipeline.infra.outage import Outage
-from pipeline.infra.taskqueue import NATS_FAILURES, TaskQueue, take_waiting
-from pipeline.schemas import MAX_IMAGES_PER_RESULT, ErrorResult, Result, SuccessResult, Task, decode_task, encode
-from pipeline.sdk.http import HttpTransport
+from pipeline.schemas import MAX_IMAGES_PER_RESULT, ErrorResult, Result, Task
+from pipeline.sdk.nats_transport import NatsTransport, service_inbox_prefix
+from pipeline.sdk.transport import Transport
 
 log = logging.getLogger(__name__)
 
-#: Seconds the NATS connection may stay down before the service opens a new one instead of waiting for
-#: the client's own reconnect (which can stall when the server restarts under it).
-RECONNECT_WATCHDOG_S = 15.0
-#: Seconds between two round trips that check the connection is alive.
-LIVENESS_CHECK_S = 5.0
-#: Seconds between two listings of the pipeline's job consumers.
-REFRESH_S = 1.0
-#: Seconds one fetch waits on one job when it has no task ready.
-FETCH_TIMEOUT_S = 0.5
-#: Seconds one publish of a result may take in all (a wedged client must not hang the service).
-PUBLISH_TIMEOUT_S = 15.0
-#: Attempts to publish one result before leaving the task to redelivery.
-PUBLISH_ATTEMPTS = 5
-#: Reply subjects of processing services start with this, then the service's NATS user: each service user may
-#: read `_INBOX.<its user>.>` only (deploy/nats-users.conf), so no service sees another's deliveries.
-SERVICE_INBOX_PREFIX = "_INBOX"
 #: Seconds a handler may take on one task before the image is failed with a timeout: the SDK keeps a
 #: running task alive with +WPI, so without a deadline a hung fetch would hold its slot forever.
 TASK_TIMEOUT_S = 600.0
 #: Images per result message by default, and how long a partly filled batch may wait (seconds).
 BATCH_SIZE = 50
 BATCH_LINGER_S = 0.05
+
+__all__ = ["BATCH_SIZE", "ProcessingService", "TASK_TIMEOUT_S", "service_inbox_prefix"]
 
 
 def _in_own_thread(fn, arg, *, name: str) -> asyncio.Future:
@@ -103,364 +64,46 @@ def _in_own_thread(fn, arg, *, name: str) -> asyncio.Future:
     return future
 
 
-@dataclasses.dataclass
-class _Held:
-    """A task delivered beyond the free slots, kept leased with +WPI until a slot frees."""
-
-    msg: object
-    keep_alive: asyncio.Task
-
-
-@dataclasses.dataclass
-class _Batch:
-    """Success results of one job waiting to go out as one message."""
-
-    replies: list[str] = dataclasses.field(default_factory=list)
-    results: list[SuccessResult] = dataclasses.field(default_factory=list)
-    tokens: list[str] = dataclasses.field(default_factory=list)  # each task's task_token, named with the result
-
-    def images(self) -> int:
-        return sum(len(r.source_images) for r in self.results)
-
-    def merged(self) -> SuccessResult:
-        first = self.results[0]
-        if len(self.results) == 1:
-            return first
-        times = [r.total_time for r in self.results if r.total_time is not None]
-        return SuccessResult(pipeline=first.pipeline,
-                             source_images=[i for r in self.results for i in r.source_images],
-                             detections=[d for r in self.results for d in r.detections],
-                             total_time=sum(times) if times else None)
-
-
-def service_inbox_prefix(nats_url: str) -> str:
-    """`_INBOX.<user>` for the NATS user in `nats_url` (the first server's), `_INBOX` without one (a creds
-    file or no authentication: pass `inbox_prefix` to match what the operator's permissions allow)."""
-    user = urllib.parse.urlsplit(nats_url.split(",")[0].strip()).username if nats_url else None
-    return f"{SERVICE_INBOX_PREFIX}.{user}" if user else SERVICE_INBOX_PREFIX
-
-
-def _task_token(data: bytes) -> str:
-    """The task_token of a task message ("" if it has none or is not a task)."""
-    try:
-        return decode_task(data).task_token
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return ""
-
-
 class ProcessingService:
-    """A processing service for one pipeline. `handler(task) -> SuccessResult | ErrorResult` (sync or async)."""
+    """A processing service for one pipeline. `handler(task) -> SuccessResult | ErrorResult` (sync or async).
+
+    `transport`: how it reaches jetpipe; by default NATS at `nats_url` (with `nats_creds`, `nats_tls_ca`,
+    `inbox_prefix`), else e.g. `HttpTransport(url, token=...)` for the web server's gateway. `batch_size`:
+    images per result message (1 turns batching off), sent after at most `batch_linger_s`.
+    """
 
     def __init__(self, pipeline: str, handler: Callable[[Task], Result], *, nats_url: str = "",
                  concurrency: int = 4, name: str | None = None, nats_creds: str = "", nats_tls_ca: str = "",
                  batch_size: int = BATCH_SIZE, batch_linger_s: float = BATCH_LINGER_S,
-                 task_timeout_s: float = TASK_TIMEOUT_S, transport: str = "nats", url: str = "", token: str = "",
+                 task_timeout_s: float = TASK_TIMEOUT_S, transport: Transport | None = None,
                  inbox_prefix: str | None = None):
         if not 1 <= batch_size <= MAX_IMAGES_PER_RESULT:
             raise ValueError(f"batch_size must be between 1 and {MAX_IMAGES_PER_RESULT}, got {batch_size}")
-        if transport not in ("nats", "http"):
-            raise ValueError(f"transport must be nats or http, got {transport!r}")
-        if transport == "http" and not url:
-            raise ValueError("transport='http' needs the web server's url")
-        if transport == "nats" and not nats_url:
-            raise ValueError("transport='nats' needs nats_url")
-        self.transport = transport
-        self.url = url
-        self.token = token
+        if transport is None and not nats_url:
+            raise ValueError("give nats_url, or a transport (such as HttpTransport) to reach jetpipe another way")
+        self.transport: Transport = transport or NatsTransport(nats_url, creds=nats_creds, tls_ca=nats_tls_ca,
+                                                               inbox_prefix=inbox_prefix)
         self.pipeline = pipeline
+        self.handler = handler
         self.batch_size = batch_size
         self.batch_linger_s = batch_linger_s
         self.task_timeout_s = task_timeout_s
-        self._batches: dict[int, _Batch] = {}
-        self.handler = handler
-        self.nats_url = nats_url
-        self.nats_security = {"creds": nats_creds, "tls_ca": nats_tls_ca}
-        self.inbox_prefix = inbox_prefix or service_inbox_prefix(nats_url)
         self.concurrency = concurrency
         self.name = name or f"{pipeline}-service"
         self.processed = 0
         self.failed = 0
         self.stopping = asyncio.Event()
-        self._queue: TaskQueue | None = None  # the service's NATS connection (replaced if it gets stuck)
-        self._checked = 0.0  # monotonic time of the last liveness check
-        self._replacing = False  # a replacement connection failed: say so once per outage
-        self._subs: dict[int, object] = {}
-        self._ack_wait: dict[int, float] = {}
-        self._held: dict[int, collections.deque[_Held]] = {}  # per job: delivered beyond the free slots
-        self._free = concurrency  # slots not running a task (only touched on the event loop)
-        self._slot_freed = asyncio.Event()
-        self._inflight: set[asyncio.Task] = set()
 
     def stop(self) -> None:
         self.stopping.set()
 
-    async def _connect(self) -> TaskQueue:
-        return await TaskQueue.connect(self.nats_url, name=self.name, inbox_prefix=self.inbox_prefix,
-                                       watch=True, **self.nats_security)
-
     async def run(self) -> None:
         """Process tasks until `stop()`; survives NATS (or gateway) outages and carries on."""
-        if self.transport == "http":
-            await HttpTransport(self, url=self.url, token=self.token,
-                                results_per_post=self.batch_size).run()
-            return
-        self._queue = await self._connect()
-        log.info("service %s pulling pipeline %s with %s slot(s)", self.name, self.pipeline, self.concurrency)
-        try:
-            await self._loop()
-        finally:
-            await self._release_held()
-            if self._inflight:
-                await asyncio.wait(self._inflight, timeout=30)
-            for job_id in list(self._batches):
-                await self._flush(self._queue, job_id)
-            await self._queue.close()
+        await self.transport.run(self)
 
-    async def _alive(self) -> bool:
-        """One round trip with the server: the client may think it is connected when it is not (never a
-        flush with a timeout, which nats-py 2.16 turns into a dead read loop: pipeline/infra/natswatch.py)."""
-        return await round_trip(self._queue.nc, 2) is None
-
-    async def _replace_stuck_connection(self, down_since: float | None) -> float | None:
-        """When the connection has been down (or silent) longer than RECONNECT_WATCHDOG_S, replace it with
-        a new one (the client's own reconnect can stall when a server restarts under it); when it was down."""
-        now = time.monotonic()
-        if now - self._checked < LIVENESS_CHECK_S and down_since is None:
-            return None
-        self._checked = now
-        if self._queue.nc.is_connected and await self._alive():
-            return None
-        if down_since is None or now - down_since < RECONNECT_WATCHDOG_S:
-            return down_since or now
-        log.log(logging.DEBUG if self._replacing else logging.WARNING,
-                "service %s: NATS connection down for %.0f s; opening a new one", self.name, now - down_since)
-        self._replacing = True
-        try:
-            fresh = await self._connect()
-        except Exception as exc:  # noqa: BLE001 - NATS still down: the next check tries again
-            log.debug("service %s: NATS still unreachable (%s)", self.name, exc)
-            return now
-        self._replacing = False
-        stale, self._queue = self._queue, fresh
-        self._subs.clear()  # bound to the old connection; re-made on the next refresh
-        self._ack_wait.clear()
-        for job_id in list(self._held):  # their +WPI went through the old connection: back after ack_wait
-            self._take_held(job_id)
-        try:
-            await asyncio.wait_for(stale.nc.close(), 5)
-        except Exception:  # noqa: BLE001 - it was stuck: nothing more to release
-            pass
-        return None
-
-    async def _loop(self) -> None:
-        next_refresh = 0.0
-        down_since: float | None = None
-        outage = Outage(f"service {self.name}: NATS", log)
-        while not self.stopping.is_set():
-            down_since = await self._replace_stuck_connection(down_since)
-            queue = self._queue
-            try:
-                if time.monotonic() >= next_refresh:
-                    await self._refresh(queue)
-                    next_refresh = time.monotonic() + REFRESH_S
-                if not self._subs:
-                    await self._wait(REFRESH_S)
-                    continue
-                got_any = False
-                for job_id in sorted(self._subs):  # round-robin: every job gets a fetch per cycle
-                    if self.stopping.is_set():
-                        break
-                    got_any |= await self._pull(queue, job_id)
-                outage.ok()
-                if not got_any:
-                    await self._wait(0.05)
-            except NATS_FAILURES as exc:
-                await self._wait(outage.failed(str(exc) or type(exc).__name__))
-            except Exception as exc:  # noqa: BLE001 - a bug must not stop the service: say it once, carry on
-                problem = f"{type(exc).__name__}: {exc}"
-                if problem != outage.problem:
-                    log.error("service %s: unexpected error; carrying on", self.name, exc_info=True)
-                await self._wait(outage.failed(problem))
-
-    async def _refresh(self, queue: TaskQueue) -> None:
-        consumers = {c.job_id: c for c in await queue.job_consumers(self.pipeline)}
-        for job_id in list(self._subs):
-            if job_id not in consumers:
-                await self._stop_pulling(job_id, "is gone")
-        for job_id, consumer in consumers.items():
-            if job_id not in self._subs:
-                stream = names.tasks_stream(self.pipeline)
-                info = await queue.js.consumer_info(stream, consumer.consumer)
-                self._ack_wait[job_id] = info.config.ack_wait or 30.0
-                self._subs[job_id] = await queue.js.pull_subscribe_bind(consumer.consumer, stream=stream)
-                log.info("service %s: pulling job %s", self.name, job_id)
-
-    async def _stop_pulling(self, job_id: int, why: str) -> None:
-        sub = self._subs.pop(job_id, None)
-        self._ack_wait.pop(job_id, None)
-        self._take_held(job_id)  # the job's tasks no longer matter
-        if sub is not None:
-            await sub.unsubscribe()
-        log.info("service %s: job %s %s; stopped pulling it", self.name, job_id, why)
-
-    async def _pull(self, queue: TaskQueue, job_id: int) -> bool:
-        """Start as many of the job's tasks as there are free slots, held ones first, else fetched; True if
-        any came."""
-        while self._free <= 0 and not self.stopping.is_set():
-            self._hold_late()
-            self._slot_freed.clear()
-            await self._wait_for(self._slot_freed, REFRESH_S)
-        if self._free <= 0 or job_id not in self._subs:
-            return False
-        self._hold_late()
-        msgs = self._take_held(job_id, self._free)
-        late = len(msgs)
-        if not msgs:
-            if not queue.nc.is_connected:
-                return False  # a pull request now would wait in the client and be answered after it gave up
-            try:
-                # bounded from outside too: a client whose connection is wedged can hang inside fetch
-                fetched = await asyncio.wait_for(self._subs[job_id].fetch(self._free, timeout=FETCH_TIMEOUT_S),
-                                                 FETCH_TIMEOUT_S + 5)
-            except (TimeoutError, nats.errors.TimeoutError):
-                return False
-            except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):
-                # the job's consumer was deleted (job finished or canceled)
-                await self._stop_pulling(job_id, "consumer is gone")
-                return False
-            msgs, surplus = fetched[:self._free], fetched[self._free:]
-            self._hold(job_id, surplus)
-        self._free -= len(msgs)
-        for i, msg in enumerate(msgs):
-            task = asyncio.create_task(self._process(queue, job_id, msg, late=i < late))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
-        return bool(msgs)
-
-    def _hold_late(self) -> None:
-        """Hold what waits on the subscriptions: answers to pull requests that reached NATS after their fetch
-        gave up (e.g. sent while reconnecting, flushed once connected). Kept alive from now on, not from
-        whenever a slot frees and the next fetch would find them."""
-        for job_id, sub in self._subs.items():
-            self._hold(job_id, take_waiting(sub))
-
-    def _hold(self, job_id: int, msgs: list) -> None:
-        """Keep tasks delivered beyond the free slots alive (+WPI) until a slot frees; they start first."""
-        if not msgs:
-            return
-        held = self._held.setdefault(job_id, collections.deque())
-        ack_wait = self._ack_wait.get(job_id, 30.0)
-        for msg in msgs:
-            held.append(_Held(msg, asyncio.create_task(self._keep_alive(msg, ack_wait, at_once=True))))
-        log.info("service %s: job=%s %s task(s) delivered late, held until a slot is free", self.name, job_id,
-                 len(msgs))
-
-    def _take_held(self, job_id: int, count: int | None = None) -> list:
-        """Up to `count` (default: all) of the job's held tasks, oldest first, no longer kept alive here."""
-        held = self._held.get(job_id)
-        taken = []
-        while held and (count is None or len(taken) < count):
-            entry = held.popleft()
-            entry.keep_alive.cancel()
-            taken.append(entry.msg)
-        if held is not None and not held:
-            del self._held[job_id]
-        return taken
-
-    async def _release_held(self) -> None:
-        """On stopping: hand the held tasks back (NAK) so they are redelivered at once, not after ack_wait."""
-        for job_id in list(self._held):
-            for msg in self._take_held(job_id):
-                try:
-                    await msg.nak()
-                except NATS_FAILURES:
-                    pass  # redelivered after ack_wait instead
-
-    async def _process(self, queue: TaskQueue, job_id: int, msg, *, late: bool = False) -> None:
-        try:
-            # a late task's lease ran while it waited: +WPI at once
-            heartbeat = asyncio.create_task(self._keep_alive(msg, self._ack_wait.get(job_id, 30.0), at_once=late))
-            try:
-                result = await self._run_handler(msg)
-            finally:
-                heartbeat.cancel()
-        except Exception as exc:  # noqa: BLE001 - one task's trouble must not stop the service
-            log.warning("service %s: job=%s task left to redelivery: %s", self.name, job_id, exc)
-            return
-        finally:
-            self._free += 1
-            self._slot_freed.set()
-        token = _task_token(msg.data)
-        if isinstance(result, SuccessResult) and self.batch_size > 1:
-            await self._add_to_batch(queue, job_id, msg.reply, token, result)
-        else:
-            await self._send(queue, job_id, _Batch([msg.reply], [result], [token]))
-
-    async def _add_to_batch(self, queue: TaskQueue, job_id: int, reply: str, token: str,
-                            result: SuccessResult) -> None:
-        # The batches change only between awaits, so concurrent tasks never lose one another's results.
-        ready = []
-        batch = self._batches.get(job_id)
-        if batch is not None and batch.images() + len(result.source_images) > self.batch_size:
-            ready.append(self._batches.pop(job_id))
-            batch = None
-        if batch is None:
-            batch = self._batches[job_id] = _Batch()
-            task = asyncio.create_task(self._flush_later(queue, job_id, batch))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
-        batch.replies.append(reply)
-        batch.results.append(result)
-        batch.tokens.append(token)
-        if batch.images() >= self.batch_size:
-            ready.append(self._batches.pop(job_id))
-        for full in ready:
-            await self._send(queue, job_id, full)
-
-    async def _flush_later(self, queue: TaskQueue, job_id: int, batch: _Batch) -> None:
-        await asyncio.sleep(self.batch_linger_s)
-        if self._batches.get(job_id) is batch:
-            await self._flush(queue, job_id)
-
-    async def _flush(self, queue: TaskQueue, job_id: int) -> None:
-        batch = self._batches.pop(job_id, None)
-        if batch is not None and batch.results:
-            await self._send(queue, job_id, batch)
-
-    async def _send(self, queue: TaskQueue, job_id: int, batch: _Batch) -> None:
-        """Publish a batch's results as one message; one too large for the server is split in halves, and a
-        single task's result too large on its own goes out as an error result for its image."""
-        result = batch.merged()
-        try:
-            await self._publish(queue, job_id, batch.replies, batch.tokens, result)
-        except nats.errors.MaxPayloadError:
-            if len(batch.results) > 1:
-                half = len(batch.results) // 2
-                for part in (slice(None, half), slice(half, None)):
-                    await self._send(queue, job_id, _Batch(batch.replies[part], batch.results[part],
-                                                           batch.tokens[part]))
-                return
-            image_id = result.source_images[0].id if isinstance(result, SuccessResult) else result.image_id
-            too_large = ErrorResult(error=f"result of {len(encode(result))} bytes is larger than the NATS server "
-                                          f"accepts (max_payload {queue.nc.max_payload})", image_id=image_id)
-            await self._send(queue, job_id, _Batch(batch.replies, [too_large], batch.tokens))
-        except Exception as exc:  # noqa: BLE001 - one batch's trouble must not stop the service
-            images = ([i.id for i in result.source_images] if isinstance(result, SuccessResult)
-                      else [result.image_id or "?"])
-            log.warning("service %s: job=%s image=%s result not published, task(s) left to redelivery: %s",
-                        self.name, job_id, ",".join(images), exc)
-
-    async def _run_handler(self, msg) -> Result:
-        headers = msg.headers or {}
-        image_id = headers.get(names.HDR_IMAGE_ID)
-        try:
-            task = decode_task(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            return ErrorResult(error=f"malformed task: {exc}", image_id=image_id)
-        return await self._run_task(task)
-
-    async def _run_task(self, task: Task) -> Result:
-        """The handler's result for `task`; its exception or a run past the deadline as an error result."""
+    async def run_task(self, task: Task) -> Result:
+        """The handler's result for `task`; its exception or a run past the deadline as an error result (what
+        a transport calls for each task it got)."""
         try:
             if inspect.iscoroutinefunction(self.handler):
                 running = self.handler(task)
@@ -477,42 +120,13 @@ class ProcessingService:
         self.processed += 1
         return result
 
-    @staticmethod
-    async def _keep_alive(msg, ack_wait_s: float, *, at_once: bool = False) -> None:
-        """+WPI every ack_wait/3 (`at_once`: first now, for a task whose ack_wait ran while it waited)."""
-        every = max(ack_wait_s / 3, 0.2)
-        if not at_once:
-            await asyncio.sleep(every)
-        while True:
-            try:
-                await msg.in_progress()
-            except Exception:  # noqa: BLE001 - a lost +WPI only risks a redelivery
-                return
-            await asyncio.sleep(every)
-
-    async def _publish(self, queue: TaskQueue, job_id: int, replies: list[str], tokens: list[str],
-                       result: Result) -> None:
-        body = encode(result)
-        headers = {names.HDR_TASK_REPLY: names.join_task_replies(replies),
-                   names.HDR_TASK_TOKEN: ",".join(t for t in tokens if t)}
-        for attempt in range(1, PUBLISH_ATTEMPTS + 1):
-            try:
-                subject = names.result_subject(self.pipeline, job_id)
-                await asyncio.wait_for(queue.js.publish(subject, body, stream=names.RESULTS_STREAM,
-                                                        headers=headers), PUBLISH_TIMEOUT_S)
-                return
-            except NATS_FAILURES as exc:
-                if attempt == PUBLISH_ATTEMPTS or isinstance(exc, nats.errors.MaxPayloadError):
-                    raise
-                log.warning("service %s: job=%s publishing result failed (%s); retry %s", self.name, job_id,
-                            str(exc) or type(exc).__name__, attempt)
-                await asyncio.sleep(0.5 * attempt)
-
-    async def _wait(self, seconds: float) -> None:
-        await self._wait_for(self.stopping, seconds)
+    async def wait(self, seconds: float) -> None:
+        """Sleep `seconds`, or less if the service is stopped meanwhile."""
+        await self.wait_for(self.stopping, seconds)
 
     @staticmethod
-    async def _wait_for(event: asyncio.Event, seconds: float) -> None:
+    async def wait_for(event: asyncio.Event, seconds: float) -> None:
+        """Wait until `event` is set, at most `seconds`."""
         try:
             await asyncio.wait_for(event.wait(), seconds)
         except TimeoutError:

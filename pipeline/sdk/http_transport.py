@@ -1,4 +1,4 @@
-"""The processing-service SDK over HTTP: `ProcessingService(..., transport="http", url=…, token=…)`.
+"""The processing-service SDK over HTTP: `ProcessingService(..., transport=HttpTransport(url, token=…))`.
 
 For services that cannot reach NATS (a lab GPU behind a firewall): the same handler, run against the web
 server's gateway (`/api/v2`, docs/processing-services.md). It finds the pipeline's running jobs, reserves
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 import httpx
 import msgspec
@@ -21,34 +22,44 @@ from pipeline.errors import ConfigError
 from pipeline.infra.outage import Outage
 from pipeline.schemas import Task, encode
 
+if TYPE_CHECKING:
+    from pipeline.sdk.service import ProcessingService
+
 log = logging.getLogger(__name__)
 
 #: Seconds between two looks for jobs when none has a task for us.
 IDLE_S = 0.5
 #: Seconds between two lease extensions of a running task (the default ack_wait is 30 s).
 KEEP_ALIVE_S = 10.0
-#: Results returned per POST by default, and how long a partly filled POST may wait (seconds).
-RESULTS_PER_POST = 50
+#: How long a partly filled POST of results may wait (seconds).
 LINGER_S = 0.1
 #: Attempts to return one batch of results while the gateway answers 503 (about two minutes).
 POST_ATTEMPTS = 12
 
 
 class HttpTransport:
-    def __init__(self, service, *, url: str, token: str = "", results_per_post: int = RESULTS_PER_POST,
+    """The service's link to a jetpipe web server's gateway at `url` (`token`: a `service` token).
+    `results_per_post`: results returned in one POST (default: the service's batch_size)."""
+
+    def __init__(self, url: str, *, token: str = "", results_per_post: int | None = None,
                  linger_s: float = LINGER_S):
-        self.service = service
+        if not url:
+            raise ValueError("the HTTP transport needs the web server's url")
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Token {token}"} if token else {}
         self.results_per_post = results_per_post
         self.linger_s = linger_s
-        self._free = service.concurrency
+        self._free = 0
         self._slot_freed = asyncio.Event()
         self._pending: dict[int, list[dict]] = {}
         self._inflight: set[asyncio.Task] = set()
 
-    async def run(self) -> None:
-        service = self.service
+    async def run(self, service: ProcessingService) -> None:
+        """Reserve and answer the pipeline's tasks until the service stops; survives gateway outages."""
+        self.service = service
+        self._free = service.concurrency
+        if self.results_per_post is None:
+            self.results_per_post = service.batch_size
         outage = Outage(f"service {service.name}: gateway {self.url}", log)
         log.info("service %s pulling pipeline %s over HTTP from %s with %s slot(s)", service.name,
                  service.pipeline, self.url, service.concurrency)
@@ -61,10 +72,10 @@ class HttpTransport:
                         got = await self._round(client)
                         outage.ok()
                     except (httpx.HTTPError, GatewayBusy) as exc:
-                        await service._wait(outage.failed(str(exc) or type(exc).__name__))
+                        await service.wait(outage.failed(str(exc) or type(exc).__name__))
                         continue
                     if not got:
-                        await service._wait(IDLE_S)
+                        await service.wait(IDLE_S)
             finally:
                 if self._inflight:
                     await asyncio.gather(*self._inflight, return_exceptions=True)
@@ -80,7 +91,7 @@ class HttpTransport:
         for job in listing.json()["results"]:
             while self._free <= 0 and not self.service.stopping.is_set():
                 self._slot_freed.clear()
-                await self.service._wait_for(self._slot_freed, 1.0)
+                await self.service.wait_for(self._slot_freed, 1.0)
             if self.service.stopping.is_set():
                 break
             reply = await client.post(f"/api/v2/jobs/{job['id']}/tasks/",
@@ -99,7 +110,7 @@ class HttpTransport:
     async def _process(self, job_id: int, task: dict) -> None:
         keep_alive = asyncio.create_task(self._keep_alive(job_id, task["reply_subject"]))
         try:
-            result = await self.service._run_task(Task(job_id=job_id, image_id=str(task["image_id"]),
+            result = await self.service.run_task(Task(job_id=job_id, image_id=str(task["image_id"]),
                                                        image_url=task["image_url"], pipeline=self.service.pipeline))
         finally:
             keep_alive.cancel()

@@ -1,0 +1,422 @@
+"""The processing-service SDK over NATS (the default transport): what `ProcessingService` does with JetStream.
+
+- connects with its own inbox prefix, `_INBOX.<its NATS user>` (the only replies its user may read);
+- finds work by listing the job consumers of its pipeline's stream `PIPELINE_TASKS_<slug>`,
+  keeps one long-lived pull subscription per job (never subscribe/fetch/unsubscribe per request:
+  that loses deliveries in flight to a dropped inbox), and pulls from the jobs round-robin;
+- fetches only as many tasks as it has free slots, so no task's ack_wait runs while it waits in a buffer;
+  never runs more than `concurrency` handlers: a fetch can bring more than it asked for (an earlier pull
+  request answered after it gave up, typically after a reconnect), and those extra tasks wait, kept
+  alive with +WPI, for the next free slots;
+- sends `+WPI` (in progress) every ack_wait/3 while the handler runs;
+- publishes results on `pipeline.results.<slug>.<job_id>` with `Pipeline-Task-Token` (the tokens of the
+  tasks answered: only they decide images) and `Pipeline-Task-Reply`; never ACKs a task;
+- batches success results: up to `batch_size` images of one job go out as one result message (their
+  tasks' tokens and reply subjects comma-separated in the headers), after at most `batch_linger_s`; one
+  message per batch is what lets the workers save a thousand images a second (docs/performance.md). Error
+  results go out one per image, at once. `batch_size=1` turns batching off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import time
+import urllib.parse
+from typing import TYPE_CHECKING
+
+import msgspec
+import nats.errors
+import nats.js.errors
+
+from pipeline import names
+from pipeline.infra.natswatch import round_trip
+from pipeline.infra.outage import Outage
+from pipeline.infra.taskqueue import NATS_FAILURES, TaskQueue, take_waiting
+from pipeline.schemas import ErrorResult, Result, SuccessResult, decode_task, encode
+
+if TYPE_CHECKING:
+    from pipeline.sdk.service import ProcessingService
+
+log = logging.getLogger(__name__)
+
+#: Seconds the NATS connection may stay down before the service opens a new one instead of waiting for
+#: the client's own reconnect (which can stall when the server restarts under it).
+RECONNECT_WATCHDOG_S = 15.0
+#: Seconds between two round trips that check the connection is alive.
+LIVENESS_CHECK_S = 5.0
+#: Seconds between two listings of the pipeline's job consumers.
+REFRESH_S = 1.0
+#: Seconds one fetch waits on one job when it has no task ready.
+FETCH_TIMEOUT_S = 0.5
+#: Seconds one publish of a result may take in all (a wedged client must not hang the service).
+PUBLISH_TIMEOUT_S = 15.0
+#: Attempts to publish one result before leaving the task to redelivery.
+PUBLISH_ATTEMPTS = 5
+#: Reply subjects of processing services start with this, then the service's NATS user: each service user may
+#: read `_INBOX.<its user>.>` only (deploy/nats-users.conf), so no service sees another's deliveries.
+SERVICE_INBOX_PREFIX = "_INBOX"
+
+
+@dataclasses.dataclass
+class _Held:
+    """A task delivered beyond the free slots, kept leased with +WPI until a slot frees."""
+
+    msg: object
+    keep_alive: asyncio.Task
+
+
+@dataclasses.dataclass
+class _Batch:
+    """Success results of one job waiting to go out as one message."""
+
+    replies: list[str] = dataclasses.field(default_factory=list)
+    results: list[SuccessResult] = dataclasses.field(default_factory=list)
+    tokens: list[str] = dataclasses.field(default_factory=list)  # each task's task_token, named with the result
+
+    def images(self) -> int:
+        return sum(len(r.source_images) for r in self.results)
+
+    def merged(self) -> SuccessResult:
+        first = self.results[0]
+        if len(self.results) == 1:
+            return first
+        times = [r.total_time for r in self.results if r.total_time is not None]
+        return SuccessResult(pipeline=first.pipeline,
+                             source_images=[i for r in self.results for i in r.source_images],
+                             detections=[d for r in self.results for d in r.detections],
+                             total_time=sum(times) if times else None)
+
+
+def service_inbox_prefix(nats_url: str) -> str:
+    """`_INBOX.<user>` for the NATS user in `nats_url` (the first server's), `_INBOX` without one (a creds
+    file or no authentication: pass `inbox_prefix` to match what the operator's permissions allow)."""
+    user = urllib.parse.urlsplit(nats_url.split(",")[0].strip()).username if nats_url else None
+    return f"{SERVICE_INBOX_PREFIX}.{user}" if user else SERVICE_INBOX_PREFIX
+
+
+def _task_token(data: bytes) -> str:
+    """The task_token of a task message ("" if it has none or is not a task)."""
+    try:
+        return decode_task(data).task_token
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return ""
+
+
+class NatsTransport:
+    """The service's link to NATS: one connection (replaced if it gets stuck), one pull subscription per job
+    of its pipeline, pulled round-robin with as many tasks as the service has free slots."""
+
+    def __init__(self, nats_url: str, *, creds: str = "", tls_ca: str = "", inbox_prefix: str | None = None):
+        if not nats_url:
+            raise ValueError("the NATS transport needs nats_url")
+        self.nats_url = nats_url
+        self.nats_security = {"creds": creds, "tls_ca": tls_ca}
+        self.inbox_prefix = inbox_prefix or service_inbox_prefix(nats_url)
+        self._queue: TaskQueue | None = None  # the service's NATS connection (replaced if it gets stuck)
+        self._checked = 0.0  # monotonic time of the last liveness check
+        self._replacing = False  # a replacement connection failed: say so once per outage
+        self._subs: dict[int, object] = {}
+        self._ack_wait: dict[int, float] = {}
+        self._held: dict[int, collections.deque[_Held]] = {}  # per job: delivered beyond the free slots
+        self._batches: dict[int, _Batch] = {}
+        self._free = 0  # slots not running a task (only touched on the event loop)
+        self._slot_freed = asyncio.Event()
+        self._inflight: set[asyncio.Task] = set()
+
+    async def run(self, service: ProcessingService) -> None:
+        """Pull and answer the pipeline's tasks until the service stops; survives NATS outages."""
+        self.service = service
+        self._free = service.concurrency
+        self._queue = await self._connect()
+        log.info("service %s pulling pipeline %s with %s slot(s)", service.name, service.pipeline,
+                 service.concurrency)
+        try:
+            await self._loop()
+        finally:
+            await self._release_held()
+            if self._inflight:
+                await asyncio.wait(self._inflight, timeout=30)
+            for job_id in list(self._batches):
+                await self._flush(self._queue, job_id)
+            await self._queue.close()
+
+    async def _connect(self) -> TaskQueue:
+        return await TaskQueue.connect(self.nats_url, name=self.service.name, inbox_prefix=self.inbox_prefix,
+                                       watch=True, **self.nats_security)
+
+    async def _alive(self) -> bool:
+        """One round trip with the server: the client may think it is connected when it is not (never a
+        flush with a timeout, which nats-py 2.16 turns into a dead read loop: pipeline/infra/natswatch.py)."""
+        return await round_trip(self._queue.nc, 2) is None
+
+    async def _replace_stuck_connection(self, down_since: float | None) -> float | None:
+        """When the connection has been down (or silent) longer than RECONNECT_WATCHDOG_S, replace it with
+        a new one (the client's own reconnect can stall when a server restarts under it); when it was down."""
+        now = time.monotonic()
+        if now - self._checked < LIVENESS_CHECK_S and down_since is None:
+            return None
+        self._checked = now
+        if self._queue.nc.is_connected and await self._alive():
+            return None
+        if down_since is None or now - down_since < RECONNECT_WATCHDOG_S:
+            return down_since or now
+        log.log(logging.DEBUG if self._replacing else logging.WARNING,
+                "service %s: NATS connection down for %.0f s; opening a new one", self.service.name, now - down_since)
+        self._replacing = True
+        try:
+            fresh = await self._connect()
+        except Exception as exc:  # noqa: BLE001 - NATS still down: the next check tries again
+            log.debug("service %s: NATS still unreachable (%s)", self.service.name, exc)
+            return now
+        self._replacing = False
+        stale, self._queue = self._queue, fresh
+        self._subs.clear()  # bound to the old connection; re-made on the next refresh
+        self._ack_wait.clear()
+        for job_id in list(self._held):  # their +WPI went through the old connection: back after ack_wait
+            self._take_held(job_id)
+        try:
+            await asyncio.wait_for(stale.nc.close(), 5)
+        except Exception:  # noqa: BLE001 - it was stuck: nothing more to release
+            pass
+        return None
+
+    async def _loop(self) -> None:
+        next_refresh = 0.0
+        down_since: float | None = None
+        outage = Outage(f"service {self.service.name}: NATS", log)
+        while not self.service.stopping.is_set():
+            down_since = await self._replace_stuck_connection(down_since)
+            queue = self._queue
+            try:
+                if time.monotonic() >= next_refresh:
+                    await self._refresh(queue)
+                    next_refresh = time.monotonic() + REFRESH_S
+                if not self._subs:
+                    await self.service.wait(REFRESH_S)
+                    continue
+                got_any = False
+                for job_id in sorted(self._subs):  # round-robin: every job gets a fetch per cycle
+                    if self.service.stopping.is_set():
+                        break
+                    got_any |= await self._pull(queue, job_id)
+                outage.ok()
+                if not got_any:
+                    await self.service.wait(0.05)
+            except NATS_FAILURES as exc:
+                await self.service.wait(outage.failed(str(exc) or type(exc).__name__))
+            except Exception as exc:  # noqa: BLE001 - a bug must not stop the service: say it once, carry on
+                problem = f"{type(exc).__name__}: {exc}"
+                if problem != outage.problem:
+                    log.error("service %s: unexpected error; carrying on", self.service.name, exc_info=True)
+                await self.service.wait(outage.failed(problem))
+
+    async def _refresh(self, queue: TaskQueue) -> None:
+        consumers = {c.job_id: c for c in await queue.job_consumers(self.service.pipeline)}
+        for job_id in list(self._subs):
+            if job_id not in consumers:
+                await self._stop_pulling(job_id, "is gone")
+        for job_id, consumer in consumers.items():
+            if job_id not in self._subs:
+                stream = names.tasks_stream(self.service.pipeline)
+                info = await queue.js.consumer_info(stream, consumer.consumer)
+                self._ack_wait[job_id] = info.config.ack_wait or 30.0
+                self._subs[job_id] = await queue.js.pull_subscribe_bind(consumer.consumer, stream=stream)
+                log.info("service %s: pulling job %s", self.service.name, job_id)
+
+    async def _stop_pulling(self, job_id: int, why: str) -> None:
+        sub = self._subs.pop(job_id, None)
+        self._ack_wait.pop(job_id, None)
+        self._take_held(job_id)  # the job's tasks no longer matter
+        if sub is not None:
+            await sub.unsubscribe()
+        log.info("service %s: job %s %s; stopped pulling it", self.service.name, job_id, why)
+
+    async def _pull(self, queue: TaskQueue, job_id: int) -> bool:
+        """Start as many of the job's tasks as there are free slots, held ones first, else fetched; True if
+        any came."""
+        while self._free <= 0 and not self.service.stopping.is_set():
+            self._hold_late()
+            self._slot_freed.clear()
+            await self.service.wait_for(self._slot_freed, REFRESH_S)
+        if self._free <= 0 or job_id not in self._subs:
+            return False
+        self._hold_late()
+        msgs = self._take_held(job_id, self._free)
+        late = len(msgs)
+        if not msgs:
+            if not queue.nc.is_connected:
+                return False  # a pull request now would wait in the client and be answered after it gave up
+            try:
+                # bounded from outside too: a client whose connection is wedged can hang inside fetch
+                fetched = await asyncio.wait_for(self._subs[job_id].fetch(self._free, timeout=FETCH_TIMEOUT_S),
+                                                 FETCH_TIMEOUT_S + 5)
+            except (TimeoutError, nats.errors.TimeoutError):
+                return False
+            except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):
+                # the job's consumer was deleted (job finished or canceled)
+                await self._stop_pulling(job_id, "consumer is gone")
+                return False
+            msgs, surplus = fetched[:self._free], fetched[self._free:]
+            self._hold(job_id, surplus)
+        self._free -= len(msgs)
+        for i, msg in enumerate(msgs):
+            task = asyncio.create_task(self._process(queue, job_id, msg, late=i < late))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+        return bool(msgs)
+
+    def _hold_late(self) -> None:
+        """Hold what waits on the subscriptions: answers to pull requests that reached NATS after their fetch
+        gave up (e.g. sent while reconnecting, flushed once connected). Kept alive from now on, not from
+        whenever a slot frees and the next fetch would find them."""
+        for job_id, sub in self._subs.items():
+            self._hold(job_id, take_waiting(sub))
+
+    def _hold(self, job_id: int, msgs: list) -> None:
+        """Keep tasks delivered beyond the free slots alive (+WPI) until a slot frees; they start first."""
+        if not msgs:
+            return
+        held = self._held.setdefault(job_id, collections.deque())
+        ack_wait = self._ack_wait.get(job_id, 30.0)
+        for msg in msgs:
+            held.append(_Held(msg, asyncio.create_task(self._keep_alive(msg, ack_wait, at_once=True))))
+        log.info("service %s: job=%s %s task(s) delivered late, held until a slot is free", self.service.name, job_id,
+                 len(msgs))
+
+    def _take_held(self, job_id: int, count: int | None = None) -> list:
+        """Up to `count` (default: all) of the job's held tasks, oldest first, no longer kept alive here."""
+        held = self._held.get(job_id)
+        taken = []
+        while held and (count is None or len(taken) < count):
+            entry = held.popleft()
+            entry.keep_alive.cancel()
+            taken.append(entry.msg)
+        if held is not None and not held:
+            del self._held[job_id]
+        return taken
+
+    async def _release_held(self) -> None:
+        """On stopping: hand the held tasks back (NAK) so they are redelivered at once, not after ack_wait."""
+        for job_id in list(self._held):
+            for msg in self._take_held(job_id):
+                try:
+                    await msg.nak()
+                except NATS_FAILURES:
+                    pass  # redelivered after ack_wait instead
+
+    async def _process(self, queue: TaskQueue, job_id: int, msg, *, late: bool = False) -> None:
+        try:
+            # a late task's lease ran while it waited: +WPI at once
+            heartbeat = asyncio.create_task(self._keep_alive(msg, self._ack_wait.get(job_id, 30.0), at_once=late))
+            try:
+                result = await self._run_handler(msg)
+            finally:
+                heartbeat.cancel()
+        except Exception as exc:  # noqa: BLE001 - one task's trouble must not stop the service
+            log.warning("service %s: job=%s task left to redelivery: %s", self.service.name, job_id, exc)
+            return
+        finally:
+            self._free += 1
+            self._slot_freed.set()
+        token = _task_token(msg.data)
+        if isinstance(result, SuccessResult) and self.service.batch_size > 1:
+            await self._add_to_batch(queue, job_id, msg.reply, token, result)
+        else:
+            await self._send(queue, job_id, _Batch([msg.reply], [result], [token]))
+
+    async def _add_to_batch(self, queue: TaskQueue, job_id: int, reply: str, token: str,
+                            result: SuccessResult) -> None:
+        # The batches change only between awaits, so concurrent tasks never lose one another's results.
+        ready = []
+        batch = self._batches.get(job_id)
+        if batch is not None and batch.images() + len(result.source_images) > self.service.batch_size:
+            ready.append(self._batches.pop(job_id))
+            batch = None
+        if batch is None:
+            batch = self._batches[job_id] = _Batch()
+            task = asyncio.create_task(self._flush_later(queue, job_id, batch))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+        batch.replies.append(reply)
+        batch.results.append(result)
+        batch.tokens.append(token)
+        if batch.images() >= self.service.batch_size:
+            ready.append(self._batches.pop(job_id))
+        for full in ready:
+            await self._send(queue, job_id, full)
+
+    async def _flush_later(self, queue: TaskQueue, job_id: int, batch: _Batch) -> None:
+        await asyncio.sleep(self.service.batch_linger_s)
+        if self._batches.get(job_id) is batch:
+            await self._flush(queue, job_id)
+
+    async def _flush(self, queue: TaskQueue, job_id: int) -> None:
+        batch = self._batches.pop(job_id, None)
+        if batch is not None and batch.results:
+            await self._send(queue, job_id, batch)
+
+    async def _send(self, queue: TaskQueue, job_id: int, batch: _Batch) -> None:
+        """Publish a batch's results as one message; one too large for the server is split in halves, and a
+        single task's result too large on its own goes out as an error result for its image."""
+        result = batch.merged()
+        try:
+            await self._publish(queue, job_id, batch.replies, batch.tokens, result)
+        except nats.errors.MaxPayloadError:
+            if len(batch.results) > 1:
+                half = len(batch.results) // 2
+                for part in (slice(None, half), slice(half, None)):
+                    await self._send(queue, job_id, _Batch(batch.replies[part], batch.results[part],
+                                                           batch.tokens[part]))
+                return
+            image_id = result.source_images[0].id if isinstance(result, SuccessResult) else result.image_id
+            too_large = ErrorResult(error=f"result of {len(encode(result))} bytes is larger than the NATS server "
+                                          f"accepts (max_payload {queue.nc.max_payload})", image_id=image_id)
+            await self._send(queue, job_id, _Batch(batch.replies, [too_large], batch.tokens))
+        except Exception as exc:  # noqa: BLE001 - one batch's trouble must not stop the service
+            images = ([i.id for i in result.source_images] if isinstance(result, SuccessResult)
+                      else [result.image_id or "?"])
+            log.warning("service %s: job=%s image=%s result not published, task(s) left to redelivery: %s",
+                        self.service.name, job_id, ",".join(images), exc)
+
+    async def _run_handler(self, msg) -> Result:
+        headers = msg.headers or {}
+        image_id = headers.get(names.HDR_IMAGE_ID)
+        try:
+            task = decode_task(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return ErrorResult(error=f"malformed task: {exc}", image_id=image_id)
+        return await self.service.run_task(task)
+
+    @staticmethod
+    async def _keep_alive(msg, ack_wait_s: float, *, at_once: bool = False) -> None:
+        """+WPI every ack_wait/3 (`at_once`: first now, for a task whose ack_wait ran while it waited)."""
+        every = max(ack_wait_s / 3, 0.2)
+        if not at_once:
+            await asyncio.sleep(every)
+        while True:
+            try:
+                await msg.in_progress()
+            except Exception:  # noqa: BLE001 - a lost +WPI only risks a redelivery
+                return
+            await asyncio.sleep(every)
+
+    async def _publish(self, queue: TaskQueue, job_id: int, replies: list[str], tokens: list[str],
+                       result: Result) -> None:
+        body = encode(result)
+        headers = {names.HDR_TASK_REPLY: names.join_task_replies(replies),
+                   names.HDR_TASK_TOKEN: ",".join(t for t in tokens if t)}
+        for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+            try:
+                subject = names.result_subject(self.service.pipeline, job_id)
+                await asyncio.wait_for(queue.js.publish(subject, body, stream=names.RESULTS_STREAM,
+                                                        headers=headers), PUBLISH_TIMEOUT_S)
+                return
+            except NATS_FAILURES as exc:
+                if attempt == PUBLISH_ATTEMPTS or isinstance(exc, nats.errors.MaxPayloadError):
+                    raise
+                log.warning("service %s: job=%s publishing result failed (%s); retry %s", self.service.name, job_id,
+                            str(exc) or type(exc).__name__, attempt)
+                await asyncio.sleep(0.5 * attempt)
