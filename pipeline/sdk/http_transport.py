@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
 
 import httpx
 import msgspec
@@ -21,9 +20,7 @@ import msgspec
 from pipeline.errors import ConfigError
 from pipeline.infra.outage import Outage
 from pipeline.schemas import Task, encode
-
-if TYPE_CHECKING:
-    from pipeline.sdk.service import ProcessingService
+from pipeline.sdk.transport import Service
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +51,7 @@ class HttpTransport:
         self._pending: dict[int, list[dict]] = {}
         self._inflight: set[asyncio.Task] = set()
 
-    async def run(self, service: ProcessingService) -> None:
+    async def run(self, service: Service) -> None:
         """Reserve and answer the pipeline's tasks until the service stops; survives gateway outages."""
         self.service = service
         self._free = service.concurrency

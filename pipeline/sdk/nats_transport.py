@@ -25,7 +25,6 @@ import dataclasses
 import logging
 import time
 import urllib.parse
-from typing import TYPE_CHECKING
 
 import msgspec
 import nats.errors
@@ -36,9 +35,7 @@ from pipeline.infra.natswatch import round_trip
 from pipeline.infra.outage import Outage
 from pipeline.infra.taskqueue import NATS_FAILURES, TaskQueue, take_waiting
 from pipeline.schemas import ErrorResult, Result, SuccessResult, decode_task, encode
-
-if TYPE_CHECKING:
-    from pipeline.sdk.service import ProcessingService
+from pipeline.sdk.transport import Service
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +123,7 @@ class NatsTransport:
         self._slot_freed = asyncio.Event()
         self._inflight: set[asyncio.Task] = set()
 
-    async def run(self, service: ProcessingService) -> None:
+    async def run(self, service: Service) -> None:
         """Pull and answer the pipeline's tasks until the service stops; survives NATS outages."""
         self.service = service
         self._free = service.concurrency
