@@ -234,6 +234,9 @@ class JSONField(peewee.TextField):
 
 
 class BaseModel(peewee.Model):
+    #: The primary key peewee adds to every table that declares none (declared here for type checkers only).
+    id: int
+
     class Meta:
         database = database
         legacy_table_names = False

@@ -9,6 +9,7 @@ commands never build one).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 
@@ -62,7 +63,12 @@ class Runtime:
             if self._tasks is None:
                 tasks = SyncTaskQueue.connect(self.settings.nats_url, self.runner, name=self.name,
                                               watch=self.watch_nats, **self.settings.nats_options())
-                tasks.ensure_streams(**self.settings.stream_options())
+                try:
+                    tasks.ensure_streams(**self.settings.stream_options())
+                except BaseException:
+                    with contextlib.suppress(Exception):  # the reason to give is the one above
+                        tasks.close()
+                    raise
                 self._tasks = tasks
             return self._tasks
 

@@ -246,9 +246,16 @@ class WorkerResources(dramatiq.Middleware):
                 self._bridge_future.result(timeout=10)
             except Exception as exc:  # noqa: BLE001
                 log.warning("results bridge did not stop cleanly: %s", exc)
+
+    def after_worker_shutdown(self, broker, worker):
+        """Close the runtime once the worker threads have finished their in-flight messages (they use its NATS
+        connection to the end), and before the AsyncIO middleware closes the event loop the connection runs on
+        (after-hooks run in reverse middleware order). Closed before the threads finished, the connection was
+        opened again by the next message that needed it, and left open on a closed loop."""
         if self.runtime is not None:
             set_runtime(self._previous)
             self.runtime.close()
+            self.runtime = None
 
     def before_process_message(self, broker, message):
         models.database.connect(reuse_if_open=True)
