@@ -31,8 +31,11 @@ test: $(STAMP)
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $${PYTEST_ARGS:-}
 
+# ruff (style, imports, common bugs) and mypy (types; strict for the core, infra and the shared vocabulary:
+# setup.cfg [mypy]); .ci/run runs both before the tests
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import click
@@ -206,12 +207,12 @@ def pipeline_list(as_json: bool) -> None:
     console.print(table)
 
 
-@main.group()
-def nats() -> None:
+@main.group("nats")
+def nats_group() -> None:
     """NATS configuration for processing services."""
 
 
-@nats.command("service-user")
+@nats_group.command("service-user")
 @click.argument("name")
 @click.option("--pipeline", "pipelines", multiple=True, required=True, metavar="SLUG",
               help="A pipeline the service serves (repeat for several).")
@@ -256,7 +257,7 @@ def enqueue_job(pipeline_slug, images_dir, images_file, name, limit, dispatch_mo
     from pipeline.ops import actions
     from pipeline.ops.sources import image_urls_from_dir, image_urls_from_file, local_image_urls
 
-    sources = []
+    sources: list[Iterable[str]] = []
     if images_dir:
         sources.append(image_urls_from_dir(images_dir))
     if images_file:
@@ -344,7 +345,7 @@ def logs(job_id: int, follow: bool, as_json: bool) -> None:
     import time
 
     from models import JobStatus
-    from pipeline.ops.job_views import get_job, job_logs, plain
+    from pipeline.ops.job_views import job_logs, plain
 
     bind_db()
     _job_or_fail(job_id)
@@ -357,7 +358,7 @@ def logs(job_id: int, follow: bool, as_json: bool) -> None:
                                        "message": line.message}))
             else:
                 click.echo(f"{line.created_at:%Y-%m-%d %H:%M:%S} {line.level:<7} {plain(line.message, one_line=True)}")
-        if not follow or get_job(job_id).status in JobStatus.TERMINAL:
+        if not follow or _job_or_fail(job_id).status in JobStatus.TERMINAL:
             return
         time.sleep(0.5)
 
@@ -769,7 +770,7 @@ def up() -> None:
         console.print("stack already up (run `python cli.py down` first); its environment:")
     else:
         dev = DevStack.create(STACK_DIR.resolve(), persist=True, detach=True).start()
-        stack = {"env": dev.env(), "pids": [dev.nats.proc.pid, dev.redis.proc.pid]}
+        stack = {"env": dev.env(), "pids": [dev.nats.pid, dev.redis.pid]}
         STACK_FILE.write_text(json.dumps(stack, indent=2))
         console.print(f"NATS {dev.nats_url} and Redis {dev.redis_url} running; database "
                       f"{dev.database_url} (data in {STACK_DIR.resolve()}/)", highlight=False)

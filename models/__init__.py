@@ -18,6 +18,7 @@ from models.db import (
     make_database,
     select_in,
     thread_connection,
+    tuples,
     utcnow,
     write_transaction,
 )
@@ -67,7 +68,7 @@ __all__ = [
     # database
     "DatabaseURLError", "SchemaMissing", "SessionLimits",
     "bind", "commit_listeners", "database", "create_schema", "execute_in", "for_update",
-    "insert_ignoring_duplicates", "is_postgres", "make_database",
+    "insert_ignoring_duplicates", "is_postgres", "make_database", "tuples",
     "is_transient", "is_unstorable", "select_in", "thread_connection", "utcnow", "write_transaction",
     # vocabularies
     "DispatchMode", "ImageStatus", "JobStatus",

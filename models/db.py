@@ -12,11 +12,14 @@ import dataclasses
 import datetime as dt
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import peewee
 from playhouse.pool import PooledPostgresqlDatabase
+
+_Query = TypeVar("_Query", bound=peewee.Select)
 
 database = peewee.DatabaseProxy()
 
@@ -130,9 +133,9 @@ class _TranslatesErrors:
     """Mixed into jetpipe's peewee databases: a statement on a table that does not exist raises
     `SchemaMissing`; every other error is peewee's own."""
 
-    def execute_sql(self, sql, params=None):
+    def execute_sql(self, sql: str, params: Any = None) -> Any:
         try:
-            return super().execute_sql(sql, params)
+            return super().execute_sql(sql, params)  # type: ignore[misc]  # a mixin of peewee databases
         except (peewee.OperationalError, peewee.ProgrammingError) as exc:
             missing = _schema_missing(exc)
             if missing is None:
@@ -200,7 +203,7 @@ def bind(url: str, *, session: SessionLimits | None = None) -> peewee.Database:
 
 
 @contextlib.contextmanager
-def thread_connection():
+def thread_connection() -> Iterator[None]:
     """Use this thread's connection for a unit of work outside a Dramatiq message (the bridge's threads):
     a pooled PostgreSQL connection goes back to the pool afterwards, or is dropped if the database
     failed it; a SQLite connection (a local file, one per thread) stays open."""
@@ -226,16 +229,16 @@ def is_postgres() -> bool:
 class JSONField(peewee.TextField):
     """JSON stored as text: the same column type on SQLite and PostgreSQL."""
 
-    def db_value(self, value):
+    def db_value(self, value: Any) -> str | None:
         return None if value is None else json.dumps(value, separators=(",", ":"), sort_keys=True)
 
-    def python_value(self, value):
+    def python_value(self, value: str | None) -> Any:
         return None if value is None else json.loads(value)
 
 
 class BaseModel(peewee.Model):
-    #: The primary key peewee adds to every table that declares none (declared here for type checkers only).
-    id: int
+    #: The primary key peewee would add to every table by itself, declared so that type checkers know it.
+    id = peewee.AutoField()
 
     class Meta:
         database = database
@@ -249,7 +252,7 @@ _sqlite_writer = threading.Lock()  # never re-entered: a nested write_transactio
 
 
 @contextlib.contextmanager
-def write_transaction():
+def write_transaction() -> Iterator[None]:
     """A transaction that takes the write lock up front.
 
     SQLite: BEGIN IMMEDIATE, so a read-then-write transaction never fails on lock upgrade (SQLite
@@ -275,7 +278,8 @@ def _count_transaction() -> None:
         listener()
 
 
-def insert_ignoring_duplicates(model: type[peewee.Model], fields: tuple[str, ...], rows: list[tuple]) -> None:
+def insert_ignoring_duplicates(model: type[peewee.Model], fields: tuple[str, ...],
+                               rows: list[tuple[Any, ...]]) -> None:
     """`INSERT ... ON CONFLICT DO NOTHING` of `rows`, tuples of database values in the order of `fields`.
 
     Goes through the driver's batch call (sqlite3 executemany, psycopg2 execute_values): peewee's
@@ -297,14 +301,15 @@ def insert_ignoring_duplicates(model: type[peewee.Model], fields: tuple[str, ...
         db.cursor().executemany(f'INSERT INTO "{table}" ({columns}) VALUES ({marks}) ON CONFLICT DO NOTHING', rows)
 
 
-def select_in(sql: str, column_values, *, params: tuple = (), chunk: int = 500, lock: bool = False) -> list[tuple]:
+def select_in(sql: str, column_values: Iterable[Any], *, params: tuple[Any, ...] = (), chunk: int = 500,
+              lock: bool = False) -> list[tuple[Any, ...]]:
     """Rows of `sql` (a SELECT whose last condition is `<column> IN ({in})`) for many values, a statement
     per `chunk` of them (SQLite limits the variables of one statement), built as text: peewee builds such
     a statement value by value, which cost more than the query itself for a thousand ids. Placeholders
     are `%s`; `lock` adds the row lock of `for_update`."""
     db = database.obj
     mark = db.param
-    rows: list[tuple] = []
+    rows: list[tuple[Any, ...]] = []
     values = list(column_values)
     for start in range(0, len(values), chunk):
         part = values[start:start + chunk]
@@ -315,7 +320,7 @@ def select_in(sql: str, column_values, *, params: tuple = (), chunk: int = 500, 
     return rows
 
 
-def execute_in(sql: str, column_values, *, params: tuple = (), chunk: int = 500) -> int:
+def execute_in(sql: str, column_values: Iterable[Any], *, params: tuple[Any, ...] = (), chunk: int = 500) -> int:
     """`sql` (an UPDATE or DELETE whose last condition is `<column> IN ({in})`) for many values, like
     `select_in`; the number of rows it changed."""
     db = database.obj
@@ -330,7 +335,7 @@ def execute_in(sql: str, column_values, *, params: tuple = (), chunk: int = 500)
     return changed
 
 
-def for_update(query):
+def for_update(query: _Query) -> _Query:
     """`query` with a row lock on PostgreSQL; SQLite's write lock already serialises.
 
     FOR NO KEY UPDATE, not FOR UPDATE: inserting a detection takes a KEY SHARE lock on its job row (the
@@ -338,4 +343,11 @@ def for_update(query):
     locked the job row for progress deadlocked. Nothing here changes a key, and NO KEY UPDATE still
     serialises every progress write and status transition of a job.
     """
-    return query.for_update("FOR NO KEY UPDATE") if is_postgres() else query
+    return query.for_update("FOR NO KEY UPDATE") if is_postgres() else query  # type: ignore[arg-type]  # peewee takes the clause
+
+
+def tuples(query: Any, *, stream: bool = False) -> Iterator[tuple[Any, ...]]:
+    """The rows of a peewee query as tuples (its `.tuples()`, typed as what it yields); `stream`: read as
+    they are consumed, never all held (peewee's `.iterator()`)."""
+    rows = query.tuples()
+    return rows.iterator() if stream else iter(rows)

@@ -66,6 +66,7 @@ class SourceImage(BaseModel):
 class Job(BaseModel):
     name = peewee.CharField(max_length=255)
     pipeline = peewee.ForeignKeyField(Pipeline, backref="jobs", on_delete="RESTRICT")
+    pipeline_id: int  # the foreign key's column, as peewee exposes it (declared for type checkers)
     dispatch_mode = peewee.CharField(max_length=20, default=DispatchMode.ASYNC_API)
     status = peewee.CharField(max_length=20, default=JobStatus.CREATED, index=True)
     progress = JSONField(default=dict)

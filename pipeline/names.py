@@ -6,6 +6,8 @@ on them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 # ---- NATS streams (public) ------------------------------------------------------------------------
 #: Each pipeline's tasks have a stream of their own, `PIPELINE_TASKS_<slug>`, so that NATS permissions can
 #: keep a processing service to its own pipelines (a permission matches whole subject tokens only).
@@ -231,7 +233,7 @@ def task_replies(header: str | None) -> list[str]:
     return list(dict.fromkeys(header.replace(",", " ").split()))
 
 
-def join_task_replies(replies) -> str:
+def join_task_replies(replies: Iterable[str]) -> str:
     """The `Pipeline-Task-Reply` value naming several tasks (the inverse of `task_replies`)."""
     return ",".join(replies)
 

@@ -3,6 +3,8 @@ pipeline registration, validated with msgspec."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from pipeline.errors import BadResult, UserInputError
@@ -84,7 +86,7 @@ _json = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
 
-def _normalize(data: dict) -> dict:
+def _normalize(data: dict[str, Any]) -> dict[str, Any]:
     """Accept integer image ids (`"id": 345`) as the strings the contract specifies, and the reference
     system's result as it is: the taxon under `classification`, `null` for an empty list of labels, scores
     or classifications. (Its other fields — `algorithms`, `errors`, `logits`, `inference_time`,
@@ -112,7 +114,7 @@ def _normalize(data: dict) -> dict:
     return data
 
 
-def _listed(value) -> list:
+def _listed(value: object) -> list[Any]:
     """`value` if it is a JSON array, else nothing to normalise (`"detections": true` is the schema's to
     refuse, not a TypeError here)."""
     return value if isinstance(value, list) else []
@@ -131,9 +133,9 @@ def decode_result(body: bytes) -> Result:
     if not isinstance(data, dict):
         raise BadResult(f"result must be a JSON object, got {type(data).__name__}")
     data = _normalize(data)
-    kind = ErrorResult if "error" in data else SuccessResult
+    kind: type[SuccessResult] | type[ErrorResult] = ErrorResult if "error" in data else SuccessResult
     try:
-        result = msgspec.convert(data, kind)
+        result: Result = msgspec.convert(data, kind)
     except msgspec.ValidationError as exc:
         image_id = data.get("image_id") if kind is ErrorResult else None
         raise BadResult(f"result does not match the {kind.__name__} schema: {exc}",

@@ -6,9 +6,20 @@ import dataclasses
 import os
 import re
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, TypedDict
 from urllib.parse import urlsplit, urlunsplit
 
 from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from models import SessionLimits
+
+
+class NatsOptions(TypedDict):
+    """How to connect to NATS beyond the URL: a credentials file, a private CA."""
+
+    creds: str
+    tls_ca: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +161,7 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Settings from `environ` (default: os.environ); raises ConfigError naming a bad variable."""
         environ = os.environ if environ is None else environ
-        values = {}
+        values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
             option = OPTIONS[field.name]
             raw = environ.get(option.env, option.default).strip()
@@ -211,7 +222,7 @@ class Settings:
         results_bytes = int(self.nats_results_max_gb * 2**30) if self.nats_results_max_gb is not None else None
         return {"max_jobs": self.nats_max_jobs, "replicas": self.nats_replicas, "results_max_bytes": results_bytes}
 
-    def db_session(self):
+    def db_session(self) -> SessionLimits:
         """The limits jetpipe sets on its PostgreSQL sessions (models.SessionLimits)."""
         from models import SessionLimits  # models imports nothing of pipeline; settings stays import-light
 
@@ -219,11 +230,11 @@ class Settings:
                              idle_in_transaction_s=self.db_idle_in_transaction_timeout,
                              dead_peer_s=self.db_dead_peer_timeout)
 
-    def nats_options(self) -> dict[str, str]:
+    def nats_options(self) -> NatsOptions:
         """Connection options beyond the URL (which carries user/password or token, and tls://)."""
         return {"creds": self.nats_creds, "tls_ca": self.nats_tls_ca}
 
-    def with_overrides(self, **changes) -> Settings:
+    def with_overrides(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
     def to_env(self) -> dict[str, str]:
@@ -240,16 +251,18 @@ class Settings:
         return described
 
 
-def _convert(env: str, raw: str, kind) -> object:
-    if kind in ("int | None", "float | None"):  # optional: empty means not set
+def _convert(env: str, raw: str, kind: object) -> object:
+    """`raw` as the field type `kind` names (the dataclass field's annotation: a string, as annotations are)."""
+    name = str(kind)
+    if name in ("int | None", "float | None"):  # optional: empty means not set
         if not raw:
             return None
-        kind = kind.split(" ")[0]
-    kind = {"int": int, "float": float, "str": str}.get(kind, kind) if isinstance(kind, str) else kind
+        name = name.split(" ")[0]
+    convert: type[int] | type[float] | type[str] = {"int": int, "float": float}.get(name, str)
     try:
-        return kind(raw)
+        return convert(raw)
     except ValueError:
-        raise ConfigError(f"{env}={raw!r} is not a valid {kind.__name__}") from None
+        raise ConfigError(f"{env}={raw!r} is not a valid {convert.__name__}") from None
 
 
 #: Query parameters whose values are secrets: passwords and tokens that clients accept in a URL

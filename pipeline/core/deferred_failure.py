@@ -15,12 +15,14 @@ a job failed because its run_job raised, so nothing later can undo a deferral.
 
 from __future__ import annotations
 
+import functools
 import logging
 from enum import StrEnum
 
 import dramatiq
+from dramatiq.broker import MessageProxy
 
-from models import DispatchMode, ImageStatus, Job, JobImage, JobStatus
+from models import DispatchMode, ImageStatus, Job, JobImage, JobStatus, tuples
 from pipeline import names
 from pipeline.core import jobs, progress
 from pipeline.core.joblog import job_log
@@ -64,7 +66,7 @@ def fail_or_defer(runtime: Runtime, job_id: int, reason: str) -> Decision:
 class DeferredFailure(dramatiq.Middleware):
     """On run_job's final failure, fail the job or defer to its results (see the module docstring)."""
 
-    def after_nack(self, broker, message):
+    def after_nack(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         if message.actor_name != names.RUN_JOB or not message.args:
             return
         exc = getattr(message, "_exception", None)  # set by the worker for this delivery's failure
@@ -81,12 +83,12 @@ def fail_undispatched(runtime: Runtime, job: Job, reason: str) -> int:
     how many. The job ends by the threshold rule once the published ones have their results."""
     failed = 0
     while True:
-        ids = [str(i) for (i,) in JobImage.select(JobImage.image).where(
+        ids = [str(i) for (i,) in tuples(JobImage.select(JobImage.image).where(
             (JobImage.job == job.id) & (JobImage.status == ImageStatus.PENDING)
-            & (JobImage.id > job.dispatch_cursor)).order_by(JobImage.id).limit(FAIL_CHUNK).tuples()]
+            & (JobImage.id > job.dispatch_cursor)).order_by(JobImage.id).limit(FAIL_CHUNK))]
         if not ids:
             return failed
-        outcomes, _, written = settle(runtime, job, lambda ids=ids: fail_images(job.id, ids, reason))
+        outcomes, _, written = settle(runtime, job, functools.partial(fail_images, job.id, ids, reason))
         failed += sum(1 for o in outcomes if o.failed)
         finish(runtime, job, written)
         if not outcomes:  # the job ended meanwhile

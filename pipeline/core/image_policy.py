@@ -19,6 +19,7 @@ import os
 from urllib.parse import unquote, urlsplit
 
 from pipeline.errors import UserInputError
+from pipeline.settings import Settings
 
 #: What a reader is told of any image jetpipe could not or would not read.
 UNREADABLE = "cannot read the image"
@@ -30,7 +31,7 @@ class ImagePolicy:
     hosts: tuple[str, ...] = ()  # lower-case host names; empty: any host
 
     @classmethod
-    def from_settings(cls, settings) -> ImagePolicy:
+    def from_settings(cls, settings: Settings) -> ImagePolicy:
         roots = tuple(os.path.realpath(p.strip()) for p in settings.image_roots.split(",") if p.strip())
         hosts = tuple(h.strip().lower() for h in settings.image_hosts.split(",") if h.strip())
         return cls(roots, hosts)

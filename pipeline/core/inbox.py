@@ -27,11 +27,13 @@ import functools
 import json
 import logging
 import uuid
+from collections.abc import Iterable
 
 import msgspec
 import peewee
+from nats.aio.msg import Msg
 
-from models import ResultInbox, insert_ignoring_duplicates, select_in, utcnow, write_transaction
+from models import ResultInbox, insert_ignoring_duplicates, select_in, tuples, utcnow, write_transaction
 from pipeline import names
 from pipeline.core import task_tokens
 from pipeline.core.result_rows import canonical_image_id
@@ -60,7 +62,7 @@ class Incoming:
     pipeline: str | None = None  # the pipeline its subject names (None: `pipeline.results.<job_id>`, or direct)
 
     @classmethod
-    def from_msg(cls, job_id: int, msg) -> Incoming:
+    def from_msg(cls, job_id: int, msg: Msg) -> Incoming:
         meta = msg.metadata
         seq = meta.sequence.stream
         headers = msg.headers or {}
@@ -88,7 +90,7 @@ class Incoming:
 class _Named(msgspec.Struct):
     """The part of a result that says which images it decides (the rest is read when it is saved)."""
 
-    source_images: list[dict] = []
+    source_images: list[dict[str, object]] = []
     image_id: str | int | None = None
     error: object = None
 
@@ -102,6 +104,7 @@ def named_images(body: bytes) -> set[str]:
         named = _names.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return set()
+    ids: list[object]
     if named.error is not None:
         ids = [named.image_id] if named.image_id is not None else []
     else:
@@ -131,7 +134,11 @@ class Proof:
 def prove(incoming: list[Incoming]) -> list[Proof | None]:
     """Each message's proof (None for a job made before task tokens, or one that does not exist)."""
     jobs = task_tokens.job_secrets(m.job_id for m in incoming)
-    return [_prove(*jobs[m.job_id], m) if m.job_id in jobs and jobs[m.job_id][0] else None for m in incoming]
+    proofs: list[Proof | None] = []
+    for m in incoming:
+        secret, pipeline = jobs.get(m.job_id, (None, ""))
+        proofs.append(_prove(secret, pipeline, m) if secret else None)
+    return proofs
 
 
 def _prove(secret: str, pipeline: str, m: Incoming) -> Proof:
@@ -155,14 +162,14 @@ def _prove(secret: str, pipeline: str, m: Incoming) -> Proof:
     return Proof(frozenset(proven))
 
 
-def task_images(runtime: Runtime, job_id: int, replies) -> dict[str, str]:
+def task_images(runtime: Runtime, job_id: int, replies: Iterable[str]) -> dict[str, str]:
     """The image (canonical id) of each reply subject that names a task of the job.
 
     The task a reply subject names is its stream sequence; each image's row holds the sequence its task
     was stored at (`JobImage.task_seq`), jetpipe's own record. Tasks published before that column existed
     (or answered before the dispatch recorded their sequence) are read from the tasks stream instead.
     """
-    seqs = {}
+    seqs: dict[str, int] = {}
     for reply in replies:
         parsed = names.parse_ack_subject(reply)
         if parsed is not None and names.reply_belongs_to_job(reply, job_id):
@@ -176,8 +183,9 @@ def task_images(runtime: Runtime, job_id: int, replies) -> dict[str, str]:
     unknown = [reply for reply in seqs if reply not in found]
     if unknown:  # published before the column existed, or answered before its sequence was recorded
         for reply, (task_job, image_id) in runtime.tasks.task_images(unknown).items():
-            if task_job == job_id and canonical_image_id(image_id) is not None:
-                found[reply] = canonical_image_id(image_id)
+            image = canonical_image_id(image_id)
+            if task_job == job_id and image is not None:
+                found[reply] = image
     return found
 
 
@@ -246,17 +254,17 @@ def jobs_waiting(older_than_s: float = 0.0) -> list[int]:
     (not waiting out the backoff after a failed attempt)."""
     now = utcnow()
     cutoff = now - dt.timedelta(seconds=older_than_s)
-    return [job_id for (job_id,) in ResultInbox.select(ResultInbox.job_id)
-            .where((ResultInbox.received_at <= cutoff) & _due(now)).group_by(ResultInbox.job_id).tuples()]
+    return [job_id for (job_id,) in tuples(ResultInbox.select(ResultInbox.job_id)
+            .where((ResultInbox.received_at <= cutoff) & _due(now)).group_by(ResultInbox.job_id))]
 
 
 def images_waiting(job_id: int) -> set[str]:
     """The images named by the job's results in the inbox (taken, not yet saved)."""
-    rows = ResultInbox.select(ResultInbox.body).where(ResultInbox.job_id == job_id).tuples()
-    return {image for (body,) in rows for image in named_images(bytes(body))}
+    bodies = tuples(ResultInbox.select(ResultInbox.body).where(ResultInbox.job_id == job_id))
+    return {image for (body,) in bodies for image in named_images(bytes(body))}
 
 
-def _due(now: dt.datetime):
+def _due(now: dt.datetime) -> peewee.Expression:
     return ResultInbox.next_attempt_at.is_null() | (ResultInbox.next_attempt_at <= now)
 
 
@@ -272,12 +280,12 @@ class Waiting:
     def age_s(self, now: dt.datetime) -> float:
         return max(0.0, (now - self.oldest).total_seconds())
 
-    def as_dict(self, now: dt.datetime) -> dict:
+    def as_dict(self, now: dt.datetime) -> dict[str, int | float]:
         return {"messages": self.messages, "images": self.images, "oldest_age_s": round(self.age_s(now), 1),
                 "retrying": self.retrying}
 
 
-def waiting(job_ids=None) -> dict[int, Waiting]:
+def waiting(job_ids: Iterable[int] | None = None) -> dict[int, Waiting]:
     """Per job (of `job_ids`, or every job): its results in the inbox, how many images they name, and when
     the oldest was taken."""
     query = ResultInbox.select(
@@ -289,10 +297,10 @@ def waiting(job_ids=None) -> dict[int, Waiting]:
             return {}
         query = query.where(ResultInbox.job_id.in_(ids))
     return {job_id: Waiting(messages, int(images or 0), _as_datetime(oldest), retrying)
-            for job_id, messages, images, oldest, retrying in query.tuples()}
+            for job_id, messages, images, oldest, retrying in tuples(query)}
 
 
-def _as_datetime(value) -> dt.datetime:
+def _as_datetime(value: object) -> dt.datetime:
     """MIN() of a timestamp column: SQLite hands back its text."""
     return value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value))
 

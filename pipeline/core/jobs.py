@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Iterable, Iterator
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from nats.js.api import ConsumerConfig
@@ -20,6 +21,7 @@ from models import (
     SourceImage,
     database,
     is_postgres,
+    tuples,
     utcnow,
     write_transaction,
 )
@@ -35,6 +37,8 @@ from pipeline.schemas import Task
 from pipeline.settings import get_settings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Image URLs inserted per statement when a job is created.
 CREATE_CHUNK = 1000
@@ -115,8 +119,8 @@ def _limited(urls: Iterable[str], limit: int | None) -> Iterator[str]:
             yield url
 
 
-def _chunks(items: Iterable, size: int) -> Iterator[list]:
-    chunk: list = []
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    chunk: list[T] = []
     for item in items:
         chunk.append(item)
         if len(chunk) >= size:
@@ -160,11 +164,11 @@ def pending_chunk(job: Job, *, after_id: int, limit: int) -> list[tuple[int, Tas
     than another writer's commit cannot start writing: "database is locked" at once)."""
     query = (JobImage.select(JobImage.id, JobImage.image, SourceImage.url).join(SourceImage)
              .where((JobImage.job == job.id) & (JobImage.status == ImageStatus.PENDING) & (JobImage.id > after_id))
-             .order_by(JobImage.id).limit(limit).tuples())
+             .order_by(JobImage.id).limit(limit))
     slug, secret = job.pipeline.slug, job.task_secret
     return [(row_id, Task(job_id=job.id, image_id=str(image_id), image_url=url, pipeline=slug,
                           task_token=task_tokens.token_for(secret, job.id, str(image_id)) if secret else ""))
-            for row_id, image_id, url in query]
+            for row_id, image_id, url in tuples(query)]
 
 
 def record_published(job_id: int, row_ids: list[int], seqs: list[int], cursor: int) -> None:
@@ -287,11 +291,11 @@ def start_job(runtime: Runtime, job: Job) -> None:
     log.info("job=%s queued for run_job", job.id)
 
 
-def failed_image_rows(job_id: int, *, limit: int | None = None):
+def failed_image_rows(job_id: int, *, limit: int | None = None) -> Iterator[tuple[int, str, str | None]]:
     """(image id, url, reason) of the job's failed images, by image id, streamed."""
     query = (JobImage.select(JobImage.image, SourceImage.url, JobImage.error).join(SourceImage)
              .where((JobImage.job == job_id) & (JobImage.status == ImageStatus.FAILED)).order_by(JobImage.image))
-    return (query.limit(limit) if limit else query).tuples().iterator()
+    return tuples(query.limit(limit) if limit else query, stream=True)
 
 
 def retry_failed(job_id: int) -> Job:

@@ -45,9 +45,9 @@ def _image_of_task(job_id: int, stream_seq: int) -> str | None:
     """The image whose task was stored at `stream_seq`, from jetpipe's own record (`JobImage.task_seq`):
     a terminated task is gone from the stream, and the reason a TERM carries is its sender's text, never
     trusted to name an image (invariant 12)."""
-    row = (JobImage.select(JobImage.image).where((JobImage.job == job_id) & (JobImage.task_seq == stream_seq))
-           .tuples().get_or_none())
-    return str(row[0]) if row else None
+    image = (JobImage.select(JobImage.image).where((JobImage.job == job_id) & (JobImage.task_seq == stream_seq))
+             .scalar())
+    return str(image) if image is not None else None
 
 
 class Verdict(StrEnum):

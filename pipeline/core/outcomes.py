@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from enum import StrEnum
 
 from models import DispatchMode, Job, JobStatus, Pipeline, write_transaction
@@ -121,7 +121,7 @@ def apply_result(runtime: Runtime, job: Job,
                  result: Result) -> tuple[Snapshot | None, progress.ProgressWrite, list[Outcome]]:
     """Save then count one decoded result (internal mode); raises BadResult for data that can never be saved."""
     if isinstance(result, ErrorResult):
-        def save():
+        def save() -> list[Outcome]:
             failed = fail_images(job.id, [result.image_id], f"processing service error: {result.error}")
             if not failed:
                 raise BadResult(f"error result names image {result.image_id!r}, which is not part of job {job.id}")
@@ -168,9 +168,9 @@ def short(text: str) -> str:
     return text if len(text) <= MAX_LOGGED_REASON else text[:MAX_LOGGED_REASON] + f"... ({len(text)} chars)"
 
 
-def ids_text(image_ids) -> str:
+def ids_text(image_ids: Iterable[object]) -> str:
     """Image ids for a log line: the first ten, then how many more."""
-    ids = list(image_ids)
+    ids = [str(i) for i in image_ids]
     return ",".join(ids) if len(ids) <= 10 else ",".join(ids[:10]) + f",...(+{len(ids) - 10})"
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+from collections.abc import Iterable
+from typing import Any
 
 from models import ImageStatus, Job, JobImage, JobStatus, for_update, utcnow, write_transaction
 from pipeline.core.joblog import job_log
@@ -25,7 +27,7 @@ ERROR_IDS_SHOWN = 10
 ERRORS_KEPT = 50
 
 
-def initial_progress(total: int = 0) -> dict:
+def initial_progress(total: int = 0) -> dict[str, Any]:
     return {
         "summary": {"status": JobStatus.CREATED, "progress": 0.0},
         "stages": {
@@ -48,7 +50,8 @@ def final_status(snapshot: Snapshot, threshold: float) -> str:
     return JobStatus.FAILURE if failed_for_good(snapshot.failed, snapshot.total, threshold) else JobStatus.SUCCESS
 
 
-def merge(progress: dict, snapshot: Snapshot, *, threshold: float, job_id: int, corrected: bool = False) -> dict:
+def merge(progress: dict[str, Any], snapshot: Snapshot, *, threshold: float, job_id: int,
+          corrected: bool = False) -> dict[str, Any]:
     """`progress` advanced by `snapshot` without ever going backwards; returns a new dict.
 
     `corrected`: the snapshot turned images failed as lost into processed ones (their results came after
@@ -87,7 +90,7 @@ def merge(progress: dict, snapshot: Snapshot, *, threshold: float, job_id: int, 
     return merged
 
 
-def format_ids(ids) -> str:
+def format_ids(ids: Iterable[object]) -> str:
     """`[first 10 ids, sorted] ... and N more`: how a list of image ids appears in `progress.errors`."""
     ordered = sorted(ids, key=lambda i: (len(str(i)), str(i)))
     shown = [str(i) for i in ordered[:ERROR_IDS_SHOWN]]
@@ -97,7 +100,7 @@ def format_ids(ids) -> str:
     return text
 
 
-def add_error(progress: dict, message: str) -> None:
+def add_error(progress: dict[str, Any], message: str) -> None:
     errors = progress.setdefault("errors", [])
     errors.append(message)
     del errors[:-ERRORS_KEPT]
@@ -188,8 +191,8 @@ def write_progress(job_id: int, snapshot: Snapshot, *, threshold: float, locked:
     return ProgressWrite(final if done else JobStatus.REVOKED, bool(done))
 
 
-def transition(job_id: int, to_status: str, *, allowed_from=JobStatus.RUNNING, error: str | None = None,
-               summary_status: bool = True) -> bool:
+def transition(job_id: int, to_status: str, *, allowed_from: Iterable[str] = JobStatus.RUNNING,
+               error: str | None = None, summary_status: bool = True) -> bool:
     """Guarded status change: `UPDATE ... WHERE id=? AND status IN (allowed_from)`; True if it happened."""
     now = utcnow()
     with write_transaction():

@@ -28,12 +28,14 @@ import datetime as dt
 import json
 import logging
 import time
+from collections.abc import Callable
 from enum import StrEnum
+from typing import Any
 
 import peewee
 import redis
 
-from models import DispatchMode, Job, JobStatus, Pipeline, for_update, utcnow, write_transaction
+from models import DispatchMode, Job, JobStatus, Pipeline, for_update, tuples, utcnow, write_transaction
 from pipeline import names
 from pipeline.core import inbox, jobs, progress, saving
 from pipeline.core.joblog import job_log, job_log_ids
@@ -42,6 +44,7 @@ from pipeline.core.outcomes import finish
 from pipeline.core.progress import append_error
 from pipeline.core.retry import is_outage
 from pipeline.errors import TransientError
+from pipeline.infra.jobstate import Snapshot
 from pipeline.infra.metrics import metrics
 from pipeline.infra.runtime import Runtime
 
@@ -109,7 +112,7 @@ class CheckResult:
         """Record one more thing done for a job (a job may have both its consumer and its keys removed)."""
         self.jobs[job_id] = f"{self.jobs[job_id]},{outcome}" if job_id in self.jobs else outcome
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"checked": self.checked, "fixed": self.fixed, "unfixable": self.unfixable,
                 "jobs": {str(k): v for k, v in self.jobs.items()}, "notes": self.notes}
 
@@ -129,9 +132,9 @@ class HealthCheck:
         self.cutoff = self.now - dt.timedelta(minutes=self.settings.stalled_jobs_max_minutes)
         self.unreachable_jobs: set[int] = set()  # NATS or Redis check failed this tick: never reaped
 
-    def run(self) -> dict:
+    def run(self) -> dict[str, Any]:
         started = time.monotonic()
-        report = {"at": self.now.isoformat(timespec="seconds") + "Z"}
+        report: dict[str, Any] = {"at": self.now.isoformat(timespec="seconds") + "Z"}
         for name in ("deadlines", "lost_images", "state_rebuild", "stale_jobs", "zombies"):
             try:
                 report[name] = getattr(self, name)().as_dict()
@@ -141,7 +144,7 @@ class HealthCheck:
         report["duration_s"] = round(time.monotonic() - started, 3)
         return report
 
-    def _running_async(self):
+    def _running_async(self) -> peewee.ModelSelect[Job]:
         return (Job.select(Job, Pipeline).join(Pipeline)
                 .where((Job.status == JobStatus.STARTED) & (Job.dispatch_mode == DispatchMode.ASYNC_API)
                        & Job.dispatched_at.is_null(False)))
@@ -150,6 +153,8 @@ class HealthCheck:
     def deadlines(self) -> CheckResult:
         result = CheckResult()
         for job in self._running_async().order_by(Job.id):
+            if job.dispatched_at is None:  # (never: the query selects dispatched jobs)
+                continue
             pickup_by = job.dispatched_at + dt.timedelta(seconds=self._pickup_timeout(job))
             due_pickup = self.now >= pickup_by
             due_deadline = job.deadline_at is not None and self.now >= job.deadline_at
@@ -162,7 +167,8 @@ class HealthCheck:
                 self.unreachable_jobs.add(job.id)
         return result
 
-    def _isolated(self, check: str, job: Job, result: CheckResult, run, *args) -> Check | None:
+    def _isolated(self, check: str, job: Job, result: CheckResult, run: Callable[..., Check | None],
+                  *args: object) -> Check | None:
         """`run(*args)` for one job; an exception is logged and reported, the job is left alone this tick (never
         reaped), and the check goes on with its other jobs."""
         try:
@@ -182,7 +188,7 @@ class HealthCheck:
         consumer = self.runtime.tasks.consumer_state(job.id, job.pipeline.slug)
         if not consumer.reachable:
             return Check.ERROR
-        if due_deadline:
+        if due_deadline and job.deadline_at is not None:
             reason = (f"deadline passed: the job was to end by {job.deadline_at.isoformat(timespec='seconds')}Z "
                       "and this image had no result by then")
             return self._end_pending(job, reason, Check.DEADLINE_PASSED, result)
@@ -288,7 +294,7 @@ class HealthCheck:
                                              f"{status}; NATS consumer {consumer.describe()}", failed)
         return Check.MARKED_FAILED
 
-    def _finalize(self, job: Job, snapshot) -> Check:
+    def _finalize(self, job: Job, snapshot: Snapshot) -> Check:
         """End a job whose images are all counted in Redis; if the database still holds some as pending (a
         result counted but never committed), reload Redis from the database instead, so they are handled
         like any pending image (redelivered, or reconciled as lost)."""
@@ -435,7 +441,10 @@ class HealthCheck:
         ended = _ended_jobs({c.job_id for c in consumers} | set(keyed))
 
         def is_zombie(job_id: int) -> bool:
-            return job_id not in ended or ended[job_id] is not None and ended[job_id] < ended_before
+            if job_id not in ended:
+                return True
+            when = ended[job_id]
+            return when is not None and when < ended_before
 
         for consumer in consumers:
             result.checked += 1
@@ -472,24 +481,24 @@ def _ended_jobs(job_ids: set[int]) -> dict[int, dt.datetime | None]:
     """For each of `job_ids` that exists: when it ended, or None while it runs (one query per 500 ids)."""
     found: dict[int, dt.datetime | None] = {}
     for chunk in peewee.chunked(sorted(job_ids), 500):
-        for job_id, status, finished_at, updated_at in (Job.select(Job.id, Job.status, Job.finished_at, Job.updated_at)
-                                                        .where(Job.id.in_(chunk)).tuples()):
+        for job_id, status, finished_at, updated_at in tuples(Job.select(Job.id, Job.status, Job.finished_at,
+                                                                       Job.updated_at).where(Job.id.in_(chunk))):
             found[job_id] = (finished_at or updated_at) if status in JobStatus.TERMINAL else None
     return found
 
 
-def _export(report: dict) -> None:
+def _export(report: dict[str, Any]) -> None:
     m = metrics()
     for check, sub in report.items():
         if isinstance(sub, dict):
             for result in ("checked", "fixed", "unfixable"):
                 m.health_jobs.labels(check, result).inc(sub.get(result, 0))
-    counts = dict(Job.select(Job.status, peewee.fn.COUNT(Job.id)).group_by(Job.status).tuples())
+    counts: dict[str, int] = dict(tuples(Job.select(Job.status, peewee.fn.COUNT(Job.id)).group_by(Job.status)))
     for status in JobStatus.ALL:
         m.jobs.labels(status).set(counts.get(status, 0))
 
 
-def run_health_check(runtime: Runtime, *, now: dt.datetime | None = None) -> dict:
+def run_health_check(runtime: Runtime, *, now: dt.datetime | None = None) -> dict[str, Any]:
     """Run one health check and store its report for `cli.py health`; returns the report."""
     report = HealthCheck(runtime, now=now).run()
     _export(report)

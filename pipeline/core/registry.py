@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from models import Algorithm, Pipeline, database
 from pipeline.errors import Forbidden
 from pipeline.schemas import PipelineSpec
@@ -17,7 +19,7 @@ def register_pipeline(spec: PipelineSpec, *, service: str | None = None, for_ser
     already saved may reference them.
     """
     with database.atomic():
-        pipeline, created = Pipeline.get_or_create(
+        pipeline, created = Pipeline.get_or_create(  # type: ignore[no-untyped-call]
             slug=spec.slug, defaults={"name": spec.name, "registered_by": service or for_service})
         if not created and service is not None and pipeline.registered_by != service:
             owner = f"service {pipeline.registered_by!r}" if pipeline.registered_by else "an operator"
@@ -34,11 +36,11 @@ def register_pipeline(spec: PipelineSpec, *, service: str | None = None, for_ser
             Algorithm.insert(pipeline=pipeline, key=algo.key, name=algo.name, task_type=algo.task_type).on_conflict(
                 conflict_target=[Algorithm.pipeline, Algorithm.key],
                 update={Algorithm.name: algo.name, Algorithm.task_type: algo.task_type}).execute()
-    return created
+    return bool(created)
 
 
-def list_pipelines() -> list[dict]:
-    out = []
+def list_pipelines() -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
     for p in Pipeline.select().order_by(Pipeline.slug):
         algos = Algorithm.select().where(Algorithm.pipeline == p).order_by(Algorithm.id)
         out.append({"slug": p.slug, "name": p.name, "service": p.registered_by,

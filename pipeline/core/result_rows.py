@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import defaultdict
-from typing import NamedTuple
+from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -26,12 +27,13 @@ from models import (
     execute_in,
     insert_ignoring_duplicates,
     select_in,
+    tuples,
     utcnow,
     write_transaction,
 )
 from pipeline.errors import BadResult
 from pipeline.infra.jobstate import Outcome
-from pipeline.schemas import DETECTION_TASK_TYPES, SuccessResult
+from pipeline.schemas import DETECTION_TASK_TYPES, DetectionOut, SuccessResult
 from pipeline.settings import redact_text
 
 log = logging.getLogger(__name__)
@@ -59,8 +61,8 @@ _algorithms: dict[int, dict[str, AlgorithmInfo]] = {}
 def pipeline_algorithms(pipeline_id: int, *, refresh: bool = False) -> dict[str, AlgorithmInfo]:
     """The pipeline's declared algorithms by key (cached per process; refreshed on a miss)."""
     if refresh or pipeline_id not in _algorithms:
-        _algorithms[pipeline_id] = {key: AlgorithmInfo(pk, task_type) for pk, key, task_type in Algorithm.select(
-            Algorithm.id, Algorithm.key, Algorithm.task_type).where(Algorithm.pipeline == pipeline_id).tuples()}
+        _algorithms[pipeline_id] = {key: AlgorithmInfo(pk, task_type) for pk, key, task_type in tuples(Algorithm.select(
+            Algorithm.id, Algorithm.key, Algorithm.task_type).where(Algorithm.pipeline == pipeline_id))}
     return _algorithms[pipeline_id]
 
 
@@ -76,7 +78,7 @@ def _resolve_algorithms(pipeline_id: int, slug: str, keys: set[str],
     return known
 
 
-def canonical_image_id(image_id) -> str | None:
+def canonical_image_id(image_id: object) -> str | None:
     """The image id as the database spells it ("0345" -> "345"), or None if it cannot be one."""
     text = str(image_id)
     if text.isascii() and text.isdigit() and len(text) <= 18:
@@ -95,12 +97,12 @@ class ImageRow(NamedTuple):
     error: str | None
 
 
-def job_images(job_id: int, image_ids) -> dict[str, ImageRow]:
+def job_images(job_id: int, image_ids: Iterable[object]) -> dict[str, ImageRow]:
     """The job's rows for these images, locked until the transaction ends (the outcome arbiter)."""
     numeric = sorted({int(c) for c in map(canonical_image_id, image_ids) if c is not None})
-    rows = select_in('SELECT id, image_id, status, detections, classifications, error FROM "job_image" '
-                     "WHERE job_id = %s AND image_id IN ({in})", numeric, params=(job_id,), lock=True)
-    return {str(row[1]): ImageRow(*row) for row in rows}
+    found = select_in('SELECT id, image_id, status, detections, classifications, error FROM "job_image" '
+                      "WHERE job_id = %s AND image_id IN ({in})", numeric, params=(job_id,), lock=True)
+    return {str(row[1]): ImageRow(*row) for row in found}
 
 
 def is_supersedable(row: ImageRow) -> bool:
@@ -133,8 +135,8 @@ class PreparedResult:
 
     job_id: int
     image_ids: tuple[str, ...]
-    detections: list[tuple]  # Detection rows, in DETECTION_FIELDS order
-    classifications: list[tuple[tuple[str, int, str], tuple]]  # (detection key, row without its detection id)
+    detections: list[tuple[Any, ...]]  # Detection rows, in DETECTION_FIELDS order
+    classifications: list[tuple[tuple[str, int, str], tuple[Any, ...]]]  # (detection key, row without detection id)
     counts: dict[str, list[int]]  # image id -> [detections, classifications]
 
     @classmethod
@@ -153,7 +155,7 @@ class PreparedResult:
             [c for n, part in enumerate(parts) for c in part.classifications if owner[c[0][0]] == n],
             {image_id: parts[n].counts[image_id] for image_id, n in owner.items()})
 
-    def restricted_to(self, image_ids) -> PreparedResult:
+    def restricted_to(self, image_ids: Iterable[str]) -> PreparedResult:
         """This result without the images not in `image_ids` (decided by another message)."""
         keep = set(image_ids)
         if keep >= set(self.image_ids):
@@ -181,7 +183,8 @@ class PreparedResult:
                                            [(ids[key], *row) for key, row in classifications])
             by_counts: dict[tuple[int, int], list[int]] = defaultdict(list)  # one UPDATE per distinct pair
             for image_id in deciding:
-                by_counts[tuple(self.counts[image_id])].append(rows[image_id].id)
+                n_det, n_cls = self.counts[image_id]
+                by_counts[(n_det, n_cls)].append(rows[image_id].id)
             now = utcnow()
             for (n_det, n_cls), row_ids in by_counts.items():
                 execute_in('UPDATE "job_image" SET status = %s, detections = %s, classifications = %s, error = NULL, '
@@ -198,17 +201,18 @@ CLASSIFICATION_FIELDS = ("detection", "algorithm", "taxon", "score", "scores", "
 _encode_json = msgspec.json.Encoder().encode
 
 
-def _to_json(value: list) -> str:
+def _to_json(value: list[Any]) -> str:
     return _encode_json(value).decode()
 
 
 def prepare_result(job: Job, result: SuccessResult) -> PreparedResult:
     """Validate a success result against the job's pipeline and build its rows; raises BadResult."""
-    canonical = {img.id: canonical_image_id(img.id) for img in result.source_images}
-    malformed = sorted(raw for raw, image_id in canonical.items() if image_id is None)
+    checked = {img.id: canonical_image_id(img.id) for img in result.source_images}
+    malformed = sorted(raw for raw, image_id in checked.items() if image_id is None)
+    canonical = {raw: image_id for raw, image_id in checked.items() if image_id is not None}
     if malformed:
         raise BadResult(f"image ids must be decimal numbers, got {malformed[:5]}",
-                        image_ids=tuple(dict.fromkeys(i for i in canonical.values() if i)))
+                        image_ids=tuple(dict.fromkeys(canonical.values())))
     image_ids = tuple(dict.fromkeys(canonical.values()))
     job_id, pipeline_id, slug = job.id, job.pipeline_id, job.pipeline.slug
     if result.pipeline != slug:
@@ -229,10 +233,10 @@ def prepare_result(job: Job, result: SuccessResult) -> PreparedResult:
                         image_ids=image_ids)
 
     # Deduplicate within the message the way the database will (same image, algorithm, box).
-    detections: dict[tuple[str, str, str], object] = {}
-    for det in result.detections:
-        detections.setdefault((canonical[det.source_image_id], det.algorithm.key,
-                               det.bbox.key() if det.bbox else ""), det)
+    detections: dict[tuple[str, str, str], DetectionOut | None] = {}
+    for given in result.detections:
+        detections.setdefault((canonical[given.source_image_id], given.algorithm.key,
+                               given.bbox.key() if given.bbox else ""), given)
     found = {image_id for image_id, _, _ in detections}
     for image_id in image_ids:  # "processed, nothing found" marker for images without any detection
         if marker and image_id not in found:
@@ -240,7 +244,8 @@ def prepare_result(job: Job, result: SuccessResult) -> PreparedResult:
 
     counts: dict[str, list[int]] = {i: [0, 0] for i in image_ids}
     now = utcnow()
-    det_rows, cls_rows = [], []
+    det_rows: list[tuple[Any, ...]] = []
+    cls_rows: list[tuple[tuple[str, int, str], tuple[Any, ...]]] = []
     for (image_id, algo_key, bbox_key), det in detections.items():
         algorithm_id = algorithms[algo_key].id
         if det is None:  # the "processed, nothing found" marker
@@ -250,7 +255,7 @@ def prepare_result(job: Job, result: SuccessResult) -> PreparedResult:
         det_rows.append((int(image_id), algorithm_id, bbox_key, *box, det.score, det.crop_image_url, job_id, now))
         if det.bbox:
             counts[image_id][0] += 1
-        seen_algorithms = set()
+        seen_algorithms: set[str] = set()
         for c in det.classifications:
             if c.algorithm.key in seen_algorithms:
                 continue  # one classification per detection and algorithm
@@ -268,7 +273,8 @@ def save_result(job: Job, result: SuccessResult) -> list[Outcome]:
     return prepare_result(job, result).save()
 
 
-def fail_images(job_id: int, image_ids, reason: str, rows: dict[str, ImageRow] | None = None) -> list[Outcome]:
+def fail_images(job_id: int, image_ids: Iterable[object], reason: str,
+                rows: dict[str, ImageRow] | None = None) -> list[Outcome]:
     """Mark still-pending images of the job failed with `reason`; returns each image's settled outcome.
 
     An image that already has an outcome keeps it (a saved success is never turned into a failure), and

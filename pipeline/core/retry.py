@@ -27,5 +27,4 @@ def retry_outages(limit: int) -> Callable[[int, BaseException], bool]:
     def retry_when(retries: int, exc: BaseException) -> bool:
         return is_outage(exc) and retries < limit
 
-    retry_when.limit = limit
     return retry_when

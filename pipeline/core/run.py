@@ -35,6 +35,8 @@ def run(runtime: Runtime, job_id: int) -> Job | None:
     if progress.transition(job_id, JobStatus.STARTED, allowed_from=(JobStatus.CREATED, JobStatus.PENDING)):
         job_log(job_id, logging.INFO, f"job STARTED: {job.total_images} image(s), mode {job.dispatch_mode}")
     job = load_job(job_id)
+    if job is None:  # deleted meanwhile
+        return None
     progress.mark_collected(job)
     if job.total_images == 0:
         written = progress.write_progress(job_id, Snapshot(0, 0, 0, 0, 0, 0),

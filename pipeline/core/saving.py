@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Iterable
 from enum import StrEnum
 
 from models import (
@@ -34,6 +35,7 @@ from models import (
     execute_in,
     is_unstorable,
     select_in,
+    tuples,
     utcnow,
     write_transaction,
 )
@@ -152,14 +154,28 @@ class DrainStep:
     written: progress.ProgressWrite | None = None
 
 
-def _read_inbox(job_id: int, limit: int) -> list[tuple[int, str, bytes, str, str | None]]:
+#: An inbox row as the drain reads it: (id, source, body, task reply header, proof JSON or None).
+InboxEntry = tuple[int, str, bytes, str, str | None]
+#: A job-log line to write: (level, message, image ids or None).
+LogLine = tuple[int, str, str | None]
+
+
+def _read_entry(entry_id: int) -> InboxEntry | None:
+    for found_id, source, body, replies, proof in tuples(
+            ResultInbox.select(ResultInbox.id, ResultInbox.source, ResultInbox.body, ResultInbox.task_replies,
+                               ResultInbox.proof).where(ResultInbox.id == entry_id)):
+        return found_id, source, bytes(body), replies, proof
+    return None
+
+
+def _read_inbox(job_id: int, limit: int) -> list[InboxEntry]:
     now = utcnow()
     rows = (ResultInbox.select(ResultInbox.id, ResultInbox.source, ResultInbox.body, ResultInbox.task_replies,
                                ResultInbox.proof)
             .where((ResultInbox.job_id == job_id)
                    & (ResultInbox.next_attempt_at.is_null() | (ResultInbox.next_attempt_at <= now)))
-            .order_by(ResultInbox.id).limit(limit).tuples())
-    return [(entry_id, source, bytes(body), replies, proof) for entry_id, source, body, replies, proof in rows]
+            .order_by(ResultInbox.id).limit(limit))
+    return [(entry_id, source, bytes(body), replies, proof) for entry_id, source, body, replies, proof in tuples(rows)]
 
 
 def _delete_entries(entry_ids: list[int]) -> None:
@@ -200,7 +216,7 @@ def drain_step(runtime: Runtime, job_id: int, *, limit: int = DRAIN_MESSAGES) ->
         raise StepFailed([e[0] for e in entries], exc) from exc
 
 
-def _drain_entries(runtime: Runtime, job_id: int, entries: list[tuple[int, str, bytes, str, str | None]]) -> DrainStep:
+def _drain_entries(runtime: Runtime, job_id: int, entries: list[InboxEntry]) -> DrainStep:
     step = DrainStep()
     job = load_job(job_id)
     if job is None:
@@ -241,7 +257,7 @@ def _drain_entries(runtime: Runtime, job_id: int, entries: list[tuple[int, str, 
     return step
 
 
-def _save(job: Job, messages: list[Message], logs: list) -> list[Outcome]:
+def _save(job: Job, messages: list[Message], logs: list[LogLine]) -> list[Outcome]:
     """Steps 2 of invariant 1 for a chunk of one job's messages, inside the caller's transaction; every
     decided image's outcome (each image once: the first message naming it decides it)."""
     rows = job_images(job.id, [i for m in messages if m.decides for i in m.image_ids])
@@ -258,7 +274,7 @@ def _save(job: Job, messages: list[Message], logs: list) -> list[Outcome]:
     outcomes: list[Outcome] = []
     successes = [m for m in messages if m.kind == Kind.SUCCESS]
     if successes:
-        combined = PreparedResult.combine([m.prepared for m in successes]).restricted_to(
+        combined = PreparedResult.combine([m.prepared for m in successes if m.prepared is not None]).restricted_to(
             [i for i, m in owner.items() if m.kind == Kind.SUCCESS])
         if combined.image_ids:
             outcomes += combined.save(rows)
@@ -285,14 +301,15 @@ def _write_logs(job_id: int, logs: list[tuple[int, str, str | None]]) -> None:
         job_log(job_id, level, message, image_id=image_id, emit=False)
 
 
-def _after_commit(runtime: Runtime, job: Job, step: DrainStep, logs: list) -> None:
+def _after_commit(runtime: Runtime, job: Job, step: DrainStep, logs: list[LogLine]) -> None:
     """Log lines, TERMs of the tasks of bad results, and the cleanup of a job this step ended."""
     for level, message, image_id in logs:
         job_log(job.id, level, message, image_id=image_id, persist=False)
     late = [m for m in step.messages if m.action == Action.LATE]
     if late:
         log.info("job=%s %s result message(s) for a %s job refused (images %s): nothing saved or counted", job.id,
-                 len(late), step.written.status, ids_text(dict.fromkeys(i for m in late for i in m.image_ids)))
+                 len(late), step.written.status if step.written else job.status,
+                 ids_text(dict.fromkeys(i for m in late for i in m.image_ids)))
     for m in step.messages:
         if m.kind == Kind.BAD and m.replies:
             try:
@@ -303,7 +320,7 @@ def _after_commit(runtime: Runtime, job: Job, step: DrainStep, logs: list) -> No
         finish(runtime, job, step.written)
 
 
-def _drop_for_unknown_job(runtime: Runtime, job_id: int, entries) -> DrainStep:
+def _drop_for_unknown_job(runtime: Runtime, job_id: int, entries: list[InboxEntry]) -> DrainStep:
     step = DrainStep()
     own = [r for _, _, _, replies, _ in entries for r in names.task_replies(replies)
            if names.reply_belongs_to_job(r, job_id)]
@@ -329,7 +346,7 @@ class Drained:
     actions: dict[str, Action] = dataclasses.field(default_factory=dict)
 
 
-def request_drains(runtime: Runtime, job_ids) -> None:
+def request_drains(runtime: Runtime, job_ids: Iterable[int]) -> None:
     """Ask for the results of these jobs waiting in the inbox to be saved (one `process_pipeline_result`
     message each; a request that finds nothing to save costs one query)."""
     for job_id in job_ids:
@@ -389,13 +406,11 @@ def _refuse(runtime: Runtime, job_id: int, entry_id: int, exc: Exception) -> Dra
     """Inbox row `entry_id` holds a result the database refuses to store (a value longer than its column, a
     number out of range): fail the images it names with the reason, TERM its tasks, drop the row
     (invariant 10: never a retry loop for data that can never be saved, never a stalled job)."""
-    found = (ResultInbox.select(ResultInbox.id, ResultInbox.source, ResultInbox.body, ResultInbox.task_replies,
-                                ResultInbox.proof).where(ResultInbox.id == entry_id).tuples().get_or_none())
+    found = _read_entry(entry_id)
     if found is None:
         return DrainStep()
-    _, source, body, replies, proof = found
-    body = bytes(body)
-    replies = names.task_replies(replies)
+    _, source, body, header, proof = found
+    replies = names.task_replies(header)
     reason = short(f"bad result: the database refused to store it ({type(exc).__name__}: {str(exc).strip()})")
     image_ids = unsaved.images_of(runtime, body, replies, proof)
     if proof is not None:  # TERM only the tasks of images it proved it holds

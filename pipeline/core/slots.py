@@ -54,7 +54,7 @@ def take_or_wait(runtime: Runtime, job: Job) -> ConsumerConfig | None:
             return None
         Job.update(updated_at=utcnow()).where(
             (Job.id == job.id) & Job.status.in_((JobStatus.CREATED, JobStatus.PENDING))).execute()
-        runtime.redis.zadd(names.SLOT_WAITERS_KEY, {job.id: job.id})  # woken when a job ends
+        runtime.redis.zadd(names.SLOT_WAITERS_KEY, {str(job.id): job.id})  # woken when a job ends
         if runtime.redis.set(names.slot_wait_key(job.id), 1, nx=True, ex=SLOT_WAIT_LOG_S):
             job_log(job.id, logging.WARNING, f"waiting for a free job slot: {exc}; it starts when a job ends "
                                              f"(run_job also looks again every {SLOT_RETRY_MS // 1000} s)")

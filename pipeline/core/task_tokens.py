@@ -18,8 +18,9 @@ import base64
 import hashlib
 import hmac
 import secrets
+from collections.abc import Iterable
 
-from models import Job, Pipeline
+from models import Job, Pipeline, tuples
 
 #: Bytes of MAC in a token (128 bits: no guessing).
 MAC_BYTES = 16
@@ -39,19 +40,20 @@ def image_of(token: str) -> str:
     return token.partition(".")[0]
 
 
-def job_secrets(job_ids) -> dict[int, tuple[str | None, str]]:
+def job_secrets(job_ids: Iterable[int]) -> dict[int, tuple[str | None, str]]:
     """Each job's (token secret, pipeline slug); the secret is None for a job made before task tokens, and
     jobs that do not exist are left out."""
     ids = sorted(set(job_ids))
     if not ids:
         return {}
-    return {job_id: (secret, slug) for job_id, secret, slug in Job.select(Job.id, Job.task_secret, Pipeline.slug)
-            .join(Pipeline).where(Job.id.in_(ids)).tuples()}
+    return {job_id: (secret, slug) for job_id, secret, slug in tuples(
+        Job.select(Job.id, Job.task_secret, Pipeline.slug).join(Pipeline).where(Job.id.in_(ids)))}
 
 
-def proven_images(secret: str, job_id: int, tokens) -> tuple[set[str], list[str]]:
+def proven_images(secret: str, job_id: int, tokens: Iterable[str]) -> tuple[set[str], list[str]]:
     """(the images whose tokens are valid, the tokens that are not)."""
-    proven, forged = set(), []
+    proven: set[str] = set()
+    forged: list[str] = []
     for token in tokens:
         image_id = image_of(token)
         if image_id and hmac.compare_digest(token, token_for(secret, job_id, image_id)):

@@ -18,10 +18,20 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+from typing import Any
 
 import peewee
 
-from models import Job, JobStatus, ParkedResult, ResultInbox, insert_ignoring_duplicates, utcnow, write_transaction
+from models import (
+    Job,
+    JobStatus,
+    ParkedResult,
+    ResultInbox,
+    insert_ignoring_duplicates,
+    tuples,
+    utcnow,
+    write_transaction,
+)
 from pipeline import names
 from pipeline.core import inbox
 from pipeline.core.joblog import job_log
@@ -123,7 +133,7 @@ class Parked:
     parked_at: dt.datetime
     size: int
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "job_id": self.job_id, "image_ids": self.image_ids, "attempts": self.attempts,
                 "error": self.error, "received_at": self.received_at.isoformat(timespec="seconds") + "Z",
                 "parked_at": self.parked_at.isoformat(timespec="seconds") + "Z", "bytes": self.size}
@@ -152,8 +162,8 @@ def parked_body(parked_id: int) -> bytes:
 
 def parked_counts() -> dict[int, int]:
     """Parked result messages per job."""
-    return dict(ParkedResult.select(ParkedResult.job_id, peewee.fn.COUNT(ParkedResult.id))
-                .group_by(ParkedResult.job_id).tuples())
+    return dict(tuples(ParkedResult.select(ParkedResult.job_id, peewee.fn.COUNT(ParkedResult.id))
+                       .group_by(ParkedResult.job_id)))
 
 
 def _select(ids: list[int] | None, job_id: int | None, every: bool) -> list[ParkedResult]:
@@ -178,7 +188,8 @@ def replay(runtime: Runtime, *, ids: list[int] | None = None, job_id: int | None
     or job, results of a job that has ended are refused (UserInputError): its outcomes are final
     (`cli.py retry-failed` processes its failed images again)."""
     rows = _select(ids, job_id, every)
-    statuses = dict(Job.select(Job.id, Job.status).where(Job.id.in_({r.job_id for r in rows} or {0})).tuples())
+    statuses: dict[int, str] = dict(tuples(Job.select(Job.id, Job.status).where(
+        Job.id.in_({r.job_id for r in rows} or {0}))))
     ended = sorted({r.job_id for r in rows if statuses.get(r.job_id, JobStatus.REVOKED) in JobStatus.TERMINAL})
     if ended and (ids or job_id is not None):
         raise UserInputError(f"job(s) {', '.join(map(str, ended))} ended: a replayed result would change nothing "

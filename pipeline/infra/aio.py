@@ -16,8 +16,8 @@ import asyncio
 import concurrent.futures
 import threading
 import time
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -31,7 +31,7 @@ class LoopRunner:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
 
-    def run(self, coro: Awaitable[T], timeout: float | None = None) -> T:
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """The coroutine's result; raises its exception, or TimeoutError after `timeout` seconds (the
         coroutine is then cancelled, as it is when the waiting thread is interrupted)."""
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -50,7 +50,7 @@ class LoopRunner:
             if not future.done():
                 future.cancel()
 
-    def spawn(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Start a long-running coroutine (a bridge, a service loop) without waiting for it."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 

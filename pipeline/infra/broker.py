@@ -16,8 +16,10 @@ messages are re-run a few seconds after the heartbeat expires, well within a min
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import dramatiq
+import redis
 from dramatiq.brokers.redis import RedisBroker
 
 from pipeline import names
@@ -36,13 +38,22 @@ def make_broker(settings: Settings, middleware: Sequence[dramatiq.Middleware] = 
 
     Without `middleware` it only sends messages (what the CLI needs); a worker passes its list.
     """
-    return RedisBroker(url=settings.redis_url, namespace=names.DRAMATIQ_NAMESPACE, middleware=list(middleware),
-                       heartbeat_timeout=HEARTBEAT_TIMEOUT_MS, maintenance_chance=MAINTENANCE_CHANCE,
-                       dead_message_ttl=DEAD_MESSAGE_TTL_MS)
+    return RedisBroker(  # type: ignore[no-untyped-call]
+        url=settings.redis_url, namespace=names.DRAMATIQ_NAMESPACE, middleware=list(middleware),
+        heartbeat_timeout=HEARTBEAT_TIMEOUT_MS, maintenance_chance=MAINTENANCE_CHANCE,
+        dead_message_ttl=DEAD_MESSAGE_TTL_MS)
 
 
-def send(broker: dramatiq.Broker, actor_name: str, *args, delay_ms: int | None = None) -> dramatiq.Message:
+def send(broker: dramatiq.Broker, actor_name: str, *args: Any, delay_ms: int | None = None) -> dramatiq.Message[Any]:
     """Queue a message for the actor called `actor_name` (one of `names.ACTOR_QUEUES`) on its queue."""
-    message = dramatiq.Message(queue_name=names.ACTOR_QUEUES[actor_name], actor_name=actor_name, args=args,
-                               kwargs={}, options={})
+    message: dramatiq.Message[Any] = dramatiq.Message(queue_name=names.ACTOR_QUEUES[actor_name],
+                                                      actor_name=actor_name, args=args, kwargs={}, options={})
     return broker.enqueue(message, delay=delay_ms)
+
+
+def redis_of(broker: dramatiq.Broker) -> redis.Redis:
+    """The Redis client of jetpipe's broker (always a RedisBroker)."""
+    if not isinstance(broker, RedisBroker):
+        raise TypeError(f"jetpipe's broker is a RedisBroker, not {type(broker).__name__}")
+    client: redis.Redis = broker.client
+    return client

@@ -40,7 +40,7 @@ class InjectedFault(RuntimeError):
 _hits: dict[str, int] = {}
 
 
-def _matches(condition: str | None, context: dict) -> bool:
+def _matches(condition: str | None, context: dict[str, object]) -> bool:
     """True if `condition` ("key=value") is unset, or the context's `key` is (or lists) `value`."""
     if not condition:
         return True
@@ -51,7 +51,7 @@ def _matches(condition: str | None, context: dict) -> bool:
     return value in {str(v) for v in listed}
 
 
-def crash_point(name: str, **context) -> None:
+def crash_point(name: str, **context: object) -> None:
     """SIGKILL this process here if PIPELINE_CRASH_AT names this point (after PIPELINE_CRASH_SKIP hits);
     raise InjectedFault if PIPELINE_RAISE_AT names it."""
     if os.environ.get("PIPELINE_RAISE_AT") == name and _matches(os.environ.get("PIPELINE_RAISE_IF"), context):

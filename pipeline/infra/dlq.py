@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from typing import Any
 
 import dramatiq
 import redis
@@ -25,9 +26,9 @@ class DeadMessage:
     queue: str
     redis_id: str
     died_at: dt.datetime
-    message: dramatiq.Message
+    message: dramatiq.Message[Any]
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         traceback = (self.message.options.get("traceback") or "").strip().splitlines()
         return {"queue": self.queue, "id": self.redis_id, "message_id": self.message.message_id,
                 "actor": self.message.actor_name, "args": list(self.message.args),
@@ -46,8 +47,9 @@ def list_dead(client: redis.Redis) -> list[DeadMessage]:
     found = []
     for queue in QUEUES:
         zset, payloads = names.dead_letter_keys(queue)
-        for redis_id, score in client.zrange(zset, 0, -1, withscores=True):
-            redis_id = redis_id.decode() if isinstance(redis_id, bytes) else redis_id
+        entries: list[tuple[bytes | str, float]] = client.zrange(zset, 0, -1, withscores=True)  # type: ignore[assignment]
+        for member, score in entries:
+            redis_id = member.decode() if isinstance(member, bytes) else member
             raw = client.hget(payloads, redis_id)
             if raw is None:
                 continue
@@ -57,7 +59,7 @@ def list_dead(client: redis.Redis) -> list[DeadMessage]:
     return sorted(found, key=lambda d: d.died_at)
 
 
-def replay(broker, client: redis.Redis, ids: set[str] | None = None) -> list[DeadMessage]:
+def replay(broker: dramatiq.Broker, client: redis.Redis, ids: set[str] | None = None) -> list[DeadMessage]:
     """Enqueue dead messages again (all, or those whose redis id or message id is in `ids`), with a fresh
     retry budget and poison counter, and remove them from the dead-letter queue."""
     replayed = []

@@ -11,8 +11,9 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from importlib import resources
+from typing import Any, cast
 
 import msgspec
 import redis
@@ -83,7 +84,7 @@ class Snapshot:
         return self.remaining == 0
 
     @classmethod
-    def from_reply(cls, reply: list) -> Snapshot:
+    def from_reply(cls, reply: list[Any]) -> Snapshot:
         total, remaining, failed, captures, detections, classifications = (int(x) for x in reply[1:7])
         return cls(total, remaining, failed, captures, detections, classifications,
                    tuple(str(x) for x in reply[7:]))
@@ -104,9 +105,9 @@ class JobState:
         self._release = client.register_script(_RELEASE_LOCK)
         self._extend = client.register_script(_EXTEND_LOCK)
 
-    def _run(self, script: str, job_id: int, args: Iterable = ()) -> object:
+    def _run(self, script: str, job_id: int, args: Iterable[str | bytes | int] = ()) -> list[Any]:
         try:
-            return self._scripts[script](keys=names.job_keys(job_id), args=list(args))
+            return cast(list[Any], self._scripts[script](keys=names.job_keys(job_id), args=list(args)))
         except redis.RedisError as exc:
             raise TransientError(f"redis unavailable for job {job_id}: {exc}") from exc
 
@@ -174,7 +175,7 @@ class JobState:
             pass  # it expires
 
     @contextlib.contextmanager
-    def rebuild_lock(self, job_id: int, *, wait_s: float = 60.0):
+    def rebuild_lock(self, job_id: int, *, wait_s: float = 60.0) -> Iterator[None]:
         """Hold the job's rebuild lock (one rebuild at a time); waits for another holder to finish."""
         key = names.rebuild_lock_key(job_id)
         deadline = time.monotonic() + wait_s
@@ -217,7 +218,7 @@ class JobState:
 
     def pending_ids(self, job_id: int) -> set[str]:
         try:
-            return set(self.client.smembers(names.job_pending_key(job_id)))
+            return {str(member) for member in self.client.smembers(names.job_pending_key(job_id))}
         except redis.RedisError as exc:
             raise TransientError(f"redis unavailable for job {job_id}: {exc}") from exc
 

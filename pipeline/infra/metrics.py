@@ -31,6 +31,8 @@ import logging
 import os
 import tempfile
 import threading
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import dramatiq
 
@@ -40,7 +42,7 @@ from pipeline.settings import Settings
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
-_metrics = None
+_metrics: _Metrics | None = None
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -51,7 +53,7 @@ def metrics_directory(settings: Settings) -> str:
 
 
 class _Metrics:
-    def __init__(self):
+    def __init__(self) -> None:
         import prometheus_client as prom  # late: after Dramatiq set the multiprocess directory
 
         self.images = prom.Counter("jetpipe_images", "Images whose outcome was counted (once per image).",
@@ -124,26 +126,23 @@ def make_middleware(settings: Settings) -> dramatiq.Middleware | None:
         booted = False
 
         @property
-        def forks(self):
+        def forks(self) -> list[Callable[[], int]]:
             return [run_exposition_server]  # ours: it reads PIPELINE_METRICS_PORT in the forked process
 
-        def after_process_boot(self, broker):
-            super().after_process_boot(broker)
+        def after_process_boot(self, broker: dramatiq.Broker) -> None:
+            super().after_process_boot(broker)  # type: ignore[no-untyped-call]
             self.booted = True
 
-        def _guard(name):  # noqa: N805 - builds the guarded hooks below
-            def hook(self, *args, **kwargs):
-                if self.booted:
-                    return getattr(Prometheus, name)(self, *args, **kwargs)
-            return hook
+    def _guard(name: str) -> Callable[..., Any]:
+        def hook(self: WorkerMetrics, *args: Any, **kwargs: Any) -> Any:
+            if self.booted:
+                return getattr(Prometheus, name)(self, *args, **kwargs)
+            return None
+        return hook
 
-        after_worker_shutdown = _guard("after_worker_shutdown")
-        after_nack = _guard("after_nack")
-        after_enqueue = _guard("after_enqueue")
-        before_delay_message = _guard("before_delay_message")
-        before_process_message = _guard("before_process_message")
-        after_process_message = _guard("after_process_message")
-        after_skip_message = _guard("after_skip_message")
+    for hook in ("after_worker_shutdown", "after_nack", "after_enqueue", "before_delay_message",
+                 "before_process_message", "after_process_message", "after_skip_message"):
+        setattr(WorkerMetrics, hook, _guard(hook))
 
     return WorkerMetrics()
 
@@ -162,12 +161,15 @@ def _remove_dead_process_files(directory: str) -> None:
             pass
 
 
-def with_probes(metrics_app, settings: Settings):
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def with_probes(metrics_app: WsgiApp, settings: Settings) -> WsgiApp:
     """The metrics WSGI app, plus `/healthz` (this process answers) and `/readyz` (the database, Redis and
     NATS answer from this host) for orchestrators."""
     from pipeline.infra.readiness import readiness
 
-    def app(environ, start_response):
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path not in ("/healthz", "/readyz"):
             return metrics_app(environ, start_response)
@@ -193,10 +195,10 @@ def run_exposition_server() -> int:
     from prometheus_client import multiprocess
 
     registry = prom.CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
 
     class QuietHandler(WSGIRequestHandler):
-        def log_message(self, *args):  # one line per scrape would drown the worker log
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - one line a scrape would drown the log
             pass
 
     try:

@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import redis
 
@@ -84,14 +85,14 @@ class Presence:
             self._stop.wait(BEAT_S)
 
 
-def live_workers(client: redis.Redis) -> list[dict]:
+def live_workers(client: redis.Redis) -> list[dict[str, Any]]:
     """Every worker that announced itself within TTL_S, by identity."""
     keys = sorted(client.scan_iter(match=names.worker_presence_key("*"), count=500))
     return [json.loads(raw) for raw in client.mget(keys) if raw] if keys else []
 
 
-def _seen(client: redis.Redis) -> dict[str, dict]:
-    found = {}
+def _seen(client: redis.Redis) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
     for identity, raw in client.hgetall(names.WORKERS_SEEN_KEY).items():
         try:
             found[_text(identity)] = json.loads(raw)
@@ -100,7 +101,7 @@ def _seen(client: redis.Redis) -> dict[str, dict]:
     return found
 
 
-def vanished_workers(client: redis.Redis, live: list[dict]) -> list[dict]:
+def vanished_workers(client: redis.Redis, live: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Workers that stopped announcing themselves without a clean shutdown within the last
     VANISHED_REPORTED_S: {"worker", "silent_s"} each, the most recent first."""
     now = time.time()
@@ -126,10 +127,10 @@ def service_seen(client: redis.Redis, name: str, *, pipeline: str, job_id: int, 
         pipe.execute()
 
 
-def http_services(client: redis.Redis) -> list[dict]:
+def http_services(client: redis.Redis) -> list[dict[str, Any]]:
     """Every HTTP processing service seen, with its last request and how many tasks it holds (reserved
     and not yet returned, as far as the gateway saw)."""
-    found = []
+    found: list[dict[str, Any]] = []
     for key in sorted(client.scan_iter(match=names.service_presence_key("*"), count=500)):
         raw = {_text(k): _text(v) for k, v in client.hgetall(key).items()}
         if raw:
@@ -140,5 +141,5 @@ def http_services(client: redis.Redis) -> list[dict]:
     return found
 
 
-def _text(value) -> str:
+def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)

@@ -31,7 +31,7 @@ def _database(settings: Settings) -> str:
     db = models.make_database(settings.database_url)
     try:
         db.connect()
-        db.execute_sql("SELECT 1")
+        db.execute_sql("SELECT 1")  # type: ignore[no-untyped-call]
         return "ok"
     except peewee.PeeweeException as exc:
         return _why(exc)
@@ -57,7 +57,7 @@ def _nats(settings: Settings) -> str:
         nc = await connect_nats(settings.nats_url, name="jetpipe-readyz", connect_timeout_s=PROBE_TIMEOUT_S,
                                 reconnect=False, **settings.nats_options())
         try:
-            await nc.flush(timeout=PROBE_TIMEOUT_S)
+            await nc.flush(timeout=int(PROBE_TIMEOUT_S))
         finally:
             await nc.close()
 

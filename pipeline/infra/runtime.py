@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from typing import Any
 
 import dramatiq
 
@@ -52,7 +53,7 @@ class Runtime:
                 self._broker = brokers.make_broker(self.settings)
             return self._broker
 
-    def send(self, actor_name: str, *args, delay_ms: int | None = None) -> dramatiq.Message:
+    def send(self, actor_name: str, *args: Any, delay_ms: int | None = None) -> dramatiq.Message[Any]:
         """Queue a message for the actor called `actor_name` (see `names.ACTOR_QUEUES`)."""
         return brokers.send(self.broker, actor_name, *args, delay_ms=delay_ms)
 

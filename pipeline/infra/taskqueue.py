@@ -16,13 +16,14 @@ import json
 import logging
 import random
 import ssl
-from collections.abc import Awaitable, Iterable
-from typing import NamedTuple, TypeVar
+from collections.abc import Coroutine, Iterable
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 import nats
 import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -128,7 +129,7 @@ async def connect_nats(url: str, *, name: str, connect_timeout_s: float = 10.0, 
     Credentials: user/password or token in the URL, or a `creds` file; TLS: a `tls://` URL, and `tls_ca`
     for a private CA. Processing services connect with `inbox_prefix="_INBOX"` (the SDK does).
     """
-    security: dict = {}
+    security: dict[str, object] = {}
     if creds:
         security["user_credentials"] = creds
     if tls_ca:
@@ -197,14 +198,14 @@ class Requests:
         self.nc = nc
         self._prefix: str | None = None
         self._tokens = itertools.count()
-        self._waiting: dict[str, asyncio.Future] = {}
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}
 
-    async def _on_reply(self, msg) -> None:
-        future = self._waiting.pop(msg.subject[len(self._prefix):], None)
+    async def _on_reply(self, msg: Msg) -> None:
+        future = self._waiting.pop(msg.subject[len(self._prefix or ""):], None)
         if future is not None and not future.done():
             future.set_result(msg)
 
-    async def send(self, requests: list[tuple[str, bytes, dict | None]], *, timeout: float) -> list:
+    async def send(self, requests: list[tuple[str, bytes, dict[str, str] | None]], *, timeout: float) -> list[Msg]:
         """Publish every (subject, payload, headers) with its own reply subject; the replies, in order (a
         reply for which `no_responders(reply)` is true means nothing listens on that subject).
 
@@ -222,7 +223,8 @@ class Requests:
                 self._prefix = None
                 raise
         loop = asyncio.get_running_loop()
-        tokens, futures = [], []
+        tokens: list[str] = []
+        futures: list[asyncio.Future[Msg]] = []
         try:
             async with asyncio.timeout(timeout):  # the whole exchange, publishing included, never longer
                 for subject, payload, headers in requests:
@@ -239,12 +241,12 @@ class Requests:
         return [future.result() for future in futures]
 
 
-def no_responders(reply) -> bool:
+def no_responders(reply: Msg) -> bool:
     """True for the server's "503 no responders" answer to a request."""
     return (reply.headers or {}).get("Status") == "503"
 
 
-def take_waiting(sub) -> list:
+def take_waiting(sub: Any) -> list[Msg]:
     """The deliveries waiting on a pull subscription that no fetch took: answers to pull requests that
     reached the server after their fetch gave up (it timed out, or the request waited out a reconnect in
     the client). Status messages (timeouts, heartbeats of those requests) are left out.
@@ -270,7 +272,7 @@ class TaskQueue:
         self.js = nc.jetstream(timeout=API_TIMEOUT_S)
         self.requests = Requests(nc)
         self.watch: ConnectionWatch | None = None
-        self._watching: asyncio.Task | None = None
+        self._watching: asyncio.Task[None] | None = None
         if watch_as is not None:  # a long-lived connection: replaced within seconds when it stops answering
             self.watch = ConnectionWatch(nc, name=watch_as)
             self._watching = asyncio.get_running_loop().create_task(self.watch.run())
@@ -292,7 +294,7 @@ class TaskQueue:
 
     async def close(self) -> None:
         """Send buffered publishes and ACKs, then close (no drain: pull subscriptions hold no work)."""
-        if self.watch is not None:
+        if self.watch is not None and self._watching is not None:
             self.watch.stop()
             await asyncio.gather(self._watching, return_exceptions=True)
         if self.nc.is_closed:
@@ -348,7 +350,7 @@ class TaskQueue:
     async def _ensure_stream(self, config: StreamConfig, *, max_jobs: int | None, replicas: int | None,
                              results_max_bytes: int | None = None) -> None:
         try:
-            info = await self.js.stream_info(config.name)
+            info = await self.js.stream_info(config.name or "")
         except nats.js.errors.NotFoundError:
             try:
                 await self.js.add_stream(config)
@@ -357,12 +359,13 @@ class TaskQueue:
                 if "already in use" not in str(exc):
                     raise
             return
-        changes: dict = {}
+        changes: dict[str, Any] = {}
         if max_jobs is not None and config.max_consumers and info.config.max_consumers != max_jobs:
             changes["max_consumers"] = max_jobs
         if replicas is not None and (info.config.num_replicas or 1) != replicas:
             changes["num_replicas"] = replicas
-        if config.name == names.ADVISORIES_STREAM and sorted(info.config.subjects or []) != sorted(config.subjects):
+        subjects = sorted(config.subjects or [])
+        if config.name == names.ADVISORIES_STREAM and sorted(info.config.subjects or []) != subjects:
             changes["subjects"] = config.subjects
         if config.name == names.RESULTS_STREAM:  # limits on a stream made before them, or newly asked for
             current = info.config
@@ -400,7 +403,7 @@ class TaskQueue:
             if not page or offset >= answer.get("total", 0):
                 return sorted(found)
 
-    async def _update_stream(self, current: StreamConfig, changes: dict) -> None:
+    async def _update_stream(self, current: StreamConfig, changes: dict[str, Any]) -> None:
         was = {name: getattr(current, name) for name in changes}
         try:
             await self.js.update_stream(dataclasses.replace(current, **changes))
@@ -437,7 +440,7 @@ class TaskQueue:
                     f"pipeline {pipeline_slug} dispatched and not yet ended); raise PIPELINE_NATS_MAX_JOBS or let "
                     "jobs finish") from None
             created = True
-        got = info.config
+        got: ConsumerConfig = info.config
         summary = (f"max_deliver={got.max_deliver} ack_wait={got.ack_wait}s max_ack_pending={got.max_ack_pending} "
                    f"filter={got.filter_subject} inactive_threshold={got.inactive_threshold}")
         mismatch = (got.max_deliver != max_deliver or abs((got.ack_wait or 0) - ack_wait_s) > 1e-3
@@ -572,10 +575,12 @@ class TaskQueue:
     async def oldest_result_seq(self, job_id: int) -> int | None:
         """The stream sequence of the oldest message still in `PIPELINE_RESULTS` for the job (published and
         not yet taken into the inbox), or None if there is none."""
-        found = []
+        found: list[int] = []
         for subject in (names.results_of_job(job_id), f"pipeline.results.{job_id}"):  # (and the form of old services)
             try:
-                found.append((await self.js.get_msg(names.RESULTS_STREAM, seq=1, subject=subject, next=True)).seq)
+                seq = (await self.js.get_msg(names.RESULTS_STREAM, seq=1, subject=subject, next=True)).seq
+                if seq is not None:
+                    found.append(seq)
             except nats.js.errors.NotFoundError:
                 pass
         return min(found, default=None)
@@ -631,10 +636,10 @@ class SyncTaskQueue:
 
     @classmethod
     def connect(cls, url: str, runner: LoopRunner, *, name: str = "jetpipe", watch: bool = False,
-                **security) -> SyncTaskQueue:
+                **security: str) -> SyncTaskQueue:
         return cls(runner.run(TaskQueue.connect(url, name=name, watch=watch, **security), timeout=30), runner)
 
-    def _run(self, what: str, coro: Awaitable[T]) -> T:
+    def _run(self, what: str, coro: Coroutine[Any, Any, T]) -> T:
         try:
             return self.runner.run(coro, timeout=self.timeout_s)
         except NATS_FAILURES as exc:

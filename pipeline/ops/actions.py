@@ -10,17 +10,9 @@ from collections.abc import Iterable
 from models import DispatchMode, Job
 from pipeline.core import jobs
 from pipeline.core.image_policy import ImagePolicy
-from pipeline.errors import NotFound, NothingToDo
+from pipeline.errors import NothingToDo
 from pipeline.infra.runtime import Runtime
-from pipeline.ops.job_views import failed_images, get_job, job_summary
-
-
-def existing_job(job_id: int) -> Job:
-    """The job `job_id` (with its pipeline); raises NotFound."""
-    job = get_job(job_id)
-    if job is None:
-        raise NotFound(f"no job {job_id}")
-    return job
+from pipeline.ops.job_views import existing_job, failed_images, job_summary
 
 
 def enqueue(runtime: Runtime, pipeline_slug: str, urls: Iterable[str], *, name: str | None = None,

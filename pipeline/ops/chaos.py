@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import time
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -29,9 +30,9 @@ def flush_redis(url: str) -> None:
     redis.Redis.from_url(url).flushall()
 
 
-async def flush_nats(url: str, **security) -> list[str]:
+async def flush_nats(url: str, *, creds: str = "", tls_ca: str = "") -> list[str]:
     """Delete jetpipe's streams (every pipeline's tasks, results, advisories and every consumer on them)."""
-    queue = await TaskQueue.connect(url, name="jetpipe-chaos", **security)
+    queue = await TaskQueue.connect(url, name="jetpipe-chaos", creds=creds, tls_ca=tls_ca)
     deleted = []
     try:
         tasks = [names.tasks_stream(slug) for slug in await queue.task_stream_pipelines()]
@@ -53,14 +54,15 @@ class ChaosRefused(UserInputError):
 async def _next_undelivered(queue: TaskQueue, stream: str, subject: str, after_seq: int, count: int) -> list[str]:
     """Image ids of the next `count` tasks on `subject` after stream sequence `after_seq`, in the order the
     consumer will deliver them, read without delivering anything."""
-    images, seq = [], after_seq + 1
+    images: list[str] = []
+    seq = after_seq + 1
     while len(images) < count:
         try:
             msg = await queue.js.get_msg(stream, seq, subject=subject, next=True)
         except nats.js.errors.NotFoundError:
             break
         images.append((msg.headers or {}).get(names.HDR_IMAGE_ID, "?"))
-        seq = msg.seq + 1
+        seq = (msg.seq or seq) + 1
     return images
 
 
@@ -87,7 +89,7 @@ async def _empty_pull(queue: TaskQueue, stream: str, job_id: int) -> None:
 
 async def exhaust_max_deliver(url: str, job_id: int, image_ids: set[str], *, pipeline: str | None = None,
                               max_deliver: int = 2, ack_wait_s: float = 30.0, timeout_s: float = 600,
-                              **security) -> dict:
+                              creds: str = "", tls_ca: str = "") -> dict[str, Any]:
     """Drive the tasks of `image_ids` through max_deliver without ACK; return the consumer's counters.
 
     Every other task of the job is left untouched: nothing is fetched but the targets. So the targets must
@@ -97,7 +99,7 @@ async def exhaust_max_deliver(url: str, job_id: int, image_ids: set[str], *, pip
     streams and the job consumer are created first if missing (`--ensure-stream`). A last, empty pull after
     the final ack_wait makes the server emit MAX_DELIVERIES (it decides on a pull).
     """
-    queue = await TaskQueue.connect(url, name="jetpipe-chaos", **security)
+    queue = await TaskQueue.connect(url, name="jetpipe-chaos", creds=creds, tls_ca=tls_ca)
     try:
         if pipeline:
             await queue.ensure_streams()
@@ -140,7 +142,7 @@ async def exhaust_max_deliver(url: str, job_id: int, image_ids: set[str], *, pip
             except (nats.errors.TimeoutError, TimeoutError):
                 msgs = []
             for msg in msgs:
-                deliveries[(msg.headers or {}).get(names.HDR_IMAGE_ID)] = msg.metadata.num_delivered
+                deliveries[(msg.headers or {}).get(names.HDR_IMAGE_ID, "?")] = msg.metadata.num_delivered
             await asyncio.sleep(ack_wait_s + 0.5)
             if all(n >= max_deliver for n in deliveries.values()):
                 await _empty_pull(queue, stream, job_id)

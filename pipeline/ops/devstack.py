@@ -71,6 +71,13 @@ class Server:
         wait_for_port(self.port, proc=self.proc)
         return self
 
+    @property
+    def pid(self) -> int:
+        """The server process's id (once started)."""
+        if self.proc is None:
+            raise RuntimeError(f"{self.args[0]} was not started")
+        return self.proc.pid
+
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return

@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from models import Job, database, select_in
 from pipeline.errors import NotFound, UserInputError
@@ -116,7 +116,7 @@ class _SafeWriter:
     def __init__(self, buffer: io.StringIO):
         self._writer = csv.writer(buffer, lineterminator="\n")
 
-    def writerow(self, row: list) -> None:
+    def writerow(self, row: Sequence[object]) -> None:
         self._writer.writerow([_cell(value) for value in row])
 
 

@@ -10,6 +10,7 @@ import asyncio
 import collections
 import datetime as dt
 import json
+from typing import Any
 
 import nats.js.errors
 import peewee
@@ -106,9 +107,9 @@ async def _job_slots(queue: TaskQueue, job_consumers) -> dict:
     return {"used": len(job_consumers), "max": max((v for v in limits.values() if v), default=None), "full": full}
 
 
-async def _bridge_facts(queue: TaskQueue) -> dict[str, dict]:
+async def _bridge_facts(queue: TaskQueue) -> dict[str, dict[str, Any]]:
     """Per stream the workers' bridge reads: messages waiting, and whether its durable consumer exists."""
-    facts = {}
+    facts: dict[str, dict[str, Any]] = {}
     for stream, consumer in ((names.RESULTS_STREAM, names.RESULTS_BRIDGE_CONSUMER),
                              (names.ADVISORIES_STREAM, names.ADVISORIES_CONSUMER)):
         try:
@@ -204,7 +205,8 @@ def build_report(settings: Settings, runner) -> tuple[int, dict]:
         deps["nats"] = {"reachable": False, "url": redact(settings.nats_url), "error": str(exc) or type(exc).__name__,
                         **({"nodes": nodes} if nodes else {})}
 
-    jobs_out, pipelines = [], {}
+    jobs_out: list[dict[str, Any]] = []
+    pipelines: dict[str, Any] = {}
     if deps["database"]["reachable"]:
         try:
             running = (Job.select(Job, Pipeline).join(Pipeline).where(Job.status.in_(JobStatus.RUNNING))

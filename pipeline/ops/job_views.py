@@ -13,8 +13,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from models import ImageStatus, Job, JobImage, JobLog, JobStatus, Pipeline, SourceImage, utcnow
+from models import ImageStatus, Job, JobImage, JobLog, JobStatus, Pipeline, SourceImage, tuples, utcnow
 from pipeline.core import inbox
+from pipeline.errors import NotFound
 
 STATUS_STYLE = {JobStatus.SUCCESS: "green", JobStatus.FAILURE: "red", JobStatus.REVOKED: "yellow",
                 JobStatus.STARTED: "cyan", JobStatus.CANCELING: "yellow"}
@@ -79,7 +80,7 @@ def list_jobs(*, statuses=(), pipeline: str | None = None, search: str | None = 
 
 def status_counts() -> dict[str, int]:
     """Jobs per status (every status, zeros included)."""
-    counts = dict(Job.select(Job.status, peewee.fn.COUNT(Job.id)).group_by(Job.status).tuples())
+    counts: dict[str, int] = dict(tuples(Job.select(Job.status, peewee.fn.COUNT(Job.id)).group_by(Job.status)))
     return {status: counts.get(status, 0) for status in JobStatus.ALL}
 
 
@@ -87,13 +88,21 @@ def get_job(job_id: int) -> Job | None:
     return Job.select(Job, Pipeline).join(Pipeline).where(Job.id == job_id).get_or_none()
 
 
-def failed_images(job_id: int, limit: int = 20, *, after_image: int = 0) -> list[dict]:
+def existing_job(job_id: int) -> Job:
+    """The job `job_id` (with its pipeline); raises NotFound."""
+    job = get_job(job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    return job
+
+
+def failed_images(job_id: int, limit: int = 20, *, after_image: int = 0) -> list[dict[str, str | None]]:
     """The job's failed images by image id (paged by key: `after_image`), with URL and reason."""
     rows = (JobImage.select(JobImage.image, SourceImage.url, JobImage.error).join(SourceImage)
             .where((JobImage.job == job_id) & (JobImage.status == ImageStatus.FAILED)
                    & (JobImage.image > after_image))
-            .order_by(JobImage.image).limit(limit).tuples())
-    return [{"image_id": str(image), "url": url, "error": error} for image, url, error in rows]
+            .order_by(JobImage.image).limit(limit))
+    return [{"image_id": str(image), "url": url, "error": error} for image, url, error in tuples(rows)]
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -160,14 +169,14 @@ def job_logs(job_id: int, *, after_id: int = 0, limit: int | None = None) -> lis
 def watch(console: Console, job_id: int, *, poll_s: float = 0.5, timeout_s: float | None = None) -> Job:
     """Live progress bars (one per stage) until the job is terminal or `timeout_s` passes; returns the job."""
     deadline = time.monotonic() + timeout_s if timeout_s else None
-    job = get_job(job_id)
+    job = existing_job(job_id)
     total = max(job.total_images, 1)
     columns = (TextColumn("[bold]{task.description:<8}[/bold]"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bars:
         stages = {name: bars.add_task(name, total=total, info="") for name in ("collect", "process", "results")}
         while True:
-            job = get_job(job_id)
+            job = existing_job(job_id)
             s = job_summary(job)
             collect = s["stages"].get("collect", {})
             bars.update(stages["collect"], completed=total if collect.get("status") == "SUCCESS" else 0,

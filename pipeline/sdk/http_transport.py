@@ -44,7 +44,8 @@ class HttpTransport:
             raise ValueError("the HTTP transport needs the web server's url")
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Token {token}"} if token else {}
-        self.results_per_post = results_per_post
+        self._results_per_post = results_per_post
+        self.results_per_post = results_per_post or 1
         self.linger_s = linger_s
         self._free = 0
         self._slot_freed = asyncio.Event()
@@ -55,8 +56,7 @@ class HttpTransport:
         """Reserve and answer the pipeline's tasks until the service stops; survives gateway outages."""
         self.service = service
         self._free = service.concurrency
-        if self.results_per_post is None:
-            self.results_per_post = service.batch_size
+        self.results_per_post = self._results_per_post or service.batch_size
         outage = Outage(f"service {service.name}: gateway {self.url}", log)
         log.info("service %s pulling pipeline %s over HTTP from %s with %s slot(s)", service.name,
                  service.pipeline, self.url, service.concurrency)
@@ -140,12 +140,12 @@ class HttpTransport:
         if not results:
             return
         for attempt in range(1, POST_ATTEMPTS + 1):
+            posted: httpx.Response | None = None
             try:
                 posted = await self.client.post(f"/api/v2/jobs/{job_id}/result/", json={"results": results})
-            except httpx.HTTPError as exc:
-                posted, error = None, str(exc) or type(exc).__name__
-            else:
                 error = f"{posted.status_code} {posted.text[:200]}"
+            except httpx.HTTPError as exc:
+                error = str(exc) or type(exc).__name__
             if posted is not None and posted.status_code == 200:
                 return
             if posted is not None and posted.status_code not in (502, 503, 504):

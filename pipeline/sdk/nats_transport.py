@@ -29,6 +29,8 @@ import urllib.parse
 import msgspec
 import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js.client import JetStreamContext
 
 from pipeline import names
 from pipeline.infra.natswatch import round_trip
@@ -61,8 +63,8 @@ SERVICE_INBOX_PREFIX = "_INBOX"
 class _Held:
     """A task delivered beyond the free slots, kept leased with +WPI until a slot frees."""
 
-    msg: object
-    keep_alive: asyncio.Task
+    msg: Msg
+    keep_alive: asyncio.Task[None]
 
 
 @dataclasses.dataclass
@@ -70,20 +72,21 @@ class _Batch:
     """Success results of one job waiting to go out as one message."""
 
     replies: list[str] = dataclasses.field(default_factory=list)
-    results: list[SuccessResult] = dataclasses.field(default_factory=list)
+    results: list[Result] = dataclasses.field(default_factory=list)  # successes; or one result of any kind
     tokens: list[str] = dataclasses.field(default_factory=list)  # each task's task_token, named with the result
 
     def images(self) -> int:
-        return sum(len(r.source_images) for r in self.results)
+        return sum(len(r.source_images) if isinstance(r, SuccessResult) else 1 for r in self.results)
 
-    def merged(self) -> SuccessResult:
+    def merged(self) -> Result:
         first = self.results[0]
         if len(self.results) == 1:
             return first
-        times = [r.total_time for r in self.results if r.total_time is not None]
-        return SuccessResult(pipeline=first.pipeline,
-                             source_images=[i for r in self.results for i in r.source_images],
-                             detections=[d for r in self.results for d in r.detections],
+        successes = [r for r in self.results if isinstance(r, SuccessResult)]
+        times = [r.total_time for r in successes if r.total_time is not None]
+        return SuccessResult(pipeline=successes[0].pipeline,
+                             source_images=[i for r in successes for i in r.source_images],
+                             detections=[d for r in successes for d in r.detections],
                              total_time=sum(times) if times else None)
 
 
@@ -115,13 +118,20 @@ class NatsTransport:
         self._queue: TaskQueue | None = None  # the service's NATS connection (replaced if it gets stuck)
         self._checked = 0.0  # monotonic time of the last liveness check
         self._replacing = False  # a replacement connection failed: say so once per outage
-        self._subs: dict[int, object] = {}
+        self._subs: dict[int, JetStreamContext.PullSubscription] = {}
         self._ack_wait: dict[int, float] = {}
         self._held: dict[int, collections.deque[_Held]] = {}  # per job: delivered beyond the free slots
         self._batches: dict[int, _Batch] = {}
         self._free = 0  # slots not running a task (only touched on the event loop)
         self._slot_freed = asyncio.Event()
         self._inflight: set[asyncio.Task] = set()
+
+    @property
+    def queue(self) -> TaskQueue:
+        """The current connection (replaced when it gets stuck); only while running."""
+        if self._queue is None:
+            raise RuntimeError("the NATS transport is not running")
+        return self._queue
 
     async def run(self, service: Service) -> None:
         """Pull and answer the pipeline's tasks until the service stops; survives NATS outages."""
@@ -137,8 +147,8 @@ class NatsTransport:
             if self._inflight:
                 await asyncio.wait(self._inflight, timeout=30)
             for job_id in list(self._batches):
-                await self._flush(self._queue, job_id)
-            await self._queue.close()
+                await self._flush(self.queue, job_id)
+            await self.queue.close()
 
     async def _connect(self) -> TaskQueue:
         return await TaskQueue.connect(self.nats_url, name=self.service.name, inbox_prefix=self.inbox_prefix,
@@ -147,7 +157,7 @@ class NatsTransport:
     async def _alive(self) -> bool:
         """One round trip with the server: the client may think it is connected when it is not (never a
         flush with a timeout, which nats-py 2.16 turns into a dead read loop: pipeline/infra/natswatch.py)."""
-        return await round_trip(self._queue.nc, 2) is None
+        return await round_trip(self.queue.nc, 2) is None
 
     async def _replace_stuck_connection(self, down_since: float | None) -> float | None:
         """When the connection has been down (or silent) longer than RECONNECT_WATCHDOG_S, replace it with
@@ -156,7 +166,7 @@ class NatsTransport:
         if now - self._checked < LIVENESS_CHECK_S and down_since is None:
             return None
         self._checked = now
-        if self._queue.nc.is_connected and await self._alive():
+        if self.queue.nc.is_connected and await self._alive():
             return None
         if down_since is None or now - down_since < RECONNECT_WATCHDOG_S:
             return down_since or now
@@ -169,7 +179,7 @@ class NatsTransport:
             log.debug("service %s: NATS still unreachable (%s)", self.service.name, exc)
             return now
         self._replacing = False
-        stale, self._queue = self._queue, fresh
+        stale, self._queue = self.queue, fresh
         self._subs.clear()  # bound to the old connection; re-made on the next refresh
         self._ack_wait.clear()
         for job_id in list(self._held):  # their +WPI went through the old connection: back after ack_wait
@@ -186,7 +196,7 @@ class NatsTransport:
         outage = Outage(f"service {self.service.name}: NATS", log)
         while not self.service.stopping.is_set():
             down_since = await self._replace_stuck_connection(down_since)
-            queue = self._queue
+            queue = self.queue
             try:
                 if time.monotonic() >= next_refresh:
                     await self._refresh(queue)
@@ -283,10 +293,10 @@ class NatsTransport:
         log.info("service %s: job=%s %s task(s) delivered late, held until a slot is free", self.service.name, job_id,
                  len(msgs))
 
-    def _take_held(self, job_id: int, count: int | None = None) -> list:
+    def _take_held(self, job_id: int, count: int | None = None) -> list[Msg]:
         """Up to `count` (default: all) of the job's held tasks, oldest first, no longer kept alive here."""
         held = self._held.get(job_id)
-        taken = []
+        taken: list[Msg] = []
         while held and (count is None or len(taken) < count):
             entry = held.popleft()
             entry.keep_alive.cancel()

@@ -18,7 +18,7 @@ import asyncio
 import inspect
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from pipeline.schemas import MAX_IMAGES_PER_RESULT, ErrorResult, Result, Task
 from pipeline.sdk.nats_transport import NatsTransport, service_inbox_prefix
@@ -105,6 +105,7 @@ class ProcessingService:
         """The handler's result for `task`; its exception or a run past the deadline as an error result (what
         a transport calls for each task it got)."""
         try:
+            running: Awaitable[Result]
             if inspect.iscoroutinefunction(self.handler):
                 running = self.handler(task)
             else:

@@ -126,7 +126,7 @@ def api_failures(job_id: int, after: int = Query(default=0, description="image i
                  limit: int = Query(default=100, ge=1, le=MAX_PAGE), _=READ) -> dict:
     actions.existing_job(job_id)
     rows = failed_images(job_id, limit, after_image=after)
-    return {"failures": rows, "next_after": int(rows[-1]["image_id"]) if len(rows) == limit else None}
+    return {"failures": rows, "next_after": int(rows[-1]["image_id"] or 0) if len(rows) == limit else None}
 
 
 @router.get("/jobs/{job_id}/logs", summary="The job's log, oldest first")

@@ -149,4 +149,4 @@ def new_csrf_value() -> str:
 
 
 def csrf_ok(cookie: str | None, submitted: str | None) -> bool:
-    return bool(cookie) and bool(submitted) and hmac.compare_digest(cookie, submitted)
+    return bool(cookie and submitted) and hmac.compare_digest(cookie or "", submitted or "")

@@ -60,5 +60,5 @@ def with_db(fn):
         with models.thread_connection():
             return fn(*args, **kwargs)
 
-    wrapper.__signature__ = inspect.signature(fn)
+    wrapper.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]  # what FastAPI reads
     return wrapper

@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 import models
-from models import DispatchMode, Job, JobImage, JobStatus, Pipeline, SourceImage, thread_connection
+from models import DispatchMode, Job, JobImage, JobStatus, Pipeline, SourceImage, thread_connection, tuples
 from pipeline import names
 from pipeline.core.image_policy import ImagePolicy
 from pipeline.core.registry import register_pipeline
@@ -108,8 +108,8 @@ def gateway_of(request: Request) -> Gateway:
 def ended_jobs(job_ids: list[int]) -> set[int]:
     """Those of `job_ids` that ended or no longer exist."""
     with thread_connection():
-        running = {job_id for (job_id,) in Job.select(Job.id).where(
-            Job.id.in_(job_ids) & Job.status.not_in(JobStatus.TERMINAL)).tuples()}
+        running = {job_id for (job_id,) in tuples(Job.select(Job.id).where(
+            Job.id.in_(job_ids) & Job.status.not_in(JobStatus.TERMINAL)))}
     return set(job_ids) - running
 
 
@@ -180,7 +180,8 @@ def register_service_pipelines(project_id: int, body: RegistrationRequest, who: 
     specs = [decode_pipeline_spec(json.dumps({"slug": p.slug, "name": p.name, "algorithms": [
         {"key": a.key, "name": a.name, "task_type": a.task_type or "unknown"} for a in p.algorithms]}).encode(),
         source=f"pipeline {p.slug!r}") for p in body.pipelines]
-    created, updated = [], []
+    created: list[str] = []
+    updated: list[str] = []
     with models.database.atomic():  # all of them or none
         for spec in specs:
             (created if register_pipeline(spec, service=who.name) else updated).append(spec.slug)
@@ -227,11 +228,11 @@ def _reachable(request: Request, runtime, job_id: int, reserved: list[Reserved])
 @with_db
 def local_image(job_id: int, image_id: int, request: Request, expires: int = Query(), signature: str = Query()):
     image_links.check(image_links.secret(runtime_of(request).redis), job_id, str(image_id), expires, signature)
-    row = (JobImage.select(SourceImage.url).join(SourceImage)
-           .where((JobImage.job == job_id) & (JobImage.image == image_id)).tuples().get_or_none())
-    if row is None:
+    url = (JobImage.select(SourceImage.url).join(SourceImage)
+           .where((JobImage.job == job_id) & (JobImage.image == image_id)).scalar())
+    if url is None:
         raise NotFound(f"image {image_id} is not part of job {job_id}")
-    path = image_links.local_path(row[0])
+    path = image_links.local_path(url)
     policy = ImagePolicy.from_settings(request.app.state.settings)
     if (policy.roots and not policy.local_path_allowed(path)) or not os.path.isfile(path):
         raise NotFound(f"the file of image {image_id} is gone")  # never which path: a service may not learn it

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import nats.errors
 import nats.js.errors
+from nats.js.client import JetStreamContext
 
 from pipeline import names
 from pipeline.errors import TooLarge, TransientError
@@ -55,7 +56,7 @@ class Reserved:
 class Gateway:
     def __init__(self, queue: TaskQueue):
         self.queue = queue
-        self._subs: dict[int, object] = {}
+        self._subs: dict[int, JetStreamContext.PullSubscription] = {}
         self._locks: dict[int, asyncio.Lock] = {}
         self._held: dict[int, list] = {}  # per job: delivered, not handed out yet (beyond a request's count)
         self._closing = asyncio.Event()

@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlencode, urlsplit
 import redis
 
 from pipeline import names
-from pipeline.errors import Forbidden, NotFound
+from pipeline.errors import Forbidden, NotFound, TransientError
 
 #: Seconds a link outlives its task's last possible delivery.
 MARGIN_S = 300
@@ -29,7 +29,9 @@ def shared_secret(client: redis.Redis, key: str) -> bytes:
     """A secret made once and kept in Redis under `key`, the same for every web process."""
     client.set(key, secrets.token_hex(32), nx=True)
     value = client.get(key)
-    return value if isinstance(value, bytes) else value.encode()
+    if value is None:  # (only if Redis lost it between the two commands: the next call makes another)
+        raise TransientError("the web server's shared secret could not be read from Redis")
+    return value if isinstance(value, bytes) else str(value).encode()
 
 
 def secret(client: redis.Redis) -> bytes:

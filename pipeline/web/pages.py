@@ -13,6 +13,7 @@ import jinja2
 from fastapi import APIRouter, Depends, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData
 
 import models
 from pipeline import names
@@ -55,10 +56,11 @@ def error_page(request: Request, status: int, message: str) -> HTMLResponse:
     return render(request, "error.html", http_status=status, status_code=status, message=message)
 
 
-async def checked_form(request: Request) -> dict:
+async def checked_form(request: Request) -> FormData:
     """The posted form, if its CSRF value matches the cookie's; else 403."""
     form = await request.form()
-    if not csrf_ok(request.cookies.get(CSRF_COOKIE), form.get("csrf")):
+    submitted = form.get("csrf")
+    if not csrf_ok(request.cookies.get(CSRF_COOKIE), submitted if isinstance(submitted, str) else None):
         raise HTTPException(403, "the form has expired or came from another site: reload the page and try again")
     return form
 
@@ -199,7 +201,7 @@ def dlq_page(request: Request, _=READ):
 @router.post("/dlq/replay")
 async def dlq_replay_form(request: Request, _=WRITE):
     form = await checked_form(request)
-    ids = set(form.getlist("id"))
+    ids = {value for value in form.getlist("id") if isinstance(value, str)}
     if not ids and not form.get("all"):
         raise UserInputError("choose the messages to replay")
     runtime = runtime_of(request)

@@ -21,9 +21,11 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 import models
@@ -31,6 +33,7 @@ from pipeline import names
 from pipeline.core import inbox
 from pipeline.core.saving import request_drains
 from pipeline.errors import TasksNotAcked
+from pipeline.infra.broker import redis_of
 from pipeline.infra.metrics import metrics
 from pipeline.infra.outage import Outage
 from pipeline.infra.runtime import Runtime
@@ -77,13 +80,12 @@ class Route:
     backlogged: Callable[[], bool]
 
 
-async def _dropped(sub) -> None:
-    """Unsubscribe a pull subscription whose consumer is gone (its inbox would otherwise stay); None."""
+async def _dropped(sub: Any) -> None:
+    """Unsubscribe a pull subscription whose consumer is gone (its inbox would otherwise stay)."""
     try:
         await sub.unsubscribe()
     except Exception:  # noqa: BLE001 - the connection may be down too: nothing else to release
         pass
-    return None
 
 
 def is_result(msg) -> bool:
@@ -162,7 +164,7 @@ class Bridge:
         """Pull every route concurrently (an idle route's fetch timeout never delays a busy one)."""
         tasks = [self._run_route(route) for route in self.routes]
         if self.sweep is not None:
-            tasks.append(self._run_sweep())
+            tasks.append(self._run_sweep(self.sweep))
         await asyncio.gather(*tasks)
         log.info("bridge stopped after forwarding %s message(s)", self.forwarded)
 
@@ -188,7 +190,8 @@ class Bridge:
                     if time.monotonic() - checked > CONSUMER_CHECK_S:
                         checked = time.monotonic()
                         if await self._consumer_missing(route):
-                            sub = await _dropped(sub)
+                            await _dropped(sub)
+                            sub = None
                     continue
                 checked = time.monotonic()
                 await self._forward(loop, route, msgs)
@@ -200,7 +203,8 @@ class Bridge:
                     try:
                         if await self._consumer_missing(route):
                             # consumer or stream lost (NATS restarted without its store): re-create
-                            sub = await _dropped(sub)
+                            await _dropped(sub)
+                            sub = None
                             continue
                     except Exception:  # noqa: BLE001 - NATS unreachable: retried below like any outage
                         pass
@@ -232,13 +236,13 @@ class Bridge:
         for msg in usable:
             lag.observe(max(0.0, now - msg.metadata.timestamp.timestamp()))
 
-    async def _run_sweep(self) -> None:
+    async def _run_sweep(self, sweep: Callable[[], None]) -> None:
         loop = asyncio.get_running_loop()
         outage = Outage("bridge: inbox sweep", log)
         while not self._stopping.is_set():
             await self._sleep(SWEEP_S)
             try:
-                await loop.run_in_executor(None, self.sweep)
+                await loop.run_in_executor(None, sweep)
                 outage.ok()
             except Exception as exc:  # noqa: BLE001 - an outage: the next sweep tries again
                 outage.failed(f"{type(exc).__name__}: {exc}")
@@ -254,12 +258,12 @@ class Bridge:
 def bridge_routes(runtime: Runtime) -> list[Route]:
     """The bridge's two routes: results into the inbox, advisories into `process_task_advisory`."""
 
-    def take_results(msgs) -> None:
+    def take_results(msgs: list[Msg]) -> None:
         not_acked = None
         with models.thread_connection():
             try:
-                jobs = inbox.take(runtime, [inbox.Incoming.from_msg(names.job_id_from_result_subject(m.subject),
-                                                                    m) for m in msgs])
+                jobs = inbox.take(runtime, [inbox.Incoming.from_msg(job_id, m) for m in msgs
+                                            if (job_id := names.job_id_from_result_subject(m.subject)) is not None])
             except TasksNotAcked as exc:  # taken all the same: saving goes on while the ACKs are retried
                 jobs, not_acked = exc.job_ids, exc
         try:
@@ -282,5 +286,5 @@ def bridge_routes(runtime: Runtime) -> list[Route]:
         Route(names.RESULTS_STREAM, names.RESULTS_BRIDGE_CONSUMER, names.RESULTS_SUBJECTS, is_result, take_results,
               inbox_full),
         Route(names.ADVISORIES_STREAM, names.ADVISORIES_CONSUMER, None, lambda msg: True, send_advisories,
-              lambda: runtime.broker.client.llen(advisories_key) > MAX_ADVISORIES_QUEUED),
+              lambda: redis_of(runtime.broker).llen(advisories_key) > MAX_ADVISORIES_QUEUED),
     ]

@@ -48,9 +48,9 @@ def run_internal(runtime: Runtime, job: Job) -> str:
         try:
             _, written, _ = outcomes.apply_result(runtime, job, result)
         except BadResult as exc:
-            written = outcomes.fail_bad_result(runtime, job, BadResult(str(exc), image_ids=(task.image_id,)),
+            handled = outcomes.fail_bad_result(runtime, job, BadResult(str(exc), image_ids=(task.image_id,)),
                                                None)
-            status = written.job_status
+            status = handled.job_status or status
             continue
         status = written.status
         outcomes.finish(runtime, job, written)

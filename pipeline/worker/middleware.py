@@ -9,6 +9,7 @@ loop running and resources exist before the first message is processed (Dramatiq
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import faulthandler
 import logging
 import os
@@ -161,7 +162,7 @@ class WorkerResources(dramatiq.Middleware):
         self.bridge: Bridge | None = None
         self.scheduler: SlotScheduler | None = None
         self.presence: Presence | None = None
-        self._bridge_future = None
+        self._bridge_future: concurrent.futures.Future[None] | None = None
         self._previous: Runtime | None = None
         self._stopping = False
         self.nats_problem: str | None = None  # why the bridge could not connect, while it cannot
@@ -171,8 +172,8 @@ class WorkerResources(dramatiq.Middleware):
         Python traceback of every thread in the log if the process dies of a fatal signal (a crash in a C
         extension), before the master notices that it exited and stops the worker."""
         one_stop_per_request()
-        faulthandler.enable(file=sys.__stderr__, all_threads=True)  # the process's own stderr: Dramatiq's log pipe
-        # to the master is not read once the master sees this process die
+        if sys.__stderr__ is not None:  # the process's own stderr: Dramatiq's log pipe to the master is not
+            faulthandler.enable(file=sys.__stderr__, all_threads=True)  # read once it sees this process die
 
     def before_worker_boot(self, broker, worker):
         loop_thread = get_event_loop_thread()
@@ -189,8 +190,11 @@ class WorkerResources(dramatiq.Middleware):
         if self.bridge_enabled:
             self._bridge_future = runtime.runner.spawn(self._run_bridge(runtime))
         if self.scheduler_enabled:
+            def send_check(slot: int) -> None:
+                runtime.send(names.JOBS_HEALTH_CHECK, slot)
+
             self.scheduler = SlotScheduler(runtime.redis, names.JOBS_HEALTH_CHECK, settings.health_check_seconds,
-                                           lambda slot: runtime.send(names.JOBS_HEALTH_CHECK, slot))
+                                           send_check)
             self.scheduler.start()
         self.presence = Presence(runtime.redis, self._reachable)
         self.presence.start()
@@ -198,7 +202,7 @@ class WorkerResources(dramatiq.Middleware):
     def _reachable(self) -> dict[str, str]:
         """For the presence announcement: "ok", or why this worker cannot reach NATS or the database."""
         nats_state = self.nats_problem or "ok"
-        tasks = self.runtime.tasks_if_connected()
+        tasks = self.runtime.tasks_if_connected() if self.runtime is not None else None
         if nats_state == "ok" and tasks is not None and not tasks.queue.nc.is_connected:
             nats_state = "disconnected; reconnecting"
         try:
@@ -240,7 +244,7 @@ class WorkerResources(dramatiq.Middleware):
         if self.scheduler is not None:
             self.scheduler.stop()
         if self._bridge_future is not None:
-            if self.bridge is not None:
+            if self.bridge is not None and self.runtime is not None:
                 self.runtime.runner.loop.call_soon_threadsafe(self.bridge.stop)
             try:
                 self._bridge_future.result(timeout=10)
