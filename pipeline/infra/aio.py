@@ -64,6 +64,22 @@ class LoopThread(LoopRunner):
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Cancel what still runs on the loop and let it finish (as `asyncio.run` does), then stop and close
+        the loop: a task left pending would be reported as "Event loop is closed" whenever it is collected."""
         if self.loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(_cancel_the_rest(), self.loop).result(timeout)
+            except (concurrent.futures.TimeoutError, RuntimeError):
+                pass  # what did not finish in time is left as it is
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout)
+        if not self._thread.is_alive() and not self.loop.is_closed():
+            self.loop.close()
+
+
+async def _cancel_the_rest() -> None:
+    """Cancel every other task on the running loop and wait for them to end."""
+    others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)

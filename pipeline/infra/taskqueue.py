@@ -57,6 +57,8 @@ ADVISORY_MAX_AGE_S = 7 * 24 * 3600
 NO_MESSAGE_FOUND = 10057
 #: Timeout of one JetStream API call or publish, seconds.
 API_TIMEOUT_S = 10.0
+#: Loop iterations a closed connection gets for the tasks it cancelled to finish.
+CLOSE_SETTLE_ROUNDS = 3
 #: Job consumers a pipeline's tasks stream allows unless PIPELINE_NATS_MAX_JOBS says otherwise.
 DEFAULT_MAX_JOBS = 10_000
 #: Bytes of results PIPELINE_RESULTS holds untaken unless PIPELINE_NATS_RESULTS_MAX_GB says otherwise.
@@ -302,6 +304,10 @@ class TaskQueue:
         with contextlib.suppress(*NATS_FAILURES):
             await self.confirm_sent(2)
         await self.nc.close()
+        # nats-py cancels its reader, flusher and subscription tasks without waiting for them: let them finish
+        # here, or a loop stopped right after this leaves them pending ("Event loop is closed" when collected)
+        for _ in range(CLOSE_SETTLE_ROUNDS):
+            await asyncio.sleep(0)
 
     # ---- streams ------------------------------------------------------------------------------------
     async def ensure_streams(self, *, max_jobs: int | None = None, replicas: int | None = None,
