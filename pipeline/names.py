@@ -54,6 +54,12 @@ def task_subject(pipeline_slug: str, job_id: int) -> str:
     return f"pipeline.tasks.{pipeline_slug}.{job_id}"
 
 
+def job_announcements(pipeline_slug: str) -> str:
+    """Core NATS subject (no stream) on which each new job of the pipeline is announced once its first tasks
+    are published, so that services pull at once instead of at their next listing of job consumers."""
+    return f"pipeline.jobs.{pipeline_slug}"
+
+
 def task_subject_prefix(pipeline_slug: str) -> str:
     """Filter-subject prefix of every job consumer of one pipeline."""
     return f"pipeline.tasks.{pipeline_slug}."
@@ -184,6 +190,11 @@ DRAMATIQ_NAMESPACE = "jetpipe-dramatiq"
 def dramatiq_queue_key(queue: str) -> str:
     """LIST of the message ids waiting in one of the broker's queues."""
     return f"{DRAMATIQ_NAMESPACE}:{queue}"
+
+
+def dramatiq_wake_key(queue: str) -> str:
+    """LIST of wake tokens: one pushed per message sent to `queue`, popped by an idle consumer waiting on it."""
+    return f"{DRAMATIQ_NAMESPACE}:{queue}.wake"
 
 
 def dead_letter_keys(queue: str) -> tuple[str, str]:

@@ -11,16 +11,25 @@ runs "maintenance" after that worker's heartbeat expired. With Dramatiq's defaul
 0.1 % maintenance chance) that takes ~17 minutes (measured on these machines). We use a 15 s heartbeat
 timeout and a 5 % chance: each idle worker makes a few broker calls a second, so a dead worker's
 messages are re-run a few seconds after the heartbeat expires, well within a minute.
+
+Wake-ups: Dramatiq's Redis consumers poll, backing off to the worker timeout (1 s) while idle, so a
+message sent to an idle worker waited up to a second, twice per small job (run_job, then the saving of its
+result). Here every send also pushes a token on its queue's wake list, and an idle consumer waits on that
+list (BLPOP) instead of sleeping: it fetches as soon as something is sent, and still at least once per
+backoff (heartbeats and maintenance keep their pace).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import dramatiq
 import redis
-from dramatiq.brokers.redis import RedisBroker
+from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
+from dramatiq.common import compute_backoff
+from dramatiq.errors import ConnectionClosed
 
 from pipeline import names
 from pipeline.settings import Settings
@@ -33,12 +42,59 @@ MAINTENANCE_CHANCE = 50_000
 DEAD_MESSAGE_TTL_MS = 7 * 24 * 3600 * 1000
 
 
+#: Wake tokens kept per queue at most (tokens nobody waited for are consumed by the next idle fetches), and
+#: how long an unused wake list lives (seconds).
+WAKE_TOKENS_KEPT = 64
+WAKE_LIST_TTL_S = 60
+
+
+class WakingRedisBroker(RedisBroker):
+    """Dramatiq's RedisBroker whose idle consumers wake when a message is sent (see the module docstring)."""
+
+    @property
+    def consumer_class(self) -> type[_RedisConsumer]:
+        return _WakingConsumer
+
+    def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
+        sent: dramatiq.Message[Any] = super().enqueue(message, delay=delay)
+        key = names.dramatiq_wake_key(sent.queue_name)
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.lpush(key, 1)
+            pipe.ltrim(key, 0, WAKE_TOKENS_KEPT - 1)
+            pipe.expire(key, WAKE_LIST_TTL_S)
+            pipe.execute()
+        return sent
+
+
+class _WakingConsumer(_RedisConsumer):
+    """A consumer that, finding its queue empty, waits on the queue's wake list rather than sleeping."""
+
+    def __next__(self) -> dramatiq.MessageProxy | None:
+        if not self.message_cache:
+            room = self.prefetch - self.outstanding_message_count
+            try:
+                if room > 0:
+                    self.message_cache = self.broker.do_fetch(self.queue_name, room)
+                if not self.message_cache:
+                    self.misses, backoff_ms = compute_backoff(self.misses, max_backoff=self.timeout)
+                    if room > 0:  # woken by the next send, or after the backoff at the latest
+                        self.broker.client.blpop([names.dramatiq_wake_key(self.queue_name)],
+                                                 timeout=max(backoff_ms, 10) / 1000)
+                    else:  # prefetch full: a wake-up could not be used; leave it to a consumer with room
+                        time.sleep(backoff_ms / 1000)
+                    return None
+            except redis.ConnectionError as exc:
+                raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+        proxy: dramatiq.MessageProxy | None = super().__next__()  # type: ignore[no-untyped-call]  # from the cache
+        return proxy
+
+
 def make_broker(settings: Settings, middleware: Sequence[dramatiq.Middleware] = ()) -> RedisBroker:
     """A RedisBroker on `settings.redis_url` with jetpipe's namespace and recovery timings.
 
     Without `middleware` it only sends messages (what the CLI needs); a worker passes its list.
     """
-    return RedisBroker(  # type: ignore[no-untyped-call]
+    return WakingRedisBroker(  # type: ignore[no-untyped-call]
         url=settings.redis_url, namespace=names.DRAMATIQ_NAMESPACE, middleware=list(middleware),
         heartbeat_timeout=HEARTBEAT_TIMEOUT_MS, maintenance_chance=MAINTENANCE_CHANCE,
         dead_message_ttl=DEAD_MESSAGE_TTL_MS)
