@@ -16,6 +16,9 @@ Figures (issue 6; targets in brackets):
                (the worker's own counters, and the Redis server's)                    [1 and 1]
   sweep        one jobs_health_check over 100 / 1,000 / 5,000 running jobs, 10 of them stuck
                (their tasks lost): grows with jobs, not with images
+  small        1-image and 20-image jobs, created -> SUCCESS, one at a time on an idle stack, with the null
+               and the reference service, vs a raw task+result relay through JetStream  [1 image: median
+               <= 150 ms, p90 <= 300 ms]
   latency      lost image -> failed (MAX_DELIVERIES advisory path); worker SIGKILL -> job complete
   memory       peak RSS of enqueue-job + run_job for a large job                      [<= 300 MB]
 """
@@ -27,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -653,6 +657,104 @@ def latencies(stack: DevStack, tmp: str) -> list[tuple]:
     return rows
 
 
+# ---- small jobs: created -> terminal ---------------------------------------------------------------------------
+SMALL = """
+import json, statistics, time, models
+from models import Job
+from pipeline.sdk import moth
+from pipeline.core.registry import register_pipeline
+from pipeline.schemas import decode_pipeline_spec
+from pipeline.infra.runtime import get_runtime
+from pipeline.core.jobs import create_job, start_job
+rt = get_runtime(); models.create_schema()
+register_pipeline(decode_pipeline_spec(json.dumps(moth.PIPELINE_SPEC).encode(), source="bench"))
+urls = [line.strip() for line in open(URLS)]
+def one(images, n):
+    job = create_job("moth-demo", urls[:images], name=f"small {images} #{n}")
+    start_job(rt, job)
+    while (j := Job.get_by_id(job.id)).finished_at is None:
+        time.sleep(0.001)
+    return (j.finished_at - j.created_at).total_seconds() * 1000, j.status
+one(1, -1)  # the first job makes the pipeline's tasks stream and warms every connection: not counted
+out = {}
+for images in (1, 20):
+    took, statuses = [], set()
+    for n in range(JOBS):
+        ms, status = one(images, n)
+        took.append(ms)
+        statuses.add(status)
+        time.sleep(PAUSE)  # an idle stack between jobs, as a user who sends one job at a time sees it
+    took.sort()
+    out[images] = {"median": statistics.median(took), "p90": took[max(0, int(len(took) * 0.9) - 1)],
+                   "max": took[-1], "statuses": sorted(statuses)}
+print(json.dumps(out))
+"""
+
+
+async def raw_relay(url: str, rounds: int) -> float:
+    """Raw floor of a small job: a task stored in JetStream, pulled, its result stored and pulled back (the
+    two hops every job makes), in one process, without jetpipe; the median round in milliseconds."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    for name, subject in (("RAW_TASKS", "raw.task"), ("RAW_RESULTS", "raw.result")):
+        with contextlib.suppress(Exception):
+            await js.delete_stream(name)
+        await js.add_stream(name=name, subjects=[subject], retention="workqueue")
+    tasks = await js.pull_subscribe("raw.task", durable="raw-service")
+    results = await js.pull_subscribe("raw.result", durable="raw-worker")
+    took = []
+    for n in range(rounds):
+        started = time.perf_counter()
+        await js.publish("raw.task", json.dumps({"image_id": str(n)}).encode())
+        [task] = await tasks.fetch(1, timeout=5)
+        await js.publish("raw.result", task.data)
+        await task.ack()
+        [result] = await results.fetch(1, timeout=5)
+        await result.ack()
+        took.append((time.perf_counter() - started) * 1000)
+    for name in ("RAW_TASKS", "RAW_RESULTS"):
+        await js.delete_stream(name)
+    await nc.close()
+    return statistics.median(took)
+
+
+def small_jobs(stack: DevStack, tmp: str, jobs: int, pause_s: float) -> list[tuple]:
+    """1-image and 20-image jobs one after another on an idle stack (one worker process), with the null
+    service and with the reference service (`cli.py process`: the demo model reading real images)."""
+    from pipeline.sdk import moth
+
+    raw = asyncio.run(raw_relay(stack.nats_url, 50))
+    images = os.path.join(tmp, "small-images")
+    moth.generate_images(images, 20)
+    urls = os.path.join(tmp, "small-urls.txt")
+    with open(urls, "w") as listing:
+        listing.writelines(f"file://{images}/{name}\n" for name in sorted(os.listdir(images)) if name.endswith(".png"))
+    rows = []
+    services = {"null service": [sys.executable, "-c", E2E_SERVICE.replace("BATCH)", f"{BATCH_SIZE})")],
+                "reference service": [sys.executable, "cli.py", "process", "--pipeline", "moth-demo"]}
+    for label, command in services.items():
+        fresh_servers(stack)
+        env = env_for(stack, f"sqlite:///{tmp}/small-{label.split()[0]}.db", PIPELINE_IMAGE_ROOTS=images)
+        worker = start_worker(env, "pipeline.actors")
+        service = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)
+        try:
+            time.sleep(3)
+            got = run_py(SMALL.replace("URLS", repr(urls)).replace("JOBS", str(jobs)).replace("PAUSE", str(pause_s)),
+                         env)
+        finally:
+            stop(worker, service)
+        for size in ("1", "20"):
+            m = got[size]
+            ok = m["statuses"] == ["SUCCESS"]
+            target = "median <= 150 ms, p90 <= 300 ms" if size == "1" else ""
+            meets = ok and m["median"] <= 150 and m["p90"] <= 300 if size == "1" else ok
+            rows.append((f"{size}-image job, created -> {m['statuses'][0] if ok else m['statuses']} ({label})",
+                         f"median {m['median']:,.0f} ms, p90 {m['p90']:,.0f}, max {m['max']:,.0f}",
+                         f"{raw:.1f} ms raw task+result relay", f"{m['median'] / raw:.0f}x", target, meets))
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dispatch-images", type=int, default=100_000)
@@ -662,6 +764,9 @@ def main() -> int:
     parser.add_argument("--sweep", nargs="+", default=["100x10", "1000x10", "5000x10", "1000x100"],
                         metavar="JOBSxIMAGES", help="reconciler sweeps: running jobs x images per job")
     parser.add_argument("--backlog-images", type=int, default=30_000)
+    parser.add_argument("--small-jobs", type=int, default=20, help="jobs of 1 and of 20 images (stage small)")
+    parser.add_argument("--small-pause", type=float, default=1.0,
+                        help="seconds of idle stack before each small job (stage small)")
     parser.add_argument("--consumers", type=int, default=2_000, help="idle job consumers held (stage cluster)")
     parser.add_argument("--postgres", metavar="URL",
                         help="also run end to end on PostgreSQL (a throwaway database is created on this server)")
@@ -684,7 +789,7 @@ def main() -> int:
     return 0
 
 
-STAGES = ("dispatch", "e2e", "gateway", "workers", "cluster", "backlog", "sweep", "latency", "memory")
+STAGES = ("dispatch", "e2e", "small", "gateway", "workers", "cluster", "backlog", "sweep", "latency", "memory")
 
 
 def measure(args, stack: DevStack, tmp: str) -> list[tuple]:
@@ -709,6 +814,10 @@ def measure(args, stack: DevStack, tmp: str) -> list[tuple]:
                 with throwaway_database(args.postgres) as url:
                     rows += [(f"{name} [PostgreSQL]", *rest)
                              for name, *rest in end_to_end(stack, url, args.e2e_images, batch_size)[:2]]
+    if "small" in args.stages:
+        console.log(f"small jobs: {args.small_jobs} of 1 image and {args.small_jobs} of 20, one at a time, idle "
+                    "stack, null service then reference service")
+        rows += small_jobs(stack, tmp, args.small_jobs, args.small_pause)
     if "gateway" in args.stages:
         for batch_size in (16, 50):
             console.log(f"end to end through the HTTP gateway, {batch_size} tasks per request")

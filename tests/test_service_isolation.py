@@ -64,7 +64,8 @@ async def attack(url_b: str, job_a: Job, reply_of_a: str) -> list[str]:
     nc = await nats_py.connect(url_b, inbox_prefix="_INBOX.lab-b", error_cb=errors, max_reconnect_attempts=1)
     try:
         stream = names.tasks_stream(moth.SLUG)
-        for subject in ("_INBOX.jetpipe-service.>", "_INBOX.>", "pipeline.tasks.>"):  # read A's deliveries
+        for subject in ("_INBOX.jetpipe-service.>", "_INBOX.>", "pipeline.tasks.>",  # read A's deliveries
+                        names.job_announcements(moth.SLUG)):  # hear of A's jobs
             await nc.subscribe(subject)
         body = json.dumps({"error": "forged", "image_id": "1"}).encode()
         for subject, payload in (
@@ -111,10 +112,13 @@ def test_two_services_with_their_own_users_run_side_by_side_and_cannot_touch_eac
         # Then NATS refuses every attempt, each reported as a permissions violation
         text = " ".join(refused).lower()
         stream = names.tasks_stream(moth.SLUG).lower()
-        for subject in ("_inbox.jetpipe-service.>", "_inbox.>", "pipeline.tasks.>",
+        for subject in ("_inbox.jetpipe-service.>", "_inbox.>", "pipeline.tasks.>", f"pipeline.jobs.{moth.SLUG}",
                         f"$js.api.consumer.list.{stream}", f"$js.api.consumer.msg.next.{stream}.job-{job_a.id}",
                         f"pipeline.results.{moth.SLUG}.{job_a.id}", f"pipeline.results.{job_a.id}", replies.lower()):
             assert f'"{subject}"' in text, (subject, refused)
+        # (while each team's own user hears its pipeline's new jobs announced)
+        assert asyncio.run(hears_announcements(urls["jetpipe-service"], moth.SLUG))
+        assert not asyncio.run(hears_announcements(urls["jetpipe-service"], "birds"))
         # And both services run their own jobs to the end, exact
         service_factory(settings_as("jetpipe-service"), moth.SLUG,
                         lambda task: decode_result(success_body(task, boxes=2)))
@@ -135,6 +139,24 @@ def test_two_services_with_their_own_users_run_side_by_side_and_cannot_touch_eac
     finally:
         set_runtime(previous)
         runtime.close()
+
+
+async def hears_announcements(url: str, pipeline: str) -> bool:
+    """Whether the user of `url` may listen to the pipeline's job announcements (NATS reports a refusal)."""
+    refused: list[str] = []
+
+    async def errors(exc):
+        refused.append(str(exc))
+
+    nc = await nats_py.connect(url, inbox_prefix="_INBOX.jetpipe-service", error_cb=errors,
+                               max_reconnect_attempts=1)
+    try:
+        await nc.subscribe(names.job_announcements(pipeline))
+        await nc.flush(2)
+        await asyncio.sleep(0.2)  # a refusal arrives as an asynchronous error
+    finally:
+        await nc.close()
+    return not refused
 
 
 def _hold_one_task(url_a: str, job_a: Job) -> str:

@@ -33,6 +33,7 @@ from pipeline.errors import NotFound, NothingToDo, TransientError, UserInputErro
 from pipeline.infra.crashpoints import crash_point
 from pipeline.infra.jobstate import JobState
 from pipeline.infra.runtime import Runtime
+from pipeline.infra.taskqueue import SyncTaskQueue
 from pipeline.schemas import Task
 from pipeline.settings import get_settings
 
@@ -212,6 +213,8 @@ def dispatch(runtime: Runtime, job: Job, *, consumer: ConsumerConfig | None = No
         sent += len(chunk)
         cursor = chunk[-1][0]
         record_published(job.id, [row_id for row_id, _ in chunk], [p.seq for p in published], cursor)
+        if sent == len(chunk):  # its first tasks are out: services waiting for work may pull at once
+            _announce(tasks, job)
         crash_point("mid_publish", job=job.id, sent=sent)
         status = Job.select(Job.status).where(Job.id == job.id).scalar()
         if status == JobStatus.CANCELING or status in JobStatus.TERMINAL:
@@ -226,6 +229,13 @@ def dispatch(runtime: Runtime, job: Job, *, consumer: ConsumerConfig | None = No
                                   f"{names.task_subject(job.pipeline.slug, job.id)}")
     crash_point("after_dispatch", job=job.id)
     return sent
+
+
+def _announce(tasks: SyncTaskQueue, job: Job) -> None:
+    try:
+        tasks.announce_job(job.pipeline.slug, job.id)
+    except TransientError as exc:  # a hint only: services find the job at their next listing anyway
+        log.info("job=%s could not announce the job to its services (%s); they find it by listing", job.id, exc)
 
 
 # ---- cleanup and cancel ---------------------------------------------------------------------------------

@@ -513,6 +513,12 @@ class TaskQueue:
         return sorted(found, key=lambda c: c.job_id)
 
     # ---- tasks --------------------------------------------------------------------------------------
+    async def announce_job(self, pipeline_slug: str, job_id: int) -> None:
+        """Tell the pipeline's services that the job has tasks (a hint on a core subject, not stored: a service
+        that misses it finds the job at its next listing)."""
+        body = json.dumps({"job_id": job_id, "pipeline": pipeline_slug}).encode()
+        await self.nc.publish(names.job_announcements(pipeline_slug), body)
+
     async def publish_tasks(self, tasks: Iterable[Task], *, chunk: int = PUBLISH_CHUNK) -> list[Published]:
         """Publish tasks concurrently in chunks, deduplicated by `Nats-Msg-Id`; each task's stream sequence
         and whether it was new (a republished task keeps the sequence it was first stored at)."""
@@ -680,6 +686,9 @@ class SyncTaskQueue:
 
     def publish_tasks(self, tasks: Iterable[Task], *, chunk: int = PUBLISH_CHUNK) -> list[Published]:
         return self._run("publish_tasks", self.queue.publish_tasks(tasks, chunk=chunk))
+
+    def announce_job(self, pipeline_slug: str, job_id: int) -> None:
+        self._run("announce_job", self.queue.announce_job(pipeline_slug, job_id))
 
     def ack(self, reply_subject: str) -> bool:
         return self._run("ack", self.queue.ack(reply_subject))

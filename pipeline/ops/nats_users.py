@@ -2,10 +2,11 @@
 
 A service user may do what the wire contract asks of a service for its pipelines and nothing else: list
 and read its pipelines' job consumers, pull their tasks, send `+WPI` on their reply subjects, publish
-results on its pipelines' result subjects, and read replies on its own inbox prefix (`_INBOX.<user>`, the
-SDK's default for that user). Another pipeline's tasks, results and replies, jetpipe's own replies and the
-advisories are out of its reach: NATS refuses them, whatever the service's code does. (A permission
-matches whole subject tokens only; that is why each pipeline has a tasks stream of its own.)
+results on its pipelines' result subjects, read replies on its own inbox prefix (`_INBOX.<user>`, the
+SDK's default for that user), and hear its pipelines' new jobs announced (`pipeline.jobs.<slug>`).
+Another pipeline's tasks, results and replies, jetpipe's own replies and the advisories are out of its
+reach: NATS refuses them, whatever the service's code does. (A permission matches whole subject tokens
+only; that is why each pipeline has a tasks stream of its own.)
 
 `cli.py nats service-user NAME --pipeline P` prints the block to add to `deploy/nats-users.conf`.
 """
@@ -27,7 +28,8 @@ def service_permissions(user: str, pipelines: list[str]) -> dict:
         publish += [f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.CONSUMER.LIST.{stream}",
                     f"$JS.API.CONSUMER.NAMES.{stream}", f"$JS.API.CONSUMER.INFO.{stream}.*",
                     f"$JS.API.CONSUMER.MSG.NEXT.{stream}.*", f"$JS.ACK.{stream}.>", f"pipeline.results.{slug}.>"]
-    return {"publish": {"allow": publish}, "subscribe": {"allow": [f"_INBOX.{user}.>"]}}
+    subscribe = [f"_INBOX.{user}.>", *(names.job_announcements(slug) for slug in pipelines)]
+    return {"publish": {"allow": publish}, "subscribe": {"allow": subscribe}}
 
 
 def password_variable(user: str) -> str:
@@ -50,8 +52,9 @@ def service_user_block(user: str, pipelines: list[str], *, password_var: str | N
         raise UserInputError(f"--password-env {password_var!r} must be an environment variable's name")
     permissions = service_permissions(user, pipelines)
     allow = ",\n".join(f"        {json.dumps(subject)}" for subject in permissions["publish"]["allow"])
+    listen = ", ".join(json.dumps(subject) for subject in permissions["subscribe"]["allow"])
     return (f"    # {user}: a processing service for {', '.join(pipelines)}\n"
             f"    {{user: {user}, password: ${password_var or password_variable(user)}, permissions: {{\n"
             f"      publish: {{allow: [\n{allow}\n      ]}}\n"
-            f"      subscribe: {{allow: [{json.dumps(permissions['subscribe']['allow'][0])}]}}\n"
+            f"      subscribe: {{allow: [{listen}]}}\n"
             f"    }}}}")

@@ -12,6 +12,7 @@ them, since no retry can help.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 
 import httpx
@@ -51,6 +52,7 @@ class HttpTransport:
         self._slot_freed = asyncio.Event()
         self._pending: dict[int, list[dict]] = {}
         self._inflight: set[asyncio.Task] = set()
+        self._running: collections.Counter[int] = collections.Counter()  # per job: tasks its handler runs
 
     async def run(self, service: Service) -> None:
         """Reserve and answer the pipeline's tasks until the service stops; survives gateway outages."""
@@ -99,6 +101,7 @@ class HttpTransport:
             for task in reply.json()["tasks"]:
                 got = True
                 self._free -= 1
+                self._running[job["id"]] += 1
                 running = asyncio.create_task(self._process(job["id"], task))
                 self._inflight.add(running)
                 running.add_done_callback(self._inflight.discard)
@@ -112,10 +115,14 @@ class HttpTransport:
         finally:
             keep_alive.cancel()
             self._free += 1
+            self._running[job_id] -= 1
+            if self._running[job_id] <= 0:
+                del self._running[job_id]
             self._slot_freed.set()
         self._pending.setdefault(job_id, []).append(
             {"reply_subject": task["reply_subject"], "result": msgspec.json.decode(encode(result))})
-        if len(self._pending[job_id]) >= self.results_per_post:
+        # full, or nothing else of the job in hand to join it: return it now rather than after the linger
+        if len(self._pending[job_id]) >= self.results_per_post or not self._running[job_id]:
             await self._flush(job_id)
 
     async def _keep_alive(self, job_id: int, reply: str) -> None:

@@ -12,9 +12,12 @@
 - publishes results on `pipeline.results.<slug>.<job_id>` with `Pipeline-Task-Token` (the tokens of the
   tasks answered: only they decide images) and `Pipeline-Task-Reply`; never ACKs a task;
 - batches success results: up to `batch_size` images of one job go out as one result message (their
-  tasks' tokens and reply subjects comma-separated in the headers), after at most `batch_linger_s`; one
+  tasks' tokens and reply subjects comma-separated in the headers), after at most `batch_linger_s`, or at
+  once when no other task of the job is running or waiting here (nothing more could join it); one
   message per batch is what lets the workers save a thousand images a second (docs/performance.md). Error
-  results go out one per image, at once. `batch_size=1` turns batching off.
+  results go out one per image, at once. `batch_size=1` turns batching off;
+- learns of a new job the moment it is announced on `pipeline.jobs.<slug>`, and lists the job consumers
+  every REFRESH_S as well (an announcement is a hint that can be missed).
 """
 
 from __future__ import annotations
@@ -125,6 +128,8 @@ class NatsTransport:
         self._free = 0  # slots not running a task (only touched on the event loop)
         self._slot_freed = asyncio.Event()
         self._inflight: set[asyncio.Task] = set()
+        self._announced = asyncio.Event()  # a job of the pipeline was announced: list its consumers now
+        self._running: collections.Counter[int] = collections.Counter()  # per job: tasks its handler runs
 
     @property
     def queue(self) -> TaskQueue:
@@ -138,6 +143,7 @@ class NatsTransport:
         self.service = service
         self._free = service.concurrency
         self._queue = await self._connect()
+        await self._listen(self._queue)
         log.info("service %s pulling pipeline %s with %s slot(s)", service.name, service.pipeline,
                  service.concurrency)
         try:
@@ -153,6 +159,23 @@ class NatsTransport:
     async def _connect(self) -> TaskQueue:
         return await TaskQueue.connect(self.nats_url, name=self.service.name, inbox_prefix=self.inbox_prefix,
                                        watch=True, **self.nats_security)
+
+    async def _listen(self, queue: TaskQueue) -> None:
+        """Hear the pipeline's new jobs announced (`pipeline.jobs.<slug>`), to pull them at once rather than at
+        the next listing. A hint: when it is missed (or not allowed), the listing every REFRESH_S finds the job."""
+        async def announced(msg: Msg) -> None:
+            self._announced.set()
+
+        await queue.nc.subscribe(names.job_announcements(self.service.pipeline), cb=announced)
+
+    async def _idle(self, seconds: float) -> None:
+        """Wait `seconds`, or less if a job is announced or the service is stopped."""
+        waits = [asyncio.ensure_future(event.wait()) for event in (self._announced, self.service.stopping)]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
 
     async def _alive(self) -> bool:
         """One round trip with the server: the client may think it is connected when it is not (never a
@@ -179,6 +202,7 @@ class NatsTransport:
             log.debug("service %s: NATS still unreachable (%s)", self.service.name, exc)
             return now
         self._replacing = False
+        await self._listen(fresh)
         stale, self._queue = self.queue, fresh
         self._subs.clear()  # bound to the old connection; re-made on the next refresh
         self._ack_wait.clear()
@@ -198,20 +222,21 @@ class NatsTransport:
             down_since = await self._replace_stuck_connection(down_since)
             queue = self.queue
             try:
-                if time.monotonic() >= next_refresh:
+                if time.monotonic() >= next_refresh or self._announced.is_set():
+                    self._announced.clear()
                     await self._refresh(queue)
                     next_refresh = time.monotonic() + REFRESH_S
                 if not self._subs:
-                    await self.service.wait(REFRESH_S)
+                    await self._idle(REFRESH_S)
                     continue
                 got_any = False
                 for job_id in sorted(self._subs):  # round-robin: every job gets a fetch per cycle
-                    if self.service.stopping.is_set():
+                    if self.service.stopping.is_set() or self._announced.is_set():
                         break
                     got_any |= await self._pull(queue, job_id)
                 outage.ok()
                 if not got_any:
-                    await self.service.wait(0.05)
+                    await self._idle(0.05)
             except NATS_FAILURES as exc:
                 await self.service.wait(outage.failed(str(exc) or type(exc).__name__))
             except Exception as exc:  # noqa: BLE001 - a bug must not stop the service: say it once, carry on
@@ -256,10 +281,17 @@ class NatsTransport:
         if not msgs:
             if not queue.nc.is_connected:
                 return False  # a pull request now would wait in the client and be answered after it gave up
+            # bounded from outside too: a client whose connection is wedged can hang inside fetch
+            fetching = asyncio.ensure_future(asyncio.wait_for(
+                self._subs[job_id].fetch(self._free, timeout=FETCH_TIMEOUT_S), FETCH_TIMEOUT_S + 5))
+            announced = asyncio.ensure_future(self._announced.wait())
+            await asyncio.wait((fetching, announced), return_when=asyncio.FIRST_COMPLETED)
+            announced.cancel()
+            if not fetching.done():  # a new job: look at it now (what this pull still brings is held, late)
+                fetching.cancel()
+                return False
             try:
-                # bounded from outside too: a client whose connection is wedged can hang inside fetch
-                fetched = await asyncio.wait_for(self._subs[job_id].fetch(self._free, timeout=FETCH_TIMEOUT_S),
-                                                 FETCH_TIMEOUT_S + 5)
+                fetched = fetching.result()
             except (TimeoutError, nats.errors.TimeoutError):
                 return False
             except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):
@@ -269,6 +301,7 @@ class NatsTransport:
             msgs, surplus = fetched[:self._free], fetched[self._free:]
             self._hold(job_id, surplus)
         self._free -= len(msgs)
+        self._running[job_id] += len(msgs)
         for i, msg in enumerate(msgs):
             task = asyncio.create_task(self._process(queue, job_id, msg, late=i < late))
             self._inflight.add(task)
@@ -327,6 +360,9 @@ class NatsTransport:
             return
         finally:
             self._free += 1
+            self._running[job_id] -= 1
+            if self._running[job_id] <= 0:
+                del self._running[job_id]
             self._slot_freed.set()
         token = _task_token(msg.data)
         if isinstance(result, SuccessResult) and self.service.batch_size > 1:
@@ -350,10 +386,15 @@ class NatsTransport:
         batch.replies.append(reply)
         batch.results.append(result)
         batch.tokens.append(token)
-        if batch.images() >= self.service.batch_size:
+        if batch.images() >= self.service.batch_size or not self._more_coming(job_id):
             ready.append(self._batches.pop(job_id))
         for full in ready:
             await self._send(queue, job_id, full)
+
+    def _more_coming(self, job_id: int) -> bool:
+        """Whether another result of the job may soon join its batch: a task of it is running or held. If none
+        is, the batch goes out at once (a small job's last result does not wait out the linger)."""
+        return self._running[job_id] > 0 or bool(self._held.get(job_id))
 
     async def _flush_later(self, queue: TaskQueue, job_id: int, batch: _Batch) -> None:
         await asyncio.sleep(self.service.batch_linger_s)
