@@ -468,3 +468,27 @@ def test_a_result_nats_cannot_carry_or_too_many_results_are_413_and_nothing_is_p
         {"reply_subject": task["reply_subject"], "result": {"error": "x", "image_id": task["image_id"]}}] * 501})
     assert many.status_code == 413 and "at most 500" in many.json()["error"]
     assert _results_waiting(runtime) == 0
+
+
+def test_a_listing_with_wait_is_answered_when_a_job_is_announced_and_without_wait_at_once(gateway, runtime,
+                                                                                          moth_pipeline):
+    # Given no job for the service's pipeline
+    params = {"ids_only": 1, "incomplete_only": 1, "pipeline__slug__in": moth_pipeline}
+    assert gateway.get("/api/v2/jobs/", params=params).json()["results"] == []  # (the reference's listing)
+    assert gateway.get("/api/v2/jobs/", params={**params, "wait": 31}).status_code == 400  # over the longest wait
+    # When a service's listing waits up to a minute, and a job is dispatched a moment later
+    job = fake_job(moth_pipeline, 1)
+    timer = threading.Timer(1.0, lambda: dispatch(runtime, job.id))
+    timer.start()
+    started = time.monotonic()
+    answer = gateway.get("/api/v2/jobs/", params={**params, "wait": 30}, timeout=60)
+    took = time.monotonic() - started
+    timer.join()
+    # Then the listing is answered with the job as soon as it is announced, not when the wait runs out
+    assert answer.status_code == 200 and [j["id"] for j in answer.json()["results"]] == [job.id]
+    assert took < 20
+    # and with jobs to list, a waiting listing answers at once
+    assert [j["id"] for j in gateway.get("/api/v2/jobs/", params={**params, "wait": 30}).json()["results"]] == [job.id]
+    # and a wait that sees no announcement answers, empty, when it runs out
+    other = {**params, "pipeline__slug__in": "nobody", "wait": 0.5}
+    assert gateway.get("/api/v2/jobs/", params=other).json()["results"] == []

@@ -1,7 +1,8 @@
 """The processing-service SDK over HTTP: `ProcessingService(..., transport=HttpTransport(url, token=…))`.
 
 For services that cannot reach NATS (a lab GPU behind a firewall): the same handler, run against the web
-server's gateway (`/api/v2`, docs/processing-services.md). It finds the pipeline's running jobs, reserves
+server's gateway (`/api/v2`, docs/processing-services.md). It finds the pipeline's running jobs (when there
+are none, its listing waits at the gateway until one is announced: a long poll), reserves
 as many tasks as it has free slots, runs the handler (in a thread of its own per task, with the SDK's
 deadline), keeps each task's lease alive with `tasks/in_progress/` while the handler runs, and returns
 results in batches (`results_per_post`, or after `linger_s`). A 503 (NATS or the results stream down) is
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two looks for jobs when none has a task for us.
 IDLE_S = 0.5
+#: Seconds a listing may wait at the gateway for a job to be announced when there is none (a long poll; a
+#: gateway that does not know the `wait` parameter answers at once, and the service looks again after IDLE_S).
+LONG_POLL_S = 20.0
 #: Seconds between two lease extensions of a running task (the default ack_wait is 30 s).
 KEEP_ALIVE_S = 10.0
 #: How long a partly filled POST of results may wait (seconds).
@@ -83,8 +87,9 @@ class HttpTransport:
 
     async def _round(self, client: httpx.AsyncClient) -> bool:
         """One look at every running job of the pipeline; True if any task came."""
-        listing = await client.get("/api/v2/jobs/", params={"ids_only": 1, "incomplete_only": 1,
-                                                            "pipeline__slug__in": self.service.pipeline})
+        listing = await self._list_jobs(client)
+        if listing is None:  # stopped while waiting for a job
+            return False
         _raise_for(listing)
         got = False
         for job in listing.json()["results"]:
@@ -106,6 +111,19 @@ class HttpTransport:
                 self._inflight.add(running)
                 running.add_done_callback(self._inflight.discard)
         return got
+
+    async def _list_jobs(self, client: httpx.AsyncClient) -> httpx.Response | None:
+        """The pipeline's running jobs; when there are none, the gateway holds the request until one is announced
+        (or LONG_POLL_S passes). None if the service stopped meanwhile."""
+        listing = asyncio.ensure_future(client.get("/api/v2/jobs/", params={
+            "ids_only": 1, "incomplete_only": 1, "pipeline__slug__in": self.service.pipeline, "wait": LONG_POLL_S}))
+        stopping = asyncio.ensure_future(self.service.stopping.wait())
+        await asyncio.wait((listing, stopping), return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not listing.done():
+            listing.cancel()
+            return None
+        return listing.result()
 
     async def _process(self, job_id: int, task: dict) -> None:
         keep_alive = asyncio.create_task(self._keep_alive(job_id, task["reply_subject"]))

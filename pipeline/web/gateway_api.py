@@ -30,10 +30,11 @@ from models import DispatchMode, Job, JobImage, JobStatus, Pipeline, SourceImage
 from pipeline import names
 from pipeline.core.image_policy import ImagePolicy
 from pipeline.core.registry import register_pipeline
-from pipeline.errors import Conflict, Forbidden, NotFound, TooLarge, UserInputError
+from pipeline.errors import Conflict, Forbidden, NotFound, TooLarge, TransientError, UserInputError
 from pipeline.infra import presence
 from pipeline.schemas import decode_pipeline_spec
 from pipeline.web import image_links, leases
+from pipeline.web.announcements import MAX_WAIT_S, JobAnnouncements, until
 from pipeline.web.auth import Principal
 from pipeline.web.deps import allowed, runtime_of, with_db
 from pipeline.web.gateway_tasks import Gateway, Reserved
@@ -137,21 +138,58 @@ def _check_replies(job_id: int, replies: list[str]) -> None:
 
 
 @router.get("/jobs/", summary="Running async jobs, for services looking for work (the reference's shape)")
-@with_db
-def service_jobs(request: Request, ids_only: bool = False, incomplete_only: bool = False,
-                 pipeline__slug__in: str | None = Query(default=None, description="slugs, comma-separated"),
-                 dispatch_mode: DispatchMode = Query(default=DispatchMode.ASYNC_API,
-                                                     description="only async_api jobs have tasks for services"),
-                 limit: int = Query(default=100, ge=1, le=1000), offset: int = Query(default=0, ge=0),
-                 who: Principal = SERVICE) -> dict:
+async def service_jobs(request: Request, ids_only: bool = False, incomplete_only: bool = False,
+                       pipeline__slug__in: str | None = Query(default=None, description="slugs, comma-separated"),
+                       dispatch_mode: DispatchMode = Query(default=DispatchMode.ASYNC_API,
+                                                           description="only async_api jobs have tasks for services"),
+                       limit: int = Query(default=100, ge=1, le=1000), offset: int = Query(default=0, ge=0),
+                       wait: float = Query(default=0, ge=0, le=MAX_WAIT_S, description=(
+                           "jetpipe's addition: when no job is listed, wait up to this many seconds for one of "
+                           "these pipelines to be announced, then answer (a long poll)")),
+                       who: Principal = SERVICE) -> dict:
+    slugs = [s.strip() for s in (pipeline__slug__in or "").split(",") if s.strip()]
+
+    def listing() -> dict:
+        with thread_connection():
+            return _list_jobs(request, ids_only, incomplete_only, slugs, dispatch_mode, limit, offset, who)
+
+    announcements = await run_in_threadpool(announcements_of, request) if wait else None
+    if announcements is None:
+        return await run_in_threadpool(listing)
+    with announcements.waiter(slugs) as announced:  # registered first: an announcement now is not missed
+        answer = await run_in_threadpool(listing)
+        if answer["results"] or not await until(announced, wait):
+            return answer
+    return await run_in_threadpool(listing)
+
+
+def announcements_of(request: Request) -> JobAnnouncements | None:
+    """The process's listener of job announcements (started on the first long poll); None while NATS cannot be
+    reached (the listing then answers at once)."""
+    state = request.app.state
+    with _gateway_lock:
+        if getattr(state, "announcements", None) is None:
+            runtime = runtime_of(request)
+            listener = JobAnnouncements()
+            try:
+                runtime.runner.run(listener.listen(runtime.tasks.queue), timeout=10)
+            except (TransientError, TimeoutError) as exc:
+                log.warning("gateway: cannot hear job announcements (%s); listings answer without waiting", exc)
+                return None
+            state.announcements = listener
+        return state.announcements
+
+
+def _list_jobs(request: Request, ids_only: bool, incomplete_only: bool, slugs: list[str], dispatch_mode: str,
+               limit: int, offset: int, who: Principal) -> dict:
     query = (Job.select(Job, Pipeline).join(Pipeline).where(Job.dispatch_mode == dispatch_mode)
              .where(Job.dispatch_mode == DispatchMode.ASYNC_API).order_by(Job.id))
     if who.role == "service":  # a service sees the jobs of its own pipelines only
         query = query.where(Pipeline.registered_by == who.name)
     if incomplete_only:
         query = query.where(Job.status.in_((JobStatus.CREATED, JobStatus.PENDING, JobStatus.STARTED)))
-    if pipeline__slug__in:
-        query = query.where(Pipeline.slug.in_([s.strip() for s in pipeline__slug__in.split(",") if s.strip()]))
+    if slugs:
+        query = query.where(Pipeline.slug.in_(slugs))
     count = query.count()
     rows = list(query.limit(limit).offset(offset))
     # the reference's minimal job: id and pipeline_slug (its worker takes the slug from here)
