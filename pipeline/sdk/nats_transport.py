@@ -149,12 +149,14 @@ class NatsTransport:
         try:
             await self._loop()
         finally:
-            await self._release_held()
-            if self._inflight:
-                await asyncio.wait(self._inflight, timeout=30)
-            for job_id in list(self._batches):
-                await self._flush(self.queue, job_id)
-            await self.queue.close()
+            try:
+                await self._release_held()
+                if self._inflight:
+                    await asyncio.wait(self._inflight, timeout=30)
+                for job_id in list(self._batches):
+                    await self._flush(self.queue, job_id)
+            finally:  # even when cancelled while it waits for its last tasks: never leave the connection open
+                await self.queue.close()
 
     async def _connect(self) -> TaskQueue:
         return await TaskQueue.connect(self.nats_url, name=self.service.name, inbox_prefix=self.inbox_prefix,
