@@ -21,6 +21,7 @@ backoff (heartbeats and maintenance keep their pace).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -33,6 +34,8 @@ from dramatiq.errors import ConnectionClosed
 
 from pipeline import names
 from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
 
 #: A worker silent this long (ms) is presumed dead and its unacked messages are requeued.
 HEARTBEAT_TIMEOUT_MS = 15_000
@@ -58,11 +61,15 @@ class WakingRedisBroker(RedisBroker):
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
         sent: dramatiq.Message[Any] = super().enqueue(message, delay=delay)
         key = names.dramatiq_wake_key(sent.queue_name)
-        with self.client.pipeline(transaction=False) as pipe:
-            pipe.lpush(key, 1)
-            pipe.ltrim(key, 0, WAKE_TOKENS_KEPT - 1)
-            pipe.expire(key, WAKE_LIST_TTL_S)
-            pipe.execute()
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.lpush(key, 1)
+                pipe.ltrim(key, 0, WAKE_TOKENS_KEPT - 1)
+                pipe.expire(key, WAKE_LIST_TTL_S)
+                pipe.execute()
+        except redis.RedisError as exc:  # the message is queued: it is fetched at the next poll all the same
+            log.debug("no wake-up for queue %s (%s); its consumers find the message when they next look",
+                      sent.queue_name, exc)
         return sent
 
 
