@@ -68,7 +68,7 @@ class LoopThread(LoopRunner):
         the loop: a task left pending would be reported as "Event loop is closed" whenever it is collected."""
         if self.loop.is_running():
             try:
-                asyncio.run_coroutine_threadsafe(_cancel_the_rest(), self.loop).result(timeout)
+                asyncio.run_coroutine_threadsafe(cancel_the_rest(), self.loop).result(timeout)
             except (concurrent.futures.TimeoutError, RuntimeError):
                 pass  # what did not finish in time is left as it is
             self.loop.call_soon_threadsafe(self.loop.stop)
@@ -77,7 +77,7 @@ class LoopThread(LoopRunner):
             self.loop.close()
 
 
-async def _cancel_the_rest() -> None:
+async def cancel_the_rest() -> None:
     """Cancel every other task on the running loop and wait for them to end."""
     others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
     for task in others:

@@ -39,7 +39,7 @@ from pipeline.core.deferred_failure import DeferredFailure
 from pipeline.core.saving import request_drains
 from pipeline.errors import TransientError
 from pipeline.infra import dlq, metrics
-from pipeline.infra.aio import LoopRunner
+from pipeline.infra.aio import LoopRunner, cancel_the_rest
 from pipeline.infra.broker import make_broker
 from pipeline.infra.outage import Outage
 from pipeline.infra.presence import Presence
@@ -258,8 +258,13 @@ class WorkerResources(dramatiq.Middleware):
         opened again by the next message that needed it, and left open on a closed loop."""
         if self.runtime is not None:
             set_runtime(self._previous)
+            runner = self.runtime.runner
             self.runtime.close()
             self.runtime = None
+            try:  # whatever else still runs on the loop (a bridge still connecting) ends before the loop closes
+                runner.run(cancel_the_rest(), timeout=5)
+            except Exception as exc:  # noqa: BLE001 - shutting down: say it, go on
+                log.warning("worker %s: tasks still running at shutdown: %s", os.getpid(), exc)
 
     def before_process_message(self, broker, message):
         models.database.connect(reuse_if_open=True)
