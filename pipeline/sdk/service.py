@@ -69,7 +69,8 @@ class ProcessingService:
 
     `transport`: how it reaches jetpipe; by default NATS at `nats_url` (with `nats_creds`, `nats_tls_ca`,
     `inbox_prefix`), else e.g. `HttpTransport(url, token=...)` for the web server's gateway. `batch_size`:
-    images per result message (1 turns batching off), sent after at most `batch_linger_s`.
+    images per result message (1 turns batching off), sent after at most `batch_linger_s`, or at once when no
+    other task of the job is running or waiting in the service.
     """
 
     def __init__(self, pipeline: str, handler: Callable[[Task], Result], *, nats_url: str = "",
