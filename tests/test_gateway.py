@@ -492,3 +492,26 @@ def test_a_listing_with_wait_is_answered_when_a_job_is_announced_and_without_wai
     # and a wait that sees no announcement answers, empty, when it runs out
     other = {**params, "pipeline__slug__in": "nobody", "wait": 0.5}
     assert gateway.get("/api/v2/jobs/", params=other).json()["results"] == []
+
+
+def test_a_waiting_listing_answers_from_the_database_when_nats_cannot_be_reached(private_runtime, moth_pipeline):
+    # Given a web server whose NATS is down before it ever connected, and one job in the database
+    runtime, dev = private_runtime
+    job = fake_job(moth_pipeline, 2)
+    dev.nats.stop()
+    server = WebServer(runtime.settings.with_overrides(web_tokens=TOKENS_SETTING), runtime).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=60, headers=SERVICE) as client:
+            params = {"ids_only": 1, "pipeline__slug__in": moth_pipeline, "wait": 30}
+            # When a service's listing asks to wait for announcements it cannot hear
+            started = time.monotonic()
+            listed = client.get("/api/v2/jobs/", params=params)
+            empty = client.get("/api/v2/jobs/", params={**params, "pipeline__slug__in": "nobody"})
+            took = time.monotonic() - started
+        # Then both are answered from the database without waiting out the 30 s (NATS' connect timeout only)
+        assert listed.status_code == 200 and [j["id"] for j in listed.json()["results"]] == [job.id]
+        assert empty.status_code == 200 and empty.json()["results"] == []
+        assert took < 45
+    finally:
+        server.stop()
+        dev.nats.start()

@@ -93,6 +93,7 @@ class _ResultBatch(msgspec.Struct):
 
 _decode_batch = msgspec.json.Decoder(_ResultBatch)
 _gateway_lock = threading.Lock()
+_announcements_lock = threading.Lock()  # its own: a listing connecting to NATS never holds up a reservation
 
 
 def gateway_of(request: Request) -> Gateway:
@@ -167,7 +168,7 @@ def announcements_of(request: Request) -> JobAnnouncements | None:
     """The process's listener of job announcements (started on the first long poll); None while NATS cannot be
     reached (the listing then answers at once)."""
     state = request.app.state
-    with _gateway_lock:
+    with _announcements_lock:
         if getattr(state, "announcements", None) is None:
             runtime = runtime_of(request)
             listener = JobAnnouncements()
