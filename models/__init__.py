@@ -19,6 +19,7 @@ from models.db import (
     select_in,
     thread_connection,
     tuples,
+    undoable_write,
     utcnow,
     write_transaction,
 )
@@ -69,7 +70,7 @@ __all__ = [
     "DatabaseURLError", "SchemaMissing", "SessionLimits",
     "bind", "commit_listeners", "database", "create_schema", "execute_in", "for_update",
     "insert_ignoring_duplicates", "is_postgres", "make_database", "tuples",
-    "is_transient", "is_unstorable", "select_in", "thread_connection", "utcnow", "write_transaction",
+    "is_transient", "is_unstorable", "select_in", "thread_connection", "undoable_write", "utcnow", "write_transaction",
     # vocabularies
     "DispatchMode", "ImageStatus", "JobStatus",
     # tables

@@ -273,6 +273,19 @@ def write_transaction() -> Iterator[None]:
     _count_transaction()
 
 
+@contextlib.contextmanager
+def undoable_write() -> Iterator[None]:
+    """A `write_transaction`, or inside one, a savepoint: either way an exception undoes this block's writes
+    alone and goes on (a savepoint costs two statements, so it is taken only where it is needed)."""
+    db = database.obj
+    if not db.in_transaction():
+        with write_transaction():
+            yield
+        return
+    with db.atomic():
+        yield
+
+
 def _count_transaction() -> None:
     for listener in commit_listeners:
         listener()
@@ -306,11 +319,14 @@ def select_in(sql: str, column_values: Iterable[Any], *, params: tuple[Any, ...]
     """Rows of `sql` (a SELECT whose last condition is `<column> IN ({in})`) for many values, a statement
     per `chunk` of them (SQLite limits the variables of one statement), built as text: peewee builds such
     a statement value by value, which cost more than the query itself for a thousand ids. Placeholders
-    are `%s`; `lock` adds the row lock of `for_update`."""
+    are `%s`; `lock` adds the row lock of `for_update`, in one statement, so that the rows are locked in
+    the order its ORDER BY gives."""
     db = database.obj
     mark = db.param
     rows: list[tuple[Any, ...]] = []
     values = list(column_values)
+    if lock and is_postgres():
+        chunk = max(chunk, len(values))
     for start in range(0, len(values), chunk):
         part = values[start:start + chunk]
         text = sql.replace("%s", mark).replace("{in}", ", ".join([mark] * len(part)))

@@ -168,6 +168,13 @@ class ResultInbox(BaseModel):
     #: What its task tokens proved when it was taken (pipeline/core/inbox.py, JSON): {"images": [...]} or
     #: {"refused": "why"}. None: taken for a job made before task tokens.
     proof = peewee.TextField(null=True)
+    #: Picks the lane its job's results are saved in (pipeline/core/saving.py): a hash of the smallest image
+    #: id it names. None (it names no image): lane 0.
+    lane_key = peewee.IntegerField(null=True)
+    #: The smallest and the largest image id it names: a result is saved after every earlier result of its
+    #: job in another lane whose range overlaps its own (the first result to arrive decides an image).
+    first_image = peewee.BigIntegerField(null=True)
+    last_image = peewee.BigIntegerField(null=True)
 
     class Meta:
         indexes = ((("job_id", "id"), False),)

@@ -154,14 +154,21 @@ def rebuild_lock_key(job_id: int) -> str:
     return f"{REDIS_PREFIX}:lock:rebuild:{job_id}"
 
 
-def drain_lock_key(job_id: int) -> str:
-    """Held while one process saves the job's results from the inbox (one drainer per job at a time)."""
-    return f"{REDIS_PREFIX}:lock:drain:{job_id}"
+def drain_lock_key(job_id: int, lane: int) -> str:
+    """Held while one process saves the results of one lane of the job from the inbox (one drainer per
+    lane at a time)."""
+    return f"{REDIS_PREFIX}:lock:drain:{job_id}:{lane}"
 
 
-def drain_again_key(job_id: int) -> str:
-    """Set by a drain request that found the job's drainer busy: the drainer looks at the inbox once more."""
-    return f"{REDIS_PREFIX}:drain-again:{job_id}"
+def drain_again_key(job_id: int, lane: int) -> str:
+    """Set by a drain request that found the lane's drainer busy: that drainer looks at the lane once more."""
+    return f"{REDIS_PREFIX}:drain-again:{job_id}:{lane}"
+
+
+def drain_blocked_key(job_id: int) -> str:
+    """Set by a drainer that left a lane whose oldest result waits for an earlier one in another lane:
+    whoever saves results of the job next has the lanes looked at again."""
+    return f"{REDIS_PREFIX}:drain-blocked:{job_id}"
 
 
 def slot_wait_key(job_id: int) -> str:

@@ -66,6 +66,10 @@ OPTIONS: dict[str, Option] = {
                                    "attempts to save a result message that fails with an error other than an outage "
                                    "(a bug, data the code cannot handle); then its images fail with the error and the "
                                    "message is parked for `cli.py parked` (outages are waited out, never counted)"),
+    "save_lanes": Option("PIPELINE_SAVE_LANES", "4",
+                         "lanes one job's results are saved in: up to this many worker threads or processes save a "
+                         "job's results at once, each lane's in the order they arrived (an image's results always "
+                         "share a lane); 1 saves each job's results one transaction at a time"),
     "result_save_backoff": Option("PIPELINE_RESULT_SAVE_BACKOFF", "10",
                                   "seconds before the second attempt to save such a result message; doubled for each "
                                   "later one (3 attempts: about 30 s from the first to the last)"),
@@ -137,6 +141,7 @@ class Settings:
     job_pickup_timeout: float
     result_save_attempts: int
     result_save_backoff: float  # seconds, doubled per attempt
+    save_lanes: int
     db_lock_timeout: float  # seconds
     db_idle_in_transaction_timeout: float  # seconds
     db_dead_peer_timeout: float  # seconds
@@ -189,6 +194,8 @@ class Settings:
             raise ConfigError("PIPELINE_HEALTH_CHECK_SECONDS and PIPELINE_STALLED_JOBS_MAX_MINUTES must be > 0")
         if self.result_save_attempts < 1:
             raise ConfigError("PIPELINE_RESULT_SAVE_ATTEMPTS must be at least 1")
+        if not 1 <= self.save_lanes <= 64:
+            raise ConfigError("PIPELINE_SAVE_LANES must be a whole number from 1 to 64")
         if self.result_save_backoff < 0:
             raise ConfigError("PIPELINE_RESULT_SAVE_BACKOFF must be a number of seconds, 0 or more")
         if min(self.db_lock_timeout, self.db_idle_in_transaction_timeout, self.db_dead_peer_timeout) < 0:

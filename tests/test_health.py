@@ -584,14 +584,16 @@ def test_an_idle_job_whose_results_are_being_drained_elsewhere_loses_nothing(qui
     dispatch(quick, job.id)
     tasks = pull_tasks(quick, job.id, 2)
     take(quick, [Incoming.direct(job.id, success_body(task), reply, task.task_token) for task, reply in tasks])
-    token = quick.state.try_lock(names.drain_lock_key(job.id), 60_000)
+    lanes = range(quick.settings.save_lanes)
+    tokens = {lane: quick.state.try_lock(names.drain_lock_key(job.id, lane), 60_000) for lane in lanes}
     gone_quiet(job.id)
     # When the health check runs, nothing is failed as lost: those results decide their images
     report = run_health_check(quick)
     assert report["lost_images"]["jobs"] == {str(job.id): "results_queued"}
     assert Job.get_by_id(job.id).progress["stages"]["process"]["failed"] == 0
     # And once the drainer is done, the job ends SUCCESS exact
-    quick.state.release(names.drain_lock_key(job.id), token)
+    for lane, token in tokens.items():
+        quick.state.release(names.drain_lock_key(job.id, lane), token)
     drain(quick, job.id)
     ended = Job.get_by_id(job.id)
     assert (ended.status, ended.progress["stages"]["process"]["failed"]) == (JobStatus.SUCCESS, 0)

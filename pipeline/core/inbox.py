@@ -27,6 +27,7 @@ import functools
 import json
 import logging
 import uuid
+import zlib
 from collections.abc import Iterable
 
 import msgspec
@@ -46,7 +47,19 @@ log = logging.getLogger(__name__)
 #: Rows the inbox may hold before the bridge stops taking more (a backlog of ~50,000 result messages
 #: waits in the database; beyond that it waits in the results stream, where JetStream holds it).
 MAX_ROWS = 50_000
-INBOX_FIELDS = ("job_id", "source", "stream_seq", "body", "task_replies", "received_at", "images", "proof")
+INBOX_FIELDS = ("job_id", "source", "stream_seq", "body", "task_replies", "received_at", "images", "proof",
+                "lane_key", "first_image", "last_image")
+
+
+def placement(images: Iterable[str]) -> tuple[int | None, int | None, int | None]:
+    """Where a result naming these images (canonical ids) is saved: its `lane_key` (a hash of the smallest
+    id, so a job's results spread over the lanes and every result for one image alone shares a lane), and
+    the smallest and largest id it names; (None, None, None) if it names none."""
+    numeric = [int(i) for i in images if i.isdigit()]
+    if not numeric:
+        return None, None, None
+    first = min(numeric)
+    return zlib.crc32(str(first).encode()) & 0x7FFF_FFFF, first, max(numeric)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +239,8 @@ def take(runtime: Runtime, incoming: list[Incoming]) -> list[int]:
         raise TransientError(f"database: could not read the tasks of {len(incoming)} result(s): {exc}") from exc
     now = utcnow()
     rows = [(m.job_id, m.source, m.stream_seq, m.body, ",".join(m.replies)[:100_000], now, len(m.images),
-             proof.to_json() if proof is not None else None) for m, proof in zip(incoming, proofs, strict=True)]
+             proof.to_json() if proof is not None else None, *placement(m.images))
+            for m, proof in zip(incoming, proofs, strict=True)]
     try:
         with write_transaction():
             insert_ignoring_duplicates(ResultInbox, INBOX_FIELDS, rows)

@@ -21,6 +21,7 @@ from models import (
     SourceImage,
     database,
     is_postgres,
+    select_in,
     tuples,
     utcnow,
     write_transaction,
@@ -175,20 +176,23 @@ def pending_chunk(job: Job, *, after_id: int, limit: int) -> list[tuple[int, Tas
 def record_published(job_id: int, row_ids: list[int], seqs: list[int], cursor: int) -> None:
     """Write the published tasks' stream sequences and the job's checkpoint, in one transaction.
 
-    The job's row is written first: every writer of a job's rows locks the job row before its image rows
-    (results being saved meanwhile do), or two transactions could each wait for the other's rows.
+    The image rows are written first, the job's row last: the lock order of every writer of a job
+    (`outcomes.saved_then_locked`; results of these very tasks may be being saved meanwhile), or two
+    transactions could each wait for the other's rows.
     """
     with write_transaction():
-        Job.update(dispatch_cursor=cursor, updated_at=utcnow()).where(Job.id == job_id).execute()
         if is_postgres():
             from psycopg2.extras import execute_values
 
+            # an UPDATE locks its rows in no set order: lock them first in primary key order (`job_images`)
+            select_in('SELECT id FROM "job_image" WHERE id IN ({in}) ORDER BY id', sorted(row_ids), lock=True)
             execute_values(database.obj.cursor(), 'UPDATE "job_image" SET task_seq = v.seq FROM (VALUES %s) '
                            'AS v(id, seq) WHERE "job_image".id = v.id', list(zip(row_ids, seqs, strict=True)),
                            page_size=1000)
         else:
             database.obj.cursor().executemany('UPDATE "job_image" SET task_seq = ? WHERE id = ?',
                                               list(zip(seqs, row_ids, strict=True)))
+        Job.update(dispatch_cursor=cursor, updated_at=utcnow()).where(Job.id == job_id).execute()
 
 
 def dispatch(runtime: Runtime, job: Job, *, consumer: ConsumerConfig | None = None) -> int:

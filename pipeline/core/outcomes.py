@@ -2,19 +2,21 @@
 transition and its cleanup) for every writer of image outcomes: saved results (`pipeline/core/saving.py`),
 lost images (`pipeline/core/lost.py`), internal mode and the health check.
 
-`settle(runtime, job, save)` runs `save()` and counts what it returns in one database transaction, with
-the job's row locked first, so every writer of one job takes its locks in one order and whoever counts
-the last image sees every other counted image committed.
+`settle(runtime, job, save)` runs `save()` and counts what it returns in one database transaction. Every
+writer of one job takes its locks in one order (`saved_then_locked`: the image rows, then the job's row),
+so writers of different images save at once without deadlock, and counting happens under the job's row
+lock: whoever counts the last image sees every other counted image committed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from enum import StrEnum
 
-from models import DispatchMode, Job, JobStatus, Pipeline, write_transaction
+from models import DispatchMode, Job, JobStatus, Pipeline, undoable_write
 from pipeline.core import jobs, progress
 from pipeline.core.joblog import job_log
 from pipeline.core.result_rows import fail_images, prepare_result
@@ -97,22 +99,52 @@ def _count_metrics(job: Job, outcomes: list[Outcome], snapshot: Snapshot) -> Non
         images.labels(job.pipeline.slug, "processed").inc(len(newly) - failed)
 
 
+class JobEnded(Exception):
+    """Raised inside `saved_then_locked`: the job ended before its row was locked (what was saved is undone)."""
+
+    def __init__(self, status: str):
+        super().__init__(f"job ended {status}")
+        self.status = status
+
+
+@contextlib.contextmanager
+def saved_then_locked(job_id: int) -> Iterator[Callable[[], Job]]:
+    """A write transaction (or, inside one, a savepoint) in the lock order of every writer of a job's
+    outcomes: first the image rows (`job_images` locks them in primary key order) and whatever is saved
+    with them, then, last, the job's row, with `lock()`. The image rows decide who saves an image first;
+    the job's row orders counting and progress and is held only for those (a Redis round trip and one
+    UPDATE), so several writers of one job save at once and queue only there.
+
+    `lock()` raises JobEnded if the job has ended: the block's writes are then undone and JobEnded goes on
+    to the caller.
+    """
+
+    def lock() -> Job:
+        locked = progress.locked_job(job_id)
+        if locked is None or locked.status in JobStatus.TERMINAL:
+            raise JobEnded(locked.status if locked else JobStatus.REVOKED)
+        return locked
+
+    with undoable_write():
+        yield lock
+
+
 def settle(runtime: Runtime, job: Job, save: Callable[[], list[Outcome]]) -> tuple[
         list[Outcome], Snapshot | None, progress.ProgressWrite]:
-    """`save()` the outcomes, count them and write progress in one database transaction (steps 2-4).
-
-    The job's row is locked first (PostgreSQL), so every writer of one job takes its locks in one order.
-    A job that has ended is left as it is: nothing is saved or counted.
+    """`save()` the outcomes, count them and write progress in one database transaction (steps 2-4), in
+    the lock order of `saved_then_locked`. A job that has ended is left as it is: nothing is saved or
+    counted.
     """
-    with write_transaction():
-        locked = progress.locked_job(job.id)
-        if locked is None or locked.status in JobStatus.TERMINAL:
-            return [], None, progress.ProgressWrite(locked.status if locked else JobStatus.REVOKED, False)
-        outcomes = save()
-        if not outcomes:
-            return [], None, progress.ProgressWrite(locked.status, False)
-        crash_point("after_db_save", job=job.id)
-        snapshot, written = count_outcomes(runtime, job, outcomes, locked)
+    try:
+        with saved_then_locked(job.id) as lock:
+            outcomes = save()
+            if not outcomes:
+                return [], None, progress.ProgressWrite(job.status, False)
+            crash_point("after_db_save", job=job.id)
+            locked = lock()
+            snapshot, written = count_outcomes(runtime, job, outcomes, locked)
+    except JobEnded as ended:
+        return [], None, progress.ProgressWrite(ended.status, False)
     crash_point("after_commit", job=job.id)
     return outcomes, snapshot, written
 

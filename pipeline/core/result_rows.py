@@ -98,10 +98,12 @@ class ImageRow(NamedTuple):
 
 
 def job_images(job_id: int, image_ids: Iterable[object]) -> dict[str, ImageRow]:
-    """The job's rows for these images, locked until the transaction ends (the outcome arbiter)."""
+    """The job's rows for these images, locked until the transaction ends (the outcome arbiter) in the order
+    of their primary key, as every writer of image rows locks them: two writers of overlapping images wait
+    for each other, never each for the other."""
     numeric = sorted({int(c) for c in map(canonical_image_id, image_ids) if c is not None})
     found = select_in('SELECT id, image_id, status, detections, classifications, error FROM "job_image" '
-                      "WHERE job_id = %s AND image_id IN ({in})", numeric, params=(job_id,), lock=True)
+                      "WHERE job_id = %s AND image_id IN ({in}) ORDER BY id", numeric, params=(job_id,), lock=True)
     return {str(row[1]): ImageRow(*row) for row in found}
 
 

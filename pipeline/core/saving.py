@@ -27,6 +27,8 @@ import time
 from collections.abc import Iterable
 from enum import StrEnum
 
+import peewee
+
 from models import (
     Job,
     JobStatus,
@@ -42,7 +44,17 @@ from models import (
 from pipeline import names
 from pipeline.core import inbox, progress, unsaved
 from pipeline.core.joblog import job_log
-from pipeline.core.outcomes import Action, count_outcomes, finish, ids_text, load_job, settle, short
+from pipeline.core.outcomes import (
+    Action,
+    JobEnded,
+    count_outcomes,
+    finish,
+    ids_text,
+    load_job,
+    saved_then_locked,
+    settle,
+    short,
+)
 from pipeline.core.result_rows import PreparedResult, canonical_image_id, fail_images, job_images, prepare_result
 from pipeline.core.retry import is_outage
 from pipeline.errors import BadResult, TransientError
@@ -152,6 +164,10 @@ class DrainStep:
     messages: list[Message] = dataclasses.field(default_factory=list)
     snapshot: Snapshot | None = None
     written: progress.ProgressWrite | None = None
+    #: It stopped at its limit of messages or images: more are likely waiting.
+    full: bool = False
+    #: It saved nothing: the lane's oldest result waits for an earlier one in another lane.
+    blocked: bool = False
 
 
 #: An inbox row as the drain reads it: (id, source, body, task reply header, proof JSON or None).
@@ -168,14 +184,60 @@ def _read_entry(entry_id: int) -> InboxEntry | None:
     return None
 
 
-def _read_inbox(job_id: int, limit: int) -> list[InboxEntry]:
-    now = utcnow()
+def _lane_of(lanes: int) -> peewee.ColumnBase:
+    """An inbox row's lane in SQL: lane_key modulo `lanes` (written so both databases read it alike: peewee's
+    `%` means LIKE)."""
+    key = peewee.fn.COALESCE(ResultInbox.lane_key, 0)
+    return key - key / lanes * lanes
+
+
+def _due() -> peewee.Expression:
+    return ResultInbox.next_attempt_at.is_null() | (ResultInbox.next_attempt_at <= utcnow())
+
+
+def _read_inbox(job_id: int, limit: int, lane: int = 0, lanes: int = 1) -> list[InboxEntry]:
+    where = (ResultInbox.job_id == job_id) & _due()
+    if lanes > 1:
+        where &= _lane_of(lanes) == lane
     rows = (ResultInbox.select(ResultInbox.id, ResultInbox.source, ResultInbox.body, ResultInbox.task_replies,
-                               ResultInbox.proof)
-            .where((ResultInbox.job_id == job_id)
-                   & (ResultInbox.next_attempt_at.is_null() | (ResultInbox.next_attempt_at <= now)))
-            .order_by(ResultInbox.id).limit(limit))
+                               ResultInbox.proof).where(where).order_by(ResultInbox.id).limit(limit))
     return [(entry_id, source, bytes(body), replies, proof) for entry_id, source, body, replies, proof in tuples(rows)]
+
+
+def _not_waiting_for_other_lanes(job_id: int, entries: list[InboxEntry], lane: int,
+                                 lanes: int) -> list[InboxEntry]:
+    """The first of `entries` (one lane's, in order) up to the first that must wait: one that may name an
+    image named by an earlier result still in the inbox in another lane (their ranges of image ids
+    overlap). So the first result to arrive for an image decides it, whatever lane either is in."""
+    if not entries:
+        return entries
+    ranges = {entry_id: (first, last) for entry_id, first, last in select_in(
+        'SELECT id, first_image, last_image FROM "result_inbox" WHERE first_image IS NOT NULL AND id IN ({in})',
+        [e[0] for e in entries])}
+    if not ranges:
+        return entries
+    low, high = min(f for f, _ in ranges.values()), max(last for _, last in ranges.values())
+    overlapping = tuples(ResultInbox.select(ResultInbox.id, ResultInbox.first_image, ResultInbox.last_image,
+                                            ResultInbox.lane_key)
+                         .where((ResultInbox.job_id == job_id) & (ResultInbox.id < entries[-1][0])
+                                & (ResultInbox.first_image <= high) & (ResultInbox.last_image >= low)))
+    others = [(entry_id, first, last) for entry_id, first, last, key in overlapping if key % lanes != lane]
+    for n, entry in enumerate(entries):
+        if entry[0] not in ranges:
+            continue  # names no image: waits for nothing
+        first, last = ranges[entry[0]]
+        if any(other < entry[0] and o_first <= last and o_last >= first for other, o_first, o_last in others):
+            return entries[:n]
+    return entries
+
+
+def _lanes_due(job_id: int, lanes: int) -> list[int]:
+    """The lanes of the job holding inbox rows due now, in order."""
+    if lanes == 1:
+        return [0]
+    lane = _lane_of(lanes)
+    return sorted(int(n) for (n,) in tuples(ResultInbox.select(lane).where(
+        (ResultInbox.job_id == job_id) & _due()).group_by(lane)))
 
 
 def _delete_entries(entry_ids: list[int]) -> None:
@@ -196,18 +258,22 @@ class StepFailed(Exception):
         self.cause = cause
 
 
-def drain_step(runtime: Runtime, job_id: int, *, limit: int = DRAIN_MESSAGES) -> DrainStep:
-    """Save the job's oldest inbox rows due now (up to `limit` messages, DRAIN_IMAGES images) in one
-    transaction; an empty step when the inbox holds nothing due for the job.
+def drain_step(runtime: Runtime, job_id: int, *, limit: int = DRAIN_MESSAGES, lane: int = 0,
+               lanes: int = 1) -> DrainStep:
+    """Save the oldest inbox rows of the job's `lane` (of `lanes`) due now (up to `limit` messages,
+    DRAIN_IMAGES images) in one transaction; an empty step when that lane holds nothing due.
 
     Raises StepFailed for an error that is not an outage before the commit (nothing of the step is saved);
     an outage is raised as it is.
     """
-    entries = _read_inbox(job_id, limit)
+    read = _read_inbox(job_id, limit, lane, lanes)
+    entries = _not_waiting_for_other_lanes(job_id, read, lane, lanes) if lanes > 1 else read
     if not entries:
-        return DrainStep()
+        return DrainStep(blocked=bool(read))
     try:
-        return _drain_entries(runtime, job_id, entries)
+        step = _drain_entries(runtime, job_id, entries)
+        step.full = len(read) == limit or len(step.messages) < len(read)
+        return step
     except StepFailed:
         raise
     except Exception as exc:
@@ -229,24 +295,31 @@ def _drain_entries(runtime: Runtime, job_id: int, entries: list[InboxEntry]) -> 
         images += len(m.image_ids)
         step.messages.append(m)
     logs: list[tuple[int, str, str | None]] = []
-    with write_transaction():
-        locked = progress.locked_job(job_id)
-        present = _present([m.entry_id for m in step.messages])
-        step.messages = [m for m in step.messages if m.entry_id in present]
-        if locked is None or locked.status in JobStatus.TERMINAL:
-            for m in step.messages:
-                m.action = Action.LATE
-            _delete_entries([m.entry_id for m in step.messages])
-            step.written = progress.ProgressWrite(locked.status if locked else JobStatus.REVOKED, False)
-        else:
+    try:
+        if job.status in JobStatus.TERMINAL:
+            raise JobEnded(job.status)
+        with saved_then_locked(job_id) as lock:  # image rows first: other lanes save meanwhile
+            present = _present([m.entry_id for m in step.messages])
+            step.messages = [m for m in step.messages if m.entry_id in present]
             outcomes = _save(job, step.messages, logs)
             crash_point("after_db_save", job=job_id)
+            _delete_entries([m.entry_id for m in step.messages])
+            _write_logs(job_id, logs)
+            locked = lock()
             if outcomes:
                 step.snapshot, step.written = count_outcomes(runtime, job, outcomes, locked)
             else:
                 step.written = progress.ProgressWrite(locked.status, False)
+    except JobEnded as ended:  # nothing saved or counted
+        logs.clear()
+        step.snapshot = None
+        with write_transaction():
+            present = _present([m.entry_id for m in step.messages])
+            step.messages = [m for m in step.messages if m.entry_id in present]
             _delete_entries([m.entry_id for m in step.messages])
-            _write_logs(job_id, logs)
+        for m in step.messages:
+            m.action = Action.LATE
+        step.written = progress.ProgressWrite(ended.status, False)
     crash_point("after_commit", job=job_id)
     try:
         _after_commit(runtime, job, step, logs)
@@ -336,30 +409,64 @@ def _drop_for_unknown_job(runtime: Runtime, job_id: int, entries: list[InboxEntr
 
 @dataclasses.dataclass
 class Drained:
-    """What one drain did: messages saved, whether it stopped with work left (`more`) or found the job's
-    drainer busy elsewhere (`busy`, that drainer will look at the inbox again)."""
+    """What one drain did: messages saved, whether it stopped with work left (`more`) or found every lane's
+    drainer busy elsewhere (`busy`, those drainers will look at their lanes again)."""
 
     messages: int = 0
     more: bool = False
     busy: bool = False
     #: What became of each message it handled, by its source (`<stream>:<seq>`, as the inbox keeps it).
     actions: dict[str, Action] = dataclasses.field(default_factory=dict)
+    #: It asked for another drainer to join in (a lane had more than a step's worth waiting).
+    joined: bool = False
+    #: It saved results while a lane was waiting for an earlier result in another lane: it goes through
+    #: the lanes once more.
+    unblocked: bool = False
 
 
 def request_drains(runtime: Runtime, job_ids: Iterable[int]) -> None:
     """Ask for the results of these jobs waiting in the inbox to be saved (one `process_pipeline_result`
-    message each; a request that finds nothing to save costs one query)."""
+    message each; a request that finds nothing to save costs one query a lane)."""
     for job_id in job_ids:
         runtime.send(names.PROCESS_PIPELINE_RESULT, job_id)
 
 
 def drain(runtime: Runtime, job_id: int, *, budget_s: float = DRAIN_BUDGET_S) -> Drained:
-    """Save every result of the job waiting in the inbox, a step per transaction, one drainer per job at
-    a time (a Redis lock; a second request marks the inbox to be looked at again and returns at once)."""
-    state = runtime.state
-    lock, again = names.drain_lock_key(job_id), names.drain_again_key(job_id)
+    """Save every result of the job waiting in the inbox, a step per transaction.
+
+    A job's results are saved in `PIPELINE_SAVE_LANES` lanes (a result's lane: its `lane_key`), each with
+    one drainer at a time (a Redis lock) that saves the lane's results in the order they arrived. A drain
+    goes through the lanes holding results due now: it saves those it can lock, and marks those it finds
+    busy to be looked at again by their drainer. When a lane holds more than one step's worth, it asks once
+    for another drain (a `process_pipeline_result` message), which takes the next free lane: a big backlog
+    is saved by as many threads and processes as there are lanes, a small one by one.
+    """
     started = time.monotonic()
     drained = Drained()
+    lanes = runtime.settings.save_lanes
+    while True:
+        due = _lanes_due(job_id, lanes)
+        busy = 0
+        drained.unblocked = False
+        for lane in due:
+            if not _drain_lane(runtime, job_id, lane, lanes, started, budget_s, drained):
+                busy += 1
+            if drained.more:
+                return drained
+        drained.busy = bool(due) and busy == len(due)
+        if not drained.unblocked:
+            break
+    if not drained.messages and not drained.busy:
+        _clean_up_if_ended(runtime, job_id)
+    return drained
+
+
+def _drain_lane(runtime: Runtime, job_id: int, lane: int, lanes: int, started: float, budget_s: float,
+                drained: Drained) -> bool:
+    """Save the lane's results, or, if another drainer holds the lane, ask it to look once more; False then."""
+    state = runtime.state
+    lock, again = names.drain_lock_key(job_id, lane), names.drain_again_key(job_id, lane)
+    blocked = names.drain_blocked_key(job_id)
     while True:
         try:
             token = state.try_lock(lock, DRAIN_LOCK_MS)
@@ -367,14 +474,17 @@ def drain(runtime: Runtime, job_id: int, *, budget_s: float = DRAIN_BUDGET_S) ->
             raise TransientError(f"redis unavailable for job {job_id}: {exc}") from exc
         if token is None:
             state.set_flag(again, DRAIN_LOCK_MS // 1000 * 4)
-            drained.busy = True
-            return drained
+            return False
         try:
             singly = 0  # after a step failed on data the database refused: that many messages one at a time
             while True:
                 state.take_flag(again)
                 try:
-                    step = drain_step(runtime, job_id, limit=1 if singly else DRAIN_MESSAGES)
+                    step = drain_step(runtime, job_id, limit=1 if singly else DRAIN_MESSAGES, lane=lane, lanes=lanes)
+                    if step.blocked:  # its oldest result waits for an earlier one in another lane
+                        state.set_flag(blocked, DRAIN_LOCK_MS // 1000 * 4)
+                        step = drain_step(runtime, job_id, limit=1 if singly else DRAIN_MESSAGES, lane=lane,
+                                          lanes=lanes)  # unless that one was saved meanwhile
                     singly = max(singly - 1, 0)
                 except StepFailed as failed:
                     if len(failed.entry_ids) > 1:
@@ -386,20 +496,26 @@ def drain(runtime: Runtime, job_id: int, *, budget_s: float = DRAIN_BUDGET_S) ->
                     else:  # a bug or data the code cannot handle: bounded attempts, then parked
                         became = unsaved.failed_attempt(runtime, job_id, entry_id, failed.cause)
                         step = DrainStep(messages=[Message(entry_id, "", [], action=became)])
+                if step.blocked:
+                    break  # whoever saves results of the job next has the lanes looked at again (the flag)
                 drained.messages += len(step.messages)
                 drained.actions.update((m.source, m.action) for m in step.messages if m.source and m.action)
                 if not step.messages:
                     break
+                if state.take_flag(blocked):  # a lane was waiting, maybe for what this step saved
+                    drained.unblocked = True
+                    request_drains(runtime, [job_id])
+                if step.full and lanes > 1 and not drained.joined:  # a backlog: another drainer takes a lane
+                    drained.joined = True
+                    request_drains(runtime, [job_id])
                 if time.monotonic() - started > budget_s:
                     drained.more = True
-                    return drained
+                    return True
                 state.extend_lock(lock, token, DRAIN_LOCK_MS)
         finally:
             state.release(lock, token)
         if not state.take_flag(again):  # a request came while we held the lock: look once more
-            if not drained.messages:
-                _clean_up_if_ended(runtime, job_id)
-            return drained
+            return True
 
 
 def _refuse(runtime: Runtime, job_id: int, entry_id: int, exc: Exception) -> DrainStep:
