@@ -224,6 +224,36 @@ def session_cpu_s(sid: int) -> float:
     return total
 
 
+#: The processes `cpu_by_part` tells apart, by their command name.
+SERVER_COMMANDS = {"nats-server": "NATS", "redis-server": "Redis", "postgres": "PostgreSQL"}
+
+
+def cpu_by_part(worker_sid: int, service_sid: int) -> dict[str, float]:
+    """CPU seconds so far of the worker (its session), the service (its session) and the servers (by
+    command name), and of the whole machine (busy time, every core), for `cores_used`."""
+    parts = dict.fromkeys(["worker", "service", *SERVER_COMMANDS.values()], 0.0)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            session, cpu = proc_stat(entry)
+            command = Path(f"/proc/{entry}/comm").read_text().strip()
+        except OSError:
+            continue
+        part = ("worker" if session == worker_sid else "service" if session == service_sid
+                else SERVER_COMMANDS.get(command))
+        if part is not None:
+            parts[part] += cpu
+    fields = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    parts["machine"] = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
+    return parts
+
+
+def cores_used(before: dict[str, float], after: dict[str, float], elapsed_s: float) -> str:
+    """"worker 0.9, service 0.3, ..." in cores, from two `cpu_by_part` readings `elapsed_s` apart."""
+    return ", ".join(f"{part} {(after[part] - before[part]) / elapsed_s:.2f}" for part in before)
+
+
 def scrape(port: int) -> dict[str, float]:
     """The unlabelled samples of a worker's metrics endpoint, by name."""
     import urllib.request
@@ -324,8 +354,10 @@ def run_job_end_to_end(stack: DevStack, db_url: str, images: int, batch_size: in
     try:
         time.sleep(3)
         cpu_before = session_cpu_s(worker.pid)
+        parts_before, started = cpu_by_part(worker.pid, procs[-1].pid), time.monotonic()
         e = run_py(E2E_ENQUEUE.replace("range(N)", f"range({images})"), env)
         cpu = session_cpu_s(worker.pid) - cpu_before
+        e["cores"] = cores_used(parts_before, cpu_by_part(worker.pid, procs[-1].pid), time.monotonic() - started)
         counters = scrape(port)
     finally:
         stop(*reversed(procs))
@@ -340,7 +372,8 @@ def worker_processes(stack: DevStack, database, images: int, label: str) -> list
         with database() as url:
             e, _, _ = run_job_end_to_end(stack, url, images, BATCH_SIZE, processes=processes)
         rows.append((f"end to end, {processes} worker process(es), {label}", f"{images / e['elapsed_s']:,.0f} "
-                     f"images/s ({e['status']})", "", "", "exact, no collapse", is_exact(e, images)))
+                     f"images/s ({e['status']})", f"cores used: {e['cores']}", "", "exact, no collapse",
+                     is_exact(e, images)))
     return rows
 
 

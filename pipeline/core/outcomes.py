@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from enum import StrEnum
 
@@ -119,14 +120,19 @@ def saved_then_locked(job_id: int) -> Iterator[Callable[[], Job]]:
     to the caller.
     """
 
+    locked_at: list[float] = []
+
     def lock() -> Job:
         locked = progress.locked_job(job_id)
+        locked_at.append(time.perf_counter())
         if locked is None or locked.status in JobStatus.TERMINAL:
             raise JobEnded(locked.status if locked else JobStatus.REVOKED)
         return locked
 
     with undoable_write():
         yield lock
+    if locked_at:
+        metrics().job_row_lock.observe(time.perf_counter() - locked_at[0])
 
 
 def settle(runtime: Runtime, job: Job, save: Callable[[], list[Outcome]]) -> tuple[

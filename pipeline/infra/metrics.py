@@ -61,6 +61,10 @@ class _Metrics:
         self.result_seconds = prom.Histogram("jetpipe_result_handling_seconds",
                                              "Seconds to save one job's waiting results (one drain).",
                                              buckets=LATENCY_BUCKETS)
+        self.job_row_lock = prom.Histogram(
+            "jetpipe_job_row_lock_seconds", "Seconds a writer of a job's outcomes held the job's row lock (its Redis "
+            "gate and progress write, to its commit): what several savers of one job queue for.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
         self.lost_images = prom.Counter("jetpipe_lost_images", "Images failed because their task was lost.",
                                         ["path"])
         self.advisories = prom.Counter("jetpipe_advisories", "Task advisories handled, by outcome.", ["outcome"])
