@@ -46,6 +46,7 @@ import redis  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from pipeline import names  # noqa: E402
 from pipeline.ops.devstack import DevStack, free_port  # noqa: E402
 from pipeline.sdk.service import BATCH_SIZE  # noqa: E402
 
@@ -364,16 +365,100 @@ def run_job_end_to_end(stack: DevStack, db_url: str, images: int, batch_size: in
     return e, counters, cpu
 
 
+FILL_INBOX = """
+import json, time, models
+from pipeline.sdk import moth
+from pipeline.core.registry import register_pipeline
+from pipeline.schemas import decode_pipeline_spec
+from pipeline.infra.runtime import get_runtime
+from pipeline.core.jobs import create_job, start_job
+from models import ResultInbox
+from peewee import fn as peewee_fn
+rt = get_runtime(); models.create_schema()
+register_pipeline(decode_pipeline_spec(json.dumps(moth.PIPELINE_SPEC).encode(), source="bench"))
+job = create_job("moth-demo", (f"file:///saving/{i}.png" for i in range(N)))
+start_job(rt, job)
+deadline = time.monotonic() + 900
+while time.monotonic() < deadline:
+    taken = ResultInbox.select(peewee_fn.SUM(ResultInbox.images)).where(ResultInbox.job_id == job.id).scalar() or 0
+    if taken >= N:
+        break
+    time.sleep(0.5)
+print(json.dumps({"job": job.id, "taken": taken}))
+"""
+
+SAVE_BACKLOG = """
+import json, time
+from models import Detection, Job, JobImage
+from pipeline.infra.runtime import get_runtime
+get_runtime()  # binds the database
+deadline = time.monotonic() + 900
+def processed():
+    return Job.get_by_id(JOB).progress["stages"]["process"]["processed"]
+while processed() == 0 and time.monotonic() < deadline:
+    time.sleep(0.05)
+t0, first = time.perf_counter(), processed()
+while Job.get_by_id(JOB).status not in ("SUCCESS", "FAILURE", "REVOKED") and time.monotonic() < deadline:
+    time.sleep(0.05)
+elapsed = time.perf_counter() - t0
+job = Job.get_by_id(JOB)
+stages = job.progress["stages"]
+rows = Detection.select().where((Detection.job == JOB) & (Detection.bbox_key != "")).count()
+failed = JobImage.select().where((JobImage.job == JOB) & (JobImage.status == "failed")).count()
+print(json.dumps({"elapsed_s": elapsed, "images": N - first, "status": job.status, "failed": failed,
+                  "detections": stages["results"]["detections"], "detection_rows": rows}))
+"""
+
+
+def saving_backlog(stack: DevStack, database, images: int, processes: int, lanes: int) -> tuple[dict, str]:
+    """One job's `images` results taken into the inbox by a worker that saves nothing (it listens to the jobs
+    queue only), then, with the service and that worker stopped, saved by a worker of `processes` processes:
+    (the figures of the saving, the cores each part used meanwhile)."""
+    fresh_servers(stack)
+    with database() as url:
+        env = env_for(stack, url, PIPELINE_SAVE_LANES=lanes)
+        taker = start_worker(env, "pipeline.actors", "-Q", names.JOBS_QUEUE)
+        service = subprocess.Popen([sys.executable, "-c", E2E_SERVICE.replace("BATCH)", f"{BATCH_SIZE})")], cwd=ROOT,
+                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)
+        try:
+            time.sleep(3)
+            filled = run_py(FILL_INBOX.replace("range(N)", f"range({images})").replace(">= N", f">= {images}"), env)
+        finally:
+            stop(service, taker)
+        saver = start_worker(env, "pipeline.actors", processes=processes)
+        try:
+            before, started = cpu_by_part(saver.pid, -1), time.monotonic()
+            e = run_py(SAVE_BACKLOG.replace("JOB", str(filled["job"])).replace("N - first", f"{images} - first"), env)
+            cores = cores_used(before, cpu_by_part(saver.pid, -1), time.monotonic() - started)
+        finally:
+            stop(saver)
+    return e, cores.replace("service 0.00, ", "")
+
+
 def worker_processes(stack: DevStack, database, images: int, label: str) -> list[tuple]:
     """One job through 1, 2 and 4 worker processes (one dramatiq master with -p N), each on a fresh database
-    (`database()` is a context manager yielding its URL)."""
+    (`database()` is a context manager yielding its URL): saved in lanes (the default), and by one drainer
+    at a time (`PIPELINE_SAVE_LANES=1`, what one job had before lanes) for comparison."""
     rows = []
-    for processes in (1, 2, 4):
-        with database() as url:
-            e, _, _ = run_job_end_to_end(stack, url, images, BATCH_SIZE, processes=processes)
-        rows.append((f"end to end, {processes} worker process(es), {label}", f"{images / e['elapsed_s']:,.0f} "
-                     f"images/s ({e['status']})", f"cores used: {e['cores']}", "", "exact, no collapse",
-                     is_exact(e, images)))
+    for lanes, counts in ((1, (1, 2)), (4, (1, 2, 4))):
+        for processes in counts:
+            with database() as url:
+                e, counters, _ = run_job_end_to_end(stack, url, images, BATCH_SIZE, processes=processes,
+                                                    PIPELINE_SAVE_LANES=lanes)
+            held, steps = counters.get("jetpipe_job_row_lock_seconds_sum", 0.0), counters.get(
+                "jetpipe_job_row_lock_seconds_count", 0.0)
+            lock = f"; job row held {held / steps * 1000:.1f} ms a step, {held / e['elapsed_s']:.0%} of the time" \
+                if steps else ""
+            rows.append((f"end to end, {processes} worker process(es), {lanes} save lane(s), {label}",
+                         f"{images / e['elapsed_s']:,.0f} images/s ({e['status']})", f"cores used: {e['cores']}{lock}",
+                         "", "exact, no collapse", is_exact(e, images)))
+    for lanes, counts in ((1, (1, 2)), (4, (1, 2, 4))):
+        for processes in counts:
+            e, cores = saving_backlog(stack, database, images, processes, lanes)
+            rows.append((f"saving a backlog of one job's results alone, {processes} worker process(es), {lanes} save "
+                         f"lane(s), {label}", f"{e['images'] / e['elapsed_s']:,.0f} images/s ({e['status']})",
+                         f"cores used: {cores}", "", "exact", is_exact(e, images)))
     return rows
 
 
