@@ -221,14 +221,32 @@ def _not_waiting_for_other_lanes(job_id: int, entries: list[InboxEntry], lane: i
                                             ResultInbox.lane_key)
                          .where((ResultInbox.job_id == job_id) & (ResultInbox.id < entries[-1][0])
                                 & (ResultInbox.first_image <= high) & (ResultInbox.last_image >= low)))
-    others = [(entry_id, first, last) for entry_id, first, last, key in overlapping if key % lanes != lane]
-    for n, entry in enumerate(entries):
-        if entry[0] not in ranges:
+    earliest: dict[int, int] = {}  # image id -> the earliest other-lane row naming a range that holds it
+    wide: list[tuple[int, int, int]] = []  # other-lane rows naming a range too wide to spell out
+    for other, first, last, key in overlapping:
+        if key % lanes == lane:
+            continue
+        if last - first > _SPELLED_OUT:
+            wide.append((other, first, last))
+            continue
+        for image in range(first, last + 1):
+            if earliest.get(image, other) >= other:
+                earliest[image] = other
+    for n, (entry_id, *_) in enumerate(entries):
+        if entry_id not in ranges:
             continue  # names no image: waits for nothing
-        first, last = ranges[entry[0]]
-        if any(other < entry[0] and o_first <= last and o_last >= first for other, o_first, o_last in others):
+        first, last = ranges[entry_id]
+        if last - first > _SPELLED_OUT:
+            narrow = any(other < entry_id and first <= image <= last for image, other in earliest.items())
+        else:
+            narrow = any(earliest.get(image, entry_id) < entry_id for image in range(first, last + 1))
+        if narrow or any(other < entry_id and o_first <= last and o_last >= first for other, o_first, o_last in wide):
             return entries[:n]
     return entries
+
+
+#: Ranges of image ids up to this wide are checked image by image (one dictionary lookup each).
+_SPELLED_OUT = 512
 
 
 def _lanes_due(job_id: int, lanes: int) -> list[int]:
