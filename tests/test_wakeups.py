@@ -98,3 +98,37 @@ def test_a_lone_result_goes_out_at_once_rather_than_after_the_batch_linger(runti
     # Then its result is published at once
     wait_for(lambda: result_messages(runtime.settings, job.id), timeout_s=WOKEN_WITHIN_S,
              message="the lone result")
+
+
+def test_tasks_a_pull_was_bringing_when_another_job_was_announced_are_run_not_left_to_their_ack_wait(
+        runtime, moth_pipeline, service_factory):
+    # Given a service with more slots than its job has tasks (each pull waits for its whole batch), and jobs
+    # announced every 50 ms while it pulls, so that announcements keep interrupting its pulls
+    import asyncio
+
+    import nats
+
+    service_factory(runtime.settings, moth_pipeline, echo, batch_size=1, concurrency=64)
+    stop = threading.Event()
+
+    async def announce() -> None:
+        nc = await nats.connect(runtime.settings.nats_url)
+        try:
+            while not stop.is_set():
+                await nc.publish(names.job_announcements(moth_pipeline), b"")
+                await asyncio.sleep(0.05)
+        finally:
+            await nc.close()
+
+    announcer = threading.Thread(target=asyncio.run, args=(announce(),))
+    announcer.start()
+    try:
+        # When a 10-image job is dispatched
+        job = fake_job(moth_pipeline, 10)
+        dispatch(runtime, job.id)
+        # Then every task is run and answered well within its ack_wait (30 s): none was dropped with a pull
+        wait_for(lambda: len(result_messages(runtime.settings, job.id)) >= 10, timeout_s=WOKEN_WITHIN_S,
+                 message="the results of all 10 tasks")
+    finally:
+        stop.set()
+        announcer.join(timeout=10)

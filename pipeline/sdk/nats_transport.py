@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import logging
 import time
 import urllib.parse
@@ -124,6 +125,7 @@ class NatsTransport:
         self._subs: dict[int, JetStreamContext.PullSubscription] = {}
         self._ack_wait: dict[int, float] = {}
         self._held: dict[int, collections.deque[_Held]] = {}  # per job: delivered beyond the free slots
+        self._finishing: dict[int, asyncio.Future] = {}  # per job: a pull left to finish on its own (announced)
         self._batches: dict[int, _Batch] = {}
         self._free = 0  # slots not running a task (only touched on the event loop)
         self._slot_freed = asyncio.Event()
@@ -150,6 +152,8 @@ class NatsTransport:
             await self._loop()
         finally:
             try:
+                if self._finishing:  # pulls left to finish: what they bring is handed back, not dropped
+                    await asyncio.wait(list(self._finishing.values()), timeout=FETCH_TIMEOUT_S + 5)
                 await self._release_held()
                 if self._inflight:
                     await asyncio.wait(self._inflight, timeout=30)
@@ -281,16 +285,22 @@ class NatsTransport:
         msgs = self._take_held(job_id, self._free)
         late = len(msgs)
         if not msgs:
-            if not queue.nc.is_connected:
-                return False  # a pull request now would wait in the client and be answered after it gave up
+            if not queue.nc.is_connected or job_id in self._finishing:
+                # no pull request now: it would wait in the client and be answered after it gave up, or run
+                # beside the job's previous pull, which is still finishing
+                return False
             # bounded from outside too: a client whose connection is wedged can hang inside fetch
             fetching = asyncio.ensure_future(asyncio.wait_for(
                 self._subs[job_id].fetch(self._free, timeout=FETCH_TIMEOUT_S), FETCH_TIMEOUT_S + 5))
             announced = asyncio.ensure_future(self._announced.wait())
             await asyncio.wait((fetching, announced), return_when=asyncio.FIRST_COMPLETED)
             announced.cancel()
-            if not fetching.done():  # a new job: look at it now (what this pull still brings is held, late)
-                fetching.cancel()
+            if not fetching.done():
+                # A new job: look at it now. The pull is left to finish (within FETCH_TIMEOUT_S), never
+                # cancelled: nats-py's fetch keeps what it has received so far to itself, and a cancelled
+                # one dropped those tasks until their ack_wait ran out. What it brings is held, late.
+                self._finishing[job_id] = fetching
+                fetching.add_done_callback(functools.partial(self._pull_finished, job_id))
                 return False
             try:
                 fetched = fetching.result()
@@ -309,6 +319,29 @@ class NatsTransport:
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
         return bool(msgs)
+
+    def _pull_finished(self, job_id: int, fetching: asyncio.Future) -> None:
+        """A pull left to finish on its own has ended: hold what it brought (or, if the job is no longer
+        pulled or the service is stopping, hand it back at once)."""
+        self._finishing.pop(job_id, None)
+        if fetching.cancelled() or fetching.exception() is not None:
+            return  # nothing came (timed out), or the job's consumer is gone: the next pull says so
+        msgs = fetching.result()
+        if job_id in self._subs and not self.service.stopping.is_set():
+            self._hold(job_id, msgs)
+            return
+        task = asyncio.ensure_future(self._hand_back(msgs))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    @staticmethod
+    async def _hand_back(msgs: list[Msg]) -> None:
+        """NAK tasks this service will not run, so that they are redelivered at once, not after ack_wait."""
+        for msg in msgs:
+            try:
+                await msg.nak()
+            except NATS_FAILURES:
+                pass  # redelivered after ack_wait instead
 
     def _hold_late(self) -> None:
         """Hold what waits on the subscriptions: answers to pull requests that reached NATS after their fetch
@@ -343,11 +376,7 @@ class NatsTransport:
     async def _release_held(self) -> None:
         """On stopping: hand the held tasks back (NAK) so they are redelivered at once, not after ack_wait."""
         for job_id in list(self._held):
-            for msg in self._take_held(job_id):
-                try:
-                    await msg.nak()
-                except NATS_FAILURES:
-                    pass  # redelivered after ack_wait instead
+            await self._hand_back(self._take_held(job_id))
 
     async def _process(self, queue: TaskQueue, job_id: int, msg, *, late: bool = False) -> None:
         try:
