@@ -75,13 +75,41 @@ def assert_counted_exactly(runtime, job_id: int, *, complete: bool = True) -> No
         assert (snapshot.processed, snapshot.failed, snapshot.detections) == (processed, failed, detections)
 
 
+def at_once(*work) -> list[BaseException]:
+    """Run each of `work` in its own thread (its own database connection), all released together; what
+    they raised."""
+    start = threading.Barrier(len(work))
+    errors: list[BaseException] = []
+
+    def run(one) -> None:
+        start.wait(timeout=10)
+        try:
+            with thread_connection():
+                one()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(one,)) for one in work]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return errors
+
+
+def results_waiting(runtime, pipeline: str, images: int):
+    """A dispatched job whose `images` results, one per message, wait in the inbox: (job, pulled tasks)."""
+    job = fake_job(pipeline, images)
+    dispatch(runtime, job.id)
+    tasks = pull_tasks(runtime, job.id, images)
+    take(runtime, [incoming(job.id, success_body(task), [(task, reply)]) for task, reply in tasks])
+    return job, tasks
+
+
 def test_a_lane_whose_drainer_is_busy_does_not_hold_up_the_others(lanes_runtime, moth_pipeline):
     runtime = lanes_runtime
     # Given a job's 40 results waiting in the inbox, one per image, and lane 0 held by a drainer elsewhere
-    job = fake_job(moth_pipeline, 40)
-    dispatch(runtime, job.id)
-    tasks = pull_tasks(runtime, job.id, 40)
-    take(runtime, [incoming(job.id, success_body(task), [(task, reply)]) for task, reply in tasks])
+    job, tasks = results_waiting(runtime, moth_pipeline, 40)
     held = [task.image_id for task, _ in tasks if lane_of(task.image_id) == 0]
     assert 0 < len(held) < 40
     token = runtime.state.try_lock(names.drain_lock_key(job.id, 0), 60_000)
@@ -101,10 +129,7 @@ def test_a_lane_whose_drainer_is_busy_does_not_hold_up_the_others(lanes_runtime,
 
 def test_a_request_that_finds_every_lane_busy_returns_at_once_and_saves_nothing(lanes_runtime, moth_pipeline):
     runtime = lanes_runtime
-    job = fake_job(moth_pipeline, 12)
-    dispatch(runtime, job.id)
-    tasks = pull_tasks(runtime, job.id, 12)
-    take(runtime, [incoming(job.id, success_body(task), [(task, reply)]) for task, reply in tasks])
+    job, _ = results_waiting(runtime, moth_pipeline, 12)
     tokens = {lane: runtime.state.try_lock(names.drain_lock_key(job.id, lane), 60_000) for lane in range(LANES)}
     drained = saving.drain(runtime, job.id)
     assert drained.busy and drained.messages == 0
@@ -154,24 +179,8 @@ def test_several_drainers_save_one_job_at_once_exactly_with_replays_overlaps_and
     lost = [task.image_id for task, _ in tasks[280:]]
     # When four drainers (small steps, so that they take turns) and the check for lost images run at once
     monkeypatch.setattr(saving, "DRAIN_MESSAGES", 3)
-    start = threading.Barrier(5)
-    errors: list[BaseException] = []
-
-    def run(work) -> None:
-        start.wait(timeout=10)
-        try:
-            with thread_connection():
-                work()
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(lambda: saving.drain(runtime, job.id),)) for _ in range(4)]
-    threads.append(threading.Thread(target=run, args=(
-        lambda: fail_lost(runtime, load_job(job.id), lost, "lost: test"),)))
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    drain = functools.partial(saving.drain, runtime, job.id)
+    errors = at_once(drain, drain, drain, drain, lambda: fail_lost(runtime, load_job(job.id), lost, "lost: test"))
     saving.drain(runtime, job.id)  # a request that came while a lane was busy has been looked at
     # Then nothing raised, the inbox is empty, and the job ended once, SUCCESS (30 of 300 failed)
     assert not errors, errors
@@ -204,31 +213,14 @@ def test_writers_of_the_same_images_in_opposite_orders_never_deadlock(lanes_runt
     row_of = {str(image_id): row_id for row_id, image_id in
               JobImage.select(JobImage.id, JobImage.image).where(JobImage.job == job.id).tuples()}
     errors: list[BaseException] = []
-
-    def at_once(*work) -> None:
-        start = threading.Barrier(len(work))
-
-        def run(one) -> None:
-            start.wait(timeout=10)
-            try:
-                with thread_connection():
-                    one()
-            except BaseException as exc:  # noqa: BLE001 - reported by the test
-                errors.append(exc)
-
-        threads = [threading.Thread(target=run, args=(one,)) for one in work]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-
     for n in range(0, 1200, 100):
         chunk = tasks[n:n + 100]
         ids = [t.image_id for t, _ in chunk]
         rows = [row_of[i] for i in reversed(ids)]
-        at_once(functools.partial(apply_result, runtime, load_job(job.id), decode_result(batch([t for t, _ in chunk]))),
-                functools.partial(fail_lost, runtime, load_job(job.id), list(reversed(ids)), "lost: test"),
-                functools.partial(record_published, job.id, rows, list(range(1, len(rows) + 1)), n))
+        result = decode_result(batch([t for t, _ in chunk]))
+        errors += at_once(functools.partial(apply_result, runtime, load_job(job.id), result),
+                          functools.partial(fail_lost, runtime, load_job(job.id), list(reversed(ids)), "lost: test"),
+                          functools.partial(record_published, job.id, rows, list(range(1, len(rows) + 1)), n))
     # Then no writer met a deadlock or a lock timeout, and the counts equal the rows
     assert not errors, errors
     assert "deadlock" not in caplog.text.lower()
