@@ -34,7 +34,7 @@ class LoopRunner:
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """The coroutine's result; raises its exception, or TimeoutError after `timeout` seconds (the
         coroutine is then cancelled, as it is when the waiting thread is interrupted)."""
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        future = self._schedule(coro)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:
@@ -52,7 +52,14 @@ class LoopRunner:
 
     def spawn(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Start a long-running coroutine (a bridge, a service loop) without waiting for it."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return self._schedule(coro)
+
+    def _schedule(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        try:
+            return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        except RuntimeError:  # the loop is closed (shutting down): the coroutine never runs, say so quietly
+            coro.close()
+            raise
 
 
 class LoopThread(LoopRunner):
