@@ -67,9 +67,9 @@ OPTIONS: dict[str, Option] = {
                                    "(a bug, data the code cannot handle); then its images fail with the error and the "
                                    "message is parked for `cli.py parked` (outages are waited out, never counted)"),
     "save_lanes": Option("PIPELINE_SAVE_LANES", "4",
-                         "lanes one job's results are saved in: up to this many worker threads or processes save a "
-                         "job's results at once, each lane's in the order they arrived (an image's results always "
-                         "share a lane); 1 saves each job's results one transaction at a time"),
+                         "lanes one job's results are saved in on PostgreSQL: up to this many worker threads or "
+                         "processes save a job's results at once, the first result to arrive for an image deciding "
+                         "it; 1 saves each job's results one transaction at a time (SQLite always uses 1)"),
     "result_save_backoff": Option("PIPELINE_RESULT_SAVE_BACKOFF", "10",
                                   "seconds before the second attempt to save such a result message; doubled for each "
                                   "later one (3 attempts: about 30 s from the first to the last)"),

@@ -36,6 +36,9 @@ LANES = 4
 
 @pytest.fixture
 def lanes_runtime(runtime):
+    """The runtime, saving in LANES lanes; PostgreSQL only (SQLite saves every job in one lane)."""
+    if not is_postgres():
+        pytest.skip("PostgreSQL only: on SQLite a job is saved in one lane (one writer at a time)")
     runtime.settings = dataclasses.replace(runtime.settings, save_lanes=LANES)
     return runtime
 
@@ -104,6 +107,22 @@ def results_waiting(runtime, pipeline: str, images: int):
     tasks = pull_tasks(runtime, job.id, images)
     take(runtime, [incoming(job.id, success_body(task), [(task, reply)]) for task, reply in tasks])
     return job, tasks
+
+
+def test_on_sqlite_a_job_is_saved_in_one_lane_whatever_the_setting(runtime, moth_pipeline):
+    # Given SQLite, PIPELINE_SAVE_LANES=4, and a job's results waiting while lane 0's drainer is busy
+    if is_postgres():
+        pytest.skip("SQLite only")
+    runtime.settings = dataclasses.replace(runtime.settings, save_lanes=LANES)
+    job, _ = results_waiting(runtime, moth_pipeline, 12)
+    token = runtime.state.try_lock(names.drain_lock_key(job.id, 0), 60_000)
+    # When a drain runs, it finds the job's one lane busy and saves nothing
+    drained = saving.drain(runtime, job.id)
+    assert drained.busy and drained.messages == 0
+    runtime.state.release(names.drain_lock_key(job.id, 0), token)
+    # And the next drain saves the whole job
+    assert saving.drain(runtime, job.id).messages == 12
+    assert Job.get_by_id(job.id).status == JobStatus.SUCCESS
 
 
 def test_a_lane_whose_drainer_is_busy_does_not_hold_up_the_others(lanes_runtime, moth_pipeline):
@@ -205,8 +224,6 @@ def test_writers_of_the_same_images_in_opposite_orders_never_deadlock(lanes_runt
     from pipeline.core.jobs import record_published
 
     runtime = lanes_runtime
-    if not is_postgres():
-        pytest.skip("PostgreSQL only: SQLite serialises writers with one lock")
     job = fake_job(moth_pipeline, 1200)
     dispatch(runtime, job.id)
     tasks = pull_tasks(runtime, job.id, 1200)

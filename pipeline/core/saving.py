@@ -35,6 +35,7 @@ from models import (
     ResultInbox,
     SchemaMissing,
     execute_in,
+    is_postgres,
     is_unstorable,
     select_in,
     tuples,
@@ -449,6 +450,13 @@ def request_drains(runtime: Runtime, job_ids: Iterable[int]) -> None:
         runtime.send(names.PROCESS_PIPELINE_RESULT, job_id)
 
 
+def save_lanes(runtime: Runtime) -> int:
+    """The lanes a job's results are saved in: `PIPELINE_SAVE_LANES` on PostgreSQL, 1 on SQLite, which takes
+    one writer at a time (drainers of several lanes would only queue for its write lock, and on this
+    project's benchmark cost twice the CPU per image doing so)."""
+    return runtime.settings.save_lanes if is_postgres() else 1
+
+
 def drain(runtime: Runtime, job_id: int, *, budget_s: float = DRAIN_BUDGET_S) -> Drained:
     """Save every result of the job waiting in the inbox, a step per transaction.
 
@@ -461,7 +469,7 @@ def drain(runtime: Runtime, job_id: int, *, budget_s: float = DRAIN_BUDGET_S) ->
     """
     started = time.monotonic()
     drained = Drained()
-    lanes = runtime.settings.save_lanes
+    lanes = save_lanes(runtime)
     while True:
         due = _lanes_due(job_id, lanes)
         busy = 0
