@@ -196,25 +196,29 @@ def _due() -> peewee.Expression:
     return ResultInbox.next_attempt_at.is_null() | (ResultInbox.next_attempt_at <= utcnow())
 
 
-def _read_inbox(job_id: int, limit: int, lane: int = 0, lanes: int = 1) -> list[InboxEntry]:
+def _read_inbox(job_id: int, limit: int, lane: int = 0, lanes: int = 1) -> tuple[
+        list[InboxEntry], dict[int, tuple[int, int]]]:
+    """The lane's oldest rows due now, and the range of image ids (first, last) of each that names any."""
     where = (ResultInbox.job_id == job_id) & _due()
     if lanes > 1:
         where &= _lane_of(lanes) == lane
     rows = (ResultInbox.select(ResultInbox.id, ResultInbox.source, ResultInbox.body, ResultInbox.task_replies,
-                               ResultInbox.proof).where(where).order_by(ResultInbox.id).limit(limit))
-    return [(entry_id, source, bytes(body), replies, proof) for entry_id, source, body, replies, proof in tuples(rows)]
+                               ResultInbox.proof, ResultInbox.first_image, ResultInbox.last_image)
+            .where(where).order_by(ResultInbox.id).limit(limit))
+    entries: list[InboxEntry] = []
+    ranges: dict[int, tuple[int, int]] = {}
+    for entry_id, source, body, replies, proof, first, last in tuples(rows):
+        entries.append((entry_id, source, bytes(body), replies, proof))
+        if first is not None:
+            ranges[entry_id] = (first, last)
+    return entries, ranges
 
 
-def _not_waiting_for_other_lanes(job_id: int, entries: list[InboxEntry], lane: int,
-                                 lanes: int) -> list[InboxEntry]:
+def _not_waiting_for_other_lanes(job_id: int, entries: list[InboxEntry], ranges: dict[int, tuple[int, int]],
+                                 lane: int, lanes: int) -> list[InboxEntry]:
     """The first of `entries` (one lane's, in order) up to the first that must wait: one that may name an
     image named by an earlier result still in the inbox in another lane (their ranges of image ids
     overlap). So the first result to arrive for an image decides it, whatever lane either is in."""
-    if not entries:
-        return entries
-    ranges = {entry_id: (first, last) for entry_id, first, last in select_in(
-        'SELECT id, first_image, last_image FROM "result_inbox" WHERE first_image IS NOT NULL AND id IN ({in})',
-        [e[0] for e in entries])}
     if not ranges:
         return entries
     low, high = min(f for f, _ in ranges.values()), max(last for _, last in ranges.values())
@@ -285,8 +289,8 @@ def drain_step(runtime: Runtime, job_id: int, *, limit: int = DRAIN_MESSAGES, la
     Raises StepFailed for an error that is not an outage before the commit (nothing of the step is saved);
     an outage is raised as it is.
     """
-    read = _read_inbox(job_id, limit, lane, lanes)
-    entries = _not_waiting_for_other_lanes(job_id, read, lane, lanes) if lanes > 1 else read
+    read, ranges = _read_inbox(job_id, limit, lane, lanes)
+    entries = _not_waiting_for_other_lanes(job_id, read, ranges, lane, lanes) if lanes > 1 else read
     if not entries:
         return DrainStep(blocked=bool(read))
     try:
