@@ -146,6 +146,27 @@ def test_a_lane_whose_drainer_is_busy_does_not_hold_up_the_others(lanes_runtime,
     assert_counted_exactly(runtime, job.id)
 
 
+def test_a_lane_with_a_backlog_asks_once_for_another_drainer_and_a_small_one_does_not(lanes_runtime, moth_pipeline,
+                                                                                         monkeypatch):
+    runtime = lanes_runtime
+    requests = names.dramatiq_queue_key(names.ACTOR_QUEUES[names.PROCESS_PIPELINE_RESULT])
+    # Given a job's 40 results waiting, one per image
+    job, _ = results_waiting(runtime, moth_pipeline, 40)
+    # When a drain saves them in steps that hold fewer messages than a lane has waiting
+    runtime.redis.delete(requests)
+    monkeypatch.setattr(saving, "DRAIN_MESSAGES", 2)
+    drained = saving.drain(runtime, job.id)
+    # Then it asked once for another drainer to take a lane, and still saved everything itself meanwhile
+    assert drained.joined and drained.messages == 40
+    assert runtime.redis.llen(requests) == 1
+    # And a drain whose lanes each fit in one step asks for no one
+    job, _ = results_waiting(runtime, moth_pipeline, 4)
+    runtime.redis.delete(requests)
+    monkeypatch.setattr(saving, "DRAIN_MESSAGES", 500)
+    assert not saving.drain(runtime, job.id).joined
+    assert runtime.redis.llen(requests) == 0
+
+
 def test_a_request_that_finds_every_lane_busy_returns_at_once_and_saves_nothing(lanes_runtime, moth_pipeline):
     runtime = lanes_runtime
     job, _ = results_waiting(runtime, moth_pipeline, 12)
