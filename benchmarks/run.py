@@ -229,10 +229,10 @@ def session_cpu_s(sid: int) -> float:
 SERVER_COMMANDS = {"nats-server": "NATS", "redis-server": "Redis", "postgres": "PostgreSQL"}
 
 
-def cpu_by_part(worker_sid: int, service_sid: int) -> dict[str, float]:
-    """CPU seconds so far of the worker (its session), the service (its session) and the servers (by
-    command name), and of the whole machine (busy time, every core), for `cores_used`."""
-    parts = dict.fromkeys(["worker", "service", *SERVER_COMMANDS.values()], 0.0)
+def cpu_by_part(worker_sid: int, service_sid: int | None = None) -> dict[str, float]:
+    """CPU seconds so far of the worker (its session), the service (its session, if there is one) and the
+    servers (by command name), and of the whole machine (busy time, every core), for `cores_used`."""
+    parts = dict.fromkeys(["worker", *(["service"] if service_sid else []), *SERVER_COMMANDS.values()], 0.0)
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -428,12 +428,12 @@ def saving_backlog(stack: DevStack, database, images: int, processes: int, lanes
             stop(service, taker)
         saver = start_worker(env, "pipeline.actors", processes=processes)
         try:
-            before, started = cpu_by_part(saver.pid, -1), time.monotonic()
+            before, started = cpu_by_part(saver.pid), time.monotonic()
             e = run_py(SAVE_BACKLOG.replace("JOB", str(filled["job"])).replace("N - first", f"{images} - first"), env)
-            cores = cores_used(before, cpu_by_part(saver.pid, -1), time.monotonic() - started)
+            cores = cores_used(before, cpu_by_part(saver.pid), time.monotonic() - started)
         finally:
             stop(saver)
-    return e, cores.replace("service 0.00, ", "")
+    return e, cores
 
 
 def worker_processes(stack: DevStack, database, images: int, label: str) -> list[tuple]:
