@@ -510,11 +510,11 @@ def _drain_lane(runtime: Runtime, job_id: int, lane: int, lanes: int, started: f
             while True:
                 state.take_flag(again)
                 try:
-                    step = drain_step(runtime, job_id, limit=1 if singly else DRAIN_MESSAGES, lane=lane, lanes=lanes)
+                    limit = 1 if singly else DRAIN_MESSAGES
+                    step = drain_step(runtime, job_id, limit=limit, lane=lane, lanes=lanes)
                     if step.blocked:  # its oldest result waits for an earlier one in another lane
                         state.set_flag(blocked, DRAIN_LOCK_MS // 1000 * 4)
-                        step = drain_step(runtime, job_id, limit=1 if singly else DRAIN_MESSAGES, lane=lane,
-                                          lanes=lanes)  # unless that one was saved meanwhile
+                        step = drain_step(runtime, job_id, limit=limit, lane=lane, lanes=lanes)  # saved meanwhile?
                     singly = max(singly - 1, 0)
                 except StepFailed as failed:
                     if len(failed.entry_ids) > 1:
