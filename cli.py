@@ -241,11 +241,15 @@ def nats_service_user(name: str, pipelines: tuple[str, ...], password_env: str |
                    "dispatch (default: PIPELINE_JOB_PICKUP_TIMEOUT, 24 h).")
 @click.option("--deadline", type=float, metavar="SECONDS",
               help="Fail the images still pending this long after now (the threshold then decides the job).")
+@click.option("--project", help="The project the job belongs to (default: default; created on first use).")
+@click.option("--priority", default="normal", show_default=True,
+              help="low, normal, high, urgent, or a whole number from -10 to 10: services serve a pipeline's jobs of "
+                   "the highest priority first.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
 @click.argument("urls", nargs=-1)
 @handles_errors
-def enqueue_job(pipeline_slug, images_dir, images_file, name, limit, dispatch_mode, pickup_timeout, deadline, as_json,
-                urls) -> None:
+def enqueue_job(pipeline_slug, images_dir, images_file, name, limit, dispatch_mode, pickup_timeout, deadline, project,
+                priority, as_json, urls) -> None:
     """Create a job over images and start it; prints the job id.
 
     Images come from --images-dir, --images-file and/or arguments: URLs (file://, http://, https://) or
@@ -267,28 +271,31 @@ def enqueue_job(pipeline_slug, images_dir, images_file, name, limit, dispatch_mo
     if not sources:
         raise UserInputError("no images given: use --images-dir, --images-file or URL arguments")
     job = actions.enqueue(runtime(), pipeline_slug, itertools.chain(*sources), name=name, limit=limit,
-                          dispatch_mode=dispatch_mode, pickup_timeout_s=pickup_timeout, deadline_s=deadline)
+                          dispatch_mode=dispatch_mode, pickup_timeout_s=pickup_timeout, deadline_s=deadline,
+                          project=project, priority=priority)
     if as_json:
         from pipeline.ops.job_views import job_summary
 
         click.echo(json.dumps(job_summary(job), indent=2))
     else:
         console.print(f"job {job.id} queued: {job.total_images} image(s), pipeline {pipeline_slug}, "
-                      f"mode {dispatch_mode}")
+                      f"project {job.project_name}, mode {dispatch_mode}", highlight=False, markup=False)
 
 
 @main.command("jobs")
 @click.option("--status", "statuses", multiple=True, help="Only jobs with this status (repeatable).")
 @click.option("--pipeline", "pipeline_slug", help="Only jobs of this pipeline.")
+@click.option("--project", "projects", multiple=True, help="Only jobs of this project (repeatable).")
 @click.option("--limit", type=int, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @handles_errors
-def jobs_cmd(statuses, pipeline_slug, limit, as_json) -> None:
+def jobs_cmd(statuses, pipeline_slug, projects, limit, as_json) -> None:
     """List recent jobs."""
     from pipeline.ops.job_views import job_summaries, list_jobs, render_jobs
 
     bind_db()
-    rows = job_summaries(list_jobs(statuses=statuses, pipeline=pipeline_slug, limit=limit))
+    rows = job_summaries(list_jobs(statuses=statuses, pipeline=pipeline_slug, limit=limit,
+                                   projects=projects or None))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
@@ -370,7 +377,186 @@ def cancel(job_id: int) -> None:
     """Cancel a job: its tasks leave NATS, its state is cleaned up, and it ends REVOKED."""
     from pipeline.ops.actions import cancel as cancel_job
 
-    console.print(f"job {job_id}: {cancel_job(runtime(), job_id)}")
+    console.print(f"job {job_id}: {cancel_job(runtime(), job_id, by=_me())}")
+
+
+def _me() -> str:
+    """Who acts, for the job log: the CLI's user."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+@main.command("pause")
+@click.argument("job_id", type=int)
+@click.option("--reason", help="Why (kept in the job log and shown with the job).")
+@click.option("--json", "as_json", is_flag=True)
+@handles_errors
+def pause(job_id: int, reason: str | None, as_json: bool) -> None:
+    """Pause a job: it hands out no new task; tasks in flight finish and are saved. Paused time counts
+    against none of its deadlines."""
+    from pipeline.ops import actions
+
+    _print_job(actions.pause(runtime(), job_id, by=_me(), reason=reason), as_json, "paused")
+
+
+@main.command("resume")
+@click.argument("job_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@handles_errors
+def resume(job_id: int, as_json: bool) -> None:
+    """Resume a paused job; its deadline moves on by the time it was paused."""
+    from pipeline.ops import actions
+
+    _print_job(actions.resume(runtime(), job_id, by=_me()), as_json, "resumed")
+
+
+@main.command("priority")
+@click.argument("job_id", type=int)
+@click.argument("level")
+@click.option("--json", "as_json", is_flag=True)
+@handles_errors
+def priority_cmd(job_id: int, level: str, as_json: bool) -> None:
+    """Change a running job's priority: low, normal, high, urgent, or -10 to 10."""
+    from pipeline.ops import actions
+
+    job = actions.set_priority(runtime(), job_id, level, by=_me())
+    _print_job(job, as_json, f"priority {job.priority}")
+
+
+def _print_job(job, as_json: bool, what: str) -> None:
+    if as_json:
+        from pipeline.ops.job_views import job_summary
+
+        click.echo(json.dumps(job_summary(job), indent=2))
+    else:
+        console.print(f"job {job.id}: {what} (status {job.status})", highlight=False, markup=False)
+
+
+@main.group()
+def project() -> None:
+    """Projects: who jobs belong to, and their share of the processing services."""
+
+
+@project.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@handles_errors
+def project_list(as_json: bool) -> None:
+    """Every project with its weight and jobs."""
+    from rich.table import Table
+
+    from pipeline.core.scheduling import list_projects
+
+    bind_db()
+    rows = list_projects()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("project", "weight", "running jobs", "jobs")
+    for row in rows:
+        table.add_row(row["name"], f"{row['weight']:g}", str(row["running"]), str(row["jobs"]))
+    console.print(table)
+
+
+@project.command("weight")
+@click.argument("name")
+@click.argument("weight", type=float)
+@handles_errors
+def project_weight(name: str, weight: float) -> None:
+    """Give a project its share weight (default 1): projects with jobs waiting share each pipeline's services
+    in proportion to their weights. Running jobs follow at once."""
+    from pipeline.core.scheduling import set_project_weight
+
+    found, told = set_project_weight(runtime(), name, weight)
+    console.print(f"project {found.name}: weight {found.weight:g} ({told} running job(s) follow it)", highlight=False,
+                  markup=False)
+
+
+@main.command("schedule")
+@click.argument("pipeline_slug")
+@click.option("--json", "as_json", is_flag=True)
+@handles_errors
+def schedule_cmd(pipeline_slug: str, as_json: bool) -> None:
+    """A pipeline's running jobs in the order services should serve them, with each one's share."""
+    from rich.table import Table
+
+    from pipeline.ops.schedule import of_pipeline
+
+    answer = of_pipeline(runtime(), pipeline_slug)
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+        return
+    table = Table("job", "project", "priority", "weight", "share", "tasks waiting", "delivered", "paused",
+                  title=f"pipeline {pipeline_slug}: next job {answer['next'] or '-'}")
+    for j in answer["jobs"]:
+        table.add_row(str(j["job_id"]), j["project"], str(j["priority"]), f"{j['weight']:g}", f"{j['share']:.0%}",
+                      str(j["tasks_waiting"]), str(j["delivered"]), "yes" if j["paused"] else "")
+    console.print(table)
+    if answer.get("nats_error"):
+        console.print(f"NATS: {answer['nats_error']}", style="yellow", highlight=False, markup=False)
+
+
+@main.command("bulk")
+@click.argument("action", type=click.Choice(["cancel", "retry-failed", "pause", "resume"]))
+@click.option("--project", "projects", multiple=True, help="Jobs of this project (repeatable).")
+@click.option("--pipeline", "pipelines", multiple=True, help="Jobs of this pipeline (repeatable).")
+@click.option("--status", "statuses", multiple=True, help="Jobs with this status (repeatable).")
+@click.option("--name", help="Job names matching this pattern (* any text, ? one character; any case).")
+@click.option("--older-than", metavar="AGE", help="Jobs created at least this long ago: 90, 30m, 12h, 7d.")
+@click.option("--id", "ids", type=int, multiple=True, help="This job (repeatable).")
+@click.option("--reason", help="For pause: why.")
+@click.option("--dry-run", is_flag=True, help="List what would change; change nothing.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True)
+@handles_errors
+def bulk_cmd(action, projects, pipelines, statuses, name, older_than, ids, reason, dry_run, yes, as_json) -> None:
+    """Cancel, retry-failed, pause or resume every job a filter picks. Lists them and asks first (or
+    --dry-run to only list, --yes to not ask); one job-log line per job says who did it and with which filter."""
+    import dataclasses
+
+    from pipeline.ops import bulk
+
+    selection = bulk.Filter(projects=projects, pipelines=pipelines, statuses=statuses, name=name, ids=ids,
+                            older_than_s=bulk.parse_age(older_than) if older_than else None)
+    bind_db()
+    plan = bulk.plan(action, selection)
+    if dry_run or not plan:
+        _print_bulk(plan, action, selection, as_json, dry_run=True)
+        return
+    if not yes:
+        if as_json:
+            fail("--json acts only with --yes (or lists with --dry-run): nothing changed", as_json=True)
+        _print_bulk(plan, action, selection, False, dry_run=True)
+        if not click.confirm(f"{action} these {len(plan)} job(s)?", err=True):
+            fail("not confirmed: nothing changed (use --yes to act without asking)")
+    confirmed = dataclasses.replace(selection, ids=tuple(o.job_id for o in plan))  # no job added since the list
+    done = bulk.apply(runtime(), action, confirmed, by=_me(), reason=reason)
+    _print_bulk(done, action, selection, as_json, dry_run=False)
+    if not all(o.ok for o in done):
+        sys.exit(RET_ERROR)
+
+
+def _print_bulk(outcomes, action: str, selection, as_json: bool, *, dry_run: bool) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    from pipeline.ops.job_views import literal, plain
+
+    if as_json:
+        click.echo(json.dumps({"action": action, "dry_run": dry_run, "filter": selection.describe(),
+                               "jobs": [o.as_dict() for o in outcomes],
+                               "changed": 0 if dry_run else sum(o.ok for o in outcomes)}, indent=2))
+        return
+    title = (f"{len(outcomes)} job(s) would change" if dry_run
+             else f"{sum(o.ok for o in outcomes)} of {len(outcomes)} job(s) changed") + f": {action}"
+    table = Table("job", "name", "project", "status", "result", title=title)
+    for o in outcomes:
+        table.add_row(str(o.job_id), literal(o.name), literal(o.project), o.status,
+                      literal(o.result) if o.ok else Text(plain(o.result), style="red"))
+    console.print(table)
 
 
 @main.command("failures")

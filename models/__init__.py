@@ -36,6 +36,7 @@ from models.entities import (
     JobStatus,
     ParkedResult,
     Pipeline,
+    Project,
     ResultInbox,
     SourceImage,
 )
@@ -47,6 +48,7 @@ def create_schema() -> None:
     with database.connection_context():
         database.create_tables(ALL_MODELS, safe=True)
         _add_missing_columns()
+        _give_every_job_a_project()
 
 
 def _add_missing_columns() -> None:
@@ -65,9 +67,26 @@ def _add_missing_columns() -> None:
             migrate(*operations)
 
 
+DEFAULT_PROJECT = "default"
+
+
+def default_project() -> Project:
+    """The project of a job enqueued without one (created on first use)."""
+    project, _ = Project.get_or_create(name=DEFAULT_PROJECT)
+    return project
+
+
+def _give_every_job_a_project() -> None:
+    """Jobs made before projects belong to the default one."""
+    if Job.select().where(Job.project.is_null()).exists():
+        with database.atomic():
+            Job.update(project=default_project()).where(Job.project.is_null()).execute()
+
+
 __all__ = [
     # database
     "DatabaseURLError", "SchemaMissing", "SessionLimits",
+    "DEFAULT_PROJECT", "default_project",
     "bind", "commit_listeners", "database", "create_schema", "execute_in", "for_update",
     "insert_ignoring_duplicates", "is_postgres", "make_database", "tuples",
     "is_transient", "is_unstorable", "select_in", "thread_connection", "undoable_write", "utcnow", "write_transaction",
@@ -75,5 +94,5 @@ __all__ = [
     "DispatchMode", "ImageStatus", "JobStatus",
     # tables
     "ALL_MODELS", "Algorithm", "Classification", "Detection", "Job", "JobImage", "JobLog", "ParkedResult",
-    "Pipeline", "ResultInbox", "SourceImage",
+    "Pipeline", "Project", "ResultInbox", "SourceImage",
 ]

@@ -63,8 +63,22 @@ class SourceImage(BaseModel):
     created_at = peewee.DateTimeField(default=utcnow)
 
 
+class Project(BaseModel):
+    """Who a job belongs to: a lab, a season, a tenant. Projects share the processing services by `weight`
+    (pipeline/fairshare.py); a token may be limited to some projects (pipeline/web/auth.py)."""
+
+    name = peewee.CharField(max_length=100, unique=True)
+    weight = peewee.FloatField(default=1.0)
+    created_at = peewee.DateTimeField(default=utcnow)
+
+
 class Job(BaseModel):
     name = peewee.CharField(max_length=255)
+    #: Always set for a new job; None only in a database made before projects, until `create_schema` runs.
+    project = peewee.ForeignKeyField(Project, backref="jobs", null=True, on_delete="RESTRICT")
+    project_id: int | None
+    #: Higher first: services serve a pipeline's jobs of the highest priority that have tasks before any other.
+    priority = peewee.IntegerField(default=0, null=True)
     pipeline = peewee.ForeignKeyField(Pipeline, backref="jobs", on_delete="RESTRICT")
     pipeline_id: int  # the foreign key's column, as peewee exposes it (declared for type checkers)
     dispatch_mode = peewee.CharField(max_length=20, default=DispatchMode.ASYNC_API)
@@ -86,10 +100,31 @@ class Job(BaseModel):
     deadline_at = peewee.DateTimeField(null=True)
     #: Key of the job's task tokens (pipeline/core/task_tokens.py); never shown. None: made before task tokens.
     task_secret = peewee.CharField(max_length=64, null=True)
+    #: Since when the job is paused (it hands out no new tasks); None: not paused.
+    paused_at = peewee.DateTimeField(null=True)
+    pause_reason = peewee.TextField(null=True)
+    #: Seconds the job spent paused before its current pause: kept out of every idle-time verdict.
+    paused_s = peewee.FloatField(null=True)
 
     @property
     def is_terminal(self) -> bool:
         return self.status in JobStatus.TERMINAL
+
+    @property
+    def is_paused(self) -> bool:
+        return self.paused_at is not None
+
+    @property
+    def project_name(self) -> str:
+        """Its project's name (read with the job when the query joins Project; `default` for a job made
+        before projects)."""
+        project = self.project if self.project_id else None
+        return project.name if project is not None else "default"
+
+    @property
+    def project_weight(self) -> float:
+        project = self.project if self.project_id else None
+        return project.weight if project is not None else 1.0
 
 
 class JobImage(BaseModel):
@@ -204,5 +239,5 @@ class JobLog(BaseModel):
     created_at = peewee.DateTimeField(default=utcnow, index=True)
 
 
-ALL_MODELS = (Pipeline, Algorithm, SourceImage, Job, JobImage, Detection, Classification, ResultInbox, ParkedResult,
-              JobLog)
+ALL_MODELS = (Pipeline, Algorithm, SourceImage, Project, Job, JobImage, Detection, Classification, ResultInbox,
+              ParkedResult, JobLog)

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from nats.js.api import ConsumerConfig
 
 from models import (
+    DEFAULT_PROJECT,
     DispatchMode,
     ImageStatus,
     Job,
@@ -26,10 +27,11 @@ from models import (
     utcnow,
     write_transaction,
 )
-from pipeline import names
-from pipeline.core import progress, slots, task_tokens
+from pipeline import fairshare, names
+from pipeline.core import progress, scheduling, slots, task_tokens
 from pipeline.core.image_policy import ImagePolicy
 from pipeline.core.joblog import job_log
+from pipeline.core.registry import existing_pipeline
 from pipeline.errors import NotFound, NothingToDo, TransientError, UserInputError
 from pipeline.infra.crashpoints import crash_point
 from pipeline.infra.jobstate import JobState
@@ -62,7 +64,7 @@ def check_url(url: str) -> str:
 def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = None, limit: int | None = None,
                dispatch_mode: str = DispatchMode.ASYNC_API, pickup_timeout_s: float | None = None,
                deadline_s: float | None = None, over_network: bool = False,
-               policy: ImagePolicy | None = None) -> Job:
+               policy: ImagePolicy | None = None, project: str | None = None, priority: int = 0) -> Job:
     """A new CREATED job over `urls` (streamed, deduplicated); all or nothing: bad input leaves no row.
 
     Every URL must be one the image policy lets jetpipe read (`pipeline/core/image_policy.py`): `over_network`
@@ -71,11 +73,10 @@ def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = No
 
     `pickup_timeout_s`: seconds after dispatch within which a service must pull one of its tasks (default
     PIPELINE_JOB_PICKUP_TIMEOUT); `deadline_s`: seconds from now by which the whole job must have ended.
+    `project` (default `default`, created on first use) and `priority` (pipeline/fairshare.py) decide when
+    services serve it beside other jobs of its pipeline.
     """
-    pipeline = Pipeline.get_or_none(Pipeline.slug == pipeline_slug)
-    if pipeline is None:
-        known = ", ".join(p.slug for p in Pipeline.select(Pipeline.slug).order_by(Pipeline.slug)) or "none"
-        raise NotFound(f"unknown pipeline {pipeline_slug!r} (registered: {known})")
+    pipeline = existing_pipeline(pipeline_slug)
     if dispatch_mode not in DispatchMode.ALL:
         raise UserInputError(f"unknown dispatch mode {dispatch_mode!r} (use {' or '.join(DispatchMode.ALL)})")
     if limit is not None and limit < 1:
@@ -84,6 +85,8 @@ def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = No
         if value is not None and not value > 0:
             raise UserInputError(f"the {option} must be a positive number of seconds, not {value!r}")
     deadline_at = utcnow() + dt.timedelta(seconds=deadline_s) if deadline_s else None
+    priority = fairshare.parse_priority(priority)
+    fairshare.check_project_name(project or DEFAULT_PROJECT)
     policy = policy or ImagePolicy.from_settings(get_settings())
     resolved_dirs: dict[str, str] = {}  # this job's image directories, each resolved once
 
@@ -93,6 +96,7 @@ def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = No
 
     with database.atomic():
         job = Job.create(name=name or f"{pipeline_slug} job", pipeline=pipeline, dispatch_mode=dispatch_mode,
+                         project=scheduling.project_for_job(project), priority=priority,
                          task_secret=task_tokens.new_secret(),
                          progress=progress.initial_progress(), pickup_timeout_s=pickup_timeout_s,
                          deadline_at=deadline_at)
@@ -108,7 +112,8 @@ def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = No
         job.total_images = total
         job.progress = progress.initial_progress(total)
         job.save(only=[Job.total_images, Job.progress])
-    log.info("job=%s created: pipeline=%s images=%s mode=%s", job.id, pipeline_slug, total, dispatch_mode)
+    log.info("job=%s created: pipeline=%s images=%s mode=%s project=%s priority=%s", job.id, pipeline_slug, total,
+             dispatch_mode, project or DEFAULT_PROJECT, priority)
     return job
 
 
@@ -274,8 +279,8 @@ def stages_text(job_id: int) -> str:
                      for name, stage in stages.items()) or "none recorded"
 
 
-def cancel(runtime: Runtime, job_id: int) -> str:
-    """Cancel a job: CANCELING, then clean up, then REVOKED; returns the job's final status."""
+def cancel(runtime: Runtime, job_id: int, *, by: str = "operator") -> str:
+    """Cancel a job: CANCELING, then clean up, then REVOKED; returns the job's final status. `by`: who asked."""
     job = Job.get_or_none(Job.id == job_id)
     if job is None:
         raise NotFound(f"no job {job_id}")
@@ -283,11 +288,11 @@ def cancel(runtime: Runtime, job_id: int) -> str:
         return job.status
     progress.transition(job_id, JobStatus.CANCELING, allowed_from=(JobStatus.CREATED, JobStatus.PENDING,
                                                                    JobStatus.STARTED))
-    job_log(job_id, logging.INFO, "cancel requested: status CANCELING")
+    job_log(job_id, logging.INFO, f"cancel requested by {by}: status CANCELING")
     if job.dispatch_mode == DispatchMode.ASYNC_API:
         cleanup(runtime, job_id, job.pipeline.slug)
     if progress.transition(job_id, JobStatus.REVOKED, allowed_from=(JobStatus.CANCELING,),
-                           error="canceled by operator"):
+                           error=f"canceled by {by}"):
         job_log(job_id, logging.INFO, "job REVOKED (canceled); its tasks were removed from NATS")
     return Job.get_by_id(job_id).status
 
@@ -323,4 +328,5 @@ def retry_failed(job_id: int) -> Job:
         raise NothingToDo(f"job {job_id} has no failed images: nothing to retry")
     urls = (url for _, url, _ in failed_image_rows(job_id))
     return create_job(job.pipeline.slug, urls, name=f"retry of job {job_id} ({job.name})",
-                      dispatch_mode=job.dispatch_mode)
+                      dispatch_mode=job.dispatch_mode, project=job.project.name if job.project else None,
+                      priority=job.priority or 0)

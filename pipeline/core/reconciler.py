@@ -18,6 +18,9 @@ Sub-checks run in this order, each isolated (one raising does not stop the other
                  check failed this tick (an outage is not a stuck job, invariant 9).
 4. zombies       consumers and Redis keys of ended or deleted jobs, after a grace period.
 
+A paused job is judged by none of 0, 1 and 3: it waits by intent, and its clocks move on by the paused time
+when it is resumed (pipeline/core/scheduling.py).
+
 Cost grows with the number of candidate jobs, never with the number of images.
 """
 
@@ -149,13 +152,18 @@ class HealthCheck:
                 .where((Job.status == JobStatus.STARTED) & (Job.dispatch_mode == DispatchMode.ASYNC_API)
                        & Job.dispatched_at.is_null(False)))
 
+    def _running_unpaused(self) -> peewee.ModelSelect[Job]:
+        """The running async jobs an idle-time verdict may judge: a paused job waits by intent (its clocks
+        move on by the paused time when it is resumed, `scheduling.resume`)."""
+        return self._running_async().where(Job.paused_at.is_null())
+
     # ---- 0. deadlines -----------------------------------------------------------------------------------
     def deadlines(self) -> CheckResult:
         result = CheckResult()
-        for job in self._running_async().order_by(Job.id):
+        for job in self._running_unpaused().order_by(Job.id):
             if job.dispatched_at is None:  # (never: the query selects dispatched jobs)
                 continue
-            pickup_by = job.dispatched_at + dt.timedelta(seconds=self._pickup_timeout(job))
+            pickup_by = job.dispatched_at + dt.timedelta(seconds=self._pickup_timeout(job) + (job.paused_s or 0))
             due_pickup = self.now >= pickup_by
             due_deadline = job.deadline_at is not None and self.now >= job.deadline_at
             if not (due_pickup or due_deadline):
@@ -236,7 +244,7 @@ class HealthCheck:
     def lost_images(self) -> CheckResult:
         result = CheckResult()
         idle_since = peewee.fn.COALESCE(Job.last_progress_at, Job.dispatched_at)
-        for job in self._running_async().where(idle_since < self.cutoff).order_by(Job.id):
+        for job in self._running_unpaused().where(idle_since < self.cutoff).order_by(Job.id):
             result.checked += 1
             outcome = self._isolated("lost_images", job, result, self._reconcile, job, result)
             if outcome is not None and result.tally(
@@ -279,9 +287,9 @@ class HealthCheck:
                                 f"{len(pending)} pending image(s) are not lost")
             return Check.RESULTS_QUEUED
         with write_transaction():  # re-validate under the row lock: a result may have just arrived
-            fresh = for_update(Job.select(Job.status, Job.last_progress_at, Job.dispatched_at)
+            fresh = for_update(Job.select(Job.status, Job.last_progress_at, Job.dispatched_at, Job.paused_at)
                                .where(Job.id == job.id)).get()
-        if fresh.status != JobStatus.STARTED or _activity(fresh) >= self.cutoff:
+        if fresh.status != JobStatus.STARTED or _activity(fresh) >= self.cutoff or fresh.paused_at is not None:
             return Check.RACED
         reason = (f"lost: no result after JetStream gave up delivering its task (job idle past "
                   f"{self.settings.stalled_jobs_max_minutes:g} min)")
@@ -379,13 +387,14 @@ class HealthCheck:
         last_seen = peewee.fn.COALESCE(Job.last_progress_at, Job.dispatched_at, Job.updated_at, Job.created_at)
         query = (Job.select(Job, Pipeline).join(Pipeline)
                  .where((Job.status == JobStatus.CANCELING)
-                        | ((Job.status == JobStatus.STARTED) & (last_seen < self.cutoff))).order_by(Job.id))
+                        | ((Job.status == JobStatus.STARTED) & (last_seen < self.cutoff)
+                           & Job.paused_at.is_null())).order_by(Job.id))
         for job in query:
             if job.status == JobStatus.CANCELING:
                 if job.updated_at >= cancel_before:
                     continue
                 result.checked += 1
-                jobs.cancel(self.runtime, job.id)
+                jobs.cancel(self.runtime, job.id, by="jobs_health_check, finishing a cancel that stopped half-way")
                 result.fixed += 1
                 result.jobs[job.id] = Check.CANCEL_FINISHED
                 continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from models import Algorithm, Pipeline, database
-from pipeline.errors import Forbidden
+from pipeline.errors import Forbidden, NotFound
 from pipeline.schemas import PipelineSpec
 
 
@@ -46,3 +46,12 @@ def list_pipelines() -> list[dict[str, Any]]:
         out.append({"slug": p.slug, "name": p.name, "service": p.registered_by,
                     "algorithms": [{"key": a.key, "name": a.name, "task_type": a.task_type} for a in algos]})
     return out
+
+
+def existing_pipeline(slug: str) -> Pipeline:
+    """The pipeline `slug`; raises NotFound naming the registered ones."""
+    pipeline = Pipeline.get_or_none(Pipeline.slug == slug)
+    if pipeline is None:
+        known = ", ".join(p.slug for p in Pipeline.select(Pipeline.slug).order_by(Pipeline.slug)) or "none"
+        raise NotFound(f"unknown pipeline {slug!r} (registered: {known})")
+    return pipeline

@@ -10,10 +10,11 @@ from nats.js.api import ConsumerConfig
 
 from models import Job, JobStatus, utcnow
 from pipeline import names
-from pipeline.core import progress
+from pipeline.core import progress, scheduling
 from pipeline.core.joblog import job_log
 from pipeline.errors import JobSlotsFull
 from pipeline.infra.runtime import Runtime
+from pipeline.infra.taskqueue import is_paused
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,12 @@ def take_job_slot(runtime: Runtime, job: Job) -> ConsumerConfig:
     runtime.tasks.ensure_streams(**settings.stream_options())
     runtime.tasks.ensure_tasks_stream(job.pipeline.slug, max_jobs=settings.nats_max_jobs,
                                       replicas=settings.nats_replicas)
-    return runtime.tasks.ensure_job_consumer(job.id, job.pipeline.slug, max_deliver=settings.nats_max_deliver,
-                                             ack_wait_s=settings.nats_task_ttr)
+    options = scheduling.consumer_options(job.id)
+    consumer = runtime.tasks.ensure_job_consumer(job.id, job.pipeline.slug, max_deliver=settings.nats_max_deliver,
+                                                 ack_wait_s=settings.nats_task_ttr, **options)
+    scheduling.consumer_made(runtime, job.id, job.pipeline.slug, server_paused=is_paused(consumer),
+                             claim=consumer.metadata or {})
+    return consumer
 
 
 def take_or_wait(runtime: Runtime, job: Job) -> ConsumerConfig | None:

@@ -116,6 +116,19 @@ class JobConsumer:
     consumer: str
     filter_subject: str
     pipeline: str  # whose tasks stream holds it
+    num_pending: int = 0  # its tasks not yet delivered
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)  # project, priority, weight, paused
+    paused: bool = False  # the server holds its deliveries (consumer pause, NATS 2.11 and later)
+
+
+#: `pause_until` for a pause with no end: the job is resumed by hand.
+PAUSED_FOR_GOOD = "2999-12-31T00:00:00Z"
+
+
+def is_paused(config: ConsumerConfig) -> bool:
+    """Whether the server holds this consumer's deliveries now (its `pause_until` lies ahead)."""
+    until = config.pause_until or ""
+    return until[:19] > dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 #: Reply subjects of jetpipe's own processes (workers, CLI) start with this, not the default `_INBOX`:
@@ -419,8 +432,11 @@ class TaskQueue:
 
     # ---- job consumers ------------------------------------------------------------------------------
     async def ensure_job_consumer(self, job_id: int, pipeline_slug: str, *, max_deliver: int,
-                                  ack_wait_s: float) -> ConsumerConfig:
+                                  ack_wait_s: float, metadata: dict[str, str] | None = None,
+                                  paused: bool = False) -> ConsumerConfig:
         """Create the job's durable consumer, or check an existing one; returns the config the server holds.
+        `metadata`: what services read about the job (its project, priority, weight); `paused`: create it
+        paused (NATS 2.11 and later hold its deliveries; an older server ignores it).
 
         `add_consumer` silently *updates* an existing consumer (nats-py, measured), so an existing
         consumer is read, not re-added, and a mismatch is logged as a warning.
@@ -429,7 +445,8 @@ class TaskQueue:
         wanted = ConsumerConfig(
             durable_name=name, filter_subject=names.task_subject(pipeline_slug, job_id),
             ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=ack_wait_s,
-            max_deliver=max_deliver, max_ack_pending=MAX_ACK_PENDING,
+            max_deliver=max_deliver, max_ack_pending=MAX_ACK_PENDING, metadata=metadata or None,
+            pause_until=PAUSED_FOR_GOOD if paused else None,
         )
         stream = names.tasks_stream(pipeline_slug)
         try:
@@ -457,6 +474,34 @@ class TaskQueue:
         else:
             log.info("job=%s consumer %s %s: %s", job_id, name, "created" if created else "reused", summary)
         return got
+
+    async def set_job_claim(self, job_id: int, pipeline_slug: str, metadata: dict[str, str]) -> bool:
+        """Write the job's claim (project, priority, weight, paused) into its consumer's metadata, where
+        services listing the consumers read it; False if the job has no consumer (not dispatched, or ended)."""
+        stream, name = names.tasks_stream(pipeline_slug), names.job_consumer(job_id)
+        try:
+            info = await self.js.consumer_info(stream, name, timeout=API_TIMEOUT_S)
+        except nats.js.errors.NotFoundError:
+            return False
+        if (info.config.metadata or {}) != metadata:
+            await self.js.add_consumer(stream, dataclasses.replace(info.config, metadata=metadata))
+        return True
+
+    async def pause_job_consumer(self, job_id: int, pipeline_slug: str, *, paused: bool) -> bool | None:
+        """Pause (hold its deliveries, with no end) or resume the job's consumer on the server: True if
+        done, False if the job has no consumer, None if this server cannot pause a consumer (before 2.11)."""
+        stream, name = names.tasks_stream(pipeline_slug), names.job_consumer(job_id)
+        version = self.nc.connected_server_version
+        if (version.major, version.minor) < (2, 11):
+            return None
+        try:
+            if paused:
+                await self.js.pause_consumer(stream, name, PAUSED_FOR_GOOD, timeout=API_TIMEOUT_S)
+            else:
+                await self.js.resume_consumer(stream, name, timeout=API_TIMEOUT_S)
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
 
     async def delete_job_consumer(self, job_id: int, pipeline_slug: str) -> None:
         """Remove the job's consumer and any of its tasks still in the stream (idempotent)."""
@@ -506,7 +551,8 @@ class TaskQueue:
                     job_id = names.job_id_from_consumer(info.name)
                     subject = info.config.filter_subject or ""
                     if job_id is not None and subject.startswith(prefix):
-                        found.append(JobConsumer(job_id, info.name, subject, slug))
+                        found.append(JobConsumer(job_id, info.name, subject, slug, info.num_pending or 0,
+                                                 dict(info.config.metadata or {}), bool(info.paused)))
                 if len(page) < 256:
                     break
                 offset += len(page)
@@ -670,10 +716,16 @@ class SyncTaskQueue:
         self._run("ensure_tasks_stream", self.queue.ensure_tasks_stream(pipeline_slug, max_jobs=max_jobs,
                                                                         replicas=replicas))
 
-    def ensure_job_consumer(self, job_id: int, pipeline_slug: str, *, max_deliver: int,
-                            ack_wait_s: float) -> ConsumerConfig:
+    def set_job_claim(self, job_id: int, pipeline_slug: str, metadata: dict[str, str]) -> bool:
+        return self._run("set job claim", self.queue.set_job_claim(job_id, pipeline_slug, metadata))
+
+    def pause_job_consumer(self, job_id: int, pipeline_slug: str, *, paused: bool) -> bool | None:
+        return self._run("pause job consumer", self.queue.pause_job_consumer(job_id, pipeline_slug, paused=paused))
+
+    def ensure_job_consumer(self, job_id: int, pipeline_slug: str, *, max_deliver: int, ack_wait_s: float,
+                            metadata: dict[str, str] | None = None, paused: bool = False) -> ConsumerConfig:
         return self._run("ensure_job_consumer", self.queue.ensure_job_consumer(
-            job_id, pipeline_slug, max_deliver=max_deliver, ack_wait_s=ack_wait_s))
+            job_id, pipeline_slug, max_deliver=max_deliver, ack_wait_s=ack_wait_s, metadata=metadata, paused=paused))
 
     def delete_job_consumer(self, job_id: int, pipeline_slug: str) -> None:
         self._run("delete_job_consumer", self.queue.delete_job_consumer(job_id, pipeline_slug))

@@ -275,7 +275,8 @@ def _saving_problems(jobs_out: list[dict], now: dt.datetime, settings: Settings,
     waiting_for_service = {int(p.split()[1]) for p in reported if p.startswith("job ") and " waits: " in p}
     for line in jobs_out:
         if (line["status"] == JobStatus.STARTED and line["mode"] == DispatchMode.ASYNC_API
-                and (line["idle_s"] or 0) > overdue_s and line["id"] not in waiting_for_service):
+                and (line["idle_s"] or 0) > overdue_s and line["id"] not in waiting_for_service
+                and "paused_since" not in line):
             problems.append(f"job {line['id']} has made no progress for {_duration(line['idle_s'])} "
                             f"({line['processed']} of {line['total']} image(s) settled) although the health check "
                             "should have moved it by now: its results are not being saved, or no worker runs the "
@@ -308,6 +309,10 @@ def _job_line(job: Job, consumer: dict | None, now: dt.datetime, settings: Setti
             "idle_s": round((now - activity).total_seconds()) if activity else None, "consumer": None}
     if job.deadline_at is not None:
         line["deadline_in_s"] = round((job.deadline_at - now).total_seconds())
+    if job.paused_at is not None:  # waits by intent: no verdict runs, nothing to warn about
+        line["paused_since"] = job.paused_at.isoformat(timespec="seconds") + "Z"
+        line["pause_reason"] = job.pause_reason
+        return line
     if job.dispatch_mode != DispatchMode.ASYNC_API or job.dispatched_at is None:
         return line
     if consumer is None:
@@ -324,7 +329,8 @@ def _job_line(job: Job, consumer: dict | None, now: dt.datetime, settings: Setti
     if consumer["num_pending"] > 0 and waited > settings.nats_task_ttr:
         left = ""
         if last is None:  # never picked up: the pickup deadline runs
-            pickup_by = job.dispatched_at + dt.timedelta(seconds=job.pickup_timeout_s or settings.job_pickup_timeout)
+            pickup_by = job.dispatched_at + dt.timedelta(
+                seconds=(job.pickup_timeout_s or settings.job_pickup_timeout) + (job.paused_s or 0))
             left = f"; it ends FAILURE in {_duration(max((pickup_by - now).total_seconds(), 0))} unless one does"
         problems.append(f"job {job.id} waits: no processing service has pulled tasks for pipeline "
                         f"{job.pipeline.slug} for {_duration(waited)} ({consumer['num_pending']} task(s) "

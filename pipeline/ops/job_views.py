@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import time
+from collections.abc import Iterable
 
 import peewee
 from rich.console import Console
@@ -13,7 +14,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from models import ImageStatus, Job, JobImage, JobLog, JobStatus, Pipeline, SourceImage, tuples, utcnow
+from models import (
+    ImageStatus,
+    Job,
+    JobImage,
+    JobLog,
+    JobStatus,
+    Pipeline,
+    Project,
+    SourceImage,
+    tuples,
+    utcnow,
+)
+from pipeline import fairshare
 from pipeline.core import inbox
 from pipeline.errors import NotFound
 
@@ -38,8 +51,14 @@ def job_summary(job: Job, *, waiting: inbox.Waiting | None | bool = True) -> dic
     processed = process.get("processed", 0)
     rate = processed / elapsed if elapsed and elapsed > 0 else None
     remaining = process.get("remaining", job.total_images)
+    running = job.status not in JobStatus.TERMINAL
     return {
         "id": job.id, "name": job.name, "pipeline": job.pipeline.slug, "dispatch_mode": job.dispatch_mode,
+        "project": job.project_name,
+        "priority": job.priority or 0, "priority_name": fairshare.priority_name(job.priority),
+        "paused": running and job.paused_at is not None,
+        "paused_at": _iso(job.paused_at) if running else None, "pause_reason": job.pause_reason if running else None,
+        "paused_s": round(job.paused_s or 0.0, 1),
         "status": job.status, "error": job.error, "total_images": job.total_images,
         "processed": processed, "failed": process.get("failed", 0), "remaining": remaining,
         "received": waiting.images if waiting else 0,
@@ -63,10 +82,18 @@ def job_summaries(jobs: list[Job]) -> list[dict]:
     return [job_summary(job, waiting=waiting.get(job.id)) for job in jobs]
 
 
+def with_project() -> peewee.ModelSelect[Job]:
+    """Jobs read with their pipeline and project (what a summary shows), in one query."""
+    return Job.select(Job, Pipeline, Project).join(Pipeline).switch(Job).join(Project, peewee.JOIN.LEFT_OUTER)
+
+
 def list_jobs(*, statuses=(), pipeline: str | None = None, search: str | None = None,
-              before_id: int | None = None, limit: int = 50) -> list[Job]:
-    """Newest jobs first, filtered; `before_id` pages by key (fast however many jobs there are)."""
-    query = Job.select(Job, Pipeline).join(Pipeline).order_by(Job.id.desc()).limit(limit)
+              before_id: int | None = None, limit: int = 50, projects: Iterable[str] | None = None) -> list[Job]:
+    """Newest jobs first, filtered; `before_id` pages by key (fast however many jobs there are). `projects`:
+    only jobs of these (None: every project)."""
+    query = with_project().order_by(Job.id.desc()).limit(limit)
+    if projects is not None:
+        query = query.where(Project.name.in_(list(projects)))
     if statuses:
         query = query.where(Job.status.in_([s.upper() for s in statuses]))
     if pipeline:
@@ -78,19 +105,27 @@ def list_jobs(*, statuses=(), pipeline: str | None = None, search: str | None = 
     return list(query)
 
 
-def status_counts() -> dict[str, int]:
-    """Jobs per status (every status, zeros included)."""
-    counts: dict[str, int] = dict(tuples(Job.select(Job.status, peewee.fn.COUNT(Job.id)).group_by(Job.status)))
+def status_counts(projects: Iterable[str] | None = None) -> dict[str, int]:
+    """Jobs per status (every status, zeros included); `projects`: of these projects only."""
+    query = Job.select(Job.status, peewee.fn.COUNT(Job.id)).group_by(Job.status)
+    if projects is not None:
+        query = query.join(Project).where(Project.name.in_(list(projects)))
+    counts: dict[str, int] = dict(tuples(query))
     return {status: counts.get(status, 0) for status in JobStatus.ALL}
 
 
-def get_job(job_id: int) -> Job | None:
-    return Job.select(Job, Pipeline).join(Pipeline).where(Job.id == job_id).get_or_none()
+def get_job(job_id: int, projects: Iterable[str] | None = None) -> Job | None:
+    """The job `job_id` with its pipeline and project; None if there is none, or it is not of `projects`."""
+    job = with_project().where(Job.id == job_id).get_or_none()
+    if job is None or (projects is not None and job.project_name not in set(projects)):
+        return None
+    return job
 
 
-def existing_job(job_id: int) -> Job:
-    """The job `job_id` (with its pipeline); raises NotFound."""
-    job = get_job(job_id)
+def existing_job(job_id: int, projects: Iterable[str] | None = None) -> Job:
+    """The job `job_id` (with its pipeline and project); raises NotFound, also for a job outside `projects`
+    (a token limited to some projects cannot tell another project's job from no job)."""
+    job = get_job(job_id, projects)
     if job is None:
         raise NotFound(f"no job {job_id}")
     return job
@@ -124,8 +159,13 @@ def literal(text: object) -> Text:
 def render_status(console: Console, summary: dict, failures: list[dict]) -> None:
     style = STATUS_STYLE.get(summary["status"], "white")
     console.print(f"[bold]Job {summary['id']}[/bold] {escape(plain(repr(summary['name'])))}  "
-                  f"pipeline={summary['pipeline']}  mode={summary['dispatch_mode']}  "
-                  f"status=[{style}]{summary['status']}[/{style}]")
+                  f"project={escape(summary['project'])}  pipeline={summary['pipeline']}  "
+                  f"mode={summary['dispatch_mode']}  priority={summary['priority_name']}  "
+                  f"status=[{style}]{summary['status']}[/{style}]" + ("  [yellow]PAUSED[/yellow]" if summary["paused"]
+                                                                       else ""))
+    if summary["paused"]:
+        console.print(Text.assemble(("paused since ", "yellow"), summary["paused_at"] or "",
+                                    *((": ", literal(summary["pause_reason"])) if summary["pause_reason"] else ())))
     table = Table("stage", "status", "progress", "counters")
     for name, stage in summary["stages"].items():
         counters = ", ".join(f"{k}={v}" for k, v in stage.items() if k not in ("status", "progress"))
@@ -152,11 +192,13 @@ def render_status(console: Console, summary: dict, failures: list[dict]) -> None
 
 
 def render_jobs(console: Console, jobs: list[dict]) -> None:
-    table = Table("id", "name", "pipeline", "status", "images", "processed", "failed", "detections", "created")
+    table = Table("id", "name", "project", "pipeline", "priority", "status", "images", "processed", "failed",
+                  "detections", "created")
     for j in jobs:
         style = STATUS_STYLE.get(j["status"], "white")
-        table.add_row(str(j["id"]), literal(j["name"]), j["pipeline"], f"[{style}]{j['status']}[/{style}]",
-                      str(j["total_images"]), str(j["processed"]), str(j["failed"]), str(j["detections"]),
+        status = f"[{style}]{j['status']}[/{style}]" + (" [yellow]paused[/yellow]" if j["paused"] else "")
+        table.add_row(str(j["id"]), literal(j["name"]), literal(j["project"]), j["pipeline"], j["priority_name"],
+                      status, str(j["total_images"]), str(j["processed"]), str(j["failed"]), str(j["detections"]),
                       j["created_at"] or "")
     console.print(table)
 

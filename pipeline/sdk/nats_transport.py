@@ -3,7 +3,10 @@
 - connects with its own inbox prefix, `_INBOX.<its NATS user>` (the only replies its user may read);
 - finds work by listing the job consumers of its pipeline's stream `PIPELINE_TASKS_<slug>`,
   keeps one long-lived pull subscription per job (never subscribe/fetch/unsubscribe per request:
-  that loses deliveries in flight to a dropped inbox), and pulls from the jobs round-robin;
+  that loses deliveries in flight to a dropped inbox), and pulls from the jobs in the order the fair share
+  decides (pipeline/fairshare.py: the highest priority first, then each project's share by its weight,
+  read from the consumers' metadata); a paused job is not pulled, a job that had no task is looked at
+  again after EMPTY_RECHECK_S (or at once when no other job has tasks);
 - fetches only as many tasks as it has free slots, so no task's ack_wait runs while it waits in a buffer;
   never runs more than `concurrency` handlers: a fetch can bring more than it asked for (an earlier pull
   request answered after it gave up, typically after a reconnect), and those extra tasks wait, kept
@@ -36,7 +39,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 
-from pipeline import names
+from pipeline import fairshare, names
 from pipeline.infra.natswatch import round_trip
 from pipeline.infra.outage import Outage
 from pipeline.infra.taskqueue import NATS_FAILURES, TaskQueue, take_waiting
@@ -54,6 +57,8 @@ LIVENESS_CHECK_S = 5.0
 REFRESH_S = 1.0
 #: Seconds one fetch waits on one job when it has no task ready.
 FETCH_TIMEOUT_S = 0.5
+#: Seconds a job that had no task ready is passed over while other jobs have tasks.
+EMPTY_RECHECK_S = 1.0
 #: Seconds one publish of a result may take in all (a wedged client must not hang the service).
 PUBLISH_TIMEOUT_S = 15.0
 #: Attempts to publish one result before leaving the task to redelivery.
@@ -132,6 +137,10 @@ class NatsTransport:
         self._inflight: set[asyncio.Task] = set()
         self._announced = asyncio.Event()  # a job of the pipeline was announced: list its consumers now
         self._running: collections.Counter[int] = collections.Counter()  # per job: tasks its handler runs
+        self._claims: dict[int, fairshare.Claim] = {}  # per job: project, weight, priority (consumer metadata)
+        self._paused: set[int] = set()
+        self._empty_until: dict[int, float] = {}  # per job: passed over until then (it had no task)
+        self._stride = fairshare.Stride()
 
     @property
     def queue(self) -> TaskQueue:
@@ -236,10 +245,18 @@ class NatsTransport:
                     await self._idle(REFRESH_S)
                     continue
                 got_any = False
-                for job_id in sorted(self._subs):  # round-robin: every job gets a fetch per cycle
+                with_work, rest = self._turns()
+                for job_id in with_work + rest:  # the first job that has tasks is served; then decide again
                     if self.service.stopping.is_set() or self._announced.is_set():
                         break
-                    got_any |= await self._pull(queue, job_id)
+                    pulled = await self._pull(queue, job_id)
+                    if pulled:
+                        self._stride.served([self._claims[j] for j in with_work if j in self._claims], job_id,
+                                            pulled)
+                        self._empty_until.pop(job_id, None)
+                        got_any = True
+                        break
+                    self._empty_until[job_id] = time.monotonic() + EMPTY_RECHECK_S
                 outage.ok()
                 if not got_any:
                     await self._idle(0.05)
@@ -251,8 +268,26 @@ class NatsTransport:
                     log.error("service %s: unexpected error; carrying on", self.service.name, exc_info=True)
                 await self.service.wait(outage.failed(problem))
 
+    def _turns(self) -> tuple[list[int], list[int]]:
+        """The jobs to pull from, in order: those not known to be empty, in the fair share's order; then the
+        ones that had no task last time (looked at only if none of the first has any). Paused jobs: none."""
+        now = time.monotonic()
+        jobs = [self._claims.get(j) or fairshare.Claim(j) for j in self._subs if j not in self._paused]
+        fresh = [c for c in jobs if self._empty_until.get(c.job_id, 0.0) <= now]
+        stale = [c for c in jobs if self._empty_until.get(c.job_id, 0.0) > now]
+        return ([c.job_id for c in self._stride.order(fresh)],
+                [c.job_id for c in sorted(stale, key=lambda c: (-c.priority, self._empty_until[c.job_id]))])
+
     async def _refresh(self, queue: TaskQueue) -> None:
         consumers = {c.job_id: c for c in await queue.job_consumers(self.service.pipeline)}
+        for job_id, consumer in consumers.items():
+            claim, paused = fairshare.claim_from_metadata(job_id, consumer.metadata)
+            self._claims[job_id] = claim
+            (self._paused.add if paused or consumer.paused else self._paused.discard)(job_id)
+        for gone in set(self._claims) - set(consumers):
+            self._claims.pop(gone, None)
+            self._paused.discard(gone)
+            self._empty_until.pop(gone, None)
         for job_id in list(self._subs):
             if job_id not in consumers:
                 await self._stop_pulling(job_id, "is gone")
@@ -272,15 +307,15 @@ class NatsTransport:
             await sub.unsubscribe()
         log.info("service %s: job %s %s; stopped pulling it", self.service.name, job_id, why)
 
-    async def _pull(self, queue: TaskQueue, job_id: int) -> bool:
-        """Start as many of the job's tasks as there are free slots, held ones first, else fetched; True if
-        any came."""
+    async def _pull(self, queue: TaskQueue, job_id: int) -> int:
+        """Start as many of the job's tasks as there are free slots, held ones first, else fetched; how many
+        came."""
         while self._free <= 0 and not self.service.stopping.is_set():
             self._hold_late()
             self._slot_freed.clear()
             await self.service.wait_for(self._slot_freed, REFRESH_S)
         if self._free <= 0 or job_id not in self._subs:
-            return False
+            return 0
         self._hold_late()
         msgs = self._take_held(job_id, self._free)
         late = len(msgs)
@@ -288,7 +323,7 @@ class NatsTransport:
             if not queue.nc.is_connected or job_id in self._finishing:
                 # no pull request now: it would wait in the client and be answered after it gave up, or run
                 # beside the job's previous pull, which is still finishing
-                return False
+                return 0
             # bounded from outside too: a client whose connection is wedged can hang inside fetch
             fetching = asyncio.ensure_future(asyncio.wait_for(
                 self._subs[job_id].fetch(self._free, timeout=FETCH_TIMEOUT_S), FETCH_TIMEOUT_S + 5))
@@ -301,15 +336,15 @@ class NatsTransport:
                 # one dropped those tasks until their ack_wait ran out. What it brings is held, late.
                 self._finishing[job_id] = fetching
                 fetching.add_done_callback(functools.partial(self._pull_finished, job_id))
-                return False
+                return 0
             try:
                 fetched = fetching.result()
             except (TimeoutError, nats.errors.TimeoutError):
-                return False
+                return 0
             except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):
                 # the job's consumer was deleted (job finished or canceled)
                 await self._stop_pulling(job_id, "consumer is gone")
-                return False
+                return 0
             msgs, surplus = fetched[:self._free], fetched[self._free:]
             self._hold(job_id, surplus)
         self._free -= len(msgs)
@@ -318,7 +353,7 @@ class NatsTransport:
             task = asyncio.create_task(self._process(queue, job_id, msg, late=i < late))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
-        return bool(msgs)
+        return len(msgs)
 
     def _pull_finished(self, job_id: int, fetching: asyncio.Future) -> None:
         """A pull left to finish on its own has ended: hold what it brought (or, if the job is no longer

@@ -1,6 +1,8 @@
 """Who may do what on the web server: tokens, roles, the login cookie and CSRF protection.
 
-Tokens come from PIPELINE_WEB_TOKENS (`name:role:token,…`) and PIPELINE_WEB_TOKENS_FILE (one a line). A
+Tokens come from PIPELINE_WEB_TOKENS (`name:role:token,…`) and PIPELINE_WEB_TOKENS_FILE (one a line); a
+fourth part limits a token to some projects (`name:role:token:lab-a+lab-b`): it sees and acts on their jobs
+only, and may not use what spans every project (health, dead letters, parked results, registering pipelines). A
 client sends `Authorization: Bearer <token>` (or `Token <token>`, as the reference system's workers do);
 a browser logs in with a form that sets a signed cookie naming the token's holder, never the token. Roles:
 `viewer` reads, `operator` also changes things, `service` is only for the processing-service gateway.
@@ -21,7 +23,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, Forbidden
+from pipeline.fairshare import PROJECT_NAME
 from pipeline.settings import Settings
 
 ROLES = ("viewer", "operator", "service")
@@ -36,9 +39,28 @@ SESSION_S = 12 * 3600
 class Principal:
     name: str
     role: str
+    #: The projects whose jobs it may see and act on; None: every project.
+    projects: frozenset[str] | None = None
 
     def may(self, action: str) -> bool:
         return action in GRANTS[self.role]
+
+    def may_see(self, project: str) -> bool:
+        return self.projects is None or project in self.projects
+
+    def project_for_new_job(self, requested: str | None) -> str | None:
+        """The project a job it asks for goes to: `requested` if it may use it, else Forbidden; when none is
+        requested, its only project (a token limited to several must name one)."""
+        if self.projects is None:
+            return requested
+        if requested is None:
+            if len(self.projects) == 1:
+                return next(iter(self.projects))
+            raise Forbidden(f"{self.name} may use projects {', '.join(sorted(self.projects))}: name one for the job")
+        if requested not in self.projects:
+            raise Forbidden(f"{self.name} may not create jobs in project {requested!r} (its projects: "
+                            f"{', '.join(sorted(self.projects))})")
+        return requested
 
 
 ANONYMOUS_OPERATOR = Principal("local", "operator")  # no tokens configured: loopback only
@@ -72,14 +94,18 @@ class Tokens:
         entries: dict[str, Principal] = {}
         for n, line in enumerate(lines, 1):
             name, sep1, rest = line.strip().partition(":")
-            role, sep2, token = rest.partition(":")
-            if not (sep1 and sep2 and name and token):
-                raise ConfigError(f"web token entry {n} is not name:role:token")
+            role, sep2, rest = rest.partition(":")
+            token, sep3, scope = rest.partition(":")
+            if not (sep1 and sep2 and name and token) or (sep3 and not scope):
+                raise ConfigError(f"web token entry {n} is not name:role:token or name:role:token:project+project")
             if role not in ROLES:
                 raise ConfigError(f"web token {name!r}: role {role!r} is not one of {', '.join(ROLES)}")
             if len(token) < 16:
                 raise ConfigError(f"web token {name!r} is shorter than 16 characters")
-            entries[token] = Principal(name, role)
+            projects = frozenset(p.strip() for p in scope.split("+")) if scope else None
+            if projects is not None and not all(PROJECT_NAME.fullmatch(p) for p in projects):
+                raise ConfigError(f"web token {name!r}: {scope!r} is not a list of project names joined by '+'")
+            entries[token] = Principal(name, role, projects)
         return cls(entries, secret=secret, revoked=revoked)
 
     def from_header(self, header: str | None) -> Principal | None:
@@ -117,8 +143,8 @@ class Tokens:
         name, role, _, session_id = payload.rsplit(":", 3)
         if self._revoked(session_id):
             return None  # logged out
-        principal = Principal(name, role)
-        return principal if principal in self._by_token.values() else None  # a removed token logs out
+        # a removed token logs out; its projects are the token's as configured now
+        return next((p for p in self._by_token.values() if (p.name, p.role) == (name, role)), None)
 
     def _payload(self, value: str | None) -> str | None:
         """The signed, unexpired payload of a login cookie, else None."""

@@ -29,9 +29,10 @@ def principal_of(request: Request) -> Principal | None:
             or tokens.from_cookie(request.cookies.get(SESSION_COOKIE)))
 
 
-def allowed(action: str, *, page: bool = False) -> Callable[[Request], Principal]:
+def allowed(action: str, *, page: bool = False, everywhere: bool = False) -> Callable[[Request], Principal]:
     """A dependency: the caller, if it may do `action` (read, write); else 401 (or, for a page, the login
-    form) without credentials, 403 with credentials that do not allow it."""
+    form) without credentials, 403 with credentials that do not allow it. `everywhere`: what it reads or
+    changes spans every project, so a token limited to some projects may not."""
 
     def check(request: Request) -> Principal:
         who = principal_of(request)
@@ -42,6 +43,9 @@ def allowed(action: str, *, page: bool = False) -> Callable[[Request], Principal
                                 headers={"WWW-Authenticate": "Bearer"})
         if not who.may(action):
             raise HTTPException(403, f"{who.name} ({who.role}) may not {action} here")
+        if everywhere and who.projects is not None:
+            raise HTTPException(403, f"{who.name} is limited to project(s) {', '.join(sorted(who.projects))}; this "
+                                     "spans every project")
         return who
 
     return check

@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 import models
-from models import DispatchMode, Job, JobImage, JobStatus, Pipeline, SourceImage, thread_connection, tuples
+from models import DispatchMode, Job, JobImage, JobStatus, Pipeline, Project, SourceImage, thread_connection, tuples
 from pipeline import names
 from pipeline.core.image_policy import ImagePolicy
 from pipeline.core.registry import register_pipeline
@@ -37,6 +37,7 @@ from pipeline.web import image_links, leases
 from pipeline.web.announcements import MAX_WAIT_S, JobAnnouncements, until
 from pipeline.web.auth import Principal
 from pipeline.web.deps import allowed, runtime_of, with_db
+from pipeline.web.gateway_share import GatewayShare
 from pipeline.web.gateway_tasks import Gateway, Reserved
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,6 @@ class RegistrationRequest(BaseModel):
     pipelines: list[PipelineConfig] = Field(default_factory=list, max_length=100)
 
 
-#: jetpipe has one project until jobs carry projects: every service token may use it.
-DEFAULT_PROJECT = {"id": 1, "name": "default"}
 
 
 class _ResultItem(msgspec.Struct):
@@ -94,6 +93,15 @@ class _ResultBatch(msgspec.Struct):
 _decode_batch = msgspec.json.Decoder(_ResultBatch)
 _gateway_lock = threading.Lock()
 _announcements_lock = threading.Lock()  # its own: a listing connecting to NATS never holds up a reservation
+
+
+def share_of(request: Request) -> GatewayShare:
+    """The process's fair share between jobs (pipeline/web/gateway_share.py)."""
+    state = request.app.state
+    with _gateway_lock:
+        if getattr(state, "gateway_share", None) is None:
+            state.gateway_share = GatewayShare()
+        return state.gateway_share
 
 
 def gateway_of(request: Request) -> Gateway:
@@ -116,7 +124,8 @@ def ended_jobs(job_ids: list[int]) -> set[int]:
 
 
 def _job(job_id: int, who: Principal, *, running: bool) -> Job:
-    job = Job.select(Job, Pipeline).join(Pipeline).where(Job.id == job_id).get_or_none()
+    job = Job.select(Job, Pipeline, Project).join(Pipeline).switch(Job).join(Project).where(Job.id == job_id) \
+        .get_or_none()
     if job is None:
         raise NotFound(f"no job {job_id}")
     if who.role == "service" and job.pipeline.registered_by != who.name:
@@ -124,6 +133,8 @@ def _job(job_id: int, who: Principal, *, running: bool) -> Job:
         raise Forbidden(f"job {job_id} runs pipeline {job.pipeline.slug!r}, which belongs to {owner}: service "
                         f"{who.name!r} may use only its own pipelines (it registers them, or an operator gives "
                         "them to it: `cli.py pipeline register FILE --service NAME`)")
+    if not who.may_see(job.project_name):
+        raise NotFound(f"no job {job_id}")  # another project's job: as if there were none
     if job.dispatch_mode != DispatchMode.ASYNC_API:
         raise UserInputError(f"job {job_id} runs in {job.dispatch_mode} mode: it has no tasks for services")
     if running and job.status != JobStatus.STARTED:
@@ -183,16 +194,26 @@ def announcements_of(request: Request) -> JobAnnouncements | None:
 
 def _list_jobs(request: Request, ids_only: bool, incomplete_only: bool, slugs: list[str], dispatch_mode: str,
                limit: int, offset: int, who: Principal) -> dict:
-    query = (Job.select(Job, Pipeline).join(Pipeline).where(Job.dispatch_mode == dispatch_mode)
+    query = (Job.select(Job, Pipeline).join(Pipeline).switch(Job).join(Project)
+             .where(Job.dispatch_mode == dispatch_mode)
              .where(Job.dispatch_mode == DispatchMode.ASYNC_API).order_by(Job.id))
     if who.role == "service":  # a service sees the jobs of its own pipelines only
         query = query.where(Pipeline.registered_by == who.name)
-    if incomplete_only:
-        query = query.where(Job.status.in_((JobStatus.CREATED, JobStatus.PENDING, JobStatus.STARTED)))
+    if who.projects is not None:
+        query = query.where(Project.name.in_(sorted(who.projects)))
+    if incomplete_only:  # the jobs to take tasks of: running and not paused, in the order to serve them
+        query = query.where(Job.status.in_((JobStatus.CREATED, JobStatus.PENDING, JobStatus.STARTED))
+                            & Job.paused_at.is_null())
     if slugs:
         query = query.where(Pipeline.slug.in_(slugs))
     count = query.count()
-    rows = list(query.limit(limit).offset(offset))
+    if incomplete_only:
+        every = list(query)
+        ranks = share_of(request).rank(runtime_of(request), sorted({j.pipeline.slug for j in every}))
+        every.sort(key=lambda j: (j.id not in ranks, ranks.get(j.id, (0, 0)), j.id))
+        rows = every[offset:offset + limit]
+    else:
+        rows = list(query.limit(limit).offset(offset))
     # the reference's minimal job: id and pipeline_slug (its worker takes the slug from here)
     results = [{"id": j.id, "pipeline_slug": j.pipeline.slug} if ids_only else {
         "id": j.id, "pipeline_slug": j.pipeline.slug, "status": j.status, "pipeline": j.pipeline.slug,
@@ -203,9 +224,12 @@ def _list_jobs(request: Request, ids_only: bool, incomplete_only: bool, slugs: l
             "previous": None, "results": results}
 
 
-@router.get("/projects/", summary="The projects this token may use (jetpipe has one, `default`)")
-def service_projects(_: Principal = SERVICE) -> dict:
-    return {"count": 1, "next": None, "previous": None, "results": [DEFAULT_PROJECT]}
+@router.get("/projects/", summary="The projects this token may use")
+@with_db
+def service_projects(who: Principal = SERVICE) -> dict:
+    models.default_project()  # a fresh install has it before its first job: a service registers into it
+    projects = [{"id": p.id, "name": p.name} for p in Project.select().order_by(Project.id) if who.may_see(p.name)]
+    return {"count": len(projects), "next": None, "previous": None, "results": projects}
 
 
 @router.post("/projects/{project_id}/pipelines/",
@@ -214,8 +238,9 @@ def service_projects(_: Principal = SERVICE) -> dict:
 def register_service_pipelines(project_id: int, body: RegistrationRequest, who: Principal = SERVICE) -> dict:
     """A service registers or updates its own pipelines; one registered by another service or by an
     operator is refused (403) and nothing of the request is registered."""
-    if project_id != DEFAULT_PROJECT["id"]:
-        raise NotFound(f"no project {project_id} (jetpipe has one project, id {DEFAULT_PROJECT['id']})")
+    project = Project.get_or_none(Project.id == project_id)
+    if project is None or not who.may_see(project.name):
+        raise NotFound(f"no project {project_id} (GET /api/v2/projects/ lists those this token may use)")
     specs = [decode_pipeline_spec(json.dumps({"slug": p.slug, "name": p.name, "algorithms": [
         {"key": a.key, "name": a.name, "task_type": a.task_type or "unknown"} for a in p.algorithms]}).encode(),
         source=f"pipeline {p.slug!r}") for p in body.pipelines]
@@ -239,8 +264,14 @@ def reserve_tasks(job_id: int, body: TasksRequest, request: Request, who: Princi
         if job.status in JobStatus.TERMINAL:
             runtime.runner.run(gateway_of(request).release([job_id]), timeout=LOOP_TIMEOUT_S)
         return {"tasks": []}
-    reserved = runtime.runner.run(gateway_of(request).reserve(job_id, job.pipeline.slug, body.batch_size),
+    slug, share = job.pipeline.slug, share_of(request)
+    if job.is_paused or not share.due(runtime, slug, job_id, body.batch_size):
+        log.debug("job=%s gateway: %s asked for tasks; none now (%s)", job_id, who.name,
+                  "paused" if job.is_paused else "another job of the pipeline is due first")
+        return {"tasks": []}
+    reserved = runtime.runner.run(gateway_of(request).reserve(job_id, slug, body.batch_size),
                                   timeout=LOOP_TIMEOUT_S)
+    share.served(runtime, slug, job_id, len(reserved))
     leases.record(runtime.redis, runtime.settings, job_id, who.name, reserved)
     if reserved:
         log.info("job=%s gateway: %s reserved %s of %s task(s)", job_id, who.name, len(reserved), body.batch_size)

@@ -16,22 +16,26 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 
 import models
-from pipeline import names
+from models import DEFAULT_PROJECT, JobStatus
+from pipeline import fairshare, names
+from pipeline.core import scheduling
 from pipeline.core.registry import list_pipelines, register_pipeline
 from pipeline.errors import NothingToDo, UserInputError
 from pipeline.infra import dlq
-from pipeline.ops import actions
+from pipeline.ops import actions, bulk
 from pipeline.ops.health import build_report
 from pipeline.ops.job_views import failed_images, get_job, job_summaries, job_summary, list_jobs, status_counts
 from pipeline.ops.sources import image_urls_from_upload, url_lines
 from pipeline.schemas import decode_pipeline_spec
-from pipeline.web.api import create_and_start
-from pipeline.web.auth import CSRF_COOKIE, SESSION_COOKIE, SESSION_S, csrf_ok, new_csrf_value
+from pipeline.web.api import create_and_start, visible
+from pipeline.web.auth import CSRF_COOKIE, SESSION_COOKIE, SESSION_S, Principal, csrf_ok, new_csrf_value
 from pipeline.web.deps import allowed, principal_of, runtime_of, with_db
 
 router = APIRouter(include_in_schema=False)
 READ = Depends(allowed("read", page=True))
 WRITE = Depends(allowed("write", page=True))
+READ_ALL = Depends(allowed("read", page=True, everywhere=True))  # spans every project
+WRITE_ALL = Depends(allowed("write", page=True, everywhere=True))
 PAGE_SIZE = 50
 FAILURES_PER_PAGE = 50
 
@@ -115,17 +119,24 @@ async def logout(request: Request):
 # ---- jobs ------------------------------------------------------------------------------------------------
 @router.get("/")
 @with_db
-def jobs_page(request: Request, status: str = "", pipeline: str = "", q: str = "", before: int | None = None,
-              _=READ):
+def jobs_page(request: Request, status: str = "", pipeline: str = "", project: str = "", q: str = "",
+              before: int | None = None, who: Principal = READ):
+    projects = visible(who, [project] if project else None)
     rows = list_jobs(statuses=[status] if status else (), pipeline=pipeline or None, search=q or None,
-                     before_id=before, limit=PAGE_SIZE)
-    return render(request, "jobs.html", jobs=job_summaries(rows), counts=status_counts(),
-                  pipelines=list_pipelines(), status=status, pipeline=pipeline, q=q,
+                     before_id=before, limit=PAGE_SIZE, projects=projects)
+    return render(request, "jobs.html", jobs=job_summaries(rows), counts=status_counts(projects),
+                  pipelines=list_pipelines(), status=status, pipeline=pipeline, q=q, project=project,
+                  projects=_projects(who), priorities=list(fairshare.PRIORITIES),
+                  default_project=sorted(who.projects)[0] if who.projects else DEFAULT_PROJECT,
                   next_before=rows[-1].id if len(rows) == PAGE_SIZE else None)
 
 
+def _projects(who: Principal) -> list[dict]:
+    return [p for p in scheduling.list_projects() if who.may_see(p["name"])]
+
+
 @router.post("/jobs")
-async def create_job_form(request: Request, _=WRITE):
+async def create_job_form(request: Request, who: Principal = WRITE):
     form = await checked_form(request)
     upload = form.get("urls_file")
     urls = url_lines(str(form.get("urls", "")).splitlines())
@@ -134,8 +145,10 @@ async def create_job_form(request: Request, _=WRITE):
 
     def create():
         with models.thread_connection():
-            return create_and_start(request, str(form.get("pipeline", "")), urls,
-                                    str(form.get("name") or "") or None, str(form.get("dispatch_mode") or "async_api"))
+            return create_and_start(request, who, str(form.get("pipeline", "")), urls,
+                                    str(form.get("name") or "") or None, str(form.get("dispatch_mode") or "async_api"),
+                                    project=str(form.get("project") or "").strip() or None,
+                                    priority=str(form.get("priority") or "normal"))
 
     job = await run_in_threadpool(create)
     return RedirectResponse(f"/jobs/{job['id']}", status_code=303)
@@ -143,8 +156,8 @@ async def create_job_form(request: Request, _=WRITE):
 
 @router.get("/jobs/{job_id}")
 @with_db
-def job_page(request: Request, job_id: int, after: int = 0, _=READ):
-    job = get_job(job_id)
+def job_page(request: Request, job_id: int, after: int = 0, who: Principal = READ):
+    job = get_job(job_id, who.projects)
     if job is None:
         return error_page(request, 404, f"no job {job_id}")
     failures = failed_images(job_id, FAILURES_PER_PAGE, after_image=after)
@@ -154,28 +167,46 @@ def job_page(request: Request, job_id: int, after: int = 0, _=READ):
 
 
 @router.post("/jobs/{job_id}/cancel")
-async def cancel_form(request: Request, job_id: int, _=WRITE):
+async def cancel_form(request: Request, job_id: int, who: Principal = WRITE):
     await checked_form(request)
-
-    def cancel():
-        with models.thread_connection():
-            try:
-                actions.cancel(runtime_of(request), job_id)
-            except NothingToDo:
-                pass  # it ended meanwhile: the page shows how
-
-    await run_in_threadpool(cancel)
+    await _act(actions.cancel, request, job_id, who)
     return RedirectResponse(f"/jobs/{job_id}", status_code=303)
 
 
+@router.post("/jobs/{job_id}/pause")
+async def pause_form(request: Request, job_id: int, who: Principal = WRITE):
+    form = await checked_form(request)
+    await _act(actions.pause, request, job_id, who, reason=str(form.get("reason") or "").strip() or None)
+    return RedirectResponse(f"/jobs/{job_id}", status_code=303)
+
+
+@router.post("/jobs/{job_id}/resume")
+async def resume_form(request: Request, job_id: int, who: Principal = WRITE):
+    await checked_form(request)
+    await _act(actions.resume, request, job_id, who)
+    return RedirectResponse(f"/jobs/{job_id}", status_code=303)
+
+
+async def _act(action, request: Request, job_id: int, who: Principal, **options) -> None:
+    """`action(runtime, job_id, by=…, projects=…)`; a job that changed meanwhile is fine: the page shows how."""
+    def act():
+        with models.thread_connection():
+            try:
+                action(runtime_of(request), job_id, by=who.name, projects=who.projects, **options)
+            except NothingToDo:
+                pass
+
+    await run_in_threadpool(act)
+
+
 @router.post("/jobs/{job_id}/retry-failed")
-async def retry_form(request: Request, job_id: int, _=WRITE):
+async def retry_form(request: Request, job_id: int, who: Principal = WRITE):
     await checked_form(request)
 
     def retry():
         with models.thread_connection():
             try:
-                return actions.retry_failed(runtime_of(request), job_id).id
+                return actions.retry_failed(runtime_of(request), job_id, by=who.name, projects=who.projects).id
             except NothingToDo:
                 return job_id
 
@@ -183,23 +214,70 @@ async def retry_form(request: Request, job_id: int, _=WRITE):
     return RedirectResponse(f"/jobs/{target}", status_code=303)
 
 
+# ---- bulk actions ----------------------------------------------------------------------------------------
+BULK_FIELDS = ("action", "project", "pipeline", "status", "name", "older_than", "reason")
+
+
+def _bulk_filter(fields: dict[str, str], ids: tuple[int, ...] = ()) -> bulk.Filter:
+    return bulk.Filter(projects=(fields["project"],) if fields["project"] else (),
+                       pipelines=(fields["pipeline"],) if fields["pipeline"] else (),
+                       statuses=(fields["status"],) if fields["status"] else (), name=fields["name"] or None,
+                       older_than_s=bulk.parse_age(fields["older_than"]) if fields["older_than"] else None, ids=ids)
+
+
+@router.get("/bulk")
+@with_db
+def bulk_page(request: Request, who: Principal = WRITE):
+    fields = {key: str(request.query_params.get(key, "")).strip() for key in BULK_FIELDS}
+    plan = selection = None
+    if fields["action"]:
+        selection = _bulk_filter(fields)
+        plan = bulk.plan(fields["action"], selection, scope=who.projects)
+    return render(request, "bulk.html", form=fields, actions=bulk.ACTIONS, projects=_projects(who),
+                  pipelines=list_pipelines(), statuses=JobStatus.ALL, plan=plan, done=None,
+                  filter_text=selection.describe() if selection else "")
+
+
+@router.post("/bulk")
+async def bulk_form(request: Request, who: Principal = WRITE):
+    """Apply a bulk action to the jobs the confirmation page listed (and that the filter still picks)."""
+    form = await checked_form(request)
+    fields = {key: str(form.get(key) or "").strip() for key in BULK_FIELDS}
+    try:
+        ids = tuple(int(value) for value in form.getlist("id") if isinstance(value, str))
+    except ValueError:
+        raise UserInputError("the confirmed job ids are not numbers") from None
+    if not ids:
+        raise UserInputError("no job was confirmed: show what would change first")
+
+    def apply():
+        with models.thread_connection():
+            return bulk.apply(runtime_of(request), fields["action"], _bulk_filter(fields, ids), by=who.name,
+                              scope=who.projects, reason=fields["reason"] or None)
+
+    done = await run_in_threadpool(apply)
+    with models.thread_connection():
+        return render(request, "bulk.html", form=fields, actions=bulk.ACTIONS, projects=_projects(who),
+                      pipelines=list_pipelines(), statuses=JobStatus.ALL, plan=None, done=done, filter_text="")
+
+
 # ---- health, dead letters, pipelines ---------------------------------------------------------------------
 @router.get("/health")
 @with_db
-def health_page(request: Request, _=READ):
+def health_page(request: Request, _=READ_ALL):
     runtime = runtime_of(request)
     _, report = build_report(runtime.settings, runtime.runner)
     return render(request, "health.html", report=report)
 
 
 @router.get("/dlq")
-def dlq_page(request: Request, _=READ):
+def dlq_page(request: Request, _=READ_ALL):
     dead = [d.as_dict() for d in dlq.list_dead(runtime_of(request).redis)]
     return render(request, "dlq.html", messages=dead)
 
 
 @router.post("/dlq/replay")
-async def dlq_replay_form(request: Request, _=WRITE):
+async def dlq_replay_form(request: Request, _=WRITE_ALL):
     form = await checked_form(request)
     ids = {value for value in form.getlist("id") if isinstance(value, str)}
     if not ids and not form.get("all"):
@@ -216,7 +294,7 @@ def pipelines_page(request: Request, _=READ):
 
 
 @router.post("/pipelines")
-async def register_form(request: Request, _=WRITE):
+async def register_form(request: Request, _=WRITE_ALL):
     form = await checked_form(request)
     spec = decode_pipeline_spec(str(form.get("spec", "")).encode(), source="the form")
 

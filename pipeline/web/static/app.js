@@ -37,6 +37,17 @@ const jetpipe = (() => {
     if (cancel) cancel.hidden = ended;
     const retry = $("retry-form");
     if (retry) retry.hidden = !(ended && job.failed > 0);
+    const paused = $("job-paused");
+    if (paused) {
+      paused.hidden = !job.paused;
+      setText("paused-at", job.paused_at || "");
+      setText("pause-reason", job.pause_reason ? `: ${job.pause_reason}` : "");
+    }
+    const pause = $("pause-form");
+    if (pause) pause.hidden = ended || job.paused || job.dispatch_mode !== "async_api";
+    const resume = $("resume-form");
+    if (resume) resume.hidden = ended || !job.paused;
+    setText("job-priority", job.priority_name);
     return ended;
   }
 
