@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import os
 import signal
 import subprocess
@@ -126,6 +127,42 @@ def make_stack(tmp_path):
     yield make
     for dev in made:
         dev.stop()
+
+
+@pytest.fixture
+def chaos_env(make_stack, db_url, moth_pipeline, trap_images):
+    """Private NATS + Redis (the test may break them), and a way to enqueue jobs through the CLI."""
+    dev = make_stack()
+
+    def settings(**overrides):
+        return make_settings(db_url, dev, **overrides)
+
+    from pipeline.infra.runtime import Runtime, set_runtime
+    from pipeline.sdk import moth
+
+    base = settings(PIPELINE_NATS_TASK_TTR=5, PIPELINE_NATS_MAX_DELIVER=5)  # headroom on a loaded 2-core box
+    rt = Runtime(base, name="jetpipe-chaos-test")
+    previous = set_runtime(rt)
+
+    def enqueue(s, urls, *options: str) -> int:
+        command = ["cli.py", "enqueue-job", "--pipeline", moth.SLUG, "--json", *options, *urls]
+        proc = subprocess.run([sys.executable, *command], cwd=PROJECT, env=subprocess_env(s), capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)["id"]
+
+    def cli(s, *args) -> subprocess.CompletedProcess:
+        env = {**subprocess_env(s), "COLUMNS": "200"}
+        return subprocess.run([sys.executable, "cli.py", *args], cwd=PROJECT, env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    directory, truth = trap_images
+    urls = [f"file://{directory}/{name}" for name in sorted(truth)]
+    yield type("ChaosEnv", (), {"dev": dev, "settings": staticmethod(settings), "base": base, "rt": rt,
+                                "enqueue": staticmethod(enqueue), "cli": staticmethod(cli), "urls": urls,
+                                "truth": truth})
+    set_runtime(previous)
+    rt.close()
 
 
 @pytest.fixture

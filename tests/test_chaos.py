@@ -9,8 +9,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
@@ -18,47 +16,14 @@ import redis
 
 from models import Job, JobImage, JobStatus
 from pipeline.infra.aio import LoopThread
-from pipeline.infra.runtime import Runtime, set_runtime
 from pipeline.ops import chaos
 from pipeline.schemas import Task, encode
 from pipeline.sdk import moth
-from tests.conftest import PROJECT, make_settings, subprocess_env, wait_for
+from tests.conftest import wait_for
 from tests.helpers import raw_service
 
 pytestmark = pytest.mark.slow
 SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-
-
-@pytest.fixture
-def chaos_env(make_stack, db_url, moth_pipeline, trap_images):
-    """Private NATS + Redis (the test may break them), and a way to enqueue jobs through the CLI."""
-    dev = make_stack()
-
-    def settings(**overrides):
-        return make_settings(db_url, dev, **overrides)
-
-    base = settings(PIPELINE_NATS_TASK_TTR=5, PIPELINE_NATS_MAX_DELIVER=5)  # headroom on a loaded 2-core box
-    rt = Runtime(base, name="jetpipe-chaos-test")
-    previous = set_runtime(rt)
-
-    def enqueue(s, urls) -> int:
-        proc = subprocess.run([sys.executable, "cli.py", "enqueue-job", "--pipeline", moth.SLUG, "--json", *urls],
-                              cwd=PROJECT, env=subprocess_env(s), capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, proc.stderr
-        return json.loads(proc.stdout)["id"]
-
-    def cli(s, *args) -> subprocess.CompletedProcess:
-        env = {**subprocess_env(s), "COLUMNS": "200"}
-        return subprocess.run([sys.executable, "cli.py", *args], cwd=PROJECT, env=env, capture_output=True,
-                              text=True, timeout=60)
-
-    directory, truth = trap_images
-    urls = [f"file://{directory}/{name}" for name in sorted(truth)]
-    yield type("ChaosEnv", (), {"dev": dev, "settings": staticmethod(settings), "base": base, "rt": rt,
-                                "enqueue": staticmethod(enqueue), "cli": staticmethod(cli), "urls": urls,
-                                "truth": truth})
-    set_runtime(previous)
-    rt.close()
 
 
 def slow_moth(task):
@@ -75,8 +40,9 @@ def processed(job_id: int) -> int:
     return Job.get_by_id(job_id).progress["stages"]["process"]["processed"]
 
 
-def assert_exact(env, job: Job, n: int) -> None:
-    expected = sum(len(env.truth[u.rsplit("/", 1)[1]]) for u in env.urls[:n])
+def assert_exact(env, job: Job, n: int, *, first: int = 0) -> None:
+    """`job` (over urls[first:first + n]) ended SUCCESS with every count equal to the ground truth."""
+    expected = sum(len(env.truth[u.rsplit("/", 1)[1]]) for u in env.urls[first:first + n])
     stages = job.progress["stages"]
     assert job.status == JobStatus.SUCCESS
     assert (stages["process"]["processed"], stages["process"]["failed"]) == (n, 0)
@@ -84,42 +50,49 @@ def assert_exact(env, job: Job, n: int) -> None:
 
 
 def job_under_way(env, worker_factory, service_factory):
-    """A worker, the reference service (slowed down) and a 40-image job a quarter done: (worker, job id)."""
+    """A worker, the reference service (slowed down), a 40-image job of project lab-a a quarter done, and a
+    10-image high-priority job of project lab-b enqueued then (the service takes it first: the scenarios run
+    with jobs re-ordered between projects): (worker, job id, other job id)."""
     worker = worker_factory(env.base)
     service_factory(env.base, moth.SLUG, slow_moth, concurrency=2)
-    job_id = env.enqueue(env.base, env.urls[:40])
+    job_id = env.enqueue(env.base, env.urls[:40], "--project", "lab-a")
     wait_for(lambda: processed(job_id) >= 10, timeout_s=60, message="job to be under way")
-    return worker, job_id
+    other_id = env.enqueue(env.base, env.urls[40:50], "--project", "lab-b", "--priority", "high")
+    return worker, job_id, other_id
+
+
+def both_exact(env, job_id: int, other_id: int, *, timeout_s: float, after: str) -> None:
+    job = wait_for(lambda: finished(job_id), timeout_s=timeout_s, message=f"job to finish {after}")
+    assert_exact(env, job, 40)
+    other = wait_for(lambda: finished(other_id), timeout_s=timeout_s, message=f"other project's job to finish {after}")
+    assert_exact(env, other, 10, first=40)
 
 
 def test_a_redis_flush_mid_job_still_completes_with_exact_counts(chaos_env, worker_factory, service_factory):
     env = chaos_env
-    _, job_id = job_under_way(env, worker_factory, service_factory)
+    _, job_id, other_id = job_under_way(env, worker_factory, service_factory)
     chaos.flush_redis(env.base.redis_url)  # job state, queued results, heartbeats: all gone
-    job = wait_for(lambda: finished(job_id), timeout_s=120, message="job to finish after the flush")
-    assert_exact(env, job, 40)
+    both_exact(env, job_id, other_id, timeout_s=120, after="after the flush")
 
 
 def test_a_nats_restart_mid_job_still_completes(chaos_env, worker_factory, service_factory):
     env = chaos_env
-    _, job_id = job_under_way(env, worker_factory, service_factory)
+    _, job_id, other_id = job_under_way(env, worker_factory, service_factory)
     env.dev.nats.restart()  # SIGTERM, then the same port and store
-    job = wait_for(lambda: finished(job_id), timeout_s=120, message="job to finish after the restart")
-    assert_exact(env, job, 40)
+    both_exact(env, job_id, other_id, timeout_s=120, after="after the restart")
 
 
 def test_a_killed_worker_is_replaced_and_the_job_completes_within_a_minute(chaos_env, worker_factory,
                                                                           service_factory):
     env = chaos_env
-    master, job_id = job_under_way(env, worker_factory, service_factory)
+    master, job_id, other_id = job_under_way(env, worker_factory, service_factory)
     wait_for(lambda: chaos.worker_pids(master.pid), timeout_s=10, message="worker process")
     assert chaos.kill_worker(master.pid)
     killed_at = time.monotonic()
     master.wait(30)  # the dramatiq master exits when a worker dies; a supervisor starts it again:
     worker_factory(env.base)
-    job = wait_for(lambda: finished(job_id), timeout_s=60, message="job to finish within 60 s of the kill")
+    both_exact(env, job_id, other_id, timeout_s=60, after="within 60 s of the kill")
     assert time.monotonic() - killed_at < 60
-    assert_exact(env, job, 40)
 
 
 @SQLITE_ONLY  # about processes and NATS, not the database
@@ -128,7 +101,7 @@ def test_a_worker_stopped_by_sigterm_exits_within_10_s_and_another_finishes_the_
         chaos_env, worker_factory, service_factory, how):
     # Given a job under way on its only worker (a dramatiq master and its worker process)
     env = chaos_env
-    master, job_id = job_under_way(env, worker_factory, service_factory)
+    master, job_id, other_id = job_under_way(env, worker_factory, service_factory)
     # When SIGTERM goes to its process group (systemd, docker, `kill -TERM -PGID`), or to the master alone
     stopped_at = time.monotonic()
     (os.killpg if how == "group" else os.kill)(master.pid, signal.SIGTERM)
@@ -139,8 +112,7 @@ def test_a_worker_stopped_by_sigterm_exits_within_10_s_and_another_finishes_the_
     assert "cannot schedule new futures" not in logs and "Killing worker process" not in logs
     # And a new worker finishes the job with exact counts
     worker_factory(env.base)
-    job = wait_for(lambda: finished(job_id), timeout_s=90, message="job to finish on the new worker")
-    assert_exact(env, job, 40)
+    both_exact(env, job_id, other_id, timeout_s=90, after="on the new worker")
 
 
 @SQLITE_ONLY  # about processes and NATS, not the database

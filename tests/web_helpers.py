@@ -8,11 +8,15 @@ from pipeline.web.server import BackgroundWebServer
 #: Tokens the web tests configure: name -> (role, token).
 TOKENS = {"ada": ("operator", "operator-token-0123456789"), "vic": ("viewer", "viewer-token-0123456789"),
           "svc": ("service", "service-token-0123456789")}
-TOKENS_SETTING = ",".join(f"{name}:{role}:{token}" for name, (role, token) in TOKENS.items())
+#: Tokens limited to projects: name -> (role, token, projects joined by "+").
+SCOPED = {"lab": ("operator", "lab-a-operator-token-0123", "lab-a"),
+          "labview": ("viewer", "lab-a-b-viewer-token-0123", "lab-a+lab-b")}
+TOKENS_SETTING = ",".join([f"{name}:{role}:{token}" for name, (role, token) in TOKENS.items()]
+                          + [f"{name}:{role}:{token}:{projects}" for name, (role, token, projects) in SCOPED.items()])
 
 
 def bearer(name: str) -> dict:
-    return {"Authorization": f"Bearer {TOKENS[name][1]}"}
+    return {"Authorization": f"Bearer {(TOKENS.get(name) or SCOPED[name])[1]}"}
 
 
 def WebServer(settings, runtime) -> BackgroundWebServer:  # noqa: N802 - reads like the class it returns

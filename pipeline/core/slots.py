@@ -14,7 +14,7 @@ from pipeline.core import progress, scheduling
 from pipeline.core.joblog import job_log
 from pipeline.errors import JobSlotsFull
 from pipeline.infra.runtime import Runtime
-from pipeline.infra.taskqueue import is_paused
+from pipeline.infra.taskqueue import is_paused, own_metadata
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def take_job_slot(runtime: Runtime, job: Job) -> ConsumerConfig:
     consumer = runtime.tasks.ensure_job_consumer(job.id, job.pipeline.slug, max_deliver=settings.nats_max_deliver,
                                                  ack_wait_s=settings.nats_task_ttr, **options)
     scheduling.consumer_made(runtime, job.id, job.pipeline.slug, server_paused=is_paused(consumer),
-                             claim=consumer.metadata or {})
+                             claim=own_metadata(consumer))
     return consumer
 
 

@@ -125,6 +125,11 @@ class JobConsumer:
 PAUSED_FOR_GOOD = "2999-12-31T00:00:00Z"
 
 
+def own_metadata(config: ConsumerConfig) -> dict[str, str]:
+    """A consumer's metadata as jetpipe wrote it (without the keys the server adds, `_nats.*`)."""
+    return {k: v for k, v in (config.metadata or {}).items() if not k.startswith("_nats.")}
+
+
 def is_paused(config: ConsumerConfig) -> bool:
     """Whether the server holds this consumer's deliveries now (its `pause_until` lies ahead)."""
     until = config.pause_until or ""
@@ -483,7 +488,7 @@ class TaskQueue:
             info = await self.js.consumer_info(stream, name, timeout=API_TIMEOUT_S)
         except nats.js.errors.NotFoundError:
             return False
-        if (info.config.metadata or {}) != metadata:
+        if own_metadata(info.config) != metadata:
             await self.js.add_consumer(stream, dataclasses.replace(info.config, metadata=metadata))
         return True
 
@@ -552,7 +557,7 @@ class TaskQueue:
                     subject = info.config.filter_subject or ""
                     if job_id is not None and subject.startswith(prefix):
                         found.append(JobConsumer(job_id, info.name, subject, slug, info.num_pending or 0,
-                                                 dict(info.config.metadata or {}), bool(info.paused)))
+                                                 own_metadata(info.config), bool(info.paused)))
                 if len(page) < 256:
                     break
                 offset += len(page)
