@@ -1,6 +1,6 @@
 """Crash-point matrix: a real worker SIGKILLed at each named point of taking results, saving them and
-run_job during a 20-image job; a fresh worker finishes it. Invariants 1 (ACK last), 2 (exact counters)
-and 11 (a result in hand decides its image) under crashes.
+run_job during a 20-image job (beside a 10-image job of another project); a fresh worker finishes both.
+Invariants 1 (ACK last), 2 (exact counters) and 11 (a result in hand decides its image) under crashes.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from models import Detection, Job, JobImage, JobStatus
+from pipeline.core import scheduling
 from pipeline.core.jobs import create_job, start_job
 from pipeline.ops.sources import image_urls_from_dir
 from pipeline.sdk import moth
@@ -32,15 +33,19 @@ def test_a_worker_killed_at_a_crash_point_converges(point, batch_size, runtime, 
     settings = make_settings(db_url, stack, PIPELINE_NATS_TASK_TTR=3, PIPELINE_NATS_MAX_DELIVER=10,
                              PIPELINE_DISPATCH_CHUNK=4)
     directory, truth = trap_images
-    urls = image_urls_from_dir(str(directory))[:20]
-    expected = sum(len(truth[u.rsplit("/", 1)[1]]) for u in urls)
+    every = image_urls_from_dir(str(directory))
+    urls, other_urls = every[:20], every[20:30]
     # and a worker armed to SIGKILL itself at `point`: a point passed per result message on its 3rd pass,
     # one passed per saving transaction (which holds every message that has arrived) on its first
     skip = 2 if point in TAKE_POINTS + ["after_validation"] else 1 if point == "mid_publish" else 0
     crashing = worker_factory(settings, PIPELINE_CRASH_AT=point, PIPELINE_CRASH_SKIP=skip)
     service_factory(settings, moth.SLUG, moth.process_task, batch_size=batch_size)
-    job = create_job(moth.SLUG, urls, name=f"crash at {point}")
+    # and two projects' jobs at once, weighted 1 and 3: the service takes their tasks interleaved
+    scheduling.set_project_weight(runtime, "lab-b", 3)
+    job = create_job(moth.SLUG, urls, name=f"crash at {point}", project="lab-a")
+    other = create_job(moth.SLUG, other_urls, name=f"beside a crash at {point}", project="lab-b")
     start_job(runtime, job)
+    start_job(runtime, other)
 
     # When the worker dies at that point
     try:
@@ -51,16 +56,21 @@ def test_a_worker_killed_at_a_crash_point_converges(point, batch_size, runtime, 
     assert f"crash point {point} reached" in worker_factory.logs()
     # and a fresh worker takes over
     worker_factory(settings)
-    job = wait_for(lambda: (j := Job.get_by_id(job.id)).status in JobStatus.TERMINAL and j.cleaned_up_at and j,
-                   timeout_s=120, message="job to finish and clean up")
+    # Then both jobs are SUCCESS with counters equal to the ground truth, and nothing is left behind
+    for ended, its_urls in ((job, urls), (other, other_urls)):
+        converged(runtime, worker_factory, ended.id, its_urls, truth)
 
-    # Then the job is SUCCESS with counters equal to the ground truth, and nothing is left behind
+
+def converged(runtime, worker_factory, job_id: int, urls: list[str], truth: dict) -> None:
+    job = wait_for(lambda: (j := Job.get_by_id(job_id)).status in JobStatus.TERMINAL and j.cleaned_up_at and j,
+                   timeout_s=120, message=f"job {job_id} to finish and clean up")
+    expected = sum(len(truth[u.rsplit("/", 1)[1]]) for u in urls)
     stages = job.progress["stages"]
     assert job.status == JobStatus.SUCCESS, worker_factory.logs()[-4000:]
-    assert (stages["process"]["processed"], stages["process"]["failed"]) == (20, 0)
+    assert (stages["process"]["processed"], stages["process"]["failed"]) == (len(urls), 0)
     assert stages["results"]["detections"] == expected
     assert stages["results"]["classifications"] == expected
-    assert stages["results"]["captures"] == 20
+    assert stages["results"]["captures"] == len(urls)
     real = Detection.select().join(JobImage, on=(Detection.image == JobImage.image)).where(
         (JobImage.job == job.id) & (Detection.bbox_key != ""))
     assert real.count() == expected  # no duplicate rows
