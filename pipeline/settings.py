@@ -96,7 +96,8 @@ OPTIONS: dict[str, Option] = {
     "web_port": Option("PIPELINE_WEB_PORT", "8080", "port `cli.py web` listens on"),
     "web_tokens": Option("PIPELINE_WEB_TOKENS", "",
                          "access tokens of the web server, comma-separated name:role:token (role: viewer, "
-                         "operator or service); none: it listens on 127.0.0.1 only"),
+                         "operator or service), or name:role:token:project+project to limit one to projects; "
+                         "none: it listens on 127.0.0.1 only"),
     "web_tokens_file": Option("PIPELINE_WEB_TOKENS_FILE", "", "a file of name:role:token lines, the same"),
     "web_max_body_mb": Option("PIPELINE_WEB_MAX_BODY_MB", "32",
                               "largest request body the web server accepts (a batch of results, a file of "

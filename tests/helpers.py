@@ -231,7 +231,8 @@ async def raw_service(nats_url: str, pipeline: str, stop: asyncio.Event, answer,
 
 async def _raw_round(js, subs: dict, pipeline: str, answer, *, copies: int, seen: Counter | None,
                      old_contract: bool) -> int:
-    """One look at the pipeline's jobs and one fetch from each; the number of tasks answered."""
+    """One look at the pipeline's jobs and one fetch from each not paused, highest priority first; the number of
+    tasks answered."""
     import nats.js.errors
 
     try:
@@ -239,12 +240,23 @@ async def _raw_round(js, subs: dict, pipeline: str, answer, *, copies: int, seen
     except nats.js.errors.NotFoundError:  # no worker has created the streams yet
         await asyncio.sleep(0.2)
         return 0
+    priority, paused = {}, set()
     for info in consumers:
         subject = info.config.filter_subject or ""
-        if subject.startswith(f"pipeline.tasks.{pipeline}.") and info.name not in subs:
+        metadata = info.config.metadata or {}
+        if not subject.startswith(f"pipeline.tasks.{pipeline}."):
+            continue
+        if metadata.get("paused") == "true":  # "Which job next": a paused job is not pulled
+            paused.add(info.name)
+        priority[info.name] = int(metadata.get("priority", "0"))
+        if info.name not in subs:
             subs[info.name] = await js.pull_subscribe_bind(info.name, stream=f"PIPELINE_TASKS_{pipeline}")
-    done, got_any = 0, False
-    for name, sub in list(subs.items()):
+    done, got_any, served = 0, False, None
+    # the highest priority first, a lower one only if it had nothing (one fetch from each job of a priority
+    # per round keeps equal shares between them)
+    for name, sub in sorted(subs.items(), key=lambda item: -priority.get(item[0], 0)):
+        if name in paused or (served is not None and priority.get(name, 0) < served):
+            continue
         try:
             msgs = await sub.fetch(100, timeout=0.2)
         except (TimeoutError, nats.errors.TimeoutError):
@@ -252,7 +264,7 @@ async def _raw_round(js, subs: dict, pipeline: str, answer, *, copies: int, seen
         except nats.js.errors.Error:  # consumer deleted: the job is over
             del subs[name]
             continue
-        got_any = True
+        got_any, served = True, priority.get(name, 0)
         for msg in msgs:
             task = json.loads(msg.data)
             assert msg.headers["Nats-Msg-Id"] == f"{task['job_id']}:{task['image_id']}"

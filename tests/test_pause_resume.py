@@ -191,7 +191,7 @@ def test_on_a_nats_server_that_cannot_pause_a_consumer_the_job_log_says_so(make_
         scheduling.pause(rt, job.id, by="test")
         line = JobLog.select().where(JobLog.job == job.id).order_by(JobLog.id.desc()).get()
         assert line.level == logging.getLevelName(logging.INFO)
-        assert "cannot pause a consumer" in line.message and "the gateway and the SDK hand out no task" in line.message
+        assert "cannot pause a consumer" in line.message and "the gateway hands out none" in line.message
         report = HealthCheck(rt, now=utcnow() + dt.timedelta(days=2)).run()  # past the 24 h pickup timeout
         assert Job.get_by_id(job.id).status == JobStatus.STARTED, report
     finally:

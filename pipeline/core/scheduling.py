@@ -206,9 +206,9 @@ def _consumer_paused(runtime: Runtime, job: Job, *, paused: bool) -> str:
     if held is False:
         return "it has no consumer now: its consumer is made " + ("paused" if paused else "running")
     if held is None:
-        return ("this NATS server cannot pause a consumer (2.11 and later can): the gateway and the SDK hand out "
-                "no task of it, a service that ignores the job's metadata could still pull" if paused
-                else "the gateway and the SDK hand out its tasks again")
+        return ("this NATS server cannot pause a consumer (2.11 and later can): the gateway hands out none of its "
+                "tasks, nor do services that read the job's metadata (NATS 2.10 and later keep it); any other "
+                "service may still pull them" if paused else "services hand out its tasks again")
     return "the NATS server holds its tasks; those in flight finish" if paused else "the NATS server delivers again"
 
 
