@@ -21,6 +21,9 @@ Figures (issue 6; targets in brackets):
                <= 150 ms, p90 <= 300 ms]
   latency      lost image -> failed (MAX_DELIVERIES advisory path); worker SIGKILL -> job complete
   memory       peak RSS of enqueue-job + run_job for a large job                      [<= 300 MB]
+  fairness     a 50-image job beside a running 100,000-image job of another project, and two projects
+               weighted 3:1, on a service of fixed capacity: fair share (SDK) vs first-come
+               (benchmarks/fairness.py)                                  [<= 2x its idle time; 3:1 +- 10 %]
 """
 
 from __future__ import annotations
@@ -886,6 +889,7 @@ def main() -> int:
     parser.add_argument("--small-pause", type=float, default=1.0,
                         help="seconds of idle stack before each small job (stage small)")
     parser.add_argument("--consumers", type=int, default=2_000, help="idle job consumers held (stage cluster)")
+    parser.add_argument("--fair-big", type=int, default=100_000, help="the running big job (stage fairness)")
     parser.add_argument("--postgres", metavar="URL",
                         help="also run end to end on PostgreSQL (a throwaway database is created on this server)")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="what to measure")
@@ -907,7 +911,8 @@ def main() -> int:
     return 0
 
 
-STAGES = ("dispatch", "e2e", "small", "gateway", "workers", "cluster", "backlog", "sweep", "latency", "memory")
+STAGES = ("dispatch", "e2e", "small", "gateway", "workers", "cluster", "backlog", "sweep", "latency", "memory",
+          "fairness")
 
 
 def measure(args, stack: DevStack, tmp: str) -> list[tuple]:
@@ -973,6 +978,10 @@ def measure(args, stack: DevStack, tmp: str) -> list[tuple]:
     if "latency" in args.stages:
         console.log("latencies: lost image, worker SIGKILL")
         rows += latencies(stack, tmp)
+    if "fairness" in args.stages:
+        from benchmarks.fairness import fairness
+
+        rows += fairness(stack, tmp, big=args.fair_big)
     if "memory" in args.stages:
         console.log("memory: enqueue + run_job")
         fresh_servers(stack)
