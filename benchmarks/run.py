@@ -981,7 +981,10 @@ def measure(args, stack: DevStack, tmp: str) -> list[tuple]:
     if "fairness" in args.stages:
         from benchmarks.fairness import fairness
 
-        rows += fairness(stack, tmp, big=args.fair_big)
+        databases = [("SQLite", lambda: contextlib.nullcontext(f"sqlite:///{tmp}/fair-{time.time_ns()}.db"))]
+        if args.postgres:
+            databases.append(("PostgreSQL", lambda: throwaway_database(args.postgres)))
+        rows += fairness(stack, tmp, big=args.fair_big, databases=databases)
     if "memory" in args.stages:
         console.log("memory: enqueue + run_job")
         fresh_servers(stack)

@@ -143,6 +143,53 @@ def test_cancel_turns_a_running_job_revoked(page, web, runtime, moth_pipeline):
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_pause_and_resume_from_the_job_page_show_the_reason_literally(page, web, runtime, moth_pipeline):
+    job = fake_job(moth_pipeline, 4, project="lab-a", priority="high")
+    dispatch(runtime, job.id)
+    page.goto(f"{web.url}/jobs/{job.id}")
+    assert page.inner_text("#job-project") == "lab-a" and page.inner_text("#job-priority") == "high"
+    assert page.is_hidden("#job-paused") and page.is_hidden("#resume-form")
+    page.fill("#pause-form input[name=reason]", "<b>GPU</b> swap")
+    page.click("#pause")
+    page.wait_for_selector("#job-paused", state="visible")
+    assert "<b>GPU</b> swap" in page.inner_text("#job-paused")
+    assert Job.get_by_id(job.id).paused_at is not None and page.is_hidden("#pause-form")
+    shot(page, "job-paused")
+    page.click("#resume")
+    page.wait_for_selector("#job-paused", state="hidden")
+    assert Job.get_by_id(job.id).paused_at is None and page.is_visible("#pause-form")
+    assert pull_tasks(runtime, job.id, 4)  # its tasks go out again
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_bulk_action_lists_the_jobs_then_acts_on_those_confirmed(page, web, runtime, moth_pipeline):
+    jobs = [fake_job(moth_pipeline, 2, project=project, name=f"night {n}")
+            for n, project in enumerate(["lab-a", "lab-b", "lab-b"])]
+    for job in jobs:
+        dispatch(runtime, job.id)
+    page.goto(f"{web.url}/")
+    page.click("#bulk-link")
+    page.select_option("#bulk-filter select[name=action]", "pause")
+    page.select_option("#bulk-filter select[name=project]", "lab-b")
+    page.click("#bulk-preview")
+    page.wait_for_selector("#bulk-plan")
+    listed = page.locator("#bulk-plan tbody tr td:first-child").all_inner_texts()
+    assert listed == [str(jobs[1].id), str(jobs[2].id)]
+    assert all(Job.get_by_id(j.id).paused_at is None for j in jobs)  # nothing changed yet
+    shot(page, "bulk-plan")
+    late = fake_job(moth_pipeline, 2, project="lab-b", name="came after the list")
+    dispatch(runtime, late.id)
+    page.click("#bulk-apply")  # the confirmation dialog is accepted
+    page.wait_for_selector("#bulk-done")
+    assert "2 of 2 job(s) changed" in page.inner_text("#done-title")
+    assert [Job.get_by_id(j.id).paused_at is not None for j in jobs] == [False, True, True]
+    assert Job.get_by_id(late.id).paused_at is None  # only what was shown and confirmed
+    shot(page, "bulk-done")
+    page.goto(f"{web.url}/?project=lab-b")
+    assert page.locator("#jobs tbody tr").count() == 3 and page.locator("#jobs .badge.paused").count() == 2
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_the_health_page_turns_red_when_nats_is_stopped(page, private_runtime):
     runtime, dev = private_runtime
     server = WebServer(runtime.settings, runtime).start()

@@ -78,8 +78,6 @@ class RegistrationRequest(BaseModel):
     pipelines: list[PipelineConfig] = Field(default_factory=list, max_length=100)
 
 
-
-
 class _ResultItem(msgspec.Struct):
     reply_subject: str
     result: msgspec.Raw  # handed on as it came, never re-encoded
