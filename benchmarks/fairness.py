@@ -113,10 +113,15 @@ def took(job_id):
 def delivered(job_id):
     return rt.tasks.consumer_state(job_id, "moth-demo").num_delivered
 out = {}
-if MODE == "alone":
-    b = job(SMALL, "lab-b", "alone")
-    wait(lambda: Job.get_by_id(b).finished_at is not None)
-    out["small_s"], out["status"] = took(b)
+if MODE == "alone":  # after a first job that makes the tasks stream and warms every connection, three jobs
+    times, statuses = [], set()
+    for n in range(4):
+        b = job(SMALL if n else 1, "lab-b", f"alone-{n}")
+        wait(lambda: Job.get_by_id(b).finished_at is not None)
+        if n:
+            times.append(took(b)[0])
+            statuses.add(took(b)[1])
+    out["small_s"], out["status"] = sorted(times)[1], "SUCCESS" if statuses == {"SUCCESS"} else sorted(statuses)
 elif MODE == "beside":
     a = job(BIG, "lab-a", "big")
     wait(lambda: processed(a) >= 2000 and (not AFTER_DISPATCH or Job.get_by_id(a).dispatched_at is not None))
@@ -184,7 +189,7 @@ def fairness(stack: DevStack, tmp: str, *, big: int = 100_000, small: int = 50, 
         ok = all(r["status"] == "SUCCESS" for r in runs)
         return (f"{small}-image job of project B beside a {big:,}-image job of A {when} ({label})",
                 f"{median:,.2f} s{spread} ({'SUCCESS' if ok else 'not all SUCCESS'}; A had "
-                f"{runs[0]['big_processed']:,} done)", f"{alone['small_s']:,.2f} s alone, {capacity}",
+                f"{runs[0]['big_processed']:,} done)", f"{alone['small_s']:,.2f} s alone (median of 3), {capacity}",
                 f"{median / alone['small_s']:.2f}x", "<= 2x" if target else "",
                 (median / alone["small_s"] <= 2 and ok) if target else None)
 

@@ -15,7 +15,7 @@ from models import Job, JobLog, JobStatus, utcnow
 from pipeline.core import scheduling
 from pipeline.core.jobs import create_job
 from pipeline.core.reconciler import HealthCheck
-from pipeline.errors import NothingToDo, UserInputError
+from pipeline.errors import NothingToDo, TransientError, UserInputError
 from pipeline.sdk import moth
 from tests.conftest import kill_group, wait_for
 from tests.helpers import dispatch, fake_job, pull_tasks
@@ -210,3 +210,24 @@ def test_pause_and_resume_through_the_cli_say_what_they_did_and_refuse_clearly(c
     assert missing.returncode == 1 and missing.stderr.strip() == "error: no job 999999"
     assert env.cli(env.base, "resume", str(job_id)).returncode == 0
     assert Job.get_by_id(job_id).paused_at is None
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_with_nats_unreachable_a_pause_or_a_resume_changes_nothing_and_says_so(private_runtime):
+    rt, dev = private_runtime
+    job = fake_job(moth.SLUG, 2)
+    dispatch(rt, job.id)
+    rt.tasks.timeout_s = 5  # fail quickly while NATS is down
+    dev.nats.stop()
+    with pytest.raises(TransientError, match=f"job {job.id} was not paused"):
+        scheduling.pause(rt, job.id, by="test")
+    assert Job.get_by_id(job.id).paused_at is None
+    dev.nats.start()
+    wait_for(lambda: rt.tasks.queue.nc.is_connected, timeout_s=15, message="NATS reconnect")
+    scheduling.pause(rt, job.id, by="test")
+    was = Job.get_by_id(job.id)
+    dev.nats.stop()
+    with pytest.raises(TransientError, match=f"job {job.id} is still paused"):
+        scheduling.resume(rt, job.id, by="test")
+    now = Job.get_by_id(job.id)
+    assert (now.paused_at, now.paused_s, now.last_progress_at) == (was.paused_at, was.paused_s, was.last_progress_at)

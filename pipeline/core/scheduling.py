@@ -22,7 +22,6 @@ from models import (
     Project,
     tuples,
     utcnow,
-    write_transaction,
 )
 from pipeline import fairshare
 from pipeline.core.joblog import job_log
@@ -147,7 +146,8 @@ def set_priority(runtime: Runtime, job_id: int, priority: int, *, by: str) -> Jo
 
 # ---- pause and resume -------------------------------------------------------------------------------------------
 def pause(runtime: Runtime, job_id: int, *, by: str, reason: str | None = None) -> Job:
-    """Hold back the job's new tasks until it is resumed; tasks in flight finish and are saved."""
+    """Hold back the job's new tasks until it is resumed; tasks in flight finish and are saved. NATS
+    unreachable: nothing changes (TransientError)."""
     job = _job_with_project(job_id)
     if job.is_terminal or job.status == JobStatus.CANCELING:
         raise NothingToDo(f"job {job_id} is {job.status}: there is nothing to pause")
@@ -157,51 +157,57 @@ def pause(runtime: Runtime, job_id: int, *, by: str, reason: str | None = None) 
         raise UserInputError(f"job {job_id} runs in {job.dispatch_mode} mode, inside a worker: only async_api jobs, "
                              "whose tasks services pull, can be paused")
     reason = (reason or "").strip()[:500] or None
-    done = Job.update(paused_at=utcnow(), pause_reason=reason, updated_at=utcnow()).where(
+    now = utcnow()
+    # the database first, then the consumer: a consumer being made meanwhile reads the pause (`consumer_made`)
+    done = Job.update(paused_at=now, pause_reason=reason, updated_at=now).where(
         (Job.id == job_id) & Job.paused_at.is_null() & Job.status.in_(
             (JobStatus.CREATED, JobStatus.PENDING, JobStatus.STARTED))).execute()
     if not done:
         raise NothingToDo(f"job {job_id} changed meanwhile: look at it again")
-    held = _consumer_paused(runtime, job, paused=True)
+    try:
+        held = _consumer_paused(runtime, job, paused=True)
+    except TransientError as exc:
+        Job.update(paused_at=None, pause_reason=None).where((Job.id == job_id) & (Job.paused_at == now)).execute()
+        raise TransientError(f"job {job_id} was not paused: {exc}") from exc
     job_log(job_id, logging.INFO, f"paused by {by}" + (f": {reason}" if reason else "") + f"; {held}")
     return _job_with_project(job_id)
 
 
 def resume(runtime: Runtime, job_id: int, *, by: str) -> Job:
-    """Hand out the paused job's tasks again. Its deadline and its idle clock move on by the time it was paused."""
+    """Hand out the paused job's tasks again. Its deadline and its idle clock move on by the time it was paused.
+    NATS unreachable: it stays paused (TransientError)."""
     job = _job_with_project(job_id)
     if job.paused_at is None or job.is_terminal:
         raise NothingToDo(f"job {job_id} is not paused" if job.paused_at is None
                           else f"job {job_id} already ended {job.status}: there is nothing to resume")
     now = utcnow()
     paused = now - job.paused_at
-    with write_transaction():
-        changes: dict[Any, Any] = {Job.paused_at: None, Job.pause_reason: None, Job.updated_at: now,
-                         Job.paused_s: (job.paused_s or 0.0) + paused.total_seconds()}
-        if job.deadline_at is not None:
-            changes[Job.deadline_at] = job.deadline_at + paused
-        idle_since = job.last_progress_at or job.dispatched_at
-        if idle_since is not None:
-            changes[Job.last_progress_at] = min(idle_since + paused, now)
-        done = Job.update(changes).where((Job.id == job_id) & (Job.paused_at == job.paused_at)).execute()
+    was = {Job.paused_at: job.paused_at, Job.pause_reason: job.pause_reason, Job.paused_s: job.paused_s,
+           Job.deadline_at: job.deadline_at, Job.last_progress_at: job.last_progress_at}
+    changes: dict[Any, Any] = {Job.paused_at: None, Job.pause_reason: None, Job.updated_at: now,
+                               Job.paused_s: (job.paused_s or 0.0) + paused.total_seconds()}
+    if job.deadline_at is not None:
+        changes[Job.deadline_at] = job.deadline_at + paused
+    idle_since = job.last_progress_at or job.dispatched_at
+    if idle_since is not None:
+        changes[Job.last_progress_at] = min(idle_since + paused, now)
+    done = Job.update(changes).where((Job.id == job_id) & (Job.paused_at == job.paused_at)).execute()
     if not done:
         raise NothingToDo(f"job {job_id} changed meanwhile: look at it again")
-    held = _consumer_paused(runtime, job, paused=False)
+    try:
+        held = _consumer_paused(runtime, job, paused=False)
+    except TransientError as exc:
+        Job.update(was).where((Job.id == job_id) & Job.paused_at.is_null()).execute()
+        raise TransientError(f"job {job_id} is still paused: {exc}") from exc
     job_log(job_id, logging.INFO, f"resumed by {by} after {_duration(paused)} paused; {held}"
-                                  + (f"; deadline now {(job.deadline_at + paused).isoformat(timespec='seconds')}Z"
-                                     if job.deadline_at else ""))
+                                  + (f"; deadline now {_iso(job.deadline_at + paused)}" if job.deadline_at else ""))
     return _job_with_project(job_id)
 
 
 def _consumer_paused(runtime: Runtime, job: Job, *, paused: bool) -> str:
-    """Pause or resume the job's consumer; what happened, for the job log. NATS unreachable: the database
-    holds the pause, the gateway and the SDK honour it, and the consumer follows at the next dispatch."""
-    slug = job.pipeline.slug
-    try:
-        held = runtime.tasks.pause_job_consumer(job.id, slug, paused=paused)
-    except TransientError as exc:
-        return (f"NATS unreachable ({exc}): the consumer follows when it is next made; services that follow the "
-                "contract read the pause from the job listing")
+    """Pause or resume the job's consumer, and tell its services; what happened, for the job log. Raises
+    TransientError when NATS cannot be reached."""
+    held = runtime.tasks.pause_job_consumer(job.id, job.pipeline.slug, paused=paused)
     publish_claim(runtime, job.id)
     if held is False:
         return "it has no consumer now: its consumer is made " + ("paused" if paused else "running")
