@@ -107,6 +107,70 @@ def test_a_job_created_from_the_page_reaches_success_while_the_page_updates(
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("lines", [300, 100_000])
+def test_a_file_of_urls_uploaded_on_the_form_makes_a_job_of_every_line(page, web, moth_pipeline, tmp_path, lines):
+    listing = tmp_path / "urls.txt"
+    listing.write_text("# a night of the trap\n" + "".join(f"https://traps.example/night-3/{n:06}.jpg\n"
+                                                          for n in range(lines)))
+    page.goto(web.url + "/")
+    page.select_option("#new-job select[name=pipeline]", moth.SLUG)
+    page.fill("#new-job input[name=name]", f"{lines} from a file")
+    page.set_input_files("#new-job input[name=urls_file]", str(listing))
+    page.click("#new-job button")
+    page.wait_for_url("**/jobs/*", timeout=120_000)
+    job = Job.select().order_by(Job.id.desc()).first()
+    assert (job.name, job.total_images) == (f"{lines} from a file", lines)
+    assert page.url.endswith(f"/jobs/{job.id}")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_refused_new_job_form_says_why_on_the_page_and_keeps_what_was_typed(page, web, moth_pipeline):
+    page.goto(web.url + "/")
+    page.fill("#new-job input[name=name]", "night 4")
+    page.fill("#new-job input[name=project]", "lab-a")
+    page.fill("#new-job textarea[name=urls]", "ftp://nowhere/a.png\nhttps://traps.example/b.jpg")
+    page.click("#new-job button")
+    page.wait_for_selector("#form-error")
+    assert "not an image URL" in page.inner_text("#form-error") and "ftp://nowhere/a.png" in page.inner_text(
+        "#form-error")
+    assert page.input_value("#new-job input[name=name]") == "night 4"
+    assert page.input_value("#new-job input[name=project]") == "lab-a"
+    assert page.input_value("#new-job textarea[name=urls]") == "ftp://nowhere/a.png\nhttps://traps.example/b.jpg"
+    assert Job.select().count() == 0
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_100000_pasted_urls_make_a_job_from_the_form(page, web, moth_pipeline):
+    page.goto(web.url + "/")
+    page.select_option("#new-job select[name=pipeline]", moth.SLUG)
+    urls = "\n".join(f"https://traps.example/night-4/{n:06}.jpg" for n in range(100_000))
+    page.evaluate("text => { document.querySelector('#new-job textarea[name=urls]').value = text }", urls)
+    page.click("#new-job button")
+    page.wait_for_url("**/jobs/*", timeout=120_000)
+    assert Job.select().order_by(Job.id.desc()).first().total_images == 100_000
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_api_docs_render_with_no_network_beyond_this_server(page, web):
+    outside = []
+
+    def only_this_server(route):
+        if route.request.url.startswith(web.url):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    page.context.route("**/*", only_this_server)
+    page.goto(web.url + "/api/docs")
+    page.wait_for_selector(".swagger-ui .info .title", timeout=30_000)
+    assert "jetpipe" in page.inner_text(".swagger-ui .info .title")
+    page.locator(".opblock-summary-path", has_text="/api/v1/jobs/bulk").first.wait_for()  # the operations are listed
+    assert outside == []
+    shot(page, "api-docs")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_failure_reasons_are_shown_literally_and_retry_makes_a_new_job(page, web, runtime, moth_pipeline):
     job = fake_job(moth_pipeline, 3, name="<i>night</i> [bold]3[/bold]")
     dispatch(runtime, job.id)

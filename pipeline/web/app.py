@@ -7,6 +7,7 @@ import logging
 import threading
 from pathlib import Path
 
+import fastapi_offline
 import peewee
 import redis
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -48,9 +49,12 @@ SECURITY_HEADERS = {"X-Frame-Options": "DENY", "X-Content-Type-Options": "nosnif
                                                "base-uri 'self'; form-action 'self'"}
 #: The API's interactive documentation (FastAPI's Swagger UI) loads its script and style from a CDN and starts
 #: with an inline script: its page alone may.
-DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
-            "style-src 'self' https://cdn.jsdelivr.net; img-src 'self' data: https://fastapi.tiangolo.com; "
+#: The API explorer's page: Swagger UI's assets are served by jetpipe (no CDN: it works offline); its page
+#: starts Swagger UI with one inline script.
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self'; img-src 'self' data:; "
             "object-src 'none'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'")
+#: Swagger UI 5 (OpenAPI 3.1, which FastAPI writes), as the fastapi-offline package ships it.
+SWAGGER_ASSETS = Path(fastapi_offline.__file__).parent / "static"
 
 
 def _status_of(exc: BaseException) -> int:
@@ -123,7 +127,10 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
 
     @app.get("/api/docs", include_in_schema=False)
     def api_docs(_: Principal = Depends(allowed("read", page=True))) -> HTMLResponse:
-        page = get_swagger_ui_html(openapi_url="/api/v1/openapi.json", title="jetpipe API")
+        page = get_swagger_ui_html(openapi_url="/api/v1/openapi.json", title="jetpipe API",
+                                   swagger_js_url="/static/api-docs/swagger-ui-bundle.js",
+                                   swagger_css_url="/static/api-docs/swagger-ui.css",
+                                   swagger_favicon_url="/static/api-docs/favicon.png")
         page.headers["Content-Security-Policy"] = DOCS_CSP
         return page
 
@@ -169,6 +176,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
     app.include_router(api.router)
     app.include_router(gateway_api.router)
     app.include_router(pages.router)
+    app.mount("/static/api-docs", StaticFiles(directory=SWAGGER_ASSETS), name="api-docs")
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     return app
 

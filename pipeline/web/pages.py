@@ -10,17 +10,18 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import jinja2
-from fastapi import APIRouter, Depends, HTTPException, Request, UploadFile
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import FormData
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException
 
 import models
 from models import DEFAULT_PROJECT, JobStatus
 from pipeline import fairshare, names
 from pipeline.core import scheduling
 from pipeline.core.registry import list_pipelines, register_pipeline
-from pipeline.errors import NothingToDo, UserInputError
+from pipeline.errors import Forbidden, NothingToDo, UserInputError
 from pipeline.infra import dlq
 from pipeline.ops import actions, bulk
 from pipeline.ops.health import build_report
@@ -61,8 +62,13 @@ def error_page(request: Request, status: int, message: str) -> HTMLResponse:
 
 
 async def checked_form(request: Request) -> FormData:
-    """The posted form, if its CSRF value matches the cookie's; else 403."""
-    form = await request.form()
+    """The posted form, if its CSRF value matches the cookie's; else 403. A field may be as large as a request
+    may be (PIPELINE_WEB_MAX_BODY_MB: 100,000 pasted URLs are about 6 MB); files are spooled to disk."""
+    limit = int(request.app.state.settings.web_max_body_mb * 1024 * 1024)
+    try:
+        form = await request.form(max_part_size=limit)
+    except MultiPartException as exc:
+        raise UserInputError(f"the form could not be read: {exc.message}") from None
     submitted = form.get("csrf")
     if not csrf_ok(request.cookies.get(CSRF_COOKIE), submitted if isinstance(submitted, str) else None):
         raise HTTPException(403, "the form has expired or came from another site: reload the page and try again")
@@ -121,14 +127,24 @@ async def logout(request: Request):
 @with_db
 def jobs_page(request: Request, status: str = "", pipeline: str = "", project: str = "", q: str = "",
               before: int | None = None, who: Principal = READ):
-    projects = visible(who, [project] if project else None)
-    rows = list_jobs(statuses=[status] if status else (), pipeline=pipeline or None, search=q or None,
-                     before_id=before, limit=PAGE_SIZE, projects=projects)
-    return render(request, "jobs.html", jobs=job_summaries(rows), counts=status_counts(projects),
-                  pipelines=list_pipelines(), status=status, pipeline=pipeline, q=q, project=project,
-                  projects=_projects(who), priorities=list(fairshare.PRIORITIES),
-                  default_project=sorted(who.projects)[0] if who.projects else DEFAULT_PROJECT,
-                  next_before=rows[-1].id if len(rows) == PAGE_SIZE else None)
+    return jobs_page_with(request, who, status=None, filters={"status": status, "pipeline": pipeline,
+                                                               "project": project, "q": q}, before=before)
+
+
+def jobs_page_with(request: Request, who: Principal, *, status: int | None, filters: dict | None = None,
+                   before: int | None = None, form_error: str | None = None, typed: dict | None = None):
+    """The jobs page; after a refused new-job form, with its reason and the form as it was typed."""
+    filters = filters or {"status": "", "pipeline": "", "project": "", "q": ""}
+    projects = visible(who, [filters["project"]] if filters["project"] else None)
+    rows = list_jobs(statuses=[filters["status"]] if filters["status"] else (), pipeline=filters["pipeline"] or None,
+                     search=filters["q"] or None, before_id=before, limit=PAGE_SIZE, projects=projects)
+    default_project = sorted(who.projects)[0] if who.projects else DEFAULT_PROJECT
+    typed = typed or {"pipeline": "", "name": "", "urls": "", "project": default_project, "priority": "normal",
+                      "dispatch_mode": "async_api"}
+    return render(request, "jobs.html", http_status=status or 200, jobs=job_summaries(rows),
+                  counts=status_counts(projects), pipelines=list_pipelines(), projects=_projects(who),
+                  priorities=list(fairshare.PRIORITIES), form_error=form_error, typed=typed,
+                  next_before=rows[-1].id if len(rows) == PAGE_SIZE else None, **filters)
 
 
 def _projects(who: Principal) -> list[dict]:
@@ -137,20 +153,32 @@ def _projects(who: Principal) -> list[dict]:
 
 @router.post("/jobs")
 async def create_job_form(request: Request, who: Principal = WRITE):
+    """A job from the form: pasted URLs and/or an uploaded file of them (read as the API reads one). Bad input
+    shows the jobs page again with the reason and what was typed, not a bare error page."""
     form = await checked_form(request)
-    upload = form.get("urls_file")
-    urls = url_lines(str(form.get("urls", "")).splitlines())
+    upload = form.get("urls_file")  # starlette's UploadFile: the form parser makes that class, not FastAPI's
+    typed = {key: str(form.get(key) or "") for key in ("pipeline", "name", "urls", "project", "priority",
+                                                        "dispatch_mode")}
+    urls = url_lines(typed["urls"].splitlines())
     if isinstance(upload, UploadFile) and upload.filename:
-        urls = itertools.chain(urls, image_urls_from_upload(upload.file, upload.filename))  # as the API reads it
+        urls = itertools.chain(urls, image_urls_from_upload(upload.file, upload.filename))
 
     def create():
         with models.thread_connection():
-            return create_and_start(request, who, str(form.get("pipeline", "")), urls,
-                                    str(form.get("name") or "") or None, str(form.get("dispatch_mode") or "async_api"),
-                                    project=str(form.get("project") or "").strip() or None,
-                                    priority=str(form.get("priority") or "normal"))
+            return create_and_start(request, who, typed["pipeline"], urls, typed["name"] or None,
+                                    typed["dispatch_mode"] or "async_api", project=typed["project"].strip() or None,
+                                    priority=typed["priority"] or "normal")
 
-    job = await run_in_threadpool(create)
+    try:
+        job = await run_in_threadpool(create)
+    except UserInputError as exc:
+        reason, status = str(exc), 403 if isinstance(exc, Forbidden) else 400
+
+        def again():
+            with models.thread_connection():
+                return jobs_page_with(request, who, form_error=reason, typed=typed, status=status)
+
+        return await run_in_threadpool(again)
     return RedirectResponse(f"/jobs/{job['id']}", status_code=303)
 
 
