@@ -105,6 +105,8 @@ class Job(BaseModel):
     pause_reason = peewee.TextField(null=True)
     #: Seconds the job spent paused before its current pause: kept out of every idle-time verdict.
     paused_s = peewee.FloatField(null=True)
+    #: The ended job whose failed images this job runs again (`retry-failed`); None: a job of its own.
+    retry_of = peewee.IntegerField(null=True, index=True)
 
     @property
     def is_terminal(self) -> bool:

@@ -19,7 +19,15 @@ from models import Job, JobStatus
 from pipeline.ops.devstack import free_port
 from pipeline.sdk import moth
 from tests.conftest import PROJECT, subprocess_env, wait_for
-from tests.helpers import dispatch, error_body, fake_job, handle_result_message, pull_tasks, success_body
+from tests.helpers import (
+    dispatch,
+    error_body,
+    fake_job,
+    handle_result_message,
+    job_with_results,
+    pull_tasks,
+    success_body,
+)
 from tests.web_helpers import TOKENS, TOKENS_SETTING, WebServer
 
 CHROMIUM = "/usr/bin/chromium"
@@ -421,3 +429,73 @@ def test_a_login_cookie_is_signed_with_a_server_secret_dies_at_logout_and_is_sec
             assert replayed.status_code == 303
     finally:
         server.stop()
+
+
+def serious_violations(page) -> list[str]:
+    """axe-core's serious and critical findings on the page as it is now."""
+    from axe_playwright_python.sync_playwright import Axe
+
+    found = Axe().run(page).response["violations"]
+    return [f"{v['id']} ({v['impact']}): {v['help']} at {[n['target'] for n in v['nodes']][:3]}" for v in found
+            if v["impact"] in ("serious", "critical")]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_every_page_passes_an_accessibility_scan_in_light_and_dark(page, web, runtime, moth_pipeline):
+    running = fake_job(moth_pipeline, 4, name="night 5", project="lab-a")
+    dispatch(runtime, running.id)
+    ended, _ = job_with_results(runtime, moth_pipeline, 3, 3)
+    paths = ["/", f"/jobs/{running.id}", f"/jobs/{ended.id}", "/health", "/dlq", "/pipelines",
+             "/bulk?action=pause&project=lab-a", "/jobs/999999"]
+    found = {}
+    for scheme in ("light", "dark"):
+        page.emulate_media(color_scheme=scheme)
+        for path in paths:
+            page.goto(web.url + path)
+            page.wait_for_load_state("networkidle")
+            if problems := serious_violations(page):
+                found[f"{scheme} {path}"] = problems
+    assert found == {}
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_pages_fit_a_390_px_phone_without_sideways_scrolling(browser, web, runtime, moth_pipeline):
+    job, _ = job_with_results(runtime, moth_pipeline, 3, 2)
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    phone = context.new_page()
+    try:
+        for path in ("/", f"/jobs/{job.id}", "/health", "/bulk"):
+            phone.goto(web.url + path)
+            phone.wait_for_load_state("networkidle")
+            width = phone.evaluate("document.documentElement.scrollWidth")
+            assert width <= 390, f"{path} is {width} px wide"
+    finally:
+        context.close()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_row_of_the_jobs_list_follows_its_job_without_a_reload(page, web, runtime, moth_pipeline):
+    job = fake_job(moth_pipeline, 4, name="night 6")
+    dispatch(runtime, job.id)
+    page.goto(web.url + "/")
+    row = page.locator(f"#jobs tr[data-job='{job.id}']")
+    assert row.locator(".progress-text").inner_text() == "0 / 4"
+    page.evaluate("window.__same_page = true")
+    for task, reply in pull_tasks(runtime, job.id, 4)[:3]:
+        handle_result_message(runtime, job.id, success_body(task), reply, task.task_token)
+    page.wait_for_function(f"() => document.querySelector(\"#jobs tr[data-job='{job.id}'] .progress-text\")"
+                           ".textContent === '3 / 4'", timeout=15_000)
+    assert page.evaluate("window.__same_page") is True
+    assert row.locator("[role=progressbar]").get_attribute("aria-valuenow") == "75"
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_taxon_table_equals_the_databases_counts(page, web, runtime, moth_pipeline):
+    from models import Classification, Detection, JobImage
+
+    job, tasks = job_with_results(runtime, moth_pipeline, 4, 3, boxes=3)
+    page.goto(f"{web.url}/jobs/{job.id}")
+    rows = [r.split("\t")[:2] for r in page.locator("#taxa tbody tr").all_inner_texts()]
+    saved = (Classification.select().join(Detection).join(JobImage, on=(Detection.image == JobImage.image))
+             .where((JobImage.job == job.id) & (Detection.bbox_key != "")).count())
+    assert rows == [["Noctuidae", str(saved)]] and saved == 9

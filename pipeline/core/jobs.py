@@ -64,7 +64,8 @@ def check_url(url: str) -> str:
 def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = None, limit: int | None = None,
                dispatch_mode: str = DispatchMode.ASYNC_API, pickup_timeout_s: float | None = None,
                deadline_s: float | None = None, over_network: bool = False,
-               policy: ImagePolicy | None = None, project: str | None = None, priority: int = 0) -> Job:
+               policy: ImagePolicy | None = None, project: str | None = None, priority: int = 0,
+               retry_of: int | None = None) -> Job:
     """A new CREATED job over `urls` (streamed, deduplicated); all or nothing: bad input leaves no row.
 
     Every URL must be one the image policy lets jetpipe read (`pipeline/core/image_policy.py`): `over_network`
@@ -96,7 +97,7 @@ def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = No
 
     with database.atomic():
         job = Job.create(name=name or f"{pipeline_slug} job", pipeline=pipeline, dispatch_mode=dispatch_mode,
-                         project=scheduling.project_for_job(project), priority=priority,
+                         project=scheduling.project_for_job(project), priority=priority, retry_of=retry_of,
                          task_secret=task_tokens.new_secret(),
                          progress=progress.initial_progress(), pickup_timeout_s=pickup_timeout_s,
                          deadline_at=deadline_at)
@@ -328,5 +329,5 @@ def retry_failed(job_id: int) -> Job:
         raise NothingToDo(f"job {job_id} has no failed images: nothing to retry")
     urls = (url for _, url, _ in failed_image_rows(job_id))
     return create_job(job.pipeline.slug, urls, name=f"retry of job {job_id} ({job.name})",
-                      dispatch_mode=job.dispatch_mode, project=job.project.name if job.project else None,
-                      priority=job.priority or 0)
+                      dispatch_mode=job.dispatch_mode, project=job.project_name, priority=job.priority or 0,
+                      retry_of=job_id)

@@ -15,7 +15,7 @@ from pipeline.core.image_policy import ImagePolicy
 from pipeline.core.joblog import job_log
 from pipeline.errors import NothingToDo
 from pipeline.infra.runtime import Runtime
-from pipeline.ops.job_views import existing_job, failed_images, job_summary
+from pipeline.ops.job_views import existing_job, failed_images, job_summary, retried_as
 
 #: The projects a caller may act on (a token limited to some projects); None: every project.
 Projects = Iterable[str] | None
@@ -74,5 +74,7 @@ def set_priority(runtime: Runtime, job_id: int, priority: int | str, *, by: str 
 
 
 def job_detail(job_id: int, *, failures: int = 20, projects: Projects = None) -> dict:
-    """A job's summary with its first `failures` failed images; raises NotFound."""
-    return {**job_summary(existing_job(job_id, projects)), "failed_images": failed_images(job_id, failures)}
+    """A job's summary with its first `failures` failed images and the jobs that retried its failed images;
+    raises NotFound."""
+    return {**job_summary(existing_job(job_id, projects)), "failed_images": failed_images(job_id, failures),
+            "retried_as": retried_as(job_id)}

@@ -23,13 +23,13 @@ from rich.console import Console
 from rich.table import Table
 
 import models
-from models import Classification, Detection, JobImage, JobStatus, tuples
+from models import JobStatus
 from pipeline.core.jobs import create_job, start_job
 from pipeline.core.registry import register_pipeline
 from pipeline.infra.presence import live_workers
 from pipeline.infra.runtime import Runtime, set_runtime
 from pipeline.ops.devstack import DevStack
-from pipeline.ops.job_views import existing_job, job_summary, watch
+from pipeline.ops.job_views import existing_job, job_summary, taxon_counts, watch
 from pipeline.ops.sources import image_urls_from_dir
 from pipeline.schemas import decode_pipeline_spec
 from pipeline.sdk import moth
@@ -38,10 +38,7 @@ from pipeline.settings import Settings, set_settings
 
 def saved_detections(job_id: int) -> Counter:
     """Real detections saved for the job's images, by classified taxon."""
-    query = (Classification.select(Classification.taxon).join(Detection)
-             .join(JobImage, on=(Detection.image == JobImage.image))
-             .where((JobImage.job == job_id) & (Detection.bbox_key != "")))
-    return Counter(taxon for (taxon,) in tuples(query))
+    return Counter({row["taxon"]: row["detections"] for row in taxon_counts(job_id)})
 
 
 def start_process(args: list[str], *, env: dict, log_path: Path, cwd: Path) -> subprocess.Popen:

@@ -15,6 +15,8 @@ from rich.table import Table
 from rich.text import Text
 
 from models import (
+    Classification,
+    Detection,
     ImageStatus,
     Job,
     JobImage,
@@ -52,6 +54,8 @@ def job_summary(job: Job, *, waiting: inbox.Waiting | None | bool = True) -> dic
     rate = processed / elapsed if elapsed and elapsed > 0 else None
     remaining = process.get("remaining", job.total_images)
     running = job.status not in JobStatus.TERMINAL
+    failed = process.get("failed", 0)
+    eta = remaining / rate if rate and running else None
     return {
         "id": job.id, "name": job.name, "pipeline": job.pipeline.slug, "dispatch_mode": job.dispatch_mode,
         "project": job.project_name,
@@ -60,7 +64,11 @@ def job_summary(job: Job, *, waiting: inbox.Waiting | None | bool = True) -> dic
         "paused_at": _iso(job.paused_at) if running else None, "pause_reason": job.pause_reason if running else None,
         "paused_s": round(job.paused_s or 0.0, 1),
         "status": job.status, "error": job.error, "total_images": job.total_images,
-        "processed": processed, "failed": process.get("failed", 0), "remaining": remaining,
+        "processed": processed, "failed": failed, "succeeded": max(processed - failed, 0), "remaining": remaining,
+        "settled_percent": round(processed / job.total_images * 100, 1) if job.total_images else (
+            0.0 if running else 100.0),
+        # SUCCESS with some images failed is told apart from a clean one (the threshold let it succeed)
+        "outcome": "SUCCESS-partial" if job.status == JobStatus.SUCCESS and failed else job.status,
         "received": waiting.images if waiting else 0,
         "received_oldest_s": round(waiting.age_s(utcnow()), 1) if waiting else None,
         "captures": results.get("captures", 0), "detections": results.get("detections", 0),
@@ -72,8 +80,26 @@ def job_summary(job: Job, *, waiting: inbox.Waiting | None | bool = True) -> dic
         "last_progress_at": _iso(job.last_progress_at),
         "elapsed_s": round(elapsed, 2) if elapsed is not None else None,
         "images_per_s": round(rate, 2) if rate else None,
-        "eta_s": round(remaining / rate, 1) if rate and job.status not in JobStatus.TERMINAL else None,
+        "eta_s": round(eta, 1) if eta is not None else None,
+        "retry_of": job.retry_of,
+        # for people: "4 min 12 s", "137 images/s", "≈ 27 min (06:08 UTC)"
+        "elapsed_text": human_duration(elapsed) if elapsed is not None else None,
+        "rate_text": f"{rate:,.0f} images/s" if rate and rate >= 10 else (f"{rate:.1f} images/s" if rate else None),
+        "eta_text": (f"≈ {human_duration(eta, rough=True)} ({(utcnow() + dt.timedelta(seconds=eta)):%H:%M} UTC)"
+                     if eta is not None else None),
     }
+
+
+def human_duration(seconds: float, *, rough: bool = False) -> str:
+    """`42 s`, `4 min 12 s`, `2 h 05 min`; `rough`: to the minute past a minute (an estimate's precision)."""
+    seconds = max(seconds, 0.0)
+    if seconds < 60:
+        return f"{seconds:.1f} s" if seconds < 10 and not rough else f"{seconds:.0f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min" if rough or not secs else f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02} min"
 
 
 def job_summaries(jobs: list[Job]) -> list[dict]:
@@ -129,6 +155,23 @@ def existing_job(job_id: int, projects: Iterable[str] | None = None) -> Job:
     if job is None:
         raise NotFound(f"no job {job_id}")
     return job
+
+
+def taxon_counts(job_id: int, *, limit: int | None = None) -> list[dict]:
+    """The job's real detections by classified taxon (each classification counts once), most first, with the
+    mean score: one GROUP BY in the database."""
+    count = peewee.fn.COUNT(Classification.id)
+    query = (Classification.select(Classification.taxon, count, peewee.fn.AVG(Classification.score))
+             .join(Detection).join(JobImage, on=(Detection.image == JobImage.image))
+             .where((JobImage.job == job_id) & (Detection.bbox_key != ""))
+             .group_by(Classification.taxon).order_by(count.desc(), Classification.taxon))
+    return [{"taxon": taxon, "detections": n, "mean_score": round(score or 0.0, 3)}
+            for taxon, n, score in tuples(query.limit(limit) if limit else query)]
+
+
+def retried_as(job_id: int) -> list[int]:
+    """The jobs made to retry this job's failed images, oldest first."""
+    return [job_id for (job_id,) in tuples(Job.select(Job.id).where(Job.retry_of == job_id).order_by(Job.id))]
 
 
 def failed_images(job_id: int, limit: int = 20, *, after_image: int = 0) -> list[dict[str, str | None]]:

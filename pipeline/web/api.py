@@ -28,6 +28,7 @@ from pipeline.ops.job_views import (
     job_summary,
     list_jobs,
     status_counts,
+    taxon_counts,
 )
 from pipeline.ops.sources import image_urls_from_upload, url_lines
 from pipeline.schemas import decode_pipeline_spec
@@ -212,6 +213,13 @@ def api_failures(job_id: int, after: int = Query(default=0, description="image i
     actions.existing_job(job_id, who.projects)
     rows = failed_images(job_id, limit, after_image=after)
     return {"failures": rows, "next_after": int(rows[-1]["image_id"] or 0) if len(rows) == limit else None}
+
+
+@router.get("/jobs/{job_id}/taxa", summary="The job's detections by classified taxon, most first, with mean score")
+@with_db
+def api_taxa(job_id: int, limit: int = Query(default=100, ge=1, le=MAX_PAGE), who: Principal = READ) -> dict:
+    actions.existing_job(job_id, who.projects)
+    return {"taxa": taxon_counts(job_id, limit=limit)}
 
 
 @router.get("/jobs/{job_id}/logs", summary="The job's log, oldest first")

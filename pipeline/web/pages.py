@@ -25,7 +25,16 @@ from pipeline.errors import Forbidden, NothingToDo, UserInputError
 from pipeline.infra import dlq
 from pipeline.ops import actions, bulk
 from pipeline.ops.health import build_report
-from pipeline.ops.job_views import failed_images, get_job, job_summaries, job_summary, list_jobs, status_counts
+from pipeline.ops.job_views import (
+    failed_images,
+    get_job,
+    job_summaries,
+    job_summary,
+    list_jobs,
+    retried_as,
+    status_counts,
+    taxon_counts,
+)
 from pipeline.ops.sources import image_urls_from_upload, url_lines
 from pipeline.schemas import decode_pipeline_spec
 from pipeline.web.api import create_and_start, visible
@@ -39,6 +48,7 @@ READ_ALL = Depends(allowed("read", page=True, everywhere=True))  # spans every p
 WRITE_ALL = Depends(allowed("write", page=True, everywhere=True))
 PAGE_SIZE = 50
 FAILURES_PER_PAGE = 50
+TAXA_SHOWN = 30
 
 _templates = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
                                 autoescape=True, undefined=jinja2.StrictUndefined)
@@ -190,6 +200,7 @@ def job_page(request: Request, job_id: int, after: int = 0, who: Principal = REA
         return error_page(request, 404, f"no job {job_id}")
     failures = failed_images(job_id, FAILURES_PER_PAGE, after_image=after)
     return render(request, "job.html", job=job_summary(job), failures=failures, after=after,
+                  retried_as=retried_as(job_id), taxa=taxon_counts(job_id, limit=TAXA_SHOWN),
                   next_after=failures[-1]["image_id"] if len(failures) == FAILURES_PER_PAGE else None,
                   terminal=job.is_terminal)
 

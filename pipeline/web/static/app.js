@@ -14,29 +14,37 @@ const jetpipe = (() => {
 
   function showJob(job) {
     const status = $("job-status");
-    status.textContent = job.status;
-    status.className = `badge status-${job.status}`;
+    if (status.textContent !== job.status) status.textContent = job.status;  // a live region: only on change
+    status.className = `badge status-${job.outcome}`;
     for (const name of ["collect", "process", "results"]) {
       const stage = job.stages[name] || {};
       const percent = Math.round((stage.progress || 0) * 1000) / 10;
       const bar = $(`bar-${name}`);
       bar.style.width = `${percent}%`;
       bar.className = `fill status-${stage.status || "CREATED"}`;
+      $(`progress-${name}`).setAttribute("aria-valuenow", String(percent));
       setText(`stage-${name}`, `${stage.status || "CREATED"} ${percent}%`);
     }
-    for (const key of ["processed", "failed", "received", "remaining", "captures", "detections", "classifications"]) {
-      setText(`c-${key}`, String(job[key]));
+    for (const key of ["processed", "succeeded", "failed", "received", "remaining", "captures", "detections",
+                       "classifications"]) {
+      setText(`c-${key}`, job[key].toLocaleString("en"));
     }
-    setText("c-rate", job.images_per_s == null ? "–" : String(job.images_per_s));
-    setText("c-eta", job.eta_s == null ? "–" : `${job.eta_s} s`);
+    setText("c-rate", job.rate_text || "–");
+    setText("c-eta", job.eta_text || "–");
+    const ended = $("job-ended");
+    if (ended) {
+      ended.hidden = !job.finished_at;
+      setText("ended-at", job.finished_at || "");
+      setText("took", job.elapsed_text || "");
+    }
     const error = $("job-error");
     error.textContent = job.error || "";
     error.hidden = !job.error;
-    const ended = TERMINAL.includes(job.status);
+    const over = TERMINAL.includes(job.status);
     const cancel = $("cancel-form");
-    if (cancel) cancel.hidden = ended;
+    if (cancel) cancel.hidden = over;
     const retry = $("retry-form");
-    if (retry) retry.hidden = !(ended && job.failed > 0);
+    if (retry) retry.hidden = !(over && job.failed > 0);
     const paused = $("job-paused");
     if (paused) {
       paused.hidden = !job.paused;
@@ -44,11 +52,11 @@ const jetpipe = (() => {
       setText("pause-reason", job.pause_reason ? `: ${job.pause_reason}` : "");
     }
     const pause = $("pause-form");
-    if (pause) pause.hidden = ended || job.paused || job.dispatch_mode !== "async_api";
+    if (pause) pause.hidden = over || job.paused || job.dispatch_mode !== "async_api";
     const resume = $("resume-form");
-    if (resume) resume.hidden = ended || !job.paused;
+    if (resume) resume.hidden = over || !job.paused;
     setText("job-priority", job.priority_name);
-    return ended;
+    return over;
   }
 
   async function showFailures(jobId) {
@@ -67,9 +75,31 @@ const jetpipe = (() => {
     if (rows.length) body.replaceChildren(...rows);
   }
 
+  async function showTaxa(jobId) {
+    const page = await getJSON(`/api/v1/jobs/${jobId}/taxa?limit=30`);
+    if (!page.taxa.length) return;
+    const most = page.taxa[0].detections;
+    $("taxa").tBodies[0].replaceChildren(...page.taxa.map((t) => {
+      const row = document.createElement("tr");
+      const share = cell(undefined, "bar-col");
+      const bar = document.createElement("div");
+      bar.className = "bar small";
+      bar.setAttribute("aria-hidden", "true");
+      const fill = document.createElement("div");
+      fill.className = "fill";
+      fill.style.width = `${Math.round((t.detections / most) * 1000) / 10}%`;
+      bar.append(fill);
+      share.append(bar);
+      row.append(cell(t.taxon), cell(t.detections.toLocaleString("en"), "num"), share,
+                 cell(t.mean_score.toFixed(2), "num"));
+      return row;
+    }));
+  }
+
   async function followJob(jobId) {
     const afterParam = new URLSearchParams(window.location.search).get("after");
-    let shownFailed = Number($("c-failed").textContent);
+    let shownFailed = Number($("c-failed").textContent.replace(/,/g, ""));
+    let shownDetections = Number($("c-detections").textContent.replace(/,/g, ""));
     let lastLine = 0;
     let ended = $("job").dataset.terminal === "yes";
     let lastLook = ended;
@@ -85,6 +115,10 @@ const jetpipe = (() => {
         if (!ended) {
           const job = await getJSON(`/api/v1/jobs/${jobId}`);
           ended = showJob(job);
+          if (job.detections !== shownDetections) {
+            shownDetections = job.detections;
+            await showTaxa(jobId);
+          }
           if (job.failed !== shownFailed && !afterParam) {
             shownFailed = job.failed;
             await showFailures(jobId);
@@ -103,6 +137,84 @@ const jetpipe = (() => {
     await tick();
   }
 
+  const cell = (text, className) => {
+    const td = document.createElement("td");
+    if (text !== undefined) td.textContent = text;
+    if (className) td.className = className;
+    return td;
+  };
+  const link = (href, text) => {
+    const a = document.createElement("a");
+    a.href = href;
+    a.textContent = text;
+    return a;
+  };
+
+  // The jobs list: its rows follow the jobs (status, progress, time) without a reload.
+  function jobRow(job) {
+    const row = document.createElement("tr");
+    row.dataset.job = String(job.id);
+    const percent = job.settled_percent;
+    const status = cell();
+    const badge = document.createElement("span");
+    badge.className = `badge status-${job.outcome}`;
+    badge.textContent = job.status;
+    status.append(badge);
+    if (job.paused) {
+      const paused = document.createElement("span");
+      paused.className = "badge paused";
+      paused.textContent = "paused";
+      status.append(" ", paused);
+    }
+    const progress = cell(undefined, "progress-cell");
+    const bar = document.createElement("div");
+    bar.className = "bar small";
+    bar.setAttribute("role", "progressbar");
+    bar.setAttribute("aria-label", `job ${job.id} progress`);
+    bar.setAttribute("aria-valuemin", "0");
+    bar.setAttribute("aria-valuemax", "100");
+    bar.setAttribute("aria-valuenow", String(percent));
+    const fill = document.createElement("div");
+    fill.className = `fill status-${job.status}`;
+    fill.style.width = `${percent}%`;
+    bar.append(fill);
+    const text = document.createElement("span");
+    text.className = "progress-text";
+    text.textContent = `${job.processed.toLocaleString("en")} / ${job.total_images.toLocaleString("en")}`;
+    progress.append(bar, text);
+    const id = cell();
+    id.append(link(`/jobs/${job.id}`, String(job.id)));
+    const name = cell();
+    name.append(link(`/jobs/${job.id}`, job.name));
+    row.append(id, name, cell(job.project), cell(job.pipeline), cell(job.priority_name), status, progress,
+               cell(job.failed.toLocaleString("en")), cell(job.detections.toLocaleString("en")),
+               cell(job.eta_text ? `ends in ${job.eta_text}` : (job.elapsed_text || "")), cell(job.created_at || ""));
+    return row;
+  }
+
+  async function followJobs(table) {
+    const query = new URLSearchParams(table.dataset.live);
+    const params = new URLSearchParams({ limit: "50" });
+    for (const key of ["status", "pipeline", "project", "q", "before"]) {
+      const value = query.get(key);
+      if (value) params.set(key, value);
+    }
+    const tick = async () => {
+      try {
+        const listing = await getJSON(`/api/v1/jobs?${params}`);
+        if (listing.jobs.length) table.tBodies[0].replaceChildren(...listing.jobs.map(jobRow));
+        for (const [name, count] of Object.entries(listing.counts)) {
+          const counter = document.querySelector(`#status-counts .status-${name} b`);
+          if (counter) counter.textContent = String(count);
+        }
+      } catch (error) {
+        // a failed look: the next one tries again
+      }
+      setTimeout(tick, 2000);
+    };
+    setTimeout(tick, 2000);
+  }
+
   // No inline script or style on any page (the Content-Security-Policy forbids them): what a page needs
   // is in data- attributes, acted on here.
   function start() {
@@ -114,6 +226,17 @@ const jetpipe = (() => {
     }
     const followed = document.querySelector("[data-follow-job]");
     if (followed) followJob(Number(followed.dataset.followJob));
+    const jobs = document.querySelector("table#jobs[data-live]");
+    if (jobs) followJobs(jobs);
+    const refresh = $("auto-refresh");
+    if (refresh) {  // a page that looks again on its own, unless the person turns it off (kept for the tab)
+      refresh.checked = sessionStorage.getItem("jetpipe-auto-refresh") !== "off";
+      refresh.addEventListener("change", () => {
+        sessionStorage.setItem("jetpipe-auto-refresh", refresh.checked ? "on" : "off");
+        if (refresh.checked) window.location.reload();
+      });
+      setTimeout(() => { if (refresh.checked) window.location.reload(); }, Number(refresh.dataset.refreshS) * 1000);
+    }
   }
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
   else start();
