@@ -602,12 +602,17 @@ def results(job_id: int, fmt: str, output: str | None) -> None:
         handle = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout
     except OSError as exc:
         raise UserInputError(f"cannot write {output}: {exc.strerror}") from None
+    rows = 0
     try:
         for chunk in chunks:
             handle.write(chunk)
+            rows += chunk.count("\n")
     finally:
         if output:
             handle.close()
+    if output:  # stdout holds the rows themselves; a file gets a line on stderr saying what went where
+        err_console.print(f"wrote {rows:,} {fmt.upper()} line(s) to {output}", highlight=False, markup=False,
+                          soft_wrap=True)
 
 
 @main.command("retry-failed")

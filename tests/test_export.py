@@ -68,8 +68,10 @@ def test_the_cli_writes_the_export_and_refuses_what_it_cannot(runtime, moth_pipe
                               text=True, timeout=60)
 
     out = tmp_path / "results.csv"
-    assert cli("results", str(job.id), "--format", "csv", "--output", str(out)).returncode == 0
+    written = cli("results", str(job.id), "--format", "csv", "--output", str(out))
+    assert written.returncode == 0 and written.stdout == ""
     assert out.read_text() == "".join(export(job.id, "csv"))
+    assert written.stderr.strip() == f"wrote {len(out.read_text().splitlines()):,} CSV line(s) to {out}"
     assert cli("results", str(job.id)).stdout == "".join(export(job.id, "jsonl"))
     missing = cli("results", "4242")
     assert missing.returncode == 1 and missing.stderr.strip() == "error: no job 4242"

@@ -21,6 +21,9 @@ QUEUES = (names.JOBS_QUEUE, names.RESULTS_QUEUE)
 RESET_OPTIONS = ("retries", "traceback", "redis_message_id", "requeue_timestamp", "eta")
 
 
+#: The actors whose first argument is a job id: a dead letter of theirs links to its job.
+JOB_ACTORS = (names.RUN_JOB, names.PROCESS_PIPELINE_RESULT)
+
 @dataclasses.dataclass(frozen=True)
 class DeadMessage:
     queue: str
@@ -30,8 +33,10 @@ class DeadMessage:
 
     def as_dict(self) -> dict[str, Any]:
         traceback = (self.message.options.get("traceback") or "").strip().splitlines()
+        args = list(self.message.args)
+        job_id = args[0] if self.message.actor_name in JOB_ACTORS and args and isinstance(args[0], int) else None
         return {"queue": self.queue, "id": self.redis_id, "message_id": self.message.message_id,
-                "actor": self.message.actor_name, "args": list(self.message.args),
+                "actor": self.message.actor_name, "args": args, "job_id": job_id,
                 "died_at": self.died_at.isoformat(timespec="seconds") + "Z",
                 "retries": self.message.options.get("retries", 0),
                 "last_error": traceback[-1] if traceback else None}
