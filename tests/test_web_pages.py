@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -357,6 +358,46 @@ def test_demo_web_keeps_the_dashboard_up_with_the_demo_job_until_ctrl_c(tmp_path
         os.killpg(proc.pid, signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, "".join(lines) + rest
+
+
+def processes_of(root: str) -> list[int]:
+    """The processes whose environment names `root` (the demo's directory: its database URL is in there)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if root.encode() in Path(f"/proc/{pid}/environ").read_bytes():
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_demo_web_stopped_by_sigterm_or_sighup_stops_everything_it_started(tmp_path, sig):
+    env = {"PATH": "/usr/bin:/bin", "PIPELINE_WEB_PORT": str(free_port()), "COLUMNS": "200"}
+    proc = subprocess.Popen([sys.executable, "cli.py", "demo", "--images", "4", "--web"], cwd=PROJECT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("dashboard: "):
+                break
+        root = next(line.split(" in ", 1)[1].strip() for line in lines if line.startswith("jetpipe demo in "))
+        assert len(processes_of(root)) >= 3, "".join(lines)  # the worker (and its child), the service
+        os.kill(proc.pid, sig)  # the demo process alone, as a service manager or a closed terminal would
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    wait_for(lambda: not processes_of(root), timeout_s=20, message="every process of the demo to stop")
+    servers = next(line for line in lines if line.startswith("NATS "))  # "NATS nats://h:p  Redis redis://h:p/0 …"
+    for url in servers.split()[1], servers.split()[3]:
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0, f"{url} still answers"
+    assert not Path(root).exists(), "".join(lines) + rest
+    assert "Traceback" not in rest
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from rich.console import Console
 from rich.table import Table
@@ -75,6 +77,7 @@ def run_demo(console: Console, *, images: int, keep: bool, timeout_s: float, pro
     procs: list[subprocess.Popen] = []
     runtime = None
     dashboard = None
+    previous = _stop_on_signals()
     try:
         console.print(f"[bold]jetpipe demo[/bold] in {root}")
         stack.start()
@@ -123,6 +126,7 @@ def run_demo(console: Console, *, images: int, keep: bool, timeout_s: float, pro
                           "`python cli.py demo --web` keeps it up afterwards", highlight=False)
         return ok
     finally:
+        _restore_signals(previous)
         if dashboard is not None:
             dashboard.stop()
         for proc in reversed(procs):
@@ -137,6 +141,27 @@ def run_demo(console: Console, *, images: int, keep: bool, timeout_s: float, pro
             shutil.rmtree(root, ignore_errors=True)
 
 
+#: Signals that stop the demo as Ctrl-C does (its stack, worker and service stopped, its directory removed).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _stop_on_signals() -> dict[int, Any]:
+    """Make SIGTERM and SIGHUP stop the demo the way Ctrl-C does: their default kills this process at once and
+    leaves NATS, Redis, the worker and the service running. The handlers it replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    return {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+
+
+def _restore_signals(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
 def _wait_for_worker(runtime: Runtime, timeout_s: float = 60) -> None:
     """Until the worker announces itself (the job's time then measures jetpipe, not a process starting)."""
     deadline = time.monotonic() + timeout_s
@@ -145,6 +170,7 @@ def _wait_for_worker(runtime: Runtime, timeout_s: float = 60) -> None:
 
 
 def _wait_for_interrupt() -> None:
+    """Until Ctrl-C, SIGTERM or SIGHUP."""
     try:
         while True:
             time.sleep(3600)
