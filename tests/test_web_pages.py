@@ -540,3 +540,48 @@ def test_the_taxon_table_equals_the_databases_counts(page, web, runtime, moth_pi
     saved = (Classification.select().join(Detection).join(JobImage, on=(Detection.image == JobImage.image))
              .where((JobImage.job == job.id) & (Detection.bbox_key != "")).count())
     assert rows == [["Noctuidae", str(saved)]] and saved == 9
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_gallery_draws_each_saved_box_where_it_is_on_its_image(page, web, runtime, moth_pipeline, trap_images):
+    from PIL import Image
+
+    from models import Detection
+    from pipeline.core.jobs import create_job
+
+    directory, truth = trap_images
+    names = sorted(truth)[:4]
+    job = create_job(moth_pipeline, [f"file://{directory}/{n}" for n in names], name="gallery")
+    dispatch(runtime, job.id)
+    tasks = pull_tasks(runtime, job.id, 4)
+    for task, reply in tasks[:3]:
+        handle_result_message(runtime, job.id, success_body(task, boxes=2), reply, task.task_token)
+    failed_task, failed_reply = tasks[3]
+    handle_result_message(runtime, job.id, error_body(failed_task.image_id, "<b>lens</b> fogged"), failed_reply,
+                          failed_task.task_token)
+    page.goto(f"{web.url}/jobs/{job.id}")
+    page.wait_for_function("() => document.querySelectorAll('#gallery figure img[src^=\"blob:\"]').length === 4")
+    width, height = Image.open(directory / names[0]).size
+    task = tasks[0][0]
+    figure = page.locator(f"#gallery figure[data-image='{task.image_id}']")
+    assert figure.locator("svg").get_attribute("viewBox") == f"0 0 {width} {height}"
+    drawn = sorted((float(r.get_attribute("x")), float(r.get_attribute("y")), float(r.get_attribute("width")),
+                    float(r.get_attribute("height"))) for r in figure.locator("rect").all())
+    saved = sorted((d.x1, d.y1, d.x2 - d.x1, d.y2 - d.y1) for d in Detection.select().where(
+        (Detection.image == int(task.image_id)) & (Detection.bbox_key != "")))
+    assert drawn == saved and len(saved) == 2
+    assert figure.locator("figcaption").inner_text() == "Noctuidae 0.80"
+    assert page.evaluate(f"document.querySelector(\"#gallery figure[data-image='{task.image_id}'] img\")"
+                         ".naturalWidth") > 0
+    shot(page, "gallery")
+    # the full view: every box with its label, and a failure's reason shown literally
+    figure.click()
+    page.wait_for_selector("#viewer[open] #viewer-boxes text")
+    assert page.locator("#viewer-boxes text").all_text_contents() == ["Noctuidae 0.80"] * 2
+    page.click("#viewer-close")
+    page.check("#gallery-filter input[name=failed]")
+    page.click("#gallery-apply")
+    page.wait_for_function("() => document.querySelectorAll('#gallery figure').length === 1")
+    assert page.inner_text("#gallery figcaption") == "failed: processing service error: <b>lens</b> fogged"
+    page.locator("#gallery figure").click()
+    assert page.inner_text("#viewer-error") == "processing service error: <b>lens</b> fogged"

@@ -169,6 +169,48 @@ def taxon_counts(job_id: int, *, limit: int | None = None) -> list[dict]:
             for taxon, n, score in tuples(query.limit(limit) if limit else query)]
 
 
+def gallery(job_id: int, *, after: int = 0, limit: int = 48, taxon: str | None = None,
+            min_score: float | None = None, failed: bool = False) -> dict:
+    """One page of the job's images by image id (paged by key: `after`, fast on a job of any size), each with
+    its detections (box, score, best classification) and its top taxon. Filters: images with a detection of
+    `taxon` scoring at least `min_score`; only failed images."""
+    query = (JobImage.select(JobImage.image, SourceImage.url, JobImage.status, JobImage.error).join(SourceImage)
+             .where((JobImage.job == job_id) & (JobImage.image > after)).order_by(JobImage.image).limit(limit))
+    if failed:
+        query = query.where(JobImage.status == ImageStatus.FAILED)
+    if taxon is not None or min_score is not None:
+        found = (Detection.select(Detection.id).join(Classification)
+                 .where((Detection.image == JobImage.image) & (Detection.bbox_key != "")))
+        if taxon is not None:
+            found = found.where(Classification.taxon == taxon)
+        if min_score is not None:
+            found = found.where(Classification.score >= min_score)
+        query = query.where(peewee.fn.EXISTS(found))
+    rows = list(tuples(query))
+    boxes: dict[int, list[dict]] = {image: [] for image, *_ in rows}
+    if rows:
+        detections = (Detection.select(Detection.image, Detection.id, Detection.x1, Detection.y1, Detection.x2,
+                                       Detection.y2, Detection.score, Classification.taxon, Classification.score)
+                      .join(Classification, peewee.JOIN.LEFT_OUTER)
+                      .where(Detection.image.in_(list(boxes)) & (Detection.bbox_key != ""))
+                      .order_by(Detection.image, Detection.id, Classification.score.desc()))
+        seen: set[int] = set()
+        for image, detection, x1, y1, x2, y2, score, label, label_score in tuples(detections):
+            if detection in seen:  # its best classification came first
+                continue
+            seen.add(detection)
+            boxes[image].append({"x1": x1, "y1": y1, "x2": x2, "y2": y2, "score": score, "taxon": label,
+                                 "taxon_score": label_score})
+    images = []
+    for image, url, status, error in rows:
+        found_boxes = boxes[image]
+        best = max((b for b in found_boxes if b["taxon"]), key=lambda b: b["taxon_score"] or 0.0, default=None)
+        images.append({"image_id": str(image), "url": url, "status": status, "error": error,
+                       "detections": found_boxes, "top_taxon": best["taxon"] if best else None,
+                       "top_score": best["taxon_score"] if best else None})
+    return {"images": images, "next_after": int(rows[-1][0]) if len(rows) == limit else None}
+
+
 def retried_as(job_id: int) -> list[int]:
     """The jobs made to retry this job's failed images, oldest first."""
     return [job_id for (job_id,) in tuples(Job.select(Job.id).where(Job.retry_of == job_id).order_by(Job.id))]

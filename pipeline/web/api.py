@@ -8,7 +8,7 @@ import itertools
 from collections.abc import AsyncIterator, Iterable, Iterator
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -17,12 +17,13 @@ from models import DispatchMode
 from pipeline.core import scheduling, unsaved
 from pipeline.core.image_policy import ImagePolicy
 from pipeline.core.registry import list_pipelines, register_pipeline
-from pipeline.errors import NothingToDo, UserInputError
+from pipeline.errors import NotFound, NothingToDo, UserInputError
 from pipeline.infra import dlq
 from pipeline.ops import actions, bulk, export, schedule
 from pipeline.ops.health import build_report
 from pipeline.ops.job_views import (
     failed_images,
+    gallery,
     job_logs,
     job_summaries,
     job_summary,
@@ -32,6 +33,7 @@ from pipeline.ops.job_views import (
 )
 from pipeline.ops.sources import image_urls_from_upload, url_lines
 from pipeline.schemas import decode_pipeline_spec
+from pipeline.web import thumbnails
 from pipeline.web.auth import Principal
 from pipeline.web.deps import allowed, runtime_of, with_db
 
@@ -220,6 +222,37 @@ def api_failures(job_id: int, after: int = Query(default=0, description="image i
 def api_taxa(job_id: int, limit: int = Query(default=100, ge=1, le=MAX_PAGE), who: Principal = READ) -> dict:
     actions.existing_job(job_id, who.projects)
     return {"taxa": taxon_counts(job_id, limit=limit)}
+
+
+@router.get("/jobs/{job_id}/images", summary="A page of the job's images with their boxes and top taxon (by key)")
+@with_db
+def api_images(job_id: int, after: int = Query(default=0, description="image id to continue after"),
+               limit: int = Query(default=48, ge=1, le=MAX_PAGE),
+               taxon: str | None = Query(default=None, description="only images with a detection of this taxon"),
+               min_score: float | None = Query(default=None, ge=0, le=1, description="... scoring at least this"),
+               failed: bool = Query(default=False, description="only failed images"), who: Principal = READ) -> dict:
+    actions.existing_job(job_id, who.projects)
+    return gallery(job_id, after=after, limit=limit, taxon=taxon or None, min_score=min_score, failed=failed)
+
+
+@router.get("/jobs/{job_id}/images/{image_id}/{kind}", summary="A thumbnail or a screen-sized picture of an image",
+            response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+async def api_picture(job_id: int, image_id: int, kind: str, request: Request, who: Principal = READ) -> Response:
+    if kind not in thumbnails.SIZES:
+        raise NotFound(f"no picture {kind!r} (thumbnail or full)")
+
+    def make() -> thumbnails.Picture:
+        with models.thread_connection():
+            actions.existing_job(job_id, who.projects)
+            url = (models.JobImage.select(models.SourceImage.url).join(models.SourceImage)
+                   .where((models.JobImage.job == job_id) & (models.JobImage.image == image_id)).scalar())
+        if url is None:
+            raise NotFound(f"image {image_id} is not part of job {job_id}")
+        return thumbnails.picture(url, kind, ImagePolicy.from_settings(request.app.state.settings))
+
+    made = await run_in_threadpool(make)
+    return Response(made.jpeg, media_type="image/jpeg", headers={
+        "X-Image-Size": f"{made.width}x{made.height}", "Cache-Control": "private, max-age=3600"})
 
 
 @router.get("/jobs/{job_id}/logs", summary="The job's log, oldest first")

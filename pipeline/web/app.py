@@ -45,10 +45,9 @@ HERE = Path(__file__).parent
 SECURITY_HEADERS = {"X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
                     "Referrer-Policy": "same-origin",
                     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
-                                               "img-src 'self' data:; object-src 'none'; frame-ancestors 'none'; "
+                                               "img-src 'self' data: blob:; object-src 'none'; "
+                                               "frame-ancestors 'none'; "
                                                "base-uri 'self'; form-action 'self'"}
-#: The API's interactive documentation (FastAPI's Swagger UI) loads its script and style from a CDN and starts
-#: with an inline script: its page alone may.
 #: The API explorer's page: Swagger UI's assets are served by jetpipe (no CDN: it works offline); its page
 #: starts Swagger UI with one inline script.
 DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self'; img-src 'self' data:; "

@@ -215,6 +215,113 @@ const jetpipe = (() => {
     setTimeout(tick, 2000);
   }
 
+  // The gallery: a page of the job's images at a time, each thumbnail with its boxes drawn over it in the
+  // original image's coordinates (the picture's X-Image-Size header gives that space).
+  const SVG = "http://www.w3.org/2000/svg";
+  async function loadPicture(url, img, svg) {
+    const response = await fetch(url, { credentials: "same-origin" });
+    if (!response.ok) throw new Error(`${url}: ${response.status}`);
+    const [width, height] = (response.headers.get("X-Image-Size") || "0x0").split("x").map(Number);
+    if (width && height) svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+    img.src = URL.createObjectURL(await response.blob());
+  }
+
+  function drawBoxes(svg, detections, labels) {
+    svg.replaceChildren();
+    for (const d of detections) {
+      const rect = document.createElementNS(SVG, "rect");
+      rect.setAttribute("x", String(d.x1));
+      rect.setAttribute("y", String(d.y1));
+      rect.setAttribute("width", String(d.x2 - d.x1));
+      rect.setAttribute("height", String(d.y2 - d.y1));
+      svg.append(rect);
+      if (labels && d.taxon) {
+        const text = document.createElementNS(SVG, "text");
+        text.setAttribute("x", String(d.x1));
+        text.setAttribute("y", String(Math.max(d.y1 - 4, 12)));
+        text.textContent = `${d.taxon} ${(d.taxon_score ?? 0).toFixed(2)}`;
+        svg.append(text);
+      }
+    }
+  }
+
+  function openViewer(jobId, image) {
+    const viewer = $("viewer");
+    setText("viewer-title", `image ${image.image_id}: ${image.top_taxon || (image.status === "failed" ? "failed" : "nothing found")}`);
+    const error = $("viewer-error");
+    error.textContent = image.error || "";
+    error.hidden = !image.error;
+    const svg = $("viewer-boxes");
+    drawBoxes(svg, image.detections, true);
+    $("viewer-image").alt = image.url;
+    loadPicture(`/api/v1/jobs/${jobId}/images/${image.image_id}/full`, $("viewer-image"), svg).catch(() => {});
+    $("viewer-detections").tBodies[0].replaceChildren(...image.detections.map((d) => {
+      const row = document.createElement("tr");
+      row.append(cell(`${d.x1}, ${d.y1}, ${d.x2}, ${d.y2}`), cell((d.score ?? 0).toFixed(2), "num"),
+                 cell(d.taxon || ""), cell(d.taxon_score == null ? "" : d.taxon_score.toFixed(2), "num"));
+      return row;
+    }));
+    viewer.showModal();
+  }
+
+  function figureOf(jobId, image) {
+    const figure = document.createElement("figure");
+    figure.dataset.image = image.image_id;
+    figure.tabIndex = 0;
+    figure.setAttribute("role", "button");
+    if (image.status === "failed") figure.classList.add("failed");
+    const shot = document.createElement("div");
+    shot.className = "shot";
+    const img = document.createElement("img");
+    img.alt = `image ${image.image_id}`;
+    img.loading = "lazy";
+    const svg = document.createElementNS(SVG, "svg");
+    svg.setAttribute("aria-hidden", "true");
+    svg.setAttribute("preserveAspectRatio", "none");
+    drawBoxes(svg, image.detections, false);
+    shot.append(img, svg);
+    const caption = document.createElement("figcaption");
+    caption.textContent = image.status === "failed" ? `failed: ${image.error || ""}`
+      : image.top_taxon ? `${image.top_taxon} ${(image.top_score ?? 0).toFixed(2)}`
+        : image.status === "pending" ? "not yet processed" : "nothing found";
+    figure.append(shot, caption);
+    const open = () => openViewer(jobId, image);
+    figure.addEventListener("click", open);
+    figure.addEventListener("keydown", (event) => { if (event.key === "Enter" || event.key === " ") open(); });
+    loadPicture(`/api/v1/jobs/${jobId}/images/${image.image_id}/thumbnail`, img, svg).catch(() => {
+      img.alt = `image ${image.image_id}: cannot be shown`;
+    });
+    return figure;
+  }
+
+  function gallery(form) {
+    const jobId = Number(form.dataset.jobId);
+    const grid = $("gallery");
+    const more = $("gallery-more");
+    let after = 0;
+    const load = async (fresh) => {
+      const params = new URLSearchParams({ limit: "48", after: String(fresh ? 0 : after) });
+      const data = new FormData(form);
+      if (data.get("taxon")) params.set("taxon", data.get("taxon"));
+      if (data.get("min_score")) params.set("min_score", data.get("min_score"));
+      if (data.get("failed")) params.set("failed", "true");
+      const page = await getJSON(`/api/v1/jobs/${jobId}/images?${params}`);
+      const figures = page.images.map((image) => figureOf(jobId, image));
+      if (fresh) grid.replaceChildren(...figures); else grid.append(...figures);
+      if (fresh && !figures.length) {
+        const empty = document.createElement("p");
+        empty.className = "empty";
+        empty.textContent = "no image matches";
+        grid.append(empty);
+      }
+      after = page.next_after || 0;
+      more.hidden = !page.next_after;
+    };
+    form.addEventListener("submit", (event) => { event.preventDefault(); load(true); });
+    more.addEventListener("click", () => load(false));
+    load(true);
+  }
+
   // No inline script or style on any page (the Content-Security-Policy forbids them): what a page needs
   // is in data- attributes, acted on here.
   function start() {
@@ -228,6 +335,8 @@ const jetpipe = (() => {
     if (followed) followJob(Number(followed.dataset.followJob));
     const jobs = document.querySelector("table#jobs[data-live]");
     if (jobs) followJobs(jobs);
+    const pictures = $("gallery-filter");
+    if (pictures) gallery(pictures);
     const refresh = $("auto-refresh");
     if (refresh) {  // a page that looks again on its own, unless the person turns it off (kept for the tab)
       refresh.checked = sessionStorage.getItem("jetpipe-auto-refresh") !== "off";
