@@ -100,6 +100,8 @@ def test_a_job_created_from_the_page_reaches_success_while_the_page_updates(
     assert page.inner_text("#c-processed") == "30" and page.inner_text("#c-failed") == "0"
     assert page.inner_text("#c-detections") == str(sum(len(truth[n]) for n in names))
     assert "100%" in page.inner_text("#stage-results")
+    page.wait_for_function("() => document.querySelectorAll('#chart polyline.settled').length === 1")
+    assert "30 of 30" in page.inner_text("#chart-caption")
     assert page.evaluate("document.getElementById('bar-results').style.width") == "100%"
     page.wait_for_function("() => document.getElementById('log').textContent.includes('job finished SUCCESS')")
     job_shot = shot(page, "job-page")

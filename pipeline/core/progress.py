@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime as dt
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -153,6 +154,25 @@ def pending_in_database(job_id: int) -> int:
     return JobImage.select().where((JobImage.job == job_id) & (JobImage.status == ImageStatus.PENDING)).count()
 
 
+#: Progress over time, kept in the job's progress for its chart: a sample at most every SAMPLE_S, thinned to
+#: half when MAX_SAMPLES are kept (a long job's curve keeps its shape at a coarser step).
+SAMPLE_S = 5.0
+MAX_SAMPLES = 120
+
+
+def record_sample(progress: dict[str, Any], now: dt.datetime, *, last: bool = False) -> None:
+    """Add `[unix seconds, settled, failed]` to the progress's samples when SAMPLE_S have passed since the last
+    one, or when the job ends (`last`)."""
+    process = progress.get("stages", {}).get("process", {})
+    samples: list[list[float]] = progress.setdefault("samples", [])
+    at = round(now.replace(tzinfo=dt.UTC).timestamp(), 1)
+    if samples and not last and at - samples[-1][0] < SAMPLE_S:
+        return
+    samples.append([at, process.get("processed", 0), process.get("failed", 0)])
+    if len(samples) > MAX_SAMPLES:
+        samples[:] = samples[:-1:2] + samples[-1:]
+
+
 def write_progress(job_id: int, snapshot: Snapshot, *, threshold: float, locked: Job | None = None,
                    corrected: bool = False) -> ProgressWrite:
     """Merge `snapshot` into the job's progress under a row lock; end the job if every image is counted.
@@ -168,6 +188,7 @@ def write_progress(job_id: int, snapshot: Snapshot, *, threshold: float, locked:
         progress = merge(job.progress, snapshot, threshold=threshold, job_id=job_id, corrected=corrected)
         changes = {Job.progress: progress, Job.updated_at: now, Job.last_progress_at: now}
         final = final_status(snapshot, threshold) if snapshot.complete else None
+        record_sample(progress, now, last=final is not None)
         # Redis counts a result inside the transaction that saves it, so after a crash before that commit
         # Redis is ahead until the result is handled again: never end a job the database does not agree on.
         unsaved = pending_in_database(job_id) if final is not None else 0

@@ -74,7 +74,8 @@ def set_priority(runtime: Runtime, job_id: int, priority: int | str, *, by: str 
 
 
 def job_detail(job_id: int, *, failures: int = 20, projects: Projects = None) -> dict:
-    """A job's summary with its first `failures` failed images and the jobs that retried its failed images;
-    raises NotFound."""
-    return {**job_summary(existing_job(job_id, projects)), "failed_images": failed_images(job_id, failures),
-            "retried_as": retried_as(job_id)}
+    """A job's summary with its first `failures` failed images, the jobs that retried its failed images, and
+    its progress over time (`samples`: [unix seconds, settled, failed]); raises NotFound."""
+    job = existing_job(job_id, projects)
+    return {**job_summary(job), "failed_images": failed_images(job_id, failures), "retried_as": retried_as(job_id),
+            "samples": (job.progress or {}).get("samples", [])}

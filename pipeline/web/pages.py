@@ -60,6 +60,8 @@ def render(request: Request, template: str, http_status: int = 200, **context) -
     who = principal_of(request)
     html = _templates.get_template(template).render(
         request=request, who=who, can_write=bool(who and who.may("write")), csrf=csrf,
+        base_url=request.app.state.settings.web_public_url.rstrip("/") + "/" if request.app.state.settings
+        .web_public_url else str(request.base_url),
         logged_in=bool(request.cookies.get(SESSION_COOKIE)), **context)
     response = HTMLResponse(html, status_code=http_status)
     if request.cookies.get(CSRF_COOKIE) != csrf:
@@ -201,6 +203,7 @@ def job_page(request: Request, job_id: int, after: int = 0, who: Principal = REA
     failures = failed_images(job_id, FAILURES_PER_PAGE, after_image=after)
     return render(request, "job.html", job=job_summary(job), failures=failures, after=after,
                   retried_as=retried_as(job_id), taxa=taxon_counts(job_id, limit=TAXA_SHOWN),
+                  samples=(job.progress or {}).get("samples", []),
                   next_after=failures[-1]["image_id"] if len(failures) == FAILURES_PER_PAGE else None,
                   terminal=job.is_terminal)
 

@@ -49,3 +49,22 @@ def test_error_id_lists_are_capped():
     text = progress.format_ids([str(i) for i in range(1000, 1030)])
     assert text.startswith("['1000', '1001'") and text.endswith("... and 20 more")
     assert "'1009'" in text and "'1010'" not in text
+
+
+def test_progress_over_time_is_sampled_every_few_seconds_and_thinned_when_long():
+    import datetime as dt
+
+    from pipeline.core.progress import MAX_SAMPLES, SAMPLE_S, record_sample
+
+    progress = {"stages": {"process": {"processed": 0, "failed": 0}}}
+    start = dt.datetime(2026, 12, 6, 12, 0, 0)
+    for second in range(0, 2000):
+        progress["stages"]["process"]["processed"] = second
+        record_sample(progress, start + dt.timedelta(seconds=second))
+    samples = progress["samples"]
+    assert len(samples) <= MAX_SAMPLES
+    assert samples[0] == [start.replace(tzinfo=dt.UTC).timestamp(), 0, 0]
+    assert all(b[0] - a[0] >= SAMPLE_S for a, b in zip(samples, samples[1:], strict=False))
+    assert all(b[1] >= a[1] for a, b in zip(samples, samples[1:], strict=False))
+    record_sample(progress, start + dt.timedelta(seconds=2000.5), last=True)  # the end is always kept
+    assert progress["samples"][-1][0] == start.replace(tzinfo=dt.UTC).timestamp() + 2000.5

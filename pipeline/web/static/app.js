@@ -59,6 +59,35 @@ const jetpipe = (() => {
     return over;
   }
 
+  // Progress over time: the job's samples ([unix seconds, settled, failed]) as lines in a 600 x 160 SVG.
+  function drawChart(samples, total) {
+    const svg = $("chart");
+    if (!svg) return;
+    svg.replaceChildren();
+    const caption = $("chart-caption");
+    if (samples.length < 2) {
+      caption.textContent = "images settled over time: not enough samples yet";
+      return;
+    }
+    const t0 = samples[0][0];
+    const span = Math.max(samples[samples.length - 1][0] - t0, 1);
+    const most = Math.max(total, 1);
+    const line = (index, className) => {
+      const path = document.createElementNS(SVG, "polyline");
+      path.setAttribute("class", className);
+      path.setAttribute("points", samples.map((s) => `${((s[0] - t0) / span) * 600},${160 - (s[index] / most) * 150}`)
+        .join(" "));
+      svg.append(path);
+    };
+    line(1, "settled");
+    line(2, "failed");
+    const last = samples[samples.length - 1];
+    const minutes = span / 60;
+    caption.textContent = `images settled over time: ${last[1].toLocaleString("en")} of ${total.toLocaleString("en")}`
+      + ` (${last[2].toLocaleString("en")} failed) in ${minutes < 2 ? `${Math.round(span)} s` : `${Math.round(minutes)} min`}`
+      + `, ${Math.round(last[1] / span).toLocaleString("en")} images/s on average`;
+  }
+
   async function showFailures(jobId) {
     const page = await getJSON(`/api/v1/jobs/${jobId}/failures?limit=50`);
     const body = $("failures").tBodies[0];
@@ -115,6 +144,7 @@ const jetpipe = (() => {
         if (!ended) {
           const job = await getJSON(`/api/v1/jobs/${jobId}`);
           ended = showJob(job);
+          drawChart(job.samples || [], job.total_images);
           if (job.detections !== shownDetections) {
             shownDetections = job.detections;
             await showTaxa(jobId);
@@ -335,6 +365,8 @@ const jetpipe = (() => {
     if (followed) followJob(Number(followed.dataset.followJob));
     const jobs = document.querySelector("table#jobs[data-live]");
     if (jobs) followJobs(jobs);
+    const chart = $("progress-chart");
+    if (chart) drawChart(JSON.parse(chart.dataset.samples || "[]"), Number(chart.dataset.total));
     const pictures = $("gallery-filter");
     if (pictures) gallery(pictures);
     const refresh = $("auto-refresh");
