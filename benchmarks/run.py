@@ -24,6 +24,8 @@ Figures (issue 6; targets in brackets):
   fairness     a 50-image job beside a running 100,000-image job of another project, and two projects
                weighted 3:1, on a service of fixed capacity: fair share (SDK) vs first-come
                (benchmarks/fairness.py)                                  [<= 2x its idle time; 3:1 +- 10 %]
+  gallery      the first page of a 1,000,000-image job's gallery vs a raw 48-row query (benchmarks/gallery.py)
+                                                                                [well under 1 s]
 """
 
 from __future__ import annotations
@@ -890,6 +892,7 @@ def main() -> int:
                         help="seconds of idle stack before each small job (stage small)")
     parser.add_argument("--consumers", type=int, default=2_000, help="idle job consumers held (stage cluster)")
     parser.add_argument("--fair-big", type=int, default=100_000, help="the running big job (stage fairness)")
+    parser.add_argument("--gallery-images", type=int, default=1_000_000, help="the job's images (stage gallery)")
     parser.add_argument("--postgres", metavar="URL",
                         help="also run end to end on PostgreSQL (a throwaway database is created on this server)")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="what to measure")
@@ -912,7 +915,7 @@ def main() -> int:
 
 
 STAGES = ("dispatch", "e2e", "small", "gateway", "workers", "cluster", "backlog", "sweep", "latency", "memory",
-          "fairness")
+          "fairness", "gallery")
 
 
 def measure(args, stack: DevStack, tmp: str) -> list[tuple]:
@@ -985,6 +988,14 @@ def measure(args, stack: DevStack, tmp: str) -> list[tuple]:
         if args.postgres:
             databases.append(("PostgreSQL", lambda: throwaway_database(args.postgres)))
         rows += fairness(stack, tmp, big=args.fair_big, databases=databases)
+    if "gallery" in args.stages:
+        from benchmarks.gallery import gallery_first_page
+
+        rows += gallery_first_page(env_for(stack, f"sqlite:///{tmp}/gallery.db"), args.gallery_images)
+        if args.postgres:
+            with throwaway_database(args.postgres) as url:
+                rows += [(f"{name} [PostgreSQL]", *rest)
+                         for name, *rest in gallery_first_page(env_for(stack, url), args.gallery_images)]
     if "memory" in args.stages:
         console.log("memory: enqueue + run_job")
         fresh_servers(stack)
