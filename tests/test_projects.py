@@ -204,3 +204,17 @@ def test_jobs_made_before_projects_belong_to_the_default_project(runtime, moth_p
     with pytest.raises(Exception, match="project name"):
         fake_job(moth_pipeline, 1, project="lab b")
     assert bulk.parse_age("90") == 90 and bulk.parse_age("12h") == 43200
+
+
+def test_a_pipelines_taxa_count_every_job_of_it_and_only_a_token_of_every_project_reads_them(web, runtime,
+                                                                                            moth_pipeline):
+    from tests.helpers import job_with_results
+
+    job_with_results(runtime, moth_pipeline, 3, 3, boxes=2)
+    job_with_results(runtime, moth_pipeline, 2, 1, boxes=3)  # its one image is the first job's first image
+    taxa = web.get(f"/api/v1/pipelines/{moth_pipeline}/taxa", headers=bearer("vic")).json()["taxa"]
+    # 3 images x 2 boxes, and the third box the second job found on an image already saved with two
+    assert taxa == [{"taxon": "Noctuidae", "detections": 3 * 2 + 1, "mean_score": 0.8}]
+    assert web.get(f"/api/v1/pipelines/{moth_pipeline}/taxa", headers=bearer("lab")).status_code == 403
+    assert web.get("/api/v1/pipelines/nope/taxa", headers=bearer("vic")).status_code == 404
+    assert "Most detected taxa" in web.get("/pipelines", headers=bearer("vic")).text

@@ -498,6 +498,13 @@ def test_every_page_passes_an_accessibility_scan_in_light_and_dark(page, web, ru
             page.wait_for_load_state("networkidle")
             if problems := serious_violations(page):
                 found[f"{scheme} {path}"] = problems
+    guarded = WebServer(runtime.settings.with_overrides(web_tokens=TOKENS_SETTING), runtime).start()
+    try:  # the login form, which only a server with tokens shows
+        page.goto(guarded.url + "/login")
+        if problems := serious_violations(page):
+            found["/login"] = problems
+    finally:
+        guarded.stop()
     assert found == {}
 
 

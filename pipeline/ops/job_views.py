@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from models import (
+    Algorithm,
     Classification,
     Detection,
     ImageStatus,
@@ -209,6 +210,17 @@ def gallery(job_id: int, *, after: int = 0, limit: int = 48, taxon: str | None =
                        "detections": found_boxes, "top_taxon": best["taxon"] if best else None,
                        "top_score": best["taxon_score"] if best else None})
     return {"images": images, "next_after": int(rows[-1][0]) if len(rows) == limit else None}
+
+
+def pipeline_taxa(slug: str, *, limit: int | None = 10) -> list[dict]:
+    """Detections by classified taxon across every job of a pipeline (its classifiers' saved classifications;
+    an image run by several jobs counts once, as it is saved once), most first, with the mean score."""
+    count = peewee.fn.COUNT(Classification.id)
+    query = (Classification.select(Classification.taxon, count, peewee.fn.AVG(Classification.score))
+             .join(Algorithm).join(Pipeline).where(Pipeline.slug == slug)
+             .group_by(Classification.taxon).order_by(count.desc(), Classification.taxon))
+    return [{"taxon": taxon, "detections": n, "mean_score": round(score or 0.0, 3)}
+            for taxon, n, score in tuples(query.limit(limit) if limit else query)]
 
 
 def retried_as(job_id: int) -> list[int]:

@@ -16,7 +16,7 @@ import models
 from models import DispatchMode
 from pipeline.core import scheduling, unsaved
 from pipeline.core.image_policy import ImagePolicy
-from pipeline.core.registry import list_pipelines, register_pipeline
+from pipeline.core.registry import existing_pipeline, list_pipelines, register_pipeline
 from pipeline.errors import NotFound, NothingToDo, UserInputError
 from pipeline.infra import dlq
 from pipeline.ops import actions, bulk, export, schedule
@@ -28,6 +28,7 @@ from pipeline.ops.job_views import (
     job_summaries,
     job_summary,
     list_jobs,
+    pipeline_taxa,
     status_counts,
     taxon_counts,
 )
@@ -324,6 +325,13 @@ def api_schedule(slug: str, request: Request, who: Principal = READ) -> dict:
     answer = schedule.of_pipeline(runtime_of(request), slug)
     answer["jobs"] = [j for j in answer["jobs"] if who.may_see(j["project"])]
     return answer
+
+
+@router.get("/pipelines/{slug}/taxa", summary="Detections by taxon across every job of a pipeline, most first")
+@with_db
+def api_pipeline_taxa(slug: str, limit: int = Query(default=100, ge=1, le=MAX_PAGE), _=READ_ALL) -> dict:
+    existing_pipeline(slug)
+    return {"pipeline": slug, "taxa": pipeline_taxa(slug, limit=limit)}
 
 
 @router.get("/pipelines", summary="Registered pipelines and their algorithms")

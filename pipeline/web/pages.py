@@ -31,6 +31,7 @@ from pipeline.ops.job_views import (
     job_summaries,
     job_summary,
     list_jobs,
+    pipeline_taxa,
     retried_as,
     status_counts,
     taxon_counts,
@@ -331,8 +332,10 @@ async def dlq_replay_form(request: Request, _=WRITE_ALL):
 
 @router.get("/pipelines")
 @with_db
-def pipelines_page(request: Request, _=READ):
-    return render(request, "pipelines.html", pipelines=list_pipelines())
+def pipelines_page(request: Request, who: Principal = READ):
+    pipelines = list_pipelines()
+    taxa = {p["slug"]: pipeline_taxa(p["slug"]) for p in pipelines} if who.projects is None else {}
+    return render(request, "pipelines.html", pipelines=pipelines, taxa=taxa)
 
 
 @router.post("/pipelines")
