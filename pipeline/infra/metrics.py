@@ -94,6 +94,22 @@ class _Metrics:
             "became of it.", ["outcome"])
         self.dead_letters = prom.Gauge("jetpipe_dead_letters", "Dramatiq messages that failed for good.",
                                        multiprocess_mode="mostrecent")
+        # a pipeline's backlog, for autoscalers (pipeline/infra/backlog.py)
+        self.pipeline_tasks_waiting = prom.Gauge(
+            "jetpipe_pipeline_tasks_waiting", "Tasks published and not yet delivered to a service.", ["pipeline"],
+            multiprocess_mode="mostrecent")
+        self.pipeline_tasks_in_flight = prom.Gauge(
+            "jetpipe_pipeline_tasks_in_flight", "Tasks delivered to a service and not yet answered.", ["pipeline"],
+            multiprocess_mode="mostrecent")
+        self.pipeline_oldest_waiting = prom.Gauge(
+            "jetpipe_pipeline_oldest_waiting_task_seconds", "Age of the oldest task not yet delivered (0: none).",
+            ["pipeline"], multiprocess_mode="mostrecent")
+        self.pipeline_pulls_waiting = prom.Gauge(
+            "jetpipe_pipeline_pull_requests_waiting", "NATS pull requests waiting for a task (services idle now).",
+            ["pipeline"], multiprocess_mode="mostrecent")
+        self.pipeline_http_services = prom.Gauge(
+            "jetpipe_pipeline_http_services", "HTTP processing services seen in the last minute.", ["pipeline"],
+            multiprocess_mode="mostrecent")
         self.health_check_last_run = prom.Gauge(
             "jetpipe_health_check_last_run_timestamp_seconds", "When jobs_health_check last finished (Unix time).",
             multiprocess_mode="max")

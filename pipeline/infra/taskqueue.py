@@ -119,6 +119,10 @@ class JobConsumer:
     num_pending: int = 0  # its tasks not yet delivered
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)  # project, priority, weight, paused
     paused: bool = False  # the server holds its deliveries (consumer pause, NATS 2.11 and later)
+    num_ack_pending: int = 0  # delivered and not yet answered: in flight with a service
+    num_waiting: int = 0  # pull requests waiting for a task: services idle on this job right now
+    delivered_seq: int = 0  # stream sequence of its last delivery
+    last_active: dt.datetime | None = None  # when it last delivered
 
 
 #: `pause_until` for a pause with no end: the job is resumed by hand.
@@ -556,12 +560,27 @@ class TaskQueue:
                     job_id = names.job_id_from_consumer(info.name)
                     subject = info.config.filter_subject or ""
                     if job_id is not None and subject.startswith(prefix):
+                        delivered = info.delivered
                         found.append(JobConsumer(job_id, info.name, subject, slug, info.num_pending or 0,
-                                                 own_metadata(info.config), bool(info.paused)))
+                                                 own_metadata(info.config), bool(info.paused),
+                                                 info.num_ack_pending or 0, info.num_waiting or 0,
+                                                 (delivered.stream_seq or 0) if delivered else 0,
+                                                 delivered.last_active if delivered else None))
                 if len(page) < 256:
                     break
                 offset += len(page)
         return sorted(found, key=lambda c: c.job_id)
+
+    async def next_waiting_task_at(self, consumer: JobConsumer) -> dt.datetime | None:
+        """When the job's next task to deliver was published (its oldest waiting task); None if none waits."""
+        if consumer.num_pending <= 0:
+            return None
+        try:
+            msg = await self.js.get_msg(names.tasks_stream(consumer.pipeline), seq=consumer.delivered_seq + 1,
+                                        subject=consumer.filter_subject, next=True)
+        except nats.js.errors.NotFoundError:
+            return None
+        return msg.time
 
     # ---- tasks --------------------------------------------------------------------------------------
     async def announce_job(self, pipeline_slug: str, job_id: int) -> None:
@@ -726,6 +745,9 @@ class SyncTaskQueue:
 
     def pause_job_consumer(self, job_id: int, pipeline_slug: str, *, paused: bool) -> bool | None:
         return self._run("pause job consumer", self.queue.pause_job_consumer(job_id, pipeline_slug, paused=paused))
+
+    def next_waiting_task_at(self, consumer: JobConsumer) -> dt.datetime | None:
+        return self._run("next waiting task", self.queue.next_waiting_task_at(consumer))
 
     def ensure_job_consumer(self, job_id: int, pipeline_slug: str, *, max_deliver: int, ack_wait_s: float,
                             metadata: dict[str, str] | None = None, paused: bool = False) -> ConsumerConfig:

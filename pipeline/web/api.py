@@ -18,7 +18,7 @@ from pipeline.core import scheduling, unsaved
 from pipeline.core.image_policy import ImagePolicy
 from pipeline.core.registry import existing_pipeline, list_pipelines, register_pipeline
 from pipeline.errors import NotFound, NothingToDo, UserInputError
-from pipeline.infra import dlq
+from pipeline.infra import backlog, dlq
 from pipeline.ops import actions, bulk, export, schedule
 from pipeline.ops.health import build_report
 from pipeline.ops.job_views import (
@@ -325,6 +325,15 @@ def api_schedule(slug: str, request: Request, who: Principal = READ) -> dict:
     answer = schedule.of_pipeline(runtime_of(request), slug)
     answer["jobs"] = [j for j in answer["jobs"] if who.may_see(j["project"])]
     return answer
+
+
+@router.get("/pipelines/{slug}/stats", summary="A pipeline's backlog for autoscalers: tasks waiting and in flight, "
+            "the oldest waiting task's age, services at work")
+@with_db
+def api_pipeline_stats(slug: str, request: Request, _=READ_ALL) -> dict:
+    existing_pipeline(slug)
+    runtime = runtime_of(request)
+    return backlog.backlogs(runtime.tasks, runtime.redis, pipeline=slug)[slug].as_dict()
 
 
 @router.get("/pipelines/{slug}/taxa", summary="Detections by taxon across every job of a pipeline, most first")

@@ -38,7 +38,7 @@ from pipeline.core import inbox, unsaved
 from pipeline.core.deferred_failure import DeferredFailure
 from pipeline.core.saving import request_drains
 from pipeline.errors import TransientError
-from pipeline.infra import dlq, metrics
+from pipeline.infra import backlog, dlq, metrics
 from pipeline.infra.aio import LoopRunner, cancel_the_rest
 from pipeline.infra.broker import make_broker
 from pipeline.infra.outage import Outage
@@ -132,16 +132,45 @@ def worker_broker(settings: Settings | None = None) -> RedisBroker:
     return _worker_broker
 
 
+#: Seconds between two exports of the pipelines' backlogs by one worker process (a listing of the job consumers
+#: and a read per job with waiting tasks).
+BACKLOG_EXPORT_S = 15.0
+_exported: dict[str, float] = {"at": 0.0}
+_exported_pipelines: set[str] = set()
+
+
 def sweep_inbox(runtime: Runtime) -> None:
     """Ask for the inbox rows of every job to be saved that have waited longer than a sweep interval (and
-    are not waiting out a backoff), and export how long results have been waiting."""
+    are not waiting out a backoff), and export how long results have been waiting (and, every
+    BACKLOG_EXPORT_S, each pipeline's backlog)."""
     with models.thread_connection():
         waiting = inbox.jobs_waiting(older_than_s=SWEEP_S)
         _export_waiting(inbox.waiting(), unsaved.parked_counts())
     metrics.metrics().dead_letters.set(dlq.count_dead(runtime.redis))
+    if time.monotonic() - _exported["at"] >= BACKLOG_EXPORT_S:
+        _exported["at"] = time.monotonic()
+        _export_backlogs(runtime)
     if waiting:
         log.info("bridge: results of job(s) %s wait in the inbox; asking for them to be saved", waiting[:20])
         request_drains(runtime, waiting)
+
+
+def _export_backlogs(runtime: Runtime) -> None:
+    try:
+        found = backlog.backlogs(runtime.tasks, runtime.redis)
+    except TransientError as exc:
+        log.debug("metrics: pipelines' backlogs not read (%s)", exc)
+        return
+    m = metrics.metrics()
+    for slug in _exported_pipelines - set(found):  # a pipeline with no job left: nothing waits
+        found[slug] = backlog.Backlog(slug)
+    for slug, b in found.items():
+        m.pipeline_tasks_waiting.labels(slug).set(b.tasks_waiting)
+        m.pipeline_tasks_in_flight.labels(slug).set(b.tasks_in_flight)
+        m.pipeline_oldest_waiting.labels(slug).set(b.oldest_waiting_s)
+        m.pipeline_pulls_waiting.labels(slug).set(b.pulls_waiting)
+        m.pipeline_http_services.labels(slug).set(b.http_services)
+    _exported_pipelines.update(found)
 
 
 def _export_waiting(waiting: dict[int, inbox.Waiting], parked: dict[int, int]) -> None:
