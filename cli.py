@@ -245,11 +245,15 @@ def nats_service_user(name: str, pipelines: tuple[str, ...], password_env: str |
 @click.option("--priority", default="normal", show_default=True,
               help="low, normal, high, urgent, or a whole number from -10 to 10: services serve a pipeline's jobs of "
                    "the highest priority first.")
+@click.option("--notify", metavar="URL", help="POST the job's signed summary there when it ends (webhook); the "
+              "signing secret comes from the variable --notify-secret-env names.")
+@click.option("--notify-secret-env", metavar="VAR", default="PIPELINE_NOTIFY_SECRET", show_default=True,
+              help="Environment variable holding the webhook's signing secret (never on the command line).")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
 @click.argument("urls", nargs=-1)
 @handles_errors
 def enqueue_job(pipeline_slug, images_dir, images_file, name, limit, dispatch_mode, pickup_timeout, deadline, project,
-                priority, as_json, urls) -> None:
+                priority, notify, notify_secret_env, as_json, urls) -> None:
     """Create a job over images and start it; prints the job id.
 
     Images come from --images-dir, --images-file and/or arguments: URLs (file://, http://, https://) or
@@ -270,9 +274,13 @@ def enqueue_job(pipeline_slug, images_dir, images_file, name, limit, dispatch_mo
         sources.append(local_image_urls(urls))
     if not sources:
         raise UserInputError("no images given: use --images-dir, --images-file or URL arguments")
+    if notify and not os.environ.get(notify_secret_env):
+        raise UserInputError(f"--notify needs the webhook's signing secret (16 characters or more) in the "
+                             f"environment variable {notify_secret_env}")
     job = actions.enqueue(runtime(), pipeline_slug, itertools.chain(*sources), name=name, limit=limit,
                           dispatch_mode=dispatch_mode, pickup_timeout_s=pickup_timeout, deadline_s=deadline,
-                          project=project, priority=priority)
+                          project=project, priority=priority,
+                          notify=(notify, os.environ.get(notify_secret_env, "")) if notify else None)
     if as_json:
         from pipeline.ops.job_views import job_summary
 

@@ -15,5 +15,7 @@ from actors.advisories import process_task_advisory  # noqa: E402
 from actors.health import jobs_health_check  # noqa: E402
 from actors.results import process_pipeline_result  # noqa: E402
 from actors.run_job import run_job  # noqa: E402
+from actors.webhooks import deliver_webhooks  # noqa: E402
 
-__all__ = ["broker", "jobs_health_check", "process_pipeline_result", "process_task_advisory", "run_job"]
+__all__ = ["broker", "deliver_webhooks", "jobs_health_check", "process_pipeline_result", "process_task_advisory",
+           "run_job"]

@@ -39,6 +39,7 @@ from models.entities import (
     Project,
     ResultInbox,
     SourceImage,
+    WebhookDelivery,
 )
 
 
@@ -94,5 +95,5 @@ __all__ = [
     "DispatchMode", "ImageStatus", "JobStatus",
     # tables
     "ALL_MODELS", "Algorithm", "Classification", "Detection", "Job", "JobImage", "JobLog", "ParkedResult",
-    "Pipeline", "Project", "ResultInbox", "SourceImage",
+    "Pipeline", "Project", "ResultInbox", "SourceImage", "WebhookDelivery",
 ]

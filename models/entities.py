@@ -107,6 +107,10 @@ class Job(BaseModel):
     paused_s = peewee.FloatField(null=True)
     #: The ended job whose failed images this job runs again (`retry-failed`); None: a job of its own.
     retry_of = peewee.IntegerField(null=True, index=True)
+    #: Where to POST the job's summary when it ends (pipeline/core/webhooks.py), and the secret that signs it
+    #: (never shown).
+    notify_url = peewee.TextField(null=True)
+    notify_secret = peewee.CharField(max_length=255, null=True)
 
     @property
     def is_terminal(self) -> bool:
@@ -234,6 +238,27 @@ class ParkedResult(BaseModel):
     proof = peewee.TextField(null=True)  # what its task tokens proved when it was taken (ResultInbox.proof)
 
 
+class WebhookDelivery(BaseModel):
+    """A webhook to send (pipeline/core/webhooks.py): written with the job's terminal transition, deleted never
+    (its delivery, attempts and last error stay visible)."""
+
+    job_id = peewee.BigIntegerField(index=True)
+    url = peewee.TextField()
+    secret = peewee.CharField(max_length=255)
+    event = peewee.CharField(max_length=40)
+    body = peewee.TextField()
+    created_at = peewee.DateTimeField(default=utcnow)
+    next_attempt_at = peewee.DateTimeField(null=True, index=True)  # None: nothing more to do (sent or given up)
+    attempts = peewee.IntegerField(null=True)
+    last_status = peewee.IntegerField(null=True)
+    last_error = peewee.TextField(null=True)
+    delivered_at = peewee.DateTimeField(null=True)
+    gave_up_at = peewee.DateTimeField(null=True)
+
+    class Meta:
+        indexes = ((("job_id", "url", "event"), True),)  # one delivery per job, endpoint and event
+
+
 class JobLog(BaseModel):
     job = peewee.ForeignKeyField(Job, backref="logs", on_delete="CASCADE")
     level = peewee.CharField(max_length=10)
@@ -242,4 +267,4 @@ class JobLog(BaseModel):
 
 
 ALL_MODELS = (Pipeline, Algorithm, SourceImage, Project, Job, JobImage, Detection, Classification, ResultInbox,
-              ParkedResult, JobLog)
+              ParkedResult, JobLog, WebhookDelivery)

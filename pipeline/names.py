@@ -220,8 +220,12 @@ PROCESS_TASK_ADVISORY = "process_task_advisory"
 JOBS_HEALTH_CHECK = "jobs_health_check"
 
 #: The queue of each actor (the actor declares the same one; a test checks that they agree).
+DELIVER_WEBHOOKS = "deliver_webhooks"
+#: Held while a deliver_webhooks message is queued or running: the sweeps of many workers send one at a time.
+WEBHOOKS_SENDING_KEY = f"{REDIS_PREFIX}:webhooks:sending"
 ACTOR_QUEUES = {
     RUN_JOB: JOBS_QUEUE,
+    DELIVER_WEBHOOKS: JOBS_QUEUE,
     JOBS_HEALTH_CHECK: JOBS_QUEUE,
     PROCESS_PIPELINE_RESULT: RESULTS_QUEUE,
     PROCESS_TASK_ADVISORY: RESULTS_QUEUE,

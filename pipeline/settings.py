@@ -115,13 +115,32 @@ OPTIONS: dict[str, Option] = {
                           "may name local files (not the web API)"),
     "image_hosts": Option("PIPELINE_IMAGE_HOSTS", "",
                           "hosts remote images (http, https) may come from, comma-separated; unset: any host"),
+    "webhooks": Option("PIPELINE_WEBHOOKS", "",
+                       "endpoints told when any job ends, comma-separated URL|secret (the secret, 16 characters or "
+                       "more, signs each delivery)"),
+    "webhook_retry_s": Option("PIPELINE_WEBHOOK_RETRY_S", "5",
+                              "seconds before a failed webhook delivery is tried again (doubled per attempt)"),
     "nats_creds": Option("PIPELINE_NATS_CREDS", "", "NATS credentials file (JWT + NKey), if the server wants one"),
     "nats_tls_ca": Option("PIPELINE_NATS_TLS_CA", "", "CA bundle that signed the NATS server's TLS certificate"),
 }
 
 
+#: The shortest secret a webhook endpoint may have.
+WEBHOOK_MIN_SECRET = 16
+
+
+def webhook_problem(url: str, secret: str) -> str | None:
+    """What is wrong with a webhook endpoint (its URL and signing secret), else None."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"webhook URL {parts.scheme}://{parts.hostname or ''}… is not an http(s) URL"
+    if len(secret) < WEBHOOK_MIN_SECRET:
+        return f"a webhook's secret must be at least {WEBHOOK_MIN_SECRET} characters"
+    return None
+
+
 #: Settings whose whole value is a secret (never logged or printed).
-SECRET_OPTIONS = frozenset({"web_tokens"})
+SECRET_OPTIONS = frozenset({"web_tokens", "webhooks"})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 
@@ -160,6 +179,8 @@ class Settings:
     web_local_images: str
     image_roots: str
     image_hosts: str
+    webhooks: str
+    webhook_retry_s: float
     nats_creds: str
     nats_tls_ca: str
 
@@ -204,6 +225,9 @@ class Settings:
                               "PIPELINE_DB_DEAD_PEER_TIMEOUT must be 0 or more seconds")
         if self.job_pickup_timeout <= 0:
             raise ConfigError("PIPELINE_JOB_PICKUP_TIMEOUT must be a positive number of seconds")
+        if self.webhook_retry_s <= 0:
+            raise ConfigError("PIPELINE_WEBHOOK_RETRY_S must be a positive number of seconds")
+        self.webhook_endpoints()
         if self.web_max_body_mb <= 0:
             raise ConfigError("PIPELINE_WEB_MAX_BODY_MB must be a positive number")
         if self.web_local_images not in ("http", "file"):
@@ -222,6 +246,17 @@ class Settings:
             url = getattr(self, name)
             if "://" not in url:
                 raise ConfigError(f"{OPTIONS[name].env} is not a URL: {redact(url)!r}")
+
+    def webhook_endpoints(self) -> list[tuple[str, str]]:
+        """(url, secret) of each PIPELINE_WEBHOOKS entry (`URL|secret`); ConfigError names a bad one."""
+        found = []
+        for n, entry in enumerate((e.strip() for e in self.webhooks.split(",") if e.strip()), 1):
+            url, _, secret = (part.strip() for part in entry.partition("|"))
+            problem = webhook_problem(url, secret)
+            if problem:
+                raise ConfigError(f"PIPELINE_WEBHOOKS entry {n}: {problem}")
+            found.append((url, secret))
+        return found
 
     def stream_options(self) -> dict[str, int | None]:
         """How jetpipe's streams are to be made: `ensure_streams(**settings.stream_options())`. Each is None

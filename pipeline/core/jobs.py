@@ -28,7 +28,7 @@ from models import (
     write_transaction,
 )
 from pipeline import fairshare, names
-from pipeline.core import progress, scheduling, slots, task_tokens
+from pipeline.core import progress, scheduling, slots, task_tokens, webhooks
 from pipeline.core.image_policy import ImagePolicy
 from pipeline.core.joblog import job_log
 from pipeline.core.registry import existing_pipeline
@@ -65,7 +65,7 @@ def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = No
                dispatch_mode: str = DispatchMode.ASYNC_API, pickup_timeout_s: float | None = None,
                deadline_s: float | None = None, over_network: bool = False,
                policy: ImagePolicy | None = None, project: str | None = None, priority: int = 0,
-               retry_of: int | None = None) -> Job:
+               retry_of: int | None = None, notify: tuple[str, str] | None = None) -> Job:
     """A new CREATED job over `urls` (streamed, deduplicated); all or nothing: bad input leaves no row.
 
     Every URL must be one the image policy lets jetpipe read (`pipeline/core/image_policy.py`): `over_network`
@@ -75,7 +75,8 @@ def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = No
     `pickup_timeout_s`: seconds after dispatch within which a service must pull one of its tasks (default
     PIPELINE_JOB_PICKUP_TIMEOUT); `deadline_s`: seconds from now by which the whole job must have ended.
     `project` (default `default`, created on first use) and `priority` (pipeline/fairshare.py) decide when
-    services serve it beside other jobs of its pipeline.
+    services serve it beside other jobs of its pipeline. `notify`: (url, secret) of an endpoint told when the
+    job ends (pipeline/core/webhooks.py).
     """
     pipeline = existing_pipeline(pipeline_slug)
     if dispatch_mode not in DispatchMode.ALL:
@@ -87,6 +88,8 @@ def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = No
             raise UserInputError(f"the {option} must be a positive number of seconds, not {value!r}")
     deadline_at = utcnow() + dt.timedelta(seconds=deadline_s) if deadline_s else None
     priority = fairshare.parse_priority(priority)
+    if notify is not None:
+        webhooks.check_endpoint(*notify)
     fairshare.check_project_name(project or DEFAULT_PROJECT)
     policy = policy or ImagePolicy.from_settings(get_settings())
     resolved_dirs: dict[str, str] = {}  # this job's image directories, each resolved once
@@ -98,6 +101,7 @@ def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = No
     with database.atomic():
         job = Job.create(name=name or f"{pipeline_slug} job", pipeline=pipeline, dispatch_mode=dispatch_mode,
                          project=scheduling.project_for_job(project), priority=priority, retry_of=retry_of,
+                         notify_url=notify[0] if notify else None, notify_secret=notify[1] if notify else None,
                          task_secret=task_tokens.new_secret(),
                          progress=progress.initial_progress(), pickup_timeout_s=pickup_timeout_s,
                          deadline_at=deadline_at)

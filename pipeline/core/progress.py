@@ -16,8 +16,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from models import ImageStatus, Job, JobImage, JobStatus, for_update, utcnow, write_transaction
+from pipeline.core import webhooks
 from pipeline.core.joblog import job_log
 from pipeline.infra.jobstate import Snapshot
+from pipeline.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +208,8 @@ def write_progress(job_id: int, snapshot: Snapshot, *, threshold: float, locked:
                                   f"(threshold {threshold:.0%})")
         done = Job.update(changes).where(
             (Job.id == job_id) & (Job.status.in_(JobStatus.RUNNING))).execute()
+        if done:
+            webhooks.enqueue_job_ended(job_id, get_settings())  # with the transition, or not at all
     if done:
         log.info("job=%s finished %s: processed=%s failed=%s detections=%s", job_id, final,
                  snapshot.processed, snapshot.failed, snapshot.detections)
@@ -237,4 +241,6 @@ def transition(job_id: int, to_status: str, *, allowed_from: Iterable[str] = Job
             changes[Job.error] = error
         done = Job.update(changes).where(
             (Job.id == job_id) & (Job.status.in_(tuple(allowed_from)))).execute()
+        if done and to_status in JobStatus.TERMINAL:
+            webhooks.enqueue_job_ended(job_id, get_settings())  # with the transition, or not at all
     return bool(done)

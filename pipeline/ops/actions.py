@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 from models import DispatchMode, Job
 from pipeline import fairshare
-from pipeline.core import jobs, scheduling
+from pipeline.core import jobs, scheduling, webhooks
 from pipeline.core.image_policy import ImagePolicy
 from pipeline.core.joblog import job_log
 from pipeline.errors import NothingToDo
@@ -24,12 +24,13 @@ Projects = Iterable[str] | None
 def enqueue(runtime: Runtime, pipeline_slug: str, urls: Iterable[str], *, name: str | None = None,
             limit: int | None = None, dispatch_mode: str = DispatchMode.ASYNC_API,
             pickup_timeout_s: float | None = None, deadline_s: float | None = None, over_network: bool = False,
-            policy: ImagePolicy | None = None, project: str | None = None, priority: int | str = 0) -> Job:
+            policy: ImagePolicy | None = None, project: str | None = None, priority: int | str = 0,
+            notify: tuple[str, str] | None = None) -> Job:
     """Create a job over `urls` and start it: the started job. Bad input creates nothing (`jobs.create_job`);
     `over_network`: asked for through the web, so local files must lie under PIPELINE_IMAGE_ROOTS."""
     job = jobs.create_job(pipeline_slug, urls, name=name, limit=limit, dispatch_mode=dispatch_mode,
                           pickup_timeout_s=pickup_timeout_s, deadline_s=deadline_s, over_network=over_network,
-                          policy=policy, project=project, priority=fairshare.parse_priority(priority))
+                          policy=policy, project=project, priority=fairshare.parse_priority(priority), notify=notify)
     jobs.start_job(runtime, job)
     return existing_job(job.id)
 
@@ -74,8 +75,8 @@ def set_priority(runtime: Runtime, job_id: int, priority: int | str, *, by: str 
 
 
 def job_detail(job_id: int, *, failures: int = 20, projects: Projects = None) -> dict:
-    """A job's summary with its first `failures` failed images, the jobs that retried its failed images, and
-    its progress over time (`samples`: [unix seconds, settled, failed]); raises NotFound."""
+    """A job's summary with its first `failures` failed images, the jobs that retried its failed images, its
+    progress over time (`samples`: [unix seconds, settled, failed]) and its webhook deliveries; raises NotFound."""
     job = existing_job(job_id, projects)
     return {**job_summary(job), "failed_images": failed_images(job_id, failures), "retried_as": retried_as(job_id),
-            "samples": (job.progress or {}).get("samples", [])}
+            "samples": (job.progress or {}).get("samples", []), "webhooks": webhooks.of_job(job_id)}

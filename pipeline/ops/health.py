@@ -19,7 +19,7 @@ import redis
 import models
 from models import DispatchMode, Job, JobStatus, Pipeline, SchemaMissing, utcnow
 from pipeline import names
-from pipeline.core import inbox, unsaved
+from pipeline.core import inbox, unsaved, webhooks
 from pipeline.infra import dlq
 from pipeline.infra.jobstate import connect_redis
 from pipeline.infra.natswatch import round_trip
@@ -219,6 +219,10 @@ def build_report(settings: Settings, runner) -> tuple[int, dict]:
             deps["database"] = {**deps["database"], "reachable": False, "error": str(exc).strip()}
     if deps["database"]["reachable"] and not any("init-db" in p for p in problems):
         problems += _saving_problems(jobs_out, now, settings, last_check, problems)
+        given_up = webhooks.failing()
+        if given_up:
+            problems.append(f"{given_up} webhook delivery(ies) given up after {webhooks.MAX_ATTEMPTS} attempts: "
+                            "their endpoints refused or did not answer; see the job's page or `cli.py status JOB`")
     slots = deps.get("nats", {}).get("job_slots") or {}
     full = set(slots.get("full") or ())
     unstarted = [j for j in jobs_out if j["status"] in (JobStatus.CREATED, JobStatus.PENDING)

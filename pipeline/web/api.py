@@ -60,6 +60,9 @@ class JobRequest(BaseModel):
     deadline_s: float | None = Field(default=None, gt=0, description="fail images still pending this long from now")
     project: str | None = Field(default=None, description="default `default` (a project-limited token: its project)")
     priority: int | str = Field(default=0, description="low, normal, high, urgent or a whole number from -10 to 10")
+    notify_url: str | None = Field(default=None, description="POSTed a signed JSON summary when the job ends")
+    notify_secret: str | None = Field(default=None, description="signs those deliveries (16 characters or more); "
+                                      "never shown again")
 
 
 class ReplayRequest(BaseModel):
@@ -127,7 +130,8 @@ def api_jobs(status: list[str] = Query(default=[]), pipeline: str | None = None,
 def api_create_job(body: JobRequest, request: Request, who: Principal = WRITE) -> dict:
     return create_and_start(request, who, body.pipeline, url_lines(body.urls), body.name, body.dispatch_mode,
                             pickup_timeout_s=body.pickup_timeout_s, deadline_s=body.deadline_s,
-                            project=body.project, priority=body.priority)
+                            project=body.project, priority=body.priority,
+                            notify=(body.notify_url, body.notify_secret or "") if body.notify_url else None)
 
 
 @router.post("/jobs/from-file", status_code=201, summary="Create a job from an uploaded file of URLs, one a line")

@@ -19,7 +19,7 @@ from starlette.formparsers import MultiPartException
 import models
 from models import DEFAULT_PROJECT, JobStatus
 from pipeline import fairshare, names
-from pipeline.core import scheduling
+from pipeline.core import scheduling, webhooks
 from pipeline.core.registry import list_pipelines, register_pipeline
 from pipeline.errors import Forbidden, NothingToDo, UserInputError
 from pipeline.infra import dlq
@@ -204,7 +204,7 @@ def job_page(request: Request, job_id: int, after: int = 0, who: Principal = REA
     failures = failed_images(job_id, FAILURES_PER_PAGE, after_image=after)
     return render(request, "job.html", job=job_summary(job), failures=failures, after=after,
                   retried_as=retried_as(job_id), taxa=taxon_counts(job_id, limit=TAXA_SHOWN),
-                  samples=(job.progress or {}).get("samples", []),
+                  samples=(job.progress or {}).get("samples", []), webhooks=webhooks.of_job(job_id),
                   next_after=failures[-1]["image_id"] if len(failures) == FAILURES_PER_PAGE else None,
                   terminal=job.is_terminal)
 

@@ -34,7 +34,7 @@ from dramatiq.middleware import (
 
 import models
 from pipeline import names
-from pipeline.core import inbox, unsaved
+from pipeline.core import inbox, unsaved, webhooks
 from pipeline.core.deferred_failure import DeferredFailure
 from pipeline.core.saving import request_drains
 from pipeline.errors import TransientError
@@ -136,6 +136,8 @@ def worker_broker(settings: Settings | None = None) -> RedisBroker:
 #: and a read per job with waiting tasks).
 BACKLOG_EXPORT_S = 15.0
 _exported: dict[str, float] = {"at": 0.0}
+#: Seconds a queued deliver_webhooks holds the right to be the only one (it may wait behind other messages).
+WEBHOOKS_LEASE_S = 120
 _exported_pipelines: set[str] = set()
 
 
@@ -147,6 +149,11 @@ def sweep_inbox(runtime: Runtime) -> None:
         waiting = inbox.jobs_waiting(older_than_s=SWEEP_S)
         _export_waiting(inbox.waiting(), unsaved.parked_counts())
     metrics.metrics().dead_letters.set(dlq.count_dead(runtime.redis))
+    with models.thread_connection():
+        webhooks_due = bool(webhooks.due(limit=1))
+    # one deliver_webhooks at a time for all workers (it clears the key when it ends; the key expires anyway)
+    if webhooks_due and runtime.redis.set(names.WEBHOOKS_SENDING_KEY, 1, nx=True, ex=WEBHOOKS_LEASE_S):
+        runtime.send(names.DELIVER_WEBHOOKS)
     if time.monotonic() - _exported["at"] >= BACKLOG_EXPORT_S:
         _exported["at"] = time.monotonic()
         _export_backlogs(runtime)

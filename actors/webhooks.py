@@ -1,0 +1,30 @@
+"""`deliver_webhooks`: send the webhook deliveries that are due (sent by the workers' sweep, one at a time)."""
+
+from __future__ import annotations
+
+import time
+
+import dramatiq
+
+import models
+from pipeline import names
+from pipeline.core import webhooks
+from pipeline.infra.runtime import get_runtime
+
+#: A run stops starting new deliveries after this long (the next sweep sends another).
+RUN_S = 50.0
+
+
+@dramatiq.actor(actor_name=names.DELIVER_WEBHOOKS, queue_name=names.ACTOR_QUEUES[names.DELIVER_WEBHOOKS],
+                max_retries=0, time_limit=int((RUN_S + 2 * webhooks.SEND_TIMEOUT_S) * 1000))
+def deliver_webhooks() -> None:
+    """Deliver what is due, and what comes due (retries) within RUN_S; the workers' sweep sends it again later."""
+    runtime = get_runtime()
+    started = time.monotonic()
+    try:
+        with models.thread_connection():
+            while (wait := webhooks.next_due_in(RUN_S - (time.monotonic() - started))) is not None:
+                time.sleep(wait)
+                webhooks.deliver_due(runtime.settings, limit=20)
+    finally:
+        runtime.redis.delete(names.WEBHOOKS_SENDING_KEY)

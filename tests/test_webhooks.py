@@ -1,0 +1,161 @@
+"""Webhooks when a job ends (pipeline/core/webhooks.py), delivered by real worker processes to a local receiver
+that fails, hangs and recovers: one accepted delivery per job end, signed, never lost to a killed worker."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import http.server
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from models import WebhookDelivery
+from pipeline.core import jobs, webhooks
+from pipeline.errors import UserInputError
+from pipeline.ops.devstack import free_port
+from tests.conftest import kill_group, wait_for
+from tests.helpers import fake_job
+from tests.web_helpers import TOKENS_SETTING, WebServer, bearer
+
+pytestmark = pytest.mark.slow
+SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # about processes and HTTP
+SECRET = "whsec-test-0123456789abcdef"
+
+
+class Receiver:
+    """A local webhook endpoint: answers 500 to the first `failures` requests, holds the first one `hang_s`."""
+
+    def __init__(self, *, failures: int = 0, hang_s: float = 0.0):
+        self.failures, self.hang_s = failures, hang_s
+        self.requests: list[tuple[dict, bytes, int]] = []  # (headers, body, the status answered)
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers["content-length"]))
+                first = not receiver.requests
+                status = 500 if len(receiver.requests) < receiver.failures else 200
+                receiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body, status))
+                if first and receiver.hang_s:
+                    time.sleep(receiver.hang_s)
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/jetpipe?key=abc"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def accepted(self) -> list[tuple[dict, bytes, int]]:
+        return [r for r in self.requests if r[2] == 200]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    made: list[Receiver] = []
+
+    def make(**options) -> Receiver:
+        made.append(Receiver(**options))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.stop()
+
+
+def verified(headers: dict, body: bytes, secret: str = SECRET) -> bool:
+    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.{body.decode()}".encode()
+    expected = base64.b64encode(hmac.new(secret.encode(), signed, hashlib.sha256).digest()).decode()
+    fresh = abs(time.time() - int(headers["webhook-timestamp"])) < 300
+    return headers["webhook-signature"] == f"v1,{expected}" and fresh
+
+
+@SQLITE_ONLY
+def test_an_endpoint_down_for_three_attempts_gets_exactly_one_accepted_signed_delivery(
+        settings, runtime, moth_pipeline, worker_factory, receiver):
+    endpoint = receiver(failures=3)
+    hooked = settings.with_overrides(webhooks=f"{endpoint.url}|{SECRET}", webhook_retry_s=0.3)
+    from pipeline.settings import set_settings
+
+    set_settings(hooked)
+    worker_factory(hooked, threads=2)
+    job = fake_job(moth_pipeline, 3, name="night 7")
+    jobs.cancel(runtime, job.id, by="test")
+    wait_for(lambda: endpoint.accepted(), timeout_s=60, message="an accepted delivery")
+    time.sleep(2)  # nothing more comes
+    assert [status for _, _, status in endpoint.requests] == [500, 500, 500, 200]
+    headers, body, _ = endpoint.accepted()[0]
+    assert verified(headers, body)
+    assert len({h["webhook-id"] for h, _, _ in endpoint.requests}) == 1  # the same id on every attempt
+    sent = json.loads(body)
+    assert sent["event"] == "job.ended"
+    assert {k: sent["job"][k] for k in ("id", "name", "status", "project")} == {
+        "id": job.id, "name": "night 7", "status": "REVOKED", "project": "default"}
+    [delivery] = webhooks.of_job(job.id)
+    assert delivery["attempts"] == 4 and delivery["delivered_at"] and delivery["url"].endswith("/hooks/jetpipe?…")
+
+
+@SQLITE_ONLY
+def test_a_worker_killed_while_delivering_loses_nothing(settings, runtime, moth_pipeline, worker_factory, receiver):
+    endpoint = receiver(hang_s=6)  # the first request hangs; the worker sending it is killed meanwhile
+    hooked = settings.with_overrides(webhooks=f"{endpoint.url}|{SECRET}", webhook_retry_s=0.3)
+    from pipeline.settings import set_settings
+
+    set_settings(hooked)
+    worker = worker_factory(hooked, threads=2)
+    job = fake_job(moth_pipeline, 2)
+    jobs.cancel(runtime, job.id, by="test")
+    wait_for(lambda: endpoint.requests, timeout_s=30, message="the first delivery to start")
+    kill_group(worker)
+    worker_factory(hooked, threads=2)
+    wait_for(lambda: len(endpoint.requests) >= 2, timeout_s=60, message="the delivery sent again by another worker")
+    wait_for(lambda: WebhookDelivery.get(WebhookDelivery.job_id == job.id).delivered_at, timeout_s=30,
+             message="the delivery recorded")
+    assert len({h["webhook-id"] for h, _, _ in endpoint.requests}) == 1 and all(
+        verified(h, b) for h, b, _ in endpoint.requests)
+
+
+def test_a_jobs_own_endpoint_is_told_and_its_secret_is_never_shown(settings, runtime, moth_pipeline):
+    server = WebServer(settings.with_overrides(web_tokens=TOKENS_SETTING), runtime).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as web:
+            body = {"pipeline": moth_pipeline, "urls": ["https://traps.example/1.jpg"],
+                    "notify_url": "https://lab.example/hook", "notify_secret": SECRET}
+            made = web.post("/api/v1/jobs", json=body, headers=bearer("ada"))
+            assert made.status_code == 201, made.text
+            job_id = made.json()["id"]
+            web.post(f"/api/v1/jobs/{job_id}/cancel", headers=bearer("ada"))
+            shown = web.get(f"/api/v1/jobs/{job_id}", headers=bearer("vic"))
+            assert SECRET not in shown.text and shown.json()["webhooks"][0]["url"] == "https://lab.example/hook"
+            short = web.post("/api/v1/jobs", json={**body, "notify_secret": "short"}, headers=bearer("ada"))
+            assert short.status_code == 400 and "at least 16 characters" in short.json()["error"]
+    finally:
+        server.stop()
+    [row] = WebhookDelivery.select().where(WebhookDelivery.job_id == job_id)
+    assert (row.secret, json.loads(row.body)["job"]["status"]) == (SECRET, "REVOKED")
+
+
+def test_a_terminal_transition_writes_one_delivery_per_endpoint_however_often_it_is_retried(settings, runtime,
+                                                                                           moth_pipeline):
+    from pipeline.settings import set_settings
+
+    set_settings(settings.with_overrides(webhooks=f"https://a.example/h|{SECRET},https://b.example/h|{SECRET}"))
+    job = fake_job(moth_pipeline, 1)
+    jobs.cancel(runtime, job.id, by="test")
+    jobs.cancel(runtime, job.id, by="test")  # already ended: nothing more
+    assert webhooks.enqueue_job_ended(job.id, settings.with_overrides(
+        webhooks=f"https://a.example/h|{SECRET},https://b.example/h|{SECRET}")) == 0  # written once already
+    assert sorted(d["url"] for d in webhooks.of_job(job.id)) == ["https://a.example/h", "https://b.example/h"]
+    with pytest.raises(UserInputError, match="not an http"):
+        webhooks.check_endpoint("ftp://x.example/h", SECRET)
