@@ -38,14 +38,6 @@ def project_for_job(name: str | None) -> Project:
     return Project.get(Project.name == name)
 
 
-def existing_project(name: str) -> Project:
-    project = Project.get_or_none(Project.name == name)
-    if project is None:
-        known = ", ".join(p.name for p in Project.select(Project.name).order_by(Project.name)) or "none"
-        raise NotFound(f"no project {name!r} (known: {known})")
-    return project
-
-
 def set_project_weight(runtime: Runtime, name: str, weight: float) -> tuple[Project, int]:
     """Give project `name` (created if new) its share weight; its running jobs' consumers carry the new
     weight at once. (project, running jobs told)."""

@@ -5,7 +5,7 @@ credentials, 403 not allowed, 404 no such thing, 503 a dependency unreachable.""
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -162,32 +162,29 @@ def api_cancel(job_id: int, request: Request, who: Principal = WRITE) -> dict:
 @router.post("/jobs/{job_id}/pause", summary="Pause a job: it hands out no new task; those in flight finish")
 @with_db
 def api_pause(job_id: int, request: Request, body: PauseRequest | None = None, who: Principal = WRITE) -> dict:
-    try:
-        job = actions.pause(runtime_of(request), job_id, by=who.name, reason=body.reason if body else None,
-                            projects=who.projects)
-    except NothingToDo as exc:
-        return {**job_summary(actions.existing_job(job_id)), "nothing_to_do": str(exc)}
-    return job_summary(job)
+    return _changed(job_id, lambda: actions.pause(runtime_of(request), job_id, by=who.name,
+                                                  reason=body.reason if body else None, projects=who.projects))
 
 
 @router.post("/jobs/{job_id}/resume", summary="Resume a paused job (its deadline moves on by the paused time)")
 @with_db
 def api_resume(job_id: int, request: Request, who: Principal = WRITE) -> dict:
-    try:
-        job = actions.resume(runtime_of(request), job_id, by=who.name, projects=who.projects)
-    except NothingToDo as exc:
-        return {**job_summary(actions.existing_job(job_id)), "nothing_to_do": str(exc)}
-    return job_summary(job)
+    return _changed(job_id, lambda: actions.resume(runtime_of(request), job_id, by=who.name, projects=who.projects))
 
 
 @router.post("/jobs/{job_id}/priority", summary="Change a running job's priority")
 @with_db
 def api_priority(job_id: int, body: PriorityRequest, request: Request, who: Principal = WRITE) -> dict:
+    return _changed(job_id, lambda: actions.set_priority(runtime_of(request), job_id, body.priority, by=who.name,
+                                                         projects=who.projects))
+
+
+def _changed(job_id: int, change: Callable[[], models.Job]) -> dict:
+    """The job's summary after `change`; with `nothing_to_do` saying why when there was nothing to change."""
     try:
-        job = actions.set_priority(runtime_of(request), job_id, body.priority, by=who.name, projects=who.projects)
+        return job_summary(change())
     except NothingToDo as exc:
         return {**job_summary(actions.existing_job(job_id)), "nothing_to_do": str(exc)}
-    return job_summary(job)
 
 
 @router.post("/jobs/bulk", summary="Cancel, retry-failed, pause or resume every job a filter picks (dry run first)")
