@@ -157,7 +157,9 @@ def test_the_api_description_and_its_documentation_need_a_reader_when_tokens_are
     assert "/api/v2/jobs/{job_id}/result/" in schema["paths"]
     docs = web.get("/api/docs", headers=bearer("vic"))
     assert docs.status_code == 200 and "/api/v1/openapi.json" in docs.text
-    assert "https://cdn.jsdelivr.net" in docs.headers["content-security-policy"]  # that page's own policy
+    policy = docs.headers["content-security-policy"]  # that page's own: its inline start, no outside origin
+    assert "'unsafe-inline'" in policy and "http" not in policy and "/static/api-docs/swagger-ui-bundle.js" in docs.text
+    assert web.get("/static/api-docs/swagger-ui-bundle.js").status_code == 200
 
 
 def test_healthz_stays_up_and_readyz_follows_nats(private_runtime):
