@@ -129,10 +129,6 @@ elif MODE == "beside":
     wait(lambda: Job.get_by_id(b).finished_at is not None)
     out["small_s"], out["status"] = took(b)
     out["big_processed"] = processed(a)
-    jb, ja = Job.get_by_id(b), Job.get_by_id(a)
-    out["phases"] = {name: (getattr(jb, name) - jb.created_at).total_seconds()
-                     for name in ("started_at", "dispatched_at", "finished_at")}
-    out["big_dispatched"] = ja.dispatched_at is not None and ja.dispatched_at < jb.created_at
     cancel(rt, a)
 else:
     scheduling.set_project_weight(rt, "lab-a", 3)
