@@ -59,10 +59,10 @@ def render(request: Request, template: str, http_status: int = 200, **context) -
     """A page; it carries the CSRF value its forms submit (a new one is set as a cookie if missing)."""
     csrf = request.cookies.get(CSRF_COOKIE) or new_csrf_value()
     who = principal_of(request)
+    public = request.app.state.settings.web_public_url
     html = _templates.get_template(template).render(
         request=request, who=who, can_write=bool(who and who.may("write")), csrf=csrf,
-        base_url=request.app.state.settings.web_public_url.rstrip("/") + "/" if request.app.state.settings
-        .web_public_url else str(request.base_url),
+        base_url=public.rstrip("/") + "/" if public else str(request.base_url),  # for the copyable commands
         logged_in=bool(request.cookies.get(SESSION_COOKIE)), **context)
     response = HTMLResponse(html, status_code=http_status)
     if request.cookies.get(CSRF_COOKIE) != csrf:
