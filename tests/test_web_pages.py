@@ -151,14 +151,14 @@ def test_a_refused_new_job_form_says_why_on_the_page_and_keeps_what_was_typed(pa
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_100000_pasted_urls_make_a_job_from_the_form(page, web, moth_pipeline):
+def test_pasted_urls_past_the_old_one_megabyte_limit_make_a_job_from_the_form(page, web, moth_pipeline):
     page.goto(web.url + "/")
     page.select_option("#new-job select[name=pipeline]", moth.SLUG)
-    urls = "\n".join(f"https://traps.example/night-4/{n:06}.jpg" for n in range(100_000))
+    urls = "\n".join(f"https://traps.example/night-4/{n:06}.jpg" for n in range(30_000))  # 1.2 MB: was refused
     page.evaluate("text => { document.querySelector('#new-job textarea[name=urls]').value = text }", urls)
     page.click("#new-job button")
     page.wait_for_url("**/jobs/*", timeout=120_000)
-    assert Job.select().order_by(Job.id.desc()).first().total_images == 100_000
+    assert Job.select().order_by(Job.id.desc()).first().total_images == 30_000
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
