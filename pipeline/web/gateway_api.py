@@ -204,14 +204,13 @@ def _list_jobs(request: Request, ids_only: bool, incomplete_only: bool, slugs: l
                             & Job.paused_at.is_null())
     if slugs:
         query = query.where(Pipeline.slug.in_(slugs))
-    count = query.count()
-    if incomplete_only:
+    if incomplete_only:  # the running jobs, read once: ordered here, counted from what was read
         every = list(query)
         ranks = share_of(request).rank(runtime_of(request), sorted({j.pipeline.slug for j in every}))
         every.sort(key=lambda j: (j.id not in ranks, ranks.get(j.id, (0, 0)), j.id))
-        rows = every[offset:offset + limit]
+        count, rows = len(every), every[offset:offset + limit]
     else:
-        rows = list(query.limit(limit).offset(offset))
+        count, rows = query.count(), list(query.limit(limit).offset(offset))
     # the reference's minimal job: id and pipeline_slug (its worker takes the slug from here)
     results = [{"id": j.id, "pipeline_slug": j.pipeline.slug} if ids_only else {
         "id": j.id, "pipeline_slug": j.pipeline.slug, "status": j.status, "pipeline": j.pipeline.slug,
@@ -269,7 +268,7 @@ def reserve_tasks(job_id: int, body: TasksRequest, request: Request, who: Princi
         return {"tasks": []}
     reserved = runtime.runner.run(gateway_of(request).reserve(job_id, slug, body.batch_size),
                                   timeout=LOOP_TIMEOUT_S)
-    share.served(runtime, slug, job_id, len(reserved))
+    share.served(slug, job_id, len(reserved))
     leases.record(runtime.redis, runtime.settings, job_id, who.name, reserved)
     if reserved:
         log.info("job=%s gateway: %s reserved %s of %s task(s)", job_id, who.name, len(reserved), body.batch_size)

@@ -55,7 +55,7 @@ class GatewayShare:
             return True
         return self._stride_of(slug).due(claims, job_id, tasks)
 
-    def served(self, runtime: Runtime, slug: str, job_id: int, tasks: int) -> None:
+    def served(self, slug: str, job_id: int, tasks: int) -> None:
         """`tasks` of job `job_id` were handed out; none: it has no task waiting now (it stops being in the way
         of the others until the picture is read again)."""
         with self._lock:
