@@ -123,7 +123,7 @@ def publish_claim(runtime: Runtime, job_id: int) -> bool:
         return False
 
 
-def set_priority(runtime: Runtime, job_id: int, priority: int, *, by: str) -> Job:
+def set_priority(runtime: Runtime, job_id: int, priority: int, *, by: str) -> None:
     job = _job_with_project(job_id)
     if job.is_terminal:
         raise NothingToDo(f"job {job_id} already ended {job.status}: its priority no longer matters")
@@ -133,11 +133,10 @@ def set_priority(runtime: Runtime, job_id: int, priority: int, *, by: str) -> Jo
     job_log(job_id, logging.INFO, f"priority {fairshare.priority_name(job.priority)} -> "
                                   f"{fairshare.priority_name(priority)} (by {by})")
     publish_claim(runtime, job_id)
-    return _job_with_project(job_id)
 
 
 # ---- pause and resume -------------------------------------------------------------------------------------------
-def pause(runtime: Runtime, job_id: int, *, by: str, reason: str | None = None) -> Job:
+def pause(runtime: Runtime, job_id: int, *, by: str, reason: str | None = None) -> None:
     """Hold back the job's new tasks until it is resumed; tasks in flight finish and are saved. NATS
     unreachable: nothing changes (TransientError)."""
     job = _job_with_project(job_id)
@@ -162,10 +161,9 @@ def pause(runtime: Runtime, job_id: int, *, by: str, reason: str | None = None) 
         Job.update(paused_at=None, pause_reason=None).where((Job.id == job_id) & (Job.paused_at == now)).execute()
         raise TransientError(f"job {job_id} was not paused: {exc}") from exc
     job_log(job_id, logging.INFO, f"paused by {by}" + (f": {reason}" if reason else "") + f"; {held}")
-    return _job_with_project(job_id)
 
 
-def resume(runtime: Runtime, job_id: int, *, by: str) -> Job:
+def resume(runtime: Runtime, job_id: int, *, by: str) -> None:
     """Hand out the paused job's tasks again. Its deadline and its idle clock move on by the time it was paused.
     NATS unreachable: it stays paused (TransientError)."""
     job = _job_with_project(job_id)
@@ -193,7 +191,6 @@ def resume(runtime: Runtime, job_id: int, *, by: str) -> Job:
         raise TransientError(f"job {job_id} is still paused: {exc}") from exc
     job_log(job_id, logging.INFO, f"resumed by {by} after {_duration(paused)} paused; {held}"
                                   + (f"; deadline now {_iso(job.deadline_at + paused)}" if job.deadline_at else ""))
-    return _job_with_project(job_id)
 
 
 def _consumer_paused(runtime: Runtime, job: Job, *, paused: bool) -> str:
