@@ -159,3 +159,21 @@ def test_a_terminal_transition_writes_one_delivery_per_endpoint_however_often_it
     assert sorted(d["url"] for d in webhooks.of_job(job.id)) == ["https://a.example/h", "https://b.example/h"]
     with pytest.raises(UserInputError, match="not an http"):
         webhooks.check_endpoint("ftp://x.example/h", SECRET)
+
+
+def test_of_workers_that_read_a_delivery_at_once_one_claims_it_and_only_it_sends(settings, runtime, moth_pipeline,
+                                                                               receiver):
+    from models import utcnow
+    from pipeline.settings import set_settings
+
+    endpoint = receiver()
+    hooked = settings.with_overrides(webhooks=f"{endpoint.url}|{SECRET}")
+    set_settings(hooked)
+    job = fake_job(moth_pipeline, 1)
+    jobs.cancel(runtime, job.id, by="test")
+    # Given four workers that all read the due delivery before any claimed it
+    read = [WebhookDelivery.get(WebhookDelivery.job_id == job.id) for _ in range(4)]
+    # Then exactly one claim succeeds, and the others find it taken when they come to send it
+    assert [webhooks.claim(row, utcnow()) for row in read].count(True) == 1
+    assert [webhooks.deliver(row.id, hooked) for row in read] == [False] * 4  # held by the claim's lease
+    assert webhooks.due() == [] and endpoint.requests == []

@@ -115,16 +115,20 @@ def deliver_due(settings: Settings, *, limit: int = 50) -> int:
     return sum(deliver(delivery_id, settings) for delivery_id in due(limit))
 
 
+def claim(row: WebhookDelivery, now: dt.datetime) -> bool:
+    """Take the delivery `row` (as read) for LEASE_S: True for exactly one of the workers that read it at the
+    same time (the update is conditional on the attempt time they read)."""
+    return bool(WebhookDelivery.update(next_attempt_at=now + dt.timedelta(seconds=LEASE_S)).where(
+        (WebhookDelivery.id == row.id) & (WebhookDelivery.next_attempt_at == row.next_attempt_at)).execute())
+
+
 def deliver(delivery_id: int, settings: Settings) -> bool:
     """Claim and send one delivery; True if its endpoint accepted it (2xx)."""
     now = utcnow()
     row = WebhookDelivery.get_or_none(WebhookDelivery.id == delivery_id)
     if row is None or row.next_attempt_at is None or row.next_attempt_at > now:
         return False
-    claimed = WebhookDelivery.update(next_attempt_at=now + dt.timedelta(seconds=LEASE_S)).where(
-        (WebhookDelivery.id == delivery_id) & (WebhookDelivery.next_attempt_at == row.next_attempt_at)
-        & WebhookDelivery.delivered_at.is_null()).execute()
-    if not claimed:
+    if not claim(row, now):
         return False  # another worker has it
     message_id = f"jetpipe-{row.job_id}-{row.id}"
     timestamp = int(time.time())
