@@ -15,6 +15,7 @@ import pytest
 import models
 from models import Job, JobLog, JobStatus, Project
 from pipeline.core import scheduling
+from pipeline.errors import UserInputError
 from pipeline.ops import bulk
 from pipeline.sdk import moth
 from tests.conftest import PROJECT, subprocess_env
@@ -201,7 +202,7 @@ def test_jobs_made_before_projects_belong_to_the_default_project(runtime, moth_p
     models.create_schema()
     assert Job.get_by_id(job.id).project.name == "default"
     assert Project.select().where(Project.name == "default").count() == 1
-    with pytest.raises(Exception, match="project name"):
+    with pytest.raises(UserInputError, match="project name"):
         fake_job(moth_pipeline, 1, project="lab b")
     assert bulk.parse_age("90") == 90 and bulk.parse_age("12h") == 43200
 
