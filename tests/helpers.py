@@ -114,11 +114,15 @@ def pull_tasks(runtime, job_id: int, count: int, *, timeout_s: float = 5.0) -> l
             job = Job.get_by_id(job_id)
             sub = await nc.jetstream().pull_subscribe_bind(names.job_consumer(job_id),
                                                            stream=names.tasks_stream(job.pipeline.slug))
-            got = []
+            # nats-py's fetch may also return [] without raising (a status reply such as a paused consumer's,
+            # or the rest of a batch not arriving in time): that ends the pull too, as a timeout does
+            got: list[tuple[Task, str]] = []
             while len(got) < count:
                 try:
                     msgs = await sub.fetch(count - len(got), timeout=timeout_s)
                 except nats.errors.TimeoutError:
+                    break
+                if not msgs:
                     break
                 got += [(decode_task(m.data), m.reply) for m in msgs]
             return got
