@@ -126,12 +126,17 @@ def bind_db():
     models.bind(get_settings().database_url, session=get_settings().db_session())
 
 
+#: The name a command's traces go by (OTEL_SERVICE_NAME overrides it); every other command: jetpipe-cli.
+TRACED_AS = {"web": "jetpipe-web", "process": "jetpipe-service"}
+
+
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
-def main(verbose: int) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
     """jetpipe: run asynchronous ML jobs over many images, reliably."""
     from pipeline.errors import ConfigError
-    from pipeline.infra import logs
+    from pipeline.infra import logs, tracing
     from pipeline.settings import Settings, get_settings
 
     try:
@@ -139,6 +144,10 @@ def main(verbose: int) -> None:
     except ConfigError:  # the command reports it, in one line
         settings = Settings.from_env({})
     logs.configure(settings, level=logging.WARNING - 10 * min(verbose, 2))
+    try:
+        tracing.setup(TRACED_AS.get(ctx.invoked_subcommand or "", "jetpipe-cli"))
+    except ConfigError as exc:
+        fail(str(exc))
 
 
 @main.command("init-db")

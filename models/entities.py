@@ -111,6 +111,9 @@ class Job(BaseModel):
     #: (never shown).
     notify_url = peewee.TextField(null=True)
     notify_secret = peewee.CharField(max_length=255, null=True)
+    #: The W3C `traceparent` of the job's enqueue span, the root every later span of the job joins
+    #: (pipeline/infra/tracing.py); None where traces are off.
+    trace_parent = peewee.CharField(max_length=64, null=True)
 
     @property
     def is_terminal(self) -> bool:
@@ -216,6 +219,8 @@ class ResultInbox(BaseModel):
     #: job in another lane whose range overlaps its own (the first result to arrive decides an image).
     first_image = peewee.BigIntegerField(null=True)
     last_image = peewee.BigIntegerField(null=True)
+    #: The `traceparent` of the span that took it (pipeline/infra/tracing.py): its save joins that trace.
+    trace_parent = peewee.CharField(max_length=64, null=True)
 
     class Meta:
         indexes = ((("job_id", "id"), False),)

@@ -33,12 +33,14 @@ from collections.abc import Iterable
 import msgspec
 import peewee
 from nats.aio.msg import Msg
+from opentelemetry.trace import SpanKind
 
 from models import ResultInbox, insert_ignoring_duplicates, select_in, tuples, utcnow, write_transaction
 from pipeline import names
 from pipeline.core import task_tokens
 from pipeline.core.result_rows import canonical_image_id
 from pipeline.errors import TasksNotAcked, TransientError
+from pipeline.infra import tracing
 from pipeline.infra.crashpoints import crash_point
 from pipeline.infra.runtime import Runtime
 
@@ -48,7 +50,7 @@ log = logging.getLogger(__name__)
 #: waits in the database; beyond that it waits in the results stream, where JetStream holds it).
 MAX_ROWS = 50_000
 INBOX_FIELDS = ("job_id", "source", "stream_seq", "body", "task_replies", "received_at", "images", "proof",
-                "lane_key", "first_image", "last_image")
+                "lane_key", "first_image", "last_image", "trace_parent")
 
 
 def placement(images: Iterable[str]) -> tuple[int | None, int | None, int | None]:
@@ -73,6 +75,7 @@ class Incoming:
     stream_seq: int | None = None
     tokens: tuple[str, ...] = ()  # the task tokens its Pipeline-Task-Token header names
     pipeline: str | None = None  # the pipeline its subject names (None: `pipeline.results.<job_id>`, or direct)
+    trace: str | None = None  # its `traceparent` header: the span of the service that made it
 
     @classmethod
     def from_msg(cls, job_id: int, msg: Msg) -> Incoming:
@@ -82,7 +85,7 @@ class Incoming:
         return cls(job_id, msg.data, tuple(names.task_replies(headers.get(names.HDR_TASK_REPLY))),
                    f"{seq}:{int(meta.timestamp.timestamp() * 1e9)}", seq,
                    tuple(names.task_tokens(headers.get(names.HDR_TASK_TOKEN))),
-                   names.pipeline_from_result_subject(msg.subject))
+                   names.pipeline_from_result_subject(msg.subject), headers.get(tracing.TRACEPARENT))
 
     @classmethod
     def direct(cls, job_id: int, body: bytes, reply: str | None, tokens: str | None = None) -> Incoming:
@@ -238,14 +241,19 @@ def take(runtime: Runtime, incoming: list[Incoming]) -> list[int]:
     except peewee.DatabaseError as exc:
         raise TransientError(f"database: could not read the tasks of {len(incoming)} result(s): {exc}") from exc
     now = utcnow()
+    # a span per message, the child of the service's: the message's save joins the trace through it
+    spans = [tracing.start("jetpipe.take", parent=m.trace, kind=SpanKind.CONSUMER,
+                           attributes={"jetpipe.job_id": m.job_id, "jetpipe.images": len(m.images)}) for m in incoming]
     rows = [(m.job_id, m.source, m.stream_seq, m.body, ",".join(m.replies)[:100_000], now, len(m.images),
-             proof.to_json() if proof is not None else None, *placement(m.images))
-            for m, proof in zip(incoming, proofs, strict=True)]
+             proof.to_json() if proof is not None else None, *placement(m.images), tracing.traceparent(span))
+            for m, proof, span in zip(incoming, proofs, spans, strict=True)]
     try:
         with write_transaction():
             insert_ignoring_duplicates(ResultInbox, INBOX_FIELDS, rows)
     except peewee.DatabaseError as exc:
         raise TransientError(f"database: could not take {len(rows)} result(s) into the inbox: {exc}") from exc
+    finally:
+        tracing.end(spans)
     crash_point("after_inbox", messages=len(incoming))
     job_ids = sorted({m.job_id for m in incoming})
     if settle:  # NATS down: the caller leaves the messages un-acked, a redelivery ACKs their tasks

@@ -33,6 +33,7 @@ from pipeline.core.image_policy import ImagePolicy
 from pipeline.core.joblog import job_log
 from pipeline.core.registry import existing_pipeline
 from pipeline.errors import NotFound, NothingToDo, TransientError, UserInputError
+from pipeline.infra import tracing
 from pipeline.infra.crashpoints import crash_point
 from pipeline.infra.jobstate import JobState
 from pipeline.infra.runtime import Runtime
@@ -98,27 +99,30 @@ def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = No
         policy.check_new(check_url(url), over_network=over_network, dirs=resolved_dirs)
         return url
 
-    with database.atomic():
-        job = Job.create(name=name or f"{pipeline_slug} job", pipeline=pipeline, dispatch_mode=dispatch_mode,
-                         project=scheduling.project_for_job(project), priority=priority, retry_of=retry_of,
-                         notify_url=notify[0] if notify else None, notify_secret=notify[1] if notify else None,
-                         task_secret=task_tokens.new_secret(),
-                         progress=progress.initial_progress(), pickup_timeout_s=pickup_timeout_s,
-                         deadline_at=deadline_at)
-        total = 0
-        for chunk in _chunks(_limited(urls, limit), CREATE_CHUNK):
-            chunk = list(dict.fromkeys(allowed(u) for u in chunk))
-            SourceImage.insert_many([{"url": u} for u in chunk]).on_conflict_ignore().execute()
-            ids = [r.id for r in SourceImage.select(SourceImage.id).where(SourceImage.url.in_(chunk))]
-            total += JobImage.insert_many([{"job": job.id, "image": i} for i in ids]).on_conflict_ignore() \
-                .as_rowcount().execute()
-        if total == 0:
-            raise UserInputError("no images: the job would be empty")
-        job.total_images = total
-        job.progress = progress.initial_progress(total)
-        job.save(only=[Job.total_images, Job.progress])
-    log.info("job=%s created: pipeline=%s images=%s mode=%s project=%s priority=%s", job.id, pipeline_slug, total,
-             dispatch_mode, project or DEFAULT_PROJECT, priority)
+    with tracing.span("jetpipe.enqueue", attributes={"jetpipe.pipeline": pipeline_slug,
+                                                     "jetpipe.project": project or DEFAULT_PROJECT}) as span:
+        with database.atomic():
+            job = Job.create(name=name or f"{pipeline_slug} job", pipeline=pipeline, dispatch_mode=dispatch_mode,
+                             project=scheduling.project_for_job(project), priority=priority, retry_of=retry_of,
+                             notify_url=notify[0] if notify else None, notify_secret=notify[1] if notify else None,
+                             task_secret=task_tokens.new_secret(),
+                             progress=progress.initial_progress(), pickup_timeout_s=pickup_timeout_s,
+                             deadline_at=deadline_at, trace_parent=tracing.traceparent())
+            total = 0
+            for chunk in _chunks(_limited(urls, limit), CREATE_CHUNK):
+                chunk = list(dict.fromkeys(allowed(u) for u in chunk))
+                SourceImage.insert_many([{"url": u} for u in chunk]).on_conflict_ignore().execute()
+                ids = [r.id for r in SourceImage.select(SourceImage.id).where(SourceImage.url.in_(chunk))]
+                total += JobImage.insert_many([{"job": job.id, "image": i} for i in ids]).on_conflict_ignore() \
+                    .as_rowcount().execute()
+            if total == 0:
+                raise UserInputError("no images: the job would be empty")
+            job.total_images = total
+            job.progress = progress.initial_progress(total)
+            job.save(only=[Job.total_images, Job.progress])
+        span.set_attributes({"jetpipe.job_id": job.id, "jetpipe.images": total})
+        log.info("job=%s created: pipeline=%s images=%s mode=%s project=%s priority=%s", job.id, pipeline_slug,
+                 total, dispatch_mode, project or DEFAULT_PROJECT, priority)
     return job
 
 
@@ -222,7 +226,10 @@ def dispatch(runtime: Runtime, job: Job, *, consumer: ConsumerConfig | None = No
     cursor = job.dispatch_cursor
     crash_point("before_publish", job=job.id)
     while chunk := pending_chunk(job, after_id=cursor, limit=settings.dispatch_chunk):
-        published = tasks.publish_tasks([task for _, task in chunk])
+        # each round's traceparent goes on its tasks: a service's span for a task joins the job's trace there
+        with tracing.span("jetpipe.dispatch", parent=None if tracing.in_span() else job.trace_parent,
+                          attributes={"jetpipe.job_id": job.id, "jetpipe.tasks": len(chunk)}):
+            published = tasks.publish_tasks([task for _, task in chunk], headers=tracing.headers())
         new += sum(p.new for p in published)
         sent += len(chunk)
         cursor = chunk[-1][0]
@@ -258,6 +265,12 @@ def cleanup(runtime: Runtime, job_id: int, pipeline_slug: str) -> bool:
 
     Runs once, after the job's terminal transition; a failure is logged and left to the zombie sweep.
     """
+    parent = Job.select(Job.trace_parent).where(Job.id == job_id).scalar()
+    with tracing.span("jetpipe.cleanup", parent=parent, attributes={"jetpipe.job_id": job_id}):
+        return _cleanup(runtime, job_id, pipeline_slug)
+
+
+def _cleanup(runtime: Runtime, job_id: int, pipeline_slug: str) -> bool:
     ok = True
     try:
         runtime.tasks.delete_job_consumer(job_id, pipeline_slug)

@@ -10,6 +10,7 @@ from models import DispatchMode, Job, JobStatus
 from pipeline.core import jobs, progress, slots
 from pipeline.core.joblog import job_log
 from pipeline.core.outcomes import load_job
+from pipeline.infra import tracing
 from pipeline.infra.jobstate import Snapshot
 from pipeline.infra.runtime import Runtime
 
@@ -24,6 +25,12 @@ def run(runtime: Runtime, job_id: int) -> Job | None:
     if job is None:
         log.error("job=%s run_job: no such job; nothing to do", job_id)
         return None
+    with tracing.span("jetpipe.run_job", parent=job.trace_parent, attributes={"jetpipe.job_id": job_id}):
+        return _run(runtime, job)
+
+
+def _run(runtime: Runtime, job: Job) -> Job | None:
+    job_id = job.id
     if job.status in JobStatus.TERMINAL or job.status == JobStatus.CANCELING:
         job_log(job_id, logging.INFO, f"run_job: job is {job.status}; nothing to do")
         return None
@@ -34,9 +41,10 @@ def run(runtime: Runtime, job_id: int) -> Job | None:
             return None  # waiting as it was, or FAILURE past its deadline
     if progress.transition(job_id, JobStatus.STARTED, allowed_from=(JobStatus.CREATED, JobStatus.PENDING)):
         job_log(job_id, logging.INFO, f"job STARTED: {job.total_images} image(s), mode {job.dispatch_mode}")
-    job = load_job(job_id)
-    if job is None:  # deleted meanwhile
+    reread = load_job(job_id)
+    if reread is None:  # deleted meanwhile
         return None
+    job = reread
     progress.mark_collected(job)
     if job.total_images == 0:
         written = progress.write_progress(job_id, Snapshot(0, 0, 0, 0, 0, 0),

@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import Iterable
 from enum import StrEnum
+from typing import NamedTuple
 
 import peewee
 
@@ -59,6 +60,7 @@ from pipeline.core.outcomes import (
 from pipeline.core.result_rows import PreparedResult, canonical_image_id, fail_images, job_images, prepare_result
 from pipeline.core.retry import is_outage
 from pipeline.errors import BadResult, TransientError
+from pipeline.infra import tracing
 from pipeline.infra.crashpoints import crash_point
 from pipeline.infra.jobstate import Outcome, Snapshot
 from pipeline.infra.runtime import Runtime
@@ -171,17 +173,27 @@ class DrainStep:
     blocked: bool = False
 
 
-#: An inbox row as the drain reads it: (id, source, body, task reply header, proof JSON or None).
-InboxEntry = tuple[int, str, bytes, str, str | None]
+class InboxEntry(NamedTuple):
+    """An inbox row as the drain reads it."""
+
+    id: int
+    source: str
+    body: bytes
+    replies: str  # its Pipeline-Task-Reply header
+    proof: str | None  # JSON (pipeline/core/inbox.py)
+    trace: str | None  # the `traceparent` of its take
+
+
+_ENTRY_COLUMNS = (ResultInbox.id, ResultInbox.source, ResultInbox.body, ResultInbox.task_replies, ResultInbox.proof,
+                  ResultInbox.trace_parent)
 #: A job-log line to write: (level, message, image ids or None).
 LogLine = tuple[int, str, str | None]
 
 
 def _read_entry(entry_id: int) -> InboxEntry | None:
-    for found_id, source, body, replies, proof in tuples(
-            ResultInbox.select(ResultInbox.id, ResultInbox.source, ResultInbox.body, ResultInbox.task_replies,
-                               ResultInbox.proof).where(ResultInbox.id == entry_id)):
-        return found_id, source, bytes(body), replies, proof
+    for found_id, source, body, replies, proof, trace in tuples(
+            ResultInbox.select(*_ENTRY_COLUMNS).where(ResultInbox.id == entry_id)):
+        return InboxEntry(found_id, source, bytes(body), replies, proof, trace)
     return None
 
 
@@ -202,13 +214,12 @@ def _read_inbox(job_id: int, limit: int, lane: int = 0, lanes: int = 1) -> tuple
     where = (ResultInbox.job_id == job_id) & _due()
     if lanes > 1:
         where &= _lane_of(lanes) == lane
-    rows = (ResultInbox.select(ResultInbox.id, ResultInbox.source, ResultInbox.body, ResultInbox.task_replies,
-                               ResultInbox.proof, ResultInbox.first_image, ResultInbox.last_image)
+    rows = (ResultInbox.select(*_ENTRY_COLUMNS, ResultInbox.first_image, ResultInbox.last_image)
             .where(where).order_by(ResultInbox.id).limit(limit))
     entries: list[InboxEntry] = []
     ranges: dict[int, tuple[int, int]] = {}
-    for entry_id, source, body, replies, proof, first, last in tuples(rows):
-        entries.append((entry_id, source, bytes(body), replies, proof))
+    for entry_id, source, body, replies, proof, trace, first, last in tuples(rows):
+        entries.append(InboxEntry(entry_id, source, bytes(body), replies, proof, trace))
         if first is not None:
             ranges[entry_id] = (first, last)
     return entries, ranges
@@ -224,7 +235,7 @@ def _not_waiting_for_other_lanes(job_id: int, entries: list[InboxEntry], ranges:
     low, high = min(f for f, _ in ranges.values()), max(last for _, last in ranges.values())
     overlapping = tuples(ResultInbox.select(ResultInbox.id, ResultInbox.first_image, ResultInbox.last_image,
                                             ResultInbox.lane_key)
-                         .where((ResultInbox.job_id == job_id) & (ResultInbox.id < entries[-1][0])
+                         .where((ResultInbox.job_id == job_id) & (ResultInbox.id < entries[-1].id)
                                 & (ResultInbox.first_image <= high) & (ResultInbox.last_image >= low)))
     earliest: dict[int, int] = {}  # image id -> the earliest other-lane row naming a range that holds it
     wide: list[tuple[int, int, int]] = []  # other-lane rows naming a range too wide to spell out
@@ -302,16 +313,27 @@ def drain_step(runtime: Runtime, job_id: int, *, limit: int = DRAIN_MESSAGES, la
     except Exception as exc:
         if is_outage(exc) or isinstance(exc, SchemaMissing):  # not this message's fault: waited out
             raise
-        raise StepFailed([e[0] for e in entries], exc) from exc
+        raise StepFailed([e.id for e in entries], exc) from exc
 
 
 def _drain_entries(runtime: Runtime, job_id: int, entries: list[InboxEntry]) -> DrainStep:
-    step = DrainStep()
     job = load_job(job_id)
     if job is None:
         return _drop_for_unknown_job(runtime, job_id, entries)
+    # the child of its first message's take (else of the job's root), linked to the others' takes
+    with tracing.span("jetpipe.save", parent=entries[0].trace or job.trace_parent,
+                      links=[e.trace for e in entries[1:]], attributes={"jetpipe.job_id": job_id}) as span:
+        step = _save_entries(runtime, job, entries)
+        span.set_attributes({"jetpipe.messages": len(step.messages),
+                             "jetpipe.images": sum(len(m.image_ids) for m in step.messages)})
+        return step
+
+
+def _save_entries(runtime: Runtime, job: Job, entries: list[InboxEntry]) -> DrainStep:
+    step = DrainStep()
+    job_id = job.id
     images = 0
-    for entry_id, source, body, replies, proof in entries:
+    for entry_id, source, body, replies, proof, _ in entries:
         m = _classify(runtime, job, entry_id, source, body, names.task_replies(replies), inbox.Proof.from_json(proof))
         if step.messages and images + len(m.image_ids) > DRAIN_IMAGES:
             break
@@ -418,15 +440,15 @@ def _after_commit(runtime: Runtime, job: Job, step: DrainStep, logs: list[LogLin
 
 def _drop_for_unknown_job(runtime: Runtime, job_id: int, entries: list[InboxEntry]) -> DrainStep:
     step = DrainStep()
-    own = [r for _, _, _, replies, _ in entries for r in names.task_replies(replies)
+    own = [r for e in entries for r in names.task_replies(e.replies)
            if names.reply_belongs_to_job(r, job_id)]
     with write_transaction():
-        _delete_entries([e[0] for e in entries])
+        _delete_entries([e.id for e in entries])
     log.error("job=%s %s result message(s) for an unknown job dropped; their tasks are terminated", job_id,
               len(entries))
     if own:
         runtime.tasks.term_many(own, f"unknown job {job_id}")
-    step.messages = [Message(e[0], e[1], [], action=Action.UNKNOWN_JOB) for e in entries]
+    step.messages = [Message(e.id, e.source, [], action=Action.UNKNOWN_JOB) for e in entries]
     return step
 
 
@@ -555,7 +577,7 @@ def _refuse(runtime: Runtime, job_id: int, entry_id: int, exc: Exception) -> Dra
     found = _read_entry(entry_id)
     if found is None:
         return DrainStep()
-    _, source, body, header, proof = found
+    _, source, body, header, proof, _ = found
     replies = names.task_replies(header)
     reason = short(f"bad result: the database refused to store it ({type(exc).__name__}: {str(exc).strip()})")
     image_ids = unsaved.images_of(runtime, body, replies, proof)

@@ -203,7 +203,7 @@ def replay(runtime: Runtime, *, ids: list[int] | None = None, job_id: int | None
     with write_transaction():
         insert_ignoring_duplicates(ResultInbox, inbox.INBOX_FIELDS, [
             (r.job_id, r.source, r.stream_seq, bytes(r.body), r.task_replies, now, len(r.image_ids.split(",")),
-             r.proof, *inbox.placement(inbox.named_images(bytes(r.body)))) for r in rows])
+             r.proof, *inbox.placement(inbox.named_images(bytes(r.body))), None) for r in rows])
         ParkedResult.delete().where(ParkedResult.id.in_([r.id for r in rows])).execute()
     for r in rows:
         job_log(r.job_id, logging.WARNING, f"parked result {r.id} replayed: back in the inbox to be saved",

@@ -13,6 +13,7 @@ import logging
 import re
 import sys
 
+from pipeline.infra import tracing
 from pipeline.settings import Settings
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s %(message)s"
@@ -21,7 +22,9 @@ _IMAGE = re.compile(r"\bimage=([^\s,;]+)")
 
 
 class JsonFormatter(logging.Formatter):
-    """`{"at", "level", "logger", "pid", "thread", "message", "job_id"?, "image_id"?, "error"?}` per record."""
+    """`{"at", "level", "logger", "pid", "thread", "message", "job_id"?, "image_id"?, "trace_id"?, "span_id"?,
+    "error"?}` per record; `trace_id` and `span_id` (hex) name the span the line was logged in, where traces
+    are on (pipeline/infra/tracing.py)."""
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
@@ -32,6 +35,8 @@ class JsonFormatter(logging.Formatter):
             entry["job_id"] = int(job.group(1))
         if image := _IMAGE.search(message):
             entry["image_id"] = image.group(1)
+        if traced := tracing.ids():
+            entry["trace_id"], entry["span_id"] = traced
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)

@@ -589,25 +589,27 @@ class TaskQueue:
         body = json.dumps({"job_id": job_id, "pipeline": pipeline_slug}).encode()
         await self.nc.publish(names.job_announcements(pipeline_slug), body)
 
-    async def publish_tasks(self, tasks: Iterable[Task], *, chunk: int = PUBLISH_CHUNK) -> list[Published]:
+    async def publish_tasks(self, tasks: Iterable[Task], *, chunk: int = PUBLISH_CHUNK,
+                            headers: dict[str, str] | None = None) -> list[Published]:
         """Publish tasks concurrently in chunks, deduplicated by `Nats-Msg-Id`; each task's stream sequence
-        and whether it was new (a republished task keeps the sequence it was first stored at)."""
+        and whether it was new (a republished task keeps the sequence it was first stored at). `headers`: more
+        headers for every task (its trace context)."""
         batch: list[Task] = []
         published: list[Published] = []
         for task in tasks:
             batch.append(task)
             if len(batch) >= chunk:
-                published += await self._publish_chunk(batch)
+                published += await self._publish_chunk(batch, headers or {})
                 batch = []
         if batch:
-            published += await self._publish_chunk(batch)
+            published += await self._publish_chunk(batch, headers or {})
         return published
 
-    async def _publish_chunk(self, batch: list[Task]) -> list[Published]:
+    async def _publish_chunk(self, batch: list[Task], headers: dict[str, str]) -> list[Published]:
         """Publish a chunk and wait for every PubAck (what `js.publish` does, for many at once)."""
         acks = await self.requests.send([
             (names.task_subject(t.pipeline, t.job_id), _encoder.encode(t),
-             {**task_headers(t), "Nats-Expected-Stream": names.tasks_stream(t.pipeline)}) for t in batch],
+             {**headers, **task_headers(t), "Nats-Expected-Stream": names.tasks_stream(t.pipeline)}) for t in batch],
             timeout=API_TIMEOUT_S)
         published = []
         for ack in acks:
@@ -763,8 +765,9 @@ class SyncTaskQueue:
     def job_consumers(self, pipeline_slug: str | None = None) -> list[JobConsumer]:
         return self._run("job_consumers", self.queue.job_consumers(pipeline_slug))
 
-    def publish_tasks(self, tasks: Iterable[Task], *, chunk: int = PUBLISH_CHUNK) -> list[Published]:
-        return self._run("publish_tasks", self.queue.publish_tasks(tasks, chunk=chunk))
+    def publish_tasks(self, tasks: Iterable[Task], *, chunk: int = PUBLISH_CHUNK,
+                      headers: dict[str, str] | None = None) -> list[Published]:
+        return self._run("publish_tasks", self.queue.publish_tasks(tasks, chunk=chunk, headers=headers))
 
     def announce_job(self, pipeline_slug: str, job_id: int) -> None:
         self._run("announce_job", self.queue.announce_job(pipeline_slug, job_id))

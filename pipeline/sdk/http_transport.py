@@ -18,8 +18,10 @@ import logging
 
 import httpx
 import msgspec
+from opentelemetry.trace import SpanKind
 
 from pipeline.errors import ConfigError
+from pipeline.infra import tracing
 from pipeline.infra.outage import Outage
 from pipeline.schemas import Task, encode
 from pipeline.sdk.transport import Service
@@ -128,8 +130,12 @@ class HttpTransport:
     async def _process(self, job_id: int, task: dict) -> None:
         keep_alive = asyncio.create_task(self._keep_alive(job_id, task["reply_subject"]))
         try:
-            result = await self.service.run_task(Task(job_id=job_id, image_id=str(task["image_id"]),
-                                                       image_url=task["image_url"], pipeline=self.service.pipeline))
+            with tracing.span("jetpipe.service.task", parent=task.get(tracing.TRACEPARENT), kind=SpanKind.CONSUMER,
+                              attributes={"jetpipe.job_id": job_id, "jetpipe.image_id": str(task["image_id"]),
+                                          "jetpipe.service": self.service.name}):
+                trace = tracing.traceparent()
+                result = await self.service.run_task(Task(job_id=job_id, image_id=str(task["image_id"]),
+                                                           image_url=task["image_url"], pipeline=self.service.pipeline))
         finally:
             keep_alive.cancel()
             self._free += 1
@@ -137,8 +143,10 @@ class HttpTransport:
             if self._running[job_id] <= 0:
                 del self._running[job_id]
             self._slot_freed.set()
-        self._pending.setdefault(job_id, []).append(
-            {"reply_subject": task["reply_subject"], "result": msgspec.json.decode(encode(result))})
+        answer = {"reply_subject": task["reply_subject"], "result": msgspec.json.decode(encode(result))}
+        if trace:
+            answer[tracing.TRACEPARENT] = trace
+        self._pending.setdefault(job_id, []).append(answer)
         # full, or nothing else of the job in hand to join it: return it now rather than after the linger
         if len(self._pending[job_id]) >= self.results_per_post or not self._running[job_id]:
             await self._flush(job_id)

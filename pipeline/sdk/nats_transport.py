@@ -38,8 +38,10 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
+from opentelemetry.trace import SpanKind
 
 from pipeline import fairshare, names
+from pipeline.infra import tracing
 from pipeline.infra.natswatch import round_trip
 from pipeline.infra.outage import Outage
 from pipeline.infra.taskqueue import NATS_FAILURES, TaskQueue, take_waiting
@@ -83,6 +85,9 @@ class _Batch:
     replies: list[str] = dataclasses.field(default_factory=list)
     results: list[Result] = dataclasses.field(default_factory=list)  # successes; or one result of any kind
     tokens: list[str] = dataclasses.field(default_factory=list)  # each task's task_token, named with the result
+    #: The `traceparent` its message carries: the span of its first task that has one (a message carries one;
+    #: docs/processing-services.md, "Traces")
+    trace: str | None = None
 
     def images(self) -> int:
         return sum(len(r.source_images) if isinstance(r, SuccessResult) else 1 for r in self.results)
@@ -418,7 +423,10 @@ class NatsTransport:
             # a late task's lease ran while it waited: +WPI at once
             heartbeat = asyncio.create_task(self._keep_alive(msg, self._ack_wait.get(job_id, 30.0), at_once=late))
             try:
-                result = await self._run_handler(msg)
+                with tracing.span("jetpipe.service.task", parent=(msg.headers or {}).get(tracing.TRACEPARENT),
+                                  kind=SpanKind.CONSUMER, attributes=self._span_attributes(job_id, msg)):
+                    trace = tracing.traceparent()
+                    result = await self._run_handler(msg)
             finally:
                 heartbeat.cancel()
         except Exception as exc:  # noqa: BLE001 - one task's trouble must not stop the service
@@ -432,12 +440,16 @@ class NatsTransport:
             self._slot_freed.set()
         token = _task_token(msg.data)
         if isinstance(result, SuccessResult) and self.service.batch_size > 1:
-            await self._add_to_batch(queue, job_id, msg.reply, token, result)
+            await self._add_to_batch(queue, job_id, msg.reply, token, result, trace)
         else:
-            await self._send(queue, job_id, _Batch([msg.reply], [result], [token]))
+            await self._send(queue, job_id, _Batch([msg.reply], [result], [token], trace))
+
+    def _span_attributes(self, job_id: int, msg: Msg) -> dict[str, str | int]:
+        return {"jetpipe.job_id": job_id, "jetpipe.image_id": (msg.headers or {}).get(names.HDR_IMAGE_ID, "?"),
+                "jetpipe.service": self.service.name}
 
     async def _add_to_batch(self, queue: TaskQueue, job_id: int, reply: str, token: str,
-                            result: SuccessResult) -> None:
+                            result: SuccessResult, trace: str | None) -> None:
         # The batches change only between awaits, so concurrent tasks never lose one another's results.
         ready = []
         batch = self._batches.get(job_id)
@@ -452,6 +464,7 @@ class NatsTransport:
         batch.replies.append(reply)
         batch.results.append(result)
         batch.tokens.append(token)
+        batch.trace = batch.trace or trace
         if batch.images() >= self.service.batch_size or not self._more_coming(job_id):
             ready.append(self._batches.pop(job_id))
         for full in ready:
@@ -477,18 +490,18 @@ class NatsTransport:
         single task's result too large on its own goes out as an error result for its image."""
         result = batch.merged()
         try:
-            await self._publish(queue, job_id, batch.replies, batch.tokens, result)
+            await self._publish(queue, job_id, batch.replies, batch.tokens, result, batch.trace)
         except nats.errors.MaxPayloadError:
             if len(batch.results) > 1:
                 half = len(batch.results) // 2
                 for part in (slice(None, half), slice(half, None)):
                     await self._send(queue, job_id, _Batch(batch.replies[part], batch.results[part],
-                                                           batch.tokens[part]))
+                                                           batch.tokens[part], batch.trace))
                 return
             image_id = result.source_images[0].id if isinstance(result, SuccessResult) else result.image_id
             too_large = ErrorResult(error=f"result of {len(encode(result))} bytes is larger than the NATS server "
                                           f"accepts (max_payload {queue.nc.max_payload})", image_id=image_id)
-            await self._send(queue, job_id, _Batch(batch.replies, [too_large], batch.tokens))
+            await self._send(queue, job_id, _Batch(batch.replies, [too_large], batch.tokens, batch.trace))
         except Exception as exc:  # noqa: BLE001 - one batch's trouble must not stop the service
             images = ([i.id for i in result.source_images] if isinstance(result, SuccessResult)
                       else [result.image_id or "?"])
@@ -518,10 +531,12 @@ class NatsTransport:
             await asyncio.sleep(every)
 
     async def _publish(self, queue: TaskQueue, job_id: int, replies: list[str], tokens: list[str],
-                       result: Result) -> None:
+                       result: Result, trace: str | None) -> None:
         body = encode(result)
         headers = {names.HDR_TASK_REPLY: names.join_task_replies(replies),
                    names.HDR_TASK_TOKEN: ",".join(t for t in tokens if t)}
+        if trace:
+            headers[tracing.TRACEPARENT] = trace
         for attempt in range(1, PUBLISH_ATTEMPTS + 1):
             try:
                 subject = names.result_subject(self.service.pipeline, job_id)

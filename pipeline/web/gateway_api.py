@@ -31,7 +31,7 @@ from pipeline import names
 from pipeline.core.image_policy import ImagePolicy
 from pipeline.core.registry import register_pipeline
 from pipeline.errors import Conflict, Forbidden, NotFound, TooLarge, TransientError, UserInputError
-from pipeline.infra import presence
+from pipeline.infra import presence, tracing
 from pipeline.schemas import decode_pipeline_spec
 from pipeline.web import image_links, leases
 from pipeline.web.announcements import MAX_WAIT_S, JobAnnouncements, until
@@ -81,6 +81,7 @@ class RegistrationRequest(BaseModel):
 class _ResultItem(msgspec.Struct):
     reply_subject: str
     result: msgspec.Raw  # handed on as it came, never re-encoded
+    traceparent: str | None = None  # the caller's span for the task, where it traces
 
 
 class _ResultBatch(msgspec.Struct):
@@ -312,7 +313,7 @@ def tasks_in_progress(job_id: int, body: InProgressRequest, request: Request, wh
     _job(job_id, who, running=True)
     _check_replies(job_id, body.reply_subjects)
     runtime = runtime_of(request)
-    leases.tokens_of(runtime.redis, job_id, who.name, body.reply_subjects)  # only its own tasks' leases
+    leases.leases_of(runtime.redis, job_id, who.name, body.reply_subjects)  # only its own tasks' leases
     runtime.runner.run(gateway_of(request).in_progress(body.reply_subjects), timeout=LOOP_TIMEOUT_S)
     return {"extended": len(body.reply_subjects)}
 
@@ -333,26 +334,32 @@ async def post_results(job_id: int, request: Request, who: Principal = SERVICE) 
         raise UserInputError("results is empty")
     if len(batch.results) > MAX_BATCH:
         raise TooLarge(f"{len(batch.results)} results in one request; at most {MAX_BATCH}: send fewer per request")
-    items = [(item.reply_subject, bytes(item.result)) for item in batch.results]
-    return await run_in_threadpool(_accept, request, who, job_id, items)
+    return await run_in_threadpool(_accept, request, who, job_id, batch.results)
 
 
 @with_db
-def _accept(request: Request, who: Principal, job_id: int, items: list[tuple[str, bytes]]) -> dict:
+def _accept(request: Request, who: Principal, job_id: int, items: list[_ResultItem]) -> dict:
     job = _job(job_id, who, running=True)
-    replies = [reply for reply, _ in items]
+    replies = [item.reply_subject for item in items]
     _check_replies(job_id, replies)
     runtime = runtime_of(request)
-    tokens = leases.tokens_of(runtime.redis, job_id, who.name, replies)
-    seqs = runtime.runner.run(gateway_of(request).publish_results(
-        job_id, job.pipeline.slug, [(reply, body, token) for (reply, body), token in zip(items, tokens, strict=True)]),
-        timeout=LOOP_TIMEOUT_S)
+    leased = leases.leases_of(runtime.redis, job_id, who.name, replies)
+    # each result's span: the child of the caller's span for its task if it says so, else of the hand-out
+    spans = [tracing.start("jetpipe.gateway.result", parent=tracing.first_valid(item.traceparent, lease.trace),
+                           attributes={"jetpipe.job_id": job_id, "jetpipe.service": who.name})
+             for item, lease in zip(items, leased, strict=True)]
+    try:
+        seqs = runtime.runner.run(gateway_of(request).publish_results(job_id, job.pipeline.slug, [
+            (item.reply_subject, bytes(item.result), lease.token, tracing.traceparent(span))
+            for item, lease, span in zip(items, leased, spans, strict=True)]), timeout=LOOP_TIMEOUT_S)
+    finally:
+        tracing.end(spans)
     log.info("job=%s gateway: %s returned %s result(s)", job_id, who.name, len(items))
     _seen(runtime, who, job, returned=len(items))
     # task_id: where the result waits in PIPELINE_RESULTS (the reference gives its Celery task's id)
     return {"status": "accepted", "job_id": job_id, "results_queued": len(items),
             "tasks": [{"reply_subject": reply, "status": "queued", "task_id": f"{names.RESULTS_STREAM}:{seq}"}
-                      for (reply, _), seq in zip(items, seqs, strict=True)]}
+                      for reply, seq in zip(replies, seqs, strict=True)]}
 
 
 async def _read_limited(request: Request, limit: int) -> bytes:

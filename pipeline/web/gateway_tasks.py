@@ -27,6 +27,7 @@ from nats.js.client import JetStreamContext
 
 from pipeline import names
 from pipeline.errors import TooLarge, TransientError
+from pipeline.infra import tracing
 from pipeline.infra.taskqueue import NATS_FAILURES, TaskQueue, no_responders, take_waiting
 from pipeline.schemas import decode_task
 
@@ -46,11 +47,16 @@ class Reserved:
     image_url: str
     reply_subject: str
     task_token: str = ""  # kept by the gateway (its lease), never handed out: HTTP clients name the reply only
+    trace: str | None = None  # the `traceparent` of the gateway's span handing it out
 
     def as_task(self) -> dict:
-        """The task as the reference system hands it out: `id` and `image_id` are both the image id."""
-        return {"id": self.image_id, "image_id": self.image_id, "image_url": self.image_url,
+        """The task as the reference system hands it out: `id` and `image_id` are both the image id; and
+        its `traceparent` where traces are on (docs/processing-services.md, "Traces")."""
+        task = {"id": self.image_id, "image_id": self.image_id, "image_url": self.image_url,
                 "reply_subject": self.reply_subject}
+        if self.trace:
+            task[tracing.TRACEPARENT] = self.trace
+        return task
 
 
 class Gateway:
@@ -102,7 +108,11 @@ class Gateway:
                 log.error("job=%s gateway: terminating a message that is not a task", job_id)
                 await msg.term()
                 continue
-            reserved.append(Reserved(task.image_id, task.image_url, msg.reply, task.task_token))
+            handing = tracing.start("jetpipe.gateway.hand_out", parent=(msg.headers or {}).get(tracing.TRACEPARENT),
+                                    attributes={"jetpipe.job_id": job_id, "jetpipe.image_id": task.image_id})
+            reserved.append(Reserved(task.image_id, task.image_url, msg.reply, task.task_token,
+                                     tracing.traceparent(handing)))
+            handing.end()
         return reserved
 
     def _connected(self) -> None:
@@ -129,20 +139,21 @@ class Gateway:
                 pass
 
     async def publish_results(self, job_id: int, pipeline_slug: str,
-                              results: list[tuple[str, bytes, str]]) -> list[int]:
-        """Publish (reply subject, result body, task token) to `pipeline.results.<pipeline>.<job_id>`, each
-        confirmed by the results stream; their sequences in it. TransientError if it cannot be reached or
+                              results: list[tuple[str, bytes, str, str | None]]) -> list[int]:
+        """Publish (reply subject, result body, task token, traceparent) to `pipeline.results.<pipeline>.<job_id>`,
+        each confirmed by the results stream; their sequences in it. TransientError if it cannot be reached or
         does not confirm them all."""
         subject = names.result_subject(pipeline_slug, job_id)
         limit = self.queue.nc.max_payload
-        over = [reply for reply, body, _ in results if len(body) > limit]
+        over = [reply for reply, body, _, _ in results if len(body) > limit]
         if over:  # NATS cannot carry it: no retry can help
             raise TooLarge(f"{len(over)} result(s) are larger than the {limit} bytes NATS carries in one message "
                            "(max_payload); nothing of the request was published")
         try:
             answers = await self.queue.requests.send(
-                [(subject, body, {names.HDR_TASK_REPLY: reply, names.HDR_TASK_TOKEN: token})
-                 for reply, body, token in results], timeout=PUBLISH_TIMEOUT_S)
+                [(subject, body, {names.HDR_TASK_REPLY: reply, names.HDR_TASK_TOKEN: token,
+                                  **({tracing.TRACEPARENT: trace} if trace else {})})
+                 for reply, body, token, trace in results], timeout=PUBLISH_TIMEOUT_S)
         except NATS_FAILURES as exc:
             raise TransientError(f"results stream unavailable: {str(exc) or type(exc).__name__}") from exc
         seqs = []

@@ -38,7 +38,7 @@ from pipeline.core import inbox, unsaved, webhooks
 from pipeline.core.deferred_failure import DeferredFailure
 from pipeline.core.saving import request_drains
 from pipeline.errors import TransientError
-from pipeline.infra import backlog, dlq, metrics
+from pipeline.infra import backlog, dlq, metrics, tracing
 from pipeline.infra.aio import LoopRunner, cancel_the_rest
 from pipeline.infra.broker import make_broker
 from pipeline.infra.outage import Outage
@@ -301,6 +301,7 @@ class WorkerResources(dramatiq.Middleware):
                 runner.run(cancel_the_rest(), timeout=5)
             except Exception as exc:  # noqa: BLE001 - shutting down: say it, go on
                 log.warning("worker %s: tasks still running at shutdown: %s", os.getpid(), exc)
+        tracing.shutdown()  # a forked worker process leaves without running atexit: export what is buffered
 
     def before_process_message(self, broker, message):
         models.database.connect(reuse_if_open=True)
