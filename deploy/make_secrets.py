@@ -9,7 +9,8 @@ from pathlib import Path
 
 #: Every password docker-compose.yml reads; compose refuses to start without each.
 SECRETS = ("JETPIPE_NATS_WORKER_PASSWORD", "JETPIPE_NATS_OPERATOR_PASSWORD", "JETPIPE_NATS_SERVICE_PASSWORD",
-           "JETPIPE_NATS_ROUTE_PASSWORD", "JETPIPE_REDIS_PASSWORD", "JETPIPE_POSTGRES_PASSWORD")
+           "JETPIPE_NATS_ROUTE_PASSWORD", "JETPIPE_REDIS_PASSWORD", "JETPIPE_POSTGRES_PASSWORD",
+           "JETPIPE_GRAFANA_PASSWORD")
 
 
 def add_missing(path: Path) -> list[str]:

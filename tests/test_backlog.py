@@ -1,21 +1,16 @@
-"""A pipeline's backlog for autoscalers (pipeline/infra/backlog.py) on real servers: the stats API, the gauges a
-running worker exports, and the shipped KEDA example's query over them."""
+"""A pipeline's backlog for autoscalers (pipeline/infra/backlog.py) on real servers: what it counts and the stats
+API (the gauges a running worker exports, and the shipped KEDA example's query over them on a real Prometheus:
+tests/test_monitoring.py)."""
 
 from __future__ import annotations
 
-import re
 import time
-import urllib.request
 
 import httpx
-import pytest
-import yaml
 
 from pipeline.infra import backlog, presence
-from pipeline.ops.devstack import free_port
-from tests.conftest import PROJECT, wait_for
+from tests.conftest import PROJECT
 from tests.helpers import dispatch, fake_job, pull_tasks
-from tests.test_alert_rules import metric_names
 from tests.web_helpers import TOKENS_SETTING, WebServer, bearer
 
 KEDA = PROJECT / "deploy" / "keda" / "processing-service-scaledobject.yaml"
@@ -47,37 +42,3 @@ def test_the_stats_api_answers_a_pipelines_backlog(settings, runtime, moth_pipel
             assert web.get(f"/api/v1/pipelines/{moth_pipeline}/stats", headers=bearer("lab")).status_code == 403
     finally:
         server.stop()
-
-
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_the_keda_examples_query_returns_the_backlog_a_running_worker_exports(settings, runtime, moth_pipeline,
-                                                                             worker_factory):
-    scaled = yaml.safe_load(KEDA.read_text())
-    assert (scaled["apiVersion"], scaled["kind"]) == ("keda.sh/v1alpha1", "ScaledObject")
-    assert scaled["spec"]["scaleTargetRef"]["name"] and scaled["spec"]["maxReplicaCount"] >= 1
-    [trigger] = scaled["spec"]["triggers"]
-    assert trigger["type"] == "prometheus" and float(trigger["metadata"]["threshold"]) > 0
-    query = trigger["metadata"]["query"]
-    # Given a job of 5 tasks, 2 of them taken by a service, and a worker exporting its metrics
-    job = fake_job(moth_pipeline, 5)
-    dispatch(runtime, job.id)
-    pull_tasks(runtime, job.id, 2)
-    port = free_port()
-    worker_factory(settings, threads=1, PIPELINE_METRICS_PORT=port)
-
-    def samples() -> dict[str, float] | None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-                text = response.read().decode()
-        except OSError:
-            return None
-        found = {m.group(1): float(m.group(2)) for m in re.finditer(
-            r'^(jetpipe_pipeline_\w+)\{pipeline="moth-demo"\} (\S+)$', text, re.MULTILINE)}
-        return found or None
-
-    exported = wait_for(samples, timeout_s=60, interval_s=0.5, message="the worker's backlog gauges")
-    # Then every metric the query names is exported, and the query (a sum of two series) is the backlog
-    assert metric_names(query) <= set(exported), (metric_names(query), exported)
-    assert sum(exported[name] for name in metric_names(query)) == 5
-    assert (exported["jetpipe_pipeline_tasks_waiting"], exported["jetpipe_pipeline_tasks_in_flight"]) == (3, 2)
-    assert "deploy/keda/processing-service-scaledobject.yaml" in (PROJECT / "docs" / "operations.md").read_text()

@@ -35,7 +35,7 @@ def expand(value: str) -> str:
 #: What `make secrets` would put in .env, for this test.
 SECRET_VALUES = {name: f"test-{name.lower().replace('_', '-')}" for name in (
     "JETPIPE_NATS_WORKER_PASSWORD", "JETPIPE_NATS_OPERATOR_PASSWORD", "JETPIPE_NATS_SERVICE_PASSWORD",
-    "JETPIPE_NATS_ROUTE_PASSWORD", "JETPIPE_REDIS_PASSWORD", "JETPIPE_POSTGRES_PASSWORD")}
+    "JETPIPE_NATS_ROUTE_PASSWORD", "JETPIPE_REDIS_PASSWORD", "JETPIPE_POSTGRES_PASSWORD", "JETPIPE_GRAFANA_PASSWORD")}
 
 
 def enabled(profile: str) -> set[str]:
@@ -104,6 +104,30 @@ def test_the_cluster_profile_is_three_routed_nodes_with_r3_streams_and_two_worke
         assert "http: 127.0.0.1:8222" in (PROJECT / "deploy" / shipped).read_text()
     assert "include ./nats-users.conf" in conf and "include ./nats-users.conf" in (
         PROJECT / "deploy" / "nats.conf").read_text()
+
+
+def test_the_monitoring_profile_adds_prometheus_and_grafana_to_either_stack():
+    assert enabled("monitoring") - enabled("single") == {"prometheus", "grafana"}
+    for service in ("prometheus", "grafana"):
+        assert all(port.startswith("127.0.0.1:") for port in SERVICES[service]["ports"])
+        for volume in SERVICES[service]["volumes"]:
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (PROJECT / source).exists(), f"{service} mounts {source}, which is not in the repository"
+    # Prometheus scrapes both stacks' workers on their metrics port, under the job name the alert rules name
+    scrape = yaml.safe_load((PROJECT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    [job] = scrape["scrape_configs"]
+    assert job["job_name"] == "jetpipe-workers" and 'up{job="jetpipe-workers"}' in \
+        (PROJECT / "deploy" / "prometheus" / "jetpipe-alerts.yml").read_text()
+    [sd] = job["dns_sd_configs"]
+    assert set(sd["names"]) == {"worker", "cluster-worker"}
+    assert sd["port"] == int(SERVICES["worker"]["environment"]["PIPELINE_METRICS_PORT"])
+    assert scrape["rule_files"] == ["/etc/prometheus/jetpipe-alerts.yml"]
+    # Grafana: no default password, the dashboard provisioned from the repository
+    assert "JETPIPE_GRAFANA_PASSWORD:?" in SERVICES["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    provider = yaml.safe_load((PROJECT / "deploy/grafana/provisioning/dashboards/jetpipe.yml").read_text())
+    assert any(v.endswith(provider["providers"][0]["options"]["path"] + "/jetpipe-dashboard.json:ro")
+               for v in SERVICES["grafana"]["volumes"])
 
 
 def test_compose_environment_names_are_real_settings():

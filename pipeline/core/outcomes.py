@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from enum import StrEnum
 
@@ -92,12 +93,15 @@ def count_outcomes(runtime: Runtime, job: Job, outcomes: list[Outcome], locked: 
 
 def _count_metrics(job: Job, outcomes: list[Outcome], snapshot: Snapshot) -> None:
     newly = set(snapshot.newly_removed)
-    failed = sum(1 for o in outcomes if o.failed and o.image_id in newly)
-    images = metrics().images
+    failures = Counter(o.failure or "other" for o in outcomes if o.failed and o.image_id in newly)
+    failed = sum(failures.values())
+    m = metrics()
     if failed:
-        images.labels(job.pipeline.slug, "failed").inc(failed)
+        m.images.labels(job.pipeline.slug, "failed").inc(failed)
+        for kind, count in failures.items():
+            m.image_failures.labels(job.pipeline.slug, kind).inc(count)
     if len(newly) > failed:
-        images.labels(job.pipeline.slug, "processed").inc(len(newly) - failed)
+        m.images.labels(job.pipeline.slug, "processed").inc(len(newly) - failed)
 
 
 class JobEnded(Exception):

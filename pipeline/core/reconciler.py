@@ -505,6 +505,10 @@ def _export(report: dict[str, Any]) -> None:
     counts: dict[str, int] = dict(tuples(Job.select(Job.status, peewee.fn.COUNT(Job.id)).group_by(Job.status)))
     for status in JobStatus.ALL:
         m.jobs.labels(status).set(counts.get(status, 0))
+    last_seen = peewee.fn.COALESCE(Job.last_progress_at, Job.dispatched_at, Job.updated_at, Job.created_at)
+    idlest = (Job.select(Job.last_progress_at, Job.dispatched_at, Job.updated_at, Job.created_at)
+              .where((Job.status == JobStatus.STARTED) & Job.paused_at.is_null()).order_by(last_seen).first())
+    m.longest_idle.set(max(0.0, (utcnow() - _activity(idlest)).total_seconds()) if idlest else 0)
 
 
 def run_health_check(runtime: Runtime, *, now: dt.datetime | None = None) -> dict[str, Any]:

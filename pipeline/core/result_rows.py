@@ -44,6 +44,15 @@ LOST_PREFIX = "lost:"
 UNSAVED_PREFIX = "result could not be saved:"
 #: Longest failure reason stored on an image.
 MAX_REASON_CHARS = 2000
+#: The kinds of failure reasons (the `reason` label of `jetpipe_image_failures_total`), by how a reason begins.
+FAILURE_KINDS = (("processing service error:", "service_error"), ("bad result", "bad_result"), (LOST_PREFIX, "lost"),
+                 ("task terminated by a processing service", "terminated"), ("deadline passed", "deadline"),
+                 ("no processing service picked up", "not_picked_up"), (UNSAVED_PREFIX, "unsaved"))
+
+
+def failure_kind(reason: str) -> str:
+    """What kind of failure `reason` is: one of FAILURE_KINDS' kinds, else `other`."""
+    return next((kind for prefix, kind in FAILURE_KINDS if reason.startswith(prefix)), "other")
 #: Longest taxon name (the column's size, on every database).
 MAX_TAXON_CHARS = 255
 
@@ -291,5 +300,6 @@ def fail_images(job_id: int, image_ids: Iterable[object], reason: str,
         pending = [rows[i].id for i in wanted if i in rows and rows[i].status == ImageStatus.PENDING]
         execute_in('UPDATE "job_image" SET status = %s, error = %s, updated_at = %s WHERE id IN ({in})', pending,
                    params=(ImageStatus.FAILED, redact_text(reason)[:MAX_REASON_CHARS].replace("\x00", ""), utcnow()))
-    return [Outcome(i, failed=True, captures=0) if rows[i].status == ImageStatus.PENDING
+    kind = failure_kind(reason)
+    return [Outcome(i, failed=True, captures=0, failure=kind) if rows[i].status == ImageStatus.PENDING
             else _settled_outcome(rows[i]) for i in wanted if i in rows]

@@ -61,6 +61,8 @@ class Outcome:
     classifications: int = 0
     #: a valid result replacing a "lost" verdict: counted once, moving the image from failed to processed
     supersedes: bool = False
+    #: why it failed, as a kind (`pipeline.core.result_rows.failure_kind`): a metric's label, never stored here
+    failure: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

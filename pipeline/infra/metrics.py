@@ -6,11 +6,14 @@ created in the worker processes after that middleware's `after_process_boot`, so
 directory and are served by the same endpoint:
 
     jetpipe_images_total{pipeline, outcome}        images counted once (outcome: processed | failed)
+    jetpipe_image_failures_total{pipeline, reason} failed images by kind of reason (service_error, bad_result,
+                                                   lost, terminated, deadline, not_picked_up, unsaved, other)
     jetpipe_result_handling_seconds                time to save one job's waiting results (a drain)
     jetpipe_lost_images_total{path}                images failed as lost (path: advisory | periodic)
     jetpipe_advisories_total{outcome}              MAX_DELIVERIES / MSG_TERMINATED advisories handled
     jetpipe_health_check_jobs_total{check, result} jobs checked / fixed / unfixable per sub-check
     jetpipe_jobs{status}                           jobs per status at the last health check
+    jetpipe_job_longest_idle_seconds               the running job longest without progress (0: none runs)
     jetpipe_bridge_lag_seconds                     result published -> taken into the inbox
     jetpipe_bridge_consumer_missing{stream}        1 while the bridge finds its consumer gone (NATS lost it)
     jetpipe_db_transactions_total                  database write transactions committed
@@ -20,6 +23,9 @@ directory and are served by the same endpoint:
     jetpipe_result_save_failures_total{outcome}    failed attempts to save a result (not outages): retry | parked
     jetpipe_dead_letters                           Dramatiq messages that failed for good (`cli.py dlq list`)
     jetpipe_health_check_last_run_timestamp_seconds  when jobs_health_check last finished (Unix time)
+    jetpipe_pipeline_*{pipeline}                   a pipeline's backlog, for autoscalers (docs/operations.md)
+    jetpipe_task_ack_wait_seconds                  the tasks' lease (PIPELINE_NATS_TASK_TTR): alerts scale on it
+    jetpipe_outage{loop}                           1 while a worker's retry loop fails (a server unreachable)
 Label values known in advance are created at zero, so an alert on `increase()` sees the first one.
 Alert rules on these: deploy/prometheus/jetpipe-alerts.yml.
 """
@@ -37,6 +43,7 @@ from typing import Any
 import dramatiq
 
 import models
+from pipeline import names
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,6 +51,9 @@ log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _metrics: _Metrics | None = None
 
+#: The worker loops that report an outage (`jetpipe_outage{loop}`): the results bridge's two routes, its inbox
+#: sweep, and its start.
+OUTAGE_LOOPS = (f"bridge:{names.RESULTS_STREAM}", f"bridge:{names.ADVISORIES_STREAM}", "inbox_sweep", "bridge_start")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -65,6 +75,8 @@ class _Metrics:
             "jetpipe_job_row_lock_seconds", "Seconds a writer of a job's outcomes held the job's row lock (its Redis "
             "gate and progress write, to its commit): what several savers of one job queue for.",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
+        self.image_failures = prom.Counter("jetpipe_image_failures", "Failed images by kind of reason.",
+                                           ["pipeline", "reason"])
         self.lost_images = prom.Counter("jetpipe_lost_images", "Images failed because their task was lost.",
                                         ["path"])
         self.advisories = prom.Counter("jetpipe_advisories", "Task advisories handled, by outcome.", ["outcome"])
@@ -72,6 +84,9 @@ class _Metrics:
                                         ["check", "result"])
         self.jobs = prom.Gauge("jetpipe_jobs", "Jobs per status at the last health check.", ["status"],
                                multiprocess_mode="mostrecent")
+        self.longest_idle = prom.Gauge(
+            "jetpipe_job_longest_idle_seconds", "Seconds the running (not paused) job longest without progress has "
+            "gone without it, at the last health check (0: no job runs).", multiprocess_mode="mostrecent")
         self.bridge_lag = prom.Histogram("jetpipe_bridge_lag_seconds",
                                          "Seconds from a result's publication to its taking into the inbox.",
                                          buckets=LATENCY_BUCKETS)
@@ -110,6 +125,10 @@ class _Metrics:
         self.pipeline_http_services = prom.Gauge(
             "jetpipe_pipeline_http_services", "HTTP processing services seen in the last minute.", ["pipeline"],
             multiprocess_mode="mostrecent")
+        self.ack_wait = prom.Gauge("jetpipe_task_ack_wait_seconds", "The tasks' lease (PIPELINE_NATS_TASK_TTR).",
+                                   multiprocess_mode="mostrecent")
+        self.outage = prom.Gauge("jetpipe_outage", "1 while a worker's retry loop fails (a server it needs is "
+                                 "unreachable).", ["loop"], multiprocess_mode="max")
         self.health_check_last_run = prom.Gauge(
             "jetpipe_health_check_last_run_timestamp_seconds", "When jobs_health_check last finished (Unix time).",
             multiprocess_mode="max")
@@ -117,6 +136,8 @@ class _Metrics:
             self.result_save_failures.labels(outcome)
         for path in ("advisory", "periodic"):
             self.lost_images.labels(path)
+        for loop in OUTAGE_LOOPS:
+            self.outage.labels(loop)
         models.commit_listeners.append(self.db_transactions.inc)
 
 
@@ -127,6 +148,11 @@ def metrics() -> _Metrics:
         if _metrics is None:
             _metrics = _Metrics()
         return _metrics
+
+
+def outage_reporter(loop: str) -> Callable[[bool], None]:
+    """What an `Outage` of the worker loop `loop` (one of OUTAGE_LOOPS) calls: sets `jetpipe_outage{loop}`."""
+    return lambda failing: metrics().outage.labels(loop).set(int(failing))
 
 
 def make_middleware(settings: Settings) -> dramatiq.Middleware | None:

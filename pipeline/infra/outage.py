@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 
 class Outage:
-    def __init__(self, what: str, logger: logging.Logger, *, max_delay_s: float = 5.0):
+    """`what` is failing, or works. `on_change(failing)` is called as it starts failing and as it recovers
+    (a worker's metric)."""
+
+    def __init__(self, what: str, logger: logging.Logger, *, max_delay_s: float = 5.0,
+                 on_change: Callable[[bool], None] | None = None):
         self.what = what
         self.log = logger
         self.max_delay_s = max_delay_s
+        self.on_change = on_change
         self.since: float | None = None
         self.problem: str | None = None
         self.delay_s = 1.0
@@ -26,6 +32,8 @@ class Outage:
         if self.since is None:
             self.since = time.monotonic()
             self.log.warning("%s: %s; retrying quietly until it works", self.what, problem)
+            if self.on_change is not None:
+                self.on_change(True)
         elif problem != self.problem:
             self.log.warning("%s: now %s; still retrying", self.what, problem)
         else:
@@ -38,6 +46,8 @@ class Outage:
         """Record a successful attempt (logs the recovery once)."""
         if self.since is not None:
             self.log.info("%s: working again after %.0f s", self.what, time.monotonic() - self.since)
+            if self.on_change is not None:
+                self.on_change(False)
         self.since = self.problem = None
         self.delay_s = 1.0
 

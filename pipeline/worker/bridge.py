@@ -34,7 +34,7 @@ from pipeline.core import inbox
 from pipeline.core.saving import request_drains
 from pipeline.errors import TasksNotAcked
 from pipeline.infra.broker import redis_of
-from pipeline.infra.metrics import metrics
+from pipeline.infra.metrics import metrics, outage_reporter
 from pipeline.infra.outage import Outage
 from pipeline.infra.runtime import Runtime
 
@@ -175,7 +175,7 @@ class Bridge:
         loop = asyncio.get_running_loop()
         sub = None
         checked = time.monotonic()
-        outage = Outage(f"bridge {route.stream}", log)
+        outage = Outage(f"bridge {route.stream}", log, on_change=outage_reporter(f"bridge:{route.stream}"))
         while not self._stopping.is_set():
             try:
                 if await loop.run_in_executor(None, route.backlogged):
@@ -241,7 +241,7 @@ class Bridge:
 
     async def _run_sweep(self, sweep: Callable[[], None]) -> None:
         loop = asyncio.get_running_loop()
-        outage = Outage("bridge: inbox sweep", log)
+        outage = Outage("bridge: inbox sweep", log, on_change=outage_reporter("inbox_sweep"))
         while not self._stopping.is_set():
             await self._sleep(SWEEP_S)
             try:

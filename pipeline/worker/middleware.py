@@ -36,6 +36,7 @@ import models
 from pipeline import names
 from pipeline.core import inbox, unsaved, webhooks
 from pipeline.core.deferred_failure import DeferredFailure
+from pipeline.core.result_rows import FAILURE_KINDS
 from pipeline.core.saving import request_drains
 from pipeline.errors import TransientError
 from pipeline.infra import backlog, dlq, metrics, tracing
@@ -169,8 +170,16 @@ def _export_backlogs(runtime: Runtime) -> None:
         log.debug("metrics: pipelines' backlogs not read (%s)", exc)
         return
     m = metrics.metrics()
-    for slug in _exported_pipelines - set(found):  # a pipeline with no job left: nothing waits
+    m.ack_wait.set(runtime.settings.nats_task_ttr)
+    with models.thread_connection():
+        registered = {slug for (slug,) in models.tuples(models.Pipeline.select(models.Pipeline.slug))}
+    for slug in (_exported_pipelines | registered) - set(found):  # no job left, or none yet: nothing waits
         found[slug] = backlog.Backlog(slug)
+    for slug in registered - _exported_pipelines:  # at zero from the start: an alert on increase() sees the first
+        for outcome in ("processed", "failed"):
+            m.images.labels(slug, outcome)
+        for _, kind in (*FAILURE_KINDS, ("", "other")):
+            m.image_failures.labels(slug, kind)
     for slug, b in found.items():
         m.pipeline_tasks_waiting.labels(slug).set(b.tasks_waiting)
         m.pipeline_tasks_in_flight.labels(slug).set(b.tasks_in_flight)
@@ -251,7 +260,8 @@ class WorkerResources(dramatiq.Middleware):
 
     async def _run_bridge(self, runtime: Runtime) -> None:
         """Connect (retrying quietly while NATS is down), then run the bridge until shutdown."""
-        outage = Outage(f"worker {os.getpid()}: the results bridge cannot start", log)
+        outage = Outage(f"worker {os.getpid()}: the results bridge cannot start", log,
+                        on_change=metrics.outage_reporter("bridge_start"))
         while not self._stopping:
             try:
                 queue = await runtime.connect_tasks()
