@@ -258,11 +258,14 @@ def nats_service_user(name: str, pipelines: tuple[str, ...], password_env: str |
               "signing secret comes from the variable --notify-secret-env names.")
 @click.option("--notify-secret-env", metavar="VAR", default="PIPELINE_NOTIFY_SECRET", show_default=True,
               help="Environment variable holding the webhook's signing secret (never on the command line).")
+@click.option("--notify-on", metavar="EVENTS", default="ended", show_default=True,
+              help="What --notify is told of, comma-separated: started, failing (its failed images passed the failure "
+                   "threshold: it will end FAILURE), ended.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
 @click.argument("urls", nargs=-1)
 @handles_errors
 def enqueue_job(pipeline_slug, images_dir, images_file, name, limit, dispatch_mode, pickup_timeout, deadline, project,
-                priority, notify, notify_secret_env, as_json, urls) -> None:
+                priority, notify, notify_secret_env, notify_on, as_json, urls) -> None:
     """Create a job over images and start it; prints the job id.
 
     Images come from --images-dir, --images-file and/or arguments: URLs (file://, http://, https://) or
@@ -289,7 +292,7 @@ def enqueue_job(pipeline_slug, images_dir, images_file, name, limit, dispatch_mo
     job = actions.enqueue(runtime(), pipeline_slug, itertools.chain(*sources), name=name, limit=limit,
                           dispatch_mode=dispatch_mode, pickup_timeout_s=pickup_timeout, deadline_s=deadline,
                           project=project, priority=priority,
-                          notify=(notify, os.environ.get(notify_secret_env, "")) if notify else None)
+                          notify=(notify, os.environ.get(notify_secret_env, ""), notify_on) if notify else None)
     if as_json:
         from pipeline.ops.job_views import job_summary
 

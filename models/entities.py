@@ -111,6 +111,8 @@ class Job(BaseModel):
     #: (never shown).
     notify_url = peewee.TextField(null=True)
     notify_secret = peewee.CharField(max_length=255, null=True)
+    #: The events `notify_url` is told of, comma-separated (job.started, job.failing, job.ended); None: job.ended.
+    notify_events = peewee.CharField(max_length=100, null=True)
     #: The W3C `traceparent` of the job's enqueue span, the root every later span of the job joins
     #: (pipeline/infra/tracing.py); None where traces are off.
     trace_parent = peewee.CharField(max_length=64, null=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypedDict
 from urllib.parse import urlsplit, urlunsplit
 
@@ -117,7 +117,7 @@ OPTIONS: dict[str, Option] = {
                           "hosts remote images (http, https) may come from, comma-separated; unset: any host"),
     "webhooks": Option("PIPELINE_WEBHOOKS", "",
                        "endpoints told when any job ends, comma-separated URL|secret (the secret, 16 characters or "
-                       "more, signs each delivery)"),
+                       "more, signs each delivery), or URL|secret|events to choose the events (started+failing+ended)"),
     "webhook_retry_s": Option("PIPELINE_WEBHOOK_RETRY_S", "5",
                               "seconds before a failed webhook delivery is tried again (doubled per attempt)"),
     "nats_creds": Option("PIPELINE_NATS_CREDS", "", "NATS credentials file (JWT + NKey), if the server wants one"),
@@ -127,6 +127,21 @@ OPTIONS: dict[str, Option] = {
 
 #: The shortest secret a webhook endpoint may have.
 WEBHOOK_MIN_SECRET = 16
+#: What a webhook endpoint may be told: a job started, its failed images passed its failure threshold (it will end
+#: FAILURE), it ended. An endpoint is told of `job.ended` unless it names others.
+WEBHOOK_EVENTS = ("job.started", "job.failing", "job.ended")
+DEFAULT_WEBHOOK_EVENTS = ("job.ended",)
+
+
+def webhook_events(names: str | Iterable[str]) -> tuple[str, ...]:
+    """Events named by `names` (`started`, `job.started`, …; joined by commas or `+` in text), in WEBHOOK_EVENTS'
+    order; ValueError naming an unknown one. None named: the default."""
+    given = [n.strip() for n in (re.split(r"[,+]", names) if isinstance(names, str) else names) if n.strip()]
+    full = {(n if n.startswith("job.") else f"job.{n}") for n in given}
+    unknown = sorted(full - set(WEBHOOK_EVENTS))
+    if unknown:
+        raise ValueError(f"unknown webhook event {unknown[0]!r} (use {', '.join(e[4:] for e in WEBHOOK_EVENTS)})")
+    return tuple(e for e in WEBHOOK_EVENTS if e in full) or DEFAULT_WEBHOOK_EVENTS
 
 
 def webhook_problem(url: str, secret: str) -> str | None:
@@ -247,15 +262,20 @@ class Settings:
             if "://" not in url:
                 raise ConfigError(f"{OPTIONS[name].env} is not a URL: {redact(url)!r}")
 
-    def webhook_endpoints(self) -> list[tuple[str, str]]:
-        """(url, secret) of each PIPELINE_WEBHOOKS entry (`URL|secret`); ConfigError names a bad one."""
+    def webhook_endpoints(self) -> list[tuple[str, str, tuple[str, ...]]]:
+        """(url, secret, events) of each PIPELINE_WEBHOOKS entry (`URL|secret` or `URL|secret|events`, events
+        joined by `+`); ConfigError names a bad one."""
         found = []
         for n, entry in enumerate((e.strip() for e in self.webhooks.split(",") if e.strip()), 1):
-            url, _, secret = (part.strip() for part in entry.partition("|"))
-            problem = webhook_problem(url, secret)
+            url, secret, events = (entry.split("|") + ["", ""])[:3]
+            problem = webhook_problem(url.strip(), secret.strip())
+            try:
+                chosen = webhook_events(events)
+            except ValueError as exc:
+                problem = problem or str(exc)
             if problem:
                 raise ConfigError(f"PIPELINE_WEBHOOKS entry {n}: {problem}")
-            found.append((url, secret))
+            found.append((url.strip(), secret.strip(), chosen))
         return found
 
     def stream_options(self) -> dict[str, int | None]:

@@ -104,9 +104,12 @@ def test_missing_pipeline_file(cli):
     (["--pipeline", "moth-demo", "file:///ok.png", "ftp://host/x.png"], "not an image URL"),
     (["--pipeline", "moth-demo", "https:///nohost.png"], "URL without a host"),
     (["--pipeline", "moth-demo", "--limit", "0", "file:///a.png"], "--limit must be at least 1"),
+    (["--pipeline", "moth-demo", "--notify", "https://hook.example/h", "--notify-on", "started,paused",
+      "file:///a.png"], "unknown webhook event 'job.paused' (use started, failing, ended)"),
 ])
 def test_bad_enqueue_input_leaves_no_job(ready, args, message):
-    assert message in one_error_line(ready("enqueue-job", *args, expect=1))
+    assert message in one_error_line(ready("enqueue-job", *args, expect=1,
+                                           PIPELINE_NOTIFY_SECRET="whsec-test-0123456789abcdef"))
     assert job_rows(ready.db_url) == 0
 
 

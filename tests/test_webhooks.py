@@ -1,5 +1,6 @@
-"""Webhooks when a job ends (pipeline/core/webhooks.py), delivered by real worker processes to a local receiver
-that fails, hangs and recovers: one accepted delivery per job end, signed, never lost to a killed worker."""
+"""Webhooks when a job ends, and when it starts or its failures pass the threshold for endpoints that ask
+(pipeline/core/webhooks.py), delivered by real worker processes to a local receiver that fails, hangs and
+recovers: one accepted delivery per job end, signed, never lost to a killed worker."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pipeline.core import jobs, webhooks
 from pipeline.errors import UserInputError
 from pipeline.ops.devstack import free_port
 from tests.conftest import kill_group, wait_for
-from tests.helpers import fake_job
+from tests.helpers import dispatch, error_body, fake_job, handle_result_message, pull_tasks
 from tests.web_helpers import TOKENS_SETTING, WebServer, bearer
 
 pytestmark = pytest.mark.slow
@@ -154,7 +155,7 @@ def test_a_terminal_transition_writes_one_delivery_per_endpoint_however_often_it
     job = fake_job(moth_pipeline, 1)
     jobs.cancel(runtime, job.id, by="test")
     jobs.cancel(runtime, job.id, by="test")  # already ended: nothing more
-    assert webhooks.enqueue_job_ended(job.id, settings.with_overrides(
+    assert webhooks.enqueue(job.id, webhooks.JOB_ENDED, settings.with_overrides(
         webhooks=f"https://a.example/h|{SECRET},https://b.example/h|{SECRET}")) == 0  # written once already
     assert sorted(d["url"] for d in webhooks.of_job(job.id)) == ["https://a.example/h", "https://b.example/h"]
     with pytest.raises(UserInputError, match="not an http"):
@@ -177,3 +178,46 @@ def test_of_workers_that_read_a_delivery_at_once_one_claims_it_and_only_it_sends
     assert [webhooks.claim(row, utcnow()) for row in read].count(True) == 1
     assert [webhooks.deliver(row.id, hooked) for row in read] == [False] * 4  # held by the claim's lease
     assert webhooks.due() == [] and endpoint.requests == []
+
+
+def test_each_endpoint_is_told_of_the_events_it_asks_for_once_each(settings, runtime, moth_pipeline):
+    from pipeline.settings import set_settings
+
+    # Given a global endpoint told of job ends (the default), one told of everything, and a job's own endpoint
+    # told only when its failures pass the threshold (more than half of its images failed)
+    everything = "https://all.example/h"
+    set_settings(settings.with_overrides(failure_threshold=0.5, webhooks=(
+        f"https://ends.example/h|{SECRET},{everything}|{SECRET}|started+failing+ended")))
+    job = fake_job(moth_pipeline, 4, notify=("https://own.example/h", SECRET, "failing"))
+
+    def told() -> list[tuple[str, str, str | None]]:
+        return [(d.url.split("/")[2], d.event, json.loads(d.body)["job"]["status"]) for d in
+                WebhookDelivery.select().where(WebhookDelivery.job_id == job.id).order_by(WebhookDelivery.id)]
+
+    # When it starts
+    dispatch(runtime, job.id)
+    assert told() == [("all.example", "job.started", "STARTED")]
+    # and its images fail one by one: the third failure passes the threshold (2 of 4 is not above half)
+    tasks = pull_tasks(runtime, job.id, 4)
+    for n, (task, reply) in enumerate(tasks, 1):
+        handle_result_message(runtime, job.id, error_body(task.image_id), reply, task.task_token)
+        if n == 2:
+            assert len(told()) == 1
+    # Then each endpoint was told of what it asked for, once
+    assert told() == [("all.example", "job.started", "STARTED"), ("all.example", "job.failing", "STARTED"),
+                      ("own.example", "job.failing", "STARTED"), ("ends.example", "job.ended", "FAILURE"),
+                      ("all.example", "job.ended", "FAILURE")]
+    failing = json.loads(WebhookDelivery.get((WebhookDelivery.job_id == job.id)
+                                             & (WebhookDelivery.event == "job.failing")).body)
+    assert failing["job"]["failed"] == 3 and failing["job"]["finished_at"] is None and failing["job"]["started_at"]
+
+
+def test_unknown_webhook_events_are_refused_with_a_clear_error(settings, moth_pipeline):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(UserInputError, match="unknown webhook event 'job.paused'"):
+        fake_job(moth_pipeline, 1, notify=("https://own.example/h", SECRET, "paused"))
+    with pytest.raises(ConfigError, match="PIPELINE_WEBHOOKS entry 1: unknown webhook event 'job.done'"):
+        settings.with_overrides(webhooks=f"https://a.example/h|{SECRET}|done").webhook_endpoints()
+    assert settings.with_overrides(webhooks=f"https://a.example/h|{SECRET}").webhook_endpoints() == [
+        ("https://a.example/h", SECRET, ("job.ended",))]

@@ -39,7 +39,7 @@ from pipeline.infra.jobstate import JobState
 from pipeline.infra.runtime import Runtime
 from pipeline.infra.taskqueue import SyncTaskQueue
 from pipeline.schemas import Task
-from pipeline.settings import get_settings
+from pipeline.settings import DEFAULT_WEBHOOK_EVENTS, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = No
                dispatch_mode: str = DispatchMode.ASYNC_API, pickup_timeout_s: float | None = None,
                deadline_s: float | None = None, over_network: bool = False,
                policy: ImagePolicy | None = None, project: str | None = None, priority: int = 0,
-               retry_of: int | None = None, notify: tuple[str, str] | None = None) -> Job:
+               retry_of: int | None = None, notify: webhooks.Endpoint | tuple[str, ...] | None = None) -> Job:
     """A new CREATED job over `urls` (streamed, deduplicated); all or nothing: bad input leaves no row.
 
     Every URL must be one the image policy lets jetpipe read (`pipeline/core/image_policy.py`): `over_network`
@@ -76,8 +76,8 @@ def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = No
     `pickup_timeout_s`: seconds after dispatch within which a service must pull one of its tasks (default
     PIPELINE_JOB_PICKUP_TIMEOUT); `deadline_s`: seconds from now by which the whole job must have ended.
     `project` (default `default`, created on first use) and `priority` (pipeline/fairshare.py) decide when
-    services serve it beside other jobs of its pipeline. `notify`: (url, secret) of an endpoint told when the
-    job ends (pipeline/core/webhooks.py).
+    services serve it beside other jobs of its pipeline. `notify`: (url, secret[, events]) of an endpoint told
+    when the job ends, or of the events it names (pipeline/core/webhooks.py).
     """
     pipeline = existing_pipeline(pipeline_slug)
     if dispatch_mode not in DispatchMode.ALL:
@@ -89,8 +89,10 @@ def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = No
             raise UserInputError(f"the {option} must be a positive number of seconds, not {value!r}")
     deadline_at = utcnow() + dt.timedelta(seconds=deadline_s) if deadline_s else None
     priority = fairshare.parse_priority(priority)
-    if notify is not None:
-        webhooks.check_endpoint(*notify)
+    endpoint = webhooks.Endpoint(*notify) if notify is not None else None
+    events = webhooks.check_events(endpoint.events) if endpoint is not None else None
+    if endpoint is not None:
+        webhooks.check_endpoint(endpoint.url, endpoint.secret)
     fairshare.check_project_name(project or DEFAULT_PROJECT)
     policy = policy or ImagePolicy.from_settings(get_settings())
     resolved_dirs: dict[str, str] = {}  # this job's image directories, each resolved once
@@ -104,7 +106,9 @@ def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = No
         with database.atomic():
             job = Job.create(name=name or f"{pipeline_slug} job", pipeline=pipeline, dispatch_mode=dispatch_mode,
                              project=scheduling.project_for_job(project), priority=priority, retry_of=retry_of,
-                             notify_url=notify[0] if notify else None, notify_secret=notify[1] if notify else None,
+                             notify_url=endpoint.url if endpoint else None,
+                             notify_secret=endpoint.secret if endpoint else None,
+                             notify_events=",".join(events) if events and events != DEFAULT_WEBHOOK_EVENTS else None,
                              task_secret=task_tokens.new_secret(),
                              progress=progress.initial_progress(), pickup_timeout_s=pickup_timeout_s,
                              deadline_at=deadline_at, trace_parent=tracing.traceparent())
@@ -347,4 +351,5 @@ def retry_failed(job_id: int) -> Job:
     urls = (url for _, url, _ in failed_image_rows(job_id))
     return create_job(job.pipeline.slug, urls, name=f"retry of job {job_id} ({job.name})",
                       dispatch_mode=job.dispatch_mode, project=job.project_name, priority=job.priority or 0,
-                      retry_of=job_id)
+                      retry_of=job_id, notify=webhooks.Endpoint(job.notify_url, job.notify_secret or "",
+                                                                webhooks.job_events(job)) if job.notify_url else None)

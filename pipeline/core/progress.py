@@ -187,9 +187,13 @@ def write_progress(job_id: int, snapshot: Snapshot, *, threshold: float, locked:
         job = locked or locked_job(job_id)
         if job is None or job.status in JobStatus.TERMINAL:
             return ProgressWrite(job.status if job else JobStatus.REVOKED, False)
+        failed_before = (job.progress or {}).get("stages", {}).get("process", {}).get("failed", 0)
         progress = merge(job.progress, snapshot, threshold=threshold, job_id=job_id, corrected=corrected)
         changes = {Job.progress: progress, Job.updated_at: now, Job.last_progress_at: now}
         final = final_status(snapshot, threshold) if snapshot.complete else None
+        # its failures just passed the threshold: it will end FAILURE (told with this write, or not at all)
+        doomed = failed_for_good(snapshot.failed, snapshot.total, threshold) \
+            and not failed_for_good(failed_before, snapshot.total, threshold)
         record_sample(progress, now, last=final is not None)
         # Redis counts a result inside the transaction that saves it, so after a crash before that commit
         # Redis is ahead until the result is handled again: never end a job the database does not agree on.
@@ -200,6 +204,8 @@ def write_progress(job_id: int, snapshot: Snapshot, *, threshold: float, locked:
         if final is None or unsaved or job.status == JobStatus.CANCELING:
             progress["summary"]["status"] = job.status
             Job.update(changes).where(Job.id == job_id).execute()
+            if doomed:
+                webhooks.enqueue(job_id, webhooks.JOB_FAILING, get_settings())
             return ProgressWrite(job.status, False, unsaved)
         progress["summary"]["status"] = final
         changes.update({Job.status: final, Job.finished_at: now})
@@ -208,8 +214,10 @@ def write_progress(job_id: int, snapshot: Snapshot, *, threshold: float, locked:
                                   f"(threshold {threshold:.0%})")
         done = Job.update(changes).where(
             (Job.id == job_id) & (Job.status.in_(JobStatus.RUNNING))).execute()
-        if done:
-            webhooks.enqueue_job_ended(job_id, get_settings())  # with the transition, or not at all
+        if done:  # with the transition, or not at all
+            if doomed:  # its last images passed the threshold: endpoints told of `failing` hear it too
+                webhooks.enqueue(job_id, webhooks.JOB_FAILING, get_settings())
+            webhooks.enqueue(job_id, webhooks.JOB_ENDED, get_settings())
     if done:
         log.info("job=%s finished %s: processed=%s failed=%s detections=%s", job_id, final,
                  snapshot.processed, snapshot.failed, snapshot.detections)
@@ -242,5 +250,7 @@ def transition(job_id: int, to_status: str, *, allowed_from: Iterable[str] = Job
         done = Job.update(changes).where(
             (Job.id == job_id) & (Job.status.in_(tuple(allowed_from)))).execute()
         if done and to_status in JobStatus.TERMINAL:
-            webhooks.enqueue_job_ended(job_id, get_settings())  # with the transition, or not at all
+            webhooks.enqueue(job_id, webhooks.JOB_ENDED, get_settings())  # with the transition, or not at all
+        elif done and to_status == JobStatus.STARTED:
+            webhooks.enqueue(job_id, webhooks.JOB_STARTED, get_settings())
     return bool(done)

@@ -1,8 +1,10 @@
-"""Webhooks when a job ends: a JSON summary POSTed to the job's own endpoint (`notify_url`) and to every global
-one (PIPELINE_WEBHOOKS), signed, delivered at least once.
+"""Webhooks when a job ends (and, for endpoints that ask, when it starts and when its failed images pass its
+failure threshold): a JSON summary POSTed to the job's own endpoint (`notify_url`) and to every global one
+(PIPELINE_WEBHOOKS), signed, delivered at least once.
 
-- **Durable.** The deliveries are rows of a database outbox, written in the transaction of the job's one
-  terminal transition (`pipeline/core/progress.py`): a job that ended has its deliveries, whatever crashes.
+- **Durable.** The deliveries are rows of a database outbox, written in the transaction of the change they tell
+  of (`pipeline/core/progress.py`: the STARTED transition, the progress write whose failures pass the
+  threshold, the one terminal transition): a job that ended has its deliveries, whatever crashes.
 - **Never in the way.** Nothing waits for them: workers deliver what is due from their sweep
   (`deliver_due`), each row claimed for a lease first so that two workers never send it at once.
 - **Retried.** A delivery that does not get a 2xx answer is tried again after `PIPELINE_WEBHOOK_RETRY_S`
@@ -21,18 +23,19 @@ import hmac
 import json
 import logging
 import time
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
 from models import Job, Pipeline, Project, WebhookDelivery, tuples, utcnow
 from pipeline.errors import UserInputError
-from pipeline.settings import Settings, webhook_problem
+from pipeline.settings import DEFAULT_WEBHOOK_EVENTS, Settings, webhook_events, webhook_problem
 
 log = logging.getLogger(__name__)
 
-JOB_ENDED = "job.ended"
+JOB_STARTED, JOB_FAILING, JOB_ENDED = "job.started", "job.failing", "job.ended"
 MAX_ATTEMPTS = 12
 MAX_BACKOFF_S = 3600.0
 SEND_TIMEOUT_S = 10.0
@@ -56,32 +59,58 @@ def shown(url: str) -> str:
                        "…" if parts.query else "", ""))
 
 
-def enqueue_job_ended(job_id: int, settings: Settings) -> int:
-    """Write the job's end deliveries, one per endpoint; inside the caller's transaction (the terminal one).
-    Idempotent: a delivery per job, endpoint and event. How many were new."""
+class Endpoint(NamedTuple):
+    """A job's own webhook endpoint: where, the secret that signs its deliveries, and what it is told of."""
+
+    url: str
+    secret: str
+    events: str | Iterable[str] = DEFAULT_WEBHOOK_EVENTS
+
+
+def check_events(names: str | Iterable[str]) -> tuple[str, ...]:
+    """The events a job's own endpoint asks for (`started`, `failing`, `ended`); UserInputError naming an unknown
+    one."""
+    try:
+        return webhook_events(names)
+    except ValueError as exc:
+        raise UserInputError(str(exc)) from None
+
+
+def job_events(job: Job) -> tuple[str, ...]:
+    """The events the job's own endpoint is told of."""
+    return tuple(job.notify_events.split(",")) if job.notify_events else DEFAULT_WEBHOOK_EVENTS
+
+
+def enqueue(job_id: int, event: str, settings: Settings) -> int:
+    """Write the job's deliveries of `event`, one per endpoint that asked for it; inside the caller's transaction
+    (the change it tells of). Idempotent: a delivery per job, endpoint and event. How many were new."""
+    targets = [(url, secret) for url, secret, events in settings.webhook_endpoints() if event in events]
     row = (Job.select(Job, Pipeline, Project).join(Pipeline).switch(Job).join(Project)
            .where(Job.id == job_id).get_or_none())
     if row is None:
         return 0
-    targets = settings.webhook_endpoints() + ([(row.notify_url, row.notify_secret)] if row.notify_url else [])
+    if row.notify_url and event in job_events(row):
+        targets.append((row.notify_url, row.notify_secret or ""))
     if not targets:
         return 0
-    body = json.dumps(summary(row), separators=(",", ":"))
+    body = json.dumps(summary(row, event), separators=(",", ":"))
     now = utcnow()
-    rows = [{"job_id": job_id, "url": url, "secret": secret, "event": JOB_ENDED, "body": body, "created_at": now,
+    rows = [{"job_id": job_id, "url": url, "secret": secret, "event": event, "body": body, "created_at": now,
              "next_attempt_at": now} for url, secret in targets]
     return int(WebhookDelivery.insert_many(rows).on_conflict_ignore().as_rowcount().execute())
 
 
-def summary(job: Job) -> dict[str, Any]:
+def summary(job: Job, event: str = JOB_ENDED) -> dict[str, Any]:
+    """The body of a delivery of `event`: the job as it stands (`finished_at` is null until it ends)."""
     stages = (job.progress or {}).get("stages", {})
     process, results = stages.get("process", {}), stages.get("results", {})
-    return {"event": JOB_ENDED, "job": {
+    finished = job.finished_at or (utcnow() if event == JOB_ENDED else None)
+    return {"event": event, "job": {
         "id": job.id, "name": job.name, "project": job.project_name, "pipeline": job.pipeline.slug,
         "status": job.status, "error": job.error, "total_images": job.total_images,
         "processed": process.get("processed", 0), "failed": process.get("failed", 0),
         "detections": results.get("detections", 0), "classifications": results.get("classifications", 0),
-        "created_at": _iso(job.created_at), "finished_at": _iso(job.finished_at or utcnow())}}
+        "created_at": _iso(job.created_at), "started_at": _iso(job.started_at), "finished_at": _iso(finished)}}
 
 
 def _iso(value: dt.datetime | None) -> str | None:

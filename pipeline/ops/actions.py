@@ -25,7 +25,7 @@ def enqueue(runtime: Runtime, pipeline_slug: str, urls: Iterable[str], *, name: 
             limit: int | None = None, dispatch_mode: str = DispatchMode.ASYNC_API,
             pickup_timeout_s: float | None = None, deadline_s: float | None = None, over_network: bool = False,
             policy: ImagePolicy | None = None, project: str | None = None, priority: int | str = 0,
-            notify: tuple[str, str] | None = None) -> Job:
+            notify: webhooks.Endpoint | tuple[str, ...] | None = None) -> Job:
     """Create a job over `urls` and start it: the started job. Bad input creates nothing (`jobs.create_job`);
     `over_network`: asked for through the web, so local files must lie under PIPELINE_IMAGE_ROOTS."""
     job = jobs.create_job(pipeline_slug, urls, name=name, limit=limit, dispatch_mode=dispatch_mode,

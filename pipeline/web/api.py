@@ -63,6 +63,8 @@ class JobRequest(BaseModel):
     notify_url: str | None = Field(default=None, description="POSTed a signed JSON summary when the job ends")
     notify_secret: str | None = Field(default=None, description="signs those deliveries (16 characters or more); "
                                       "never shown again")
+    notify_events: list[str] | None = Field(default=None, description="what notify_url is told of: started, failing "
+                                            "(its failed images passed the failure threshold), ended (the default)")
 
 
 class ReplayRequest(BaseModel):
@@ -131,7 +133,8 @@ def api_create_job(body: JobRequest, request: Request, who: Principal = WRITE) -
     return create_and_start(request, who, body.pipeline, url_lines(body.urls), body.name, body.dispatch_mode,
                             pickup_timeout_s=body.pickup_timeout_s, deadline_s=body.deadline_s,
                             project=body.project, priority=body.priority,
-                            notify=(body.notify_url, body.notify_secret or "") if body.notify_url else None)
+                            notify=(body.notify_url, body.notify_secret or "", body.notify_events or ())
+                            if body.notify_url else None)
 
 
 @router.post("/jobs/from-file", status_code=201, summary="Create a job from an uploaded file of URLs, one a line")
