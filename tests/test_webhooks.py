@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from models import WebhookDelivery
+from models import Job, WebhookDelivery
 from pipeline.core import jobs, webhooks
 from pipeline.errors import UserInputError
 from pipeline.ops.devstack import free_port
@@ -141,6 +141,11 @@ def test_a_jobs_own_endpoint_is_told_and_its_secret_is_never_shown(settings, run
             assert SECRET not in shown.text and shown.json()["webhooks"][0]["url"] == "https://lab.example/hook"
             short = web.post("/api/v1/jobs", json={**body, "notify_secret": "short"}, headers=bearer("ada"))
             assert short.status_code == 400 and "at least 16 characters" in short.json()["error"]
+            odd = web.post("/api/v1/jobs", json={**body, "notify_events": ["ended", "paused"]}, headers=bearer("ada"))
+            assert odd.status_code == 400 and "unknown webhook event 'job.paused'" in odd.json()["error"]
+            told = web.post("/api/v1/jobs", json={**body, "notify_events": ["started", "ended"]}, headers=bearer("ada"))
+            assert told.status_code == 201
+            assert Job.get_by_id(told.json()["id"]).notify_events == "job.started,job.ended"
     finally:
         server.stop()
     [row] = WebhookDelivery.select().where(WebhookDelivery.job_id == job_id)
