@@ -239,8 +239,14 @@ def nats_service_user(name: str, pipelines: tuple[str, ...], password_env: str |
 # ---- jobs -------------------------------------------------------------------------------------------------
 @main.command("enqueue-job")
 @click.option("--pipeline", "pipeline_slug", required=True, help="Slug of a registered pipeline.")
+@click.option("--images", "locations", multiple=True, metavar="WHERE",
+              help="Where the images are: an object storage prefix (s3://bucket/prefix/: every image under it) or a "
+                   "local directory. May be given more than once.")
 @click.option("--images-dir", type=click.Path(file_okay=False), help="Every image file in this directory.")
 @click.option("--images-file", type=click.Path(dir_okay=False), help="A file listing one URL or path per line.")
+@click.option("--suffix", "suffixes", metavar="ENDINGS",
+              help="Which objects of an s3:// prefix are images, by name ending, comma-separated "
+                   "(default: .png,.jpg,.jpeg,.tif,.tiff,.bmp,.webp).")
 @click.option("--name", help="A name for the job.")
 @click.option("--limit", type=int, help="Take at most this many images.")
 @click.option("--dispatch-mode", type=click.Choice(["async_api", "internal"]), default="async_api",
@@ -264,8 +270,8 @@ def nats_service_user(name: str, pipelines: tuple[str, ...], password_env: str |
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
 @click.argument("urls", nargs=-1)
 @handles_errors
-def enqueue_job(pipeline_slug, images_dir, images_file, name, limit, dispatch_mode, pickup_timeout, deadline, project,
-                priority, notify, notify_secret_env, notify_on, as_json, urls) -> None:
+def enqueue_job(pipeline_slug, locations, images_dir, images_file, suffixes, name, limit, dispatch_mode, pickup_timeout,
+                deadline, project, priority, notify, notify_secret_env, notify_on, as_json, urls) -> None:
     """Create a job over images and start it; prints the job id.
 
     Images come from --images-dir, --images-file and/or arguments: URLs (file://, http://, https://) or
@@ -275,9 +281,13 @@ def enqueue_job(pipeline_slug, images_dir, images_file, name, limit, dispatch_mo
 
     from pipeline.errors import UserInputError
     from pipeline.ops import actions
-    from pipeline.ops.sources import image_urls_from_dir, image_urls_from_file, local_image_urls
+    from pipeline.ops.sources import image_suffixes, image_urls_from_dir, image_urls_from_file, local_image_urls
 
     sources: list[Iterable[str]] = []
+    for where in locations:
+        if "://" in where and not where.startswith("s3://"):
+            raise UserInputError(f"--images takes an s3:// prefix or a local directory, not {where[:200]!r}")
+        sources.append([where.rstrip("/") + "/"] if where.startswith("s3://") else image_urls_from_dir(where))
     if images_dir:
         sources.append(image_urls_from_dir(images_dir))
     if images_file:
@@ -285,13 +295,13 @@ def enqueue_job(pipeline_slug, images_dir, images_file, name, limit, dispatch_mo
     if urls:
         sources.append(local_image_urls(urls))
     if not sources:
-        raise UserInputError("no images given: use --images-dir, --images-file or URL arguments")
+        raise UserInputError("no images given: use --images, --images-dir, --images-file or URL arguments")
     if notify and not os.environ.get(notify_secret_env):
         raise UserInputError(f"--notify needs the webhook's signing secret (16 characters or more) in the "
                              f"environment variable {notify_secret_env}")
     job = actions.enqueue(runtime(), pipeline_slug, itertools.chain(*sources), name=name, limit=limit,
                           dispatch_mode=dispatch_mode, pickup_timeout_s=pickup_timeout, deadline_s=deadline,
-                          project=project, priority=priority,
+                          project=project, priority=priority, suffixes=image_suffixes(suffixes),
                           notify=(notify, os.environ.get(notify_secret_env, ""), notify_on) if notify else None)
     if as_json:
         from pipeline.ops.job_views import job_summary

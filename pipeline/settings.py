@@ -115,6 +115,19 @@ OPTIONS: dict[str, Option] = {
                           "may name local files (not the web API)"),
     "image_hosts": Option("PIPELINE_IMAGE_HOSTS", "",
                           "hosts remote images (http, https) may come from, comma-separated; unset: any host"),
+    "s3_endpoint_url": Option("PIPELINE_S3_ENDPOINT_URL", "",
+                              "the S3-compatible server s3:// images are read from (MinIO, Ceph: "
+                              "https://s3.lab.example); "
+                              "empty: AWS S3. Credentials come the usual way (AWS_ACCESS_KEY_ID and "
+                              "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, an instance role), never from jetpipe's settings"),
+    "s3_region": Option("PIPELINE_S3_REGION", "us-east-1", "the region the S3 requests are signed for"),
+    "s3_buckets": Option("PIPELINE_S3_BUCKETS", "",
+                         "buckets jobs may read s3:// images from, comma-separated; unset: any bucket from the CLI, "
+                         "none through the web API"),
+    "s3_url_ttl_s": Option("PIPELINE_S3_URL_TTL", "604800",
+                           "seconds a task's presigned image URL stays valid (at least the task's whole lease, "
+                           "ack_wait × max_deliver plus 5 minutes; at most 7 days, S3's limit): a task may wait in "
+                           "its stream before it is first delivered"),
     "webhooks": Option("PIPELINE_WEBHOOKS", "",
                        "endpoints told when any job ends, comma-separated URL|secret (the secret, 16 characters or "
                        "more, signs each delivery), or URL|secret|events to choose the events (started+failing+ended)"),
@@ -125,6 +138,10 @@ OPTIONS: dict[str, Option] = {
 }
 
 
+#: A presigned image URL outlives its task's last possible delivery by this much (seconds), and lives at most
+#: S3_URL_MAX_TTL_S (a SigV4 signature's limit).
+S3_URL_MARGIN_S = 300
+S3_URL_MAX_TTL_S = 7 * 24 * 3600
 #: The shortest secret a webhook endpoint may have.
 WEBHOOK_MIN_SECRET = 16
 #: What a webhook endpoint may be told: a job started, its failed images passed its failure threshold (it will end
@@ -194,6 +211,10 @@ class Settings:
     web_local_images: str
     image_roots: str
     image_hosts: str
+    s3_endpoint_url: str
+    s3_region: str
+    s3_buckets: str
+    s3_url_ttl_s: float
     webhooks: str
     webhook_retry_s: float
     nats_creds: str
@@ -242,6 +263,12 @@ class Settings:
             raise ConfigError("PIPELINE_JOB_PICKUP_TIMEOUT must be a positive number of seconds")
         if self.webhook_retry_s <= 0:
             raise ConfigError("PIPELINE_WEBHOOK_RETRY_S must be a positive number of seconds")
+        lease = self.nats_task_ttr * self.nats_max_deliver + S3_URL_MARGIN_S
+        if not lease <= self.s3_url_ttl_s <= S3_URL_MAX_TTL_S:
+            raise ConfigError(f"PIPELINE_S3_URL_TTL must be from {lease:g} s (a task's whole lease: ack_wait × "
+                              f"max_deliver plus {S3_URL_MARGIN_S} s) to {S3_URL_MAX_TTL_S} s (7 days, S3's limit)")
+        if self.s3_endpoint_url and not self.s3_endpoint_url.startswith(("http://", "https://")):
+            raise ConfigError(f"PIPELINE_S3_ENDPOINT_URL must be an http(s) URL, not {redact(self.s3_endpoint_url)!r}")
         self.webhook_endpoints()
         if self.web_max_body_mb <= 0:
             raise ConfigError("PIPELINE_WEB_MAX_BODY_MB must be a positive number")

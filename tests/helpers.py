@@ -24,7 +24,7 @@ from pipeline.core.saving import drain
 from pipeline.errors import TransientError
 from pipeline.schemas import Task, decode_task
 from pipeline.settings import Settings
-from tests.conftest import PROJECT
+from tests.conftest import PROJECT, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -326,3 +326,23 @@ def shipped_nats_conf(directory: Path, name: str, *, port: int, http_port: int, 
     (directory / name).write_text(conf)
     shutil.copy(PROJECT / "deploy" / "nats-users.conf", directory / "nats-users.conf")
     return directory / name
+
+
+def take_and_save(runtime, job_id: int, monkeypatch, *, timeout_s: float = 60) -> None:
+    """What a worker does with the job's result messages: the results bridge takes them into the inbox, then
+    they are saved (here, rather than by process_pipeline_result), until the job has ended."""
+    from pipeline.worker.bridge import Bridge, bridge_routes
+
+    monkeypatch.setattr("pipeline.worker.bridge.request_drains", lambda runtime, job_ids: None)
+    bridge = Bridge(runtime.tasks.queue.js, bridge_routes(runtime)[:1])
+    running = runtime.runner.spawn(bridge.run())
+
+    def ended() -> bool:
+        drain(runtime, job_id)
+        return Job.get_by_id(job_id).status in JobStatus.TERMINAL
+
+    try:
+        wait_for(ended, timeout_s=timeout_s, message=f"job {job_id} to end")
+    finally:
+        runtime.runner.loop.call_soon_threadsafe(bridge.stop)
+        running.result(timeout=20)

@@ -21,13 +21,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from models import Job, JobStatus, Pipeline
 from pipeline import names
-from pipeline.core import saving
 from pipeline.infra import tracing
 from pipeline.ops.devstack import free_port
 from pipeline.schemas import SourceImageRef, SuccessResult
-from pipeline.worker.bridge import Bridge, bridge_routes
 from tests.conftest import PROJECT, kill_group, subprocess_env, wait_for
-from tests.helpers import dispatch, fake_job, nats_client
+from tests.helpers import dispatch, fake_job, nats_client, take_and_save
 from tests.web_helpers import TOKENS, TOKENS_SETTING
 
 #: Every kind of span one job's trace holds when its tasks go through NATS, and through the gateway.
@@ -71,24 +69,6 @@ def _rows(exporter: InMemorySpanExporter) -> list[SpanRow]:
     return [SpanRow(format(s.context.trace_id, "032x"), format(s.context.span_id, "016x"),
                     format(s.parent.span_id, "016x") if s.parent else "", s.name, "test",
                     s.attributes.get("jetpipe.job_id")) for s in exporter.get_finished_spans()]
-
-
-def take_and_save(runtime, job_id: int, monkeypatch) -> None:
-    """What a worker does with the job's result messages: the results bridge takes them into the inbox, then
-    they are saved (here, rather than by process_pipeline_result), until the job has ended."""
-    monkeypatch.setattr("pipeline.worker.bridge.request_drains", lambda runtime, job_ids: None)
-    bridge = Bridge(runtime.tasks.queue.js, bridge_routes(runtime)[:1])
-    running = runtime.runner.spawn(bridge.run())
-
-    def ended() -> bool:
-        saving.drain(runtime, job_id)
-        return Job.get_by_id(job_id).status in JobStatus.TERMINAL
-
-    try:
-        wait_for(ended, timeout_s=60, message=f"job {job_id} to end")
-    finally:
-        runtime.runner.loop.call_soon_threadsafe(bridge.stop)
-        running.result(timeout=20)
 
 
 def succeed(task):

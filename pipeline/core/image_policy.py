@@ -7,6 +7,9 @@ internal mode, the web server serves a local file through a signed link. So:
   with `..` and symbolic links resolved first. Without roots, only a person on jetpipe's own machine (the CLI)
   may name local files; a job created over the network (the web API) may not;
 - remote images only over http(s), and, with PIPELINE_IMAGE_HOSTS set, only from those hosts;
+- images in object storage (`s3://bucket/key`) only from the buckets of PIPELINE_S3_BUCKETS; without it, any
+  bucket from the CLI and none from the web API (jetpipe's credentials reach what they reach: a web user must
+  not choose which of it is handed to services);
 - an image that cannot be read is "cannot read the image" whatever the reason: a missing file, a file the
   process may not read, a closed port and an HTTP 401 look the same to whoever reads the failure (the
   reason goes to the process's own log, for the operator).
@@ -23,18 +26,22 @@ from pipeline.settings import Settings
 
 #: What a reader is told of any image jetpipe could not or would not read.
 UNREADABLE = "cannot read the image"
+#: File name endings of the images a folder or an object storage prefix contributes.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
 
 @dataclasses.dataclass(frozen=True)
 class ImagePolicy:
     roots: tuple[str, ...] = ()  # real paths; empty: none configured
     hosts: tuple[str, ...] = ()  # lower-case host names; empty: any host
+    buckets: tuple[str, ...] = ()  # object storage buckets; empty: none configured
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ImagePolicy:
         roots = tuple(os.path.realpath(p.strip()) for p in settings.image_roots.split(",") if p.strip())
         hosts = tuple(h.strip().lower() for h in settings.image_hosts.split(",") if h.strip())
-        return cls(roots, hosts)
+        buckets = tuple(b.strip() for b in settings.s3_buckets.split(",") if b.strip())
+        return cls(roots, hosts, buckets)
 
     def local_path_allowed(self, path: str, *, dirs: dict[str, str] | None = None) -> bool:
         """True if `path`, resolved, lies under an image root (False without roots). `dirs`: directories
@@ -59,6 +66,12 @@ class ImagePolicy:
             if not self.local_path_allowed(unquote(parts.path), dirs=dirs):
                 raise UserInputError(f"local image {url[:200]!r} is outside the image roots (PIPELINE_IMAGE_ROOTS: "
                                      f"{', '.join(self.roots)})")
+        elif parts.scheme == "s3":
+            if not self.buckets and over_network:
+                raise UserInputError(f"image {url[:200]!r}: jobs created over the network may read object storage "
+                                     "only from the buckets of PIPELINE_S3_BUCKETS, and it is not set")
+            if self.buckets and parts.netloc not in self.buckets:
+                raise UserInputError(f"image {url[:200]!r}: bucket {parts.netloc!r} is not one of PIPELINE_S3_BUCKETS")
         elif not self.host_allowed(parts.hostname):
             raise UserInputError(f"image {url[:200]!r}: host {parts.hostname!r} is not one of PIPELINE_IMAGE_HOSTS")
 
@@ -68,6 +81,8 @@ class ImagePolicy:
         parts = urlsplit(url)
         if parts.scheme == "file":
             return bool(self.roots) and not self.local_path_allowed(unquote(parts.path))
+        if parts.scheme == "s3":
+            return bool(self.buckets) and parts.netloc not in self.buckets
         return not self.host_allowed(parts.hostname)
 
 

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+import msgspec
 from nats.js.api import ConsumerConfig
 
 from models import (
@@ -29,17 +30,17 @@ from models import (
 )
 from pipeline import fairshare, names
 from pipeline.core import progress, scheduling, slots, task_tokens, webhooks
-from pipeline.core.image_policy import ImagePolicy
+from pipeline.core.image_policy import IMAGE_SUFFIXES, ImagePolicy
 from pipeline.core.joblog import job_log
 from pipeline.core.registry import existing_pipeline
 from pipeline.errors import NotFound, NothingToDo, TransientError, UserInputError
-from pipeline.infra import tracing
+from pipeline.infra import objectstore, tracing
 from pipeline.infra.crashpoints import crash_point
 from pipeline.infra.jobstate import JobState
 from pipeline.infra.runtime import Runtime
 from pipeline.infra.taskqueue import SyncTaskQueue
 from pipeline.schemas import Task
-from pipeline.settings import DEFAULT_WEBHOOK_EVENTS, get_settings
+from pipeline.settings import DEFAULT_WEBHOOK_EVENTS, Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -47,27 +48,59 @@ T = TypeVar("T")
 
 #: Image URLs inserted per statement when a job is created.
 CREATE_CHUNK = 1000
-URL_SCHEMES = ("file", "http", "https")
+URL_SCHEMES = ("file", "http", "https", "s3")
 
 
 def check_url(url: str) -> str:
     """`url` if it is a usable image URL; raises UserInputError saying why not."""
     parts = urlsplit(url)
     if parts.scheme not in URL_SCHEMES:
-        raise UserInputError(f"not an image URL (want file://, http:// or https://): {url!r}")
+        raise UserInputError(f"not an image URL (want file://, http://, https:// or s3://): {url!r}")
     if parts.scheme == "file" and not parts.path:
         raise UserInputError(f"file URL without a path: {url!r}")
     if parts.scheme in ("http", "https") and not parts.hostname:
         raise UserInputError(f"URL without a host: {url!r}")
+    if parts.scheme == "s3":
+        bucket, key = objectstore.split(url)
+        if not key or key.endswith("/"):
+            raise UserInputError(f"s3:// URL without an object key: {url!r}")
     return url
 
 
+def is_prefix(url: str) -> bool:
+    """Whether `url` names many images: an object storage prefix (`s3://bucket/` or `s3://bucket/photos/`)."""
+    return objectstore.is_s3(url) and (url.endswith("/") or "/" not in url[len("s3://"):])
+
+
+def _expanded(urls: Iterable[str], policy: ImagePolicy, *, over_network: bool,
+              suffixes: Iterable[str]) -> Iterator[str]:
+    """`urls` with each object storage prefix replaced by the images under it (listed a page at a time, once its
+    bucket is one the policy lets this job read)."""
+    for url in urls:
+        if is_prefix(url):
+            policy.check_new(url, over_network=over_network)
+            yield from objectstore.list_images(url, get_settings(), suffixes=suffixes)
+        else:
+            yield url
+
+
+def reachable(task: Task, settings: Settings) -> Task:
+    """`task` with an image URL its reader can open: an object in object storage as a presigned https URL."""
+    if objectstore.is_s3(task.image_url):
+        return msgspec.structs.replace(task, image_url=objectstore.presigned(task.image_url, settings))
+    return task
+
+
 def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = None, limit: int | None = None,
+               suffixes: Iterable[str] = IMAGE_SUFFIXES,
                dispatch_mode: str = DispatchMode.ASYNC_API, pickup_timeout_s: float | None = None,
                deadline_s: float | None = None, over_network: bool = False,
                policy: ImagePolicy | None = None, project: str | None = None, priority: int = 0,
                retry_of: int | None = None, notify: webhooks.Endpoint | tuple[str, ...] | None = None) -> Job:
     """A new CREATED job over `urls` (streamed, deduplicated); all or nothing: bad input leaves no row.
+
+    A URL may be an object storage prefix (`s3://bucket/prefix/`): the objects under it whose names end with one of
+    `suffixes` are the job's images, listed as the job is made (a page at a time).
 
     Every URL must be one the image policy lets jetpipe read (`pipeline/core/image_policy.py`): `over_network`
     for a job asked for through the web API, which may name local files only under PIPELINE_IMAGE_ROOTS;
@@ -113,7 +146,8 @@ def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = No
                              progress=progress.initial_progress(), pickup_timeout_s=pickup_timeout_s,
                              deadline_at=deadline_at, trace_parent=tracing.traceparent())
             total = 0
-            for chunk in _chunks(_limited(urls, limit), CREATE_CHUNK):
+            listed = _expanded((u.strip() for u in urls), policy, over_network=over_network, suffixes=suffixes)
+            for chunk in _chunks(_limited(listed, limit), CREATE_CHUNK):
                 chunk = list(dict.fromkeys(allowed(u) for u in chunk))
                 SourceImage.insert_many([{"url": u} for u in chunk]).on_conflict_ignore().execute()
                 ids = [r.id for r in SourceImage.select(SourceImage.id).where(SourceImage.url.in_(chunk))]
@@ -178,17 +212,22 @@ def rebuild_state(state: JobState, job_id: int, *, even_if_present: bool = False
 
 
 # ---- dispatch -------------------------------------------------------------------------------------------
-def pending_chunk(job: Job, *, after_id: int, limit: int) -> list[tuple[int, Task]]:
+def pending_chunk(job: Job, *, after_id: int, limit: int, presign: bool = True) -> list[tuple[int, Task]]:
     """(JobImage.id, Task) of the job's next `limit` pending images after `after_id`, in id order, read in
     full: no read stays open while the caller writes (a SQLite connection whose read snapshot is older
-    than another writer's commit cannot start writing: "database is locked" at once)."""
+    than another writer's commit cannot start writing: "database is locked" at once). `presign`: images in object
+    storage as presigned https URLs (`reachable`), as a processing service is handed them."""
     query = (JobImage.select(JobImage.id, JobImage.image, SourceImage.url).join(SourceImage)
              .where((JobImage.job == job.id) & (JobImage.status == ImageStatus.PENDING) & (JobImage.id > after_id))
              .order_by(JobImage.id).limit(limit))
     slug, secret = job.pipeline.slug, job.task_secret
-    return [(row_id, Task(job_id=job.id, image_id=str(image_id), image_url=url, pipeline=slug,
-                          task_token=task_tokens.token_for(secret, job.id, str(image_id)) if secret else ""))
-            for row_id, image_id, url in tuples(query)]
+    tasks = [(row_id, Task(job_id=job.id, image_id=str(image_id), image_url=url, pipeline=slug,
+                           task_token=task_tokens.token_for(secret, job.id, str(image_id)) if secret else ""))
+             for row_id, image_id, url in tuples(query)]
+    if presign:
+        settings = get_settings()
+        tasks = [(row_id, reachable(task, settings)) for row_id, task in tasks]
+    return tasks
 
 
 def record_published(job_id: int, row_ids: list[int], seqs: list[int], cursor: int) -> None:

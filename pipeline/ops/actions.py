@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from models import DispatchMode, Job
 from pipeline import fairshare
 from pipeline.core import jobs, scheduling, webhooks
-from pipeline.core.image_policy import ImagePolicy
+from pipeline.core.image_policy import IMAGE_SUFFIXES, ImagePolicy
 from pipeline.core.joblog import job_log
 from pipeline.errors import NothingToDo
 from pipeline.infra.runtime import Runtime
@@ -25,12 +25,14 @@ def enqueue(runtime: Runtime, pipeline_slug: str, urls: Iterable[str], *, name: 
             limit: int | None = None, dispatch_mode: str = DispatchMode.ASYNC_API,
             pickup_timeout_s: float | None = None, deadline_s: float | None = None, over_network: bool = False,
             policy: ImagePolicy | None = None, project: str | None = None, priority: int | str = 0,
-            notify: webhooks.Endpoint | tuple[str, ...] | None = None) -> Job:
+            notify: webhooks.Endpoint | tuple[str, ...] | None = None,
+            suffixes: Iterable[str] = IMAGE_SUFFIXES) -> Job:
     """Create a job over `urls` and start it: the started job. Bad input creates nothing (`jobs.create_job`);
     `over_network`: asked for through the web, so local files must lie under PIPELINE_IMAGE_ROOTS."""
     job = jobs.create_job(pipeline_slug, urls, name=name, limit=limit, dispatch_mode=dispatch_mode,
                           pickup_timeout_s=pickup_timeout_s, deadline_s=deadline_s, over_network=over_network,
-                          policy=policy, project=project, priority=fairshare.parse_priority(priority), notify=notify)
+                          policy=policy, project=project, priority=fairshare.parse_priority(priority), notify=notify,
+                          suffixes=suffixes)
     jobs.start_job(runtime, job)
     return existing_job(job.id)
 

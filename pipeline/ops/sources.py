@@ -12,10 +12,8 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
+from pipeline.core.image_policy import IMAGE_SUFFIXES
 from pipeline.errors import UserInputError
-
-#: File name endings of the images a folder contributes.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
 
 def image_urls_from_dir(directory: str) -> list[str]:
@@ -72,3 +70,13 @@ def local_image_urls(arguments: Iterable[str]) -> Iterator[str]:
         if "://" not in text and not os.path.isfile(text):
             raise UserInputError(f"no such image file: {text!r} (give a path to a file, or a URL)")
         yield as_image_url(text, base_dir=os.getcwd())
+
+
+def image_suffixes(text: str | Iterable[str] | None) -> tuple[str, ...]:
+    """The name endings that make an object of an s3:// prefix an image (`.jpg,.png`; a dot is added where it
+    is missing); the usual image endings when none are given."""
+    given = [t.strip() for t in (text.split(",") if isinstance(text, str) else text or []) if t.strip()]
+    for ending in given:
+        if "/" in ending or len(ending) > 20:
+            raise UserInputError(f"a suffix is a file name ending such as .jpg, not {ending[:40]!r}")
+    return tuple(t if t.startswith(".") else f".{t}" for t in given) or IMAGE_SUFFIXES

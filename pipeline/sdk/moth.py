@@ -16,6 +16,8 @@ import json
 import logging
 import os
 import random
+import re
+import urllib.error
 import urllib.request
 from collections import Counter
 from io import BytesIO
@@ -141,6 +143,12 @@ def load_image(url: str, *, timeout_s: float = 20.0) -> Image.Image:
         image.load()
     except ImageUnreadable:
         raise
+    except urllib.error.HTTPError as exc:
+        said = object_storage_answer(url, exc)
+        if said:  # a presigned object storage URL: its server's own words are no secret of anyone's network
+            raise ImageUnreadable(f"{UNREADABLE}: {said}") from None
+        log.info("image not read (%s): HTTP %s", redact(url), exc.code)
+        raise ImageUnreadable(UNREADABLE) from None
     except Exception as exc:  # noqa: BLE001 - any decode/IO failure means the same thing to the caller
         # (the reason stays next to the image's URL wherever it is shown: it does not repeat it)
         if isinstance(exc, UnidentifiedImageError):
@@ -149,6 +157,27 @@ def load_image(url: str, *, timeout_s: float = 20.0) -> Image.Image:
                  (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc))[:200])
         raise ImageUnreadable(UNREADABLE) from None
     return image.convert("L")
+
+
+#: What an object storage error code means, for an image's failure reason.
+S3_CODES = {"NoSuchKey": "the object does not exist", "NoSuchBucket": "the bucket does not exist",
+            "AccessDenied": "access denied", "ExpiredToken": "the URL's credentials expired"}
+
+
+def object_storage_answer(url: str, error: urllib.error.HTTPError) -> str | None:
+    """What an S3-compatible server said when a presigned URL (one with `X-Amz-Signature`) was refused:
+    `the object storage answered 404 NoSuchKey (the object does not exist)`; None for any other URL."""
+    if "X-Amz-Signature=" not in urlsplit(url).query:
+        return None
+    try:
+        body = error.read(4096).decode("utf-8", "replace")
+    except OSError:
+        body = ""
+    code = re.search(r"<Code>([^<]{1,64})</Code>", body)
+    message = re.search(r"<Message>([^<]{1,200})</Message>", body)
+    name = code.group(1) if code else error.reason or ""
+    meaning = (message.group(1) if message and name == "AccessDenied" else None) or S3_CODES.get(name, "")
+    return f"the object storage answered {error.code} {name}" + (f" ({meaning})" if meaning else "")
 
 
 def detect_blobs(image: Image.Image) -> list[tuple[tuple[int, int, int, int], int]]:

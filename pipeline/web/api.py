@@ -32,7 +32,7 @@ from pipeline.ops.job_views import (
     status_counts,
     taxon_counts,
 )
-from pipeline.ops.sources import image_urls_from_upload, url_lines
+from pipeline.ops.sources import image_suffixes, image_urls_from_upload, url_lines
 from pipeline.schemas import decode_pipeline_spec
 from pipeline.web import thumbnails
 from pipeline.web.auth import Principal
@@ -52,8 +52,11 @@ MAX_URLS_IN_BODY = 100_000
 
 class JobRequest(BaseModel):
     pipeline: str = Field(description="slug of a registered pipeline")
-    urls: list[str] = Field(description="image URLs (file://, http://, https://) or absolute paths",
+    urls: list[str] = Field(description="image URLs (file://, http://, https://, s3://) or absolute paths; an "
+                            "s3://bucket/prefix/ stands for every image under it (PIPELINE_S3_BUCKETS only)",
                             max_length=MAX_URLS_IN_BODY)
+    suffixes: list[str] | None = Field(default=None, description="which objects of an s3:// prefix are images, by "
+                                       "name ending (default .png, .jpg, .jpeg, .tif, .tiff, .bmp, .webp)")
     name: str | None = None
     dispatch_mode: DispatchMode = DispatchMode.ASYNC_API
     pickup_timeout_s: float | None = Field(default=None, gt=0, description="default PIPELINE_JOB_PICKUP_TIMEOUT")
@@ -132,7 +135,7 @@ def api_jobs(status: list[str] = Query(default=[]), pipeline: str | None = None,
 def api_create_job(body: JobRequest, request: Request, who: Principal = WRITE) -> dict:
     return create_and_start(request, who, body.pipeline, url_lines(body.urls), body.name, body.dispatch_mode,
                             pickup_timeout_s=body.pickup_timeout_s, deadline_s=body.deadline_s,
-                            project=body.project, priority=body.priority,
+                            project=body.project, priority=body.priority, suffixes=image_suffixes(body.suffixes),
                             notify=(body.notify_url, body.notify_secret or "", body.notify_events or ())
                             if body.notify_url else None)
 

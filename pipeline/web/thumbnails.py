@@ -23,7 +23,9 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.core.image_policy import UNREADABLE, ImagePolicy
-from pipeline.errors import NotFound
+from pipeline.errors import ConfigError, NotFound
+from pipeline.infra import objectstore
+from pipeline.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,8 @@ def _source(url: str, policy: ImagePolicy) -> bytes:
         raise NotFound(UNREADABLE)
     parts = urlsplit(url)
     try:
+        if parts.scheme == "s3":  # read through a presigned URL, as the services do
+            url, parts = (signed := objectstore.presigned(url, get_settings())), urlsplit(signed)
         if parts.scheme == "file":
             path = unquote(parts.path)
             if os.path.getsize(path) > MAX_SOURCE_BYTES:
@@ -82,8 +86,9 @@ def _source(url: str, policy: ImagePolicy) -> bytes:
                     if len(data) > MAX_SOURCE_BYTES:
                         raise NotFound(f"{UNREADABLE}: larger than {MAX_SOURCE_BYTES // 2**20} MB")
                 return bytes(data)
-    except (OSError, httpx.HTTPError) as exc:
-        log.info("pictures: cannot read %s: %s", url[:200], exc)  # the reason for the operator, not the page
+    except (OSError, httpx.HTTPError, ConfigError) as exc:
+        # the reason for the operator, not the page
+        log.info("pictures: cannot read %s: %s", objectstore.shown(url)[:200], exc)
         raise NotFound(UNREADABLE) from None
     raise NotFound(UNREADABLE)
 

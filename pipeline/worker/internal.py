@@ -37,11 +37,11 @@ def run_internal(runtime: Runtime, job: Job) -> str:
             job_log(job.id, logging.INFO, f"internal processing stopped: the job is {status}")
             break
         try:
-            if policy.refuses_read(task.image_url):  # (the roots or hosts changed since the job was made)
-                log.warning("job=%s image=%s not read: outside PIPELINE_IMAGE_ROOTS or PIPELINE_IMAGE_HOSTS", job.id,
-                            task.image_id)
+            if policy.refuses_read(task.image_url):  # (the roots, hosts or buckets changed since the job was made)
+                log.warning("job=%s image=%s not read: outside PIPELINE_IMAGE_ROOTS, PIPELINE_IMAGE_HOSTS or "
+                            "PIPELINE_S3_BUCKETS", job.id, task.image_id)
                 raise ImageUnreadable(UNREADABLE)
-            result = handler(task)
+            result = handler(jobs.reachable(task, runtime.settings))
         except Exception as exc:  # noqa: BLE001 - a handler failure fails that image only
             result = ErrorResult(error=f"{type(exc).__name__}: {exc}", image_id=task.image_id)
             job_log(job.id, logging.WARNING, f"image failed: {result.error}", image_id=task.image_id)
@@ -60,6 +60,6 @@ def run_internal(runtime: Runtime, job: Job) -> str:
 def _pending(job: Job):
     """The job's pending tasks, a chunk at a time (each read in full before its results are written)."""
     cursor = 0
-    while chunk := jobs.pending_chunk(job, after_id=cursor, limit=INTERNAL_CHUNK):
+    while chunk := jobs.pending_chunk(job, after_id=cursor, limit=INTERNAL_CHUNK, presign=False):
         yield from chunk
         cursor = chunk[-1][0]
