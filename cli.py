@@ -244,6 +244,9 @@ def nats_service_user(name: str, pipelines: tuple[str, ...], password_env: str |
                    "local directory. May be given more than once.")
 @click.option("--images-dir", type=click.Path(file_okay=False), help="Every image file in this directory.")
 @click.option("--images-file", type=click.Path(dir_okay=False), help="A file listing one URL or path per line.")
+@click.option("--manifest", type=click.Path(dir_okay=False),
+              help="A .csv (a header naming url and any of deployment, timestamp, latitude, longitude and fields of "
+                   "your own) or .jsonl file (an object a line): an image a row, with what it says of it.")
 @click.option("--suffix", "suffixes", metavar="ENDINGS",
               help="Which objects of an s3:// prefix are images, by name ending, comma-separated "
                    "(default: .png,.jpg,.jpeg,.tif,.tiff,.bmp,.webp).")
@@ -270,8 +273,9 @@ def nats_service_user(name: str, pipelines: tuple[str, ...], password_env: str |
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
 @click.argument("urls", nargs=-1)
 @handles_errors
-def enqueue_job(pipeline_slug, locations, images_dir, images_file, suffixes, name, limit, dispatch_mode, pickup_timeout,
-                deadline, project, priority, notify, notify_secret_env, notify_on, as_json, urls) -> None:
+def enqueue_job(pipeline_slug, locations, images_dir, images_file, manifest, suffixes, name, limit, dispatch_mode,
+                pickup_timeout, deadline, project, priority, notify, notify_secret_env, notify_on, as_json,
+                urls) -> None:
     """Create a job over images and start it; prints the job id.
 
     Images come from --images-dir, --images-file and/or arguments: URLs (file://, http://, https://) or
@@ -279,11 +283,18 @@ def enqueue_job(pipeline_slug, locations, images_dir, images_file, suffixes, nam
     """
     import itertools
 
+    from pipeline.core.manifests import Row
     from pipeline.errors import UserInputError
     from pipeline.ops import actions
-    from pipeline.ops.sources import image_suffixes, image_urls_from_dir, image_urls_from_file, local_image_urls
+    from pipeline.ops.sources import (
+        image_suffixes,
+        image_urls_from_dir,
+        image_urls_from_file,
+        local_image_urls,
+        manifest_from_file,
+    )
 
-    sources: list[Iterable[str]] = []
+    sources: list[Iterable[str | Row]] = []
     for where in locations:
         if "://" in where and not where.startswith("s3://"):
             raise UserInputError(f"--images takes an s3:// prefix or a local directory, not {where[:200]!r}")
@@ -292,10 +303,13 @@ def enqueue_job(pipeline_slug, locations, images_dir, images_file, suffixes, nam
         sources.append(image_urls_from_dir(images_dir))
     if images_file:
         sources.append(image_urls_from_file(images_file))
+    if manifest:
+        sources.append(manifest_from_file(manifest))
     if urls:
         sources.append(local_image_urls(urls))
     if not sources:
-        raise UserInputError("no images given: use --images, --images-dir, --images-file or URL arguments")
+        raise UserInputError("no images given: use --images, --images-dir, --images-file, --manifest or URL "
+                             "arguments")
     if notify and not os.environ.get(notify_secret_env):
         raise UserInputError(f"--notify needs the webhook's signing secret (16 characters or more) in the "
                              f"environment variable {notify_secret_env}")

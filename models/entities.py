@@ -149,6 +149,8 @@ class JobImage(BaseModel):
     #: Stream sequence of the image's task in PIPELINE_TASKS (its PubAck): a result's reply subject names
     #: it, so a reply is checked against the image it settles without asking NATS.
     task_seq = peewee.BigIntegerField(null=True)
+    #: What the job's manifest says of the image, JSON (pipeline/core/manifests.py); None: nothing.
+    meta = peewee.TextField(null=True)
 
     class Meta:
         indexes = (

@@ -557,10 +557,13 @@ def test_the_gallery_draws_each_saved_box_where_it_is_on_its_image(page, web, ru
 
     from models import Detection
     from pipeline.core.jobs import create_job
+    from pipeline.core.manifests import Row
 
     directory, truth = trap_images
     names = sorted(truth)[:4]
-    job = create_job(moth_pipeline, [f"file://{directory}/{n}" for n in names], name="gallery")
+    said = {"deployment": "pole 7", "timestamp": "2024-06-01T22:05:00+02:00", "note": "<i>moth</i> on the lens"}
+    job = create_job(moth_pipeline, [Row(f"file://{directory}/{names[0]}", said)]
+                     + [f"file://{directory}/{n}" for n in names[1:]], name="gallery")
     dispatch(runtime, job.id)
     tasks = pull_tasks(runtime, job.id, 4)
     for task, reply in tasks[:3]:
@@ -587,6 +590,10 @@ def test_the_gallery_draws_each_saved_box_where_it_is_on_its_image(page, web, ru
     figure.click()
     page.wait_for_selector("#viewer[open] #viewer-boxes text")
     assert page.locator("#viewer-boxes text").all_text_contents() == ["Noctuidae 0.80"] * 2
+    # and what the manifest said of the image, literally
+    assert page.locator("#viewer-metadata dt").all_text_contents() == ["deployment", "timestamp", "note"]
+    assert page.locator("#viewer-metadata dd").all_text_contents() == [
+        "pole 7", "2024-06-01T22:05:00+02:00", "<i>moth</i> on the lens"]
     page.click("#viewer-close")
     page.check("#gallery-filter input[name=failed]")
     page.click("#gallery-apply")

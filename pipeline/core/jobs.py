@@ -4,6 +4,7 @@ tasks to JetStream, cancel it, and clean up after its one terminal transition.""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
@@ -29,7 +30,7 @@ from models import (
     write_transaction,
 )
 from pipeline import fairshare, names
-from pipeline.core import progress, scheduling, slots, task_tokens, webhooks
+from pipeline.core import manifests, progress, scheduling, slots, task_tokens, webhooks
 from pipeline.core.image_policy import IMAGE_SUFFIXES, ImagePolicy
 from pipeline.core.joblog import job_log
 from pipeline.core.registry import existing_pipeline
@@ -72,16 +73,19 @@ def is_prefix(url: str) -> bool:
     return objectstore.is_s3(url) and (url.endswith("/") or "/" not in url[len("s3://"):])
 
 
-def _expanded(urls: Iterable[str], policy: ImagePolicy, *, over_network: bool,
-              suffixes: Iterable[str]) -> Iterator[str]:
-    """`urls` with each object storage prefix replaced by the images under it (listed a page at a time, once its
-    bucket is one the policy lets this job read)."""
-    for url in urls:
-        if is_prefix(url):
+def _expanded(items: Iterable[str | manifests.Row], policy: ImagePolicy, *, over_network: bool,
+              suffixes: Iterable[str]) -> Iterator[manifests.Row]:
+    """`items` (URLs, or manifest rows) as manifest rows, each object storage prefix replaced by the images under
+    it (listed a page at a time, once its bucket is one the policy lets this job read)."""
+    for item in items:
+        if not isinstance(item, str):
+            yield item
+        elif is_prefix(url := item.strip()):
             policy.check_new(url, over_network=over_network)
-            yield from objectstore.list_images(url, get_settings(), suffixes=suffixes)
-        else:
-            yield url
+            yield from (manifests.Row(u, None) for u in objectstore.list_images(url, get_settings(),
+                                                                                 suffixes=suffixes))
+        elif url:
+            yield manifests.Row(url, None)
 
 
 def reachable(task: Task, settings: Settings) -> Task:
@@ -91,7 +95,8 @@ def reachable(task: Task, settings: Settings) -> Task:
     return task
 
 
-def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = None, limit: int | None = None,
+def create_job(pipeline_slug: str, urls: Iterable[str | manifests.Row], *, name: str | None = None,
+               limit: int | None = None,
                suffixes: Iterable[str] = IMAGE_SUFFIXES,
                dispatch_mode: str = DispatchMode.ASYNC_API, pickup_timeout_s: float | None = None,
                deadline_s: float | None = None, over_network: bool = False,
@@ -100,7 +105,8 @@ def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = No
     """A new CREATED job over `urls` (streamed, deduplicated); all or nothing: bad input leaves no row.
 
     A URL may be an object storage prefix (`s3://bucket/prefix/`): the objects under it whose names end with one of
-    `suffixes` are the job's images, listed as the job is made (a page at a time).
+    `suffixes` are the job's images, listed as the job is made (a page at a time). An item may also be a manifest
+    row (`pipeline/core/manifests.py`): its image, with what the manifest says of it.
 
     Every URL must be one the image policy lets jetpipe read (`pipeline/core/image_policy.py`): `over_network`
     for a job asked for through the web API, which may name local files only under PIPELINE_IMAGE_ROOTS;
@@ -146,13 +152,16 @@ def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = No
                              progress=progress.initial_progress(), pickup_timeout_s=pickup_timeout_s,
                              deadline_at=deadline_at, trace_parent=tracing.traceparent())
             total = 0
-            listed = _expanded((u.strip() for u in urls), policy, over_network=over_network, suffixes=suffixes)
+            listed = _expanded(urls, policy, over_network=over_network, suffixes=suffixes)
             for chunk in _chunks(_limited(listed, limit), CREATE_CHUNK):
-                chunk = list(dict.fromkeys(allowed(u) for u in chunk))
-                SourceImage.insert_many([{"url": u} for u in chunk]).on_conflict_ignore().execute()
-                ids = [r.id for r in SourceImage.select(SourceImage.id).where(SourceImage.url.in_(chunk))]
-                total += JobImage.insert_many([{"job": job.id, "image": i} for i in ids]).on_conflict_ignore() \
-                    .as_rowcount().execute()
+                metas: dict[str, str | None] = {}  # url -> its metadata as JSON (a url twice: the first says)
+                for row in chunk:
+                    metas.setdefault(allowed(row.url), json.dumps(row.meta, ensure_ascii=False) if row.meta else None)
+                SourceImage.insert_many([{"url": u} for u in metas]).on_conflict_ignore().execute()
+                ids = tuples(SourceImage.select(SourceImage.url, SourceImage.id)
+                             .where(SourceImage.url.in_(list(metas))))
+                total += JobImage.insert_many([{"job": job.id, "image": i, "meta": metas[u]} for u, i in ids]) \
+                    .on_conflict_ignore().as_rowcount().execute()
             if total == 0:
                 raise UserInputError("no images: the job would be empty")
             job.total_images = total
@@ -164,13 +173,11 @@ def create_job(pipeline_slug: str, urls: Iterable[str], *, name: str | None = No
     return job
 
 
-def _limited(urls: Iterable[str], limit: int | None) -> Iterator[str]:
-    for n, url in enumerate(urls):
+def _limited(rows: Iterable[manifests.Row], limit: int | None) -> Iterator[manifests.Row]:
+    for n, row in enumerate(rows):
         if limit is not None and n >= limit:
             return
-        url = url.strip()
-        if url:
-            yield url
+        yield row
 
 
 def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -379,7 +386,8 @@ def failed_image_rows(job_id: int, *, limit: int | None = None) -> Iterator[tupl
 
 
 def retry_failed(job_id: int) -> Job:
-    """A new CREATED job over the failed images of an ended job (same pipeline and dispatch mode)."""
+    """A new CREATED job over the failed images of an ended job (same pipeline and dispatch mode, the images'
+    manifest metadata)."""
     job = Job.select(Job, Pipeline).join(Pipeline).where(Job.id == job_id).get_or_none()
     if job is None:
         raise NotFound(f"no job {job_id}")
@@ -387,8 +395,10 @@ def retry_failed(job_id: int) -> Job:
         raise UserInputError(f"job {job_id} is still {job.status}: retry its failed images once it has ended")
     if not JobImage.select().where((JobImage.job == job_id) & (JobImage.status == ImageStatus.FAILED)).exists():
         raise NothingToDo(f"job {job_id} has no failed images: nothing to retry")
-    urls = (url for _, url, _ in failed_image_rows(job_id))
-    return create_job(job.pipeline.slug, urls, name=f"retry of job {job_id} ({job.name})",
+    failed = (JobImage.select(SourceImage.url, JobImage.meta).join(SourceImage)
+              .where((JobImage.job == job_id) & (JobImage.status == ImageStatus.FAILED)).order_by(JobImage.image))
+    rows = (manifests.Row(url, json.loads(meta) if meta else None) for url, meta in tuples(failed, stream=True))
+    return create_job(job.pipeline.slug, rows, name=f"retry of job {job_id} ({job.name})",
                       dispatch_mode=job.dispatch_mode, project=job.project_name, priority=job.priority or 0,
                       retry_of=job_id, notify=webhooks.Endpoint(job.notify_url, job.notify_secret or "",
                                                                 webhooks.job_events(job)) if job.notify_url else None)

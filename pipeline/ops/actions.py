@@ -13,6 +13,7 @@ from pipeline import fairshare
 from pipeline.core import jobs, scheduling, webhooks
 from pipeline.core.image_policy import IMAGE_SUFFIXES, ImagePolicy
 from pipeline.core.joblog import job_log
+from pipeline.core.manifests import Row
 from pipeline.errors import NothingToDo
 from pipeline.infra.runtime import Runtime
 from pipeline.ops.job_views import existing_job, failed_images, job_summary, retried_as
@@ -21,7 +22,7 @@ from pipeline.ops.job_views import existing_job, failed_images, job_summary, ret
 Projects = Iterable[str] | None
 
 
-def enqueue(runtime: Runtime, pipeline_slug: str, urls: Iterable[str], *, name: str | None = None,
+def enqueue(runtime: Runtime, pipeline_slug: str, urls: Iterable[str | Row], *, name: str | None = None,
             limit: int | None = None, dispatch_mode: str = DispatchMode.ASYNC_API,
             pickup_timeout_s: float | None = None, deadline_s: float | None = None, over_network: bool = False,
             policy: ImagePolicy | None = None, project: str | None = None, priority: int | str = 0,

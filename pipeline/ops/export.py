@@ -1,5 +1,7 @@
 """A job's results out of the database: every image of the job with its detections and their
-classifications, as JSON lines (one image a line) or CSV (one classification a row), streamed.
+classifications (and what its manifest said of it), as JSON lines (one image a line) or CSV (one classification
+a row; the manifest's deployment, timestamp, latitude and longitude as columns, its other fields as JSON),
+streamed.
 
 Memory stays constant however large the job: images are read in pages by key (no OFFSET, no server-side
 cursor held open between pages), at most IMAGES_PER_PAGE images and, going by the counts saved with each
@@ -18,6 +20,7 @@ import json
 from collections.abc import Iterator, Sequence
 
 from models import Job, database, select_in
+from pipeline.core.manifests import STANDARD
 from pipeline.errors import NotFound, UserInputError
 
 FORMATS = ("jsonl", "csv")
@@ -25,10 +28,11 @@ FORMATS = ("jsonl", "csv")
 IMAGES_PER_PAGE = 500
 DETECTIONS_PER_PAGE = 5_000
 CSV_COLUMNS = ("image_id", "image_url", "image_status", "error", "detector", "x1", "y1", "x2", "y2", "score",
-               "crop_url", "classifier", "taxon", "taxon_score", "terminal")
+               "crop_url", "classifier", "taxon", "taxon_score", "terminal", "deployment", "timestamp", "latitude",
+               "longitude", "metadata")
 MEDIA_TYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
 
-_IMAGES = ('SELECT ji.id, ji.image_id, si.url, ji.status, ji.error, ji.detections FROM "job_image" ji '
+_IMAGES = ('SELECT ji.id, ji.image_id, si.url, ji.status, ji.error, ji.meta, ji.detections FROM "job_image" ji '
            'JOIN "source_image" si ON si.id = ji.image_id '
            'WHERE ji.job_id = %s AND ji.id > %s ORDER BY ji.id LIMIT %s')
 _DETECTIONS = ('SELECT d.id, d.image_id, a.key, d.x1, d.y1, d.x2, d.y2, d.score, d.crop_url, d.bbox_key '
@@ -58,11 +62,11 @@ def images(job: Job) -> Iterator[dict]:
         if not rows:
             return
         after = rows[-1][0]
-        processed = [image_id for _, image_id, _, status, _, _ in rows if status == "processed"]
+        processed = [image_id for _, image_id, _, status, _, _, _ in rows if status == "processed"]
         detections = _detections(job.pipeline_id, processed) if processed else {}
-        for _, image_id, url, status, error, _ in rows:
+        for _, image_id, url, status, error, meta, _ in rows:
             yield {"image_id": str(image_id), "url": url, "status": status, "error": error,
-                   "detections": detections.get(image_id, [])}
+                   "metadata": json.loads(meta) if meta else None, "detections": detections.get(image_id, [])}
 
 
 def _page(rows: list[tuple]) -> list[tuple]:
@@ -129,15 +133,18 @@ def _csv(job: Job) -> Iterator[str]:
     buffer.truncate()
     for image in images(job):
         head = [image["image_id"], image["url"], image["status"], image["error"] or ""]
+        meta = dict(image["metadata"] or {})
+        tail = [_blank(meta.pop(name, None)) for name in STANDARD] + [json.dumps(meta, ensure_ascii=False) if meta
+                                                                     else ""]
         if not image["detections"]:
-            writer.writerow(head + [""] * (len(CSV_COLUMNS) - len(head)))
+            writer.writerow(head + [""] * (len(CSV_COLUMNS) - len(head) - len(tail)) + tail)
         for detection in image["detections"]:
             box = detection["bbox"]
             row = head + [detection["algorithm"], box["x1"], box["y1"], box["x2"], box["y2"],
                           _blank(detection["score"]), detection["crop_url"] or ""]
             for c in detection["classifications"] or [None]:
                 writer.writerow(row + (["", "", "", ""] if c is None else
-                                       [c["algorithm"], c["taxon"], c["score"], str(c["terminal"]).lower()]))
+                                       [c["algorithm"], c["taxon"], c["score"], str(c["terminal"]).lower()]) + tail)
         yield buffer.getvalue()
         buffer.seek(0)
         buffer.truncate()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 import time
 from collections.abc import Iterable
@@ -173,10 +174,11 @@ def taxon_counts(job_id: int, *, limit: int | None = None) -> list[dict]:
 def gallery(job_id: int, *, after: int = 0, limit: int = 48, taxon: str | None = None,
             min_score: float | None = None, failed: bool = False) -> dict:
     """One page of the job's images by image id (paged by key: `after`, fast on a job of any size), each with
-    its detections (box, score, best classification) and its top taxon. Filters: images with a detection of
-    `taxon` scoring at least `min_score`; only failed images."""
-    query = (JobImage.select(JobImage.image, SourceImage.url, JobImage.status, JobImage.error).join(SourceImage)
-             .where((JobImage.job == job_id) & (JobImage.image > after)).order_by(JobImage.image).limit(limit))
+    its detections (box, score, best classification), its top taxon and its manifest metadata. Filters: images
+    with a detection of `taxon` scoring at least `min_score`; only failed images."""
+    query = (JobImage.select(JobImage.image, SourceImage.url, JobImage.status, JobImage.error, JobImage.meta)
+             .join(SourceImage).where((JobImage.job == job_id) & (JobImage.image > after))
+             .order_by(JobImage.image).limit(limit))
     if failed:
         query = query.where(JobImage.status == ImageStatus.FAILED)
     if taxon is not None or min_score is not None:
@@ -203,10 +205,11 @@ def gallery(job_id: int, *, after: int = 0, limit: int = 48, taxon: str | None =
             boxes[image].append({"x1": x1, "y1": y1, "x2": x2, "y2": y2, "score": score, "taxon": label,
                                  "taxon_score": label_score})
     images = []
-    for image, url, status, error in rows:
+    for image, url, status, error, meta in rows:
         found_boxes = boxes[image]
         best = max((b for b in found_boxes if b["taxon"]), key=lambda b: b["taxon_score"] or 0.0, default=None)
         images.append({"image_id": str(image), "url": url, "status": status, "error": error,
+                       "metadata": json.loads(meta) if meta else None,
                        "detections": found_boxes, "top_taxon": best["taxon"] if best else None,
                        "top_score": best["taxon_score"] if best else None})
     return {"images": images, "next_after": int(rows[-1][0]) if len(rows) == limit else None}

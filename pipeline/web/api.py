@@ -16,6 +16,7 @@ import models
 from models import DispatchMode
 from pipeline.core import scheduling, unsaved
 from pipeline.core.image_policy import ImagePolicy
+from pipeline.core.manifests import Row
 from pipeline.core.registry import existing_pipeline, list_pipelines, register_pipeline
 from pipeline.errors import NotFound, NothingToDo, UserInputError
 from pipeline.infra import backlog, dlq
@@ -32,7 +33,7 @@ from pipeline.ops.job_views import (
     status_counts,
     taxon_counts,
 )
-from pipeline.ops.sources import image_suffixes, image_urls_from_upload, url_lines
+from pipeline.ops.sources import image_suffixes, manifest_from_objects, uploaded_images, url_lines
 from pipeline.schemas import decode_pipeline_spec
 from pipeline.web import thumbnails
 from pipeline.web.auth import Principal
@@ -52,9 +53,12 @@ MAX_URLS_IN_BODY = 100_000
 
 class JobRequest(BaseModel):
     pipeline: str = Field(description="slug of a registered pipeline")
-    urls: list[str] = Field(description="image URLs (file://, http://, https://, s3://) or absolute paths; an "
-                            "s3://bucket/prefix/ stands for every image under it (PIPELINE_S3_BUCKETS only)",
-                            max_length=MAX_URLS_IN_BODY)
+    urls: list[str] = Field(default_factory=list, max_length=MAX_URLS_IN_BODY,
+                            description="image URLs (file://, http://, https://, s3://) or absolute paths; an "
+                            "s3://bucket/prefix/ stands for every image under it (PIPELINE_S3_BUCKETS only)")
+    images: list[dict] = Field(default_factory=list, max_length=MAX_URLS_IN_BODY,
+                               description="a manifest: an image an object, {url, deployment, timestamp (ISO 8601 "
+                               "with a time zone), latitude, longitude, and fields of your own}")
     suffixes: list[str] | None = Field(default=None, description="which objects of an s3:// prefix are images, by "
                                        "name ending (default .png, .jpg, .jpeg, .tif, .tiff, .bmp, .webp)")
     name: str | None = None
@@ -99,7 +103,8 @@ class WeightRequest(BaseModel):
     weight: float = Field(description="its share of the services beside other projects' (default 1)")
 
 
-def create_and_start(request: Request, who: Principal, pipeline: str, urls: Iterable[str], name: str | None,
+def create_and_start(request: Request, who: Principal, pipeline: str, urls: Iterable[str | Row],
+                     name: str | None,
                      mode: str, *, project: str | None = None, **limits) -> dict:
     """`cli.py enqueue-job`, for the API and the pages: the new job's summary. Its images are held to this
     web server's image policy, as a job asked for over the network; its project must be one `who` may use."""
@@ -133,20 +138,22 @@ def api_jobs(status: list[str] = Query(default=[]), pipeline: str | None = None,
 @router.post("/jobs", status_code=201, summary="Create a job over image URLs and start it")
 @with_db
 def api_create_job(body: JobRequest, request: Request, who: Principal = WRITE) -> dict:
-    return create_and_start(request, who, body.pipeline, url_lines(body.urls), body.name, body.dispatch_mode,
+    images: Iterable[str | Row] = itertools.chain(url_lines(body.urls), manifest_from_objects(body.images))
+    return create_and_start(request, who, body.pipeline, images, body.name, body.dispatch_mode,
                             pickup_timeout_s=body.pickup_timeout_s, deadline_s=body.deadline_s,
                             project=body.project, priority=body.priority, suffixes=image_suffixes(body.suffixes),
                             notify=(body.notify_url, body.notify_secret or "", body.notify_events or ())
                             if body.notify_url else None)
 
 
-@router.post("/jobs/from-file", status_code=201, summary="Create a job from an uploaded file of URLs, one a line")
+@router.post("/jobs/from-file", status_code=201,
+             summary="Create a job from an uploaded file: URLs one a line, or a manifest (.csv, .jsonl)")
 @with_db
 def api_create_job_from_file(request: Request, pipeline: str = Form(), name: str | None = Form(default=None),
                              dispatch_mode: DispatchMode = Form(default=DispatchMode.ASYNC_API),
                              project: str | None = Form(default=None), priority: str = Form(default="normal"),
                              urls_file: UploadFile = File(), who: Principal = WRITE) -> dict:
-    return create_and_start(request, who, pipeline, image_urls_from_upload(urls_file.file, urls_file.filename), name,
+    return create_and_start(request, who, pipeline, uploaded_images(urls_file.file, urls_file.filename), name,
                             dispatch_mode, project=project or None, priority=priority)
 
 

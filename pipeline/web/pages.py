@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -20,6 +21,7 @@ import models
 from models import DEFAULT_PROJECT, JobStatus
 from pipeline import fairshare, names
 from pipeline.core import scheduling, webhooks
+from pipeline.core.manifests import Row
 from pipeline.core.registry import list_pipelines, register_pipeline
 from pipeline.errors import Forbidden, NothingToDo, UserInputError
 from pipeline.infra import dlq
@@ -36,7 +38,7 @@ from pipeline.ops.job_views import (
     status_counts,
     taxon_counts,
 )
-from pipeline.ops.sources import image_urls_from_upload, url_lines
+from pipeline.ops.sources import uploaded_images, url_lines
 from pipeline.schemas import decode_pipeline_spec
 from pipeline.web.api import create_and_start, visible
 from pipeline.web.auth import CSRF_COOKIE, SESSION_COOKIE, SESSION_S, Principal, csrf_ok, new_csrf_value
@@ -172,9 +174,9 @@ async def create_job_form(request: Request, who: Principal = WRITE):
     upload = form.get("urls_file")  # starlette's UploadFile: the form parser makes that class, not FastAPI's
     typed = {key: str(form.get(key) or "") for key in ("pipeline", "name", "urls", "project", "priority",
                                                         "dispatch_mode")}
-    urls = url_lines(typed["urls"].splitlines())
+    urls: Iterable[str | Row] = url_lines(typed["urls"].splitlines())
     if isinstance(upload, UploadFile) and upload.filename:
-        urls = itertools.chain(urls, image_urls_from_upload(upload.file, upload.filename))
+        urls = itertools.chain(urls, uploaded_images(upload.file, upload.filename))
 
     def create():
         with models.thread_connection():

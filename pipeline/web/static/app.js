@@ -291,6 +291,17 @@ const jetpipe = (() => {
                  cell(d.taxon || ""), cell(d.taxon_score == null ? "" : d.taxon_score.toFixed(2), "num"));
       return row;
     }));
+    // what the job's manifest says of the image (deployment, timestamp, place, fields of its own), as text
+    const meta = image.metadata || {};
+    const facts = $("viewer-metadata");
+    facts.replaceChildren(...Object.entries(meta).flatMap(([name, value]) => {
+      const term = document.createElement("dt");
+      term.textContent = name;
+      const said = document.createElement("dd");
+      said.textContent = String(value);
+      return [term, said];
+    }));
+    facts.hidden = Object.keys(meta).length === 0;
     viewer.showModal();
   }
 
