@@ -270,11 +270,14 @@ def nats_service_user(name: str, pipelines: tuple[str, ...], password_env: str |
 @click.option("--notify-on", metavar="EVENTS", default="ended", show_default=True,
               help="What --notify is told of, comma-separated: started, failing (its failed images passed the failure "
                    "threshold: it will end FAILURE), ended.")
+@click.option("--reuse/--no-reuse", default=True, show_default=True,
+              help="Keep the results an earlier job of the pipeline's current version saved for the same images "
+                   "(they are not sent to a service again).")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
 @click.argument("urls", nargs=-1)
 @handles_errors
 def enqueue_job(pipeline_slug, locations, images_dir, images_file, manifest, suffixes, name, limit, dispatch_mode,
-                pickup_timeout, deadline, project, priority, notify, notify_secret_env, notify_on, as_json,
+                pickup_timeout, deadline, project, priority, notify, notify_secret_env, notify_on, reuse, as_json,
                 urls) -> None:
     """Create a job over images and start it; prints the job id.
 
@@ -315,7 +318,7 @@ def enqueue_job(pipeline_slug, locations, images_dir, images_file, manifest, suf
                              f"environment variable {notify_secret_env}")
     job = actions.enqueue(runtime(), pipeline_slug, itertools.chain(*sources), name=name, limit=limit,
                           dispatch_mode=dispatch_mode, pickup_timeout_s=pickup_timeout, deadline_s=deadline,
-                          project=project, priority=priority, suffixes=image_suffixes(suffixes),
+                          project=project, priority=priority, suffixes=image_suffixes(suffixes), reuse=reuse,
                           notify=(notify, os.environ.get(notify_secret_env, ""), notify_on) if notify else None)
     if as_json:
         from pipeline.ops.job_views import job_summary

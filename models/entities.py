@@ -46,6 +46,8 @@ class Pipeline(BaseModel):
     #: The processing service (its gateway token's name) that registered it through /api/v2; None: an
     #: operator did. A service may change only the pipelines it registered.
     registered_by = peewee.CharField(max_length=255, null=True)
+    #: Its version as last registered (`PipelineSpec.fingerprint`); None: registered before versions.
+    version = peewee.CharField(max_length=32, null=True)
 
 
 class Algorithm(BaseModel):
@@ -116,6 +118,11 @@ class Job(BaseModel):
     #: The W3C `traceparent` of the job's enqueue span, the root every later span of the job joins
     #: (pipeline/infra/tracing.py); None where traces are off.
     trace_parent = peewee.CharField(max_length=64, null=True)
+    #: The pipeline's version when the job was made; its images saved as processed are reused by a later job of
+    #: the same version (pipeline/core/reuse.py). None: reuse nothing, and be reused by nothing.
+    pipeline_version = peewee.CharField(max_length=32, null=True)
+    #: How many of its images came with results saved by an earlier job (none were dispatched).
+    reused_images = peewee.IntegerField(null=True)
 
     @property
     def is_terminal(self) -> bool:
@@ -151,10 +158,13 @@ class JobImage(BaseModel):
     task_seq = peewee.BigIntegerField(null=True)
     #: What the job's manifest says of the image, JSON (pipeline/core/manifests.py); None: nothing.
     meta = peewee.TextField(null=True)
+    #: The earlier job whose saved results this image reuses (it was not processed again); None: its own.
+    reused_from = peewee.BigIntegerField(null=True)
 
     class Meta:
         indexes = (
             (("job", "image"), True),  # one outcome per image per job
+            (("image", "status"), False),  # an image's saved outcomes across jobs: what a new job may reuse
             (("job", "status", "id"), False),  # the pending images of a job, in dispatch order
             (("job", "task_seq"), False),  # the image of a task an advisory names
         )

@@ -3,6 +3,8 @@ pipeline registration, validated with msgspec."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import msgspec
@@ -177,6 +179,9 @@ class AlgorithmSpec(msgspec.Struct, frozen=True):
     key: str
     name: str
     task_type: str = "unknown"
+    #: The algorithm's own version (a model's weights, its category map), if its service says: part of the
+    #: pipeline's version, which decides whether earlier results are reused.
+    version: str | int | None = None
 
 
 class PipelineSpec(msgspec.Struct, frozen=True):
@@ -185,6 +190,14 @@ class PipelineSpec(msgspec.Struct, frozen=True):
     slug: str
     name: str
     algorithms: list[AlgorithmSpec]
+    version: str | int | None = None
+
+    def fingerprint(self) -> str:
+        """The pipeline's version as jetpipe knows it: a hash of what it declares (its version and each
+        algorithm's key, task type and version; not names, which are for people). Results saved by a job of
+        the same fingerprint are reused by a later job over the same images (pipeline/core/reuse.py)."""
+        declared = [self.version, sorted([a.key, a.task_type, a.version] for a in self.algorithms)]
+        return hashlib.sha256(json.dumps(declared, default=str).encode()).hexdigest()[:16]
 
 
 def is_valid_slug(slug: str) -> bool:

@@ -31,6 +31,7 @@ from models import (
 )
 from pipeline import fairshare, names
 from pipeline.core import manifests, progress, scheduling, slots, task_tokens, webhooks
+from pipeline.core import reuse as reuse_
 from pipeline.core.image_policy import IMAGE_SUFFIXES, ImagePolicy
 from pipeline.core.joblog import job_log
 from pipeline.core.registry import existing_pipeline
@@ -101,7 +102,8 @@ def create_job(pipeline_slug: str, urls: Iterable[str | manifests.Row], *, name:
                dispatch_mode: str = DispatchMode.ASYNC_API, pickup_timeout_s: float | None = None,
                deadline_s: float | None = None, over_network: bool = False,
                policy: ImagePolicy | None = None, project: str | None = None, priority: int = 0,
-               retry_of: int | None = None, notify: webhooks.Endpoint | tuple[str, ...] | None = None) -> Job:
+               retry_of: int | None = None, notify: webhooks.Endpoint | tuple[str, ...] | None = None,
+               reuse: bool = True) -> Job:
     """A new CREATED job over `urls` (streamed, deduplicated); all or nothing: bad input leaves no row.
 
     A URL may be an object storage prefix (`s3://bucket/prefix/`): the objects under it whose names end with one of
@@ -116,7 +118,9 @@ def create_job(pipeline_slug: str, urls: Iterable[str | manifests.Row], *, name:
     PIPELINE_JOB_PICKUP_TIMEOUT); `deadline_s`: seconds from now by which the whole job must have ended.
     `project` (default `default`, created on first use) and `priority` (pipeline/fairshare.py) decide when
     services serve it beside other jobs of its pipeline. `notify`: (url, secret[, events]) of an endpoint told
-    when the job ends, or of the events it names (pipeline/core/webhooks.py).
+    when the job ends, or of the events it names (pipeline/core/webhooks.py). `reuse`: images an earlier job of
+    the pipeline's current version processed keep their saved results and are not sent again
+    (pipeline/core/reuse.py).
     """
     pipeline = existing_pipeline(pipeline_slug)
     if dispatch_mode not in DispatchMode.ALL:
@@ -150,26 +154,31 @@ def create_job(pipeline_slug: str, urls: Iterable[str | manifests.Row], *, name:
                              notify_events=",".join(events) if events and events != DEFAULT_WEBHOOK_EVENTS else None,
                              task_secret=task_tokens.new_secret(),
                              progress=progress.initial_progress(), pickup_timeout_s=pickup_timeout_s,
-                             deadline_at=deadline_at, trace_parent=tracing.traceparent())
-            total = 0
+                             deadline_at=deadline_at, trace_parent=tracing.traceparent(),
+                             pipeline_version=pipeline.version)
+            total = reused = 0
             listed = _expanded(urls, policy, over_network=over_network, suffixes=suffixes)
             for chunk in _chunks(_limited(listed, limit), CREATE_CHUNK):
                 metas: dict[str, str | None] = {}  # url -> its metadata as JSON (a url twice: the first says)
                 for row in chunk:
                     metas.setdefault(allowed(row.url), json.dumps(row.meta, ensure_ascii=False) if row.meta else None)
                 SourceImage.insert_many([{"url": u} for u in metas]).on_conflict_ignore().execute()
-                ids = tuples(SourceImage.select(SourceImage.url, SourceImage.id)
-                             .where(SourceImage.url.in_(list(metas))))
-                total += JobImage.insert_many([{"job": job.id, "image": i, "meta": metas[u]} for u, i in ids]) \
-                    .on_conflict_ignore().as_rowcount().execute()
+                ids = dict(tuples(SourceImage.select(SourceImage.url, SourceImage.id)
+                                  .where(SourceImage.url.in_(list(metas)))))
+                earlier = reuse_.earlier_results(pipeline.id, pipeline.version if reuse else None,
+                                                 list(ids.values()), before_job=job.id)
+                total += JobImage.insert_many([reuse_.job_image_row(job, i, metas[u], earlier.get(i))
+                                               for u, i in ids.items()]).on_conflict_ignore().as_rowcount().execute()
+                reused += bool(earlier)
+            reused = reuse_.reused_count(job.id) if reused else 0
             if total == 0:
                 raise UserInputError("no images: the job would be empty")
-            job.total_images = total
+            job.total_images, job.reused_images = total, reused or None
             job.progress = progress.initial_progress(total)
-            job.save(only=[Job.total_images, Job.progress])
-        span.set_attributes({"jetpipe.job_id": job.id, "jetpipe.images": total})
-        log.info("job=%s created: pipeline=%s images=%s mode=%s project=%s priority=%s", job.id, pipeline_slug,
-                 total, dispatch_mode, project or DEFAULT_PROJECT, priority)
+            job.save(only=[Job.total_images, Job.progress, Job.reused_images])
+        span.set_attributes({"jetpipe.job_id": job.id, "jetpipe.images": total, "jetpipe.reused": reused})
+        log.info("job=%s created: pipeline=%s images=%s (%s with results reused) mode=%s project=%s priority=%s",
+                 job.id, pipeline_slug, total, reused, dispatch_mode, project or DEFAULT_PROJECT, priority)
     return job
 
 

@@ -20,15 +20,17 @@ def register_pipeline(spec: PipelineSpec, *, service: str | None = None, for_ser
     """
     with database.atomic():
         pipeline, created = Pipeline.get_or_create(  # type: ignore[no-untyped-call]
-            slug=spec.slug, defaults={"name": spec.name, "registered_by": service or for_service})
+            slug=spec.slug, defaults={"name": spec.name, "registered_by": service or for_service,
+                                      "version": spec.fingerprint()})
         if not created and service is not None and pipeline.registered_by != service:
             owner = f"service {pipeline.registered_by!r}" if pipeline.registered_by else "an operator"
             raise Forbidden(f"pipeline {spec.slug!r} was registered by {owner}: service {service!r} may not "
                             "change it")
-        changed = not created and (pipeline.name != spec.name or (
+        changed = not created and (pipeline.name != spec.name or pipeline.version != spec.fingerprint() or (
             service is None and for_service is not None and pipeline.registered_by != for_service))
         if changed:
             pipeline.name = spec.name
+            pipeline.version = spec.fingerprint()  # a new version: no job reuses results saved before it
             if service is None and for_service is not None:
                 pipeline.registered_by = for_service
             pipeline.save()
@@ -43,7 +45,7 @@ def list_pipelines() -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for p in Pipeline.select().order_by(Pipeline.slug):
         algos = Algorithm.select().where(Algorithm.pipeline == p).order_by(Algorithm.id)
-        out.append({"slug": p.slug, "name": p.name, "service": p.registered_by,
+        out.append({"slug": p.slug, "name": p.name, "service": p.registered_by, "version": p.version,
                     "algorithms": [{"key": a.key, "name": a.name, "task_type": a.task_type} for a in algos]})
     return out
 

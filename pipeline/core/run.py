@@ -9,7 +9,7 @@ import logging
 from models import DispatchMode, Job, JobStatus
 from pipeline.core import jobs, progress, slots
 from pipeline.core.joblog import job_log
-from pipeline.core.outcomes import load_job
+from pipeline.core.outcomes import finish, load_job
 from pipeline.infra import tracing
 from pipeline.infra.jobstate import Snapshot
 from pipeline.infra.runtime import Runtime
@@ -54,7 +54,22 @@ def _run(runtime: Runtime, job: Job) -> Job | None:
     if job.dispatch_mode == DispatchMode.INTERNAL:
         return job
     if jobs.load_state_from_db(runtime.state, job_id):
-        log.info("job=%s Redis state initialised: %s pending", job_id, job.total_images)
+        log.info("job=%s Redis state initialised: %s pending", job_id, job.total_images - (job.reused_images or 0))
     if job.dispatched_at is None:
         jobs.dispatch(runtime, job, consumer=slot)
+        if job.reused_images:
+            count_reused(runtime, job)
     return None
+
+
+def count_reused(runtime: Runtime, job: Job) -> str:
+    """Show the images whose results an earlier job saved as processed at once; end the job if they were all.
+    The job's status afterwards."""
+    snapshot = runtime.state.snapshot(job.id)
+    if snapshot is None:  # Redis lost it meanwhile: the first result rebuilds it from the database
+        return job.status
+    job_log(job.id, logging.INFO, f"{job.reused_images} image(s) reuse the results an earlier job of the same "
+                                  f"pipeline version saved; {snapshot.remaining} sent to services")
+    written = progress.write_progress(job.id, snapshot, threshold=runtime.settings.failure_threshold)
+    finish(runtime, job, written)
+    return written.status

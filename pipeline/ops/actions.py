@@ -27,13 +27,13 @@ def enqueue(runtime: Runtime, pipeline_slug: str, urls: Iterable[str | Row], *, 
             pickup_timeout_s: float | None = None, deadline_s: float | None = None, over_network: bool = False,
             policy: ImagePolicy | None = None, project: str | None = None, priority: int | str = 0,
             notify: webhooks.Endpoint | tuple[str, ...] | None = None,
-            suffixes: Iterable[str] = IMAGE_SUFFIXES) -> Job:
+            suffixes: Iterable[str] = IMAGE_SUFFIXES, reuse: bool = True) -> Job:
     """Create a job over `urls` and start it: the started job. Bad input creates nothing (`jobs.create_job`);
     `over_network`: asked for through the web, so local files must lie under PIPELINE_IMAGE_ROOTS."""
     job = jobs.create_job(pipeline_slug, urls, name=name, limit=limit, dispatch_mode=dispatch_mode,
                           pickup_timeout_s=pickup_timeout_s, deadline_s=deadline_s, over_network=over_network,
                           policy=policy, project=project, priority=fairshare.parse_priority(priority), notify=notify,
-                          suffixes=suffixes)
+                          suffixes=suffixes, reuse=reuse)
     jobs.start_job(runtime, job)
     return existing_job(job.id)
 

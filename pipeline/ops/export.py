@@ -29,10 +29,11 @@ IMAGES_PER_PAGE = 500
 DETECTIONS_PER_PAGE = 5_000
 CSV_COLUMNS = ("image_id", "image_url", "image_status", "error", "detector", "x1", "y1", "x2", "y2", "score",
                "crop_url", "classifier", "taxon", "taxon_score", "terminal", "deployment", "timestamp", "latitude",
-               "longitude", "metadata")
+               "longitude", "metadata", "reused_from")
 MEDIA_TYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
 
-_IMAGES = ('SELECT ji.id, ji.image_id, si.url, ji.status, ji.error, ji.meta, ji.detections FROM "job_image" ji '
+_IMAGES = ('SELECT ji.id, ji.image_id, si.url, ji.status, ji.error, ji.meta, ji.reused_from, ji.detections '
+           'FROM "job_image" ji '
            'JOIN "source_image" si ON si.id = ji.image_id '
            'WHERE ji.job_id = %s AND ji.id > %s ORDER BY ji.id LIMIT %s')
 _DETECTIONS = ('SELECT d.id, d.image_id, a.key, d.x1, d.y1, d.x2, d.y2, d.score, d.crop_url, d.bbox_key '
@@ -62,11 +63,12 @@ def images(job: Job) -> Iterator[dict]:
         if not rows:
             return
         after = rows[-1][0]
-        processed = [image_id for _, image_id, _, status, _, _, _ in rows if status == "processed"]
+        processed = [image_id for _, image_id, _, status, *_ in rows if status == "processed"]
         detections = _detections(job.pipeline_id, processed) if processed else {}
-        for _, image_id, url, status, error, meta, _ in rows:
+        for _, image_id, url, status, error, meta, reused_from, _ in rows:
             yield {"image_id": str(image_id), "url": url, "status": status, "error": error,
-                   "metadata": json.loads(meta) if meta else None, "detections": detections.get(image_id, [])}
+                   "metadata": json.loads(meta) if meta else None, "reused_from": reused_from,
+                   "detections": detections.get(image_id, [])}
 
 
 def _page(rows: list[tuple]) -> list[tuple]:
@@ -134,8 +136,8 @@ def _csv(job: Job) -> Iterator[str]:
     for image in images(job):
         head = [image["image_id"], image["url"], image["status"], image["error"] or ""]
         meta = dict(image["metadata"] or {})
-        tail = [_blank(meta.pop(name, None)) for name in STANDARD] + [json.dumps(meta, ensure_ascii=False) if meta
-                                                                     else ""]
+        tail = [_blank(meta.pop(name, None)) for name in STANDARD] + [
+            json.dumps(meta, ensure_ascii=False) if meta else "", _blank(image["reused_from"])]
         if not image["detections"]:
             writer.writerow(head + [""] * (len(CSV_COLUMNS) - len(head) - len(tail)) + tail)
         for detection in image["detections"]:

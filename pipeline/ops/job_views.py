@@ -53,7 +53,9 @@ def job_summary(job: Job, *, waiting: inbox.Waiting | None | bool = True) -> dic
     end = job.finished_at or utcnow()
     elapsed = (end - job.started_at).total_seconds() if job.started_at else None
     processed = process.get("processed", 0)
-    rate = processed / elapsed if elapsed and elapsed > 0 else None
+    reused = job.reused_images or 0
+    # images reused from an earlier job were settled at once: the rate is that of those sent to services
+    rate = max(processed - reused, 0) / elapsed if elapsed and elapsed > 0 else None
     remaining = process.get("remaining", job.total_images)
     running = job.status not in JobStatus.TERMINAL
     failed = process.get("failed", 0)
@@ -67,6 +69,7 @@ def job_summary(job: Job, *, waiting: inbox.Waiting | None | bool = True) -> dic
         "paused_s": round(job.paused_s or 0.0, 1),
         "status": job.status, "error": job.error, "total_images": job.total_images,
         "processed": processed, "failed": failed, "succeeded": max(processed - failed, 0), "remaining": remaining,
+        "reused": reused,
         "settled_percent": round(processed / job.total_images * 100, 1) if job.total_images else (
             0.0 if running else 100.0),
         # SUCCESS with some images failed is told apart from a clean one (the threshold let it succeed)
@@ -271,6 +274,9 @@ def render_status(console: Console, summary: dict, failures: list[dict]) -> None
         counters = ", ".join(f"{k}={v}" for k, v in stage.items() if k not in ("status", "progress"))
         table.add_row(name, stage.get("status", ""), f"{stage.get('progress', 0) * 100:.1f}%", counters)
     console.print(table)
+    if summary["reused"]:
+        console.print(f"{summary['reused']} image(s) reuse the results an earlier job of the same pipeline version "
+                      "saved (not processed again)")
     if summary["received"]:
         console.print(f"[yellow]{summary['received']} image(s) answered by the processing service and waiting to "
                       f"be saved[/yellow] (oldest {summary['received_oldest_s']:g} s ago)")

@@ -59,6 +59,8 @@ class JobRequest(BaseModel):
     images: list[dict] = Field(default_factory=list, max_length=MAX_URLS_IN_BODY,
                                description="a manifest: an image an object, {url, deployment, timestamp (ISO 8601 "
                                "with a time zone), latitude, longitude, and fields of your own}")
+    reuse: bool = Field(default=True, description="keep the results an earlier job of the pipeline's current version "
+                        "saved for the same images (not sent to a service again)")
     suffixes: list[str] | None = Field(default=None, description="which objects of an s3:// prefix are images, by "
                                        "name ending (default .png, .jpg, .jpeg, .tif, .tiff, .bmp, .webp)")
     name: str | None = None
@@ -142,6 +144,7 @@ def api_create_job(body: JobRequest, request: Request, who: Principal = WRITE) -
     return create_and_start(request, who, body.pipeline, images, body.name, body.dispatch_mode,
                             pickup_timeout_s=body.pickup_timeout_s, deadline_s=body.deadline_s,
                             project=body.project, priority=body.priority, suffixes=image_suffixes(body.suffixes),
+                            reuse=body.reuse,
                             notify=(body.notify_url, body.notify_secret or "", body.notify_events or ())
                             if body.notify_url else None)
 

@@ -65,12 +65,14 @@ class AlgorithmConfig(BaseModel):
     name: str
     key: str
     task_type: str | None = None
+    version: str | int | None = None
 
 
 class PipelineConfig(BaseModel):
     name: str
     slug: str
     algorithms: list[AlgorithmConfig] = Field(default_factory=list)
+    version: str | int | None = None
 
 
 class RegistrationRequest(BaseModel):
@@ -239,9 +241,9 @@ def register_service_pipelines(project_id: int, body: RegistrationRequest, who: 
     project = Project.get_or_none(Project.id == project_id)
     if project is None or not who.may_see(project.name):
         raise NotFound(f"no project {project_id} (GET /api/v2/projects/ lists those this token may use)")
-    specs = [decode_pipeline_spec(json.dumps({"slug": p.slug, "name": p.name, "algorithms": [
-        {"key": a.key, "name": a.name, "task_type": a.task_type or "unknown"} for a in p.algorithms]}).encode(),
-        source=f"pipeline {p.slug!r}") for p in body.pipelines]
+    specs = [decode_pipeline_spec(json.dumps({"slug": p.slug, "name": p.name, "version": p.version, "algorithms": [
+        {"key": a.key, "name": a.name, "task_type": a.task_type or "unknown", "version": a.version}
+        for a in p.algorithms]}).encode(), source=f"pipeline {p.slug!r}") for p in body.pipelines]
     created: list[str] = []
     updated: list[str] = []
     with models.database.atomic():  # all of them or none

@@ -12,6 +12,7 @@ from models import Job, JobStatus
 from pipeline.core import jobs, outcomes
 from pipeline.core.image_policy import UNREADABLE, ImagePolicy
 from pipeline.core.joblog import job_log
+from pipeline.core.run import count_reused
 from pipeline.errors import BadResult, UserInputError
 from pipeline.infra.runtime import Runtime
 from pipeline.schemas import ErrorResult
@@ -30,7 +31,7 @@ def run_internal(runtime: Runtime, job: Job) -> str:
     if handler is None:
         raise UserInputError(f"pipeline {job.pipeline.slug!r} has no built-in handler for internal mode")
     jobs.load_state_from_db(runtime.state, job.id)
-    status = job.status
+    status = count_reused(runtime, job) if job.reused_images else job.status
     policy = ImagePolicy.from_settings(runtime.settings)
     for _, task in _pending(job):
         if status in JobStatus.TERMINAL:  # canceled (or ended) meanwhile: run no more of its images
