@@ -26,6 +26,8 @@ Figures (issue 6; targets in brackets):
                (benchmarks/fairness.py)                                  [<= 2x its idle time; 3:1 +- 10 %]
   gallery      the first page of a 1,000,000-image job's gallery vs a raw 48-row query (benchmarks/gallery.py)
                                                                                 [well under 1 s]
+  reuse        re-enqueueing a 100,000-image collection processed before with 1,000 new images, vs the same
+               job with reuse off (benchmarks/reuse.py)                [tasks published = the new images]
 """
 
 from __future__ import annotations
@@ -893,6 +895,8 @@ def main() -> int:
     parser.add_argument("--consumers", type=int, default=2_000, help="idle job consumers held (stage cluster)")
     parser.add_argument("--fair-big", type=int, default=100_000, help="the running big job (stage fairness)")
     parser.add_argument("--gallery-images", type=int, default=1_000_000, help="the job's images (stage gallery)")
+    parser.add_argument("--reuse-images", type=int, default=100_000,
+                        help="the collection processed before (stage reuse); 1% more are new")
     parser.add_argument("--postgres", metavar="URL",
                         help="also run end to end on PostgreSQL (a throwaway database is created on this server)")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="what to measure")
@@ -915,7 +919,7 @@ def main() -> int:
 
 
 STAGES = ("dispatch", "e2e", "small", "gateway", "workers", "cluster", "backlog", "sweep", "latency", "memory",
-          "fairness", "gallery")
+          "fairness", "gallery", "reuse")
 
 
 def measure(args, stack: DevStack, tmp: str) -> list[tuple]:
@@ -996,6 +1000,14 @@ def measure(args, stack: DevStack, tmp: str) -> list[tuple]:
             with throwaway_database(args.postgres) as url:
                 rows += [(f"{name} [PostgreSQL]", *rest)
                          for name, *rest in gallery_first_page(env_for(stack, url), args.gallery_images)]
+    if "reuse" in args.stages:
+        from benchmarks.reuse import reuse_collection
+
+        new = max(args.reuse_images // 100, 1)
+        rows += reuse_collection(stack, env_for(stack, f"sqlite:///{tmp}/reuse.db"), args.reuse_images, new)
+        if args.postgres:
+            with throwaway_database(args.postgres) as url:
+                rows += reuse_collection(stack, env_for(stack, url), args.reuse_images, new, " [PostgreSQL]")
     if "memory" in args.stages:
         console.log("memory: enqueue + run_job")
         fresh_servers(stack)
