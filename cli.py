@@ -632,18 +632,32 @@ def failures(job_id: int, limit: int | None, as_json: bool) -> None:
 
 @main.command("results")
 @click.argument("job_id", type=int)
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "parquet", "camtrap-dp"]), default="jsonl",
+              show_default=True,
               help="jsonl: one image a line with its detections and their classifications; csv: one row per "
-                   "classification (an image without detections has one row).")
+                   "classification (an image without detections has one row); parquet: the csv's rows, typed; "
+                   "camtrap-dp: a Camera Trap Data Package (a zip; the job must come from a manifest giving each "
+                   "image's deployment, timestamp, latitude and longitude). parquet and camtrap-dp need -o.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True),
               help="Write to this file instead of standard output.")
 @handles_errors
 def results(job_id: int, fmt: str, output: str | None) -> None:
     """Export a job's results (streamed: constant memory however many detections)."""
     from pipeline.errors import UserInputError
-    from pipeline.ops.export import export
+    from pipeline.ops.export import FILE_FORMATS, export, write_file
 
     bind_db()
+    if fmt in FILE_FORMATS:
+        if not output:
+            raise UserInputError(f"{fmt} is a binary file: give -o FILE")
+        try:
+            written = write_file(job_id, fmt, output)
+        except OSError as exc:
+            raise UserInputError(f"cannot write {output}: {exc.strerror}") from None
+        what = "observation(s)" if fmt == "camtrap-dp" else "row(s)"
+        err_console.print(f"wrote {written:,} {what} to {output} ({fmt})", highlight=False, markup=False,
+                          soft_wrap=True)
+        return
     chunks = export(job_id, fmt)
     try:
         handle = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout

@@ -24,13 +24,20 @@ from pipeline.core.manifests import STANDARD
 from pipeline.errors import NotFound, UserInputError
 
 FORMATS = ("jsonl", "csv")
+#: Binary formats, written to a file: Parquet (a row per classification, as the CSV), and Camtrap DP (a zip).
+FILE_FORMATS = ("parquet", "camtrap-dp")
 #: Images, and detections, read per page (an image's detections and classifications come with it).
 IMAGES_PER_PAGE = 500
 DETECTIONS_PER_PAGE = 5_000
+#: CSV rows handed on at a time.
+CSV_ROWS_PER_CHUNK = 1_000
 CSV_COLUMNS = ("image_id", "image_url", "image_status", "error", "detector", "x1", "y1", "x2", "y2", "score",
                "crop_url", "classifier", "taxon", "taxon_score", "terminal", "deployment", "timestamp", "latitude",
                "longitude", "metadata", "reused_from")
-MEDIA_TYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
+MEDIA_TYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8",
+               "parquet": "application/vnd.apache.parquet", "camtrap-dp": "application/zip"}
+#: File name endings of the exports.
+ENDINGS = {"jsonl": "jsonl", "csv": "csv", "parquet": "parquet", "camtrap-dp": "camtrap-dp.zip"}
 
 _IMAGES = ('SELECT ji.id, ji.image_id, si.url, ji.status, ji.error, ji.meta, ji.reused_from, ji.detections '
            'FROM "job_image" ji '
@@ -49,10 +56,61 @@ def export(job_id: int, fmt: str) -> Iterator[str]:
     before anything is produced."""
     if fmt not in FORMATS:
         raise UserInputError(f"unknown results format {fmt!r} (use {' or '.join(FORMATS)})")
+    return (_jsonl if fmt == "jsonl" else _csv)(_job(job_id))
+
+
+def _job(job_id: int) -> Job:
     job = Job.get_or_none(Job.id == job_id)
     if job is None:
         raise NotFound(f"no job {job_id}")
-    return (_jsonl if fmt == "jsonl" else _csv)(job)
+    return job
+
+
+def write_file(job_id: int, fmt: str, path: str) -> int:
+    """Write the job's results to `path` in a binary format (FILE_FORMATS: parquet, camtrap-dp, a zip of the
+    Camera Trap Data Package); how many rows. NotFound or UserInputError before anything is written."""
+    if fmt not in FILE_FORMATS:
+        raise UserInputError(f"unknown results file format {fmt!r} (use {' or '.join(FILE_FORMATS)})")
+    job = _job(job_id)
+    if fmt == "parquet":
+        return _parquet(job, path)
+    from pipeline.ops.camtrap import write_package
+
+    return write_package(job, path)
+
+
+#: Parquet column types, in CSV_COLUMNS' order.
+PARQUET_TYPES = ("int64", "string", "string", "string", "string", "float64", "float64", "float64", "float64",
+                 "float64", "string", "string", "string", "float64", "bool_", "string", "string", "float64", "float64",
+                 "string", "int64")
+#: Rows per Parquet row group: what is held in memory at once.
+PARQUET_ROWS_PER_GROUP = 20_000
+
+
+def _parquet(job: Job, path: str) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in zip(CSV_COLUMNS, PARQUET_TYPES, strict=True)])
+    written = 0
+    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        group: list[tuple] = []
+        for row in flat_rows(job):
+            group.append(row)
+            if len(group) >= PARQUET_ROWS_PER_GROUP:
+                writer.write_table(_table(pa, schema, group))
+                written += len(group)
+                group = []
+        if group or not written:
+            writer.write_table(_table(pa, schema, group))
+            written += len(group)
+    return written
+
+
+def _table(pa, schema, rows: list[tuple]):
+    columns: list[tuple] = list(zip(*rows, strict=True)) if rows else [() for _ in CSV_COLUMNS]
+    return pa.table([pa.array(list(values), type=field.type) for values, field in zip(columns, schema, strict=True)],
+                    schema=schema)
 
 
 def images(job: Job) -> Iterator[dict]:
@@ -126,30 +184,36 @@ class _SafeWriter:
         self._writer.writerow([_cell(value) for value in row])
 
 
+def flat_rows(job: Job) -> Iterator[tuple]:
+    """The job's results a row per classification (per detection without one, per image without a detection), in
+    CSV_COLUMNS' order, None where a value is missing."""
+    for image in images(job):
+        head = (int(image["image_id"]), image["url"], image["status"], image["error"])
+        meta = dict(image["metadata"] or {})
+        tail = (*(meta.pop(name, None) for name in STANDARD), json.dumps(meta, ensure_ascii=False) if meta else None,
+                image["reused_from"])
+        if not image["detections"]:
+            yield head + (None,) * (len(CSV_COLUMNS) - len(head) - len(tail)) + tail
+        for detection in image["detections"]:
+            box = detection["bbox"]
+            row = head + (detection["algorithm"], box["x1"], box["y1"], box["x2"], box["y2"], detection["score"],
+                          detection["crop_url"])
+            for c in detection["classifications"] or [None]:
+                yield row + ((None,) * 4 if c is None else
+                             (c["algorithm"], c["taxon"], c["score"], bool(c["terminal"]))) + tail
+
+
 def _csv(job: Job) -> Iterator[str]:
     buffer = io.StringIO()
     writer = _SafeWriter(buffer)
     writer.writerow(CSV_COLUMNS)
+    for n, row in enumerate(flat_rows(job), 1):
+        writer.writerow(["" if v is None else str(v).lower() if isinstance(v, bool) else v for v in row])
+        if n % CSV_ROWS_PER_CHUNK == 0:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
     yield buffer.getvalue()
-    buffer.seek(0)
-    buffer.truncate()
-    for image in images(job):
-        head = [image["image_id"], image["url"], image["status"], image["error"] or ""]
-        meta = dict(image["metadata"] or {})
-        tail = [_blank(meta.pop(name, None)) for name in STANDARD] + [
-            json.dumps(meta, ensure_ascii=False) if meta else "", _blank(image["reused_from"])]
-        if not image["detections"]:
-            writer.writerow(head + [""] * (len(CSV_COLUMNS) - len(head) - len(tail)) + tail)
-        for detection in image["detections"]:
-            box = detection["bbox"]
-            row = head + [detection["algorithm"], box["x1"], box["y1"], box["x2"], box["y2"],
-                          _blank(detection["score"]), detection["crop_url"] or ""]
-            for c in detection["classifications"] or [None]:
-                writer.writerow(row + (["", "", "", ""] if c is None else
-                                       [c["algorithm"], c["taxon"], c["score"], str(c["terminal"]).lower()]) + tail)
-        yield buffer.getvalue()
-        buffer.seek(0)
-        buffer.truncate()
 
 
 def _blank(value) -> object:

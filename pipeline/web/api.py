@@ -5,11 +5,14 @@ credentials, 403 not allowed, 404 no such thing, 503 a dependency unreachable.""
 from __future__ import annotations
 
 import itertools
+import os
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 import models
@@ -287,12 +290,30 @@ def api_logs(job_id: int, after: int = Query(default=0, description="log line id
 @router.get("/jobs/{job_id}/results", summary="Export the job's results (streamed)",
             response_class=StreamingResponse,
             responses={200: {"content": {"application/x-ndjson": {}, "text/csv": {}}}})
-async def api_results(job_id: int, format: str = Query(default="jsonl", pattern="^(jsonl|csv)$"),  # noqa: A002
-                      who: Principal = READ) -> StreamingResponse:
+async def api_results(job_id: int, format: str = Query(default="jsonl",  # noqa: A002
+                                                       pattern="^(jsonl|csv|parquet|camtrap-dp)$"),
+                      who: Principal = READ) -> Response:
+    filename = f"job-{job_id}-results.{export.ENDINGS[format]}"
+    disposition = {"Content-Disposition": f'attachment; filename="{filename}"'}
+    if format in export.FILE_FORMATS:  # written to a temporary file first, then sent and removed
+        path = await run_in_threadpool(_checked_file, job_id, format, who)
+        return FileResponse(path, media_type=export.MEDIA_TYPES[format], headers=disposition,
+                            background=BackgroundTask(os.remove, path))
     chunks = await run_in_threadpool(_checked_export, job_id, format, who)
-    filename = f"job-{job_id}-results.{format}"
-    return StreamingResponse(_stream(chunks), media_type=export.MEDIA_TYPES[format],
-                             headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+    return StreamingResponse(_stream(chunks), media_type=export.MEDIA_TYPES[format], headers=disposition)
+
+
+def _checked_file(job_id: int, fmt: str, who: Principal) -> str:
+    handle, path = tempfile.mkstemp(prefix=f"jetpipe-job-{job_id}-", suffix=f".{export.ENDINGS[fmt]}")
+    os.close(handle)
+    try:
+        with models.thread_connection():
+            actions.existing_job(job_id, who.projects)
+            export.write_file(job_id, fmt, path)
+    except BaseException:
+        os.remove(path)
+        raise
+    return path
 
 
 def _checked_export(job_id: int, fmt: str, who: Principal) -> Iterator[str]:
