@@ -6,7 +6,7 @@ failure threshold): a JSON summary POSTed to the job's own endpoint (`notify_url
   of (`pipeline/core/progress.py`: the STARTED transition, the progress write whose failures pass the
   threshold, the one terminal transition): a job that ended has its deliveries, whatever crashes.
 - **Never in the way.** Nothing waits for them: workers deliver what is due from their sweep
-  (`deliver_due`), each row claimed for a lease first so that two workers never send it at once.
+  (`due`, then `deliver` each), each row claimed for a lease first so that two workers never send it at once.
 - **Retried.** A delivery that does not get a 2xx answer is tried again after `PIPELINE_WEBHOOK_RETRY_S`
   doubled per attempt (at most an hour apart), MAX_ATTEMPTS times, then given up with its last error.
 - **Signed** as the Standard Webhooks specification says: headers `webhook-id` (the same on every attempt:
@@ -137,11 +137,6 @@ def next_due_in(horizon_s: float) -> float | None:
         return None
     wait = max((soonest - utcnow()).total_seconds(), 0.0)
     return wait if wait <= horizon_s else None
-
-
-def deliver_due(settings: Settings, *, limit: int = 50) -> int:
-    """Send the deliveries due now (each claimed first); how many were accepted."""
-    return sum(deliver(delivery_id, settings) for delivery_id in due(limit))
 
 
 def claim(row: WebhookDelivery, now: dt.datetime) -> bool:
