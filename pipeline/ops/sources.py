@@ -121,16 +121,21 @@ def manifest_rows(text: TextIO, fmt: str, *, base_dir: str | None, name: str) ->
     UserInputError naming the line of the first bad row."""
     try:
         for line, fields in (_csv_rows(text, name) if fmt == "csv" else _jsonl_rows(text, name)):
-            url = fields.pop("url", None)
-            if not isinstance(url, str) or not url.strip():
-                raise UserInputError(f"manifest line {line}: no url")
-            try:
-                image = as_image_url(url.strip(), base_dir=base_dir)
-            except UserInputError as exc:
-                raise UserInputError(f"manifest line {line}: {exc}") from None
-            yield Row(image, metadata(fields, line))
+            yield _row(line, fields, base_dir)
     except UnicodeDecodeError:
         raise UserInputError(f"{name} is not UTF-8 text") from None
+
+
+def _row(line: int, fields: dict, base_dir: str | None) -> Row:
+    """The manifest row of `fields` (its `url` and what else it says), found at `line`."""
+    url = fields.get("url")
+    if not isinstance(url, str) or not url.strip():
+        raise UserInputError(f"manifest line {line}: no url")
+    try:
+        image = as_image_url(url.strip(), base_dir=base_dir)
+    except UserInputError as exc:
+        raise UserInputError(f"manifest line {line}: {exc}") from None
+    return Row(image, metadata({k: v for k, v in fields.items() if k != "url"}, line))
 
 
 def _csv_rows(text: TextIO, name: str) -> Iterator[tuple[int, dict]]:
@@ -172,11 +177,4 @@ def uploaded_images(stream: BinaryIO, filename: str | None) -> Iterator[str | Ro
 def manifest_from_objects(objects: Iterable[dict]) -> Iterator[Row]:
     """Manifest rows given as JSON objects (the API's `images`), each counted as a line from 1."""
     for line, fields in enumerate(objects, 1):
-        url = fields.get("url")
-        if not isinstance(url, str) or not url.strip():
-            raise UserInputError(f"manifest line {line}: no url")
-        try:
-            image = as_image_url(url.strip(), base_dir=None)
-        except UserInputError as exc:
-            raise UserInputError(f"manifest line {line}: {exc}") from None
-        yield Row(image, metadata({k: v for k, v in fields.items() if k != "url"}, line))
+        yield _row(line, fields, None)
