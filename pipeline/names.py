@@ -48,6 +48,20 @@ HDR_JOB_ID = "Pipeline-Job-Id"
 HDR_IMAGE_ID = "Pipeline-Image-Id"
 HDR_TASK_REPLY = "Pipeline-Task-Reply"
 HDR_TASK_TOKEN = "Pipeline-Task-Token"
+#: On a result message whose result is too large for one message: the name of the object holding it
+#: (docs/processing-services.md, "Big results").
+HDR_RESULT_OBJECT = "Pipeline-Result-Object"
+
+
+def result_objects_bucket(pipeline_slug: str) -> str:
+    """The JetStream object store bucket (stream `OBJ_<bucket>`) where the pipeline's services put results too
+    large for one message."""
+    return f"RESULTS_{pipeline_slug}"
+
+
+def result_object_prefix(job_id: int) -> str:
+    """What the name of every object holding a result of the job starts with."""
+    return f"{job_id}/"
 
 
 def task_subject(pipeline_slug: str, job_id: int) -> str:

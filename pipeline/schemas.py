@@ -11,6 +11,10 @@ import msgspec
 
 from pipeline.errors import BadResult, UserInputError
 
+#: The largest result one image may have (bytes), in one message or, when it is too large for one, as a result
+#: object (docs/processing-services.md, "Big results").
+MAX_RESULT_OBJECT_BYTES = 64 * 1024 * 1024
+
 
 class Task(msgspec.Struct, frozen=True):
     """One image to process: the body of a message on `pipeline.tasks.<pipeline>.<job_id>`."""

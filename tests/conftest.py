@@ -234,7 +234,7 @@ def sqlite_url(tmp_path):
 
 
 def clean_servers(dev: DevStack) -> None:
-    """Empty Redis and delete jetpipe's streams, so every test starts from nothing."""
+    """Empty Redis and delete jetpipe's streams (and its result buckets), so every test starts from nothing."""
     import nats
     import redis
 
@@ -245,7 +245,7 @@ def clean_servers(dev: DevStack) -> None:
         try:
             js = nc.jetstream()
             for name in [info.config.name for info in await js.streams_info()
-                         if info.config.name.startswith("PIPELINE_")]:
+                         if info.config.name.startswith(("PIPELINE_", "OBJ_RESULTS_"))]:
                 try:
                     await js.delete_stream(name)
                 except Exception:  # noqa: BLE001 - not there yet

@@ -314,7 +314,7 @@ def test_the_last_two_results_handled_at_once_end_the_job(runtime, moth_pipeline
     assert progress_counts(job.id) == (4, 0, 8)
 
 
-def test_a_batch_larger_than_the_servers_max_payload_is_split_and_an_oversized_result_becomes_an_error(
+def test_a_batch_larger_than_the_servers_max_payload_is_split_and_an_oversized_result_goes_as_an_object(
         runtime, moth_pipeline, service_factory, settings, monkeypatch):
     # Given a service whose results are large (image 1's alone is larger than the server accepts)
     from nats.aio.client import Client
@@ -337,10 +337,13 @@ def test_a_batch_larger_than_the_servers_max_payload_is_split_and_an_oversized_r
             DetectionOut(task.image_id, AlgorithmRef(DET["key"]), BBox(i, i, i + 5, i + 5), 0.9) for i in range(boxes)])
 
     service_factory(settings, moth_pipeline, model, concurrency=6, batch_size=6, batch_linger_s=0.5)
-    # Then every image is answered: the batch went out in parts that fit, image 1 as an error result
+    # Then every image is answered: the batch went out in parts that fit, image 1 as a reference to the object
+    # holding its result (docs/processing-services.md, "Big results")
     messages = wait_for(lambda: (m := result_messages(settings, job.id)) and sum(
-        len(b.get("source_images", [])) + ("error" in b) for _, b in m) == 6 and m, timeout_s=30)
+        len(b.get("source_images", [])) + ("result_object" in b) for _, b in m) == 6 and m, timeout_s=30)
     assert all(len(json.dumps(body)) < 20_000 for _, body in messages)
-    errors = [body for _, body in messages if "error" in body]
-    assert [e["image_id"] for e in errors] == ["1"] and "larger than the NATS server accepts" in errors[0]["error"]
+    [reference] = [body for _, body in messages if "result_object" in body]
+    assert reference["result_object"].startswith(f"{job.id}/") and reference["size"] > 20_000
+    assert runtime.tasks.job_result_objects(moth_pipeline, job.id) == [reference["result_object"]]
+    assert not any("error" in body for _, body in messages)
     assert len(messages) > 2  # split

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
+import hashlib
 import json
 import logging
 import uuid
@@ -43,6 +44,7 @@ from pipeline.errors import TasksNotAcked, TransientError
 from pipeline.infra import tracing
 from pipeline.infra.crashpoints import crash_point
 from pipeline.infra.runtime import Runtime
+from pipeline.schemas import MAX_RESULT_OBJECT_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,8 @@ class Incoming:
     tokens: tuple[str, ...] = ()  # the task tokens its Pipeline-Task-Token header names
     pipeline: str | None = None  # the pipeline its subject names (None: `pipeline.results.<job_id>`, or direct)
     trace: str | None = None  # its `traceparent` header: the span of the service that made it
+    #: Its Pipeline-Result-Object header: the body is a reference to the object holding the result
+    result_object: str | None = None
 
     @classmethod
     def from_msg(cls, job_id: int, msg: Msg) -> Incoming:
@@ -85,7 +89,8 @@ class Incoming:
         return cls(job_id, msg.data, tuple(names.task_replies(headers.get(names.HDR_TASK_REPLY))),
                    f"{seq}:{int(meta.timestamp.timestamp() * 1e9)}", seq,
                    tuple(names.task_tokens(headers.get(names.HDR_TASK_TOKEN))),
-                   names.pipeline_from_result_subject(msg.subject), headers.get(tracing.TRACEPARENT))
+                   names.pipeline_from_result_subject(msg.subject), headers.get(tracing.TRACEPARENT),
+                   headers.get(names.HDR_RESULT_OBJECT))
 
     @classmethod
     def direct(cls, job_id: int, body: bytes, reply: str | None, tokens: str | None = None) -> Incoming:
@@ -235,6 +240,9 @@ def take(runtime: Runtime, incoming: list[Incoming]) -> list[int]:
     """
     if not incoming:
         return []
+    incoming, taken_objects = with_big_results(runtime, incoming)
+    if not incoming:
+        return []
     try:
         proofs = prove(incoming)
         settle = settled_replies(runtime, incoming, proofs)
@@ -255,6 +263,7 @@ def take(runtime: Runtime, incoming: list[Incoming]) -> list[int]:
     finally:
         tracing.end(spans)
     crash_point("after_inbox", messages=len(incoming))
+    _delete_taken(runtime, taken_objects)
     job_ids = sorted({m.job_id for m in incoming})
     if settle:  # NATS down: the caller leaves the messages un-acked, a redelivery ACKs their tasks
         try:
@@ -264,6 +273,71 @@ def take(runtime: Runtime, incoming: list[Incoming]) -> list[int]:
                                 f"not confirmed: {exc}", job_ids=job_ids) from exc
     crash_point("after_task_ack", tasks=len(settle))
     return job_ids
+
+
+class _Reference(msgspec.Struct):
+    result_object: str
+    size: int
+    sha256: str
+
+
+_decode_reference = msgspec.json.Decoder(_Reference)
+
+
+def with_big_results(runtime: Runtime, incoming: list[Incoming]) -> tuple[list[Incoming], dict[str, list[str]]]:
+    """`incoming` with each reference to a result object (docs/processing-services.md, "Big results") replaced by
+    the result it holds, read from the pipeline's bucket, and the objects read (by pipeline). A reference that
+    cannot be honoured (no such object: never uploaded, or taken already; another job's; not what it says;
+    over MAX_RESULT_OBJECT_BYTES) is dropped, saying why: nothing of it is taken, and its tasks come back after
+    ack_wait if no other result settles them. TransientError when NATS cannot be reached."""
+    kept: list[Incoming] = []
+    taken: dict[str, list[str]] = {}
+    for m in incoming:
+        if m.result_object is None:
+            kept.append(m)
+            continue
+        body, why = _object_body(runtime, m)
+        if body is None:
+            log.warning("job=%s result object %r not taken (%s); its message is dropped, and its tasks come back "
+                        "after ack_wait unless another result settles them", m.job_id, m.result_object[:120], why)
+            continue
+        kept.append(dataclasses.replace(m, body=body))
+        taken.setdefault(m.pipeline or "", []).append(m.result_object)
+    return kept, taken
+
+
+def _object_body(runtime: Runtime, m: Incoming) -> tuple[bytes | None, str]:
+    name = m.result_object or ""
+    try:
+        reference = _decode_reference.decode(m.body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None, "its message is not a result object reference ({result_object, size, sha256})"
+    if reference.result_object != name or not name.startswith(names.result_object_prefix(m.job_id)):
+        return None, f"a reference of job {m.job_id} must name an object {names.result_object_prefix(m.job_id)}…"
+    if m.pipeline is None:
+        return None, "a result object needs the pipeline in its message's subject"
+    if not 0 < reference.size <= MAX_RESULT_OBJECT_BYTES:
+        return None, f"its size {reference.size} is not from 1 to {MAX_RESULT_OBJECT_BYTES} bytes"
+    stored = runtime.tasks.result_object_size(m.pipeline, name)
+    if stored is None:
+        return None, "no such object (never uploaded, or taken already)"
+    if stored != reference.size:
+        return None, f"the object holds {stored} bytes, the reference says {reference.size}"
+    body = runtime.tasks.result_object(m.pipeline, name)
+    if body is None:
+        return None, "no such object (deleted meanwhile)"
+    if hashlib.sha256(body).hexdigest() != reference.sha256.lower():
+        return None, "its content does not have the SHA-256 the reference says"
+    return body, ""
+
+
+def _delete_taken(runtime: Runtime, taken: dict[str, list[str]]) -> None:
+    """Remove the result objects whose results are now in the inbox (leftovers go when their job ends)."""
+    for pipeline, object_names in taken.items():
+        try:
+            runtime.tasks.delete_result_objects(pipeline, object_names)
+        except TransientError as exc:
+            log.info("result objects %s not deleted yet (%s); they go when their job ends", object_names[:5], exc)
 
 
 def size() -> int:

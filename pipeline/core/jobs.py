@@ -334,6 +334,8 @@ def _cleanup(runtime: Runtime, job_id: int, pipeline_slug: str) -> bool:
     try:
         runtime.tasks.delete_job_consumer(job_id, pipeline_slug)
         slots.wake_a_waiting_job(runtime)
+        # results uploaded as objects and never taken (a service stopped between its upload and its publish)
+        runtime.tasks.delete_result_objects(pipeline_slug, runtime.tasks.job_result_objects(pipeline_slug, job_id))
     except TransientError as exc:
         ok = False
         log.warning("job=%s cleanup: NATS consumer not removed (%s); the zombie sweep will retry", job_id, exc)

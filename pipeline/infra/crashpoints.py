@@ -31,6 +31,8 @@ POINTS = (
     "after_validation", "after_db_save", "after_redis_update", "after_progress", "after_commit",
     # run_job
     "before_publish", "mid_publish", "after_publish", "after_dispatch",
+    # a processing service (the SDK) with a result too large for one message: put in the bucket, not referenced
+    "after_result_object",
 )
 
 

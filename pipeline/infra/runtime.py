@@ -83,6 +83,7 @@ class Runtime:
                                             **self.settings.nats_options())
             try:
                 await queue.ensure_streams(**self.settings.stream_options())
+                await queue.ensure_result_buckets(replicas=self.settings.nats_replicas)
             except NATS_FAILURES as exc:  # JetStream not ready (a cluster electing, a stream being made)
                 await queue.close()
                 raise TransientError(f"JetStream not ready: {str(exc) or type(exc).__name__}") from exc

@@ -29,6 +29,9 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    ObjectMeta,
+    ObjectMetaOptions,
+    ObjectStoreConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -61,6 +64,13 @@ API_TIMEOUT_S = 10.0
 CLOSE_SETTLE_ROUNDS = 3
 #: Job consumers a pipeline's tasks stream allows unless PIPELINE_NATS_MAX_JOBS says otherwise.
 DEFAULT_MAX_JOBS = 10_000
+#: What nats-py raises for an object (or its bucket) that is not there.
+OBJECT_GONE = (nats.js.errors.ObjectNotFoundError, nats.js.errors.ObjectDeletedError,
+               nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError)
+#: Bytes per chunk of a result object (nats-py's own default; less where the server's max_payload is smaller).
+OBJECT_CHUNK_BYTES = 128 * 1024
+#: Seconds a result object lives in its bucket at most (jetpipe deletes it once taken; this is the safety net).
+RESULT_OBJECT_TTL_S = 7 * 24 * 3600
 #: Bytes of results PIPELINE_RESULTS holds untaken unless PIPELINE_NATS_RESULTS_MAX_GB says otherwise.
 DEFAULT_RESULTS_MAX_BYTES = 10 * 2**30
 #: Largest result message the results stream stores: the largest `max_payload` jetpipe ships (deploy/nats.conf).
@@ -364,9 +374,71 @@ class TaskQueue:
     async def ensure_tasks_stream(self, pipeline_slug: str, *, max_jobs: int | None = None,
                                   replicas: int | None = None) -> None:
         """The pipeline's tasks stream, created if missing (room for `max_jobs` job consumers, DEFAULT_MAX_JOBS
-        if None: NATS 2.15 gives a stream 1,000 unless it says otherwise); as `ensure_streams` for the rest."""
+        if None: NATS 2.15 gives a stream 1,000 unless it says otherwise), and its bucket for big results; as
+        `ensure_streams` for the rest."""
         await self._ensure_stream(self._tasks_stream_config(pipeline_slug, max_jobs, replicas), max_jobs=max_jobs,
                                   replicas=replicas)
+        await self._ensure_result_objects(pipeline_slug, replicas)
+
+    async def put_result_object(self, pipeline_slug: str, name: str, body: bytes) -> None:
+        """Put a result too large for one message in the pipeline's bucket (in chunks that fit a message)."""
+        store = await self.js.object_store(names.result_objects_bucket(pipeline_slug))
+        await store.put(name, body, meta=object_meta(name, self.nc.max_payload))
+
+    async def ensure_result_buckets(self, *, replicas: int | None = None) -> None:
+        """Every pipeline's bucket for big results (a worker starting: pipelines whose tasks stream was made
+        before the buckets existed get theirs)."""
+        for slug in await self.task_stream_pipelines():
+            await self._ensure_result_objects(slug, replicas)
+
+    async def _ensure_result_objects(self, pipeline_slug: str, replicas: int | None) -> None:
+        """The pipeline's object store bucket for results too large for one message; what is in it lives at
+        most RESULT_OBJECT_TTL_S (jetpipe deletes each object once taken, and a job's leftovers when it ends)."""
+        bucket = names.result_objects_bucket(pipeline_slug)
+        try:
+            await self.js.object_store(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            await self.js.create_object_store(bucket, ObjectStoreConfig(
+                description=f"results of pipeline {pipeline_slug} too large for one message",
+                ttl=RESULT_OBJECT_TTL_S, storage=StorageType.FILE, replicas=replicas or 1))
+            log.info("created object store bucket %s", bucket)
+
+    async def result_object(self, pipeline_slug: str, name: str) -> bytes | None:
+        """The content of the pipeline's result object `name`; None if there is no such object."""
+        try:
+            store = await self.js.object_store(names.result_objects_bucket(pipeline_slug))
+            return (await store.get(name)).data
+        except OBJECT_GONE:
+            return None
+
+    async def result_object_size(self, pipeline_slug: str, name: str) -> int | None:
+        """The size in bytes of the pipeline's result object `name`; None if there is no such object."""
+        try:
+            store = await self.js.object_store(names.result_objects_bucket(pipeline_slug))
+            info = await store.get_info(name)
+        except OBJECT_GONE:
+            return None
+        return None if info.deleted else int(info.size or 0)
+
+    async def delete_result_objects(self, pipeline_slug: str, object_names: Iterable[str]) -> None:
+        """Remove these result objects (those already gone are no error)."""
+        store = None
+        for name in object_names:
+            store = store or await self.js.object_store(names.result_objects_bucket(pipeline_slug))
+            try:
+                await store.delete(name)
+            except OBJECT_GONE:
+                pass
+
+    async def job_result_objects(self, pipeline_slug: str, job_id: int) -> list[str]:
+        """The names of the job's result objects still in its pipeline's bucket (uploaded and never taken: a
+        service that stopped between its upload and its publish)."""
+        try:
+            store = await self.js.object_store(names.result_objects_bucket(pipeline_slug))
+            listed = await store.list(ignore_deletes=True)
+        except OBJECT_GONE:  # (nats-py: an empty bucket is NotFoundError)
+            return []
+        return [o.name for o in listed if o.name.startswith(names.result_object_prefix(job_id)) and not o.deleted]
 
     @staticmethod
     def _tasks_stream_config(pipeline_slug: str, max_jobs: int | None, replicas: int | None) -> StreamConfig:
@@ -704,6 +776,12 @@ class TaskQueue:
         await self.confirm_sent(5)
 
 
+def object_meta(name: str, max_payload: int) -> ObjectMeta:
+    """An object's metadata with chunks that fit one message of a server whose max_payload is `max_payload`."""
+    return ObjectMeta(name=name, options=ObjectMetaOptions(max_chunk_size=max(min(OBJECT_CHUNK_BYTES,
+                                                                                 max_payload - 4096), 1024)))
+
+
 def task_headers(task: Task) -> dict[str, str]:
     return {names.HDR_MSG_ID: names.task_msg_id(task.job_id, task.image_id),
             names.HDR_JOB_ID: str(task.job_id), names.HDR_IMAGE_ID: task.image_id}
@@ -764,6 +842,18 @@ class SyncTaskQueue:
 
     def job_consumers(self, pipeline_slug: str | None = None) -> list[JobConsumer]:
         return self._run("job_consumers", self.queue.job_consumers(pipeline_slug))
+
+    def result_object(self, pipeline_slug: str, name: str) -> bytes | None:
+        return self._run("result_object", self.queue.result_object(pipeline_slug, name))
+
+    def result_object_size(self, pipeline_slug: str, name: str) -> int | None:
+        return self._run("result_object_size", self.queue.result_object_size(pipeline_slug, name))
+
+    def delete_result_objects(self, pipeline_slug: str, object_names: Iterable[str]) -> None:
+        self._run("delete_result_objects", self.queue.delete_result_objects(pipeline_slug, object_names))
+
+    def job_result_objects(self, pipeline_slug: str, job_id: int) -> list[str]:
+        return self._run("job_result_objects", self.queue.job_result_objects(pipeline_slug, job_id))
 
     def publish_tasks(self, tasks: Iterable[Task], *, chunk: int = PUBLISH_CHUNK,
                       headers: dict[str, str] | None = None) -> list[Published]:

@@ -2,7 +2,8 @@
 
 A service user may do what the wire contract asks of a service for its pipelines and nothing else: list
 and read its pipelines' job consumers, pull their tasks, send `+WPI` on their reply subjects, publish
-results on its pipelines' result subjects, read replies on its own inbox prefix (`_INBOX.<user>`, the
+results on its pipelines' result subjects (and put those too large for a message in its pipelines' result
+buckets), read replies on its own inbox prefix (`_INBOX.<user>`, the
 SDK's default for that user), and hear its pipelines' new jobs announced (`pipeline.jobs.<slug>`).
 Another pipeline's tasks, results and replies, jetpipe's own replies and the advisories are out of its
 reach: NATS refuses them, whatever the service's code does. (A permission matches whole subject tokens
@@ -25,9 +26,14 @@ def service_permissions(user: str, pipelines: list[str]) -> dict:
     publish = ["$JS.API.INFO"]
     for slug in pipelines:
         stream = names.tasks_stream(slug)
+        bucket = names.result_objects_bucket(slug)
         publish += [f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.CONSUMER.LIST.{stream}",
                     f"$JS.API.CONSUMER.NAMES.{stream}", f"$JS.API.CONSUMER.INFO.{stream}.*",
-                    f"$JS.API.CONSUMER.MSG.NEXT.{stream}.*", f"$JS.ACK.{stream}.>", f"pipeline.results.{slug}.>"]
+                    f"$JS.API.CONSUMER.MSG.NEXT.{stream}.*", f"$JS.ACK.{stream}.>", f"pipeline.results.{slug}.>",
+                    # its bucket for results too large for one message: put (and look up) objects there
+                    f"$JS.API.STREAM.INFO.OBJ_{bucket}", f"$JS.API.STREAM.MSG.GET.OBJ_{bucket}",
+                    f"$JS.API.DIRECT.GET.OBJ_{bucket}", f"$JS.API.DIRECT.GET.OBJ_{bucket}.>",
+                    f"$JS.API.STREAM.PURGE.OBJ_{bucket}", f"$O.{bucket}.>"]
     subscribe = [f"_INBOX.{user}.>", *(names.job_announcements(slug) for slug in pipelines)]
     return {"publish": {"allow": publish}, "subscribe": {"allow": subscribe}}
 

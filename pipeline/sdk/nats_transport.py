@@ -18,7 +18,9 @@
   tasks' tokens and reply subjects comma-separated in the headers), after at most `batch_linger_s`, or at
   once when no other task of the job is running or waiting here (nothing more could join it); one
   message per batch is what lets the workers save a thousand images a second (docs/performance.md). Error
-  results go out one per image, at once. `batch_size=1` turns batching off;
+  results go out one per image, at once. `batch_size=1` turns batching off. A batch too large for one message
+  is split in halves; one image's result too large on its own is put in the pipeline's object store bucket
+  and a reference to it is published instead (up to MAX_RESULT_OBJECT_BYTES; "Big results" in the contract);
 - learns of a new job the moment it is announced on `pipeline.jobs.<slug>`, and lists the job consumers
   every REFRESH_S as well (an announcement is a hint that can be missed).
 """
@@ -29,9 +31,12 @@ import asyncio
 import collections
 import dataclasses
 import functools
+import hashlib
+import json
 import logging
 import time
 import urllib.parse
+import uuid
 
 import msgspec
 import nats.errors
@@ -42,10 +47,11 @@ from opentelemetry.trace import SpanKind
 
 from pipeline import fairshare, names
 from pipeline.infra import tracing
+from pipeline.infra.crashpoints import crash_point
 from pipeline.infra.natswatch import round_trip
 from pipeline.infra.outage import Outage
 from pipeline.infra.taskqueue import NATS_FAILURES, TaskQueue, take_waiting
-from pipeline.schemas import ErrorResult, Result, SuccessResult, decode_task, encode
+from pipeline.schemas import MAX_RESULT_OBJECT_BYTES, ErrorResult, Result, SuccessResult, decode_task, encode
 from pipeline.sdk.transport import Service
 
 log = logging.getLogger(__name__)
@@ -498,15 +504,52 @@ class NatsTransport:
                     await self._send(queue, job_id, _Batch(batch.replies[part], batch.results[part],
                                                            batch.tokens[part], batch.trace))
                 return
-            image_id = result.source_images[0].id if isinstance(result, SuccessResult) else result.image_id
-            too_large = ErrorResult(error=f"result of {len(encode(result))} bytes is larger than the NATS server "
-                                          f"accepts (max_payload {queue.nc.max_payload})", image_id=image_id)
-            await self._send(queue, job_id, _Batch(batch.replies, [too_large], batch.tokens, batch.trace))
+            try:
+                await self._send_as_object(queue, job_id, batch, result)
+            except Exception as exc:  # noqa: BLE001 - one result's trouble must not stop the service
+                log.warning("service %s: job=%s result object not sent, task(s) left to redelivery: %s",
+                            self.service.name, job_id, str(exc) or type(exc).__name__)
         except Exception as exc:  # noqa: BLE001 - one batch's trouble must not stop the service
             images = ([i.id for i in result.source_images] if isinstance(result, SuccessResult)
                       else [result.image_id or "?"])
             log.warning("service %s: job=%s image=%s result not published, task(s) left to redelivery: %s",
                         self.service.name, job_id, ",".join(images), exc)
+
+    async def _send_as_object(self, queue: TaskQueue, job_id: int, batch: _Batch, result: Result) -> None:
+        """One task's result too large for a message: put it in the pipeline's bucket and publish a reference to
+        it (docs/processing-services.md, "Big results"); over MAX_RESULT_OBJECT_BYTES, an error result instead."""
+        body = encode(result)
+        image_id = result.source_images[0].id if isinstance(result, SuccessResult) else result.image_id
+        if len(body) > MAX_RESULT_OBJECT_BYTES:
+            too_large = ErrorResult(error=f"result of {len(body)} bytes is larger than {MAX_RESULT_OBJECT_BYTES} "
+                                          "bytes, the most one image may have", image_id=image_id)
+            await self._send(queue, job_id, _Batch(batch.replies, [too_large], batch.tokens, batch.trace))
+            return
+        name = f"{names.result_object_prefix(job_id)}{uuid.uuid4().hex}"
+        # the upload may outlast what is left of the task's lease: keep it (the task is not done until published)
+        leases = asyncio.create_task(self._keep_replies_alive(queue, batch.replies, self._ack_wait.get(job_id, 30.0)))
+        try:
+            await asyncio.wait_for(queue.put_result_object(self.service.pipeline, name, body),
+                                   PUBLISH_TIMEOUT_S + len(body) / 2**20)
+        finally:
+            leases.cancel()
+        crash_point("after_result_object", job=job_id)
+        reference = json.dumps({"result_object": name, "size": len(body),
+                                "sha256": hashlib.sha256(body).hexdigest()}).encode()
+        await self._publish(queue, job_id, batch.replies, batch.tokens, reference, batch.trace, result_object=name)
+        log.info("service %s: job=%s image=%s result of %s bytes sent as object %s", self.service.name, job_id,
+                 image_id, len(body), name)
+
+    @staticmethod
+    async def _keep_replies_alive(queue: TaskQueue, replies: list[str], ack_wait_s: float) -> None:
+        """+WPI on these tasks' reply subjects at once, then every ack_wait/3."""
+        while True:
+            try:
+                for reply in replies:
+                    await queue.nc.publish(reply, b"+WPI")
+            except Exception:  # noqa: BLE001 - a lost +WPI only risks a redelivery
+                return
+            await asyncio.sleep(max(ack_wait_s / 3, 0.2))
 
     async def _run_handler(self, msg) -> Result:
         headers = msg.headers or {}
@@ -531,12 +574,15 @@ class NatsTransport:
             await asyncio.sleep(every)
 
     async def _publish(self, queue: TaskQueue, job_id: int, replies: list[str], tokens: list[str],
-                       result: Result, trace: str | None) -> None:
-        body = encode(result)
+                       result: Result | bytes, trace: str | None, *, result_object: str | None = None) -> None:
+        """Publish a result (or, with `result_object`, the reference to the object holding it)."""
+        body = result if isinstance(result, bytes) else encode(result)
         headers = {names.HDR_TASK_REPLY: names.join_task_replies(replies),
                    names.HDR_TASK_TOKEN: ",".join(t for t in tokens if t)}
         if trace:
             headers[tracing.TRACEPARENT] = trace
+        if result_object:
+            headers[names.HDR_RESULT_OBJECT] = result_object
         for attempt in range(1, PUBLISH_ATTEMPTS + 1):
             try:
                 subject = names.result_subject(self.service.pipeline, job_id)

@@ -16,8 +16,10 @@ Everything here runs on the process's event loop thread (the runtime's), where i
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -29,7 +31,7 @@ from pipeline import names
 from pipeline.errors import TooLarge, TransientError
 from pipeline.infra import tracing
 from pipeline.infra.taskqueue import NATS_FAILURES, TaskQueue, no_responders, take_waiting
-from pipeline.schemas import decode_task
+from pipeline.schemas import MAX_RESULT_OBJECT_BYTES, decode_task
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ FETCH_WAIT_S = 0.5
 PUBLISH_TIMEOUT_S = 10.0
 #: Seconds between two looks for ended jobs whose subscriptions the gateway still holds.
 TIDY_S = 10.0
+#: Bytes of a message kept for its headers: a result larger than max_payload less this goes as an object.
+HEADROOM_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -144,16 +148,14 @@ class Gateway:
         each confirmed by the results stream; their sequences in it. TransientError if it cannot be reached or
         does not confirm them all."""
         subject = names.result_subject(pipeline_slug, job_id)
-        limit = self.queue.nc.max_payload
-        over = [reply for reply, body, _, _ in results if len(body) > limit]
-        if over:  # NATS cannot carry it: no retry can help
-            raise TooLarge(f"{len(over)} result(s) are larger than the {limit} bytes NATS carries in one message "
-                           "(max_payload); nothing of the request was published")
+        over = [reply for reply, body, _, _ in results if len(body) > MAX_RESULT_OBJECT_BYTES]
+        if over:  # no retry can help
+            raise TooLarge(f"{len(over)} result(s) are larger than {MAX_RESULT_OBJECT_BYTES} bytes, the most one "
+                           "image may have; nothing of the request was published")
         try:
-            answers = await self.queue.requests.send(
-                [(subject, body, {names.HDR_TASK_REPLY: reply, names.HDR_TASK_TOKEN: token,
-                                  **({tracing.TRACEPARENT: trace} if trace else {})})
-                 for reply, body, token, trace in results], timeout=PUBLISH_TIMEOUT_S)
+            messages = [await self._message(job_id, pipeline_slug, *result) for result in results]
+            answers = await self.queue.requests.send([(subject, body, headers) for body, headers in messages],
+                                                     timeout=PUBLISH_TIMEOUT_S)
         except NATS_FAILURES as exc:
             raise TransientError(f"results stream unavailable: {str(exc) or type(exc).__name__}") from exc
         seqs = []
@@ -165,6 +167,21 @@ class Gateway:
                 raise TransientError(f"results stream refused a result: {ack['error'].get('description')}")
             seqs.append(int(ack.get("seq", 0)))
         return seqs
+
+    async def _message(self, job_id: int, pipeline_slug: str, reply: str, body: bytes, token: str,
+                       trace: str | None) -> tuple[bytes, dict[str, str]]:
+        """The result message for one task: its result as it came, or, when that is too large for one message,
+        a reference to the object it is put in (docs/processing-services.md, "Big results")."""
+        headers = {names.HDR_TASK_REPLY: reply, names.HDR_TASK_TOKEN: token}
+        if trace:
+            headers[tracing.TRACEPARENT] = trace
+        if len(body) <= self.queue.nc.max_payload - HEADROOM_BYTES:
+            return body, headers
+        name = f"{names.result_object_prefix(job_id)}{uuid.uuid4().hex}"
+        await self.queue.put_result_object(pipeline_slug, name, body)
+        headers[names.HDR_RESULT_OBJECT] = name
+        reference = {"result_object": name, "size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+        return json.dumps(reference).encode(), headers
 
     async def in_progress(self, reply_subjects: list[str]) -> None:
         """+WPI: the caller still works on these tasks (their ack_wait starts again)."""
