@@ -75,6 +75,8 @@ async def attack(url_b: str, job_a: Job, reply_of_a: str) -> list[str]:
                 (f"pipeline.results.{job_a.id}", body),  # the same, on the older subject
                 (reply_of_a, b"+ACK"),  # ACK a task of A
                 (reply_of_a, b"+TERM image=1"),  # TERM it
+                (f"$JS.API.STREAM.INFO.OBJ_{names.result_objects_bucket(moth.SLUG)}", b""),  # A's big results
+                (f"$O.{names.result_objects_bucket(moth.SLUG)}.C.forged", b"x"),  # put an object in A's bucket
         ):
             await nc.publish(subject, payload, reply=f"_INBOX.lab-b.{len(refused)}")
         # a result on its own pipeline's subject, naming job A: NATS lets it through; jetpipe refuses it
@@ -114,7 +116,8 @@ def test_two_services_with_their_own_users_run_side_by_side_and_cannot_touch_eac
         stream = names.tasks_stream(moth.SLUG).lower()
         for subject in ("_inbox.jetpipe-service.>", "_inbox.>", "pipeline.tasks.>", f"pipeline.jobs.{moth.SLUG}",
                         f"$js.api.consumer.list.{stream}", f"$js.api.consumer.msg.next.{stream}.job-{job_a.id}",
-                        f"pipeline.results.{moth.SLUG}.{job_a.id}", f"pipeline.results.{job_a.id}", replies.lower()):
+                        f"pipeline.results.{moth.SLUG}.{job_a.id}", f"pipeline.results.{job_a.id}", replies.lower(),
+                        f"$js.api.stream.info.obj_results_{moth.SLUG}", f"$o.results_{moth.SLUG}.c.forged"):
             assert f'"{subject}"' in text, (subject, refused)
         # (while each team's own user hears its pipeline's new jobs announced)
         assert asyncio.run(hears_announcements(urls["jetpipe-service"], moth.SLUG))
