@@ -31,11 +31,13 @@ def flush_redis(url: str) -> None:
 
 
 async def flush_nats(url: str, *, creds: str = "", tls_ca: str = "") -> list[str]:
-    """Delete jetpipe's streams (every pipeline's tasks, results, advisories and every consumer on them)."""
+    """Delete jetpipe's streams (every pipeline's tasks and result bucket, results, advisories and every consumer
+    on them)."""
     queue = await TaskQueue.connect(url, name="jetpipe-chaos", creds=creds, tls_ca=tls_ca)
     deleted = []
     try:
-        tasks = [names.tasks_stream(slug) for slug in await queue.task_stream_pipelines()]
+        slugs = await queue.task_stream_pipelines()
+        tasks = [names.tasks_stream(slug) for slug in slugs] + [f"OBJ_{names.result_objects_bucket(s)}" for s in slugs]
         for stream in (*tasks, names.RESULTS_STREAM, names.ADVISORIES_STREAM):
             try:
                 await queue.js.delete_stream(stream)
