@@ -644,7 +644,8 @@ def failures(job_id: int, limit: int | None, as_json: bool) -> None:
 def results(job_id: int, fmt: str, output: str | None) -> None:
     """Export a job's results (streamed: constant memory however many detections)."""
     from pipeline.errors import UserInputError
-    from pipeline.ops.export import FILE_FORMATS, export, write_file
+    from pipeline.ops.export import FILE_FORMATS, export
+    from pipeline.ops.result_files import write_file
 
     bind_db()
     if fmt in FILE_FORMATS:

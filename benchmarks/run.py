@@ -186,8 +186,9 @@ print(json.dumps({"elapsed_s": elapsed, "status": job.status, "detections": stag
 
 
 RSS = """
-import resource
-print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM: the peak of this process alone (ru_maxrss would keep, across exec, that of the process it was forked from)
+peak_kb = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")][0].split()[1]
+print(json.dumps({"rss_mb": int(peak_kb) / 1024}))
 """
 
 

@@ -82,8 +82,10 @@ def handle_result_message(runtime, job_id: int, body: bytes, reply: str | None, 
     return Handled(action, job.status if job else None, snapshot)
 
 
-def fake_job(pipeline: str, n: int, *, prefix: str = "file:///nowhere/img", **kwargs) -> Job:
-    return create_job(pipeline, [f"{prefix}-{i}.png" for i in range(n)], **kwargs)
+def fake_job(pipeline: str, n: int, *, prefix: str = "file:///nowhere/img", reuse: bool = False, **kwargs) -> Job:
+    """A job over `n` made-up images (the same URLs in every such job of a test: so that each job processes its
+    own, reuse is off unless asked for)."""
+    return create_job(pipeline, [f"{prefix}-{i}.png" for i in range(n)], reuse=reuse, **kwargs)
 
 
 def settings_on(database_url: str, nats_url: str, redis_url: str, **overrides) -> Settings:

@@ -241,7 +241,9 @@ def test_the_compose_commands_run_a_job_outside_docker(topology, tmp_path, pg_da
         # When a job is enqueued through the CLI
         directory, truth = trap_images
         urls = [f"file://{directory}/{n}" for n in sorted(truth)[:20]]
-        enqueue = subprocess.run([sys.executable, "cli.py", "enqueue-job", "--pipeline", moth.SLUG, "--json", *urls],
+        # (--no-reuse: both topologies run on one database, and the second would reuse the first one's results)
+        enqueue = subprocess.run([sys.executable, "cli.py", "enqueue-job", "--pipeline", moth.SLUG, "--json",
+                                  "--no-reuse", *urls],
                                  cwd=PROJECT, env=env, capture_output=True, text=True, timeout=60)
         assert enqueue.returncode == 0, enqueue.stderr
         job_id = json.loads(enqueue.stdout)["id"]
@@ -259,15 +261,26 @@ def test_the_compose_commands_run_a_job_outside_docker(topology, tmp_path, pg_da
         # and every stream has the topology's replicas
         streams = {s["name"]: s["config"]["num_replicas"]
                    for account in jetstream_ready(nats_http_port)["account_details"] for s in account["stream_detail"]}
-        assert set(streams.values()) == {1 if topology == "single" else 3} and len(streams) == 3, streams
-        # and the workers' metrics endpoints show the job's images between them
-        expositions = []
-        for port in metrics_ports:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-                expositions.append(response.read().decode())
+        assert set(streams.values()) == {1 if topology == "single" else 3} and len(streams) == 4, streams  # (and
+        # the pipeline's bucket for big results, OBJ_RESULTS_moth-demo)
+        # and the workers' metrics endpoints show the job's images between them (each serves them from a process
+        # of its own, which may still be starting when a 20-image job is already over)
         processed = re.compile(r'jetpipe_images_total\{outcome="processed",pipeline="moth-demo"\} ([\d.]+)')
-        assert sum(float(m.group(1)) for e in expositions for m in processed.finditer(e)) == 20
-        assert "jetpipe_result_handling_seconds_count" in "".join(expositions)
+
+        def expositions() -> list[str] | None:
+            found = []
+            for port in metrics_ports:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                        found.append(response.read().decode())
+                except OSError:
+                    return None
+            counted = sum(float(m.group(1)) for e in found for m in processed.finditer(e))
+            return found if counted == 20 else None
+
+        wait_for(expositions, timeout_s=30, interval_s=0.5, message="the workers' metrics to count 20 images")
+        exposed = expositions() or []
+        assert "jetpipe_result_handling_seconds_count" in "".join(exposed)
         # and the same ports answer the orchestrator's probes
         for port in metrics_ports:
             for probe, expected_body in (("healthz", {"status": "alive"}),

@@ -30,7 +30,7 @@ def test_a_job_over_processed_images_sends_only_the_new_and_the_failed_ones(runt
     answer(runtime, first.id, tasks, failing={failed})
     assert Job.get_by_id(first.id).status == JobStatus.SUCCESS
     # When a job over those 6 and 2 new images is made
-    second = fake_job(moth_pipeline, 8)
+    second = fake_job(moth_pipeline, 8, reuse=True)
     assert second.reused_images == 5
     dispatch(runtime, second.id)
     # Then only 3 tasks are published (the failed image and the new ones), and the reused show as processed
@@ -54,7 +54,7 @@ def test_a_job_whose_images_were_all_processed_ends_at_once(runtime, moth_pipeli
     first = fake_job(moth_pipeline, 3)
     dispatch(runtime, first.id)
     answer(runtime, first.id, pull_tasks(runtime, first.id, 3))
-    again = fake_job(moth_pipeline, 3)
+    again = fake_job(moth_pipeline, 3, reuse=True)
     dispatch(runtime, again.id)
     ended = Job.get_by_id(again.id)
     assert (ended.status, ended.reused_images, ended.cleaned_up_at is not None) == (JobStatus.SUCCESS, 3, True)
@@ -67,14 +67,14 @@ def test_reuse_off_or_a_new_pipeline_version_processes_everything(runtime, moth_
     dispatch(runtime, first.id)
     answer(runtime, first.id, pull_tasks(runtime, first.id, 4))
     # reuse turned off for one job
-    off = fake_job(moth_pipeline, 4, reuse=False)
+    off = fake_job(moth_pipeline, 4)  # (the helper's default: reuse off)
     assert off.reused_images is None
     jobs.cancel(runtime, off.id, by="test")
     # the pipeline registered again with a new version of its classifier: a new version, nothing reused
     spec = json.loads(json.dumps(moth.PIPELINE_SPEC))
     spec["algorithms"][1]["version"] = "2"
     register_pipeline(decode_pipeline_spec(json.dumps(spec).encode(), source="test"), for_service="svc")
-    renewed = fake_job(moth_pipeline, 4)
+    renewed = fake_job(moth_pipeline, 4, reuse=True)
     assert renewed.reused_images is None
     dispatch(runtime, renewed.id)
     assert stream_count(runtime, renewed.id, moth_pipeline) == 4
@@ -83,4 +83,4 @@ def test_reuse_off_or_a_new_pipeline_version_processes_everything(runtime, moth_
     register_pipeline(decode_pipeline_spec(json.dumps(spec).encode(), source="test"), for_service="svc")
     assert JobImage.select().where(JobImage.job == renewed.id).count() == 4
     answer(runtime, renewed.id, pull_tasks(runtime, renewed.id, 4))
-    assert fake_job(moth_pipeline, 4).reused_images == 4
+    assert fake_job(moth_pipeline, 4, reuse=True).reused_images == 4

@@ -25,6 +25,7 @@ from pipeline.core import jobs
 from pipeline.core.manifests import Row
 from pipeline.errors import UserInputError
 from pipeline.ops import export
+from pipeline.ops.result_files import write_file
 from tests.conftest import PROJECT, subprocess_env
 from tests.helpers import dispatch, error_body, handle_result_message, pull_tasks, success_body
 from tests.web_helpers import TOKENS_SETTING, WebServer, bearer
@@ -55,7 +56,7 @@ def night(runtime, moth_pipeline, trap_images, *, meta: bool = True):
 
 def test_parquet_holds_the_csv_rows_typed(runtime, moth_pipeline, trap_images, tmp_path):
     job, _ = night(runtime, moth_pipeline, trap_images)
-    rows = export.write_file(job.id, "parquet", str(tmp_path / "r.parquet"))
+    rows = write_file(job.id, "parquet", str(tmp_path / "r.parquet"))
     table = pq.read_table(tmp_path / "r.parquet")
     as_csv = list(csv.DictReader(io.StringIO("".join(export.export(job.id, "csv")))))
     assert table.num_rows == rows == len(as_csv) == 3 * 2 + 1 + 1  # a row per classification; one per empty image
@@ -72,7 +73,7 @@ def camtrap(job_id: int, tmp_path: Path) -> Path:
     """The job's package, unzipped, with its schemas pointing at the standard's copies (frictionless reads them
     from the package's directory)."""
     zipped = tmp_path / "package.zip"
-    export.write_file(job_id, "camtrap-dp", str(zipped))
+    write_file(job_id, "camtrap-dp", str(zipped))
     unpacked = tmp_path / "package"
     with zipfile.ZipFile(zipped) as package:
         assert sorted(package.namelist()) == ["datapackage.json", "deployments.csv", "media.csv", "observations.csv"]
@@ -131,7 +132,7 @@ def test_a_job_without_the_metadata_the_standard_needs_is_refused_and_writes_not
     job, _ = night(runtime, moth_pipeline, trap_images, meta=False)
     (tmp_path / "out").mkdir()
     with pytest.raises(UserInputError, match="5 image.s. lack a deployment, timestamp, latitude or longitude"):
-        export.write_file(job.id, "camtrap-dp", str(tmp_path / "out" / "p.zip"))
+        write_file(job.id, "camtrap-dp", str(tmp_path / "out" / "p.zip"))
     assert list((tmp_path / "out").iterdir()) == []
 
 

@@ -56,27 +56,19 @@ def export(job_id: int, fmt: str) -> Iterator[str]:
     before anything is produced."""
     if fmt not in FORMATS:
         raise UserInputError(f"unknown results format {fmt!r} (use {' or '.join(FORMATS)})")
-    return (_jsonl if fmt == "jsonl" else _csv)(_job(job_id))
+    return (_jsonl if fmt == "jsonl" else _csv)(job_to_export(job_id))
 
 
-def _job(job_id: int) -> Job:
+def job_to_export(job_id: int) -> Job:
     job = Job.get_or_none(Job.id == job_id)
     if job is None:
         raise NotFound(f"no job {job_id}")
     return job
 
 
-def write_file(job_id: int, fmt: str, path: str) -> int:
-    """Write the job's results to `path` in a binary format (FILE_FORMATS: parquet, camtrap-dp, a zip of the
-    Camera Trap Data Package); how many rows. NotFound or UserInputError before anything is written."""
-    if fmt not in FILE_FORMATS:
-        raise UserInputError(f"unknown results file format {fmt!r} (use {' or '.join(FILE_FORMATS)})")
-    job = _job(job_id)
-    if fmt == "parquet":
-        return _parquet(job, path)
-    from pipeline.ops.camtrap import write_package
-
-    return write_package(job, path)
+def write_parquet(job_id: int, path: str) -> int:
+    """Write the job's results to `path` as Parquet (the CSV's rows, typed); how many rows. NotFound first."""
+    return _parquet(job_to_export(job_id), path)
 
 
 #: Parquet column types, in CSV_COLUMNS' order.

@@ -23,7 +23,7 @@ from pipeline.core.manifests import Row
 from pipeline.core.registry import existing_pipeline, list_pipelines, register_pipeline
 from pipeline.errors import NotFound, NothingToDo, UserInputError
 from pipeline.infra import backlog, dlq
-from pipeline.ops import actions, bulk, export, schedule
+from pipeline.ops import actions, bulk, export, result_files, schedule
 from pipeline.ops.health import build_report
 from pipeline.ops.job_views import (
     failed_images,
@@ -309,7 +309,7 @@ def _checked_file(job_id: int, fmt: str, who: Principal) -> str:
     try:
         with models.thread_connection():
             actions.existing_job(job_id, who.projects)
-            export.write_file(job_id, fmt, path)
+            result_files.write_file(job_id, fmt, path)
     except BaseException:
         os.remove(path)
         raise
