@@ -414,3 +414,36 @@ def wait_for(predicate, *, timeout_s: float = 60, interval_s: float = 0.1, messa
             return value
         time.sleep(interval_s)
     pytest.fail(f"timed out after {timeout_s} s waiting for {message}")
+
+
+#: The passwords the shipped NATS users read from the server's environment, in tests that run deploy/nats.conf.
+NATS_PASSWORDS = {"JETPIPE_NATS_WORKER_PASSWORD": "w0rker-pw", "JETPIPE_NATS_OPERATOR_PASSWORD": "0perator-pw",
+                  "JETPIPE_NATS_SERVICE_PASSWORD": "serv1ce-pw", "JETPIPE_NATS_LAB_B_PASSWORD": "lab-b-pw"}
+
+
+@pytest.fixture
+def two_teams(tmp_path):
+    """nats-server with deploy/nats.conf as shipped plus a user `lab-b` for pipeline `birds`, and a Redis:
+    (url of each NATS user, redis url)."""
+    from pipeline.ops.devstack import Server, binary, free_port, wait_for_port
+    from pipeline.ops.nats_users import service_user_block
+    from tests.helpers import shipped_nats_conf
+
+    nats_port, http_port, redis_port = free_port(), free_port(), free_port()
+    conf = shipped_nats_conf(tmp_path, "nats.conf", port=nats_port, http_port=http_port)
+    users = (tmp_path / "nats-users.conf").read_text()
+    block = service_user_block("lab-b", ["birds"])
+    (tmp_path / "nats-users.conf").write_text(users.replace("\n  ]\n}", f"\n{block}\n  ]\n}}"))
+    nats = Server("nats", [binary("nats-server"), "-c", str(conf)], nats_port, tmp_path / "nats.log")
+    with open(nats.log_path, "ab") as log:
+        nats.proc = subprocess.Popen(nats.args, stdout=log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **NATS_PASSWORDS})
+    wait_for_port(nats_port, proc=nats.proc)
+    redis = Server("redis", [binary("redis-server"), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                             "--dir", str(tmp_path)], redis_port, tmp_path / "redis.log").start()
+    urls = {user: f"nats://{user}:{NATS_PASSWORDS[f'JETPIPE_NATS_{key}_PASSWORD']}@127.0.0.1:{nats_port}"
+            for user, key in (("jetpipe-worker", "WORKER"), ("jetpipe-operator", "OPERATOR"),
+                              ("jetpipe-service", "SERVICE"), ("lab-b", "LAB_B"))}
+    yield urls, f"redis://127.0.0.1:{redis_port}/0"
+    nats.stop()
+    redis.stop()

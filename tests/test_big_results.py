@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -20,15 +19,12 @@ from pipeline.core import inbox
 from pipeline.core.jobs import create_job, start_job
 from pipeline.core.registry import register_pipeline
 from pipeline.infra.runtime import Runtime, set_runtime
-from pipeline.ops.devstack import Server, binary, free_port, wait_for_port
 from pipeline.schemas import decode_pipeline_spec
 from pipeline.sdk import moth
 from tests.conftest import PROJECT, kill_group, subprocess_env, wait_for
-from tests.helpers import dispatch, fake_job, pull_tasks, settings_on, shipped_nats_conf, success_body, take_and_save
+from tests.helpers import dispatch, fake_job, pull_tasks, settings_on, success_body, take_and_save
 from tests.web_helpers import TOKENS, TOKENS_SETTING, WebServer
 
-PASSWORDS = {"JETPIPE_NATS_WORKER_PASSWORD": "w0rker-pw", "JETPIPE_NATS_OPERATOR_PASSWORD": "0perator-pw",
-             "JETPIPE_NATS_SERVICE_PASSWORD": "serv1ce-pw"}
 #: Classes each classification scores: 200 detections of an image, each with its 12,500 scores, make a result
 #: of about 20 MB (the reference system's users see 8 to 17 MB of JSON per image for dense detections).
 CLASSES, BOXES = 12_500, 200
@@ -54,30 +50,10 @@ asyncio.run(ProcessingService("moth-demo", dense, nats_url=get_settings().nats_u
 """
 
 
-@pytest.fixture
-def secured(tmp_path):
-    """nats-server as deploy/nats.conf ships it (a user per role; max_payload 8 MB), and a Redis: (url of each
-    NATS user, redis url)."""
-    nats_port, http_port, redis_port = free_port(), free_port(), free_port()
-    conf = shipped_nats_conf(tmp_path, "nats.conf", port=nats_port, http_port=http_port)
-    nats = Server("nats", [binary("nats-server"), "-c", str(conf)], nats_port, tmp_path / "nats.log")
-    with open(nats.log_path, "ab") as log:
-        nats.proc = subprocess.Popen(nats.args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **PASSWORDS})
-    wait_for_port(nats_port, proc=nats.proc)
-    redis = Server("redis", [binary("redis-server"), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                             "--dir", str(tmp_path)], redis_port, tmp_path / "redis.log").start()
-    urls = {user: f"nats://{user}:{PASSWORDS[f'JETPIPE_NATS_{key}_PASSWORD']}@127.0.0.1:{nats_port}"
-            for user, key in (("jetpipe-worker", "WORKER"), ("jetpipe-operator", "OPERATOR"),
-                              ("jetpipe-service", "SERVICE"))}
-    yield urls, f"redis://127.0.0.1:{redis_port}/0"
-    nats.stop()
-    redis.stop()
-
-
 @pytest.mark.slow
 def test_a_20_mb_result_goes_through_the_bucket_even_when_its_service_dies_between_upload_and_publish(
-        secured, sqlite_url, worker_factory, tmp_path):
-    urls, redis_url = secured
+        two_teams, sqlite_url, worker_factory, tmp_path):
+    urls, redis_url = two_teams  # (the shipped NATS users; lab-b plays no part here)
     register_pipeline(decode_pipeline_spec(json.dumps(moth.PIPELINE_SPEC).encode(), source="test"))
     worker_factory(settings_on(sqlite_url, urls["jetpipe-worker"], redis_url, PIPELINE_NATS_TASK_TTR=4,
                                PIPELINE_NATS_MAX_DELIVER=3))

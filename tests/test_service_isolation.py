@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
 
 import nats as nats_py
 import pytest
@@ -18,40 +16,13 @@ from pipeline import names
 from pipeline.core.jobs import create_job, start_job
 from pipeline.core.registry import register_pipeline
 from pipeline.infra.runtime import Runtime, set_runtime
-from pipeline.ops.devstack import Server, binary, free_port, wait_for_port
-from pipeline.ops.nats_users import service_user_block
 from pipeline.schemas import decode_pipeline_spec, decode_result
 from pipeline.sdk import moth
 from pipeline.settings import Settings
 from tests.conftest import wait_for
-from tests.helpers import settings_on, shipped_nats_conf, success_body
+from tests.helpers import settings_on, success_body
 
-PASSWORDS = {"JETPIPE_NATS_WORKER_PASSWORD": "w0rker-pw", "JETPIPE_NATS_OPERATOR_PASSWORD": "0perator-pw",
-             "JETPIPE_NATS_SERVICE_PASSWORD": "serv1ce-pw", "JETPIPE_NATS_LAB_B_PASSWORD": "lab-b-pw"}
 BIRDS = {**moth.PIPELINE_SPEC, "slug": "birds", "name": "Birds"}
-
-
-@pytest.fixture
-def two_teams(tmp_path):
-    """nats-server with deploy/nats.conf as shipped plus a user `lab-b` for pipeline `birds`, and a Redis:
-    (url of each NATS user, redis url)."""
-    nats_port, http_port, redis_port = free_port(), free_port(), free_port()
-    conf = shipped_nats_conf(tmp_path, "nats.conf", port=nats_port, http_port=http_port)
-    users = (tmp_path / "nats-users.conf").read_text()
-    block = service_user_block("lab-b", ["birds"])
-    (tmp_path / "nats-users.conf").write_text(users.replace("\n  ]\n}", f"\n{block}\n  ]\n}}"))
-    nats = Server("nats", [binary("nats-server"), "-c", str(conf)], nats_port, tmp_path / "nats.log")
-    with open(nats.log_path, "ab") as log:
-        nats.proc = subprocess.Popen(nats.args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **PASSWORDS})
-    wait_for_port(nats_port, proc=nats.proc)
-    redis = Server("redis", [binary("redis-server"), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                             "--dir", str(tmp_path)], redis_port, tmp_path / "redis.log").start()
-    urls = {user: f"nats://{user}:{PASSWORDS[f'JETPIPE_NATS_{key}_PASSWORD']}@127.0.0.1:{nats_port}"
-            for user, key in (("jetpipe-worker", "WORKER"), ("jetpipe-operator", "OPERATOR"),
-                              ("jetpipe-service", "SERVICE"), ("lab-b", "LAB_B"))}
-    yield urls, f"redis://127.0.0.1:{redis_port}/0"
-    nats.stop()
-    redis.stop()
 
 
 async def attack(url_b: str, job_a: Job, reply_of_a: str) -> list[str]:
