@@ -28,6 +28,8 @@ Figures (issue 6; targets in brackets):
                                                                                 [well under 1 s]
   reuse        re-enqueueing a 100,000-image collection processed before with 1,000 new images, vs the same
                job with reuse off (benchmarks/reuse.py)                [tasks published = the new images]
+  big          results of ~20 MB an image sent through the object store and saved, vs moving the same bytes
+               through it raw (benchmarks/big_results.py)
   s3           a job from an S3 prefix of 10,000 objects on a local S3-API server, run by the reference service
                through presigned URLs, vs the same images from a local folder (benchmarks/object_storage.py)
 """
@@ -899,6 +901,7 @@ def main() -> int:
     parser.add_argument("--fair-big", type=int, default=100_000, help="the running big job (stage fairness)")
     parser.add_argument("--gallery-images", type=int, default=1_000_000, help="the job's images (stage gallery)")
     parser.add_argument("--s3-images", type=int, default=10_000, help="objects under the prefix (stage s3)")
+    parser.add_argument("--big-images", type=int, default=10, help="images with a ~20 MB result (stage big)")
     parser.add_argument("--reuse-images", type=int, default=100_000,
                         help="the collection processed before (stage reuse); 1% more are new")
     parser.add_argument("--postgres", metavar="URL",
@@ -923,7 +926,7 @@ def main() -> int:
 
 
 STAGES = ("dispatch", "e2e", "small", "gateway", "workers", "cluster", "backlog", "sweep", "latency", "memory",
-          "fairness", "gallery", "reuse", "s3")
+          "fairness", "gallery", "reuse", "s3", "big")
 
 
 def measure(args, stack: DevStack, tmp: str) -> list[tuple]:
@@ -1012,6 +1015,10 @@ def measure(args, stack: DevStack, tmp: str) -> list[tuple]:
         if args.postgres:
             with throwaway_database(args.postgres) as url:
                 rows += reuse_collection(stack, env_for(stack, url), args.reuse_images, new, " [PostgreSQL]")
+    if "big" in args.stages:
+        from benchmarks.big_results import big_results
+
+        rows += big_results(stack, tmp, args.big_images)
     if "s3" in args.stages:
         from benchmarks.object_storage import s3_job
 
