@@ -160,6 +160,9 @@ class JobImage(BaseModel):
     meta = peewee.TextField(null=True)
     #: The earlier job whose saved results this image reuses (it was not processed again); None: its own.
     reused_from = peewee.BigIntegerField(null=True)
+    #: The ETag its object had when it was listed for the job (object storage); None: none known. An image is
+    #: reused only from a job that saw the same one.
+    etag = peewee.CharField(max_length=100, null=True)
 
     class Meta:
         indexes = (

@@ -268,3 +268,22 @@ def test_a_presigned_url_lives_at_least_a_whole_lease_and_at_most_seven_days():
         Settings.from_env({"PIPELINE_S3_URL_TTL": "700000"})
     with pytest.raises(ConfigError, match="PIPELINE_S3_ENDPOINT_URL must be an http"):
         Settings.from_env({"PIPELINE_S3_ENDPOINT_URL": "minio:9000"})
+
+
+def test_a_new_job_reuses_the_objects_it_saw_before_and_processes_a_replaced_one_again(
+        s3_settings, runtime, bucket, moth_pipeline, trap_images, service_factory, monkeypatch):
+    name, client = bucket
+    keys = upload(client, name, trap_images, count=3)
+    first = create_job(moth_pipeline, [f"s3://{name}/night-1/"])
+    dispatch(runtime, first.id)
+    service_factory(s3_settings, moth_pipeline, get_handler(moth_pipeline))
+    take_and_save(runtime, first.id, monkeypatch)
+    assert Job.get_by_id(first.id).status == JobStatus.SUCCESS
+    # When one of the objects is replaced under its key (another picture: another ETag)
+    client.put_object(Bucket=name, Key=keys[0], Body=pngs(trap_images)[-1].read_bytes())
+    again = create_job(moth_pipeline, [f"s3://{name}/night-1/"])
+    # Then the next job over the prefix reuses the two it saw as they are, and processes the replaced one
+    assert again.reused_images == 2
+    reprocessed = [url for (url,) in SourceImage.select(SourceImage.url).join(JobImage).where(
+        (JobImage.job == again.id) & JobImage.reused_from.is_null()).tuples()]
+    assert reprocessed == [f"s3://{name}/{keys[0]}"]

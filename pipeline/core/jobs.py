@@ -83,8 +83,8 @@ def _expanded(items: Iterable[str | manifests.Row], policy: ImagePolicy, *, over
             yield item
         elif is_prefix(url := item.strip()):
             policy.check_new(url, over_network=over_network)
-            yield from (manifests.Row(u, None) for u in objectstore.list_images(url, get_settings(),
-                                                                                 suffixes=suffixes))
+            yield from (manifests.Row(u, None, etag) for u, etag in objectstore.list_objects(
+                url, get_settings(), suffixes=suffixes))
         elif url:
             yield manifests.Row(url, None)
 
@@ -159,17 +159,20 @@ def create_job(pipeline_slug: str, urls: Iterable[str | manifests.Row], *, name:
             total = reused = 0
             listed = _expanded(urls, policy, over_network=over_network, suffixes=suffixes)
             for chunk in _chunks(_limited(listed, limit), CREATE_CHUNK):
-                metas: dict[str, str | None] = {}  # url -> its metadata as JSON (a url twice: the first says)
+                rows: dict[str, manifests.Row] = {}  # by url (a url twice: the first says)
                 for row in chunk:
-                    metas.setdefault(allowed(row.url), json.dumps(row.meta, ensure_ascii=False) if row.meta else None)
-                SourceImage.insert_many([{"url": u} for u in metas]).on_conflict_ignore().execute()
+                    rows.setdefault(allowed(row.url), row)
+                SourceImage.insert_many([{"url": u} for u in rows]).on_conflict_ignore().execute()
                 ids = dict(tuples(SourceImage.select(SourceImage.url, SourceImage.id)
-                                  .where(SourceImage.url.in_(list(metas)))))
+                                  .where(SourceImage.url.in_(list(rows)))))
                 earlier = reuse_.earlier_results(pipeline.id, pipeline.version if reuse else None,
                                                  list(ids.values()), before_job=job.id)
-                total += JobImage.insert_many([reuse_.job_image_row(job, i, metas[u], earlier.get(i))
-                                               for u, i in ids.items()]).on_conflict_ignore().as_rowcount().execute()
-                reused += bool(earlier)
+                made = [reuse_.job_image_row(job, i, json.dumps(rows[u].meta, ensure_ascii=False) if rows[u].meta
+                                             else None, rows[u].etag,
+                                             reuse_.same_content(earlier.get(i), rows[u].etag))
+                        for u, i in ids.items()]
+                total += JobImage.insert_many(made).on_conflict_ignore().as_rowcount().execute()
+                reused += any(r["reused_from"] for r in made)
             reused = reuse_.reused_count(job.id) if reused else 0
             if total == 0:
                 raise UserInputError("no images: the job would be empty")
@@ -406,9 +409,10 @@ def retry_failed(job_id: int) -> Job:
         raise UserInputError(f"job {job_id} is still {job.status}: retry its failed images once it has ended")
     if not JobImage.select().where((JobImage.job == job_id) & (JobImage.status == ImageStatus.FAILED)).exists():
         raise NothingToDo(f"job {job_id} has no failed images: nothing to retry")
-    failed = (JobImage.select(SourceImage.url, JobImage.meta).join(SourceImage)
+    failed = (JobImage.select(SourceImage.url, JobImage.meta, JobImage.etag).join(SourceImage)
               .where((JobImage.job == job_id) & (JobImage.status == ImageStatus.FAILED)).order_by(JobImage.image))
-    rows = (manifests.Row(url, json.loads(meta) if meta else None) for url, meta in tuples(failed, stream=True))
+    rows = (manifests.Row(url, json.loads(meta) if meta else None, etag)
+            for url, meta, etag in tuples(failed, stream=True))
     return create_job(job.pipeline.slug, rows, name=f"retry of job {job_id} ({job.name})",
                       dispatch_mode=job.dispatch_mode, project=job.project_name, priority=job.priority or 0,
                       retry_of=job_id, notify=webhooks.Endpoint(job.notify_url, job.notify_secret or "",

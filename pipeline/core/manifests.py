@@ -30,10 +30,12 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class Row(NamedTuple):
-    """One image of a manifest: its URL and what the manifest says of it (None: nothing)."""
+    """One image of a manifest: its URL and what the manifest says of it (None: nothing); `etag`: its content's
+    tag where its source gives one (an object listed from object storage), part of its identity for reuse."""
 
     url: str
     meta: dict[str, Any] | None
+    etag: str | None = None
 
 
 def metadata(fields: dict[str, Any], line: int) -> dict[str, Any] | None:

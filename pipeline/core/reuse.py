@@ -9,8 +9,9 @@ published for it. Its export then holds the same detections, marked with the job
 - Same version: the pipeline's version (`PipelineSpec.fingerprint`: what it declares) when the earlier job was
   made equals the current one. A pipeline registered again with another algorithm set or version starts
   over: its next job processes everything.
-- Same image: the same URL (`s3://bucket/key`, `https://…`, `file://…`). An object replaced under the same
-  URL is not noticed: make that job with reuse off (`enqueue-job --no-reuse`, the API's `reuse: false`).
+- Same image: the same URL (`s3://bucket/key`, `https://…`, `file://…`), and for an object listed from object
+  storage the same ETag (an object replaced under its key is processed again). A file or a web image replaced
+  under the same URL is not noticed: make that job with reuse off (`enqueue-job --no-reuse`, `reuse: false`).
 - Only images saved `processed` are reused; failed ones are processed again.
 """
 
@@ -27,6 +28,7 @@ class Earlier(NamedTuple):
     job_id: int
     detections: int
     classifications: int
+    etag: str | None  # the ETag its object had for that job (None: none known)
 
 
 def earlier_results(pipeline_id: int, version: str | None, image_ids: list[int], *,
@@ -35,24 +37,30 @@ def earlier_results(pipeline_id: int, version: str | None, image_ids: list[int],
     processed: the latest such job's outcome. Nothing without a version."""
     if version is None or not image_ids:
         return {}
-    rows = select_in('SELECT ji.image_id, ji.job_id, ji.detections, ji.classifications FROM "job_image" ji '
+    rows = select_in('SELECT ji.image_id, ji.job_id, ji.detections, ji.classifications, ji.etag FROM "job_image" ji '
                      'JOIN "job" j ON j.id = ji.job_id WHERE ji.status = %s AND j.pipeline_id = %s '
                      'AND j.pipeline_version = %s AND j.id < %s AND ji.image_id IN ({in})',
                      image_ids, params=(ImageStatus.PROCESSED, pipeline_id, version, before_job))
     found: dict[int, Earlier] = {}
-    for image_id, job_id, detections, classifications in rows:
+    for image_id, job_id, detections, classifications, etag in rows:
         if image_id not in found or job_id > found[image_id].job_id:
-            found[image_id] = Earlier(job_id, detections or 0, classifications or 0)
+            found[image_id] = Earlier(job_id, detections or 0, classifications or 0, etag)
     return found
 
 
-def job_image_row(job: Job, image_id: int, meta: str | None, earlier: Earlier | None) -> dict[str, object]:
+def same_content(earlier: Earlier | None, etag: str | None) -> Earlier | None:
+    """`earlier` if it saw the image as it is now (the same ETag, or none known either time); else None."""
+    return earlier if earlier is not None and earlier.etag == etag else None
+
+
+def job_image_row(job: Job, image_id: int, meta: str | None, etag: str | None,
+                  earlier: Earlier | None) -> dict[str, object]:
     """The new job's row for an image: pending, or processed with an earlier job's outcome (every row has the
     same columns: a multi-row insert takes its columns from the first)."""
     if earlier is None:
-        return {"job": job.id, "image": image_id, "meta": meta, "status": ImageStatus.PENDING, "detections": 0,
-                "classifications": 0, "reused_from": None}
-    return {"job": job.id, "image": image_id, "meta": meta, "status": ImageStatus.PROCESSED,
+        return {"job": job.id, "image": image_id, "meta": meta, "etag": etag, "status": ImageStatus.PENDING,
+                "detections": 0, "classifications": 0, "reused_from": None}
+    return {"job": job.id, "image": image_id, "meta": meta, "etag": etag, "status": ImageStatus.PROCESSED,
             "detections": earlier.detections, "classifications": earlier.classifications,
             "reused_from": earlier.job_id}
 

@@ -78,9 +78,14 @@ def presigned(url: str, settings: Settings) -> str:
 
 
 def list_images(prefix_url: str, settings: Settings, *, suffixes: Iterable[str]) -> Iterator[str]:
-    """`s3://bucket/key` of every object under `s3://bucket/prefix` whose name ends with one of `suffixes`
-    (case-insensitive), in key order, a page at a time. UserInputError for a bucket that does not exist or may
-    not be listed; TransientError when the server cannot be reached."""
+    """`s3://bucket/key` of every object under `s3://bucket/prefix` whose name ends with one of `suffixes`."""
+    return (url for url, _ in list_objects(prefix_url, settings, suffixes=suffixes))
+
+
+def list_objects(prefix_url: str, settings: Settings, *, suffixes: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """(`s3://bucket/key`, its ETag) of every object under `s3://bucket/prefix` whose name ends with one of
+    `suffixes` (case-insensitive), in key order, a page at a time. UserInputError for a bucket that does not
+    exist or may not be listed; TransientError when the server cannot be reached."""
     import botocore.exceptions
 
     bucket, prefix = split(prefix_url)
@@ -91,7 +96,7 @@ def list_images(prefix_url: str, settings: Settings, *, suffixes: Iterable[str])
         for page in pages:
             for item in page.get("Contents", []):
                 if item["Key"].lower().endswith(endings):
-                    yield f"{SCHEME}://{bucket}/{item['Key']}"
+                    yield f"{SCHEME}://{bucket}/{item['Key']}", str(item.get("ETag", "")).strip('"')
     except botocore.exceptions.NoCredentialsError:
         raise ConfigError("no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or "
                           "give the host a role) to list s3:// images") from None
