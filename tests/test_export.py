@@ -127,10 +127,10 @@ def test_a_million_detections_export_in_constant_memory(db_url, moth_pipeline, t
 
     assert pq.ParquetFile(tmp_path / "big.parquet").metadata.num_rows == images * per_image
     print(f"peak {peaks}")
-    # the CLI alone takes ~40 MB, all the rows ~1 GB. Measured: CSV ~65 MB; Parquet ~115 MB alone and up to ~146 MB
-    # beside the rest of the suite (pyarrow's libraries take ~40 MB once imported, and its allocator gives memory
-    # back lazily): the CSV's bound plus pyarrow's own share
-    assert peaks["csv"] < 120 and peaks["parquet"] < 175, f"peak RSS {peaks} MB"
+    # the CLI alone takes ~40 MB, all the rows ~1 GB. Measured: CSV ~65 MB, Parquet ~115 MB (pyarrow's libraries
+    # take ~40 MB once imported): within the CSV's bound; Parquet is given room for its allocator's moods (146 MB
+    # once beside the whole suite, before the export released its unused memory after each row group)
+    assert peaks["csv"] < 120 and peaks["parquet"] < 150, f"peak RSS {peaks} MB"
 
 
 def test_csv_cells_a_spreadsheet_would_run_are_written_as_text_and_jsonl_stays_exact(runtime, moth_pipeline):

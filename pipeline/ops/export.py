@@ -84,6 +84,7 @@ def _parquet(job: Job, path: str) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    pool = pa.default_memory_pool()
     schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in zip(CSV_COLUMNS, PARQUET_TYPES, strict=True)])
     written = 0
     with pq.ParquetWriter(path, schema, compression="zstd") as writer:
@@ -94,6 +95,7 @@ def _parquet(job: Job, path: str) -> int:
                 writer.write_table(_table(pa, schema, group))
                 written += len(group)
                 group = []
+                pool.release_unused()  # (pyarrow's allocator keeps freed memory for a while otherwise)
         if group or not written:
             writer.write_table(_table(pa, schema, group))
             written += len(group)
