@@ -8,6 +8,7 @@ connection per ACK, no subscribe/fetch/unsubscribe per request). Its methods are
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import datetime as dt
@@ -36,6 +37,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
+from nats.js.object_store import ObjectStore
 
 from pipeline import names
 from pipeline.errors import JobSlotsFull, TransientError
@@ -305,6 +307,7 @@ class TaskQueue:
         self.nc = nc
         self.js = nc.jetstream(timeout=API_TIMEOUT_S)
         self.requests = Requests(nc)
+        self._stores: dict[str, ObjectStore] = {}  # result buckets by name (`_store`)
         self.watch: ConnectionWatch | None = None
         self._watching: asyncio.Task[None] | None = None
         if watch_as is not None:  # a long-lived connection: replaced within seconds when it stops answering
@@ -382,8 +385,7 @@ class TaskQueue:
 
     async def put_result_object(self, pipeline_slug: str, name: str, body: bytes) -> None:
         """Put a result too large for one message in the pipeline's bucket (in chunks that fit a message)."""
-        store = await self.js.object_store(names.result_objects_bucket(pipeline_slug))
-        await store.put(name, body, meta=object_meta(name, self.nc.max_payload))
+        await (await self._store(pipeline_slug)).put(name, body, meta=object_meta(name, self.nc.max_payload))
 
     async def ensure_result_buckets(self, *, replicas: int | None = None) -> None:
         """Every pipeline's bucket for big results (a worker starting: pipelines whose tasks stream was made
@@ -403,28 +405,32 @@ class TaskQueue:
                 ttl=RESULT_OBJECT_TTL_S, storage=StorageType.FILE, replicas=replicas or 1))
             log.info("created object store bucket %s", bucket)
 
+    async def _store(self, pipeline_slug: str) -> ObjectStore:
+        """The pipeline's result bucket (looked up once per connection; a bucket gone since answers NotFound)."""
+        bucket = names.result_objects_bucket(pipeline_slug)
+        if bucket not in self._stores:
+            self._stores[bucket] = await self.js.object_store(bucket)
+        return self._stores[bucket]
+
     async def result_object(self, pipeline_slug: str, name: str) -> bytes | None:
         """The content of the pipeline's result object `name`; None if there is no such object."""
         try:
-            store = await self.js.object_store(names.result_objects_bucket(pipeline_slug))
-            return (await store.get(name)).data
+            return (await (await self._store(pipeline_slug)).get(name)).data
         except OBJECT_GONE:
             return None
 
     async def result_object_size(self, pipeline_slug: str, name: str) -> int | None:
         """The size in bytes of the pipeline's result object `name`; None if there is no such object."""
         try:
-            store = await self.js.object_store(names.result_objects_bucket(pipeline_slug))
-            info = await store.get_info(name)
+            info = await (await self._store(pipeline_slug)).get_info(name)
         except OBJECT_GONE:
             return None
         return None if info.deleted else int(info.size or 0)
 
     async def delete_result_objects(self, pipeline_slug: str, object_names: Iterable[str]) -> None:
         """Remove these result objects (those already gone are no error)."""
-        store = None
         for name in object_names:
-            store = store or await self.js.object_store(names.result_objects_bucket(pipeline_slug))
+            store = await self._store(pipeline_slug)
             try:
                 await store.delete(name)
             except OBJECT_GONE:
@@ -432,13 +438,22 @@ class TaskQueue:
 
     async def job_result_objects(self, pipeline_slug: str, job_id: int) -> list[str]:
         """The names of the job's result objects still in its pipeline's bucket (uploaded and never taken: a
-        service that stopped between its upload and its publish)."""
+        service that stopped between its upload and its publish). One request finds them: the names are read from
+        the subjects of the bucket's meta messages (every job's cleanup asks, and most jobs have none); only the
+        job's own are then looked at, to leave out those deleted."""
+        bucket = names.result_objects_bucket(pipeline_slug)
+        meta = f"$O.{bucket}.M."
         try:
-            store = await self.js.object_store(names.result_objects_bucket(pipeline_slug))
-            listed = await store.list(ignore_deletes=True)
-        except OBJECT_GONE:  # (nats-py: an empty bucket is NotFoundError)
+            info = await self.js.stream_info(f"OBJ_{bucket}", subjects_filter=f"{meta}>")
+        except OBJECT_GONE:
             return []
-        return [o.name for o in listed if o.name.startswith(names.result_object_prefix(job_id)) and not o.deleted]
+        prefix = names.result_object_prefix(job_id)
+        found = []
+        for subject in info.state.subjects or {}:
+            name = base64.urlsafe_b64decode(subject[len(meta):]).decode("utf-8", "replace")
+            if name.startswith(prefix) and await self.result_object_size(pipeline_slug, name) is not None:
+                found.append(name)
+        return sorted(found)
 
     @staticmethod
     def _tasks_stream_config(pipeline_slug: str, max_jobs: int | None, replicas: int | None) -> StreamConfig:
