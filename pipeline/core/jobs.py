@@ -327,7 +327,7 @@ def cleanup(runtime: Runtime, job_id: int, pipeline_slug: str) -> bool:
 
     Runs once, after the job's terminal transition; a failure is logged and left to the zombie sweep.
     """
-    parent = Job.select(Job.trace_parent).where(Job.id == job_id).scalar()
+    parent = Job.select(Job.trace_parent).where(Job.id == job_id).scalar() if tracing.exporting() else None
     with tracing.span("jetpipe.cleanup", parent=parent, attributes={"jetpipe.job_id": job_id}):
         return _cleanup(runtime, job_id, pipeline_slug)
 

@@ -116,6 +116,12 @@ def shutdown() -> None:
         shut()
 
 
+def exporting() -> bool:
+    """Whether spans made here go anywhere (a provider installed here or by the application embedding jetpipe):
+    a step may skip reading what only a span would use."""
+    return _provider is not None or not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
 def tracer() -> trace.Tracer:
     return (_provider or trace.get_tracer_provider()).get_tracer(SCOPE)
 

@@ -45,6 +45,7 @@ def test_an_exporter_jetpipe_cannot_use_is_named(env, message):
 
 def test_a_process_that_does_not_trace_hands_the_trace_context_on_unchanged():
     with tracing.use(None):
+        assert not tracing.exporting()
         with tracing.span("jetpipe.service.task", parent=PARENT):
             assert tracing.traceparent() == PARENT
         assert tracing.traceparent() is None  # and outside any trace there is none
@@ -57,6 +58,7 @@ def test_a_traced_span_is_the_child_of_its_parent_and_links_the_others():
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     other = "00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01"
     with tracing.use(provider), tracing.span("jetpipe.save", parent=PARENT, links=[other, None, "junk"]) as span:
+        assert tracing.exporting()
         assert tracing.traceparent(span).startswith("00-0af7651916cd43dd8448eb211c80319c-")
     [saved] = exporter.get_finished_spans()
     assert format(saved.parent.span_id, "016x") == "b7ad6b7169203331"
