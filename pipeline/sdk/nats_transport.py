@@ -527,7 +527,8 @@ class NatsTransport:
             return
         name = f"{names.result_object_prefix(job_id)}{uuid.uuid4().hex}"
         # the upload may outlast what is left of the task's lease: keep it (the task is not done until published)
-        leases = asyncio.create_task(self._keep_replies_alive(queue, batch.replies, self._ack_wait.get(job_id, 30.0)))
+        leases = asyncio.create_task(self._keep_alive(None, self._ack_wait.get(job_id, 30.0), at_once=True,
+                                                      replies=batch.replies, nc=queue.nc))
         try:
             await asyncio.wait_for(queue.put_result_object(self.service.pipeline, name, body),
                                    PUBLISH_TIMEOUT_S + len(body) / 2**20)
@@ -540,17 +541,6 @@ class NatsTransport:
         log.info("service %s: job=%s image=%s result of %s bytes sent as object %s", self.service.name, job_id,
                  image_id, len(body), name)
 
-    @staticmethod
-    async def _keep_replies_alive(queue: TaskQueue, replies: list[str], ack_wait_s: float) -> None:
-        """+WPI on these tasks' reply subjects at once, then every ack_wait/3."""
-        while True:
-            try:
-                for reply in replies:
-                    await queue.nc.publish(reply, b"+WPI")
-            except Exception:  # noqa: BLE001 - a lost +WPI only risks a redelivery
-                return
-            await asyncio.sleep(max(ack_wait_s / 3, 0.2))
-
     async def _run_handler(self, msg) -> Result:
         headers = msg.headers or {}
         image_id = headers.get(names.HDR_IMAGE_ID)
@@ -561,14 +551,20 @@ class NatsTransport:
         return await self.service.run_task(task)
 
     @staticmethod
-    async def _keep_alive(msg, ack_wait_s: float, *, at_once: bool = False) -> None:
-        """+WPI every ack_wait/3 (`at_once`: first now, for a task whose ack_wait ran while it waited)."""
+    async def _keep_alive(msg, ack_wait_s: float, *, at_once: bool = False,
+                          replies: list[str] | None = None, nc=None) -> None:
+        """+WPI every ack_wait/3 on the task `msg` (or, with `replies` and `nc`, on those tasks' reply subjects:
+        tasks whose result is on its way); `at_once`: the first now (a task whose ack_wait ran meanwhile)."""
         every = max(ack_wait_s / 3, 0.2)
         if not at_once:
             await asyncio.sleep(every)
         while True:
             try:
-                await msg.in_progress()
+                if replies is None:
+                    await msg.in_progress()
+                else:
+                    for reply in replies:
+                        await nc.publish(reply, b"+WPI")
             except Exception:  # noqa: BLE001 - a lost +WPI only risks a redelivery
                 return
             await asyncio.sleep(every)
