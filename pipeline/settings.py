@@ -362,6 +362,15 @@ SECRET_PARAMS = re.compile(r"pass|pwd|token|secret|signature|sig$|credential|key
 URL_IN_TEXT = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>]+", re.IGNORECASE)
 
 
+def shown_url(url: str) -> str:
+    """`url` without what may be a credential (its query, its user and password: a webhook's key, a presigned
+    URL's signature), for logs and pages."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    return urlunsplit((parts.scheme, host + (f":{parts.port}" if parts.port else ""), parts.path,
+                       "…" if parts.query else "", ""))
+
+
 def redact(url: str) -> str:
     """The URL with any password or token replaced by ***, in its user info and in its query string;
     never log a URL without this. A comma-separated list of URLs (NATS servers) is redacted URL by URL."""

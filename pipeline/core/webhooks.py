@@ -25,13 +25,12 @@ import logging
 import time
 from collections.abc import Iterable
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
 from models import Job, Pipeline, Project, WebhookDelivery, tuples, utcnow
 from pipeline.errors import UserInputError
-from pipeline.settings import DEFAULT_WEBHOOK_EVENTS, Settings, webhook_events, webhook_problem
+from pipeline.settings import DEFAULT_WEBHOOK_EVENTS, Settings, shown_url, webhook_events, webhook_problem
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +48,6 @@ def check_endpoint(url: str, secret: str) -> None:
     problem = webhook_problem(url, secret)
     if problem:
         raise UserInputError(problem)
-
-
-def shown(url: str) -> str:
-    """`url` without what may be a credential (its query, its user and password), for logs and pages."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    return urlunsplit((parts.scheme, host + (f":{parts.port}" if parts.port else ""), parts.path,
-                       "…" if parts.query else "", ""))
 
 
 class Endpoint(NamedTuple):
@@ -172,20 +163,20 @@ def deliver(delivery_id: int, settings: Settings) -> bool:
     if error is None:
         WebhookDelivery.update(delivered_at=utcnow(), attempts=attempts, last_status=status, last_error=None,
                                next_attempt_at=None).where(WebhookDelivery.id == delivery_id).execute()
-        log.info("job=%s webhook %s delivered to %s (attempt %s)", row.job_id, message_id, shown(row.url), attempts)
+        log.info("job=%s webhook %s delivered to %s (attempt %s)", row.job_id, message_id, shown_url(row.url), attempts)
         return True
     changes: dict[Any, Any] = {WebhookDelivery.attempts: attempts, WebhookDelivery.last_status: status,
                                WebhookDelivery.last_error: error}
     if attempts >= MAX_ATTEMPTS:
         changes[WebhookDelivery.gave_up_at] = utcnow()
         changes[WebhookDelivery.next_attempt_at] = None
-        log.warning("job=%s webhook %s to %s given up after %s attempts: %s", row.job_id, message_id, shown(row.url),
-                    attempts, error)
+        log.warning("job=%s webhook %s to %s given up after %s attempts: %s", row.job_id, message_id,
+                    shown_url(row.url), attempts, error)
     else:
         wait = min(settings.webhook_retry_s * 2 ** (attempts - 1), MAX_BACKOFF_S)
         changes[WebhookDelivery.next_attempt_at] = utcnow() + dt.timedelta(seconds=wait)
-        log.info("job=%s webhook %s to %s failed (%s); attempt %s in %.0f s", row.job_id, message_id, shown(row.url),
-                 error, attempts + 1, wait)
+        log.info("job=%s webhook %s to %s failed (%s); attempt %s in %.0f s", row.job_id, message_id,
+                 shown_url(row.url), error, attempts + 1, wait)
     WebhookDelivery.update(changes).where(WebhookDelivery.id == delivery_id).execute()
     return False
 
@@ -193,7 +184,7 @@ def deliver(delivery_id: int, settings: Settings) -> bool:
 def of_job(job_id: int) -> list[dict[str, Any]]:
     """The job's deliveries as people and the API see them (no secret, no credential in a URL)."""
     rows = WebhookDelivery.select().where(WebhookDelivery.job_id == job_id).order_by(WebhookDelivery.id)
-    return [{"url": shown(r.url), "event": r.event, "attempts": r.attempts or 0, "last_status": r.last_status,
+    return [{"url": shown_url(r.url), "event": r.event, "attempts": r.attempts or 0, "last_status": r.last_status,
              "last_error": r.last_error, "delivered_at": _iso(r.delivered_at), "gave_up_at": _iso(r.gave_up_at),
              "next_attempt_at": _iso(r.next_attempt_at)} for r in rows]
 

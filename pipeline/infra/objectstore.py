@@ -6,7 +6,7 @@ PIPELINE_S3_URL_TTL, never the credentials. The server is PIPELINE_S3_ENDPOINT_U
 credentials come the way every AWS tool finds them (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE,
 an instance or pod role). No error or log line jetpipe writes carries a credential: botocore's messages name
 the bucket, the key and the server's error code, and a presigned URL (whose query holds the signature) is
-shown without its query.
+shown without its query (`pipeline.settings.shown_url`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import functools
 import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pipeline.errors import ConfigError, TransientError, UserInputError
 from pipeline.settings import Settings, redact
@@ -37,12 +37,6 @@ def split(url: str) -> tuple[str, str]:
     if parts.scheme != SCHEME or not parts.netloc or parts.query or parts.fragment:
         raise UserInputError(f"not an object storage URL (want s3://bucket/key or s3://bucket/prefix/): {url[:200]!r}")
     return parts.netloc, parts.path.lstrip("/")
-
-
-def shown(url: str) -> str:
-    """A presigned URL without its query (the signature and the access key id): for logs and errors."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, "…" if parts.query else "", ""))
 
 
 @functools.lru_cache(maxsize=8)

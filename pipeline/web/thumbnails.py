@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from pipeline.core.image_policy import UNREADABLE, ImagePolicy
 from pipeline.errors import ConfigError, NotFound
 from pipeline.infra import objectstore
-from pipeline.settings import get_settings
+from pipeline.settings import get_settings, shown_url
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def _source(url: str, policy: ImagePolicy) -> bytes:
                 return bytes(data)
     except (OSError, httpx.HTTPError, ConfigError) as exc:
         # the reason for the operator, not the page
-        log.info("pictures: cannot read %s: %s", objectstore.shown(url)[:200], exc)
+        log.info("pictures: cannot read %s: %s", shown_url(url)[:200], exc)
         raise NotFound(UNREADABLE) from None
     raise NotFound(UNREADABLE)
 
