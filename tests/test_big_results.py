@@ -52,18 +52,18 @@ asyncio.run(ProcessingService("moth-demo", dense, nats_url=get_settings().nats_u
 
 @pytest.mark.slow
 def test_a_20_mb_result_goes_through_the_bucket_even_when_its_service_dies_between_upload_and_publish(
-        two_teams, sqlite_url, worker_factory, tmp_path):
+        two_teams, db_url, worker_factory, tmp_path):
     urls, redis_url = two_teams  # (the shipped NATS users; lab-b plays no part here)
     register_pipeline(decode_pipeline_spec(json.dumps(moth.PIPELINE_SPEC).encode(), source="test"))
-    worker_factory(settings_on(sqlite_url, urls["jetpipe-worker"], redis_url, PIPELINE_NATS_TASK_TTR=4,
+    worker_factory(settings_on(db_url, urls["jetpipe-worker"], redis_url, PIPELINE_NATS_TASK_TTR=4,
                                PIPELINE_NATS_MAX_DELIVER=3))
-    runtime = Runtime(settings_on(sqlite_url, urls["jetpipe-operator"], redis_url, PIPELINE_NATS_TASK_TTR=4,
+    runtime = Runtime(settings_on(db_url, urls["jetpipe-operator"], redis_url, PIPELINE_NATS_TASK_TTR=4,
                                   PIPELINE_NATS_MAX_DELIVER=3))
     previous = set_runtime(runtime)
     script = tmp_path / "dense_service.py"
     script.write_text(SERVICE)
     # the service runs as the restricted service user of deploy/nats-users.conf: what it may do is what it needs
-    service_settings = settings_on(sqlite_url, urls["jetpipe-service"], redis_url)
+    service_settings = settings_on(db_url, urls["jetpipe-service"], redis_url)
     env = {k: v for k, v in subprocess_env(service_settings, PYTHONPATH=str(PROJECT)).items()
            if k not in ("PIPELINE_DATABASE_URL", "PIPELINE_REDIS_URL")}
     services = []
@@ -156,3 +156,35 @@ def test_the_gateway_puts_a_result_too_large_for_a_message_in_the_bucket(setting
     assert Job.get_by_id(job.id).status == JobStatus.SUCCESS
     assert JobImage.get(JobImage.job == job.id).detections == BOXES // 20
     assert runtime.tasks.job_result_objects(moth_pipeline, job.id) == []
+
+
+def test_a_reference_delivered_twice_is_saved_once(runtime, moth_pipeline):
+    """A service that publishes its reference twice (a retry), and a reference redelivered after its object was
+    taken: the first decides, nothing is counted twice, and the late copy takes nothing."""
+    job = fake_job(moth_pipeline, 1)
+    dispatch(runtime, job.id)
+    [(task, reply)] = pull_tasks(runtime, job.id, 1)
+    body = success_body(task, boxes=3)
+    name = f"{job.id}/twice"
+
+    async def put() -> None:
+        await runtime.tasks.queue.put_result_object(moth_pipeline, name, body)
+
+    runtime.runner.run(put(), timeout=20)
+    said = json.dumps({"result_object": name, "size": len(body), "sha256": hashlib.sha256(body).hexdigest()}).encode()
+
+    def copy(source: str) -> inbox.Incoming:
+        return inbox.Incoming(job.id, said, (reply,), source, tokens=(task.task_token,), pipeline=moth_pipeline,
+                              result_object=name)
+
+    # two copies in one take: both read, both in the inbox, the image decided once
+    assert inbox.take(runtime, [copy("1:1"), copy("2:2")]) == [job.id]
+    from pipeline.core import saving
+
+    saving.drain(runtime, job.id)
+    done = Job.get_by_id(job.id)
+    assert (done.status, done.progress["stages"]["results"]["detections"]) == (JobStatus.SUCCESS, 3)
+    assert Detection.select().count() == 3
+    # a third copy after the object was taken: nothing
+    assert inbox.take(runtime, [copy("3:3")]) == []
+    assert ResultInbox.select().count() == 0
