@@ -292,26 +292,35 @@ def _count_transaction() -> None:
 
 
 def insert_ignoring_duplicates(model: type[peewee.Model], fields: tuple[str, ...],
-                               rows: list[tuple[Any, ...]]) -> None:
-    """`INSERT ... ON CONFLICT DO NOTHING` of `rows`, tuples of database values in the order of `fields`.
+                               rows: list[tuple[Any, ...]]) -> int:
+    """`INSERT ... ON CONFLICT DO NOTHING` of `rows`, tuples of database values in the order of `fields`; the
+    number of rows inserted (those already there not counted).
 
     Goes through the driver's batch call (sqlite3 executemany, psycopg2 execute_values): peewee's
     `insert_many` builds its SQL value by value, which cost more than the database's own work
-    (15 ms for a 50-image result's 150 detections).
+    (15 ms for a 50-image result's 150 detections; 0.4 s for a 10,000-image job's rows).
     """
     if not rows:
-        return
+        return 0
     columns = ", ".join(f'"{model._meta.fields[name].column_name}"' for name in fields)
     table = model._meta.table_name
-    db = database.obj
+    cursor = database.obj.cursor()
     if is_postgres():
         from psycopg2.extras import execute_values
 
-        execute_values(db.cursor(), f'INSERT INTO "{table}" ({columns}) VALUES %s ON CONFLICT DO NOTHING', rows,
-                       page_size=1000)
-    else:
-        marks = ", ".join("?" * len(fields))
-        db.cursor().executemany(f'INSERT INTO "{table}" ({columns}) VALUES ({marks}) ON CONFLICT DO NOTHING', rows)
+        inserted = 0
+        for start in range(0, len(rows), INSERT_PAGE):  # execute_values' rowcount is its last page's
+            execute_values(cursor, f'INSERT INTO "{table}" ({columns}) VALUES %s ON CONFLICT DO NOTHING',
+                           rows[start:start + INSERT_PAGE], page_size=INSERT_PAGE)
+            inserted += cursor.rowcount
+        return inserted
+    marks = ", ".join("?" * len(fields))
+    cursor.executemany(f'INSERT INTO "{table}" ({columns}) VALUES ({marks}) ON CONFLICT DO NOTHING', rows)
+    return int(cursor.rowcount)  # sqlite3 sums an executemany's changes
+
+
+#: Rows per multi-row INSERT statement on PostgreSQL.
+INSERT_PAGE = 1000
 
 
 def select_in(sql: str, column_values: Iterable[Any], *, params: tuple[Any, ...] = (), chunk: int = 500,

@@ -23,6 +23,7 @@ from models import (
     Pipeline,
     SourceImage,
     database,
+    insert_ignoring_duplicates,
     is_postgres,
     select_in,
     tuples,
@@ -162,17 +163,17 @@ def create_job(pipeline_slug: str, urls: Iterable[str | manifests.Row], *, name:
                 rows: dict[str, manifests.Row] = {}  # by url (a url twice: the first says)
                 for row in chunk:
                     rows.setdefault(allowed(row.url), row)
-                SourceImage.insert_many([{"url": u} for u in rows]).on_conflict_ignore().execute()
-                ids = dict(tuples(SourceImage.select(SourceImage.url, SourceImage.id)
-                                  .where(SourceImage.url.in_(list(rows)))))
+                now = utcnow()
+                insert_ignoring_duplicates(SourceImage, ("url", "created_at"), [(u, now) for u in rows])
+                ids = dict(select_in('SELECT url, id FROM "source_image" WHERE url IN ({in})', list(rows)))
                 earlier = reuse_.earlier_results(pipeline.id, pipeline.version if reuse else None,
                                                  list(ids.values()), before_job=job.id)
                 made = [reuse_.job_image_row(job, i, json.dumps(rows[u].meta, ensure_ascii=False) if rows[u].meta
                                              else None, rows[u].etag,
-                                             reuse_.same_content(earlier.get(i), rows[u].etag))
+                                             reuse_.same_content(earlier.get(i), rows[u].etag), now)
                         for u, i in ids.items()]
-                total += JobImage.insert_many(made).on_conflict_ignore().as_rowcount().execute()
-                reused += any(r["reused_from"] for r in made)
+                total += insert_ignoring_duplicates(JobImage, reuse_.JOB_IMAGE_FIELDS, made)
+                reused += any(r[reuse_.REUSED_FROM] is not None for r in made)
             reused = reuse_.reused_count(job.id) if reused else 0
             if total == 0:
                 raise UserInputError("no images: the job would be empty")
@@ -231,6 +232,10 @@ def rebuild_state(state: JobState, job_id: int, *, even_if_present: bool = False
 
 
 # ---- dispatch -------------------------------------------------------------------------------------------
+#: Tasks of a dispatch's first round (the rest go PIPELINE_DISPATCH_CHUNK at a time).
+FIRST_ROUND = 500
+
+
 def pending_chunk(job: Job, *, after_id: int, limit: int, presign: bool = True) -> list[tuple[int, Task]]:
     """(JobImage.id, Task) of the job's next `limit` pending images after `after_id`, in id order, read in
     full: no read stays open while the caller writes (a SQLite connection whose read snapshot is older
@@ -287,7 +292,9 @@ def dispatch(runtime: Runtime, job: Job, *, consumer: ConsumerConfig | None = No
     sent = new = 0
     cursor = job.dispatch_cursor
     crash_point("before_publish", job=job.id)
-    while chunk := pending_chunk(job, after_id=cursor, limit=settings.dispatch_chunk):
+    # the first round is small: services start on it while the rest is read and published
+    while chunk := pending_chunk(job, after_id=cursor,
+                                 limit=settings.dispatch_chunk if sent else min(FIRST_ROUND, settings.dispatch_chunk)):
         # each round's traceparent goes on its tasks: a service's span for a task joins the job's trace there
         with tracing.span("jetpipe.dispatch", parent=None if tracing.in_span() else job.trace_parent,
                           attributes={"jetpipe.job_id": job.id, "jetpipe.tasks": len(chunk)}):

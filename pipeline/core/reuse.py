@@ -17,6 +17,7 @@ published for it. Its export then holds the same detections, marked with the job
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import NamedTuple
 
 from models import ImageStatus, Job, JobImage, select_in
@@ -53,16 +54,19 @@ def same_content(earlier: Earlier | None, etag: str | None) -> Earlier | None:
     return earlier if earlier is not None and earlier.etag == etag else None
 
 
-def job_image_row(job: Job, image_id: int, meta: str | None, etag: str | None,
-                  earlier: Earlier | None) -> dict[str, object]:
-    """The new job's row for an image: pending, or processed with an earlier job's outcome (every row has the
-    same columns: a multi-row insert takes its columns from the first)."""
+#: The columns of a new job's image rows, in the order `job_image_row` gives their values.
+JOB_IMAGE_FIELDS = ("job", "image", "meta", "etag", "status", "detections", "classifications", "reused_from",
+                    "updated_at")
+REUSED_FROM = JOB_IMAGE_FIELDS.index("reused_from")
+
+
+def job_image_row(job: Job, image_id: int, meta: str | None, etag: str | None, earlier: Earlier | None,
+                  now: dt.datetime) -> tuple[object, ...]:
+    """The new job's row for an image (JOB_IMAGE_FIELDS): pending, or processed with an earlier job's outcome."""
     if earlier is None:
-        return {"job": job.id, "image": image_id, "meta": meta, "etag": etag, "status": ImageStatus.PENDING,
-                "detections": 0, "classifications": 0, "reused_from": None}
-    return {"job": job.id, "image": image_id, "meta": meta, "etag": etag, "status": ImageStatus.PROCESSED,
-            "detections": earlier.detections, "classifications": earlier.classifications,
-            "reused_from": earlier.job_id}
+        return (job.id, image_id, meta, etag, ImageStatus.PENDING, 0, 0, None, now)
+    return (job.id, image_id, meta, etag, ImageStatus.PROCESSED, earlier.detections, earlier.classifications,
+            earlier.job_id, now)
 
 
 def reused_count(job_id: int) -> int:
