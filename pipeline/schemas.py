@@ -89,6 +89,7 @@ MAX_IMAGES_PER_RESULT = 1000
 MAX_DETECTIONS_PER_RESULT = 50_000
 
 _json = msgspec.json.Decoder()
+_success_decoder = msgspec.json.Decoder(SuccessResult)
 _encoder = msgspec.json.Encoder()
 
 
@@ -130,6 +131,42 @@ def decode_result(body: bytes) -> Result:
     """The result in `body`; raises BadResult with a precise reason when it is not one."""
     if b"\\u0000" in body:  # JSON's escape of NUL: PostgreSQL stores no NUL in text, SQLite would cut it
         raise BadResult("result contains a NUL character (\\u0000), which text cannot hold")
+    result = _success_as_specified(body)
+    if result is None:
+        result = _result_read_leniently(body)
+    if isinstance(result, SuccessResult):
+        if not result.source_images:
+            raise BadResult("success result lists no source_images")
+        if len(result.source_images) > MAX_IMAGES_PER_RESULT:
+            raise BadResult(f"a result may cover at most {MAX_IMAGES_PER_RESULT} images, this one lists "
+                            f"{len(result.source_images)}")
+        if len(result.detections) > MAX_DETECTIONS_PER_RESULT:
+            raise BadResult(f"a result may carry at most {MAX_DETECTIONS_PER_RESULT} detections, this one carries "
+                            f"{len(result.detections)}", image_ids=tuple(i.id for i in result.source_images))
+        known = {image.id for image in result.source_images}
+        strays = sorted({d.source_image_id for d in result.detections} - known)
+        if strays:
+            raise BadResult(f"detections name images not in source_images: {strays}",
+                            image_ids=tuple(sorted(known)))
+    return result
+
+
+def _success_as_specified(body: bytes) -> SuccessResult | None:
+    """A success result written exactly as the contract specifies (string ids, lists where lists go), read in
+    one pass; None for anything else (an error result, a reference system's result, a malformed one), which
+    `_result_read_leniently` reads or explains. A body naming "error" anywhere, or holding an escape (which
+    could spell it), goes the lenient way: only there does a top-level `error` make it an error result."""
+    if b'"error"' in body or b"\\" in body:
+        return None
+    try:
+        return _success_decoder.decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+
+
+def _result_read_leniently(body: bytes) -> Result:
+    """The result in `body` after normalising what the contract tolerates (`_normalize`); BadResult saying
+    precisely why when it is not one."""
     try:
         data = _json.decode(body)
     except msgspec.DecodeError as exc:
@@ -146,20 +183,6 @@ def decode_result(body: bytes) -> Result:
         image_id = data.get("image_id") if kind is ErrorResult else None
         raise BadResult(f"result does not match the {kind.__name__} schema: {exc}",
                         image_ids=(str(image_id),) if image_id else ()) from None
-    if isinstance(result, SuccessResult):
-        if not result.source_images:
-            raise BadResult("success result lists no source_images")
-        if len(result.source_images) > MAX_IMAGES_PER_RESULT:
-            raise BadResult(f"a result may cover at most {MAX_IMAGES_PER_RESULT} images, this one lists "
-                            f"{len(result.source_images)}")
-        if len(result.detections) > MAX_DETECTIONS_PER_RESULT:
-            raise BadResult(f"a result may carry at most {MAX_DETECTIONS_PER_RESULT} detections, this one carries "
-                            f"{len(result.detections)}", image_ids=tuple(i.id for i in result.source_images))
-        known = {image.id for image in result.source_images}
-        strays = sorted({d.source_image_id for d in result.detections} - known)
-        if strays:
-            raise BadResult(f"detections name images not in source_images: {strays}",
-                            image_ids=tuple(sorted(known)))
     return result
 
 

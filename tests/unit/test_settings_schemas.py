@@ -8,7 +8,7 @@ import pytest
 
 from pipeline import names
 from pipeline.errors import BadResult, ConfigError
-from pipeline.schemas import ErrorResult, SuccessResult, decode_result
+from pipeline.schemas import ErrorResult, SuccessResult, _result_read_leniently, _success_as_specified, decode_result
 from pipeline.settings import Settings, redact
 
 
@@ -58,6 +58,35 @@ def test_results_decode_by_shape():
     assert isinstance(decode_result(b'{"error": "x", "image_id": 3}'), ErrorResult)
     ok = decode_result(b'{"pipeline": "p", "source_images": [{"id": "3"}], "detections": []}')
     assert isinstance(ok, SuccessResult) and ok.source_images[0].id == "3"
+
+
+_DETECTION = {"source_image_id": "1", "algorithm": {"key": "d"}, "bbox": {"x1": 1, "y1": 2, "x2": 3, "y2": 4},
+              "score": 0.5, "classifications": [{"taxon": "Noctuidae", "algorithm": {"key": "c"}, "scores": [0.5]}]}
+
+
+@pytest.mark.parametrize("result, one_pass", [
+    ({"pipeline": "p", "source_images": [{"id": "1"}], "detections": [_DETECTION]}, True),
+    ({"pipeline": "p", "source_images": [{"id": "1", "url": "u"}], "total_time": 2.5, "extra": {"a": [1]}}, True),
+    # what the lenient reading normalises: read that way, never half-read in one pass
+    ({"pipeline": "p", "source_images": [{"id": 1}], "detections": [{**_DETECTION, "source_image_id": 1}]}, False),
+    ({"pipeline": "p", "source_images": [{"id": "1"}], "detections": [{**_DETECTION, "classifications": None}]},
+     False),
+    ({"pipeline": "p", "source_images": [{"id": "1"}], "detections": [{**_DETECTION, "classifications": [
+        {"classification": "Noctuidae", "algorithm": {"key": "c"}, "scores": None, "labels": None}]}]}, False),
+    # a top-level "error" makes an error result, whatever else the body holds; so does an escape spelling it
+    ({"error": "boom", "image_id": "1", "pipeline": "p", "source_images": [{"id": "1"}]}, False),
+    ({"\\u0065rror": "boom", "image_id": "1", "pipeline": "p", "source_images": [{"id": "1"}]}, False),
+    ({"pipeline": "p", "source_images": [{"id": "1"}], "detections": [{**_DETECTION, "classifications": [
+        {"taxon": "error", "algorithm": {"key": "c"}}]}]}, False),
+])
+def test_a_result_reads_the_same_in_one_pass_as_leniently(result, one_pass):
+    """The common case (a result exactly as the contract writes it) is read in one typed pass; anything else is
+    read after normalising. Both must give the same result for every body."""
+    body = json.dumps(result).replace("\\\\u0065", "\\u0065").encode()
+    assert (_success_as_specified(body) is not None) == one_pass
+    assert decode_result(body) == _result_read_leniently(body)
+    if "taxon" not in str(result):
+        assert isinstance(decode_result(body), ErrorResult) == ("rror" in body.decode())
 
 
 @pytest.mark.parametrize("body, message", [
