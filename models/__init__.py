@@ -49,6 +49,7 @@ def create_schema() -> None:
     with database.connection_context():
         database.create_tables(ALL_MODELS, safe=True)
         _add_missing_columns()
+        _drop_redundant_indexes()
         _give_every_job_a_project()
 
 
@@ -66,6 +67,18 @@ def _add_missing_columns() -> None:
     if operations:
         with database.atomic():
             migrate(*operations)
+
+
+#: Indexes earlier versions made that another index begins with: every insert wrote them for nothing (the
+#: longer index serves each of their lookups).
+REDUNDANT_INDEXES = ("algorithm_pipeline_id", "job_image_job_id", "job_image_image_id", "detection_image_id",
+                     "classification_detection_id", "webhook_delivery_job_id")
+
+
+def _drop_redundant_indexes() -> None:
+    with database.atomic():
+        for name in REDUNDANT_INDEXES:
+            database.execute_sql(f'DROP INDEX IF EXISTS "{name}"')
 
 
 DEFAULT_PROJECT = "default"

@@ -51,7 +51,8 @@ class Pipeline(BaseModel):
 
 
 class Algorithm(BaseModel):
-    pipeline = peewee.ForeignKeyField(Pipeline, backref="algorithms", on_delete="CASCADE")
+    # no index of its own: (pipeline, key) serves it (an index that another begins with is written for nothing)
+    pipeline = peewee.ForeignKeyField(Pipeline, backref="algorithms", on_delete="CASCADE", index=False)
     key = peewee.CharField(max_length=100)
     name = peewee.CharField(max_length=255)
     task_type = peewee.CharField(max_length=20)  # pipeline.schemas.TASK_TYPES (detection, localization, ...)
@@ -146,8 +147,9 @@ class Job(BaseModel):
 
 
 class JobImage(BaseModel):
-    job = peewee.ForeignKeyField(Job, backref="images", on_delete="CASCADE")
-    image = peewee.ForeignKeyField(SourceImage, on_delete="CASCADE")
+    # no index of their own: (job, image) and (image, status) serve them
+    job = peewee.ForeignKeyField(Job, backref="images", on_delete="CASCADE", index=False)
+    image = peewee.ForeignKeyField(SourceImage, on_delete="CASCADE", index=False)
     status = peewee.CharField(max_length=12, default=ImageStatus.PENDING)
     detections = peewee.IntegerField(default=0)
     classifications = peewee.IntegerField(default=0)
@@ -174,7 +176,7 @@ class JobImage(BaseModel):
 
 
 class Detection(BaseModel):
-    image = peewee.ForeignKeyField(SourceImage, backref="detections", on_delete="CASCADE")
+    image = peewee.ForeignKeyField(SourceImage, backref="detections", on_delete="CASCADE", index=False)  # (image, ...)
     algorithm = peewee.ForeignKeyField(Algorithm, on_delete="CASCADE")
     #: "x1,y1,x2,y2" with fixed precision, or "" for the "processed, nothing found" marker. Backs dedupe.
     bbox_key = peewee.CharField(max_length=100)
@@ -196,7 +198,8 @@ class Detection(BaseModel):
 
 
 class Classification(BaseModel):
-    detection = peewee.ForeignKeyField(Detection, backref="classifications", on_delete="CASCADE")
+    detection = peewee.ForeignKeyField(Detection, backref="classifications", on_delete="CASCADE",
+                                       index=False)  # (detection, algorithm) serves it
     algorithm = peewee.ForeignKeyField(Algorithm, on_delete="CASCADE")
     taxon = peewee.CharField(max_length=255)
     score = peewee.FloatField()
@@ -247,7 +250,7 @@ class ParkedResult(BaseModel):
     """A result message that could not be saved after its attempts (a bug, not an outage): its images
     were failed with the reason, and it is kept here for inspection and replay (`cli.py parked`)."""
 
-    job_id = peewee.BigIntegerField(index=True)
+    job_id = peewee.BigIntegerField()  # (job_id, url, event) serves it
     source = peewee.CharField(max_length=64)
     stream_seq = peewee.BigIntegerField(null=True)
     body = peewee.BlobField()
@@ -264,7 +267,7 @@ class WebhookDelivery(BaseModel):
     """A webhook to send (pipeline/core/webhooks.py): written with the job's terminal transition, deleted never
     (its delivery, attempts and last error stay visible)."""
 
-    job_id = peewee.BigIntegerField(index=True)
+    job_id = peewee.BigIntegerField()  # (job_id, url, event) serves it
     url = peewee.TextField()
     secret = peewee.CharField(max_length=255)
     event = peewee.CharField(max_length=40)
