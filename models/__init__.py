@@ -21,6 +21,7 @@ from models.db import (
     tuples,
     undoable_write,
     utcnow,
+    utcnow_stored,
     write_transaction,
 )
 from models.entities import (
@@ -103,7 +104,8 @@ __all__ = [
     "DEFAULT_PROJECT", "default_project",
     "bind", "commit_listeners", "database", "create_schema", "execute_in", "for_update",
     "insert_ignoring_duplicates", "is_postgres", "make_database", "tuples",
-    "is_transient", "is_unstorable", "select_in", "thread_connection", "undoable_write", "utcnow", "write_transaction",
+    "is_transient", "is_unstorable", "select_in", "thread_connection", "undoable_write", "utcnow", "utcnow_stored",
+    "write_transaction",
     # vocabularies
     "DispatchMode", "ImageStatus", "JobStatus",
     # tables

@@ -119,6 +119,13 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
+def utcnow_stored() -> dt.datetime | str:
+    """`utcnow()` as the bound database stores it, for rows handed to the driver in bulk: on SQLite the text
+    sqlite3 would make of the datetime (made once for the rows, not by a Python adapter call per row)."""
+    now = utcnow()
+    return now if is_postgres() else now.isoformat(" ")
+
+
 def _schema_missing(exc: peewee.DatabaseError) -> SchemaMissing | None:
     """`SchemaMissing` if `exc` (peewee's wrapper; the driver's error is its first argument) says a table
     does not exist, on SQLite or PostgreSQL; else None."""

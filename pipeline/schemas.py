@@ -35,7 +35,7 @@ class BBox(msgspec.Struct, frozen=True):
 
     def key(self) -> str:
         """Canonical text of the box; the dedupe key of a detection (with image and algorithm)."""
-        return ",".join(f"{v:.2f}" for v in (self.x1, self.y1, self.x2, self.y2))
+        return f"{self.x1:.2f},{self.y1:.2f},{self.x2:.2f},{self.y2:.2f}"
 
 
 class AlgorithmRef(msgspec.Struct, frozen=True):

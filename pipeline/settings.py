@@ -84,8 +84,8 @@ OPTIONS: dict[str, Option] = {
                                    "end, on the server (ending a lost client's session and its locks) and on the "
                                    "client (0: the operating system's defaults, hours)"),
     "dispatch_chunk": Option("PIPELINE_DISPATCH_CHUNK", "5000",
-                             "tasks run_job reads and publishes per round (its resume checkpoint; the first round is at "
-                             "most 500)"),
+                             "tasks run_job reads and publishes per round (its resume checkpoint; the first "
+                             "round is at most 500)"),
     "metrics_port": Option("PIPELINE_METRICS_PORT", "9191",
                            "port of the workers' Prometheus endpoint (0: no metrics)"),
     "metrics_host": Option("PIPELINE_METRICS_HOST", "127.0.0.1",

@@ -116,11 +116,11 @@ def test_saving_result_messages_costs_one_transaction_and_one_redis_round_trip_w
     assert metrics().db_transactions._value.get() - transactions == 1
     assert redis_round_trips == ["EVALSHA"]
     # And the same SQL statements as any other size (no query per image or message): the inbox rows, the
-    # job and its pipeline, the rows still in the inbox, the JobImage rows, the detections' ids, one UPDATE
-    # of the JobImage rows, the inbox rows' DELETE, the job's row locked for counting, the job's progress
-    # (the two INSERTs go straight to the driver)
+    # job and its pipeline, the rows still in the inbox, the JobImage rows, one UPDATE of the JobImage rows,
+    # the inbox rows' DELETE, the job's row locked for counting, the job's progress (the two INSERTs go straight
+    # to the driver; the classifications find their detections' ids as they are inserted)
     statements = [r for r in caplog.records if r.name == "peewee"]
-    assert len(statements) == 9, [r.getMessage()[:80] for r in statements]
+    assert len(statements) == 8, [r.getMessage()[:80] for r in statements]
     assert progress_counts(job.id) == (messages * images + 1, 0, 3 * (messages * images + 1))
 
 

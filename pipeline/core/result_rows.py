@@ -20,17 +20,20 @@ import msgspec
 
 from models import (
     Algorithm,
-    Classification,
     Detection,
     ImageStatus,
     Job,
+    database,
     execute_in,
     insert_ignoring_duplicates,
+    is_postgres,
     select_in,
     tuples,
     utcnow,
+    utcnow_stored,
     write_transaction,
 )
+from models.db import INSERT_PAGE
 from pipeline.errors import BadResult
 from pipeline.infra.jobstate import Outcome
 from pipeline.schemas import DETECTION_TASK_TYPES, DetectionOut, SuccessResult
@@ -186,12 +189,7 @@ class PreparedResult:
             detections = [r for r in self.detections if str(r[0]) in decided]
             insert_ignoring_duplicates(Detection, DETECTION_FIELDS, detections)
             classifications = [c for c in self.classifications if c[0][0] in decided]
-            if classifications:
-                ids = {(str(image), algorithm, bbox_key): pk for pk, image, algorithm, bbox_key in select_in(
-                    'SELECT id, image_id, algorithm_id, bbox_key FROM "detection" WHERE image_id IN ({in})',
-                    sorted({int(key[0]) for key, _ in classifications}))}
-                insert_ignoring_duplicates(Classification, CLASSIFICATION_FIELDS,
-                                           [(ids[key], *row) for key, row in classifications])
+            _insert_classifications(classifications)
             by_counts: dict[tuple[int, int], list[int]] = defaultdict(list)  # one UPDATE per distinct pair
             for image_id in deciding:
                 n_det, n_cls = self.counts[image_id]
@@ -208,7 +206,36 @@ class PreparedResult:
 
 DETECTION_FIELDS = ("image", "algorithm", "bbox_key", "x1", "y1", "x2", "y2", "score", "crop_url", "job",
                     "created_at")
-CLASSIFICATION_FIELDS = ("detection", "algorithm", "taxon", "score", "scores", "labels", "terminal", "created_at")
+
+#: Each classification row finds its detection's id by the detection's key (image, algorithm, box) as it is
+#: inserted: no read of the detections' ids into Python between the two inserts.
+_CLASSIFICATIONS_SQLITE = (
+    'INSERT INTO "classification" (detection_id, algorithm_id, taxon, score, scores, labels, terminal, created_at) '
+    'SELECT d.id, ?, ?, ?, ?, ?, ?, ? FROM "detection" AS d '
+    "WHERE d.image_id = ? AND d.algorithm_id = ? AND d.bbox_key = ? ON CONFLICT DO NOTHING")
+_CLASSIFICATIONS_POSTGRES = (
+    'INSERT INTO "classification" (detection_id, algorithm_id, taxon, score, scores, labels, terminal, created_at) '
+    # a lookup per row, by the detections' unique index (a join could be planned as a scan of the whole table)
+    'SELECT (SELECT d.id FROM "detection" AS d WHERE d.image_id = v.image_id AND d.algorithm_id = v.detector_id '
+    "AND d.bbox_key = v.bbox_key), v.algorithm_id, v.taxon, v.score, v.scores, v.labels, v.terminal, v.created_at "
+    "FROM (VALUES %s) AS v(algorithm_id, taxon, score, scores, labels, terminal, created_at, image_id, detector_id, "
+    "bbox_key) ON CONFLICT DO NOTHING")
+_CLASSIFICATION_VALUES = ("(%s::int, %s::text, %s::float8, %s::text, %s::text, %s::bool, %s::timestamp, %s::bigint, "
+                          "%s::int, %s::text)")
+
+
+def _insert_classifications(classifications: list[tuple[tuple[str, int, str], tuple[Any, ...]]]) -> None:
+    """Insert (detection key, row without the detection's id) pairs, a row already there left as it is."""
+    if not classifications:
+        return
+    rows = [(*row, int(image_id), detector_id, bbox_key) for (image_id, detector_id, bbox_key), row in classifications]
+    cursor = database.obj.cursor()
+    if is_postgres():
+        from psycopg2.extras import execute_values
+
+        execute_values(cursor, _CLASSIFICATIONS_POSTGRES, rows, template=_CLASSIFICATION_VALUES, page_size=INSERT_PAGE)
+    else:
+        cursor.executemany(_CLASSIFICATIONS_SQLITE, rows)
 _encode_json = msgspec.json.Encoder().encode
 
 
@@ -254,7 +281,7 @@ def prepare_result(job: Job, result: SuccessResult) -> PreparedResult:
             detections[(image_id, marker, "")] = None
 
     counts: dict[str, list[int]] = {i: [0, 0] for i in image_ids}
-    now = utcnow()
+    now = utcnow_stored()
     det_rows: list[tuple[Any, ...]] = []
     cls_rows: list[tuple[tuple[str, int, str], tuple[Any, ...]]] = []
     for (image_id, algo_key, bbox_key), det in detections.items():
@@ -272,8 +299,8 @@ def prepare_result(job: Job, result: SuccessResult) -> PreparedResult:
                 continue  # one classification per detection and algorithm
             seen_algorithms.add(c.algorithm.key)
             cls_rows.append(((image_id, algorithm_id, bbox_key), (
-                algorithms[c.algorithm.key].id, c.taxon, c.score, _to_json(list(c.scores)), _to_json(list(c.labels)),
-                c.terminal, now)))
+                algorithms[c.algorithm.key].id, c.taxon, c.score, _to_json(c.scores),
+                _to_json(c.labels) if c.labels else "[]", c.terminal, now)))
             if bbox_key:
                 counts[image_id][1] += 1
     return PreparedResult(job_id, image_ids, det_rows, cls_rows, counts)
