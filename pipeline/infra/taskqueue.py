@@ -18,7 +18,7 @@ import logging
 import random
 import ssl
 from collections.abc import Coroutine, Iterable
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 import msgspec
 import nats
@@ -227,19 +227,20 @@ def describe_connection_error(exc: BaseException) -> str:
 
 class Requests:
     """Many requests at once over one wildcard reply subscription: replies are matched by a counter token,
-    and one timer covers the whole batch. nats-py's `request` draws random bytes (a system call) and arms
-    a timer per request, which made ACKs and task publishing the worker's busiest event-loop work."""
+    and one timer and one future cover the whole batch. nats-py's `request` draws random bytes (a system call)
+    and arms a timer per request, which made ACKs and task publishing the worker's busiest event-loop work; a
+    future per request (and `asyncio.wait` over them) cost a callback per reply more."""
 
     def __init__(self, nc: nats.NATS):
         self.nc = nc
         self._prefix: str | None = None
         self._tokens = itertools.count()
-        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._waiting: dict[str, tuple[_Replies, int]] = {}
 
     async def _on_reply(self, msg: Msg) -> None:
-        future = self._waiting.pop(msg.subject[len(self._prefix or ""):], None)
-        if future is not None and not future.done():
-            future.set_result(msg)
+        waiting = self._waiting.pop(msg.subject[len(self._prefix or ""):], None)
+        if waiting is not None:
+            waiting[0].arrived(waiting[1], msg)
 
     async def send(self, requests: list[tuple[str, bytes, dict[str, str] | None]], *, timeout: float) -> list[Msg]:
         """Publish every (subject, payload, headers) with its own reply subject; the replies, in order (a
@@ -258,23 +259,40 @@ class Requests:
             except BaseException:
                 self._prefix = None
                 raise
-        loop = asyncio.get_running_loop()
+        replies = _Replies(len(requests), asyncio.get_running_loop().create_future())
         tokens: list[str] = []
-        futures: list[asyncio.Future[Msg]] = []
         try:
             async with asyncio.timeout(timeout):  # the whole exchange, publishing included, never longer
-                for subject, payload, headers in requests:
+                for n, (subject, payload, headers) in enumerate(requests):
                     token = str(next(self._tokens))
                     tokens.append(token)
-                    futures.append(self._waiting.setdefault(token, loop.create_future()))
+                    self._waiting[token] = (replies, n)
                     await self.nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
-                await asyncio.wait(futures)
+                await replies.complete
         except TimeoutError:
             raise nats.errors.TimeoutError from None
         finally:
             for token in tokens:
                 self._waiting.pop(token, None)
-        return [future.result() for future in futures]
+        return cast(list[Msg], replies.received)
+
+
+class _Replies:
+    """The replies of one `Requests.send`, in the order of its requests; `complete` is done once each came."""
+
+    __slots__ = ("received", "missing", "complete")
+
+    def __init__(self, count: int, complete: asyncio.Future[None]):
+        self.received: list[Msg | None] = [None] * count
+        self.missing = count
+        self.complete = complete
+
+    def arrived(self, n: int, msg: Msg) -> None:
+        if self.received[n] is None:
+            self.received[n] = msg
+            self.missing -= 1
+            if not self.missing and not self.complete.done():
+                self.complete.set_result(None)
 
 
 def no_responders(reply: Msg) -> bool:
