@@ -154,7 +154,13 @@ def _links(traceparents: Sequence[str | None]) -> list[Link]:
 def span(name: str, *, parent: str | None = None, attributes: Mapping[str, Any] | None = None,
          links: Sequence[str | None] = (), kind: SpanKind = SpanKind.INTERNAL) -> Iterator[Span]:
     """A span, current within the block, as the child of `parent` (a `traceparent`) if given, else of the
-    current span. An exception leaving the block is recorded on it."""
+    current span. An exception leaving the block is recorded on it.
+
+    Where nothing is traced (no parent, no current span, no exporter) there is no span to make: the block runs
+    as it is (a step per task or per saving pays nothing for tracing that is off)."""
+    if parent is None and not exporting() and not in_span():
+        yield trace.INVALID_SPAN
+        return
     with tracer().start_as_current_span(name, context=_context(parent), kind=kind, attributes=attributes,
                                         links=_links(links)) as current:
         yield current

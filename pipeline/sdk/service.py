@@ -112,7 +112,8 @@ class ProcessingService:
             else:
                 running = _in_own_thread(self.handler, task, name=f"{self.name}-{task.image_id}")
             try:
-                result = await asyncio.wait_for(running, self.task_timeout_s)
+                async with asyncio.timeout(self.task_timeout_s):  # (wait_for would wrap the handler in a task)
+                    result = await running
             except TimeoutError:  # a hung fetch or model: its slot is freed and its image gets an answer
                 raise TimeoutError(f"the handler took longer than {self.task_timeout_s:g} s") from None
         except Exception as exc:  # noqa: BLE001 - any model failure becomes that image's error result
