@@ -131,9 +131,7 @@ def decode_result(body: bytes) -> Result:
     """The result in `body`; raises BadResult with a precise reason when it is not one."""
     if b"\\u0000" in body:  # JSON's escape of NUL: PostgreSQL stores no NUL in text, SQLite would cut it
         raise BadResult("result contains a NUL character (\\u0000), which text cannot hold")
-    result = _success_as_specified(body)
-    if result is None:
-        result = _result_read_leniently(body)
+    result: Result = _success_as_specified(body) or _result_read_leniently(body)
     if isinstance(result, SuccessResult):
         if not result.source_images:
             raise BadResult("success result lists no source_images")

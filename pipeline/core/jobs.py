@@ -293,12 +293,18 @@ def dispatch(runtime: Runtime, job: Job, *, consumer: ConsumerConfig | None = No
     cursor = job.dispatch_cursor
     crash_point("before_publish", job=job.id)
     # the first round is small: services start on it while the rest is read and published
-    while chunk := pending_chunk(job, after_id=cursor,
-                                 limit=settings.dispatch_chunk if sent else min(FIRST_ROUND, settings.dispatch_chunk)):
+    chunk = pending_chunk(job, after_id=cursor, limit=min(FIRST_ROUND, settings.dispatch_chunk))
+    while chunk:
         # each round's traceparent goes on its tasks: a service's span for a task joins the job's trace there
         with tracing.span("jetpipe.dispatch", parent=None if tracing.in_span() else job.trace_parent,
                           attributes={"jetpipe.job_id": job.id, "jetpipe.tasks": len(chunk)}):
-            published = tasks.publish_tasks([task for _, task in chunk], headers=tracing.headers())
+            publishing = tasks.start_publishing([task for _, task in chunk], headers=tracing.headers())
+            try:  # the next round is read while this one is published (a read: the checkpoint is written after)
+                upcoming = pending_chunk(job, after_id=chunk[-1][0], limit=settings.dispatch_chunk)
+            except BaseException:
+                publishing.cancel()
+                raise
+            published = tasks.published(publishing)
         new += sum(p.new for p in published)
         sent += len(chunk)
         cursor = chunk[-1][0]
@@ -313,6 +319,7 @@ def dispatch(runtime: Runtime, job: Job, *, consumer: ConsumerConfig | None = No
             job_log(job.id, logging.INFO, f"dispatch stopped after {sent} task(s): the job is {status}; its "
                                           "tasks were removed from NATS")
             return sent
+        chunk = upcoming
     crash_point("after_publish", job=job.id, sent=sent)
     Job.update(dispatched_at=utcnow(), updated_at=utcnow()).where(Job.id == job.id).execute()
     job_log(job.id, logging.INFO, f"dispatched {sent} task(s) ({new} new) to "

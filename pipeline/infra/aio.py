@@ -34,7 +34,15 @@ class LoopRunner:
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """The coroutine's result; raises its exception, or TimeoutError after `timeout` seconds (the
         coroutine is then cancelled, as it is when the waiting thread is interrupted)."""
-        future = self._schedule(coro)
+        return self.wait(self._schedule(coro), timeout)
+
+    def start(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Start the coroutine now; `wait` for its result later (meanwhile the caller does other work)."""
+        return self._schedule(coro)
+
+    def wait(self, future: concurrent.futures.Future[T], timeout: float | None = None) -> T:
+        """The result of a coroutine from `start`, as `run` waits for it (interruptible; cancelled if the wait
+        ends without it)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:

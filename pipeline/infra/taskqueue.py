@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
@@ -888,9 +889,18 @@ class SyncTaskQueue:
     def job_result_objects(self, pipeline_slug: str, job_id: int) -> list[str]:
         return self._run("job_result_objects", self.queue.job_result_objects(pipeline_slug, job_id))
 
-    def publish_tasks(self, tasks: Iterable[Task], *, chunk: int = PUBLISH_CHUNK,
-                      headers: dict[str, str] | None = None) -> list[Published]:
-        return self._run("publish_tasks", self.queue.publish_tasks(tasks, chunk=chunk, headers=headers))
+    def start_publishing(self, tasks: Iterable[Task], *,
+                         headers: dict[str, str] | None = None) -> concurrent.futures.Future[list[Published]]:
+        """`publish_tasks`, started now: the caller does other work meanwhile, then waits with `published` (or
+        cancels it)."""
+        return self.runner.start(self.queue.publish_tasks(tasks, headers=headers))
+
+    def published(self, publishing: concurrent.futures.Future[list[Published]]) -> list[Published]:
+        """The result of `start_publishing`."""
+        try:
+            return self.runner.wait(publishing, timeout=self.timeout_s)
+        except NATS_FAILURES as exc:
+            raise TransientError(f"nats: publish_tasks failed: {str(exc) or type(exc).__name__}") from exc
 
     def announce_job(self, pipeline_slug: str, job_id: int) -> None:
         self._run("announce_job", self.queue.announce_job(pipeline_slug, job_id))
