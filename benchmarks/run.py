@@ -284,6 +284,9 @@ def scrape(port: int) -> dict[str, float]:
 
 
 def start_worker(env: dict, *extra: str, processes: int = 1) -> subprocess.Popen:
+    if "pipeline.actors" in extra:  # as a deployment does: the schema first (a worker started without it has its
+        # bridge back off, and the first results of a job enqueued seconds later waited for that backoff)
+        subprocess.run([sys.executable, "cli.py", "init-db"], cwd=ROOT, env=env, check=True, capture_output=True)
     return subprocess.Popen([sys.executable, "-m", "dramatiq", *extra, "-p", str(processes), "-t", "8"], cwd=ROOT,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 

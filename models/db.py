@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import io
 import json
 import threading
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -303,9 +305,9 @@ def insert_ignoring_duplicates(model: type[peewee.Model], fields: tuple[str, ...
     """`INSERT ... ON CONFLICT DO NOTHING` of `rows`, tuples of database values in the order of `fields`; the
     number of rows inserted (those already there not counted).
 
-    Goes through the driver's batch call (sqlite3 executemany, psycopg2 execute_values): peewee's
-    `insert_many` builds its SQL value by value, which cost more than the database's own work
-    (15 ms for a 50-image result's 150 detections; 0.4 s for a 10,000-image job's rows).
+    Goes through the driver's bulk path: on SQLite executemany; on PostgreSQL COPY into a temporary table, then
+    one INSERT from it (`copy_staged`). peewee's `insert_many` builds its SQL value by value, which cost more than
+    the database's own work (15 ms for a 50-image result's 150 detections; 0.4 s for a 10,000-image job's rows).
     """
     if not rows:
         return 0
@@ -313,21 +315,43 @@ def insert_ignoring_duplicates(model: type[peewee.Model], fields: tuple[str, ...
     table = model._meta.table_name
     cursor = database.obj.cursor()
     if is_postgres():
-        from psycopg2.extras import execute_values
-
-        inserted = 0
-        for start in range(0, len(rows), INSERT_PAGE):  # execute_values' rowcount is its last page's
-            execute_values(cursor, f'INSERT INTO "{table}" ({columns}) VALUES %s ON CONFLICT DO NOTHING',
-                           rows[start:start + INSERT_PAGE], page_size=INSERT_PAGE)
-            inserted += cursor.rowcount
-        return inserted
+        staged = copy_staged(cursor, f'SELECT {columns} FROM "{table}"', rows)
+        cursor.execute(f'INSERT INTO "{table}" ({columns}) SELECT * FROM {staged} ON CONFLICT DO NOTHING')
+        inserted = cursor.rowcount
+        cursor.execute(f"DELETE FROM {staged}")
+        return int(inserted)
     marks = ", ".join("?" * len(fields))
     cursor.executemany(f'INSERT INTO "{table}" ({columns}) VALUES ({marks}) ON CONFLICT DO NOTHING', rows)
     return int(cursor.rowcount)  # sqlite3 sums an executemany's changes
 
 
-#: Rows per multi-row INSERT statement on PostgreSQL.
-INSERT_PAGE = 1000
+def copy_staged(cursor: Any, shape: str, rows: list[tuple[Any, ...]]) -> str:
+    """PostgreSQL: `rows` COPYed into this session's temporary table of the columns `shape` (a SELECT) selects,
+    made the first time it is needed; its name. The caller inserts from it, then empties it.
+
+    COPY is PostgreSQL's bulk path: an INSERT of 1,000 rows as VALUES text costs the client a literal per value
+    and the server its parsing and planning (a 2,000-image step's detections: 0.21 s as VALUES, 0.12 s so).
+    A temporary table takes no lock others wait for and is never written to the WAL."""
+    name = f'"_staged_{zlib.crc32(shape.encode()):08x}"'
+    cursor.execute(f"CREATE TEMP TABLE IF NOT EXISTS {name} AS {shape} WITH NO DATA")
+    text = io.StringIO("".join("\t".join(map(_copy_value, row)) + "\n" for row in rows))
+    cursor.copy_expert(f"COPY {name} FROM STDIN", text)
+    return name
+
+
+def _copy_value(value: Any) -> str:
+    """A value in COPY's text format."""
+    if value is None:
+        return "\\N"
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "\\\\x" + bytes(value).hex()  # bytea's hex form, its backslash escaped for COPY
+    if isinstance(value, dt.datetime):
+        return value.isoformat(" ")
+    if isinstance(value, str):
+        return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return str(value)
 
 
 def select_in(sql: str, column_values: Iterable[Any], *, params: tuple[Any, ...] = (), chunk: int = 500,

@@ -33,7 +33,7 @@ from models import (
     utcnow_stored,
     write_transaction,
 )
-from models.db import INSERT_PAGE
+from models.db import copy_staged
 from pipeline.errors import BadResult
 from pipeline.infra.jobstate import Outcome
 from pipeline.schemas import DETECTION_TASK_TYPES, DetectionOut, SuccessResult
@@ -213,15 +213,15 @@ _CLASSIFICATIONS_SQLITE = (
     'INSERT INTO "classification" (detection_id, algorithm_id, taxon, score, scores, labels, terminal, created_at) '
     'SELECT d.id, ?, ?, ?, ?, ?, ?, ? FROM "detection" AS d '
     "WHERE d.image_id = ? AND d.algorithm_id = ? AND d.bbox_key = ? ON CONFLICT DO NOTHING")
+_CLASSIFICATIONS_STAGED = (  # the rows as `_insert_classifications` hands them over, each with its detection's key
+    "SELECT c.algorithm_id, c.taxon, c.score, c.scores, c.labels, c.terminal, c.created_at, d.image_id, "
+    'd.algorithm_id AS detector_id, d.bbox_key FROM "classification" AS c, "detection" AS d')
 _CLASSIFICATIONS_POSTGRES = (
     'INSERT INTO "classification" (detection_id, algorithm_id, taxon, score, scores, labels, terminal, created_at) '
     # a lookup per row, by the detections' unique index (a join could be planned as a scan of the whole table)
     'SELECT (SELECT d.id FROM "detection" AS d WHERE d.image_id = v.image_id AND d.algorithm_id = v.detector_id '
     "AND d.bbox_key = v.bbox_key), v.algorithm_id, v.taxon, v.score, v.scores, v.labels, v.terminal, v.created_at "
-    "FROM (VALUES %s) AS v(algorithm_id, taxon, score, scores, labels, terminal, created_at, image_id, detector_id, "
-    "bbox_key) ON CONFLICT DO NOTHING")
-_CLASSIFICATION_VALUES = ("(%s::int, %s::text, %s::float8, %s::text, %s::text, %s::bool, %s::timestamp, %s::bigint, "
-                          "%s::int, %s::text)")
+    "FROM {staged} AS v ON CONFLICT DO NOTHING")
 
 
 def _insert_classifications(classifications: list[tuple[tuple[str, int, str], tuple[Any, ...]]]) -> None:
@@ -231,9 +231,9 @@ def _insert_classifications(classifications: list[tuple[tuple[str, int, str], tu
     rows = [(*row, int(image_id), detector_id, bbox_key) for (image_id, detector_id, bbox_key), row in classifications]
     cursor = database.obj.cursor()
     if is_postgres():
-        from psycopg2.extras import execute_values
-
-        execute_values(cursor, _CLASSIFICATIONS_POSTGRES, rows, template=_CLASSIFICATION_VALUES, page_size=INSERT_PAGE)
+        staged = copy_staged(cursor, _CLASSIFICATIONS_STAGED, rows)
+        cursor.execute(_CLASSIFICATIONS_POSTGRES.format(staged=staged))
+        cursor.execute(f"DELETE FROM {staged}")
     else:
         cursor.executemany(_CLASSIFICATIONS_SQLITE, rows)
 _encode_json = msgspec.json.Encoder().encode
