@@ -122,7 +122,7 @@ def pull_tasks(runtime, job_id: int, count: int, *, timeout_s: float = 5.0) -> l
             while len(got) < count:
                 try:
                     msgs = await sub.fetch(count - len(got), timeout=timeout_s)
-                except nats.errors.TimeoutError:
+                except TimeoutError:  # nats-py's own, or asyncio's from inside its fetch (seen on a paused consumer)
                     break
                 if not msgs:
                     break
