@@ -806,7 +806,8 @@ rt = get_runtime(); models.create_schema()
 register_pipeline(decode_pipeline_spec(json.dumps(moth.PIPELINE_SPEC).encode(), source="bench"))
 urls = [line.strip() for line in open(URLS)]
 def one(images, n):
-    job = create_job("moth-demo", urls[:images], name=f"small {images} #{n}")
+    # reuse off: each job runs its images through the service (they are the same images every time)
+    job = create_job("moth-demo", urls[:images], name=f"small {images} #{n}", reuse=False)
     start_job(rt, job)
     while (j := Job.get_by_id(job.id)).finished_at is None:
         time.sleep(0.001)
