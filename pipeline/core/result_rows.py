@@ -150,7 +150,8 @@ class PreparedResult:
     job_id: int
     image_ids: tuple[str, ...]
     detections: list[tuple[Any, ...]]  # Detection rows, in DETECTION_FIELDS order
-    classifications: list[tuple[tuple[str, int, str], tuple[Any, ...]]]  # (detection key, row without detection id)
+    #: (image id, classification row in the columns of `_CLASSIFICATIONS_STAGED`: its detection named by key)
+    classifications: list[tuple[str, tuple[Any, ...]]]
     counts: dict[str, list[int]]  # image id -> [detections, classifications]
 
     @classmethod
@@ -166,7 +167,7 @@ class PreparedResult:
         return cls(
             parts[0].job_id, tuple(owner),
             [row for n, part in enumerate(parts) for row in part.detections if owner[str(row[0])] == n],
-            [c for n, part in enumerate(parts) for c in part.classifications if owner[c[0][0]] == n],
+            [c for n, part in enumerate(parts) for c in part.classifications if owner[c[0]] == n],
             {image_id: parts[n].counts[image_id] for image_id, n in owner.items()})
 
     def restricted_to(self, image_ids: Iterable[str]) -> PreparedResult:
@@ -176,7 +177,7 @@ class PreparedResult:
             return self
         return PreparedResult(self.job_id, tuple(i for i in self.image_ids if i in keep),
                               [r for r in self.detections if str(r[0]) in keep],
-                              [c for c in self.classifications if c[0][0] in keep],
+                              [c for c in self.classifications if c[0] in keep],
                               {i: n for i, n in self.counts.items() if i in keep})
 
     def save(self, rows: dict[str, ImageRow] | None = None) -> list[Outcome]:
@@ -188,7 +189,7 @@ class PreparedResult:
             decided = set(deciding)
             detections = [r for r in self.detections if str(r[0]) in decided]
             insert_ignoring_duplicates(Detection, DETECTION_FIELDS, detections)
-            classifications = [c for c in self.classifications if c[0][0] in decided]
+            classifications = [row for image_id, row in self.classifications if image_id in decided]
             _insert_classifications(classifications)
             by_counts: dict[tuple[int, int], list[int]] = defaultdict(list)  # one UPDATE per distinct pair
             for image_id in deciding:
@@ -224,11 +225,11 @@ _CLASSIFICATIONS_POSTGRES = (
     "FROM {staged} AS v ON CONFLICT DO NOTHING")
 
 
-def _insert_classifications(classifications: list[tuple[tuple[str, int, str], tuple[Any, ...]]]) -> None:
-    """Insert (detection key, row without the detection's id) pairs, a row already there left as it is."""
-    if not classifications:
+def _insert_classifications(rows: list[tuple[Any, ...]]) -> None:
+    """Insert classification rows (the columns of `_CLASSIFICATIONS_STAGED`), each finding its detection by the
+    detection's key; a row already there is left as it is."""
+    if not rows:
         return
-    rows = [(*row, int(image_id), detector_id, bbox_key) for (image_id, detector_id, bbox_key), row in classifications]
     cursor = database.obj.cursor()
     if is_postgres():
         staged = copy_staged(cursor, _CLASSIFICATIONS_STAGED, rows)
@@ -283,7 +284,7 @@ def prepare_result(job: Job, result: SuccessResult) -> PreparedResult:
     counts: dict[str, list[int]] = {i: [0, 0] for i in image_ids}
     now = utcnow_stored()
     det_rows: list[tuple[Any, ...]] = []
-    cls_rows: list[tuple[tuple[str, int, str], tuple[Any, ...]]] = []
+    cls_rows: list[tuple[str, tuple[Any, ...]]] = []
     for (image_id, algo_key, bbox_key), det in detections.items():
         algorithm_id = algorithms[algo_key].id
         if det is None:  # the "processed, nothing found" marker
@@ -298,9 +299,9 @@ def prepare_result(job: Job, result: SuccessResult) -> PreparedResult:
             if c.algorithm.key in seen_algorithms:
                 continue  # one classification per detection and algorithm
             seen_algorithms.add(c.algorithm.key)
-            cls_rows.append(((image_id, algorithm_id, bbox_key), (
+            cls_rows.append((image_id, (
                 algorithms[c.algorithm.key].id, c.taxon, c.score, _to_json(c.scores),
-                _to_json(c.labels) if c.labels else "[]", c.terminal, now)))
+                _to_json(c.labels) if c.labels else "[]", c.terminal, now, int(image_id), algorithm_id, bbox_key)))
             if bbox_key:
                 counts[image_id][1] += 1
     return PreparedResult(job_id, image_ids, det_rows, cls_rows, counts)
