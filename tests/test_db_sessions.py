@@ -5,6 +5,7 @@ and a lock wait fails (and is retried) instead of waiting behind a dead session.
 from __future__ import annotations
 
 import time
+import uuid
 
 import peewee
 import psycopg2
@@ -81,3 +82,32 @@ def test_a_transaction_left_idle_is_ended_by_the_server_and_its_locks_released(r
         assert cursor.fetchone() == (job.id,)
     finally:
         probe.close()
+
+
+def test_a_database_user_who_may_not_create_temporary_tables_is_not_ready_and_says_what_to_grant(settings):
+    # Given a database whose users may not create temporary tables (results are saved through them)
+    from pipeline.infra.readiness import readiness
+    from tests.conftest import PG_ADMIN_URL
+
+    name = f"jetpipe_notemp_{uuid.uuid4().hex[:8]}"
+    admin = psycopg2.connect(PG_ADMIN_URL)
+    admin.autocommit = True
+    cursor = admin.cursor()
+    cursor.execute(f"CREATE ROLE {name} LOGIN")
+    cursor.execute(f"CREATE DATABASE {name}")
+    cursor.execute(f"REVOKE TEMPORARY ON DATABASE {name} FROM PUBLIC")
+    try:
+        server = PG_ADMIN_URL.split("@", 1)[1].rsplit("/", 1)[0]  # host:port of the tests' server
+        user_settings = settings.with_overrides(database_url=f"postgresql://{name}@{server}/{name}")
+        # Then /readyz says the database is not ready, and why
+        ready, checks = readiness(user_settings)
+        assert not ready
+        assert checks["database"].startswith("connected, but this user may not create temporary tables")
+        assert "GRANT TEMPORARY" in checks["database"]
+        # And once it may, it is
+        cursor.execute(f"GRANT TEMPORARY ON DATABASE {name} TO {name}")
+        assert readiness(user_settings)[1]["database"] == "ok"
+    finally:
+        cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        cursor.execute(f"DROP ROLE IF EXISTS {name}")
+        admin.close()
