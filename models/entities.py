@@ -250,7 +250,7 @@ class ParkedResult(BaseModel):
     """A result message that could not be saved after its attempts (a bug, not an outage): its images
     were failed with the reason, and it is kept here for inspection and replay (`cli.py parked`)."""
 
-    job_id = peewee.BigIntegerField()  # (job_id, url, event) serves it
+    job_id = peewee.BigIntegerField(index=True)
     source = peewee.CharField(max_length=64)
     stream_seq = peewee.BigIntegerField(null=True)
     body = peewee.BlobField()

@@ -237,6 +237,8 @@ def _insert_classifications(rows: list[tuple[Any, ...]]) -> None:
         cursor.execute(f"DELETE FROM {staged}")
     else:
         cursor.executemany(_CLASSIFICATIONS_SQLITE, rows)
+
+
 _encode_json = msgspec.json.Encoder().encode
 
 
