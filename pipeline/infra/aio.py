@@ -36,12 +36,8 @@ class LoopRunner:
         coroutine is then cancelled, as it is when the waiting thread is interrupted)."""
         return self.wait(self._schedule(coro), timeout)
 
-    def start(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        """Start the coroutine now; `wait` for its result later (meanwhile the caller does other work)."""
-        return self._schedule(coro)
-
     def wait(self, future: concurrent.futures.Future[T], timeout: float | None = None) -> T:
-        """The result of a coroutine from `start`, as `run` waits for it (interruptible; cancelled if the wait
+        """The result of a coroutine from `spawn`, as `run` waits for it (interruptible; cancelled if the wait
         ends without it)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -59,7 +55,8 @@ class LoopRunner:
                 future.cancel()
 
     def spawn(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        """Start a long-running coroutine (a bridge, a service loop) without waiting for it."""
+        """Start a coroutine without waiting for it (a bridge, a service loop; or work whose result the caller
+        `wait`s for after doing something else meanwhile)."""
         return self._schedule(coro)
 
     def _schedule(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:

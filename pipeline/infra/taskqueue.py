@@ -893,7 +893,7 @@ class SyncTaskQueue:
                          headers: dict[str, str] | None = None) -> concurrent.futures.Future[list[Published]]:
         """`publish_tasks`, started now: the caller does other work meanwhile, then waits with `published` (or
         cancels it)."""
-        return self.runner.start(self.queue.publish_tasks(tasks, headers=headers))
+        return self.runner.spawn(self.queue.publish_tasks(tasks, headers=headers))
 
     def published(self, publishing: concurrent.futures.Future[list[Published]]) -> list[Published]:
         """The result of `start_publishing`."""
