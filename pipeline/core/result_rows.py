@@ -33,7 +33,7 @@ from models import (
     utcnow_stored,
     write_transaction,
 )
-from models.db import copy_staged
+from models.db import insert_staged
 from pipeline.errors import BadResult
 from pipeline.infra.jobstate import Outcome
 from pipeline.schemas import DETECTION_TASK_TYPES, DetectionOut, SuccessResult
@@ -222,7 +222,7 @@ _CLASSIFICATIONS_POSTGRES = (
     # a lookup per row, by the detections' unique index (a join could be planned as a scan of the whole table)
     'SELECT (SELECT d.id FROM "detection" AS d WHERE d.image_id = v.image_id AND d.algorithm_id = v.detector_id '
     "AND d.bbox_key = v.bbox_key), v.algorithm_id, v.taxon, v.score, v.scores, v.labels, v.terminal, v.created_at "
-    "FROM {staged} AS v ON CONFLICT DO NOTHING")
+    "FROM staged AS v ON CONFLICT DO NOTHING")
 
 
 def _insert_classifications(rows: list[tuple[Any, ...]]) -> None:
@@ -232,9 +232,7 @@ def _insert_classifications(rows: list[tuple[Any, ...]]) -> None:
         return
     cursor = database.obj.cursor()
     if is_postgres():
-        staged = copy_staged(cursor, _CLASSIFICATIONS_STAGED, rows)
-        cursor.execute(_CLASSIFICATIONS_POSTGRES.format(staged=staged))
-        cursor.execute(f"DELETE FROM {staged}")
+        insert_staged(cursor, _CLASSIFICATIONS_STAGED, rows, _CLASSIFICATIONS_POSTGRES)
     else:
         cursor.executemany(_CLASSIFICATIONS_SQLITE, rows)
 
