@@ -28,6 +28,7 @@ from models import (
     select_in,
     tuples,
     utcnow,
+    utcnow_stored,
     write_transaction,
 )
 from pipeline import fairshare, names
@@ -163,7 +164,7 @@ def create_job(pipeline_slug: str, urls: Iterable[str | manifests.Row], *, name:
                 rows: dict[str, manifests.Row] = {}  # by url (a url twice: the first says)
                 for row in chunk:
                     rows.setdefault(allowed(row.url), row)
-                now = utcnow()
+                now = utcnow_stored()
                 insert_ignoring_duplicates(SourceImage, ("url", "created_at"), [(u, now) for u in rows])
                 ids = dict(select_in('SELECT url, id FROM "source_image" WHERE url IN ({in})', list(rows)))
                 earlier = reuse_.earlier_results(pipeline.id, pipeline.version if reuse else None,

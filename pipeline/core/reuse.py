@@ -61,7 +61,7 @@ REUSED_FROM = JOB_IMAGE_FIELDS.index("reused_from")
 
 
 def job_image_row(job: Job, image_id: int, meta: str | None, etag: str | None, earlier: Earlier | None,
-                  now: dt.datetime) -> tuple[object, ...]:
+                  now: dt.datetime | str) -> tuple[object, ...]:
     """The new job's row for an image (JOB_IMAGE_FIELDS): pending, or processed with an earlier job's outcome."""
     if earlier is None:
         return (job.id, image_id, meta, etag, ImageStatus.PENDING, 0, 0, None, now)
