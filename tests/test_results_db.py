@@ -115,3 +115,31 @@ def test_no_index_is_written_that_another_already_covers_and_an_upgrade_drops_th
                    and list(other.columns[:len(ix.columns)]) == list(ix.columns)]
         assert covered == [], model._meta.table_name
     assert "detection_image_id" not in {ix.name for ix in models.database.get_indexes("detection")}
+
+
+AWKWARD = 'tab\there, new\nline, cr\r, back\\slash \\N \\x41, "quoted", é, 🦋'
+
+
+def test_awkward_text_goes_through_the_bulk_path_unchanged_and_duplicates_across_chunks_count_once(db_url,
+                                                                                                   moth_pipeline):
+    # (PostgreSQL takes these rows through COPY's text format, where tabs, newlines, backslashes and \N mean
+    # something; SQLite through executemany)
+    import json
+
+    from pipeline.core import manifests
+    from pipeline.core.jobs import CREATE_CHUNK, create_job
+
+    # Given a job whose manifest says awkward things of an image, and names an image again past the first chunk
+    first = manifests.Row("file:///nowhere/awkward-0.png", {"note": AWKWARD}, AWKWARD[:40])
+    rows = [first] + [manifests.Row(f"file:///nowhere/awkward-{i}.png", None) for i in range(1, CREATE_CHUNK + 5)]
+    job = create_job(moth_pipeline, rows + [first, rows[7]], reuse=False)
+    # Then each image is counted once, and what the manifest said is kept exactly
+    assert job.total_images == CREATE_CHUNK + 5 == JobImage.select().where(JobImage.job == job.id).count()
+    kept = JobImage.select().where(JobImage.job == job.id).order_by(JobImage.id).first()
+    assert (json.loads(kept.meta), kept.etag) == ({"note": AWKWARD}, AWKWARD[:40])
+    # And a result whose classification says awkward things is saved as it said them
+    body = json.loads(success_body(task_of(job), boxes=1))
+    body["detections"][0]["classifications"][0].update(taxon=AWKWARD, labels=[AWKWARD, "\\"])
+    save_result(job, decode_result(json.dumps(body).encode()))
+    saved = Classification.get()
+    assert (saved.taxon, saved.labels) == (AWKWARD, [AWKWARD, "\\"])

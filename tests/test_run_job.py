@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
+import pytest
+
 from models import ImageStatus, Job, JobImage, JobLog, JobStatus, Pipeline
 from pipeline import names
 from pipeline.core.jobs import create_job
@@ -381,3 +383,27 @@ def test_the_single_tasks_stream_of_earlier_versions_is_removed_so_pipelines_get
     assert runtime.tasks.consumer_state(job.id, moth_pipeline).num_pending == 2
     streams = [info.config.name for info in runtime.runner.run(js.streams_info(), timeout=10)]
     assert names.LEGACY_TASKS_STREAM not in streams and names.tasks_stream(moth_pipeline) in streams
+
+
+@pytest.mark.parametrize(("chunk", "rounds"), [(5000, [500, 700]), (300, [300, 300, 300, 300]), (200, [200] * 6)])
+def test_the_first_dispatch_round_is_small_so_services_start_while_the_rest_is_published(
+        runtime, moth_pipeline, monkeypatch, chunk, rounds):
+    # Given a 1,200-image job dispatched PIPELINE_DISPATCH_CHUNK tasks a round
+    from pipeline.core import jobs
+
+    runtime.settings = runtime.settings.with_overrides(dispatch_chunk=chunk)
+    recorded = []
+    original = jobs.record_published
+
+    def record(job_id, row_ids, seqs, cursor):
+        recorded.append(len(row_ids))
+        return original(job_id, row_ids, seqs, cursor)
+
+    monkeypatch.setattr(jobs, "record_published", record)
+    job = fake_job(moth_pipeline, 1200)
+    dispatch(runtime, job.id)
+    # Then its first round is at most 500 tasks, the others a chunk each, and every task went out once, in order
+    assert recorded == rounds
+    assert stream_count(runtime, job.id, moth_pipeline) == 1200
+    seqs = [r.task_seq for r in JobImage.select().where(JobImage.job == job.id).order_by(JobImage.id)]
+    assert None not in seqs and seqs == sorted(seqs) and len(set(seqs)) == 1200
