@@ -910,7 +910,7 @@ def main() -> int:
     parser.add_argument("--s3-images", type=int, default=10_000, help="objects under the prefix (stage s3)")
     parser.add_argument("--big-images", type=int, default=10, help="images with a ~20 MB result (stage big)")
     parser.add_argument("--reuse-images", type=int, default=100_000,
-                        help="the collection processed before (stage reuse); 1% more are new")
+                        help="the collection processed before (stage reuse); 1%% more are new")
     parser.add_argument("--postgres", metavar="URL",
                         help="also run end to end on PostgreSQL (a throwaway database is created on this server)")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="what to measure")
