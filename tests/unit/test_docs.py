@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -75,3 +76,11 @@ def test_the_readme_lists_every_setting_with_its_default():
     for option in OPTIONS.values():
         default = f"`{option.default}`" if option.default else "(none)"
         assert f"| `{option.env}` | {default} |" in readme, option.env
+
+
+def test_the_benchmarks_explain_their_options():
+    """`make bench`'s script is documented by its --help (argparse formats help texts: a bare % broke it)."""
+    out = subprocess.run([sys.executable, str(PROJECT / "benchmarks" / "run.py"), "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--stages" in out.stdout and "1% more are new" in " ".join(out.stdout.split())
