@@ -111,3 +111,23 @@ def test_a_database_user_who_may_not_create_temporary_tables_is_not_ready_and_sa
         cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         cursor.execute(f"DROP ROLE IF EXISTS {name}")
         admin.close()
+
+
+def test_the_staged_rows_of_a_bulk_insert_leave_nothing_behind_in_the_session(db_url):
+    # (PostgreSQL never vacuums a temporary table: rows deleted from one stay as dead rows for the session's life)
+    from models import SourceImage, insert_ignoring_duplicates, utcnow
+
+    def staged_bytes() -> int:
+        return models.database.execute_sql(
+            "select coalesce(sum(pg_relation_size(oid)), 0) from pg_class "
+            "where relnamespace = pg_my_temp_schema() and relname like '\\_staged\\_%%'").fetchone()[0]
+
+    # Given many bulk inserts through one session, each its own transaction, and one outside any transaction
+    for n in range(20):
+        with write_transaction():
+            assert insert_ignoring_duplicates(SourceImage, ("url", "created_at"),
+                                              [(f"file:///staged/{n}/{i}.png", utcnow()) for i in range(500)]) == 500
+    assert insert_ignoring_duplicates(SourceImage, ("url", "created_at"), [("file:///staged/alone.png", utcnow())]) == 1
+    # Then every row is in, and the session's staging tables hold not a page
+    assert SourceImage.select().where(SourceImage.url.startswith("file:///staged/")).count() == 20 * 500 + 1
+    assert staged_bytes() == 0
