@@ -50,7 +50,7 @@ def create_schema() -> None:
     with database.connection_context():
         database.create_tables(ALL_MODELS, safe=True)
         _add_missing_columns()
-        _drop_redundant_indexes()
+        _drop_retired_indexes()
         _give_every_job_a_project()
 
 
@@ -76,10 +76,22 @@ REDUNDANT_INDEXES = ("algorithm_pipeline_id", "job_image_job_id", "job_image_ima
                      "classification_detection_id", "webhook_delivery_job_id")
 
 
-def _drop_redundant_indexes() -> None:
+#: Checks and indexes earlier versions made for the references of result rows that are now `Reference`s
+#: (models/entities.py): (table, constraint, index). SQLite cannot drop a constraint from a table: an older
+#: SQLite database keeps checking them, which costs it little.
+UNCHECKED_REFERENCES = (("detection", "detection_algorithm_id_fkey", "detection_algorithm_id"),
+                        ("detection", "detection_job_id_fkey", "detection_job_id"),
+                        ("classification", "classification_algorithm_id_fkey", "classification_algorithm_id"))
+
+
+def _drop_retired_indexes() -> None:
     with database.atomic():
         for name in REDUNDANT_INDEXES:
             database.execute_sql(f'DROP INDEX IF EXISTS "{name}"')
+        for table, constraint, index in UNCHECKED_REFERENCES:
+            if is_postgres():
+                database.execute_sql(f'ALTER TABLE "{table}" DROP CONSTRAINT IF EXISTS "{constraint}"')
+            database.execute_sql(f'DROP INDEX IF EXISTS "{index}"')
 
 
 DEFAULT_PROJECT = "default"

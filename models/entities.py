@@ -9,6 +9,23 @@ import peewee
 from models.db import BaseModel, JSONField, utcnow
 
 
+class Reference(peewee.ForeignKeyField):
+    """A reference from a result row (detections, classifications: the largest tables, written a thousand rows at a
+    time) to a row the application never deletes (an algorithm; the job that first saved a detection), which the
+    database neither checks row by row nor indexes.
+
+    A checked foreign key costs a lookup and a row lock (KEY SHARE) on the referenced row for every row written:
+    1,500 detections took 1,500 locks on their job's row, which every progress write also updates, and the checks
+    cost more than the insert itself (docs/performance.md). The saving already knows these rows exist: a result's
+    algorithms are looked up among its pipeline's before any row is made, and the job is the one being saved.
+    peewee still follows it (joins, `delete_instance(recursive=True)` clears a nullable one).
+    """
+
+    def __init__(self, model: type[peewee.Model], **kwargs: object) -> None:
+        super().__init__(model, index=False, **kwargs)
+        self.deferred = True  # peewee's create_table writes no constraint for a deferred foreign key
+
+
 class JobStatus(StrEnum):
     """A job's status, stored as its value. The groups (TERMINAL, RUNNING, ALL) are tuples of the values:
     `status in JobStatus.TERMINAL` holds for a member and for the plain string read from the database."""
@@ -177,7 +194,7 @@ class JobImage(BaseModel):
 
 class Detection(BaseModel):
     image = peewee.ForeignKeyField(SourceImage, backref="detections", on_delete="CASCADE", index=False)  # (image, ...)
-    algorithm = peewee.ForeignKeyField(Algorithm, on_delete="CASCADE")
+    algorithm = Reference(Algorithm)
     #: "x1,y1,x2,y2" with fixed precision, or "" for the "processed, nothing found" marker. Backs dedupe.
     bbox_key = peewee.CharField(max_length=100)
     x1 = peewee.FloatField(null=True)
@@ -186,7 +203,7 @@ class Detection(BaseModel):
     y2 = peewee.FloatField(null=True)
     score = peewee.FloatField(null=True)
     crop_url = peewee.TextField(null=True)
-    job = peewee.ForeignKeyField(Job, null=True, on_delete="SET NULL")  # the job that first saved it
+    job = Reference(Job, null=True)  # the job that first saved it
     created_at = peewee.DateTimeField(default=utcnow)
 
     class Meta:
@@ -200,7 +217,7 @@ class Detection(BaseModel):
 class Classification(BaseModel):
     detection = peewee.ForeignKeyField(Detection, backref="classifications", on_delete="CASCADE",
                                        index=False)  # (detection, algorithm) serves it
-    algorithm = peewee.ForeignKeyField(Algorithm, on_delete="CASCADE")
+    algorithm = Reference(Algorithm)
     taxon = peewee.CharField(max_length=255)
     score = peewee.FloatField()
     scores = JSONField(null=True)

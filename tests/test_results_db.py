@@ -117,6 +117,37 @@ def test_no_index_is_written_that_another_already_covers_and_an_upgrade_drops_th
     assert "detection_image_id" not in {ix.name for ix in models.database.get_indexes("detection")}
 
 
+def test_result_rows_refer_to_algorithms_and_jobs_without_a_check_per_row_and_an_upgrade_drops_the_old_ones(
+        db_url, moth_pipeline):
+    # Given a PostgreSQL database of an earlier version, which checked and indexed those references
+    if models.is_postgres():
+        for table, column, target in (("detection", "algorithm_id", "algorithm"), ("detection", "job_id", "job"),
+                                      ("classification", "algorithm_id", "algorithm")):
+            models.database.execute_sql(f'ALTER TABLE "{table}" ADD FOREIGN KEY ("{column}") REFERENCES "{target}"')
+            models.database.execute_sql(f'CREATE INDEX "{table}_{column}" ON "{table}" ("{column}")')
+    # When it is upgraded
+    models.create_schema()
+    # Then a result row's image and detection are still checked, its algorithm and job are not (nor indexed)
+    checked = {(fk.table, fk.column) for table in ("detection", "classification")
+               for fk in models.database.get_foreign_keys(table)}
+    assert checked == {("detection", "image_id"), ("classification", "detection_id")}
+    indexed = {ix.name for table in ("detection", "classification") for ix in models.database.get_indexes(table)}
+    assert not indexed & {"detection_algorithm_id", "detection_job_id", "classification_algorithm_id"}
+    # And a result naming an algorithm its pipeline does not have is still refused whole
+    job = fake_job(moth_pipeline, 2)
+    with pytest.raises(BadResult, match="not-in-the-pipeline"):
+        save_result(job, decode_result(success_body(task_of(job), detector={"key": "not-in-the-pipeline"})))
+    assert Detection.select().count() == 0
+    # And a saved result names its algorithms and the job that saved it, which peewee still follows
+    save_result(job, decode_result(success_body(task_of(job), boxes=2)))
+    detection = Detection.select().where(Detection.bbox_key != "").first()
+    assert (detection.job.id, detection.algorithm.key) == (job.id, "blob-detector-v1")
+    assert {c.algorithm.key for c in Classification.select()} == {"moth-shape-v1"}
+    # And deleting the job leaves its results, no longer naming it
+    job.delete_instance(recursive=True)
+    assert Detection.select().where(Detection.job.is_null()).count() == Detection.select().count() == 2
+
+
 AWKWARD = 'tab\there, new\nline, cr\r, back\\slash \\N \\x41, "quoted", é, 🦋'
 
 
