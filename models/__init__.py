@@ -7,6 +7,7 @@ from models.db import (
     SchemaMissing,
     SessionLimits,
     bind,
+    bind_listeners,
     commit_listeners,
     database,
     execute_in,
@@ -40,6 +41,7 @@ from models.entities import (
     Project,
     ResultInbox,
     SourceImage,
+    TaskRun,
     WebhookDelivery,
 )
 
@@ -50,6 +52,7 @@ def create_schema() -> None:
     with database.connection_context():
         database.create_tables(ALL_MODELS, safe=True)
         _add_missing_columns()
+        _task_sequences_into_runs()
         _drop_retired_indexes()
         _give_every_job_a_project()
 
@@ -74,6 +77,28 @@ def _add_missing_columns() -> None:
 #: longer index serves each of their lookups).
 REDUNDANT_INDEXES = ("algorithm_pipeline_id", "job_image_job_id", "job_image_image_id", "detection_image_id",
                      "classification_detection_id", "webhook_delivery_job_id")
+#: Indexes of columns earlier versions wrote and this one does not (`job_image.task_seq`: now `TaskRun`).
+UNUSED_INDEXES = ("job_image_job_id_task_seq",)
+
+
+def _task_sequences_into_runs() -> None:
+    """Earlier versions recorded each image's task sequence in its `job_image` row (`task_seq`): the running jobs'
+    are recorded as `TaskRun`s (once: a run already there is left alone), as dispatch records them now."""
+    if "task_seq" not in {column.name for column in database.get_columns("job_image")}:
+        return
+    marks = ", ".join([database.obj.param] * len(JobStatus.RUNNING))
+    rows = database.execute_sql(
+        'SELECT i.job_id, i.image_id, i.task_seq FROM "job_image" AS i JOIN "job" AS j ON j.id = i.job_id '
+        f"WHERE i.task_seq IS NOT NULL AND j.status IN ({marks})", JobStatus.RUNNING).fetchall()
+    by_job: dict[int, tuple[list[str], list[int]]] = {}
+    for job_id, image_id, seq in rows:
+        images, seqs = by_job.setdefault(job_id, ([], []))
+        images.append(str(image_id))
+        seqs.append(seq)
+    with database.atomic():
+        for job_id, (images, seqs) in by_job.items():
+            insert_ignoring_duplicates(TaskRun, ("job", "first_seq", "last_seq", "image_ids"),
+                                       TaskRun.rows_for(job_id, images, seqs))
 
 
 #: Checks and indexes earlier versions made for the references of result rows that are now `Reference`s
@@ -86,7 +111,7 @@ UNCHECKED_REFERENCES = (("detection", "detection_algorithm_id_fkey", "detection_
 
 def _drop_retired_indexes() -> None:
     with database.atomic():
-        for name in REDUNDANT_INDEXES:
+        for name in REDUNDANT_INDEXES + UNUSED_INDEXES:
             database.execute_sql(f'DROP INDEX IF EXISTS "{name}"')
         for table, constraint, index in UNCHECKED_REFERENCES:
             if is_postgres():
@@ -114,7 +139,7 @@ __all__ = [
     # database
     "DatabaseURLError", "SchemaMissing", "SessionLimits",
     "DEFAULT_PROJECT", "default_project",
-    "bind", "commit_listeners", "database", "create_schema", "execute_in", "for_update",
+    "bind", "bind_listeners", "commit_listeners", "database", "create_schema", "execute_in", "for_update",
     "insert_ignoring_duplicates", "is_postgres", "make_database", "tuples",
     "is_transient", "is_unstorable", "select_in", "thread_connection", "undoable_write", "utcnow", "utcnow_stored",
     "write_transaction",
@@ -122,5 +147,5 @@ __all__ = [
     "DispatchMode", "ImageStatus", "JobStatus",
     # tables
     "ALL_MODELS", "Algorithm", "Classification", "Detection", "Job", "JobImage", "JobLog", "ParkedResult",
-    "Pipeline", "Project", "ResultInbox", "SourceImage", "WebhookDelivery",
+    "Pipeline", "Project", "ResultInbox", "SourceImage", "TaskRun", "WebhookDelivery",
 ]

@@ -27,6 +27,8 @@ database = peewee.DatabaseProxy()
 
 #: Called after each write transaction commits (the metrics count them; models imports nothing of pipeline).
 commit_listeners: list[Callable[[], None]] = []
+#: Called when the models are pointed at another database (`bind`): what a process keeps of the last one's rows goes.
+bind_listeners: list[Callable[[], None]] = []
 
 #: Seconds a SQLite writer waits for the lock before raising "database is locked".
 SQLITE_BUSY_TIMEOUT_S = 30
@@ -208,6 +210,8 @@ def bind(url: str, *, session: SessionLimits | None = None) -> peewee.Database:
         current.close()
     db = make_database(url, session=session)
     database.initialize(db)
+    for listener in bind_listeners:
+        listener()
     return db
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import StrEnum, nonmember
 
 import peewee
@@ -172,9 +173,6 @@ class JobImage(BaseModel):
     classifications = peewee.IntegerField(default=0)
     error = peewee.TextField(null=True)
     updated_at = peewee.DateTimeField(default=utcnow)
-    #: Stream sequence of the image's task in PIPELINE_TASKS (its PubAck): a result's reply subject names
-    #: it, so a reply is checked against the image it settles without asking NATS.
-    task_seq = peewee.BigIntegerField(null=True)
     #: What the job's manifest says of the image, JSON (pipeline/core/manifests.py); None: nothing.
     meta = peewee.TextField(null=True)
     #: The earlier job whose saved results this image reuses (it was not processed again); None: its own.
@@ -188,8 +186,45 @@ class JobImage(BaseModel):
             (("job", "image"), True),  # one outcome per image per job
             (("image", "status"), False),  # an image's saved outcomes across jobs: what a new job may reuse
             (("job", "status", "id"), False),  # the pending images of a job, in dispatch order
-            (("job", "task_seq"), False),  # the image of a task an advisory names
         )
+
+
+class TaskRun(BaseModel):
+    """Tasks of a job that the tasks stream stored at consecutive sequences: the task stored at `first_seq + k`
+    is that of the k-th image of `image_ids`. A result's reply subject and an advisory name a task by its
+    sequence; this is jetpipe's own record of which image that task was for (the stream may no longer hold it).
+
+    Written once per dispatch round from its PubAcks (usually one row per round: a few rows for a job, where a
+    sequence per image row meant rewriting every image row and its indexes), and never changed.
+    """
+
+    job = peewee.ForeignKeyField(Job, on_delete="CASCADE", index=False)  # (job, last_seq, first_seq) serves it
+    first_seq = peewee.BigIntegerField()
+    last_seq = peewee.BigIntegerField()
+    image_ids = peewee.TextField()  # the images' ids, decimal, comma-separated, in sequence order
+
+    class Meta:
+        # the runs of a job that reach a sequence, in order; the first one holds it if it starts at or before it
+        indexes = ((("job", "last_seq", "first_seq"), True),)
+
+    @staticmethod
+    def rows_for(job_id: int, image_ids: Sequence[str], seqs: Sequence[int]) -> list[tuple[int, int, int, str]]:
+        """(job, first_seq, last_seq, image_ids) rows of the runs of consecutive sequences among these tasks
+        (`image_ids[k]`'s task stored at `seqs[k]`; another job's tasks published meanwhile break a run)."""
+        rows: list[tuple[int, int, int, str]] = []
+        run: list[str] = []
+        first = last = 0
+        for seq, image_id in sorted(zip(seqs, image_ids, strict=True)):
+            if run and seq == last + 1:
+                run.append(image_id)
+            else:
+                if run:
+                    rows.append((job_id, first, last, ",".join(run)))
+                first, run = seq, [image_id]
+            last = seq
+        if run:
+            rows.append((job_id, first, last, ",".join(run)))
+        return rows
 
 
 class Detection(BaseModel):
@@ -308,5 +343,5 @@ class JobLog(BaseModel):
     created_at = peewee.DateTimeField(default=utcnow, index=True)
 
 
-ALL_MODELS = (Pipeline, Algorithm, SourceImage, Project, Job, JobImage, Detection, Classification, ResultInbox,
-              ParkedResult, JobLog, WebhookDelivery)
+ALL_MODELS = (Pipeline, Algorithm, SourceImage, Project, Job, JobImage, TaskRun, Detection, Classification,
+              ResultInbox, ParkedResult, JobLog, WebhookDelivery)

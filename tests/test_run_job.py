@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from models import ImageStatus, Job, JobImage, JobLog, JobStatus, Pipeline
+from models import ImageStatus, Job, JobImage, JobLog, JobStatus, Pipeline, TaskRun
 from pipeline import names
+from pipeline.core import task_runs
 from pipeline.core.jobs import create_job
 from pipeline.ops.sources import image_urls_from_dir
 from pipeline.sdk import moth
@@ -395,9 +396,9 @@ def test_the_first_dispatch_round_is_small_so_services_start_while_the_rest_is_p
     recorded = []
     original = jobs.record_published
 
-    def record(job_id, row_ids, seqs, cursor):
-        recorded.append(len(row_ids))
-        return original(job_id, row_ids, seqs, cursor)
+    def record(job_id, image_ids, seqs, cursor):
+        recorded.append(len(image_ids))
+        return original(job_id, image_ids, seqs, cursor)
 
     monkeypatch.setattr(jobs, "record_published", record)
     job = fake_job(moth_pipeline, 1200)
@@ -405,5 +406,10 @@ def test_the_first_dispatch_round_is_small_so_services_start_while_the_rest_is_p
     # Then its first round is at most 500 tasks, the others a chunk each, and every task went out once, in order
     assert recorded == rounds
     assert stream_count(runtime, job.id, moth_pipeline) == 1200
-    seqs = [r.task_seq for r in JobImage.select().where(JobImage.job == job.id).order_by(JobImage.id)]
-    assert None not in seqs and seqs == sorted(seqs) and len(set(seqs)) == 1200
+    images = [str(i) for i, in JobImage.select(JobImage.image).where(JobImage.job == job.id).order_by(JobImage.id)
+              .tuples()]
+    runs = TaskRun.select().where(TaskRun.job == job.id).order_by(TaskRun.first_seq)
+    assert len(runs) == len(rounds)  # a run a round: no other job published meanwhile
+    seqs = [seq for run in runs for seq in range(run.first_seq, run.last_seq + 1)]
+    image_of = task_runs.images_of(job.id, seqs)
+    assert [image_of[seq] for seq in seqs] == images  # stored in id order, each recorded at its sequence

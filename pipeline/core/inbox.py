@@ -36,9 +36,9 @@ import peewee
 from nats.aio.msg import Msg
 from opentelemetry.trace import SpanKind
 
-from models import ResultInbox, insert_ignoring_duplicates, select_in, tuples, utcnow, write_transaction
+from models import ResultInbox, insert_ignoring_duplicates, tuples, utcnow, write_transaction
 from pipeline import names
-from pipeline.core import task_tokens
+from pipeline.core import task_runs, task_tokens
 from pipeline.core.result_rows import canonical_image_id
 from pipeline.errors import TasksNotAcked, TransientError
 from pipeline.infra import tracing
@@ -186,9 +186,9 @@ def _prove(secret: str, pipeline: str, m: Incoming) -> Proof:
 def task_images(runtime: Runtime, job_id: int, replies: Iterable[str]) -> dict[str, str]:
     """The image (canonical id) of each reply subject that names a task of the job.
 
-    The task a reply subject names is its stream sequence; each image's row holds the sequence its task
-    was stored at (`JobImage.task_seq`), jetpipe's own record. Tasks published before that column existed
-    (or answered before the dispatch recorded their sequence) are read from the tasks stream instead.
+    The task a reply subject names is its stream sequence; dispatch recorded which image's task each sequence
+    holds (`task_runs`), jetpipe's own record. Tasks published before that record existed (or answered before
+    the dispatch recorded their sequence) are read from the tasks stream instead.
     """
     seqs: dict[str, int] = {}
     for reply in replies:
@@ -197,12 +197,10 @@ def task_images(runtime: Runtime, job_id: int, replies: Iterable[str]) -> dict[s
             seqs[reply] = parsed[3]
     if not seqs:
         return {}
-    image_of_seq = {seq: str(image) for image, seq in select_in(
-        'SELECT image_id, task_seq FROM "job_image" WHERE job_id = %s AND task_seq IN ({in})',
-        sorted(set(seqs.values())), params=(job_id,))}
+    image_of_seq = task_runs.images_of(job_id, seqs.values())
     found = {reply: image_of_seq[seq] for reply, seq in seqs.items() if seq in image_of_seq}
     unknown = [reply for reply in seqs if reply not in found]
-    if unknown:  # published before the column existed, or answered before its sequence was recorded
+    if unknown:  # published before the record existed, or answered before its sequence was recorded
         for reply, (task_job, image_id) in runtime.tasks.task_images(unknown).items():
             image = canonical_image_id(image_id)
             if task_job == job_id and image is not None:

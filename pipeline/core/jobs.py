@@ -24,7 +24,6 @@ from models import (
     SourceImage,
     database,
     insert_ignoring_duplicates,
-    is_postgres,
     select_in,
     tuples,
     utcnow,
@@ -32,7 +31,7 @@ from models import (
     write_transaction,
 )
 from pipeline import fairshare, names
-from pipeline.core import manifests, progress, scheduling, slots, task_tokens, webhooks
+from pipeline.core import manifests, progress, scheduling, slots, task_runs, task_tokens, webhooks
 from pipeline.core import reuse as reuse_
 from pipeline.core.image_policy import IMAGE_SUFFIXES, ImagePolicy
 from pipeline.core.joblog import job_log
@@ -255,25 +254,12 @@ def pending_chunk(job: Job, *, after_id: int, limit: int, presign: bool = True) 
     return tasks
 
 
-def record_published(job_id: int, row_ids: list[int], seqs: list[int], cursor: int) -> None:
-    """Write the published tasks' stream sequences and the job's checkpoint, in one transaction.
-
-    The image rows are written first, the job's row last: the lock order of every writer of a job
-    (`outcomes.saved_then_locked`; results of these very tasks may be being saved meanwhile), or two
-    transactions could each wait for the other's rows.
-    """
+def record_published(job_id: int, image_ids: list[str], seqs: list[int], cursor: int) -> None:
+    """Record which image each published task is for, by the stream sequence its PubAck gave (`task_runs`), and
+    the job's checkpoint, in one transaction. Rows are only added (the image rows are not written), so this
+    takes no lock that saving the job's results meanwhile holds, but the job row's, last, as every writer does."""
     with write_transaction():
-        if is_postgres():
-            from psycopg2.extras import execute_values
-
-            # an UPDATE locks its rows in no set order: lock them first in primary key order (`job_images`)
-            select_in('SELECT id FROM "job_image" WHERE id IN ({in}) ORDER BY id', sorted(row_ids), lock=True)
-            execute_values(database.obj.cursor(), 'UPDATE "job_image" SET task_seq = v.seq FROM (VALUES %s) '
-                           'AS v(id, seq) WHERE "job_image".id = v.id', list(zip(row_ids, seqs, strict=True)),
-                           page_size=1000)
-        else:
-            database.obj.cursor().executemany('UPDATE "job_image" SET task_seq = ? WHERE id = ?',
-                                              list(zip(seqs, row_ids, strict=True)))
+        task_runs.record(job_id, image_ids, seqs)
         Job.update(dispatch_cursor=cursor, updated_at=utcnow()).where(Job.id == job_id).execute()
 
 
@@ -309,7 +295,7 @@ def dispatch(runtime: Runtime, job: Job, *, consumer: ConsumerConfig | None = No
         new += sum(p.new for p in published)
         sent += len(chunk)
         cursor = chunk[-1][0]
-        record_published(job.id, [row_id for row_id, _ in chunk], [p.seq for p in published], cursor)
+        record_published(job.id, [task.image_id for _, task in chunk], [p.seq for p in published], cursor)
         if sent == len(chunk):  # its first tasks are out: services waiting for work may pull at once
             _announce(tasks, job)
         crash_point("mid_publish", job=job.id, sent=sent)

@@ -17,9 +17,9 @@ import json
 import logging
 from enum import StrEnum
 
-from models import Job, JobImage, JobStatus
+from models import Job, JobStatus
 from pipeline import names
-from pipeline.core import inbox
+from pipeline.core import inbox, task_runs
 from pipeline.core.joblog import job_log
 from pipeline.core.outcomes import finish, load_job, settle
 from pipeline.core.result_rows import fail_images
@@ -42,12 +42,10 @@ def fail_lost(runtime: Runtime, job: Job, image_ids: list[str], reason: str) -> 
 
 
 def _image_of_task(job_id: int, stream_seq: int) -> str | None:
-    """The image whose task was stored at `stream_seq`, from jetpipe's own record (`JobImage.task_seq`):
-    a terminated task is gone from the stream, and the reason a TERM carries is its sender's text, never
-    trusted to name an image (invariant 12)."""
-    image = (JobImage.select(JobImage.image).where((JobImage.job == job_id) & (JobImage.task_seq == stream_seq))
-             .scalar())
-    return str(image) if image is not None else None
+    """The image whose task was stored at `stream_seq`, from jetpipe's own record (`task_runs`): a terminated
+    task is gone from the stream, and the reason a TERM carries is its sender's text, never trusted to name an
+    image (invariant 12)."""
+    return task_runs.images_of(job_id, [stream_seq]).get(stream_seq)
 
 
 class Verdict(StrEnum):
