@@ -113,9 +113,14 @@ def _drop_retired_indexes() -> None:
     with database.atomic():
         for name in REDUNDANT_INDEXES + UNUSED_INDEXES:
             database.execute_sql(f'DROP INDEX IF EXISTS "{name}"')
+        present = set()
+        if is_postgres():  # (ALTER TABLE locks the table even when there is nothing to drop)
+            present = {name for name, in database.execute_sql(
+                "SELECT conname FROM pg_constraint WHERE conname IN %s",
+                (tuple(constraint for _, constraint, _ in UNCHECKED_REFERENCES),)).fetchall()}
         for table, constraint, index in UNCHECKED_REFERENCES:
-            if is_postgres():
-                database.execute_sql(f'ALTER TABLE "{table}" DROP CONSTRAINT IF EXISTS "{constraint}"')
+            if constraint in present:
+                database.execute_sql(f'ALTER TABLE "{table}" DROP CONSTRAINT "{constraint}"')
             database.execute_sql(f'DROP INDEX IF EXISTS "{index}"')
 
 
