@@ -85,3 +85,20 @@ def test_an_upgrade_records_the_running_jobs_task_sequences_as_runs(db_url, moth
     assert task_runs.images_of(running.id, range(1, 8)) == {1: ids[0], 2: ids[1], 4: ids[3], 5: ids[4]}
     assert [(r.first_seq, r.last_seq) for r in TaskRun.select().order_by(TaskRun.first_seq)] == [(1, 2), (4, 5)]
     assert "job_image_job_id_task_seq" not in {ix.name for ix in models.database.get_indexes("job_image")}
+
+
+def test_only_the_runs_holding_the_sequences_asked_for_are_read(db_url, moth_pipeline, monkeypatch):
+    # Given a job dispatched in four rounds, with another job's tasks between them
+    kept = task_runs._Runs(limit=1000)
+    monkeypatch.setattr(task_runs, "_cache", kept)
+    job = fake_job(moth_pipeline, 12)
+    ids = images(job)
+    with write_transaction():
+        for n, first in enumerate((1, 10, 20, 30)):
+            task_runs.record(job.id, ids[3 * n:3 * n + 3], [first, first + 1, first + 2])
+    # When a batch names a task of the first round, one of the last, and sequences no round holds
+    found = task_runs.images_of(job.id, [2, 5, 31, 40])
+    # Then it gets their images, having read those two rounds only (a late task beside a new one must not read
+    # every round of a big job between them)
+    assert found == {2: ids[1], 31: ids[10]}
+    assert [run.first_seq for run in kept.jobs[job.id]] == [1, 30]

@@ -3,8 +3,8 @@
 Dispatch records each round's PubAcks as runs of consecutive sequences (`record`); a result's reply subject
 and an advisory name a task by its sequence, and `images_of` answers from those runs. A run never changes once
 written, so a process keeps the runs it has read (up to `CACHED_IMAGES` images' worth) and asks the database only
-for sequences none of them holds: saving a job's results usually reads one run per dispatch round, not a row per
-batch of results.
+for sequences none of them holds, one query per run that holds some: saving a job's results usually reads one
+run per dispatch round, not a row per batch of results.
 """
 
 from __future__ import annotations
@@ -45,14 +45,26 @@ def images_of(job_id: int, seqs: Iterable[int]) -> dict[int, str]:
     wanted = sorted(set(seqs))
     found = _cache.lookup(job_id, wanted)
     missing = [seq for seq in wanted if seq not in found]
-    if missing:
-        runs = [Run(first, last, tuple(ids.split(","))) for first, last, ids in database.execute_sql(
-            f'SELECT first_seq, last_seq, image_ids FROM "task_run" WHERE job_id = {database.obj.param} '
-            f"AND last_seq >= {database.obj.param} AND first_seq <= {database.obj.param} ORDER BY first_seq",
-            (job_id, missing[0], missing[-1])).fetchall()]
-        _cache.add(job_id, runs)
-        found.update(_cache.lookup(job_id, missing))
+    read: list[Run] = []
+    while missing:  # the runs holding them, each read once; none between them (a late task and a new one)
+        run = _run_reaching(job_id, missing[0])
+        if run is None:
+            break  # no run reaches that far: none of them is recorded
+        held = {seq: image for seq in missing if (image := run.image_at(seq)) is not None}
+        if held:  # (a run past a sequence no round holds is not kept)
+            read.append(run)
+            found.update(held)
+        missing = [seq for seq in missing if seq > run.last_seq]  # those before the run are in none
+    _cache.add(job_id, read)
     return found
+
+
+def _run_reaching(job_id: int, seq: int) -> Run | None:
+    """The job's first run that ends at or after `seq` (it holds `seq` if it starts at or before it)."""
+    row = database.execute_sql(
+        f'SELECT first_seq, last_seq, image_ids FROM "task_run" WHERE job_id = {database.obj.param} '
+        f"AND last_seq >= {database.obj.param} ORDER BY last_seq LIMIT 1", (job_id, seq)).fetchone()
+    return Run(row[0], row[1], tuple(row[2].split(","))) if row is not None else None
 
 
 class _Runs:
