@@ -85,8 +85,7 @@ def test_a_transaction_left_idle_is_ended_by_the_server_and_its_locks_released(r
 
 
 def test_a_database_user_who_may_not_create_temporary_tables_is_ready_and_saves_in_bulk(settings):
-    # (bulk inserts need no temporary table: a user without TEMPORARY, or a pooler that gives each transaction
-    # another session, takes rows in bulk all the same)
+    # (bulk inserts need no temporary table: a user without TEMPORARY takes rows in bulk all the same)
     from models import SourceImage, insert_ignoring_duplicates, utcnow
     from pipeline.infra.readiness import readiness
     from tests.conftest import PG_ADMIN_URL

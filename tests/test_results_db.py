@@ -153,8 +153,8 @@ AWKWARD = 'tab\there, new\nline, cr\r, back\\slash \\N \\x41, "quoted", é, 🦋
 
 def test_awkward_text_goes_through_the_bulk_path_unchanged_and_duplicates_across_chunks_count_once(db_url,
                                                                                                    moth_pipeline):
-    # (PostgreSQL takes these rows through COPY's text format, where tabs, newlines, backslashes and \N mean
-    # something; SQLite through executemany)
+    # (PostgreSQL takes these rows as one JSON parameter, where quotes, backslashes and control characters are
+    # escaped; they meant something in the COPY text format it used before; SQLite takes them through executemany)
     import json
 
     from pipeline.core import manifests
