@@ -95,7 +95,10 @@ def test_a_20_mb_result_goes_through_the_bucket_even_when_its_service_dies_betwe
         # and no object is left: each was deleted once taken, the orphans when the job ended (its cleanup)
         wait_for(lambda: Job.get_by_id(job.id).cleaned_up_at, timeout_s=30, message="the job's cleanup")
         assert runtime.tasks.job_result_objects(moth.SLUG, job.id) == []
-        assert ResultInbox.select().count() == 0
+        # (eventually: on a loaded machine a task whose 20 MB upload outlasts its 4 s lease can be answered twice,
+        # and a copy taken into the inbox after the job ended waits there for the next drain, which drops it; a
+        # full run once found one row left at this point)
+        wait_for(lambda: ResultInbox.select().count() == 0, timeout_s=30, message="the inbox to be empty")
     finally:
         set_runtime(previous)
         for proc in services:
