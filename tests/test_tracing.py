@@ -129,13 +129,24 @@ class Receiver(http.server.ThreadingHTTPServer):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
-    def names_of(self, job_id: int) -> set[str]:
+    def arrived(self, job_id: int) -> tuple[set[str], list[str]]:
+        """The names of the job's spans that have arrived, and those of the spans whose parent has not.
+
+        Each process exports on its own schedule: a worker's `jetpipe.take` can arrive before the gateway's
+        `jetpipe.gateway.result` it answers, so every name being there does not yet mean the tree is whole."""
         with self.lock:
             spans = list(self.spans)
         try:
-            return {s.name for s in the_jobs_trace(spans, job_id)}
+            trace = the_jobs_trace(spans, job_id)
         except ValueError:  # its root has not arrived yet
-            return set()
+            return set(), []
+        ids = {s.span for s in trace}
+        return {s.name for s in trace}, [s.name for s in trace if s.parent and s.parent not in ids]
+
+    def whole(self, job_id: int) -> bool:
+        """Whether the job's trace holds every kind of span, each with its parent."""
+        names, waiting = self.arrived(job_id)
+        return names >= OVER_HTTP and not waiting
 
 
 class _ReceiverHandler(http.server.BaseHTTPRequestHandler):
@@ -205,8 +216,9 @@ def test_a_jobs_trace_crosses_the_cli_the_worker_the_gateway_and_the_service(
                  message=f"job {job_id} to end ({(tmp_path / 'processes.log').read_text(errors='replace')[-2000:]})")
         assert Job.get_by_id(job_id).status == JobStatus.SUCCESS
         # Then its trace holds every step, from each process, as one tree
-        wait_for(lambda: receiver.names_of(job_id) >= OVER_HTTP, timeout_s=30,
-                 message=f"the job's spans (have {sorted(receiver.names_of(job_id))})")
+        # (every process's spans arrived, before the processes are killed)
+        wait_for(lambda: receiver.whole(job_id), timeout_s=30,
+                 message=f"the job's spans (have, and whose parent has not arrived: {receiver.arrived(job_id)})")
     finally:
         for proc in procs:
             kill_group(proc)
