@@ -106,7 +106,10 @@ def _task_sequences_into_runs() -> None:
 #: SQLite database keeps checking them, which costs it little.
 UNCHECKED_REFERENCES = (("detection", "detection_algorithm_id_fkey", "detection_algorithm_id"),
                         ("detection", "detection_job_id_fkey", "detection_job_id"),
-                        ("classification", "classification_algorithm_id_fkey", "classification_algorithm_id"))
+                        ("classification", "classification_algorithm_id_fkey", "classification_algorithm_id"),
+                        # (their indexes are gone already: REDUNDANT_INDEXES)
+                        ("detection", "detection_image_id_fkey", "detection_image_id"),
+                        ("classification", "classification_detection_id_fkey", "classification_detection_id"))
 
 
 def _drop_retired_indexes() -> None:

@@ -12,14 +12,17 @@ from models.db import BaseModel, JSONField, utcnow
 
 class Reference(peewee.ForeignKeyField):
     """A reference from a result row (detections, classifications: the largest tables, written a thousand rows at a
-    time) to a row the application never deletes (an algorithm; the job that first saved a detection), which the
-    database neither checks row by row nor indexes.
+    time) to a row the application never deletes (a source image, a detection, an algorithm, the job that first
+    saved a detection), which the database neither checks row by row nor indexes for the check.
 
     A checked foreign key costs a lookup and a row lock (KEY SHARE) on the referenced row for every row written:
     1,500 detections took 1,500 locks on their job's row, which every progress write also updates, and the checks
-    cost more than the insert itself (docs/performance.md). The saving already knows these rows exist: a result's
-    algorithms are looked up among its pipeline's before any row is made, and the job is the one being saved.
-    peewee still follows it (joins, `delete_instance(recursive=True)` clears a nullable one).
+    cost more than the insert itself; the checks of a detection's image and a classification's detection were
+    still a third of what saving a result cost the server (docs/performance.md). The saving already knows these
+    rows exist: a result's algorithms are looked up among its pipeline's before any row is made, its images are
+    the job's (their rows locked in the same transaction), the job is the one being saved, and a classification
+    takes its detection's id from the detection row itself, in the statement that inserts it.
+    peewee still follows it (joins, `delete_instance(recursive=True)` deletes or clears the rows that name one).
     """
 
     def __init__(self, model: type[peewee.Model], **kwargs: object) -> None:
@@ -228,7 +231,7 @@ class TaskRun(BaseModel):
 
 
 class Detection(BaseModel):
-    image = peewee.ForeignKeyField(SourceImage, backref="detections", on_delete="CASCADE", index=False)  # (image, ...)
+    image = Reference(SourceImage, backref="detections")  # (image, ...)
     algorithm = Reference(Algorithm)
     #: "x1,y1,x2,y2" with fixed precision, or "" for the "processed, nothing found" marker. Backs dedupe.
     bbox_key = peewee.CharField(max_length=100)
@@ -250,8 +253,7 @@ class Detection(BaseModel):
 
 
 class Classification(BaseModel):
-    detection = peewee.ForeignKeyField(Detection, backref="classifications", on_delete="CASCADE",
-                                       index=False)  # (detection, algorithm) serves it
+    detection = Reference(Detection, backref="classifications")  # (detection, algorithm) serves it
     algorithm = Reference(Algorithm)
     taxon = peewee.CharField(max_length=255)
     score = peewee.FloatField()

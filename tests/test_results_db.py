@@ -117,32 +117,43 @@ def test_no_index_is_written_that_another_already_covers_and_an_upgrade_drops_th
     assert "detection_image_id" not in {ix.name for ix in models.database.get_indexes("detection")}
 
 
-def test_result_rows_refer_to_algorithms_and_jobs_without_a_check_per_row_and_an_upgrade_drops_the_old_ones(
+def test_result_rows_refer_to_what_they_name_without_a_check_per_row_and_an_upgrade_drops_the_old_checks(
         db_url, moth_pipeline):
-    # Given a PostgreSQL database of an earlier version, which checked and indexed those references
+    # Given a PostgreSQL database of an earlier version, which checked (and indexed some of) those references
     if models.is_postgres():
-        for table, column, target in (("detection", "algorithm_id", "algorithm"), ("detection", "job_id", "job"),
-                                      ("classification", "algorithm_id", "algorithm")):
+        for table, column, target, indexed in (("detection", "algorithm_id", "algorithm", True),
+                                               ("detection", "job_id", "job", True),
+                                               ("classification", "algorithm_id", "algorithm", True),
+                                               ("detection", "image_id", "source_image", False),
+                                               ("classification", "detection_id", "detection", False)):
             models.database.execute_sql(f'ALTER TABLE "{table}" ADD FOREIGN KEY ("{column}") REFERENCES "{target}"')
-            models.database.execute_sql(f'CREATE INDEX "{table}_{column}" ON "{table}" ("{column}")')
+            if indexed:
+                models.database.execute_sql(f'CREATE INDEX "{table}_{column}" ON "{table}" ("{column}")')
     # When it is upgraded
     models.create_schema()
-    # Then a result row's image and detection are still checked, its algorithm and job are not (nor indexed)
+    # Then no reference of a result row is checked row by row, nor indexed for it
     checked = {(fk.table, fk.column) for table in ("detection", "classification")
                for fk in models.database.get_foreign_keys(table)}
-    assert checked == {("detection", "image_id"), ("classification", "detection_id")}
+    assert checked == set()
     indexed = {ix.name for table in ("detection", "classification") for ix in models.database.get_indexes(table)}
     assert not indexed & {"detection_algorithm_id", "detection_job_id", "classification_algorithm_id"}
-    # And a result naming an algorithm its pipeline does not have is still refused whole
+    # And a result naming an algorithm its pipeline does not have, or an image not in the job, is still refused whole
     job = fake_job(moth_pipeline, 2)
     with pytest.raises(BadResult, match="not-in-the-pipeline"):
         save_result(job, decode_result(success_body(task_of(job), detector={"key": "not-in-the-pipeline"})))
-    assert Detection.select().count() == 0
-    # And a saved result names its algorithms and the job that saved it, which peewee still follows
-    save_result(job, decode_result(success_body(task_of(job), boxes=2)))
+    stranger = Task(job.id, "999999", "file:///elsewhere.png", job.pipeline.slug)
+    with pytest.raises(BadResult, match="not part of job"):
+        save_result(job, decode_result(success_body(stranger, boxes=2)))
+    assert Detection.select().count() == Classification.select().count() == 0
+    # And a saved result names its image, algorithms, detections and the job that saved it, which peewee follows
+    task = task_of(job)
+    save_result(job, decode_result(success_body(task, boxes=2)))
     detection = Detection.select().where(Detection.bbox_key != "").first()
-    assert (detection.job.id, detection.algorithm.key) == (job.id, "blob-detector-v1")
-    assert {c.algorithm.key for c in Classification.select()} == {"moth-shape-v1"}
+    assert (detection.job.id, detection.algorithm.key, detection.image.url) == (job.id, "blob-detector-v1",
+                                                                                task.image_url)
+    assert {(c.algorithm.key, c.detection.image_id) for c in Classification.select()} == {
+        ("moth-shape-v1", int(task.image_id))}
+    assert Classification.select().join(Detection).count() == Classification.select().count() == 2
     # And deleting the job leaves its results, no longer naming it
     job.delete_instance(recursive=True)
     assert Detection.select().where(Detection.job.is_null()).count() == Detection.select().count() == 2
