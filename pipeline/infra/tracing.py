@@ -158,12 +158,18 @@ def span(name: str, *, parent: str | None = None, attributes: Mapping[str, Any] 
 
     Where nothing is traced (no parent, no current span, no exporter) there is no span to make: the block runs
     as it is (a step per task or per saving pays nothing for tracing that is off)."""
-    if parent is None and not exporting() and not in_span():
+    if not wanted(parent):
         yield trace.INVALID_SPAN
         return
     with tracer().start_as_current_span(name, context=_context(parent), kind=kind, attributes=attributes,
                                         links=_links(links)) as current:
         yield current
+
+
+def wanted(parent: str | None) -> bool:
+    """Whether a span made here, as the child of `parent` (a `traceparent`, or None), would be part of a trace: a
+    caller may skip what only the span would use (its attributes) when it would not."""
+    return parent is not None or exporting() or in_span()
 
 
 def start(name: str, *, parent: str | None = None, attributes: Mapping[str, Any] | None = None,

@@ -51,7 +51,7 @@ from pipeline.infra.crashpoints import crash_point
 from pipeline.infra.natswatch import round_trip
 from pipeline.infra.outage import Outage
 from pipeline.infra.taskqueue import NATS_FAILURES, TaskQueue, take_waiting
-from pipeline.schemas import MAX_RESULT_OBJECT_BYTES, ErrorResult, Result, SuccessResult, decode_task, encode
+from pipeline.schemas import MAX_RESULT_OBJECT_BYTES, ErrorResult, Result, SuccessResult, Task, decode_task, encode
 from pipeline.sdk.transport import Service
 
 log = logging.getLogger(__name__)
@@ -94,9 +94,16 @@ class _Batch:
     #: The `traceparent` its message carries: the span of its first task that has one (a message carries one;
     #: docs/processing-services.md, "Traces")
     trace: str | None = None
+    added_images: int = 0  # the images of the successes `add`ed
 
-    def images(self) -> int:
-        return sum(len(r.source_images) if isinstance(r, SuccessResult) else 1 for r in self.results)
+    def add(self, reply: str, token: str, result: SuccessResult, trace: str | None) -> None:
+        """One more task's success (its images counted as they come: summing the batch's at every result cost
+        a pass over the batch per task)."""
+        self.replies.append(reply)
+        self.results.append(result)
+        self.tokens.append(token)
+        self.trace = self.trace or trace
+        self.added_images += len(result.source_images)
 
     def merged(self) -> Result:
         first = self.results[0]
@@ -117,12 +124,33 @@ def service_inbox_prefix(nats_url: str) -> str:
     return f"{SERVICE_INBOX_PREFIX}.{user}" if user else SERVICE_INBOX_PREFIX
 
 
-def _task_token(data: bytes) -> str:
-    """The task_token of a task message ("" if it has none or is not a task)."""
-    try:
-        return decode_task(data).task_token
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return ""
+def heartbeat_every(ack_wait_s: float) -> float:
+    """Seconds between the +WPI that keep a running task's lease (a third of its ack_wait)."""
+    return max(ack_wait_s / 3, 0.2)
+
+
+class _Lease:
+    """Keeps a running task's lease: +WPI every `heartbeat_every` once it has run that long. Until then it is a
+    timer, not a task: most tasks end sooner, and a task started and cancelled for each of them cost the event
+    loop more than a fast model's work (docs/performance.md)."""
+
+    def __init__(self, msg: Msg, ack_wait_s: float, *, at_once: bool) -> None:
+        self._keeping: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        if at_once:
+            self._keep(msg, ack_wait_s)
+        else:
+            self._timer = asyncio.get_running_loop().call_later(heartbeat_every(ack_wait_s), self._keep, msg,
+                                                                ack_wait_s)
+
+    def _keep(self, msg: Msg, ack_wait_s: float) -> None:
+        self._keeping = asyncio.create_task(NatsTransport._keep_alive(msg, ack_wait_s, at_once=True))
+
+    def end(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._keeping is not None:
+            self._keeping.cancel()
 
 
 class NatsTransport:
@@ -425,16 +453,25 @@ class NatsTransport:
             await self._hand_back(self._take_held(job_id))
 
     async def _process(self, queue: TaskQueue, job_id: int, msg, *, late: bool = False) -> None:
+        task: Task | ErrorResult
+        try:
+            task = decode_task(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            task = ErrorResult(error=f"malformed task: {exc}", image_id=(msg.headers or {}).get(names.HDR_IMAGE_ID))
         try:
             # a late task's lease ran while it waited: +WPI at once
-            heartbeat = asyncio.create_task(self._keep_alive(msg, self._ack_wait.get(job_id, 30.0), at_once=late))
+            lease = _Lease(msg, self._ack_wait.get(job_id, 30.0), at_once=late)
             try:
-                with tracing.span("jetpipe.service.task", parent=(msg.headers or {}).get(tracing.TRACEPARENT),
-                                  kind=SpanKind.CONSUMER, attributes=self._span_attributes(job_id, msg)):
-                    trace = tracing.traceparent()
-                    result = await self._run_handler(msg)
+                parent = (msg.headers or {}).get(tracing.TRACEPARENT)
+                if tracing.wanted(parent):
+                    with tracing.span("jetpipe.service.task", parent=parent, kind=SpanKind.CONSUMER,
+                                      attributes=self._span_attributes(job_id, msg)):
+                        trace = tracing.traceparent()
+                        result = await self._run_handler(task)
+                else:  # nothing traced: no span, and nothing read for one
+                    trace, result = None, await self._run_handler(task)
             finally:
-                heartbeat.cancel()
+                lease.end()
         except Exception as exc:  # noqa: BLE001 - one task's trouble must not stop the service
             log.warning("service %s: job=%s task left to redelivery: %s", self.service.name, job_id, exc)
             return
@@ -444,7 +481,7 @@ class NatsTransport:
             if self._running[job_id] <= 0:
                 del self._running[job_id]
             self._slot_freed.set()
-        token = _task_token(msg.data)
+        token = task.task_token if isinstance(task, Task) else ""
         if isinstance(result, SuccessResult) and self.service.batch_size > 1:
             await self._add_to_batch(queue, job_id, msg.reply, token, result, trace)
         else:
@@ -459,7 +496,7 @@ class NatsTransport:
         # The batches change only between awaits, so concurrent tasks never lose one another's results.
         ready = []
         batch = self._batches.get(job_id)
-        if batch is not None and batch.images() + len(result.source_images) > self.service.batch_size:
+        if batch is not None and batch.added_images + len(result.source_images) > self.service.batch_size:
             ready.append(self._batches.pop(job_id))
             batch = None
         if batch is None:
@@ -467,11 +504,8 @@ class NatsTransport:
             task = asyncio.create_task(self._flush_later(queue, job_id, batch))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
-        batch.replies.append(reply)
-        batch.results.append(result)
-        batch.tokens.append(token)
-        batch.trace = batch.trace or trace
-        if batch.images() >= self.service.batch_size or not self._more_coming(job_id):
+        batch.add(reply, token, result, trace)
+        if batch.added_images >= self.service.batch_size or not self._more_coming(job_id):
             ready.append(self._batches.pop(job_id))
         for full in ready:
             await self._send(queue, job_id, full)
@@ -541,13 +575,10 @@ class NatsTransport:
         log.info("service %s: job=%s image=%s result of %s bytes sent as object %s", self.service.name, job_id,
                  image_id, len(body), name)
 
-    async def _run_handler(self, msg) -> Result:
-        headers = msg.headers or {}
-        image_id = headers.get(names.HDR_IMAGE_ID)
-        try:
-            task = decode_task(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            return ErrorResult(error=f"malformed task: {exc}", image_id=image_id)
+    async def _run_handler(self, task: Task | ErrorResult) -> Result:
+        """The handler's result for the task (a task that could not be read: the error saying so)."""
+        if isinstance(task, ErrorResult):
+            return task
         return await self.service.run_task(task)
 
     @staticmethod
@@ -555,7 +586,7 @@ class NatsTransport:
                           replies: list[str] | None = None, nc=None) -> None:
         """+WPI every ack_wait/3 on the task `msg` (or, with `replies` and `nc`, on those tasks' reply subjects:
         tasks whose result is on its way); `at_once`: the first now (a task whose ack_wait ran meanwhile)."""
-        every = max(ack_wait_s / 3, 0.2)
+        every = heartbeat_every(ack_wait_s)
         if not at_once:
             await asyncio.sleep(every)
         while True:
