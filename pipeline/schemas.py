@@ -16,7 +16,10 @@ from pipeline.errors import BadResult, UserInputError
 MAX_RESULT_OBJECT_BYTES = 64 * 1024 * 1024
 
 
-class Task(msgspec.Struct, frozen=True):
+# The wire types are `gc=False`: immutable, holding only text, numbers and lists of one another, they are never
+# part of a reference cycle, and the garbage collector need not track them. A 50-image result is about 900 of
+# them; tracked, the collections their allocation set off cost a worker more than reading them (docs/performance.md).
+class Task(msgspec.Struct, frozen=True, gc=False):
     """One image to process: the body of a message on `pipeline.tasks.<pipeline>.<job_id>`."""
 
     job_id: int
@@ -27,7 +30,7 @@ class Task(msgspec.Struct, frozen=True):
     task_token: str = ""
 
 
-class BBox(msgspec.Struct, frozen=True):
+class BBox(msgspec.Struct, frozen=True, gc=False):
     x1: float
     y1: float
     x2: float
@@ -38,12 +41,12 @@ class BBox(msgspec.Struct, frozen=True):
         return f"{self.x1:.2f},{self.y1:.2f},{self.x2:.2f},{self.y2:.2f}"
 
 
-class AlgorithmRef(msgspec.Struct, frozen=True):
+class AlgorithmRef(msgspec.Struct, frozen=True, gc=False):
     key: str
     name: str = ""
 
 
-class ClassificationOut(msgspec.Struct, frozen=True):
+class ClassificationOut(msgspec.Struct, frozen=True, gc=False):
     taxon: str
     algorithm: AlgorithmRef
     scores: list[float] = []
@@ -55,7 +58,7 @@ class ClassificationOut(msgspec.Struct, frozen=True):
         return max(self.scores) if self.scores else 0.0
 
 
-class DetectionOut(msgspec.Struct, frozen=True):
+class DetectionOut(msgspec.Struct, frozen=True, gc=False):
     source_image_id: str
     algorithm: AlgorithmRef
     bbox: BBox | None = None  # None: "processed, nothing found"
@@ -64,19 +67,19 @@ class DetectionOut(msgspec.Struct, frozen=True):
     classifications: list[ClassificationOut] = []
 
 
-class SourceImageRef(msgspec.Struct, frozen=True):
+class SourceImageRef(msgspec.Struct, frozen=True, gc=False):
     id: str
     url: str = ""
 
 
-class SuccessResult(msgspec.Struct, frozen=True):
+class SuccessResult(msgspec.Struct, frozen=True, gc=False):
     pipeline: str
     source_images: list[SourceImageRef]
     detections: list[DetectionOut] = []
     total_time: float | None = None
 
 
-class ErrorResult(msgspec.Struct, frozen=True):
+class ErrorResult(msgspec.Struct, frozen=True, gc=False):
     error: str
     image_id: str | None = None
 
