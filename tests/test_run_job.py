@@ -413,3 +413,24 @@ def test_the_first_dispatch_round_is_small_so_services_start_while_the_rest_is_p
     seqs = [seq for run in runs for seq in range(run.first_seq, run.last_seq + 1)]
     image_of = task_runs.images_of(job.id, seqs)
     assert [image_of[seq] for seq in seqs] == images  # stored in id order, each recorded at its sequence
+
+
+def test_publishing_reads_each_pub_ack_new_duplicate_or_refused(runtime, moth_pipeline):
+    import nats.js.errors
+
+    from pipeline.schemas import Task
+
+    runtime.tasks.ensure_tasks_stream(moth_pipeline)
+    queue = runtime.tasks.queue
+    tasks = [Task(job_id=424242, image_id=str(i), image_url=f"file:///puback/{i}.png", pipeline=moth_pipeline)
+             for i in range(3)]
+    # Given three tasks published: each new, at its own sequence
+    first = runtime.runner.run(queue.publish_tasks(tasks), timeout=10)
+    assert [p.new for p in first] == [True, True, True]
+    assert len({p.seq for p in first}) == 3
+    # When they are published again: each a duplicate at the sequence it was stored at
+    again = runtime.runner.run(queue.publish_tasks(tasks), timeout=10)
+    assert [(p.seq, p.new) for p in again] == [(p.seq, False) for p in first]
+    # And a publish the stream refuses raises the server's error, whatever the others said
+    with pytest.raises(nats.js.errors.APIError, match="wrong last sequence"):
+        runtime.runner.run(queue.publish_tasks(tasks[:1], headers={"Nats-Expected-Last-Sequence": "1"}), timeout=10)

@@ -755,10 +755,12 @@ class TaskQueue:
         for ack in acks:
             if no_responders(ack):
                 raise nats.js.errors.NoStreamResponseError
-            answer = json.loads(ack.data)
-            if "error" in answer:
-                raise nats.js.errors.APIError.from_error(answer["error"])
-            published.append(Published(answer["seq"], not answer.get("duplicate", False)))
+            answer = _read_pub_ack(ack.data)
+            if answer.error is not None:
+                raise nats.js.errors.APIError.from_error(answer.error)
+            if answer.seq is None:
+                raise nats.js.errors.APIError(description=f"a PubAck without a sequence: {ack.data[:200]!r}")
+            published.append(Published(answer.seq, not answer.duplicate))
         return published
 
     async def ack(self, reply_subject: str) -> bool:
@@ -848,6 +850,18 @@ def object_meta(name: str, max_payload: int) -> ObjectMeta:
     """An object's metadata with chunks that fit one message of a server whose max_payload is `max_payload`."""
     return ObjectMeta(name=name, options=ObjectMetaOptions(max_chunk_size=max(min(OBJECT_CHUNK_BYTES,
                                                                                  max_payload - 4096), 1024)))
+
+
+class _PubAck(msgspec.Struct, gc=False):
+    """What JetStream answers a publish with (the fields jetpipe reads)."""
+
+    seq: int | None = None
+    duplicate: bool = False
+    error: dict[str, Any] | None = None
+
+
+#: (a typed decoder: `json.loads` of bytes guesses their encoding first, and was 3 % of a dispatching worker's CPU)
+_read_pub_ack = msgspec.json.Decoder(_PubAck).decode
 
 
 def task_headers(task: Task) -> dict[str, str]:
