@@ -124,13 +124,13 @@ def service_inbox_prefix(nats_url: str) -> str:
     return f"{SERVICE_INBOX_PREFIX}.{user}" if user else SERVICE_INBOX_PREFIX
 
 
-def heartbeat_every(ack_wait_s: float) -> float:
+def _heartbeat_every(ack_wait_s: float) -> float:
     """Seconds between the +WPI that keep a running task's lease (a third of its ack_wait)."""
     return max(ack_wait_s / 3, 0.2)
 
 
 class _Lease:
-    """Keeps a running task's lease: +WPI every `heartbeat_every` once it has run that long. Until then it is a
+    """Keeps a running task's lease: +WPI every `_heartbeat_every` once it has run that long. Until then it is a
     timer, not a task: most tasks end sooner, and a task started and cancelled for each of them cost the event
     loop more than a fast model's work (docs/performance.md)."""
 
@@ -140,7 +140,7 @@ class _Lease:
         if at_once:
             self._keep(msg, ack_wait_s)
         else:
-            self._timer = asyncio.get_running_loop().call_later(heartbeat_every(ack_wait_s), self._keep, msg,
+            self._timer = asyncio.get_running_loop().call_later(_heartbeat_every(ack_wait_s), self._keep, msg,
                                                                 ack_wait_s)
 
     def _keep(self, msg: Msg, ack_wait_s: float) -> None:
@@ -586,7 +586,7 @@ class NatsTransport:
                           replies: list[str] | None = None, nc=None) -> None:
         """+WPI every ack_wait/3 on the task `msg` (or, with `replies` and `nc`, on those tasks' reply subjects:
         tasks whose result is on its way); `at_once`: the first now (a task whose ack_wait ran meanwhile)."""
-        every = heartbeat_every(ack_wait_s)
+        every = _heartbeat_every(ack_wait_s)
         if not at_once:
             await asyncio.sleep(every)
         while True:
