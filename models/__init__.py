@@ -17,6 +17,7 @@ from models.db import (
     is_transient,
     is_unstorable,
     make_database,
+    plain_rows,
     select_in,
     thread_connection,
     tuples,
@@ -148,7 +149,7 @@ __all__ = [
     "DatabaseURLError", "SchemaMissing", "SessionLimits",
     "DEFAULT_PROJECT", "default_project",
     "bind", "bind_listeners", "commit_listeners", "database", "create_schema", "execute_in", "for_update",
-    "insert_ignoring_duplicates", "is_postgres", "make_database", "tuples",
+    "insert_ignoring_duplicates", "is_postgres", "make_database", "plain_rows", "tuples",
     "is_transient", "is_unstorable", "select_in", "thread_connection", "undoable_write", "utcnow", "utcnow_stored",
     "write_transaction",
     # vocabularies

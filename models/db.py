@@ -410,6 +410,13 @@ def for_update(query: _Query) -> _Query:
     return query.for_update("FOR NO KEY UPDATE") if is_postgres() else query  # type: ignore[arg-type]  # peewee takes the clause
 
 
+def plain_rows(query: Any) -> Iterator[tuple[Any, ...]]:
+    """The rows of a peewee query as the driver returns them: for columns whose stored values are what the caller
+    wants as they are (integers, text), without peewee's conversion of each value (a Python call per column and
+    row: reading a dispatch round of 5,000 tasks took 11-23 ms that way, 5 ms plain)."""
+    return iter(database.execute_sql(*query.sql()))
+
+
 def tuples(query: Any, *, stream: bool = False) -> Iterator[tuple[Any, ...]]:
     """The rows of a peewee query as tuples (its `.tuples()`, typed as what it yields); `stream`: read as
     they are consumed, never all held (peewee's `.iterator()`)."""

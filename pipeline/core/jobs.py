@@ -24,6 +24,7 @@ from models import (
     SourceImage,
     database,
     insert_ignoring_duplicates,
+    plain_rows,
     select_in,
     tuples,
     utcnow,
@@ -210,8 +211,8 @@ def load_state_from_db(state: JobState, job_id: int, *, force: bool = False) -> 
 
     One streamed query gives pending ids, failed ids and the counters from a single consistent read.
     """
-    rows = (JobImage.select(JobImage.image, JobImage.status, JobImage.detections, JobImage.classifications)
-            .where(JobImage.job == job_id).tuples().iterator())
+    rows = plain_rows(JobImage.select(JobImage.image, JobImage.status, JobImage.detections, JobImage.classifications)
+                      .where(JobImage.job == job_id))
     return state.load(job_id, ((str(i), status, d, c) for i, status, d, c in rows), force=force)
 
 
@@ -247,7 +248,7 @@ def pending_chunk(job: Job, *, after_id: int, limit: int, presign: bool = True) 
     slug, secret = job.pipeline.slug, job.task_secret
     tasks = [(row_id, Task(job_id=job.id, image_id=str(image_id), image_url=url, pipeline=slug,
                            task_token=task_tokens.token_for(secret, job.id, str(image_id)) if secret else ""))
-             for row_id, image_id, url in tuples(query)]
+             for row_id, image_id, url in plain_rows(query)]
     if presign:
         settings = get_settings()
         tasks = [(row_id, reachable(task, settings)) for row_id, task in tasks]
