@@ -94,16 +94,20 @@ class _Batch:
     #: The `traceparent` its message carries: the span of its first task that has one (a message carries one;
     #: docs/processing-services.md, "Traces")
     trace: str | None = None
-    added_images: int = 0  # the images of the successes `add`ed
+    #: The images its results name, counted once when made and as results are `add`ed (summing them again at
+    #: every result cost a pass over the batch per task)
+    images: int = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.images = sum(len(r.source_images) if isinstance(r, SuccessResult) else 1 for r in self.results)
 
     def add(self, reply: str, token: str, result: SuccessResult, trace: str | None) -> None:
-        """One more task's success (its images counted as they come: summing the batch's at every result cost
-        a pass over the batch per task)."""
+        """One more task's success."""
         self.replies.append(reply)
         self.results.append(result)
         self.tokens.append(token)
         self.trace = self.trace or trace
-        self.added_images += len(result.source_images)
+        self.images += len(result.source_images)
 
     def merged(self) -> Result:
         first = self.results[0]
@@ -453,16 +457,17 @@ class NatsTransport:
             await self._hand_back(self._take_held(job_id))
 
     async def _process(self, queue: TaskQueue, job_id: int, msg, *, late: bool = False) -> None:
+        headers = msg.headers or {}
         task: Task | ErrorResult
         try:
             task = decode_task(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            task = ErrorResult(error=f"malformed task: {exc}", image_id=(msg.headers or {}).get(names.HDR_IMAGE_ID))
+            task = ErrorResult(error=f"malformed task: {exc}", image_id=headers.get(names.HDR_IMAGE_ID))
         try:
             # a late task's lease ran while it waited: +WPI at once
             lease = _Lease(msg, self._ack_wait.get(job_id, 30.0), at_once=late)
             try:
-                parent = (msg.headers or {}).get(tracing.TRACEPARENT)
+                parent = headers.get(tracing.TRACEPARENT)
                 if tracing.wanted(parent):
                     with tracing.span("jetpipe.service.task", parent=parent, kind=SpanKind.CONSUMER,
                                       attributes=self._span_attributes(job_id, msg)):
@@ -496,7 +501,7 @@ class NatsTransport:
         # The batches change only between awaits, so concurrent tasks never lose one another's results.
         ready = []
         batch = self._batches.get(job_id)
-        if batch is not None and batch.added_images + len(result.source_images) > self.service.batch_size:
+        if batch is not None and batch.images + len(result.source_images) > self.service.batch_size:
             ready.append(self._batches.pop(job_id))
             batch = None
         if batch is None:
@@ -505,7 +510,7 @@ class NatsTransport:
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
         batch.add(reply, token, result, trace)
-        if batch.added_images >= self.service.batch_size or not self._more_coming(job_id):
+        if batch.images >= self.service.batch_size or not self._more_coming(job_id):
             ready.append(self._batches.pop(job_id))
         for full in ready:
             await self._send(queue, job_id, full)

@@ -69,3 +69,18 @@ def test_the_shipped_transports_refuse_what_they_cannot_work_with():
     with pytest.raises(ValueError, match="needs nats_url"):
         NatsTransport("")
     assert NatsTransport("nats://svc-a:pw@127.0.0.1:4222").inbox_prefix == "_INBOX.svc-a"
+
+
+def test_a_batch_of_results_knows_how_many_images_it_names_however_it_was_made():
+    from pipeline.sdk.nats_transport import _Batch
+
+    def success(*ids: str) -> SuccessResult:
+        return SuccessResult(pipeline="p", source_images=[SourceImageRef(i) for i in ids])
+
+    # made with its results (a single result, a half of a split batch: an error result names one image)
+    assert _Batch(["r1", "r2"], [success("1", "2"), ErrorResult("model crashed", "3")], ["", ""]).images == 3
+    # or filled as the results come
+    batch = _Batch()
+    for n, ids in enumerate((("4",), ("5", "6"), ("7",))):
+        batch.add(f"r{n}", "", success(*ids), None)
+    assert (batch.images, len(batch.results), batch.replies) == (4, 3, ["r0", "r1", "r2"])
