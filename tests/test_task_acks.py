@@ -1,7 +1,8 @@
 """ACKing the tasks whose results were taken (pipeline/core/inbox.py): `TaskQueue.ack_many` asks the server to
 confirm only the last ACK to each consumer, relying on NATS keeping one connection's messages in order and on a
 consumer processing its ACKs in order. When it returns, every ACK it sent has been processed, on one server and
-on a 3-node cluster whatever node the client is connected to."""
+on a 3-node cluster whatever node the client is connected to; ACKs to a consumer that is gone (its job ended) and
+the same ACK named twice change nothing."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ async def ack_everything_then_count_pending(url: str, stream: str, replicas: int
         js = queue.js
         await js.add_stream(name=stream, subjects=[f"{stream}.>"], retention="workqueue", num_replicas=replicas)
         replies = []
-        for consumer in ("a", "b"):  # two consumers (two jobs), their ACKs interleaved in one call
+        # three consumers (three jobs), their ACKs interleaved in one call; the third's job ends first
+        for consumer in ("a", "b", "gone"):
             for base in range(0, TASKS, 500):
                 await asyncio.gather(*(js.publish(f"{stream}.{consumer}", b"task") for _ in range(base, base + 500)))
             sub = await js.pull_subscribe(f"{stream}.{consumer}", durable=consumer, stream=stream,
@@ -31,7 +33,10 @@ async def ack_everything_then_count_pending(url: str, stream: str, replicas: int
             while len(got) < TASKS:
                 got += await sub.fetch(TASKS - len(got), timeout=5)
             replies.append([m.reply for m in got])
-        await queue.ack_many([r for pair in zip(*replies, strict=True) for r in pair])
+        await js.delete_consumer(stream, "gone")  # its ACKs (its last one too) reach no consumer now
+        acks = [r for triple in zip(*replies, strict=True) for r in triple]
+        # (the same task named twice, as two results of one image in one batch would: ACKed once)
+        await queue.ack_many(acks + acks[:10] + acks[-2:-1])
         # no wait: the confirmation of each consumer's last ACK came after every ACK before it was processed
         return {c: (await js.consumer_info(stream, c)).num_ack_pending for c in ("a", "b")}
     finally:
